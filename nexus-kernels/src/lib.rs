@@ -1,0 +1,7 @@
+//! Nexus kernels.
+
+mod error;
+
+pub mod reference;
+
+pub use error::{Error, Result};

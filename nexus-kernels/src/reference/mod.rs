@@ -1,0 +1,1 @@
+//! Plain-Rust references.

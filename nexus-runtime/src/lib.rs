@@ -2,6 +2,7 @@
 
 mod error;
 
+pub mod config;
 pub mod dequant;
 pub mod gguf;
 

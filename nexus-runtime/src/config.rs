@@ -4,14 +4,7 @@
 use crate::gguf::HostTensor;
 use crate::{Error, Result};
 
-/// How rotary position embeddings pair up the dimensions of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Pairs `(2i, 2i+1)`: what GGUF llama weights need (their Q/K rows are permuted for it).
-    Interleaved,
-    /// Pairs `(i, i + d/2)`: the rotate-half form of Hugging Face checkpoints.
-    RotateHalf,
-}
+pub use nexus_kernels::RopeStyle;
 
 /// The architecture family of a checkpoint. All are run by the one Llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

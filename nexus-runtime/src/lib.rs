@@ -2,8 +2,12 @@
 
 mod error;
 
+pub mod backend;
 pub mod config;
 pub mod dequant;
 pub mod gguf;
+pub mod kv_cache;
+pub mod model;
+pub mod sampling;
 
 pub use error::{Error, ErrorKind, Result};

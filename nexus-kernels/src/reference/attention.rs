@@ -1,0 +1,100 @@
+//! Causal attention over a paged KV cache: `prefill_attention` for chunks of prompt tokens,
+//! `decode_attention` for one new token per sequence.
+
+use rayon::prelude::*;
+
+use super::gemm::dot;
+use crate::error::ensure_shape;
+use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
+use crate::Result;
+
+/// Attention of a batch of prompt chunks. Query row `j` of sequence `i` sits at position
+/// `kv_lens[i] - q_len + j` and attends to cached positions `0..=` that one (its prefix and the
+/// chunk's earlier tokens, which must already be written to the cache). Queries come from the
+/// fused QKV buffer `[tokens, layout.row_len()]`; `out: [tokens, num_heads × head_dim]`.
+pub fn prefill_attention(
+    qkv: &[f32],
+    layout: QkvLayout,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    cache: PagedKvLayout,
+    batch: AttentionBatch<'_>,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let tokens = batch.num_tokens();
+    layout.check(qkv.len(), tokens)?;
+    cache.check(k_cache.len(), v_cache.len())?;
+    batch.check(&cache)?;
+    ensure_shape!(
+        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
+        "attention: cache holds {} heads of {}, qkv {} of {}",
+        cache.num_kv_heads,
+        cache.head_dim,
+        layout.num_kv_heads,
+        layout.head_dim
+    );
+    let d = layout.head_dim;
+    let q_width = layout.num_heads * d;
+    ensure_shape!(out.len() == tokens * q_width, "attention: out is not [{tokens}, {q_width}]");
+
+    // For every query row: its sequence and its position.
+    let mut row_seq = Vec::with_capacity(tokens);
+    for i in 0..batch.num_seqs() {
+        let q_len = batch.q_indptr[i + 1] - batch.q_indptr[i];
+        let first = batch.kv_lens[i] - q_len;
+        row_seq.extend((0..q_len).map(|j| (i, (first + j) as usize)));
+    }
+    out.par_chunks_mut(q_width).enumerate().for_each(|(t, out_row)| {
+        let (seq, pos) = row_seq[t];
+        let table = &batch.block_tables[seq * batch.max_blocks_per_seq..][..batch.max_blocks_per_seq];
+        let q_row = &qkv[t * layout.row_len()..][..q_width];
+        let mut scores = vec![0f32; pos + 1];
+        for head in 0..layout.num_heads {
+            let kv_head = head / layout.group_size();
+            let q = &q_row[head * d..][..d];
+            let slot_of = |p: usize| {
+                let block = table[p / cache.block_size] as usize;
+                ((block * cache.block_size + p % cache.block_size) * cache.num_kv_heads + kv_head) * d
+            };
+            let mut max = f32::NEG_INFINITY;
+            for (p, s) in scores.iter_mut().enumerate() {
+                *s = dot(q, &k_cache[slot_of(p)..][..d]) * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out_row[head * d..][..d];
+            o.fill(0.0);
+            for (p, &s) in scores.iter().enumerate() {
+                let w = s / sum;
+                for (o, &v) in o.iter_mut().zip(&v_cache[slot_of(p)..][..d]) {
+                    *o += w * v;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Attention of one new token per sequence (its query in row `i` of `qkv`) over the sequence's
+/// `kv_lens[i]` cached tokens, the new one included.
+pub fn decode_attention(
+    qkv: &[f32],
+    layout: QkvLayout,
+    k_cache: &[f32],
+    v_cache: &[f32],
+    cache: PagedKvLayout,
+    kv_lens: &[u32],
+    block_tables: &[i32],
+    max_blocks_per_seq: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let q_indptr: Vec<u32> = (0..=kv_lens.len() as u32).collect();
+    let batch = AttentionBatch { q_indptr: &q_indptr, kv_lens, block_tables, max_blocks_per_seq };
+    prefill_attention(qkv, layout, k_cache, v_cache, cache, batch, scale, out)
+}

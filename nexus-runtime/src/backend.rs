@@ -1,0 +1,221 @@
+//! The operations a model's forward pass needs, behind one trait, and the CPU backend that runs
+//! them on [`nexus_kernels::reference`].
+//!
+//! The model is written once over [`Backend`]; a backend owns its storage (weights, activations,
+//! KV pools) and turns a step's host-side inputs into whatever it needs once per step
+//! ([`Backend::prepare`]), so that per-layer calls carry no host data.
+
+use nexus_kernels::reference::{self, GemmShape};
+use nexus_kernels::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig};
+
+use crate::gguf::HostTensor;
+use crate::{Error, Result};
+
+/// The host-side description of one forward step over a batch of sequences.
+///
+/// Sequence `i` contributes query rows `q_indptr[i]..q_indptr[i + 1]` (its new tokens) and has
+/// `kv_lens[i]` tokens in the cache once they are written. `slots[t]` is where row `t`'s keys and
+/// values go. Logits are computed only for `logit_rows`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepInput {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub q_indptr: Vec<u32>,
+    pub kv_lens: Vec<u32>,
+    pub block_tables: Vec<i32>,
+    pub max_blocks_per_seq: usize,
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepInput {
+    /// The number of query rows (new tokens).
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The attention batch these inputs describe.
+    pub fn attention_batch(&self) -> AttentionBatch<'_> {
+        AttentionBatch {
+            q_indptr: &self.q_indptr,
+            kv_lens: &self.kv_lens,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: self.max_blocks_per_seq,
+        }
+    }
+
+    /// Checks internal consistency (lengths agree, rows in range).
+    pub fn validate(&self) -> Result<()> {
+        let n = self.tokens.len();
+        if self.positions.len() != n || self.slots.len() != n {
+            return Err(Error::invalid("step input: tokens, positions and slots differ in length"));
+        }
+        if self.q_indptr.len() != self.kv_lens.len() + 1 || self.q_indptr.last().map(|&x| x as usize) != Some(n) {
+            return Err(Error::invalid("step input: q_indptr does not cover the tokens"));
+        }
+        if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= n) {
+            return Err(Error::invalid(format!("step input: logit row {r} of {n}")));
+        }
+        Ok(())
+    }
+}
+
+/// What a model needs from a device.
+pub trait Backend {
+    /// A stored weight.
+    type Weight;
+    /// An activation matrix `[rows, cols]`.
+    type Activation;
+    /// One layer's K and V pools.
+    type KvPool;
+    /// A step's inputs, in the backend's memory.
+    type Step;
+
+    /// Stores a weight.
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// Allocates one layer's K and V pools.
+    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<Self::KvPool>;
+    /// Moves a step's inputs to the backend.
+    fn prepare(&self, step: &StepInput) -> Result<Self::Step>;
+
+    /// Rows of `table` picked by the step's tokens.
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Activation>;
+    /// RMSNorm of each row.
+    fn rms_norm(&self, x: &Self::Activation, weight: &Self::Weight, eps: f32) -> Result<Self::Activation>;
+    /// `residual += x`, then the RMSNorm of `residual`.
+    fn fused_add_rms_norm(
+        &self,
+        x: &Self::Activation,
+        residual: &mut Self::Activation,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation>;
+    /// `x · weightᵀ (+ bias)`.
+    fn linear(&self, x: &Self::Activation, weight: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Activation>;
+    /// Rotates the Q and K heads of a fused QKV activation by the step's positions.
+    fn rope(&self, qkv: &mut Self::Activation, layout: QkvLayout, rope: RopeConfig, step: &Self::Step) -> Result<()>;
+    /// Writes the step's keys and values into the pools, then attends.
+    fn attention(
+        &self,
+        qkv: &Self::Activation,
+        layout: QkvLayout,
+        pool: &mut Self::KvPool,
+        step: &Self::Step,
+        scale: f32,
+    ) -> Result<Self::Activation>;
+    /// `silu(gate) * up` of a fused `[rows, 2 × width]` activation.
+    fn silu_and_mul(&self, gate_up: &Self::Activation) -> Result<Self::Activation>;
+    /// The step's logit rows of `x`.
+    fn gather_logit_rows(&self, x: &Self::Activation, step: &Self::Step) -> Result<Self::Activation>;
+    /// The index of the largest value of each row.
+    fn argmax(&self, x: &Self::Activation) -> Result<Vec<u32>>;
+    /// Copies an activation to the host as `[rows, cols]`.
+    fn to_host(&self, x: &Self::Activation) -> Result<HostTensor>;
+}
+
+/// A `[rows, cols]` f32 matrix of the CPU backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuMatrix {
+    fn zeros(rows: usize, cols: usize) -> Self {
+        CpuMatrix { rows, cols, data: vec![0.0; rows * cols] }
+    }
+}
+
+/// One layer's K and V pools on the CPU.
+#[derive(Clone, Debug)]
+pub struct CpuKvPool {
+    pub layout: PagedKvLayout,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// The CPU backend: f32 everywhere, on the kernels' plain-Rust references.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Weight = HostTensor;
+    type Activation = CpuMatrix;
+    type KvPool = CpuKvPool;
+    type Step = StepInput;
+
+    fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
+        Ok(tensor)
+    }
+
+    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CpuKvPool> {
+        Ok(CpuKvPool { layout, k: vec![0.0; layout.pool_len()], v: vec![0.0; layout.pool_len()] })
+    }
+
+    fn prepare(&self, step: &StepInput) -> Result<StepInput> {
+        step.validate()?;
+        Ok(step.clone())
+    }
+
+    fn embedding(&self, table: &HostTensor, step: &StepInput) -> Result<CpuMatrix> {
+        let hidden = *table.shape.last().ok_or_else(|| Error::invalid("embedding table has no shape"))?;
+        let mut out = CpuMatrix::zeros(step.tokens.len(), hidden);
+        reference::embedding(&table.data, hidden, &step.tokens, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(x.rows, x.cols);
+        reference::rms_norm(&x.data, &weight.data, eps, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn fused_add_rms_norm(&self, x: &CpuMatrix, residual: &mut CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(x.rows, x.cols);
+        reference::fused_add_rms_norm(&x.data, &mut residual.data, &weight.data, eps, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CpuMatrix, weight: &HostTensor, bias: Option<&HostTensor>) -> Result<CpuMatrix> {
+        let n = weight.shape.first().copied().unwrap_or(0);
+        let mut out = CpuMatrix::zeros(x.rows, n);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        reference::gemm(&x.data, &weight.data, bias.map(|b| b.data.as_slice()), &mut out.data, shape)?;
+        Ok(out)
+    }
+
+    fn rope(&self, qkv: &mut CpuMatrix, layout: QkvLayout, rope: RopeConfig, step: &StepInput) -> Result<()> {
+        Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
+    }
+
+    fn attention(&self, qkv: &CpuMatrix, layout: QkvLayout, pool: &mut CpuKvPool, step: &StepInput, scale: f32) -> Result<CpuMatrix> {
+        reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
+        let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
+        let batch = step.attention_batch();
+        reference::prefill_attention(&qkv.data, layout, &pool.k, &pool.v, pool.layout, batch, scale, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn silu_and_mul(&self, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(gate_up.rows, gate_up.cols / 2);
+        reference::silu_and_mul(&gate_up.data, gate_up.cols / 2, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn gather_logit_rows(&self, x: &CpuMatrix, step: &StepInput) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(step.logit_rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(&step.logit_rows) {
+            dst.copy_from_slice(&x.data[r as usize * x.cols..][..x.cols]);
+        }
+        Ok(out)
+    }
+
+    fn argmax(&self, x: &CpuMatrix) -> Result<Vec<u32>> {
+        Ok(reference::argmax(&x.data, x.cols)?)
+    }
+
+    fn to_host(&self, x: &CpuMatrix) -> Result<HostTensor> {
+        Ok(HostTensor { shape: vec![x.rows, x.cols], data: x.data.clone() })
+    }
+}

@@ -1,0 +1,200 @@
+//! The Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM), written once over [`Backend`].
+//!
+//! Pre-norm decoder layers: RMSNorm → fused QKV projection (with Qwen2's bias) → RoPE → causal
+//! GQA attention over the paged KV cache → output projection → residual; RMSNorm → fused
+//! gate/up projection → SiLU-and-mul → down projection → residual. Q/K/V and gate/up are
+//! concatenated at load so that each is one GEMM.
+
+use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
+
+use crate::backend::{Backend, StepInput};
+use crate::config::{LayerWeight, ModelConfig, WeightName, WeightSource};
+use crate::gguf::HostTensor;
+use crate::{Error, Result};
+
+struct Layer<B: Backend> {
+    attn_norm: B::Weight,
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    o: B::Weight,
+    ffn_norm: B::Weight,
+    gate_up: B::Weight,
+    down: B::Weight,
+}
+
+/// A loaded Llama-family model.
+pub struct LlamaModel<B: Backend> {
+    config: ModelConfig,
+    embedding: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Weight,
+    /// `None` when the LM head is tied to the embedding.
+    lm_head: Option<B::Weight>,
+}
+
+impl<B: Backend> std::fmt::Debug for LlamaModel<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaModel").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A model's KV cache: one pool pair per layer, all with the same layout.
+pub struct KvCache<B: Backend> {
+    layout: PagedKvLayout,
+    pools: Vec<B::KvPool>,
+}
+
+impl<B: Backend> std::fmt::Debug for KvCache<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache").field("layout", &self.layout).field("layers", &self.pools.len()).finish()
+    }
+}
+
+impl<B: Backend> KvCache<B> {
+    /// The layout of every layer's pools.
+    pub fn layout(&self) -> PagedKvLayout {
+        self.layout
+    }
+}
+
+/// Stacks tensors along their first dimension: vectors into one vector, matrices of equal row
+/// length into one matrix.
+fn concat_rows(parts: Vec<HostTensor>) -> HostTensor {
+    let mut shape = parts[0].shape.clone();
+    shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+    let mut data = Vec::with_capacity(shape.iter().product());
+    for p in parts {
+        data.extend_from_slice(&p.data);
+    }
+    HostTensor { shape, data }
+}
+
+fn expect_shape(name: WeightName, t: &HostTensor, want: &[usize]) -> Result<()> {
+    if t.shape != want {
+        return Err(Error::format(format!("weight {name:?} has shape {:?}, expected {want:?}", t.shape)));
+    }
+    Ok(())
+}
+
+impl<B: Backend> LlamaModel<B> {
+    /// Loads every weight of `source` into `backend`. `progress(done, total)` is called after each
+    /// layer.
+    pub fn load(backend: &B, source: &dyn WeightSource, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
+        let c = source.config().clone();
+        c.validate()?;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let load = |name: WeightName, want: &[usize]| -> Result<HostTensor> {
+            let t = source.load(name)?;
+            expect_shape(name, &t, want)?;
+            Ok(t)
+        };
+        let total = c.num_layers + 2;
+        let embedding = load(WeightName::TokenEmbedding, &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !source.contains(WeightName::LmHead) {
+            None
+        } else {
+            Some(backend.upload(load(WeightName::LmHead, &[c.vocab_size, h])?)?)
+        };
+        let embedding = backend.upload(embedding)?;
+        progress(1, total);
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let w = |kind| WeightName::Layer(l, kind);
+            let q = load(w(LayerWeight::Q), &[c.num_heads * d, h])?;
+            let k = load(w(LayerWeight::K), &[c.num_kv_heads * d, h])?;
+            let v = load(w(LayerWeight::V), &[c.num_kv_heads * d, h])?;
+            let qkv_bias = if c.attention_bias {
+                let qb = load(w(LayerWeight::QBias), &[c.num_heads * d])?;
+                let kb = load(w(LayerWeight::KBias), &[c.num_kv_heads * d])?;
+                let vb = load(w(LayerWeight::VBias), &[c.num_kv_heads * d])?;
+                Some(backend.upload(concat_rows(vec![qb, kb, vb]))?)
+            } else {
+                None
+            };
+            let gate = load(w(LayerWeight::Gate), &[c.intermediate_size, h])?;
+            let up = load(w(LayerWeight::Up), &[c.intermediate_size, h])?;
+            layers.push(Layer {
+                attn_norm: backend.upload(load(w(LayerWeight::AttnNorm), &[h])?)?,
+                qkv: backend.upload(concat_rows(vec![q, k, v]))?,
+                qkv_bias,
+                o: backend.upload(load(w(LayerWeight::O), &[h, c.num_heads * d])?)?,
+                ffn_norm: backend.upload(load(w(LayerWeight::FfnNorm), &[h])?)?,
+                gate_up: backend.upload(concat_rows(vec![gate, up]))?,
+                down: backend.upload(load(w(LayerWeight::Down), &[h, c.intermediate_size])?)?,
+            });
+            progress(l + 2, total);
+        }
+        let final_norm = backend.upload(load(WeightName::FinalNorm, &[h])?)?;
+        progress(total, total);
+        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layout of a fused QKV row.
+    pub fn qkv_layout(&self) -> QkvLayout {
+        QkvLayout {
+            num_heads: self.config.num_heads,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    /// Allocates a KV cache of `num_blocks` blocks of `block_size` tokens per layer.
+    pub fn alloc_kv_cache(&self, backend: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        let layout = PagedKvLayout {
+            num_blocks,
+            block_size,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+        };
+        let pools = (0..self.config.num_layers).map(|_| backend.alloc_kv_pool(layout)).collect::<Result<_>>()?;
+        Ok(KvCache { layout, pools })
+    }
+
+    /// One forward step: writes the step's keys and values into `cache` and returns the logits of
+    /// its `logit_rows`, `[logit_rows, vocab]`.
+    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, step: &StepInput) -> Result<B::Activation> {
+        if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(Error::invalid(format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)));
+        }
+        if let Some(&p) = step.positions.iter().find(|&&p| p as usize >= self.config.max_position_embeddings) {
+            return Err(Error::invalid(format!(
+                "position {p} is beyond the model's context of {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let c = &self.config;
+        let step = backend.prepare(step)?;
+        let layout = self.qkv_layout();
+        let rope = RopeConfig { theta: c.rope_theta, style: c.rope_style };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let eps = c.rms_norm_eps;
+
+        let mut residual = backend.embedding(&self.embedding, &step)?;
+        let mut pending: Option<B::Activation> = None;
+        for (layer, pool) in self.layers.iter().zip(cache.pools.iter_mut()) {
+            let x = match &pending {
+                None => backend.rms_norm(&residual, &layer.attn_norm, eps)?,
+                Some(out) => backend.fused_add_rms_norm(out, &mut residual, &layer.attn_norm, eps)?,
+            };
+            let mut qkv = backend.linear(&x, &layer.qkv, layer.qkv_bias.as_ref())?;
+            backend.rope(&mut qkv, layout, rope, &step)?;
+            let attn = backend.attention(&qkv, layout, pool, &step, scale)?;
+            let attn_out = backend.linear(&attn, &layer.o, None)?;
+            let x = backend.fused_add_rms_norm(&attn_out, &mut residual, &layer.ffn_norm, eps)?;
+            let gate_up = backend.linear(&x, &layer.gate_up, None)?;
+            let act = backend.silu_and_mul(&gate_up)?;
+            pending = Some(backend.linear(&act, &layer.down, None)?);
+        }
+        let x = match &pending {
+            None => backend.rms_norm(&residual, &self.final_norm, eps)?,
+            Some(out) => backend.fused_add_rms_norm(out, &mut residual, &self.final_norm, eps)?,
+        };
+        let rows = backend.gather_logit_rows(&x, &step)?;
+        backend.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None)
+    }
+}

@@ -10,6 +10,34 @@ pub enum Error {
     /// An argument is outside what the kernel supports (head dim, block size, budget).
     #[error("unsupported argument: {0}")]
     Unsupported(String),
+    /// No usable GPU: no driver, no device, or a device older than sm_80.
+    #[error("no usable GPU: {0}")]
+    NoGpu(String),
+    /// The CUDA driver reported an error.
+    #[error("CUDA driver: {0}")]
+    Cuda(#[from] cudarc::driver::DriverError),
+}
+
+/// The kinds of [`Error`], for callers that branch on what went wrong.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    Shape,
+    Unsupported,
+    NoGpu,
+    Cuda,
+}
+
+impl Error {
+    /// What went wrong, in broad strokes.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Shape(_) => ErrorKind::Shape,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::NoGpu(_) => ErrorKind::NoGpu,
+            Error::Cuda(_) => ErrorKind::Cuda,
+        }
+    }
 }
 
 /// The kernels' result type.

@@ -20,7 +20,10 @@
 mod error;
 mod layout;
 
+pub mod elementwise;
+pub mod gpu;
 pub mod reference;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
+pub use gpu::{CtaBudget, Gpu, PhaseContext};
 pub use layout::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};

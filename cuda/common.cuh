@@ -1,0 +1,63 @@
+// Shared helpers of the Nexus kernels.
+//
+// Every kernel is persistent: it is launched with grid = min(CTA budget, work items) CTAs, each
+// sized to be the only CTA on its SM (the launcher reserves more than half of the SM's shared
+// memory), and each CTA loops over work items. So a budget of N occupies at most N SMs.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace nexus {
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ __nv_bfloat16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+
+// Sum of `v` over the warp, in every lane.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Sum of `v` over the CTA, in every thread. `scratch` holds one float per warp (at most 32).
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_sum(v);
+    __syncthreads();  // `scratch` may still be read by an earlier call.
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.f;
+    return warp_sum(v);
+}
+
+// The SM this thread runs on, and the global nanosecond timer: a kernel given a non-null
+// `cta_trace` records, per CTA, {sm id, start ns, end ns} so tests can prove which SMs a launch
+// used and when.
+__device__ __forceinline__ uint32_t sm_id() {
+    uint32_t id;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(id));
+    return id;
+}
+__device__ __forceinline__ uint64_t global_timer_ns() {
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+struct CtaTrace {
+    uint64_t* out;  // [gridDim.x][3] or null
+    uint64_t start;
+    __device__ __forceinline__ explicit CtaTrace(uint64_t* out_) : out(out_), start(0) {
+        if (out && threadIdx.x == 0) start = global_timer_ns();
+    }
+    __device__ __forceinline__ void finish() {
+        if (out && threadIdx.x == 0) {
+            out[blockIdx.x * 3 + 0] = sm_id();
+            out[blockIdx.x * 3 + 1] = start;
+            out[blockIdx.x * 3 + 2] = global_timer_ns();
+        }
+    }
+};
+
+}  // namespace nexus

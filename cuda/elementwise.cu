@@ -1,0 +1,216 @@
+// Row-wise kernels of the forward pass: embedding gather, RMSNorm (plain and with the residual
+// add fused), RoPE, SiLU-and-mul, writes of new keys/values into the paged cache, and argmax.
+//
+// All are persistent (grid-stride over their work with at most one CTA per SM, see common.cuh),
+// bf16 in memory and f32 in registers, and move 16 bytes (8 bf16) per load where the layout
+// allows: the launchers require row lengths that are multiples of 8.
+#include "common.cuh"
+
+using nexus::to_bf16;
+using nexus::to_float;
+
+namespace {
+
+constexpr int THREADS = 1024;
+constexpr int WARPS = THREADS / 32;
+constexpr int VEC = 8;  // bf16 per 16-byte access
+
+struct __align__(16) Bf16x8 {
+    __nv_bfloat162 v[4];
+};
+
+__device__ __forceinline__ void unpack(const Bf16x8& p, float (&f)[VEC]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 t = __bfloat1622float2(p.v[i]);
+        f[2 * i] = t.x;
+        f[2 * i + 1] = t.y;
+    }
+}
+
+__device__ __forceinline__ Bf16x8 pack(const float (&f)[VEC]) {
+    Bf16x8 p;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p.v[i] = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
+    return p;
+}
+
+__device__ __forceinline__ Bf16x8 load8(const __nv_bfloat16* p) { return *reinterpret_cast<const Bf16x8*>(p); }
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const Bf16x8& v) { *reinterpret_cast<Bf16x8*>(p) = v; }
+
+// One warp normalizes one row; the CTA's warps take rows in turn. When `residual` is set, the
+// row is first `residual += x` (stored back) and the sum is normalized.
+__device__ __forceinline__ void rms_norm_rows(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
+                                              const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out,
+                                              int rows, int hidden, float eps) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    for (int row = blockIdx.x * WARPS + warp; row < rows; row += gridDim.x * WARPS) {
+        const __nv_bfloat16* xr = x + (size_t)row * hidden;
+        __nv_bfloat16* rr = residual ? residual + (size_t)row * hidden : nullptr;
+        float sum_sq = 0.f;
+        for (int c = lane * VEC; c < hidden; c += 32 * VEC) {
+            float v[VEC];
+            unpack(load8(xr + c), v);
+            if (rr) {
+                float r[VEC];
+                unpack(load8(rr + c), r);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v[i] += r[i];
+                // Round the sum to bf16 before squaring: it is what the next layer reads back.
+                Bf16x8 packed = pack(v);
+                store8(rr + c, packed);
+                unpack(packed, v);
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
+        }
+        const float scale = rsqrtf(nexus::warp_sum(sum_sq) / hidden + eps);
+        const __nv_bfloat16* src = rr ? rr : xr;
+        __syncwarp();
+        for (int c = lane * VEC; c < hidden; c += 32 * VEC) {
+            float v[VEC], w[VEC];
+            unpack(load8(src + c), v);
+            unpack(load8(weight + c), w);
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) v[i] = v[i] * scale * w[i];
+            store8(out + (size_t)row * hidden + c, pack(v));
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    rms_norm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
+             __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps) {
+    rms_norm_rows(x, nullptr, weight, out, rows, hidden, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    fused_add_rms_norm(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
+                       const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out, int rows,
+                       int hidden, float eps) {
+    rms_norm_rows(x, residual, weight, out, rows, hidden, eps);
+}
+
+// out[t, :] = table[tokens[t], :]. Token ids are checked by the host before upload; an id out of
+// range still reads row 0 rather than outside the table.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    embedding(const __nv_bfloat16* __restrict__ table, const uint32_t* __restrict__ tokens,
+              __nv_bfloat16* __restrict__ out, int rows, int hidden, int vocab) {
+    const int vecs_per_row = hidden / VEC;
+    const size_t total = (size_t)rows * vecs_per_row;
+    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
+        const size_t row = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
+        uint32_t token = tokens[row];
+        if (token >= (uint32_t)vocab) token = 0;
+        store8(out + row * hidden + c, load8(table + (size_t)token * hidden + c));
+    }
+}
+
+// Rotates the query and key heads of a fused QKV buffer [rows, (heads + 2 kv_heads) * head_dim]
+// in place. style 0: interleaved pairs (2i, 2i+1); style 1: rotate-half pairs (i, i + d/2).
+// Frequencies theta^(-2i/d) in f32, as the reference computes them.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    rope(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions, int rows, int num_heads,
+         int num_kv_heads, int head_dim, float theta, int style) {
+    const int half = head_dim / 2;
+    const int rotated_heads = num_heads + num_kv_heads;
+    const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
+    const size_t total = (size_t)rows * rotated_heads * half;
+    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
+        const int pair = i % half;
+        const size_t head = (i / half) % rotated_heads;
+        const size_t row = i / ((size_t)half * rotated_heads);
+        const float inv_freq = 1.f / powf(theta, (float)(2 * pair) / (float)head_dim);
+        float s, c;
+        sincosf((float)positions[row] * inv_freq, &s, &c);
+        __nv_bfloat16* h = qkv + row * row_len + head * head_dim;
+        const int a = style == 0 ? 2 * pair : pair;
+        const int b = style == 0 ? 2 * pair + 1 : pair + half;
+        const float x = to_float(h[a]), y = to_float(h[b]);
+        h[a] = to_bf16(x * c - y * s);
+        h[b] = to_bf16(y * c + x * s);
+    }
+}
+
+// out[r, :] = silu(gate_up[r, :width]) * gate_up[r, width:].
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    silu_and_mul(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out, int rows, int width) {
+    const int vecs_per_row = width / VEC;
+    const size_t total = (size_t)rows * vecs_per_row;
+    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
+        const size_t row = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
+        float g[VEC], u[VEC];
+        unpack(load8(gate_up + row * 2 * width + c), g);
+        unpack(load8(gate_up + row * 2 * width + width + c), u);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) g[k] = g[k] / (1.f + __expf(-g[k])) * u[k];
+        store8(out + row * width + c, pack(g));
+    }
+}
+
+// Copies each row's keys and values out of the fused QKV buffer into slot `slots[row]` of the
+// paged pools [blocks * block_size, kv_heads, head_dim]. Slots are checked by the host.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    write_kv_cache(const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ slots,
+                   __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads,
+                   int num_kv_heads, int head_dim) {
+    const int slot_len = num_kv_heads * head_dim;
+    const int vecs_per_row = slot_len / VEC;
+    const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
+    const size_t total = (size_t)rows * vecs_per_row;
+    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
+        const size_t row = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
+        const __nv_bfloat16* src = qkv + row * row_len + (size_t)num_heads * head_dim;
+        const size_t dst = (size_t)slots[row] * slot_len + c;
+        store8(k_cache + dst, load8(src + c));
+        store8(v_cache + dst, load8(src + slot_len + c));
+    }
+}
+
+// out[r] = the index of the largest logit of row r (the first on ties). One CTA per row.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    argmax(const __nv_bfloat16* __restrict__ logits, uint32_t* __restrict__ out, int rows, int vocab) {
+    __shared__ float best_value[WARPS];
+    __shared__ int best_index[WARPS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int row = blockIdx.x; row < rows; row += gridDim.x) {
+        const __nv_bfloat16* r = logits + (size_t)row * vocab;
+        float value = -INFINITY;
+        int index = vocab;  // larger than any real index: loses every tie
+        for (int i = threadIdx.x; i < vocab; i += THREADS) {
+            const float v = to_float(r[i]);
+            if (v > value) {
+                value = v;
+                index = i;
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, value, offset);
+            const int oi = __shfl_xor_sync(0xffffffffu, index, offset);
+            if (ov > value || (ov == value && oi < index)) {
+                value = ov;
+                index = oi;
+            }
+        }
+        if (lane == 0) {
+            best_value[warp] = value;
+            best_index[warp] = index;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 1; w < WARPS; ++w) {
+                if (best_value[w] > value || (best_value[w] == value && best_index[w] < index)) {
+                    value = best_value[w];
+                    index = best_index[w];
+                }
+            }
+            // A row of NaNs has no maximum; report index 0 rather than an invalid token.
+            out[row] = index < vocab ? index : 0;
+        }
+        __syncthreads();
+    }
+}

@@ -1,0 +1,222 @@
+//! Launchers of the row-wise kernels of `cuda/elementwise.cu`: embedding gather, RMSNorm (with
+//! the residual add fused), RoPE, SiLU-and-mul, KV-cache writes and argmax.
+//!
+//! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
+//! same names, are in [`crate::reference`].
+
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use half::bf16;
+
+use crate::error::ensure_shape;
+use crate::gpu::PhaseContext;
+use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
+use crate::Result;
+
+const MODULE: &str = "elementwise";
+/// Threads per CTA of every kernel in the module (`THREADS` in the source).
+const THREADS: u32 = 1024;
+/// Rows a CTA of the RMSNorm kernels works on at once: one per warp.
+const ROWS_PER_CTA: usize = 32;
+/// Elements per 16-byte access; row lengths must be multiples of it.
+const VEC: usize = 8;
+
+fn to_i32(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value).map_err(|_| crate::Error::Unsupported(format!("{what} {value} does not fit in i32")))
+}
+
+fn check_row_len(len: usize, what: &str) -> Result<()> {
+    ensure_shape!(len > 0 && len % VEC == 0, "{what} {len} must be a positive multiple of {VEC}");
+    Ok(())
+}
+
+/// `out[t] = table[tokens[t]]`, with `table: [vocab, hidden]`, `out: [tokens, hidden]`. Token ids
+/// must be below `vocab` (the device cannot report a bad one; it would read row 0).
+pub fn embedding(
+    ctx: &PhaseContext,
+    table: &CudaView<'_, bf16>,
+    hidden: usize,
+    tokens: &CudaView<'_, u32>,
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    check_row_len(hidden, "hidden size")?;
+    ensure_shape!(table.len() % hidden == 0, "embedding: table is not [vocab, {hidden}]");
+    let rows = tokens.len();
+    ensure_shape!(out.len() == rows * hidden, "embedding: out is not [{rows}, {hidden}]");
+    let (rows_i, hidden_i, vocab_i) = (to_i32(rows, "rows")?, to_i32(hidden, "hidden")?, to_i32(table.len() / hidden, "vocab")?);
+    let grid = ctx.budget().grid((rows * hidden / VEC).div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "embedding", grid, THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(table).arg(tokens).arg(out).arg(&rows_i).arg(&hidden_i).arg(&vocab_i);
+    // SAFETY: the arguments match `embedding` in cuda/elementwise.cu, and the lengths checked
+    // above bound every access.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+fn check_norm(x: usize, weight: usize, out: usize, name: &str) -> Result<(usize, i32, i32)> {
+    check_row_len(weight, "hidden size")?;
+    ensure_shape!(x % weight == 0, "{name}: x is not [rows, {weight}]");
+    ensure_shape!(out == x, "{name}: out has {out} values, x {x}");
+    let rows = x / weight;
+    Ok((rows, to_i32(rows, "rows")?, to_i32(weight, "hidden")?))
+}
+
+/// RMSNorm of each row of `x: [rows, hidden]` into `out`, with `weight: [hidden]`.
+pub fn rms_norm(
+    ctx: &PhaseContext,
+    x: &CudaView<'_, bf16>,
+    weight: &CudaView<'_, bf16>,
+    eps: f32,
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
+    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", ctx.budget().grid(rows.div_ceil(ROWS_PER_CTA)), THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `residual += x` (stored in bf16), then the RMSNorm of `residual` into `out`.
+pub fn fused_add_rms_norm(
+    ctx: &PhaseContext,
+    x: &CudaView<'_, bf16>,
+    residual: &mut CudaViewMut<'_, bf16>,
+    weight: &CudaView<'_, bf16>,
+    eps: f32,
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "fused_add_rms_norm")?;
+    ensure_shape!(residual.len() == x.len(), "fused_add_rms_norm: residual has {} values, x {}", residual.len(), x.len());
+    let (f, cfg) =
+        ctx.kernel(MODULE, "fused_add_rms_norm", ctx.budget().grid(rows.div_ceil(ROWS_PER_CTA)), THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Rotates the Q and K heads of a fused QKV buffer `[rows, layout.row_len()]` in place by each
+/// row's position.
+pub fn rope(
+    ctx: &PhaseContext,
+    qkv: &mut CudaViewMut<'_, bf16>,
+    positions: &CudaView<'_, u32>,
+    layout: QkvLayout,
+    rope: RopeConfig,
+) -> Result<()> {
+    let rows = positions.len();
+    layout.check(qkv.len(), rows)?;
+    ensure_shape!(rope.theta > 0.0, "rope: theta {} must be positive", rope.theta);
+    let pairs = rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim / 2;
+    let style: i32 = match rope.style {
+        RopeStyle::Interleaved => 0,
+        RopeStyle::RotateHalf => 1,
+    };
+    let args = [
+        to_i32(rows, "rows")?,
+        to_i32(layout.num_heads, "heads")?,
+        to_i32(layout.num_kv_heads, "KV heads")?,
+        to_i32(layout.head_dim, "head dim")?,
+    ];
+    let (f, cfg) = ctx.kernel(MODULE, "rope", ctx.budget().grid(pairs.div_ceil(THREADS as usize)), THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(qkv).arg(positions).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
+    // SAFETY: the arguments match `rope` in cuda/elementwise.cu; `layout.check` bounded the rows.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// `out = silu(gate) * up` for `gate_up: [rows, 2 × width]` (rows `[gate | up]`), `out: [rows, width]`.
+pub fn silu_and_mul(
+    ctx: &PhaseContext,
+    gate_up: &CudaView<'_, bf16>,
+    width: usize,
+    out: &mut CudaViewMut<'_, bf16>,
+) -> Result<()> {
+    check_row_len(width, "width")?;
+    ensure_shape!(
+        out.len() % width == 0 && gate_up.len() == 2 * out.len(),
+        "silu_and_mul: input has {} values and output {}, expected [rows, 2 x {width}] and [rows, {width}]",
+        gate_up.len(),
+        out.len()
+    );
+    let rows = out.len() / width;
+    let (rows_i, width_i) = (to_i32(rows, "rows")?, to_i32(width, "width")?);
+    let grid = ctx.budget().grid((out.len() / VEC).div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "silu_and_mul", grid, THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(gate_up).arg(out).arg(&rows_i).arg(&width_i);
+    // SAFETY: the arguments match `silu_and_mul` in cuda/elementwise.cu; lengths checked above.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Copies each row's keys and values from a fused QKV buffer into the paged pools at
+/// `slots[row]`. `host_slots` is the host copy of `slots`, checked against the pool (the device
+/// cannot report a bad slot).
+#[allow(clippy::too_many_arguments)]
+pub fn write_kv_cache(
+    ctx: &PhaseContext,
+    qkv: &CudaView<'_, bf16>,
+    layout: QkvLayout,
+    slots: &CudaView<'_, u32>,
+    host_slots: &[u32],
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
+    cache: PagedKvLayout,
+) -> Result<()> {
+    let rows = slots.len();
+    layout.check(qkv.len(), rows)?;
+    cache.check(k_cache.len(), v_cache.len())?;
+    check_row_len(cache.slot_len(), "KV heads x head dim")?;
+    ensure_shape!(
+        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
+        "write_kv_cache: cache holds {} heads of {}, qkv {} of {}",
+        cache.num_kv_heads,
+        cache.head_dim,
+        layout.num_kv_heads,
+        layout.head_dim
+    );
+    ensure_shape!(host_slots.len() == rows, "write_kv_cache: {} host slots for {rows} rows", host_slots.len());
+    let num_slots = cache.num_blocks * cache.block_size;
+    if let Some(&bad) = host_slots.iter().find(|&&s| s as usize >= num_slots) {
+        return Err(crate::Error::Shape(format!("write_kv_cache: slot {bad} is outside the pool of {num_slots}")));
+    }
+    let args = [
+        to_i32(rows, "rows")?,
+        to_i32(layout.num_heads, "heads")?,
+        to_i32(layout.num_kv_heads, "KV heads")?,
+        to_i32(layout.head_dim, "head dim")?,
+    ];
+    let grid = ctx.budget().grid((rows * cache.slot_len() / VEC).div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "write_kv_cache", grid, THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(qkv).arg(slots).arg(k_cache).arg(v_cache).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]);
+    // SAFETY: the arguments match `write_kv_cache` in cuda/elementwise.cu; every slot was checked
+    // against the pool above.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// The index of the largest logit of each row of `logits: [rows, vocab]` into `out: [rows]`
+/// (the first on ties).
+pub fn argmax(
+    ctx: &PhaseContext,
+    logits: &CudaView<'_, bf16>,
+    vocab: usize,
+    out: &mut CudaViewMut<'_, u32>,
+) -> Result<()> {
+    ensure_shape!(vocab > 0 && logits.len() % vocab == 0, "argmax: logits are not [rows, {vocab}]");
+    let rows = logits.len() / vocab;
+    ensure_shape!(out.len() == rows, "argmax: out has {} entries for {rows} rows", out.len());
+    let (rows_i, vocab_i) = (to_i32(rows, "rows")?, to_i32(vocab, "vocab")?);
+    let (f, cfg) = ctx.kernel(MODULE, "argmax", ctx.budget().grid(rows), THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(logits).arg(out).arg(&rows_i).arg(&vocab_i);
+    // SAFETY: the arguments match `argmax` in cuda/elementwise.cu; lengths checked above.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

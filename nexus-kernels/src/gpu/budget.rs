@@ -1,0 +1,98 @@
+//! CTA budgets and the phase context a launch runs in.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
+
+use super::Gpu;
+use crate::{Error, Result};
+
+/// The most CTAs a launch may use. Every kernel is persistent and sized for one resident CTA
+/// per SM, so a budget of `n` occupies at most `n` SMs: two launches on two streams whose budgets
+/// add up to at most the SM count run side by side on disjoint SMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CtaBudget(NonZeroU32);
+
+impl CtaBudget {
+    /// A budget of `ctas`, which must be between 1 and the device's SM count.
+    pub fn new(ctas: u32, gpu: &Gpu) -> Result<Self> {
+        match NonZeroU32::new(ctas) {
+            Some(n) if ctas <= gpu.sm_count() => Ok(CtaBudget(n)),
+            _ => Err(Error::Unsupported(format!("CTA budget {ctas} is not between 1 and the {} SMs", gpu.sm_count()))),
+        }
+    }
+
+    /// Every SM of the device.
+    pub fn all(gpu: &Gpu) -> Self {
+        CtaBudget(NonZeroU32::new(gpu.sm_count()).unwrap_or(NonZeroU32::MIN))
+    }
+
+    /// The number of CTAs.
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+
+    /// The grid of a launch with `work_items` independent items: never more CTAs than the budget
+    /// or than there is work, and at least one.
+    pub(crate) fn grid(self, work_items: usize) -> u32 {
+        (work_items.min(self.get() as usize) as u32).max(1)
+    }
+}
+
+/// Where a phase's launches go: a device, a stream and a CTA budget. The scheduler hands one to
+/// each phase's forward pass, and every launch inside it uses it.
+#[derive(Clone, Debug)]
+pub struct PhaseContext {
+    gpu: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    budget: CtaBudget,
+}
+
+impl PhaseContext {
+    /// A context launching on `stream` with at most `budget` CTAs per kernel.
+    pub fn new(gpu: Arc<Gpu>, stream: Arc<CudaStream>, budget: CtaBudget) -> Self {
+        PhaseContext { gpu, stream, budget }
+    }
+
+    /// The same stream with another budget.
+    pub fn with_budget(&self, budget: CtaBudget) -> Self {
+        PhaseContext { budget, ..self.clone() }
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The stream launches go to.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The CTA budget of each launch.
+    pub fn budget(&self) -> CtaBudget {
+        self.budget
+    }
+
+    /// The function and launch configuration of a persistent kernel: `grid` CTAs (already
+    /// bounded by the budget) of `threads` threads, with at least `smem` bytes of dynamic shared
+    /// memory and never less than [`Gpu::exclusive_smem`], so that each CTA has its SM alone.
+    pub(crate) fn kernel(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        grid: u32,
+        threads: u32,
+        smem: u32,
+    ) -> Result<(CudaFunction, LaunchConfig)> {
+        debug_assert!(grid <= self.budget.get());
+        let f = self.gpu.function(module, name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: smem.max(self.gpu.exclusive_smem()),
+        };
+        Ok((f, cfg))
+    }
+}

@@ -1,0 +1,142 @@
+//! Opening a device and loading the kernels' PTX into it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use super::ptx;
+use crate::{Error, Result};
+
+/// Which PTX build a device runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PtxTarget {
+    /// `compute_90a`: Hopper-only instructions (wgmma, TMA, setmaxnreg) allowed.
+    Sm90a,
+    /// `compute_80`: runs on every GPU from Ampere on.
+    Sm80,
+}
+
+/// A GPU with the kernels loaded.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    target: PtxTarget,
+    sm_count: u32,
+    compute_capability: (i32, i32),
+    exclusive_smem: u32,
+    max_smem_per_block: u32,
+    modules: HashMap<&'static str, Arc<CudaModule>>,
+    /// Functions already looked up, with their shared-memory limit raised.
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
+}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gpu")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("compute_capability", &self.compute_capability)
+            .field("sm_count", &self.sm_count)
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads every kernel module built for it. Fails with
+    /// [`Error::NoGpu`] when there is no driver or device, or the device is older than sm_80.
+    pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        // SAFETY: this only tries to open the driver library; it calls nothing in it.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("cannot open device {ordinal}: {e}")))?;
+        let compute_capability = ctx.compute_capability()?;
+        let target = match compute_capability {
+            (9, 0) => PtxTarget::Sm90a,
+            (major, _) if major >= 8 => PtxTarget::Sm80,
+            (major, minor) => {
+                return Err(Error::NoGpu(format!(
+                    "device {ordinal} is sm_{major}{minor}; the kernels need sm_80 (Ampere) or newer"
+                )));
+            }
+        };
+        let attribute = |a| -> Result<u32> { Ok(ctx.attribute(a)? as u32) };
+        let sm_count = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let smem_per_sm = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)?;
+        let max_smem_per_block = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        // A CTA holding more than half of an SM's shared memory is alone on its SM.
+        let exclusive_smem = smem_per_sm / 2 + 1;
+        if exclusive_smem > max_smem_per_block {
+            return Err(Error::NoGpu(format!(
+                "device {ordinal} lets a CTA take {max_smem_per_block} of its SMs' {smem_per_sm} bytes of shared memory: \
+                 too little to keep one CTA per SM"
+            )));
+        }
+        let mut modules = HashMap::new();
+        for &(name, source) in ptx::modules(target) {
+            modules.insert(name, ctx.load_module(Ptx::from_src(source))?);
+        }
+        Ok(Arc::new(Gpu {
+            ctx,
+            target,
+            sm_count,
+            compute_capability,
+            exclusive_smem,
+            max_smem_per_block,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The driver context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// A new stream on this device.
+    pub fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        Ok(self.ctx.new_stream()?)
+    }
+
+    /// The number of streaming multiprocessors: the largest CTA budget.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// The PTX build this device runs.
+    pub fn target(&self) -> PtxTarget {
+        self.target
+    }
+
+    /// `(major, minor)` compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Dynamic shared memory a launch reserves so that its CTAs are alone on their SMs.
+    pub fn exclusive_smem(&self) -> u32 {
+        self.exclusive_smem
+    }
+
+    /// The kernel `name` of module `module`, allowed the largest dynamic shared memory a CTA
+    /// can have.
+    pub(crate) fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut functions = self.functions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(f) = functions.get(&(module, name)) {
+            return Ok(f.clone());
+        }
+        let m = self
+            .modules
+            .get(module)
+            .ok_or_else(|| Error::Unsupported(format!("no kernel module `{module}` for {:?}", self.target)))?;
+        let f = m.load_function(name)?;
+        f.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            self.max_smem_per_block as i32,
+        )?;
+        functions.insert((module, name), f.clone());
+        Ok(f)
+    }
+}

@@ -1,0 +1,14 @@
+//! The CUDA side: the device and its loaded PTX ([`Gpu`]), CTA budgets ([`CtaBudget`]) and the
+//! phase context every launch runs in ([`PhaseContext`]).
+//!
+//! Nothing here needs the CUDA toolkit: the PTX in `ptx/` is embedded in the crate and loaded
+//! through the driver (found at run time by cudarc's dynamic loading), which JIT-compiles it for
+//! the device. Hopper (sm_90) gets the `compute_90a` build; other GPUs from Ampere on get the
+//! portable `compute_80` one.
+
+mod budget;
+mod device;
+mod ptx;
+
+pub use budget::{CtaBudget, PhaseContext};
+pub use device::{Gpu, PtxTarget};

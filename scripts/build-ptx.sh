@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Compiles cuda/*.cu into ptx/sm_90a/*.ptx (Hopper: compute_90a) and ptx/sm_80/*.ptx (any GPU from
+# Ampere on: compute_80), which nexus-kernels embeds. Also prints ptxas's register / shared
+# memory / spill report for sm_90a and fails if an attention or GEMM kernel spills.
+#
+#   scripts/build-ptx.sh           regenerate ptx/
+#   scripts/build-ptx.sh --check   regenerate into a temporary folder; fail if ptx/ differs
+#
+# nvcc must be 13.0 (the driver on the GPU machine JITs PTX ISA up to 9.0): the one on PATH if it
+# is 13.0, else the pinned wheels of ../shared/GPU.md installed into ~/.cache/nexus-cuda.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+check=false
+[ "${1:-}" = "--check" ] && check=true
+
+find_nvcc() {
+    if command -v nvcc >/dev/null && nvcc --version | grep -q "release 13.0"; then
+        command -v nvcc
+        return
+    fi
+    local venv="${NEXUS_CUDA_VENV:-$HOME/.cache/nexus-cuda}"
+    local cu
+    cu=$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -n 1 || true)
+    if [ -z "$cu" ] || [ ! -x "$cu/bin/nvcc" ]; then
+        echo "build-ptx: installing nvcc 13.0 into $venv" >&2
+        python3 -m venv "$venv" >&2
+        "$venv/bin/pip" install --quiet --disable-pip-version-check nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 \
+            nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 >&2
+        cu=$(ls -d "$venv"/lib/python3*/site-packages/nvidia/cu13 | head -n 1)
+    fi
+    echo "$cu/bin/nvcc"
+}
+
+nvcc=$(find_nvcc)
+include=$(dirname "$(dirname "$nvcc")")/include
+out="$root/ptx"
+if $check; then
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+fi
+mkdir -p "$out/sm_90a" "$out/sm_80"
+report=$(mktemp)
+flags=(-std=c++17 -O3 -I"$include" -I"$root/cuda" -lineinfo)
+
+status=0
+for src in "$root"/cuda/*.cu; do
+    name=$(basename "$src" .cu)
+    "$nvcc" "${flags[@]}" -ptx -gencode=arch=compute_90a,code=compute_90a -o "$out/sm_90a/$name.ptx" "$src"
+    "$nvcc" "${flags[@]}" -ptx -gencode=arch=compute_80,code=compute_80 -o "$out/sm_80/$name.ptx" "$src"
+    # Drop the line-info file table's absolute paths so the output is the same on every machine.
+    sed -i -e "s|$root/||g" -e "s|$include/|cuda-include/|g" "$out/sm_90a/$name.ptx" "$out/sm_80/$name.ptx"
+    "$nvcc" "${flags[@]}" -cubin -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /dev/null "$src" 2>"$report"
+    echo "== $name (sm_90a)"
+    grep -E "Compiling entry|registers|spill" "$report" | sed 's/^ptxas info    : //'
+    case "$name" in
+        *attention*|gemm*)
+            if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$report" >/dev/null; then
+                echo "build-ptx: $name spills registers (see above)" >&2
+                status=1
+            fi
+            ;;
+    esac
+done
+rm -f "$report"
+
+if $check; then
+    if ! diff -r -q "$root/ptx" "$out" >/dev/null; then
+        diff -r -q "$root/ptx" "$out" >&2 || true
+        echo "build-ptx: ptx/ is stale: run scripts/build-ptx.sh and commit ptx/" >&2
+        exit 1
+    fi
+    echo "build-ptx: ptx/ is current"
+fi
+exit $status

@@ -1,0 +1,194 @@
+//! The row-wise kernels against their references.
+
+use nexus::kernels::{elementwise, reference, PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+use crate::common::*;
+
+/// Budgets every shape runs with: one CTA, a few, and all SMs.
+const BUDGETS: [Option<u32>; 3] = [Some(1), Some(7), None];
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_and_fused_add_match_reference() {
+    let mut rng = rng("rms_norm");
+    for &(rows, hidden) in &[(1, 64), (7, 576), (33, 4096), (1000, 8192), (65, 128)] {
+        for budget in BUDGETS {
+            let ctx = phase(budget);
+            let x = random_bf16(&mut rng, rows * hidden, 2.0);
+            let residual = random_bf16(&mut rng, rows * hidden, 2.0);
+            let weight = random_bf16(&mut rng, hidden, 1.0);
+            let (dx, dw) = (upload(&ctx, &x), upload(&ctx, &weight));
+
+            let mut out = poisoned(&ctx, rows * hidden);
+            elementwise::rms_norm(&ctx, &dx.as_view(), &dw.as_view(), 1e-5, &mut out.as_view_mut()).unwrap();
+            let mut want = vec![0.0; rows * hidden];
+            reference::rms_norm(&x, &weight, 1e-5, &mut want).unwrap();
+            assert_close(&format!("rms_norm {rows}x{hidden}"), &download(&ctx, &out), &want, BF16_RTOL, 1e-2);
+
+            let mut dres = upload(&ctx, &residual);
+            let mut out = poisoned(&ctx, rows * hidden);
+            elementwise::fused_add_rms_norm(
+                &ctx,
+                &dx.as_view(),
+                &mut dres.as_view_mut(),
+                &dw.as_view(),
+                1e-5,
+                &mut out.as_view_mut(),
+            )
+            .unwrap();
+            let mut want_res = residual.clone();
+            reference::fused_add_rms_norm(&x, &mut want_res, &weight, 1e-5, &mut want).unwrap();
+            let what = format!("fused_add_rms_norm {rows}x{hidden}");
+            assert_close(&format!("{what} residual"), &download(&ctx, &dres), &want_res, BF16_RTOL, 1e-2);
+            assert_close(&format!("{what} out"), &download(&ctx, &out), &want, BF16_RTOL, 2e-2);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn embedding_gathers_rows() {
+    let mut rng = rng("embedding");
+    let (vocab, hidden) = (1000, 576);
+    let table = random_bf16(&mut rng, vocab * hidden, 1.0);
+    for budget in BUDGETS {
+        let ctx = phase(budget);
+        let tokens: Vec<u32> = (0..77).map(|_| rng.random_range(0..vocab as u32)).collect();
+        let (dt, dtok) = (upload(&ctx, &table), upload_u32(&ctx, &tokens));
+        let mut out = poisoned(&ctx, tokens.len() * hidden);
+        elementwise::embedding(&ctx, &dt.as_view(), hidden, &dtok.as_view(), &mut out.as_view_mut()).unwrap();
+        let mut want = vec![0.0; tokens.len() * hidden];
+        reference::embedding(&table, hidden, &tokens, &mut want).unwrap();
+        assert_close("embedding", &download(&ctx, &out), &want, 0.0, 0.0);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_matches_reference_in_both_styles() {
+    let mut rng = rng("rope");
+    for &(heads, kv_heads, head_dim) in &[(9, 3, 64), (32, 8, 128)] {
+        for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
+            let ctx = phase(Some(5));
+            let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
+            let rows = 37;
+            let qkv = random_bf16(&mut rng, rows * layout.row_len(), 2.0);
+            let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..8192)).collect();
+            let mut dqkv = upload(&ctx, &qkv);
+            let dpos = upload_u32(&ctx, &positions);
+            let cfg = RopeConfig { theta: 500_000.0, style };
+            elementwise::rope(&ctx, &mut dqkv.as_view_mut(), &dpos.as_view(), layout, cfg).unwrap();
+            let mut want = qkv.clone();
+            reference::rope(&mut want, &positions, layout, cfg).unwrap();
+            // Large angles amplify f32 differences in sin/cos; values are O(1).
+            assert_close(&format!("rope {style:?} d={head_dim}"), &download(&ctx, &dqkv), &want, BF16_RTOL, 2e-2);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn silu_and_mul_matches_reference() {
+    let mut rng = rng("silu_and_mul");
+    for &(rows, width) in &[(1, 1536), (129, 14336)] {
+        for budget in BUDGETS {
+            let ctx = phase(budget);
+            let gate_up = random_bf16(&mut rng, rows * 2 * width, 4.0);
+            let dgu = upload(&ctx, &gate_up);
+            let mut out = poisoned(&ctx, rows * width);
+            elementwise::silu_and_mul(&ctx, &dgu.as_view(), width, &mut out.as_view_mut()).unwrap();
+            let mut want = vec![0.0; rows * width];
+            reference::silu_and_mul(&gate_up, width, &mut want).unwrap();
+            assert_close("silu_and_mul", &download(&ctx, &out), &want, BF16_RTOL, 1e-2);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn write_kv_cache_writes_only_its_slots() {
+    let mut rng = rng("write_kv_cache");
+    let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
+    let cache = PagedKvLayout { num_blocks: 40, block_size: 16, num_kv_heads: 8, head_dim: 128 };
+    let ctx = phase(Some(3));
+    let rows = 100;
+    let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
+    all_slots.shuffle(&mut rng);
+    let slots = &all_slots[..rows];
+    let qkv = random_bf16(&mut rng, rows * layout.row_len(), 1.0);
+    let k0 = random_bf16(&mut rng, cache.pool_len(), 1.0);
+    let v0 = random_bf16(&mut rng, cache.pool_len(), 1.0);
+    let (dqkv, dslots) = (upload(&ctx, &qkv), upload_u32(&ctx, slots));
+    let (mut dk, mut dv) = (upload(&ctx, &k0), upload(&ctx, &v0));
+    elementwise::write_kv_cache(
+        &ctx,
+        &dqkv.as_view(),
+        layout,
+        &dslots.as_view(),
+        slots,
+        &mut dk.as_view_mut(),
+        &mut dv.as_view_mut(),
+        cache,
+    )
+    .unwrap();
+    let (mut k, mut v) = (k0.clone(), v0.clone());
+    reference::write_kv_cache(&qkv, layout, slots, &mut k, &mut v, cache).unwrap();
+    assert_close("K pool", &download(&ctx, &dk), &k, 0.0, 0.0);
+    assert_close("V pool", &download(&ctx, &dv), &v, 0.0, 0.0);
+
+    // A slot outside the pool is refused before anything is launched.
+    let mut bad = slots.to_vec();
+    bad[0] = (cache.num_blocks * cache.block_size) as u32;
+    let dbad = upload_u32(&ctx, &bad);
+    let err = elementwise::write_kv_cache(
+        &ctx,
+        &dqkv.as_view(),
+        layout,
+        &dbad.as_view(),
+        &bad,
+        &mut dk.as_view_mut(),
+        &mut dv.as_view_mut(),
+        cache,
+    );
+    assert!(err.is_err());
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn argmax_takes_the_first_maximum() {
+    let mut rng = rng("argmax");
+    let vocab = 49152;
+    for rows in [1, 3, 200] {
+        let ctx = phase(Some(4));
+        let mut logits = random_bf16(&mut rng, rows * vocab, 8.0);
+        // Plant ties for the maximum in every row: the earlier index must win.
+        for r in 0..rows {
+            let a = rng.random_range(0..vocab / 2);
+            let b = rng.random_range(vocab / 2..vocab);
+            logits[r * vocab + a] = 100.0;
+            logits[r * vocab + b] = 100.0;
+        }
+        let dl = upload(&ctx, &logits);
+        let mut out = ctx.stream().clone_htod(&vec![u32::MAX; rows]).unwrap();
+        elementwise::argmax(&ctx, &dl.as_view(), vocab, &mut out.as_view_mut()).unwrap();
+        let got = ctx.stream().clone_dtoh(&out).unwrap();
+        assert_eq!(got, reference::argmax(&logits, vocab).unwrap());
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn launchers_reject_bad_shapes() {
+    let ctx = phase(None);
+    let x = poisoned(&ctx, 100);
+    let w = poisoned(&ctx, 12);
+    let mut out = poisoned(&ctx, 100);
+    // 100 values are not whole rows of 12, and 12 is not a multiple of 8.
+    assert!(elementwise::rms_norm(&ctx, &x.as_view(), &w.as_view(), 1e-5, &mut out.as_view_mut()).is_err());
+    let w = poisoned(&ctx, 16);
+    let mut small = poisoned(&ctx, 96);
+    let x = poisoned(&ctx, 96 + 16);
+    assert!(elementwise::rms_norm(&ctx, &x.as_view(), &w.as_view(), 1e-5, &mut small.as_view_mut()).is_err());
+}

@@ -1,0 +1,128 @@
+//! Shared by the GPU benchmarks: CUDA-event timing inside criterion, rotating inputs larger than
+//! L2, and a summary table printed at the end (and saved when `NEXUS_BENCH_OUT` names a folder).
+#![allow(dead_code)] // Each bench uses its own subset.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use criterion::Criterion;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaStream;
+use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
+
+/// Budgets every kernel is measured with (plus all SMs).
+pub const BUDGETS: [u32; 6] = [8, 16, 32, 48, 64, 96];
+
+/// Bytes that certainly exceed the L2 cache (50 MB on H100, 60 MB on H200): inputs are rotated
+/// over copies adding up to at least this, so that no launch finds its data in L2.
+pub const ROTATE_BYTES: usize = 256 << 20;
+
+/// How many copies of an input of `bytes` to rotate over.
+pub fn copies_for(bytes: usize) -> usize {
+    ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(1, 64)
+}
+
+/// The budgets to sweep on `gpu`: [`BUDGETS`] below its SM count, then all SMs.
+pub fn budgets(gpu: &Gpu) -> Vec<CtaBudget> {
+    let mut v: Vec<CtaBudget> = BUDGETS.iter().filter(|&&b| b < gpu.sm_count()).map(|&b| CtaBudget::new(b, gpu).expect("budget")).collect();
+    v.push(CtaBudget::all(gpu));
+    v
+}
+
+pub fn open() -> (Arc<Gpu>, Arc<CudaStream>) {
+    let gpu = Gpu::new(0).expect("a CUDA GPU");
+    let stream = gpu.new_stream().expect("stream");
+    (gpu, stream)
+}
+
+pub fn phase(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, budget: CtaBudget) -> PhaseContext {
+    PhaseContext::new(gpu.clone(), stream.clone(), budget)
+}
+
+/// Criterion set up for GPU kernels: few samples, short windows (the kernels are timed by CUDA
+/// events, which are precise; many shapes x budgets must fit in minutes).
+pub fn criterion() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(200))
+        .measurement_time(Duration::from_millis(400))
+        .without_plots()
+        .configure_from_args()
+}
+
+/// Times `iters` calls of `launch` (each enqueuing one run on `stream`) with CUDA events; returns
+/// the GPU time they took.
+pub fn time_gpu(stream: &Arc<CudaStream>, iters: u64, mut launch: impl FnMut(u64)) -> Duration {
+    let ctx = stream.context();
+    let start = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+    let stop = ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("event");
+    start.record(stream).expect("record");
+    for i in 0..iters {
+        launch(i);
+    }
+    stop.record(stream).expect("record");
+    stop.synchronize().expect("sync");
+    Duration::from_secs_f64(start.elapsed_ms(&stop).expect("elapsed") as f64 / 1e3)
+}
+
+/// The median time of one run, measured outside criterion (for the summary table): `warmup`
+/// runs, then `samples` samples of `per_sample` runs each.
+pub fn median_gpu_time(stream: &Arc<CudaStream>, mut launch: impl FnMut(u64)) -> Duration {
+    let mut i = 0u64;
+    time_gpu(stream, 5, |_| {
+        launch(i);
+        i += 1;
+    });
+    let mut samples: Vec<Duration> = (0..15)
+        .map(|_| {
+            time_gpu(stream, 5, |_| {
+                launch(i);
+                i += 1;
+            }) / 5
+        })
+        .collect();
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Rows of the summary table, in the order they were added.
+#[derive(Default)]
+pub struct Report {
+    title: String,
+    header: Vec<String>,
+    rows: Mutex<Vec<Vec<String>>>,
+}
+
+impl Report {
+    pub fn new(title: &str, header: &[&str]) -> Self {
+        Report { title: title.into(), header: header.iter().map(|s| s.to_string()).collect(), rows: Mutex::new(Vec::new()) }
+    }
+
+    pub fn add(&self, row: Vec<String>) {
+        self.rows.lock().expect("report lock").push(row);
+    }
+
+    /// Prints the table as Markdown, with the device named, and saves it to
+    /// `$NEXUS_BENCH_OUT/<file>.md` when that variable is set.
+    pub fn finish(&self, gpu: &Gpu, file: &str) {
+        let name = device_name(gpu);
+        let mut s = String::new();
+        let _ = writeln!(s, "## {} — {name}\n", self.title);
+        let _ = writeln!(s, "| {} |", self.header.join(" | "));
+        let _ = writeln!(s, "|{}|", self.header.iter().map(|_| " --- ").collect::<Vec<_>>().join("|"));
+        for row in self.rows.lock().expect("report lock").iter() {
+            let _ = writeln!(s, "| {} |", row.join(" | "));
+        }
+        println!("\n{s}");
+        if let Ok(dir) = std::env::var("NEXUS_BENCH_OUT") {
+            let path = std::path::Path::new(&dir).join(format!("{file}.md"));
+            std::fs::write(&path, &s).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        }
+    }
+}
+
+/// The device's marketing name, e.g. "NVIDIA H100 80GB HBM3".
+pub fn device_name(gpu: &Gpu) -> String {
+    gpu.context().name().unwrap_or_else(|_| "unknown GPU".into())
+}

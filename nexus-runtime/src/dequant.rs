@@ -9,6 +9,10 @@ use rayon::prelude::*;
 use crate::{Error, ErrorKind, Result};
 
 /// The storage type of a GGUF tensor, with ggml's numeric ids.
+///
+/// Every type ggml defines is listed, so that a file using one we cannot dequantize (the IQ and
+/// ternary quants, MXFP4) still opens and its metadata and other tensors stay readable; only
+/// [`dequantize`] of such a tensor fails, with [`ErrorKind::Unsupported`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum GgmlType {
@@ -26,12 +30,24 @@ pub enum GgmlType {
     Q5K,
     Q6K,
     Q8K,
+    IQ2XXS,
+    IQ2XS,
+    IQ3XXS,
+    IQ1S,
+    IQ4NL,
+    IQ3S,
+    IQ2S,
+    IQ4XS,
     I8,
     I16,
     I32,
     I64,
     F64,
+    IQ1M,
     BF16,
+    TQ1_0,
+    TQ2_0,
+    MXFP4,
 }
 
 /// K-quant super-block size.
@@ -55,12 +71,24 @@ impl GgmlType {
             13 => GgmlType::Q5K,
             14 => GgmlType::Q6K,
             15 => GgmlType::Q8K,
+            16 => GgmlType::IQ2XXS,
+            17 => GgmlType::IQ2XS,
+            18 => GgmlType::IQ3XXS,
+            19 => GgmlType::IQ1S,
+            20 => GgmlType::IQ4NL,
+            21 => GgmlType::IQ3S,
+            22 => GgmlType::IQ2S,
+            23 => GgmlType::IQ4XS,
             24 => GgmlType::I8,
             25 => GgmlType::I16,
             26 => GgmlType::I32,
             27 => GgmlType::I64,
             28 => GgmlType::F64,
+            29 => GgmlType::IQ1M,
             30 => GgmlType::BF16,
+            34 => GgmlType::TQ1_0,
+            35 => GgmlType::TQ2_0,
+            39 => GgmlType::MXFP4,
             _ => return None,
         })
     }
@@ -68,9 +96,38 @@ impl GgmlType {
     /// Values per block (1 for plain types).
     pub fn block_elements(self) -> usize {
         match self {
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 | GgmlType::Q8_1 => 32,
-            GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K | GgmlType::Q8K => QK_K,
-            _ => 1,
+            GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::F64
+            | GgmlType::I8
+            | GgmlType::I16
+            | GgmlType::I32
+            | GgmlType::I64 => 1,
+            GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Q8_1
+            | GgmlType::IQ4NL
+            | GgmlType::MXFP4 => 32,
+            GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Q8K
+            | GgmlType::IQ2XXS
+            | GgmlType::IQ2XS
+            | GgmlType::IQ3XXS
+            | GgmlType::IQ1S
+            | GgmlType::IQ3S
+            | GgmlType::IQ2S
+            | GgmlType::IQ4XS
+            | GgmlType::IQ1M
+            | GgmlType::TQ1_0
+            | GgmlType::TQ2_0 => QK_K,
         }
     }
 
@@ -86,13 +143,29 @@ impl GgmlType {
             GgmlType::Q5_0 => 2 + 4 + 16,
             GgmlType::Q5_1 => 2 + 2 + 4 + 16,
             GgmlType::Q8_0 => 2 + 32,
-            GgmlType::Q8_1 => 4 + 32,
+            // d and d * sum(qs) as f16 (gguf-py still lists the 40-byte layout of early ggml,
+            // which had f32 there; ggml itself asserts 36).
+            GgmlType::Q8_1 => 2 + 2 + 32,
             GgmlType::Q2K => QK_K / 16 + QK_K / 4 + 2 + 2,
             GgmlType::Q3K => QK_K / 8 + QK_K / 4 + 12 + 2,
             GgmlType::Q4K => 2 + 2 + 12 + QK_K / 2,
             GgmlType::Q5K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
             GgmlType::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             GgmlType::Q8K => 4 + QK_K + QK_K / 16 * 2,
+            // The remaining sizes are those of ggml's block structs; we only need them to know
+            // where such tensors end, since we cannot dequantize them.
+            GgmlType::IQ2XXS => 2 + QK_K / 4,
+            GgmlType::IQ2XS => 2 + QK_K / 4 + QK_K / 32,
+            GgmlType::IQ3XXS => 2 + 3 * QK_K / 8,
+            GgmlType::IQ1S => 2 + QK_K / 8 + QK_K / 16,
+            GgmlType::IQ4NL => 2 + 16,
+            GgmlType::IQ3S => 2 + QK_K / 4 + QK_K / 8 + QK_K / 32 + 4,
+            GgmlType::IQ2S => 2 + QK_K / 4 + QK_K / 16,
+            GgmlType::IQ4XS => 2 + 2 + QK_K / 64 + QK_K / 2,
+            GgmlType::IQ1M => QK_K / 8 + QK_K / 16 + QK_K / 32,
+            GgmlType::TQ1_0 => 2 + QK_K / 64 + (QK_K - 4 * QK_K / 64) / 5,
+            GgmlType::TQ2_0 => 2 + QK_K / 4,
+            GgmlType::MXFP4 => 1 + 16,
         }
     }
 }
@@ -100,7 +173,7 @@ impl GgmlType {
 /// Dequantizes `n` values of type `ty` stored in `bytes` (exactly `n / block_elements` blocks).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let per_block = ty.block_elements();
-    if n % per_block != 0 {
+    if !n.is_multiple_of(per_block) {
         return Err(Error::format(format!("{n} values of {ty:?} are not whole blocks of {per_block}")));
     }
     let blocks = n / per_block;
@@ -117,23 +190,34 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
         GgmlType::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         GgmlType::Q4_0 => dequantize_q4_0,
         GgmlType::Q4_1 => dequantize_q4_1,
+        GgmlType::Q5_0 => dequantize_q5_0,
+        GgmlType::Q5_1 => dequantize_q5_1,
         GgmlType::Q8_0 => dequantize_q8_0,
+        GgmlType::Q2K => dequantize_q2_k,
+        GgmlType::Q3K => dequantize_q3_k,
         GgmlType::Q4K => dequantize_q4_k,
+        GgmlType::Q5K => dequantize_q5_k,
         GgmlType::Q6K => dequantize_q6_k,
         other => {
             return Err(Error::new(ErrorKind::Unsupported, format!("dequantization of {other:?} is not implemented")));
         }
     };
     let mut out = vec![0f32; n];
-    // Chunks of whole blocks, large enough that rayon's overhead does not matter.
-    let blocks_per_chunk = (1 << 16) / per_block.max(1);
-    out.par_chunks_mut(blocks_per_chunk * per_block)
-        .zip(bytes.par_chunks(blocks_per_chunk * ty.block_bytes()))
-        .for_each(|(y, b)| {
-            for (y, b) in y.chunks_exact_mut(per_block).zip(b.chunks_exact(ty.block_bytes())) {
-                block_fn(b, y);
-            }
-        });
+    let convert = |(y, b): (&mut [f32], &[u8])| {
+        for (y, b) in y.chunks_exact_mut(per_block).zip(b.chunks_exact(ty.block_bytes())) {
+            block_fn(b, y);
+        }
+    };
+    // Chunks of whole blocks, large enough that rayon's overhead does not matter; a tensor of one
+    // chunk or less (norm weights, biases) is converted on this thread, as handing it to the pool
+    // would cost more than the conversion.
+    let blocks_per_chunk = (1 << 16) / per_block;
+    let (chunk_values, chunk_bytes) = (blocks_per_chunk * per_block, blocks_per_chunk * ty.block_bytes());
+    if n <= chunk_values {
+        convert((&mut out, bytes));
+    } else {
+        out.par_chunks_mut(chunk_values).zip(bytes.par_chunks(chunk_bytes)).for_each(convert);
+    }
     Ok(out)
 }
 
@@ -162,11 +246,97 @@ fn dequantize_q4_1(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// The fifth bits of a Q5_0/Q5_1 block: bit `j` of the little-endian `qh` word belongs to value `j`.
+fn q5_high_bits(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// `d: f16, qh: [u8; 4], qs: [u8; 16]`; value = (nibble | fifth bit << 4) - 16, times d, with
+/// the same low-nibbles-first order as Q4_0.
+fn dequantize_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qh = q5_high_bits(b, 2);
+    let qs = &b[6..22];
+    for (j, &q) in qs.iter().enumerate() {
+        let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+        let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+        y[j] = (lo as i32 - 16) as f32 * d;
+        y[j + 16] = (hi as i32 - 16) as f32 * d;
+    }
+}
+
+/// `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`; value = (nibble | fifth bit << 4) * d + m.
+fn dequantize_q5_1(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let m = f16_at(b, 2);
+    let qh = q5_high_bits(b, 4);
+    let qs = &b[8..24];
+    for (j, &q) in qs.iter().enumerate() {
+        let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
+        let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
+        y[j] = lo as f32 * d + m;
+        y[j + 16] = hi as f32 * d + m;
+    }
+}
+
 /// `d: f16, qs: [i8; 32]`; value = q * d.
 fn dequantize_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for (y, &q) in y.iter_mut().zip(&b[2..34]) {
         *y = (q as i8) as f32 * d;
+    }
+}
+
+/// `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`: sixteen sub-blocks of 16 values, each
+/// with a 4-bit scale (low nibble) and 4-bit min (high nibble); value = d * scale * q - dmin * min
+/// for 2-bit q. Each 32-byte half of `qs` holds 128 values as four 2-bit planes (shift 0, 2, 4, 6),
+/// and each plane is two sub-blocks of 16.
+fn dequantize_q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let qs = &b[16..80];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for (i, out) in y.chunks_exact_mut(16).enumerate() {
+        let (half, plane, second) = (i / 8, (i / 2) % 4, i % 2);
+        let q = &qs[32 * half + 16 * second..32 * half + 16 * second + 16];
+        let dl = d * (scales[i] & 0x0f) as f32;
+        let ml = dmin * (scales[i] >> 4) as f32;
+        for (y, &q) in out.iter_mut().zip(q) {
+            *y = dl * ((q >> (2 * plane)) & 3) as f32 - ml;
+        }
+    }
+}
+
+/// The signed 6-bit scale of sub-block `i` (0..16) of a Q3_K block's 12 packed scale bytes: the
+/// low 4 bits are nibbles of bytes 0..8 (low nibbles for sub-blocks 0..8, high ones for 8..16),
+/// the high 2 bits are 2-bit fields of bytes 8..12, and the result is offset by 32.
+fn scale_k3(i: usize, s: &[u8]) -> i32 {
+    let low = if i < 8 { s[i] & 0x0f } else { s[i - 8] >> 4 };
+    let high = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    (low | high << 4) as i32 - 32
+}
+
+/// `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`: like Q2_K's 2-bit planes, plus a
+/// third bit from `hmask` (bit `k` of byte `l` for plane `k` of position `l`); a clear bit means
+/// the value is lowered by 4. Value = d * scale * q for q in -4..=3.
+fn dequantize_q3_k(b: &[u8], y: &mut [f32]) {
+    let hmask = &b[0..32];
+    let qs = &b[32..96];
+    let scales = &b[96..108];
+    let d = f16_at(b, 108);
+    for (i, out) in y.chunks_exact_mut(16).enumerate() {
+        let (half, plane, second) = (i / 8, (i / 2) % 4, i % 2);
+        let l0 = 16 * second;
+        let q = &qs[32 * half + l0..32 * half + l0 + 16];
+        let hm = &hmask[l0..l0 + 16];
+        // The planes of the second 128 values use hmask bits 4..8.
+        let hbit = 4 * half + plane;
+        let dl = d * scale_k3(i, scales) as f32;
+        for ((y, &q), &h) in out.iter_mut().zip(q).zip(hm) {
+            let low = ((q >> (2 * plane)) & 3) as i32;
+            let v = if (h >> hbit) & 1 == 1 { low } else { low - 4 };
+            *y = dl * v as f32;
+        }
     }
 }
 
@@ -196,6 +366,30 @@ fn dequantize_q4_k(b: &[u8], y: &mut [f32]) {
         for l in 0..32 {
             out[l] = d1 * (q[l] & 0x0f) as f32 - min1;
             out[l + 32] = d2 * (q[l] >> 4) as f32 - min2;
+        }
+    }
+}
+
+/// `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K plus a fifth bit
+/// per value from `qh`, bit `j` of byte `l` for sub-block `j` (position `l` within it).
+fn dequantize_q5_k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let dmin = f16_at(b, 2);
+    let scales = &b[4..16];
+    let qh = &b[16..48];
+    let qs = &b[48..176];
+    for chunk in 0..4 {
+        let q = &qs[32 * chunk..32 * chunk + 32];
+        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
+        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
+        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
+        let out = &mut y[64 * chunk..64 * chunk + 64];
+        for l in 0..32 {
+            let h1 = (qh[l] >> (2 * chunk)) & 1;
+            let h2 = (qh[l] >> (2 * chunk + 1)) & 1;
+            out[l] = d1 * ((q[l] & 0x0f) | h1 << 4) as f32 - min1;
+            out[l + 32] = d2 * ((q[l] >> 4) | h2 << 4) as f32 - min2;
         }
     }
 }

@@ -7,7 +7,7 @@
 //! so a truncated or corrupted file gives an [`ErrorKind::Format`](crate::ErrorKind::Format) error
 //! naming the problem, never a panic or an absurd allocation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
@@ -154,6 +154,8 @@ pub struct GgufFile {
     version: u32,
     metadata: BTreeMap<String, MetadataValue>,
     tensors: Vec<TensorInfo>,
+    /// Index into `tensors` by name, since models look tensors up by name hundreds of times.
+    by_name: HashMap<String, usize>,
     alignment: u64,
     bytes: Bytes,
 }
@@ -212,7 +214,9 @@ impl GgufFile {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a.is_power_of_two() && a <= 1 << 16 => a,
-                _ => return Err(Error::format(format!("general.alignment {v:?} is not a power of two <= 65536"))),
+                _ => {
+                    return Err(Error::format(format!("general.alignment {v:?} is not a power of two <= 65536")));
+                }
             },
         };
         r.check_count(tensor_count, 24, "tensor count")?;
@@ -221,7 +225,9 @@ impl GgufFile {
             let name = r.string(&format!("name of tensor {i}"))?;
             let n_dims = r.u32(&format!("dimension count of tensor `{name}`"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::format(format!("tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")));
+                return Err(Error::format(format!(
+                    "tensor `{name}` has {n_dims} dimensions (1 to {MAX_DIMS} allowed)"
+                )));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
@@ -233,20 +239,20 @@ impl GgufFile {
             let offset = r.u64(&format!("offset of tensor `{name}`"))?;
             raw.push((name, dims, ty, offset));
         }
-        let data_start = align_up(r.pos as u64, alignment)
-            .filter(|&s| s <= bytes.len() as u64)
-            .ok_or_else(|| Error::format("file ends before its tensor data section"))?;
+        // The data section may start past the end of the file when no tensor has bytes in it (a
+        // vocabulary-only file need not be padded); each tensor's own bounds are checked below.
+        let data_start = (r.pos as u64).next_multiple_of(alignment);
         let mut tensors = Vec::with_capacity(raw.len());
-        let mut names = std::collections::HashSet::new();
+        let mut by_name = HashMap::with_capacity(raw.len());
         for (name, dims, ty, offset) in raw {
-            if !names.insert(name.clone()) {
+            if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(Error::format(format!("tensor `{name}` appears twice")));
             }
             let elements = dims
                 .iter()
                 .try_fold(1u64, |acc, &d| acc.checked_mul(d))
                 .ok_or_else(|| Error::format(format!("tensor `{name}`: element count overflows")))?;
-            if dims[0] % ty.block_elements() as u64 != 0 {
+            if !dims[0].is_multiple_of(ty.block_elements() as u64) {
                 return Err(Error::format(format!(
                     "tensor `{name}`: row length {} is not a multiple of the {ty:?} block size {}",
                     dims[0],
@@ -256,19 +262,15 @@ impl GgufFile {
             let len = (elements / ty.block_elements() as u64)
                 .checked_mul(ty.block_bytes() as u64)
                 .ok_or_else(|| Error::format(format!("tensor `{name}`: byte size overflows")))?;
-            if offset % alignment != 0 {
+            if !offset.is_multiple_of(alignment) {
                 return Err(Error::format(format!("tensor `{name}`: offset {offset} is not aligned to {alignment}")));
             }
             let start = data_start.checked_add(offset);
             let end = start.and_then(|s| s.checked_add(len));
             match (start, end) {
-                (Some(start), Some(end)) if end <= bytes.len() as u64 => tensors.push(TensorInfo {
-                    name,
-                    dims,
-                    ty,
-                    offset: start as usize,
-                    len: len as usize,
-                }),
+                (Some(start), Some(end)) if end <= bytes.len() as u64 => {
+                    tensors.push(TensorInfo { name, dims, ty, offset: start as usize, len: len as usize })
+                }
                 _ => {
                     return Err(Error::format(format!(
                         "tensor `{name}`: data ({len} bytes at offset {offset}) runs past the end of the file ({} bytes)",
@@ -277,7 +279,7 @@ impl GgufFile {
                 }
             }
         }
-        Ok(GgufFile { version, metadata, tensors, alignment, bytes })
+        Ok(GgufFile { version, metadata, tensors, by_name, alignment, bytes })
     }
 
     /// The GGUF version (2 or 3).
@@ -312,7 +314,7 @@ impl GgufFile {
 
     /// The info of the tensor called `name`.
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.by_name.get(name).map(|&i| &self.tensors[i])
     }
 
     /// The raw stored bytes of a tensor.
@@ -322,17 +324,11 @@ impl GgufFile {
 
     /// Dequantizes the tensor called `name` to f32, in row-major shape.
     pub fn tensor_f32(&self, name: &str) -> Result<HostTensor> {
-        let info = self
-            .tensor_info(name)
-            .ok_or_else(|| Error::format(format!("tensor `{name}` is missing")))?;
+        let info = self.tensor_info(name).ok_or_else(|| Error::format(format!("tensor `{name}` is missing")))?;
         let data = dequant::dequantize(info.ty, self.tensor_bytes(info), info.num_elements())
             .map_err(|e| Error::new(e.kind(), format!("tensor `{name}`: {}", e.message())))?;
         Ok(HostTensor { shape: info.shape(), data })
     }
-}
-
-fn align_up(pos: u64, alignment: u64) -> Option<u64> {
-    pos.checked_add(alignment - 1).map(|p| p / alignment * alignment)
 }
 
 /// Value type ids of GGUF metadata.
@@ -403,7 +399,13 @@ impl<'a> Reader<'a> {
 
     fn string(&mut self, what: &str) -> Result<String> {
         let len = self.u64(what)?;
-        self.check_count(len, 1, what)?;
+        let left = self.buf.len() - self.pos;
+        if len > left as u64 {
+            return Err(Error::format(format!(
+                "{what}: string length {len} runs past the end of the file ({left} bytes left at offset {})",
+                self.pos
+            )));
+        }
         let bytes = self.take(len as usize, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| Error::format(format!("{what} is not valid UTF-8")))
     }
@@ -425,7 +427,9 @@ impl<'a> Reader<'a> {
             t::BOOL => match self.array::<1>(&what())?[0] {
                 0 => MetadataValue::Bool(false),
                 1 => MetadataValue::Bool(true),
-                b => return Err(Error::format(format!("metadata `{key}`: bool byte {b} is neither 0 nor 1"))),
+                b => {
+                    return Err(Error::format(format!("metadata `{key}`: bool byte {b} is neither 0 nor 1")));
+                }
             },
             t::STRING => MetadataValue::String(self.string(&what())?),
             t::ARRAY => {
@@ -451,7 +455,9 @@ impl<'a> Reader<'a> {
                 }
                 MetadataValue::Array(items)
             }
-            other => return Err(Error::format(format!("metadata `{key}` has unknown value type {other}"))),
+            other => {
+                return Err(Error::format(format!("metadata `{key}` has unknown value type {other}")));
+            }
         })
     }
 }

@@ -79,7 +79,8 @@ impl Error {
 
     /// An I/O error on `path`.
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Error::with_source(ErrorKind::Io, format!("{}", PathBuf::from(path).display()), source)
+        // The OS error is part of the message: "file: No such file or directory" is the whole story.
+        Error::new(ErrorKind::Io, format!("{}: {source}", PathBuf::from(path).display()))
     }
 
     /// What went wrong.
@@ -95,11 +96,8 @@ impl Error {
 
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.kind, self.message)?;
-        if let Some(source) = &self.source {
-            write!(f, ": {source}")?;
-        }
-        Ok(())
+        // The cause is not repeated here: it is `source()`, which error reporters print after.
+        write!(f, "{}: {}", self.kind, self.message)
     }
 }
 
@@ -111,6 +109,7 @@ impl std::error::Error for Error {
 
 impl From<nexus_kernels::Error> for Error {
     fn from(e: nexus_kernels::Error) -> Self {
-        Error::with_source(ErrorKind::Kernel, "kernel", e)
+        let message = e.to_string();
+        Error::with_source(ErrorKind::Kernel, message, e)
     }
 }

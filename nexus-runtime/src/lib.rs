@@ -3,11 +3,18 @@
 mod error;
 
 pub mod backend;
+pub mod batch;
+pub mod chat_template;
 pub mod config;
 pub mod dequant;
+pub mod generate;
 pub mod gguf;
+pub mod gguf_weights;
 pub mod kv_cache;
+pub mod loader;
 pub mod model;
+pub mod safetensors;
 pub mod sampling;
+pub mod tokenizer;
 
 pub use error::{Error, ErrorKind, Result};

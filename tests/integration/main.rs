@@ -1,1 +1,5 @@
 mod gguf;
+mod tokenizer;
+mod hf_checkpoint;
+mod common;
+mod oracle;

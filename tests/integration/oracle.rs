@@ -6,9 +6,10 @@ use std::sync::{Mutex, OnceLock};
 
 use nexus::runtime::backend::{CpuBackend, StepInput};
 use nexus::runtime::chat_template::ChatMessage;
-use nexus::runtime::generate::{GenerateOptions, Generator};
+use nexus::runtime::generate::{FinishReason, GenerateOptions, Generator, generate_text};
 use nexus::runtime::loader::{self, LoadedModel};
 use nexus::runtime::model::LlamaModel;
+use nexus::runtime::sampling::SamplingParams;
 use serde::Deserialize;
 
 use crate::common::default_model_path;
@@ -184,4 +185,36 @@ fn paged_kv_cache_equals_contiguous_cache() {
     for (i, (a, b)) in contiguous[1..].iter().zip(&paged[paged.len() - decode.len()..]).enumerate() {
         assert_eq!(a, b, "logits of decode step {i}");
     }
+}
+
+#[test]
+fn generation_stops_on_eos_and_stop_strings_and_reproduces_under_a_seed() {
+    let f = fixtures();
+    let tokenizer = &smollm2().tokenizer;
+    let mut generator = cpu_generator().lock().expect("generator lock");
+    // The first chat fixture's greedy answer ends with <|im_end|>, SmolLM2's EOS.
+    let chat = &f.cases[4];
+    let greedy = GenerateOptions { max_tokens: 32, ..GenerateOptions::default() };
+    let out = generate_text(&mut generator, tokenizer, &chat.prompt_ids, &greedy, |_| {}).expect("generate");
+    assert_eq!(out.generation.finish_reason, FinishReason::Stop);
+    assert_eq!(out.text, "The capital of France is Paris.");
+    assert_eq!(out.generation.token_ids.last(), tokenizer.eos_token_ids().first());
+
+    // A stop string cuts the text before it, also when streamed.
+    let raw = &f.cases[0];
+    let options = GenerateOptions { stop: vec![".".into()], ..greedy.clone() };
+    let mut streamed = String::new();
+    let out = generate_text(&mut generator, tokenizer, &raw.prompt_ids, &options, |s| streamed.push_str(s)).expect("generate");
+    assert_eq!((out.text.as_str(), streamed.as_str()), (" Paris", " Paris"));
+    assert_eq!(out.generation.finish_reason, FinishReason::Stop);
+
+    // Sampling with a seed reproduces; another seed (almost surely) does not.
+    let mut sampled = |seed| {
+        let sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: Some(seed) };
+        let options = GenerateOptions { max_tokens: 24, ignore_eos: true, sampling, ..GenerateOptions::default() };
+        generator.generate(&raw.prompt_ids, &options, &[], |_| Ok(true)).expect("generate").token_ids
+    };
+    let (a, b, c) = (sampled(11), sampled(11), sampled(12));
+    assert_eq!(a, b);
+    assert_ne!(a, c);
 }

@@ -1,0 +1,257 @@
+//! Hugging Face checkpoints: the tiny Llama and Qwen2 folders of tests/fixtures (made by
+//! scripts/make-tiny-hf-checkpoint.py), and malformed copies of them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nexus::runtime::config::{Architecture, LayerWeight, RopeStyle, WeightName, WeightSource};
+use nexus::runtime::safetensors::HfCheckpoint;
+use nexus::runtime::{Error, ErrorKind};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn open(dir: &Path) -> HfCheckpoint {
+    HfCheckpoint::open(dir)
+        .unwrap_or_else(|e| panic!("{}: {e} (regenerate with scripts/make-tiny-hf-checkpoint.py)", dir.display()))
+}
+
+/// The value the fixture script gives element `i` of tensor `name`.
+fn expected_value(name: &str, i: usize) -> f32 {
+    let seed = name.bytes().map(usize::from).sum::<usize>() % 251;
+    ((i * 7 + seed * 13) % 61) as f32 / 32.0 - 30.0 / 32.0
+}
+
+fn check_values(source: &HfCheckpoint, name: WeightName, hf_name: &str, shape: &[usize]) {
+    let tensor = source.load(name).unwrap_or_else(|e| panic!("{hf_name}: {e}"));
+    assert_eq!(tensor.shape, shape, "{hf_name}");
+    let expected: Vec<f32> = (0..tensor.data.len()).map(|i| expected_value(hf_name, i)).collect();
+    assert_eq!(tensor.data, expected, "{hf_name}");
+}
+
+#[test]
+fn tiny_llama_loads() {
+    let source = open(&fixture("tiny-llama"));
+    let c = source.config();
+    assert_eq!(c.architecture, Architecture::Llama);
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
+        (16, 24, 2, 4, 2, 8)
+    );
+    assert_eq!((c.vocab_size, c.max_position_embeddings), (32, 64));
+    assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 50_000.0));
+    assert_eq!(c.rope_style, RopeStyle::RotateHalf);
+    assert!(!c.tie_word_embeddings && !c.attention_bias);
+
+    assert!(source.contains(WeightName::LmHead));
+    assert!(!source.contains(WeightName::Layer(0, LayerWeight::QBias)));
+    assert!(!source.contains(WeightName::Layer(2, LayerWeight::Q)));
+    assert_eq!(
+        source.load(WeightName::Layer(0, LayerWeight::QBias)).expect_err("no bias").kind(),
+        ErrorKind::InvalidInput
+    );
+
+    // The fixture stores tensors as F32, F16 and BF16 (by name); all convert exactly.
+    check_values(&source, WeightName::TokenEmbedding, "model.embed_tokens.weight", &[32, 16]);
+    check_values(&source, WeightName::LmHead, "lm_head.weight", &[32, 16]);
+    check_values(&source, WeightName::FinalNorm, "model.norm.weight", &[16]);
+    let layer = |w| WeightName::Layer(1, w);
+    check_values(&source, layer(LayerWeight::AttnNorm), "model.layers.1.input_layernorm.weight", &[16]);
+    check_values(&source, layer(LayerWeight::Q), "model.layers.1.self_attn.q_proj.weight", &[32, 16]);
+    check_values(&source, layer(LayerWeight::K), "model.layers.1.self_attn.k_proj.weight", &[16, 16]);
+    check_values(&source, layer(LayerWeight::V), "model.layers.1.self_attn.v_proj.weight", &[16, 16]);
+    check_values(&source, layer(LayerWeight::O), "model.layers.1.self_attn.o_proj.weight", &[16, 32]);
+    check_values(&source, layer(LayerWeight::FfnNorm), "model.layers.1.post_attention_layernorm.weight", &[16]);
+    check_values(&source, layer(LayerWeight::Gate), "model.layers.1.mlp.gate_proj.weight", &[24, 16]);
+    check_values(&source, layer(LayerWeight::Up), "model.layers.1.mlp.up_proj.weight", &[24, 16]);
+    check_values(&source, layer(LayerWeight::Down), "model.layers.1.mlp.down_proj.weight", &[16, 24]);
+}
+
+#[test]
+fn tiny_qwen2_loads_from_shards() {
+    let source = open(&fixture("tiny-qwen2"));
+    let c = source.config();
+    assert_eq!(c.architecture, Architecture::Qwen2);
+    assert_eq!((c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (16, 4, 2, 4));
+    assert_eq!((c.rms_norm_eps, c.rope_theta, c.max_position_embeddings), (1e-6, 1_000_000.0, 128));
+    assert_eq!(c.rope_style, RopeStyle::RotateHalf);
+    assert!(c.tie_word_embeddings && c.attention_bias);
+    assert!(!source.contains(WeightName::LmHead));
+    assert!(source.contains(WeightName::Layer(1, LayerWeight::VBias)));
+
+    check_values(&source, WeightName::TokenEmbedding, "model.embed_tokens.weight", &[32, 16]);
+    for layer in 0..2 {
+        let name = |suffix: &str| format!("model.layers.{layer}.self_attn.{suffix}");
+        let w = |w| WeightName::Layer(layer, w);
+        check_values(&source, w(LayerWeight::QBias), &name("q_proj.bias"), &[16]);
+        check_values(&source, w(LayerWeight::KBias), &name("k_proj.bias"), &[8]);
+        check_values(&source, w(LayerWeight::VBias), &name("v_proj.bias"), &[8]);
+        check_values(&source, w(LayerWeight::Q), &name("q_proj.weight"), &[16, 16]);
+        check_values(&source, w(LayerWeight::K), &name("k_proj.weight"), &[8, 16]);
+    }
+}
+
+// ---- malformed checkpoints ----------------------------------------------------------------------
+
+/// A scratch copy of a fixture folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn copy_of(fixture_name: &str) -> Scratch {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("hf-checkpoint-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("create scratch folder");
+        for entry in std::fs::read_dir(fixture(fixture_name)).expect("fixture folder") {
+            let path = entry.expect("entry").path();
+            std::fs::copy(&path, dir.join(path.file_name().expect("file name"))).expect("copy");
+        }
+        Scratch(dir)
+    }
+
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+
+    fn open(&self) -> Result<HfCheckpoint, Error> {
+        HfCheckpoint::open(&self.0)
+    }
+
+    /// Rewrites `file`'s safetensors header with `edit`, keeping its data.
+    fn edit_header(&self, file: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+        let bytes = std::fs::read(self.path(file)).expect("read");
+        let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let mut header: serde_json::Map<String, Value> = serde_json::from_slice(&bytes[8..8 + len]).expect("header");
+        edit(&mut header);
+        let text = serde_json::to_vec(&header).expect("serialize");
+        let mut out = (text.len() as u64).to_le_bytes().to_vec();
+        out.extend(text);
+        out.extend(&bytes[8 + len..]);
+        std::fs::write(self.path(file), out).expect("write");
+    }
+
+    fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+        let mut config: serde_json::Map<String, Value> =
+            serde_json::from_slice(&std::fs::read(self.path("config.json")).expect("read")).expect("config");
+        edit(&mut config);
+        std::fs::write(self.path("config.json"), serde_json::to_vec(&config).expect("serialize")).expect("write");
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        // Best effort: a leftover folder under the target directory is harmless.
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[track_caller]
+fn assert_error(result: Result<HfCheckpoint, Error>, kind: ErrorKind, needles: &[&str]) {
+    let err = result.expect_err("the checkpoint should be rejected");
+    assert_eq!(err.kind(), kind, "{err}");
+    // The message and its causes, as an error reporter prints them.
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        text += &format!(": {cause}");
+        source = cause.source();
+    }
+    for needle in needles {
+        assert!(text.contains(needle), "`{text}` should mention `{needle}`");
+    }
+}
+
+const MODEL: &str = "model.safetensors";
+
+#[test]
+fn truncated_files_are_format_errors() {
+    let s = Scratch::copy_of("tiny-llama");
+    let full = std::fs::read(s.path(MODEL)).expect("read");
+
+    std::fs::write(s.path(MODEL), &full[..5]).expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["model.safetensors", "too short"]);
+
+    // The header length is intact but the header itself is cut off.
+    std::fs::write(s.path(MODEL), &full[..100]).expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["header length", "runs past the end"]);
+
+    // The header is whole but the data is not: the last tensors' offsets run past the end.
+    std::fs::write(s.path(MODEL), &full[..full.len() - 10]).expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["data offsets", "outside"]);
+
+    std::fs::write(s.path(MODEL), b"\x04\0\0\0\0\0\0\0nope").expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["not a JSON object"]);
+}
+
+#[test]
+fn bad_header_entries_are_format_errors() {
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_header(MODEL, |h| h["model.norm.weight"]["data_offsets"] = serde_json::json!([0, 1_000_000]));
+    assert_error(s.open(), ErrorKind::Format, &["model.norm.weight", "outside"]);
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_header(MODEL, |h| h["model.norm.weight"]["dtype"] = "Q7".into());
+    assert_error(s.open(), ErrorKind::Format, &["model.norm.weight", "unknown dtype `Q7`"]);
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_header(MODEL, |h| h["model.norm.weight"]["dtype"] = "I64".into());
+    assert_error(s.open(), ErrorKind::Unsupported, &["model.norm.weight", "I64"]);
+
+    // The same number of elements in another shape passes the header checks but not the model's.
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_header(MODEL, |h| h["model.layers.1.self_attn.q_proj.weight"]["shape"] = serde_json::json!([16, 32]));
+    assert_error(s.open(), ErrorKind::Format, &["model.layers.1.self_attn.q_proj.weight", "[16, 32]", "[32, 16]"]);
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_header(MODEL, |h| {
+        h.remove("model.layers.1.mlp.down_proj.weight");
+    });
+    assert_error(s.open(), ErrorKind::Format, &["model.layers.1.mlp.down_proj.weight", "missing"]);
+}
+
+#[test]
+fn bad_configs_are_rejected() {
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.remove("hidden_size");
+    });
+    assert_error(s.open(), ErrorKind::Format, &["config.json", "hidden_size"]);
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
+    });
+    assert_error(s.open(), ErrorKind::Unsupported, &["rope scaling", "llama3"]);
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("architectures".into(), serde_json::json!(["GPT2LMHeadModel"]));
+    });
+    assert_error(s.open(), ErrorKind::Unsupported, &["GPT2LMHeadModel"]);
+
+    // A config that says the embeddings are tied needs no lm_head; one that says they are not
+    // must have it.
+    let s = Scratch::copy_of("tiny-qwen2");
+    s.edit_config(|c| {
+        c.insert("tie_word_embeddings".into(), false.into());
+    });
+    assert_error(s.open(), ErrorKind::Format, &["lm_head.weight", "missing"]);
+}
+
+#[test]
+fn bad_shard_indexes_are_rejected() {
+    let s = Scratch::copy_of("tiny-qwen2");
+    std::fs::remove_file(s.path("model-00002-of-00002.safetensors")).expect("remove");
+    assert_error(s.open(), ErrorKind::Io, &["model-00002-of-00002.safetensors"]);
+
+    let s = Scratch::copy_of("tiny-qwen2");
+    let index = serde_json::json!({"weight_map": {"model.norm.weight": "../model.safetensors"}});
+    std::fs::write(s.path("model.safetensors.index.json"), index.to_string()).expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["../model.safetensors", "not a file name"]);
+
+    let s = Scratch::copy_of("tiny-qwen2");
+    std::fs::write(s.path("model.safetensors.index.json"), "{}").expect("write");
+    assert_error(s.open(), ErrorKind::Format, &["weight_map"]);
+}

@@ -1,0 +1,139 @@
+//! Paged decode attention bandwidth (TB/s of K/V read) across CTA budgets: batch × context
+//! 1×4096, 32×2048, 64×4096 and 128×1024, with 32/8 heads at d = 128 (Llama-3-8B) and 9/3 heads
+//! at d = 64 (SmolLM2), block size 16, shuffled block tables over a pool of random bf16 data; the
+//! pool holds at least 256 MB (several block-table copies of the batch, rotated) so no launch
+//! finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
+//! once per budget outside the timing, as a serving engine does once per step.
+//!
+//! `cargo bench --bench decode_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
+//! written to `dir/decode_attention.md`.
+
+mod common;
+
+use common::*;
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, decode_attention};
+use nexus::kernels::{PagedKvLayout, QkvLayout};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const BLOCK_SIZE: usize = 16;
+
+const LAYOUTS: [(&str, QkvLayout); 2] = [
+    ("32/8 d128", QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 }),
+    ("9/3 d64", QkvLayout { num_heads: 9, num_kv_heads: 3, head_dim: 64 }),
+];
+
+/// (sequences, context tokens)
+const SHAPES: [(usize, usize); 4] = [(1, 4096), (32, 2048), (64, 4096), (128, 1024)];
+
+/// The measured all-SM streaming read of the H100 (DESIGN.md), for the "% of peak" column.
+const STREAM_READ_TBS: f64 = 3.12;
+
+/// Random bf16 in [-1, 1): a 64 MiB pattern copied over the pools (the values do not matter to
+/// the caches, only the addresses do).
+fn fill_random(stream: &std::sync::Arc<cudarc::driver::CudaStream>, pool: &mut CudaSlice<bf16>, pattern: &[bf16]) {
+    let n = pool.len();
+    let mut at = 0;
+    while at < n {
+        let len = pattern.len().min(n - at);
+        stream.memcpy_htod(&pattern[..len], &mut pool.slice_mut(at..at + len)).expect("upload");
+        at += len;
+    }
+}
+
+fn main() {
+    let (gpu, stream) = open();
+    let mut c = criterion();
+    let report = Report::new(
+        "Paged decode attention, block 16 (TB/s = K/V bytes Σ 2·L·H_kv·d·2 / time)",
+        &["heads", "batch x ctx", "budget", "us", "TB/s", "% of 3.12", "chunk", "items", "CTAs"],
+    );
+    let mut rng = StdRng::seed_from_u64(0xdec0de);
+    let pattern: Vec<bf16> = (0..32 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
+    for (name, layout) in LAYOUTS {
+        for (seqs, ctx_len) in SHAPES {
+            let blocks_per_seq = ctx_len.div_ceil(BLOCK_SIZE);
+            let blocks = seqs * blocks_per_seq;
+            let block_bytes = 2 * BLOCK_SIZE * layout.num_kv_heads * layout.head_dim * 2; // K + V
+            let copies = copies_for(blocks * block_bytes);
+            let cache = PagedKvLayout {
+                num_blocks: blocks * copies,
+                block_size: BLOCK_SIZE,
+                num_kv_heads: layout.num_kv_heads,
+                head_dim: layout.head_dim,
+            };
+            // Copy i of the batch uses blocks [i·blocks, (i+1)·blocks), shuffled.
+            let tables: Vec<Vec<i32>> = (0..copies)
+                .map(|i| {
+                    let mut t: Vec<i32> = ((i * blocks) as i32..((i + 1) * blocks) as i32).collect();
+                    t.shuffle(&mut rng);
+                    t
+                })
+                .collect();
+            let mut k = stream.alloc_zeros::<bf16>(cache.pool_len()).expect("alloc");
+            let mut v = stream.alloc_zeros::<bf16>(cache.pool_len()).expect("alloc");
+            fill_random(&stream, &mut k, &pattern);
+            fill_random(&stream, &mut v, &pattern[1..]);
+            let qkv = stream.clone_htod(&pattern[..seqs * layout.row_len()]).expect("upload");
+            let dev_tables: Vec<CudaSlice<i32>> =
+                tables.iter().map(|t| stream.clone_htod(t).expect("upload")).collect();
+            let mut out = stream.alloc_zeros::<bf16>(seqs * layout.num_heads * layout.head_dim).expect("alloc");
+            let kv_lens = vec![ctx_len as u32; seqs];
+            let shape = format!("{seqs}x{ctx_len}");
+
+            for budget in budgets(&gpu) {
+                let ctx = phase(&gpu, &stream, budget);
+                let plans: Vec<DecodePlan> = tables
+                    .iter()
+                    .map(|t| {
+                        DecodePlan::new(
+                            &ctx,
+                            layout,
+                            cache,
+                            &kv_lens,
+                            t,
+                            blocks_per_seq,
+                            DecodeOptions::new(layout.head_dim),
+                        )
+                        .expect("plan")
+                    })
+                    .collect();
+                let mut launch = |i: u64| {
+                    let copy = i as usize % copies;
+                    decode_attention(
+                        &ctx,
+                        &plans[copy],
+                        &qkv.as_view(),
+                        &k.as_view(),
+                        &v.as_view(),
+                        &dev_tables[copy].as_view(),
+                        &mut out.as_view_mut(),
+                        None,
+                    )
+                    .expect("decode_attention");
+                };
+                c.bench_function(&format!("decode_attention/{name}/{shape}/budget {}", budget.get()), |b| {
+                    b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
+                });
+                let t = median_gpu_time(&stream, &mut launch).as_secs_f64();
+                let tbs = plans[0].kv_bytes() as f64 / t / 1e12;
+                report.add(vec![
+                    name.to_string(),
+                    shape.clone(),
+                    budget.get().to_string(),
+                    format!("{:.1}", t * 1e6),
+                    format!("{tbs:.2}"),
+                    format!("{:.0}%", 100.0 * tbs / STREAM_READ_TBS),
+                    plans[0].chunk_tokens().map_or("-".into(), |c| c.to_string()),
+                    plans[0].num_items().to_string(),
+                    plans[0].grid().to_string(),
+                ]);
+            }
+        }
+    }
+    report.finish(&gpu, "decode_attention");
+    c.final_summary();
+}

@@ -1,0 +1,583 @@
+// Paged decode attention: one query token per sequence over its paged K/V cache, with grouped
+// query heads, split-KV work planned on the host, and a merge kernel for split sequences.
+//
+// Work. The host (nexus-kernels/src/decode_attention.rs) builds a flat list of work items, each one
+// KV head of one sequence over one KV chunk [kv_start, kv_end) for up to HEADS (8) of the query
+// heads that share that KV head, and hands CTA c the items work_indptr[c] .. work_indptr[c + 1].
+// An item reads its K/V bytes once for all its query heads. A sequence whose KV is not split
+// writes `out` (bf16) directly; a split one writes each chunk's normalized output (f32) and
+// log2-sum-exp to a scratch, and `decode_attention_merge` combines the chunks into `out`.
+//
+// CTA (320 threads, one per SM: __launch_bounds__(THREADS, 1) and > half the SM's shared memory):
+//   - 2 producer warps walk the CTA's items and stream K (warp 8) and V (warp 9) into a ring of
+//     `ring_slots` shared-memory slots of SUB = 16 tokens each, with cp.async (16 bytes per lane,
+//     zero-filled past the end of the sequence) and one mbarrier per slot that the copies
+//     themselves arrive on (cp.async.mbarrier.arrive.noinc). Block-table entries are read 32 at a
+//     time, one per lane, and the next 32 (or the next item's first 32) are loaded while the
+//     current ones are used. The producers never wait for the consumers except for a free slot,
+//     so they run up to a whole ring (about 190 KB) ahead, across item boundaries.
+//   - 8 consumer warps: sub-tile k of an item (tokens kv_start + 16k ..) goes to warp k % 8. A warp
+//     computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from
+//     shared memory by ldmatrix, Q in registers), an online softmax per head in f32, and
+//     O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans), then
+//     frees the slot. At the end of an item the 8 warps' (max, sum, O) are combined through shared
+//     memory in a fixed order (deterministic) and written out.
+// The ring slot of the g-th sub-tile of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
+// time; ring_slots is a multiple of 8 so that a slot is always reused by the same consumer warp
+// within an item, which keeps each barrier's phase parity unambiguous.
+//
+// Shared-memory rows of K and V (head_dim bf16) are stored with their 16-byte chunks XOR-swizzled
+// by (token & 7), so that ldmatrix reads of 8 rows hit 8 different bank groups.
+#include "common.cuh"
+
+namespace {
+
+constexpr int CONSUMER_WARPS = 8;
+constexpr int PRODUCER_WARPS = 2;
+constexpr int CONSUMERS = CONSUMER_WARPS * 32;
+constexpr int THREADS = CONSUMERS + PRODUCER_WARPS * 32;
+constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
+constexpr int HEADS = 8;         // query heads per work item: the N of one mma tile
+constexpr int TABLE_BATCH = 32;  // block-table entries a producer warp loads at once
+constexpr int MERGE_THREADS = 512;
+constexpr int CONSUMER_BARRIER = 1;  // named barrier of the consumer warps (0 is __syncthreads)
+
+// A work item, as the host writes it: 8 ints.
+struct Item {
+    int seq, kv_start, kv_end, kv_head, q_head, num_q_heads, partial, pad;
+};
+
+__device__ __forceinline__ Item load_item(const int* items, int i) {
+    const int4* p = reinterpret_cast<const int4*>(items) + 2 * i;
+    const int4 a = __ldg(p), b = __ldg(p + 1);
+    return Item{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+}
+
+// Shared-memory layout for head dim D and R ring slots:
+//   ring [R][K | V][SUB][D] bf16 | obuf [CONSUMER_WARPS][HEADS][D + 4] f32 |
+//   mbuf, lbuf [CONSUMER_WARPS][HEADS] f32 | full [R], empty [R] mbarriers
+// The host computes the same size (decode_attention.rs, `smem_bytes`).
+template <int D>
+struct Layout {
+    static constexpr int ROW_BYTES = D * 2;
+    static constexpr int HALF_BYTES = SUB * ROW_BYTES;  // K (or V) of one slot
+    static constexpr int SLOT_BYTES = 2 * HALF_BYTES;
+    static constexpr int O_STRIDE = D + 4;  // floats per head row of obuf: pads away bank conflicts
+    static constexpr int OBUF_BYTES = CONSUMER_WARPS * HEADS * O_STRIDE * 4;
+    static constexpr int ML_BYTES = CONSUMER_WARPS * HEADS * 4;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// ---- PTX wrappers (all sm_80+; try_wait is sm_90 and replaces the test_wait spin there) ----
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile(
+        "{\n\t.reg .b64 state;\n\t"
+        "mbarrier.arrive.shared.b64 state, [%0];\n\t}" ::"r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ bool mbar_done(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+#if __CUDA_ARCH__ >= 900
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+#else
+    asm volatile(
+        "{\n\t.reg .pred p;\n\t"
+        "mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n\t"
+        "selp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+#endif
+    return done != 0;
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    while (!mbar_done(bar, parity)) {
+    }
+}
+
+// 16 bytes global -> shared, bypassing L1; only the first `src_bytes` (0 or 16) are read, the rest
+// zero-filled.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+
+// Arrive on `bar` once this thread's earlier cp.async copies have landed (counts as one of the
+// barrier's expected arrivals).
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// c += a (16x16, row) * b (16x8, col), bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Transposes an 8x8 bf16 matrix held in mma fragment layout (lane holds row lane / 4, columns
+// 2 (lane % 4) and 2 (lane % 4) + 1).
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+    uint32_t y;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+__device__ __forceinline__ void consumer_barrier() {
+    asm volatile("bar.sync %0, %1;" ::"n"(CONSUMER_BARRIER), "n"(CONSUMERS) : "memory");
+}
+
+// Kernel arguments shared by the roles.
+struct Args {
+    const __nv_bfloat16* qkv;
+    const __nv_bfloat16* k_cache;
+    const __nv_bfloat16* v_cache;
+    const int* block_tables;
+    const int* items;
+    float* part_o;
+    float* part_lse;
+    __nv_bfloat16* out;
+    int num_heads, num_kv_heads, max_blocks_per_seq, block_log2, ring_slots;
+    float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
+};
+
+// ---- producer: K (warp 0 of the role) or V (warp 1) of every sub-tile into the ring ----
+
+// Block ids first_block + lane of item `it` (lanes past its last block get 0, unused).
+__device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int first_block, int lane) {
+    const int b = first_block + lane;
+    const int last = (it.kv_end - 1) >> a.block_log2;
+    return b <= last ? __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + b) : 0;
+}
+
+template <int D>
+__device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
+    using L = Layout<D>;
+    constexpr int CPT = D / 8;              // 16-byte chunks per token row
+    constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
+    constexpr int COPIES = SUB / TOK_STEP;  // copies per lane per slot
+    const int lane = threadIdx.x & 31;
+    const int role = (threadIdx.x >> 5) - CONSUMER_WARPS;  // 0: K, 1: V
+    const __nv_bfloat16* pool = role == 0 ? a.k_cache : a.v_cache;
+    const uint32_t half = ring + role * L::HALF_BYTES;
+    const int chunk = lane % CPT, tok0 = lane / CPT;
+    const int block_size = 1 << a.block_log2;
+    const size_t token_stride = (size_t)a.num_kv_heads * D;  // elements between tokens of a head
+    uint32_t dst[COPIES];
+#pragma unroll
+    for (int i = 0; i < COPIES; ++i) {
+        const int tok = tok0 + TOK_STEP * i;
+        dst[i] = tok * L::ROW_BYTES + ((chunk ^ (tok & 7)) << 4);
+    }
+
+    Item it = load_item(a.items, i0);
+    Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
+    int ids = load_block_ids(a, it, it.kv_start >> a.block_log2, lane);
+    int slot = 0;
+    uint32_t fill = 0;  // how many times the ring has wrapped
+    for (int i = i0; i < i1; ++i) {
+        const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
+        const __nv_bfloat16* head = pool + (size_t)it.kv_head * D + chunk * 8;
+        const int last_block = (it.kv_end - 1) >> a.block_log2;
+        for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
+            // The next batch of block ids (this item's or the next item's first) loads while this
+            // one is used.
+            int ids_next = 0;
+            if (b + TABLE_BATCH <= last_block) {
+                ids_next = load_block_ids(a, it, b + TABLE_BATCH, lane);
+            } else if (i + 1 < i1) {
+                ids_next = load_block_ids(a, next, next.kv_start >> a.block_log2, lane);
+            }
+            const int t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
+            for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += SUB) {
+                if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                const uint32_t s = half + slot * L::SLOT_BYTES;
+                if (block_size >= SUB) {
+                    // The sub-tile lies in one block (t is a multiple of 16): one id, then a stride.
+                    const int block = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
+                    const __nv_bfloat16* row =
+                        head + ((size_t)block * block_size + (t & (block_size - 1)) + tok0) * token_stride;
+#pragma unroll
+                    for (int c = 0; c < COPIES; ++c) {
+                        const bool valid = t + tok0 + TOK_STEP * c < it.kv_end;
+                        cp_async16(s + dst[c], valid ? row + (size_t)(TOK_STEP * c) * token_stride : pool,
+                                   valid ? 16 : 0);
+                    }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < COPIES; ++c) {
+                        const int tok = t + tok0 + TOK_STEP * c;
+                        const int block = __shfl_sync(0xffffffffu, ids, ((tok >> a.block_log2) - b) & 31);
+                        const bool valid = tok < it.kv_end;
+                        const __nv_bfloat16* src =
+                            valid ? head + ((size_t)block * block_size + (tok & (block_size - 1))) * token_stride
+                                  : pool;
+                        cp_async16(s + dst[c], src, valid ? 16 : 0);
+                    }
+                }
+                cp_async_arrive(full + 8 * slot);
+                if (++slot == a.ring_slots) {
+                    slot = 0;
+                    ++fill;
+                }
+            }
+            ids = ids_next;
+        }
+        it = next;
+        next = after;
+    }
+    cp_async_wait_all();
+}
+
+// ---- consumers ----
+
+// The Q^T fragments (B operand: k = head dim, n = query head) of an item's query heads: lane
+// holds head lane / 4, dims 16 kk + 2 (lane % 4) + {0, 1} and + 8. Heads past the item's are 0.
+template <int D>
+__device__ __forceinline__ void load_q(const Args& a, const Item& it, int lane, uint32_t (&q)[D / 16][2]) {
+    const int n = lane >> 2;
+    if (n < it.num_q_heads) {
+        const size_t row_len = (size_t)(a.num_heads + 2 * a.num_kv_heads) * D;
+        const uint32_t* p = reinterpret_cast<const uint32_t*>(a.qkv + (size_t)it.seq * row_len +
+                                                              (size_t)(it.q_head + n) * D + 2 * (lane & 3));
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            q[kk][0] = __ldg(p + kk * 8);
+            q[kk][1] = __ldg(p + kk * 8 + 4);
+        }
+    } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) q[kk][0] = q[kk][1] = 0u;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, float* obuf,
+                                        float* mbuf, float* lbuf, int i0, int i1) {
+    using L = Layout<D>;
+    constexpr int KS = D / 16;  // k-steps of K Q^T, and m-tiles of V^T P^T
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int R = a.ring_slots;
+
+    // Per-lane ldmatrix offsets within a slot half, for k-steps / m-tiles 0..3 (4..7 add 128 bytes:
+    // the swizzle only touches the low 3 bits of the chunk index).
+    uint32_t k_off[4], v_off[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        // K as the A operand (rows: tokens, k: head dim): matrices (tokens 0-7 | 8-15) x (dims lo | hi).
+        const int kt = lane & 15, kc = 2 * j + (lane >> 4);
+        k_off[j] = kt * L::ROW_BYTES + ((kc ^ (kt & 7)) << 4);
+        // V^T as the A operand (rows: head dim, k: tokens), read transposed from V's token rows.
+        const int vt = (lane & 7) + ((lane >> 4) << 3), vc = 2 * j + ((lane >> 3) & 1);
+        v_off[j] = vt * L::ROW_BYTES + ((vc ^ (vt & 7)) << 4);
+    }
+
+    uint32_t q[KS][2], q_next[KS][2];
+    Item it = load_item(a.items, i0);
+    Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
+    load_q<D>(a, it, lane, q_next);
+    uint32_t g = 0;  // the CTA's sub-tiles before this item
+    for (int i = i0; i < i1; ++i) {
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+            q[kk][0] = q_next[kk][0];
+            q[kk][1] = q_next[kk][1];
+        }
+        const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
+        if (i + 1 < i1) load_q<D>(a, next, lane, q_next);
+
+        const int n_sub = (it.kv_end - it.kv_start + SUB - 1) / SUB;
+        // This lane's two heads (columns of S^T and O^T): 2 (lane % 4) and + 1.
+        float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+        float o[KS][4];
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) o[mt][0] = o[mt][1] = o[mt][2] = o[mt][3] = 0.f;
+
+        uint32_t gg = g + warp;
+        int slot = gg % R;
+        uint32_t fill = gg / R;
+        for (int k = warp; k < n_sub; k += CONSUMER_WARPS) {
+            mbar_wait(full + 8 * slot, fill & 1);
+            const uint32_t ks = ring + slot * L::SLOT_BYTES, vs = ks + L::HALF_BYTES;
+
+            // S^T (16 tokens x 8 heads) = K Q^T, over two accumulators to halve the mma chain.
+            float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                uint32_t frag[4];
+                ldsm_x4(ks + k_off[kk & 3] + (kk >> 2) * 128, frag);
+                mma_bf16(kk % 2 == 0 ? s : s_odd, frag, q[kk][0], q[kk][1]);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) s[j] += s_odd[j];
+            // Lane holds tokens t and t + 8 (rows lane / 4 and + 8), heads 2 (lane % 4) + {0, 1}.
+            const int t = it.kv_start + k * SUB + (lane >> 2);
+            const bool lo_ok = t < it.kv_end, hi_ok = t + 8 < it.kv_end;
+            s[0] = lo_ok ? s[0] * a.scale_log2 : -INFINITY;
+            s[1] = lo_ok ? s[1] * a.scale_log2 : -INFINITY;
+            s[2] = hi_ok ? s[2] * a.scale_log2 : -INFINITY;
+            s[3] = hi_ok ? s[3] * a.scale_log2 : -INFINITY;
+            float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+            for (int off = 4; off < 32; off <<= 1) {
+                mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+            }
+            // Token 16k < kv_end is valid, so the new maxima are finite.
+            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
+            const float alpha0 = fast_exp2(m0 - n0), alpha1 = fast_exp2(m1 - n1);
+            const float p0 = fast_exp2(s[0] - n0), p1 = fast_exp2(s[1] - n1);
+            const float p2 = fast_exp2(s[2] - n0), p3 = fast_exp2(s[3] - n1);
+            m0 = n0;
+            m1 = n1;
+            l0 = l0 * alpha0 + p0 + p2;
+            l1 = l1 * alpha1 + p1 + p3;
+#pragma unroll
+            for (int mt = 0; mt < KS; ++mt) {
+                o[mt][0] *= alpha0;
+                o[mt][1] *= alpha1;
+                o[mt][2] *= alpha0;
+                o[mt][3] *= alpha1;
+            }
+            // P^T (16 tokens x 8 heads) as the B operand: the transposes of its two 8x8 halves.
+            const uint32_t b0 = transpose8x8(pack_bf16(p0, p1));
+            const uint32_t b1 = transpose8x8(pack_bf16(p2, p3));
+            // O^T (head dim x 8 heads) += V^T P^T.
+#pragma unroll
+            for (int mt = 0; mt < KS; ++mt) {
+                uint32_t frag[4];
+                ldsm_x4_trans(vs + v_off[mt & 3] + (mt >> 2) * 128, frag);
+                mma_bf16(o[mt], frag, b0, b1);
+            }
+            __syncwarp();
+            mbar_arrive(empty + 8 * slot);
+
+            slot += CONSUMER_WARPS;
+            if (slot >= R) {
+                slot -= R;
+                ++fill;
+            }
+        }
+        g += n_sub;
+
+        // Combine the warps: each publishes its per-head max, sum and unnormalized O.
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+            l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+        }
+        const int h0 = 2 * (lane & 3);
+        if (lane < 4) {
+            mbuf[warp * HEADS + h0] = m0;
+            mbuf[warp * HEADS + h0 + 1] = m1;
+            lbuf[warp * HEADS + h0] = l0;
+            lbuf[warp * HEADS + h0 + 1] = l1;
+        }
+        float* ow = obuf + warp * HEADS * L::O_STRIDE;
+#pragma unroll
+        for (int mt = 0; mt < KS; ++mt) {
+            const int d = 16 * mt + (lane >> 2);
+            ow[h0 * L::O_STRIDE + d] = o[mt][0];
+            ow[(h0 + 1) * L::O_STRIDE + d] = o[mt][1];
+            ow[h0 * L::O_STRIDE + d + 8] = o[mt][2];
+            ow[(h0 + 1) * L::O_STRIDE + d + 8] = o[mt][3];
+        }
+        consumer_barrier();
+        // Thread -> 4 consecutive dims of one head; the warps summed in a fixed order.
+        {
+            const int h = threadIdx.x / (D / 4), dim = (threadIdx.x % (D / 4)) * 4;
+            if (h < it.num_q_heads) {
+                float mx = -INFINITY;
+#pragma unroll
+                for (int w = 0; w < CONSUMER_WARPS; ++w) mx = fmaxf(mx, mbuf[w * HEADS + h]);
+                float sum = 0.f;
+                float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int w = 0; w < CONSUMER_WARPS; ++w) {
+                    const float c = fast_exp2(mbuf[w * HEADS + h] - mx);  // 0 for a warp with no tokens
+                    sum += lbuf[w * HEADS + h] * c;
+                    const float4 v = *reinterpret_cast<const float4*>(obuf + (w * HEADS + h) * L::O_STRIDE + dim);
+                    acc.x += v.x * c;
+                    acc.y += v.y * c;
+                    acc.z += v.z * c;
+                    acc.w += v.w * c;
+                }
+                const float inv = 1.f / sum;
+                acc.x *= inv;
+                acc.y *= inv;
+                acc.z *= inv;
+                acc.w *= inv;
+                const int qh = it.q_head + h;
+                if (it.partial < 0) {
+                    uint2 packed;
+                    packed.x = pack_bf16(acc.x, acc.y);
+                    packed.y = pack_bf16(acc.z, acc.w);
+                    *reinterpret_cast<uint2*>(a.out + ((size_t)it.seq * a.num_heads + qh) * D + dim) = packed;
+                } else {
+                    const size_t row = (size_t)it.partial * a.num_heads + qh;
+                    *reinterpret_cast<float4*>(a.part_o + row * D + dim) = acc;
+                    if (dim == 0) a.part_lse[row] = mx + log2f(sum);
+                }
+            }
+        }
+        consumer_barrier();  // obuf / mbuf / lbuf are free again
+        it = next;
+        next = after;
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void decode_attention_body(const Args& a, const int* __restrict__ work_indptr,
+                                                      uint64_t* __restrict__ cta_trace) {
+    using L = Layout<D>;
+    nexus::CtaTrace trace(cta_trace);
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int R = a.ring_slots;
+    float* obuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES);
+    float* mbuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES);
+    float* lbuf = mbuf + CONSUMER_WARPS * HEADS;
+    const uint32_t ring = smem_u32(smem);
+    const uint32_t full = smem_u32(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
+    const uint32_t empty = full + 8 * R;
+
+    const int i0 = work_indptr[blockIdx.x], i1 = work_indptr[blockIdx.x + 1];
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < R; ++s) {
+            mbar_init(full + 8 * s, PRODUCER_WARPS * 32);
+            mbar_init(empty + 8 * s, 32);
+        }
+    }
+    __syncthreads();
+    if (i0 < i1) {
+        if (threadIdx.x < CONSUMERS) {
+            consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
+        } else {
+            produce<D>(a, ring, full, empty, i0, i1);
+        }
+    }
+    trace.finish();  // thread 0, a consumer: after its last item
+}
+
+// Combines the chunks of each split sequence: row (split sequence s, query head h) of `out` is
+// the log-sum-exp-weighted mean of the chunks' normalized outputs. One warp per row.
+template <int D>
+__device__ __forceinline__ void merge_body(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                                           const int* __restrict__ merge_items, int num_split, int num_heads,
+                                           __nv_bfloat16* __restrict__ out, uint64_t* __restrict__ cta_trace) {
+    constexpr int V = D / 32;  // dims per lane
+    constexpr int WARPS = MERGE_THREADS / 32;
+    nexus::CtaTrace trace(cta_trace);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int rows = num_split * num_heads;
+    for (int row = blockIdx.x * WARPS + warp; row < rows; row += gridDim.x * WARPS) {
+        const int s = row / num_heads, h = row % num_heads;
+        const int4 m = __ldg(reinterpret_cast<const int4*>(merge_items) + s);  // seq, first slot, chunks
+        const float* lse = part_lse + (size_t)m.y * num_heads + h;
+        float mx = -INFINITY;
+        for (int k = lane; k < m.z; k += 32) mx = fmaxf(mx, lse[(size_t)k * num_heads]);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        float acc[V], sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] = 0.f;
+        const float* o = part_o + ((size_t)m.y * num_heads + h) * D + lane * V;
+        for (int k = 0; k < m.z; ++k) {
+            const float w = fast_exp2(lse[(size_t)k * num_heads] - mx);
+            sum += w;
+            const float* ok = o + (size_t)k * num_heads * D;
+            if constexpr (V == 4) {
+                const float4 v = *reinterpret_cast<const float4*>(ok);
+                acc[0] += w * v.x;
+                acc[1] += w * v.y;
+                acc[2] += w * v.z;
+                acc[3] += w * v.w;
+            } else {
+                const float2 v = *reinterpret_cast<const float2*>(ok);
+                acc[0] += w * v.x;
+                acc[1] += w * v.y;
+            }
+        }
+        const float inv = 1.f / sum;
+        __nv_bfloat16* dst = out + ((size_t)m.x * num_heads + h) * D + lane * V;
+        if constexpr (V == 4) {
+            uint2 packed;
+            packed.x = pack_bf16(acc[0] * inv, acc[1] * inv);
+            packed.y = pack_bf16(acc[2] * inv, acc[3] * inv);
+            *reinterpret_cast<uint2*>(dst) = packed;
+        } else {
+            *reinterpret_cast<uint32_t*>(dst) = pack_bf16(acc[0] * inv, acc[1] * inv);
+        }
+    }
+    trace.finish();
+}
+
+}  // namespace
+
+// Launched with THREADS threads, grid = the plan's CTAs (<= budget), and the dynamic shared memory
+// the host computes for `ring_slots`. `items`: 8 ints per item (see Item). `part_o`:
+// [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
+#define DECODE_ATTENTION_KERNEL(D)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_d##D(                                 \
+        const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                           \
+        const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,                            \
+        const int* __restrict__ work_indptr, const int* __restrict__ items, float* __restrict__ part_o,             \
+        float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads, int num_kv_heads,             \
+        int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2, uint64_t* __restrict__ cta_trace) { \
+        const Args a{qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
+                     part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
+                     block_log2, ring_slots, scale_log2};                                                   \
+        decode_attention_body<D>(a, work_indptr, cta_trace);                                                         \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(MERGE_THREADS, 1) decode_attention_merge_d##D(                     \
+        const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \
+        int num_split, int num_heads, __nv_bfloat16* __restrict__ out, uint64_t* __restrict__ cta_trace) {          \
+        merge_body<D>(part_o, part_lse, merge_items, num_split, num_heads, out, cta_trace);                          \
+    }
+
+DECODE_ATTENTION_KERNEL(64)
+DECODE_ATTENTION_KERNEL(128)

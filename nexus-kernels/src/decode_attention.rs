@@ -1,0 +1,855 @@
+//! Paged decode attention on the GPU: one new query token per sequence over its paged K/V cache,
+//! planned on the host ([`DecodePlan`]) and run on the device ([`decode_attention`]).
+//!
+//! The plan splits the batch into work items — one KV head of one sequence over one KV chunk,
+//! for all the query heads that share that KV head (up to 8 per item, so each K/V byte is read once
+//! for groups of up to 8) — and balances them over the CTA budget longest-first. When the
+//! sequences × KV heads alone cannot fill the budget, long sequences are split into chunks of a
+//! common length (a multiple of the block size, at least 256 tokens) whose partial results a
+//! second, also budgeted, kernel merges. The plan uploads its work lists and allocates its scratch
+//! once; [`decode_attention`] then only launches (no allocation, no copy, no host synchronization),
+//! so it can be captured in a CUDA graph, which stays valid as long as the plan lives.
+//!
+//! Kernel: `cuda/decode_attention.cu` (one CTA of 320 threads per SM: 2 producer warps streaming
+//! K and V pages with `cp.async` into a ring of ~190 KB of shared memory, 8 consumer warps
+//! running `mma.sync` and an online softmax in f32). The reference is
+//! [`crate::reference::decode_attention`].
+//!
+//! # Batch invariance
+//!
+//! Given the same chunk boundaries, a sequence's output is bitwise the same whatever the rest of
+//! the batch, the budget or the CTA its items land on: work inside an item is split over warps
+//! relative to the item's start and combined in a fixed order, and split sequences are merged in
+//! chunk order. [`KvSplit::Auto`] (the default) picks the chunk length per batch to fill the
+//! budget, so outputs may differ in the last bf16 bit between batches; [`KvSplit::Fixed`] (or
+//! [`KvSplit::Never`]) makes every sequence's result depend on that sequence alone.
+//!
+//! ```no_run
+//! use nexus_kernels::decode_attention::{decode_attention, DecodeOptions, DecodePlan};
+//! use nexus_kernels::{Gpu, PhaseContext, CtaBudget, PagedKvLayout, QkvLayout};
+//! # fn main() -> nexus_kernels::Result<()> {
+//! let gpu = Gpu::new(0)?;
+//! let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::new(64, &gpu)?);
+//! let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
+//! let cache = PagedKvLayout { num_blocks: 1024, block_size: 16, num_kv_heads: 8, head_dim: 128 };
+//! let (kv_lens, max_blocks) = ([100u32, 4000], 256);
+//! let block_tables: Vec<i32> = (0..2 * max_blocks as i32).collect();
+//! let plan = DecodePlan::new(&ctx, layout, cache, &kv_lens, &block_tables, max_blocks, DecodeOptions::new(128))?;
+//! let s = ctx.stream();
+//! let qkv = s.alloc_zeros::<half::bf16>(2 * layout.row_len())?;
+//! let (k, v) = (s.alloc_zeros::<half::bf16>(cache.pool_len())?, s.alloc_zeros::<half::bf16>(cache.pool_len())?);
+//! let tables = s.clone_htod(&block_tables)?;
+//! let mut out = s.alloc_zeros::<half::bf16>(2 * 32 * 128)?;
+//! decode_attention(&ctx, &plan, &qkv.as_view(), &k.as_view(), &v.as_view(), &tables.as_view(), &mut out.as_view_mut(), None)?;
+//! # Ok(()) }
+//! ```
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use half::bf16;
+
+use crate::error::ensure_shape;
+use crate::gpu::{CtaBudget, Gpu, PhaseContext};
+use crate::layout::{PagedKvLayout, QkvLayout};
+use crate::{Error, Result};
+
+const MODULE: &str = "decode_attention";
+/// Threads of the attention kernel: 8 consumer warps and 2 producer warps (`THREADS` in the source).
+const THREADS: u32 = 320;
+/// Consumer warps (`CONSUMER_WARPS`).
+const CONSUMER_WARPS: usize = 8;
+/// Threads of the merge kernel (`MERGE_THREADS`); one warp merges one (sequence, head) row.
+const MERGE_THREADS: u32 = 512;
+/// Tokens per ring slot (`SUB`): chunk starts must be multiples of it.
+const SUB: usize = 16;
+/// Query heads per work item (`HEADS`): larger GQA groups take several items per KV head.
+const HEADS: usize = 8;
+/// The shortest KV chunk the planner splits into, in tokens.
+pub const MIN_CHUNK_TOKENS: usize = 256;
+/// Ring slots are used in multiples of the consumer warps, between these bounds.
+const MIN_RING_SLOTS: usize = CONSUMER_WARPS;
+const MAX_RING_SLOTS: usize = 48;
+
+/// How a plan splits the KV of long sequences into chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvSplit {
+    /// Choose per batch: no split when the sequences × KV heads already fill the budget, else the
+    /// chunk length (a multiple of the block size and of 16, at least [`MIN_CHUNK_TOKENS`]) whose
+    /// chunks, balanced longest-first, finish soonest. Results can then differ in the last bf16
+    /// bit with the batch composition and the budget.
+    #[default]
+    Auto,
+    /// Split every sequence longer than this many tokens into chunks of it (a positive multiple of
+    /// 16 and of the block size). Every sequence's result then depends on itself only: batch
+    /// invariant.
+    Fixed(usize),
+    /// Never split: one item per sequence and KV head (batch invariant too).
+    Never,
+}
+
+/// What a plan computes, besides the batch itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DecodeOptions {
+    /// The softmax scale applied to `q · k` (usually `1 / sqrt(head_dim)`).
+    pub scale: f32,
+    /// How long sequences are split.
+    pub split: KvSplit,
+}
+
+impl DecodeOptions {
+    /// Scale `1 / sqrt(head_dim)`, [`KvSplit::Auto`].
+    pub fn new(head_dim: usize) -> Self {
+        DecodeOptions { scale: 1.0 / (head_dim as f32).sqrt(), split: KvSplit::Auto }
+    }
+}
+
+/// A decode batch planned for one CTA budget: the work lists of the attention kernel, the merge
+/// list, and the scratch for split sequences, all already on the device.
+///
+/// A plan is tied to its batch (sequence count and KV lengths, and the block-table entries it
+/// validated: the device copy passed to [`decode_attention`] must hold the same), its layouts,
+/// and its budget: running it on a context with another budget is refused — make a new plan.
+/// One plan serves every layer of a forward pass (the layers differ only in their caches). Its
+/// scratch is written by each run, so a plan must not be used by two runs in flight at once (on
+/// two streams). It uploads its buffers on the stream of the context it was made with; run it on
+/// that stream, or synchronize first.
+pub struct DecodePlan {
+    gpu: Arc<Gpu>,
+    budget: CtaBudget,
+    layout: QkvLayout,
+    cache: PagedKvLayout,
+    num_seqs: usize,
+    max_blocks_per_seq: usize,
+    scale: f32,
+    chunk: Option<usize>,
+    grid: u32,
+    num_items: usize,
+    num_split: usize,
+    merge_grid: u32,
+    ring_slots: usize,
+    smem_bytes: u32,
+    kv_tokens: usize,
+    work_indptr: CudaSlice<i32>,
+    items: CudaSlice<i32>,
+    merge_items: CudaSlice<i32>,
+    part_o: CudaSlice<f32>,
+    part_lse: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for DecodePlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecodePlan")
+            .field("budget", &self.budget.get())
+            .field("num_seqs", &self.num_seqs)
+            .field("layout", &self.layout)
+            .field("chunk", &self.chunk)
+            .field("grid", &self.grid)
+            .field("num_items", &self.num_items)
+            .field("num_split", &self.num_split)
+            .field("ring_slots", &self.ring_slots)
+            .finish()
+    }
+}
+
+/// Shared memory of the attention kernel with `slots` ring slots (`Layout` in the source).
+fn smem_bytes(head_dim: usize, slots: usize) -> usize {
+    let slot = 2 * SUB * head_dim * 2;
+    let obuf = CONSUMER_WARPS * HEADS * (head_dim + 4) * 4;
+    let ml = 2 * CONSUMER_WARPS * HEADS * 4;
+    slots * (slot + 16) + obuf + ml
+}
+
+/// The most ring slots (a multiple of the consumer warps) that fit in `max_smem` bytes.
+fn ring_slots(head_dim: usize, max_smem: usize) -> Option<usize> {
+    let fixed = smem_bytes(head_dim, 0);
+    let per_slot = smem_bytes(head_dim, 1) - fixed;
+    let slots = (max_smem.checked_sub(fixed)? / per_slot).min(MAX_RING_SLOTS);
+    let slots = slots - slots % CONSUMER_WARPS;
+    (slots >= MIN_RING_SLOTS).then_some(slots)
+}
+
+fn to_i32(value: usize, what: &str) -> Result<i32> {
+    i32::try_from(value)
+        .map_err(|_| Error::Unsupported(format!("decode attention: {what} {value} does not fit in i32")))
+}
+
+impl DecodePlan {
+    /// Plans the decode of `kv_lens.len()` sequences for the budget of `ctx` and uploads the plan
+    /// on its stream. Sequence `i` has `kv_lens[i] >= 1` cached tokens (the new one included) in
+    /// blocks `block_tables[i * max_blocks_per_seq ..]`; every block id it uses is checked to be
+    /// inside the pool (the device cannot report a bad one). Head dims 64 and 128, block sizes
+    /// 8 to 128 (powers of two). An empty batch gives a plan whose runs do nothing.
+    pub fn new(
+        ctx: &PhaseContext,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+        kv_lens: &[u32],
+        block_tables: &[i32],
+        max_blocks_per_seq: usize,
+        options: DecodeOptions,
+    ) -> Result<Self> {
+        layout.check(0, 0)?;
+        let d = layout.head_dim;
+        if d != 64 && d != 128 {
+            return Err(Error::Unsupported(format!("decode attention: head dim {d} (64 and 128 are built)")));
+        }
+        ensure_shape!(
+            cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == d,
+            "decode attention: cache holds {} heads of {}, qkv {} of {d}",
+            cache.num_kv_heads,
+            cache.head_dim,
+            layout.num_kv_heads
+        );
+        let bs = cache.block_size;
+        if !bs.is_power_of_two() || !(8..=128).contains(&bs) {
+            return Err(Error::Unsupported(format!("decode attention: block size {bs} (powers of two 8 to 128)")));
+        }
+        ensure_shape!(cache.num_blocks > 0, "decode attention: the KV pool has no blocks");
+        ensure_shape!(options.scale.is_finite(), "decode attention: softmax scale {} is not finite", options.scale);
+        let num_seqs = kv_lens.len();
+        ensure_shape!(
+            block_tables.len() == num_seqs * max_blocks_per_seq,
+            "decode attention: block_tables has {} entries, expected {num_seqs} x {max_blocks_per_seq}",
+            block_tables.len()
+        );
+        for (i, &len) in kv_lens.iter().enumerate() {
+            ensure_shape!(len > 0, "decode attention: sequence {i} has no KV tokens");
+            let blocks = (len as usize).div_ceil(bs);
+            ensure_shape!(
+                blocks <= max_blocks_per_seq,
+                "decode attention: sequence {i} needs {blocks} blocks, the table has {max_blocks_per_seq}"
+            );
+            let row = &block_tables[i * max_blocks_per_seq..][..blocks];
+            if let Some(&bad) = row.iter().find(|&&b| b < 0 || b as usize >= cache.num_blocks) {
+                return Err(Error::Shape(format!(
+                    "decode attention: sequence {i} uses block {bad}, the pool has {}",
+                    cache.num_blocks
+                )));
+            }
+        }
+        // Everything the kernel indexes with i32.
+        to_i32(num_seqs, "sequence count")?;
+        to_i32(max_blocks_per_seq, "max blocks per sequence")?;
+        to_i32(layout.num_heads * d, "query width")?;
+        to_i32(kv_lens.iter().map(|&l| l as usize).max().unwrap_or(0) + SUB, "KV length")?;
+
+        let gpu = ctx.gpu().clone();
+        let max_smem =
+            gpu.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        let ring_slots = ring_slots(d, max_smem as usize).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "decode attention: a CTA may use {max_smem} bytes of shared memory, the kernel needs {}",
+                smem_bytes(d, MIN_RING_SLOTS)
+            ))
+        })?;
+        let smem = smem_bytes(d, ring_slots);
+
+        let budget = ctx.budget();
+        let work = schedule(kv_lens, layout, bs, budget.get() as usize, options.split)?;
+        to_i32(work.items.len(), "work item ints")?;
+        to_i32(work.partial_slots * layout.num_heads, "partial rows")?;
+        let stream = ctx.stream();
+        let upload = |v: &[i32]| -> Result<CudaSlice<i32>> {
+            Ok(if v.is_empty() { stream.alloc_zeros::<i32>(1)? } else { stream.clone_htod(v)? })
+        };
+        let partial_rows = (work.partial_slots * layout.num_heads).max(1);
+        let num_split = work.merge.len() / 4;
+        let plan = DecodePlan {
+            budget,
+            layout,
+            cache,
+            num_seqs,
+            max_blocks_per_seq,
+            scale: options.scale,
+            chunk: work.chunk,
+            grid: (work.work_indptr.len().saturating_sub(1)) as u32,
+            num_items: work.items.len() / 8,
+            num_split,
+            merge_grid: budget.grid((num_split * layout.num_heads).div_ceil((MERGE_THREADS / 32) as usize)),
+            ring_slots,
+            smem_bytes: smem as u32,
+            kv_tokens: kv_lens.iter().map(|&l| l as usize).sum(),
+            work_indptr: upload(&work.work_indptr)?,
+            items: upload(&work.items)?,
+            merge_items: upload(&work.merge)?,
+            part_o: stream.alloc_zeros::<f32>(partial_rows * d)?,
+            part_lse: stream.alloc_zeros::<f32>(partial_rows)?,
+            gpu,
+        };
+        Ok(plan)
+    }
+
+    /// The budget the plan was made for.
+    pub fn budget(&self) -> CtaBudget {
+        self.budget
+    }
+
+    /// The number of sequences.
+    pub fn num_seqs(&self) -> usize {
+        self.num_seqs
+    }
+
+    /// The query/KV head layout.
+    pub fn layout(&self) -> QkvLayout {
+        self.layout
+    }
+
+    /// The KV cache layout.
+    pub fn cache(&self) -> PagedKvLayout {
+        self.cache
+    }
+
+    /// The KV chunk length sequences longer than it are split into; `None` when no sequence is split.
+    pub fn chunk_tokens(&self) -> Option<usize> {
+        self.chunk
+    }
+
+    /// CTAs the attention kernel launches (at most the budget).
+    pub fn grid(&self) -> u32 {
+        self.grid
+    }
+
+    /// Work items over all CTAs.
+    pub fn num_items(&self) -> usize {
+        self.num_items
+    }
+
+    /// Sequences split into several chunks (merged by the second kernel).
+    pub fn num_split_seqs(&self) -> usize {
+        self.num_split
+    }
+
+    /// CTAs the merge kernel launches (0 when no sequence is split).
+    pub fn merge_grid(&self) -> u32 {
+        if self.num_split == 0 { 0 } else { self.merge_grid }
+    }
+
+    /// Shared-memory ring slots (16 tokens of K and V each) per CTA on this device.
+    pub fn ring_slots(&self) -> usize {
+        self.ring_slots
+    }
+
+    /// Bytes of K and V a run reads: `Σ 2 · kv_len · num_kv_heads · head_dim · 2`.
+    pub fn kv_bytes(&self) -> usize {
+        self.kv_tokens * 2 * self.cache.num_kv_heads * self.cache.head_dim * 2
+    }
+}
+
+/// Decode attention of the batch planned in `plan`: row `i` of `out: [seqs, num_heads × head_dim]`
+/// is the attention of sequence `i`'s query (the first `num_heads × head_dim` values of row `i` of
+/// `qkv: [seqs, layout.row_len()]`) over its cached keys and values in the pools
+/// `k_cache`/`v_cache` (`[num_blocks, block_size, num_kv_heads, head_dim]`), through
+/// `block_tables: [seqs, max_blocks_per_seq]` — the device copy of the table the plan checked.
+///
+/// Launches the attention kernel on `plan.grid()` CTAs and, when some sequence is split, the merge
+/// kernel on at most the budget; nothing else (CUDA-graph capturable). `ctx` must have the plan's
+/// budget. `trace`, when given, must hold at least `3 × budget` values: CTA `c` of the attention
+/// kernel writes `{sm id, start ns, end ns}` to `trace[3c..3c + 3]` (entries of CTAs not launched
+/// are left as they are); if it holds `6 × budget`, the merge kernel's CTAs write theirs from
+/// `3 × budget` on.
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention(
+    ctx: &PhaseContext,
+    plan: &DecodePlan,
+    qkv: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    block_tables: &CudaView<'_, i32>,
+    out: &mut CudaViewMut<'_, bf16>,
+    mut trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    if ctx.budget() != plan.budget {
+        return Err(Error::Unsupported(format!(
+            "decode attention: the plan was made for a budget of {} CTAs, the context has {}: make a new plan",
+            plan.budget.get(),
+            ctx.budget().get()
+        )));
+    }
+    if !Arc::ptr_eq(ctx.gpu(), &plan.gpu) {
+        return Err(Error::Unsupported("decode attention: the plan was made on another device".into()));
+    }
+    let (layout, cache, n) = (plan.layout, plan.cache, plan.num_seqs);
+    let d = layout.head_dim;
+    layout.check(qkv.len(), n)?;
+    cache.check(k_cache.len(), v_cache.len())?;
+    ensure_shape!(
+        block_tables.len() == n * plan.max_blocks_per_seq,
+        "decode attention: block_tables has {} entries, the plan {n} x {}",
+        block_tables.len(),
+        plan.max_blocks_per_seq
+    );
+    ensure_shape!(
+        out.len() == n * layout.num_heads * d,
+        "decode attention: out has {} values, expected [{n}, {}]",
+        out.len(),
+        layout.num_heads * d
+    );
+    let budget = plan.budget.get() as usize;
+    if let Some(t) = trace.as_deref() {
+        ensure_shape!(t.len() >= 3 * budget, "decode attention: trace has {} values, needs 3 x {budget}", t.len());
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let stream = ctx.stream();
+    for (ptr, align, what) in [
+        (qkv.device_ptr(stream).0, 4, "qkv"),
+        (k_cache.device_ptr(stream).0, 16, "k_cache"),
+        (v_cache.device_ptr(stream).0, 16, "v_cache"),
+        (out.device_ptr(stream).0, 8, "out"),
+    ] {
+        ensure_shape!(ptr % align == 0, "decode attention: {what} is not {align}-byte aligned");
+    }
+
+    let ints = [
+        to_i32(layout.num_heads, "heads")?,
+        to_i32(layout.num_kv_heads, "KV heads")?,
+        to_i32(plan.max_blocks_per_seq, "max blocks")?,
+        cache.block_size.trailing_zeros() as i32,
+        plan.ring_slots as i32,
+    ];
+    let scale_log2 = plan.scale * std::f32::consts::LOG2_E;
+    let null = 0u64;
+    let (name, merge_name) = match d {
+        64 => ("decode_attention_d64", "decode_attention_merge_d64"),
+        _ => ("decode_attention_d128", "decode_attention_merge_d128"),
+    };
+    {
+        let (f, cfg) = ctx.kernel(MODULE, name, plan.grid, THREADS, plan.smem_bytes)?;
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(qkv)
+            .arg(k_cache)
+            .arg(v_cache)
+            .arg(block_tables)
+            .arg(&plan.work_indptr)
+            .arg(&plan.items)
+            .arg(&plan.part_o)
+            .arg(&plan.part_lse)
+            .arg(&mut *out);
+        for v in &ints {
+            launch.arg(v);
+        }
+        launch.arg(&scale_log2);
+        match trace.as_deref_mut() {
+            Some(t) => launch.arg(t),
+            None => launch.arg(&null),
+        };
+        // SAFETY: the arguments match `decode_attention_d{64,128}` in cuda/decode_attention.cu. The
+        // plan's items stay inside the sequences it checked (lengths and block ids), whose shapes
+        // were checked against the buffers above; the trace holds the grid's 3 values per CTA.
+        unsafe { launch.launch(cfg) }?;
+    }
+    if plan.num_split > 0 {
+        let (f, cfg) = ctx.kernel(MODULE, merge_name, plan.merge_grid, MERGE_THREADS, 0)?;
+        let num_split = plan.num_split as i32;
+        let mut merge_trace = match trace {
+            Some(t) if t.len() >= 6 * budget => Some(t.slice_mut(3 * budget..)),
+            _ => None,
+        };
+        let mut launch = stream.launch_builder(&f);
+        launch
+            .arg(&plan.part_o)
+            .arg(&plan.part_lse)
+            .arg(&plan.merge_items)
+            .arg(&num_split)
+            .arg(&ints[0])
+            .arg(&mut *out);
+        match merge_trace.as_mut() {
+            Some(t) => launch.arg(t),
+            None => launch.arg(&null),
+        };
+        // SAFETY: the arguments match `decode_attention_merge_d{64,128}`; the merge list indexes
+        // the plan's scratch and rows of `out` checked above.
+        unsafe { launch.launch(cfg) }?;
+    }
+    Ok(())
+}
+
+/// The work of one plan, as the kernels read it.
+#[derive(Debug)]
+struct Schedule {
+    /// The chunk length of split sequences (`None`: none is split).
+    chunk: Option<usize>,
+    /// `[ctas + 1]`: CTA `c` runs items `work_indptr[c] .. work_indptr[c + 1]`.
+    work_indptr: Vec<i32>,
+    /// 8 ints per item: seq, kv_start, kv_end, kv_head, first query head, query heads, chunk slot
+    /// (-1: write `out` directly), 0.
+    items: Vec<i32>,
+    /// 4 ints per split sequence: seq, first chunk slot, chunks, 0.
+    merge: Vec<i32>,
+    /// Chunk slots of the scratch (`[slots, num_heads, head_dim]`).
+    partial_slots: usize,
+}
+
+/// Bandwidth-model constants of the planner (H100 figures from KERNEL-NOTES; only the ranking
+/// of candidate splits depends on them).
+mod model {
+    /// Read bandwidth (bytes/s) with `ctas` CTAs streaming, one per SM.
+    pub fn bandwidth(ctas: usize) -> f64 {
+        const CURVE: [(f64, f64); 7] = [
+            (1.0, 0.125e12),
+            (8.0, 1.0e12),
+            (16.0, 1.9e12),
+            (32.0, 2.68e12),
+            (48.0, 2.95e12),
+            (64.0, 3.06e12),
+            (132.0, 3.12e12),
+        ];
+        let x = ctas as f64;
+        if x >= CURVE[CURVE.len() - 1].0 {
+            return CURVE[CURVE.len() - 1].1;
+        }
+        for w in CURVE.windows(2) {
+            let ((x0, y0), (x1, y1)) = (w[0], w[1]);
+            if x <= x1 {
+                return y0 + (y1 - y0) * (x.max(x0) - x0) / (x1 - x0);
+            }
+        }
+        CURVE[0].1
+    }
+    /// What one SM reads at most (bytes/s).
+    pub const SM_BANDWIDTH: f64 = 125e9;
+    /// Fixed cost of an item (start, combine of the warps, output), in bytes of K/V.
+    pub const ITEM_BYTES: f64 = 4096.0;
+    /// Fixed cost of the merge launch (s).
+    pub const MERGE_SECONDS: f64 = 4e-6;
+}
+
+/// One candidate split of the batch: its pieces (sequence chunks) sorted longest first.
+struct Candidate {
+    chunk: Option<usize>,
+    /// (cost in bytes, seq, chunk start, chunk end, chunk index)
+    pieces: Vec<(f64, usize, usize, usize, usize)>,
+    /// Pieces of sequences split into several chunks (each writes a partial result).
+    split_pieces: usize,
+}
+
+fn candidate(kv_lens: &[u32], chunk: Option<usize>, bytes_per_token: f64) -> Candidate {
+    let mut pieces = Vec::new();
+    let mut split_pieces = 0;
+    for (seq, &len) in kv_lens.iter().enumerate() {
+        let len = len as usize;
+        let c = chunk.unwrap_or(len).max(1);
+        let chunks = len.div_ceil(c);
+        if chunks > 1 {
+            split_pieces += chunks;
+        }
+        for k in 0..chunks {
+            let (start, end) = (k * c, ((k + 1) * c).min(len));
+            pieces.push(((end - start) as f64 * bytes_per_token + model::ITEM_BYTES, seq, start, end, k));
+        }
+    }
+    // Longest first; ties in batch order, so the plan is a function of its inputs.
+    pieces.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.4).cmp(&(b.1, b.4))));
+    Candidate { chunk, pieces, split_pieces }
+}
+
+/// Longest-processing-time assignment of `costs` (sorted, longest first) to `ctas` CTAs: for each
+/// cost, the CTA it goes to (the least loaded so far, the lowest index on ties); and every CTA's
+/// load.
+fn lpt(costs: impl Iterator<Item = f64>, ctas: usize) -> (Vec<usize>, Vec<f64>) {
+    // Loads are compared as integers (bytes) so that the heap order is total and exact.
+    let mut heap: BinaryHeap<Reverse<(u64, usize)>> = (0..ctas).map(|c| Reverse((0, c))).collect();
+    let mut loads = vec![0u64; ctas];
+    let mut assignment = Vec::new();
+    for cost in costs {
+        let Some(Reverse((load, cta))) = heap.pop() else { break };
+        let load = load + cost as u64;
+        loads[cta] = load;
+        assignment.push(cta);
+        heap.push(Reverse((load, cta)));
+    }
+    (assignment, loads.into_iter().map(|l| l as f64).collect())
+}
+
+/// Seconds to stream per-CTA `loads` (bytes) when the CTAs still busy share the bandwidth of
+/// that many SMs equally, each at most [`model::SM_BANDWIDTH`]: the least-loaded CTAs finish
+/// first and leave the tail to fewer, each faster, up to the per-SM limit.
+fn stream_seconds(mut loads: Vec<f64>) -> f64 {
+    loads.retain(|&l| l > 0.0);
+    loads.sort_by(f64::total_cmp);
+    let (mut t, mut done) = (0.0, 0.0);
+    for (k, &load) in loads.iter().enumerate() {
+        let busy = loads.len() - k;
+        let rate = model::SM_BANDWIDTH.min(model::bandwidth(busy) / busy as f64);
+        t += (load - done) / rate;
+        done = load;
+    }
+    t
+}
+
+/// All K/V bytes of the batch (with the per-item cost of unsplit items).
+fn unsplit_bytes(kv_lens: &[u32], bytes_per_token: f64, units: usize) -> f64 {
+    kv_lens.iter().map(|&l| l as f64 * bytes_per_token + model::ITEM_BYTES).sum::<f64>() * units as f64
+}
+
+/// Estimated seconds of a candidate on `ctas` CTAs (`units` items per piece: KV heads × head
+/// groups; `partial_bytes` written and read back per split piece): streaming its LPT loads, plus
+/// the merge when it splits.
+fn estimate(c: &Candidate, units: usize, ctas: usize, partial_bytes: f64) -> f64 {
+    let (_, loads) = lpt(c.pieces.iter().flat_map(|p| std::iter::repeat_n(p.0, units)), ctas);
+    let mut t = stream_seconds(loads);
+    if c.split_pieces > 0 {
+        t += model::MERGE_SECONDS + c.split_pieces as f64 * partial_bytes / model::bandwidth(ctas);
+    }
+    t
+}
+
+/// Plans the work of a batch: chooses the chunk length and assigns items to CTAs.
+fn schedule(kv_lens: &[u32], layout: QkvLayout, block_size: usize, ctas: usize, split: KvSplit) -> Result<Schedule> {
+    let d = layout.head_dim;
+    let group = layout.group_size();
+    let head_groups = group.div_ceil(HEADS);
+    let units = layout.num_kv_heads * head_groups;
+    let granule = block_size.max(SUB);
+    let max_len = kv_lens.iter().map(|&l| l as usize).max().unwrap_or(0);
+    let bytes_per_token = (4 * d) as f64;
+
+    let chosen = match split {
+        KvSplit::Never => candidate(kv_lens, None, bytes_per_token),
+        KvSplit::Fixed(c) => {
+            if c == 0 || c % granule != 0 {
+                return Err(Error::Unsupported(format!(
+                    "decode attention: chunk of {c} tokens is not a positive multiple of {granule} (16 and the block size)"
+                )));
+            }
+            candidate(kv_lens, (c < max_len).then_some(c), bytes_per_token)
+        }
+        KvSplit::Auto => {
+            // Chunk lengths 2^k and 3 · 2^(k-1) times the minimum, rounded up to the granule...
+            let min_chunk = MIN_CHUNK_TOKENS.div_ceil(granule) * granule;
+            let mut lengths = Vec::new();
+            let mut c = min_chunk;
+            while c < max_len {
+                lengths.push(c);
+                let c3 = (c * 3 / 2).div_ceil(granule) * granule;
+                if c3 < max_len {
+                    lengths.push(c3);
+                }
+                c *= 2;
+            }
+            // And the lengths that cut the longest sequence into 2 to 16 equal chunks.
+            for n in 2..=16 {
+                let c = max_len.div_ceil(n).div_ceil(granule) * granule;
+                if c >= min_chunk && c < max_len {
+                    lengths.push(c);
+                }
+            }
+            lengths.sort_unstable_by(|a, b| b.cmp(a));
+            lengths.dedup();
+            let partial_bytes = (group * d * 4 * 2) as f64 * layout.num_kv_heads as f64;
+            // (estimated seconds, CTAs busy, candidate), unsplit first, then longest chunks first.
+            let mut scored = Vec::new();
+            let unsplit = candidate(kv_lens, None, bytes_per_token);
+            scored.push((
+                estimate(&unsplit, units, ctas, partial_bytes),
+                (unsplit.pieces.len() * units).min(ctas),
+                unsplit,
+            ));
+            // Splitting cannot beat streaming every byte at the budget's full bandwidth; skip it
+            // when the unsplit items already come within 2% of that.
+            let bound = unsplit_bytes(kv_lens, bytes_per_token, units) / model::bandwidth(ctas);
+            if scored[0].0 > bound * 1.02 {
+                for &c in &lengths {
+                    let pieces: usize = kv_lens.iter().map(|&l| (l as usize).div_ceil(c)).sum();
+                    if pieces * units > 32 * ctas {
+                        break; // shorter chunks only add items
+                    }
+                    let cand = candidate(kv_lens, Some(c), bytes_per_token);
+                    scored.push((estimate(&cand, units, ctas, partial_bytes), (pieces * units).min(ctas), cand));
+                }
+            }
+            // Within 2% of the fastest estimate, keep the most CTAs busy (the model's bandwidth
+            // curve is the least certain part), then the fewest items.
+            let fastest = scored.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
+            let mut best: Option<(f64, usize, Candidate)> = None;
+            for s in scored {
+                if s.0 <= fastest * 1.02 && best.as_ref().is_none_or(|b| s.1 > b.1) {
+                    best = Some(s);
+                }
+            }
+            match best {
+                Some((_, _, c)) => c,
+                None => candidate(kv_lens, None, bytes_per_token),
+            }
+        }
+    };
+
+    // Chunk slots of the split sequences, in sequence order.
+    let mut first_slot = vec![-1i64; kv_lens.len()];
+    let mut merge = Vec::new();
+    let mut partial_slots = 0usize;
+    let chunk = chosen.chunk.filter(|&c| kv_lens.iter().any(|&l| l as usize > c));
+    if let Some(c) = chunk {
+        for (seq, &len) in kv_lens.iter().enumerate() {
+            let chunks = (len as usize).div_ceil(c);
+            if chunks > 1 {
+                first_slot[seq] = partial_slots as i64;
+                merge.extend([seq as i32, partial_slots as i32, chunks as i32, 0]);
+                partial_slots += chunks;
+            }
+        }
+    }
+
+    // Items: every piece × KV head × head group, longest first, onto the least-loaded CTA.
+    let mut per_cta: Vec<Vec<[i32; 8]>> = vec![Vec::new(); ctas];
+    let costs = chosen.pieces.iter().flat_map(|p| std::iter::repeat_n(p.0, units));
+    let (assignment, _) = lpt(costs, ctas);
+    let mut next = assignment.into_iter();
+    for &(_, seq, start, end, k) in &chosen.pieces {
+        let partial = if first_slot[seq] >= 0 { (first_slot[seq] + k as i64) as i32 } else { -1 };
+        for kv_head in 0..layout.num_kv_heads {
+            for hg in 0..head_groups {
+                let q_head = kv_head * group + hg * HEADS;
+                let heads = HEADS.min(group - hg * HEADS);
+                let cta = next.next().unwrap_or(0);
+                per_cta[cta].push([
+                    seq as i32,
+                    start as i32,
+                    end as i32,
+                    kv_head as i32,
+                    q_head as i32,
+                    heads as i32,
+                    partial,
+                    0,
+                ]);
+            }
+        }
+    }
+    // LPT fills CTAs 0, 1, ... first, so the non-empty lists are a prefix.
+    let used = per_cta.iter().take_while(|l| !l.is_empty()).count();
+    let mut work_indptr = Vec::with_capacity(used + 1);
+    let mut items = Vec::new();
+    work_indptr.push(0);
+    for list in &per_cta[..used] {
+        for item in list {
+            items.extend_from_slice(item);
+        }
+        work_indptr.push((items.len() / 8) as i32);
+    }
+    Ok(Schedule { chunk, work_indptr, items, merge, partial_slots })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn layout(h: usize, kv: usize, d: usize) -> QkvLayout {
+        QkvLayout { num_heads: h, num_kv_heads: kv, head_dim: d }
+    }
+
+    /// Checks that a schedule covers every (sequence, query head, token) exactly once, with chunk
+    /// starts on the granule, consistent chunk slots and at most `ctas` lists.
+    fn check(s: &Schedule, kv_lens: &[u32], l: QkvLayout, block_size: usize, ctas: usize) {
+        let granule = block_size.max(SUB);
+        let used = s.work_indptr.len() - 1;
+        assert!(used <= ctas && used >= 1.min(kv_lens.len()));
+        assert!(s.work_indptr.windows(2).all(|w| w[0] < w[1]), "empty or decreasing list");
+        assert_eq!(*s.work_indptr.last().unwrap() as usize * 8, s.items.len());
+        let mut covered: Vec<Vec<u64>> = kv_lens.iter().map(|_| vec![0; l.num_heads]).collect();
+        let mut slots_seen = vec![false; s.partial_slots];
+        for it in s.items.chunks(8) {
+            let (seq, start, end, kvh, qh, nh, partial) =
+                (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize, it[4] as usize, it[5] as usize, it[6]);
+            assert!(start < end && end <= kv_lens[seq] as usize);
+            assert_eq!(start % granule, 0);
+            assert!((1..=HEADS).contains(&nh) && qh >= kvh * l.group_size() && qh + nh <= (kvh + 1) * l.group_size());
+            let whole = start == 0 && end == kv_lens[seq] as usize;
+            assert_eq!(partial < 0, whole, "only split sequences use the scratch");
+            if let (Some(c), false) = (s.chunk, whole) {
+                assert!(end - start <= c);
+            }
+            if partial >= 0 {
+                slots_seen[partial as usize] = true;
+            }
+            for tokens in &mut covered[seq][qh..qh + nh] {
+                *tokens += (end - start) as u64;
+            }
+        }
+        for (seq, heads) in covered.iter().enumerate() {
+            for &tokens in heads {
+                assert_eq!(tokens, kv_lens[seq] as u64, "sequence {seq} covered {tokens} tokens");
+            }
+        }
+        assert!(slots_seen.iter().all(|&x| x));
+        for m in s.merge.chunks(4) {
+            let (seq, first, chunks) = (m[0] as usize, m[1] as usize, m[2] as usize);
+            assert_eq!(chunks, (kv_lens[seq] as usize).div_ceil(s.chunk.unwrap()));
+            assert!(first + chunks <= s.partial_slots);
+        }
+    }
+
+    #[test]
+    fn schedules_cover_every_token_once() {
+        let lens: Vec<u32> = vec![1, 15, 16, 17, 100, 1000, 4097, 8192];
+        for &(h, kv, d) in &[(32, 8, 128), (9, 3, 64), (8, 8, 128), (64, 4, 64)] {
+            let l = layout(h, kv, d);
+            for &bs in &[8, 16, 32, 128] {
+                for &ctas in &[1, 7, 64, 132] {
+                    for split in [KvSplit::Auto, KvSplit::Never, KvSplit::Fixed(bs.max(16) * 16)] {
+                        let s = schedule(&lens, l, bs, ctas, split).unwrap();
+                        check(&s, &lens, l, bs, ctas);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn auto_splits_only_when_the_batch_cannot_fill_the_budget() {
+        let l = layout(32, 8, 128);
+        // One long sequence: 8 items would leave most of 132 CTAs idle.
+        let s = schedule(&[4096], l, 16, 132, KvSplit::Auto).unwrap();
+        let c = s.chunk.expect("split");
+        assert!(c >= MIN_CHUNK_TOKENS && c.is_multiple_of(16));
+        assert!(s.work_indptr.len() > 64, "{} CTAs used", s.work_indptr.len() - 1);
+        // 64 x 4096 with 8 KV heads: 512 equal items already fill 64 or 132 CTAs.
+        let lens = vec![4096u32; 64];
+        for ctas in [64, 132] {
+            let s = schedule(&lens, l, 16, ctas, KvSplit::Auto).unwrap();
+            assert_eq!(s.chunk, None);
+            assert_eq!(s.work_indptr.len() - 1, ctas);
+        }
+    }
+
+    #[test]
+    fn fixed_chunks_do_not_depend_on_the_batch() {
+        let l = layout(9, 3, 64);
+        let a = schedule(&[5000, 10], l, 16, 7, KvSplit::Fixed(512)).unwrap();
+        let b = schedule(&[5000], l, 16, 132, KvSplit::Fixed(512)).unwrap();
+        let ranges = |s: &Schedule, seq: i32| {
+            let mut r: Vec<(i32, i32)> = s.items.chunks(8).filter(|i| i[0] == seq).map(|i| (i[1], i[2])).collect();
+            r.sort_unstable();
+            r.dedup();
+            r
+        };
+        assert_eq!(ranges(&a, 0), ranges(&b, 0));
+        assert!(schedule(&[100], l, 16, 7, KvSplit::Fixed(100)).is_err());
+        assert!(schedule(&[100], l, 32, 7, KvSplit::Fixed(48)).is_err());
+    }
+
+    #[test]
+    fn lpt_balances_longest_first() {
+        let (assignment, loads) = lpt([7.0, 5.0, 4.0, 3.0, 1.0].into_iter(), 3);
+        assert_eq!(assignment, vec![0, 1, 2, 2, 1]);
+        assert_eq!(loads, vec![7.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn ring_fits_hopper_and_smaller_gpus() {
+        // H100: 227 KiB per CTA.
+        assert_eq!(ring_slots(128, 232_448), Some(24));
+        assert_eq!(ring_slots(64, 232_448), Some(48));
+        assert!(smem_bytes(128, 24) <= 232_448);
+        // A100 (163 KiB) and consumer Ampere/Ada (99 KiB).
+        assert!(ring_slots(128, 166_912).is_some());
+        assert!(ring_slots(128, 101_376).is_some());
+        assert_eq!(ring_slots(128, 40_000), None);
+    }
+}

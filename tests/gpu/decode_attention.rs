@@ -1,0 +1,440 @@
+//! Paged decode attention against its reference: ragged batches (single tokens to 8k), GQA 32/8
+//! with d = 128, SmolLM2's 9/3 with d = 64, MHA 8/8 and a group of 16, block sizes 8 to 128 with
+//! shuffled block tables, budgets from one CTA to all SMs, each split mode; plus batch
+//! invariance of fixed chunks, CUDA-graph capture, the CTA trace, and the plan's and launcher's
+//! errors.
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaSlice, CudaView};
+use half::bf16;
+use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention};
+use nexus::kernels::{ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::common::*;
+
+/// Absolute tolerance: outputs are softmax-weighted means of values in [-1, 1], far below 1 in
+/// magnitude for long rows, so 1e-2 would hide real errors. The kernel's own error (P and the
+/// output rounded to bf16) stays within 2^-9 of the largest |v|.
+const ATOL: f32 = 2e-3;
+
+/// The lengths of the issue: single tokens, around one 16-token sub-tile, and long ones.
+const LENGTHS: [u32; 8] = [1, 15, 16, 17, 100, 1000, 4097, 8192];
+
+fn gqa() -> QkvLayout {
+    QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 }
+}
+
+fn smollm2() -> QkvLayout {
+    QkvLayout { num_heads: 9, num_kv_heads: 3, head_dim: 64 }
+}
+
+fn mha() -> QkvLayout {
+    QkvLayout { num_heads: 8, num_kv_heads: 8, head_dim: 128 }
+}
+
+/// Budgets of the tests: 1, 7, 64 and all SMs (64 only where the GPU has more).
+fn budgets() -> Vec<Option<u32>> {
+    let sms = gpu().sm_count();
+    let mut b = vec![Some(1), Some(7)];
+    if sms > 64 {
+        b.push(Some(64));
+    }
+    b.push(None);
+    b
+}
+
+/// A decode batch over a paged cache whose blocks are handed out in shuffled order. Pool slots
+/// that no sequence owns below its length hold NaN: the kernel must never read them.
+struct Case {
+    layout: QkvLayout,
+    cache: PagedKvLayout,
+    kv_lens: Vec<u32>,
+    block_tables: Vec<i32>,
+    max_blocks: usize,
+    qkv: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    scale: f32,
+}
+
+impl Case {
+    fn new(rng: &mut StdRng, layout: QkvLayout, block_size: usize, kv_lens: &[u32]) -> Case {
+        let blocks: Vec<usize> = kv_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).collect();
+        // Spare table columns (never used, left at -1) and spare pool blocks.
+        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + 2;
+        let num_blocks = blocks.iter().sum::<usize>() + 5;
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        ids.shuffle(rng);
+        let mut block_tables = vec![-1i32; kv_lens.len() * max_blocks];
+        let mut next = ids.into_iter();
+        for (seq, &n) in blocks.iter().enumerate() {
+            for b in 0..n {
+                block_tables[seq * max_blocks + b] = next.next().expect("enough blocks");
+            }
+        }
+        let cache =
+            PagedKvLayout { num_blocks, block_size, num_kv_heads: layout.num_kv_heads, head_dim: layout.head_dim };
+        let mut k = random_bf16(rng, cache.pool_len(), 1.0);
+        let mut v = random_bf16(rng, cache.pool_len(), 1.0);
+        let mut owned = vec![false; num_blocks * block_size];
+        for (seq, &len) in kv_lens.iter().enumerate() {
+            for pos in 0..len as usize {
+                let block = block_tables[seq * max_blocks + pos / block_size] as usize;
+                owned[block * block_size + pos % block_size] = true;
+            }
+        }
+        for (slot, _) in owned.iter().enumerate().filter(|(_, o)| !**o) {
+            let range = slot * cache.slot_len()..(slot + 1) * cache.slot_len();
+            k[range.clone()].fill(f32::NAN);
+            v[range].fill(f32::NAN);
+        }
+        // Queries up to 3 in magnitude spread the scores, so the softmax is not flat.
+        let qkv = random_bf16(rng, kv_lens.len() * layout.row_len(), 3.0);
+        let scale = 1.0 / (layout.head_dim as f32).sqrt();
+        Case { layout, cache, kv_lens: kv_lens.to_vec(), block_tables, max_blocks, qkv, k, v, scale }
+    }
+
+    fn out_len(&self) -> usize {
+        self.kv_lens.len() * self.layout.num_heads * self.layout.head_dim
+    }
+
+    fn reference(&self) -> Vec<f32> {
+        let mut want = vec![0.0; self.out_len()];
+        reference::decode_attention(
+            &self.qkv,
+            self.layout,
+            &self.k,
+            &self.v,
+            self.cache,
+            &self.kv_lens,
+            &self.block_tables,
+            self.max_blocks,
+            self.scale,
+            &mut want,
+        )
+        .expect("reference");
+        want
+    }
+
+    fn plan(&self, ctx: &PhaseContext, split: KvSplit) -> DecodePlan {
+        let options = DecodeOptions { scale: self.scale, split };
+        DecodePlan::new(ctx, self.layout, self.cache, &self.kv_lens, &self.block_tables, self.max_blocks, options)
+            .expect("plan")
+    }
+}
+
+/// Device copies of a case's inputs.
+struct Inputs {
+    qkv: CudaSlice<bf16>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+    tables: CudaSlice<i32>,
+}
+
+impl Inputs {
+    fn new(ctx: &PhaseContext, case: &Case) -> Inputs {
+        Inputs {
+            qkv: upload(ctx, &case.qkv),
+            k: upload(ctx, &case.k),
+            v: upload(ctx, &case.v),
+            tables: ctx.stream().clone_htod(&case.block_tables).expect("upload"),
+        }
+    }
+
+    /// Runs `plan` on `ctx` into a fresh poisoned output and downloads it.
+    fn run(&self, ctx: &PhaseContext, case: &Case, plan: &DecodePlan) -> Vec<f32> {
+        let mut out = poisoned(ctx, case.out_len());
+        decode_attention(
+            ctx,
+            plan,
+            &self.qkv.as_view(),
+            &self.k.as_view(),
+            &self.v.as_view(),
+            &self.tables.as_view(),
+            &mut out.as_view_mut(),
+            None,
+        )
+        .expect("decode_attention");
+        download(ctx, &out)
+    }
+}
+
+fn describe(case: &Case, split: KvSplit, budget: Option<u32>, plan: &DecodePlan) -> String {
+    format!(
+        "{}/{} heads d={} block {} {split:?} budget {budget:?} (chunk {:?}, {} items on {} CTAs, {} split)",
+        case.layout.num_heads,
+        case.layout.num_kv_heads,
+        case.layout.head_dim,
+        case.cache.block_size,
+        plan.chunk_tokens(),
+        plan.num_items(),
+        plan.grid(),
+        plan.num_split_seqs()
+    )
+}
+
+/// Checks one batch against the reference with every budget and the given split modes.
+fn check(test: &str, layout: QkvLayout, block_size: usize, kv_lens: &[u32], splits: &[KvSplit]) {
+    let mut rng = rng(test);
+    let case = Case::new(&mut rng, layout, block_size, kv_lens);
+    let want = case.reference();
+    let setup = phase(None);
+    let inputs = Inputs::new(&setup, &case);
+    for &split in splits {
+        for budget in budgets() {
+            let ctx = phase(budget);
+            let plan = case.plan(&ctx, split);
+            let got = inputs.run(&ctx, &case, &plan);
+            assert_close(&format!("{test}: {}", describe(&case, split, budget, &plan)), &got, &want, BF16_RTOL, ATOL);
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gqa_ragged_batches_match_reference() {
+    for block_size in [8, 16, 32, 128] {
+        check("gqa 32/8", gqa(), block_size, &LENGTHS, &[KvSplit::Auto]);
+    }
+    check("gqa 32/8 modes", gqa(), 16, &LENGTHS, &[KvSplit::Never, KvSplit::Fixed(256), KvSplit::Fixed(1024)]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn smollm2_ragged_batches_match_reference() {
+    for block_size in [8, 16, 32, 128] {
+        check("smollm2 9/3", smollm2(), block_size, &LENGTHS, &[KvSplit::Auto, KvSplit::Fixed(512)]);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mha_and_large_groups_match_reference() {
+    check("mha 8/8", mha(), 16, &LENGTHS, &[KvSplit::Auto, KvSplit::Never]);
+    // A group of 16 query heads takes two items per KV head.
+    let wide = QkvLayout { num_heads: 32, num_kv_heads: 2, head_dim: 64 };
+    check("group 16", wide, 32, &LENGTHS, &[KvSplit::Auto]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_batches_match_reference() {
+    let mut rng = rng("random batch sizes");
+    for (layout, block_size) in [(gqa(), 16), (smollm2(), 8), (mha(), 64), (gqa(), 128)] {
+        let seqs = rng.random_range(1..40);
+        let lens: Vec<u32> = (0..seqs)
+            .map(|_| if rng.random_bool(0.3) { rng.random_range(1..64) } else { rng.random_range(1..6000) })
+            .collect();
+        check("random", layout, block_size, &lens, &[KvSplit::Auto]);
+    }
+    // One short sequence, one long one: the long one is split across many CTAs.
+    check("single", gqa(), 16, &[20000], &[KvSplit::Auto]);
+    check("single short", smollm2(), 16, &[3], &[KvSplit::Auto]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fixed_chunks_are_batch_invariant() {
+    // Sequence 0 alone, and in a larger batch, with two budgets: bitwise the same output.
+    let mut rng = rng("batch invariance");
+    let layout = gqa();
+    let big = Case::new(&mut rng, layout, 16, &[5000, 300, 7000, 17, 2500]);
+    let split = KvSplit::Fixed(512);
+    let setup = phase(None);
+    let inputs = Inputs::new(&setup, &big);
+    let row = layout.num_heads * layout.head_dim;
+    let mut first: Option<Vec<f32>> = None;
+    for (seqs, budget) in [(5, None), (5, Some(7)), (1, Some(64.min(gpu().sm_count()))), (3, Some(1))] {
+        let ctx = phase(budget);
+        let plan = DecodePlan::new(
+            &ctx,
+            layout,
+            big.cache,
+            &big.kv_lens[..seqs],
+            &big.block_tables[..seqs * big.max_blocks],
+            big.max_blocks,
+            DecodeOptions { scale: big.scale, split },
+        )
+        .expect("plan");
+        let mut out = poisoned(&ctx, seqs * row);
+        decode_attention(
+            &ctx,
+            &plan,
+            &inputs.qkv.slice(..seqs * layout.row_len()),
+            &inputs.k.as_view(),
+            &inputs.v.as_view(),
+            &inputs.tables.slice(..seqs * big.max_blocks),
+            &mut out.as_view_mut(),
+            None,
+        )
+        .expect("decode_attention");
+        let got = download(&ctx, &out)[..row].to_vec();
+        match &first {
+            None => first = Some(got),
+            Some(f) => {
+                let same = f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "sequence 0 changed with {seqs} sequences, budget {budget:?}");
+            }
+        }
+    }
+    let want = big.reference();
+    assert_close("batch invariance vs reference", first.as_deref().unwrap_or(&[]), &want[..row], BF16_RTOL, ATOL);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn runs_inside_a_cuda_graph() {
+    let mut rng = rng("graph");
+    let case = Case::new(&mut rng, gqa(), 16, &[4097, 100, 1]);
+    let want = case.reference();
+    let ctx = phase(Some(16));
+    let inputs = Inputs::new(&ctx, &case);
+    let plan = case.plan(&ctx, KvSplit::Auto);
+    assert!(plan.num_split_seqs() > 0, "the graph should hold the merge kernel too");
+    let mut out = poisoned(&ctx, case.out_len());
+    let stream = ctx.stream().clone();
+    stream.synchronize().expect("sync");
+    let context = ctx.gpu().context().clone();
+    // The runtime captures with its own synchronization: no cudarc events inside the graph.
+    let tracking = context.is_event_tracking();
+    // SAFETY: every buffer used below lives on this one stream, which was just synchronized.
+    unsafe { context.disable_event_tracking() };
+    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).expect("begin capture");
+    let launched = decode_attention(
+        &ctx,
+        &plan,
+        &inputs.qkv.as_view(),
+        &inputs.k.as_view(),
+        &inputs.v.as_view(),
+        &inputs.tables.as_view(),
+        &mut out.as_view_mut(),
+        None,
+    );
+    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
+    if tracking {
+        // SAFETY: as above; the stream is idle.
+        unsafe { context.enable_event_tracking() };
+    }
+    launched.expect("decode_attention under capture");
+    let graph = graph.expect("end capture").expect("a graph");
+    for _ in 0..3 {
+        graph.launch().expect("graph launch");
+    }
+    stream.synchronize().expect("sync");
+    assert_close("graph replay", &download(&ctx, &out), &want, BF16_RTOL, ATOL);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn trace_shows_at_most_budget_ctas_on_distinct_sms() {
+    let mut rng = rng("trace");
+    let case = Case::new(&mut rng, smollm2(), 16, &[3000, 50, 9000, 1]);
+    let want = case.reference();
+    let sms = gpu().sm_count();
+    for budget in [Some(7), None] {
+        let ctx = phase(budget);
+        let b = ctx.budget().get() as usize;
+        let inputs = Inputs::new(&ctx, &case);
+        let plan = case.plan(&ctx, KvSplit::Auto);
+        let mut trace = ctx.stream().alloc_zeros::<u64>(6 * b).expect("alloc");
+        let mut out = poisoned(&ctx, case.out_len());
+        decode_attention(
+            &ctx,
+            &plan,
+            &inputs.qkv.as_view(),
+            &inputs.k.as_view(),
+            &inputs.v.as_view(),
+            &inputs.tables.as_view(),
+            &mut out.as_view_mut(),
+            Some(&mut trace.as_view_mut()),
+        )
+        .expect("decode_attention");
+        assert_close("trace run", &download(&ctx, &out), &want, BF16_RTOL, ATOL);
+        let t = ctx.stream().clone_dtoh(&trace).expect("download");
+        for (kernel, rows, expected) in
+            [("attention", &t[..3 * b], plan.grid() as usize), ("merge", &t[3 * b..], plan.merge_grid() as usize)]
+        {
+            let recorded: Vec<&[u64]> = rows.chunks(3).filter(|r| r[2] != 0).collect();
+            assert_eq!(recorded.len(), expected, "{kernel}: CTAs that recorded, budget {b}");
+            assert!(recorded.len() <= b, "{kernel}: {} CTAs for a budget of {b}", recorded.len());
+            let mut sm_ids: Vec<u64> = recorded.iter().map(|r| r[0]).collect();
+            assert!(sm_ids.iter().all(|&s| s < sms as u64), "{kernel}: SM id out of range");
+            assert!(recorded.iter().all(|r| r[1] <= r[2]), "{kernel}: a CTA ended before it started");
+            // The attention CTAs start together and each runs for microseconds, so each has its
+            // own SM. (A merge CTA can end within a microsecond, and its SM could be reused.)
+            if kernel == "attention" {
+                sm_ids.sort_unstable();
+                sm_ids.dedup();
+                assert_eq!(sm_ids.len(), recorded.len(), "{kernel}: two CTAs shared an SM");
+            }
+        }
+        assert!(plan.grid() as usize <= b && plan.merge_grid() as usize <= b);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn plan_and_launcher_reject_bad_inputs() {
+    let mut rng = rng("errors");
+    let layout = gqa();
+    let case = Case::new(&mut rng, layout, 16, &[40, 17]);
+    let ctx = phase(Some(7));
+    let options = DecodeOptions::new(layout.head_dim);
+    let plan_err =
+        |lens: &[u32], tables: &[i32], max_blocks: usize, cache: PagedKvLayout, l: QkvLayout, o: DecodeOptions| {
+            DecodePlan::new(&ctx, l, cache, lens, tables, max_blocks, o).expect_err("plan must fail").kind()
+        };
+    let (lens, tables, mb, cache) = (&case.kv_lens[..], &case.block_tables[..], case.max_blocks, case.cache);
+
+    // Block ids outside the pool, negative, or a table too short for a sequence.
+    let mut bad = tables.to_vec();
+    bad[1] = cache.num_blocks as i32;
+    assert_eq!(plan_err(lens, &bad, mb, cache, layout, options), ErrorKind::Shape);
+    bad[1] = -1;
+    assert_eq!(plan_err(lens, &bad, mb, cache, layout, options), ErrorKind::Shape);
+    assert_eq!(plan_err(&[40, 17 + 16 * mb as u32], tables, mb, cache, layout, options), ErrorKind::Shape);
+    // Zero-length sequence; table of the wrong length.
+    assert_eq!(plan_err(&[40, 0], tables, mb, cache, layout, options), ErrorKind::Shape);
+    assert_eq!(plan_err(lens, &tables[1..], mb, cache, layout, options), ErrorKind::Shape);
+    // Unsupported head dim, block size, chunk; cache and layout that disagree.
+    let d96 = QkvLayout { head_dim: 96, ..layout };
+    let c96 = PagedKvLayout { head_dim: 96, ..cache };
+    assert_eq!(plan_err(lens, tables, mb, c96, d96, options), ErrorKind::Unsupported);
+    let bs4 = PagedKvLayout { block_size: 4, ..cache };
+    assert_eq!(plan_err(lens, tables, mb, bs4, layout, options), ErrorKind::Unsupported);
+    let odd_chunk = DecodeOptions { split: KvSplit::Fixed(40), ..options };
+    assert_eq!(plan_err(lens, tables, mb, cache, layout, odd_chunk), ErrorKind::Unsupported);
+    let other_heads = PagedKvLayout { num_kv_heads: 4, ..cache };
+    assert_eq!(plan_err(lens, tables, mb, other_heads, layout, options), ErrorKind::Shape);
+
+    // The launcher: wrong buffer lengths, another budget, a short trace.
+    let plan = case.plan(&ctx, KvSplit::Auto);
+    let inputs = Inputs::new(&ctx, &case);
+    let mut out = poisoned(&ctx, case.out_len());
+    let mut short_out = poisoned(&ctx, case.out_len() - 8);
+    let run = |ctx: &PhaseContext,
+               qkv: &CudaView<'_, bf16>,
+               k: &CudaView<'_, bf16>,
+               tables: &CudaView<'_, i32>,
+               out: &mut CudaSlice<bf16>,
+               trace: Option<&mut CudaSlice<u64>>| {
+        let mut trace_view = trace.map(|t| t.as_view_mut());
+        decode_attention(ctx, &plan, qkv, k, &inputs.v.as_view(), tables, &mut out.as_view_mut(), trace_view.as_mut())
+            .map_err(|e| e.kind())
+    };
+    let (q, k, t) = (inputs.qkv.as_view(), inputs.k.as_view(), inputs.tables.as_view());
+    assert_eq!(run(&ctx, &q.slice(8..), &k, &t, &mut out, None), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx, &q, &k.slice(8..), &t, &mut out, None), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx, &q, &k, &t.slice(1..), &mut out, None), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx, &q, &k, &t, &mut short_out, None), Err(ErrorKind::Shape));
+    let mut short_trace = ctx.stream().alloc_zeros::<u64>(3 * 7 - 1).expect("alloc");
+    assert_eq!(run(&ctx, &q, &k, &t, &mut out, Some(&mut short_trace)), Err(ErrorKind::Shape));
+    let other_budget = ctx.with_budget(phase(Some(8)).budget());
+    assert_eq!(run(&other_budget, &q, &k, &t, &mut out, None), Err(ErrorKind::Unsupported));
+    // And the good call still works after all that.
+    assert_eq!(run(&ctx, &q, &k, &t, &mut out, None), Ok(()));
+    assert_close("after errors", &download(&ctx, &out), &case.reference(), BF16_RTOL, ATOL);
+}

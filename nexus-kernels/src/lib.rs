@@ -21,6 +21,7 @@ mod error;
 mod layout;
 
 pub mod elementwise;
+pub mod gemm;
 pub mod gpu;
 pub mod reference;
 

@@ -1,0 +1,209 @@
+//! GEMM (`C[M, N] = A[M, K] · B[N, K]ᵀ`, bf16, f32 accumulation) across CTA budgets, side by side
+//! with cuBLAS (`cublasGemmEx`, bf16 in and out, 32-bit compute) at all SMs and with
+//! `cublasSetSmCountTarget` set to the same budget. Shapes: the K × N of Llama-3-8B's projections
+//! (4096 × 6144 fused QKV, 4096 × 28672 fused gate/up, 14336 × 4096 down) for M in 1, 16, 64,
+//! 256, 1024, 4096, 8192. Inputs are random bf16 in [-1, 1), carved from one pool; when one set
+//! of A and B fits in L2 the launches rotate over copies adding up to at least 256 MB.
+//!
+//! TFLOP/s = 2·M·N·K / time; TB/s = (M·K + N·K + M·N) · 2 bytes / time (for small M, almost all
+//! of it is the weight B). The summary table is timed outside criterion (median of CUDA-event
+//! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
+//! whole run fits in a few minutes.
+//!
+//! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs; with
+//! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
+
+mod common;
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use common::*;
+use cudarc::cublas::{CudaBlas, sys};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
+use half::bf16;
+use nexus::kernels::CtaBudget;
+use nexus::kernels::gemm::{self, GemmShape, GemmWorkspace};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// (K, N) of Llama-3-8B's linear layers.
+const KN: [(usize, usize); 3] = [(4096, 6144), (4096, 28672), (14336, 4096)];
+const MS: [usize; 7] = [1, 16, 64, 256, 1024, 4096, 8192];
+/// The M values criterion times, at budget 64 and all SMs.
+const CRITERION_MS: [usize; 3] = [1, 64, 4096];
+const CRITERION_BUDGET: u32 = 64;
+
+/// Elements of the random pool every operand is carved from: enough for the largest set
+/// (A of 8192 × 14336 plus B of 4096 × 14336, 352 MB) or for 256 MB of rotated copies of a
+/// smaller one.
+const POOL_ELEMS: usize = 320 << 20;
+
+/// cuBLAS on `stream`: `c = a · bᵀ` in row-major terms, which in cuBLAS's column-major terms is
+/// `cᵀ [N×M] = bᵀᵀ · aᵀ`: op(A) = T on b (K × N, ld K), op(B) = N on a (K × M, ld K), ldc = N.
+fn cublas_gemm(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    c: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+) {
+    let GemmShape { m, n, k } = shape;
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let (a_ptr, _a) = a.device_ptr(stream);
+    let (b_ptr, _b) = b.device_ptr(stream);
+    let (c_ptr, _c) = c.device_ptr(stream);
+    // SAFETY: the handle is bound to `stream`; the pointers cover [m, k], [n, k] and [m, n]
+    // bf16 matrices (the views were carved with those lengths), and alpha/beta are host f32
+    // as the 32-bit compute type expects.
+    unsafe {
+        sys::cublasGemmEx(
+            *blas.handle(),
+            sys::cublasOperation_t::CUBLAS_OP_T,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            n as i32,
+            m as i32,
+            k as i32,
+            &alpha as *const f32 as *const c_void,
+            b_ptr as *const c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            k as i32,
+            a_ptr as *const c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            k as i32,
+            &beta as *const f32 as *const c_void,
+            c_ptr as *mut c_void,
+            sys::cudaDataType_t::CUDA_R_16BF,
+            n as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .result()
+    .expect("cublasGemmEx");
+}
+
+fn set_sm_target(blas: &CudaBlas, sms: u32) {
+    // SAFETY: a plain setter on a live handle; 0 restores the default (all SMs).
+    unsafe { sys::cublasSetSmCountTarget(*blas.handle(), sms as i32) }.result().expect("cublasSetSmCountTarget");
+}
+
+/// Median time of cuBLAS on `shape` with its SM count target set to `sms` (0: all), rotating
+/// over `views`.
+fn cublas_time(
+    blas: &CudaBlas,
+    stream: &Arc<CudaStream>,
+    views: &[(CudaView<'_, bf16>, CudaView<'_, bf16>)],
+    out: &mut CudaSlice<bf16>,
+    shape: GemmShape,
+    sms: u32,
+) -> f64 {
+    set_sm_target(blas, sms);
+    let mut launch = |i: u64| {
+        let (a, b) = &views[i as usize % views.len()];
+        cublas_gemm(blas, stream, a, b, &mut out.slice_mut(..shape.m * shape.n), shape);
+    };
+    let t = median_gpu_time(stream, &mut launch).as_secs_f64();
+    set_sm_target(blas, 0);
+    t
+}
+
+fn main() {
+    let (gpu, stream) = open();
+    let mut c = criterion();
+    let quick = std::env::var("NEXUS_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0");
+    let budgets: Vec<CtaBudget> = if quick {
+        budgets(&gpu).into_iter().filter(|b| b.get() == CRITERION_BUDGET || b.get() == gpu.sm_count()).collect()
+    } else {
+        budgets(&gpu)
+    };
+    let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");
+    let report = Report::new(
+        "GEMM bf16 (C = A·Bᵀ), ours vs cuBLAS (TFLOP/s = 2MNK / t; TB/s = 2(MK + NK + MN) / t)",
+        &[
+            "K x N",
+            "M",
+            "budget",
+            "kernel",
+            "CTAs",
+            "us",
+            "TFLOP/s",
+            "TB/s",
+            "cuBLAS@budget TFLOP/s",
+            "cuBLAS@budget TB/s",
+            "cuBLAS@all TFLOP/s",
+            "ours / cuBLAS@budget",
+            "ours / cuBLAS@all",
+        ],
+    );
+
+    let mut rng = StdRng::seed_from_u64(0x6e6d);
+    let pattern: Vec<bf16> = (0..32 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
+    let mut pool: CudaSlice<bf16> = stream.alloc_zeros(POOL_ELEMS).expect("alloc");
+    let mut at = 0;
+    while at < POOL_ELEMS {
+        let len = pattern.len().min(POOL_ELEMS - at);
+        stream.memcpy_htod(&pattern[..len], &mut pool.slice_mut(at..at + len)).expect("upload");
+        at += len;
+    }
+    let max_c = MS.iter().max().unwrap_or(&1) * KN.iter().map(|&(_, n)| n).max().unwrap_or(1);
+    let mut out: CudaSlice<bf16> = stream.alloc_zeros(max_c).expect("alloc");
+
+    for (k, n) in KN {
+        for m in MS {
+            let shape = GemmShape { m, n, k };
+            let (a_len, b_len) = (m * k, n * k);
+            let copies = copies_for(2 * (a_len + b_len));
+            // Copy i: A at i·set, B right after it (both multiples of 8 elements: 16-byte aligned).
+            let set = a_len + b_len;
+            assert!(copies * set <= POOL_ELEMS, "pool too small for {m} x {n} x {k}");
+            let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> = (0..copies)
+                .map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set)))
+                .collect();
+            let flops = 2.0 * (m * n * k) as f64;
+            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+            let shape_name = format!("{k} x {n}");
+
+            let cublas_all = cublas_time(&blas, &stream, &views, &mut out, shape, 0);
+
+            for &budget in &budgets {
+                let ctx = phase(&gpu, &stream, budget);
+                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                let plan = gemm::plan(shape, budget, gpu.target());
+                let mut launch = |i: u64| {
+                    let (a, b) = &views[i as usize % copies];
+                    gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
+                };
+                if CRITERION_MS.contains(&m) && (budget.get() == CRITERION_BUDGET || budget.get() == gpu.sm_count()) {
+                    c.bench_function(&format!("gemm/{k}x{n}/m {m}/budget {}", budget.get()), |bch| {
+                        bch.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
+                    });
+                }
+                let t = median_gpu_time(&stream, &mut launch).as_secs_f64();
+                let cublas_budget = if budget.get() == gpu.sm_count() {
+                    cublas_all
+                } else {
+                    cublas_time(&blas, &stream, &views, &mut out, shape, budget.get())
+                };
+                report.add(vec![
+                    shape_name.clone(),
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{:?}", plan.kernel),
+                    plan.ctas.to_string(),
+                    format!("{:.1}", t * 1e6),
+                    format!("{:.1}", flops / t / 1e12),
+                    format!("{:.2}", bytes / t / 1e12),
+                    format!("{:.1}", flops / cublas_budget / 1e12),
+                    format!("{:.2}", bytes / cublas_budget / 1e12),
+                    format!("{:.1}", flops / cublas_all / 1e12),
+                    format!("{:.2}", cublas_budget / t),
+                    format!("{:.2}", cublas_all / t),
+                ]);
+            }
+        }
+    }
+    report.finish(&gpu, "gemm");
+    c.final_summary();
+}

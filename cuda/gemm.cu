@@ -1,0 +1,648 @@
+// GEMM for the linear layers: C[M, N] = A[M, K] · B[N, K]ᵀ (+ bias[N]), bf16 in and out, f32
+// accumulation. A holds activations (row-major, K contiguous), B a weight in the
+// [out_features, in_features] layout (also K contiguous), C is row-major [M, N].
+//
+// Every kernel is persistent: the launcher starts min(CTA budget, tiles) CTAs, one per SM, and
+// each CTA takes output tiles from an atomic counter (zeroed on the stream before each launch),
+// so CTAs that run faster, or start earlier, take more tiles. Tiles are numbered in bands of
+// GROUP_M tile rows, M fastest inside a band, so that the CTAs running at one time share both
+// A rows and B rows in L2.
+//
+// Two families:
+//
+// * gemm_wgmma_* (Hopper, sm_90a only). Warp-specialized: one thread of the producer
+//   warpgroup issues TMA loads of 64-wide K slices of the A and B tiles into a ring of
+//   shared-memory stages (TMA's 128-byte swizzle; each stage completes on a `full` mbarrier),
+//   and one or two consumer warpgroups run wgmma on each stage straight from shared memory,
+//   keeping one wgmma group in flight, and hand the stage back on an `empty` mbarrier. The
+//   producer runs ahead across tile boundaries, so the next tile's loads overlap the current
+//   tile's epilogue. The `swap` kernel computes the tile transposed (weight rows on wgmma's
+//   64-row side, activation rows on its narrow N side) for M <= 16, where a 64-row A tile
+//   would be mostly padding and its useless math would slow a weight-streaming GEMM.
+// * gemm_mma_* (every GPU from sm_80 on): all 8 warps copy tiles with cp.async into a ring of
+//   stages (the same 128-byte XOR swizzle, so ldmatrix reads are free of bank conflicts) and
+//   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
+//   number of stages is a launch argument, sized by the launcher to the device's shared memory.
+//
+// Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
+// zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
+// inside C. The launcher requires K % 8 == 0 and N % 8 == 0 (16-byte rows: TMA strides, 16-byte
+// copies, and bf16 pairs in the epilogue), 16-byte aligned A, B, C and bias.
+#include "common.cuh"
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int BK = 64;          // K elements of one pipeline stage: 128 bytes of each tile row
+constexpr int ROW_BYTES = 128;  // one tile row of one stage in shared memory
+constexpr int GROUP_M = 16;     // tile rows per band of the tile order
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` of a swizzled tile of 128-byte rows:
+// the chunk index is XORed with the row index mod 8, so the same chunk of 8 consecutive rows
+// falls in 8 different bank groups. It is the layout TMA's SWIZZLE_128B writes and wgmma's
+// 128-byte swizzle mode reads (given a 1024-byte aligned tile).
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+    return row * ROW_BYTES + ((chunk ^ (row & 7)) << 4);
+}
+
+// Output tiles of BM x BN, numbered in bands of GROUP_M tile rows, M fastest inside a band.
+struct TileOrder {
+    int m_tiles, n_tiles, tiles;
+    __device__ TileOrder(int m, int n, int bm, int bn)
+        : m_tiles((m + bm - 1) / bm), n_tiles((n + bn - 1) / bn), tiles(m_tiles * n_tiles) {}
+    __device__ __forceinline__ void coords(int t, int& mt, int& nt) const {
+        const int band = t / (GROUP_M * n_tiles);
+        const int first = band * GROUP_M;
+        const int rows = min(GROUP_M, m_tiles - first);
+        const int local = t - first * n_tiles;
+        mt = first + local % rows;
+        nt = local / rows;
+    }
+};
+
+// The next tile for this CTA, or `tiles` when none is left.
+__device__ __forceinline__ int next_tile(unsigned* counter, int tiles) {
+    return static_cast<int>(min(atomicAdd(counter, 1u), static_cast<unsigned>(tiles)));
+}
+
+__device__ __forceinline__ float2 bias_pair(const bf16* __restrict__ bias, int col) {
+    if (bias == nullptr) return make_float2(0.f, 0.f);
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(bias + col));
+}
+
+__device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
+    *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Portable path: cp.async + ldmatrix + mma.sync (sm_80 and newer).
+
+constexpr int MMA_THREADS = 256;    // 8 warps, 2 along M x 4 along N
+constexpr int MMA_MAX_STAGES = 16;  // bound of the launch argument `stages`
+
+template <int BM, int BN>
+struct MmaConfig {
+    static constexpr int WARPS_M = 2, WARPS_N = 4;
+    static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+    static constexpr int MI = WM / 16, NI = WN / 8;             // m16 and n8 fragments per warp
+    static constexpr int A_BYTES = BM * ROW_BYTES;
+    static constexpr int STAGE_BYTES = (BM + BN) * ROW_BYTES;
+    static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are whole m16 x n16 blocks");
+    static_assert(BM * 8 % MMA_THREADS == 0 && BN * 8 % MMA_THREADS == 0, "every thread copies whole chunks");
+};
+
+// 16 bytes from global to shared memory, bypassing L1; zero-filled (nothing read) unless `valid`.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most `n` committed groups are pending (`n` known only at run time).
+__device__ __forceinline__ void cp_async_wait_pending(int n) {
+    switch (n) {
+        case 1: cp_async_wait<1>(); break;
+        case 2: cp_async_wait<2>(); break;
+        case 3: cp_async_wait<3>(); break;
+        case 4: cp_async_wait<4>(); break;
+        case 5: cp_async_wait<5>(); break;
+        case 6: cp_async_wait<6>(); break;
+        case 7: cp_async_wait<7>(); break;
+        case 8: cp_async_wait<8>(); break;
+        case 9: cp_async_wait<9>(); break;
+        case 10: cp_async_wait<10>(); break;
+        case 11: cp_async_wait<11>(); break;
+        case 12: cp_async_wait<12>(); break;
+        case 13: cp_async_wait<13>(); break;
+        case 14: cp_async_wait<14>(); break;
+        default: cp_async_wait<0>(); break;  // 0, or more than can be pending: wait for all
+    }
+}
+
+// Copies rows [row0, row0 + ROWS) x columns [k0, k0 + 64) of the row-major [rows, k] matrix
+// `src` into the swizzled tile at `dst`; whatever lies outside the matrix is zero-filled.
+template <int ROWS>
+__device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __restrict__ src, int rows, int k, int row0,
+                                                int k0, int tid) {
+#pragma unroll
+    for (int j = 0; j < ROWS * 8 / MMA_THREADS; ++j) {
+        const int i = tid + j * MMA_THREADS;
+        const int r = i >> 3, chunk = i & 7;
+        const int row = row0 + r, col = k0 + chunk * 8;
+        const bool valid = row < rows && col < k;
+        cp_async16(dst + swizzled(r, chunk), valid ? src + (size_t)row * k + col : src, valid);
+    }
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// d += a · b for one m16n8k16 fragment (a row-major 16x16, b column-major 16x8).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// One stage (64 of K) of a warp's WM x WN tile. `live_mi` m16 fragments hold rows inside A; the
+// others are skipped (small M).
+template <int BM, int BN>
+__device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
+                                          float (&acc)[MmaConfig<BM, BN>::MI][MmaConfig<BM, BN>::NI][4], int wm0,
+                                          int wn0, int lane, int live_mi) {
+    using C = MmaConfig<BM, BN>;
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) {
+        uint32_t af[C::MI][4];
+        uint32_t bfr[C::NI][2];
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi) {
+            // Lanes 0-15 address rows 0-15 of the fragment at k 0-7, lanes 16-31 the same rows at k 8-15.
+            if (mi < live_mi) ldmatrix_x4(af[mi], a_tile + swizzled(wm0 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+        }
+#pragma unroll
+        for (int nj = 0; nj < C::NI / 2; ++nj) {
+            // Matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+            uint32_t r[4];
+            ldmatrix_x4(r, b_tile + swizzled(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+            bfr[2 * nj][0] = r[0];
+            bfr[2 * nj][1] = r[1];
+            bfr[2 * nj + 1][0] = r[2];
+            bfr[2 * nj + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mi = 0; mi < C::MI; ++mi) {
+            if (mi < live_mi) {
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+            }
+        }
+    }
+}
+
+template <int BM, int BN>
+__device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const bf16* __restrict__ b,
+                                              const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
+                                              int k, int stages, unsigned* __restrict__ counter) {
+    using C = MmaConfig<BM, BN>;
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ int stage_tile[MMA_MAX_STAGES];  // the tile each stage holds; -1 once none is left
+    __shared__ int fetched[2];                   // tile numbers from the counter, double-buffered
+
+    const uint32_t smem = (smem_addr(smem_raw) + 127u) & ~127u;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm0 = (warp / C::WARPS_N) * C::WM, wn0 = (warp % C::WARPS_N) * C::WN;
+    const TileOrder order(m, n, BM, BN);
+    const int k_blocks = (k + BK - 1) / BK;
+
+    // Loader state, the same in every thread: the tile and K block the next stage gets.
+    if (tid == 0) fetched[0] = next_tile(counter, order.tiles);
+    __syncthreads();
+    int fetches = 1;
+    int load_tile = fetched[0];
+    int load_kb = 0;
+
+    // Fills stage `slot` with the next K block (or marks it empty) and commits one cp.async group.
+    auto load_next = [&](int slot) {
+        const bool live = load_tile < order.tiles;
+        if (tid == 0) stage_tile[slot] = live ? load_tile : -1;
+        if (live) {
+            int mt, nt;
+            order.coords(load_tile, mt, nt);
+            const uint32_t dst = smem + slot * C::STAGE_BYTES;
+            copy_tile_async<BM>(dst, a, m, k, mt * BM, load_kb * BK, tid);
+            copy_tile_async<BN>(dst + C::A_BYTES, b, n, k, nt * BN, load_kb * BK, tid);
+            if (++load_kb == k_blocks) {
+                // The tile is fully requested: take the next one. Two slots, so that thread 0 never
+                // overwrites a number another thread has yet to read.
+                load_kb = 0;
+                if (tid == 0) fetched[fetches & 1] = next_tile(counter, order.tiles);
+                __syncthreads();
+                load_tile = fetched[fetches & 1];
+                ++fetches;
+            }
+        }
+        cp_async_commit();
+    };
+
+    for (int s = 0; s < stages - 1; ++s) load_next(s);
+
+    float acc[C::MI][C::NI][4];
+    int read_stage = 0, write_stage = stages - 1;
+    int kb = 0, mt = 0, nt = 0, live_mi = 0;
+    for (;;) {
+        // The stage about to be read has landed, and every warp is done with the one about to be
+        // overwritten (it was read in the previous iteration).
+        cp_async_wait_pending(stages - 2);
+        __syncthreads();
+        if (kb == 0) {
+            const int tile = stage_tile[read_stage];
+            if (tile < 0) break;
+            order.coords(tile, mt, nt);
+            live_mi = min(C::MI, max(0, (m - mt * BM - wm0 + 15) / 16));
+#pragma unroll
+            for (int mi = 0; mi < C::MI; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
+        }
+        load_next(write_stage);
+        const uint32_t tile_smem = smem + read_stage * C::STAGE_BYTES;
+        mma_stage<BM, BN>(tile_smem, tile_smem + C::A_BYTES, acc, wm0, wn0, lane, live_mi);
+        read_stage = read_stage + 1 == stages ? 0 : read_stage + 1;
+        write_stage = write_stage + 1 == stages ? 0 : write_stage + 1;
+        if (++kb == k_blocks) {
+            kb = 0;
+            // Epilogue straight from registers: fragment rows g and g + 8, columns 2q and 2q + 1.
+#pragma unroll
+            for (int mi = 0; mi < C::MI; ++mi) {
+                const int row = mt * BM + wm0 + mi * 16 + (lane >> 2);
+#pragma unroll
+                for (int ni = 0; ni < C::NI; ++ni) {
+                    const int col = nt * BN + wn0 + ni * 8 + (lane & 3) * 2;
+                    if (col < n) {
+                        const float2 bb = bias_pair(bias, col);
+                        if (row < m) store_pair(c + (size_t)row * n + col, acc[mi][ni][0] + bb.x, acc[mi][ni][1] + bb.y);
+                        if (row + 8 < m)
+                            store_pair(c + (size_t)(row + 8) * n + col, acc[mi][ni][2] + bb.x, acc[mi][ni][3] + bb.y);
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hopper path: TMA + mbarriers + wgmma, warp-specialized (sm_90a).
+
+// A CUtensorMap, passed by value as a __grid_constant__ parameter.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+// Threads of a wgmma kernel with tiles of BM (rows of A) x BN (rows of B): a producer warpgroup
+// and one consumer warpgroup per 64 rows of wgmma's M side (B's rows when SWAP, else A's).
+constexpr int wgmma_threads(int bm, int bn, bool swap) { return 128 * (1 + (swap ? bn : bm) / 64); }
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+// Tiles of BM (rows of A) x BN (rows of B); SWAP puts B's rows on wgmma's M side.
+template <int BM, int BN, bool SWAP>
+struct WgmmaConfig {
+    static constexpr int MMA_ROWS = SWAP ? BN : BM;  // wgmma M side: 64 per consumer warpgroup
+    static constexpr int MMA_N = SWAP ? BM : BN;     // wgmma N
+    static constexpr int CONSUMERS = MMA_ROWS / 64;
+    static constexpr int A_BYTES = BM * ROW_BYTES, B_BYTES = BN * ROW_BYTES;
+    static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+    static constexpr int RING_BYTES = 192 * 1024;
+    static constexpr int STAGES = RING_BYTES / STAGE_BYTES < 16 ? RING_BYTES / STAGE_BYTES : 16;
+    static_assert(MMA_ROWS % 64 == 0 && CONSUMERS <= 2, "one or two consumer warpgroups of 64 rows");
+    static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
+};
+
+// D[64 x N] (+)= A[64 x 16] · B[N x 16]ᵀ for one warpgroup, A and B K-major in shared memory
+// (descriptors); D += when `accumulate` is non-zero, D = otherwise.
+template <int N>
+struct Wgmma;
+
+template <>
+struct Wgmma<16> {
+    static constexpr int REGS = 8;
+    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7},"
+            " %8, %9, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    }
+};
+
+template <>
+struct Wgmma<64> {
+    static constexpr int REGS = 32;
+    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
+            " %32, %33, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    }
+};
+
+template <>
+struct Wgmma<128> {
+    static constexpr int REGS = 64;
+    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
+            " %64, %65, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    }
+};
+
+template <>
+struct Wgmma<256> {
+    static constexpr int REGS = 128;
+    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+            "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+            "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+            "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+            "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},"
+            " %128, %129, p, 1, 1, 0, 0;\n}\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+              "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+              "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+              "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+              "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+              "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+              "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+              "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+              "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+    }
+};
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// Box {64 of K, rows} at (k0, row0) of the tensor map into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, int k0, int row0, uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+            dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(bar)
+        : "memory");
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Makes the compiler treat the accumulators as written here, so no read of them moves above a
+// wgmma wait.
+template <int R>
+__device__ __forceinline__ void touch(float (&d)[R]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// wgmma shared-memory descriptor of a K-major operand in 128-byte swizzled rows: start address,
+// leading byte offset 16 (unused by this layout), stride byte offset 1024 (between groups of 8
+// rows), swizzle mode 1 (128 bytes).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+}
+
+template <int BM, int BN, bool SWAP>
+__device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
+                                                const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
+                                                int k, unsigned* __restrict__ counter) {
+    using C = WgmmaConfig<BM, BN, SWAP>;
+    constexpr int STAGES = C::STAGES;
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
+    __shared__ int stage_tile[STAGES];  // the tile each stage holds; -1: no tile left
+
+    const uint32_t ring = (smem_addr(smem_raw) + 1023u) & ~1023u;
+    const int tid = threadIdx.x;
+    const int warpgroup = tid / 128;
+    const TileOrder order(m, n, BM, BN);
+    const int k_blocks = (k + BK - 1) / BK;
+
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&full[s]), 1);                    // the producer's arrive + the TMA bytes
+            mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4);  // one arrive per consumer warp
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_a)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_b)) : "memory");
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // Producer: one thread loads; with two consumer warpgroups, the producer warpgroup gives
+        // its registers to them (128 accumulators each for 128 x 256 tiles).
+        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid != 0) return;
+        int stage = 0;
+        uint32_t phase = 0;
+        for (;;) {
+            const int tile = next_tile(counter, order.tiles);
+            mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+            if (tile >= order.tiles) {
+                // Tell the consumers there is nothing more: a stage holding no data.
+                stage_tile[stage] = -1;
+                mbar_arrive(smem_addr(&full[stage]));
+                return;
+            }
+            int mt, nt;
+            order.coords(tile, mt, nt);
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                if (kb > 0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+                // Published to the consumers by the arrive (release) and their wait (acquire).
+                stage_tile[stage] = tile;
+                const uint32_t bar = smem_addr(&full[stage]);
+                const uint32_t dst = ring + stage * C::STAGE_BYTES;
+                mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+                tma_load(dst, tmap_a, kb * BK, mt * BM, bar);
+                tma_load(dst + C::A_BYTES, tmap_b, kb * BK, nt * BN, bar);
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+        }
+    } else {
+        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
+        const int warp = (tid / 32) % 4, lane = tid % 32;
+        float acc[Wgmma<C::MMA_N>::REGS];
+#pragma unroll
+        for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] = 0.f;
+        int stage = 0;
+        uint32_t phase = 0;
+        for (;;) {
+            mbar_wait(smem_addr(&full[stage]), phase);
+            const int tile = stage_tile[stage];
+            if (tile < 0) return;
+            int mt, nt;
+            order.coords(tile, mt, nt);
+            int previous = stage;
+            for (int kb = 0; kb < k_blocks; ++kb) {
+                if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
+                const uint32_t a_tile = ring + stage * C::STAGE_BYTES;
+                const uint32_t b_tile = a_tile + C::A_BYTES;
+                // The wgmma M side reads 64 rows of its tile, the N side all rows of the other.
+                const uint32_t m_side = (SWAP ? b_tile : a_tile) + consumer * 64 * ROW_BYTES;
+                const uint32_t n_side = SWAP ? a_tile : b_tile;
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < BK / 16; ++kk) {
+                    // 16 of K = 32 bytes further along the (swizzled) rows.
+                    Wgmma<C::MMA_N>::run(acc, smem_desc(m_side + kk * 32), smem_desc(n_side + kk * 32),
+                                         kb > 0 || kk > 0);
+                }
+                wgmma_commit();
+                if (kb > 0) {
+                    // The previous stage's wgmma group has finished reading: give the stage back.
+                    wgmma_wait<1>();
+                    if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+                }
+                previous = stage;
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+            wgmma_wait<0>();
+            touch(acc);
+            if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+
+            // Epilogue straight from registers. Accumulator 4j + e of this thread is row
+            // 16 warp + lane / 4 (+ 8 for e >= 2) of the wgmma M side, column 8j + 2 (lane % 4)
+            // (+ 1 for odd e) of its N side.
+            const int r0 = consumer * 64 + warp * 16 + (lane >> 2);
+            const int c0 = (lane & 3) * 2;
+            if constexpr (!SWAP) {
+                const int row = mt * BM + r0;
+#pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j) {
+                    const int col = nt * BN + j * 8 + c0;
+                    if (col < n) {
+                        const float2 bb = bias_pair(bias, col);
+                        if (row < m) store_pair(c + (size_t)row * n + col, acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y);
+                        if (row + 8 < m)
+                            store_pair(c + (size_t)(row + 8) * n + col, acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y);
+                    }
+                }
+            } else {
+                // Transposed: the M side runs along N (columns of C), the N side along M (rows).
+                const int col = nt * BN + r0;
+                const float b_lo = bias != nullptr && col < n ? __bfloat162float(bias[col]) : 0.f;
+                const float b_hi = bias != nullptr && col + 8 < n ? __bfloat162float(bias[col + 8]) : 0.f;
+#pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j) {
+                    const int row = mt * BM + j * 8 + c0;
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int r = row + (e & 1), cc = col + (e >> 1) * 8;
+                        if (r < m && cc < n) c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[4 * j + e] + (e >> 1 ? b_hi : b_lo));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Entry points. Arguments: the operands, then m, n, k, then the tile counter (zeroed by the
+// launcher). The mma kernels also take the number of pipeline stages their shared memory holds.
+
+#define NEXUS_GEMM_MMA(NAME, BM, BN)                                                                               \
+    extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
+        NAME(const bf16* __restrict__ a, const bf16* __restrict__ b, const bf16* __restrict__ bias,               \
+             bf16* __restrict__ c, int m, int n, int k, int stages, unsigned* __restrict__ counter) {             \
+        gemm_mma_body<BM, BN>(a, b, bias, c, m, n, k, stages, counter);                                            \
+    }
+
+NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128)
+NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64)
+
+// Empty outside sm_90a: the launcher selects these only on Hopper.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP) \
+    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, counter);
+#else
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
+#endif
+
+#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
+    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
+        NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
+             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k,                             \
+             unsigned* __restrict__ counter) {                                                                     \
+        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
+    }
+
+NEXUS_GEMM_WGMMA(gemm_wgmma_128x256, 128, 256, false)
+NEXUS_GEMM_WGMMA(gemm_wgmma_128x128, 128, 128, false)
+NEXUS_GEMM_WGMMA(gemm_wgmma_64x128, 64, 128, false)
+NEXUS_GEMM_WGMMA(gemm_wgmma_64x64, 64, 64, false)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x64, 16, 64, true)

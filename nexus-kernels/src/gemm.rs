@@ -1,0 +1,513 @@
+//! The GEMM of the linear layers on the GPU: `C[m, n] = A[m, k] · B[n, k]ᵀ (+ bias[n])`, bf16 in
+//! and out with f32 accumulation. A holds activations, B a weight stored `[out_features,
+//! in_features]`; all three are row-major. The CPU reference is [`crate::reference::gemm`].
+//!
+//! # Kernels
+//!
+//! All kernels of `cuda/gemm.cu` are persistent: a launch starts `min(budget, tiles)` CTAs, one
+//! per SM, which take output tiles from an atomic counter in the [`GemmWorkspace`] (zeroed on the
+//! stream before every launch), so a budget of `b` occupies at most `b` SMs.
+//!
+//! - On Hopper (sm_90a), [`GemmKernel::Wgmma128x256`] and its smaller siblings: one producer
+//!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
+//!   stages (4 to 16 of them, 192 KB in all), and one or two consumer warpgroups multiply them
+//!   with `wgmma` and hand the stages back through mbarriers. The producer runs ahead across tile
+//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`] puts the weight rows on wgmma's
+//!   64-row side, so that a decode-sized GEMM streams its weight without 64-row padding math.
+//! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
+//!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
+//!
+//! [`plan`] picks the kernel for a shape and budget with a small roofline model (compute, L2 fill
+//! and DRAM time per candidate tile shape, with the wave quantization of the tiles over the
+//! budget's CTAs); [`gemm`] plans and launches, [`gemm_with`] launches a given kernel.
+//!
+//! # Requirements
+//!
+//! `k` and `n` must be multiples of 8 (rows of 16 bytes: TMA strides, 16-byte copies and bf16
+//! pairs in the epilogue), and A, B, C and the bias must start on 16-byte boundaries. `m` is
+//! free (1 to anything). Launches allocate nothing and take no host-device synchronization, so
+//! they can be captured in a CUDA graph.
+//!
+//! ```no_run
+//! use nexus_kernels::gemm::{self, GemmShape, GemmWorkspace};
+//! use nexus_kernels::{CtaBudget, Gpu, PhaseContext};
+//!
+//! let gpu = Gpu::new(0)?;
+//! let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
+//! let mut workspace = GemmWorkspace::new(&ctx)?;
+//! let (m, n, k) = (16, 6144, 4096);
+//! let x = ctx.stream().alloc_zeros::<half::bf16>(m * k)?;
+//! let w = ctx.stream().alloc_zeros::<half::bf16>(n * k)?;
+//! let mut y = ctx.stream().alloc_zeros::<half::bf16>(m * n)?;
+//! gemm::gemm(&ctx, &x.as_view(), &w.as_view(), None, &mut y.as_view_mut(), GemmShape { m, n, k }, &mut workspace)?;
+//! # Ok::<(), nexus_kernels::Error>(())
+//! ```
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys::{self, CUdevice_attribute};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchArgs, PushKernelArg};
+use half::bf16;
+
+use crate::error::ensure_shape;
+use crate::gpu::{CtaBudget, PhaseContext, PtxTarget};
+use crate::{Error, Result};
+
+pub use crate::reference::GemmShape;
+
+const MODULE: &str = "gemm";
+/// K elements per pipeline stage (`BK` in the source): one 128-byte swizzled row per tile row.
+const BK: usize = 64;
+/// Required divisor of `k` and `n`: 8 bf16 = 16 bytes.
+const ALIGN_ELEMS: usize = 8;
+/// Required alignment of every buffer, in bytes.
+const ALIGN_BYTES: u64 = 16;
+/// Shared memory of the wgmma kernels' stage ring (`RING_BYTES` in the source), and their cap
+/// on stages.
+const WGMMA_RING_BYTES: usize = 192 * 1024;
+const WGMMA_MAX_STAGES: usize = 16;
+/// Threads of the mma kernels, and the largest `stages` argument they accept.
+const MMA_THREADS: u32 = 256;
+const MMA_MAX_STAGES: usize = 16;
+/// Shared memory an mma kernel needs beyond its stages: alignment slack of the dynamic ring and
+/// its static arrays.
+const MMA_SMEM_EXTRA: usize = 128 + 256;
+
+/// A kernel of `cuda/gemm.cu`: a tile shape and the instructions that compute it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum GemmKernel {
+    /// sm_90a: tiles of 128 rows of A × 256 rows of B; TMA + wgmma, two consumer warpgroups.
+    /// The large-M workhorse.
+    Wgmma128x256,
+    /// sm_90a: 128 × 128 tiles, two consumer warpgroups.
+    Wgmma128x128,
+    /// sm_90a: 64 × 128 tiles, one consumer warpgroup.
+    Wgmma64x128,
+    /// sm_90a: 64 × 64 tiles, one consumer warpgroup: small M with few weight rows per CTA.
+    Wgmma64x64,
+    /// sm_90a: 16 rows of A × 64 rows of B, computed transposed (the weight on wgmma's 64-row
+    /// side, 16 activation rows on its N side): M ≤ 16, where the GEMM streams its weight.
+    WgmmaSwap16x64,
+    /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
+    Mma128x128,
+    /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
+    Mma64x64,
+}
+
+/// What the launcher and the planner need to know of a kernel.
+struct Spec {
+    name: &'static str,
+    /// Rows of A and rows of B per tile.
+    bm: usize,
+    bn: usize,
+    family: Family,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    /// TMA + wgmma; `swap` puts B's rows on wgmma's M side.
+    Wgmma { swap: bool },
+    /// cp.async + mma.sync, with at most this many stages.
+    Mma { max_stages: usize },
+}
+
+impl GemmKernel {
+    /// The Hopper kernels, largest tiles first.
+    pub const HOPPER: [GemmKernel; 5] = [
+        GemmKernel::Wgmma128x256,
+        GemmKernel::Wgmma128x128,
+        GemmKernel::Wgmma64x128,
+        GemmKernel::Wgmma64x64,
+        GemmKernel::WgmmaSwap16x64,
+    ];
+    /// The kernels that run on every GPU from sm_80 on, largest tiles first.
+    pub const PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
+
+    fn spec(self) -> Spec {
+        use Family::*;
+        let (name, bm, bn, family) = match self {
+            GemmKernel::Wgmma128x256 => ("gemm_wgmma_128x256", 128, 256, Wgmma { swap: false }),
+            GemmKernel::Wgmma128x128 => ("gemm_wgmma_128x128", 128, 128, Wgmma { swap: false }),
+            GemmKernel::Wgmma64x128 => ("gemm_wgmma_64x128", 64, 128, Wgmma { swap: false }),
+            GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
+            GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
+            GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
+            GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
+        };
+        Spec { name, bm, bn, family }
+    }
+
+    /// The tile: (rows of A, rows of B), i.e. (rows, columns) of C.
+    pub fn tile(self) -> (usize, usize) {
+        let s = self.spec();
+        (s.bm, s.bn)
+    }
+
+    /// Whether the kernel runs only on Hopper (the `compute_90a` PTX).
+    pub fn needs_sm90a(self) -> bool {
+        matches!(self.spec().family, Family::Wgmma { .. })
+    }
+
+    /// The kernel's name in the PTX module.
+    pub fn name(self) -> &'static str {
+        self.spec().name
+    }
+
+    /// The output tiles of `shape`.
+    pub fn tiles(self, shape: GemmShape) -> usize {
+        let (bm, bn) = self.tile();
+        shape.m.div_ceil(bm) * shape.n.div_ceil(bn)
+    }
+}
+
+/// The kernel [`plan`] chose for a shape and budget, and why.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmPlan {
+    /// The kernel to launch.
+    pub kernel: GemmKernel,
+    /// Output tiles of the shape.
+    pub tiles: usize,
+    /// CTAs launched: `min(budget, tiles)`.
+    pub ctas: u32,
+    /// `ceil(tiles / ctas)`: tiles the busiest CTA computes.
+    pub waves: usize,
+    /// The model's time for the launch, in seconds (for ranking; not a prediction to trust).
+    pub estimated_seconds: f64,
+}
+
+// Rough H100 SXM figures of the planning model. They rank tile shapes; they are not meant to
+// predict times (re-fit them from the benchmark if the choices look wrong).
+/// SM clock under load.
+const CLOCK_HZ: f64 = 1.75e9;
+/// L2 → SM bandwidth of the whole GPU, and the most one SM takes per clock.
+const L2_BYTES_PER_S: f64 = 10e12;
+const SM_FILL_BYTES_PER_CLOCK: f64 = 128.0;
+/// DRAM streaming read with all SMs, with one SM, and the SM count at which it saturates
+/// (1 − e^(−ctas / s) of the full rate: 89% at 32 SMs, 96% at 48, 99% at 64, as measured).
+const DRAM_BYTES_PER_S: f64 = 3.1e12;
+const DRAM_BYTES_PER_S_ONE_SM: f64 = 125e9;
+const DRAM_SATURATION_SMS: f64 = 14.5;
+/// Dense bf16 multiply-adds per SM and clock: wgmma, and mma.sync (the Ampere rate).
+const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
+const MMA_MACS_PER_CLOCK: f64 = 1024.0;
+/// Estimates within this factor of each other count as a tie, settled by less math issued.
+const TIE: f64 = 1.01;
+
+fn dram_bandwidth(ctas: f64) -> f64 {
+    (ctas * DRAM_BYTES_PER_S_ONE_SM).min(DRAM_BYTES_PER_S * (1.0 - (-ctas / DRAM_SATURATION_SMS).exp()))
+}
+
+/// Clocks of tensor-core work per 64-deep K block of one tile, and the efficiency reached.
+fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
+    let s = kernel.spec();
+    match s.family {
+        Family::Wgmma { swap } => {
+            // Each consumer warpgroup issues 4 wgmma m64nNk16 per K block. One costs the larger of
+            // its math (64·N·16 MACs) and its shared-memory reads (A 2 KB, B N·32 bytes, at 128
+            // bytes per clock); the warpgroups share the SM.
+            let (rows, n) = if swap { (s.bn, s.bm) } else { (s.bm, s.bn) };
+            let n = n as f64;
+            let per_wgmma = (64.0 * n * 16.0 / WGMMA_MACS_PER_CLOCK).max(16.0 + n / 4.0);
+            let efficiency = match s.bn.max(s.bm) {
+                256 => 0.85,
+                128 => 0.8,
+                _ => 0.75,
+            };
+            (rows / 64) as f64 * 4.0 * per_wgmma / efficiency
+        }
+        Family::Mma { .. } => {
+            // Warps skip m16 fragments wholly below M.
+            let rows = s.bm.min(m.div_ceil(16) * 16) as f64;
+            rows * s.bn as f64 * BK as f64 / (MMA_MACS_PER_CLOCK * 0.7)
+        }
+    }
+}
+
+/// The model's plan for `kernel` with at most `budget` CTAs (see [`plan`]).
+fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32) -> GemmPlan {
+    let GemmShape { m, n, k } = shape;
+    let (bm, bn) = kernel.tile();
+    let tiles = kernel.tiles(shape).max(1);
+    let ctas = (tiles.min(budget.max(1) as usize)) as u32;
+    let waves = tiles.div_ceil(ctas as usize);
+    let k_blocks = k.div_ceil(BK) as f64;
+    // Each K block fills a stage with the tile's rows of A and B that exist (out-of-range rows
+    // are zero-filled without reading memory).
+    let fill_bytes = ((bm.min(m) + bn.min(n)) * BK * 2) as f64;
+    let fill_rate = SM_FILL_BYTES_PER_CLOCK.min(L2_BYTES_PER_S / CLOCK_HZ / ctas as f64);
+    let per_k_block = math_clocks_per_k_block(kernel, m).max(fill_bytes / fill_rate);
+    let compute = waves as f64 * k_blocks * per_k_block / CLOCK_HZ;
+    let dram_bytes = (2 * (m * k + n * k + m * n)) as f64;
+    let memory = dram_bytes / dram_bandwidth(ctas as f64);
+    GemmPlan { kernel, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
+}
+
+/// Picks the kernel for `shape` under `budget` on a device running `target`'s PTX: the candidate
+/// with the least modelled time, where a candidate's time is the larger of (a) its waves
+/// (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core time
+/// and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth `ctas` SMs reach.
+/// Near-ties go to the candidate that issues less math (less padding).
+pub fn plan(shape: GemmShape, budget: CtaBudget, target: PtxTarget) -> GemmPlan {
+    plan_ctas(shape, budget.get(), target)
+}
+
+/// [`plan`] for a budget of `budget` CTAs.
+fn plan_ctas(shape: GemmShape, budget: u32, target: PtxTarget) -> GemmPlan {
+    let candidates: &[GemmKernel] = match target {
+        PtxTarget::Sm90a => &GemmKernel::HOPPER,
+        PtxTarget::Sm80 => &GemmKernel::PORTABLE,
+    };
+    let mut best: Option<(GemmPlan, f64)> = None;
+    for &kernel in candidates {
+        let p = estimate(kernel, shape, budget);
+        let work = p.tiles as f64 * math_clocks_per_k_block(kernel, shape.m);
+        best = match best {
+            Some((b, b_work))
+                if b.estimated_seconds * TIE < p.estimated_seconds
+                    || (p.estimated_seconds * TIE >= b.estimated_seconds && b_work <= work) =>
+            {
+                Some((b, b_work))
+            }
+            _ => Some((p, work)),
+        };
+    }
+    // `candidates` is never empty.
+    best.map_or_else(|| estimate(candidates[0], shape, budget), |(p, _)| p)
+}
+
+/// Device scratch of the GEMM launches: the tile counter their CTAs share. Make one per stream
+/// (two GEMMs in flight at once must not share one) and pass it to every launch; launches then
+/// allocate nothing and can be captured in a CUDA graph.
+#[derive(Debug)]
+pub struct GemmWorkspace {
+    counter: CudaSlice<u32>,
+    /// The device's opt-in shared memory per block, which sizes the mma kernels' rings.
+    smem_per_block: usize,
+}
+
+impl GemmWorkspace {
+    /// A workspace on `ctx`'s device.
+    pub fn new(ctx: &PhaseContext) -> Result<Self> {
+        let counter = ctx.stream().alloc_zeros::<u32>(1)?;
+        let smem_per_block =
+            ctx.gpu().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
+        Ok(GemmWorkspace { counter, smem_per_block: smem_per_block.max(0) as usize })
+    }
+}
+
+/// `c = a · bᵀ (+ bias)` with `a: [m, k]`, `b: [n, k]`, `bias: [n]`, `c: [m, n]`, all bf16, on
+/// at most the context's CTA budget, with the kernel [`plan`] picks.
+pub fn gemm(
+    ctx: &PhaseContext,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    bias: Option<&CudaView<'_, bf16>>,
+    c: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+    workspace: &mut GemmWorkspace,
+) -> Result<()> {
+    let kernel = plan(shape, ctx.budget(), ctx.gpu().target()).kernel;
+    gemm_with(ctx, kernel, a, b, bias, c, shape, workspace)
+}
+
+/// [`gemm`] with a given kernel (tests, benchmarks). Fails with [`Error::Unsupported`] for a
+/// Hopper kernel on another GPU.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_with(
+    ctx: &PhaseContext,
+    kernel: GemmKernel,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    bias: Option<&CudaView<'_, bf16>>,
+    c: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+    workspace: &mut GemmWorkspace,
+) -> Result<()> {
+    let GemmShape { m, n, k } = shape;
+    ensure_shape!(k > 0 && k % ALIGN_ELEMS == 0, "gemm: k = {k} must be a positive multiple of {ALIGN_ELEMS}");
+    ensure_shape!(n % ALIGN_ELEMS == 0, "gemm: n = {n} must be a multiple of {ALIGN_ELEMS}");
+    let len = |rows: usize, cols: usize, what: &str| {
+        rows.checked_mul(cols).ok_or_else(|| Error::Shape(format!("gemm: {what} of {rows} x {cols} overflows")))
+    };
+    ensure_shape!(a.len() == len(m, k, "A")?, "gemm: A has {} values, expected {m} x {k}", a.len());
+    ensure_shape!(b.len() == len(n, k, "B")?, "gemm: B has {} values, expected {n} x {k}", b.len());
+    ensure_shape!(c.len() == len(m, n, "C")?, "gemm: C has {} values, expected {m} x {n}", c.len());
+    if let Some(bias) = bias {
+        ensure_shape!(bias.len() == n, "gemm: bias has {} values, expected {n}", bias.len());
+    }
+    let spec = kernel.spec();
+    if kernel.needs_sm90a() && ctx.gpu().target() != PtxTarget::Sm90a {
+        return Err(Error::Unsupported(format!("gemm: {} needs an sm_90a (Hopper) GPU", spec.name)));
+    }
+    let to_i32 = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| Error::Unsupported(format!("gemm: {what} = {v} does not fit in i32")))
+    };
+    let (m_i, n_i, k_i) = (to_i32(m, "m")?, to_i32(n, "n")?, to_i32(k, "k")?);
+    let tiles = kernel.tiles(shape);
+    to_i32(tiles, "the tile count")?;
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+
+    let stream = ctx.stream();
+    // The read guards of A and B stay alive until the launch is enqueued: TMA reads them through
+    // the tensor maps, so this is what orders the launch for cudarc's stream tracking.
+    let (a_ptr, _a_read) = a.device_ptr(stream);
+    let (b_ptr, _b_read) = b.device_ptr(stream);
+    let c_ptr = c.device_ptr(stream).0;
+    let bias_ptr = bias.map(|v| v.device_ptr(stream).0);
+    for (ptr, what) in [(Some(a_ptr), "A"), (Some(b_ptr), "B"), (Some(c_ptr), "C"), (bias_ptr, "bias")] {
+        if let Some(ptr) = ptr {
+            ensure_shape!(ptr % ALIGN_BYTES == 0, "gemm: {what} must start on a {ALIGN_BYTES}-byte boundary");
+        }
+    }
+
+    let grid = ctx.budget().grid(tiles);
+    let null: u64 = 0;
+    match spec.family {
+        Family::Mma { max_stages } => {
+            let stage_bytes = (spec.bm + spec.bn) * BK * 2;
+            let stages = (workspace.smem_per_block.saturating_sub(MMA_SMEM_EXTRA) / stage_bytes)
+                .min(max_stages)
+                .min(MMA_MAX_STAGES);
+            if stages < 2 {
+                return Err(Error::Unsupported(format!(
+                    "gemm: {} needs {} bytes of shared memory per block; the device has {}",
+                    spec.name,
+                    2 * stage_bytes + MMA_SMEM_EXTRA,
+                    workspace.smem_per_block
+                )));
+            }
+            let stages_i = stages as i32;
+            let smem = (stages * stage_bytes + MMA_SMEM_EXTRA) as u32;
+            let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, MMA_THREADS, smem)?;
+            stream.memset_zeros(&mut workspace.counter)?;
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(a).arg(b);
+            push_bias(&mut launch, bias, &null);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&stages_i).arg(&mut workspace.counter);
+            // SAFETY: the arguments match `NEXUS_GEMM_MMA` in cuda/gemm.cu. A, B, C and the bias
+            // hold exactly m·k, n·k, m·n and n values (checked above), 16-byte aligned with k and
+            // n multiples of 8, and the kernel reads and writes only inside those shapes. The
+            // counter was zeroed on this stream, and the shared memory holds `stages` stages.
+            unsafe { launch.launch(cfg) }?;
+        }
+        Family::Wgmma { swap } => {
+            let stage_bytes = (spec.bm + spec.bn) * BK * 2;
+            let stages = (WGMMA_RING_BYTES / stage_bytes).min(WGMMA_MAX_STAGES);
+            let smem = (stages * stage_bytes + 1024) as u32;
+            let threads = 128 * (1 + if swap { spec.bn } else { spec.bm } as u32 / 64);
+            let map_a = TensorMap::new(a_ptr, m, k, spec.bm)?;
+            let map_b = TensorMap::new(b_ptr, n, k, spec.bn)?;
+            let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
+            stream.memset_zeros(&mut workspace.counter)?;
+            let mut launch = stream.launch_builder(&f);
+            launch.arg(&map_a).arg(&map_b);
+            push_bias(&mut launch, bias, &null);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&mut workspace.counter);
+            // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
+            // describe A ([m, k]) and B ([n, k]) exactly, so TMA reads nothing outside them; C and
+            // the bias hold m·n and n values (checked above), 16-byte aligned, and the kernel
+            // writes only inside [m, n]. The counter was zeroed on this stream.
+            unsafe { launch.launch(cfg) }?;
+        }
+    }
+    Ok(())
+}
+
+fn push_bias<'a>(launch: &mut LaunchArgs<'a>, bias: Option<&'a CudaView<'_, bf16>>, null: &'a u64) {
+    match bias {
+        Some(bias) => launch.arg(bias),
+        None => launch.arg(null),
+    };
+}
+
+/// A `CUtensorMap` of a row-major bf16 matrix `[rows, k]`, read in boxes of 64 of K × `box_rows`
+/// rows with the 128-byte swizzle, out-of-range elements filled with zeros. Passed to the kernel
+/// by value (a `__grid_constant__` parameter).
+#[repr(transparent)]
+struct TensorMap(sys::CUtensorMap);
+
+// SAFETY: a CUtensorMap is plain bytes that the kernel receives by value (128 bytes, as its
+// `TensorMap` parameter in cuda/gemm.cu).
+unsafe impl DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    fn new(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<Self> {
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        let dims: [u64; 2] = [k as u64, rows as u64];
+        let strides: [u64; 1] = [(k * 2) as u64];
+        let boxes: [u32; 2] = [BK as u32, box_rows as u32];
+        let element_strides: [u32; 2] = [1, 1];
+        // SAFETY: the call only encodes `map` on the host; every array it reads lives on this
+        // stack frame and has the length rank 2 implies.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                2,
+                ptr as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()?;
+        Ok(TensorMap(map))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(m: usize, n: usize, k: usize) -> GemmShape {
+        GemmShape { m, n, k }
+    }
+
+    #[test]
+    fn large_m_takes_the_largest_hopper_tile() {
+        let p = plan_ctas(shape(4096, 6144, 4096), 132, PtxTarget::Sm90a);
+        assert_eq!(p.kernel, GemmKernel::Wgmma128x256);
+        assert_eq!(p.ctas, 132);
+    }
+
+    #[test]
+    fn decode_sizes_stream_the_weight_with_the_swapped_kernel() {
+        for m in [1, 7, 16] {
+            for b in [8, 32, 132] {
+                let p = plan_ctas(shape(m, 6144, 4096), b, PtxTarget::Sm90a);
+                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}, budget {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn plans_use_the_budget_and_only_target_kernels() {
+        for m in [1, 16, 64, 256, 1024, 4096, 8192] {
+            for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336), (8, 8)] {
+                for b in [1, 8, 16, 32, 48, 64, 96, 132] {
+                    let s = shape(m, n, k);
+                    let p = plan_ctas(s, b, PtxTarget::Sm90a);
+                    assert!(p.ctas <= b && p.ctas as usize <= p.tiles);
+                    assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize));
+                    assert!(p.estimated_seconds > 0.0);
+                    let p = plan_ctas(s, b, PtxTarget::Sm80);
+                    assert!(GemmKernel::PORTABLE.contains(&p.kernel), "{p:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_round_up() {
+        assert_eq!(GemmKernel::Wgmma128x256.tiles(shape(129, 257, 64)), 4);
+        assert_eq!(GemmKernel::WgmmaSwap16x64.tiles(shape(1, 8, 8)), 1);
+    }
+}

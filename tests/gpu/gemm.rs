@@ -1,0 +1,180 @@
+//! The GEMM kernels against the reference: every kernel the device runs (forced with
+//! `gemm_with`) and the planned one, over edge shapes, with and without bias, at budgets of 1, 7
+//! and all SMs; outputs poisoned with NaN first, so an unwritten element fails.
+//!
+//! Tolerance: inputs are bf16 uniform in `[-1, 1)`, so each product is at most 1 in magnitude and
+//! a sum of `k` of them has a spread of about `sqrt(k) / 3`. The kernels accumulate in f32 (in
+//! another order than the reference) and round once to bf16, so they may differ from the f32
+//! reference by the bf16 rounding (`rtol` = 1e-2 ≥ 2⁻⁸) plus a little summation noise:
+//! `atol` = 2e-3 · sqrt(k). A lost or doubled K block, tile or bias shows up as an error of order
+//! 1, far above both.
+
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gpu::PtxTarget;
+use nexus::kernels::{PhaseContext, reference};
+use rand::rngs::StdRng;
+
+use crate::common::*;
+
+/// Budgets every shape runs with: one CTA, a few, and all SMs.
+const BUDGETS: [Option<u32>; 3] = [Some(1), Some(7), None];
+
+/// Rows of A for the small (N, K) pairs.
+const SMALL_MS: [usize; 11] = [1, 2, 7, 16, 33, 64, 65, 128, 255, 1000, 2048];
+/// (N, K) pairs run with every M of [`SMALL_MS`].
+const SMALL_NK: [(usize, usize); 5] = [(576, 576), (192, 576), (1536, 576), (8, 8), (72, 200)];
+/// A Llama-3-8B projection (N, K), with the M values that keep the CPU reference quick.
+const LARGE_NK: (usize, usize) = (6144, 4096);
+const LARGE_MS: [usize; 7] = [1, 7, 16, 33, 64, 65, 128];
+
+fn tolerance(k: usize) -> f32 {
+    2e-3 * (k as f32).sqrt()
+}
+
+/// The kernels the device runs.
+fn kernels(ctx: &PhaseContext) -> Vec<GemmKernel> {
+    let mut v = GemmKernel::PORTABLE.to_vec();
+    if ctx.gpu().target() == PtxTarget::Sm90a {
+        v.extend(GemmKernel::HOPPER);
+    }
+    v
+}
+
+struct Case {
+    shape: GemmShape,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    bias: Vec<f32>,
+    /// Reference without bias, and with it.
+    want: Vec<f32>,
+    want_bias: Vec<f32>,
+}
+
+impl Case {
+    fn new(rng: &mut StdRng, m: usize, n: usize, k: usize) -> Case {
+        let shape = GemmShape { m, n, k };
+        let a = random_bf16(rng, m * k, 1.0);
+        let b = random_bf16(rng, n * k, 1.0);
+        let bias = random_bf16(rng, n, 1.0);
+        let mut want = vec![0.0; m * n];
+        reference::gemm(&a, &b, None, &mut want, shape).expect("reference gemm");
+        let want_bias = want.iter().enumerate().map(|(i, w)| w + bias[i % n]).collect();
+        Case { shape, a, b, bias, want, want_bias }
+    }
+
+    /// Runs `kernel` (the planned one when `None`) on every budget and compares.
+    fn check(&self, kernel: Option<GemmKernel>, buffers: &Buffers, ctxs: &mut [(PhaseContext, GemmWorkspace)]) {
+        let GemmShape { m, n, k } = self.shape;
+        for (i, (ctx, workspace)) in ctxs.iter_mut().enumerate() {
+            // Bias on budgets 1 and all, none on 7.
+            let with_bias = i != 1;
+            let mut out = poisoned(ctx, m * n);
+            let bias_view = buffers.bias.as_view();
+            let bias = with_bias.then_some(&bias_view);
+            let (a, b) = (buffers.a.as_view(), buffers.b.as_view());
+            let result = match kernel {
+                Some(kernel) => {
+                    gemm::gemm_with(ctx, kernel, &a, &b, bias, &mut out.as_view_mut(), self.shape, workspace)
+                }
+                None => gemm::gemm(ctx, &a, &b, bias, &mut out.as_view_mut(), self.shape, workspace),
+            };
+            result.unwrap_or_else(|e| panic!("{kernel:?} {m}x{n}x{k}: {e}"));
+            let want = if with_bias { &self.want_bias } else { &self.want };
+            let what = format!("{kernel:?} m={m} n={n} k={k} budget {} bias {with_bias}", ctx.budget().get());
+            assert_close(&what, &download(ctx, &out), want, BF16_RTOL, tolerance(k));
+        }
+    }
+}
+
+struct Buffers {
+    a: CudaSlice<bf16>,
+    b: CudaSlice<bf16>,
+    bias: CudaSlice<bf16>,
+}
+
+fn contexts() -> Vec<(PhaseContext, GemmWorkspace)> {
+    BUDGETS
+        .iter()
+        .map(|&budget| {
+            let ctx = phase(budget);
+            let workspace = GemmWorkspace::new(&ctx).expect("workspace");
+            (ctx, workspace)
+        })
+        .collect()
+}
+
+fn run_cases(test: &str, cases: impl IntoIterator<Item = (usize, usize, usize)>) {
+    let mut rng = rng(test);
+    let mut ctxs = contexts();
+    let kernels = kernels(&ctxs[0].0);
+    for (m, n, k) in cases {
+        let case = Case::new(&mut rng, m, n, k);
+        let ctx = &ctxs[0].0;
+        let buffers = Buffers { a: upload(ctx, &case.a), b: upload(ctx, &case.b), bias: upload(ctx, &case.bias) };
+        ctx.stream().synchronize().expect("upload");
+        for &kernel in &kernels {
+            case.check(Some(kernel), &buffers, &mut ctxs);
+        }
+        case.check(None, &buffers, &mut ctxs);
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_small_shapes_match_reference() {
+    run_cases("gemm_small", SMALL_NK.iter().flat_map(|&(n, k)| SMALL_MS.iter().map(move |&m| (m, n, k))));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_llama_projection_matches_reference() {
+    run_cases("gemm_llama", LARGE_MS.iter().map(|&m| (m, LARGE_NK.0, LARGE_NK.1)));
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_handles_empty_outputs() {
+    let mut ctxs = contexts();
+    let (ctx, workspace) = &mut ctxs[2];
+    let a = poisoned(ctx, 0);
+    let b = poisoned(ctx, 8 * 16);
+    let mut c = poisoned(ctx, 0);
+    let shape = GemmShape { m: 0, n: 8, k: 16 };
+    gemm::gemm(ctx, &a.as_view(), &b.as_view(), None, &mut c.as_view_mut(), shape, workspace).expect("m = 0 is fine");
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_rejects_bad_shapes() {
+    let mut ctxs = contexts();
+    let (ctx, workspace) = &mut ctxs[2];
+    let (m, n, k) = (4, 16, 32);
+    let a = poisoned(ctx, m * k + 8);
+    let b = poisoned(ctx, n * k);
+    let bias = poisoned(ctx, n + 1);
+    let mut c = poisoned(ctx, m * n);
+    let mut short_c = poisoned(ctx, m * n - 1);
+    let av = a.slice(..m * k);
+    let bv = b.as_view();
+    let mut run =
+        |a: &cudarc::driver::CudaView<'_, bf16>,
+         bias: Option<&cudarc::driver::CudaView<'_, bf16>>,
+         c: &mut CudaSlice<bf16>,
+         shape: GemmShape| { gemm::gemm(ctx, a, &bv, bias, &mut c.as_view_mut(), shape, workspace) };
+    let ok = GemmShape { m, n, k };
+    assert!(run(&av, None, &mut c, ok).is_ok());
+    // K or N not a multiple of 8, K of 0.
+    assert!(run(&av, None, &mut c, GemmShape { k: 30, ..ok }).is_err());
+    assert!(run(&av, None, &mut c, GemmShape { n: 12, ..ok }).is_err());
+    assert!(run(&av, None, &mut c, GemmShape { k: 0, ..ok }).is_err());
+    // Lengths that do not match the shape.
+    assert!(run(&a.slice(..m * k + 8), None, &mut c, ok).is_err());
+    assert!(run(&av, None, &mut c, GemmShape { m: m + 1, ..ok }).is_err());
+    assert!(run(&av, None, &mut short_c, ok).is_err());
+    assert!(run(&av, Some(&bias.as_view()), &mut c, ok).is_err());
+    assert!(run(&av, Some(&bias.slice(..n)), &mut c, ok).is_ok());
+    // A view that does not start on a 16-byte boundary.
+    assert!(run(&a.slice(1..m * k + 1), None, &mut c, ok).is_err());
+}

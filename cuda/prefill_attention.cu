@@ -1,0 +1,405 @@
+// Paged prefill attention (chunked prefill): a batch of prompt chunks of different lengths, each
+// query attending causally to its sequence's cached prefix and to the chunk's earlier tokens, all
+// read from the paged K/V pools [num_blocks, block_size, num_kv_heads, head_dim] through the
+// sequence's block table. Queries are rows of the fused QKV buffer [tokens, (H_q + 2 H_kv) d];
+// the output is [tokens, H_q d].
+//
+// Structure (FlashAttention-2 style, tensor cores through mma.sync so one source serves sm_80 and
+// sm_90a):
+// - Work item = (sequence, KV head, tile of up to 128 query rows). The rows of a tile are the
+//   query heads of the KV head's GQA group packed token-major: row r is token r / G, head
+//   kv_head * G + r % G (G = H_q / H_kv; 128 / G tokens per tile). Every K/V byte loaded into
+//   shared memory serves all G heads.
+// - Persistent: grid = min(budget, items); each CTA takes items from an atomic counter over a
+//   host-built list sorted longest-first, and the last CTA to finish resets the counter, so the
+//   launch needs no memset and can be captured in a CUDA graph.
+// - 8 warps; warp w owns rows 16w..16w+15. Q fragments stay in registers for the whole item.
+// - K/V tiles of BN tokens are gathered through the block table with cp.async into a STAGES-deep
+//   ring (XOR-swizzled 16-byte chunks, read back with ldmatrix; V with ldmatrix.trans). Block
+//   ids for the next tile are loaded one iteration ahead so their latency hides under the math.
+// - S = Q Kᵀ and O += P V with mma.sync.m16n8k16 (bf16 in, f32 accumulate); online softmax in f32
+//   with exp2 and the scale pre-multiplied by log2(e); the row sums stay per-thread until the end.
+// - Causal masking only on tiles that cross the diagonal; K/V tiles past the item's last query
+//   are never loaded, and inside a diagonal tile a warp skips the 16-column blocks beyond its own
+//   last row.
+// - The output goes through shared memory so every global store is a 16-byte vector.
+#include "common.cuh"
+
+namespace {
+
+constexpr int THREADS = 256;
+constexpr int WARPS = THREADS / 32;
+constexpr int BLOCK_M = 16 * WARPS;  // query rows (token x head) per work item
+
+typedef __nv_bfloat16 bf16;
+
+// ---- PTX wrappers -------------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte asynchronous copy global -> shared; copies zeros instead when `valid` is false (the
+// source is then not read, but must still be a valid address).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// c += a · b for one 16x8x16 tile: a row-major 16x16 (4 registers), b column-major 16x8 (2).
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] bf16 tile whose chunks are
+// XOR-swizzled by the row's low three bits: the 8 rows an ldmatrix phase reads hit 8 distinct
+// bank groups.
+template <int D>
+__device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
+    return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
+}
+
+// ---- The kernel ---------------------------------------------------------------------------------
+
+// A work item, built on the host (nexus-kernels/src/prefill_attention.rs):
+//   x: the QKV row of the item's first token      y: that token's position in its sequence
+//   z: the sequence (row of the block table)      w: kv_head << 8 | tokens (1..=BLOCK_M / G)
+// The item's tokens sit at positions y .. y + tokens - 1 and attend to positions 0 ..= their own.
+
+template <int D, int BN, int STAGES>
+struct Config {
+    static constexpr int CHUNKS = D / 8;                 // 16-byte chunks per row
+    static constexpr int ROWS_PER_PASS = THREADS / CHUNKS;  // rows one pass of all threads copies
+    static constexpr int Q_PASSES = BLOCK_M / ROWS_PER_PASS;
+    static constexpr int KV_PASSES = BN / ROWS_PER_PASS;  // rows of a K/V tile per thread
+    static constexpr int KD = D / 16;                    // k-steps of Q Kᵀ
+    static constexpr int DB = D / 8;                     // 8-column blocks of O
+    static constexpr int TILE_BYTES = BN * D * 2;
+    static constexpr int Q_BYTES = BLOCK_M * D * 2;
+    // Dynamic shared memory: Q tile, STAGES K tiles, STAGES V tiles, 2 ints (the launcher
+    // computes the same sum).
+    static_assert(BLOCK_M % ROWS_PER_PASS == 0 && BN % ROWS_PER_PASS == 0, "tile rows");
+    static_assert(STAGES >= 2, "at least double buffering");
+};
+
+// One K/V tile: S = Q Kᵀ, online softmax, O += P V. MASK: the tile crosses the diagonal.
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, const uint32_t (&qf)[D / 16][4],
+                                            float (&o)[D / 8][4], float (&m)[2], float (&l)[2], int col0,
+                                            int pos_a, int pos_b, int warp_last, float scale_log2, int lane) {
+    constexpr int KD = D / 16, NB = BN / 8, DB = D / 8, KB = BN / 16;
+    const int sw = lane & 7;  // the swizzle key of every row this lane addresses
+
+    // S = Q Kᵀ. ldmatrix x4 at K rows n0 + (lane & 7) + 8 (lane >> 4), chunk 2 kk + ((lane >> 3) & 1)
+    // yields the B fragments of n-blocks n0 / 8 and n0 / 8 + 1.
+    float s[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
+    const uint32_t k_lane = k_tile + ((lane & 7) + ((lane >> 4) << 3)) * (D * 2);
+    const int k_chunk = ((lane >> 3) & 1) ^ sw;
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+#pragma unroll
+        for (int np = 0; np < NB / 2; ++np) {
+            if (MASK && col0 + np * 16 > warp_last) continue;  // all 16 columns masked for this warp
+            uint32_t b[4];
+            ldmatrix_x4(b, k_lane + np * 16 * (D * 2) + (((2 * kk) ^ k_chunk) << 4));
+            mma_16816(s[2 * np], qf[kk], b[0], b[1]);
+            mma_16816(s[2 * np + 1], qf[kk], b[2], b[3]);
+        }
+    }
+
+    // This lane holds rows g = lane / 4 (c0, c1) and g + 8 (c2, c3), columns 2 (lane % 4) + {0, 1}.
+    if (MASK) {
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+            const int c = col0 + nb * 8 + 2 * (lane & 3);
+            if (c > pos_a) s[nb][0] = -INFINITY;
+            if (c + 1 > pos_a) s[nb][1] = -INFINITY;
+            if (c > pos_b) s[nb][2] = -INFINITY;
+            if (c + 1 > pos_b) s[nb][3] = -INFINITY;
+        }
+    }
+
+    // Online softmax. Every row sees column 0 in the first tile, so the running max is finite
+    // after it; the guard only keeps -inf - -inf out of the arithmetic.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[nb][0], s[nb][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[nb][2], s[nb][3]));
+    }
+    float base[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        base[h] = mx[h] == -INFINITY ? 0.f : mx[h] * scale_log2;
+        const float alpha = fast_exp2(m[h] * scale_log2 - base[h]);
+        m[h] = mx[h];
+        l[h] *= alpha;
+#pragma unroll
+        for (int db = 0; db < DB; ++db) {
+            o[db][2 * h] *= alpha;
+            o[db][2 * h + 1] *= alpha;
+        }
+    }
+    uint32_t p[KB][4];  // P as A fragments of m16n8k16: k-step kb covers n-blocks 2 kb, 2 kb + 1
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+        const float p0 = fast_exp2(fmaf(s[nb][0], scale_log2, -base[0]));
+        const float p1 = fast_exp2(fmaf(s[nb][1], scale_log2, -base[0]));
+        const float p2 = fast_exp2(fmaf(s[nb][2], scale_log2, -base[1]));
+        const float p3 = fast_exp2(fmaf(s[nb][3], scale_log2, -base[1]));
+        l[0] += p0 + p1;
+        l[1] += p2 + p3;
+        p[nb / 2][(nb & 1) * 2 + 0] = pack_bf16(p0, p1);
+        p[nb / 2][(nb & 1) * 2 + 1] = pack_bf16(p2, p3);
+    }
+
+    // O += P V. ldmatrix x4 .trans at V rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
+    // 2 dp + (lane >> 4) yields the B fragments of d-blocks 2 dp and 2 dp + 1.
+    const uint32_t v_lane = v_tile + ((lane & 7) + (((lane >> 3) & 1) << 3)) * (D * 2);
+    const int v_chunk = (lane >> 4) ^ sw;
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+        if (MASK && col0 + kb * 16 > warp_last) continue;
+#pragma unroll
+        for (int dp = 0; dp < DB / 2; ++dp) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, v_lane + kb * 16 * (D * 2) + (((2 * dp) ^ v_chunk) << 4));
+            mma_16816(o[2 * dp], p[kb], b[0], b[1]);
+            mma_16816(o[2 * dp + 1], p[kb], b[2], b[3]);
+        }
+    }
+}
+
+template <int D, int BN, int STAGES>
+__device__ __forceinline__ void prefill_attention_body(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
+    const int* __restrict__ block_tables, const int4* __restrict__ items, int num_items,
+    unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, int block_size_log2,
+    int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {
+    using C = Config<D, BN, STAGES>;
+    nexus::CtaTrace trace(cta_trace);
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const uint32_t q_smem = smem_addr(smem);
+    const uint32_t k_smem = q_smem + C::Q_BYTES;
+    const uint32_t v_smem = k_smem + STAGES * C::TILE_BYTES;
+    unsigned char* q_tile = smem;
+    int* next_item = reinterpret_cast<int*>(smem + C::Q_BYTES + 2 * STAGES * C::TILE_BYTES);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int group = num_heads / num_kv_heads;
+    const size_t qkv_row = static_cast<size_t>(num_heads + 2 * num_kv_heads) * D;
+    const size_t out_row = static_cast<size_t>(num_heads) * D;
+    const size_t slot_len = static_cast<size_t>(num_kv_heads) * D;
+    const int block_mask = (1 << block_size_log2) - 1;
+    const int copy_row = tid / C::CHUNKS, copy_chunk = tid % C::CHUNKS;  // this thread's copy slot
+
+    if (tid == 0) next_item[0] = static_cast<int>(atomicAdd(&counters[0], 1u));
+    __syncthreads();
+    for (int buf = 0;; buf ^= 1) {
+        const int index = next_item[buf];
+        if (index >= num_items) break;
+        // Claim the next item now; it is read after this item's closing barrier.
+        if (tid == 0) next_item[buf ^ 1] = static_cast<int>(atomicAdd(&counters[0], 1u));
+
+        const int4 item = items[index];
+        const int row0 = item.x, pos0 = item.y, kv_head = item.w >> 8, tokens = item.w & 255;
+        const int rows = tokens * group;      // rows past this are padding
+        const int kv_end = pos0 + tokens;     // the last query's position + 1
+        const int num_tiles = (kv_end + BN - 1) / BN;
+        const int first_masked = (pos0 + 1) / BN;  // tiles from here on cross the diagonal
+        const int* table = block_tables + static_cast<size_t>(item.z) * max_blocks_per_seq;
+        const bf16* k_head = k_cache + static_cast<size_t>(kv_head) * D + copy_chunk * 8;
+        const bf16* v_head = v_cache + static_cast<size_t>(kv_head) * D + copy_chunk * 8;
+
+        // Q rows (zeros for padding rows) into shared memory: commit group 0 of the item.
+#pragma unroll
+        for (int i = 0; i < C::Q_PASSES; ++i) {
+            const int r = copy_row + i * C::ROWS_PER_PASS;
+            const bool valid = r < rows;
+            const bf16* src = qkv;
+            if (valid) {
+                const int t = r / group, head = kv_head * group + (r - t * group);
+                src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + copy_chunk * 8;
+            }
+            cp_async_16(q_smem + tile_offset<D>(r, copy_chunk), src, valid);
+        }
+        cp_async_commit();
+
+        // The pool slot of each K/V row this thread copies for `tile` (-1: past the item's last
+        // query, copied as zeros). Block ids are clamped into the pool: the host checked them,
+        // and a table changed behind the plan's back cannot make the kernel read outside it.
+        auto tile_slots = [&](int tile, int (&slots)[C::KV_PASSES]) {
+#pragma unroll
+            for (int i = 0; i < C::KV_PASSES; ++i) {
+                const int pos = tile * BN + copy_row + i * C::ROWS_PER_PASS;
+                int slot = -1;
+                if (pos < kv_end) {
+                    const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
+                    slot = (block << block_size_log2) | (pos & block_mask);
+                }
+                slots[i] = slot;
+            }
+        };
+        auto load_tile = [&](int tile, const int (&slots)[C::KV_PASSES]) {
+            const int stage = tile % STAGES;
+#pragma unroll
+            for (int i = 0; i < C::KV_PASSES; ++i) {
+                const int r = copy_row + i * C::ROWS_PER_PASS;
+                const bool valid = slots[i] >= 0;
+                const size_t offset = valid ? static_cast<size_t>(slots[i]) * slot_len : 0;
+                const uint32_t dst = stage * C::TILE_BYTES + tile_offset<D>(r, copy_chunk);
+                cp_async_16(k_smem + dst, k_head + offset, valid);
+                cp_async_16(v_smem + dst, v_head + offset, valid);
+            }
+        };
+
+        // Tiles 0 .. STAGES - 2 in flight (one commit group each, empty past the last tile).
+#pragma unroll
+        for (int t = 0; t < STAGES - 1; ++t) {
+            if (t < num_tiles) {
+                int slots[C::KV_PASSES];
+                tile_slots(t, slots);
+                load_tile(t, slots);
+            }
+            cp_async_commit();
+        }
+        int next_slots[C::KV_PASSES];  // for tile j + STAGES - 1, loaded one iteration ahead
+        tile_slots(STAGES - 1, next_slots);
+
+        // Q fragments into registers once Q has landed.
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
+        uint32_t qf[C::KD][4];
+        {
+            const uint32_t q_lane = q_smem + (warp * 16 + (lane & 15)) * (D * 2);
+            const int q_chunk = (lane >> 4) ^ (lane & 7);
+#pragma unroll
+            for (int kk = 0; kk < C::KD; ++kk) ldmatrix_x4(qf[kk], q_lane + (((2 * kk) ^ q_chunk) << 4));
+        }
+
+        // This lane's two rows and the warp's last row, as positions (padding rows act as the
+        // item's last token; they are never written).
+        const int row_a = warp * 16 + (lane >> 2);
+        const int pos_a = pos0 + min(row_a / group, tokens - 1);
+        const int pos_b = pos0 + min((row_a + 8) / group, tokens - 1);
+        const int warp_last = pos0 + min((warp * 16 + 15) / group, tokens - 1);
+
+        float o[C::DB][4];
+#pragma unroll
+        for (int db = 0; db < C::DB; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.f;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+        for (int j = 0; j < num_tiles; ++j) {
+            cp_async_wait<STAGES - 2>();  // tile j has landed (this thread's copies)
+            __syncthreads();              // ... everyone's; and everyone is done with tile j - 1
+            if (j + STAGES - 1 < num_tiles) load_tile(j + STAGES - 1, next_slots);
+            cp_async_commit();
+            tile_slots(j + STAGES, next_slots);
+            const uint32_t stage = (j % STAGES) * C::TILE_BYTES;
+            if (j < first_masked)
+                attend_tile<D, BN, false>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
+                                          warp_last, scale_log2, lane);
+            else
+                attend_tile<D, BN, true>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
+                                         warp_last, scale_log2, lane);
+        }
+
+        // O / l, staged in bf16 through this warp's 16 rows of the Q tile (no warp reads Q from
+        // shared memory after the first loop barrier), then 16-byte stores.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+            l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+            l[h] = l[h] > 0.f ? 1.f / l[h] : 0.f;
+        }
+#pragma unroll
+        for (int db = 0; db < C::DB; ++db) {
+            const int col = 4 * (lane & 3);  // byte offset in the 16-byte chunk
+            *reinterpret_cast<uint32_t*>(q_tile + tile_offset<D>(row_a, db) + col) =
+                pack_bf16(o[db][0] * l[0], o[db][1] * l[0]);
+            *reinterpret_cast<uint32_t*>(q_tile + tile_offset<D>(row_a + 8, db) + col) =
+                pack_bf16(o[db][2] * l[1], o[db][3] * l[1]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 16 * C::CHUNKS / 32; ++i) {
+            const int idx = i * 32 + lane;
+            const int r = warp * 16 + idx / C::CHUNKS, c = idx % C::CHUNKS;
+            if (r < rows) {
+                const int t = r / group, head = kv_head * group + (r - t * group);
+                *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * out_row + head * D + c * 8) =
+                    *reinterpret_cast<const uint4*>(q_tile + tile_offset<D>(r, c));
+            }
+        }
+        __syncthreads();  // shared memory is free for the next item, and next_item[buf ^ 1] is set
+    }
+
+    // The last CTA out resets the counter for the next launch (every CTA has taken its final
+    // index before it counts itself out).
+    if (tid == 0) {
+        __threadfence();
+        if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+            counters[0] = 0;
+            counters[1] = 0;
+            __threadfence();
+        }
+    }
+    trace.finish();
+}
+
+}  // namespace
+
+// One entry point per (head dim, K/V tile, stages). Arguments (all validated by the launcher):
+//   qkv [tokens, (num_heads + 2 num_kv_heads) head_dim], k_cache / v_cache [blocks, block_size,
+//   num_kv_heads, head_dim], block_tables [seqs, max_blocks_per_seq], items [num_items] (int4,
+//   longest first), counters [2] (zero between launches), out [tokens, num_heads head_dim],
+//   scale_log2 = softmax scale x log2(e), cta_trace [grid][3] or null.
+#define NEXUS_PREFILL_KERNEL(D, BN, STAGES)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_attention_d##D##_n##BN(                   \
+        const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,      \
+        const int* __restrict__ block_tables, const int4* __restrict__ items, int num_items,                   \
+        unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads,              \
+        int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {  \
+        prefill_attention_body<D, BN, STAGES>(qkv, k_cache, v_cache, block_tables, items, num_items, counters, \
+                                              out, num_heads, num_kv_heads, block_size_log2,                   \
+                                              max_blocks_per_seq, num_blocks, scale_log2, cta_trace);          \
+    }
+
+NEXUS_PREFILL_KERNEL(128, 64, 3)
+NEXUS_PREFILL_KERNEL(64, 64, 3)
+NEXUS_PREFILL_KERNEL(64, 128, 3)

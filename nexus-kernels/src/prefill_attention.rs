@@ -1,0 +1,390 @@
+//! Paged prefill attention on tensor cores (`cuda/prefill_attention.cu`): a batch of prompt chunks
+//! of different lengths, each query attending causally to its sequence's cached prefix and to the
+//! chunk's earlier tokens — chunked prefill — all read from the paged K/V pools through the block
+//! tables.
+//!
+//! It is split into a host-side plan and a device-side run:
+//!
+//! - [`PrefillPlan::new`] checks the batch against the layouts (every block-table entry a sequence
+//!   uses, query lengths, sizes), cuts the work into items — (sequence, KV head, up to 128 query
+//!   rows, with the query heads of the KV head's GQA group packed into the rows) — sorts them
+//!   longest first and uploads the list.
+//! - [`prefill_attention`] launches at most the phase's CTA budget of persistent CTAs, which take
+//!   items from an atomic counter in the plan. It allocates nothing, copies nothing and never
+//!   synchronizes, so it can be captured in a CUDA graph; the kernel's last CTA resets the counter
+//!   for the next launch.
+//!
+//! The reference is [`crate::reference::prefill_attention`].
+//!
+//! ```no_run
+//! # fn main() -> nexus_kernels::Result<()> {
+//! use nexus_kernels::prefill_attention::{prefill_attention, PrefillPlan};
+//! use nexus_kernels::{AttentionBatch, Gpu, PagedKvLayout, PhaseContext, QkvLayout};
+//! # let gpu = Gpu::new(0)?;
+//! # let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, nexus_kernels::CtaBudget::all(&gpu));
+//! let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
+//! let cache = PagedKvLayout { num_blocks: 64, block_size: 16, num_kv_heads: 8, head_dim: 128 };
+//! // One sequence: a chunk of 100 tokens over a cached prefix of 20 (120 tokens, 8 blocks).
+//! let (q_indptr, kv_lens) = ([0u32, 100], [120u32]);
+//! let block_tables: Vec<i32> = (0..8).collect();
+//! let batch = AttentionBatch { q_indptr: &q_indptr, kv_lens: &kv_lens, block_tables: &block_tables, max_blocks_per_seq: 8 };
+//! let plan = PrefillPlan::new(&ctx, batch, layout, cache)?;
+//! # let s = ctx.stream();
+//! # let qkv = s.alloc_zeros::<half::bf16>(100 * layout.row_len())?;
+//! # let k = s.alloc_zeros::<half::bf16>(cache.pool_len())?;
+//! # let v = s.alloc_zeros::<half::bf16>(cache.pool_len())?;
+//! # let tables = s.clone_htod(&block_tables)?;
+//! # let mut out = s.alloc_zeros::<half::bf16>(100 * 32 * 128)?;
+//! prefill_attention(
+//!     &ctx, &plan, &qkv.as_view(), &k.as_view(), &v.as_view(), &tables.as_view(),
+//!     1.0 / (128f32).sqrt(), &mut out.as_view_mut(), None,
+//! )?;
+//! # Ok(())
+//! # }
+//! ```
+
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use half::bf16;
+
+use crate::error::ensure_shape;
+use crate::gpu::{CtaBudget, PhaseContext};
+use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
+use crate::{Error, Result};
+
+const MODULE: &str = "prefill_attention";
+/// Threads per CTA (`THREADS` in the source): 8 warps of 16 query rows each.
+const THREADS: u32 = 256;
+/// Query rows (token × head) per work item (`BLOCK_M` in the source).
+const BLOCK_M: usize = 128;
+/// `int`s per work item (an `int4` in the source).
+const ITEM_INTS: usize = 4;
+
+/// One compiled kernel: head dim, K/V tile (tokens), pipeline stages and entry point.
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    head_dim: usize,
+    kv_tile: usize,
+    stages: usize,
+    name: &'static str,
+}
+
+/// Every kernel of the module; the first of each head dim is its default.
+const VARIANTS: &[Variant] = &[
+    Variant { head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
+    Variant { head_dim: 64, kv_tile: 128, stages: 3, name: "prefill_attention_d64_n128" },
+    Variant { head_dim: 64, kv_tile: 64, stages: 3, name: "prefill_attention_d64_n64" },
+];
+
+impl Variant {
+    fn find(head_dim: usize, kv_tile: Option<usize>) -> Option<Variant> {
+        VARIANTS.iter().copied().find(|v| v.head_dim == head_dim && kv_tile.is_none_or(|t| t == v.kv_tile))
+    }
+
+    /// Dynamic shared memory: the Q tile, `stages` K and V tiles, and the two-int item mailbox.
+    fn smem_bytes(&self) -> u32 {
+        let bf16_bytes = 2;
+        ((BLOCK_M + 2 * self.stages * self.kv_tile) * self.head_dim * bf16_bytes + 16) as u32
+    }
+}
+
+/// The head dims the kernel is built for.
+pub const HEAD_DIMS: [usize; 2] = [64, 128];
+
+/// A batch of prompt chunks planned for [`prefill_attention`]: the checked shapes and the work
+/// list on the device, sorted longest first.
+///
+/// A plan belongs to one batch: its query lengths, KV lengths and table width. The block-table
+/// *contents* are read on the device at run time (so they may be rewritten between runs, e.g.
+/// for a CUDA graph), but only entries the plan checked are meaningful; any id outside the pool
+/// is clamped into it rather than read out of bounds.
+///
+/// Runs of one plan must not overlap: its work counter is shared by them. Launch them on one
+/// stream (or order them), and give concurrent launches their own plans.
+pub struct PrefillPlan {
+    layout: QkvLayout,
+    cache: PagedKvLayout,
+    num_seqs: usize,
+    num_tokens: usize,
+    max_blocks_per_seq: usize,
+    num_items: usize,
+    flops: f64,
+    variant: Variant,
+    /// `[num_items, 4]` (at least one item's worth, so the buffer is never empty).
+    items: CudaSlice<i32>,
+    /// `[next item, CTAs finished]`, zero between launches.
+    counters: CudaSlice<u32>,
+}
+
+impl std::fmt::Debug for PrefillPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefillPlan")
+            .field("layout", &self.layout)
+            .field("cache", &self.cache)
+            .field("num_seqs", &self.num_seqs)
+            .field("num_tokens", &self.num_tokens)
+            .field("num_items", &self.num_items)
+            .field("kv_tile", &self.variant.kv_tile)
+            .finish()
+    }
+}
+
+fn fits_i32(value: usize, what: &str) -> Result<()> {
+    if value > i32::MAX as usize {
+        return Err(Error::Unsupported(format!("{what} {value} does not fit in i32")));
+    }
+    Ok(())
+}
+
+impl PrefillPlan {
+    /// Checks `batch` against the layouts and uploads its work list on `ctx`'s stream.
+    ///
+    /// Fails with [`Error::Shape`] when the batch is inconsistent (query rows beyond a sequence's
+    /// KV length, a used block-table entry outside the pool, table or offset lengths, cache and
+    /// QKV layouts that disagree) and with [`Error::Unsupported`] for head dims other than
+    /// [`HEAD_DIMS`], more than 128 query heads per KV head, or sizes beyond `i32`.
+    pub fn new(
+        ctx: &PhaseContext,
+        batch: AttentionBatch<'_>,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+    ) -> Result<Self> {
+        ensure_shape!(
+            layout.num_kv_heads > 0 && layout.num_heads > 0 && layout.num_heads.is_multiple_of(layout.num_kv_heads),
+            "prefill_attention: {} query heads are not a positive multiple of {} KV heads",
+            layout.num_heads,
+            layout.num_kv_heads
+        );
+        ensure_shape!(
+            cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
+            "prefill_attention: cache holds {} heads of {}, qkv {} of {}",
+            cache.num_kv_heads,
+            cache.head_dim,
+            layout.num_kv_heads,
+            layout.head_dim
+        );
+        let variant = Variant::find(layout.head_dim, None).ok_or_else(|| {
+            Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))
+        })?;
+        let group = layout.group_size();
+        if group > BLOCK_M {
+            return Err(Error::Unsupported(format!(
+                "prefill_attention: {group} query heads per KV head (at most {BLOCK_M})"
+            )));
+        }
+        cache.check(cache.pool_len(), cache.pool_len())?;
+        batch.check(&cache)?;
+        let num_tokens = batch.num_tokens();
+        fits_i32(num_tokens, "tokens")?;
+        fits_i32(cache.num_blocks * cache.block_size, "cache slots")?;
+        fits_i32(layout.num_heads * layout.head_dim, "query width")?;
+        if layout.num_kv_heads >= 1 << 23 {
+            return Err(Error::Unsupported(format!("prefill_attention: {} KV heads", layout.num_kv_heads)));
+        }
+
+        // Items: per sequence, tiles of `tokens_per_item` consecutive queries, each for every KV
+        // head. Cost ∝ the K/V tokens an item reads = its last query's position + 1.
+        let tokens_per_item = BLOCK_M / group;
+        let mut items: Vec<[i32; ITEM_INTS]> = Vec::new();
+        let mut flops = 0f64;
+        for seq in 0..batch.num_seqs() {
+            let (start, end) = (batch.q_indptr[seq] as usize, batch.q_indptr[seq + 1] as usize);
+            let kv_len = batch.kv_lens[seq] as usize;
+            fits_i32(kv_len + BLOCK_M, "KV length")?;
+            let q_len = end - start;
+            let prefix = kv_len - q_len;
+            let (c, p) = (q_len as f64, prefix as f64);
+            flops += 4.0 * (layout.num_heads * layout.head_dim) as f64 * (c * p + c * (c + 1.0) / 2.0);
+            for first in (0..q_len).step_by(tokens_per_item) {
+                let tokens = tokens_per_item.min(q_len - first);
+                for kv_head in 0..layout.num_kv_heads {
+                    items.push([
+                        (start + first) as i32,
+                        (prefix + first) as i32,
+                        seq as i32,
+                        ((kv_head << 8) | tokens) as i32,
+                    ]);
+                }
+            }
+        }
+        // Longest first (ties: sequence, then position, then head, so plans are reproducible).
+        items.sort_by_key(|it| (std::cmp::Reverse(it[1] + (it[3] & 255)), it[2], it[1], it[3]));
+        let num_items = items.len();
+        let mut flat: Vec<i32> = items.into_iter().flatten().collect();
+        if flat.is_empty() {
+            flat.resize(ITEM_INTS, 0);
+        }
+        let stream = ctx.stream();
+        Ok(PrefillPlan {
+            layout,
+            cache,
+            num_seqs: batch.num_seqs(),
+            num_tokens,
+            max_blocks_per_seq: batch.max_blocks_per_seq,
+            num_items,
+            flops,
+            variant,
+            items: stream.clone_htod(&flat)?,
+            counters: stream.alloc_zeros::<u32>(2)?,
+        })
+    }
+
+    /// Picks the K/V tile (tokens per pipeline stage) among the compiled kernels for this head
+    /// dim: 64 for head dim 128; 128 (the default) or 64 for head dim 64. A tuning knob for
+    /// benchmarks; the default is the fastest measured.
+    pub fn set_kv_tile(&mut self, kv_tile: usize) -> Result<()> {
+        self.variant = Variant::find(self.layout.head_dim, Some(kv_tile)).ok_or_else(|| {
+            Error::Unsupported(format!(
+                "prefill_attention: no kernel with a K/V tile of {kv_tile} for head dim {}",
+                self.layout.head_dim
+            ))
+        })?;
+        Ok(())
+    }
+
+    /// The K/V tile (tokens per pipeline stage) of the kernel this plan launches.
+    pub fn kv_tile(&self) -> usize {
+        self.variant.kv_tile
+    }
+
+    /// The QKV layout the plan was built for.
+    pub fn layout(&self) -> QkvLayout {
+        self.layout
+    }
+
+    /// The paged cache layout the plan was built for.
+    pub fn cache(&self) -> PagedKvLayout {
+        self.cache
+    }
+
+    /// Query rows (tokens) of the batch: rows of `qkv` and of `out`.
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+
+    /// Sequences of the batch.
+    pub fn num_seqs(&self) -> usize {
+        self.num_seqs
+    }
+
+    /// Work items: (sequence, KV head, up to 128 / group-size query tokens).
+    pub fn num_items(&self) -> usize {
+        self.num_items
+    }
+
+    /// The CTAs a run with `budget` launches: `min(budget, items)`, 0 when there is no work.
+    pub fn ctas(&self, budget: CtaBudget) -> u32 {
+        if self.num_items == 0 { 0 } else { budget.grid(self.num_items) }
+    }
+
+    /// Useful floating-point operations of a run: `4·H_q·d·Σ(C·P + C(C+1)/2)` over the chunks
+    /// (C query tokens over a prefix of P), the causal half of the FlashAttention convention.
+    pub fn flops(&self) -> f64 {
+        self.flops
+    }
+}
+
+fn check_aligned<T>(ctx: &PhaseContext, view: &impl DevicePtr<T>, what: &str) -> Result<()> {
+    let (ptr, _record) = view.device_ptr(ctx.stream());
+    ensure_shape!(ptr % 16 == 0, "prefill_attention: {what} is not 16-byte aligned");
+    Ok(())
+}
+
+/// Causal attention of the batch `plan` was built for, into `out: [tokens, num_heads × head_dim]`.
+///
+/// Queries are the first `num_heads × head_dim` values of each row of the fused QKV buffer
+/// `qkv: [tokens, layout.row_len()]`. Keys and values, the chunk's own included (write them with
+/// [`crate::elementwise::write_kv_cache`] first), come from the pools `k_cache`/`v_cache`
+/// (`[num_blocks, block_size, num_kv_heads, head_dim]`) through `block_tables:
+/// [num_seqs, max_blocks_per_seq]`, which must hold the entries the plan checked. `scale`
+/// multiplies the scores (usually `1/√head_dim`).
+///
+/// Launches `plan.ctas(ctx.budget())` CTAs on `ctx`'s stream, one per SM. With `trace`
+/// (at least `3 × budget` values), CTA `i` writes `[sm id, start ns, end ns]` (global timer) to
+/// `trace[3i..3i + 3]`; entries of CTAs not launched are left alone.
+#[allow(clippy::too_many_arguments)]
+pub fn prefill_attention(
+    ctx: &PhaseContext,
+    plan: &PrefillPlan,
+    qkv: &CudaView<'_, bf16>,
+    k_cache: &CudaView<'_, bf16>,
+    v_cache: &CudaView<'_, bf16>,
+    block_tables: &CudaView<'_, i32>,
+    scale: f32,
+    out: &mut CudaViewMut<'_, bf16>,
+    trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    let (layout, cache) = (plan.layout, plan.cache);
+    layout.check(qkv.len(), plan.num_tokens)?;
+    cache.check(k_cache.len(), v_cache.len())?;
+    ensure_shape!(
+        block_tables.len() == plan.num_seqs * plan.max_blocks_per_seq,
+        "prefill_attention: block_tables has {} entries, the plan {} x {}",
+        block_tables.len(),
+        plan.num_seqs,
+        plan.max_blocks_per_seq
+    );
+    let q_width = layout.num_heads * layout.head_dim;
+    ensure_shape!(
+        out.len() == plan.num_tokens * q_width,
+        "prefill_attention: out has {} values, expected [{}, {q_width}]",
+        out.len(),
+        plan.num_tokens
+    );
+    ensure_shape!(scale.is_finite(), "prefill_attention: scale {scale} is not finite");
+    let budget = ctx.budget().get() as usize;
+    if let Some(t) = &trace {
+        ensure_shape!(
+            t.len() >= 3 * budget,
+            "prefill_attention: trace has {} values, a budget of {budget} needs {}",
+            t.len(),
+            3 * budget
+        );
+    }
+    if plan.num_items == 0 {
+        return Ok(());
+    }
+    check_aligned(ctx, qkv, "qkv")?;
+    check_aligned(ctx, k_cache, "k_cache")?;
+    check_aligned(ctx, v_cache, "v_cache")?;
+    check_aligned(ctx, out, "out")?;
+
+    let v = plan.variant;
+    let grid = ctx.budget().grid(plan.num_items);
+    let (f, cfg) = ctx.kernel(MODULE, v.name, grid, THREADS, v.smem_bytes())?;
+    let ints = [
+        plan.num_items as i32,
+        layout.num_heads as i32,
+        layout.num_kv_heads as i32,
+        cache.block_size.trailing_zeros() as i32,
+        plan.max_blocks_per_seq.min(i32::MAX as usize) as i32,
+        cache.num_blocks.min(i32::MAX as usize) as i32,
+    ];
+    let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let null_trace: u64 = 0;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch
+        .arg(qkv)
+        .arg(k_cache)
+        .arg(v_cache)
+        .arg(block_tables)
+        .arg(&plan.items)
+        .arg(&ints[0])
+        .arg(&plan.counters)
+        .arg(out)
+        .arg(&ints[1])
+        .arg(&ints[2])
+        .arg(&ints[3])
+        .arg(&ints[4])
+        .arg(&ints[5])
+        .arg(&scale_log2);
+    match trace {
+        Some(t) => launch.arg(t),
+        None => launch.arg(&null_trace),
+    };
+    // SAFETY: the arguments match `prefill_attention_d*_n*` in cuda/prefill_attention.cu. The plan
+    // checked every block id its items read against the pool and the kernel clamps them anyway;
+    // the lengths of qkv, the pools, the table and out are checked above against the plan, whose
+    // items stay inside them; `trace` holds a record for every CTA of the grid (<= budget).
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

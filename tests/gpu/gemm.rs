@@ -138,11 +138,13 @@ fn gemm_llama_projection_matches_reference() {
 fn gemm_handles_empty_outputs() {
     let mut ctxs = contexts();
     let (ctx, workspace) = &mut ctxs[2];
-    let a = poisoned(ctx, 0);
+    // Empty views of non-empty buffers (a zero-byte allocation is itself an error).
+    let a = poisoned(ctx, 8);
     let b = poisoned(ctx, 8 * 16);
-    let mut c = poisoned(ctx, 0);
+    let mut c = poisoned(ctx, 8);
     let shape = GemmShape { m: 0, n: 8, k: 16 };
-    gemm::gemm(ctx, &a.as_view(), &b.as_view(), None, &mut c.as_view_mut(), shape, workspace).expect("m = 0 is fine");
+    let (av, mut cv) = (a.slice(0..0), c.slice_mut(0..0));
+    gemm::gemm(ctx, &av, &b.as_view(), None, &mut cv, shape, workspace).expect("m = 0 is fine");
 }
 
 #[test]

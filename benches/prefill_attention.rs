@@ -5,6 +5,9 @@
 //! tokens over a prefix of P (torch SDPA's figures for the same shapes come from
 //! `scripts/bench-torch-sdpa.py`).
 //!
+//! The default kernel is swept over the budgets; every other compiled kernel for head dim 128 is
+//! measured with all SMs (summary table only), to compare variants in the same run.
+//!
 //! `cargo bench --bench prefill_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
 //! written to `dir/prefill_attention.md`.
 
@@ -13,7 +16,7 @@ mod common;
 use common::*;
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use nexus::kernels::prefill_attention::{prefill_attention, PrefillPlan};
+use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
 use nexus::kernels::{AttentionBatch, PagedKvLayout, QkvLayout};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -54,7 +57,7 @@ fn main() {
     let mut c = criterion();
     let report = Report::new(
         "Paged prefill attention, 32/8 heads, d=128, block 16 (TFLOP/s = 4·H·d·(C·P + C(C+1)/2) / time)",
-        &["shape", "budget", "ms", "TFLOP/s"],
+        &["shape", "kernel", "budget", "ms", "TFLOP/s"],
     );
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &SHAPES {
@@ -64,7 +67,8 @@ fn main() {
         let mut table: Vec<i32> = (0..blocks as i32).collect();
         table.shuffle(&mut rng);
         let (q_indptr, kv_lens) = ([0, shape.chunk as u32], [kv_len as u32]);
-        let batch = AttentionBatch { q_indptr: &q_indptr, kv_lens: &kv_lens, block_tables: &table, max_blocks_per_seq: blocks };
+        let batch =
+            AttentionBatch { q_indptr: &q_indptr, kv_lens: &kv_lens, block_tables: &table, max_blocks_per_seq: blocks };
 
         let bytes = 2 * (shape.chunk * LAYOUT.row_len() + 2 * cache.pool_len());
         let copies = copies_for(bytes);
@@ -83,14 +87,19 @@ fn main() {
         let scale = 1.0 / (LAYOUT.head_dim as f32).sqrt();
 
         let setup = phase(&gpu, &stream, nexus::kernels::CtaBudget::all(&gpu));
-        let plan = PrefillPlan::new(&setup, batch, LAYOUT, cache).expect("plan");
-        for budget in budgets(&gpu) {
+        let mut plan = PrefillPlan::new(&setup, batch, LAYOUT, cache).expect("plan");
+        let kernels = plan.kernels();
+        let all = nexus::kernels::CtaBudget::all(&gpu);
+        let runs = budgets(&gpu).into_iter().map(|b| (kernels[0], b)).chain(kernels[1..].iter().map(|&k| (k, all)));
+        for (kernel, budget) in runs {
+            plan.set_kernel(kernel).expect("kernel");
+            let plan = &plan;
             let ctx = phase(&gpu, &stream, budget);
             let mut launch = |i: u64| {
                 let x = &inputs[i as usize % copies];
                 prefill_attention(
                     &ctx,
-                    &plan,
+                    plan,
                     &x.qkv.as_view(),
                     &x.k.as_view(),
                     &x.v.as_view(),
@@ -101,12 +110,15 @@ fn main() {
                 )
                 .expect("prefill_attention");
             };
-            c.bench_function(&format!("prefill_attention/{}/budget {}", shape.name, budget.get()), |b| {
-                b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
-            });
+            if kernel == kernels[0] {
+                c.bench_function(&format!("prefill_attention/{}/budget {}", shape.name, budget.get()), |b| {
+                    b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
+                });
+            }
             let t = median_gpu_time(&stream, &mut launch);
             report.add(vec![
                 shape.name.to_string(),
+                kernel.trim_start_matches("prefill_attention_").to_string(),
                 budget.get().to_string(),
                 format!("{:.3}", t.as_secs_f64() * 1e3),
                 format!("{:.1}", plan.flops() / t.as_secs_f64() / 1e12),

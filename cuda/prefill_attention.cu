@@ -112,21 +112,21 @@ struct Config {
     static_assert(STAGES >= 2, "at least double buffering");
 };
 
-// One K/V tile: S = Q Kᵀ, online softmax, O += P V. MASK: the tile crosses the diagonal.
-template <int D, int BN, bool MASK>
-__device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, const uint32_t (&qf)[D / 16][4],
-                                            float (&o)[D / 8][4], float (&m)[2], float (&l)[2], int col0,
-                                            int pos_a, int pos_b, int warp_last, float scale_log2, int lane) {
-    constexpr int KD = D / 16, NB = BN / 8, DB = D / 8, KB = BN / 16;
-    const int sw = lane & 7;  // the swizzle key of every row this lane addresses
+// The three phases of one K/V tile. MASK: the tile crosses the diagonal; the warp then skips
+// the 16-column blocks past its own last row, and masks columns past each row's position.
+// Fragment layout (m16n8k16): this lane holds rows g = lane / 4 (c0, c1) and g + 8 (c2, c3), at
+// columns 2 (lane % 4) + {0, 1} of each 8-column block.
 
-    // S = Q Kᵀ. ldmatrix x4 at K rows n0 + (lane & 7) + 8 (lane >> 4), chunk 2 kk + ((lane >> 3) & 1)
-    // yields the B fragments of n-blocks n0 / 8 and n0 / 8 + 1.
-    float s[NB][4];
+// s = Q Kᵀ. ldmatrix x4 at K rows n0 + (lane & 7) + 8 (lane >> 4), chunk 2 kk + ((lane >> 3) & 1)
+// yields the B fragments of n-blocks n0 / 8 and n0 / 8 + 1.
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void qk_tile(uint32_t k_tile, const uint32_t (&qf)[D / 16][4], float (&s)[BN / 8][4],
+                                        int col0, int warp_last, int lane) {
+    constexpr int KD = D / 16, NB = BN / 8;
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
     const uint32_t k_lane = k_tile + ((lane & 7) + ((lane >> 4) << 3)) * (D * 2);
-    const int k_chunk = ((lane >> 3) & 1) ^ sw;
+    const int k_chunk = ((lane >> 3) & 1) ^ (lane & 7);
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
 #pragma unroll
@@ -138,8 +138,16 @@ __device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, co
             mma_16816(s[2 * np + 1], qf[kk], b[2], b[3]);
         }
     }
+}
 
-    // This lane holds rows g = lane / 4 (c0, c1) and g + 8 (c2, c3), columns 2 (lane % 4) + {0, 1}.
+// Masks s (MASK), updates the running max m and sum l, rescales O, and leaves exp(s - m) in p as
+// bf16 A fragments (k-step kb covers n-blocks 2 kb and 2 kb + 1). Every row sees column 0 in the
+// first tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                             float (&l)[2], uint32_t (&p)[BN / 16][4], int col0, int pos_a,
+                                             int pos_b, float scale_log2, int lane) {
+    constexpr int NB = BN / 8, DB = D / 8;
     if (MASK) {
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -150,9 +158,6 @@ __device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, co
             if (c + 1 > pos_b) s[nb][3] = -INFINITY;
         }
     }
-
-    // Online softmax. Every row sees column 0 in the first tile, so the running max is finite
-    // after it; the guard only keeps -inf - -inf out of the arithmetic.
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -174,7 +179,6 @@ __device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, co
             o[db][2 * h + 1] *= alpha;
         }
     }
-    uint32_t p[KB][4];  // P as A fragments of m16n8k16: k-step kb covers n-blocks 2 kb, 2 kb + 1
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
         const float p0 = fast_exp2(fmaf(s[nb][0], scale_log2, -base[0]));
@@ -186,11 +190,16 @@ __device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, co
         p[nb / 2][(nb & 1) * 2 + 0] = pack_bf16(p0, p1);
         p[nb / 2][(nb & 1) * 2 + 1] = pack_bf16(p2, p3);
     }
+}
 
-    // O += P V. ldmatrix x4 .trans at V rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
-    // 2 dp + (lane >> 4) yields the B fragments of d-blocks 2 dp and 2 dp + 1.
+// O += P V. ldmatrix x4 .trans at V rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
+// 2 dp + (lane >> 4) yields the B fragments of d-blocks 2 dp and 2 dp + 1.
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void pv_tile(uint32_t v_tile, const uint32_t (&p)[BN / 16][4], float (&o)[D / 8][4],
+                                        int col0, int warp_last, int lane) {
+    constexpr int DB = D / 8, KB = BN / 16;
     const uint32_t v_lane = v_tile + ((lane & 7) + (((lane >> 3) & 1) << 3)) * (D * 2);
-    const int v_chunk = (lane >> 4) ^ sw;
+    const int v_chunk = (lane >> 4) ^ (lane & 7);
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb) {
         if (MASK && col0 + kb * 16 > warp_last) continue;
@@ -204,13 +213,50 @@ __device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, co
     }
 }
 
-template <int D, int BN, int STAGES>
+// One tile, phase after phase.
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void attend_tile(uint32_t k_tile, uint32_t v_tile, const uint32_t (&qf)[D / 16][4],
+                                            float (&o)[D / 8][4], float (&m)[2], float (&l)[2], int col0,
+                                            int pos_a, int pos_b, int warp_last, float scale_log2, int lane) {
+    float s[BN / 8][4];
+    uint32_t p[BN / 16][4];
+    qk_tile<D, BN, MASK>(k_tile, qf, s, col0, warp_last, lane);
+    softmax_tile<D, BN, MASK>(s, o, m, l, p, col0, pos_a, pos_b, scale_log2, lane);
+    pv_tile<D, BN, MASK>(v_tile, p, o, col0, warp_last, lane);
+}
+
+// One step of the software-pipelined loop: the scores of the next tile (whose tensor-core work
+// is independent of the softmax, so the scheduler can interleave the two), then softmax and P V
+// of the current tile, whose scores `s` were computed one step earlier. Each combination of
+// (next tile exists, current masked, next masked) is its own straight-line instance.
+template <int D, int BN, bool HAS_NEXT, bool MASK_CUR, bool MASK_NEXT>
+__device__ __forceinline__ void pipelined_step(uint32_t k_next, uint32_t v_cur, const uint32_t (&qf)[D / 16][4],
+                                               float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                               float (&l)[2], int col0, int pos_a, int pos_b, int warp_last,
+                                               float scale_log2, int lane) {
+    float s_next[BN / 8][4];
+    uint32_t p[BN / 16][4];
+    if (HAS_NEXT) qk_tile<D, BN, MASK_NEXT>(k_next, qf, s_next, col0 + BN, warp_last, lane);
+    softmax_tile<D, BN, MASK_CUR>(s, o, m, l, p, col0, pos_a, pos_b, scale_log2, lane);
+    pv_tile<D, BN, MASK_CUR>(v_cur, p, o, col0, warp_last, lane);
+    if (HAS_NEXT) {
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[nb][i] = s_next[nb][i];
+    }
+}
+
+// PIPELINED: the loop computes the scores of tile j + 1 before the softmax and P V of tile j
+// (needs STAGES >= 3: tile j + 1 must have landed while tile j is still resident).
+template <int D, int BN, int STAGES, bool PIPELINED>
 __device__ __forceinline__ void prefill_attention_body(
     const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int* __restrict__ block_tables, const int4* __restrict__ items, int num_items,
     unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, int block_size_log2,
     int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {
     using C = Config<D, BN, STAGES>;
+    static_assert(!PIPELINED || STAGES >= 3, "the pipelined loop keeps two tiles resident");
     nexus::CtaTrace trace(cta_trace);
 
     extern __shared__ __align__(128) unsigned char smem[];
@@ -301,8 +347,8 @@ __device__ __forceinline__ void prefill_attention_body(
         int next_slots[C::KV_PASSES];  // for tile j + STAGES - 1, loaded one iteration ahead
         tile_slots(STAGES - 1, next_slots);
 
-        // Q fragments into registers once Q has landed.
-        cp_async_wait<STAGES - 1>();
+        // Q fragments into registers once Q (and for the pipelined loop, tile 0) has landed.
+        cp_async_wait<PIPELINED ? STAGES - 2 : STAGES - 1>();
         __syncthreads();
         uint32_t qf[C::KD][4];
         {
@@ -324,19 +370,57 @@ __device__ __forceinline__ void prefill_attention_body(
         for (int db = 0; db < C::DB; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.f;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-        for (int j = 0; j < num_tiles; ++j) {
-            cp_async_wait<STAGES - 2>();  // tile j has landed (this thread's copies)
-            __syncthreads();              // ... everyone's; and everyone is done with tile j - 1
-            if (j + STAGES - 1 < num_tiles) load_tile(j + STAGES - 1, next_slots);
-            cp_async_commit();
-            tile_slots(j + STAGES, next_slots);
-            const uint32_t stage = (j % STAGES) * C::TILE_BYTES;
-            if (j < first_masked)
-                attend_tile<D, BN, false>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
-                                          warp_last, scale_log2, lane);
+        if constexpr (!PIPELINED) {
+            for (int j = 0; j < num_tiles; ++j) {
+                cp_async_wait<STAGES - 2>();  // tile j has landed (this thread's copies)
+                __syncthreads();              // ... everyone's; and everyone is done with tile j - 1
+                if (j + STAGES - 1 < num_tiles) load_tile(j + STAGES - 1, next_slots);
+                cp_async_commit();
+                tile_slots(j + STAGES, next_slots);
+                const uint32_t stage = (j % STAGES) * C::TILE_BYTES;
+                if (j < first_masked)
+                    attend_tile<D, BN, false>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
+                                              warp_last, scale_log2, lane);
+                else
+                    attend_tile<D, BN, true>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
+                                             warp_last, scale_log2, lane);
+            }
+        } else {
+            // s holds the scores of tile j at the top of iteration j.
+            float s[BN / 8][4];
+            if (0 < first_masked)
+                qk_tile<D, BN, false>(k_smem, qf, s, 0, warp_last, lane);
             else
-                attend_tile<D, BN, true>(k_smem + stage, v_smem + stage, qf, o, m, l, j * BN, pos_a, pos_b,
-                                         warp_last, scale_log2, lane);
+                qk_tile<D, BN, true>(k_smem, qf, s, 0, warp_last, lane);
+            for (int j = 0; j < num_tiles; ++j) {
+                // Groups committed so far end with tile j + STAGES - 2: at most STAGES - 3 pending
+                // means tile j + 1 has landed (tile j did so one iteration earlier).
+                cp_async_wait<STAGES - 3>();
+                __syncthreads();  // everyone's copies; everyone is done with tile j - 1's stage
+                if (j + STAGES - 1 < num_tiles) load_tile(j + STAGES - 1, next_slots);
+                cp_async_commit();
+                tile_slots(j + STAGES, next_slots);
+                const uint32_t k_next = k_smem + ((j + 1) % STAGES) * C::TILE_BYTES;
+                const uint32_t v_cur = v_smem + (j % STAGES) * C::TILE_BYTES;
+                const int col0 = j * BN;
+#define NEXUS_STEP(NEXT, MC, MN)                                                                              \
+    pipelined_step<D, BN, NEXT, MC, MN>(k_next, v_cur, qf, s, o, m, l, col0, pos_a, pos_b, warp_last, scale_log2, \
+                                        lane)
+                if (j + 1 < num_tiles) {
+                    if (j + 1 < first_masked)
+                        NEXUS_STEP(true, false, false);
+                    else if (j < first_masked)
+                        NEXUS_STEP(true, false, true);
+                    else
+                        NEXUS_STEP(true, true, true);
+                } else {
+                    if (j < first_masked)
+                        NEXUS_STEP(false, false, false);
+                    else
+                        NEXUS_STEP(false, true, false);
+                }
+#undef NEXUS_STEP
+            }
         }
 
         // O / l, staged in bf16 through this warp's 16 rows of the Q tile (no warp reads Q from
@@ -389,17 +473,20 @@ __device__ __forceinline__ void prefill_attention_body(
 //   num_kv_heads, head_dim], block_tables [seqs, max_blocks_per_seq], items [num_items] (int4,
 //   longest first), counters [2] (zero between launches), out [tokens, num_heads head_dim],
 //   scale_log2 = softmax scale x log2(e), cta_trace [grid][3] or null.
-#define NEXUS_PREFILL_KERNEL(D, BN, STAGES)                                                                      \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) prefill_attention_d##D##_n##BN(                   \
+#define NEXUS_PREFILL_KERNEL(NAME, D, BN, STAGES, PIPELINED)                                                \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                               \
         const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,      \
         const int* __restrict__ block_tables, const int4* __restrict__ items, int num_items,                   \
         unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads,              \
         int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {  \
-        prefill_attention_body<D, BN, STAGES>(qkv, k_cache, v_cache, block_tables, items, num_items, counters, \
-                                              out, num_heads, num_kv_heads, block_size_log2,                   \
-                                              max_blocks_per_seq, num_blocks, scale_log2, cta_trace);          \
+        prefill_attention_body<D, BN, STAGES, PIPELINED>(qkv, k_cache, v_cache, block_tables, items, num_items, \
+                                                         counters, out, num_heads, num_kv_heads, block_size_log2, \
+                                                         max_blocks_per_seq, num_blocks, scale_log2, cta_trace);  \
     }
 
-NEXUS_PREFILL_KERNEL(128, 64, 3)
-NEXUS_PREFILL_KERNEL(64, 64, 3)
-NEXUS_PREFILL_KERNEL(64, 128, 3)
+// Plain loop (S, softmax, P V in turn per tile).
+NEXUS_PREFILL_KERNEL(prefill_attention_d128_n64, 128, 64, 3, false)
+NEXUS_PREFILL_KERNEL(prefill_attention_d64_n128, 64, 128, 3, false)
+// Software-pipelined loop (scores of tile j + 1 overlap the softmax of tile j), 4 stages.
+NEXUS_PREFILL_KERNEL(prefill_attention_d128_n64_pipelined, 128, 64, 4, true)
+NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)

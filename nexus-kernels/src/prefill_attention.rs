@@ -68,16 +68,19 @@ struct Variant {
     name: &'static str,
 }
 
-/// Every kernel of the module; the first of each head dim is its default.
+/// Every kernel of the module; the first of each head dim is its default. `_pipelined` kernels
+/// compute the scores of the next K/V tile before the softmax of the current one, so the tensor
+/// cores and the exponentials overlap inside each warp.
 const VARIANTS: &[Variant] = &[
+    Variant { head_dim: 128, kv_tile: 64, stages: 4, name: "prefill_attention_d128_n64_pipelined" },
     Variant { head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
+    Variant { head_dim: 64, kv_tile: 64, stages: 4, name: "prefill_attention_d64_n64_pipelined" },
     Variant { head_dim: 64, kv_tile: 128, stages: 3, name: "prefill_attention_d64_n128" },
-    Variant { head_dim: 64, kv_tile: 64, stages: 3, name: "prefill_attention_d64_n64" },
 ];
 
 impl Variant {
-    fn find(head_dim: usize, kv_tile: Option<usize>) -> Option<Variant> {
-        VARIANTS.iter().copied().find(|v| v.head_dim == head_dim && kv_tile.is_none_or(|t| t == v.kv_tile))
+    fn for_head_dim(head_dim: usize) -> impl Iterator<Item = Variant> {
+        VARIANTS.iter().copied().filter(move |v| v.head_dim == head_dim)
     }
 
     /// Dynamic shared memory: the Q tile, `stages` K and V tiles, and the two-int item mailbox.
@@ -123,7 +126,7 @@ impl std::fmt::Debug for PrefillPlan {
             .field("num_seqs", &self.num_seqs)
             .field("num_tokens", &self.num_tokens)
             .field("num_items", &self.num_items)
-            .field("kv_tile", &self.variant.kv_tile)
+            .field("kernel", &self.variant.name)
             .finish()
     }
 }
@@ -142,12 +145,7 @@ impl PrefillPlan {
     /// KV length, a used block-table entry outside the pool, table or offset lengths, cache and
     /// QKV layouts that disagree) and with [`Error::Unsupported`] for head dims other than
     /// [`HEAD_DIMS`], more than 128 query heads per KV head, or sizes beyond `i32`.
-    pub fn new(
-        ctx: &PhaseContext,
-        batch: AttentionBatch<'_>,
-        layout: QkvLayout,
-        cache: PagedKvLayout,
-    ) -> Result<Self> {
+    pub fn new(ctx: &PhaseContext, batch: AttentionBatch<'_>, layout: QkvLayout, cache: PagedKvLayout) -> Result<Self> {
         ensure_shape!(
             layout.num_kv_heads > 0 && layout.num_heads > 0 && layout.num_heads.is_multiple_of(layout.num_kv_heads),
             "prefill_attention: {} query heads are not a positive multiple of {} KV heads",
@@ -162,7 +160,7 @@ impl PrefillPlan {
             layout.num_kv_heads,
             layout.head_dim
         );
-        let variant = Variant::find(layout.head_dim, None).ok_or_else(|| {
+        let variant = Variant::for_head_dim(layout.head_dim).next().ok_or_else(|| {
             Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))
         })?;
         let group = layout.group_size();
@@ -228,17 +226,25 @@ impl PrefillPlan {
         })
     }
 
-    /// Picks the K/V tile (tokens per pipeline stage) among the compiled kernels for this head
-    /// dim: 64 for head dim 128; 128 (the default) or 64 for head dim 64. A tuning knob for
-    /// benchmarks; the default is the fastest measured.
-    pub fn set_kv_tile(&mut self, kv_tile: usize) -> Result<()> {
-        self.variant = Variant::find(self.layout.head_dim, Some(kv_tile)).ok_or_else(|| {
-            Error::Unsupported(format!(
-                "prefill_attention: no kernel with a K/V tile of {kv_tile} for head dim {}",
-                self.layout.head_dim
-            ))
+    /// The compiled kernels for this plan's head dim, the default first (e.g.
+    /// `prefill_attention_d128_n64_pipelined`: head dim 128, K/V tiles of 64 tokens, software
+    /// pipelined). Any of them computes the same result; they differ in speed.
+    pub fn kernels(&self) -> Vec<&'static str> {
+        Variant::for_head_dim(self.layout.head_dim).map(|v| v.name).collect()
+    }
+
+    /// Launches kernel `name` (one of [`PrefillPlan::kernels`]) instead of the default: a tuning
+    /// knob for benchmarks and tests.
+    pub fn set_kernel(&mut self, name: &str) -> Result<()> {
+        self.variant = Variant::for_head_dim(self.layout.head_dim).find(|v| v.name == name).ok_or_else(|| {
+            Error::Unsupported(format!("prefill_attention: no kernel `{name}` for head dim {}", self.layout.head_dim))
         })?;
         Ok(())
+    }
+
+    /// The kernel this plan launches.
+    pub fn kernel(&self) -> &'static str {
+        self.variant.name
     }
 
     /// The K/V tile (tokens per pipeline stage) of the kernel this plan launches.

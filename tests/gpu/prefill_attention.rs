@@ -2,8 +2,8 @@
 //! cached prefixes, GQA groups of several sizes, block sizes 8 to 128 with shuffled block tables,
 //! budgets from one CTA to all SMs; plus the CTA trace and the plan's and launcher's errors.
 
-use nexus::kernels::prefill_attention::{prefill_attention, PrefillPlan};
-use nexus::kernels::{reference, AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout};
+use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
+use nexus::kernels::{AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
@@ -56,12 +56,8 @@ impl Case {
                 block_tables[seq * max_blocks + b] = next.next().expect("enough blocks");
             }
         }
-        let cache = PagedKvLayout {
-            num_blocks,
-            block_size,
-            num_kv_heads: layout.num_kv_heads,
-            head_dim: layout.head_dim,
-        };
+        let cache =
+            PagedKvLayout { num_blocks, block_size, num_kv_heads: layout.num_kv_heads, head_dim: layout.head_dim };
         let mut k = random_bf16(rng, cache.pool_len(), 1.0);
         let mut v = random_bf16(rng, cache.pool_len(), 1.0);
         let mut owned = vec![false; num_blocks * block_size];
@@ -167,30 +163,23 @@ impl Inputs {
     }
 }
 
-/// Checks one batch against the reference with every budget and every K/V tile in `kv_tiles`
-/// (empty: the default), reusing one plan across launches (its work counter must reset itself).
-fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usize)], kv_tiles: &[usize]) {
+/// Checks one batch against the reference with every budget and every compiled kernel for the
+/// head dim, reusing one plan across launches (its work counter must reset itself).
+fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usize)]) {
     let mut rng = rng(test);
     let case = Case::new(&mut rng, layout, block_size, chunks);
     let want = case.reference();
     let setup = phase(None);
     let inputs = Inputs::new(&setup, &case);
     let mut plan = PrefillPlan::new(&setup, case.batch(), layout, case.cache).expect("plan");
-    let tiles: Vec<Option<usize>> =
-        if kv_tiles.is_empty() { vec![None] } else { kv_tiles.iter().map(|&t| Some(t)).collect() };
-    for tile in tiles {
-        if let Some(t) = tile {
-            plan.set_kv_tile(t).expect("kv tile");
-        }
+    for kernel in plan.kernels() {
+        plan.set_kernel(kernel).expect("kernel");
         for budget in BUDGETS {
             let ctx = phase(budget);
             let got = inputs.run(&ctx, &case, &plan);
             let what = format!(
-                "{test}: {}/{} heads d={} block {block_size} kv tile {} budget {budget:?}",
-                layout.num_heads,
-                layout.num_kv_heads,
-                layout.head_dim,
-                plan.kv_tile()
+                "{test}: {}/{} heads d={} block {block_size}, {kernel}, budget {budget:?}",
+                layout.num_heads, layout.num_kv_heads, layout.head_dim
             );
             assert_close(&what, &got, &want, BF16_RTOL, ATOL);
         }
@@ -206,7 +195,7 @@ const RAGGED: [(usize, usize); 9] =
 #[ignore = "needs a CUDA GPU"]
 fn gqa_32_8_d128_ragged_chunks() {
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
-    check("gqa_32_8_d128_ragged", layout, 16, &RAGGED, &[]);
+    check("gqa_32_8_d128_ragged", layout, 16, &RAGGED);
 }
 
 #[test]
@@ -215,7 +204,7 @@ fn gqa_32_8_d128_block_sizes() {
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
     let chunks = [(64, 2000), (5, 300), (1, 17), (200, 0), (65, 127), (33, 95)];
     for block_size in [8, 128] {
-        check("gqa_32_8_d128_block_sizes", layout, block_size, &chunks, &[]);
+        check("gqa_32_8_d128_block_sizes", layout, block_size, &chunks);
     }
 }
 
@@ -225,7 +214,7 @@ fn gqa_9_3_d64_ragged_chunks() {
     let layout = QkvLayout { num_heads: 9, num_kv_heads: 3, head_dim: 64 };
     let chunks = [(1, 2000), (5, 0), (63, 17), (64, 300), (65, 0), (200, 2000), (1000, 300), (43, 0), (42, 1)];
     for block_size in [8, 16, 128] {
-        check("gqa_9_3_d64_ragged", layout, block_size, &chunks, &[64, 128]);
+        check("gqa_9_3_d64_ragged", layout, block_size, &chunks);
     }
 }
 
@@ -237,7 +226,7 @@ fn other_group_sizes() {
     // KV head: one token per item).
     for (heads, kv_heads, head_dim) in [(16, 16, 128), (10, 2, 128), (8, 1, 64), (128, 1, 64)] {
         let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
-        check("other_group_sizes", layout, 16, &chunks, &[]);
+        check("other_group_sizes", layout, 16, &chunks);
     }
 }
 
@@ -375,11 +364,13 @@ fn plan_rejects_bad_batches() {
     assert_eq!(plan(&[0, 10, 30], &[64, 20], &table, 4, wide, c1), Err(ErrorKind::Unsupported));
     let bs = PagedKvLayout { block_size: 24, ..cache };
     assert_eq!(plan(&[0, 10, 30], &[64, 20], &table, 4, layout, bs), Err(ErrorKind::Shape));
-    // K/V tiles: only the compiled ones.
-    let batch = AttentionBatch { q_indptr: &[0, 10, 30], kv_lens: &[64, 20], block_tables: &table, max_blocks_per_seq: 4 };
+    // Kernels: only those compiled for the head dim.
+    let batch =
+        AttentionBatch { q_indptr: &[0, 10, 30], kv_lens: &[64, 20], block_tables: &table, max_blocks_per_seq: 4 };
     let mut p = PrefillPlan::new(&ctx, batch, layout, cache).expect("plan");
-    assert_eq!(p.set_kv_tile(32).map_err(|e| e.kind()), Err(ErrorKind::Unsupported));
-    assert!(p.set_kv_tile(64).is_ok());
+    assert_eq!(p.kernel(), p.kernels()[0]);
+    assert_eq!(p.set_kernel("prefill_attention_d64_n128").map_err(|e| e.kind()), Err(ErrorKind::Unsupported));
+    assert!(p.set_kernel("prefill_attention_d128_n64").is_ok());
 }
 
 #[test]
@@ -400,15 +391,40 @@ fn launcher_rejects_bad_buffers() {
     let kind = |r: nexus::kernels::Result<()>| r.map_err(|e| e.kind());
     // qkv, pools, table, out of the wrong length; a trace too short for the budget; bad scale.
     let bad_q = inputs.qkv.slice(8..);
-    assert_eq!(kind(prefill_attention(&ctx, &plan, &bad_q, &k, &v, &t, 0.1, &mut out.as_view_mut(), None)), Err(ErrorKind::Shape));
-    assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &short.as_view(), &v, &t, 0.1, &mut out.as_view_mut(), None)), Err(ErrorKind::Shape));
-    assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &k, &v, &small_table.as_view(), 0.1, &mut out.as_view_mut(), None)), Err(ErrorKind::Shape));
-    assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, 0.1, &mut short_out.as_view_mut(), None)), Err(ErrorKind::Shape));
     assert_eq!(
-        kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, 0.1, &mut out.as_view_mut(), Some(&mut small_trace.as_view_mut()))),
+        kind(prefill_attention(&ctx, &plan, &bad_q, &k, &v, &t, 0.1, &mut out.as_view_mut(), None)),
         Err(ErrorKind::Shape)
     );
-    assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, f32::NAN, &mut out.as_view_mut(), None)), Err(ErrorKind::Shape));
+    assert_eq!(
+        kind(prefill_attention(&ctx, &plan, &q, &short.as_view(), &v, &t, 0.1, &mut out.as_view_mut(), None)),
+        Err(ErrorKind::Shape)
+    );
+    assert_eq!(
+        kind(prefill_attention(&ctx, &plan, &q, &k, &v, &small_table.as_view(), 0.1, &mut out.as_view_mut(), None)),
+        Err(ErrorKind::Shape)
+    );
+    assert_eq!(
+        kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, 0.1, &mut short_out.as_view_mut(), None)),
+        Err(ErrorKind::Shape)
+    );
+    assert_eq!(
+        kind(prefill_attention(
+            &ctx,
+            &plan,
+            &q,
+            &k,
+            &v,
+            &t,
+            0.1,
+            &mut out.as_view_mut(),
+            Some(&mut small_trace.as_view_mut())
+        )),
+        Err(ErrorKind::Shape)
+    );
+    assert_eq!(
+        kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, f32::NAN, &mut out.as_view_mut(), None)),
+        Err(ErrorKind::Shape)
+    );
     // A misaligned output view of the right length.
     let mut big = poisoned(&ctx, case.out_len() + 8);
     let mut shifted = big.slice_mut(1..case.out_len() + 1);

@@ -301,7 +301,7 @@ fn check_aligned<T>(ctx: &PhaseContext, view: &impl DevicePtr<T>, what: &str) ->
 /// `qkv: [tokens, layout.row_len()]`. Keys and values, the chunk's own included (write them with
 /// [`crate::elementwise::write_kv_cache`] first), come from the pools `k_cache`/`v_cache`
 /// (`[num_blocks, block_size, num_kv_heads, head_dim]`) through `block_tables:
-/// [num_seqs, max_blocks_per_seq]`, which must hold the entries the plan checked. `scale`
+/// [num_seqs, max_blocks_per_seq]`, which must hold the entries the plan checked. `scale` (positive)
 /// multiplies the scores (usually `1/√head_dim`).
 ///
 /// Launches `plan.ctas(ctx.budget())` CTAs on `ctx`'s stream, one per SM. With `trace`
@@ -336,7 +336,9 @@ pub fn prefill_attention(
         out.len(),
         plan.num_tokens
     );
-    ensure_shape!(scale.is_finite(), "prefill_attention: scale {scale} is not finite");
+    // The running max is taken over unscaled scores, which is the max of the scaled ones only
+    // for a positive scale.
+    ensure_shape!(scale.is_finite() && scale > 0.0, "prefill_attention: scale {scale} is not positive and finite");
     let budget = ctx.budget().get() as usize;
     if let Some(t) = &trace {
         ensure_shape!(

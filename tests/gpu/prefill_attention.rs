@@ -425,6 +425,10 @@ fn launcher_rejects_bad_buffers() {
         kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, f32::NAN, &mut out.as_view_mut(), None)),
         Err(ErrorKind::Shape)
     );
+    assert_eq!(
+        kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, -0.1, &mut out.as_view_mut(), None)),
+        Err(ErrorKind::Shape)
+    );
     // A misaligned output view of the right length.
     let mut big = poisoned(&ctx, case.out_len() + 8);
     let mut shifted = big.slice_mut(1..case.out_len() + 1);

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::Criterion;
-use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaStream;
+use cudarc::driver::sys::CUevent_flags;
 use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
 
 /// Budgets every kernel is measured with (plus all SMs).
@@ -25,7 +25,8 @@ pub fn copies_for(bytes: usize) -> usize {
 
 /// The budgets to sweep on `gpu`: [`BUDGETS`] below its SM count, then all SMs.
 pub fn budgets(gpu: &Gpu) -> Vec<CtaBudget> {
-    let mut v: Vec<CtaBudget> = BUDGETS.iter().filter(|&&b| b < gpu.sm_count()).map(|&b| CtaBudget::new(b, gpu).expect("budget")).collect();
+    let mut v: Vec<CtaBudget> =
+        BUDGETS.iter().filter(|&&b| b < gpu.sm_count()).map(|&b| CtaBudget::new(b, gpu).expect("budget")).collect();
     v.push(CtaBudget::all(gpu));
     v
 }
@@ -96,7 +97,11 @@ pub struct Report {
 
 impl Report {
     pub fn new(title: &str, header: &[&str]) -> Self {
-        Report { title: title.into(), header: header.iter().map(|s| s.to_string()).collect(), rows: Mutex::new(Vec::new()) }
+        Report {
+            title: title.into(),
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Mutex::new(Vec::new()),
+        }
     }
 
     pub fn add(&self, row: Vec<String>) {

@@ -20,9 +20,11 @@
 mod error;
 mod layout;
 
+pub mod decode_attention;
 pub mod elementwise;
 pub mod gemm;
 pub mod gpu;
+pub mod prefill_attention;
 pub mod reference;
 
 pub use error::{Error, ErrorKind, Result};

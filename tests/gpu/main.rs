@@ -4,5 +4,8 @@
 //! machine that has one (and under compute-sanitizer; see ../shared/GPU.md).
 
 mod common;
+mod coresidency;
+mod decode_attention;
 mod elementwise;
 mod gemm;
+mod prefill_attention;

@@ -132,9 +132,11 @@ impl Gpu {
             .get(module)
             .ok_or_else(|| Error::Unsupported(format!("no kernel module `{module}` for {:?}", self.target)))?;
         let f = m.load_function(name)?;
+        // Static and dynamic shared memory together may not exceed the per-block limit.
+        let static_smem = f.shared_size_bytes()?.max(0) as u32;
         f.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            self.max_smem_per_block as i32,
+            self.max_smem_per_block.saturating_sub(static_smem) as i32,
         )?;
         functions.insert((module, name), f.clone());
         Ok(f)

@@ -12,7 +12,7 @@ macro_rules! modules {
 }
 
 // One entry per `cuda/*.cu` file; the kernels of a file live in the module of the same name.
-modules!("elementwise", "gemm");
+modules!("elementwise", "prefill_attention", "decode_attention", "gemm");
 
 /// `(module name, PTX source)` of every module built for `target`.
 pub(crate) fn modules(target: PtxTarget) -> &'static [(&'static str, &'static str)] {

@@ -18,7 +18,10 @@
 //   producer runs ahead across tile boundaries, so the next tile's loads overlap the current
 //   tile's epilogue. The `swap` kernel computes the tile transposed (weight rows on wgmma's
 //   64-row side, activation rows on its narrow N side) for M <= 16, where a 64-row A tile
-//   would be mostly padding and its useless math would slow a weight-streaming GEMM.
+//   would be mostly padding and its useless math would slow a weight-streaming GEMM. Its
+//   consumers spread each K block's 4 wgmma m64n16k16 over 4 independent accumulator sets: one
+//   dependent chain of them ran at wgmma latency, ~47 GB/s of weight per SM. swap_16x128 has
+//   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight).
 // * gemm_mma_* (every GPU from sm_80 on): all 8 warps copy tiles with cp.async into a ring of
 //   stages (the same 128-byte XOR swizzle, so ldmatrix reads are free of bank conflicts) and
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
@@ -311,6 +314,11 @@ struct WgmmaConfig {
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
     static constexpr int RING_BYTES = 192 * 1024;
     static constexpr int STAGES = RING_BYTES / STAGE_BYTES < 16 ? RING_BYTES / STAGE_BYTES : 16;
+    // Independent accumulator sets of a consumer: the 4 wgmmas of a K block go round-robin into
+    // them and are summed in the epilogue. A chain of dependent wgmma m64n16k16 runs at their
+    // latency (~85 clocks each: 8 KB of weight per ~340 clocks, ~47 GB/s per SM), not at their
+    // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
+    static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
     static_assert(MMA_ROWS % 64 == 0 && CONSUMERS <= 2, "one or two consumer warpgroups of 64 rows");
     static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 };
@@ -529,9 +537,15 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
+        constexpr int SETS = C::ACC_SETS;
         float acc[Wgmma<C::MMA_N>::REGS];
+        float part[SETS > 1 ? SETS - 1 : 1][Wgmma<C::MMA_N>::REGS];  // sets 1.. (set 0 is acc)
 #pragma unroll
         for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] = 0.f;
+#pragma unroll
+        for (int s = 0; s < (SETS > 1 ? SETS - 1 : 1); ++s)
+#pragma unroll
+            for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) part[s][i] = 0.f;
         int stage = 0;
         uint32_t phase = 0;
         for (;;) {
@@ -551,9 +565,14 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BK / 16; ++kk) {
-                    // 16 of K = 32 bytes further along the (swizzled) rows.
-                    Wgmma<C::MMA_N>::run(acc, smem_desc(m_side + kk * 32), smem_desc(n_side + kk * 32),
-                                         kb > 0 || kk > 0);
+                    // 16 of K = 32 bytes further along the (swizzled) rows. Set kk % SETS; each
+                    // set starts from zero at its first wgmma of the tile.
+                    const uint64_t da = smem_desc(m_side + kk * 32), db = smem_desc(n_side + kk * 32);
+                    if (SETS == 1 || kk % SETS == 0) {
+                        Wgmma<C::MMA_N>::run(acc, da, db, kb > 0 || kk > 0);
+                    } else {
+                        Wgmma<C::MMA_N>::run(part[(kk % SETS) - 1], da, db, kb > 0 || kk >= SETS);
+                    }
                 }
                 wgmma_commit();
                 if (kb > 0) {
@@ -569,6 +588,14 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
             wgmma_wait<0>();
             touch(acc);
+            if constexpr (SETS > 1) {
+#pragma unroll
+                for (int s = 0; s < SETS - 1; ++s) {
+                    touch(part[s]);
+#pragma unroll
+                    for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] += part[s][i];
+                }
+            }
             if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
 
             // Epilogue straight from registers. Accumulator 4j + e of this thread is row
@@ -645,4 +672,6 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_128x256, 128, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x128, 128, 128, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_64x128, 64, 128, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_64x64, 64, 64, false)
+NEXUS_GEMM_WGMMA(gemm_wgmma_64x256, 64, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x64, 16, 64, true)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x128, 16, 128, true)

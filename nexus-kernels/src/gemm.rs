@@ -12,8 +12,10 @@
 //!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
 //!   stages (4 to 16 of them, 192 KB in all), and one or two consumer warpgroups multiply them
 //!   with `wgmma` and hand the stages back through mbarriers. The producer runs ahead across tile
-//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`] puts the weight rows on wgmma's
-//!   64-row side, so that a decode-sized GEMM streams its weight without 64-row padding math.
+//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`] and [`GemmKernel::WgmmaSwap16x128`]
+//!   put the weight rows on wgmma's 64-row side, so that a decode-sized GEMM streams its weight
+//!   without 64-row padding math, spreading each K block over 4 accumulator sets so that wgmma
+//!   latency does not bound the stream.
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!
@@ -82,6 +84,9 @@ pub enum GemmKernel {
     Wgmma128x256,
     /// sm_90a: 128 × 128 tiles, two consumer warpgroups.
     Wgmma128x128,
+    /// sm_90a: 64 × 256 tiles, one consumer warpgroup (m64n256: math-bound, not latency-bound):
+    /// M ≈ 64 at small budgets, where each CTA should stream as much weight as it can.
+    Wgmma64x256,
     /// sm_90a: 64 × 128 tiles, one consumer warpgroup.
     Wgmma64x128,
     /// sm_90a: 64 × 64 tiles, one consumer warpgroup: small M with few weight rows per CTA.
@@ -89,6 +94,10 @@ pub enum GemmKernel {
     /// sm_90a: 16 rows of A × 64 rows of B, computed transposed (the weight on wgmma's 64-row
     /// side, 16 activation rows on its N side): M ≤ 16, where the GEMM streams its weight.
     WgmmaSwap16x64,
+    /// sm_90a: 16 rows of A × 128 rows of B, transposed like [`GemmKernel::WgmmaSwap16x64`], with
+    /// two consumer warpgroups: twice the weight per stage and per CTA, for M ≤ 16 on budgets
+    /// smaller than the 64-row tile count.
+    WgmmaSwap16x128,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -113,13 +122,15 @@ enum Family {
 }
 
 impl GemmKernel {
-    /// The Hopper kernels, largest tiles first.
-    pub const HOPPER: [GemmKernel; 5] = [
+    /// The Hopper kernels, largest tiles first (the planner settles near-ties in this order).
+    pub const HOPPER: [GemmKernel; 7] = [
         GemmKernel::Wgmma128x256,
         GemmKernel::Wgmma128x128,
+        GemmKernel::Wgmma64x256,
         GemmKernel::Wgmma64x128,
         GemmKernel::Wgmma64x64,
         GemmKernel::WgmmaSwap16x64,
+        GemmKernel::WgmmaSwap16x128,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
@@ -129,9 +140,11 @@ impl GemmKernel {
         let (name, bm, bn, family) = match self {
             GemmKernel::Wgmma128x256 => ("gemm_wgmma_128x256", 128, 256, Wgmma { swap: false }),
             GemmKernel::Wgmma128x128 => ("gemm_wgmma_128x128", 128, 128, Wgmma { swap: false }),
+            GemmKernel::Wgmma64x256 => ("gemm_wgmma_64x256", 64, 256, Wgmma { swap: false }),
             GemmKernel::Wgmma64x128 => ("gemm_wgmma_64x128", 64, 128, Wgmma { swap: false }),
             GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
             GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
         };
@@ -176,12 +189,15 @@ pub struct GemmPlan {
     pub estimated_seconds: f64,
 }
 
-// Rough H100 SXM figures of the planning model. They rank tile shapes; they are not meant to
-// predict times (re-fit them from the benchmark if the choices look wrong).
+// H100 SXM figures of the planning model, fitted to bench-results/gemm-h100.md (the model's
+// times are within about 10% of the measured ones for M >= 256; small-M launches also pay a
+// few microseconds of start-up the model leaves out). Re-fit them from the benchmark if the
+// choices look wrong.
 /// SM clock under load.
 const CLOCK_HZ: f64 = 1.75e9;
-/// L2 → SM bandwidth of the whole GPU, and the most one SM takes per clock.
-const L2_BYTES_PER_S: f64 = 10e12;
+/// L2 → SM bandwidth of the whole GPU (measured fills: 7.7 TB/s of 128 x 128 tiles on 96 CTAs,
+/// 9.2 of 128 x 256 on 132), and the most one SM takes per clock.
+const L2_BYTES_PER_S: f64 = 9e12;
 const SM_FILL_BYTES_PER_CLOCK: f64 = 128.0;
 /// DRAM streaming read with all SMs, with one SM, and the SM count at which it saturates
 /// (1 − e^(−ctas / s) of the full rate: 89% at 32 SMs, 96% at 48, 99% at 64, as measured).
@@ -190,6 +206,14 @@ const DRAM_BYTES_PER_S_ONE_SM: f64 = 125e9;
 const DRAM_SATURATION_SMS: f64 = 14.5;
 /// Dense bf16 multiply-adds per SM and clock: wgmma, and mma.sync (the Ampere rate).
 const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
+/// Clocks from one wgmma m64nNk16 to the next that accumulates into the same registers:
+/// `WGMMA_LATENCY + WGMMA_LATENCY_PER_N · N` (fitted: ~340 clocks per K block of the 64 x 16
+/// swapped tile, ~420 of 64 x 64, ~460 of 64 x 128, each one chain of 4 dependent wgmmas).
+const WGMMA_LATENCY: f64 = 80.0;
+const WGMMA_LATENCY_PER_N: f64 = 0.3;
+/// Dependent chains the swapped (n16) kernels overlap per consumer (they keep 4 accumulator
+/// sets; counted as 2, to stay on the safe side until measured).
+const SWAP_CHAINS: f64 = 2.0;
 const MMA_MACS_PER_CLOCK: f64 = 1024.0;
 /// Estimates within this factor of each other count as a tie, settled by less math issued.
 const TIE: f64 = 1.01;
@@ -203,18 +227,20 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
     let s = kernel.spec();
     match s.family {
         Family::Wgmma { swap } => {
-            // Each consumer warpgroup issues 4 wgmma m64nNk16 per K block. One costs the larger of
-            // its math (64·N·16 MACs) and its shared-memory reads (A 2 KB, B N·32 bytes, at 128
-            // bytes per clock); the warpgroups share the SM.
+            // Each consumer warpgroup issues 4 wgmma m64nNk16 per K block. One occupies the
+            // tensor cores for the larger of its math (64·N·16 MACs) and its shared-memory reads
+            // (A 2 KB, B N·32 bytes, at 128 bytes per clock); the warpgroups share the SM. A
+            // consumer's own wgmmas form a dependent chain (one accumulator) that advances one
+            // wgmma per latency, which bounds the narrow tiles.
             let (rows, n) = if swap { (s.bn, s.bm) } else { (s.bm, s.bn) };
+            let consumers = (rows / 64) as f64;
             let n = n as f64;
             let per_wgmma = (64.0 * n * 16.0 / WGMMA_MACS_PER_CLOCK).max(16.0 + n / 4.0);
-            let efficiency = match s.bn.max(s.bm) {
-                256 => 0.85,
-                128 => 0.8,
-                _ => 0.75,
-            };
-            (rows / 64) as f64 * 4.0 * per_wgmma / efficiency
+            let efficiency = if n >= 256.0 { 0.95 } else { 0.85 };
+            let chains = if swap && n <= 16.0 { SWAP_CHAINS } else { 1.0 };
+            let latency = WGMMA_LATENCY + WGMMA_LATENCY_PER_N * n;
+            let chain = 4.0 * per_wgmma.max(latency) / chains;
+            (consumers * 4.0 * per_wgmma / efficiency).max(chain)
         }
         Family::Mma { .. } => {
             // Warps skip m16 fragments wholly below M.
@@ -222,6 +248,17 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
             rows * s.bn as f64 * BK as f64 / (MMA_MACS_PER_CLOCK * 0.7)
         }
     }
+}
+
+/// Multiply-adds a tile issues per element of K (padding included): the tie-breaker of [`plan`].
+fn tile_macs_per_k(kernel: GemmKernel, m: usize) -> f64 {
+    let s = kernel.spec();
+    let rows = match s.family {
+        Family::Wgmma { .. } => s.bm,
+        // Warps skip m16 fragments wholly below M.
+        Family::Mma { .. } => s.bm.min(m.div_ceil(16) * 16),
+    };
+    (rows * s.bn) as f64
 }
 
 /// The model's plan for `kernel` with at most `budget` CTAs (see [`plan`]).
@@ -261,7 +298,7 @@ fn plan_ctas(shape: GemmShape, budget: u32, target: PtxTarget) -> GemmPlan {
     let mut best: Option<(GemmPlan, f64)> = None;
     for &kernel in candidates {
         let p = estimate(kernel, shape, budget);
-        let work = p.tiles as f64 * math_clocks_per_k_block(kernel, shape.m);
+        let work = p.tiles as f64 * tile_macs_per_k(kernel, shape.m);
         best = match best {
             Some((b, b_work))
                 if b.estimated_seconds * TIE < p.estimated_seconds
@@ -481,10 +518,39 @@ mod tests {
     #[test]
     fn decode_sizes_stream_the_weight_with_the_swapped_kernel() {
         for m in [1, 7, 16] {
-            for b in [8, 32, 132] {
-                let p = plan_ctas(shape(m, 6144, 4096), b, PtxTarget::Sm90a);
-                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}, budget {b}");
+            for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
+                for b in [8, 32, 132] {
+                    let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
+                    assert!(
+                        matches!(p.kernel, GemmKernel::WgmmaSwap16x64 | GemmKernel::WgmmaSwap16x128),
+                        "m = {m}, {n} x {k}, budget {b}: {p:?}"
+                    );
+                }
             }
+            // Small budgets take the 128-row swapped tile (more weight in flight per SM); when the
+            // 64-row tiles are no more than the budget, the 64-row one keeps every SM busy.
+            let p = plan_ctas(shape(m, 6144, 4096), 8, PtxTarget::Sm90a);
+            assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x128, "m = {m}");
+            let p = plan_ctas(shape(m, 4096, 14336), 64, PtxTarget::Sm90a);
+            assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}");
+        }
+    }
+
+    /// Choices the H100 benchmark (bench-results/gemm-h100.md) showed the earlier constants got
+    /// wrong: (m, n, k, budget, the kernel measured faster).
+    #[test]
+    fn measured_better_choices() {
+        let cases = [
+            (4096, 4096, 14336, 96, GemmKernel::Wgmma128x256),
+            (256, 4096, 14336, 132, GemmKernel::Wgmma128x128),
+            (256, 4096, 14336, 48, GemmKernel::Wgmma128x256),
+            (1024, 4096, 14336, 48, GemmKernel::Wgmma128x256),
+            (4096, 6144, 4096, 132, GemmKernel::Wgmma128x256),
+            (8192, 4096, 14336, 48, GemmKernel::Wgmma128x256),
+        ];
+        for (m, n, k, b, want) in cases {
+            let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
+            assert_eq!(p.kernel, want, "{m} x {n} x {k} budget {b}: {p:?}");
         }
     }
 
@@ -500,6 +566,25 @@ mod tests {
                     assert!(p.estimated_seconds > 0.0);
                     let p = plan_ctas(s, b, PtxTarget::Sm80);
                     assert!(GemmKernel::PORTABLE.contains(&p.kernel), "{p:?}");
+                }
+            }
+        }
+    }
+
+    /// Prints the model's picks over the benchmark's shapes and budgets (`--nocapture`).
+    #[test]
+    fn print_picks() {
+        for (k, n) in [(4096, 6144), (4096, 28672), (14336, 4096)] {
+            for m in [1, 16, 64, 256, 1024, 4096, 8192] {
+                for b in [8, 16, 32, 48, 64, 96, 132] {
+                    let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
+                    println!(
+                        "{k} x {n} m {m} b {b}: {:?} ctas {} waves {} {:.1} us",
+                        p.kernel,
+                        p.ctas,
+                        p.waves,
+                        p.estimated_seconds * 1e6
+                    );
                 }
             }
         }

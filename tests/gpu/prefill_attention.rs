@@ -436,3 +436,15 @@ fn launcher_rejects_bad_buffers() {
     // Nothing was written by the refused launches.
     assert!(download(&ctx, &out).iter().all(|x| x.is_nan()));
 }
+
+/// A batch small enough for compute-sanitizer's racecheck (which slows kernels a
+/// hundredfold) that still crosses tile, block and diagonal boundaries in both head dims.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn small_batches_for_sanitizers() {
+    let chunks = [(70, 40), (3, 0)];
+    for (heads, kv_heads, head_dim) in [(9, 3, 64), (8, 2, 128)] {
+        let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
+        check("small_batches_for_sanitizers", layout, 16, &chunks);
+    }
+}

@@ -8,14 +8,16 @@
 // writes `out` (bf16) directly; a split one writes each chunk's normalized output (f32) and
 // log2-sum-exp to a scratch, and `decode_attention_merge` combines the chunks into `out`.
 //
-// CTA (320 threads, one per SM: __launch_bounds__(THREADS, 1) and > half the SM's shared memory):
-//   - 2 producer warps walk the CTA's items and stream K (warp 8) and V (warp 9) into a ring of
-//     `ring_slots` shared-memory slots of SUB = 16 tokens each, with cp.async (16 bytes per lane,
-//     zero-filled past the end of the sequence) and one mbarrier per slot that the copies
-//     themselves arrive on (cp.async.mbarrier.arrive.noinc). Block-table entries are read 32 at a
-//     time, one per lane, and the next 32 (or the next item's first 32) are loaded while the
-//     current ones are used. The producers never wait for the consumers except for a free slot,
-//     so they run up to a whole ring (about 190 KB) ahead, across item boundaries.
+// CTA (384 threads, one per SM: __launch_bounds__(THREADS, 1) and > half the SM's shared memory):
+//   - 4 producer warps walk the CTA's items and stream K (warps 8, 10) and V (warps 9, 11) into a
+//     ring of `ring_slots` shared-memory slots of SUB = 16 tokens each, with cp.async (16 bytes per
+//     lane, zero-filled past the end of the sequence); the two warps of a role take alternate
+//     slots. Each lane commits one cp.async group per slot and, once the group it committed LAG
+//     slots earlier has landed (cp.async.wait_group), arrives on that slot's `full` mbarrier, so
+//     each warp keeps LAG + 1 slots of loads in flight (see `produce`). Block-table entries are
+//     read 32 at a time, one per lane, and the next 32 (or the next item's first 32) are loaded
+//     while the current ones are used. The producers never wait for the consumers except for a
+//     free slot, so they run up to a whole ring (about 190 KB) ahead, across item boundaries.
 //   - 8 consumer warps: sub-tile k of an item (tokens kv_start + 16k ..) goes to warp k % 8. A warp
 //     computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from
 //     shared memory by ldmatrix, Q in registers), an online softmax per head in f32, and
@@ -33,7 +35,9 @@
 namespace {
 
 constexpr int CONSUMER_WARPS = 8;
-constexpr int PRODUCER_WARPS = 2;
+constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
+constexpr int PRODUCER_WARPS = 2 * PARTS;
+constexpr int FULL_ARRIVALS = 2 * 32;  // a slot's `full` barrier: every lane of its K and its V warp
 constexpr int CONSUMERS = CONSUMER_WARPS * 32;
 constexpr int THREADS = CONSUMERS + PRODUCER_WARPS * 32;
 constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
@@ -118,13 +122,15 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
 }
 
-// Arrive on `bar` once this thread's earlier cp.async copies have landed (counts as one of the
-// barrier's expected arrivals).
-__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];" ::"r"(bar) : "memory");
-}
-
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most N of this thread's committed cp.async groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
 
 __device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -186,7 +192,24 @@ struct Args {
     float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
 };
 
-// ---- producer: K (warp 0 of the role) or V (warp 1) of every sub-tile into the ring ----
+// ---- producers: K (role 0) or V (role 1) of every sub-tile into the ring ----
+//
+// Why this shape (first round: ~24 GB/s per SM at d = 128, ~11 at d = 64, i.e. one 16-token slot
+// per SM every ~340-370 ns whatever the head dim, about one HBM round trip): each producer warp
+// signalled a slot with `cp.async.mbarrier.arrive.noinc`, and one warp per role walked every slot
+// with ~170 instructions of 64-bit address math each. So now:
+//   - PARTS (2) warps per role; warp `part` of a role owns the ring slots with slot % PARTS == part
+//     (the same warp always fills a given slot, so each barrier's phases stay in order);
+//   - a slot is signalled with a plain mbarrier arrive (release) after cp.async.wait_group: each
+//     lane commits one cp.async group per slot and arrives on the slot it issued LAG slots of its
+//     own before, so every producer warp keeps LAG + 1 slots of loads in flight whatever the
+//     hardware does with cp.async-triggered arrivals (2 roles x 2 parts x 8 slots x 4 KB = 128 KB
+//     per SM at d = 128 with a 24-slot ring);
+//   - the copies of a slot are one 64-bit base address and a constant byte step per copy.
+// Deadlock freedom: before issuing its own slot j (global sub-tile G), a warp waits for the
+// consumers to free sub-tile G - R; it has already arrived on all its sub-tiles up to
+// G - PARTS (LAG + 1), so PARTS (LAG + 1) <= R makes that wait depend only on earlier sub-tiles
+// (induction over the sub-tile index; the consumers take their sub-tiles in order).
 
 // Block ids first_block + lane of item `it` (lanes past its last block get 0, unused).
 __device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int first_block, int lane) {
@@ -195,19 +218,25 @@ __device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int
     return b <= last ? __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + b) : 0;
 }
 
-template <int D>
+template <int D, int LAG>
 __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
     using L = Layout<D>;
     constexpr int CPT = D / 8;              // 16-byte chunks per token row
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
     constexpr int COPIES = SUB / TOK_STEP;  // copies per lane per slot
     const int lane = threadIdx.x & 31;
-    const int role = (threadIdx.x >> 5) - CONSUMER_WARPS;  // 0: K, 1: V
+    const int pw = (threadIdx.x >> 5) - CONSUMER_WARPS;
+    const int role = pw & 1;    // 0: K, 1: V
+    const int part = pw >> 1;   // which slots: slot % PARTS == part
+    const int R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of PARTS, and >= PARTS (LAG + 1)
     const __nv_bfloat16* pool = role == 0 ? a.k_cache : a.v_cache;
     const uint32_t half = ring + role * L::HALF_BYTES;
     const int chunk = lane % CPT, tok0 = lane / CPT;
     const int block_size = 1 << a.block_log2;
     const size_t token_stride = (size_t)a.num_kv_heads * D;  // elements between tokens of a head
+    // Bytes between a lane's consecutive copies (TOK_STEP tokens); small (the host checks the
+    // query width fits in i32, and num_kv_heads <= num_heads).
+    const int copy_step = TOK_STEP * a.num_kv_heads * D * 2;
     uint32_t dst[COPIES];
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
@@ -219,7 +248,9 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
     Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
     int ids = load_block_ids(a, it, it.kv_start >> a.block_log2, lane);
     int slot = 0;
-    uint32_t fill = 0;  // how many times the ring has wrapped
+    uint32_t fill = 0;    // how many times the ring has wrapped
+    uint32_t issued = 0;  // slots this warp has issued
+    int last = 0;         // the ring slot of its latest one
     for (int i = i0; i < i1; ++i) {
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
         const __nv_bfloat16* head = pool + (size_t)it.kv_head * D + chunk * 8;
@@ -235,33 +266,47 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
             }
             const int t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
             for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += SUB) {
-                if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
-                const uint32_t s = half + slot * L::SLOT_BYTES;
-                if (block_size >= SUB) {
-                    // The sub-tile lies in one block (t is a multiple of 16): one id, then a stride.
-                    const int block = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
-                    const __nv_bfloat16* row =
-                        head + ((size_t)block * block_size + (t & (block_size - 1)) + tok0) * token_stride;
+                if (slot % PARTS == part) {
+                    if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                    const uint32_t s = half + slot * L::SLOT_BYTES;
+                    if (block_size >= SUB) {
+                        // The sub-tile lies in one block (t is a multiple of 16): one id, then a
+                        // stride. Rows past kv_end are zero-filled; their addresses stay inside the
+                        // block, so inside the pool.
+                        const int block = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
+                        const char* row = reinterpret_cast<const char*>(
+                            head + ((size_t)block * block_size + (t & (block_size - 1)) + tok0) * token_stride);
+                        const int left = it.kv_end - t - tok0;  // rows from this lane's first to the end
 #pragma unroll
-                    for (int c = 0; c < COPIES; ++c) {
-                        const bool valid = t + tok0 + TOK_STEP * c < it.kv_end;
-                        cp_async16(s + dst[c], valid ? row + (size_t)(TOK_STEP * c) * token_stride : pool,
-                                   valid ? 16 : 0);
-                    }
-                } else {
+                        for (int c = 0; c < COPIES; ++c) {
+                            cp_async16(s + dst[c], row, TOK_STEP * c < left ? 16 : 0);
+                            row += copy_step;
+                        }
+                    } else {
 #pragma unroll
-                    for (int c = 0; c < COPIES; ++c) {
-                        const int tok = t + tok0 + TOK_STEP * c;
-                        const int block = __shfl_sync(0xffffffffu, ids, ((tok >> a.block_log2) - b) & 31);
-                        const bool valid = tok < it.kv_end;
-                        const __nv_bfloat16* src =
-                            valid ? head + ((size_t)block * block_size + (tok & (block_size - 1))) * token_stride
-                                  : pool;
-                        cp_async16(s + dst[c], src, valid ? 16 : 0);
+                        for (int c = 0; c < COPIES; ++c) {
+                            const int tok = t + tok0 + TOK_STEP * c;
+                            const int block = __shfl_sync(0xffffffffu, ids, ((tok >> a.block_log2) - b) & 31);
+                            const bool valid = tok < it.kv_end;
+                            const __nv_bfloat16* src =
+                                valid ? head + ((size_t)block * block_size + (tok & (block_size - 1))) * token_stride
+                                      : pool;
+                            cp_async16(s + dst[c], src, valid ? 16 : 0);
+                        }
                     }
+                    cp_async_commit();
+                    if (issued >= LAG) {
+                        // This lane's copies of its slot LAG before this one have landed: publish
+                        // them (release) on that slot's barrier.
+                        cp_async_wait_group<LAG>();
+                        int done = slot - PARTS * LAG;
+                        if (done < 0) done += R;
+                        mbar_arrive(full + 8 * done);
+                    }
+                    ++issued;
+                    last = slot;
                 }
-                cp_async_arrive(full + 8 * slot);
-                if (++slot == a.ring_slots) {
+                if (++slot == R) {
                     slot = 0;
                     ++fill;
                 }
@@ -271,7 +316,14 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
         it = next;
         next = after;
     }
+    // Publish the slots still in flight, oldest first.
     cp_async_wait_all();
+    const int pending = issued < LAG ? (int)issued : LAG;
+    for (int k = pending - 1; k >= 0; --k) {
+        int done = last - PARTS * k;
+        if (done < 0) done += R;
+        mbar_arrive(full + 8 * done);
+    }
 }
 
 // ---- consumers ----
@@ -488,7 +540,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     const int i0 = work_indptr[blockIdx.x], i1 = work_indptr[blockIdx.x + 1];
     if (threadIdx.x == 0) {
         for (int s = 0; s < R; ++s) {
-            mbar_init(full + 8 * s, PRODUCER_WARPS * 32);
+            mbar_init(full + 8 * s, FULL_ARRIVALS);
             mbar_init(empty + 8 * s, 32);
         }
     }
@@ -496,8 +548,13 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     if (i0 < i1) {
         if (threadIdx.x < CONSUMERS) {
             consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
+        } else if (R >= PARTS * 16) {
+            // In flight per producer warp: LAG + 1 slots, with PARTS (LAG + 1) <= R (see produce).
+            produce<D, 15>(a, ring, full, empty, i0, i1);
+        } else if (R >= PARTS * 8) {
+            produce<D, 7>(a, ring, full, empty, i0, i1);
         } else {
-            produce<D>(a, ring, full, empty, i0, i1);
+            produce<D, 3>(a, ring, full, empty, i0, i1);  // R >= 8 = PARTS * 4
         }
     }
     trace.finish();  // thread 0, a consumer: after its last item

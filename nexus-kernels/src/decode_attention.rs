@@ -10,9 +10,10 @@
 //! once; [`decode_attention`] then only launches (no allocation, no copy, no host synchronization),
 //! so it can be captured in a CUDA graph, which stays valid as long as the plan lives.
 //!
-//! Kernel: `cuda/decode_attention.cu` (one CTA of 320 threads per SM: 2 producer warps streaming
-//! K and V pages with `cp.async` into a ring of ~190 KB of shared memory, 8 consumer warps
-//! running `mma.sync` and an online softmax in f32). The reference is
+//! Kernel: `cuda/decode_attention.cu` (one CTA of 384 threads per SM: 4 producer warps streaming
+//! K and V pages with `cp.async` into a ring of ~190 KB of shared memory, each keeping several
+//! slots of loads in flight, 8 consumer warps running `mma.sync` and an online softmax in f32).
+//! The reference is
 //! [`crate::reference::decode_attention`].
 //!
 //! # Batch invariance
@@ -58,8 +59,8 @@ use crate::layout::{PagedKvLayout, QkvLayout};
 use crate::{Error, Result};
 
 const MODULE: &str = "decode_attention";
-/// Threads of the attention kernel: 8 consumer warps and 2 producer warps (`THREADS` in the source).
-const THREADS: u32 = 320;
+/// Threads of the attention kernel: 8 consumer warps and 4 producer warps (`THREADS` in the source).
+const THREADS: u32 = 384;
 /// Consumer warps (`CONSUMER_WARPS`).
 const CONSUMER_WARPS: usize = 8;
 /// Threads of the merge kernel (`MERGE_THREADS`); one warp merges one (sequence, head) row.
@@ -70,7 +71,9 @@ const SUB: usize = 16;
 const HEADS: usize = 8;
 /// The shortest KV chunk the planner splits into, in tokens.
 pub const MIN_CHUNK_TOKENS: usize = 256;
-/// Ring slots are used in multiples of the consumer warps, between these bounds.
+/// Ring slots are used in multiples of the consumer warps, between these bounds. The kernel also
+/// needs them even (its two producer warps per role take alternate slots) and at least 8 (each
+/// such warp keeps up to `ring_slots / 2` slots of loads in flight, 4 at the least).
 const MIN_RING_SLOTS: usize = CONSUMER_WARPS;
 const MAX_RING_SLOTS: usize = 48;
 

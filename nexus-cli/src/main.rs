@@ -82,10 +82,12 @@ fn main() -> anyhow::Result<()> {
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let Device::Cpu = args.device;
-    let sampling = SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let sampling =
+        SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
 
-    let loaded = loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
+    let loaded =
+        loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
     let tokenizer = &loaded.tokenizer;
     let prompt_text = if args.chat {
         let template = tokenizer.chat_template().context("the model has no chat template; drop --chat")?;

@@ -7,10 +7,10 @@
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 use half::bf16;
 
+use crate::Result;
 use crate::error::ensure_shape;
 use crate::gpu::PhaseContext;
 use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
-use crate::Result;
 
 const MODULE: &str = "elementwise";
 /// Threads per CTA of every kernel in the module (`THREADS` in the source).
@@ -25,7 +25,7 @@ fn to_i32(value: usize, what: &str) -> Result<i32> {
 }
 
 fn check_row_len(len: usize, what: &str) -> Result<()> {
-    ensure_shape!(len > 0 && len % VEC == 0, "{what} {len} must be a positive multiple of {VEC}");
+    ensure_shape!(len > 0 && len.is_multiple_of(VEC), "{what} {len} must be a positive multiple of {VEC}");
     Ok(())
 }
 
@@ -42,7 +42,8 @@ pub fn embedding(
     ensure_shape!(table.len() % hidden == 0, "embedding: table is not [vocab, {hidden}]");
     let rows = tokens.len();
     ensure_shape!(out.len() == rows * hidden, "embedding: out is not [{rows}, {hidden}]");
-    let (rows_i, hidden_i, vocab_i) = (to_i32(rows, "rows")?, to_i32(hidden, "hidden")?, to_i32(table.len() / hidden, "vocab")?);
+    let (rows_i, hidden_i, vocab_i) =
+        (to_i32(rows, "rows")?, to_i32(hidden, "hidden")?, to_i32(table.len() / hidden, "vocab")?);
     let grid = ctx.budget().grid((rows * hidden / VEC).div_ceil(THREADS as usize));
     let (f, cfg) = ctx.kernel(MODULE, "embedding", grid, THREADS, 0)?;
     let mut launch = ctx.stream().launch_builder(&f);
@@ -55,7 +56,7 @@ pub fn embedding(
 
 fn check_norm(x: usize, weight: usize, out: usize, name: &str) -> Result<(usize, i32, i32)> {
     check_row_len(weight, "hidden size")?;
-    ensure_shape!(x % weight == 0, "{name}: x is not [rows, {weight}]");
+    ensure_shape!(x.is_multiple_of(weight), "{name}: x is not [rows, {weight}]");
     ensure_shape!(out == x, "{name}: out has {out} values, x {x}");
     let rows = x / weight;
     Ok((rows, to_i32(rows, "rows")?, to_i32(weight, "hidden")?))
@@ -88,7 +89,12 @@ pub fn fused_add_rms_norm(
     out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<()> {
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "fused_add_rms_norm")?;
-    ensure_shape!(residual.len() == x.len(), "fused_add_rms_norm: residual has {} values, x {}", residual.len(), x.len());
+    ensure_shape!(
+        residual.len() == x.len(),
+        "fused_add_rms_norm: residual has {} values, x {}",
+        residual.len(),
+        x.len()
+    );
     let (f, cfg) =
         ctx.kernel(MODULE, "fused_add_rms_norm", ctx.budget().grid(rows.div_ceil(ROWS_PER_CTA)), THREADS, 0)?;
     let mut launch = ctx.stream().launch_builder(&f);

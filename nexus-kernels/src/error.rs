@@ -46,7 +46,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Returns a [`Error::Shape`] built from a format string unless `cond` holds.
 macro_rules! ensure_shape {
     ($cond:expr, $($fmt:tt)+) => {
-        if !$cond {
+        // Bound first: `!(a > b)` on floats reads as a trap (and is one for NaN, which this
+        // rejects, as it should).
+        let holds: bool = $cond;
+        if !holds {
             return Err($crate::Error::Shape(format!($($fmt)+)));
         }
     };

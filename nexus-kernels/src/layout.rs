@@ -1,7 +1,7 @@
 //! Shapes shared by the kernels, their launchers and their references.
 
-use crate::error::ensure_shape;
 use crate::Result;
+use crate::error::ensure_shape;
 
 /// How rotary position embeddings pair up the dimensions of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,12 +54,12 @@ impl QkvLayout {
     /// Checks the layout itself and that `qkv` holds `tokens` rows.
     pub fn check(&self, qkv_len: usize, tokens: usize) -> Result<()> {
         ensure_shape!(
-            self.num_kv_heads > 0 && self.num_heads % self.num_kv_heads == 0,
+            self.num_kv_heads > 0 && self.num_heads.is_multiple_of(self.num_kv_heads),
             "{} query heads are not a multiple of {} KV heads",
             self.num_heads,
             self.num_kv_heads
         );
-        ensure_shape!(self.head_dim > 0 && self.head_dim % 2 == 0, "head_dim {} must be even", self.head_dim);
+        ensure_shape!(self.head_dim > 0 && self.head_dim.is_multiple_of(2), "head_dim {} must be even", self.head_dim);
         ensure_shape!(
             qkv_len == tokens * self.row_len(),
             "qkv has {qkv_len} values, expected {tokens} tokens x {}",

@@ -1,16 +1,63 @@
-//! Nexus kernels: the operations of a Llama-family forward pass over a paged KV cache.
+//! Nexus kernels: SM-bounded persistent CUDA kernels for LLM inference, with plain-Rust
+//! references.
 //!
-//! Every operation has a plain-Rust reference in [`reference`], in f32, with the same shapes and
-//! names as its CUDA kernel. The runtime's CPU backend runs models on the references, and the GPU
-//! tests compare each kernel with its reference.
+//! Every kernel is persistent and takes a **CTA budget** ([`CtaBudget`]): it launches at most that
+//! many CTAs, each alone on its SM, and each CTA loops over work items. Two launches on two
+//! streams whose budgets add up to at most the SM count therefore run side by side on disjoint
+//! SMs — which is how Nexus runs prefill and decode at the same time on one GPU. Launches take a
+//! [`PhaseContext`] (device, stream, budget).
+//!
+//! | module | kernels |
+//! | --- | --- |
+//! | [`decode_attention`] | paged decode attention: one query per sequence, GQA, split-KV with a merge, planned on the host |
+//! | [`prefill_attention`] | paged chunked-prefill attention: causal chunks over cached prefixes, tensor cores |
+//! | [`gemm`] | bf16 GEMM `C = A·Bᵀ (+ bias)` with f32 accumulation, M from 1 up, tensor cores (wgmma on Hopper) |
+//! | [`elementwise`] | embedding gather, RMSNorm (with fused residual add), RoPE, SiLU-and-mul, KV-cache writes, argmax |
+//! | [`mod@reference`] | the plain-Rust f32 version of each, with the same names and shapes |
+//!
+//! Nothing here needs the CUDA toolkit to build: the PTX of `cuda/*.cu` is embedded (a
+//! `compute_90a` build for Hopper, a `compute_80` one for every other GPU from Ampere on) and
+//! loaded through the driver, which cudarc finds at run time. [`Gpu::new`] fails with
+//! [`Error::NoGpu`] when there is no driver, no device, or a device older than sm_80. Launchers
+//! check every shape, length and budget and return [`Error`] rather than launch out of bounds;
+//! `unsafe` appears only at the launch itself.
+//!
+//! A budgeted paged decode-attention launch:
+//!
+//! ```no_run
+//! use nexus_kernels::bf16;
+//! use nexus_kernels::decode_attention::{DecodeOptions, DecodePlan, decode_attention};
+//! use nexus_kernels::{CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout};
+//!
+//! # fn main() -> nexus_kernels::Result<()> {
+//! let gpu = Gpu::new(0)?;
+//! // Half of an H100's 132 SMs; another phase can use the other half at the same time.
+//! let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::new(66, &gpu)?);
+//! let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
+//! let cache = PagedKvLayout { num_blocks: 4096, block_size: 16, num_kv_heads: 8, head_dim: 128 };
+//! // Two sequences of 1000 and 3000 cached tokens; sequence i owns blocks i*256 .. i*256+255.
+//! let (kv_lens, max_blocks) = ([1000u32, 3000], 256);
+//! let tables: Vec<i32> = (0..2 * max_blocks as i32).collect();
+//! let plan = DecodePlan::new(&ctx, layout, cache, &kv_lens, &tables, max_blocks, DecodeOptions::new(128))?;
+//!
+//! let stream = ctx.stream();
+//! let qkv = stream.alloc_zeros::<bf16>(2 * layout.row_len())?; // one fused QKV row per sequence
+//! let k = stream.alloc_zeros::<bf16>(cache.pool_len())?;
+//! let v = stream.alloc_zeros::<bf16>(cache.pool_len())?;
+//! let device_tables = stream.clone_htod(&tables)?;
+//! let mut out = stream.alloc_zeros::<bf16>(2 * 32 * 128)?;
+//! decode_attention(&ctx, &plan, &qkv.as_view(), &k.as_view(), &v.as_view(), &device_tables.as_view(), &mut out.as_view_mut(), None)?;
+//! stream.synchronize()?;
+//! # Ok(()) }
+//! ```
+//!
+//! The references run anywhere:
 //!
 //! ```
-//! use nexus_kernels::reference;
-//! use nexus_kernels::reference::GemmShape;
+//! use nexus_kernels::reference::{self, GemmShape};
 //!
 //! // y = x · wᵀ for a linear layer with weight [out_features = 2, in_features = 3].
-//! let x = [1.0, 2.0, 3.0];
-//! let w = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0];
+//! let (x, w) = ([1.0, 2.0, 3.0], [1.0, 0.0, 0.0, 0.0, 1.0, 1.0]);
 //! let mut y = [0.0; 2];
 //! reference::gemm(&x, &w, None, &mut y, GemmShape { m: 1, n: 2, k: 3 })?;
 //! assert_eq!(y, [1.0, 5.0]);
@@ -27,6 +74,10 @@ pub mod gpu;
 pub mod prefill_attention;
 pub mod reference;
 
+pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::{CtaBudget, Gpu, PhaseContext};
+/// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
+/// buffers and streams from, re-exported so that users get the versions this crate is built with.
+pub use half::bf16;
 pub use layout::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};

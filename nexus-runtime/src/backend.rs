@@ -91,7 +91,12 @@ pub trait Backend {
         eps: f32,
     ) -> Result<Self::Activation>;
     /// `x · weightᵀ (+ bias)`.
-    fn linear(&self, x: &Self::Activation, weight: &Self::Weight, bias: Option<&Self::Weight>) -> Result<Self::Activation>;
+    fn linear(
+        &self,
+        x: &Self::Activation,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Activation>;
     /// Rotates the Q and K heads of a fused QKV activation by the step's positions.
     fn rope(&self, qkv: &mut Self::Activation, layout: QkvLayout, rope: RopeConfig, step: &Self::Step) -> Result<()>;
     /// Writes the step's keys and values into the pools, then attends.
@@ -171,7 +176,13 @@ impl Backend for CpuBackend {
         Ok(out)
     }
 
-    fn fused_add_rms_norm(&self, x: &CpuMatrix, residual: &mut CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
+    fn fused_add_rms_norm(
+        &self,
+        x: &CpuMatrix,
+        residual: &mut CpuMatrix,
+        weight: &HostTensor,
+        eps: f32,
+    ) -> Result<CpuMatrix> {
         let mut out = CpuMatrix::zeros(x.rows, x.cols);
         reference::fused_add_rms_norm(&x.data, &mut residual.data, &weight.data, eps, &mut out.data)?;
         Ok(out)
@@ -189,7 +200,14 @@ impl Backend for CpuBackend {
         Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
     }
 
-    fn attention(&self, qkv: &CpuMatrix, layout: QkvLayout, pool: &mut CpuKvPool, step: &StepInput, scale: f32) -> Result<CpuMatrix> {
+    fn attention(
+        &self,
+        qkv: &CpuMatrix,
+        layout: QkvLayout,
+        pool: &mut CpuKvPool,
+        step: &StepInput,
+        scale: f32,
+    ) -> Result<CpuMatrix> {
         reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
         let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
         let batch = step.attention_batch();

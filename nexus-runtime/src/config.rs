@@ -54,13 +54,13 @@ impl ModelConfig {
                 return Err(Error::format(format!("model config: {name} is 0")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(Error::format(format!(
                 "model config: {} query heads are not a multiple of {} KV heads",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(Error::format(format!("model config: head_dim {} is odd", self.head_dim)));
         }
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {

@@ -241,7 +241,8 @@ impl<'a> StopMatcher<'a> {
         }
         self.text.push_str(piece);
         let from = self.emitted;
-        let found = self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text[from..].find(s.as_str())).min();
+        let found =
+            self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text[from..].find(s.as_str())).min();
         let end = match found {
             Some(at) => {
                 self.stopped = true;
@@ -259,7 +260,9 @@ impl<'a> StopMatcher<'a> {
         let tail = &self.text[self.emitted..];
         self.stops
             .iter()
-            .flat_map(|s| (1..s.len().min(tail.len() + 1)).rev().find(|&n| s.is_char_boundary(n) && tail.ends_with(&s[..n])))
+            .flat_map(|s| {
+                (1..s.len().min(tail.len() + 1)).rev().find(|&n| s.is_char_boundary(n) && tail.ends_with(&s[..n]))
+            })
             .max()
             .unwrap_or(0)
     }

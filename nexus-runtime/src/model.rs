@@ -159,7 +159,10 @@ impl<B: Backend> LlamaModel<B> {
     /// its `logit_rows`, `[logit_rows, vocab]`.
     pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, step: &StepInput) -> Result<B::Activation> {
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(Error::invalid(format!("token id {t} is outside the vocabulary of {}", self.config.vocab_size)));
+            return Err(Error::invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                self.config.vocab_size
+            )));
         }
         if let Some(&p) = step.positions.iter().find(|&&p| p as usize >= self.config.max_position_embeddings) {
             return Err(Error::invalid(format!(

@@ -11,11 +11,7 @@ use crate::common::*;
 
 /// `{sm id, start ns, end ns}` of each CTA that ran.
 fn spans(trace: &[u64], budget: u32) -> Vec<(u64, u64, u64)> {
-    trace[..3 * budget as usize]
-        .chunks_exact(3)
-        .filter(|c| c[2] != 0)
-        .map(|c| (c[0], c[1], c[2]))
-        .collect()
+    trace[..3 * budget as usize].chunks_exact(3).filter(|c| c[2] != 0).map(|c| (c[0], c[1], c[2])).collect()
 }
 
 #[test]
@@ -25,8 +21,10 @@ fn prefill_and_decode_share_the_gpu_on_disjoint_sms() {
     let sms = gpu.sm_count();
     let decode_budget = (sms / 4).max(1);
     let prefill_budget = sms - decode_budget;
-    let prefill_ctx = PhaseContext::new(gpu.clone(), gpu.new_stream().unwrap(), CtaBudget::new(prefill_budget, &gpu).unwrap());
-    let decode_ctx = PhaseContext::new(gpu.clone(), gpu.new_stream().unwrap(), CtaBudget::new(decode_budget, &gpu).unwrap());
+    let prefill_ctx =
+        PhaseContext::new(gpu.clone(), gpu.new_stream().unwrap(), CtaBudget::new(prefill_budget, &gpu).unwrap());
+    let decode_ctx =
+        PhaseContext::new(gpu.clone(), gpu.new_stream().unwrap(), CtaBudget::new(decode_budget, &gpu).unwrap());
     let mut rng = rng("coresidency");
 
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
@@ -49,16 +47,30 @@ fn prefill_and_decode_share_the_gpu_on_disjoint_sms() {
     let prefill_table: Vec<i32> = (0..prompt_blocks as i32).collect();
     let q_indptr = [0u32, prompt as u32];
     let kv_lens = [prompt as u32];
-    let batch = AttentionBatch { q_indptr: &q_indptr, kv_lens: &kv_lens, block_tables: &prefill_table, max_blocks_per_seq: prompt_blocks };
+    let batch = AttentionBatch {
+        q_indptr: &q_indptr,
+        kv_lens: &kv_lens,
+        block_tables: &prefill_table,
+        max_blocks_per_seq: prompt_blocks,
+    };
     let prefill_plan = PrefillPlan::new(&prefill_ctx, batch, layout, cache).unwrap();
     let prefill_qkv = upload(&prefill_ctx, &random_bf16(&mut rng, prompt * layout.row_len(), 1.0));
     let prefill_tables = prefill_ctx.stream().clone_htod(&prefill_table).unwrap();
     let mut prefill_out = poisoned(&prefill_ctx, prompt * 32 * 128);
 
     let decode_table: Vec<i32> = (0..(decode_seqs * decode_blocks) as i32).map(|b| prompt_blocks as i32 + b).collect();
-    let decode_lens: Vec<u32> = (0..decode_seqs).map(|_| rng.random_range(decode_len as u32 - 100..=decode_len as u32)).collect();
-    let decode_plan =
-        DecodePlan::new(&decode_ctx, layout, cache, &decode_lens, &decode_table, decode_blocks, DecodeOptions::new(128)).unwrap();
+    let decode_lens: Vec<u32> =
+        (0..decode_seqs).map(|_| rng.random_range(decode_len as u32 - 100..=decode_len as u32)).collect();
+    let decode_plan = DecodePlan::new(
+        &decode_ctx,
+        layout,
+        cache,
+        &decode_lens,
+        &decode_table,
+        decode_blocks,
+        DecodeOptions::new(128),
+    )
+    .unwrap();
     let decode_qkv = upload(&decode_ctx, &random_bf16(&mut rng, decode_seqs * layout.row_len(), 1.0));
     let decode_tables = decode_ctx.stream().clone_htod(&decode_table).unwrap();
     let mut decode_out = poisoned(&decode_ctx, decode_seqs * 32 * 128);
@@ -113,12 +125,19 @@ fn prefill_and_decode_share_the_gpu_on_disjoint_sms() {
         (decode_span.0 as f64 - prefill_span.0 as f64) / 1e6
     );
     eprintln!("prefill SMs: {:?}", prefill.iter().map(|s| s.0).collect::<Vec<_>>());
-    eprintln!("decode SMs and start offsets (us): {:?}", decode.iter().map(|s| (s.0, (s.1 as f64 - prefill_span.0 as f64) / 1e3)).collect::<Vec<_>>());
+    eprintln!(
+        "decode SMs and start offsets (us): {:?}",
+        decode.iter().map(|s| (s.0, (s.1 as f64 - prefill_span.0 as f64) / 1e3)).collect::<Vec<_>>()
+    );
     let prefill_sms: std::collections::HashSet<u64> = prefill.iter().map(|s| s.0).collect();
     let decode_sms: std::collections::HashSet<u64> = decode.iter().map(|s| s.0).collect();
     assert_eq!(prefill_sms.len(), prefill.len(), "two prefill CTAs shared an SM");
     assert_eq!(decode_sms.len(), decode.len(), "two decode CTAs shared an SM");
-    assert!(prefill_sms.is_disjoint(&decode_sms), "prefill and decode shared SMs: {:?}", prefill_sms.intersection(&decode_sms));
+    assert!(
+        prefill_sms.is_disjoint(&decode_sms),
+        "prefill and decode shared SMs: {:?}",
+        prefill_sms.intersection(&decode_sms)
+    );
     assert!(
         decode_span.0 < prefill_span.1 && prefill_span.0 < decode_span.1,
         "the launches did not overlap: prefill {prefill_span:?}, decode {decode_span:?}"

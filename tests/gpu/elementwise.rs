@@ -1,6 +1,6 @@
 //! The row-wise kernels against their references.
 
-use nexus::kernels::{elementwise, reference, PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
+use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle, elementwise, reference};
 use rand::Rng;
 use rand::seq::SliceRandom;
 

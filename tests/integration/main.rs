@@ -1,7 +1,7 @@
-mod gguf;
-mod tokenizer;
-mod hf_checkpoint;
 mod common;
-mod oracle;
+mod gguf;
+mod hf_checkpoint;
 mod kv_cache;
+mod oracle;
 mod sampling;
+mod tokenizer;

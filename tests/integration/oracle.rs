@@ -96,7 +96,12 @@ fn prompt_ids(case: &Case) -> Vec<u32> {
 fn tokenizer_ids_equal_transformers() {
     let f = fixtures();
     for case in &f.cases {
-        assert_eq!(prompt_ids(case), case.prompt_ids, "prompt of {:?}", case.prompt.as_ref().or(case.rendered.as_ref()));
+        assert_eq!(
+            prompt_ids(case),
+            case.prompt_ids,
+            "prompt of {:?}",
+            case.prompt.as_ref().or(case.rendered.as_ref())
+        );
     }
     for t in &f.tokenizations {
         let ids = smollm2().tokenizer.encode(&t.text, false).expect("encode");
@@ -137,7 +142,13 @@ fn cpu_greedy_continuations_and_top5_logits_equal_transformers() {
 
 /// Runs a prompt in chunks and then a few decode steps, with the sequence's blocks where
 /// `block_table` says, and returns every step's logits.
-fn run_with_blocks(prompt: &[u32], chunk: usize, block_size: usize, block_table: &[i32], decode: &[u32]) -> Vec<Vec<f32>> {
+fn run_with_blocks(
+    prompt: &[u32],
+    chunk: usize,
+    block_size: usize,
+    block_table: &[i32],
+    decode: &[u32],
+) -> Vec<Vec<f32>> {
     let generator = cpu_generator().lock().expect("generator lock");
     let model = generator.model();
     let num_blocks = block_table.iter().copied().max().unwrap_or(0) as usize + 1;
@@ -204,7 +215,8 @@ fn generation_stops_on_eos_and_stop_strings_and_reproduces_under_a_seed() {
     let raw = &f.cases[0];
     let options = GenerateOptions { stop: vec![".".into()], ..greedy.clone() };
     let mut streamed = String::new();
-    let out = generate_text(&mut generator, tokenizer, &raw.prompt_ids, &options, |s| streamed.push_str(s)).expect("generate");
+    let out = generate_text(&mut generator, tokenizer, &raw.prompt_ids, &options, |s| streamed.push_str(s))
+        .expect("generate");
     assert_eq!((out.text.as_str(), streamed.as_str()), (" Paris", " Paris"));
     assert_eq!(out.generation.finish_reason, FinishReason::Stop);
 

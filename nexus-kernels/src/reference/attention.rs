@@ -4,14 +4,15 @@
 use rayon::prelude::*;
 
 use super::gemm::dot;
+use crate::Result;
 use crate::error::ensure_shape;
 use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
-use crate::Result;
 
 /// Attention of a batch of prompt chunks. Query row `j` of sequence `i` sits at position
 /// `kv_lens[i] - q_len + j` and attends to cached positions `0..=` that one (its prefix and the
 /// chunk's earlier tokens, which must already be written to the cache). Queries come from the
 /// fused QKV buffer `[tokens, layout.row_len()]`; `out: [tokens, num_heads × head_dim]`.
+#[allow(clippy::too_many_arguments)] // The kernel's own argument list.
 pub fn prefill_attention(
     qkv: &[f32],
     layout: QkvLayout,
@@ -82,6 +83,7 @@ pub fn prefill_attention(
 
 /// Attention of one new token per sequence (its query in row `i` of `qkv`) over the sequence's
 /// `kv_lens[i]` cached tokens, the new one included.
+#[allow(clippy::too_many_arguments)] // The kernel's own argument list.
 pub fn decode_attention(
     qkv: &[f32],
     layout: QkvLayout,

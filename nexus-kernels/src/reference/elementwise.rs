@@ -2,13 +2,13 @@
 
 use rayon::prelude::*;
 
+use crate::Result;
 use crate::error::ensure_shape;
 use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
-use crate::Result;
 
 /// `out[t] = table[tokens[t]]`, with `table: [vocab, hidden]`, `out: [tokens, hidden]`.
 pub fn embedding(table: &[f32], hidden: usize, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-    ensure_shape!(hidden > 0 && table.len() % hidden == 0, "embedding: table is not [vocab, {hidden}]");
+    ensure_shape!(hidden > 0 && table.len().is_multiple_of(hidden), "embedding: table is not [vocab, {hidden}]");
     ensure_shape!(out.len() == tokens.len() * hidden, "embedding: out is not [{}, {hidden}]", tokens.len());
     let vocab = table.len() / hidden;
     for (&t, row) in tokens.iter().zip(out.chunks_exact_mut(hidden)) {
@@ -29,7 +29,7 @@ fn normalize_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// RMSNorm of each row: `out = x / sqrt(mean(x²) + eps) * weight`, with `x, out: [rows, hidden]`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let hidden = weight.len();
-    ensure_shape!(hidden > 0 && x.len() % hidden == 0, "rms_norm: x is not [rows, {hidden}]");
+    ensure_shape!(hidden > 0 && x.len().is_multiple_of(hidden), "rms_norm: x is not [rows, {hidden}]");
     ensure_shape!(out.len() == x.len(), "rms_norm: out has {} values, x {}", out.len(), x.len());
     out.par_chunks_mut(hidden).zip(x.par_chunks(hidden)).for_each(|(o, x)| normalize_row(x, weight, eps, o));
     Ok(())
@@ -38,7 +38,7 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<
 /// The residual step of a pre-norm block: `residual += x`, then `out = rms_norm(residual)`.
 pub fn fused_add_rms_norm(x: &[f32], residual: &mut [f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<()> {
     let hidden = weight.len();
-    ensure_shape!(hidden > 0 && x.len() % hidden == 0, "fused_add_rms_norm: x is not [rows, {hidden}]");
+    ensure_shape!(hidden > 0 && x.len().is_multiple_of(hidden), "fused_add_rms_norm: x is not [rows, {hidden}]");
     ensure_shape!(
         residual.len() == x.len() && out.len() == x.len(),
         "fused_add_rms_norm: x, residual and out differ in length"
@@ -82,7 +82,7 @@ pub fn rope(qkv: &mut [f32], positions: &[u32], layout: QkvLayout, rope: RopeCon
 /// `out: [rows, width]`.
 pub fn silu_and_mul(gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
     ensure_shape!(
-        width > 0 && out.len() % width == 0 && gate_up.len() == 2 * out.len(),
+        width > 0 && out.len().is_multiple_of(width) && gate_up.len() == 2 * out.len(),
         "silu_and_mul: input has {} values and output {}, expected [rows, 2 x {width}] and [rows, {width}]",
         gate_up.len(),
         out.len()
@@ -129,7 +129,7 @@ pub fn write_kv_cache(
 
 /// The index of the largest value of each row of `logits: [rows, vocab]` (the first on ties).
 pub fn argmax(logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
-    ensure_shape!(vocab > 0 && logits.len() % vocab == 0, "argmax: logits are not [rows, {vocab}]");
+    ensure_shape!(vocab > 0 && logits.len().is_multiple_of(vocab), "argmax: logits are not [rows, {vocab}]");
     Ok(logits
         .par_chunks(vocab)
         .map(|row| {

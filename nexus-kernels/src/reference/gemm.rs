@@ -3,8 +3,8 @@
 
 use rayon::prelude::*;
 
-use crate::error::ensure_shape;
 use crate::Result;
+use crate::error::ensure_shape;
 
 /// The sizes of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

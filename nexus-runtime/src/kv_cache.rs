@@ -158,6 +158,6 @@ mod tests {
         assert_eq!(m.get(7).unwrap().len, 7);
         m.free(8);
         assert_eq!(m.append(7, 2).unwrap(), vec![7, 8]);
-        assert_eq!(m.num_free_blocks(), 1);
+        assert_eq!(m.num_free_blocks(), 0);
     }
 }

@@ -7,10 +7,12 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use nexus_runtime::backend::CpuBackend;
+use nexus_runtime::backend::{Backend, CpuBackend};
 use nexus_runtime::chat_template::ChatMessage;
+use nexus_runtime::cuda_backend::CudaBackend;
 use nexus_runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator, generate_text};
-use nexus_runtime::loader::{self, DEFAULT_MODEL};
+use nexus_runtime::kernels::{CtaBudget, Gpu, PhaseContext};
+use nexus_runtime::loader::{self, DEFAULT_MODEL, LoadedModel};
 use nexus_runtime::model::LlamaModel;
 use nexus_runtime::sampling::SamplingParams;
 
@@ -29,6 +31,10 @@ enum Command {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Device {
+    /// The GPU when one is usable, else the CPU.
+    Auto,
+    /// GPU 0, with the CUDA kernels (bf16).
+    Cuda,
     /// The plain-Rust reference backend (f32).
     Cpu,
 }
@@ -69,7 +75,7 @@ struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
 }
 
@@ -81,7 +87,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let Device::Cpu = args.device;
     let sampling =
         SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
     sampling.validate()?;
@@ -106,12 +111,40 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty after tokenization");
     }
 
+    match args.device {
+        Device::Cpu => run_generate(CpuBackend, &args, &loaded, &prompt, sampling),
+        Device::Cuda => run_generate(cuda_backend()?, &args, &loaded, &prompt, sampling),
+        Device::Auto => match cuda_backend() {
+            Ok(backend) => run_generate(backend, &args, &loaded, &prompt, sampling),
+            Err(e) => {
+                eprintln!("no usable GPU ({e:#}); running on the CPU");
+                run_generate(CpuBackend, &args, &loaded, &prompt, sampling)
+            }
+        },
+    }
+}
+
+/// The CUDA backend on GPU 0 with all of its SMs.
+fn cuda_backend() -> anyhow::Result<CudaBackend> {
+    let gpu = Gpu::new(0)?;
+    let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
+    eprintln!("running on {gpu:?}");
+    Ok(CudaBackend::new(ctx)?)
+}
+
+fn run_generate<B: Backend>(
+    backend: B,
+    args: &GenerateArgs,
+    loaded: &LoadedModel,
+    prompt: &[u32],
+    sampling: SamplingParams,
+) -> anyhow::Result<()> {
+    let tokenizer = &loaded.tokenizer;
     let load_start = Instant::now();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed})").context("progress bar style")?,
     );
     bar.set_message("loading weights");
-    let backend = CpuBackend;
     let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
@@ -144,7 +177,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         write!(stdout, "{}", args.prompt)?;
     }
     let mut write_error = None;
-    let out = generate_text(&mut generator, tokenizer, &prompt, &options, |piece| {
+    let out = generate_text(&mut generator, tokenizer, prompt, &options, |piece| {
         if write_error.is_none() {
             write_error = write!(stdout, "{piece}").and_then(|()| stdout.flush()).err();
         }

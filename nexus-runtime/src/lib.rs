@@ -6,6 +6,7 @@ pub mod backend;
 pub mod batch;
 pub mod chat_template;
 pub mod config;
+pub mod cuda_backend;
 pub mod dequant;
 pub mod generate;
 pub mod gguf;
@@ -18,3 +19,5 @@ pub mod sampling;
 pub mod tokenizer;
 
 pub use error::{Error, ErrorKind, Result};
+/// The kernels the CUDA backend runs on, for callers that set up devices and budgets.
+pub use nexus_kernels as kernels;

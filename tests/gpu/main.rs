@@ -8,4 +8,5 @@ mod coresidency;
 mod decode_attention;
 mod elementwise;
 mod gemm;
+mod model;
 mod prefill_attention;

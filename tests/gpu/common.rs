@@ -77,3 +77,62 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], rtol: f32, atol: f32)
 
 /// The tolerance of a bf16 result against an f32 reference: bf16 has an 8-bit mantissa.
 pub const BF16_RTOL: f32 = 1e-2;
+
+/// A paged K/V pool holding sequences of `kv_lens` tokens in shuffled blocks, with random
+/// values where a sequence owns a slot and NaN everywhere else (so that a kernel reading a slot it
+/// does not own fails the comparison).
+pub struct ScatteredPool {
+    pub cache: nexus::kernels::PagedKvLayout,
+    /// `[sequences, max_blocks]`; unused entries are -1.
+    pub block_tables: Vec<i32>,
+    pub max_blocks: usize,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl ScatteredPool {
+    /// `spare_columns` unused table columns per sequence and `spare_blocks` unowned pool blocks.
+    pub fn new(
+        rng: &mut StdRng,
+        layout: nexus::kernels::QkvLayout,
+        block_size: usize,
+        kv_lens: &[u32],
+        spare_columns: usize,
+        spare_blocks: usize,
+    ) -> Self {
+        use rand::seq::SliceRandom;
+        let blocks: Vec<usize> = kv_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).collect();
+        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + spare_columns;
+        let num_blocks = blocks.iter().sum::<usize>() + spare_blocks;
+        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
+        ids.shuffle(rng);
+        let mut block_tables = vec![-1i32; kv_lens.len() * max_blocks];
+        let mut next = ids.into_iter();
+        for (seq, &n) in blocks.iter().enumerate() {
+            for b in 0..n {
+                block_tables[seq * max_blocks + b] = next.next().expect("enough blocks");
+            }
+        }
+        let cache = nexus::kernels::PagedKvLayout {
+            num_blocks,
+            block_size,
+            num_kv_heads: layout.num_kv_heads,
+            head_dim: layout.head_dim,
+        };
+        let mut k = random_bf16(rng, cache.pool_len(), 1.0);
+        let mut v = random_bf16(rng, cache.pool_len(), 1.0);
+        let mut owned = vec![false; num_blocks * block_size];
+        for (seq, &len) in kv_lens.iter().enumerate() {
+            for pos in 0..len as usize {
+                let block = block_tables[seq * max_blocks + pos / block_size] as usize;
+                owned[block * block_size + pos % block_size] = true;
+            }
+        }
+        for (slot, _) in owned.iter().enumerate().filter(|(_, o)| !**o) {
+            let range = slot * cache.slot_len()..(slot + 1) * cache.slot_len();
+            k[range.clone()].fill(f32::NAN);
+            v[range].fill(f32::NAN);
+        }
+        ScatteredPool { cache, block_tables, max_blocks, k, v }
+    }
+}

@@ -11,7 +11,6 @@ use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decod
 use nexus::kernels::{ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::Rng;
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
 use crate::common::*;
 
@@ -62,35 +61,9 @@ struct Case {
 
 impl Case {
     fn new(rng: &mut StdRng, layout: QkvLayout, block_size: usize, kv_lens: &[u32]) -> Case {
-        let blocks: Vec<usize> = kv_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).collect();
         // Spare table columns (never used, left at -1) and spare pool blocks.
-        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + 2;
-        let num_blocks = blocks.iter().sum::<usize>() + 5;
-        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
-        ids.shuffle(rng);
-        let mut block_tables = vec![-1i32; kv_lens.len() * max_blocks];
-        let mut next = ids.into_iter();
-        for (seq, &n) in blocks.iter().enumerate() {
-            for b in 0..n {
-                block_tables[seq * max_blocks + b] = next.next().expect("enough blocks");
-            }
-        }
-        let cache =
-            PagedKvLayout { num_blocks, block_size, num_kv_heads: layout.num_kv_heads, head_dim: layout.head_dim };
-        let mut k = random_bf16(rng, cache.pool_len(), 1.0);
-        let mut v = random_bf16(rng, cache.pool_len(), 1.0);
-        let mut owned = vec![false; num_blocks * block_size];
-        for (seq, &len) in kv_lens.iter().enumerate() {
-            for pos in 0..len as usize {
-                let block = block_tables[seq * max_blocks + pos / block_size] as usize;
-                owned[block * block_size + pos % block_size] = true;
-            }
-        }
-        for (slot, _) in owned.iter().enumerate().filter(|(_, o)| !**o) {
-            let range = slot * cache.slot_len()..(slot + 1) * cache.slot_len();
-            k[range.clone()].fill(f32::NAN);
-            v[range].fill(f32::NAN);
-        }
+        let ScatteredPool { cache, block_tables, max_blocks, k, v } =
+            ScatteredPool::new(rng, layout, block_size, kv_lens, 2, 5);
         // Queries up to 3 in magnitude spread the scores, so the softmax is not flat.
         let qkv = random_bf16(rng, kv_lens.len() * layout.row_len(), 3.0);
         let scale = 1.0 / (layout.head_dim as f32).sqrt();

@@ -5,7 +5,6 @@
 use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
 use nexus::kernels::{AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 
 use crate::common::*;
 
@@ -43,35 +42,9 @@ impl Case {
         for &(q, _) in chunks {
             q_indptr.push(q_indptr.last().copied().unwrap_or(0) + q as u32);
         }
-        let blocks: Vec<usize> = kv_lens.iter().map(|&l| (l as usize).div_ceil(block_size)).collect();
         // One spare column in every table row (never used) and a few spare blocks in the pool.
-        let max_blocks = blocks.iter().copied().max().unwrap_or(0) + 1;
-        let num_blocks = blocks.iter().sum::<usize>() + 3;
-        let mut ids: Vec<i32> = (0..num_blocks as i32).collect();
-        ids.shuffle(rng);
-        let mut block_tables = vec![-1i32; chunks.len() * max_blocks];
-        let mut next = ids.into_iter();
-        for (seq, &n) in blocks.iter().enumerate() {
-            for b in 0..n {
-                block_tables[seq * max_blocks + b] = next.next().expect("enough blocks");
-            }
-        }
-        let cache =
-            PagedKvLayout { num_blocks, block_size, num_kv_heads: layout.num_kv_heads, head_dim: layout.head_dim };
-        let mut k = random_bf16(rng, cache.pool_len(), 1.0);
-        let mut v = random_bf16(rng, cache.pool_len(), 1.0);
-        let mut owned = vec![false; num_blocks * block_size];
-        for (seq, &len) in kv_lens.iter().enumerate() {
-            for pos in 0..len as usize {
-                let block = block_tables[seq * max_blocks + pos / block_size] as usize;
-                owned[block * block_size + pos % block_size] = true;
-            }
-        }
-        for (slot, _) in owned.iter().enumerate().filter(|(_, o)| !**o) {
-            let range = slot * cache.slot_len()..(slot + 1) * cache.slot_len();
-            k[range.clone()].fill(f32::NAN);
-            v[range].fill(f32::NAN);
-        }
+        let ScatteredPool { cache, block_tables, max_blocks, k, v } =
+            ScatteredPool::new(rng, layout, block_size, &kv_lens, 1, 3);
         let tokens = *q_indptr.last().unwrap_or(&0) as usize;
         // Queries up to 3 in magnitude spread the scores (std ≈ 1), so softmax is not flat.
         let qkv = random_bf16(rng, tokens * layout.row_len(), 3.0);

@@ -68,6 +68,58 @@ impl ModelConfig {
         }
         Ok(())
     }
+
+    /// The row-major shape of `name` in a model with this configuration, or `None` when such a model has no
+    /// such weight (a bias without `attention_bias`, the LM head of tied embeddings, a layer past the
+    /// last). Both weight loaders check the tensors they find against this.
+    pub fn weight_shape(&self, name: WeightName) -> Option<Vec<usize>> {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let q_rows = self.num_heads * self.head_dim;
+        let kv_rows = self.num_kv_heads * self.head_dim;
+        Some(match name {
+            WeightName::TokenEmbedding => vec![self.vocab_size, h],
+            WeightName::FinalNorm => vec![h],
+            WeightName::LmHead if self.tie_word_embeddings => return None,
+            WeightName::LmHead => vec![self.vocab_size, h],
+            WeightName::Layer(layer, _) if layer >= self.num_layers => return None,
+            WeightName::Layer(_, w) => match w {
+                LayerWeight::AttnNorm | LayerWeight::FfnNorm => vec![h],
+                LayerWeight::Q => vec![q_rows, h],
+                LayerWeight::K | LayerWeight::V => vec![kv_rows, h],
+                LayerWeight::QBias | LayerWeight::KBias | LayerWeight::VBias if !self.attention_bias => return None,
+                LayerWeight::QBias => vec![q_rows],
+                LayerWeight::KBias | LayerWeight::VBias => vec![kv_rows],
+                LayerWeight::O => vec![h, q_rows],
+                LayerWeight::Gate | LayerWeight::Up => vec![i, h],
+                LayerWeight::Down => vec![h, i],
+            },
+        })
+    }
+
+    /// Every weight a model with this configuration has, with its shape.
+    pub fn weight_shapes(&self) -> Vec<(WeightName, Vec<usize>)> {
+        const LAYER_WEIGHTS: [LayerWeight; 12] = [
+            LayerWeight::AttnNorm,
+            LayerWeight::Q,
+            LayerWeight::K,
+            LayerWeight::V,
+            LayerWeight::QBias,
+            LayerWeight::KBias,
+            LayerWeight::VBias,
+            LayerWeight::O,
+            LayerWeight::FfnNorm,
+            LayerWeight::Gate,
+            LayerWeight::Up,
+            LayerWeight::Down,
+        ];
+        let globals = [WeightName::TokenEmbedding, WeightName::FinalNorm, WeightName::LmHead];
+        let layers = (0..self.num_layers).flat_map(|l| LAYER_WEIGHTS.map(|w| WeightName::Layer(l, w)));
+        globals
+            .into_iter()
+            .chain(layers)
+            .filter_map(|name| self.weight_shape(name).map(|shape| (name, shape)))
+            .collect()
+    }
 }
 
 /// Which matrix of a layer.
@@ -105,8 +157,11 @@ pub trait WeightSource {
     /// The model's configuration.
     fn config(&self) -> &ModelConfig;
 
-    /// Whether the source has `name` (optional weights: biases, an untied LM head).
-    fn contains(&self, name: WeightName) -> bool;
+    /// Whether the source has `name` (optional weights: biases, an untied LM head). Loaders check
+    /// at open that they hold every weight their configuration implies.
+    fn contains(&self, name: WeightName) -> bool {
+        self.config().weight_shape(name).is_some()
+    }
 
     /// Loads `name` as a row-major f32 tensor (dequantized or converted as needed).
     fn load(&self, name: WeightName) -> Result<HostTensor>;

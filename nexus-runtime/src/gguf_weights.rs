@@ -36,7 +36,7 @@ impl GgufModel {
     /// projection bias) is an [`ErrorKind::Unsupported`] error.
     pub fn new(file: GgufFile) -> Result<Self> {
         let config = read_config(&file)?;
-        for (name, shape) in weight_shapes(&config) {
+        for (name, shape) in config.weight_shapes() {
             let tensor = gguf_tensor_name(name);
             let info =
                 file.tensor_info(&tensor).ok_or_else(|| Error::format(format!("tensor `{tensor}` is missing")))?;
@@ -59,10 +59,6 @@ impl GgufModel {
 impl WeightSource for GgufModel {
     fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    fn contains(&self, name: WeightName) -> bool {
-        weight_shape(&self.config, name).is_some()
     }
 
     fn load(&self, name: WeightName) -> Result<HostTensor> {
@@ -210,54 +206,6 @@ fn metadata_usize(file: &GgufFile, key: &str) -> Result<usize> {
         .ok_or_else(|| Error::format(format!("metadata `{key}` = {value:?} is not a count")))
 }
 
-/// The row-major shape of `name` in a model with `config`, or `None` when such a model has no
-/// such weight (a bias without `attention_bias`, the LM head of tied embeddings, a layer past the
-/// last). Both weight loaders check the tensors they find against this.
-pub(crate) fn weight_shape(config: &ModelConfig, name: WeightName) -> Option<Vec<usize>> {
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let q_rows = config.num_heads * config.head_dim;
-    let kv_rows = config.num_kv_heads * config.head_dim;
-    Some(match name {
-        WeightName::TokenEmbedding => vec![config.vocab_size, h],
-        WeightName::FinalNorm => vec![h],
-        WeightName::LmHead if config.tie_word_embeddings => return None,
-        WeightName::LmHead => vec![config.vocab_size, h],
-        WeightName::Layer(layer, _) if layer >= config.num_layers => return None,
-        WeightName::Layer(_, w) => match w {
-            LayerWeight::AttnNorm | LayerWeight::FfnNorm => vec![h],
-            LayerWeight::Q => vec![q_rows, h],
-            LayerWeight::K | LayerWeight::V => vec![kv_rows, h],
-            LayerWeight::QBias | LayerWeight::KBias | LayerWeight::VBias if !config.attention_bias => return None,
-            LayerWeight::QBias => vec![q_rows],
-            LayerWeight::KBias | LayerWeight::VBias => vec![kv_rows],
-            LayerWeight::O => vec![h, q_rows],
-            LayerWeight::Gate | LayerWeight::Up => vec![i, h],
-            LayerWeight::Down => vec![h, i],
-        },
-    })
-}
-
-/// Every weight a model with `config` has, with its shape.
-pub(crate) fn weight_shapes(config: &ModelConfig) -> Vec<(WeightName, Vec<usize>)> {
-    const LAYER_WEIGHTS: [LayerWeight; 12] = [
-        LayerWeight::AttnNorm,
-        LayerWeight::Q,
-        LayerWeight::K,
-        LayerWeight::V,
-        LayerWeight::QBias,
-        LayerWeight::KBias,
-        LayerWeight::VBias,
-        LayerWeight::O,
-        LayerWeight::FfnNorm,
-        LayerWeight::Gate,
-        LayerWeight::Up,
-        LayerWeight::Down,
-    ];
-    let globals = [WeightName::TokenEmbedding, WeightName::FinalNorm, WeightName::LmHead];
-    let layers = (0..config.num_layers).flat_map(|l| LAYER_WEIGHTS.map(|w| WeightName::Layer(l, w)));
-    globals.into_iter().chain(layers).filter_map(|name| weight_shape(config, name).map(|shape| (name, shape))).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,14 +231,14 @@ mod tests {
 
     #[test]
     fn weight_lists_follow_the_config() {
-        assert_eq!(weight_shapes(&config(false, true)).len(), 2 + 2 * 9);
-        assert_eq!(weight_shapes(&config(true, false)).len(), 3 + 2 * 12);
+        assert_eq!(config(false, true).weight_shapes().len(), 2 + 2 * 9);
+        assert_eq!(config(true, false).weight_shapes().len(), 3 + 2 * 12);
         let c = config(true, false);
-        assert_eq!(weight_shape(&c, WeightName::Layer(1, LayerWeight::K)), Some(vec![8, 8]));
-        assert_eq!(weight_shape(&c, WeightName::Layer(1, LayerWeight::O)), Some(vec![8, 16]));
-        assert_eq!(weight_shape(&c, WeightName::Layer(0, LayerWeight::KBias)), Some(vec![8]));
-        assert_eq!(weight_shape(&c, WeightName::Layer(2, LayerWeight::Q)), None);
-        assert_eq!(weight_shape(&config(false, true), WeightName::LmHead), None);
+        assert_eq!(c.weight_shape(WeightName::Layer(1, LayerWeight::K)), Some(vec![8, 8]));
+        assert_eq!(c.weight_shape(WeightName::Layer(1, LayerWeight::O)), Some(vec![8, 16]));
+        assert_eq!(c.weight_shape(WeightName::Layer(0, LayerWeight::KBias)), Some(vec![8]));
+        assert_eq!(c.weight_shape(WeightName::Layer(2, LayerWeight::Q)), None);
+        assert_eq!(config(false, true).weight_shape(WeightName::LmHead), None);
     }
 
     #[test]
@@ -399,7 +347,7 @@ mod tests {
             ("qwen2.vocab_size", Meta::U32(10)),
         ];
         let c = ModelConfig { head_dim: 2, ..config(true, true) };
-        let tensors = weight_shapes(&c).into_iter().map(|(name, shape)| (gguf_tensor_name(name), shape)).collect();
+        let tensors = c.weight_shapes().into_iter().map(|(name, shape)| (gguf_tensor_name(name), shape)).collect();
         (metadata, tensors)
     }
 

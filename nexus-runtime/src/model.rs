@@ -69,62 +69,60 @@ fn concat_rows(parts: Vec<HostTensor>) -> HostTensor {
     HostTensor { shape, data }
 }
 
-fn expect_shape(name: WeightName, t: &HostTensor, want: &[usize]) -> Result<()> {
-    if t.shape != want {
-        return Err(Error::format(format!("weight {name:?} has shape {:?}, expected {want:?}", t.shape)));
-    }
-    Ok(())
-}
-
 impl<B: Backend> LlamaModel<B> {
     /// Loads every weight of `source` into `backend`. `progress(done, total)` is called after each
     /// layer.
     pub fn load(backend: &B, source: &dyn WeightSource, mut progress: impl FnMut(usize, usize)) -> Result<Self> {
         let c = source.config().clone();
         c.validate()?;
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let load = |name: WeightName, want: &[usize]| -> Result<HostTensor> {
+        // Loads `name` and checks its shape against the configuration's (a source other than the
+        // file loaders, e.g. random weights, gets the same check).
+        let load = |name: WeightName| -> Result<HostTensor> {
+            let want =
+                c.weight_shape(name).ok_or_else(|| Error::format(format!("this model has no weight {name:?}")))?;
             let t = source.load(name)?;
-            expect_shape(name, &t, want)?;
+            if t.shape != want {
+                return Err(Error::format(format!("weight {name:?} has shape {:?}, expected {want:?}", t.shape)));
+            }
             Ok(t)
         };
         let total = c.num_layers + 2;
-        let embedding = load(WeightName::TokenEmbedding, &[c.vocab_size, h])?;
-        let lm_head = if c.tie_word_embeddings && !source.contains(WeightName::LmHead) {
+        let embedding = load(WeightName::TokenEmbedding)?;
+        let lm_head = if c.tie_word_embeddings {
             None
         } else {
-            Some(backend.upload(load(WeightName::LmHead, &[c.vocab_size, h])?)?)
+            Some(backend.upload(load(WeightName::LmHead)?)?)
         };
         let embedding = backend.upload(embedding)?;
         progress(1, total);
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let w = |kind| WeightName::Layer(l, kind);
-            let q = load(w(LayerWeight::Q), &[c.num_heads * d, h])?;
-            let k = load(w(LayerWeight::K), &[c.num_kv_heads * d, h])?;
-            let v = load(w(LayerWeight::V), &[c.num_kv_heads * d, h])?;
+            let q = load(w(LayerWeight::Q))?;
+            let k = load(w(LayerWeight::K))?;
+            let v = load(w(LayerWeight::V))?;
             let qkv_bias = if c.attention_bias {
-                let qb = load(w(LayerWeight::QBias), &[c.num_heads * d])?;
-                let kb = load(w(LayerWeight::KBias), &[c.num_kv_heads * d])?;
-                let vb = load(w(LayerWeight::VBias), &[c.num_kv_heads * d])?;
+                let qb = load(w(LayerWeight::QBias))?;
+                let kb = load(w(LayerWeight::KBias))?;
+                let vb = load(w(LayerWeight::VBias))?;
                 Some(backend.upload(concat_rows(vec![qb, kb, vb]))?)
             } else {
                 None
             };
-            let gate = load(w(LayerWeight::Gate), &[c.intermediate_size, h])?;
-            let up = load(w(LayerWeight::Up), &[c.intermediate_size, h])?;
+            let gate = load(w(LayerWeight::Gate))?;
+            let up = load(w(LayerWeight::Up))?;
             layers.push(Layer {
-                attn_norm: backend.upload(load(w(LayerWeight::AttnNorm), &[h])?)?,
+                attn_norm: backend.upload(load(w(LayerWeight::AttnNorm))?)?,
                 qkv: backend.upload(concat_rows(vec![q, k, v]))?,
                 qkv_bias,
-                o: backend.upload(load(w(LayerWeight::O), &[h, c.num_heads * d])?)?,
-                ffn_norm: backend.upload(load(w(LayerWeight::FfnNorm), &[h])?)?,
+                o: backend.upload(load(w(LayerWeight::O))?)?,
+                ffn_norm: backend.upload(load(w(LayerWeight::FfnNorm))?)?,
                 gate_up: backend.upload(concat_rows(vec![gate, up]))?,
-                down: backend.upload(load(w(LayerWeight::Down), &[h, c.intermediate_size])?)?,
+                down: backend.upload(load(w(LayerWeight::Down))?)?,
             });
             progress(l + 2, total);
         }
-        let final_norm = backend.upload(load(WeightName::FinalNorm, &[h])?)?;
+        let final_norm = backend.upload(load(WeightName::FinalNorm)?)?;
         progress(total, total);
         Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
     }

@@ -16,7 +16,6 @@ use serde_json::Value;
 
 use crate::config::{Architecture, LayerWeight, ModelConfig, RopeStyle, WeightName, WeightSource};
 use crate::gguf::HostTensor;
-use crate::gguf_weights::{weight_shape, weight_shapes};
 use crate::{Error, ErrorKind, Result};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -106,7 +105,7 @@ impl HfCheckpoint {
             shards.push(Shard { path, map });
         }
 
-        for (name, shape) in weight_shapes(&config) {
+        for (name, shape) in config.weight_shapes() {
             let tensor = hf_tensor_name(name);
             let (_, entry) = tensors
                 .get(&tensor)
@@ -126,10 +125,6 @@ impl HfCheckpoint {
 impl WeightSource for HfCheckpoint {
     fn config(&self) -> &ModelConfig {
         &self.config
-    }
-
-    fn contains(&self, name: WeightName) -> bool {
-        weight_shape(&self.config, name).is_some()
     }
 
     fn load(&self, name: WeightName) -> Result<HostTensor> {

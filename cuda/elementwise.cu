@@ -214,3 +214,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         __syncthreads();
     }
 }
+
+// out[i] = mean + spread * u(seed, i), u uniform in [-1, 1) from a counter-based hash
+// (splitmix64), so the same (seed, i) gives the same value on every device and on the CPU
+// (nexus_kernels::reference::fill_uniform): random weights for benchmark models.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    fill_uniform(__nv_bfloat16* __restrict__ out, unsigned long long n, unsigned long long seed, float mean,
+                 float spread) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * THREADS + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * THREADS) {
+        unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        z ^= z >> 31;
+        // The top 24 bits as a float in [0, 1), then [-1, 1).
+        const float u = (float)(z >> 40) * (1.0f / 16777216.0f) * 2.0f - 1.0f;
+        out[i] = to_bf16(mean + spread * u);
+    }
+}

@@ -226,3 +226,25 @@ pub fn argmax(
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
+
+/// Fills `out` with `mean + spread · u`, `u` uniform in [-1, 1) from a hash of `(seed, index)`:
+/// the same values as [`crate::reference::fill_uniform`], rounded to bf16.
+pub fn fill_uniform(
+    ctx: &PhaseContext,
+    out: &mut CudaViewMut<'_, bf16>,
+    seed: u64,
+    mean: f32,
+    spread: f32,
+) -> Result<()> {
+    let n = out.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = ctx.budget().grid(out.len().div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "fill_uniform", grid, THREADS, 0)?;
+    let mut launch = ctx.stream().launch_builder(&f);
+    launch.arg(out).arg(&n).arg(&seed).arg(&mean).arg(&spread);
+    // SAFETY: the arguments match `fill_uniform` in cuda/elementwise.cu; it writes `n` values.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -73,6 +73,9 @@ pub trait Backend {
 
     /// Stores a weight.
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A weight of `shape` filled with `mean + spread · u`, `u` uniform in [-1, 1) from a hash of
+    /// `(seed, index)` ([`nexus_kernels::reference::fill_uniform`]), made where it will live.
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<Self::Weight>;
     /// Allocates one layer's K and V pools.
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<Self::KvPool>;
     /// Moves a step's inputs to the backend.
@@ -152,6 +155,12 @@ impl Backend for CpuBackend {
 
     fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
         Ok(tensor)
+    }
+
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<HostTensor> {
+        let mut data = vec![0.0; shape.iter().product()];
+        reference::fill_uniform(&mut data, seed, mean, spread);
+        Ok(HostTensor { shape, data })
     }
 
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CpuKvPool> {

@@ -113,6 +113,13 @@ impl Backend for CudaBackend {
         Ok(CudaWeight { shape: tensor.shape, data: self.upload(&host)? })
     }
 
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<CudaWeight> {
+        let n: usize = shape.iter().product();
+        let mut data = self.ctx.stream().alloc_zeros::<bf16>(n.max(1)).map_err(kernel_error)?;
+        elementwise::fill_uniform(&self.ctx, &mut data.slice_mut(..n), seed, mean, spread)?;
+        Ok(CudaWeight { shape, data })
+    }
+
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CudaKvPool> {
         let stream = self.ctx.stream();
         let k = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;

@@ -16,6 +16,7 @@ pub mod loader;
 pub mod model;
 pub mod safetensors;
 pub mod sampling;
+pub mod synthetic;
 pub mod tokenizer;
 
 pub use error::{Error, ErrorKind, Result};

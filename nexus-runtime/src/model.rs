@@ -88,11 +88,7 @@ impl<B: Backend> LlamaModel<B> {
         };
         let total = c.num_layers + 2;
         let embedding = load(WeightName::TokenEmbedding)?;
-        let lm_head = if c.tie_word_embeddings {
-            None
-        } else {
-            Some(backend.upload(load(WeightName::LmHead)?)?)
-        };
+        let lm_head = if c.tie_word_embeddings { None } else { Some(backend.upload(load(WeightName::LmHead)?)?) };
         let embedding = backend.upload(embedding)?;
         progress(1, total);
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -124,6 +120,40 @@ impl<B: Backend> LlamaModel<B> {
         }
         let final_norm = backend.upload(load(WeightName::FinalNorm)?)?;
         progress(total, total);
+        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
+    }
+
+    /// A model of `config` with random weights made by the backend itself (no host copy), for
+    /// benchmarks of models whose weights are not at hand. Linear weights are uniform with standard
+    /// deviation 1/√in_features and norms near 1, so activations stay in range through the layers;
+    /// the same `seed` gives the same weights on every backend (up to bf16 rounding).
+    pub fn random(backend: &B, config: &ModelConfig, seed: u64) -> Result<Self> {
+        let c = config.clone();
+        c.validate()?;
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let qkv_rows = (c.num_heads + 2 * c.num_kv_heads) * d;
+        let mut index = 0u64;
+        let mut random = |shape: Vec<usize>, mean: f32, spread: f32| {
+            index += 1;
+            backend.random_weight(shape, seed ^ index.wrapping_mul(0x2545_F491_4F6C_DD1D), mean, spread)
+        };
+        // Uniform on [-s, s] has standard deviation s/√3.
+        let linear = |in_features: usize| (3.0 / in_features as f32).sqrt();
+        let embedding = random(vec![c.vocab_size, h], 0.0, 1.0)?;
+        let lm_head = if c.tie_word_embeddings { None } else { Some(random(vec![c.vocab_size, h], 0.0, linear(h))?) };
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(Layer {
+                attn_norm: random(vec![h], 1.0, 0.1)?,
+                qkv: random(vec![qkv_rows, h], 0.0, linear(h))?,
+                qkv_bias: if c.attention_bias { Some(random(vec![qkv_rows], 0.0, 0.1)?) } else { None },
+                o: random(vec![h, c.num_heads * d], 0.0, linear(c.num_heads * d))?,
+                ffn_norm: random(vec![h], 1.0, 0.1)?,
+                gate_up: random(vec![2 * c.intermediate_size, h], 0.0, linear(h))?,
+                down: random(vec![h, c.intermediate_size], 0.0, linear(c.intermediate_size))?,
+            });
+        }
+        let final_norm = random(vec![h], 1.0, 0.1)?;
         Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
     }
 

@@ -192,3 +192,24 @@ fn launchers_reject_bad_shapes() {
     let x = poisoned(&ctx, 96 + 16);
     assert!(elementwise::rms_norm(&ctx, &x.as_view(), &w.as_view(), 1e-5, &mut small.as_view_mut()).is_err());
 }
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fill_uniform_matches_reference() {
+    let ctx = phase(Some(6));
+    for (n, seed, mean, spread) in
+        [(1usize, 0u64, 0.0f32, 1.0f32), (100_003, 42, 1.0, 0.1), (1 << 22, u64::MAX, -0.5, 0.02)]
+    {
+        let mut out = poisoned(&ctx, n);
+        elementwise::fill_uniform(&ctx, &mut out.as_view_mut(), seed, mean, spread).unwrap();
+        let mut want = vec![0.0; n];
+        reference::fill_uniform(&mut want, seed, mean, spread);
+        let got = download(&ctx, &out);
+        assert_close(&format!("fill_uniform n={n}"), &got, &want, BF16_RTOL, 1e-6);
+        let lo = got.iter().copied().fold(f32::INFINITY, f32::min);
+        let hi = got.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        // Rounding to bf16 may move a value by half an ulp (2^-8 relative) past the range.
+        let slack = (mean.abs() + spread) / 256.0;
+        assert!(lo >= mean - spread - slack && hi <= mean + spread + slack, "range [{lo}, {hi}]");
+    }
+}

@@ -58,3 +58,40 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         assert_eq!(got.token_ids, want.token_ids, "case {i}: greedy continuation");
     }
 }
+
+/// A small random Qwen2-style model (QKV bias, tied embeddings, rotate-half RoPE, group of 4):
+/// the paths SmolLM2 does not take, on the GPU against the CPU, for a prompt and a few greedy
+/// decode steps.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
+    use nexus::runtime::config::{Architecture, ModelConfig, RopeStyle};
+    let config = ModelConfig {
+        architecture: Architecture::Qwen2,
+        hidden_size: 512,
+        intermediate_size: 1024,
+        num_layers: 3,
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 64,
+        vocab_size: 1000,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_style: RopeStyle::RotateHalf,
+        tie_word_embeddings: true,
+        attention_bias: true,
+    };
+    let cpu_model = LlamaModel::random(&CpuBackend, &config, 7).expect("CPU model");
+    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
+    let gpu_model = LlamaModel::random(&gpu, &config, 7).expect("GPU model");
+    let mut cpu = Generator::new(CpuBackend, cpu_model, 512, DEFAULT_BLOCK_SIZE).expect("CPU generator");
+    let mut gpu = Generator::new(gpu, gpu_model, 512, DEFAULT_BLOCK_SIZE).expect("GPU generator");
+    let prompt: Vec<u32> = (0..300).map(|i| (i * 37 % 1000) as u32).collect();
+    let options = GenerateOptions { max_tokens: 4, ignore_eos: true, prefill_chunk: 128, ..GenerateOptions::default() };
+    let want = cpu.generate(&prompt, &options, &[], |_| Ok(true)).expect("CPU generate");
+    let got = gpu.generate(&prompt, &options, &[], |_| Ok(true)).expect("GPU generate");
+    let similarity = cosine(&got.prompt_logits.data, &want.prompt_logits.data);
+    eprintln!("cosine {similarity:.6}, tokens {:?} / {:?}", got.token_ids, want.token_ids);
+    assert!(similarity >= 0.999, "last-prompt-position logits cosine {similarity}");
+}

@@ -143,3 +143,17 @@ pub fn argmax(logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
         })
         .collect())
 }
+
+/// `out[i] = mean + spread · u(seed, i)` with `u` uniform in [-1, 1) from a counter-based hash
+/// (splitmix64 of `seed + (i + 1) · golden ratio`), the same on the CPU and the GPU: random
+/// weights for models whose real weights are not at hand.
+pub fn fill_uniform(out: &mut [f32], seed: u64, mean: f32, spread: f32) {
+    out.par_iter_mut().enumerate().for_each(|(i, o)| {
+        let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 * (1.0 / 16_777_216.0) * 2.0 - 1.0;
+        *o = mean + spread * u;
+    });
+}

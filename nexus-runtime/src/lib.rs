@@ -8,6 +8,7 @@ pub mod chat_template;
 pub mod config;
 pub mod cuda_backend;
 pub mod dequant;
+pub mod engine;
 pub mod generate;
 pub mod gguf;
 pub mod gguf_weights;
@@ -16,6 +17,7 @@ pub mod loader;
 pub mod model;
 pub mod safetensors;
 pub mod sampling;
+pub mod scheduler;
 pub mod synthetic;
 pub mod tokenizer;
 

@@ -1,4 +1,5 @@
 mod common;
+mod engine;
 mod gguf;
 mod hf_checkpoint;
 mod kv_cache;

@@ -1,0 +1,134 @@
+//! The engine on the CPU backend with SmolLM2: continuous batching with chunked prefill gives
+//! every request the same greedy tokens as transformers (the oracle fixtures), also when a small
+//! KV cache forces preemption; aborts free blocks; bad requests are refused.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use nexus::runtime::ErrorKind;
+use nexus::runtime::backend::CpuBackend;
+use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, RequestOptions};
+use nexus::runtime::generate::FinishReason;
+use nexus::runtime::loader::{self, LoadedModel};
+use nexus::runtime::model::LlamaModel;
+use nexus::runtime::scheduler::SchedulerConfig;
+use serde::Deserialize;
+
+use crate::common::default_model_path;
+
+#[derive(Deserialize)]
+struct Fixtures {
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+fn fixtures() -> Fixtures {
+    serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures")
+}
+
+fn smollm2() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(|| loader::open(&default_model_path()).expect("open the default model"))
+}
+
+fn engine(num_blocks: usize, scheduler: SchedulerConfig) -> Engine<CpuBackend> {
+    let model = LlamaModel::load(&CpuBackend, smollm2().weights.as_ref(), |_, _| {}).expect("load");
+    let eos = smollm2().tokenizer.eos_token_ids().to_vec();
+    Engine::new(CpuBackend, model, eos, EngineConfig { num_blocks, block_size: 16, scheduler }).expect("engine")
+}
+
+const TOKENS: usize = 16;
+
+/// Runs every fixture prompt through `engine`, adding the second half of them only after a few
+/// steps (so that requests join a running batch), and returns each request's tokens.
+fn run_all(engine: &mut Engine<CpuBackend>, cases: &[Case]) -> HashMap<u64, Vec<u32>> {
+    let options = RequestOptions { max_tokens: TOKENS, ignore_eos: true, ..RequestOptions::default() };
+    let (first, later) = cases.split_at(cases.len() / 2);
+    for (i, case) in first.iter().enumerate() {
+        engine.add_request(i as u64, case.prompt_ids.clone(), options.clone()).expect("add");
+    }
+    let mut out: HashMap<u64, Vec<u32>> = HashMap::new();
+    let mut finished = 0;
+    let mut steps = 0;
+    while engine.has_unfinished() || steps < 3 {
+        if steps == 3 {
+            for (i, case) in later.iter().enumerate() {
+                engine.add_request((first.len() + i) as u64, case.prompt_ids.clone(), options.clone()).expect("add");
+            }
+        }
+        for event in engine.step().expect("step") {
+            match event {
+                EngineEvent::Token { id, token } => out.entry(id).or_default().push(token),
+                EngineEvent::Finished { reason, .. } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    finished += 1;
+                }
+            }
+        }
+        steps += 1;
+        assert!(steps < 10_000, "the engine does not finish");
+    }
+    assert_eq!(finished, cases.len(), "every request finished");
+    out
+}
+
+#[test]
+fn continuous_batching_with_chunked_prefill_matches_transformers() {
+    let f = fixtures();
+    // 24 tokens a step: prompts run in chunks, next to the decodes of other requests.
+    let mut engine = engine(512, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 24 });
+    let out = run_all(&mut engine, &f.cases);
+    for (i, case) in f.cases.iter().enumerate() {
+        assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "request {i}");
+    }
+    assert_eq!(engine.kv_usage(), 0.0, "every block was freed");
+}
+
+#[test]
+fn preemption_under_a_small_cache_loses_nothing_and_changes_nothing() {
+    let f = fixtures();
+    // 12 blocks of 16 tokens cannot hold the seven requests (36-73 tokens each) at once.
+    let mut engine = engine(12, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 });
+    let out = run_all(&mut engine, &f.cases);
+    assert!(engine.preemptions() > 0, "the cache was meant to be too small");
+    for (i, case) in f.cases.iter().enumerate() {
+        assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "request {i}");
+    }
+    assert_eq!(engine.kv_usage(), 0.0);
+}
+
+#[test]
+fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
+    let f = fixtures();
+    let mut engine = engine(64, SchedulerConfig::default());
+    let options = RequestOptions { max_tokens: 100, ..RequestOptions::default() };
+    engine.add_request(1, f.cases[0].prompt_ids.clone(), options.clone()).expect("add");
+    engine.add_request(2, f.cases[1].prompt_ids.clone(), options.clone()).expect("add");
+    engine.step().expect("step");
+    engine.step().expect("step");
+    assert!(engine.kv_usage() > 0.0);
+    assert!(engine.abort(1));
+    assert!(!engine.abort(1));
+    assert!(engine.abort(2));
+    assert_eq!(engine.kv_usage(), 0.0);
+    assert!(!engine.has_unfinished());
+    assert!(engine.step().expect("step").is_empty());
+
+    let bad = |engine: &mut Engine<CpuBackend>, id, prompt: Vec<u32>, max_tokens| {
+        let options = RequestOptions { max_tokens, ..RequestOptions::default() };
+        engine.add_request(id, prompt, options).expect_err("refused").kind()
+    };
+    assert_eq!(bad(&mut engine, 3, vec![], 5), ErrorKind::InvalidInput);
+    assert_eq!(bad(&mut engine, 3, vec![1, 49_152], 5), ErrorKind::InvalidInput);
+    assert_eq!(bad(&mut engine, 3, vec![1; 10], 0), ErrorKind::InvalidInput);
+    // 64 blocks of 16 tokens hold 1024.
+    assert_eq!(bad(&mut engine, 3, vec![1; 1000], 100), ErrorKind::InvalidInput);
+    engine.add_request(4, vec![1, 2, 3], options.clone()).expect("add");
+    assert_eq!(bad(&mut engine, 4, vec![1, 2, 3], 5), ErrorKind::InvalidInput);
+    assert!(!engine.abort(3), "refused requests leave nothing behind");
+}

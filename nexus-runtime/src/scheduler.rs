@@ -137,9 +137,9 @@ impl ChunkedScheduler {
         // Then new prompts, first come first served, while there is room. A preemption this step
         // means the cache is full: admit nothing then.
         if plan.preempted.is_empty() {
-            let mut running_count = alive.len();
-            for seq in waiting {
-                if running_count >= self.config.max_num_seqs || budget == 0 {
+            let room = self.config.max_num_seqs.saturating_sub(alive.len());
+            for seq in waiting.iter().take(room) {
+                if budget == 0 {
                     break;
                 }
                 let tokens = self.fit(seq, budget, &mut free, blocks);
@@ -147,7 +147,6 @@ impl ChunkedScheduler {
                     break;
                 }
                 budget -= tokens;
-                running_count += 1;
                 plan.admitted += 1;
                 plan.scheduled.push(Scheduled { id: seq.id, tokens });
             }

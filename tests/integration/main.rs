@@ -5,4 +5,5 @@ mod hf_checkpoint;
 mod kv_cache;
 mod oracle;
 mod sampling;
+mod scheduler;
 mod tokenizer;

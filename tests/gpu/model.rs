@@ -95,3 +95,63 @@ fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
     eprintln!("cosine {similarity:.6}, tokens {:?} / {:?}", got.token_ids, want.token_ids);
     assert!(similarity >= 0.999, "last-prompt-position logits cosine {similarity}");
 }
+
+/// Runs every fixture prompt through a GPU engine and returns each request's greedy tokens.
+fn engine_outputs(num_blocks: usize, max_num_batched_tokens: usize) -> (Vec<Vec<u32>>, u64) {
+    use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, RequestOptions};
+    use nexus::runtime::scheduler::SchedulerConfig;
+    let fixtures: Fixtures =
+        serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures");
+    let loaded = loader::open(&model_path()).expect("open the model");
+    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
+    let model = LlamaModel::load(&gpu, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
+    let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens };
+    let config = EngineConfig { num_blocks, block_size: DEFAULT_BLOCK_SIZE, scheduler };
+    let mut engine = Engine::new(gpu, model, Vec::new(), config).expect("engine");
+    let options = RequestOptions { max_tokens: 16, ignore_eos: true, ..RequestOptions::default() };
+    for (i, case) in fixtures.cases.iter().enumerate() {
+        engine.add_request(i as u64, case.prompt_ids.clone(), options.clone()).expect("add");
+    }
+    let mut out = vec![Vec::new(); fixtures.cases.len()];
+    while engine.has_unfinished() {
+        for event in engine.step().expect("step") {
+            if let EngineEvent::Token { id, token } = event {
+                out[id as usize].push(token);
+            }
+        }
+    }
+    (out, engine.preemptions())
+}
+
+/// The engine on the GPU: every request of a batched run (chunked prefill mixed with decodes) and
+/// of a run whose cache is too small for all of them (preemption by recompute) completes.
+///
+/// The tokens are compared with an unpressured run and the agreement printed, not asserted: in
+/// bf16 the GEMM kernel (and so the rounding) depends on the batch's row count, so a different
+/// batch composition can flip a near-tie (seen on an H100: one of seven requests diverged at its
+/// 6th token with chunks of 24 tokens). Exact equality needs batch-invariant kernels; the CPU
+/// engine tests check equality in f32.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_engine_completes_every_request_when_batching_and_preempting() {
+    let (unpressured, none) = engine_outputs(1024, 4096);
+    assert_eq!(none, 0);
+    let (chunked, _) = engine_outputs(1024, 24);
+    let (pressured, preemptions) = engine_outputs(12, 64);
+    assert!(preemptions > 0, "the cache was meant to be too small");
+    for (run, outputs) in [("unpressured", &unpressured), ("chunked", &chunked), ("pressured", &pressured)] {
+        for (i, tokens) in outputs.iter().enumerate() {
+            assert_eq!(tokens.len(), 16, "{run}: request {i} completed");
+        }
+    }
+    let agreement = |other: &[Vec<u32>]| -> usize {
+        unpressured.iter().zip(other).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum()
+    };
+    let total = 16 * unpressured.len();
+    eprintln!(
+        "tokens equal to the unpressured run before the first difference: chunked {}/{total}, \
+         under preemption ({preemptions} preemptions) {}/{total}",
+        agreement(&chunked),
+        agreement(&pressured)
+    );
+}

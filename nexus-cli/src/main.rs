@@ -4,17 +4,21 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod serve;
+
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::backend::{Backend, CpuBackend};
 use nexus_runtime::chat_template::ChatMessage;
 use nexus_runtime::cuda_backend::CudaBackend;
+use nexus_runtime::engine::{Engine, EngineConfig};
 use nexus_runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator, generate_text};
 use nexus_runtime::kernels::{CtaBudget, Gpu, PhaseContext};
 use nexus_runtime::loader::{self, DEFAULT_MODEL, LoadedModel};
 use nexus_runtime::model::LlamaModel;
 use nexus_runtime::sampling::SamplingParams;
+use nexus_runtime::scheduler::SchedulerConfig;
 
 #[derive(Parser, Debug)]
 #[command(name = "nexus", version, about = "Serve LLMs with prefill and decode on disjoint SMs of one GPU")]
@@ -27,6 +31,43 @@ struct Cli {
 enum Command {
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
+    /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
+    /// /health, /metrics).
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// A GGUF file or a Hugging Face model folder.
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: PathBuf,
+    /// The name clients use for the model (default: the file or folder name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>` on every API request.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Where to run the model.
+    #[arg(long, value_enum, default_value_t = Device::Auto)]
+    device: Device,
+    /// The most requests running at once.
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    /// The most tokens (decodes plus prompt chunks) in one step.
+    #[arg(long, default_value_t = 8192)]
+    max_num_batched_tokens: usize,
+    /// Fraction of the GPU's memory to use for weights, KV cache and activations (GPU only).
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
+    /// KV-cache blocks of 16 tokens on the CPU backend.
+    #[arg(long, default_value_t = 512)]
+    cpu_kv_blocks: usize,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,7 +124,78 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Generate(args) => generate(args),
+        Command::Serve(args) => serve_command(args),
     }
+}
+
+fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
+        bail!("--gpu-memory-utilization must be in (0, 1]");
+    }
+    let loaded =
+        loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
+    match args.device {
+        Device::Cpu => serve_with(CpuBackend, &args, loaded, KvSizing::Blocks(args.cpu_kv_blocks)),
+        Device::Cuda => serve_with(cuda_backend()?, &args, loaded, KvSizing::GpuMemory(args.gpu_memory_utilization)),
+        Device::Auto => match cuda_backend() {
+            Ok(backend) => serve_with(backend, &args, loaded, KvSizing::GpuMemory(args.gpu_memory_utilization)),
+            Err(e) => {
+                eprintln!("no usable GPU ({e:#}); serving from the CPU");
+                serve_with(CpuBackend, &args, loaded, KvSizing::Blocks(args.cpu_kv_blocks))
+            }
+        },
+    }
+}
+
+/// How many KV blocks to allocate.
+enum KvSizing {
+    Blocks(usize),
+    /// Whatever the GPU has free after the weights, down to `1 - fraction` of its memory.
+    GpuMemory(f64),
+}
+
+fn serve_with<B: Backend + 'static>(
+    backend: B,
+    args: &ServeArgs,
+    loaded: LoadedModel,
+    sizing: KvSizing,
+) -> anyhow::Result<()>
+where
+    Engine<B>: Send,
+{
+    let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?;
+    let c = model.config().clone();
+    let block_size = DEFAULT_BLOCK_SIZE;
+    let num_blocks = match sizing {
+        KvSizing::Blocks(n) => n,
+        KvSizing::GpuMemory(fraction) => {
+            let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
+            let keep = (1.0 - fraction) * total as f64;
+            let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
+            ((free as f64 - keep).max(0.0) / bytes_per_block) as usize
+        }
+    };
+    if num_blocks == 0 {
+        bail!("no room for the KV cache");
+    }
+    let scheduler =
+        SchedulerConfig { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
+    let eos = loaded.tokenizer.eos_token_ids().to_vec();
+    let engine = Engine::new(backend, model, eos, EngineConfig { num_blocks, block_size, scheduler })?;
+    let max_context = engine.max_request_tokens();
+    eprintln!("KV cache: {num_blocks} blocks of {block_size} tokens; requests of up to {max_context} tokens");
+    let model_name = args
+        .served_model_name
+        .clone()
+        .unwrap_or_else(|| args.model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()));
+    let config = serve::ServerConfig { model_name, api_key: args.api_key.clone(), max_context };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+        serve::serve(engine, loaded.tokenizer, config, listener).await
+    })
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {

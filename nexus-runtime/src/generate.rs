@@ -221,7 +221,7 @@ pub fn generate_text<B: Backend>(
 
 /// Finds stop strings in streamed text, holding back what could still become one.
 #[derive(Debug)]
-struct StopMatcher<'a> {
+pub struct StopMatcher<'a> {
     stops: &'a [String],
     text: String,
     /// Bytes of `text` already handed out.
@@ -230,12 +230,13 @@ struct StopMatcher<'a> {
 }
 
 impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
+    /// A matcher of `stops` (empty strings never match).
+    pub fn new(stops: &'a [String]) -> Self {
         StopMatcher { stops, text: String::new(), emitted: 0, stopped: false }
     }
 
     /// Appends `piece`; returns the text now safe to show and whether a stop string was found.
-    fn push(&mut self, piece: &str) -> (&str, bool) {
+    pub fn push(&mut self, piece: &str) -> (&str, bool) {
         if self.stopped {
             return ("", true);
         }
@@ -268,17 +269,19 @@ impl<'a> StopMatcher<'a> {
     }
 
     /// Hands out whatever was held back.
-    fn flush(&mut self) -> &str {
+    pub fn flush(&mut self) -> &str {
         let from = self.emitted;
         self.emitted = self.text.len();
         &self.text[from..]
     }
 
-    fn stopped(&self) -> bool {
+    /// Whether a stop string was found.
+    pub fn stopped(&self) -> bool {
         self.stopped
     }
 
-    fn into_text(self) -> String {
+    /// All text so far, cut before the stop string.
+    pub fn into_text(self) -> String {
         self.text
     }
 }

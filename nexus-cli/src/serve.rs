@@ -1,0 +1,609 @@
+//! `nexus serve`: an OpenAI-compatible HTTP API over the engine.
+//!
+//! One thread owns the [`Engine`] and steps it while there is work; HTTP handlers (axum on tokio)
+//! tokenize, submit requests to it over a channel and get each request's tokens back on a channel
+//! of their own, which they detokenize (with stop strings) into JSON or server-sent events. A
+//! client that goes away drops its receiver; the engine thread notices on the next token and
+//! aborts the request, which frees its KV blocks at once.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use nexus_runtime::backend::Backend;
+use nexus_runtime::chat_template::ChatMessage;
+use nexus_runtime::engine::{Engine, EngineEvent, RequestId, RequestOptions};
+use nexus_runtime::generate::{FinishReason, StopMatcher};
+use nexus_runtime::sampling::SamplingParams;
+use nexus_runtime::tokenizer::Tokenizer;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::{mpsc as tokio_mpsc, oneshot};
+
+/// What the HTTP side asks of the engine thread.
+enum Command {
+    Add {
+        id: RequestId,
+        prompt: Vec<u32>,
+        options: RequestOptions,
+        events: tokio_mpsc::UnboundedSender<EngineEvent>,
+        accepted: oneshot::Sender<Result<(), String>>,
+    },
+    Abort(RequestId),
+}
+
+/// Latency histograms and engine gauges for `/metrics`.
+#[derive(Default)]
+struct Metrics {
+    ttft: Histogram,
+    tbt: Histogram,
+    running: AtomicU64,
+    waiting: AtomicU64,
+    /// KV usage in millionths.
+    kv_usage: AtomicU64,
+    requests: AtomicU64,
+}
+
+/// A Prometheus histogram in seconds.
+struct Histogram {
+    counts: Mutex<(Vec<u64>, u64, f64)>,
+}
+
+const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { counts: Mutex::new((vec![0; BUCKETS.len()], 0, 0.0)) }
+    }
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (bucket, &le) in c.0.iter_mut().zip(&BUCKETS) {
+            if seconds <= le {
+                *bucket += 1;
+            }
+        }
+        c.1 += 1;
+        c.2 += seconds;
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (count, le) in c.0.iter().zip(&BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", c.1, c.2, c.1);
+    }
+}
+
+/// Settings of the server.
+pub struct ServerConfig {
+    pub model_name: String,
+    pub api_key: Option<String>,
+    pub max_context: usize,
+}
+
+struct AppState {
+    commands: Mutex<mpsc::Sender<Command>>,
+    tokenizer: Tokenizer,
+    config: ServerConfig,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves `engine` on `listener` until the process ends. Prints the address it listens on.
+pub async fn serve<B: Backend + 'static>(
+    engine: Engine<B>,
+    tokenizer: Tokenizer,
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<()>
+where
+    Engine<B>: Send,
+{
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = mpsc::channel();
+    let engine_metrics = metrics.clone();
+    std::thread::Builder::new()
+        .name("nexus-engine".into())
+        .spawn(move || engine_loop(engine, rx, &engine_metrics))
+        .context("starting the engine thread")?;
+    let state = Arc::new(AppState { commands: Mutex::new(tx), tokenizer, config, next_id: AtomicU64::new(1), metrics });
+    let app = Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .with_state(state);
+    let addr = listener.local_addr()?;
+    println!("nexus serve: listening on http://{addr}");
+    axum::serve(listener, app).await.context("HTTP server")
+}
+
+type Senders = HashMap<RequestId, tokio_mpsc::UnboundedSender<EngineEvent>>;
+
+fn handle<B: Backend>(engine: &mut Engine<B>, command: Command, senders: &mut Senders) {
+    match command {
+        Command::Add { id, prompt, options, events, accepted } => match engine.add_request(id, prompt, options) {
+            Ok(()) => {
+                senders.insert(id, events);
+                let _ = accepted.send(Ok(()));
+            }
+            Err(e) => {
+                let _ = accepted.send(Err(e.message().to_owned()));
+            }
+        },
+        Command::Abort(id) => {
+            engine.abort(id);
+            senders.remove(&id);
+        }
+    }
+}
+
+fn engine_loop<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>, metrics: &Metrics) {
+    let mut senders = Senders::new();
+    loop {
+        if !engine.has_unfinished() {
+            match commands.recv() {
+                Ok(command) => handle(&mut engine, command, &mut senders),
+                Err(_) => return,
+            }
+        }
+        while let Ok(command) = commands.try_recv() {
+            handle(&mut engine, command, &mut senders);
+        }
+        match engine.step() {
+            Ok(events) => {
+                for event in events {
+                    let (id, finished) = match event {
+                        EngineEvent::Token { id, .. } => (id, false),
+                        EngineEvent::Finished { id, .. } => (id, true),
+                    };
+                    let delivered = senders.get(&id).is_some_and(|s| s.send(event).is_ok());
+                    if finished || !delivered {
+                        senders.remove(&id);
+                    }
+                    if !delivered && !finished {
+                        // The client went away: stop and free its blocks now.
+                        engine.abort(id);
+                    }
+                }
+            }
+            Err(e) => {
+                // A failed step leaves the batch's requests in an unknown state: end them all.
+                eprintln!("nexus serve: engine step failed: {e}");
+                for (id, _) in senders.drain() {
+                    engine.abort(id);
+                }
+            }
+        }
+        metrics.running.store(engine.num_running() as u64, Ordering::Relaxed);
+        metrics.waiting.store(engine.num_waiting() as u64, Ordering::Relaxed);
+        metrics.kv_usage.store((engine.kv_usage() * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+/// An OpenAI-style error response.
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body = json!({ "error": { "message": message.into(), "type": kind, "param": null, "code": null } });
+    (status, axum::Json(body)).into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+}
+
+fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(key) = &state.config.api_key else { return Ok(()) };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if given == Some(key.as_str()) {
+        Ok(())
+    } else {
+        Err(error(StatusCode::UNAUTHORIZED, "authentication_error", "missing or wrong API key"))
+    }
+}
+
+async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_api_key(&state, &headers) {
+        return r;
+    }
+    let data = json!([{ "id": state.config.model_name, "object": "model", "created": 0, "owned_by": "nexus" }]);
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let mut out = String::new();
+    m.ttft.render("nexus_time_to_first_token_seconds", "Arrival to first token.", &mut out);
+    m.tbt.render("nexus_time_between_tokens_seconds", "Gap between consecutive tokens of a request.", &mut out);
+    let gauges = [
+        ("nexus_requests_running", "Requests holding KV blocks.", m.running.load(Ordering::Relaxed) as f64),
+        ("nexus_requests_waiting", "Requests waiting for admission.", m.waiting.load(Ordering::Relaxed) as f64),
+        ("nexus_kv_cache_usage", "Fraction of KV blocks in use.", m.kv_usage.load(Ordering::Relaxed) as f64 / 1e6),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    }
+    let requests = m.requests.load(Ordering::Relaxed);
+    let _ = writeln!(out, "# HELP nexus_requests_total Requests accepted.\n# TYPE nexus_requests_total counter");
+    let _ = writeln!(out, "nexus_requests_total {requests}");
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Fields shared by both endpoints.
+/// Fields shared by both endpoints; others that OpenAI clients send (`logprobs`, `user`,
+/// penalties) are ignored.
+#[derive(Deserialize)]
+struct CommonFields {
+    model: String,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    max_completion_tokens: Option<u64>,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    top_p: Option<f64>,
+    #[serde(default)]
+    top_k: Option<i64>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    n: Option<u64>,
+    #[serde(default)]
+    stop: Option<Value>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    prompt: Value,
+    #[serde(flatten)]
+    common: CommonFields,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    messages: Vec<ChatMessageIn>,
+    #[serde(flatten)]
+    common: CommonFields,
+}
+
+#[derive(Deserialize)]
+struct ChatMessageIn {
+    role: String,
+    content: String,
+}
+
+/// A validated request, ready for the engine.
+struct Prepared {
+    prompt: Vec<u32>,
+    options: RequestOptions,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+}
+
+fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, Response> {
+    if common.model != state.config.model_name {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model `{}` does not exist; this server has `{}`", common.model, state.config.model_name),
+        ));
+    }
+    if common.n.is_some_and(|n| n != 1) {
+        return Err(bad_request("only n = 1 is supported"));
+    }
+    let temperature = common.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(bad_request(format!("temperature {temperature} is not in [0, 2]")));
+    }
+    let top_p = common.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(bad_request(format!("top_p {top_p} is not in (0, 1]")));
+    }
+    let top_k = match common.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(k) => return Err(bad_request(format!("top_k {k} must be positive (or -1 for all)"))),
+    };
+    let stops = match &common.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| bad_request("stop must be a string or strings")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(bad_request("stop must be a string or up to 4 strings")),
+    };
+    if prompt.is_empty() {
+        return Err(bad_request("the prompt is empty"));
+    }
+    let room = state.config.max_context.saturating_sub(prompt.len());
+    if room == 0 {
+        return Err(bad_request(format!(
+            "the prompt has {} tokens; the context holds {}",
+            prompt.len(),
+            state.config.max_context
+        )));
+    }
+    let max_tokens = match common.max_completion_tokens.or(common.max_tokens) {
+        None => room.min(1024),
+        Some(0) => return Err(bad_request("max_tokens must be at least 1")),
+        Some(m) if m as usize > room => {
+            return Err(bad_request(format!(
+                "the prompt has {} tokens and asks for {m} more; the context holds {}",
+                prompt.len(),
+                state.config.max_context
+            )));
+        }
+        Some(m) => m as usize,
+    };
+    let sampling = SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed };
+    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, stop_token_ids: Vec::new() };
+    let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage })
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
+    serde_json::from_slice(body).map_err(|e| bad_request(format!("malformed request body: {e}")))
+}
+
+async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = check_api_key(&state, &headers) {
+        return r;
+    }
+    let request: CompletionRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let Value::String(text) = &request.prompt else {
+        return bad_request("prompt must be a string");
+    };
+    let prompt = match state.tokenizer.encode(text, true) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e.message().to_owned()),
+    };
+    match prepare(&state, &request.common, prompt) {
+        Ok(prepared) => run(state, prepared, Kind::Completion).await,
+        Err(r) => r,
+    }
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Err(r) = check_api_key(&state, &headers) {
+        return r;
+    }
+    let request: ChatRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    if request.messages.is_empty() {
+        return bad_request("messages must not be empty");
+    }
+    if let Some(m) = request.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+        return bad_request(format!("unknown message role `{}`", m.role));
+    }
+    let Some(template) = state.tokenizer.chat_template() else {
+        return bad_request("this model has no chat template; use /v1/completions");
+    };
+    let messages: Vec<ChatMessage> = request.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
+    let prompt = match template.render(&messages, true).and_then(|text| state.tokenizer.encode(&text, false)) {
+        Ok(p) => p,
+        Err(e) => return bad_request(e.message().to_owned()),
+    };
+    match prepare(&state, &request.common, prompt) {
+        Ok(prepared) => run(state, prepared, Kind::Chat).await,
+        Err(r) => r,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Length => "length",
+        FinishReason::Stop => "stop",
+    }
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One piece of a response: text, or the end with its reason and token counts.
+enum Piece {
+    Text(String),
+    End { reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+}
+
+/// Submits `prepared` and turns its tokens into text pieces on a channel. The returned receiver
+/// ends after `Piece::End`; dropping it aborts the request.
+async fn submit(
+    state: &Arc<AppState>,
+    prepared: Prepared,
+) -> Result<(RequestId, tokio_mpsc::Receiver<Piece>), Response> {
+    let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let (events_tx, mut events) = tokio_mpsc::unbounded_channel();
+    let (accepted_tx, accepted) = oneshot::channel();
+    let prompt_tokens = prepared.prompt.len();
+    let command = Command::Add {
+        id,
+        prompt: prepared.prompt,
+        options: prepared.options,
+        events: events_tx,
+        accepted: accepted_tx,
+    };
+    let sent = state.commands.lock().unwrap_or_else(|p| p.into_inner()).send(command);
+    if sent.is_err() {
+        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped"));
+    }
+    match accepted.await {
+        Ok(Ok(())) => {}
+        Ok(Err(message)) => return Err(bad_request(message)),
+        Err(_) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped")),
+    }
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = tokio_mpsc::channel(64);
+    let state = state.clone();
+    let stops = prepared.stops;
+    tokio::spawn(async move {
+        let arrival = Instant::now();
+        let mut last: Option<Instant> = None;
+        let mut decoder = state.tokenizer.stream_decoder(true);
+        let mut matcher = StopMatcher::new(&stops);
+        let mut completion_tokens = 0;
+        let mut reason = "length";
+        while let Some(event) = events.recv().await {
+            match event {
+                EngineEvent::Token { token, .. } => {
+                    let now = Instant::now();
+                    match last {
+                        None => state.metrics.ttft.observe((now - arrival).as_secs_f64()),
+                        Some(t) => state.metrics.tbt.observe((now - t).as_secs_f64()),
+                    }
+                    last = Some(now);
+                    completion_tokens += 1;
+                    let Ok(Some(text)) = decoder.push(token) else { continue };
+                    let (ready, stopped) = matcher.push(&text);
+                    if !ready.is_empty() && tx.send(Piece::Text(ready.to_owned())).await.is_err() {
+                        break;
+                    }
+                    if stopped {
+                        reason = "stop";
+                        break;
+                    }
+                }
+                EngineEvent::Finished { reason: r, .. } => {
+                    reason = finish_reason(r);
+                    if let Ok(Some(rest)) = decoder.finish() {
+                        let _ = matcher.push(&rest);
+                    }
+                    let rest = matcher.flush().to_owned();
+                    if !rest.is_empty() {
+                        let _ = tx.send(Piece::Text(rest)).await;
+                    }
+                    break;
+                }
+            }
+        }
+        // Ended early (a stop string, or the client went away): free the request's blocks now.
+        if !events.is_closed() {
+            let _ = state.commands.lock().unwrap_or_else(|p| p.into_inner()).send(Command::Abort(id));
+        }
+        let _ = tx.send(Piece::End { reason, prompt_tokens, completion_tokens }).await;
+    });
+    Ok((id, rx))
+}
+
+async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
+    let (stream, include_usage) = (prepared.stream, prepared.include_usage);
+    let (request, mut pieces) = match submit(&state, prepared).await {
+        Ok(submitted) => submitted,
+        Err(r) => return r,
+    };
+    let id = format!("{}-{request}", if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" });
+    let created = unix_time();
+    let model = state.config.model_name.clone();
+    let usage = |p: usize, c: usize| json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c });
+    if !stream {
+        let mut text = String::new();
+        while let Some(piece) = pieces.recv().await {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::End { reason, prompt_tokens, completion_tokens } => {
+                    let choice = match kind {
+                        Kind::Completion => {
+                            json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": reason })
+                        }
+                        Kind::Chat => json!({
+                            "index": 0,
+                            "message": { "role": "assistant", "content": text },
+                            "finish_reason": reason
+                        }),
+                    };
+                    let object = if matches!(kind, Kind::Chat) { "chat.completion" } else { "text_completion" };
+                    return axum::Json(json!({
+                        "id": id, "object": object, "created": created, "model": model,
+                        "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)
+                    }))
+                    .into_response();
+                }
+            }
+        }
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request ended without a result");
+    }
+    let object = if matches!(kind, Kind::Chat) { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = move |choice: Value, usage: Option<Value>| {
+        let mut v = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        Event::default().data(v.to_string())
+    };
+    let (tx, rx) = tokio_mpsc::channel::<Result<Event, std::convert::Infallible>>(64);
+    tokio::spawn(async move {
+        if matches!(kind, Kind::Chat) {
+            let first = json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
+            if tx.send(Ok(chunk(first, None))).await.is_err() {
+                return;
+            }
+        }
+        while let Some(piece) = pieces.recv().await {
+            let event = match piece {
+                Piece::Text(t) => match kind {
+                    Kind::Completion => json!({ "index": 0, "text": t, "logprobs": null, "finish_reason": null }),
+                    Kind::Chat => json!({ "index": 0, "delta": { "content": t }, "finish_reason": null }),
+                },
+                Piece::End { reason, prompt_tokens, completion_tokens } => {
+                    let last = match kind {
+                        Kind::Completion => {
+                            json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": reason })
+                        }
+                        Kind::Chat => json!({ "index": 0, "delta": {}, "finish_reason": reason }),
+                    };
+                    let usage = include_usage.then(|| usage(prompt_tokens, completion_tokens));
+                    let _ = tx.send(Ok(chunk(last, usage))).await;
+                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                    return;
+                }
+            };
+            // A closed channel means the client went away; dropping `pieces` aborts the request.
+            if tx.send(Ok(chunk(event, None))).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx)).into_response()
+}

@@ -1,0 +1,258 @@
+//! `nexus serve` on the CPU backend with SmolLM2, on a loopback port, driven by a real HTTP
+//! client: chat (streaming and not), completions, every bad request, a client that disconnects
+//! mid-stream (its blocks are freed), 32 concurrent clients, and the API key.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const MODEL_NAME: &str = "smollm2";
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn model_path() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run scripts/fetch-model.sh first", path.display());
+    path
+}
+
+fn start(extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["serve", "--device", "cpu", "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
+        .arg(model_path())
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start nexus serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = lines.next().expect("a line").expect("read");
+    let base = line.strip_prefix("nexus serve: listening on ").expect("the address line").to_owned();
+    // Keep draining stdout so that the server never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, base }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn post(server: &Server, path: &str, body: &str) -> (u16, Value) {
+    let mut response = agent()
+        .post(&format!("{}{path}", server.base))
+        .header("Content-Type", "application/json")
+        .send(body)
+        .expect("POST");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn chat(content: &str, extra: Value) -> String {
+    let mut body = json!({
+        "model": MODEL_NAME,
+        "messages": [{ "role": "user", "content": content }],
+        "max_tokens": 24,
+        "temperature": 0
+    });
+    for (k, v) in extra.as_object().expect("object") {
+        body[k] = v.clone();
+    }
+    body.to_string()
+}
+
+/// The `data:` payloads of a server-sent-event stream, up to `[DONE]`.
+fn sse_events(reader: impl Read) -> Vec<Value> {
+    let mut events = Vec::new();
+    for line in BufReader::new(reader).lines() {
+        let line = line.expect("read the stream");
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            return events;
+        }
+        events.push(serde_json::from_str(data).expect("a JSON event"));
+    }
+    panic!("the stream ended without [DONE]");
+}
+
+fn metric(server: &Server, name: &str) -> f64 {
+    let text = agent()
+        .get(&format!("{}/metrics", server.base))
+        .call()
+        .expect("metrics")
+        .body_mut()
+        .read_to_string()
+        .expect("body");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+}
+
+#[test]
+fn chat_completions_models_and_health() {
+    let server = start(&[]);
+    let mut health = agent().get(&format!("{}/health", server.base)).call().expect("health");
+    assert_eq!(health.status().as_u16(), 200);
+    assert_eq!(health.body_mut().read_to_string().expect("body"), "ok");
+    let mut models = agent().get(&format!("{}/v1/models", server.base)).call().expect("models");
+    let models: Value = serde_json::from_str(&models.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(models["data"][0]["id"], MODEL_NAME);
+
+    // Non-streaming chat: the greedy answer of the oracle fixtures.
+    let (status, body) = post(&server, "/v1/chat/completions", &chat("What is the capital of France?", json!({})));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let usage = &body["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    // Streaming chat gives the same text, piece by piece, then a finish reason and usage.
+    let response = agent()
+        .post(&format!("{}/v1/chat/completions", server.base))
+        .send(chat(
+            "What is the capital of France?",
+            json!({ "stream": true, "stream_options": { "include_usage": true } }),
+        ))
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 200);
+    let events = sse_events(response.into_body().into_reader());
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+    let last = events.last().expect("events");
+    assert_eq!(last["choices"][0]["finish_reason"], "stop");
+    assert_eq!(last["usage"]["completion_tokens"], body["usage"]["completion_tokens"]);
+
+    // Completions with a stop string and max_tokens.
+    let body = json!({ "model": MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "stop": ["."] });
+    let (status, body) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["text"], " Paris");
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0 });
+    let (_, body) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(
+        (body["choices"][0]["finish_reason"].as_str(), body["usage"]["completion_tokens"].as_u64()),
+        (Some("length"), Some(3))
+    );
+    // A seed makes sampling reproducible.
+    let sampled = json!({ "model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 16, "temperature": 1.0, "top_p": 0.9, "seed": 5 });
+    let (_, a) = post(&server, "/v1/completions", &sampled.to_string());
+    let (_, b) = post(&server, "/v1/completions", &sampled.to_string());
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+}
+
+#[test]
+fn bad_requests_get_an_openai_style_4xx() {
+    let server = start(&[]);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/chat/completions", "{not json".into(), 400, "malformed"),
+        ("/v1/chat/completions", json!({ "model": MODEL_NAME }).to_string(), 400, "messages"),
+        ("/v1/chat/completions", chat("hi", json!({ "model": "gpt-4" })), 404, "does not exist"),
+        ("/v1/chat/completions", chat("hi", json!({ "n": 2 })), 400, "n = 1"),
+        ("/v1/chat/completions", chat("hi", json!({ "temperature": -1 })), 400, "temperature"),
+        ("/v1/chat/completions", chat("hi", json!({ "top_p": 0 })), 400, "top_p"),
+        ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 0 })), 400, "max_tokens"),
+        ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 1_000_000 })), 400, "context"),
+        ("/v1/chat/completions", chat("hi", json!({ "stop": 3 })), 400, "stop"),
+        ("/v1/chat/completions", json!({ "model": MODEL_NAME, "messages": [] }).to_string(), 400, "empty"),
+        (
+            "/v1/chat/completions",
+            json!({ "model": MODEL_NAME, "messages": [{ "role": "wizard", "content": "hi" }] }).to_string(),
+            400,
+            "role",
+        ),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": ["a", "b"] }).to_string(), 400, "string"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": "word ".repeat(9000) }).to_string(), 400, "context"),
+    ];
+    for (path, body, want_status, want_message) in cases {
+        let (status, response) = post(&server, path, &body);
+        assert_eq!(status, want_status, "{path} {body:.80}: {response}");
+        let message = response["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(want_message), "{path} {body:.80}: message {message:?}");
+        assert_eq!(response["error"]["type"], "invalid_request_error");
+    }
+    // The server is still serving.
+    let (status, _) = post(&server, "/v1/chat/completions", &chat("hi", json!({ "max_tokens": 2 })));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
+    let server = start(&[]);
+    let body = json!({ "model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "stream": true });
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(body.to_string()).expect("POST");
+    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut seen = 0;
+    while seen < 3 {
+        if lines.next().expect("a line").expect("read").starts_with("data: ") {
+            seen += 1;
+        }
+    }
+    assert!(metric(&server, "nexus_kv_cache_usage") > 0.0);
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "nexus_requests_running") > 0.0 || metric(&server, "nexus_kv_cache_usage") > 0.0 {
+        assert!(Instant::now() < deadline, "the request was not aborted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn thirty_two_concurrent_clients_are_all_answered() {
+    let server = start(&["--max-num-seqs", "16", "--max-num-batched-tokens", "256"]);
+    let base = server.base.clone();
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let base = base.clone();
+            std::thread::spawn(move || {
+                let body = json!({ "model": MODEL_NAME, "prompt": format!("Count to {i}:"), "max_tokens": 8, "ignore_eos": true, "temperature": 0 });
+                let mut response = agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST");
+                let status = response.status().as_u16();
+                let body: Value = serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json");
+                (status, body)
+            })
+        })
+        .collect();
+    for (i, client) in clients.into_iter().enumerate() {
+        let (status, body) = client.join().expect("client thread");
+        assert_eq!(status, 200, "client {i}: {body}");
+        assert_eq!(body["usage"]["completion_tokens"], 8, "client {i}");
+    }
+    assert_eq!(metric(&server, "nexus_requests_total"), 32.0);
+}
+
+#[test]
+fn the_api_key_is_required_when_set() {
+    let server = start(&["--api-key", "sesame"]);
+    let (status, body) = post(&server, "/v1/chat/completions", &chat("hi", json!({ "max_tokens": 2 })));
+    assert_eq!(status, 401, "{body}");
+    let mut response = agent()
+        .post(&format!("{}/v1/chat/completions", server.base))
+        .header("Authorization", "Bearer sesame")
+        .send(chat("hi", json!({ "max_tokens": 2 })))
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap_or_default());
+}

@@ -7,3 +7,4 @@ mod oracle;
 mod sampling;
 mod scheduler;
 mod tokenizer;
+mod workload;

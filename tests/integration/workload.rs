@@ -1,0 +1,149 @@
+//! Benchmark workloads: drawn lengths match the paper's table (DESIGN.md), the mixture is 60/40,
+//! arrivals are Poisson and reproducible, bad arguments are refused.
+//!
+//! The table is copied here rather than read from the module's constants, so a typo there fails.
+
+use nexus::runtime::workload::{Summary, Workload, WorkloadSampler, trace};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+const N: usize = 20_000;
+/// Relative tolerance of the mean and the median.
+const TOL_CENTER: f64 = 0.05;
+/// Relative tolerance of p95 and p99.
+const TOL_TAIL: f64 = 0.07;
+
+/// The paper's table: input and output (mean, p50, p95, p99) in tokens.
+fn table(w: Workload) -> ([f64; 4], [f64; 4]) {
+    match w {
+        Workload::LongData => ([5905.0, 5461.0, 9292.0, 9817.0], [180.0, 159.0, 339.0, 454.0]),
+        Workload::Arxiv => ([3832.0, 3575.0, 6460.0, 6894.0], [200.0, 181.0, 357.0, 443.0]),
+        Workload::ShareGpt => ([496.0, 432.0, 970.0, 1367.0], [97.0, 37.0, 383.0, 474.0]),
+        Workload::Mixed => unreachable!("the mixture has no row of its own"),
+    }
+}
+
+fn summary(values: impl Iterator<Item = usize>) -> Summary {
+    Summary::of(&values.map(|v| v as f64).collect::<Vec<_>>()).expect("a non-empty sample of lengths")
+}
+
+fn check(what: &str, got: Summary, want: [f64; 4]) {
+    let got_all = [got.mean, got.p50, got.p95, got.p99];
+    let names = ["mean", "p50", "p95", "p99"];
+    for i in 0..4 {
+        let tol = if i < 2 { TOL_CENTER } else { TOL_TAIL };
+        let rel = (got_all[i] - want[i]).abs() / want[i];
+        assert!(
+            rel <= tol,
+            "{what} {}: got {:.1}, table {} ({:.1}% off, allowed {}%)",
+            names[i],
+            got_all[i],
+            want[i],
+            rel * 100.0,
+            tol * 100.0
+        );
+    }
+}
+
+#[test]
+fn lengths_match_the_table() {
+    for (seed, w) in [Workload::LongData, Workload::Arxiv, Workload::ShareGpt].into_iter().enumerate() {
+        let requests = trace(w, 10.0, N, seed as u64).unwrap();
+        assert_eq!(requests.len(), N);
+        assert!(requests.iter().all(|r| r.input_len >= 1 && r.output_len >= 1));
+        let input = summary(requests.iter().map(|r| r.input_len));
+        let output = summary(requests.iter().map(|r| r.output_len));
+        eprintln!("{w}: input {input:?}\n{w}: output {output:?}");
+        let (want_in, want_out) = table(w);
+        check(&format!("{w} input"), input, want_in);
+        check(&format!("{w} output"), output, want_out);
+    }
+}
+
+#[test]
+fn input_and_output_are_drawn_independently() {
+    // Pearson correlation of input and output lengths near 0 (|r| < 0.03 at 20000 draws is about
+    // 4 standard errors).
+    let requests = trace(Workload::LongData, 1.0, N, 7).unwrap();
+    let xs: Vec<f64> = requests.iter().map(|r| r.input_len as f64).collect();
+    let ys: Vec<f64> = requests.iter().map(|r| r.output_len as f64).collect();
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (mx, my) = (mean(&xs), mean(&ys));
+    let cov: f64 = xs.iter().zip(&ys).map(|(x, y)| (x - mx) * (y - my)).sum();
+    let vx: f64 = xs.iter().map(|x| (x - mx).powi(2)).sum();
+    let vy: f64 = ys.iter().map(|y| (y - my).powi(2)).sum();
+    let r = cov / (vx * vy).sqrt();
+    assert!(r.abs() < 0.03, "correlation {r}");
+}
+
+#[test]
+fn mixed_is_sixty_forty_sharegpt_long_data() {
+    // The split, through the sampler that tells the source of each draw.
+    let sampler = WorkloadSampler::new(Workload::Mixed).unwrap();
+    let mut rng = StdRng::seed_from_u64(11);
+    let sources: Vec<Workload> = (0..N).map(|_| sampler.sample(&mut rng).source).collect();
+    let sharegpt = sources.iter().filter(|&&s| s == Workload::ShareGpt).count() as f64 / N as f64;
+    let long_data = sources.iter().filter(|&&s| s == Workload::LongData).count() as f64 / N as f64;
+    // Standard error of the share is sqrt(0.24 / 20000) = 0.35%; allow 1.5 points.
+    assert!((sharegpt - 0.6).abs() < 0.015, "sharegpt share {sharegpt}");
+    assert!((sharegpt + long_data - 1.0).abs() < 1e-12, "other sources drawn");
+
+    // The means of the trace: the mixture of the table's means.
+    let requests = trace(Workload::Mixed, 5.0, N, 12).unwrap();
+    let input = summary(requests.iter().map(|r| r.input_len));
+    let output = summary(requests.iter().map(|r| r.output_len));
+    eprintln!("mixed: input {input:?}\nmixed: output {output:?}");
+    let (sg_in, sg_out) = table(Workload::ShareGpt);
+    let (ld_in, ld_out) = table(Workload::LongData);
+    for (what, got, want) in [
+        ("input", input.mean, 0.6 * sg_in[0] + 0.4 * ld_in[0]),
+        ("output", output.mean, 0.6 * sg_out[0] + 0.4 * ld_out[0]),
+    ] {
+        assert!((got - want).abs() / want <= TOL_CENTER, "mixed {what} mean {got:.1}, expected {want:.1}");
+    }
+    // Bimodal inputs: ShareGPT prompts never exceed 1764 tokens (p99 + (p99 - p95)) and about 7%
+    // of long-data prompts fall below 1800, so about 37% of the mixture's prompts exceed 1800.
+    let long = requests.iter().filter(|r| r.input_len > 1800).count() as f64 / N as f64;
+    assert!((0.34..0.40).contains(&long), "share of prompts over 1800 tokens {long}");
+}
+
+#[test]
+fn arrivals_are_poisson_and_reproducible() {
+    for rate in [0.5, 4.0, 64.0] {
+        let requests = trace(Workload::ShareGpt, rate, N, 3).unwrap();
+        let mut last = 0.0;
+        let mut gaps = Vec::with_capacity(N);
+        for r in &requests {
+            assert!(r.arrival_s > last, "arrivals not strictly increasing");
+            gaps.push(r.arrival_s - last);
+            last = r.arrival_s;
+        }
+        let mean = gaps.iter().sum::<f64>() / N as f64;
+        let sd = (gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (N - 1) as f64).sqrt();
+        let cv = sd / mean;
+        // Standard error of the mean gap is 1/sqrt(N) = 0.7% of it; of the CV about 1%.
+        assert!((mean * rate - 1.0).abs() < 0.03, "rate {rate}: mean gap {mean}, expected {}", 1.0 / rate);
+        assert!((cv - 1.0).abs() < 0.05, "rate {rate}: coefficient of variation {cv}");
+        // Exponential, not merely CV 1: P(gap > mean) = 1/e.
+        let above = gaps.iter().filter(|&&g| g > 1.0 / rate).count() as f64 / N as f64;
+        assert!((above - (-1.0f64).exp()).abs() < 0.015, "rate {rate}: share of gaps above the mean {above}");
+    }
+    let a = trace(Workload::Mixed, 2.0, 500, 99).unwrap();
+    assert_eq!(a, trace(Workload::Mixed, 2.0, 500, 99).unwrap());
+    let b = trace(Workload::Mixed, 2.0, 500, 100).unwrap();
+    assert_ne!(a.iter().map(|r| r.arrival_s).collect::<Vec<_>>(), b.iter().map(|r| r.arrival_s).collect::<Vec<_>>());
+    assert_ne!(a.iter().map(|r| r.input_len).collect::<Vec<_>>(), b.iter().map(|r| r.input_len).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    for rate in [0.0, -1.0, f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        assert!(trace(Workload::Arxiv, rate, 10, 0).is_err(), "rate {rate} accepted");
+    }
+    assert!(trace(Workload::Arxiv, 1.0, 0, 0).is_err());
+    assert_eq!(trace(Workload::Arxiv, 1e-9, 1, 0).unwrap().len(), 1);
+    assert!("longdata".parse::<Workload>().is_err());
+    for w in Workload::ALL {
+        assert_eq!(w.name().parse::<Workload>().unwrap(), w);
+    }
+}

@@ -197,17 +197,29 @@ fn engine_loop<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Comma
     }
 }
 
-/// An OpenAI-style error response.
-fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    let body = json!({ "error": { "message": message.into(), "type": kind, "param": null, "code": null } });
-    (status, axum::Json(body)).into_response()
+/// An error answered with an OpenAI-style body.
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
 }
 
-fn bad_request(message: impl Into<String>) -> Response {
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "message": self.message, "type": self.kind, "param": null, "code": null } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn error(status: StatusCode, kind: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError { status, kind, message: message.into() }
+}
+
+fn bad_request(message: impl Into<String>) -> ApiError {
     error(StatusCode::BAD_REQUEST, "invalid_request_error", message)
 }
 
-fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
+fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &state.config.api_key else { return Ok(()) };
     let given =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
@@ -219,8 +231,8 @@ fn check_api_key(state: &AppState, headers: &HeaderMap) -> Result<(), Response> 
 }
 
 async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    if let Err(r) = check_api_key(&state, &headers) {
-        return r;
+    if let Err(e) = check_api_key(&state, &headers) {
+        return e.into_response();
     }
     let data = json!([{ "id": state.config.model_name, "object": "model", "created": 0, "owned_by": "nexus" }]);
     axum::Json(json!({ "object": "list", "data": data })).into_response()
@@ -310,7 +322,7 @@ struct Prepared {
     include_usage: bool,
 }
 
-fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, Response> {
+fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
     if common.model != state.config.model_name {
         return Err(error(
             StatusCode::NOT_FOUND,
@@ -372,56 +384,56 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
     Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage })
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, Response> {
+fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("malformed request body: {e}")))
 }
 
 async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = check_api_key(&state, &headers) {
-        return r;
+    if let Err(e) = check_api_key(&state, &headers) {
+        return e.into_response();
     }
     let request: CompletionRequest = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let Value::String(text) = &request.prompt else {
-        return bad_request("prompt must be a string");
+        return bad_request("prompt must be a string").into_response();
     };
     let prompt = match state.tokenizer.encode(text, true) {
         Ok(p) => p,
-        Err(e) => return bad_request(e.message().to_owned()),
+        Err(e) => return bad_request(e.message().to_owned()).into_response(),
     };
     match prepare(&state, &request.common, prompt) {
         Ok(prepared) => run(state, prepared, Kind::Completion).await,
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
 async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = check_api_key(&state, &headers) {
-        return r;
+    if let Err(e) = check_api_key(&state, &headers) {
+        return e.into_response();
     }
     let request: ChatRequest = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     if request.messages.is_empty() {
-        return bad_request("messages must not be empty");
+        return bad_request("messages must not be empty").into_response();
     }
     if let Some(m) = request.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
-        return bad_request(format!("unknown message role `{}`", m.role));
+        return bad_request(format!("unknown message role `{}`", m.role)).into_response();
     }
     let Some(template) = state.tokenizer.chat_template() else {
-        return bad_request("this model has no chat template; use /v1/completions");
+        return bad_request("this model has no chat template; use /v1/completions").into_response();
     };
     let messages: Vec<ChatMessage> = request.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
     let prompt = match template.render(&messages, true).and_then(|text| state.tokenizer.encode(&text, false)) {
         Ok(p) => p,
-        Err(e) => return bad_request(e.message().to_owned()),
+        Err(e) => return bad_request(e.message().to_owned()).into_response(),
     };
     match prepare(&state, &request.common, prompt) {
         Ok(prepared) => run(state, prepared, Kind::Chat).await,
-        Err(r) => r,
+        Err(e) => e.into_response(),
     }
 }
 
@@ -453,7 +465,7 @@ enum Piece {
 async fn submit(
     state: &Arc<AppState>,
     prepared: Prepared,
-) -> Result<(RequestId, tokio_mpsc::Receiver<Piece>), Response> {
+) -> Result<(RequestId, tokio_mpsc::Receiver<Piece>), ApiError> {
     let id = state.next_id.fetch_add(1, Ordering::Relaxed);
     let (events_tx, mut events) = tokio_mpsc::unbounded_channel();
     let (accepted_tx, accepted) = oneshot::channel();
@@ -531,7 +543,7 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
     let (stream, include_usage) = (prepared.stream, prepared.include_usage);
     let (request, mut pieces) = match submit(&state, prepared).await {
         Ok(submitted) => submitted,
-        Err(r) => return r,
+        Err(e) => return e.into_response(),
     };
     let id = format!("{}-{request}", if matches!(kind, Kind::Chat) { "chatcmpl" } else { "cmpl" });
     let created = unix_time();
@@ -562,7 +574,8 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
                 }
             }
         }
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request ended without a result");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the request ended without a result")
+            .into_response();
     }
     let object = if matches!(kind, Kind::Chat) { "chat.completion.chunk" } else { "text_completion" };
     let chunk = move |choice: Value, usage: Option<Value>| {

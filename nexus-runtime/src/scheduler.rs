@@ -125,13 +125,24 @@ impl ChunkedScheduler {
         }
 
         // Then the prompts already started, as far as the budget and the blocks allow.
-        for seq in alive.iter().filter(|s| s.uncached > 1) {
-            let tokens = self.fit(seq, budget, &mut free, blocks);
-            if tokens == 0 {
+        loop {
+            for seq in alive.iter().filter(|s| s.uncached > 1) {
+                let tokens = self.fit(seq, budget, &mut free, blocks);
+                if tokens == 0 {
+                    break;
+                }
+                budget -= tokens;
+                plan.scheduled.push(Scheduled { id: seq.id, tokens });
+            }
+            if !plan.scheduled.is_empty() || alive.len() <= 1 {
                 break;
             }
-            budget -= tokens;
-            plan.scheduled.push(Scheduled { id: seq.id, tokens });
+            // Nothing can move: every running sequence waits for blocks that only running
+            // sequences hold. The newest gives its blocks up so that the older ones go on (a lone
+            // sequence always fits: the engine admits no request larger than the cache).
+            let victim = alive.pop().expect("more than one sequence");
+            free += blocks.get(victim.id).map_or(0, |s| s.blocks.len());
+            plan.preempted.push(victim.id);
         }
 
         // Then new prompts, first come first served, while there is room. A preemption this step
@@ -185,6 +196,17 @@ mod tests {
         let plan = sched.plan(&[s(1, 1), s(2, 2)], &[s(3, 50), s(4, 5)], &blocks);
         assert_eq!(plan.scheduled.last(), Some(&Scheduled { id: 3, tokens: 7 }));
         assert_eq!(plan.admitted, 1);
+    }
+
+    #[test]
+    fn prompts_stuck_on_a_full_cache_preempt_the_newest() {
+        let mut blocks = BlockManager::new(4, 4).unwrap();
+        blocks.append(1, 8).unwrap(); // 2 blocks, prompt of 20 half done
+        blocks.append(2, 8).unwrap(); // 2 blocks, prompt of 20 half done
+        let sched = ChunkedScheduler::new(SchedulerConfig::default()).unwrap();
+        let plan = sched.plan(&[s(1, 12), s(2, 12)], &[], &blocks);
+        assert_eq!(plan.preempted, vec![2]);
+        assert_eq!(plan.scheduled, vec![Scheduled { id: 1, tokens: 8 }]);
     }
 
     #[test]

@@ -40,15 +40,22 @@ if $check; then
 fi
 mkdir -p "$out/sm_90a" "$out/sm_80"
 report=$(mktemp)
-flags=(-std=c++17 -O3 -I"$include" -I"$root/cuda" -lineinfo)
+
+# nvcc names internal symbols (anonymous namespaces) after a hash of the source's absolute path,
+# so compile a copy at a fixed path: the PTX is then the same from every checkout.
+src_root=/tmp/nexus-build-ptx-src
+rm -rf "$src_root"
+mkdir -p "$src_root"
+cp -r "$root/cuda" "$src_root/cuda"
+flags=(-std=c++17 -O3 -I"$include" -I"$src_root/cuda" -lineinfo)
 
 status=0
-for src in "$root"/cuda/*.cu; do
+for src in "$src_root"/cuda/*.cu; do
     name=$(basename "$src" .cu)
     "$nvcc" "${flags[@]}" -ptx -gencode=arch=compute_90a,code=compute_90a -o "$out/sm_90a/$name.ptx" "$src"
     "$nvcc" "${flags[@]}" -ptx -gencode=arch=compute_80,code=compute_80 -o "$out/sm_80/$name.ptx" "$src"
     # Drop the line-info file table's absolute paths so the output is the same on every machine.
-    sed -i -e "s|$root/||g" -e "s|$include/|cuda-include/|g" "$out/sm_90a/$name.ptx" "$out/sm_80/$name.ptx"
+    sed -i -e "s|$src_root/||g" -e "s|$include/|cuda-include/|g" "$out/sm_90a/$name.ptx" "$out/sm_80/$name.ptx"
     "$nvcc" "${flags[@]}" -cubin -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /dev/null "$src" 2>"$report"
     echo "== $name (sm_90a)"
     grep -E "Compiling entry|registers|spill" "$report" | sed 's/^ptxas info    : //'
@@ -62,6 +69,7 @@ for src in "$root"/cuda/*.cu; do
     esac
 done
 rm -f "$report"
+rm -rf "$src_root"
 
 if $check; then
     if ! diff -r -q "$root/ptx" "$out" >/dev/null; then

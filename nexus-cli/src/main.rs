@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod bench;
 mod serve;
 
 use anyhow::{Context, bail};
@@ -34,6 +35,9 @@ enum Command {
     /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /// /health, /metrics).
     Serve(ServeArgs),
+    /// Replay a serving workload (Poisson arrivals) through the engine in-process and report
+    /// TTFT, TBT, normalized latency and throughput.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -125,6 +129,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve_command(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
 
@@ -147,6 +152,36 @@ fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     }
 }
 
+/// An engine over `model` with a KV cache sized by `sizing`.
+fn make_engine<B: Backend>(
+    backend: B,
+    model: LlamaModel<B>,
+    eos: Vec<u32>,
+    sizing: KvSizing,
+    scheduler: SchedulerConfig,
+) -> anyhow::Result<Engine<B>> {
+    let c = model.config().clone();
+    let block_size = DEFAULT_BLOCK_SIZE;
+    let num_blocks = match sizing {
+        KvSizing::Blocks(n) => n,
+        KvSizing::GpuMemory(fraction) => {
+            let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
+            let keep = (1.0 - fraction) * total as f64;
+            let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
+            ((free as f64 - keep).max(0.0) / bytes_per_block) as usize
+        }
+    };
+    if num_blocks == 0 {
+        bail!("no room for the KV cache");
+    }
+    let engine = Engine::new(backend, model, eos, EngineConfig { num_blocks, block_size, scheduler })?;
+    eprintln!(
+        "KV cache: {num_blocks} blocks of {block_size} tokens; requests of up to {} tokens",
+        engine.max_request_tokens()
+    );
+    Ok(engine)
+}
+
 /// How many KV blocks to allocate.
 enum KvSizing {
     Blocks(usize),
@@ -164,26 +199,11 @@ where
     Engine<B>: Send,
 {
     let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?;
-    let c = model.config().clone();
-    let block_size = DEFAULT_BLOCK_SIZE;
-    let num_blocks = match sizing {
-        KvSizing::Blocks(n) => n,
-        KvSizing::GpuMemory(fraction) => {
-            let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
-            let keep = (1.0 - fraction) * total as f64;
-            let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
-            ((free as f64 - keep).max(0.0) / bytes_per_block) as usize
-        }
-    };
-    if num_blocks == 0 {
-        bail!("no room for the KV cache");
-    }
     let scheduler =
         SchedulerConfig { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
     let eos = loaded.tokenizer.eos_token_ids().to_vec();
-    let engine = Engine::new(backend, model, eos, EngineConfig { num_blocks, block_size, scheduler })?;
+    let engine = make_engine(backend, model, eos, sizing, scheduler)?;
     let max_context = engine.max_request_tokens();
-    eprintln!("KV cache: {num_blocks} blocks of {block_size} tokens; requests of up to {max_context} tokens");
     let model_name = args
         .served_model_name
         .clone()

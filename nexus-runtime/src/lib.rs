@@ -31,6 +31,7 @@ mod error;
 
 pub mod backend;
 pub mod batch;
+pub mod bench;
 pub mod chat_template;
 pub mod config;
 pub mod cuda_backend;

@@ -132,3 +132,21 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
     assert_eq!(bad(&mut engine, 4, vec![1, 2, 3], 5), ErrorKind::InvalidInput);
     assert!(!engine.abort(3), "refused requests leave nothing behind");
 }
+
+#[test]
+fn replaying_a_trace_forces_output_lengths_and_measures_latencies() {
+    use nexus::runtime::bench::replay;
+    use nexus::runtime::workload::Request;
+    let mut engine = engine(256, SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: 64 });
+    let trace: Vec<Request> =
+        (0..6).map(|i| Request { arrival_s: 0.05 * i as f64, input_len: 20 + 7 * i, output_len: 3 + i }).collect();
+    let (times, report) = replay(&mut engine, &trace, 1).expect("replay");
+    for (i, (t, r)) in times.iter().zip(&trace).enumerate() {
+        assert_eq!(t.tokens.len(), r.output_len, "request {i} got its forced length");
+        assert!(t.tokens.windows(2).all(|w| w[0] <= w[1]) && t.tokens[0] > 0.0, "request {i}: {:?}", t.tokens);
+    }
+    assert_eq!(report.ttft.count, 6);
+    assert_eq!(report.tbt.count, trace.iter().map(|r| r.output_len - 1).sum::<usize>());
+    assert!(report.ttft.p50 <= report.ttft.p99 && report.token_throughput > 0.0);
+    assert_eq!(engine.kv_usage(), 0.0);
+}

@@ -7,15 +7,15 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use nexus_runtime::backend::{Backend, CpuBackend};
+use nexus_runtime::backend::Backend;
 use nexus_runtime::bench::{ReplayReport, replay};
+use nexus_runtime::engine::Engine;
 use nexus_runtime::model::LlamaModel;
-use nexus_runtime::scheduler::SchedulerConfig;
 use nexus_runtime::workload::{Summary, Workload, trace};
 use nexus_runtime::{loader, synthetic};
 use serde_json::json;
 
-use crate::{Device, KvSizing, cuda_backend, make_engine};
+use crate::{EngineArgs, KvSizing, OnBackend, make_engine};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -35,21 +35,8 @@ pub struct BenchArgs {
     /// Seed of the trace and the prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
-    /// The most requests running at once.
-    #[arg(long, default_value_t = 256)]
-    max_num_seqs: usize,
-    /// The most tokens in one step.
-    #[arg(long, default_value_t = 8192)]
-    max_num_batched_tokens: usize,
-    /// Fraction of GPU memory to use (GPU only).
-    #[arg(long, default_value_t = 0.9)]
-    gpu_memory_utilization: f64,
-    /// KV-cache blocks of 16 tokens on the CPU backend.
-    #[arg(long, default_value_t = 2048)]
-    cpu_kv_blocks: usize,
+    #[command(flatten)]
+    engine: EngineArgs,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -62,16 +49,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         bail!("every --rate must be a positive number");
     }
-    match args.device {
-        Device::Cpu => run_with(CpuBackend, &args, KvSizing::Blocks(args.cpu_kv_blocks)),
-        Device::Cuda => run_with(cuda_backend()?, &args, KvSizing::GpuMemory(args.gpu_memory_utilization)),
-        Device::Auto => match cuda_backend() {
-            Ok(backend) => run_with(backend, &args, KvSizing::GpuMemory(args.gpu_memory_utilization)),
-            Err(e) => {
-                eprintln!("no usable GPU ({e:#}); benchmarking the CPU");
-                run_with(CpuBackend, &args, KvSizing::Blocks(args.cpu_kv_blocks))
-            }
-        },
+    args.engine.run(BenchJob(&args))
+}
+
+struct BenchJob<'a>(&'a BenchArgs);
+
+impl OnBackend for BenchJob<'_> {
+    fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
+    where
+        Engine<B>: Send,
+    {
+        run_with(backend, self.0, sizing)
     }
 }
 
@@ -84,10 +72,8 @@ fn run_with<B: Backend>(backend: B, args: &BenchArgs, sizing: KvSizing) -> anyho
             LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?
         }
     };
-    let scheduler =
-        SchedulerConfig { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
     // Outputs are forced to the trace's lengths, so end-of-sequence tokens do not matter.
-    let mut engine = make_engine(backend, model, Vec::new(), sizing, scheduler)?;
+    let mut engine = make_engine(backend, model, Vec::new(), sizing, args.engine.scheduler())?;
     let mut results = Vec::new();
     for &rate in &args.rate {
         let requests = trace(args.workload, rate, args.num_requests, args.seed)?;

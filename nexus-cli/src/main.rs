@@ -57,6 +57,13 @@ struct ServeArgs {
     /// Require `Authorization: Bearer <key>` on every API request.
     #[arg(long)]
     api_key: Option<String>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Where the engine runs and how big it is (shared by `serve` and `bench`).
+#[derive(Args, Debug)]
+struct EngineArgs {
     /// Where to run the model.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
@@ -70,8 +77,41 @@ struct ServeArgs {
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
     /// KV-cache blocks of 16 tokens on the CPU backend.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 1024)]
     cpu_kv_blocks: usize,
+}
+
+impl EngineArgs {
+    fn scheduler(&self) -> SchedulerConfig {
+        SchedulerConfig { max_num_seqs: self.max_num_seqs, max_num_batched_tokens: self.max_num_batched_tokens }
+    }
+
+    /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.
+    fn run<J: OnBackend>(&self, job: J) -> anyhow::Result<()> {
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            bail!("--gpu-memory-utilization must be in (0, 1]");
+        }
+        let on_cpu = |job: J| job.run(CpuBackend, KvSizing::Blocks(self.cpu_kv_blocks));
+        let on_gpu = |job: J, backend| job.run(backend, KvSizing::GpuMemory(self.gpu_memory_utilization));
+        match self.device {
+            Device::Cpu => on_cpu(job),
+            Device::Cuda => on_gpu(job, cuda_backend()?),
+            Device::Auto => match cuda_backend() {
+                Ok(backend) => on_gpu(job, backend),
+                Err(e) => {
+                    eprintln!("no usable GPU ({e:#}); running on the CPU");
+                    on_cpu(job)
+                }
+            },
+        }
+    }
+}
+
+/// Work that runs on whichever backend `--device` picks.
+trait OnBackend {
+    fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
+    where
+        Engine<B>: Send;
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,21 +174,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
-    if !(args.gpu_memory_utilization > 0.0 && args.gpu_memory_utilization <= 1.0) {
-        bail!("--gpu-memory-utilization must be in (0, 1]");
-    }
     let loaded =
         loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
-    match args.device {
-        Device::Cpu => serve_with(CpuBackend, &args, loaded, KvSizing::Blocks(args.cpu_kv_blocks)),
-        Device::Cuda => serve_with(cuda_backend()?, &args, loaded, KvSizing::GpuMemory(args.gpu_memory_utilization)),
-        Device::Auto => match cuda_backend() {
-            Ok(backend) => serve_with(backend, &args, loaded, KvSizing::GpuMemory(args.gpu_memory_utilization)),
-            Err(e) => {
-                eprintln!("no usable GPU ({e:#}); serving from the CPU");
-                serve_with(CpuBackend, &args, loaded, KvSizing::Blocks(args.cpu_kv_blocks))
-            }
-        },
+    args.engine.run(ServeJob { args: &args, loaded })
+}
+
+struct ServeJob<'a> {
+    args: &'a ServeArgs,
+    loaded: LoadedModel,
+}
+
+impl OnBackend for ServeJob<'_> {
+    fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
+    where
+        Engine<B>: Send,
+    {
+        serve_with(backend, self.args, self.loaded, sizing)
     }
 }
 
@@ -199,10 +240,8 @@ where
     Engine<B>: Send,
 {
     let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?;
-    let scheduler =
-        SchedulerConfig { max_num_seqs: args.max_num_seqs, max_num_batched_tokens: args.max_num_batched_tokens };
     let eos = loaded.tokenizer.eos_token_ids().to_vec();
-    let engine = make_engine(backend, model, eos, sizing, scheduler)?;
+    let engine = make_engine(backend, model, eos, sizing, args.engine.scheduler())?;
     let max_context = engine.max_request_tokens();
     let model_name = args
         .served_model_name

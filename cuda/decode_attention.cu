@@ -34,6 +34,9 @@
 
 namespace {
 
+using nexus::fast_exp2;
+using nexus::pack_bf16;
+
 constexpr int CONSUMER_WARPS = 8;
 constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
 constexpr int PRODUCER_WARPS = 2 * PARTS;
@@ -161,17 +164,6 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
     uint32_t y;
     asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
     return y;
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 __device__ __forceinline__ void consumer_barrier() {

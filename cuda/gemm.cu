@@ -35,15 +35,14 @@
 
 namespace {
 
+using nexus::mma_16816;
+using nexus::smem_addr;
+
 using bf16 = __nv_bfloat16;
 
 constexpr int BK = 64;          // K elements of one pipeline stage: 128 bytes of each tile row
 constexpr int ROW_BYTES = 128;  // one tile row of one stage in shared memory
 constexpr int GROUP_M = 16;     // tile rows per band of the tile order
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // Byte offset of 16-byte chunk `chunk` (0..7) of row `row` of a swizzled tile of 128-byte rows:
 // the chunk index is XORed with the row index mod 8, so the same chunk of 8 consecutive rows
@@ -152,14 +151,6 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
                  : "memory");
 }
 
-// d += a · b for one m16n8k16 fragment (a row-major 16x16, b column-major 16x8).
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 // One stage (64 of K) of a warp's WM x WN tile. `live_mi` m16 fragments hold rows inside A; the
 // others are skipped (small M).
 template <int BM, int BN>
@@ -190,7 +181,7 @@ __device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
         for (int mi = 0; mi < C::MI; ++mi) {
             if (mi < live_mi) {
 #pragma unroll
-                for (int ni = 0; ni < C::NI; ++ni) mma_bf16(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
+                for (int ni = 0; ni < C::NI; ++ni) mma_16816(acc[mi][ni], af[mi], bfr[ni][0], bfr[ni][1]);
             }
         }
     }

@@ -27,6 +27,11 @@
 
 namespace {
 
+using nexus::fast_exp2;
+using nexus::mma_16816;
+using nexus::pack_bf16;
+using nexus::smem_addr;
+
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int BLOCK_M = 16 * WARPS;  // query rows (token x head) per work item
@@ -34,10 +39,6 @@ constexpr int BLOCK_M = 16 * WARPS;  // query rows (token x head) per work item
 typedef __nv_bfloat16 bf16;
 
 // ---- PTX wrappers -------------------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 
 // 16-byte asynchronous copy global -> shared; copies zeros instead when `valid` is false (the
 // source is then not read, but must still be a valid address).
@@ -60,25 +61,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t add
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
-}
-
-// c += a · b for one 16x8x16 tile: a row-major 16x16 (4 registers), b column-major 16x8 (2).
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ float fast_exp2(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
 }
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] bf16 tile whose chunks are

@@ -136,3 +136,23 @@ impl ScatteredPool {
         ScatteredPool { cache, block_tables, max_blocks, k, v }
     }
 }
+
+/// Device copies of an attention test's inputs: the fused QKV rows, the K and V pools and the
+/// block tables.
+pub struct DeviceInputs {
+    pub qkv: CudaSlice<bf16>,
+    pub k: CudaSlice<bf16>,
+    pub v: CudaSlice<bf16>,
+    pub tables: CudaSlice<i32>,
+}
+
+impl DeviceInputs {
+    pub fn new(ctx: &PhaseContext, qkv: &[f32], k: &[f32], v: &[f32], block_tables: &[i32]) -> Self {
+        DeviceInputs {
+            qkv: upload(ctx, qkv),
+            k: upload(ctx, k),
+            v: upload(ctx, v),
+            tables: ctx.stream().clone_htod(block_tables).expect("upload"),
+        }
+    }
+}

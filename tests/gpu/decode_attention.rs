@@ -99,26 +99,16 @@ impl Case {
     }
 }
 
-/// Device copies of a case's inputs.
-struct Inputs {
-    qkv: CudaSlice<bf16>,
-    k: CudaSlice<bf16>,
-    v: CudaSlice<bf16>,
-    tables: CudaSlice<i32>,
+impl Case {
+    /// The case's inputs on the device.
+    fn device(&self, ctx: &PhaseContext) -> DeviceInputs {
+        DeviceInputs::new(ctx, &self.qkv, &self.k, &self.v, &self.block_tables)
+    }
 }
 
-impl Inputs {
-    fn new(ctx: &PhaseContext, case: &Case) -> Inputs {
-        Inputs {
-            qkv: upload(ctx, &case.qkv),
-            k: upload(ctx, &case.k),
-            v: upload(ctx, &case.v),
-            tables: ctx.stream().clone_htod(&case.block_tables).expect("upload"),
-        }
-    }
-
+impl DeviceInputs {
     /// Runs `plan` on `ctx` into a fresh poisoned output and downloads it.
-    fn run(&self, ctx: &PhaseContext, case: &Case, plan: &DecodePlan) -> Vec<f32> {
+    fn run_decode(&self, ctx: &PhaseContext, case: &Case, plan: &DecodePlan) -> Vec<f32> {
         let mut out = poisoned(ctx, case.out_len());
         decode_attention(
             ctx,
@@ -155,12 +145,12 @@ fn check(test: &str, layout: QkvLayout, block_size: usize, kv_lens: &[u32], spli
     let case = Case::new(&mut rng, layout, block_size, kv_lens);
     let want = case.reference();
     let setup = phase(None);
-    let inputs = Inputs::new(&setup, &case);
+    let inputs = case.device(&setup);
     for &split in splits {
         for budget in budgets() {
             let ctx = phase(budget);
             let plan = case.plan(&ctx, split);
-            let got = inputs.run(&ctx, &case, &plan);
+            let got = inputs.run_decode(&ctx, &case, &plan);
             assert_close(&format!("{test}: {}", describe(&case, split, budget, &plan)), &got, &want, BF16_RTOL, ATOL);
         }
     }
@@ -217,7 +207,7 @@ fn fixed_chunks_are_batch_invariant() {
     let big = Case::new(&mut rng, layout, 16, &[5000, 300, 7000, 17, 2500]);
     let split = KvSplit::Fixed(512);
     let setup = phase(None);
-    let inputs = Inputs::new(&setup, &big);
+    let inputs = big.device(&setup);
     let row = layout.num_heads * layout.head_dim;
     let mut first: Option<Vec<f32>> = None;
     for (seqs, budget) in [(5, None), (5, Some(7)), (1, Some(64.min(gpu().sm_count()))), (3, Some(1))] {
@@ -264,7 +254,7 @@ fn runs_inside_a_cuda_graph() {
     let case = Case::new(&mut rng, gqa(), 16, &[4097, 100, 1]);
     let want = case.reference();
     let ctx = phase(Some(16));
-    let inputs = Inputs::new(&ctx, &case);
+    let inputs = case.device(&ctx);
     let plan = case.plan(&ctx, KvSplit::Auto);
     assert!(plan.num_split_seqs() > 0, "the graph should hold the merge kernel too");
     let mut out = poisoned(&ctx, case.out_len());
@@ -310,7 +300,7 @@ fn trace_shows_at_most_budget_ctas_on_distinct_sms() {
     for budget in [Some(7), None] {
         let ctx = phase(budget);
         let b = ctx.budget().get() as usize;
-        let inputs = Inputs::new(&ctx, &case);
+        let inputs = case.device(&ctx);
         let plan = case.plan(&ctx, KvSplit::Auto);
         let mut trace = ctx.stream().alloc_zeros::<u64>(6 * b).expect("alloc");
         let mut out = poisoned(&ctx, case.out_len());
@@ -385,7 +375,7 @@ fn plan_and_launcher_reject_bad_inputs() {
 
     // The launcher: wrong buffer lengths, another budget, a short trace.
     let plan = case.plan(&ctx, KvSplit::Auto);
-    let inputs = Inputs::new(&ctx, &case);
+    let inputs = case.device(&ctx);
     let mut out = poisoned(&ctx, case.out_len());
     let mut short_out = poisoned(&ctx, case.out_len() - 8);
     let run = |ctx: &PhaseContext,

@@ -99,26 +99,16 @@ impl Case {
     }
 }
 
-/// Device copies of a case's inputs.
-struct Inputs {
-    qkv: cudarc::driver::CudaSlice<half::bf16>,
-    k: cudarc::driver::CudaSlice<half::bf16>,
-    v: cudarc::driver::CudaSlice<half::bf16>,
-    tables: cudarc::driver::CudaSlice<i32>,
+impl Case {
+    /// The case's inputs on the device.
+    fn device(&self, ctx: &PhaseContext) -> DeviceInputs {
+        DeviceInputs::new(ctx, &self.qkv, &self.k, &self.v, &self.block_tables)
+    }
 }
 
-impl Inputs {
-    fn new(ctx: &PhaseContext, case: &Case) -> Inputs {
-        Inputs {
-            qkv: upload(ctx, &case.qkv),
-            k: upload(ctx, &case.k),
-            v: upload(ctx, &case.v),
-            tables: ctx.stream().clone_htod(&case.block_tables).expect("upload"),
-        }
-    }
-
+impl DeviceInputs {
     /// Runs `plan` on `ctx` into a fresh poisoned output and downloads it.
-    fn run(&self, ctx: &PhaseContext, case: &Case, plan: &PrefillPlan) -> Vec<f32> {
+    fn run_prefill(&self, ctx: &PhaseContext, case: &Case, plan: &PrefillPlan) -> Vec<f32> {
         let mut out = poisoned(ctx, case.out_len());
         prefill_attention(
             ctx,
@@ -143,13 +133,13 @@ fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usi
     let case = Case::new(&mut rng, layout, block_size, chunks);
     let want = case.reference();
     let setup = phase(None);
-    let inputs = Inputs::new(&setup, &case);
+    let inputs = case.device(&setup);
     let mut plan = PrefillPlan::new(&setup, case.batch(), layout, case.cache).expect("plan");
     for kernel in plan.kernels() {
         plan.set_kernel(kernel).expect("kernel");
         for budget in BUDGETS {
             let ctx = phase(budget);
-            let got = inputs.run(&ctx, &case, &plan);
+            let got = inputs.run_prefill(&ctx, &case, &plan);
             let what = format!(
                 "{test}: {}/{} heads d={} block {block_size}, {kernel}, budget {budget:?}",
                 layout.num_heads, layout.num_kv_heads, layout.head_dim
@@ -210,11 +200,11 @@ fn repeated_runs_are_identical() {
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
     let case = Case::new(&mut rng, layout, 16, &[(300, 500), (77, 0), (1, 900)]);
     let ctx = phase(Some(13));
-    let inputs = Inputs::new(&ctx, &case);
+    let inputs = case.device(&ctx);
     let plan = PrefillPlan::new(&ctx, case.batch(), layout, case.cache).expect("plan");
-    let first = inputs.run(&ctx, &case, &plan);
+    let first = inputs.run_prefill(&ctx, &case, &plan);
     for _ in 0..3 {
-        let again = inputs.run(&ctx, &case, &plan);
+        let again = inputs.run_prefill(&ctx, &case, &plan);
         assert!(first.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "runs differ");
     }
     assert_close("repeated_runs", &first, &case.reference(), BF16_RTOL, ATOL);
@@ -262,7 +252,7 @@ fn trace_records_at_most_budget_ctas_on_distinct_sms() {
     let gpu = gpu();
     for budget in [Some(1), Some(7), None] {
         let ctx = phase(budget);
-        let inputs = Inputs::new(&ctx, &case);
+        let inputs = case.device(&ctx);
         let plan = PrefillPlan::new(&ctx, case.batch(), layout, case.cache).expect("plan");
         let ctas = plan.ctas(ctx.budget());
         assert_eq!(ctas as usize, plan.num_items().min(ctx.budget().get() as usize));
@@ -353,7 +343,7 @@ fn launcher_rejects_bad_buffers() {
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
     let case = Case::new(&mut rng, layout, 16, &[(20, 10), (3, 0)]);
     let ctx = phase(Some(4));
-    let inputs = Inputs::new(&ctx, &case);
+    let inputs = case.device(&ctx);
     let plan = PrefillPlan::new(&ctx, case.batch(), layout, case.cache).expect("plan");
     let mut out = poisoned(&ctx, case.out_len());
     let short = poisoned(&ctx, case.out_len() - 8);

@@ -44,6 +44,9 @@ report=$(mktemp)
 # nvcc names internal symbols (anonymous namespaces) after a hash of the source's absolute path,
 # so compile a copy at a fixed path: the PTX is then the same from every checkout.
 src_root=/tmp/nexus-build-ptx-src
+# Two builds at once (two checkouts, two shells) would share that copy: take turns.
+exec 9>/tmp/nexus-build-ptx.lock
+flock 9
 rm -rf "$src_root"
 mkdir -p "$src_root"
 cp -r "$root/cuda" "$src_root/cuda"

@@ -379,7 +379,7 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
         Some(m) => m as usize,
     };
     let sampling = SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed };
-    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, stop_token_ids: Vec::new() };
+    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, ..RequestOptions::default() };
     let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage })
 }

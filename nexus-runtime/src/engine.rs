@@ -37,6 +37,9 @@ pub struct RequestOptions {
     pub ignore_eos: bool,
     /// More token ids that end the request (the stop token is reported, then the request ends).
     pub stop_token_ids: Vec<u32>,
+    /// End-of-sequence and stop tokens do not end the request before it has generated this many
+    /// tokens (vLLM's `min_tokens`), so that a benchmark can force output lengths.
+    pub min_tokens: usize,
 }
 
 impl Default for RequestOptions {
@@ -46,6 +49,7 @@ impl Default for RequestOptions {
             sampling: SamplingParams::default(),
             ignore_eos: false,
             stop_token_ids: Vec::new(),
+            min_tokens: 0,
         }
     }
 }
@@ -273,8 +277,9 @@ impl<B: Backend> Engine<B> {
             seq.tokens.push(token);
             seq.generated += 1;
             events.push(EngineEvent::Token { id, token });
-            let stop = (!seq.options.ignore_eos && self.eos_token_ids.contains(&token))
-                || seq.options.stop_token_ids.contains(&token);
+            let stop = seq.generated >= seq.options.min_tokens
+                && ((!seq.options.ignore_eos && self.eos_token_ids.contains(&token))
+                    || seq.options.stop_token_ids.contains(&token));
             let reason = if stop {
                 Some(FinishReason::Stop)
             } else if seq.generated >= seq.options.max_tokens {

@@ -109,12 +109,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     }
 }
 
+// One rotary frequency under Hugging Face's rope scalings, the arithmetic of the reference's
+// `scale_inv_freq`. scaling 0: none; 1: linear (divided by factor); 2: llama3 (wavelengths shorter
+// than original/high kept, longer than original/low divided by factor, interpolated in between).
+// A few flops per element: cheaper than a table the host would have to upload per model.
+__device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, float factor, float low, float high,
+                                                float original) {
+    if (scaling == 1) return inv_freq / factor;
+    if (scaling == 2) {
+        const float wavelen = 6.283185307179586f / inv_freq;
+        if (wavelen < original / high) return inv_freq;
+        if (wavelen > original / low) return inv_freq / factor;
+        const float smooth = (original / wavelen - low) / (high - low);
+        return (1.f - smooth) * inv_freq / factor + smooth * inv_freq;
+    }
+    return inv_freq;
+}
+
 // Rotates the query and key heads of a fused QKV buffer [rows, (heads + 2 kv_heads) * head_dim]
 // in place. style 0: interleaved pairs (2i, 2i+1); style 1: rotate-half pairs (i, i + d/2).
-// Frequencies theta^(-2i/d) in f32, as the reference computes them.
+// Frequencies theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as the reference computes them.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     rope(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions, int rows, int num_heads,
-         int num_kv_heads, int head_dim, float theta, int style) {
+         int num_kv_heads, int head_dim, float theta, int style, int scaling, float factor, float low_freq_factor,
+         float high_freq_factor, float original_max_position) {
     const int half = head_dim / 2;
     const int rotated_heads = num_heads + num_kv_heads;
     const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
@@ -123,7 +141,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const int pair = i % half;
         const size_t head = (i / half) % rotated_heads;
         const size_t row = i / ((size_t)half * rotated_heads);
-        const float inv_freq = 1.f / powf(theta, (float)(2 * pair) / (float)head_dim);
+        const float inv_freq =
+            scale_inv_freq(1.f / powf(theta, (float)(2 * pair) / (float)head_dim), scaling, factor, low_freq_factor,
+                           high_freq_factor, original_max_position);
         float s, c;
         sincosf((float)positions[row] * inv_freq, &s, &c);
         __nv_bfloat16* h = qkv + row * row_len + head * head_dim;

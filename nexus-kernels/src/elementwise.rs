@@ -10,7 +10,7 @@ use half::bf16;
 use crate::Result;
 use crate::error::ensure_shape;
 use crate::gpu::PhaseContext;
-use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
+use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle};
 
 const MODULE: &str = "elementwise";
 /// Threads per CTA of every kernel in the module (`THREADS` in the source).
@@ -105,7 +105,7 @@ pub fn fused_add_rms_norm(
 }
 
 /// Rotates the Q and K heads of a fused QKV buffer `[rows, layout.row_len()]` in place by each
-/// row's position.
+/// row's position, at the (scaled) frequencies of [`reference::rope_inv_freq`](crate::reference::rope_inv_freq).
 pub fn rope(
     ctx: &PhaseContext,
     qkv: &mut CudaViewMut<'_, bf16>,
@@ -115,11 +115,19 @@ pub fn rope(
 ) -> Result<()> {
     let rows = positions.len();
     layout.check(qkv.len(), rows)?;
-    ensure_shape!(rope.theta > 0.0, "rope: theta {} must be positive", rope.theta);
+    rope.check()?;
     let pairs = rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim / 2;
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,
         RopeStyle::RotateHalf => 1,
+    };
+    // The kernel's `scale_inv_freq` takes the kind and four scalars; unused ones are 1.
+    let (scaling, factor, low, high, original): (i32, f32, f32, f32, f32) = match rope.scaling {
+        RopeScaling::None => (0, 1.0, 1.0, 1.0, 1.0),
+        RopeScaling::Linear { factor } => (1, factor, 1.0, 1.0, 1.0),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32)
+        }
     };
     let args = [
         to_i32(rows, "rows")?,
@@ -130,6 +138,7 @@ pub fn rope(
     let (f, cfg) = ctx.kernel(MODULE, "rope", ctx.budget().grid(pairs.div_ceil(THREADS as usize)), THREADS, 0)?;
     let mut launch = ctx.stream().launch_builder(&f);
     launch.arg(qkv).arg(positions).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
+    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
     // SAFETY: the arguments match `rope` in cuda/elementwise.cu; `layout.check` bounded the rows.
     unsafe { launch.launch(cfg) }?;
     Ok(())

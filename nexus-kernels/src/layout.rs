@@ -12,6 +12,52 @@ pub enum RopeStyle {
     RotateHalf,
 }
 
+/// How the rotary frequencies are stretched for contexts longer than the model was trained on,
+/// as Hugging Face transformers defines each kind (`rope_scaling` / `rope_parameters` of
+/// config.json). Neither kind changes the attention scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// The frequencies `theta^(-2i/d)` as they are.
+    None,
+    /// Every frequency divided by `factor` (`rope_type: linear`, i.e. positions divided by it).
+    Linear { factor: f32 },
+    /// Llama 3.1's (`rope_type: llama3`): with `wavelen = 2π / freq`, frequencies whose wavelength
+    /// is shorter than `original_max_position_embeddings / high_freq_factor` are kept, those
+    /// longer than `original_max_position_embeddings / low_freq_factor` are divided by `factor`,
+    /// and those in between are interpolated: with `smooth = (original / wavelen - low) / (high -
+    /// low)`, `freq = (1 - smooth) · freq / factor + smooth · freq`.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: u32 },
+}
+
+impl RopeScaling {
+    /// Checks that the parameters make sense (positive factors, a non-empty interpolation band);
+    /// the kernels would otherwise divide by zero.
+    pub fn check(&self) -> Result<()> {
+        match *self {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                ensure_shape!(factor.is_finite() && factor > 0.0, "rope scaling: factor {factor} must be positive");
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                ensure_shape!(
+                    factor.is_finite() && factor > 0.0,
+                    "llama3 rope scaling: factor {factor} must be positive"
+                );
+                ensure_shape!(
+                    low_freq_factor > 0.0 && high_freq_factor.is_finite() && high_freq_factor > low_freq_factor,
+                    "llama3 rope scaling: need 0 < low_freq_factor ({low_freq_factor}) < high_freq_factor \
+                     ({high_freq_factor})"
+                );
+                ensure_shape!(
+                    original_max_position_embeddings > 0,
+                    "llama3 rope scaling: original_max_position_embeddings is 0"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Rotary embedding parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RopeConfig {
@@ -19,6 +65,16 @@ pub struct RopeConfig {
     pub theta: f32,
     /// Which dimensions are rotated together.
     pub style: RopeStyle,
+    /// How the frequencies are stretched.
+    pub scaling: RopeScaling,
+}
+
+impl RopeConfig {
+    /// Checks the base and the scaling parameters.
+    pub fn check(&self) -> Result<()> {
+        ensure_shape!(self.theta.is_finite() && self.theta > 0.0, "rope: theta {} must be positive", self.theta);
+        self.scaling.check()
+    }
 }
 
 /// The row layout of a fused QKV projection's output: per token, `num_heads` query heads, then

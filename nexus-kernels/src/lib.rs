@@ -80,4 +80,4 @@ pub use gpu::{CtaBudget, Gpu, PhaseContext};
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.
 pub use half::bf16;
-pub use layout::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig, RopeStyle};
+pub use layout::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle};

@@ -4,7 +4,7 @@
 use crate::gguf::HostTensor;
 use crate::{Error, Result};
 
-pub use nexus_kernels::RopeStyle;
+pub use nexus_kernels::{RopeScaling, RopeStyle};
 
 /// The architecture family of a checkpoint. All are run by the one Llama-family model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +30,8 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_style: RopeStyle,
+    /// How the rope frequencies are stretched (Llama 3.1's `llama3`, or `linear`).
+    pub rope_scaling: RopeScaling,
     /// The output projection reuses the token embedding.
     pub tie_word_embeddings: bool,
     /// Q, K and V projections carry a bias (Qwen2).
@@ -66,6 +68,7 @@ impl ModelConfig {
         if !(self.rms_norm_eps > 0.0 && self.rope_theta > 0.0) {
             return Err(Error::format("model config: rms_norm_eps and rope_theta must be positive"));
         }
+        self.rope_scaling.check().map_err(|e| Error::format(format!("model config: {e}")))?;
         Ok(())
     }
 

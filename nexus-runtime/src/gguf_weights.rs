@@ -9,7 +9,9 @@
 
 use std::path::Path;
 
-use crate::config::{Architecture, LayerWeight, ModelConfig, RopeStyle, WeightName, WeightSource};
+use nexus_kernels::RopeConfig;
+
+use crate::config::{Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource};
 use crate::gguf::{GgufFile, HostTensor, MetadataValue};
 use crate::{Error, ErrorKind, Result};
 
@@ -32,8 +34,8 @@ impl GgufModel {
     /// Reads the configuration from `file`'s metadata and checks that every weight the model
     /// needs is there with the shape the configuration implies; a missing or misshapen tensor is
     /// an [`ErrorKind::Format`] error naming it. An architecture or feature the Llama model does
-    /// not implement (rope scaling, partial rotary dimensions, mixture of experts, an output
-    /// projection bias) is an [`ErrorKind::Unsupported`] error.
+    /// not implement (rope scaling other than linear and Llama 3's, partial rotary dimensions,
+    /// mixture of experts, an output projection bias) is an [`ErrorKind::Unsupported`] error.
     pub fn new(file: GgufFile) -> Result<Self> {
         let config = read_config(&file)?;
         for (name, shape) in config.weight_shapes() {
@@ -142,17 +144,6 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
     {
         return Err(unsupported(format!("a mixture of {experts} experts")));
     }
-    if let Some(scaling) = file.get(&key("rope.scaling.type")) {
-        match scaling.as_str() {
-            Some("none") => {}
-            Some(other) => return Err(unsupported(format!("rope scaling `{other}`"))),
-            None => return Err(Error::format(format!("metadata `{}` is not a string", key("rope.scaling.type")))),
-        }
-    }
-    // Llama 3.1's rope scaling reaches GGUF as a tensor of per-frequency factors.
-    if file.tensor_info("rope_freqs.weight").is_some() {
-        return Err(unsupported("Llama 3 rope scaling (tensor `rope_freqs.weight`)".to_owned()));
-    }
     if file.tensor_info("blk.0.attn_output.bias").is_some() {
         return Err(unsupported("a bias on the attention output projection".to_owned()));
     }
@@ -171,6 +162,7 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
             v.as_f64().ok_or_else(|| Error::format(format!("metadata `{}` is not a number", key("rope.freq_base"))))?
         }
     };
+    let rope_scaling = read_rope_scaling(file, arch, rope_theta as f32, head_dim)?;
     let eps_key = key("attention.layer_norm_rms_epsilon");
     let rms_norm_eps = file
         .require(&eps_key)?
@@ -190,12 +182,106 @@ fn read_config(file: &GgufFile) -> Result<ModelConfig> {
         rms_norm_eps: rms_norm_eps as f32,
         rope_theta: rope_theta as f32,
         rope_style,
+        rope_scaling,
         // Without an output projection, llama.cpp multiplies by the token embedding.
         tie_word_embeddings: file.tensor_info("output.weight").is_none(),
         attention_bias: architecture == Architecture::Qwen2 || file.tensor_info("blk.0.attn_q.bias").is_some(),
     };
     config.validate()?;
     Ok(config)
+}
+
+/// The tensor in which llama.cpp's converter stores Llama 3's rope scaling: per frequency, the
+/// divisor that turns the plain frequency into the scaled one.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// The rope scaling of a GGUF file, read as llama.cpp reads it: `{arch}.rope.scaling.type` (when
+/// absent, a `rope.scaling.factor` or the older `rope.scale_linear` means linear scaling) and the
+/// `rope_freqs.weight` table that Llama 3.1 and 3.2 files carry instead of parameters.
+fn read_rope_scaling(file: &GgufFile, arch: &str, theta: f32, head_dim: usize) -> Result<RopeScaling> {
+    let key = |suffix: &str| format!("{arch}.rope.{suffix}");
+    let number = |name: &str| -> Result<Option<f64>> {
+        file.get(name)
+            .map(|v| v.as_f64().ok_or_else(|| Error::format(format!("metadata `{name}` is not a number"))))
+            .transpose()
+    };
+    let kind = match file.get(&key("scaling.type")) {
+        None => None,
+        Some(v) => Some(
+            v.as_str().ok_or_else(|| Error::format(format!("metadata `{}` is not a string", key("scaling.type"))))?,
+        ),
+    };
+    let factor = match number(&key("scaling.factor"))? {
+        Some(f) => Some(f),
+        None => number(&key("scale_linear"))?,
+    };
+    // llama.cpp treats a factor of 0 as "not given" and 1 scales nothing.
+    let factor = factor.filter(|&f| f != 0.0 && f != 1.0);
+    let linear = match (kind, factor) {
+        (Some("none"), _) | (None | Some("linear"), None) => None,
+        (None | Some("linear"), Some(factor)) => Some(RopeScaling::Linear { factor: factor as f32 }),
+        (Some(other), _) => return Err(unsupported(format!("rope scaling `{other}` (supported: none, linear)"))),
+    };
+    if file.tensor_info(ROPE_FREQS).is_none() {
+        let scaling = linear.unwrap_or(RopeScaling::None);
+        scaling.check().map_err(|e| Error::format(format!("{}: {e}", key("scaling.factor"))))?;
+        return Ok(scaling);
+    }
+    if linear.is_some() {
+        return Err(unsupported(format!("linear rope scaling together with a `{ROPE_FREQS}` table")));
+    }
+    let table = file.tensor_f32(ROPE_FREQS)?;
+    if table.shape != [head_dim / 2] {
+        return Err(Error::format(format!(
+            "tensor `{ROPE_FREQS}` has shape {:?}, expected [{}] (one factor per rotated pair)",
+            table.shape,
+            head_dim / 2
+        )));
+    }
+    llama3_scaling_of_table(&table.data, file, arch, theta, head_dim)
+}
+
+/// The Llama 3 scaling whose divisors are `table`. The file keeps no low/high frequency factors,
+/// so the candidates are those every Llama 3.1 and 3.2 model uses (low 1, high 4) with the
+/// table's largest divisor as the factor (8 in Llama 3.1, 32 in 3.2) and the original context
+/// the file names, else 8192 (what llama.cpp's converter assumes); any other table is refused
+/// rather than run with frequencies we cannot reproduce.
+fn llama3_scaling_of_table(
+    table: &[f32],
+    file: &GgufFile,
+    arch: &str,
+    theta: f32,
+    head_dim: usize,
+) -> Result<RopeScaling> {
+    const STANDARD_ORIGINAL: u32 = 8192;
+    let factor = table.iter().copied().fold(f32::NAN, f32::max);
+    let named = file.get(&format!("{arch}.rope.scaling.original_context_length")).and_then(MetadataValue::as_u64);
+    let originals = named.and_then(|n| u32::try_from(n).ok()).into_iter().chain([STANDARD_ORIGINAL]);
+    let plain_rope = RopeConfig { theta, style: RopeStyle::RotateHalf, scaling: RopeScaling::None };
+    let plain = nexus_kernels::reference::rope_inv_freq(plain_rope, head_dim)?;
+    for original in originals {
+        let scaling = RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: original,
+        };
+        if scaling.check().is_err() {
+            break;
+        }
+        let scaled = nexus_kernels::reference::rope_inv_freq(RopeConfig { scaling, ..plain_rope }, head_dim)?;
+        // The converter computes the divisors in f32 (or f64) from the same formula.
+        let matches =
+            table.iter().zip(plain.iter().zip(&scaled)).all(|(&t, (&p, &s))| (t - p / s).abs() <= 1e-4 * (p / s));
+        if matches {
+            return Ok(scaling);
+        }
+    }
+    Err(unsupported(format!(
+        "a `{ROPE_FREQS}` table that is not Llama 3's rope scaling with low_freq_factor 1, high_freq_factor 4 \
+         and factor {factor} (divisors {:?}...)",
+        &table[..table.len().min(8)]
+    )))
 }
 
 fn metadata_usize(file: &GgufFile, key: &str) -> Result<usize> {
@@ -224,6 +310,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             rope_style: RopeStyle::Interleaved,
+            rope_scaling: RopeScaling::None,
             tie_word_embeddings,
             attention_bias,
         }
@@ -282,7 +369,9 @@ mod tests {
         Str(&'static str),
     }
 
-    fn gguf_image(metadata: &[(&str, Meta)], tensors: &[(String, Vec<usize>)]) -> Vec<u8> {
+    /// A GGUF file of `metadata` and F32 `tensors`: those named in `data` hold those values, the
+    /// others `t + i / 1000` (tensor number, element number).
+    fn gguf_image(metadata: &[(&str, Meta)], tensors: &[(String, Vec<usize>)], data: &[(&str, Vec<f32>)]) -> Vec<u8> {
         fn string(out: &mut Vec<u8>, s: &str) {
             out.extend((s.len() as u64).to_le_bytes());
             out.extend(s.as_bytes());
@@ -320,10 +409,14 @@ mod tests {
             offset += (shape.iter().product::<usize>() * 4).next_multiple_of(32);
         }
         out.resize(out.len().next_multiple_of(32), 0);
-        for (t, (_, shape)) in tensors.iter().enumerate() {
+        for (t, (name, shape)) in tensors.iter().enumerate() {
             let n = shape.iter().product::<usize>();
-            for i in 0..n {
-                out.extend((t as f32 + i as f32 / 1000.0).to_le_bytes());
+            match data.iter().find(|(d, _)| d == name) {
+                Some((_, values)) => {
+                    assert_eq!(values.len(), n, "{name}");
+                    out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+                }
+                None => out.extend((0..n).flat_map(|i| (t as f32 + i as f32 / 1000.0).to_le_bytes())),
             }
             out.resize(out.len().next_multiple_of(32), 0);
         }
@@ -352,7 +445,147 @@ mod tests {
     }
 
     fn model(metadata: &[(&str, Meta)], tensors: &[(String, Vec<usize>)]) -> Result<GgufModel> {
-        GgufModel::new(GgufFile::from_bytes(gguf_image(metadata, tensors))?)
+        model_with_data(metadata, tensors, &[])
+    }
+
+    fn model_with_data(
+        metadata: &[(&str, Meta)],
+        tensors: &[(String, Vec<usize>)],
+        data: &[(&str, Vec<f32>)],
+    ) -> Result<GgufModel> {
+        GgufModel::new(GgufFile::from_bytes(gguf_image(metadata, tensors, data))?)
+    }
+
+    /// A two-layer `llama` model with heads of 64 dimensions (`attention.key_length`, so the
+    /// matrices stay small) and rope base 500000, as Llama 3 has.
+    fn tiny_llama() -> Fixture {
+        let metadata = vec![
+            ("general.architecture", Meta::Str("llama")),
+            ("llama.block_count", Meta::U32(2)),
+            ("llama.embedding_length", Meta::U32(8)),
+            ("llama.feed_forward_length", Meta::U32(12)),
+            ("llama.attention.head_count", Meta::U32(4)),
+            ("llama.attention.head_count_kv", Meta::U32(2)),
+            ("llama.attention.key_length", Meta::U32(64)),
+            ("llama.attention.layer_norm_rms_epsilon", Meta::F32(1e-5)),
+            ("llama.rope.freq_base", Meta::F32(500_000.0)),
+            ("llama.context_length", Meta::U32(131_072)),
+            ("llama.vocab_size", Meta::U32(10)),
+        ];
+        let c = ModelConfig { head_dim: 64, ..config(false, true) };
+        let tensors = c.weight_shapes().into_iter().map(|(name, shape)| (gguf_tensor_name(name), shape)).collect();
+        (metadata, tensors)
+    }
+
+    /// The `rope_freqs` table of llama.cpp's converter (`convert_hf_to_gguf.py`, LlamaModel),
+    /// transcribed in f64: per frequency, 1 above the high-frequency wavelength, `factor` below
+    /// the low one, `1 / ((1 - smooth) / factor + smooth)` in between.
+    fn llama_cpp_rope_freqs(theta: f64, head_dim: usize, factor: f64, low: f64, high: f64, original: f64) -> Vec<f32> {
+        (0..head_dim / 2)
+            .map(|i| {
+                let freq = 1.0 / theta.powf(2.0 * i as f64 / head_dim as f64);
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                if wavelen < original / high {
+                    1.0
+                } else if wavelen > original / low {
+                    factor as f32
+                } else {
+                    let smooth = (original / wavelen - low) / (high - low);
+                    (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                }
+            })
+            .collect()
+    }
+
+    fn with_rope_freqs(table: Vec<f32>, extra: &[(&'static str, Meta)]) -> Result<GgufModel> {
+        let (mut metadata, mut tensors) = tiny_llama();
+        metadata.extend(extra.iter().map(|(k, v)| {
+            let v = match v {
+                Meta::U32(x) => Meta::U32(*x),
+                Meta::F32(x) => Meta::F32(*x),
+                Meta::Str(x) => Meta::Str(x),
+            };
+            (*k, v)
+        }));
+        tensors.push((ROPE_FREQS.to_owned(), vec![table.len()]));
+        model_with_data(&metadata, &tensors, &[(ROPE_FREQS, table)])
+    }
+
+    #[test]
+    fn llama3_rope_freqs_tables_are_recognised() {
+        let llama3 = |factor, original| RopeScaling::Llama3 {
+            factor,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: original,
+        };
+        // Llama 3.1 (factor 8) and 3.2 (factor 32), original context 8192.
+        for factor in [8.0, 32.0] {
+            let table = llama_cpp_rope_freqs(500_000.0, 64, factor, 1.0, 4.0, 8192.0);
+            let m = with_rope_freqs(table, &[]).expect("loads");
+            assert_eq!(m.config().rope_scaling, llama3(factor as f32, 8192));
+            assert_eq!(m.config().rope_style, RopeStyle::Interleaved);
+        }
+        // An original context the file names.
+        let table = llama_cpp_rope_freqs(500_000.0, 64, 8.0, 1.0, 4.0, 2048.0);
+        let m =
+            with_rope_freqs(table, &[("llama.rope.scaling.original_context_length", Meta::U32(2048))]).expect("loads");
+        assert_eq!(m.config().rope_scaling, llama3(8.0, 2048));
+    }
+
+    #[test]
+    fn other_rope_freqs_tables_are_refused() {
+        let standard = llama_cpp_rope_freqs(500_000.0, 64, 8.0, 1.0, 4.0, 8192.0);
+        // One divisor off by 1%.
+        let mut table = standard.clone();
+        table[12] *= 1.01;
+        let err = with_rope_freqs(table, &[]).expect_err("tampered");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        assert!(err.to_string().contains("rope_freqs.weight"), "{err}");
+        // Other low/high frequency factors, which the file cannot name.
+        let err = with_rope_freqs(llama_cpp_rope_freqs(500_000.0, 64, 8.0, 2.0, 8.0, 8192.0), &[]).expect_err("bands");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        // A table for another head size.
+        let err = with_rope_freqs(standard[..16].to_vec(), &[]).expect_err("shape");
+        assert_eq!(err.kind(), ErrorKind::Format);
+        assert!(err.to_string().contains("[32]"), "{err}");
+        // Linear scaling on top of a table.
+        let linear = [("llama.rope.scaling.type", Meta::Str("linear")), ("llama.rope.scaling.factor", Meta::F32(2.0))];
+        let err = with_rope_freqs(standard, &linear).expect_err("both");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+    }
+
+    #[test]
+    fn linear_rope_scaling_is_read() {
+        let cases = [
+            (
+                vec![("llama.rope.scaling.type", Meta::Str("linear")), ("llama.rope.scaling.factor", Meta::F32(4.0))],
+                4.0,
+            ),
+            // Without a type, llama.cpp takes a factor as linear scaling; older files name it so.
+            (vec![("llama.rope.scaling.factor", Meta::F32(2.0))], 2.0),
+            (vec![("llama.rope.scale_linear", Meta::F32(8.0))], 8.0),
+        ];
+        for (extra, factor) in cases {
+            let (mut metadata, tensors) = tiny_llama();
+            metadata.extend(extra);
+            let m = model(&metadata, &tensors).expect("loads");
+            assert_eq!(m.config().rope_scaling, RopeScaling::Linear { factor });
+        }
+        let unscaled = [
+            vec![("llama.rope.scaling.type", Meta::Str("none")), ("llama.rope.scaling.factor", Meta::F32(4.0))],
+            vec![("llama.rope.scaling.factor", Meta::F32(1.0))],
+            vec![],
+        ];
+        for extra in unscaled {
+            let (mut metadata, tensors) = tiny_llama();
+            metadata.extend(extra);
+            assert_eq!(model(&metadata, &tensors).expect("loads").config().rope_scaling, RopeScaling::None);
+        }
+        let (mut metadata, tensors) = tiny_llama();
+        metadata.push(("llama.rope.scaling.type", Meta::Str("linear")));
+        metadata.push(("llama.rope.scaling.factor", Meta::F32(-2.0)));
+        assert_eq!(model(&metadata, &tensors).expect_err("negative").kind(), ErrorKind::Format);
     }
 
     #[test]

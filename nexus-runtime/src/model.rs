@@ -201,7 +201,7 @@ impl<B: Backend> LlamaModel<B> {
         let c = &self.config;
         let step = backend.prepare(step)?;
         let layout = self.qkv_layout();
-        let rope = RopeConfig { theta: c.rope_theta, style: c.rope_style };
+        let rope = RopeConfig { theta: c.rope_theta, style: c.rope_style, scaling: c.rope_scaling };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let eps = c.rms_norm_eps;
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Architecture, LayerWeight, ModelConfig, RopeStyle, WeightName, WeightSource};
+use crate::config::{Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource};
 use crate::gguf::HostTensor;
 use crate::{Error, ErrorKind, Result};
 
@@ -79,9 +79,10 @@ impl HfCheckpoint {
     /// lists, and checks that every weight the model needs is there with the shape the config
     /// implies.
     ///
-    /// A feature the Llama model does not implement (rope scaling, sliding-window attention, MLP or
-    /// output-projection biases, an activation other than SiLU) is an [`ErrorKind::Unsupported`]
-    /// error; a malformed file an [`ErrorKind::Format`] error.
+    /// A feature the Llama model does not implement (rope scaling other than `linear` and
+    /// `llama3`, sliding-window attention, MLP or output-projection biases, an activation other
+    /// than SiLU) is an [`ErrorKind::Unsupported`] error; a malformed file an
+    /// [`ErrorKind::Format`] error.
     pub fn open(dir: &Path) -> Result<Self> {
         let config = read_config(&dir.join("config.json"))?;
         let index_path = dir.join(INDEX_FILE);
@@ -344,11 +345,18 @@ fn config_from_hf(hf: &HfConfig) -> Result<ModelConfig> {
     if sliding {
         return Err(unsupported("sliding-window attention".to_owned()));
     }
+    // Transformers 4 writes the scaling to `rope_scaling`, transformers 5 to `rope_parameters`;
+    // a file with both must not contradict itself.
+    let mut rope_scaling = RopeScaling::None;
     for settings in [&hf.rope_scaling, &hf.rope_parameters].into_iter().flatten() {
-        let kind = settings.get("rope_type").or_else(|| settings.get("type")).and_then(Value::as_str);
-        match kind {
-            None | Some("default") => {}
-            Some(other) => return Err(unsupported(format!("rope scaling `{other}`"))),
+        let scaling = rope_scaling_from_hf(settings)?;
+        if rope_scaling != RopeScaling::None && scaling != RopeScaling::None && scaling != rope_scaling {
+            return Err(Error::format(format!(
+                "rope_scaling ({rope_scaling:?}) and rope_parameters ({scaling:?}) disagree"
+            )));
+        }
+        if scaling != RopeScaling::None {
+            rope_scaling = scaling;
         }
     }
     let rope_theta = match (hf.rope_theta, hf.rope_parameters.as_ref().and_then(|p| p.get("rope_theta"))) {
@@ -376,12 +384,49 @@ fn config_from_hf(hf: &HfConfig) -> Result<ModelConfig> {
         rms_norm_eps: hf.rms_norm_eps as f32,
         rope_theta: rope_theta as f32,
         rope_style: RopeStyle::RotateHalf,
+        rope_scaling,
         // False is the default of LlamaConfig, MistralConfig and Qwen2Config alike.
         tie_word_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         attention_bias,
     };
     config.validate()?;
     Ok(config)
+}
+
+/// The scaling that one `rope_scaling` / `rope_parameters` object of config.json describes, read
+/// as transformers reads it: `rope_type` (or the older `type`) names the kind, and every parameter
+/// the kind uses is required.
+fn rope_scaling_from_hf(settings: &Value) -> Result<RopeScaling> {
+    let kind = match settings.get("rope_type").or_else(|| settings.get("type")) {
+        None => return Ok(RopeScaling::None),
+        Some(kind) => kind.as_str().ok_or_else(|| Error::format(format!("rope type {kind} is not a string")))?,
+    };
+    let number = |key: &str| -> Result<f32> {
+        let value = settings.get(key).ok_or_else(|| Error::format(format!("{kind} rope scaling without `{key}`")))?;
+        value
+            .as_f64()
+            .map(|v| v as f32)
+            .ok_or_else(|| Error::format(format!("{kind} rope scaling: `{key}` = {value} is not a number")))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: number("factor")? },
+        "llama3" => {
+            let (factor, low_freq_factor, high_freq_factor) =
+                (number("factor")?, number("low_freq_factor")?, number("high_freq_factor")?);
+            let key = "original_max_position_embeddings";
+            let original =
+                settings.get(key).ok_or_else(|| Error::format(format!("llama3 rope scaling without `{key}`")))?;
+            let original_max_position_embeddings = original
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| Error::format(format!("llama3 rope scaling: `{key}` = {original} is not a count")))?;
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }
+        }
+        other => return Err(unsupported(format!("rope scaling `{other}` (supported: linear, llama3)"))),
+    };
+    scaling.check().map_err(|e| Error::format(format!("{kind} rope scaling: {e}")))?;
+    Ok(scaling)
 }
 
 #[cfg(test)]

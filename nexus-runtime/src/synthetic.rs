@@ -2,10 +2,10 @@
 //! ([`LlamaModel::random`](crate::model::LlamaModel::random)): `nexus` names them
 //! `synthetic:<name>`. Tokenizer-free: token ids in, token ids out.
 //!
-//! The numbers are those of the models' published `config.json` files. Llama 3.1's RoPE scaling
-//! (which changes positions beyond 8k) is left out: random weights make no use of it.
+//! The numbers are those of the models' published `config.json` files, Llama 3.1's RoPE scaling
+//! included.
 
-use crate::config::{Architecture, ModelConfig, RopeStyle};
+use crate::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 use crate::{Error, ErrorKind, Result};
 
 /// The names [`config`] knows.
@@ -26,6 +26,7 @@ pub fn config(name: &str) -> Result<ModelConfig> {
         rms_norm_eps: 1e-5,
         rope_theta: theta,
         rope_style: RopeStyle::RotateHalf,
+        rope_scaling: RopeScaling::None,
         tie_word_embeddings: false,
         attention_bias: false,
     };
@@ -37,7 +38,15 @@ pub fn config(name: &str) -> Result<ModelConfig> {
         ..llama(hidden, intermediate, layers, heads, kv_heads, vocab, 1_000_000.0, 32_768)
     };
     match name {
-        "llama-3.1-8b" => Ok(llama(4096, 14336, 32, 32, 8, 128_256, 500_000.0, 131_072)),
+        "llama-3.1-8b" => Ok(ModelConfig {
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+            ..llama(4096, 14336, 32, 32, 8, 128_256, 500_000.0, 131_072)
+        }),
         "qwen2.5-3b" => Ok(qwen2(2048, 11008, 36, 16, 2, 151_936, true)),
         "qwen2.5-14b" => Ok(qwen2(5120, 13824, 48, 40, 8, 152_064, false)),
         other => Err(Error::new(
@@ -66,5 +75,7 @@ mod tests {
         assert_eq!(params(&config("qwen2.5-3b").unwrap()), 3_085_938_688);
         assert_eq!(params(&config("qwen2.5-14b").unwrap()), 14_770_033_664);
         assert_eq!(config("gpt-5").unwrap_err().kind(), ErrorKind::InvalidInput);
+        assert!(matches!(config("llama-3.1-8b").unwrap().rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
+        assert_eq!(config("qwen2.5-3b").unwrap().rope_scaling, RopeScaling::None);
     }
 }

@@ -1,6 +1,6 @@
 //! The row-wise kernels against their references.
 
-use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeStyle, elementwise, reference};
+use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle, elementwise, reference};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
@@ -78,12 +78,45 @@ fn rope_matches_reference_in_both_styles() {
             let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..8192)).collect();
             let mut dqkv = upload(&ctx, &qkv);
             let dpos = upload_u32(&ctx, &positions);
-            let cfg = RopeConfig { theta: 500_000.0, style };
+            let cfg = RopeConfig { theta: 500_000.0, style, scaling: RopeScaling::None };
             elementwise::rope(&ctx, &mut dqkv.as_view_mut(), &dpos.as_view(), layout, cfg).unwrap();
             let mut want = qkv.clone();
             reference::rope(&mut want, &positions, layout, cfg).unwrap();
             // Large angles amplify f32 differences in sin/cos; values are O(1).
             assert_close(&format!("rope {style:?} d={head_dim}"), &download(&ctx, &dqkv), &want, BF16_RTOL, 2e-2);
+        }
+    }
+}
+
+/// Llama 3.1's scaling (its own parameters, and a short original context as the random HF test
+/// model has, so that every band is reached) and linear scaling, in both styles.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rope_matches_reference_with_scaling() {
+    let mut rng = rng("rope scaling");
+    let llama3 = |original| RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: original,
+    };
+    let cases = [(llama3(8192), 128), (llama3(256), 64), (RopeScaling::Linear { factor: 4.0 }, 128)];
+    for (scaling, head_dim) in cases {
+        for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
+            let ctx = phase(Some(5));
+            let layout = QkvLayout { num_heads: 8, num_kv_heads: 2, head_dim };
+            let rows = 41;
+            let qkv = random_bf16(&mut rng, rows * layout.row_len(), 2.0);
+            let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..32_768)).collect();
+            let mut dqkv = upload(&ctx, &qkv);
+            let dpos = upload_u32(&ctx, &positions);
+            let cfg = RopeConfig { theta: 500_000.0, style, scaling };
+            elementwise::rope(&ctx, &mut dqkv.as_view_mut(), &dpos.as_view(), layout, cfg).unwrap();
+            let mut want = qkv.clone();
+            reference::rope(&mut want, &positions, layout, cfg).unwrap();
+            // Angles up to 32k radians: f32 rounding of the angle dominates, as in the test above.
+            let what = format!("rope {scaling:?} {style:?} d={head_dim}");
+            assert_close(&what, &download(&ctx, &dqkv), &want, BF16_RTOL, 3e-2);
         }
     }
 }

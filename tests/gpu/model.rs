@@ -65,7 +65,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
-    use nexus::runtime::config::{Architecture, ModelConfig, RopeStyle};
+    use nexus::runtime::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
     let config = ModelConfig {
         architecture: Architecture::Qwen2,
         hidden_size: 512,
@@ -79,6 +79,7 @@ fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
         rms_norm_eps: 1e-6,
         rope_theta: 1_000_000.0,
         rope_style: RopeStyle::RotateHalf,
+        rope_scaling: RopeScaling::None,
         tie_word_embeddings: true,
         attention_bias: true,
     };

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nexus::runtime::config::{Architecture, LayerWeight, RopeStyle, WeightName, WeightSource};
+use nexus::runtime::config::{Architecture, LayerWeight, RopeScaling, RopeStyle, WeightName, WeightSource};
 use nexus::runtime::safetensors::HfCheckpoint;
 use nexus::runtime::{Error, ErrorKind};
 use serde_json::Value;
@@ -42,7 +42,7 @@ fn tiny_llama_loads() {
     );
     assert_eq!((c.vocab_size, c.max_position_embeddings), (32, 64));
     assert_eq!((c.rms_norm_eps, c.rope_theta), (1e-5, 50_000.0));
-    assert_eq!(c.rope_style, RopeStyle::RotateHalf);
+    assert_eq!((c.rope_style, c.rope_scaling), (RopeStyle::RotateHalf, RopeScaling::None));
     assert!(!c.tie_word_embeddings && !c.attention_bias);
 
     assert!(source.contains(WeightName::LmHead));
@@ -219,11 +219,27 @@ fn bad_configs_are_rejected() {
     });
     assert_error(s.open(), ErrorKind::Format, &["config.json", "hidden_size"]);
 
+    // Rope scalings transformers has and the model does not.
+    for kind in ["yarn", "dynamic", "longrope"] {
+        let s = Scratch::copy_of("tiny-llama");
+        s.edit_config(|c| {
+            c.insert("rope_scaling".into(), serde_json::json!({"rope_type": kind, "factor": 8.0}));
+        });
+        assert_error(s.open(), ErrorKind::Unsupported, &["rope scaling", kind]);
+    }
+    // A llama3 scaling without its band parameters, and one whose band is empty.
     let s = Scratch::copy_of("tiny-llama");
     s.edit_config(|c| {
         c.insert("rope_scaling".into(), serde_json::json!({"rope_type": "llama3", "factor": 8.0}));
     });
-    assert_error(s.open(), ErrorKind::Unsupported, &["rope scaling", "llama3"]);
+    assert_error(s.open(), ErrorKind::Format, &["llama3", "low_freq_factor"]);
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        let scaling = serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 32});
+        c.insert("rope_scaling".into(), scaling);
+    });
+    assert_error(s.open(), ErrorKind::Format, &["llama3", "high_freq_factor"]);
 
     let s = Scratch::copy_of("tiny-llama");
     s.edit_config(|c| {
@@ -238,6 +254,71 @@ fn bad_configs_are_rejected() {
         c.insert("tie_word_embeddings".into(), false.into());
     });
     assert_error(s.open(), ErrorKind::Format, &["lm_head.weight", "missing"]);
+}
+
+const LLAMA3_SCALING: RopeScaling = RopeScaling::Llama3 {
+    factor: 8.0,
+    low_freq_factor: 1.0,
+    high_freq_factor: 4.0,
+    original_max_position_embeddings: 32,
+};
+
+/// Llama 3.1's rope scaling, as transformers 4 writes it (`rope_scaling`, with `rope_type` or
+/// the older `type`) and as transformers 5 does (`rope_parameters`, with `rope_theta` inside).
+#[test]
+fn llama3_rope_scaling_is_read() {
+    let parameters = |key: &str| {
+        serde_json::json!({key: "llama3", "factor": 8, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32})
+    };
+    for (field, value) in [("rope_scaling", parameters("rope_type")), ("rope_scaling", parameters("type"))] {
+        let s = Scratch::copy_of("tiny-llama");
+        s.edit_config(|c| {
+            c.insert(field.into(), value);
+        });
+        let c = s.open().expect("loads").config().clone();
+        assert_eq!((c.rope_scaling, c.rope_theta), (LLAMA3_SCALING, 50_000.0));
+    }
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.remove("rope_theta");
+        let mut p = parameters("rope_type");
+        p["rope_theta"] = 500_000.0.into();
+        c.insert("rope_parameters".into(), p);
+    });
+    let c = s.open().expect("loads").config().clone();
+    assert_eq!((c.rope_scaling, c.rope_theta), (LLAMA3_SCALING, 500_000.0));
+
+    // Both fields, in agreement and not.
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("rope_scaling".into(), parameters("rope_type"));
+        c.insert("rope_parameters".into(), parameters("rope_type"));
+    });
+    assert_eq!(s.open().expect("loads").config().rope_scaling, LLAMA3_SCALING);
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("rope_scaling".into(), parameters("rope_type"));
+        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "linear", "factor": 2.0}));
+    });
+    assert_error(s.open(), ErrorKind::Format, &["disagree"]);
+}
+
+#[test]
+fn linear_rope_scaling_is_read() {
+    let s = Scratch::copy_of("tiny-qwen2");
+    s.edit_config(|c| {
+        c["rope_parameters"]["rope_type"] = "linear".into();
+        c["rope_parameters"]["factor"] = 4.0.into();
+    });
+    let c = s.open().expect("loads").config().clone();
+    assert_eq!((c.rope_scaling, c.rope_theta), (RopeScaling::Linear { factor: 4.0 }, 1_000_000.0));
+
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("rope_scaling".into(), serde_json::json!({"type": "linear"}));
+    });
+    assert_error(s.open(), ErrorKind::Format, &["linear", "factor"]);
 }
 
 #[test]

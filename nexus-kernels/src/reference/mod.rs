@@ -10,6 +10,6 @@ mod gemm;
 
 pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
-    argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, silu_and_mul, write_kv_cache,
+    argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, silu_and_mul, write_kv_cache,
 };
 pub use gemm::{GemmShape, gemm};

@@ -7,7 +7,8 @@
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
 //! `nexus_runtime::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
 //! clock per step with the result (greedy argmax) back on the host: what a serving loop sees,
-//! launch overheads included (no CUDA graphs yet).
+//! launch overheads included. Decode steps are timed three ways: replayed from CUDA graphs (the
+//! backend's default), launched eagerly, and in the batch-invariant mode.
 
 mod common;
 
@@ -17,7 +18,7 @@ use common::{Report, device_name};
 use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
 use nexus::runtime::backend::Backend;
 use nexus::runtime::batch::{SeqChunk, build_step};
-use nexus::runtime::cuda_backend::CudaBackend;
+use nexus::runtime::cuda_backend::{CudaBackend, CudaBackendConfig};
 use nexus::runtime::kv_cache::BlockManager;
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::synthetic;
@@ -34,6 +35,16 @@ fn main() {
     let gpu = Gpu::new(0).expect("a CUDA GPU");
     let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream().expect("stream"), CtaBudget::all(&gpu));
     let backend = CudaBackend::new(ctx.clone()).expect("backend");
+    let eager = CudaBackend::with_config(
+        ctx.clone(),
+        CudaBackendConfig { graph_batch_sizes: Vec::new(), ..CudaBackendConfig::default() },
+    )
+    .expect("eager backend");
+    let invariant = CudaBackend::with_config(
+        ctx.clone(),
+        CudaBackendConfig { batch_invariant: true, ..CudaBackendConfig::default() },
+    )
+    .expect("batch-invariant backend");
     let start = Instant::now();
     let model = LlamaModel::random(&backend, &config, 1).expect("random weights");
     ctx.stream().synchronize().expect("sync");
@@ -49,9 +60,9 @@ fn main() {
     let token = |i: usize| (i * 7919 % config.vocab_size) as u32;
     let kv_bytes_per_token = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2) as f64;
 
-    let mut step = |blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {
+    let mut step_on = |backend: &CudaBackend, blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {
         let input = build_step(blocks, chunks).expect("step");
-        let logits = model.forward(&backend, &mut cache, &input).expect("forward");
+        let logits = model.forward(backend, &mut cache, &input).expect("forward");
         backend.argmax(&logits).expect("argmax")
     };
     let report = Report::new(
@@ -82,7 +93,7 @@ fn main() {
     for run in 0..4 {
         let seq = 1_000_000 + run as u64;
         let t = Instant::now();
-        step(&mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
+        step_on(&backend, &mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
         times.push(t.elapsed().as_secs_f64());
         blocks.free(seq);
     }
@@ -96,48 +107,52 @@ fn main() {
         linear_flops(prefill_tokens) + attention_flops(causal_pairs),
     );
 
-    // Decode at batch 1, after a 128-token prompt.
-    let short: Vec<u32> = (0..128).map(token).collect();
-    let mut next = step(&mut blocks, &[SeqChunk { seq: 0, tokens: &short, wants_logits: true }])[0];
-    let mut times = Vec::new();
-    for i in 0..60 {
-        let t = Instant::now();
-        next = step(&mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }])[0];
-        if i >= 10 {
-            times.push(t.elapsed().as_secs_f64());
+    for (mode, backend) in [("CUDA graphs", &backend), ("eager", &eager), ("batch invariant", &invariant)] {
+        // Decode at batch 1, after a 128-token prompt.
+        let short: Vec<u32> = (0..128).map(token).collect();
+        let mut next = step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &short, wants_logits: true }])[0];
+        let mut times = Vec::new();
+        for i in 0..60 {
+            let t = Instant::now();
+            next = step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }])[0];
+            if i >= 10 {
+                times.push(t.elapsed().as_secs_f64());
+            }
         }
-    }
-    blocks.free(0);
-    let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
-    row("decode, batch 1, ~150 tokens of context", 1, median(&times), bytes, linear_flops(1) + attention_flops(150.0));
+        blocks.free(0);
+        let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
+        let flops = linear_flops(1) + attention_flops(150.0);
+        row(&format!("decode, batch 1, ~150 tokens of context, {mode}"), 1, median(&times), bytes, flops);
 
-    // Decode at batch 64 with 2k tokens of context each: prefill four sequences per step first.
-    let long: Vec<u32> = (0..context).map(token).collect();
-    let seqs: Vec<u64> = (1..=decode_batch as u64).collect();
-    for group in seqs.chunks(4) {
-        let chunks: Vec<SeqChunk<'_>> =
-            group.iter().map(|&seq| SeqChunk { seq, tokens: &long, wants_logits: true }).collect();
-        step(&mut blocks, &chunks);
-    }
-    let mut last: Vec<u32> = vec![token(1); decode_batch];
-    let mut times = Vec::new();
-    for i in 0..25 {
-        let chunks: Vec<SeqChunk<'_>> = seqs
-            .iter()
-            .zip(&last)
-            .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
-            .collect();
-        let t = Instant::now();
-        let out = step(&mut blocks, &chunks);
-        if i >= 5 {
-            times.push(t.elapsed().as_secs_f64());
+        // Decode at batch 64 with 2k tokens of context each: prefill four sequences per step first.
+        let long: Vec<u32> = (0..context).map(token).collect();
+        let seqs: Vec<u64> = (1..=decode_batch as u64).collect();
+        for group in seqs.chunks(4) {
+            let chunks: Vec<SeqChunk<'_>> =
+                group.iter().map(|&seq| SeqChunk { seq, tokens: &long, wants_logits: true }).collect();
+            step_on(backend, &mut blocks, &chunks);
         }
-        last = out;
+        let mut last: Vec<u32> = vec![token(1); decode_batch];
+        let mut times = Vec::new();
+        for i in 0..25 {
+            let chunks: Vec<SeqChunk<'_>> = seqs
+                .iter()
+                .zip(&last)
+                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
+                .collect();
+            let t = Instant::now();
+            let out = step_on(backend, &mut blocks, &chunks);
+            if i >= 5 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+            last = out;
+        }
+        seqs.iter().for_each(|&seq| blocks.free(seq));
+        let kv_read = decode_batch as f64 * (context + 15) as f64 * kv_bytes_per_token;
+        let flops = linear_flops(decode_batch) + attention_flops((decode_batch * (context + 15)) as f64);
+        let what = format!("decode, batch {decode_batch}, {context} tokens of context, {mode}");
+        row(&what, decode_batch, median(&times), weight_bytes + kv_read, flops);
     }
-    let kv_read = decode_batch as f64 * (context + 15) as f64 * kv_bytes_per_token;
-    let flops = linear_flops(decode_batch) + attention_flops((decode_batch * (context + 15)) as f64);
-    let what = format!("decode, batch {decode_batch}, {context} tokens of context");
-    row(&what, decode_batch, median(&times), weight_bytes + kv_read, flops);
     report.finish(&gpu, &format!("model_step-{name}"));
     eprintln!("device: {}", device_name(&gpu));
 }

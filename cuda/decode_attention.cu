@@ -607,8 +607,10 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 
 }  // namespace
 
-// Launched with THREADS threads, grid = the plan's CTAs (<= budget), and the dynamic shared memory
-// the host computes for `ring_slots`. `items`: 8 ints per item (see Item). `part_o`:
+// Launched with THREADS threads, grid = the plan's CTAs (<= budget; CTAs past the last list find it
+// empty), and the dynamic shared memory the host computes for `ring_slots`. The merge kernel reads
+// its row count from the device (`num_split`), so a graph replays it for whatever batch the plan
+// was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
 #define DECODE_ATTENTION_KERNEL(D)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_d##D(                                 \
@@ -624,8 +626,9 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(MERGE_THREADS, 1) decode_attention_merge_d##D(                     \
         const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \
-        int num_split, int num_heads, __nv_bfloat16* __restrict__ out, uint64_t* __restrict__ cta_trace) {          \
-        merge_body<D>(part_o, part_lse, merge_items, num_split, num_heads, out, cta_trace);                          \
+        const int* __restrict__ num_split, int num_heads, __nv_bfloat16* __restrict__ out,                          \
+        uint64_t* __restrict__ cta_trace) {                                                                          \
+        merge_body<D>(part_o, part_lse, merge_items, *num_split, num_heads, out, cta_trace);                         \
     }
 
 DECODE_ATTENTION_KERNEL(64)

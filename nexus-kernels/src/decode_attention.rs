@@ -128,6 +128,10 @@ pub struct DecodePlan {
     num_seqs: usize,
     max_blocks_per_seq: usize,
     scale: f32,
+    split: KvSplit,
+    /// `Some` for a plan made [`DecodePlan::with_capacity`]: the most chunks of split sequences
+    /// its scratch holds.
+    max_split_pieces: Option<usize>,
     chunk: Option<usize>,
     grid: u32,
     num_items: usize,
@@ -139,6 +143,8 @@ pub struct DecodePlan {
     work_indptr: CudaSlice<i32>,
     items: CudaSlice<i32>,
     merge_items: CudaSlice<i32>,
+    /// `[1]`: split sequences, read by the merge kernel.
+    merge_count: CudaSlice<i32>,
     part_o: CudaSlice<f32>,
     part_lse: CudaSlice<f32>,
 }
@@ -175,6 +181,39 @@ fn ring_slots(head_dim: usize, max_smem: usize) -> Option<usize> {
     (slots >= MIN_RING_SLOTS).then_some(slots)
 }
 
+/// Checks a batch's lengths and block tables against the pool: the device cannot report a bad
+/// block id.
+fn check_batch(
+    cache: PagedKvLayout,
+    kv_lens: &[u32],
+    block_tables: &[i32],
+    num_seqs: usize,
+    max_blocks_per_seq: usize,
+) -> Result<()> {
+    ensure_shape!(
+        kv_lens.len() == num_seqs && block_tables.len() == num_seqs * max_blocks_per_seq,
+        "decode attention: block_tables has {} entries, expected {} x {max_blocks_per_seq}",
+        block_tables.len(),
+        kv_lens.len()
+    );
+    for (i, &len) in kv_lens.iter().enumerate() {
+        ensure_shape!(len > 0, "decode attention: sequence {i} has no KV tokens");
+        let blocks = (len as usize).div_ceil(cache.block_size);
+        ensure_shape!(
+            blocks <= max_blocks_per_seq,
+            "decode attention: sequence {i} needs {blocks} blocks, the table has {max_blocks_per_seq}"
+        );
+        let row = &block_tables[i * max_blocks_per_seq..][..blocks];
+        if let Some(&bad) = row.iter().find(|&&b| b < 0 || b as usize >= cache.num_blocks) {
+            return Err(Error::Shape(format!(
+                "decode attention: sequence {i} uses block {bad}, the pool has {}",
+                cache.num_blocks
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn to_i32(value: usize, what: &str) -> Result<i32> {
     i32::try_from(value)
         .map_err(|_| Error::Unsupported(format!("decode attention: {what} {value} does not fit in i32")))
@@ -192,6 +231,124 @@ impl DecodePlan {
         cache: PagedKvLayout,
         kv_lens: &[u32],
         block_tables: &[i32],
+        max_blocks_per_seq: usize,
+        options: DecodeOptions,
+    ) -> Result<Self> {
+        let mut plan = Self::empty(ctx, layout, cache, kv_lens.len(), max_blocks_per_seq, options)?;
+        check_batch(cache, kv_lens, block_tables, plan.num_seqs, max_blocks_per_seq)?;
+        let work = schedule(kv_lens, layout, cache.block_size, plan.budget.get() as usize, options.split, usize::MAX)?;
+        to_i32(work.items.len(), "work item ints")?;
+        to_i32(work.partial_slots * layout.num_heads, "partial rows")?;
+        let stream = ctx.stream();
+        let upload = |v: &[i32]| -> Result<CudaSlice<i32>> {
+            Ok(if v.is_empty() { stream.alloc_zeros::<i32>(1)? } else { stream.clone_htod(v)? })
+        };
+        let num_split = work.merge.len() / 4;
+        let partial_rows = (work.partial_slots * layout.num_heads).max(1);
+        plan.work_indptr = upload(&work.work_indptr)?;
+        plan.items = upload(&work.items)?;
+        plan.merge_items = upload(&work.merge)?;
+        plan.merge_count = stream.clone_htod(&[num_split as i32])?;
+        plan.part_o = stream.alloc_zeros::<f32>(partial_rows * layout.head_dim)?;
+        plan.part_lse = stream.alloc_zeros::<f32>(partial_rows)?;
+        plan.grid = (work.work_indptr.len().saturating_sub(1)) as u32;
+        plan.merge_grid = plan.budget.grid((num_split * layout.num_heads).div_ceil((MERGE_THREADS / 32) as usize));
+        plan.record(&work, kv_lens);
+        Ok(plan)
+    }
+
+    /// A plan for any batch of `num_seqs` sequences of up to `max_blocks_per_seq` blocks, whose
+    /// device buffers [`DecodePlan::update`] rewrites in place, and whose kernels always launch on
+    /// the whole budget (CTAs without work return at once): a CUDA graph captured with it replays
+    /// the batch of the latest update. Until the first update a run does nothing. Splits are
+    /// limited to twice the budget in chunks, which is what the capacity of the scratch allows.
+    pub fn with_capacity(
+        ctx: &PhaseContext,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+        num_seqs: usize,
+        max_blocks_per_seq: usize,
+        options: DecodeOptions,
+    ) -> Result<Self> {
+        ensure_shape!(num_seqs > 0, "decode attention: a plan with capacity needs at least one sequence");
+        let mut plan = Self::empty(ctx, layout, cache, num_seqs, max_blocks_per_seq, options)?;
+        let budget = plan.budget.get() as usize;
+        let units = layout.num_kv_heads * layout.group_size().div_ceil(HEADS);
+        let max_split_pieces = 2 * budget;
+        let item_ints = (num_seqs + max_split_pieces) * units * 8;
+        to_i32(item_ints, "work item ints")?;
+        to_i32(max_split_pieces * layout.num_heads, "partial rows")?;
+        let stream = ctx.stream();
+        plan.work_indptr = stream.alloc_zeros::<i32>(budget + 1)?;
+        plan.items = stream.alloc_zeros::<i32>(item_ints.max(1))?;
+        plan.merge_items = stream.alloc_zeros::<i32>(4 * num_seqs.max(1))?;
+        plan.merge_count = stream.alloc_zeros::<i32>(1)?;
+        plan.part_o = stream.alloc_zeros::<f32>(max_split_pieces * layout.num_heads * layout.head_dim)?;
+        plan.part_lse = stream.alloc_zeros::<f32>(max_split_pieces * layout.num_heads)?;
+        plan.grid = budget as u32;
+        plan.merge_grid = plan.budget.grid((num_seqs * layout.num_heads).div_ceil((MERGE_THREADS / 32) as usize));
+        plan.max_split_pieces = Some(max_split_pieces);
+        Ok(plan)
+    }
+
+    /// Replans a plan made by [`DecodePlan::with_capacity`] for a new batch of the same number
+    /// of sequences and writes its work lists into the same device buffers, on the stream of
+    /// `ctx` (which must be the plan's stream, with the plan's budget). A run launched before the
+    /// update may still read the buffers: order them on the stream, as a graph replay after the
+    /// update is. `block_tables: [num_seqs, table_width]` (`table_width` at most the plan's
+    /// width) is checked as in [`DecodePlan::new`]; the device table a run reads keeps the plan's
+    /// width and must hold these entries at the start of each row (see
+    /// [`crate::gpu::copy_rows_htod`]).
+    pub fn update(
+        &mut self,
+        ctx: &PhaseContext,
+        kv_lens: &[u32],
+        block_tables: &[i32],
+        table_width: usize,
+    ) -> Result<()> {
+        let Some(max_split_pieces) = self.max_split_pieces else {
+            return Err(Error::Unsupported("decode attention: only a plan made with_capacity can be updated".into()));
+        };
+        if ctx.budget() != self.budget || !Arc::ptr_eq(ctx.gpu(), &self.gpu) {
+            return Err(Error::Unsupported("decode attention: update on another budget or device".into()));
+        }
+        ensure_shape!(
+            kv_lens.len() == self.num_seqs,
+            "decode attention: the plan holds {} sequences, the update {}",
+            self.num_seqs,
+            kv_lens.len()
+        );
+        ensure_shape!(
+            table_width <= self.max_blocks_per_seq,
+            "decode attention: a table of {table_width} blocks per sequence, the plan holds {}",
+            self.max_blocks_per_seq
+        );
+        check_batch(self.cache, kv_lens, block_tables, self.num_seqs, table_width)?;
+        let budget = self.budget.get() as usize;
+        let mut work = schedule(kv_lens, self.layout, self.cache.block_size, budget, self.split, max_split_pieces)?;
+        // Lists past the last used one are empty.
+        let last = *work.work_indptr.last().unwrap_or(&0);
+        work.work_indptr.resize(budget + 1, last);
+        let stream = ctx.stream();
+        let num_split = work.merge.len() / 4;
+        stream.memcpy_htod(&work.work_indptr, &mut self.work_indptr.slice_mut(..budget + 1))?;
+        if !work.items.is_empty() {
+            stream.memcpy_htod(&work.items, &mut self.items.slice_mut(..work.items.len()))?;
+        }
+        if !work.merge.is_empty() {
+            stream.memcpy_htod(&work.merge, &mut self.merge_items.slice_mut(..work.merge.len()))?;
+        }
+        stream.memcpy_htod(&[num_split as i32], &mut self.merge_count)?;
+        self.record(&work, kv_lens);
+        Ok(())
+    }
+
+    /// A plan with its checks done and no work yet (1-element buffers).
+    fn empty(
+        ctx: &PhaseContext,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+        num_seqs: usize,
         max_blocks_per_seq: usize,
         options: DecodeOptions,
     ) -> Result<Self> {
@@ -213,32 +370,11 @@ impl DecodePlan {
         }
         ensure_shape!(cache.num_blocks > 0, "decode attention: the KV pool has no blocks");
         ensure_shape!(options.scale.is_finite(), "decode attention: softmax scale {} is not finite", options.scale);
-        let num_seqs = kv_lens.len();
-        ensure_shape!(
-            block_tables.len() == num_seqs * max_blocks_per_seq,
-            "decode attention: block_tables has {} entries, expected {num_seqs} x {max_blocks_per_seq}",
-            block_tables.len()
-        );
-        for (i, &len) in kv_lens.iter().enumerate() {
-            ensure_shape!(len > 0, "decode attention: sequence {i} has no KV tokens");
-            let blocks = (len as usize).div_ceil(bs);
-            ensure_shape!(
-                blocks <= max_blocks_per_seq,
-                "decode attention: sequence {i} needs {blocks} blocks, the table has {max_blocks_per_seq}"
-            );
-            let row = &block_tables[i * max_blocks_per_seq..][..blocks];
-            if let Some(&bad) = row.iter().find(|&&b| b < 0 || b as usize >= cache.num_blocks) {
-                return Err(Error::Shape(format!(
-                    "decode attention: sequence {i} uses block {bad}, the pool has {}",
-                    cache.num_blocks
-                )));
-            }
-        }
         // Everything the kernel indexes with i32.
         to_i32(num_seqs, "sequence count")?;
         to_i32(max_blocks_per_seq, "max blocks per sequence")?;
         to_i32(layout.num_heads * d, "query width")?;
-        to_i32(kv_lens.iter().map(|&l| l as usize).max().unwrap_or(0) + SUB, "KV length")?;
+        to_i32(max_blocks_per_seq * bs + SUB, "KV length")?;
 
         let gpu = ctx.gpu().clone();
         let max_smem =
@@ -249,41 +385,41 @@ impl DecodePlan {
                 smem_bytes(d, MIN_RING_SLOTS)
             ))
         })?;
-        let smem = smem_bytes(d, ring_slots);
-
-        let budget = ctx.budget();
-        let work = schedule(kv_lens, layout, bs, budget.get() as usize, options.split)?;
-        to_i32(work.items.len(), "work item ints")?;
-        to_i32(work.partial_slots * layout.num_heads, "partial rows")?;
         let stream = ctx.stream();
-        let upload = |v: &[i32]| -> Result<CudaSlice<i32>> {
-            Ok(if v.is_empty() { stream.alloc_zeros::<i32>(1)? } else { stream.clone_htod(v)? })
-        };
-        let partial_rows = (work.partial_slots * layout.num_heads).max(1);
-        let num_split = work.merge.len() / 4;
-        let plan = DecodePlan {
-            budget,
+        let one_int = || stream.alloc_zeros::<i32>(1);
+        Ok(DecodePlan {
+            budget: ctx.budget(),
             layout,
             cache,
             num_seqs,
             max_blocks_per_seq,
             scale: options.scale,
-            chunk: work.chunk,
-            grid: (work.work_indptr.len().saturating_sub(1)) as u32,
-            num_items: work.items.len() / 8,
-            num_split,
-            merge_grid: budget.grid((num_split * layout.num_heads).div_ceil((MERGE_THREADS / 32) as usize)),
+            split: options.split,
+            max_split_pieces: None,
+            chunk: None,
+            grid: 0,
+            num_items: 0,
+            num_split: 0,
+            merge_grid: 0,
             ring_slots,
-            smem_bytes: smem as u32,
-            kv_tokens: kv_lens.iter().map(|&l| l as usize).sum(),
-            work_indptr: upload(&work.work_indptr)?,
-            items: upload(&work.items)?,
-            merge_items: upload(&work.merge)?,
-            part_o: stream.alloc_zeros::<f32>(partial_rows * d)?,
-            part_lse: stream.alloc_zeros::<f32>(partial_rows)?,
+            smem_bytes: smem_bytes(d, ring_slots) as u32,
+            kv_tokens: 0,
+            work_indptr: one_int()?,
+            items: one_int()?,
+            merge_items: one_int()?,
+            merge_count: one_int()?,
+            part_o: stream.alloc_zeros::<f32>(1)?,
+            part_lse: stream.alloc_zeros::<f32>(1)?,
             gpu,
-        };
-        Ok(plan)
+        })
+    }
+
+    /// Keeps the figures of the batch `work` was planned for.
+    fn record(&mut self, work: &Schedule, kv_lens: &[u32]) {
+        self.chunk = work.chunk;
+        self.num_items = work.items.len() / 8;
+        self.num_split = work.merge.len() / 4;
+        self.kv_tokens = kv_lens.iter().map(|&l| l as usize).sum();
     }
 
     /// The budget the plan was made for.
@@ -326,9 +462,10 @@ impl DecodePlan {
         self.num_split
     }
 
-    /// CTAs the merge kernel launches (0 when no sequence is split).
+    /// CTAs the merge kernel launches (0 when no sequence is split, unless the plan was made
+    /// [`DecodePlan::with_capacity`]: its graph must hold the merge for later updates).
     pub fn merge_grid(&self) -> u32 {
-        if self.num_split == 0 { 0 } else { self.merge_grid }
+        if self.num_split == 0 && self.max_split_pieces.is_none() { 0 } else { self.merge_grid }
     }
 
     /// Shared-memory ring slots (16 tokens of K and V each) per CTA on this device.
@@ -447,9 +584,8 @@ pub fn decode_attention(
         // were checked against the buffers above; the trace holds the grid's 3 values per CTA.
         unsafe { launch.launch(cfg) }?;
     }
-    if plan.num_split > 0 {
+    if plan.merge_grid() > 0 {
         let (f, cfg) = ctx.kernel(MODULE, merge_name, plan.merge_grid, MERGE_THREADS, 0)?;
-        let num_split = plan.num_split as i32;
         let mut merge_trace = match trace {
             Some(t) if t.len() >= 6 * budget => Some(t.slice_mut(3 * budget..)),
             _ => None,
@@ -459,7 +595,7 @@ pub fn decode_attention(
             .arg(&plan.part_o)
             .arg(&plan.part_lse)
             .arg(&plan.merge_items)
-            .arg(&num_split)
+            .arg(&plan.merge_count)
             .arg(&ints[0])
             .arg(&mut *out);
         match merge_trace.as_mut() {
@@ -603,8 +739,16 @@ fn estimate(c: &Candidate, units: usize, ctas: usize, partial_bytes: f64) -> f64
     t
 }
 
-/// Plans the work of a batch: chooses the chunk length and assigns items to CTAs.
-fn schedule(kv_lens: &[u32], layout: QkvLayout, block_size: usize, ctas: usize, split: KvSplit) -> Result<Schedule> {
+/// Plans the work of a batch: chooses the chunk length and assigns items to CTAs, splitting
+/// sequences into at most `max_split_pieces` chunks in all.
+fn schedule(
+    kv_lens: &[u32],
+    layout: QkvLayout,
+    block_size: usize,
+    ctas: usize,
+    split: KvSplit,
+    max_split_pieces: usize,
+) -> Result<Schedule> {
     let d = layout.head_dim;
     let group = layout.group_size();
     let head_groups = group.div_ceil(HEADS);
@@ -621,7 +765,14 @@ fn schedule(kv_lens: &[u32], layout: QkvLayout, block_size: usize, ctas: usize, 
                     "decode attention: chunk of {c} tokens is not a positive multiple of {granule} (16 and the block size)"
                 )));
             }
-            candidate(kv_lens, (c < max_len).then_some(c), bytes_per_token)
+            let cand = candidate(kv_lens, (c < max_len).then_some(c), bytes_per_token);
+            if cand.split_pieces > max_split_pieces {
+                return Err(Error::Unsupported(format!(
+                    "decode attention: chunks of {c} tokens split the batch into {} pieces, the plan holds {max_split_pieces}",
+                    cand.split_pieces
+                )));
+            }
+            cand
         }
         KvSplit::Auto => {
             // Chunk lengths 2^k and 3 · 2^(k-1) times the minimum, rounded up to the granule...
@@ -664,6 +815,9 @@ fn schedule(kv_lens: &[u32], layout: QkvLayout, block_size: usize, ctas: usize, 
                         break; // shorter chunks only add items
                     }
                     let cand = candidate(kv_lens, Some(c), bytes_per_token);
+                    if cand.split_pieces > max_split_pieces {
+                        break; // shorter chunks only add pieces
+                    }
                     scored.push((estimate(&cand, units, ctas, partial_bytes), (pieces * units).min(ctas), cand));
                 }
             }
@@ -796,7 +950,7 @@ mod tests {
             for &bs in &[8, 16, 32, 128] {
                 for &ctas in &[1, 7, 64, 132] {
                     for split in [KvSplit::Auto, KvSplit::Never, KvSplit::Fixed(bs.max(16) * 16)] {
-                        let s = schedule(&lens, l, bs, ctas, split).unwrap();
+                        let s = schedule(&lens, l, bs, ctas, split, usize::MAX).unwrap();
                         check(&s, &lens, l, bs, ctas);
                     }
                 }
@@ -808,24 +962,38 @@ mod tests {
     fn auto_splits_only_when_the_batch_cannot_fill_the_budget() {
         let l = layout(32, 8, 128);
         // One long sequence: 8 items would leave most of 132 CTAs idle.
-        let s = schedule(&[4096], l, 16, 132, KvSplit::Auto).unwrap();
+        let s = schedule(&[4096], l, 16, 132, KvSplit::Auto, usize::MAX).unwrap();
         let c = s.chunk.expect("split");
         assert!(c >= MIN_CHUNK_TOKENS && c.is_multiple_of(16));
         assert!(s.work_indptr.len() > 64, "{} CTAs used", s.work_indptr.len() - 1);
         // 64 x 4096 with 8 KV heads: 512 equal items already fill 64 or 132 CTAs.
         let lens = vec![4096u32; 64];
         for ctas in [64, 132] {
-            let s = schedule(&lens, l, 16, ctas, KvSplit::Auto).unwrap();
+            let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, usize::MAX).unwrap();
             assert_eq!(s.chunk, None);
             assert_eq!(s.work_indptr.len() - 1, ctas);
         }
     }
 
     #[test]
+    fn capacity_limits_the_split() {
+        let l = layout(32, 8, 128);
+        for lens in [vec![131_072u32], vec![1, 20_000, 300], vec![4096; 3]] {
+            for ctas in [1, 16, 132] {
+                let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, 2 * ctas).unwrap();
+                check(&s, &lens, l, 16, ctas);
+                assert!(s.partial_slots <= 2 * ctas, "{} pieces for {ctas} CTAs", s.partial_slots);
+            }
+        }
+        // A fixed chunk that needs more pieces than the plan holds is refused, not truncated.
+        assert!(schedule(&[8192], l, 16, 4, KvSplit::Fixed(256), 8).is_err());
+    }
+
+    #[test]
     fn fixed_chunks_do_not_depend_on_the_batch() {
         let l = layout(9, 3, 64);
-        let a = schedule(&[5000, 10], l, 16, 7, KvSplit::Fixed(512)).unwrap();
-        let b = schedule(&[5000], l, 16, 132, KvSplit::Fixed(512)).unwrap();
+        let a = schedule(&[5000, 10], l, 16, 7, KvSplit::Fixed(512), usize::MAX).unwrap();
+        let b = schedule(&[5000], l, 16, 132, KvSplit::Fixed(512), usize::MAX).unwrap();
         let ranges = |s: &Schedule, seq: i32| {
             let mut r: Vec<(i32, i32)> = s.items.chunks(8).filter(|i| i[0] == seq).map(|i| (i[1], i[2])).collect();
             r.sort_unstable();
@@ -833,8 +1001,8 @@ mod tests {
             r
         };
         assert_eq!(ranges(&a, 0), ranges(&b, 0));
-        assert!(schedule(&[100], l, 16, 7, KvSplit::Fixed(100)).is_err());
-        assert!(schedule(&[100], l, 32, 7, KvSplit::Fixed(48)).is_err());
+        assert!(schedule(&[100], l, 16, 7, KvSplit::Fixed(100), usize::MAX).is_err());
+        assert!(schedule(&[100], l, 32, 7, KvSplit::Fixed(48), usize::MAX).is_err());
     }
 
     #[test]

@@ -134,6 +134,17 @@ impl GemmKernel {
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
+    /// The Hopper kernels that accumulate every output in one order, K block after K block
+    /// with the same wgmma steps, whatever the tile and M: a row's result depends on that row of
+    /// A alone, bit for bit (checked on the GPU by `tests/gpu/gemm.rs`). The swapped kernels
+    /// spread K over four accumulators and are left out.
+    pub const BATCH_INVARIANT_HOPPER: [GemmKernel; 5] = [
+        GemmKernel::Wgmma128x256,
+        GemmKernel::Wgmma128x128,
+        GemmKernel::Wgmma64x256,
+        GemmKernel::Wgmma64x128,
+        GemmKernel::Wgmma64x64,
+    ];
 
     fn spec(self) -> Spec {
         use Family::*;
@@ -289,12 +300,29 @@ pub fn plan(shape: GemmShape, budget: CtaBudget, target: PtxTarget) -> GemmPlan 
     plan_ctas(shape, budget.get(), target)
 }
 
+/// [`plan`] restricted to kernels whose results are batch invariant: each row of C is the same,
+/// bit for bit, whatever the other rows of A and whatever kernel of the family the plan picks
+/// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; both [`GemmKernel::PORTABLE`] kernels elsewhere).
+/// Decode-sized M then pays for 64-row tiles of padding math.
+pub fn plan_batch_invariant(shape: GemmShape, budget: CtaBudget, target: PtxTarget) -> GemmPlan {
+    let candidates: &[GemmKernel] = match target {
+        PtxTarget::Sm90a => &GemmKernel::BATCH_INVARIANT_HOPPER,
+        PtxTarget::Sm80 => &GemmKernel::PORTABLE,
+    };
+    plan_among(candidates, shape, budget.get())
+}
+
 /// [`plan`] for a budget of `budget` CTAs.
 fn plan_ctas(shape: GemmShape, budget: u32, target: PtxTarget) -> GemmPlan {
     let candidates: &[GemmKernel] = match target {
         PtxTarget::Sm90a => &GemmKernel::HOPPER,
         PtxTarget::Sm80 => &GemmKernel::PORTABLE,
     };
+    plan_among(candidates, shape, budget)
+}
+
+/// The model's best of `candidates` (not empty).
+fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32) -> GemmPlan {
     let mut best: Option<(GemmPlan, f64)> = None;
     for &kernel in candidates {
         let p = estimate(kernel, shape, budget);
@@ -309,7 +337,6 @@ fn plan_ctas(shape: GemmShape, budget: u32, target: PtxTarget) -> GemmPlan {
             _ => Some((p, work)),
         };
     }
-    // `candidates` is never empty.
     best.map_or_else(|| estimate(candidates[0], shape, budget), |(p, _)| p)
 }
 

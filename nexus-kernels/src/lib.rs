@@ -76,7 +76,7 @@ pub mod reference;
 
 pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::{CtaBudget, Gpu, PhaseContext};
+pub use gpu::{CtaBudget, Gpu, PhaseContext, copy_rows_htod};
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.
 pub use half::bf16;

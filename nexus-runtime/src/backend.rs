@@ -60,6 +60,21 @@ impl StepInput {
     }
 }
 
+/// What a forward step runs over besides its inputs, for backends that record steps and replay
+/// them ([`Backend::run_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepScope {
+    /// Identifies the model and KV cache the step reads and writes; a recording is replayed only
+    /// over the same ones.
+    pub cache_id: u64,
+    /// The widest block table a sequence of the model can need.
+    pub max_blocks_per_seq: usize,
+    /// A cache block no sequence owns, where padding rows may write.
+    pub padding_block: u32,
+    /// Tokens per cache block.
+    pub block_size: usize,
+}
+
 /// What a model needs from a device.
 pub trait Backend {
     /// A stored weight.
@@ -80,6 +95,20 @@ pub trait Backend {
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<Self::KvPool>;
     /// Moves a step's inputs to the backend.
     fn prepare(&self, step: &StepInput) -> Result<Self::Step>;
+    /// Runs a forward step: `forward` over the prepared `step`, whose result is the logits of the
+    /// step's logit rows. A backend may instead replay a recording of an earlier call of
+    /// `forward` over the same `scope` (the CUDA backend does for decode steps): the result is
+    /// then the same as calling it, and `forward` must depend on nothing but the step and the
+    /// scope.
+    fn run_step(
+        &self,
+        step: &StepInput,
+        scope: StepScope,
+        forward: &mut dyn FnMut(&Self::Step) -> Result<Self::Activation>,
+    ) -> Result<Self::Activation> {
+        let _ = scope;
+        forward(&self.prepare(step)?)
+    }
 
     /// Rows of `table` picked by the step's tokens.
     fn embedding(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Activation>;

@@ -4,18 +4,29 @@
 //! host inputs are uploaded once in [`Backend::prepare`]; its attention plan (decode when every
 //! sequence brings one token, prefill otherwise) is made at the first layer and reused by the
 //! others, since all layers share the batch and the cache layout.
+//!
+//! # CUDA graphs
+//!
+//! A decode step launches a few hundred small kernels, whose launch costs are most of a step at
+//! small batches. So decode steps run as CUDA graphs, one per batch-size bucket
+//! ([`CudaBackendConfig::graph_batch_sizes`]): a step of `n` sequences is padded to the smallest
+//! bucket `b >= n` (padding rows attend over one token of the cache's padding block and write
+//! there), its inputs are copied into the bucket's fixed buffers, its decode plan is rewritten in
+//! place ([`DecodePlan::update`]), and the bucket's graph is launched. The first step of a bucket
+//! runs eagerly on those buffers, then is recorded ([`PhaseContext::capture`]); activations are
+//! the graph's own memory. Prefill and mixed steps, and steps over larger batches, run eagerly.
 
 use std::cell::OnceCell;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
-use nexus_kernels::cudarc::driver::CudaSlice;
+use nexus_kernels::cudarc::driver::{CudaGraph, CudaSlice};
 use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
 use nexus_kernels::gemm::{self, GemmWorkspace};
 use nexus_kernels::prefill_attention::{self, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
-use nexus_kernels::{PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, elementwise};
+use nexus_kernels::{PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, elementwise};
 
-use crate::backend::{Backend, StepInput};
+use crate::backend::{Backend, StepInput, StepScope};
 use crate::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -42,6 +53,8 @@ pub struct CudaKvPool {
     v: CudaSlice<bf16>,
 }
 
+// One plan per step: the size difference of the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum AttentionPlan {
     Decode(DecodePlan),
     Prefill(PrefillPlan),
@@ -55,6 +68,68 @@ pub struct CudaStep {
     slots: CudaSlice<u32>,
     block_tables: CudaSlice<i32>,
     plan: OnceCell<AttentionPlan>,
+    /// The step's buffers and decode plan are a graph's, to be rewritten for later steps: its
+    /// plan is made with capacity.
+    recorded: bool,
+}
+
+impl CudaStep {
+    /// Copies a decode step padded to this recorded step's batch into the step's buffers (the
+    /// block table at its own width: only the columns it uses) and replans its attention in
+    /// place.
+    fn rewrite(&mut self, ctx: &PhaseContext, step: &StepInput) -> Result<()> {
+        let stream = ctx.stream();
+        stream.memcpy_htod(&step.tokens, &mut self.tokens).map_err(kernel_error)?;
+        stream.memcpy_htod(&step.positions, &mut self.positions).map_err(kernel_error)?;
+        stream.memcpy_htod(&step.slots, &mut self.slots).map_err(kernel_error)?;
+        let (width, recorded_width) = (step.max_blocks_per_seq, self.host.max_blocks_per_seq);
+        copy_rows_htod(stream, &step.block_tables, width, &mut self.block_tables, recorded_width)?;
+        match self.plan.get_mut() {
+            Some(AttentionPlan::Decode(plan)) => Ok(plan.update(ctx, &step.kv_lens, &step.block_tables, width)?),
+            _ => Err(Error::invalid("a recorded step has no decode plan")),
+        }
+    }
+}
+
+/// How the CUDA backend runs steps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaBackendConfig {
+    /// The batch sizes decode steps are recorded for as CUDA graphs, ascending; a decode step of
+    /// `n` sequences replays the graph of the smallest size `>= n`, and larger steps run eagerly.
+    /// Empty: every step runs eagerly.
+    pub graph_batch_sizes: Vec<usize>,
+    /// Make every row's result independent of the batch it is computed in, bit for bit, as
+    /// vLLM's and SGLang's deterministic modes do: GEMMs only use kernels with one accumulation
+    /// order ([`gemm::plan_batch_invariant`]), and every attention row, decode rows included,
+    /// goes through the prefill kernel, whose K/V tiles start at position 0 whatever the chunk.
+    /// A request's tokens then do not depend on what it was batched with, how its prompt was
+    /// chunked, or whether it was preempted and recomputed. Slower: decode GEMMs pay for 64-row
+    /// tiles, decode attention runs without split-KV, and no step is replayed from a graph.
+    pub batch_invariant: bool,
+}
+
+impl Default for CudaBackendConfig {
+    /// Graphs for decode batches of 1, 2, 4, 8, then every multiple of 8 up to 64, of 16 up to
+    /// 128 and of 32 up to 256: padding wastes at most an eighth of a step past 8 sequences.
+    fn default() -> Self {
+        let mut sizes = vec![1, 2, 4];
+        sizes.extend((8..=64).step_by(8));
+        sizes.extend((80..=128).step_by(16));
+        sizes.extend((160..=256).step_by(32));
+        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false }
+    }
+}
+
+/// A decode step of one batch-size bucket, recorded.
+struct DecodeGraph {
+    scope: StepScope,
+    batch: usize,
+    /// The bucket's inputs, rewritten before each replay.
+    step: CudaStep,
+    graph: CudaGraph,
+    /// `[batch, vocab]`: where the graph leaves the logits.
+    logits: CudaSlice<bf16>,
+    vocab: usize,
 }
 
 impl std::fmt::Debug for CudaStep {
@@ -64,17 +139,100 @@ impl std::fmt::Debug for CudaStep {
 }
 
 /// Runs the model on one GPU stream with one CTA budget.
-#[derive(Debug)]
 pub struct CudaBackend {
     ctx: PhaseContext,
+    config: CudaBackendConfig,
     gemm_workspace: Mutex<GemmWorkspace>,
+    graphs: Mutex<Vec<DecodeGraph>>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("ctx", &self.ctx).field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl CudaBackend {
-    /// A backend launching on `ctx`.
+    /// A backend launching on `ctx`, with CUDA graphs for decode steps
+    /// ([`CudaBackendConfig::default`]).
     pub fn new(ctx: PhaseContext) -> Result<Self> {
+        Self::with_config(ctx, CudaBackendConfig::default())
+    }
+
+    /// A backend launching on `ctx`, configured.
+    pub fn with_config(ctx: PhaseContext, mut config: CudaBackendConfig) -> Result<Self> {
+        config.graph_batch_sizes.sort_unstable();
+        config.graph_batch_sizes.dedup();
+        config.graph_batch_sizes.retain(|&b| b > 0);
         let gemm_workspace = Mutex::new(GemmWorkspace::new(&ctx)?);
-        Ok(CudaBackend { ctx, gemm_workspace })
+        Ok(CudaBackend { ctx, config, gemm_workspace, graphs: Mutex::new(Vec::new()) })
+    }
+
+    /// The batch sizes whose decode graphs are recorded, ascending.
+    pub fn recorded_batch_sizes(&self) -> Vec<usize> {
+        let mut sizes: Vec<usize> = lock(&self.graphs).iter().map(|g| g.batch).collect();
+        sizes.sort_unstable();
+        sizes
+    }
+
+    /// The bucket a step is replayed in: a decode step (one token per sequence, every row's
+    /// logits, in order) of at most the largest bucket, whose table fits the scope's width.
+    fn graph_batch(&self, step: &StepInput, scope: StepScope) -> Option<usize> {
+        let n = step.kv_lens.len();
+        let decode = n > 0
+            && !self.config.batch_invariant
+            && step.num_tokens() == n
+            && step.logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i)
+            && step.logit_rows.len() == n
+            && step.max_blocks_per_seq <= scope.max_blocks_per_seq;
+        if !decode {
+            return None;
+        }
+        self.config.graph_batch_sizes.iter().copied().find(|&b| b >= n)
+    }
+
+    /// Runs a decode step in the graph of its bucket, recording the graph first if needed.
+    fn run_graph(
+        &self,
+        input: &StepInput,
+        scope: StepScope,
+        batch: usize,
+        forward: &mut dyn FnMut(&CudaStep) -> Result<CudaMatrix>,
+    ) -> Result<CudaMatrix> {
+        let mut graphs = lock(&self.graphs);
+        // Recordings over another cache (or model) will not be replayed again.
+        graphs.retain(|g| g.scope == scope);
+        let rows = input.num_tokens();
+        let stream = self.ctx.stream();
+        if let Some(g) = graphs.iter_mut().find(|g| g.batch == batch) {
+            let width = input.max_blocks_per_seq.max(1);
+            g.step.rewrite(&self.ctx, &pad_decode_step(input, batch, width, scope))?;
+            g.graph.launch().map_err(kernel_error)?;
+            let mut out = self.zeros(rows, g.vocab)?;
+            stream.memcpy_dtod(&g.logits.slice(..rows * g.vocab), &mut out.data).map_err(kernel_error)?;
+            return Ok(out);
+        }
+        // The first step of the bucket runs eagerly over the bucket's buffers (which makes its
+        // plan and loads every kernel), then the same forward is recorded.
+        let mut step = self.prepare(&pad_decode_step(input, batch, scope.max_blocks_per_seq, scope))?;
+        step.recorded = true;
+        let logits = forward(&step)?;
+        let vocab = logits.cols;
+        let mut out = self.zeros(rows, vocab)?;
+        stream.memcpy_dtod(&logits.data.slice(..rows * vocab), &mut out.data).map_err(kernel_error)?;
+        let mut kept = stream.alloc_zeros::<bf16>(batch * vocab).map_err(kernel_error)?;
+        drop(logits);
+        let (graph, ()) = self.ctx.capture(|| {
+            let logits = forward(&step)?;
+            stream.memcpy_dtod(&logits.data, &mut kept).map_err(kernel_error)?;
+            Ok::<_, Error>(())
+        })?;
+        graphs.push(DecodeGraph { scope, batch, step, graph, logits: kept, vocab });
+        Ok(out)
     }
 
     /// The phase context every launch uses.
@@ -136,7 +294,21 @@ impl Backend for CudaBackend {
             block_tables: self.upload(&step.block_tables)?,
             host: step.clone(),
             plan: OnceCell::new(),
+            recorded: false,
         })
+    }
+
+    fn run_step(
+        &self,
+        step: &StepInput,
+        scope: StepScope,
+        forward: &mut dyn FnMut(&CudaStep) -> Result<CudaMatrix>,
+    ) -> Result<CudaMatrix> {
+        step.validate()?;
+        match self.graph_batch(step, scope) {
+            Some(batch) => self.run_graph(step, scope, batch, forward),
+            None => forward(&self.prepare(step)?),
+        }
     }
 
     fn embedding(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaMatrix> {
@@ -177,9 +349,15 @@ impl Backend for CudaBackend {
         let mut out = self.zeros(x.rows, n)?;
         let shape = GemmShape { m: x.rows, n, k: x.cols };
         let bias = bias.map(|b| b.data.as_view());
-        let mut workspace = self.gemm_workspace.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        gemm::gemm(
+        let kernel = if self.config.batch_invariant {
+            gemm::plan_batch_invariant(shape, self.ctx.budget(), self.ctx.gpu().target()).kernel
+        } else {
+            gemm::plan(shape, self.ctx.budget(), self.ctx.gpu().target()).kernel
+        };
+        let mut workspace = lock(&self.gemm_workspace);
+        gemm::gemm_with(
             &self.ctx,
+            kernel,
             &x.data.as_view(),
             &weight.data.as_view(),
             bias.as_ref(),
@@ -219,18 +397,18 @@ impl Backend for CudaBackend {
         let plan = match step.plan.get() {
             Some(plan) => plan,
             None => {
-                let decode = host.q_indptr.windows(2).all(|w| w[1] - w[0] == 1);
+                let decode = !self.config.batch_invariant && host.q_indptr.windows(2).all(|w| w[1] - w[0] == 1);
                 let plan = if decode {
                     let options = DecodeOptions { scale, ..DecodeOptions::new(layout.head_dim) };
-                    AttentionPlan::Decode(DecodePlan::new(
-                        &self.ctx,
-                        layout,
-                        pool.layout,
-                        &host.kv_lens,
-                        &host.block_tables,
-                        host.max_blocks_per_seq,
-                        options,
-                    )?)
+                    let (lens, tables, width) = (&host.kv_lens, &host.block_tables, host.max_blocks_per_seq);
+                    AttentionPlan::Decode(if step.recorded {
+                        let mut plan =
+                            DecodePlan::with_capacity(&self.ctx, layout, pool.layout, lens.len(), width, options)?;
+                        plan.update(&self.ctx, lens, tables, width)?;
+                        plan
+                    } else {
+                        DecodePlan::new(&self.ctx, layout, pool.layout, lens, tables, width, options)?
+                    })
                 } else {
                     AttentionPlan::Prefill(PrefillPlan::new(&self.ctx, host.attention_batch(), layout, pool.layout)?)
                 };
@@ -280,10 +458,15 @@ impl Backend for CudaBackend {
     fn gather_logit_rows(&self, x: &CudaMatrix, step: &CudaStep) -> Result<CudaMatrix> {
         let rows = &step.host.logit_rows;
         let mut out = self.zeros(rows.len(), x.cols)?;
-        for (i, &r) in rows.iter().enumerate() {
-            let src = x.data.slice(r as usize * x.cols..(r as usize + 1) * x.cols);
-            let mut dst = out.data.slice_mut(i * x.cols..(i + 1) * x.cols);
+        // One copy per run of consecutive rows (a decode step is one run).
+        let mut i = 0;
+        while i < rows.len() {
+            let first = rows[i] as usize;
+            let run = rows[i..].iter().enumerate().take_while(|&(k, &r)| r as usize == first + k).count();
+            let src = x.data.slice(first * x.cols..(first + run) * x.cols);
+            let mut dst = out.data.slice_mut(i * x.cols..(i + run) * x.cols);
             self.ctx.stream().memcpy_dtod(&src, &mut dst).map_err(kernel_error)?;
+            i += run;
         }
         Ok(out)
     }
@@ -299,5 +482,27 @@ impl Backend for CudaBackend {
     fn to_host(&self, x: &CudaMatrix) -> Result<HostTensor> {
         let host = self.ctx.stream().clone_dtoh(&x.data).map_err(kernel_error)?;
         Ok(HostTensor { shape: vec![x.rows, x.cols], data: host.iter().map(|v| v.to_f32()).collect() })
+    }
+}
+
+/// A decode step of `n` sequences as a step of `batch >= n` with block tables `width` wide: the
+/// padding sequences hold one token at the start of the padding block.
+fn pad_decode_step(step: &StepInput, batch: usize, width: usize, scope: StepScope) -> StepInput {
+    let n = step.kv_lens.len();
+    let mut block_tables = vec![scope.padding_block as i32; batch * width];
+    for (i, row) in step.block_tables.chunks(step.max_blocks_per_seq.max(1)).take(n).enumerate() {
+        block_tables[i * width..][..row.len()].copy_from_slice(row);
+    }
+    let pad = batch - n;
+    let extend = |v: &[u32], value: u32| v.iter().copied().chain(std::iter::repeat_n(value, pad)).collect::<Vec<u32>>();
+    StepInput {
+        tokens: extend(&step.tokens, 0),
+        positions: extend(&step.positions, 0),
+        slots: extend(&step.slots, scope.padding_block * scope.block_size as u32),
+        q_indptr: (0..=batch as u32).collect(),
+        kv_lens: extend(&step.kv_lens, 1),
+        block_tables,
+        max_blocks_per_seq: width,
+        logit_rows: (0..batch as u32).collect(),
     }
 }

@@ -7,7 +7,9 @@
 
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 
-use crate::backend::{Backend, StepInput};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backend::{Backend, StepInput, StepScope};
 use crate::config::{LayerWeight, ModelConfig, WeightName, WeightSource};
 use crate::gguf::HostTensor;
 use crate::{Error, Result};
@@ -39,9 +41,15 @@ impl<B: Backend> std::fmt::Debug for LlamaModel<B> {
 }
 
 /// A model's KV cache: one pool pair per layer, all with the same layout.
+///
+/// The pools hold one block more than asked for, never handed out: the padding rows of a
+/// recorded decode step write their keys and values there ([`Backend::run_step`]).
 pub struct KvCache<B: Backend> {
     layout: PagedKvLayout,
     pools: Vec<B::KvPool>,
+    /// Unique per cache (and so per model: a cache belongs to the model that made it), so that a
+    /// backend's recordings of steps over other caches are never replayed over this one.
+    id: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for KvCache<B> {
@@ -51,9 +59,14 @@ impl<B: Backend> std::fmt::Debug for KvCache<B> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// The layout of every layer's pools.
+    /// The layout of every layer's pools (including the padding block).
     pub fn layout(&self) -> PagedKvLayout {
         self.layout
+    }
+
+    /// The block that padding rows write to; no sequence owns it.
+    pub fn padding_block(&self) -> u32 {
+        (self.layout.num_blocks - 1) as u32
     }
 }
 
@@ -171,16 +184,18 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
-    /// Allocates a KV cache of `num_blocks` blocks of `block_size` tokens per layer.
+    /// Allocates a KV cache of `num_blocks` blocks of `block_size` tokens per layer (and the
+    /// padding block).
     pub fn alloc_kv_cache(&self, backend: &B, num_blocks: usize, block_size: usize) -> Result<KvCache<B>> {
+        static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
         let layout = PagedKvLayout {
-            num_blocks,
+            num_blocks: num_blocks + 1,
             block_size,
             num_kv_heads: self.config.num_kv_heads,
             head_dim: self.config.head_dim,
         };
         let pools = (0..self.config.num_layers).map(|_| backend.alloc_kv_pool(layout)).collect::<Result<_>>()?;
-        Ok(KvCache { layout, pools })
+        Ok(KvCache { layout, pools, id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed) })
     }
 
     /// One forward step: writes the step's keys and values into `cache` and returns the logits of
@@ -198,14 +213,24 @@ impl<B: Backend> LlamaModel<B> {
                 self.config.max_position_embeddings
             )));
         }
+        let scope = StepScope {
+            cache_id: cache.id,
+            max_blocks_per_seq: self.config.max_position_embeddings.div_ceil(cache.layout.block_size),
+            padding_block: cache.padding_block(),
+            block_size: cache.layout.block_size,
+        };
+        backend.run_step(step, scope, &mut |step| self.forward_prepared(backend, cache, step))
+    }
+
+    /// The forward step over inputs already on the backend.
+    fn forward_prepared(&self, backend: &B, cache: &mut KvCache<B>, step: &B::Step) -> Result<B::Activation> {
         let c = &self.config;
-        let step = backend.prepare(step)?;
         let layout = self.qkv_layout();
         let rope = RopeConfig { theta: c.rope_theta, style: c.rope_style, scaling: c.rope_scaling };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let eps = c.rms_norm_eps;
 
-        let mut residual = backend.embedding(&self.embedding, &step)?;
+        let mut residual = backend.embedding(&self.embedding, step)?;
         let mut pending: Option<B::Activation> = None;
         for (layer, pool) in self.layers.iter().zip(cache.pools.iter_mut()) {
             let x = match &pending {
@@ -213,8 +238,8 @@ impl<B: Backend> LlamaModel<B> {
                 Some(out) => backend.fused_add_rms_norm(out, &mut residual, &layer.attn_norm, eps)?,
             };
             let mut qkv = backend.linear(&x, &layer.qkv, layer.qkv_bias.as_ref())?;
-            backend.rope(&mut qkv, layout, rope, &step)?;
-            let attn = backend.attention(&qkv, layout, pool, &step, scale)?;
+            backend.rope(&mut qkv, layout, rope, step)?;
+            let attn = backend.attention(&qkv, layout, pool, step, scale)?;
             let attn_out = backend.linear(&attn, &layer.o, None)?;
             let x = backend.fused_add_rms_norm(&attn_out, &mut residual, &layer.ffn_norm, eps)?;
             let gate_up = backend.linear(&x, &layer.gate_up, None)?;
@@ -225,7 +250,7 @@ impl<B: Backend> LlamaModel<B> {
             None => backend.rms_norm(&residual, &self.final_norm, eps)?,
             Some(out) => backend.fused_add_rms_norm(out, &mut residual, &self.final_norm, eps)?,
         };
-        let rows = backend.gather_logit_rows(&x, &step)?;
+        let rows = backend.gather_logit_rows(&x, step)?;
         backend.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None)
     }
 }

@@ -4,11 +4,10 @@
 //! invariance of fixed chunks, CUDA-graph capture, the CTA trace, and the plan's and launcher's
 //! errors.
 
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
 use half::bf16;
 use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention};
-use nexus::kernels::{ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
+use nexus::kernels::{ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, copy_rows_htod, reference};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -247,6 +246,24 @@ fn fixed_chunks_are_batch_invariant() {
     assert_close("batch invariance vs reference", first.as_deref().unwrap_or(&[]), &want[..row], BF16_RTOL, ATOL);
 }
 
+/// Captures one run of `plan` over `inputs` into `out` as a CUDA graph.
+fn capture(ctx: &PhaseContext, plan: &DecodePlan, inputs: &DeviceInputs, out: &mut CudaSlice<bf16>) -> CudaGraph {
+    ctx.capture(|| {
+        decode_attention(
+            ctx,
+            plan,
+            &inputs.qkv.as_view(),
+            &inputs.k.as_view(),
+            &inputs.v.as_view(),
+            &inputs.tables.as_view(),
+            &mut out.as_view_mut(),
+            None,
+        )
+    })
+    .expect("capture decode_attention")
+    .0
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn runs_inside_a_cuda_graph() {
@@ -258,36 +275,52 @@ fn runs_inside_a_cuda_graph() {
     let plan = case.plan(&ctx, KvSplit::Auto);
     assert!(plan.num_split_seqs() > 0, "the graph should hold the merge kernel too");
     let mut out = poisoned(&ctx, case.out_len());
-    let stream = ctx.stream().clone();
-    stream.synchronize().expect("sync");
-    let context = ctx.gpu().context().clone();
-    // The runtime captures with its own synchronization: no cudarc events inside the graph.
-    let tracking = context.is_event_tracking();
-    // SAFETY: every buffer used below lives on this one stream, which was just synchronized.
-    unsafe { context.disable_event_tracking() };
-    stream.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED).expect("begin capture");
-    let launched = decode_attention(
-        &ctx,
-        &plan,
-        &inputs.qkv.as_view(),
-        &inputs.k.as_view(),
-        &inputs.v.as_view(),
-        &inputs.tables.as_view(),
-        &mut out.as_view_mut(),
-        None,
-    );
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0));
-    if tracking {
-        // SAFETY: as above; the stream is idle.
-        unsafe { context.enable_event_tracking() };
-    }
-    launched.expect("decode_attention under capture");
-    let graph = graph.expect("end capture").expect("a graph");
+    let graph = capture(&ctx, &plan, &inputs, &mut out);
     for _ in 0..3 {
         graph.launch().expect("graph launch");
     }
-    stream.synchronize().expect("sync");
+    ctx.stream().synchronize().expect("sync");
     assert_close("graph replay", &download(&ctx, &out), &want, BF16_RTOL, ATOL);
+}
+
+/// A plan made with capacity, captured once, replays every batch it is updated to: split and
+/// unsplit, shorter and longer, with new queries each time.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_graph_of_a_plan_with_capacity_replays_each_update() {
+    let mut rng = rng("graph capacity");
+    for (layout, budget) in [(gqa(), Some(16)), (smollm2(), None)] {
+        let mut case = Case::new(&mut rng, layout, 16, &[8192, 100, 4097, 1]);
+        let ctx = phase(budget);
+        let mut inputs = case.device(&ctx);
+        let options = DecodeOptions { scale: case.scale, split: KvSplit::Auto };
+        let mut plan = DecodePlan::with_capacity(&ctx, case.layout, case.cache, 4, case.max_blocks, options)
+            .expect("plan with capacity");
+        let mut out = poisoned(&ctx, case.out_len());
+        let graph = capture(&ctx, &plan, &inputs, &mut out);
+        for lens in [[8192, 100, 4097, 1], [1, 1, 1, 1], [5000, 8192, 17, 16], [8192; 4], [1, 8000, 1, 1]] {
+            case.kv_lens = lens.to_vec();
+            case.qkv = random_bf16(&mut rng, case.qkv.len(), 3.0);
+            let queries: Vec<bf16> = case.qkv.iter().map(|&v| bf16::from_f32(v)).collect();
+            ctx.stream().memcpy_htod(&queries, &mut inputs.qkv).expect("queries");
+            // The table goes in at this batch's width, into a cleared table of the plan's width.
+            let width = lens.iter().map(|&l| (l as usize).div_ceil(case.cache.block_size)).max().unwrap_or(1);
+            let compact: Vec<i32> =
+                case.block_tables.chunks(case.max_blocks).flat_map(|r| r[..width].to_vec()).collect();
+            ctx.stream().memcpy_htod(&vec![0i32; case.block_tables.len()], &mut inputs.tables).expect("clear");
+            copy_rows_htod(ctx.stream(), &compact, width, &mut inputs.tables, case.max_blocks).expect("table");
+            plan.update(&ctx, &case.kv_lens, &compact, width).expect("update");
+            ctx.stream().memcpy_htod(&vec![bf16::NAN; case.out_len()], &mut out).expect("poison");
+            graph.launch().expect("graph launch");
+            let what = format!("{lens:?} {}", describe(&case, KvSplit::Auto, budget, &plan));
+            assert_close(&what, &download(&ctx, &out), &case.reference(), BF16_RTOL, ATOL);
+        }
+        // An update must keep the batch size, and a plan made for one batch cannot be updated.
+        assert!(plan.update(&ctx, &[1, 1], &case.block_tables[..2 * case.max_blocks], case.max_blocks).is_err());
+        let mut fixed = case.plan(&ctx, KvSplit::Auto);
+        let refused = fixed.update(&ctx, &case.kv_lens, &case.block_tables, case.max_blocks).map_err(|e| e.kind());
+        assert_eq!(refused, Err(ErrorKind::Unsupported));
+    }
 }
 
 #[test]

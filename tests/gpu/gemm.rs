@@ -180,3 +180,65 @@ fn gemm_rejects_bad_shapes() {
     // A view that does not start on a 16-byte boundary.
     assert!(run(&a.slice(1..m * k + 1), None, &mut c, ok).is_err());
 }
+
+/// The batch-invariant family: every row of C is the same bit for bit whatever M (the other rows
+/// of A differ) and whichever kernel of the family computes it, with and without bias; and
+/// `plan_batch_invariant` only picks from the family.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn batch_invariant_kernels_give_each_row_the_same_bits() {
+    let mut rng = rng("gemm batch invariance");
+    let ctx = phase(None);
+    let family: Vec<GemmKernel> = match ctx.gpu().target() {
+        PtxTarget::Sm90a => GemmKernel::BATCH_INVARIANT_HOPPER.to_vec(),
+        PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
+    };
+    let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+    for (n, k) in [(576, 576), (6144, 4096), (72, 200)] {
+        // The largest M's A; smaller Ms take its first rows.
+        let big_m = 300;
+        let a = random_bf16(&mut rng, big_m * k, 1.0);
+        let b = upload(&ctx, &random_bf16(&mut rng, n * k, 1.0));
+        let bias = upload(&ctx, &random_bf16(&mut rng, n, 1.0));
+        for with_bias in [false, true] {
+            // The first kernel's result at the largest M is what every other run must repeat.
+            let mut first: Option<Vec<u16>> = None;
+            for &kernel in &family {
+                for m in [300, 65, 64, 16, 5, 1] {
+                    let a_dev = upload(&ctx, &a[..m * k]);
+                    let mut c = poisoned(&ctx, m * n);
+                    let shape = GemmShape { m, n, k };
+                    let bias = with_bias.then(|| bias.as_view());
+                    gemm::gemm_with(
+                        &ctx,
+                        kernel,
+                        &a_dev.as_view(),
+                        &b.as_view(),
+                        bias.as_ref(),
+                        &mut c.as_view_mut(),
+                        shape,
+                        &mut workspace,
+                    )
+                    .expect("gemm");
+                    let bits: Vec<u16> =
+                        ctx.stream().clone_dtoh(&c).expect("download").iter().map(|v| v.to_bits()).collect();
+                    assert!(bits.iter().all(|&v| !bf16::from_bits(v).is_nan()), "{kernel:?} m={m}: unwritten output");
+                    match &first {
+                        None => first = Some(bits),
+                        Some(want) => {
+                            let differ = bits.iter().zip(want).filter(|(x, y)| x != y).count();
+                            assert_eq!(
+                                differ, 0,
+                                "{kernel:?} m={m} n={n} k={k} bias={with_bias}: {differ} values differ"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for m in [1, 16, 300, 8192] {
+            let plan = gemm::plan_batch_invariant(GemmShape { m, n, k }, ctx.budget(), ctx.gpu().target());
+            assert!(family.contains(&plan.kernel), "{plan:?}");
+        }
+    }
+}

@@ -3,7 +3,8 @@
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaFunction, CudaStream, LaunchConfig};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, LaunchConfig};
 
 use super::Gpu;
 use crate::{Error, Result};
@@ -73,6 +74,44 @@ impl PhaseContext {
     /// The CTA budget of each launch.
     pub fn budget(&self) -> CtaBudget {
         self.budget
+    }
+
+    /// Records what `launches` puts on this context's stream into a CUDA graph instead of running
+    /// it, and returns the graph (launch it with [`CudaGraph::launch`]) with `launches`' result.
+    ///
+    /// Inside, only kernel launches, device-to-device copies and stream-ordered allocations and
+    /// frees of this stream are allowed: buffers allocated and dropped inside become the graph's
+    /// own memory, buffers from outside are used at the addresses they had. The stream is
+    /// synchronized first, and cudarc's per-buffer events are off during the capture (they would
+    /// be captured too), so no other thread may use this device's buffers meanwhile.
+    pub fn capture<T, E: From<Error>>(
+        &self,
+        launches: impl FnOnce() -> std::result::Result<T, E>,
+    ) -> std::result::Result<(CudaGraph, T), E> {
+        let context = self.gpu.context();
+        self.stream.synchronize().map_err(Error::from)?;
+        let tracking = context.is_event_tracking();
+        // SAFETY: the stream is idle and, as documented, no other thread uses the device's
+        // buffers during the capture, so no buffer needs the events cudarc would record.
+        unsafe { context.disable_event_tracking() };
+        let captured = self
+            .stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(Error::from)
+            .map(|()| {
+                let value = launches();
+                // The capture must end even when `launches` failed.
+                (value, self.stream.end_capture(CUgraphInstantiate_flags(0)))
+            });
+        if tracking {
+            // SAFETY: as above; the capture is over.
+            unsafe { context.enable_event_tracking() };
+        }
+        let (value, graph) = captured?;
+        let value = value?;
+        let graph =
+            graph.map_err(Error::from)?.ok_or_else(|| Error::Unsupported("the captured graph is empty".into()))?;
+        Ok((graph, value))
     }
 
     /// The function and launch configuration of a persistent kernel: `grid` CTAs (already

@@ -7,8 +7,10 @@
 //! portable `compute_80` one.
 
 mod budget;
+mod copy;
 mod device;
 mod ptx;
 
 pub use budget::{CtaBudget, PhaseContext};
+pub use copy::copy_rows_htod;
 pub use device::{Gpu, PtxTarget};

@@ -8,5 +8,6 @@ mod coresidency;
 mod decode_attention;
 mod elementwise;
 mod gemm;
+mod hf_models;
 mod model;
 mod prefill_attention;

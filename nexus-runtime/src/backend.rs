@@ -95,6 +95,12 @@ pub trait Backend {
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<Self::KvPool>;
     /// Moves a step's inputs to the backend.
     fn prepare(&self, step: &StepInput) -> Result<Self::Step>;
+    /// The decode batch sizes this backend records steps of ([`Backend::run_step`]), ascending;
+    /// [`LlamaModel::warm_up`](crate::model::LlamaModel::warm_up) records them before serving.
+    /// None by default.
+    fn recorded_batch_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// Runs a forward step: `forward` over the prepared `step`, whose result is the logits of the
     /// step's logit rows. A backend may instead replay a recording of an earlier call of
     /// `forward` over the same `scope` (the CUDA backend does for decode steps): the result is

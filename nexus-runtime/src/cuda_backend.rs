@@ -172,8 +172,8 @@ impl CudaBackend {
         Ok(CudaBackend { ctx, config, gemm_workspace, graphs: Mutex::new(Vec::new()) })
     }
 
-    /// The batch sizes whose decode graphs are recorded, ascending.
-    pub fn recorded_batch_sizes(&self) -> Vec<usize> {
+    /// The batch sizes whose decode graphs are recorded so far, ascending.
+    pub fn recorded_graphs(&self) -> Vec<usize> {
         let mut sizes: Vec<usize> = lock(&self.graphs).iter().map(|g| g.batch).collect();
         sizes.sort_unstable();
         sizes
@@ -296,6 +296,10 @@ impl Backend for CudaBackend {
             plan: OnceCell::new(),
             recorded: false,
         })
+    }
+
+    fn recorded_batch_sizes(&self) -> Vec<usize> {
+        if self.config.batch_invariant { Vec::new() } else { self.config.graph_batch_sizes.clone() }
     }
 
     fn run_step(

@@ -112,11 +112,13 @@ impl<B: Backend> std::fmt::Debug for Engine<B> {
 
 impl<B: Backend> Engine<B> {
     /// An engine over `model`, whose KV cache it allocates on `backend`; `eos_token_ids` end a
-    /// request unless it ignores them.
+    /// request unless it ignores them. The backend's decode steps are recorded here for every
+    /// batch size up to `max_num_seqs` ([`LlamaModel::warm_up`]).
     pub fn new(backend: B, model: LlamaModel<B>, eos_token_ids: Vec<u32>, config: EngineConfig) -> Result<Self> {
         let scheduler = ChunkedScheduler::new(config.scheduler)?;
         let blocks = BlockManager::new(config.num_blocks, config.block_size)?;
-        let cache = model.alloc_kv_cache(&backend, config.num_blocks, config.block_size)?;
+        let mut cache = model.alloc_kv_cache(&backend, config.num_blocks, config.block_size)?;
+        model.warm_up(&backend, &mut cache, config.scheduler.max_num_seqs)?;
         Ok(Engine {
             backend,
             model,

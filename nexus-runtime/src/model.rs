@@ -222,6 +222,32 @@ impl<B: Backend> LlamaModel<B> {
         backend.run_step(step, scope, &mut |step| self.forward_prepared(backend, cache, step))
     }
 
+    /// Records the backend's decode steps ([`Backend::recorded_batch_sizes`]) for batches of up
+    /// to `max_batch` sequences, before serving, so that no request waits for a recording: one
+    /// step per size whose rows all attend over the padding block, which they write (their
+    /// logits are dropped). Returns the sizes recorded.
+    pub fn warm_up(&self, backend: &B, cache: &mut KvCache<B>, max_batch: usize) -> Result<Vec<usize>> {
+        let sizes = backend.recorded_batch_sizes();
+        // A full batch takes the smallest size at least as large.
+        let last = sizes.iter().position(|&b| b >= max_batch).unwrap_or(sizes.len().saturating_sub(1));
+        let sizes: Vec<usize> = sizes.into_iter().take(last + 1).collect();
+        let block = cache.padding_block();
+        for &b in &sizes {
+            let step = StepInput {
+                tokens: vec![0; b],
+                positions: vec![0; b],
+                slots: vec![block * cache.layout.block_size as u32; b],
+                q_indptr: (0..=b as u32).collect(),
+                kv_lens: vec![1; b],
+                block_tables: vec![block as i32; b],
+                max_blocks_per_seq: 1,
+                logit_rows: (0..b as u32).collect(),
+            };
+            self.forward(backend, cache, &step)?;
+        }
+        Ok(sizes)
+    }
+
     /// The forward step over inputs already on the backend.
     fn forward_prepared(&self, backend: &B, cache: &mut KvCache<B>, step: &B::Step) -> Result<B::Activation> {
         let c = &self.config;

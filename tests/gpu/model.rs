@@ -193,6 +193,10 @@ fn decode_graphs_replay_what_eager_steps_compute() {
     let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<u32>> =
         (0..13).map(|s| (0..(5 + 23 * s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect()).collect();
+    // Batches of up to 13 sequences: the graphs of 1, 2, 4, 8 and 16 are recorded up front.
+    let warmed = model.warm_up(&graphed, &mut caches[1], 13).expect("warm up");
+    assert_eq!(warmed, vec![1, 2, 4, 8, 16]);
+    assert_eq!(model.warm_up(&eager, &mut caches[0], 13).expect("warm up"), Vec::<usize>::new());
     let mut last: Vec<u32> = Vec::new();
     for (k, backend) in [&eager, &graphed].into_iter().enumerate() {
         let chunks: Vec<SeqChunk<'_>> = prompts
@@ -243,5 +247,5 @@ fn decode_graphs_replay_what_eager_steps_compute() {
             last[s] = row.iter().enumerate().fold(0, |b, (j, &x)| if x > row[b] { j } else { b }) as u32;
         }
     }
-    assert_eq!(graphed.recorded_batch_sizes(), vec![1, 4, 8, 16], "graphs of the buckets used");
+    assert_eq!(graphed.recorded_graphs(), vec![1, 2, 4, 8, 16], "the warmed-up graphs, and no others");
 }

@@ -106,9 +106,13 @@ impl Case {
 }
 
 impl DeviceInputs {
-    /// Runs `plan` on `ctx` into a fresh poisoned output and downloads it.
-    fn run_decode(&self, ctx: &PhaseContext, case: &Case, plan: &DecodePlan) -> Vec<f32> {
-        let mut out = poisoned(ctx, case.out_len());
+    /// Launches `plan` over these inputs into `out`.
+    fn launch_decode(
+        &self,
+        ctx: &PhaseContext,
+        plan: &DecodePlan,
+        out: &mut CudaSlice<bf16>,
+    ) -> nexus::kernels::Result<()> {
         decode_attention(
             ctx,
             plan,
@@ -119,7 +123,12 @@ impl DeviceInputs {
             &mut out.as_view_mut(),
             None,
         )
-        .expect("decode_attention");
+    }
+
+    /// Runs `plan` on `ctx` into a fresh poisoned output and downloads it.
+    fn run_decode(&self, ctx: &PhaseContext, case: &Case, plan: &DecodePlan) -> Vec<f32> {
+        let mut out = poisoned(ctx, case.out_len());
+        self.launch_decode(ctx, plan, &mut out).expect("decode_attention");
         download(ctx, &out)
     }
 }
@@ -248,20 +257,7 @@ fn fixed_chunks_are_batch_invariant() {
 
 /// Captures one run of `plan` over `inputs` into `out` as a CUDA graph.
 fn capture(ctx: &PhaseContext, plan: &DecodePlan, inputs: &DeviceInputs, out: &mut CudaSlice<bf16>) -> CudaGraph {
-    ctx.capture(|| {
-        decode_attention(
-            ctx,
-            plan,
-            &inputs.qkv.as_view(),
-            &inputs.k.as_view(),
-            &inputs.v.as_view(),
-            &inputs.tables.as_view(),
-            &mut out.as_view_mut(),
-            None,
-        )
-    })
-    .expect("capture decode_attention")
-    .0
+    ctx.capture(|| inputs.launch_decode(ctx, plan, out)).expect("capture decode_attention").0
 }
 
 #[test]

@@ -1,40 +1,78 @@
 //! `nexus bench`: replays a workload trace (Poisson arrivals at each `--rate`) through the engine
-//! in-process and prints TTFT, TBT, normalized latency and throughput as a table, optionally as
-//! JSON and, for a sweep over several rates, as an SVG plot of p95 latencies against the rate.
+//! in-process, or against any OpenAI-compatible server with `--url` ([`remote`]), and prints
+//! TTFT, TBT, normalized latency, throughput and failed requests as a table (the same for both),
+//! optionally as JSON and, for a sweep over several rates, as an SVG plot of p95 latencies against
+//! the rate. A progress bar on stderr shows each run.
+//!
+//! Workloads are the paper's four (lengths drawn from its table, prompts of random token ids from
+//! `--token-id-range`) or `jsonl:PATH`, a file of one request per line:
+//! `{"prompt": "text", "output_len": N}` or `{"prompt_token_ids": [ids], "output_len": N}`. Text
+//! prompts are tokenized by the model's tokenizer in-process and sent as text with `--url`. A
+//! file's requests arrive as a Poisson process at `--rate` too, in file order; `--num-requests`
+//! defaults to the file's length, and a shorter file is cycled, a longer one cut. Outputs are
+//! always forced to the asked length (end-of-sequence ignored), so that runs compare.
+
+mod remote;
 
 use std::fmt::Write as _;
+use std::ops::Range;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::backend::Backend;
-use nexus_runtime::bench::{ReplayReport, replay};
+use nexus_runtime::bench::{ReplayReport, replay_requests};
 use nexus_runtime::engine::Engine;
-use nexus_runtime::model::LlamaModel;
-use nexus_runtime::workload::{Summary, Workload, trace};
-use nexus_runtime::{loader, synthetic};
+use nexus_runtime::loader;
+use nexus_runtime::workload::{
+    BenchRequest, DatasetEntry, Summary, Workload, dataset_requests, parse_jsonl, synthetic_requests, trace,
+};
 use serde_json::json;
 
-use crate::{EngineArgs, KvSizing, OnBackend, make_engine};
+use crate::{EngineArgs, KvSizing, OnBackend, load_model, make_engine};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// A GGUF file, a Hugging Face folder, or `synthetic:<name>` (random weights of a published
-    /// config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b).
-    #[arg(long, default_value = loader::DEFAULT_MODEL)]
+    /// config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b). In-process only.
+    #[arg(long, default_value = loader::DEFAULT_MODEL, conflicts_with = "url")]
     model: String,
-    /// Request lengths: long-data, arxiv, sharegpt or mixed (the paper's distributions).
-    #[arg(long, default_value = "sharegpt")]
-    workload: Workload,
+    /// Requests: long-data, arxiv, sharegpt or mixed (lengths of the paper's distributions,
+    /// prompts of random token ids), or `jsonl:PATH`, one JSON object per line:
+    /// {"prompt": "text", "output_len": N} or {"prompt_token_ids": [ids], "output_len": N}.
+    #[arg(long, default_value = "sharegpt", value_parser = parse_workload)]
+    workload: WorkloadArg,
     /// Arrival rates to run, requests per second (comma-separated for a sweep).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     rate: Vec<f64>,
-    /// Requests per run.
-    #[arg(long, default_value_t = 100)]
-    num_requests: usize,
+    /// Requests per run (default: 100, or every request of a JSONL file; a shorter file is
+    /// cycled, a longer one cut).
+    #[arg(long)]
+    num_requests: Option<usize>,
     /// Seed of the trace and the prompts.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Random prompts draw their token ids from this half-open range, START..END (the default
+    /// fits the vocabulary of every model benchmarked, so that runs against different servers
+    /// send the same ids).
+    #[arg(long, default_value = "1000..30000", value_parser = parse_range)]
+    token_id_range: Range<u32>,
+    /// Replay against the OpenAI-compatible server (nexus serve, vLLM, SGLang) at this base URL,
+    /// http://HOST:PORT, instead of in-process.
+    #[arg(long)]
+    url: Option<String>,
+    /// With --url: the model to request (default: the first one of GET /v1/models).
+    #[arg(long, requires = "url")]
+    served_model_name: Option<String>,
+    /// With --url: send `Authorization: Bearer <key>`.
+    #[arg(long, requires = "url")]
+    api_key: Option<String>,
+    /// With --url: seconds a request may take, from sending to the end of its stream, before it
+    /// counts as failed.
+    #[arg(long, default_value_t = 600.0)]
+    request_timeout: f64,
     #[command(flatten)]
     engine: EngineArgs,
     /// Also write the results as JSON here.
@@ -45,92 +83,252 @@ pub struct BenchArgs {
     plot: Option<PathBuf>,
 }
 
+/// The `--workload` argument.
+#[derive(Clone, Debug)]
+enum WorkloadArg {
+    Paper(Workload),
+    Jsonl(PathBuf),
+}
+
+fn parse_workload(s: &str) -> Result<WorkloadArg, String> {
+    match s.strip_prefix("jsonl:") {
+        Some("") => Err("jsonl: needs a path, as in jsonl:requests.jsonl".into()),
+        Some(path) => Ok(WorkloadArg::Jsonl(path.into())),
+        None => s.parse().map(WorkloadArg::Paper).map_err(|e| format!("{e}, or jsonl:PATH")),
+    }
+}
+
+fn parse_range(s: &str) -> Result<Range<u32>, String> {
+    let (start, end) = s.split_once("..").ok_or_else(|| format!("{s:?} is not a range START..END"))?;
+    let bound = |b: &str| b.trim().parse::<u32>().map_err(|e| format!("{b:?} in {s:?}: {e}"));
+    let range = bound(start)?..bound(end)?;
+    if range.is_empty() {
+        return Err(format!("the range {s} is empty"));
+    }
+    Ok(range)
+}
+
+/// Where the requests of a run come from.
+enum Source {
+    Paper(Workload),
+    Dataset(Vec<DatasetEntry>),
+}
+
+/// A loaded `--workload` with the run's settings: makes each rate's requests.
+struct Plan<'a> {
+    args: &'a BenchArgs,
+    source: Source,
+    num_requests: usize,
+}
+
+impl<'a> Plan<'a> {
+    fn new(args: &'a BenchArgs) -> anyhow::Result<Self> {
+        let source = match &args.workload {
+            WorkloadArg::Paper(w) => Source::Paper(*w),
+            WorkloadArg::Jsonl(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                Source::Dataset(parse_jsonl(&text).with_context(|| format!("in {}", path.display()))?)
+            }
+        };
+        let num_requests = match (&source, args.num_requests) {
+            (_, Some(0)) => bail!("--num-requests must be at least 1"),
+            (_, Some(n)) => n,
+            (Source::Paper(_), None) => 100,
+            (Source::Dataset(entries), None) => entries.len(),
+        };
+        Ok(Plan { args, source, num_requests })
+    }
+
+    fn name(&self) -> String {
+        match &self.args.workload {
+            WorkloadArg::Paper(w) => w.name().to_owned(),
+            WorkloadArg::Jsonl(path) => format!("jsonl:{}", path.display()),
+        }
+    }
+
+    fn requests(&self, rate: f64) -> anyhow::Result<Vec<BenchRequest>> {
+        let (n, seed) = (self.num_requests, self.args.seed);
+        Ok(match &self.source {
+            Source::Paper(w) => synthetic_requests(&trace(*w, rate, n, seed)?, self.args.token_id_range.clone(), seed)?,
+            Source::Dataset(entries) => dataset_requests(entries, rate, n, seed)?,
+        })
+    }
+
+    /// Runs every rate with `replay`, a progress bar showing each, then prints and writes the
+    /// report; `target` names what was benchmarked.
+    fn run(
+        &self,
+        target: &str,
+        mut replay: impl FnMut(&[BenchRequest], &ProgressBar) -> anyhow::Result<ReplayReport>,
+    ) -> anyhow::Result<()> {
+        let style = ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} requests ({elapsed})")
+            .context("progress bar style")?;
+        let mut results = Vec::new();
+        for &rate in &self.args.rate {
+            let requests = self.requests(rate)?;
+            let bar = ProgressBar::new(requests.len() as u64).with_style(style.clone());
+            bar.set_message(format!("{} at {rate} req/s", self.name()));
+            let report = replay(&requests, &bar);
+            // Cleared before anything else prints, so that the bar never garbles the table.
+            bar.finish_and_clear();
+            results.push((rate, report.with_context(|| format!("the run at {rate} req/s"))?));
+        }
+        print!("{}", table(self, target, &results));
+        if let Some(path) = &self.args.json {
+            let runs: Vec<_> = results.iter().map(|(rate, r)| report_json(*rate, r)).collect();
+            let doc = json!({
+                "target": target,
+                "url": self.args.url,
+                "workload": self.name(),
+                "num_requests": self.num_requests,
+                "runs": runs,
+            });
+            std::fs::write(path, serde_json::to_string_pretty(&doc)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if let Some(path) = &self.args.plot {
+            std::fs::write(path, plot(self, target, &results))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         bail!("every --rate must be a positive number");
     }
-    args.engine.run(BenchJob(&args))
+    let plan = Plan::new(&args)?;
+    match &args.url {
+        Some(url) => {
+            let request_timeout =
+                Duration::try_from_secs_f64(args.request_timeout).ok().filter(|t| !t.is_zero()).with_context(|| {
+                    format!("--request-timeout {} must be a positive number of seconds", args.request_timeout)
+                })?;
+            let config = remote::RemoteConfig {
+                url,
+                served_model_name: args.served_model_name.as_deref(),
+                api_key: args.api_key.as_deref(),
+                request_timeout,
+            };
+            let server = remote::Remote::connect(&config)?;
+            eprintln!("benchmarking {} at {url}", server.model());
+            plan.run(&format!("{} at {url}", server.model()), |requests, bar| server.replay(requests, || bar.inc(1)))
+        }
+        None => args.engine.run(BenchJob(&plan)),
+    }
 }
 
-struct BenchJob<'a>(&'a BenchArgs);
+struct BenchJob<'a>(&'a Plan<'a>);
 
 impl OnBackend for BenchJob<'_> {
     fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
     where
         Engine<B>: Send,
     {
-        run_with(backend, self.0, sizing)
+        run_in_process(backend, self.0, sizing)
     }
 }
 
-fn run_with<B: Backend>(backend: B, args: &BenchArgs, sizing: KvSizing) -> anyhow::Result<()> {
-    let model = match args.model.strip_prefix("synthetic:") {
-        Some(name) => LlamaModel::random(&backend, &synthetic::config(name)?, 1)?,
-        None => {
-            let loaded = loader::open(std::path::Path::new(&args.model))
-                .with_context(|| format!("cannot load the model at {}", args.model))?;
-            LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?
-        }
-    };
+fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> anyhow::Result<()> {
+    let args = plan.args;
+    let (model, tokenizer) = load_model(&backend, &args.model)?;
+    let vocab = model.config().vocab_size;
+    if matches!(plan.source, Source::Paper(_)) && args.token_id_range.end as usize > vocab {
+        bail!("--token-id-range {:?} goes past the vocabulary of {} ({vocab} tokens)", args.token_id_range, args.model);
+    }
     // Outputs are forced to the trace's lengths, so end-of-sequence tokens do not matter.
     let mut engine = make_engine(backend, model, Vec::new(), sizing, args.engine.scheduler())?;
-    let mut results = Vec::new();
-    for &rate in &args.rate {
-        let requests = trace(args.workload, rate, args.num_requests, args.seed)?;
-        eprintln!("{} at {rate} req/s: {} requests", args.workload.name(), requests.len());
-        let (_, report) = replay(&mut engine, &requests, args.seed)?;
-        results.push((rate, report));
-    }
-    print!("{}", table(args, &results));
-    if let Some(path) = &args.json {
-        let runs: Vec<_> = results.iter().map(|(rate, r)| report_json(*rate, r)).collect();
-        let doc = json!({ "model": args.model, "workload": args.workload.name(), "num_requests": args.num_requests, "runs": runs });
-        std::fs::write(path, serde_json::to_string_pretty(&doc)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    if let Some(path) = &args.plot {
-        std::fs::write(path, plot(args, &results)).with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(())
+    plan.run(&args.model, |requests, bar| {
+        Ok(replay_requests(&mut engine, requests, tokenizer.as_ref(), || bar.inc(1))?.1)
+    })
 }
 
+/// Milliseconds, or "-" for a summary of nothing (every request failed).
 fn ms(s: &Summary) -> String {
+    if s.count == 0 {
+        return "-".into();
+    }
     format!("{:.1} / {:.1} / {:.1} / {:.1}", s.mean * 1e3, s.p50 * 1e3, s.p95 * 1e3, s.p99 * 1e3)
 }
 
-fn table(args: &BenchArgs, results: &[(f64, ReplayReport)]) -> String {
+/// The first few of a list, for a line of the report.
+fn first_few<T>(items: &[T], describe: impl Fn(&T) -> String) -> String {
+    let mut shown: Vec<String> = items.iter().take(3).map(describe).collect();
+    if items.len() > 3 {
+        shown.push("...".into());
+    }
+    shown.join("; ")
+}
+
+fn table(plan: &Plan<'_>, target: &str, results: &[(f64, ReplayReport)]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "\n{} on {}, {} requests per rate (latencies in ms: mean / p50 / p95 / p99)\n",
-        args.workload.name(),
-        args.model,
-        args.num_requests
+        "\n{} on {target}, {} requests per rate (latencies in ms: mean / p50 / p95 / p99, over the completed requests)\n",
+        plan.name(),
+        plan.num_requests
     );
-    let _ = writeln!(out, "| rate (req/s) | TTFT | TBT | normalized latency | req/s | output tok/s | preemptions |");
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
+    let _ = writeln!(
+        out,
+        "| rate (req/s) | TTFT | TBT | normalized latency | req/s | output tok/s | preemptions | failed |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (rate, r) in results {
         let _ = writeln!(
             out,
-            "| {rate} | {} | {} | {} | {:.2} | {:.0} | {} |",
+            "| {rate} | {} | {} | {} | {:.2} | {:.0} | {} | {} |",
             ms(&r.ttft),
             ms(&r.tbt),
             ms(&r.normalized_latency),
             r.request_throughput,
             r.token_throughput,
-            r.preemptions
+            r.preemptions.map_or_else(|| "-".into(), |p| p.to_string()),
+            r.failures.len()
         );
+    }
+    for (rate, r) in results {
+        if !r.failures.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nat {rate} req/s, {} of {} requests failed: {}",
+                r.failures.len(),
+                r.failures.len() + r.completed,
+                first_few(&r.failures, |f| format!("request {}: {}", f.request, f.message))
+            );
+        }
+        if !r.length_mismatches.is_empty() {
+            let _ = writeln!(
+                out,
+                "\nat {rate} req/s, {} requests did not generate the forced length: {}",
+                r.length_mismatches.len(),
+                first_few(&r.length_mismatches, |m| format!(
+                    "request {} asked for {} tokens, got {}",
+                    m.request, m.requested, m.got
+                ))
+            );
+        }
     }
     out
 }
 
+/// A summary as JSON; a summary of nothing has null figures.
 fn summary_json(s: &Summary) -> serde_json::Value {
-    json!({ "count": s.count, "mean": s.mean, "p50": s.p50, "p95": s.p95, "p99": s.p99 })
+    let finite = |v: f64| v.is_finite().then_some(v);
+    json!({ "count": s.count, "mean": finite(s.mean), "p50": finite(s.p50), "p95": finite(s.p95), "p99": finite(s.p99) })
 }
 
 fn report_json(rate: f64, r: &ReplayReport) -> serde_json::Value {
+    let failures: Vec<_> = r.failures.iter().map(|f| json!({ "request": f.request, "error": f.message })).collect();
+    let mismatches: Vec<_> = r
+        .length_mismatches
+        .iter()
+        .map(|m| json!({ "request": m.request, "requested": m.requested, "got": m.got }))
+        .collect();
     json!({
         "rate": rate,
+        "completed": r.completed,
+        "failed": r.failures.len(),
         "ttft_s": summary_json(&r.ttft),
         "tbt_s": summary_json(&r.tbt),
         "normalized_latency_s": summary_json(&r.normalized_latency),
@@ -138,24 +336,28 @@ fn report_json(rate: f64, r: &ReplayReport) -> serde_json::Value {
         "token_throughput": r.token_throughput,
         "duration_s": r.duration_s,
         "preemptions": r.preemptions,
+        "failures": failures,
+        "length_mismatches": mismatches,
     })
 }
 
 /// A line chart of p95 TTFT and p95 TBT (ms, each on its own scale) against the arrival rate.
-fn plot(args: &BenchArgs, results: &[(f64, ReplayReport)]) -> String {
+fn plot(plan: &Plan<'_>, target: &str, results: &[(f64, ReplayReport)]) -> String {
     let (w, h, pad) = (640.0, 400.0, 50.0);
     let max_rate = results.iter().map(|r| r.0).fold(f64::MIN_POSITIVE, f64::max);
     let series = [
         ("p95 TTFT", "#d62728", results.iter().map(|(x, r)| (*x, r.ttft.p95 * 1e3)).collect::<Vec<_>>()),
         ("p95 TBT", "#1f77b4", results.iter().map(|(x, r)| (*x, r.tbt.p95 * 1e3)).collect::<Vec<_>>()),
-    ];
+    ]
+    // A rate whose requests all failed has no latency to draw.
+    .map(|(name, color, points)| (name, color, points.into_iter().filter(|p| p.1.is_finite()).collect::<Vec<_>>()));
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
          <text x=\"{pad}\" y=\"20\">{} on {}: p95 latency (ms, each line on its own scale) vs rate (req/s, max {max_rate})</text>\n\
          <line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n",
-        args.workload.name(),
-        args.model,
+        plan.name(),
+        target,
         h - pad,
         w - pad,
         h - pad

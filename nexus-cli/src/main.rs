@@ -1,7 +1,8 @@
-//! `nexus`: generate text with a Llama-family model (and, later, serve, bench and profile).
+//! `nexus`: generate text with a Llama-family model, serve it over an OpenAI-compatible HTTP API,
+//! and benchmark serving, in-process or against any OpenAI-compatible server (profile comes later).
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod bench;
@@ -20,6 +21,8 @@ use nexus_runtime::loader::{self, DEFAULT_MODEL, LoadedModel};
 use nexus_runtime::model::LlamaModel;
 use nexus_runtime::sampling::SamplingParams;
 use nexus_runtime::scheduler::SchedulerConfig;
+use nexus_runtime::synthetic;
+use nexus_runtime::tokenizer::Tokenizer;
 
 #[derive(Parser, Debug)]
 #[command(name = "nexus", version, about = "Serve LLMs with prefill and decode on disjoint SMs of one GPU")]
@@ -35,17 +38,20 @@ enum Command {
     /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /// /health, /metrics).
     Serve(ServeArgs),
-    /// Replay a serving workload (Poisson arrivals) through the engine in-process and report
-    /// TTFT, TBT, normalized latency and throughput.
+    /// Replay a serving workload (Poisson arrivals) through the engine in-process, or against an
+    /// OpenAI-compatible server with --url, and report TTFT, TBT, normalized latency and
+    /// throughput.
     Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// A GGUF file or a Hugging Face model folder.
+    /// A GGUF file, a Hugging Face model folder, or `synthetic:<name>` (random weights of a
+    /// published config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b; no tokenizer, so prompts are
+    /// token ids and outputs token ids).
     #[arg(long, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
-    /// The name clients use for the model (default: the file or folder name).
+    model: String,
+    /// The name clients use for the model (default: the file or folder name, or `synthetic:<name>`).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Address to listen on.
@@ -174,22 +180,30 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
-    let loaded =
-        loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
-    args.engine.run(ServeJob { args: &args, loaded })
+    args.engine.run(ServeJob(&args))
 }
 
-struct ServeJob<'a> {
-    args: &'a ServeArgs,
-    loaded: LoadedModel,
-}
+struct ServeJob<'a>(&'a ServeArgs);
 
 impl OnBackend for ServeJob<'_> {
     fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
     where
         Engine<B>: Send,
     {
-        serve_with(backend, self.args, self.loaded, sizing)
+        serve_with(backend, self.0, sizing)
+    }
+}
+
+/// Loads the model `--model` names: a GGUF file or a Hugging Face folder (with its tokenizer), or
+/// `synthetic:<name>`, random weights of a published config without a tokenizer.
+fn load_model<B: Backend>(backend: &B, spec: &str) -> anyhow::Result<(LlamaModel<B>, Option<Tokenizer>)> {
+    match spec.strip_prefix("synthetic:") {
+        Some(name) => Ok((LlamaModel::random(backend, &synthetic::config(name)?, 1)?, None)),
+        None => {
+            let loaded = loader::open(Path::new(spec)).with_context(|| format!("cannot load the model at {spec}"))?;
+            let model = LlamaModel::load(backend, loaded.weights.as_ref(), |_, _| {})?;
+            Ok((model, Some(loaded.tokenizer)))
+        }
     }
 }
 
@@ -230,30 +244,26 @@ enum KvSizing {
     GpuMemory(f64),
 }
 
-fn serve_with<B: Backend + 'static>(
-    backend: B,
-    args: &ServeArgs,
-    loaded: LoadedModel,
-    sizing: KvSizing,
-) -> anyhow::Result<()>
+fn serve_with<B: Backend + 'static>(backend: B, args: &ServeArgs, sizing: KvSizing) -> anyhow::Result<()>
 where
     Engine<B>: Send,
 {
-    let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {})?;
-    let eos = loaded.tokenizer.eos_token_ids().to_vec();
+    let (model, tokenizer) = load_model(&backend, &args.model)?;
+    let eos = tokenizer.as_ref().map_or_else(Vec::new, |t| t.eos_token_ids().to_vec());
+    let vocab_size = model.config().vocab_size;
     let engine = make_engine(backend, model, eos, sizing, args.engine.scheduler())?;
     let max_context = engine.max_request_tokens();
-    let model_name = args
-        .served_model_name
-        .clone()
-        .unwrap_or_else(|| args.model.file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()));
-    let config = serve::ServerConfig { model_name, api_key: args.api_key.clone(), max_context };
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| match args.model.strip_prefix("synthetic:") {
+        Some(_) => args.model.clone(),
+        None => Path::new(&args.model).file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+    });
+    let config = serve::ServerConfig { model_name, api_key: args.api_key.clone(), max_context, vocab_size };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
             .await
             .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
-        serve::serve(engine, loaded.tokenizer, config, listener).await
+        serve::serve(engine, tokenizer, config, listener).await
     })
 }
 

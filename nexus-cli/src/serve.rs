@@ -5,6 +5,16 @@
 //! of their own, which they detokenize (with stop strings) into JSON or server-sent events. A
 //! client that goes away drops its receiver; the engine thread notices on the next token and
 //! aborts the request, which frees its KV blocks at once.
+//!
+//! Beyond OpenAI's fields, requests take vLLM's `ignore_eos`, `min_tokens` (end-of-sequence and
+//! stop strings cannot end the output before that many tokens) and `return_token_ids` (each
+//! choice, and each streamed chunk's choice, carries the `token_ids` it generated, and the
+//! response the `prompt_token_ids`). A `/v1/completions` prompt is a string or an array of token
+//! ids; batches (arrays of strings or of arrays) are refused.
+//!
+//! A model without a tokenizer (`synthetic:<name>`) takes token ids in and gives token ids out:
+//! its prompts must be token-id arrays, its `text` is always "" and its token ids are always
+//! returned; text prompts, stop strings and `/v1/chat/completions` get a 400.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -94,11 +104,14 @@ pub struct ServerConfig {
     pub model_name: String,
     pub api_key: Option<String>,
     pub max_context: usize,
+    /// Token ids of prompts must be below this.
+    pub vocab_size: usize,
 }
 
 struct AppState {
     commands: Mutex<mpsc::Sender<Command>>,
-    tokenizer: Tokenizer,
+    /// `None` for a tokenizer-free model: token ids in, token ids out.
+    tokenizer: Option<Tokenizer>,
     config: ServerConfig,
     next_id: AtomicU64,
     metrics: Arc<Metrics>,
@@ -107,7 +120,7 @@ struct AppState {
 /// Serves `engine` on `listener` until the process ends. Prints the address it listens on.
 pub async fn serve<B: Backend + 'static>(
     engine: Engine<B>,
-    tokenizer: Tokenizer,
+    tokenizer: Option<Tokenizer>,
     config: ServerConfig,
     listener: tokio::net::TcpListener,
 ) -> anyhow::Result<()>
@@ -257,7 +270,6 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Fields shared by both endpoints.
 /// Fields shared by both endpoints; others that OpenAI clients send (`logprobs`, `user`,
 /// penalties) are ignored.
 #[derive(Deserialize)]
@@ -285,6 +297,12 @@ struct CommonFields {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     ignore_eos: bool,
+    /// vLLM's: the least output tokens before end-of-sequence or a stop string may end it.
+    #[serde(default)]
+    min_tokens: Option<i64>,
+    /// vLLM's: also return the prompt's and the output's token ids.
+    #[serde(default)]
+    return_token_ids: bool,
 }
 
 #[derive(Deserialize)]
@@ -320,6 +338,8 @@ struct Prepared {
     stops: Vec<String>,
     stream: bool,
     include_usage: bool,
+    /// Return token ids (asked for, or the model has no tokenizer).
+    token_ids: bool,
 }
 
 fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<Prepared, ApiError> {
@@ -355,6 +375,9 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
             .collect::<Result<_, _>>()?,
         Some(_) => return Err(bad_request("stop must be a string or up to 4 strings")),
     };
+    if state.tokenizer.is_none() && stops.iter().any(|s| !s.is_empty()) {
+        return Err(no_tokenizer(state, "stop strings need a tokenizer"));
+    }
     if prompt.is_empty() {
         return Err(bad_request("the prompt is empty"));
     }
@@ -378,10 +401,50 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
         }
         Some(m) => m as usize,
     };
+    let min_tokens = match common.min_tokens {
+        None => 0,
+        Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => m as usize,
+        Some(m) => return Err(bad_request(format!("min_tokens {m} must be in [0, max_tokens = {max_tokens}]"))),
+    };
     let sampling = SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed };
-    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, ..RequestOptions::default() };
+    let options =
+        RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, ..RequestOptions::default() };
     let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage })
+    let token_ids = common.return_token_ids || state.tokenizer.is_none();
+    Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage, token_ids })
+}
+
+/// The 400 for what a tokenizer-free model cannot do.
+fn no_tokenizer(state: &AppState, what: &str) -> ApiError {
+    bad_request(format!(
+        "the model `{}` has no tokenizer (token ids in, token ids out): {what}",
+        state.config.model_name
+    ))
+}
+
+/// The token ids of a `/v1/completions` prompt: a string, tokenized, or an array of token ids.
+fn completion_prompt(state: &AppState, prompt: &Value) -> Result<Vec<u32>, ApiError> {
+    let vocab = state.config.vocab_size;
+    match prompt {
+        Value::String(text) => {
+            let Some(tokenizer) = &state.tokenizer else {
+                return Err(no_tokenizer(state, "send the prompt as an array of token ids"));
+            };
+            tokenizer.encode(text, true).map_err(|e| bad_request(e.message().to_owned()))
+        }
+        Value::Array(items) if items.iter().all(Value::is_number) => items
+            .iter()
+            .map(|v| match v.as_u64() {
+                Some(id) if id < vocab as u64 => Ok(id as u32),
+                _ => Err(bad_request(format!("prompt token id {v} is outside the vocabulary (0..{vocab})"))),
+            })
+            .collect(),
+        Value::Array(_) => Err(bad_request(
+            "batched prompts (arrays of strings or of token-id arrays) are not supported: send one prompt per \
+             request, a string or an array of token ids",
+        )),
+        _ => Err(bad_request("prompt must be a string or an array of token ids")),
+    }
 }
 
 fn parse<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
@@ -396,12 +459,9 @@ async fn completions(State(state): State<Arc<AppState>>, headers: HeaderMap, bod
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    let Value::String(text) = &request.prompt else {
-        return bad_request("prompt must be a string").into_response();
-    };
-    let prompt = match state.tokenizer.encode(text, true) {
+    let prompt = match completion_prompt(&state, &request.prompt) {
         Ok(p) => p,
-        Err(e) => return bad_request(e.message().to_owned()).into_response(),
+        Err(e) => return e.into_response(),
     };
     match prepare(&state, &request.common, prompt) {
         Ok(prepared) => run(state, prepared, Kind::Completion).await,
@@ -423,11 +483,14 @@ async fn chat_completions(State(state): State<Arc<AppState>>, headers: HeaderMap
     if let Some(m) = request.messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
         return bad_request(format!("unknown message role `{}`", m.role)).into_response();
     }
-    let Some(template) = state.tokenizer.chat_template() else {
+    let Some(tokenizer) = &state.tokenizer else {
+        return no_tokenizer(&state, "use /v1/completions with a prompt of token ids").into_response();
+    };
+    let Some(template) = tokenizer.chat_template() else {
         return bad_request("this model has no chat template; use /v1/completions").into_response();
     };
     let messages: Vec<ChatMessage> = request.messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
-    let prompt = match template.render(&messages, true).and_then(|text| state.tokenizer.encode(&text, false)) {
+    let prompt = match template.render(&messages, true).and_then(|text| tokenizer.encode(&text, false)) {
         Ok(p) => p,
         Err(e) => return bad_request(e.message().to_owned()).into_response(),
     };
@@ -454,14 +517,16 @@ fn unix_time() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// One piece of a response: text, or the end with its reason and token counts.
+/// One piece of a response: text with the ids of the tokens it came from, or the end with its
+/// reason and token counts.
 enum Piece {
-    Text(String),
+    Chunk { text: String, token_ids: Vec<u32> },
     End { reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
 }
 
-/// Submits `prepared` and turns its tokens into text pieces on a channel. The returned receiver
-/// ends after `Piece::End`; dropping it aborts the request.
+/// Submits `prepared` and turns its tokens into pieces on a channel. The returned receiver ends
+/// after `Piece::End`; dropping it aborts the request. A chunk goes out whenever text is ready to
+/// show, and for every token when token ids are returned (so that clients time each token).
 async fn submit(
     state: &Arc<AppState>,
     prepared: Prepared,
@@ -470,6 +535,7 @@ async fn submit(
     let (events_tx, mut events) = tokio_mpsc::unbounded_channel();
     let (accepted_tx, accepted) = oneshot::channel();
     let prompt_tokens = prepared.prompt.len();
+    let min_tokens = prepared.options.min_tokens;
     let command = Command::Add {
         id,
         prompt: prepared.prompt,
@@ -489,13 +555,14 @@ async fn submit(
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = tokio_mpsc::channel(64);
     let state = state.clone();
-    let stops = prepared.stops;
+    let (stops, every_token) = (prepared.stops, prepared.token_ids);
     tokio::spawn(async move {
         let arrival = Instant::now();
         let mut last: Option<Instant> = None;
-        let mut decoder = state.tokenizer.stream_decoder(true);
+        let mut decoder = state.tokenizer.as_ref().map(|t| t.stream_decoder(true));
         let mut matcher = StopMatcher::new(&stops);
         let mut completion_tokens = 0;
+        let mut token_ids = Vec::new();
         let mut reason = "length";
         while let Some(event) = events.recv().await {
             match event {
@@ -507,10 +574,21 @@ async fn submit(
                     }
                     last = Some(now);
                     completion_tokens += 1;
-                    let Ok(Some(text)) = decoder.push(token) else { continue };
-                    let (ready, stopped) = matcher.push(&text);
-                    if !ready.is_empty() && tx.send(Piece::Text(ready.to_owned())).await.is_err() {
-                        break;
+                    token_ids.push(token);
+                    let text = decoder.as_mut().and_then(|d| d.push(token).ok().flatten()).unwrap_or_default();
+                    // Before min_tokens, stop strings cannot end the output: the text bypasses the
+                    // matcher, which so far has seen nothing.
+                    let (ready, stopped) = if completion_tokens >= min_tokens {
+                        let (ready, stopped) = matcher.push(&text);
+                        (ready.to_owned(), stopped)
+                    } else {
+                        (text, false)
+                    };
+                    if !ready.is_empty() || every_token {
+                        let chunk = Piece::Chunk { text: ready, token_ids: std::mem::take(&mut token_ids) };
+                        if tx.send(chunk).await.is_err() {
+                            break;
+                        }
                     }
                     if stopped {
                         reason = "stop";
@@ -519,12 +597,16 @@ async fn submit(
                 }
                 EngineEvent::Finished { reason: r, .. } => {
                     reason = finish_reason(r);
-                    if let Ok(Some(rest)) = decoder.finish() {
-                        let _ = matcher.push(&rest);
+                    let rest = decoder.take().and_then(|d| d.finish().ok().flatten()).unwrap_or_default();
+                    let (ready, stopped) = matcher.push(&rest);
+                    let mut text = ready.to_owned();
+                    if stopped {
+                        reason = "stop";
+                    } else {
+                        text.push_str(matcher.flush());
                     }
-                    let rest = matcher.flush().to_owned();
-                    if !rest.is_empty() {
-                        let _ = tx.send(Piece::Text(rest)).await;
+                    if !text.is_empty() || !token_ids.is_empty() {
+                        let _ = tx.send(Piece::Chunk { text, token_ids: std::mem::take(&mut token_ids) }).await;
                     }
                     break;
                 }
@@ -540,7 +622,8 @@ async fn submit(
 }
 
 async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
-    let (stream, include_usage) = (prepared.stream, prepared.include_usage);
+    let (stream, include_usage, with_ids) = (prepared.stream, prepared.include_usage, prepared.token_ids);
+    let prompt_ids = with_ids.then(|| prepared.prompt.clone());
     let (request, mut pieces) = match submit(&state, prepared).await {
         Ok(submitted) => submitted,
         Err(e) => return e.into_response(),
@@ -549,28 +632,46 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
     let created = unix_time();
     let model = state.config.model_name.clone();
     let usage = |p: usize, c: usize| json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c });
+    // A choice of `text` and `token_ids`, with the token ids only when asked for.
+    let choice = move |text: &str, token_ids: &[u32], finish_reason: Option<&str>, streamed: bool| {
+        let mut choice = match (kind, streamed) {
+            (Kind::Completion, _) => {
+                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason })
+            }
+            (Kind::Chat, false) => json!({
+                "index": 0,
+                "message": { "role": "assistant", "content": text },
+                "finish_reason": finish_reason
+            }),
+            (Kind::Chat, true) if text.is_empty() && finish_reason.is_some() => {
+                json!({ "index": 0, "delta": {}, "finish_reason": finish_reason })
+            }
+            (Kind::Chat, true) => json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish_reason }),
+        };
+        if with_ids {
+            choice["token_ids"] = json!(token_ids);
+        }
+        choice
+    };
     if !stream {
-        let mut text = String::new();
+        let (mut text, mut token_ids) = (String::new(), Vec::new());
         while let Some(piece) = pieces.recv().await {
             match piece {
-                Piece::Text(t) => text.push_str(&t),
+                Piece::Chunk { text: t, token_ids: ids } => {
+                    text.push_str(&t);
+                    token_ids.extend(ids);
+                }
                 Piece::End { reason, prompt_tokens, completion_tokens } => {
-                    let choice = match kind {
-                        Kind::Completion => {
-                            json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": reason })
-                        }
-                        Kind::Chat => json!({
-                            "index": 0,
-                            "message": { "role": "assistant", "content": text },
-                            "finish_reason": reason
-                        }),
-                    };
                     let object = if matches!(kind, Kind::Chat) { "chat.completion" } else { "text_completion" };
-                    return axum::Json(json!({
+                    let mut body = json!({
                         "id": id, "object": object, "created": created, "model": model,
-                        "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)
-                    }))
-                    .into_response();
+                        "choices": [choice(&text, &token_ids, Some(reason), false)],
+                        "usage": usage(prompt_tokens, completion_tokens)
+                    });
+                    if let Some(ids) = prompt_ids {
+                        body["prompt_token_ids"] = json!(ids);
+                    }
+                    return axum::Json(body).into_response();
                 }
             }
         }
@@ -578,8 +679,13 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
             .into_response();
     }
     let object = if matches!(kind, Kind::Chat) { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = move |choice: Value, usage: Option<Value>| {
+    // The first chunk carries the prompt's token ids, as vLLM's do.
+    let mut prompt_ids = prompt_ids;
+    let mut chunk = move |choice: Value, usage: Option<Value>| {
         let mut v = json!({ "id": id, "object": object, "created": created, "model": model, "choices": [choice] });
+        if let Some(ids) = prompt_ids.take() {
+            v["prompt_token_ids"] = json!(ids);
+        }
         if let Some(u) = usage {
             v["usage"] = u;
         }
@@ -588,26 +694,21 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
     let (tx, rx) = tokio_mpsc::channel::<Result<Event, std::convert::Infallible>>(64);
     tokio::spawn(async move {
         if matches!(kind, Kind::Chat) {
-            let first = json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
+            let mut first =
+                json!({ "index": 0, "delta": { "role": "assistant", "content": "" }, "finish_reason": null });
+            if with_ids {
+                first["token_ids"] = json!([]);
+            }
             if tx.send(Ok(chunk(first, None))).await.is_err() {
                 return;
             }
         }
         while let Some(piece) = pieces.recv().await {
             let event = match piece {
-                Piece::Text(t) => match kind {
-                    Kind::Completion => json!({ "index": 0, "text": t, "logprobs": null, "finish_reason": null }),
-                    Kind::Chat => json!({ "index": 0, "delta": { "content": t }, "finish_reason": null }),
-                },
+                Piece::Chunk { text, token_ids } => choice(&text, &token_ids, None, true),
                 Piece::End { reason, prompt_tokens, completion_tokens } => {
-                    let last = match kind {
-                        Kind::Completion => {
-                            json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": reason })
-                        }
-                        Kind::Chat => json!({ "index": 0, "delta": {}, "finish_reason": reason }),
-                    };
                     let usage = include_usage.then(|| usage(prompt_tokens, completion_tokens));
-                    let _ = tx.send(Ok(chunk(last, usage))).await;
+                    let _ = tx.send(Ok(chunk(choice("", &[], Some(reason), true), usage))).await;
                     let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                     return;
                 }

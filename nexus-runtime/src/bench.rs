@@ -2,27 +2,58 @@
 //! TTFT (arrival to first token), TBT (gap between consecutive tokens of a request), normalized
 //! latency (end-to-end latency / output tokens), and request and token throughput.
 //!
-//! Prompts are random token ids of the trace's lengths and outputs are forced to the trace's
-//! lengths (end-of-sequence ignored), so that runs of different schedulers compare.
+//! Outputs are forced to the trace's lengths (end-of-sequence ignored), so that runs of different
+//! schedulers compare. [`ReplayReport::new`] turns the outcomes of a run's requests into its
+//! report, the same way whether the requests ran in-process ([`replay_requests`]) or against a
+//! server over HTTP (`nexus bench --url`): failed requests are counted and listed, and the
+//! latencies summarize the requests that completed.
 
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
 use crate::backend::Backend;
 use crate::engine::{Engine, EngineEvent, RequestOptions};
-use crate::workload::{Request, Summary};
+use crate::tokenizer::Tokenizer;
+use crate::workload::{BenchRequest, Request, Summary, synthetic_requests};
 use crate::{Error, Result};
 
-/// The measured times of one request, in seconds from its arrival.
+/// The measured times of one completed request, in seconds from its arrival (or, over HTTP, from
+/// when it was sent).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestTimes {
-    /// When each output token was produced.
+    /// When each output token was produced (over HTTP: when the chunk carrying it arrived).
     pub tokens: Vec<f64>,
+    /// When the response ended.
+    pub end_s: f64,
+    /// Output tokens as the engine or server counted them (`usage.completion_tokens` over HTTP).
+    pub output_tokens: usize,
 }
 
-/// The metrics of one replay.
+/// What became of one request of a replay.
+pub type RequestOutcome = std::result::Result<RequestTimes, String>;
+
+/// A request that failed, by its index in the trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestFailure {
+    /// Index in the trace.
+    pub request: usize,
+    /// Why it failed.
+    pub message: String,
+}
+
+/// A completed request whose output length differs from the one it asked for (a server that
+/// ignores `ignore_eos` or `min_tokens`, say): its latencies still count, flagged by this.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LengthMismatch {
+    /// Index in the trace.
+    pub request: usize,
+    /// The forced output length.
+    pub requested: usize,
+    /// The output tokens the response reported.
+    pub got: usize,
+}
+
+/// The metrics of one replay. Latencies summarize the completed requests only; when none
+/// completed (or none has two tokens, for TBT) their summary has count 0 and NaN figures.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ReplayReport {
     pub ttft: Summary,
@@ -30,46 +61,133 @@ pub struct ReplayReport {
     pub normalized_latency: Summary,
     /// Completed requests per second of the whole run.
     pub request_throughput: f64,
-    /// Output tokens per second of the whole run.
+    /// Output tokens of completed requests per second of the whole run.
     pub token_throughput: f64,
-    /// First arrival to last token.
+    /// First arrival to the end of the last response.
     pub duration_s: f64,
-    /// Sequences preempted during the run.
-    pub preemptions: u64,
+    /// Sequences preempted during the run (known in-process only).
+    pub preemptions: Option<u64>,
+    /// Requests that completed.
+    pub completed: usize,
+    /// Requests that failed, in trace order.
+    pub failures: Vec<RequestFailure>,
+    /// Completed requests whose output length was not the requested one, in trace order.
+    pub length_mismatches: Vec<LengthMismatch>,
 }
 
-/// Replays `trace` through `engine` in real time: each request is added once the wall clock
-/// passes its arrival, and the engine steps whenever it has work. Returns every request's token
-/// times (in trace order) and the summary. Fails when the engine does, or when a request is
-/// refused (e.g. longer than the cache).
+/// A summary of `values`; count 0 and NaN figures when there are none.
+fn summary_or_empty(values: &[f64]) -> Result<Summary> {
+    if values.is_empty() {
+        Ok(Summary { count: 0, mean: f64::NAN, p50: f64::NAN, p95: f64::NAN, p99: f64::NAN })
+    } else {
+        Summary::of(values)
+    }
+}
+
+impl ReplayReport {
+    /// The report of a run whose requests asked for `requested` output lengths and ended as
+    /// `outcomes` (the same order), over `duration_s` seconds. A completed request without any
+    /// token time counts as failed. Fails when the lengths differ or a time is not finite.
+    pub fn new(
+        requested: &[usize],
+        outcomes: &[RequestOutcome],
+        duration_s: f64,
+        preemptions: Option<u64>,
+    ) -> Result<ReplayReport> {
+        if requested.len() != outcomes.len() {
+            return Err(Error::invalid(format!("{} requests but {} outcomes", requested.len(), outcomes.len())));
+        }
+        let mut failures = Vec::new();
+        let mut length_mismatches = Vec::new();
+        let (mut ttft, mut tbt, mut normalized) = (Vec::new(), Vec::new(), Vec::new());
+        let mut output_tokens = 0;
+        for (request, (outcome, &want)) in outcomes.iter().zip(requested).enumerate() {
+            let times = match outcome {
+                Ok(t) if !t.tokens.is_empty() && t.output_tokens > 0 => t,
+                Ok(_) => {
+                    failures.push(RequestFailure { request, message: "the response carried no token".into() });
+                    continue;
+                }
+                Err(message) => {
+                    failures.push(RequestFailure { request, message: message.clone() });
+                    continue;
+                }
+            };
+            if times.output_tokens != want {
+                length_mismatches.push(LengthMismatch { request, requested: want, got: times.output_tokens });
+            }
+            ttft.push(times.tokens[0]);
+            tbt.extend(times.tokens.windows(2).map(|w| w[1] - w[0]));
+            normalized.push(times.end_s / times.output_tokens as f64);
+            output_tokens += times.output_tokens;
+        }
+        let completed = ttft.len();
+        Ok(ReplayReport {
+            ttft: summary_or_empty(&ttft)?,
+            tbt: summary_or_empty(&tbt)?,
+            normalized_latency: summary_or_empty(&normalized)?,
+            request_throughput: completed as f64 / duration_s,
+            token_throughput: output_tokens as f64 / duration_s,
+            duration_s,
+            preemptions,
+            completed,
+            failures,
+            length_mismatches,
+        })
+    }
+}
+
+/// Replays `trace` with prompts of random token ids over the whole vocabulary (drawn under
+/// `seed`); see [`replay_requests`].
 pub fn replay<B: Backend>(
     engine: &mut Engine<B>,
     trace: &[Request],
     seed: u64,
 ) -> Result<(Vec<RequestTimes>, ReplayReport)> {
-    if trace.is_empty() {
+    let vocab = engine.model().config().vocab_size as u32;
+    let requests = synthetic_requests(trace, 0..vocab, seed)?;
+    replay_requests(engine, &requests, None, || {})
+}
+
+/// Replays `requests` through `engine` in real time: each request is added once the wall clock
+/// passes its arrival, and the engine steps whenever it has work; `on_finished` is called as each
+/// request finishes (for a progress bar). Text prompts are tokenized by `tokenizer` before the
+/// clock starts. Returns every request's token times (in trace order) and the report. Fails when
+/// the engine does, when a prompt cannot be tokenized, or when a request is refused (e.g. longer
+/// than the cache, or a token outside the vocabulary).
+pub fn replay_requests<B: Backend>(
+    engine: &mut Engine<B>,
+    requests: &[BenchRequest],
+    tokenizer: Option<&Tokenizer>,
+    mut on_finished: impl FnMut(),
+) -> Result<(Vec<RequestTimes>, ReplayReport)> {
+    if requests.is_empty() {
         return Err(Error::invalid("the trace is empty"));
     }
-    let vocab = engine.model().config().vocab_size as u32;
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut prompts = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        let ids = r.prompt.token_ids(tokenizer).map_err(|e| Error::invalid(format!("request {i}: {e}")))?;
+        prompts.push(ids);
+    }
     let preemptions_before = engine.preemptions();
-    let mut times: Vec<RequestTimes> = trace.iter().map(|_| RequestTimes { tokens: Vec::new() }).collect();
+    let mut tokens: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
     let start = Instant::now();
-    let arrival = |i: usize| start + Duration::from_secs_f64(trace[i].arrival_s);
+    let arrival = |i: usize| start + Duration::from_secs_f64(requests[i].arrival_s);
     let mut next = 0;
     let mut finished = 0;
-    while finished < trace.len() {
+    while finished < requests.len() {
         let now = Instant::now();
-        while next < trace.len() && arrival(next) <= now {
-            let r = &trace[next];
-            let prompt: Vec<u32> = (0..r.input_len).map(|_| rng.random_range(0..vocab)).collect();
+        while next < requests.len() && arrival(next) <= now {
+            let r = &requests[next];
             let options = RequestOptions { max_tokens: r.output_len, ignore_eos: true, ..RequestOptions::default() };
-            engine.add_request(next as u64, prompt, options)?;
+            engine
+                .add_request(next as u64, std::mem::take(&mut prompts[next]), options)
+                .map_err(|e| Error::invalid(format!("request {next} was refused: {e}")))?;
             next += 1;
         }
         if !engine.has_unfinished() {
             // Idle until the next arrival.
-            if next < trace.len() {
+            if next < requests.len() {
                 std::thread::sleep(arrival(next).saturating_duration_since(Instant::now()));
             }
             continue;
@@ -80,28 +198,27 @@ pub fn replay<B: Backend>(
             match event {
                 EngineEvent::Token { id, .. } => {
                     let i = id as usize;
-                    times[i].tokens.push(now.duration_since(arrival(i)).as_secs_f64());
+                    tokens[i].push(now.duration_since(arrival(i)).as_secs_f64());
                 }
-                EngineEvent::Finished { .. } => finished += 1,
+                EngineEvent::Finished { .. } => {
+                    finished += 1;
+                    on_finished();
+                }
             }
         }
     }
-    let duration_s = start.elapsed().as_secs_f64() - trace[0].arrival_s;
-    let ttft: Vec<f64> = times.iter().filter_map(|t| t.tokens.first().copied()).collect();
-    let tbt: Vec<f64> = times.iter().flat_map(|t| t.tokens.windows(2).map(|w| w[1] - w[0])).collect();
-    let normalized: Vec<f64> =
-        times.iter().filter_map(|t| t.tokens.last().map(|&end| end / t.tokens.len() as f64)).collect();
-    let output_tokens: usize = times.iter().map(|t| t.tokens.len()).sum();
-    // A trace of one-token outputs has no gaps: report zeros rather than fail.
-    let tbt = if tbt.is_empty() { Summary::of(&[0.0])? } else { Summary::of(&tbt)? };
-    let report = ReplayReport {
-        ttft: Summary::of(&ttft)?,
-        tbt,
-        normalized_latency: Summary::of(&normalized)?,
-        request_throughput: trace.len() as f64 / duration_s,
-        token_throughput: output_tokens as f64 / duration_s,
-        duration_s,
-        preemptions: engine.preemptions() - preemptions_before,
-    };
+    let duration_s = start.elapsed().as_secs_f64() - requests[0].arrival_s;
+    let times: Vec<RequestTimes> = tokens
+        .into_iter()
+        .map(|tokens| RequestTimes {
+            end_s: tokens.last().copied().unwrap_or(0.0),
+            output_tokens: tokens.len(),
+            tokens,
+        })
+        .collect();
+    let outcomes: Vec<RequestOutcome> = times.iter().cloned().map(Ok).collect();
+    let requested: Vec<usize> = requests.iter().map(|r| r.output_len).collect();
+    let preemptions = engine.preemptions() - preemptions_before;
+    let report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;
     Ok((times, report))
 }

@@ -22,14 +22,22 @@
 //! [`trace`] adds Poisson arrivals: independent exponential gaps of mean `1 / rate`, the first
 //! request arriving one gap after 0. Everything is reproducible under a seed.
 //!
+//! A benchmark sends [`BenchRequest`]s: [`synthetic_requests`] gives a trace's requests prompts
+//! of random token ids (drawn under the seed from a range that every model's vocabulary holds),
+//! and [`dataset_requests`] replays the prompts of a JSONL file ([`parse_jsonl`]) with the same
+//! Poisson arrivals, cycling through the file when it has fewer requests than asked for and
+//! taking its first ones when it has more.
+//!
 //! [`percentile`] and [`Summary`] report such samples (lengths here, TTFT and TBT later) with
 //! linear interpolation between order statistics.
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::Deserialize;
 
 use crate::{Error, Result};
 
@@ -281,23 +289,165 @@ pub struct Request {
 ///
 /// Fails when `rate_per_s` is not a finite number > 0 or `num_requests` is 0.
 pub fn trace(workload: Workload, rate_per_s: f64, num_requests: usize, seed: u64) -> Result<Vec<Request>> {
+    check_arrivals(rate_per_s, num_requests)?;
+    let sampler = WorkloadSampler::new(workload)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut now = 0.0;
+    let mut requests = Vec::with_capacity(num_requests);
+    for _ in 0..num_requests {
+        now += arrival_gap(&mut rng, rate_per_s);
+        let s = sampler.sample(&mut rng);
+        requests.push(Request { arrival_s: now, input_len: s.input_len, output_len: s.output_len });
+    }
+    Ok(requests)
+}
+
+fn check_arrivals(rate_per_s: f64, num_requests: usize) -> Result<()> {
     if !(rate_per_s.is_finite() && rate_per_s > 0.0) {
         return Err(Error::invalid(format!("arrival rate {rate_per_s} must be a finite number > 0")));
     }
     if num_requests == 0 {
         return Err(Error::invalid("a trace needs at least one request"));
     }
-    let sampler = WorkloadSampler::new(workload)?;
+    Ok(())
+}
+
+/// An exponential gap of mean `1 / rate_per_s`.
+fn arrival_gap<R: Rng + ?Sized>(rng: &mut R, rate_per_s: f64) -> f64 {
+    // 1 - u is in (0, 1], so the logarithm is finite.
+    -(1.0 - rng.random::<f64>()).ln() / rate_per_s
+}
+
+/// The prompt of a benchmark request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prompt {
+    /// Text: tokenized by the model's tokenizer in-process, sent as is to a server.
+    Text(String),
+    /// Token ids, sent as they are.
+    TokenIds(Vec<u32>),
+}
+
+impl Prompt {
+    /// The prompt's token ids: `TokenIds` as they are, `Text` encoded by `tokenizer` (with the
+    /// special tokens a completion prompt gets). Fails for text without a tokenizer.
+    pub fn token_ids(&self, tokenizer: Option<&crate::tokenizer::Tokenizer>) -> Result<Vec<u32>> {
+        match (self, tokenizer) {
+            (Prompt::TokenIds(ids), _) => Ok(ids.clone()),
+            (Prompt::Text(text), Some(tokenizer)) => tokenizer.encode(text, true),
+            (Prompt::Text(_), None) => Err(Error::invalid(
+                "a text prompt needs the model's tokenizer; this model has none (use prompt_token_ids)",
+            )),
+        }
+    }
+}
+
+/// One request of a benchmark run: when it arrives, what it asks and how many tokens it must
+/// generate (the output is forced to that length).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BenchRequest {
+    /// Arrival time in seconds since the start of the run.
+    pub arrival_s: f64,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Output length in tokens, >= 1.
+    pub output_len: usize,
+}
+
+/// The requests of `trace` with prompts of random token ids of their input lengths, drawn
+/// uniformly from `token_ids` under `seed`. Fails on an empty range.
+pub fn synthetic_requests(trace: &[Request], token_ids: Range<u32>, seed: u64) -> Result<Vec<BenchRequest>> {
+    if token_ids.is_empty() {
+        return Err(Error::invalid(format!("the token-id range {token_ids:?} is empty")));
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    Ok(trace
+        .iter()
+        .map(|r| BenchRequest {
+            arrival_s: r.arrival_s,
+            prompt: Prompt::TokenIds((0..r.input_len).map(|_| rng.random_range(token_ids.clone())).collect()),
+            output_len: r.output_len,
+        })
+        .collect())
+}
+
+/// One request of a JSONL dataset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatasetEntry {
+    /// The prompt.
+    pub prompt: Prompt,
+    /// The output length to force, >= 1.
+    pub output_len: usize,
+}
+
+/// A line of a JSONL dataset as written: exactly one of the two prompt fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatasetLine {
+    prompt: Option<String>,
+    prompt_token_ids: Option<Vec<u32>>,
+    output_len: usize,
+}
+
+/// Parses a JSONL dataset: one JSON object per line, `{"prompt": "text", "output_len": N}` or
+/// `{"prompt_token_ids": [ids], "output_len": N}`, with N >= 1 and a non-empty prompt. Blank lines
+/// are skipped. Fails on the first malformed line, naming its number (from 1), or when the file
+/// holds no request.
+pub fn parse_jsonl(text: &str) -> Result<Vec<DatasetEntry>> {
+    let mut entries = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = |message: String| Error::invalid(format!("line {}: {message}", i + 1));
+        let parsed: DatasetLine = serde_json::from_str(line).map_err(|e| {
+            bad(format!(
+                "{e} (expected {{\"prompt\": \"text\", \"output_len\": N}} or {{\"prompt_token_ids\": [ids], \"output_len\": N}})"
+            ))
+        })?;
+        let prompt = match (parsed.prompt, parsed.prompt_token_ids) {
+            (Some(text), None) if !text.is_empty() => Prompt::Text(text),
+            (None, Some(ids)) if !ids.is_empty() => Prompt::TokenIds(ids),
+            (Some(_), Some(_)) => return Err(bad("give either prompt or prompt_token_ids, not both".into())),
+            (None, None) => return Err(bad("missing prompt or prompt_token_ids".into())),
+            _ => return Err(bad("the prompt is empty".into())),
+        };
+        if parsed.output_len == 0 {
+            return Err(bad("output_len must be at least 1".into()));
+        }
+        entries.push(DatasetEntry { prompt, output_len: parsed.output_len });
+    }
+    if entries.is_empty() {
+        return Err(Error::invalid("the dataset holds no request"));
+    }
+    Ok(entries)
+}
+
+/// `num_requests` requests of `entries`, in file order (cycling through the file when it is
+/// shorter, its first `num_requests` when it is longer), arriving as a Poisson process of
+/// `rate_per_s` requests per second under `seed` (as in [`trace`]).
+///
+/// Fails on an empty dataset, when `rate_per_s` is not a finite number > 0 or `num_requests` is 0.
+pub fn dataset_requests(
+    entries: &[DatasetEntry],
+    rate_per_s: f64,
+    num_requests: usize,
+    seed: u64,
+) -> Result<Vec<BenchRequest>> {
+    check_arrivals(rate_per_s, num_requests)?;
+    if entries.is_empty() {
+        return Err(Error::invalid("the dataset holds no request"));
+    }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut now = 0.0;
-    let mut requests = Vec::with_capacity(num_requests);
-    for _ in 0..num_requests {
-        // 1 - u is in (0, 1], so the logarithm is finite.
-        now += -(1.0 - rng.random::<f64>()).ln() / rate_per_s;
-        let s = sampler.sample(&mut rng);
-        requests.push(Request { arrival_s: now, input_len: s.input_len, output_len: s.output_len });
-    }
-    Ok(requests)
+    Ok(entries
+        .iter()
+        .cycle()
+        .take(num_requests)
+        .map(|e| {
+            now += arrival_gap(&mut rng, rate_per_s);
+            BenchRequest { arrival_s: now, prompt: e.prompt.clone(), output_len: e.output_len }
+        })
+        .collect())
 }
 
 /// The `p`-th percentile (`p` in percent, clamped to [0, 100]) of ascending `sorted` values, by

@@ -120,13 +120,21 @@ impl Default for CudaBackendConfig {
     }
 }
 
+/// A CUDA graph that may move to another thread with the backend (the engine runs on its own).
+struct SendGraph(CudaGraph);
+
+// SAFETY: a graph's handles are the context's, not a thread's: the driver accepts them from any
+// thread, and cudarc binds the context to the calling thread before each use. The backend keeps
+// its graphs behind a mutex, so one thread at a time uses them.
+unsafe impl Send for SendGraph {}
+
 /// A decode step of one batch-size bucket, recorded.
 struct DecodeGraph {
     scope: StepScope,
     batch: usize,
     /// The bucket's inputs, rewritten before each replay.
     step: CudaStep,
-    graph: CudaGraph,
+    graph: SendGraph,
     /// `[batch, vocab]`: where the graph leaves the logits.
     logits: CudaSlice<bf16>,
     vocab: usize,
@@ -211,7 +219,7 @@ impl CudaBackend {
         if let Some(g) = graphs.iter_mut().find(|g| g.batch == batch) {
             let width = input.max_blocks_per_seq.max(1);
             g.step.rewrite(&self.ctx, &pad_decode_step(input, batch, width, scope))?;
-            g.graph.launch().map_err(kernel_error)?;
+            g.graph.0.launch().map_err(kernel_error)?;
             let mut out = self.zeros(rows, g.vocab)?;
             stream.memcpy_dtod(&g.logits.slice(..rows * g.vocab), &mut out.data).map_err(kernel_error)?;
             return Ok(out);
@@ -231,7 +239,7 @@ impl CudaBackend {
             stream.memcpy_dtod(&logits.data, &mut kept).map_err(kernel_error)?;
             Ok::<_, Error>(())
         })?;
-        graphs.push(DecodeGraph { scope, batch, step, graph, logits: kept, vocab });
+        graphs.push(DecodeGraph { scope, batch, step, graph: SendGraph(graph), logits: kept, vocab });
         Ok(out)
     }
 

@@ -1,4 +1,6 @@
-//! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot.
+//! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot;
+//! a JSONL workload of text and token-id prompts runs in-process; bad workloads and flags fail
+//! with a message.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -41,4 +43,52 @@ fn a_small_sweep_reports_every_rate() {
         .output()
         .expect("run");
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--rate"));
+}
+
+#[test]
+fn a_jsonl_workload_runs_in_process_and_bad_ones_name_their_line() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let dir = std::env::temp_dir().join(format!("nexus-bench-jsonl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let good = dir.join("good.jsonl");
+    let lines = [
+        "{\"prompt\": \"Once upon a time\", \"output_len\": 4}",
+        "{\"prompt_token_ids\": [1, 2, 3], \"output_len\": 3}",
+    ];
+    std::fs::write(&good, lines.join("\n")).expect("write");
+    let json = dir.join("report.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["bench", "--device", "cpu", "--rate", "100", "--num-requests", "3", "--model"])
+        .arg(&model)
+        .arg(format!("--workload=jsonl:{}", good.display()))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run nexus bench");
+    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    let run = &doc["runs"][0];
+    // Three requests from a two-line file: the file is cycled.
+    assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(3), Some(0)), "{run}");
+    assert_eq!(run["tbt_s"]["count"], 3 + 2 + 3);
+    assert_eq!(run["length_mismatches"], serde_json::json!([]));
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(&bad, format!("{}\n{}\n{{\"prompt\": 3, \"output_len\": 1}}\n", lines[0], lines[1])).expect("write");
+    let mut failures = vec![(format!("--workload=jsonl:{}", bad.display()), "line 3".to_owned())];
+    failures.push(("--workload=jsonl:/nonexistent/x.jsonl".into(), "/nonexistent/x.jsonl".into()));
+    failures.push(("--workload=tiny".into(), "jsonl:PATH".into()));
+    failures.push(("--token-id-range=9..2".into(), "empty".into()));
+    failures.push(("--token-id-range=0..60000".into(), "vocabulary".into()));
+    for (flag, want) in failures {
+        let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--device", "cpu", "--num-requests", "1", "--model"])
+            .arg(&model)
+            .arg(&flag)
+            .output()
+            .expect("run nexus bench");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(&want), "{flag}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -1,6 +1,8 @@
 //! `nexus serve` on the CPU backend with SmolLM2, on a loopback port, driven by a real HTTP
-//! client: chat (streaming and not), completions, every bad request, a client that disconnects
-//! mid-stream (its blocks are freed), 32 concurrent clients, and the API key.
+//! client: chat (streaming and not), completions, token-id prompts with `return_token_ids` and
+//! `min_tokens`, every bad request, a client that disconnects mid-stream (its blocks are freed),
+//! 32 concurrent clients, the API key, and `nexus bench --url` replaying a JSONL workload against
+//! the server.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -185,6 +187,14 @@ fn bad_requests_get_an_openai_style_4xx() {
             "role",
         ),
         ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": ["a", "b"] }).to_string(), 400, "string"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": [[1, 2], [3]] }).to_string(), 400, "batched"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": [1, 49_152] }).to_string(), 400, "vocabulary"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": [1, -2] }).to_string(), 400, "vocabulary"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": [1.5] }).to_string(), 400, "vocabulary"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": 7 }).to_string(), 400, "token ids"),
+        ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": [] }).to_string(), 400, "empty"),
+        ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 4, "min_tokens": 5 })), 400, "min_tokens"),
+        ("/v1/chat/completions", chat("hi", json!({ "min_tokens": -1 })), 400, "min_tokens"),
         ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": "word ".repeat(9000) }).to_string(), 400, "context"),
     ];
     for (path, body, want_status, want_message) in cases {
@@ -255,4 +265,137 @@ fn the_api_key_is_required_when_set() {
         .send(chat("hi", json!({ "max_tokens": 2 })))
         .expect("POST");
     assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap_or_default());
+}
+
+fn completion(server: &Server, body: Value) -> Value {
+    let (status, response) = post(server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{body}: {response}");
+    response
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|t| t.as_u64().expect("a token id"))
+        .collect()
+}
+
+#[test]
+fn token_id_prompts_return_token_ids_and_min_tokens() {
+    let server = start(&[]);
+    // A text prompt, with its token ids and the output's.
+    let text = completion(
+        &server,
+        json!({ "model": MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "return_token_ids": true }),
+    );
+    let prompt_ids = ids(&text["prompt_token_ids"]);
+    let output_ids = ids(&text["choices"][0]["token_ids"]);
+    assert_eq!(prompt_ids.len() as u64, text["usage"]["prompt_tokens"].as_u64().expect("usage"));
+    assert_eq!(output_ids.len() as u64, text["usage"]["completion_tokens"].as_u64().expect("usage"));
+    // The same ids as a prompt: the same greedy completion.
+    let by_ids =
+        completion(&server, json!({ "model": MODEL_NAME, "prompt": prompt_ids, "max_tokens": 8, "temperature": 0 }));
+    assert_eq!(by_ids["choices"][0]["text"], text["choices"][0]["text"]);
+    assert!(by_ids.get("prompt_token_ids").is_none() && by_ids["choices"][0].get("token_ids").is_none());
+
+    // Streamed: one chunk per token, each with its id; the first carries the prompt's ids.
+    let body = json!({
+        "model": MODEL_NAME, "prompt": prompt_ids, "max_tokens": 8, "temperature": 0, "return_token_ids": true,
+        "stream": true, "stream_options": { "include_usage": true }
+    });
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(body.to_string()).expect("POST");
+    let events = sse_events(response.into_body().into_reader());
+    assert_eq!(ids(&events[0]["prompt_token_ids"]), prompt_ids);
+    assert!(events[1..].iter().all(|e| e.get("prompt_token_ids").is_none()));
+    let streamed: Vec<u64> = events.iter().flat_map(|e| ids(&e["choices"][0]["token_ids"])).collect();
+    assert_eq!(streamed, output_ids);
+    let with_tokens = events.iter().filter(|e| !ids(&e["choices"][0]["token_ids"]).is_empty()).count();
+    assert_eq!(with_tokens, output_ids.len());
+    let streamed_text: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(streamed_text, text["choices"][0]["text"].as_str().expect("text"));
+
+    // This chat answer ends with end-of-sequence after n tokens; min_tokens carries it past that.
+    let (_, short) = post(&server, "/v1/chat/completions", &chat("What is the capital of France?", json!({})));
+    assert_eq!(short["choices"][0]["finish_reason"], "stop");
+    let n = short["usage"]["completion_tokens"].as_u64().expect("usage");
+    let forced = chat("What is the capital of France?", json!({ "max_tokens": n + 3, "min_tokens": n + 3 }));
+    let (status, long) = post(&server, "/v1/chat/completions", &forced);
+    assert_eq!(status, 200, "{long}");
+    assert_eq!(long["choices"][0]["finish_reason"], "length");
+    assert_eq!(long["usage"]["completion_tokens"], n + 3);
+}
+
+/// Writes `lines` to a fresh file in the temp directory.
+fn write_temp(name: &str, lines: &[Value]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("nexus-{}-{name}", std::process::id()));
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, text).expect("write a temp file");
+    path
+}
+
+/// Runs `nexus bench --url` against `server` on the JSONL `lines`; returns its JSON report.
+fn bench_url(server: &Server, name: &str, lines: &[Value]) -> Value {
+    let jsonl = write_temp(&format!("{name}.jsonl"), lines);
+    let report = std::env::temp_dir().join(format!("nexus-{}-{name}.json", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["bench", "--url", &server.base, "--rate", "50", "--request-timeout", "60"])
+        .arg(format!("--workload=jsonl:{}", jsonl.display()))
+        .arg("--json")
+        .arg(&report)
+        .output()
+        .expect("run nexus bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("{MODEL_NAME} at {}", server.base)) && stdout.contains("| 50 |"), "{stdout}");
+    let doc = serde_json::from_str(&std::fs::read_to_string(&report).expect("the report")).expect("JSON");
+    std::fs::remove_file(jsonl).ok();
+    std::fs::remove_file(report).ok();
+    doc
+}
+
+#[test]
+fn bench_url_replays_a_workload_against_the_server() {
+    let server = start(&[]);
+    // Six requests of 16 to 64 prompt tokens and 8 output tokens each.
+    let lines: Vec<Value> = (0..6)
+        .map(|i| {
+            let ids: Vec<u32> = (0..16 + 48 * i / 5).map(|j| 1000 + 37 * (i * 64 + j) as u32).collect();
+            json!({ "prompt_token_ids": ids, "output_len": 8 })
+        })
+        .collect();
+    let doc = bench_url(&server, "good", &lines);
+    let run = &doc["runs"][0];
+    assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(6), Some(0)), "{run}");
+    assert_eq!(run["length_mismatches"], json!([]), "{run}");
+    assert_eq!(run["ttft_s"]["count"], 6);
+    // Every request timed all 8 of its tokens.
+    assert_eq!(run["tbt_s"]["count"], 6 * 7);
+    for metric in ["ttft_s", "tbt_s", "normalized_latency_s"] {
+        for stat in ["mean", "p50", "p95", "p99"] {
+            let v = run[metric][stat].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v >= 0.0, "{metric} {stat}: {v}");
+        }
+    }
+    assert!(run["token_throughput"].as_f64().expect("throughput") > 0.0);
+    assert_eq!(run["preemptions"], Value::Null);
+
+    // A request the server refuses is counted as failed, with its error; the others still report.
+    let bad = [
+        json!({ "prompt": "Once upon a time", "output_len": 4 }),
+        json!({ "prompt_token_ids": [1, 49_152], "output_len": 4 }),
+    ];
+    let run = &bench_url(&server, "bad", &bad)["runs"][0];
+    assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(1), Some(1)), "{run}");
+    assert_eq!(run["failures"][0]["request"], 1);
+    assert!(run["failures"][0]["error"].as_str().expect("error").contains("HTTP 400"), "{run}");
+
+    // A server that is not there is an error, not a panic.
+    drop(server);
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["bench", "--url", "http://127.0.0.1:9", "--num-requests", "1"])
+        .output()
+        .expect("run nexus bench");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", String::from_utf8_lossy(&out.stderr));
 }

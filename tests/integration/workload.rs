@@ -1,9 +1,12 @@
 //! Benchmark workloads: drawn lengths match the paper's table (DESIGN.md), the mixture is 60/40,
-//! arrivals are Poisson and reproducible, bad arguments are refused.
+//! arrivals are Poisson and reproducible, bad arguments are refused; JSONL datasets parse (or name
+//! the bad line) and replay cycled or cut to the number of requests.
 //!
 //! The table is copied here rather than read from the module's constants, so a typo there fails.
 
-use nexus::runtime::workload::{Summary, Workload, WorkloadSampler, trace};
+use nexus::runtime::workload::{
+    DatasetEntry, Prompt, Summary, Workload, WorkloadSampler, dataset_requests, parse_jsonl, synthetic_requests, trace,
+};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
@@ -146,4 +149,62 @@ fn bad_arguments_are_refused() {
     for w in Workload::ALL {
         assert_eq!(w.name().parse::<Workload>().unwrap(), w);
     }
+}
+
+#[test]
+fn jsonl_datasets_parse_and_name_the_bad_line() {
+    let good = "{\"prompt\": \"Hello there\", \"output_len\": 5}\n\n  \n{\"prompt_token_ids\": [1, 2, 3], \"output_len\": 2}\n";
+    let entries = parse_jsonl(good).unwrap();
+    assert_eq!(
+        entries,
+        [
+            DatasetEntry { prompt: Prompt::Text("Hello there".into()), output_len: 5 },
+            DatasetEntry { prompt: Prompt::TokenIds(vec![1, 2, 3]), output_len: 2 },
+        ]
+    );
+    let ok = "{\"prompt\": \"a\", \"output_len\": 1}\n";
+    for (bad_line, want) in [
+        ("not json", "expected"),
+        ("{\"prompt\": \"a\"}", "output_len"),
+        ("{\"output_len\": 3}", "missing prompt"),
+        ("{\"prompt\": \"a\", \"prompt_token_ids\": [1], \"output_len\": 3}", "not both"),
+        ("{\"prompt_token_ids\": [], \"output_len\": 3}", "empty"),
+        ("{\"prompt_token_ids\": [-1], \"output_len\": 3}", "-1"),
+        ("{\"prompt\": \"a\", \"output_len\": 0}", "at least 1"),
+        ("{\"prompt\": \"a\", \"output_len\": 3, \"max_tokens\": 3}", "max_tokens"),
+    ] {
+        // The bad line is the third: a blank line counts.
+        let text = format!("{ok}\n{bad_line}\n{ok}");
+        let message = parse_jsonl(&text).unwrap_err().to_string();
+        assert!(message.contains("line 3:") && message.contains(want), "{bad_line}: {message}");
+    }
+    assert!(parse_jsonl("\n\n").unwrap_err().to_string().contains("no request"));
+}
+
+#[test]
+fn datasets_cycle_or_cut_and_random_prompts_stay_in_range() {
+    let entries: Vec<DatasetEntry> = (1..=3)
+        .map(|n| DatasetEntry { prompt: Prompt::TokenIds(vec![n; n as usize]), output_len: n as usize })
+        .collect();
+    let cycled = dataset_requests(&entries, 10.0, 7, 4).unwrap();
+    let lengths: Vec<usize> = cycled.iter().map(|r| r.output_len).collect();
+    assert_eq!(lengths, [1, 2, 3, 1, 2, 3, 1]);
+    assert!(cycled.windows(2).all(|w| w[0].arrival_s < w[1].arrival_s));
+    let cut = dataset_requests(&entries, 10.0, 2, 4).unwrap();
+    assert_eq!(cut.iter().map(|r| r.output_len).collect::<Vec<_>>(), [1, 2]);
+    // The same seed gives the same arrivals.
+    assert_eq!(cut[..], cycled[..2]);
+    assert!(dataset_requests(&entries, 0.0, 2, 4).is_err());
+    assert!(dataset_requests(&entries, 1.0, 0, 4).is_err());
+    assert!(dataset_requests(&[], 1.0, 2, 4).is_err());
+
+    let shapes = trace(Workload::ShareGpt, 5.0, 50, 8).unwrap();
+    let requests = synthetic_requests(&shapes, 1000..30_000, 8).unwrap();
+    for (r, shape) in requests.iter().zip(&shapes) {
+        let Prompt::TokenIds(ids) = &r.prompt else { panic!("a text prompt") };
+        assert_eq!((ids.len(), r.output_len, r.arrival_s), (shape.input_len, shape.output_len, shape.arrival_s));
+        assert!(ids.iter().all(|id| (1000..30_000).contains(id)));
+    }
+    assert_eq!(requests, synthetic_requests(&shapes, 1000..30_000, 8).unwrap());
+    assert!(synthetic_requests(&shapes, 5..5, 8).is_err());
 }

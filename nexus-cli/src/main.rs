@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::backend::{Backend, CpuBackend};
 use nexus_runtime::chat_template::ChatMessage;
-use nexus_runtime::cuda_backend::CudaBackend;
+use nexus_runtime::cuda_backend::{CudaBackend, CudaBackendConfig};
 use nexus_runtime::engine::{Engine, EngineConfig};
 use nexus_runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator, generate_text};
 use nexus_runtime::kernels::{CtaBudget, Gpu, PhaseContext};
@@ -67,12 +67,55 @@ struct ServeArgs {
     engine: EngineArgs,
 }
 
-/// Where the engine runs and how big it is (shared by `serve` and `bench`).
+/// Where the model runs and how (shared by `generate`, `serve` and `bench`).
 #[derive(Args, Debug)]
-struct EngineArgs {
+struct DeviceArgs {
     /// Where to run the model.
     #[arg(long, value_enum, default_value_t = Device::Auto)]
     device: Device,
+    /// Launch every step's kernels one by one: no CUDA graphs for decode steps (GPU only).
+    #[arg(long)]
+    enforce_eager: bool,
+    /// Make each request's output independent of what it is batched with, of how its prompt is
+    /// chunked and of preemption, bit for bit (GPU only; slower: see the README).
+    #[arg(long)]
+    batch_invariant: bool,
+}
+
+impl DeviceArgs {
+    /// Runs `job` on the backend `--device` picks, with `cpu` or `gpu` KV-cache sizing.
+    fn run<J: OnBackend>(&self, job: J, cpu: KvSizing, gpu: KvSizing) -> anyhow::Result<()> {
+        match self.device {
+            Device::Cpu => job.run(CpuBackend, cpu),
+            Device::Cuda => job.run(self.cuda_backend()?, gpu),
+            Device::Auto => match self.cuda_backend() {
+                Ok(backend) => job.run(backend, gpu),
+                Err(e) => {
+                    eprintln!("no usable GPU ({e:#}); running on the CPU");
+                    job.run(CpuBackend, cpu)
+                }
+            },
+        }
+    }
+
+    /// The CUDA backend on GPU 0 with all of its SMs.
+    fn cuda_backend(&self) -> anyhow::Result<CudaBackend> {
+        let gpu = Gpu::new(0)?;
+        let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
+        eprintln!("running on {gpu:?}");
+        let mut config = CudaBackendConfig { batch_invariant: self.batch_invariant, ..CudaBackendConfig::default() };
+        if self.enforce_eager {
+            config.graph_batch_sizes.clear();
+        }
+        Ok(CudaBackend::with_config(ctx, config)?)
+    }
+}
+
+/// Where the engine runs and how big it is (shared by `serve` and `bench`).
+#[derive(Args, Debug)]
+struct EngineArgs {
+    #[command(flatten)]
+    device: DeviceArgs,
     /// The most requests running at once.
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
@@ -97,19 +140,7 @@ impl EngineArgs {
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             bail!("--gpu-memory-utilization must be in (0, 1]");
         }
-        let on_cpu = |job: J| job.run(CpuBackend, KvSizing::Blocks(self.cpu_kv_blocks));
-        let on_gpu = |job: J, backend| job.run(backend, KvSizing::GpuMemory(self.gpu_memory_utilization));
-        match self.device {
-            Device::Cpu => on_cpu(job),
-            Device::Cuda => on_gpu(job, cuda_backend()?),
-            Device::Auto => match cuda_backend() {
-                Ok(backend) => on_gpu(job, backend),
-                Err(e) => {
-                    eprintln!("no usable GPU ({e:#}); running on the CPU");
-                    on_cpu(job)
-                }
-            },
-        }
+        self.device.run(job, KvSizing::Blocks(self.cpu_kv_blocks), KvSizing::GpuMemory(self.gpu_memory_utilization))
     }
 }
 
@@ -165,9 +196,8 @@ struct GenerateArgs {
     /// Keep generating after the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
-    /// Where to run the model.
-    #[arg(long, value_enum, default_value_t = Device::Auto)]
-    device: Device,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -292,25 +322,25 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty after tokenization");
     }
 
-    match args.device {
-        Device::Cpu => run_generate(CpuBackend, &args, &loaded, &prompt, sampling),
-        Device::Cuda => run_generate(cuda_backend()?, &args, &loaded, &prompt, sampling),
-        Device::Auto => match cuda_backend() {
-            Ok(backend) => run_generate(backend, &args, &loaded, &prompt, sampling),
-            Err(e) => {
-                eprintln!("no usable GPU ({e:#}); running on the CPU");
-                run_generate(CpuBackend, &args, &loaded, &prompt, sampling)
-            }
-        },
-    }
+    // A single request sizes its own cache.
+    let job = GenerateJob { args: &args, loaded: &loaded, prompt: &prompt, sampling };
+    args.device.run(job, KvSizing::Blocks(0), KvSizing::Blocks(0))
 }
 
-/// The CUDA backend on GPU 0 with all of its SMs.
-fn cuda_backend() -> anyhow::Result<CudaBackend> {
-    let gpu = Gpu::new(0)?;
-    let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
-    eprintln!("running on {gpu:?}");
-    Ok(CudaBackend::new(ctx)?)
+struct GenerateJob<'a> {
+    args: &'a GenerateArgs,
+    loaded: &'a LoadedModel,
+    prompt: &'a [u32],
+    sampling: SamplingParams,
+}
+
+impl OnBackend for GenerateJob<'_> {
+    fn run<B: Backend + 'static>(self, backend: B, _: KvSizing) -> anyhow::Result<()>
+    where
+        Engine<B>: Send,
+    {
+        run_generate(backend, self.args, self.loaded, self.prompt, self.sampling)
+    }
 }
 
 fn run_generate<B: Backend>(

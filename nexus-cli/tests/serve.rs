@@ -3,6 +3,10 @@
 //! `min_tokens`, every bad request, a client that disconnects mid-stream (its blocks are freed),
 //! 32 concurrent clients, the API key, and `nexus bench --url` replaying a JSONL workload against
 //! the server.
+//!
+//! The same tests run on the GPU machine against the CUDA backend with
+//! `NEXUS_TEST_DEVICE=cuda`; there `NEXUS_BIN` names the staged `nexus` binary and
+//! `NEXUS_MODEL` the model file (the paths this test was built with do not exist there).
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
@@ -27,14 +31,27 @@ impl Drop for Server {
 }
 
 fn model_path() -> PathBuf {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = std::env::var_os("NEXUS_MODEL").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
     assert!(path.is_file(), "{} is missing: run scripts/fetch-model.sh first", path.display());
     path
 }
 
+/// The `nexus` binary: `$NEXUS_BIN`, else the one cargo built with this test.
+fn nexus() -> Command {
+    Command::new(std::env::var_os("NEXUS_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_nexus").into()))
+}
+
+/// The backend the server runs on: `$NEXUS_TEST_DEVICE`, else the CPU.
+fn device() -> String {
+    std::env::var("NEXUS_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
+
 fn start(extra: &[&str]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["serve", "--device", "cpu", "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
+    let mut child = nexus()
+        .args(["serve", "--device", &device(), "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
         .arg(model_path())
         .args(extra)
         .stdout(Stdio::piped())
@@ -338,7 +355,7 @@ fn write_temp(name: &str, lines: &[Value]) -> PathBuf {
 fn bench_url(server: &Server, name: &str, lines: &[Value]) -> Value {
     let jsonl = write_temp(&format!("{name}.jsonl"), lines);
     let report = std::env::temp_dir().join(format!("nexus-{}-{name}.json", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+    let out = nexus()
         .args(["bench", "--url", &server.base, "--rate", "50", "--request-timeout", "60"])
         .arg(format!("--workload=jsonl:{}", jsonl.display()))
         .arg("--json")
@@ -392,7 +409,7 @@ fn bench_url_replays_a_workload_against_the_server() {
 
     // A server that is not there is an error, not a panic.
     drop(server);
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+    let out = nexus()
         .args(["bench", "--url", "http://127.0.0.1:9", "--num-requests", "1"])
         .output()
         .expect("run nexus bench");

@@ -34,8 +34,16 @@
 
 namespace {
 
+using nexus::cp_async_16;
+using nexus::cp_async_commit;
+using nexus::cp_async_wait;
+using nexus::cp_async_wait_all;
 using nexus::fast_exp2;
+using nexus::ldmatrix_x4;
+using nexus::ldmatrix_x4_trans;
+using nexus::mma_16816;
 using nexus::pack_bf16;
+using nexus::smem_addr;
 
 constexpr int CONSUMER_WARPS = 8;
 constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
@@ -74,11 +82,9 @@ struct Layout {
     static constexpr int ML_BYTES = CONSUMER_WARPS * HEADS * 4;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// ---- PTX wrappers (all sm_80+; try_wait is sm_90 and replaces the test_wait spin there) ----
+// ---- mbarrier wrappers (all sm_80+; try_wait is sm_90 and replaces the test_wait spin there) ----
+// gemm.cu has its own (sm_90 only), which spell the state space `.shared::cta` where these say
+// `.shared`: the same instructions, but one shared set would change one kernel's PTX text.
 
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
     asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
@@ -117,45 +123,6 @@ __device__ __forceinline__ bool mbar_done(uint32_t bar, uint32_t parity) {
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     while (!mbar_done(bar, parity)) {
     }
-}
-
-// 16 bytes global -> shared, bypassing L1; only the first `src_bytes` (0 or 16) are read, the rest
-// zero-filled.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Waits until at most N of this thread's committed cp.async groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
-// c += a (16x16, row) * b (16x8, col), bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Transposes an 8x8 bf16 matrix held in mma fragment layout (lane holds row lane / 4, columns
@@ -271,7 +238,7 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
                         const int left = it.kv_end - t - tok0;  // rows from this lane's first to the end
 #pragma unroll
                         for (int c = 0; c < COPIES; ++c) {
-                            cp_async16(s + dst[c], row, TOK_STEP * c < left ? 16 : 0);
+                            cp_async_16(s + dst[c], row, TOK_STEP * c < left ? 16 : 0);
                             row += copy_step;
                         }
                     } else {
@@ -283,14 +250,14 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
                             const __nv_bfloat16* src =
                                 valid ? head + ((size_t)block * block_size + (tok & (block_size - 1))) * token_stride
                                       : pool;
-                            cp_async16(s + dst[c], src, valid ? 16 : 0);
+                            cp_async_16(s + dst[c], src, valid ? 16 : 0);
                         }
                     }
                     cp_async_commit();
                     if (issued >= LAG) {
                         // This lane's copies of its slot LAG before this one have landed: publish
                         // them (release) on that slot's barrier.
-                        cp_async_wait_group<LAG>();
+                        cp_async_wait<LAG>();
                         int done = slot - PARTS * LAG;
                         if (done < 0) done += R;
                         mbar_arrive(full + 8 * done);
@@ -394,8 +361,8 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
                 uint32_t frag[4];
-                ldsm_x4(ks + k_off[kk & 3] + (kk >> 2) * 128, frag);
-                mma_bf16(kk % 2 == 0 ? s : s_odd, frag, q[kk][0], q[kk][1]);
+                ldmatrix_x4(frag, ks + k_off[kk & 3] + (kk >> 2) * 128);
+                mma_16816(kk % 2 == 0 ? s : s_odd, frag, q[kk][0], q[kk][1]);
             }
 #pragma unroll
             for (int j = 0; j < 4; ++j) s[j] += s_odd[j];
@@ -435,8 +402,8 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
 #pragma unroll
             for (int mt = 0; mt < KS; ++mt) {
                 uint32_t frag[4];
-                ldsm_x4_trans(vs + v_off[mt & 3] + (mt >> 2) * 128, frag);
-                mma_bf16(o[mt], frag, b0, b1);
+                ldmatrix_x4_trans(frag, vs + v_off[mt & 3] + (mt >> 2) * 128);
+                mma_16816(o[mt], frag, b0, b1);
             }
             __syncwarp();
             mbar_arrive(empty + 8 * slot);
@@ -525,8 +492,8 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     float* obuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES);
     float* mbuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES);
     float* lbuf = mbuf + CONSUMER_WARPS * HEADS;
-    const uint32_t ring = smem_u32(smem);
-    const uint32_t full = smem_u32(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
+    const uint32_t ring = smem_addr(smem);
+    const uint32_t full = smem_addr(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
     const uint32_t empty = full + 8 * R;
 
     const int i0 = work_indptr[blockIdx.x], i1 = work_indptr[blockIdx.x + 1];

@@ -35,6 +35,10 @@
 
 namespace {
 
+using nexus::cp_async_16;
+using nexus::cp_async_commit;
+using nexus::cp_async_wait;
+using nexus::ldmatrix_x4;
 using nexus::mma_16816;
 using nexus::smem_addr;
 
@@ -98,16 +102,6 @@ struct MmaConfig {
     static_assert(BM * 8 % MMA_THREADS == 0 && BN * 8 % MMA_THREADS == 0, "every thread copies whole chunks");
 };
 
-// 16 bytes from global to shared memory, bypassing L1; zero-filled (nothing read) unless `valid`.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 // Waits until at most `n` committed groups are pending (`n` known only at run time).
 __device__ __forceinline__ void cp_async_wait_pending(int n) {
     switch (n) {
@@ -140,15 +134,8 @@ __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __rest
         const int r = i >> 3, chunk = i & 7;
         const int row = row0 + r, col = k0 + chunk * 8;
         const bool valid = row < rows && col < k;
-        cp_async16(dst + swizzled(r, chunk), valid ? src + (size_t)row * k + col : src, valid);
+        cp_async_16(dst + swizzled(r, chunk), valid ? src + (size_t)row * k + col : src, valid ? 16 : 0);
     }
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
 }
 
 // One stage (64 of K) of a warp's WM x WN tile. `live_mi` m16 fragments hold rows inside A; the

@@ -27,7 +27,12 @@
 
 namespace {
 
+using nexus::cp_async_16;
+using nexus::cp_async_commit;
+using nexus::cp_async_wait;
 using nexus::fast_exp2;
+using nexus::ldmatrix_x4;
+using nexus::ldmatrix_x4_trans;
 using nexus::mma_16816;
 using nexus::pack_bf16;
 using nexus::smem_addr;
@@ -37,31 +42,6 @@ constexpr int WARPS = THREADS / 32;
 constexpr int BLOCK_M = 16 * WARPS;  // query rows (token x head) per work item
 
 typedef __nv_bfloat16 bf16;
-
-// ---- PTX wrappers -------------------------------------------------------------------------------
-
-// 16-byte asynchronous copy global -> shared; copies zeros instead when `valid` is false (the
-// source is then not read, but must still be a valid address).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-    const int bytes = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] bf16 tile whose chunks are
 // XOR-swizzled by the row's low three bits: the 8 rows an ldmatrix phase reads hit 8 distinct
@@ -284,7 +264,7 @@ __device__ __forceinline__ void prefill_attention_body(
                 const int t = r / group, head = kv_head * group + (r - t * group);
                 src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + copy_chunk * 8;
             }
-            cp_async_16(q_smem + tile_offset<D>(r, copy_chunk), src, valid);
+            cp_async_16(q_smem + tile_offset<D>(r, copy_chunk), src, valid ? 16 : 0);
         }
         cp_async_commit();
 
@@ -311,8 +291,8 @@ __device__ __forceinline__ void prefill_attention_body(
                 const bool valid = slots[i] >= 0;
                 const size_t offset = valid ? static_cast<size_t>(slots[i]) * slot_len : 0;
                 const uint32_t dst = stage * C::TILE_BYTES + tile_offset<D>(r, copy_chunk);
-                cp_async_16(k_smem + dst, k_head + offset, valid);
-                cp_async_16(v_smem + dst, v_head + offset, valid);
+                cp_async_16(k_smem + dst, k_head + offset, valid ? 16 : 0);
+                cp_async_16(v_smem + dst, v_head + offset, valid ? 16 : 0);
             }
         };
 

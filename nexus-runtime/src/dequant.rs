@@ -225,24 +225,14 @@ fn f16_at(b: &[u8], at: usize) -> f32 {
     f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
 }
 
-/// `d: f16, qs: [u8; 16]`; value = (nibble - 8) * d, low nibbles first.
-fn dequantize_q4_0(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let qs = &b[2..18];
-    for (j, &q) in qs.iter().enumerate() {
-        y[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
-        y[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-    }
-}
-
-/// `d: f16, m: f16, qs: [u8; 16]`; value = nibble * d + m.
-fn dequantize_q4_1(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let m = f16_at(b, 2);
-    let qs = &b[4..20];
-    for (j, &q) in qs.iter().enumerate() {
-        y[j] = (q & 0x0f) as f32 * d + m;
-        y[j + 16] = (q >> 4) as f32 * d + m;
+/// The 32 quants of a Q4_0/Q4_1/Q5_0/Q5_1 block, each passed through `value` into `y`: value `j`
+/// has the low nibble of `qs[j]` and value `j + 16` its high nibble, with bit `j` of `qh` (the
+/// little-endian fifth-bit word of the Q5 types; 0 for the Q4 types) as bit 4.
+#[inline(always)]
+fn dequantize_nibbles(qs: &[u8], qh: u32, y: &mut [f32], value: impl Fn(u32) -> f32) {
+    for (j, &q) in qs[..16].iter().enumerate() {
+        y[j] = value((q & 0x0f) as u32 | ((qh >> j) & 1) << 4);
+        y[j + 16] = value((q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4);
     }
 }
 
@@ -251,32 +241,28 @@ fn q5_high_bits(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// `d: f16, qh: [u8; 4], qs: [u8; 16]`; value = (nibble | fifth bit << 4) - 16, times d, with
-/// the same low-nibbles-first order as Q4_0.
+/// `d: f16, qs: [u8; 16]`; value = (nibble - 8) * d.
+fn dequantize_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    dequantize_nibbles(&b[2..18], 0, y, |q| (q as i32 - 8) as f32 * d);
+}
+
+/// `d: f16, m: f16, qs: [u8; 16]`; value = nibble * d + m.
+fn dequantize_q4_1(b: &[u8], y: &mut [f32]) {
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    dequantize_nibbles(&b[4..20], 0, y, |q| q as f32 * d + m);
+}
+
+/// `d: f16, qh: [u8; 4], qs: [u8; 16]`; value = ((nibble | fifth bit << 4) - 16) * d.
 fn dequantize_q5_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
-    let qh = q5_high_bits(b, 2);
-    let qs = &b[6..22];
-    for (j, &q) in qs.iter().enumerate() {
-        let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
-        let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
-        y[j] = (lo as i32 - 16) as f32 * d;
-        y[j + 16] = (hi as i32 - 16) as f32 * d;
-    }
+    dequantize_nibbles(&b[6..22], q5_high_bits(b, 2), y, |q| (q as i32 - 16) as f32 * d);
 }
 
 /// `d: f16, m: f16, qh: [u8; 4], qs: [u8; 16]`; value = (nibble | fifth bit << 4) * d + m.
 fn dequantize_q5_1(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let m = f16_at(b, 2);
-    let qh = q5_high_bits(b, 4);
-    let qs = &b[8..24];
-    for (j, &q) in qs.iter().enumerate() {
-        let lo = (q & 0x0f) as u32 | ((qh >> j) & 1) << 4;
-        let hi = (q >> 4) as u32 | ((qh >> (j + 16)) & 1) << 4;
-        y[j] = lo as f32 * d + m;
-        y[j + 16] = hi as f32 * d + m;
-    }
+    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+    dequantize_nibbles(&b[8..24], q5_high_bits(b, 4), y, |q| q as f32 * d + m);
 }
 
 /// `d: f16, qs: [i8; 32]`; value = q * d.
@@ -287,24 +273,32 @@ fn dequantize_q8_0(b: &[u8], y: &mut [f32]) {
     }
 }
 
-/// `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`: sixteen sub-blocks of 16 values, each
-/// with a 4-bit scale (low nibble) and 4-bit min (high nibble); value = d * scale * q - dmin * min
-/// for 2-bit q. Each 32-byte half of `qs` holds 128 values as four 2-bit planes (shift 0, 2, 4, 6),
-/// and each plane is two sub-blocks of 16.
-fn dequantize_q2_k(b: &[u8], y: &mut [f32]) {
-    let scales = &b[0..16];
-    let qs = &b[16..80];
-    let d = f16_at(b, 80);
-    let dmin = f16_at(b, 82);
+/// The 2-bit planes of Q2_K and Q3_K: sixteen sub-blocks of 16 values; each 32-byte half of `qs`
+/// holds 128 values as four 2-bit planes (shift 0, 2, 4, 6), and each plane is two sub-blocks of
+/// 16. Calls `sub_block(i, out, q, shift)` for sub-block `i` with its 16 outputs and the 16 bytes
+/// whose bits `shift..shift + 2` are its quants.
+#[inline(always)]
+fn for_each_plane_sub_block(qs: &[u8], y: &mut [f32], mut sub_block: impl FnMut(usize, &mut [f32], &[u8], u32)) {
     for (i, out) in y.chunks_exact_mut(16).enumerate() {
         let (half, plane, second) = (i / 8, (i / 2) % 4, i % 2);
-        let q = &qs[32 * half + 16 * second..32 * half + 16 * second + 16];
+        let at = 32 * half + 16 * second;
+        sub_block(i, out, &qs[at..at + 16], 2 * plane as u32);
+    }
+}
+
+/// `scales: [u8; 16], qs: [u8; 64], d: f16, dmin: f16`: 2-bit planes, each sub-block with a 4-bit
+/// scale (low nibble) and 4-bit min (high nibble); value = d * scale * q - dmin * min.
+fn dequantize_q2_k(b: &[u8], y: &mut [f32]) {
+    let scales = &b[0..16];
+    let d = f16_at(b, 80);
+    let dmin = f16_at(b, 82);
+    for_each_plane_sub_block(&b[16..80], y, |i, out, q, shift| {
         let dl = d * (scales[i] & 0x0f) as f32;
         let ml = dmin * (scales[i] >> 4) as f32;
         for (y, &q) in out.iter_mut().zip(q) {
-            *y = dl * ((q >> (2 * plane)) & 3) as f32 - ml;
+            *y = dl * ((q >> shift) & 3) as f32 - ml;
         }
-    }
+    });
 }
 
 /// The signed 6-bit scale of sub-block `i` (0..16) of a Q3_K block's 12 packed scale bytes: the
@@ -316,28 +310,25 @@ fn scale_k3(i: usize, s: &[u8]) -> i32 {
     (low | high << 4) as i32 - 32
 }
 
-/// `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`: like Q2_K's 2-bit planes, plus a
-/// third bit from `hmask` (bit `k` of byte `l` for plane `k` of position `l`); a clear bit means
-/// the value is lowered by 4. Value = d * scale * q for q in -4..=3.
+/// `hmask: [u8; 32], qs: [u8; 64], scales: [u8; 12], d: f16`: Q2_K's 2-bit planes, plus a third
+/// bit from `hmask` (bit `k` of byte `l` for plane `k` of position `l`); a clear bit means the
+/// value is lowered by 4. Value = d * scale * q for q in -4..=3.
 fn dequantize_q3_k(b: &[u8], y: &mut [f32]) {
     let hmask = &b[0..32];
-    let qs = &b[32..96];
     let scales = &b[96..108];
     let d = f16_at(b, 108);
-    for (i, out) in y.chunks_exact_mut(16).enumerate() {
-        let (half, plane, second) = (i / 8, (i / 2) % 4, i % 2);
-        let l0 = 16 * second;
-        let q = &qs[32 * half + l0..32 * half + l0 + 16];
+    for_each_plane_sub_block(&b[32..96], y, |i, out, q, shift| {
+        let l0 = 16 * (i % 2);
         let hm = &hmask[l0..l0 + 16];
-        // The planes of the second 128 values use hmask bits 4..8.
-        let hbit = 4 * half + plane;
+        // Plane k of the first 128 values uses hmask bit k, of the second 128 bit 4 + k.
+        let hbit = i / 2;
         let dl = d * scale_k3(i, scales) as f32;
         for ((y, &q), &h) in out.iter_mut().zip(q).zip(hm) {
-            let low = ((q >> (2 * plane)) & 3) as i32;
+            let low = ((q >> shift) & 3) as i32;
             let v = if (h >> hbit) & 1 == 1 { low } else { low - 4 };
             *y = dl * v as f32;
         }
-    }
+    });
 }
 
 /// The 6-bit scale and min of sub-block `j` of a Q4_K/Q5_K block's packed 12 scale bytes.
@@ -349,49 +340,41 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: eight sub-blocks of 32 values, each with
-/// a 6-bit scale and min; value = d * scale * nibble - dmin * min.
-fn dequantize_q4_k(b: &[u8], y: &mut [f32]) {
+/// The part Q4_K and Q5_K share: `d: f16, dmin: f16, scales: [u8; 12]` at the block's start, then
+/// eight sub-blocks of 32 values, each with a 6-bit scale and min; sub-blocks `2c` and `2c + 1` are
+/// the low and high nibbles of `qs[32c..32c + 32]`. Value `l` of sub-block `j` is
+/// d * scale * q - dmin * min with q = nibble | (bit `j` of `fifth_bits(l)`) << 4.
+#[inline(always)]
+fn dequantize_k4_sub_blocks(b: &[u8], qs: &[u8], y: &mut [f32], fifth_bits: impl Fn(usize) -> u8) {
     let d = f16_at(b, 0);
     let dmin = f16_at(b, 2);
     let scales = &b[4..16];
-    let qs = &b[16..144];
     for chunk in 0..4 {
         let q = &qs[32 * chunk..32 * chunk + 32];
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
+        let (j1, j2) = (2 * chunk, 2 * chunk + 1);
+        let (sc1, m1) = scale_min_k4(j1, scales);
+        let (sc2, m2) = scale_min_k4(j2, scales);
         let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
         let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
         let out = &mut y[64 * chunk..64 * chunk + 64];
         for l in 0..32 {
-            out[l] = d1 * (q[l] & 0x0f) as f32 - min1;
-            out[l + 32] = d2 * (q[l] >> 4) as f32 - min2;
+            let h = fifth_bits(l);
+            out[l] = d1 * ((q[l] & 0x0f) | ((h >> j1) & 1) << 4) as f32 - min1;
+            out[l + 32] = d2 * ((q[l] >> 4) | ((h >> j2) & 1) << 4) as f32 - min2;
         }
     }
+}
+
+/// `d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128]`: value = d * scale * nibble - dmin * min.
+fn dequantize_q4_k(b: &[u8], y: &mut [f32]) {
+    dequantize_k4_sub_blocks(b, &b[16..144], y, |_| 0);
 }
 
 /// `d: f16, dmin: f16, scales: [u8; 12], qh: [u8; 32], qs: [u8; 128]`: Q4_K plus a fifth bit
 /// per value from `qh`, bit `j` of byte `l` for sub-block `j` (position `l` within it).
 fn dequantize_q5_k(b: &[u8], y: &mut [f32]) {
-    let d = f16_at(b, 0);
-    let dmin = f16_at(b, 2);
-    let scales = &b[4..16];
     let qh = &b[16..48];
-    let qs = &b[48..176];
-    for chunk in 0..4 {
-        let q = &qs[32 * chunk..32 * chunk + 32];
-        let (sc1, m1) = scale_min_k4(2 * chunk, scales);
-        let (sc2, m2) = scale_min_k4(2 * chunk + 1, scales);
-        let (d1, min1) = (d * sc1 as f32, dmin * m1 as f32);
-        let (d2, min2) = (d * sc2 as f32, dmin * m2 as f32);
-        let out = &mut y[64 * chunk..64 * chunk + 64];
-        for l in 0..32 {
-            let h1 = (qh[l] >> (2 * chunk)) & 1;
-            let h2 = (qh[l] >> (2 * chunk + 1)) & 1;
-            out[l] = d1 * ((q[l] & 0x0f) | h1 << 4) as f32 - min1;
-            out[l + 32] = d2 * ((q[l] >> 4) | h2 << 4) as f32 - min2;
-        }
-    }
+    dequantize_k4_sub_blocks(b, &b[48..176], y, |l| qh[l]);
 }
 
 /// `ql: [u8; 128], qh: [u8; 64], scales: [i8; 16], d: f16`: 6-bit values (low 4 bits in `ql`,
@@ -404,15 +387,13 @@ fn dequantize_q6_k(b: &[u8], y: &mut [f32]) {
         let sc = &b[192 + 8 * half..192 + 8 * half + 8];
         let out = &mut y[128 * half..128 * half + 128];
         for l in 0..32 {
-            let is = l / 16;
-            let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-            let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
-            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
-            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
-            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+            // Values l + 32p (p = 0..4): the low or high nibble (p / 2) of ql[l] or ql[l + 32]
+            // (p % 2), bits 2p, 2p + 1 of qh[l], and the scale of their 16 values.
+            for p in 0..4 {
+                let low = (ql[l + 32 * (p % 2)] >> (4 * (p / 2))) & 0x0f;
+                let q = (low | ((qh[l] >> (2 * p)) & 3) << 4) as i32 - 32;
+                out[l + 32 * p] = d * (sc[l / 16 + 2 * p] as i8) as f32 * q as f32;
+            }
         }
     }
 }

@@ -10,7 +10,9 @@
 //!
 //! Preemption is by recompute: a preempted sequence loses its blocks and goes back to the front of
 //! the queue with its prompt and the tokens it generated so far, which are prefilled again when
-//! there is room. No request is lost; its output is the same as without preemption.
+//! there is room. No request is lost. Its output is the same as without preemption on a backend
+//! whose rows do not depend on the batch (the CPU backend, the CUDA backend's batch-invariant
+//! mode); otherwise bf16 rounding may differ and flip a near-tie.
 
 use std::collections::{HashMap, VecDeque};
 

@@ -6,7 +6,8 @@
 //! - Text: [`tokenizer`] (from a GGUF's vocabulary or `tokenizer.json`) and [`chat_template`].
 //! - The model: [`model::LlamaModel`] (Llama, Mistral, Qwen2, SmolLM) written once over
 //!   [`backend::Backend`], with a CPU backend on the kernels' references and
-//!   [`cuda_backend::CudaBackend`] on the GPU kernels.
+//!   [`cuda_backend::CudaBackend`] on the GPU kernels (decode steps replayed from CUDA graphs;
+//!   a batch-invariant mode).
 //! - Serving: [`kv_cache`] (paged block bookkeeping), [`scheduler`] (batch planning),
 //!   [`engine`] (continuous batching with preemption), [`sampling`], [`generate`] (one sequence,
 //!   with streaming text and stop strings), [`workload`] (benchmark traces).

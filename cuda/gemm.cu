@@ -3,8 +3,9 @@
 // [out_features, in_features] layout (also K contiguous), C is row-major [M, N].
 //
 // Every kernel is persistent: the launcher starts min(CTA budget, tiles) CTAs, one per SM, and
-// each CTA takes output tiles from an atomic counter (zeroed on the stream before each launch),
-// so CTAs that run faster, or start earlier, take more tiles. Tiles are numbered in bands of
+// each CTA takes output tiles from an atomic counter, so CTAs that run faster, or start earlier,
+// take more tiles. The last CTA to find no tile left resets the counters, so launches need no
+// fill of them in between (one launch fewer per GEMM, in a graph too). Tiles are numbered in bands of
 // GROUP_M tile rows, M fastest inside a band, so that the CTAs running at one time share both
 // A rows and B rows in L2.
 //
@@ -71,9 +72,21 @@ struct TileOrder {
     }
 };
 
-// The next tile for this CTA, or `tiles` when none is left.
-__device__ __forceinline__ int next_tile(unsigned* counter, int tiles) {
-    return static_cast<int>(min(atomicAdd(counter, 1u), static_cast<unsigned>(tiles)));
+// The next tile for this CTA, or `tiles` when none is left. counters[0] hands out tiles;
+// counters[1] counts the CTAs that found none left (each asks once more after its last tile, then
+// stops asking). The last of them resets both for the next launch: every CTA has then taken its
+// final number.
+__device__ __forceinline__ int next_tile(unsigned* counters, int tiles) {
+    const unsigned t = atomicAdd(&counters[0], 1u);
+    if (t >= static_cast<unsigned>(tiles)) {
+        __threadfence();  // this CTA's last take happens before it is counted out
+        if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+            counters[0] = 0;
+            counters[1] = 0;
+        }
+        return tiles;
+    }
+    return static_cast<int>(t);
 }
 
 __device__ __forceinline__ float2 bias_pair(const bf16* __restrict__ bias, int col) {
@@ -617,8 +630,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
-// Entry points. Arguments: the operands, then m, n, k, then the tile counter (zeroed by the
-// launcher). The mma kernels also take the number of pipeline stages their shared memory holds.
+// Entry points. Arguments: the operands, then m, n, k, then the two tile counters (zero between
+// launches, see next_tile). The mma kernels also take the number of pipeline stages their shared
+// memory holds.
 
 #define NEXUS_GEMM_MMA(NAME, BM, BN)                                                                               \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \

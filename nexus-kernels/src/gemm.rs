@@ -5,8 +5,8 @@
 //! # Kernels
 //!
 //! All kernels of `cuda/gemm.cu` are persistent: a launch starts `min(budget, tiles)` CTAs, one
-//! per SM, which take output tiles from an atomic counter in the [`GemmWorkspace`] (zeroed on the
-//! stream before every launch), so a budget of `b` occupies at most `b` SMs.
+//! per SM, which take output tiles from an atomic counter in the [`GemmWorkspace`] (the last CTA to
+//! finish resets it for the next launch), so a budget of `b` occupies at most `b` SMs.
 //!
 //! - On Hopper (sm_90a), [`GemmKernel::Wgmma128x256`] and its smaller siblings: one producer
 //!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
@@ -353,7 +353,8 @@ pub struct GemmWorkspace {
 impl GemmWorkspace {
     /// A workspace on `ctx`'s device.
     pub fn new(ctx: &PhaseContext) -> Result<Self> {
-        let counter = ctx.stream().alloc_zeros::<u32>(1)?;
+        // The tile counter and the count of CTAs done; zero between launches (see cuda/gemm.cu).
+        let counter = ctx.stream().alloc_zeros::<u32>(2)?;
         let smem_per_block =
             ctx.gpu().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         Ok(GemmWorkspace { counter, smem_per_block: smem_per_block.max(0) as usize })
@@ -446,7 +447,6 @@ pub fn gemm_with(
             let stages_i = stages as i32;
             let smem = (stages * stage_bytes + MMA_SMEM_EXTRA) as u32;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, MMA_THREADS, smem)?;
-            stream.memset_zeros(&mut workspace.counter)?;
             let mut launch = stream.launch_builder(&f);
             launch.arg(a).arg(b);
             push_bias(&mut launch, bias, &null);
@@ -454,7 +454,8 @@ pub fn gemm_with(
             // SAFETY: the arguments match `NEXUS_GEMM_MMA` in cuda/gemm.cu. A, B, C and the bias
             // hold exactly m·k, n·k, m·n and n values (checked above), 16-byte aligned with k and
             // n multiples of 8, and the kernel reads and writes only inside those shapes. The
-            // counter was zeroed on this stream, and the shared memory holds `stages` stages.
+            // counters are zero (made so, and reset by each launch's last CTA), and the shared
+            // memory holds `stages` stages.
             unsafe { launch.launch(cfg) }?;
         }
         Family::Wgmma { swap } => {
@@ -465,7 +466,6 @@ pub fn gemm_with(
             let map_a = TensorMap::new(a_ptr, m, k, spec.bm)?;
             let map_b = TensorMap::new(b_ptr, n, k, spec.bn)?;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
-            stream.memset_zeros(&mut workspace.counter)?;
             let mut launch = stream.launch_builder(&f);
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
@@ -473,7 +473,8 @@ pub fn gemm_with(
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k]) exactly, so TMA reads nothing outside them; C and
             // the bias hold m·n and n values (checked above), 16-byte aligned, and the kernel
-            // writes only inside [m, n]. The counter was zeroed on this stream.
+            // writes only inside [m, n]. The counters are zero (made so, and reset by each
+            // launch's last CTA).
             unsafe { launch.launch(cfg) }?;
         }
     }

@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::backend::Backend;
-use nexus_runtime::bench::{ReplayReport, replay_requests};
+use nexus_runtime::bench::{ReplayReport, Slo, replay_requests};
 use nexus_runtime::engine::Engine;
 use nexus_runtime::loader;
 use nexus_runtime::workload::{
@@ -44,9 +44,17 @@ pub struct BenchArgs {
     /// {"prompt": "text", "output_len": N} or {"prompt_token_ids": [ids], "output_len": N}.
     #[arg(long, default_value = "sharegpt", value_parser = parse_workload)]
     workload: WorkloadArg,
-    /// Arrival rates to run, requests per second (comma-separated for a sweep).
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    /// Arrival rates to run, requests per second (comma-separated for a sweep; `--sweep` is the
+    /// same flag).
+    #[arg(long, visible_alias = "sweep", value_delimiter = ',', default_value = "1")]
     rate: Vec<f64>,
+    /// A p95 TTFT objective in milliseconds (with --slo-tbt-ms): the report then says which
+    /// rates met it and the throughput, the highest rate up to which every run met it.
+    #[arg(long, requires = "slo_tbt_ms")]
+    slo_ttft_ms: Option<f64>,
+    /// A p95 TBT objective in milliseconds (with --slo-ttft-ms).
+    #[arg(long, requires = "slo_ttft_ms")]
+    slo_tbt_ms: Option<f64>,
     /// Requests per run (default: 100, or every request of a JSONL file; a shorter file is
     /// cycled, a longer one cut).
     #[arg(long)]
@@ -154,6 +162,11 @@ impl<'a> Plan<'a> {
         })
     }
 
+    /// The objective `--slo-ttft-ms` and `--slo-tbt-ms` give, in seconds.
+    fn slo(&self) -> Option<Slo> {
+        Some(Slo { ttft_p95: self.args.slo_ttft_ms? / 1e3, tbt_p95: self.args.slo_tbt_ms? / 1e3 })
+    }
+
     /// Runs every rate with `replay`, a progress bar showing each, then prints and writes the
     /// report; `target` names what was benchmarked.
     fn run(
@@ -174,14 +187,28 @@ impl<'a> Plan<'a> {
             results.push((rate, report.with_context(|| format!("the run at {rate} req/s"))?));
         }
         print!("{}", table(self, target, &results));
+        let slo = self.slo();
+        if let Some(slo) = slo {
+            print!("{}", slo_lines(&slo, &results));
+        }
         if let Some(path) = &self.args.json {
             let runs: Vec<_> = results.iter().map(|(rate, r)| report_json(*rate, r)).collect();
+            let slo = slo.map(|slo| {
+                let met: Vec<f64> = results.iter().filter(|(_, r)| slo.met_by(r)).map(|(rate, _)| *rate).collect();
+                json!({
+                    "ttft_p95_s": slo.ttft_p95,
+                    "tbt_p95_s": slo.tbt_p95,
+                    "rates_met": met,
+                    "throughput": slo.throughput(&results),
+                })
+            });
             let doc = json!({
                 "target": target,
                 "url": self.args.url,
                 "workload": self.name(),
                 "num_requests": self.num_requests,
                 "runs": runs,
+                "slo": slo,
             });
             std::fs::write(path, serde_json::to_string_pretty(&doc)?)
                 .with_context(|| format!("writing {}", path.display()))?;
@@ -197,6 +224,11 @@ impl<'a> Plan<'a> {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.rate.iter().any(|r| !(r.is_finite() && *r > 0.0)) {
         bail!("every --rate must be a positive number");
+    }
+    for (flag, value) in [("--slo-ttft-ms", args.slo_ttft_ms), ("--slo-tbt-ms", args.slo_tbt_ms)] {
+        if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            bail!("{flag} must be a positive number of milliseconds");
+        }
     }
     let plan = Plan::new(&args)?;
     match &args.url {
@@ -242,6 +274,19 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     plan.run(&args.model, |requests, bar| {
         Ok(replay_requests(&mut engine, requests, tokenizer.as_ref(), || bar.inc(1))?.1)
     })
+}
+
+/// The lines under the table that judge a sweep against its objective.
+fn slo_lines(slo: &Slo, results: &[(f64, ReplayReport)]) -> String {
+    let met: Vec<String> = results.iter().filter(|(_, r)| slo.met_by(r)).map(|(rate, _)| rate.to_string()).collect();
+    let throughput = slo.throughput(results).map_or_else(|| "none of the rates".into(), |r| format!("{r} req/s"));
+    let met = if met.is_empty() { "at no rate".into() } else { format!("at {} req/s", met.join(", ")) };
+    format!(
+        "\nSLO p95 TTFT <= {:.0} ms and p95 TBT <= {:.0} ms: met {met}; throughput (the highest rate up to \
+         which every run met it): {throughput}\n",
+        slo.ttft_p95 * 1e3,
+        slo.tbt_p95 * 1e3,
+    )
 }
 
 /// Milliseconds, or "-" for a summary of nothing (every request failed).

@@ -1,4 +1,5 @@
-//! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot;
+//! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot,
+//! and judges the rates against an objective;
 //! a JSONL workload of text and token-id prompts runs in-process; bad workloads and flags fail
 //! with a message.
 
@@ -13,8 +14,8 @@ fn a_small_sweep_reports_every_rate() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (json, plot) = (dir.join("bench.json"), dir.join("bench.svg"));
     let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--rate", "20,40", "--num-requests", "3"])
-        .args(["--seed", "3", "--cpu-kv-blocks", "512", "--model"])
+        .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--sweep", "20,40", "--num-requests", "3"])
+        .args(["--seed", "3", "--cpu-kv-blocks", "512", "--slo-ttft-ms", "1e9", "--slo-tbt-ms", "1e9", "--model"])
         .arg(&model)
         .arg("--json")
         .arg(&json)
@@ -32,6 +33,10 @@ fn a_small_sweep_reports_every_rate() {
         assert_eq!(run["ttft_s"]["count"], 3);
         assert!(run["ttft_s"]["p50"].as_f64().expect("p50") > 0.0);
     }
+    // An objective nothing misses: every rate meets it, and the throughput is the highest.
+    assert!(stdout.contains("met at 20, 40 req/s"), "table:\n{stdout}");
+    assert_eq!(doc["slo"]["throughput"], 40.0);
+    assert_eq!(doc["slo"]["rates_met"], serde_json::json!([20.0, 40.0]));
     let svg = std::fs::read_to_string(&plot).expect("svg");
     assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
     std::fs::remove_dir_all(&dir).ok();

@@ -222,3 +222,73 @@ pub fn replay_requests<B: Backend>(
     let report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;
     Ok((times, report))
 }
+
+/// A latency objective: the p95 TTFT and p95 TBT a run must stay within.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Slo {
+    /// Seconds.
+    pub ttft_p95: f64,
+    /// Seconds.
+    pub tbt_p95: f64,
+}
+
+impl Slo {
+    /// Whether `run` met the objective: every request completed and both p95 latencies stay
+    /// within it (a run with no TBT sample, single-token outputs only, is judged on TTFT).
+    pub fn met_by(&self, run: &ReplayReport) -> bool {
+        let within = |s: &Summary, limit: f64| s.count == 0 || s.p95 <= limit;
+        run.failures.is_empty()
+            && run.ttft.count > 0
+            && within(&run.ttft, self.ttft_p95)
+            && within(&run.tbt, self.tbt_p95)
+    }
+
+    /// The paper's throughput of a sweep: the highest arrival rate up to which every run met the
+    /// objective (runs in any order; a rate that met it above one that did not does not count, as
+    /// such a result is noise). `None` when the lowest rate already missed it.
+    pub fn throughput(&self, runs: &[(f64, ReplayReport)]) -> Option<f64> {
+        let mut sorted: Vec<&(f64, ReplayReport)> = runs.iter().collect();
+        sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
+        sorted.iter().take_while(|(_, run)| self.met_by(run)).last().map(|(rate, _)| *rate)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn run(ttft_p95: f64, tbt_p95: f64, failed: usize) -> ReplayReport {
+        let summary = |p95: f64| Summary { count: 10, mean: p95 / 2.0, p50: p95 / 2.0, p95, p99: p95 };
+        ReplayReport {
+            ttft: summary(ttft_p95),
+            tbt: summary(tbt_p95),
+            normalized_latency: summary(tbt_p95),
+            request_throughput: 1.0,
+            token_throughput: 100.0,
+            duration_s: 10.0,
+            preemptions: None,
+            completed: 10 - failed,
+            failures: (0..failed).map(|request| RequestFailure { request, message: "timeout".into() }).collect(),
+            length_mismatches: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn slo_throughput_is_the_highest_rate_below_the_first_miss() {
+        let slo = Slo { ttft_p95: 0.5, tbt_p95: 0.05 };
+        let runs = vec![
+            (4.0, run(0.45, 0.049, 0)),
+            (1.0, run(0.1, 0.01, 0)),
+            (2.0, run(0.2, 0.02, 0)),
+            (8.0, run(0.6, 0.04, 0)),  // TTFT misses
+            (16.0, run(0.3, 0.03, 0)), // meets again: noise, not counted
+        ];
+        assert_eq!(slo.throughput(&runs), Some(4.0));
+        // TBT, failures and a first miss at the lowest rate.
+        assert!(!slo.met_by(&run(0.1, 0.06, 0)));
+        assert!(!slo.met_by(&run(0.1, 0.01, 1)));
+        assert_eq!(slo.throughput(&[(1.0, run(0.9, 0.01, 0)), (2.0, run(0.1, 0.01, 0))]), None);
+        assert_eq!(slo.throughput(&[]), None);
+    }
+}

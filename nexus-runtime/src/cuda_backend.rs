@@ -187,20 +187,12 @@ impl CudaBackend {
         sizes
     }
 
-    /// The bucket a step is replayed in: a decode step (one token per sequence, every row's
-    /// logits, in order) of at most the largest bucket, whose table fits the scope's width.
+    /// The bucket a step is replayed in ([`graph_bucket`]); none in the batch-invariant mode.
     fn graph_batch(&self, step: &StepInput, scope: StepScope) -> Option<usize> {
-        let n = step.kv_lens.len();
-        let decode = n > 0
-            && !self.config.batch_invariant
-            && step.num_tokens() == n
-            && step.logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i)
-            && step.logit_rows.len() == n
-            && step.max_blocks_per_seq <= scope.max_blocks_per_seq;
-        if !decode {
+        if self.config.batch_invariant {
             return None;
         }
-        self.config.graph_batch_sizes.iter().copied().find(|&b| b >= n)
+        graph_bucket(&self.config.graph_batch_sizes, step, scope)
     }
 
     /// Runs a decode step in the graph of its bucket, recording the graph first if needed.
@@ -503,6 +495,22 @@ impl Backend for CudaBackend {
     }
 }
 
+/// The smallest of `sizes` (ascending) that holds a decode step (one token per sequence, every
+/// row's logits, in order) whose table fits the scope's width; `None` for other steps and for
+/// batches larger than every size.
+fn graph_bucket(sizes: &[usize], step: &StepInput, scope: StepScope) -> Option<usize> {
+    let n = step.kv_lens.len();
+    let decode = n > 0
+        && step.num_tokens() == n
+        && step.logit_rows.len() == n
+        && step.logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i)
+        && step.max_blocks_per_seq <= scope.max_blocks_per_seq;
+    if !decode {
+        return None;
+    }
+    sizes.iter().copied().find(|&b| b >= n)
+}
+
 /// A decode step of `n` sequences as a step of `batch >= n` with block tables `width` wide: the
 /// padding sequences hold one token at the start of the padding block.
 fn pad_decode_step(step: &StepInput, batch: usize, width: usize, scope: StepScope) -> StepInput {
@@ -522,5 +530,68 @@ fn pad_decode_step(step: &StepInput, batch: usize, width: usize, scope: StepScop
         block_tables,
         max_blocks_per_seq: width,
         logit_rows: (0..batch as u32).collect(),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const SCOPE: StepScope = StepScope { cache_id: 0, max_blocks_per_seq: 8, padding_block: 99, block_size: 16 };
+
+    /// Three decode sequences of 20, 1 and 33 tokens, with tables 3 blocks wide.
+    fn decode_step() -> StepInput {
+        StepInput {
+            tokens: vec![5, 6, 7],
+            positions: vec![19, 0, 32],
+            slots: vec![16 * 10 + 3, 16 * 20, 16 * 32],
+            q_indptr: vec![0, 1, 2, 3],
+            kv_lens: vec![20, 1, 33],
+            block_tables: vec![4, 10, -1, 20, -1, -1, 30, 31, 32],
+            max_blocks_per_seq: 3,
+            logit_rows: vec![0, 1, 2],
+        }
+    }
+
+    #[test]
+    fn decode_steps_take_the_smallest_bucket_that_holds_them() {
+        let sizes = [1, 2, 4, 8];
+        let step = decode_step();
+        step.validate().unwrap();
+        assert_eq!(graph_bucket(&sizes, &step, SCOPE), Some(4));
+        assert_eq!(graph_bucket(&sizes[..2], &step, SCOPE), None, "larger than every bucket");
+        // A prompt chunk, a step whose logits are not every row, or a table wider than the scope.
+        let mut prefill = step.clone();
+        prefill.q_indptr = vec![0, 1, 2, 4];
+        prefill.kv_lens = vec![20, 1];
+        assert_eq!(graph_bucket(&sizes, &prefill, SCOPE), None);
+        let mut fewer_logits = step.clone();
+        fewer_logits.logit_rows = vec![0, 2];
+        assert_eq!(graph_bucket(&sizes, &fewer_logits, SCOPE), None);
+        let narrow = StepScope { max_blocks_per_seq: 2, ..SCOPE };
+        assert_eq!(graph_bucket(&sizes, &step, narrow), None);
+    }
+
+    #[test]
+    fn padding_rows_attend_over_one_token_of_the_padding_block() {
+        let step = decode_step();
+        let padded = pad_decode_step(&step, 4, SCOPE.max_blocks_per_seq, SCOPE);
+        padded.validate().unwrap();
+        assert_eq!(padded.tokens, vec![5, 6, 7, 0]);
+        assert_eq!(padded.positions, vec![19, 0, 32, 0]);
+        assert_eq!(padded.slots, vec![16 * 10 + 3, 16 * 20, 16 * 32, 99 * 16]);
+        assert_eq!(padded.kv_lens, vec![20, 1, 33, 1]);
+        assert_eq!(padded.q_indptr, vec![0, 1, 2, 3, 4]);
+        assert_eq!(padded.logit_rows, vec![0, 1, 2, 3]);
+        // Rows keep their blocks at the start; the rest of the table is the padding block.
+        assert_eq!(padded.max_blocks_per_seq, 8);
+        let rows: Vec<&[i32]> = padded.block_tables.chunks(8).collect();
+        assert_eq!(rows[0], &[4, 10, -1, 99, 99, 99, 99, 99]);
+        assert_eq!(rows[2], &[30, 31, 32, 99, 99, 99, 99, 99]);
+        assert_eq!(rows[3], &[99; 8]);
+        // At the step's own width (a replay sends only these columns).
+        let compact = pad_decode_step(&step, 4, 3, SCOPE);
+        assert_eq!(compact.block_tables, vec![4, 10, -1, 20, -1, -1, 30, 31, 32, 99, 99, 99]);
     }
 }

@@ -77,7 +77,11 @@ impl CudaStep {
     /// Copies a decode step padded to this recorded step's batch into the step's buffers (the
     /// block table at its own width: only the columns it uses) and replans its attention in
     /// place.
-    fn rewrite(&mut self, ctx: &PhaseContext, step: &StepInput) -> Result<()> {
+    fn rewrite(&mut self, ctx: &PhaseContext, step: &StepInput, block_size: usize) -> Result<()> {
+        // The graph's KV write trusts these slots (its launcher checked only the recorded ones):
+        // each must be its sequence's last position, in a block of its table, whose ids the plan
+        // update below checks against the pool.
+        check_decode_slots(step, block_size)?;
         let stream = ctx.stream();
         stream.memcpy_htod(&step.tokens, &mut self.tokens).map_err(kernel_error)?;
         stream.memcpy_htod(&step.positions, &mut self.positions).map_err(kernel_error)?;
@@ -210,7 +214,7 @@ impl CudaBackend {
         let stream = self.ctx.stream();
         if let Some(g) = graphs.iter_mut().find(|g| g.batch == batch) {
             let width = input.max_blocks_per_seq.max(1);
-            g.step.rewrite(&self.ctx, &pad_decode_step(input, batch, width, scope))?;
+            g.step.rewrite(&self.ctx, &pad_decode_step(input, batch, width, scope), scope.block_size)?;
             g.graph.0.launch().map_err(kernel_error)?;
             let mut out = self.output(rows, g.vocab)?;
             stream.memcpy_dtod(&g.logits.slice(..rows * g.vocab), &mut out.data).map_err(kernel_error)?;
@@ -511,6 +515,23 @@ fn graph_bucket(sizes: &[usize], step: &StepInput, scope: StepScope) -> Option<u
     sizes.iter().copied().find(|&b| b >= n)
 }
 
+/// Checks that every row of a decode step writes its keys and values at its sequence's last
+/// position, `kv_len - 1`, through its block table.
+fn check_decode_slots(step: &StepInput, block_size: usize) -> Result<()> {
+    let width = step.max_blocks_per_seq;
+    for (i, (&slot, &len)) in step.slots.iter().zip(&step.kv_lens).enumerate() {
+        let pos =
+            (len as usize).checked_sub(1).ok_or_else(|| Error::invalid(format!("decode row {i} has no tokens")))?;
+        let block = step.block_tables.get(i * width + pos / block_size).copied().unwrap_or(-1);
+        if block < 0 || slot as usize != block as usize * block_size + pos % block_size {
+            return Err(Error::invalid(format!(
+                "decode row {i}: slot {slot} is not position {pos} of its blocks (block {block})"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// A decode step of `n` sequences as a step of `batch >= n` with block tables `width` wide: the
 /// padding sequences hold one token at the start of the padding block.
 fn pad_decode_step(step: &StepInput, batch: usize, width: usize, scope: StepScope) -> StepInput {
@@ -593,5 +614,15 @@ mod tests {
         // At the step's own width (a replay sends only these columns).
         let compact = pad_decode_step(&step, 4, 3, SCOPE);
         assert_eq!(compact.block_tables, vec![4, 10, -1, 20, -1, -1, 30, 31, 32, 99, 99, 99]);
+        // Every row, padding included, writes its last position through its table; a slot
+        // elsewhere is refused before a graph would write it.
+        check_decode_slots(&padded, 16).unwrap();
+        check_decode_slots(&compact, 16).unwrap();
+        let mut stray = compact.clone();
+        stray.slots[1] = 16 * 21;
+        assert!(check_decode_slots(&stray, 16).is_err());
+        let mut outside = compact;
+        outside.kv_lens[0] = 40;
+        assert!(check_decode_slots(&outside, 16).is_err(), "position 39 has no block in the table");
     }
 }

@@ -114,10 +114,58 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile of ROW_BYTES-byte rows whose chunks
+// are XOR-swizzled by the row's low three bits: the same chunk of 8 consecutive rows (the 8 rows an
+// ldmatrix phase reads) falls in 8 different bank groups. With 128-byte rows it is the layout TMA's
+// SWIZZLE_128B writes and wgmma's 128-byte swizzle mode reads (given a 1024-byte aligned tile).
+template <int ROW_BYTES>
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+    return static_cast<uint32_t>(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4));
+}
+
 // Two floats rounded to bf16 and packed into one register, `lo` in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// ---- mbarrier wrappers --------------------------------------------------------------------------
+// `bar` is the shared-memory address of a 64-bit mbarrier. init, arrive and the wait are sm_80+
+// (the wait spins on try_wait from sm_90 on, on test_wait before); arrive_expect_tx is sm_90+.
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Arrives on the barrier (release semantics: this thread's earlier writes are visible to threads
+// that see the phase complete).
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Arrives and adds `bytes` to the transaction count the current phase waits for (TMA's
+// complete_tx counts them down).
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
+                 "r"(bytes)
+                 : "memory");
+}
+// Waits until the phase of parity `parity` of the barrier has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+#if __CUDA_ARCH__ >= 900
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+#else
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+#endif
+    } while (!done);
 }
 
 }  // namespace nexus

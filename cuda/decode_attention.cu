@@ -41,9 +41,13 @@ using nexus::cp_async_wait_all;
 using nexus::fast_exp2;
 using nexus::ldmatrix_x4;
 using nexus::ldmatrix_x4_trans;
+using nexus::mbar_arrive;
+using nexus::mbar_init;
+using nexus::mbar_wait;
 using nexus::mma_16816;
 using nexus::pack_bf16;
 using nexus::smem_addr;
+using nexus::swizzled;
 
 constexpr int CONSUMER_WARPS = 8;
 constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
@@ -81,49 +85,6 @@ struct Layout {
     static constexpr int OBUF_BYTES = CONSUMER_WARPS * HEADS * O_STRIDE * 4;
     static constexpr int ML_BYTES = CONSUMER_WARPS * HEADS * 4;
 };
-
-// ---- mbarrier wrappers (all sm_80+; try_wait is sm_90 and replaces the test_wait spin there) ----
-// gemm.cu has its own (sm_90 only), which spell the state space `.shared::cta` where these say
-// `.shared`: the same instructions, but one shared set would change one kernel's PTX text.
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile(
-        "{\n\t.reg .b64 state;\n\t"
-        "mbarrier.arrive.shared.b64 state, [%0];\n\t}" ::"r"(bar)
-        : "memory");
-}
-
-__device__ __forceinline__ bool mbar_done(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-#if __CUDA_ARCH__ >= 900
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-#else
-    asm volatile(
-        "{\n\t.reg .pred p;\n\t"
-        "mbarrier.test_wait.parity.shared.b64 p, [%1], %2;\n\t"
-        "selp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-#endif
-    return done != 0;
-}
-
-// Waits until the phase of `bar` with parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    while (!mbar_done(bar, parity)) {
-    }
-}
 
 // Transposes an 8x8 bf16 matrix held in mma fragment layout (lane holds row lane / 4, columns
 // 2 (lane % 4) and 2 (lane % 4) + 1).
@@ -200,7 +161,7 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
         const int tok = tok0 + TOK_STEP * i;
-        dst[i] = tok * L::ROW_BYTES + ((chunk ^ (tok & 7)) << 4);
+        dst[i] = swizzled<L::ROW_BYTES>(tok, chunk);
     }
 
     Item it = load_item(a.items, i0);
@@ -322,10 +283,10 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     for (int j = 0; j < 4; ++j) {
         // K as the A operand (rows: tokens, k: head dim): matrices (tokens 0-7 | 8-15) x (dims lo | hi).
         const int kt = lane & 15, kc = 2 * j + (lane >> 4);
-        k_off[j] = kt * L::ROW_BYTES + ((kc ^ (kt & 7)) << 4);
+        k_off[j] = swizzled<L::ROW_BYTES>(kt, kc);
         // V^T as the A operand (rows: head dim, k: tokens), read transposed from V's token rows.
         const int vt = (lane & 7) + ((lane >> 4) << 3), vc = 2 * j + ((lane >> 3) & 1);
-        v_off[j] = vt * L::ROW_BYTES + ((vc ^ (vt & 7)) << 4);
+        v_off[j] = swizzled<L::ROW_BYTES>(vt, vc);
     }
 
     uint32_t q[KS][2], q_next[KS][2];

@@ -40,22 +40,19 @@ using nexus::cp_async_16;
 using nexus::cp_async_commit;
 using nexus::cp_async_wait;
 using nexus::ldmatrix_x4;
+using nexus::mbar_arrive;
+using nexus::mbar_arrive_expect_tx;
+using nexus::mbar_init;
+using nexus::mbar_wait;
 using nexus::mma_16816;
 using nexus::smem_addr;
+using nexus::swizzled;
 
 using bf16 = __nv_bfloat16;
 
 constexpr int BK = 64;          // K elements of one pipeline stage: 128 bytes of each tile row
 constexpr int ROW_BYTES = 128;  // one tile row of one stage in shared memory
 constexpr int GROUP_M = 16;     // tile rows per band of the tile order
-
-// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` of a swizzled tile of 128-byte rows:
-// the chunk index is XORed with the row index mod 8, so the same chunk of 8 consecutive rows
-// falls in 8 different bank groups. It is the layout TMA's SWIZZLE_128B writes and wgmma's
-// 128-byte swizzle mode reads (given a 1024-byte aligned tile).
-__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
-    return row * ROW_BYTES + ((chunk ^ (row & 7)) << 4);
-}
 
 // Output tiles of BM x BN, numbered in bands of GROUP_M tile rows, M fastest inside a band.
 struct TileOrder {
@@ -147,7 +144,7 @@ __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __rest
         const int r = i >> 3, chunk = i & 7;
         const int row = row0 + r, col = k0 + chunk * 8;
         const bool valid = row < rows && col < k;
-        cp_async_16(dst + swizzled(r, chunk), valid ? src + (size_t)row * k + col : src, valid ? 16 : 0);
+        cp_async_16(dst + swizzled<ROW_BYTES>(r, chunk), valid ? src + (size_t)row * k + col : src, valid ? 16 : 0);
     }
 }
 
@@ -165,13 +162,15 @@ __device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
 #pragma unroll
         for (int mi = 0; mi < C::MI; ++mi) {
             // Lanes 0-15 address rows 0-15 of the fragment at k 0-7, lanes 16-31 the same rows at k 8-15.
-            if (mi < live_mi) ldmatrix_x4(af[mi], a_tile + swizzled(wm0 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
+            if (mi < live_mi)
+                ldmatrix_x4(af[mi], a_tile + swizzled<ROW_BYTES>(wm0 + mi * 16 + (lane & 15), 2 * kk + (lane >> 4)));
         }
 #pragma unroll
         for (int nj = 0; nj < C::NI / 2; ++nj) {
             // Matrices: (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
             uint32_t r[4];
-            ldmatrix_x4(r, b_tile + swizzled(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kk + ((lane >> 3) & 1)));
+            ldmatrix_x4(r, b_tile + swizzled<ROW_BYTES>(wn0 + nj * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                        2 * kk + ((lane >> 3) & 1)));
             bfr[2 * nj][0] = r[0];
             bfr[2 * nj][1] = r[1];
             bfr[2 * nj + 1][0] = r[2];
@@ -410,29 +409,6 @@ struct Wgmma<256> {
             : "l"(desc_a), "l"(desc_b), "r"(accumulate));
     }
 };
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-    asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(bar),
-                 "r"(bytes)
-                 : "memory");
-}
-// Waits until the phase of parity `parity` of the barrier has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
 
 // Box {64 of K, rows} at (k0, row0) of the tensor map into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, int k0, int row0, uint32_t bar) {

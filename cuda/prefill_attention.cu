@@ -36,20 +36,13 @@ using nexus::ldmatrix_x4_trans;
 using nexus::mma_16816;
 using nexus::pack_bf16;
 using nexus::smem_addr;
+using nexus::swizzled;
 
 constexpr int THREADS = 256;
 constexpr int WARPS = THREADS / 32;
 constexpr int BLOCK_M = 16 * WARPS;  // query rows (token x head) per work item
 
 typedef __nv_bfloat16 bf16;
-
-// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] bf16 tile whose chunks are
-// XOR-swizzled by the row's low three bits: the 8 rows an ldmatrix phase reads hit 8 distinct
-// bank groups.
-template <int D>
-__device__ __forceinline__ uint32_t tile_offset(int row, int chunk) {
-    return static_cast<uint32_t>(row * (D * 2) + ((chunk ^ (row & 7)) << 4));
-}
 
 // ---- The kernel ---------------------------------------------------------------------------------
 
@@ -264,7 +257,7 @@ __device__ __forceinline__ void prefill_attention_body(
                 const int t = r / group, head = kv_head * group + (r - t * group);
                 src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + copy_chunk * 8;
             }
-            cp_async_16(q_smem + tile_offset<D>(r, copy_chunk), src, valid ? 16 : 0);
+            cp_async_16(q_smem + swizzled<D * 2>(r, copy_chunk), src, valid ? 16 : 0);
         }
         cp_async_commit();
 
@@ -290,7 +283,7 @@ __device__ __forceinline__ void prefill_attention_body(
                 const int r = copy_row + i * C::ROWS_PER_PASS;
                 const bool valid = slots[i] >= 0;
                 const size_t offset = valid ? static_cast<size_t>(slots[i]) * slot_len : 0;
-                const uint32_t dst = stage * C::TILE_BYTES + tile_offset<D>(r, copy_chunk);
+                const uint32_t dst = stage * C::TILE_BYTES + swizzled<D * 2>(r, copy_chunk);
                 cp_async_16(k_smem + dst, k_head + offset, valid ? 16 : 0);
                 cp_async_16(v_smem + dst, v_head + offset, valid ? 16 : 0);
             }
@@ -396,9 +389,9 @@ __device__ __forceinline__ void prefill_attention_body(
 #pragma unroll
         for (int db = 0; db < C::DB; ++db) {
             const int col = 4 * (lane & 3);  // byte offset in the 16-byte chunk
-            *reinterpret_cast<uint32_t*>(q_tile + tile_offset<D>(row_a, db) + col) =
+            *reinterpret_cast<uint32_t*>(q_tile + swizzled<D * 2>(row_a, db) + col) =
                 pack_bf16(o[db][0] * l[0], o[db][1] * l[0]);
-            *reinterpret_cast<uint32_t*>(q_tile + tile_offset<D>(row_a + 8, db) + col) =
+            *reinterpret_cast<uint32_t*>(q_tile + swizzled<D * 2>(row_a + 8, db) + col) =
                 pack_bf16(o[db][2] * l[1], o[db][3] * l[1]);
         }
         __syncwarp();
@@ -409,7 +402,7 @@ __device__ __forceinline__ void prefill_attention_body(
             if (r < rows) {
                 const int t = r / group, head = kv_head * group + (r - t * group);
                 *reinterpret_cast<uint4*>(out + static_cast<size_t>(row0 + t) * out_row + head * D + c * 8) =
-                    *reinterpret_cast<const uint4*>(q_tile + tile_offset<D>(r, c));
+                    *reinterpret_cast<const uint4*>(q_tile + swizzled<D * 2>(r, c));
             }
         }
         __syncthreads();  // shared memory is free for the next item, and next_item[buf ^ 1] is set

@@ -73,6 +73,12 @@ pub struct CudaStep {
     recorded: bool,
 }
 
+impl std::fmt::Debug for CudaStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaStep").field("tokens", &self.host.tokens.len()).finish_non_exhaustive()
+    }
+}
+
 impl CudaStep {
     /// Copies a decode step padded to this recorded step's batch into the step's buffers (the
     /// block table at its own width: only the columns it uses) and replans its attention in
@@ -142,12 +148,6 @@ struct DecodeGraph {
     /// `[batch, vocab]`: where the graph leaves the logits.
     logits: CudaSlice<bf16>,
     vocab: usize,
-}
-
-impl std::fmt::Debug for CudaStep {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CudaStep").field("tokens", &self.host.tokens.len()).finish_non_exhaustive()
-    }
 }
 
 /// Runs the model on one GPU stream with one CTA budget.

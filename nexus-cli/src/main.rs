@@ -19,7 +19,7 @@ use nexus_runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator, ge
 use nexus_runtime::kernels::{CtaBudget, Gpu, PhaseContext};
 use nexus_runtime::loader::{self, DEFAULT_MODEL, LoadedModel};
 use nexus_runtime::model::LlamaModel;
-use nexus_runtime::sampling::SamplingParams;
+use nexus_runtime::sampling::{Penalties, SamplingParams};
 use nexus_runtime::scheduler::SchedulerConfig;
 use nexus_runtime::synthetic;
 use nexus_runtime::tokenizer::Tokenizer;
@@ -190,6 +190,16 @@ struct GenerateArgs {
     /// Seed of the sampler, for reproducible sampling.
     #[arg(long)]
     seed: Option<u64>,
+    /// Subtracted from the logit of every token already generated, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated, in [-2, 2].
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// Divides the positive logits (multiplies the negative ones) of tokens of the prompt or
+    /// the output, in (0, 2]; above 1 discourages repeats.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Stop when the output contains this string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -298,8 +308,18 @@ where
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let sampling =
-        SamplingParams { temperature: args.temperature, top_k: args.top_k, top_p: args.top_p, seed: args.seed };
+    let penalties = Penalties {
+        presence: args.presence_penalty,
+        frequency: args.frequency_penalty,
+        repetition: args.repetition_penalty,
+    };
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+        penalties,
+    };
     sampling.validate()?;
 
     let loaded =

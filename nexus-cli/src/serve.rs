@@ -34,7 +34,7 @@ use nexus_runtime::backend::Backend;
 use nexus_runtime::chat_template::ChatMessage;
 use nexus_runtime::engine::{Engine, EngineEvent, RequestId, RequestOptions};
 use nexus_runtime::generate::{FinishReason, StopMatcher};
-use nexus_runtime::sampling::SamplingParams;
+use nexus_runtime::sampling::{Penalties, SamplingParams};
 use nexus_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -270,8 +270,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Fields shared by both endpoints; others that OpenAI clients send (`logprobs`, `user`,
-/// penalties) are ignored.
+/// Fields shared by both endpoints; others that OpenAI clients send (`logprobs`, `user`) are
+/// ignored.
 #[derive(Deserialize)]
 struct CommonFields {
     model: String,
@@ -287,6 +287,13 @@ struct CommonFields {
     top_k: Option<i64>,
     #[serde(default)]
     seed: Option<u64>,
+    #[serde(default)]
+    presence_penalty: Option<f64>,
+    #[serde(default)]
+    frequency_penalty: Option<f64>,
+    /// vLLM's: divides the positive logits (multiplies the negative ones) of tokens seen.
+    #[serde(default)]
+    repetition_penalty: Option<f64>,
     #[serde(default)]
     n: Option<u64>,
     #[serde(default)]
@@ -406,7 +413,14 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
         Some(m) if m >= 0 && m as u64 <= max_tokens as u64 => m as usize,
         Some(m) => return Err(bad_request(format!("min_tokens {m} must be in [0, max_tokens = {max_tokens}]"))),
     };
-    let sampling = SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed };
+    let penalties = Penalties {
+        presence: common.presence_penalty.unwrap_or(0.0) as f32,
+        frequency: common.frequency_penalty.unwrap_or(0.0) as f32,
+        repetition: common.repetition_penalty.unwrap_or(1.0) as f32,
+    };
+    penalties.validate().map_err(|e| bad_request(e.message().to_owned()))?;
+    let sampling =
+        SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed, penalties };
     let options =
         RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, ..RequestOptions::default() };
     let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);

@@ -181,6 +181,23 @@ fn chat_completions_models_and_health() {
     let (_, a) = post(&server, "/v1/completions", &sampled.to_string());
     let (_, b) = post(&server, "/v1/completions", &sampled.to_string());
     assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"]);
+    // Penalties change the greedy output: counting on, it repeats its most frequent token less.
+    let counting = |extra: Value| {
+        let mut body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 16, "temperature": 0, "return_token_ids": true });
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        let (status, body) = post(&server, "/v1/completions", &body.to_string());
+        assert_eq!(status, 200, "{body}");
+        ids(&body["choices"][0]["token_ids"])
+    };
+    let most_repeated = |ids: &[u64]| ids.iter().map(|t| ids.iter().filter(|u| *u == t).count()).max().unwrap_or(0);
+    let plain = counting(json!({}));
+    let penalized = counting(json!({ "frequency_penalty": 2.0, "presence_penalty": 1.0, "repetition_penalty": 1.5 }));
+    assert!(
+        most_repeated(&penalized) < most_repeated(&plain),
+        "penalized {penalized:?} repeats as much as plain {plain:?}"
+    );
 }
 
 #[test]
@@ -193,6 +210,9 @@ fn bad_requests_get_an_openai_style_4xx() {
         ("/v1/chat/completions", chat("hi", json!({ "n": 2 })), 400, "n = 1"),
         ("/v1/chat/completions", chat("hi", json!({ "temperature": -1 })), 400, "temperature"),
         ("/v1/chat/completions", chat("hi", json!({ "top_p": 0 })), 400, "top_p"),
+        ("/v1/chat/completions", chat("hi", json!({ "presence_penalty": 3 })), 400, "presence_penalty"),
+        ("/v1/chat/completions", chat("hi", json!({ "frequency_penalty": -2.5 })), 400, "frequency_penalty"),
+        ("/v1/chat/completions", chat("hi", json!({ "repetition_penalty": 0 })), 400, "repetition_penalty"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 0 })), 400, "max_tokens"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 1_000_000 })), 400, "context"),
         ("/v1/chat/completions", chat("hi", json!({ "stop": 3 })), 400, "stop"),

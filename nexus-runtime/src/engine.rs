@@ -166,7 +166,7 @@ impl<B: Backend> Engine<B> {
                 options.max_tokens
             )));
         }
-        let sampler = Sampler::new(options.sampling.clone())?;
+        let sampler = Sampler::new(options.sampling.clone(), &prompt)?;
         self.seqs.insert(id, Sequence { tokens: prompt, computed: 0, generated: 0, options, sampler });
         self.waiting.push_back(id);
         Ok(())
@@ -256,8 +256,9 @@ impl<B: Backend> Engine<B> {
         let input = build_step(&mut self.blocks, &chunks)?;
         let sampled_ids: Vec<RequestId> = chunks.iter().filter(|c| c.wants_logits).map(|c| c.seq).collect();
         let logits = self.model.forward(&self.backend, &mut self.cache, &input)?;
-        let all_greedy = sampled_ids.iter().all(|id| self.seqs[id].sampler.params().is_greedy());
-        let tokens = if all_greedy {
+        // The device picks the argmax unless some sequence needs its logits (drawing, penalties).
+        let argmax_only = sampled_ids.iter().all(|id| !self.seqs[id].sampler.needs_logits());
+        let tokens = if argmax_only {
             self.backend.argmax(&logits)?
         } else {
             let host = self.backend.to_host(&logits)?;

@@ -147,7 +147,7 @@ impl<B: Backend> Generator<B> {
                 self.capacity()
             )));
         }
-        let mut sampler = Sampler::new(options.sampling.clone())?;
+        let mut sampler = Sampler::new(options.sampling.clone(), prompt)?;
         let start = Instant::now();
         let mut logits = None;
         for chunk in prompt.chunks(options.prefill_chunk) {
@@ -172,7 +172,7 @@ impl<B: Backend> Generator<B> {
             }
             let step = build_step(&mut self.blocks, &[SeqChunk { seq: SEQ, tokens: &[next], wants_logits: true }])?;
             let logits = self.model.forward(&self.backend, &mut self.cache, &step)?;
-            next = if sampler.params().is_greedy() {
+            next = if !sampler.needs_logits() {
                 self.backend.argmax(&logits)?[0]
             } else {
                 sampler.sample(&self.backend.to_host(&logits)?.data)?

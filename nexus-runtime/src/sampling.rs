@@ -1,7 +1,11 @@
-//! Token sampling: greedy, temperature, top-k, top-p, with a seed for reproducibility.
+//! Token sampling: repetition, frequency and presence penalties, greedy, temperature, top-k,
+//! top-p, with a seed for reproducibility.
 //!
 //! The filters are pure functions over a probability vector so that they can be tested on their
-//! own; [`Sampler`] chains them: logits / temperature → softmax → top-k → top-p → draw.
+//! own; [`Sampler`] chains them: penalties → logits / temperature → softmax → top-k → top-p →
+//! draw.
+
+use std::collections::{HashMap, HashSet};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -19,11 +23,76 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// Seed of the random draws; `None` seeds from the operating system.
     pub seed: Option<u64>,
+    /// Penalties on tokens already seen; none by default.
+    pub penalties: Penalties,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None }
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None, penalties: Penalties::default() }
+    }
+}
+
+/// Penalties on the logits of tokens already seen, as OpenAI and vLLM define them: for a token
+/// that appeared `c` times in the output so far, `logit -= frequency · c + presence · [c > 0]`;
+/// for a token of the prompt or the output, a positive logit is divided by `repetition`, a
+/// negative one multiplied by it (applied first).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Penalties {
+    /// In [-2, 2]; 0 is off.
+    pub presence: f32,
+    /// In [-2, 2]; 0 is off.
+    pub frequency: f32,
+    /// In (0, 2]; 1 is off, above 1 discourages repeats.
+    pub repetition: f32,
+}
+
+impl Default for Penalties {
+    fn default() -> Self {
+        Penalties { presence: 0.0, frequency: 0.0, repetition: 1.0 }
+    }
+}
+
+impl Penalties {
+    /// Whether any penalty changes the logits.
+    pub fn is_active(&self) -> bool {
+        self.presence != 0.0 || self.frequency != 0.0 || self.repetition != 1.0
+    }
+
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [("presence_penalty", self.presence), ("frequency_penalty", self.frequency)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::invalid(format!("{name} {v} must be in [-2, 2]")));
+            }
+        }
+        if !(self.repetition > 0.0 && self.repetition <= 2.0) {
+            return Err(Error::invalid(format!("repetition_penalty {} must be in (0, 2]", self.repetition)));
+        }
+        Ok(())
+    }
+}
+
+/// Applies `penalties` to `logits` given the prompt's tokens and the output's token counts.
+pub fn apply_penalties(
+    logits: &mut [f32],
+    penalties: &Penalties,
+    prompt: &HashSet<u32>,
+    output_counts: &HashMap<u32, u32>,
+) {
+    if penalties.repetition != 1.0 {
+        // Every token seen, once: the prompt's, then the output's that the prompt lacks.
+        let seen = prompt.iter().chain(output_counts.keys().filter(|t| !prompt.contains(t)));
+        for &t in seen {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = if *l > 0.0 { *l / penalties.repetition } else { *l * penalties.repetition };
+            }
+        }
+    }
+    for (&t, &count) in output_counts {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l -= penalties.frequency * count as f32 + if count > 0 { penalties.presence } else { 0.0 };
+        }
     }
 }
 
@@ -46,7 +115,7 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::invalid(format!("top_p {} must be in (0, 1]", self.top_p)));
         }
-        Ok(())
+        self.penalties.validate()
     }
 }
 
@@ -130,22 +199,28 @@ pub fn draw(weights: &[f32], u: f32) -> u32 {
     last_nonzero as u32
 }
 
-/// Picks tokens from logits according to [`SamplingParams`], with its own random stream.
+/// Picks tokens for one sequence according to [`SamplingParams`], with its own random stream and,
+/// for the penalties, what the sequence has seen.
 #[derive(Clone, Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The prompt's tokens (kept only under a repetition penalty).
+    prompt: HashSet<u32>,
+    /// How often each token was sampled so far (kept only under a penalty).
+    output_counts: HashMap<u32, u32>,
 }
 
 impl Sampler {
-    /// A sampler; fails on out-of-range parameters.
-    pub fn new(params: SamplingParams) -> Result<Self> {
+    /// A sampler for a sequence that starts with `prompt`; fails on out-of-range parameters.
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self> {
         params.validate()?;
         let rng = match params.seed {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Ok(Sampler { params, rng })
+        let prompt = if params.penalties.repetition != 1.0 { prompt.iter().copied().collect() } else { HashSet::new() };
+        Ok(Sampler { params, rng, prompt, output_counts: HashMap::new() })
     }
 
     /// The parameters.
@@ -153,11 +228,34 @@ impl Sampler {
         &self.params
     }
 
-    /// Picks the next token from one row of logits.
+    /// Whether picking needs the logits themselves, not only their argmax (which a device can
+    /// compute without copying them out): when drawing, or under a penalty.
+    pub fn needs_logits(&self) -> bool {
+        !self.params.is_greedy() || self.params.penalties.is_active()
+    }
+
+    /// Picks the next token from one row of logits and remembers it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> Result<u32> {
         if logits.is_empty() {
             return Err(Error::invalid("cannot sample from empty logits"));
         }
+        let penalized;
+        let logits = if self.params.penalties.is_active() {
+            let mut l = logits.to_vec();
+            apply_penalties(&mut l, &self.params.penalties, &self.prompt, &self.output_counts);
+            penalized = l;
+            &penalized[..]
+        } else {
+            logits
+        };
+        let token = self.pick(logits)?;
+        if self.params.penalties.is_active() {
+            *self.output_counts.entry(token).or_insert(0) += 1;
+        }
+        Ok(token)
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> Result<u32> {
         if self.params.is_greedy() {
             return argmax(logits).ok_or_else(|| Error::invalid("no logits"));
         }
@@ -177,8 +275,36 @@ mod tests {
 
     #[test]
     fn greedy_takes_the_first_maximum() {
-        let mut s = Sampler::new(SamplingParams::greedy()).unwrap();
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn penalties_follow_the_openai_and_vllm_formulas() {
+        let prompt: HashSet<u32> = [0, 3].into();
+        let counts: HashMap<u32, u32> = [(1, 3), (3, 1)].into();
+        let mut logits = vec![2.0, 2.0, 2.0, -2.0, 2.0];
+        let p = Penalties { presence: 0.5, frequency: 0.25, repetition: 2.0 };
+        apply_penalties(&mut logits, &p, &prompt, &counts);
+        // 0: prompt only, repetition: 2 / 2. 1: output x3: 2 / 2 - 0.25 * 3 - 0.5. 2: unseen.
+        // 3: prompt and output x1, repetition once (negative: x2), then -0.25 - 0.5. 4: unseen.
+        assert_eq!(logits, vec![1.0, 1.0 - 0.75 - 0.5, 2.0, -4.0 - 0.25 - 0.5, 2.0]);
+    }
+
+    #[test]
+    fn a_frequency_penalty_moves_greedy_off_a_repeated_token() {
+        let params = SamplingParams {
+            penalties: Penalties { frequency: 1.0, ..Penalties::default() },
+            ..SamplingParams::greedy()
+        };
+        let mut s = Sampler::new(params, &[7]).unwrap();
+        assert!(s.needs_logits());
+        let logits = [0.0, 2.5, 2.0];
+        // 1 leads by 0.5 until it has been picked once (2.5 - 1 < 2), then 2 until it has too.
+        let picks: Vec<u32> = (0..4).map(|_| s.sample(&logits).unwrap()).collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+        // Without penalties greedy needs only the argmax.
+        assert!(!Sampler::new(SamplingParams::greedy(), &[]).unwrap().needs_logits());
     }
 
     #[test]
@@ -188,8 +314,15 @@ mod tests {
             SamplingParams { temperature: f32::NAN, ..Default::default() },
             SamplingParams { top_p: 0.0, ..Default::default() },
             SamplingParams { top_p: 1.5, ..Default::default() },
+            SamplingParams { penalties: Penalties { presence: 2.5, ..Default::default() }, ..Default::default() },
+            SamplingParams { penalties: Penalties { frequency: -3.0, ..Default::default() }, ..Default::default() },
+            SamplingParams { penalties: Penalties { repetition: 0.0, ..Default::default() }, ..Default::default() },
+            SamplingParams {
+                penalties: Penalties { repetition: f32::NAN, ..Default::default() },
+                ..Default::default()
+            },
         ] {
-            assert!(Sampler::new(params).is_err());
+            assert!(Sampler::new(params, &[]).is_err());
         }
     }
 

@@ -222,7 +222,8 @@ fn generation_stops_on_eos_and_stop_strings_and_reproduces_under_a_seed() {
 
     // Sampling with a seed reproduces; another seed (almost surely) does not.
     let mut sampled = |seed| {
-        let sampling = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: Some(seed) };
+        let sampling =
+            SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: Some(seed), ..Default::default() };
         let options = GenerateOptions { max_tokens: 24, ignore_eos: true, sampling, ..GenerateOptions::default() };
         generator.generate(&raw.prompt_ids, &options, &[], |_| Ok(true)).expect("generate").token_ids
     };

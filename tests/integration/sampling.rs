@@ -9,9 +9,10 @@ fn logits(n: usize, salt: u32) -> Vec<f32> {
 
 #[test]
 fn same_seed_same_tokens_other_seed_other_tokens() {
-    let params = |seed| SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, seed: Some(seed) };
+    let params =
+        |seed| SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, seed: Some(seed), ..Default::default() };
     let run = |seed| {
-        let mut s = Sampler::new(params(seed)).unwrap();
+        let mut s = Sampler::new(params(seed), &[]).unwrap();
         (0..200).map(|i| s.sample(&logits(1000, i)).unwrap()).collect::<Vec<u32>>()
     };
     assert_eq!(run(42), run(42));
@@ -26,7 +27,7 @@ fn top_k_one_and_zero_temperature_are_greedy() {
         SamplingParams { temperature: 0.0, seed: Some(1), ..Default::default() },
         SamplingParams { temperature: 1.5, top_k: 1, seed: Some(1), ..Default::default() },
     ] {
-        let mut s = Sampler::new(params).unwrap();
+        let mut s = Sampler::new(params, &[]).unwrap();
         assert!((0..20).all(|_| s.sample(&l).unwrap() == best));
     }
 }
@@ -82,7 +83,8 @@ proptest! {
         let mut order: Vec<usize> = (0..l.len()).collect();
         order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
         let threshold = l[order[k - 1]];
-        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_k: k, top_p: 1.0, seed: Some(seed) }).unwrap();
+        let mut s = Sampler::new(SamplingParams { temperature: 2.0, top_k: k, top_p: 1.0, seed: Some(seed), ..Default::default() }, &[])
+            .unwrap();
         for _ in 0..20 {
             prop_assert!(l[s.sample(&l).unwrap() as usize] >= threshold);
         }

@@ -270,8 +270,9 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
-/// Fields shared by both endpoints; others that OpenAI clients send (`logprobs`, `user`) are
-/// ignored.
+/// Fields shared by both endpoints; others that OpenAI clients send (`user`, ...) are ignored,
+/// and the ones asking for what this server does not do (`logprobs`, `echo`, `best_of`) are
+/// refused when they ask for it.
 #[derive(Deserialize)]
 struct CommonFields {
     model: String,
@@ -310,6 +311,18 @@ struct CommonFields {
     /// vLLM's: also return the prompt's and the output's token ids.
     #[serde(default)]
     return_token_ids: bool,
+    /// vLLM's: more token ids that end the output (the token is part of it).
+    #[serde(default)]
+    stop_token_ids: Option<Vec<u32>>,
+    /// Completions: an integer (`null` for none); chat: `true`/`false`, with `top_logprobs`.
+    #[serde(default)]
+    logprobs: Option<Value>,
+    #[serde(default)]
+    top_logprobs: Option<u64>,
+    #[serde(default)]
+    echo: Option<bool>,
+    #[serde(default)]
+    best_of: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -359,6 +372,21 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
     }
     if common.n.is_some_and(|n| n != 1) {
         return Err(bad_request("only n = 1 is supported"));
+    }
+    if common.best_of.is_some_and(|n| n != 1) {
+        return Err(bad_request("only best_of = 1 is supported"));
+    }
+    let wants_logprobs = !matches!(common.logprobs, None | Some(Value::Null) | Some(Value::Bool(false)));
+    if wants_logprobs || common.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(bad_request("logprobs are not supported by this server"));
+    }
+    if common.echo == Some(true) {
+        return Err(bad_request("echo is not supported by this server"));
+    }
+    let vocab = state.config.vocab_size;
+    let stop_token_ids = common.stop_token_ids.clone().unwrap_or_default();
+    if let Some(&bad) = stop_token_ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(bad_request(format!("stop_token_ids: {bad} is outside the vocabulary (0..{vocab})")));
     }
     let temperature = common.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
@@ -421,8 +449,7 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
     penalties.validate().map_err(|e| bad_request(e.message().to_owned()))?;
     let sampling =
         SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed, penalties };
-    let options =
-        RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, ..RequestOptions::default() };
+    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, stop_token_ids };
     let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let token_ids = common.return_token_ids || state.tokenizer.is_none();
     Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage, token_ids })

@@ -198,6 +198,13 @@ fn chat_completions_models_and_health() {
         most_repeated(&penalized) < most_repeated(&plain),
         "penalized {penalized:?} repeats as much as plain {plain:?}"
     );
+    // A stop token id ends the output with that token (as vLLM's stop_token_ids).
+    let body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 16, "temperature": 0,
+        "return_token_ids": true, "stop_token_ids": [plain[2]] });
+    let (_, stopped) = post(&server, "/v1/completions", &body.to_string());
+    let first = plain.iter().position(|&t| t == plain[2]).expect("in the output");
+    assert_eq!(ids(&stopped["choices"][0]["token_ids"]), plain[..=first].to_vec());
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
 }
 
 #[test]
@@ -213,6 +220,9 @@ fn bad_requests_get_an_openai_style_4xx() {
         ("/v1/chat/completions", chat("hi", json!({ "presence_penalty": 3 })), 400, "presence_penalty"),
         ("/v1/chat/completions", chat("hi", json!({ "frequency_penalty": -2.5 })), 400, "frequency_penalty"),
         ("/v1/chat/completions", chat("hi", json!({ "repetition_penalty": 0 })), 400, "repetition_penalty"),
+        ("/v1/chat/completions", chat("hi", json!({ "logprobs": true })), 400, "logprobs"),
+        ("/v1/chat/completions", chat("hi", json!({ "top_logprobs": 3 })), 400, "logprobs"),
+        ("/v1/chat/completions", chat("hi", json!({ "stop_token_ids": [1_000_000] })), 400, "stop_token_ids"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 0 })), 400, "max_tokens"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 1_000_000 })), 400, "context"),
         ("/v1/chat/completions", chat("hi", json!({ "stop": 3 })), 400, "stop"),

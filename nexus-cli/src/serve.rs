@@ -57,11 +57,15 @@ enum Command {
 struct Metrics {
     ttft: Histogram,
     tbt: Histogram,
+    e2e: Histogram,
     running: AtomicU64,
     waiting: AtomicU64,
     /// KV usage in millionths.
     kv_usage: AtomicU64,
     requests: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generation_tokens: AtomicU64,
+    preemptions: AtomicU64,
 }
 
 /// A Prometheus histogram in seconds.
@@ -205,6 +209,7 @@ fn engine_loop<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Comma
             }
         }
         metrics.running.store(engine.num_running() as u64, Ordering::Relaxed);
+        metrics.preemptions.store(engine.preemptions(), Ordering::Relaxed);
         metrics.waiting.store(engine.num_waiting() as u64, Ordering::Relaxed);
         metrics.kv_usage.store((engine.kv_usage() * 1e6) as u64, Ordering::Relaxed);
     }
@@ -256,6 +261,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let mut out = String::new();
     m.ttft.render("nexus_time_to_first_token_seconds", "Arrival to first token.", &mut out);
     m.tbt.render("nexus_time_between_tokens_seconds", "Gap between consecutive tokens of a request.", &mut out);
+    m.e2e.render("nexus_e2e_request_latency_seconds", "Arrival to the end of a request's output.", &mut out);
     let gauges = [
         ("nexus_requests_running", "Requests holding KV blocks.", m.running.load(Ordering::Relaxed) as f64),
         ("nexus_requests_waiting", "Requests waiting for admission.", m.waiting.load(Ordering::Relaxed) as f64),
@@ -264,9 +270,15 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
     }
-    let requests = m.requests.load(Ordering::Relaxed);
-    let _ = writeln!(out, "# HELP nexus_requests_total Requests accepted.\n# TYPE nexus_requests_total counter");
-    let _ = writeln!(out, "nexus_requests_total {requests}");
+    let counters = [
+        ("nexus_requests_total", "Requests accepted.", &m.requests),
+        ("nexus_prompt_tokens_total", "Prompt tokens of the requests accepted.", &m.prompt_tokens),
+        ("nexus_generation_tokens_total", "Tokens generated.", &m.generation_tokens),
+        ("nexus_preemptions_total", "Sequences preempted (recomputed later) for lack of KV blocks.", &m.preemptions),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
@@ -594,6 +606,7 @@ async fn submit(
         Err(_) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped")),
     }
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    state.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
     let (tx, rx) = tokio_mpsc::channel(64);
     let state = state.clone();
     let (stops, every_token) = (prepared.stops, prepared.token_ids);
@@ -613,6 +626,7 @@ async fn submit(
                         None => state.metrics.ttft.observe((now - arrival).as_secs_f64()),
                         Some(t) => state.metrics.tbt.observe((now - t).as_secs_f64()),
                     }
+                    state.metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
                     last = Some(now);
                     completion_tokens += 1;
                     token_ids.push(token);
@@ -657,6 +671,7 @@ async fn submit(
         if !events.is_closed() {
             let _ = state.commands.lock().unwrap_or_else(|p| p.into_inner()).send(Command::Abort(id));
         }
+        state.metrics.e2e.observe(arrival.elapsed().as_secs_f64());
         let _ = tx.send(Piece::End { reason, prompt_tokens, completion_tokens }).await;
     });
     Ok((id, rx))

@@ -299,6 +299,10 @@ fn thirty_two_concurrent_clients_are_all_answered() {
         assert_eq!(body["usage"]["completion_tokens"], 8, "client {i}");
     }
     assert_eq!(metric(&server, "nexus_requests_total"), 32.0);
+    assert_eq!(metric(&server, "nexus_generation_tokens_total"), 32.0 * 8.0);
+    assert_eq!(metric(&server, "nexus_e2e_request_latency_seconds_count"), 32.0);
+    assert!(metric(&server, "nexus_prompt_tokens_total") >= 32.0 * 4.0);
+    assert_eq!(metric(&server, "nexus_preemptions_total"), 0.0);
 }
 
 #[test]

@@ -252,7 +252,14 @@ async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
     if let Err(e) = check_api_key(&state, &headers) {
         return e.into_response();
     }
-    let data = json!([{ "id": state.config.model_name, "object": "model", "created": 0, "owned_by": "nexus" }]);
+    // `max_model_len` as vLLM gives it: the most tokens (prompt and output) of one request.
+    let data = json!([{
+        "id": state.config.model_name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "nexus",
+        "max_model_len": state.config.max_context
+    }]);
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 

@@ -135,6 +135,7 @@ fn chat_completions_models_and_health() {
     let mut models = agent().get(&format!("{}/v1/models", server.base)).call().expect("models");
     let models: Value = serde_json::from_str(&models.body_mut().read_to_string().expect("body")).expect("json");
     assert_eq!(models["data"][0]["id"], MODEL_NAME);
+    assert!(models["data"][0]["max_model_len"].as_u64().expect("max_model_len") >= 2048);
 
     // Non-streaming chat: the greedy answer of the oracle fixtures.
     let (status, body) = post(&server, "/v1/chat/completions", &chat("What is the capital of France?", json!({})));

@@ -32,9 +32,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use nexus_runtime::backend::Backend;
 use nexus_runtime::chat_template::ChatMessage;
-use nexus_runtime::engine::{Engine, EngineEvent, RequestId, RequestOptions};
+use nexus_runtime::engine::{Engine, EngineEvent, MAX_LOGPROBS, RequestId, RequestOptions};
 use nexus_runtime::generate::{FinishReason, StopMatcher};
-use nexus_runtime::sampling::{Penalties, SamplingParams};
+use nexus_runtime::sampling::{Penalties, SamplingParams, TokenLogprobs};
 use nexus_runtime::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -290,8 +290,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Fields shared by both endpoints; others that OpenAI clients send (`user`, ...) are ignored,
-/// and the ones asking for what this server does not do (`logprobs`, `echo`, `best_of`) are
-/// refused when they ask for it.
+/// and the ones asking for what this server does not do (`echo`, `best_of`) are refused when they
+/// ask for it.
 #[derive(Deserialize)]
 struct CommonFields {
     model: String,
@@ -395,10 +395,20 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
     if common.best_of.is_some_and(|n| n != 1) {
         return Err(bad_request("only best_of = 1 is supported"));
     }
-    let wants_logprobs = !matches!(common.logprobs, None | Some(Value::Null) | Some(Value::Bool(false)));
-    if wants_logprobs || common.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(bad_request("logprobs are not supported by this server"));
+    // Completions ask with `logprobs: N`, chat with `logprobs: true` and `top_logprobs: N`.
+    let logprobs = match (&common.logprobs, common.top_logprobs) {
+        (None | Some(Value::Null) | Some(Value::Bool(false)), None) => None,
+        (None | Some(Value::Null) | Some(Value::Bool(false)), Some(_)) => {
+            return Err(bad_request("top_logprobs needs logprobs: true"));
+        }
+        (Some(Value::Bool(true)), n) => Some(n.unwrap_or(0)),
+        (Some(Value::Number(n)), None) if n.as_u64().is_some() => n.as_u64(),
+        _ => return Err(bad_request("logprobs must be true (with top_logprobs: N) or an integer N >= 0")),
+    };
+    if let Some(n) = logprobs.filter(|&n| n > MAX_LOGPROBS as u64) {
+        return Err(bad_request(format!("logprobs: {n} alternatives asked, at most {MAX_LOGPROBS}")));
     }
+    let logprobs = logprobs.map(|n| n as usize);
     if common.echo == Some(true) {
         return Err(bad_request("echo is not supported by this server"));
     }
@@ -468,10 +478,65 @@ fn prepare(state: &AppState, common: &CommonFields, prompt: Vec<u32>) -> Result<
     penalties.validate().map_err(|e| bad_request(e.message().to_owned()))?;
     let sampling =
         SamplingParams { temperature: temperature as f32, top_k, top_p: top_p as f32, seed: common.seed, penalties };
-    let options = RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, stop_token_ids };
+    let options =
+        RequestOptions { max_tokens, sampling, ignore_eos: common.ignore_eos, min_tokens, stop_token_ids, logprobs };
     let include_usage = common.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let token_ids = common.return_token_ids || state.tokenizer.is_none();
     Ok(Prepared { prompt, options, stops, stream: common.stream, include_usage, token_ids })
+}
+
+/// Renders tokens' log-probabilities the way the endpoint's clients expect: `tokens`,
+/// `token_logprobs`, `top_logprobs` and `text_offset` for completions, `content` entries with
+/// `bytes` and `top_logprobs` for chat. A model without a tokenizer names tokens `token_id:<id>`
+/// (as vLLM's `return_tokens_as_token_ids`).
+struct LogprobsJson {
+    state: Arc<AppState>,
+    kind: Kind,
+    /// Completions: where the next token starts in the output text.
+    offset: usize,
+}
+
+impl LogprobsJson {
+    fn token(&self, id: u32) -> String {
+        match &self.state.tokenizer {
+            Some(t) => t.decode(&[id], false).unwrap_or_default(),
+            None => format!("token_id:{id}"),
+        }
+    }
+
+    fn render(&mut self, entries: &[(u32, Box<TokenLogprobs>)]) -> Value {
+        match self.kind {
+            Kind::Completion => {
+                let (mut tokens, mut logprobs, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+                for (id, lp) in entries {
+                    let token = self.token(*id);
+                    offsets.push(self.offset);
+                    self.offset += token.chars().count();
+                    tokens.push(token);
+                    logprobs.push(lp.logprob);
+                    let alternatives: serde_json::Map<String, Value> =
+                        lp.top.iter().map(|&(t, l)| (self.token(t), json!(l))).collect();
+                    top.push(alternatives);
+                }
+                json!({ "tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets })
+            }
+            Kind::Chat => {
+                let entry = |token: String, logprob: f32| {
+                    let bytes = token.as_bytes().to_vec();
+                    json!({ "token": token, "logprob": logprob, "bytes": bytes })
+                };
+                let content: Vec<Value> = entries
+                    .iter()
+                    .map(|(id, lp)| {
+                        let mut e = entry(self.token(*id), lp.logprob);
+                        e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(self.token(t), l)).collect();
+                        e
+                    })
+                    .collect();
+                json!({ "content": content })
+            }
+        }
+    }
 }
 
 /// The 400 for what a tokenizer-free model cannot do.
@@ -580,8 +645,18 @@ fn unix_time() -> u64 {
 /// One piece of a response: text with the ids of the tokens it came from, or the end with its
 /// reason and token counts.
 enum Piece {
-    Chunk { text: String, token_ids: Vec<u32> },
-    End { reason: &'static str, prompt_tokens: usize, completion_tokens: usize },
+    /// Text ready to show and the tokens since the last chunk, with their log-probabilities when
+    /// the request asked for them.
+    Chunk {
+        text: String,
+        token_ids: Vec<u32>,
+        logprobs: Vec<(u32, Box<TokenLogprobs>)>,
+    },
+    End {
+        reason: &'static str,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
 }
 
 /// Submits `prepared` and turns its tokens into pieces on a channel. The returned receiver ends
@@ -624,10 +699,11 @@ async fn submit(
         let mut matcher = StopMatcher::new(&stops);
         let mut completion_tokens = 0;
         let mut token_ids = Vec::new();
+        let mut logprobs = Vec::new();
         let mut reason = "length";
         while let Some(event) = events.recv().await {
             match event {
-                EngineEvent::Token { token, .. } => {
+                EngineEvent::Token { token, logprobs: token_logprobs, .. } => {
                     let now = Instant::now();
                     match last {
                         None => state.metrics.ttft.observe((now - arrival).as_secs_f64()),
@@ -637,6 +713,7 @@ async fn submit(
                     last = Some(now);
                     completion_tokens += 1;
                     token_ids.push(token);
+                    logprobs.extend(token_logprobs.map(|l| (token, l)));
                     let text = decoder.as_mut().and_then(|d| d.push(token).ok().flatten()).unwrap_or_default();
                     // Before min_tokens, stop strings cannot end the output: the text bypasses the
                     // matcher, which so far has seen nothing.
@@ -647,7 +724,11 @@ async fn submit(
                         (text, false)
                     };
                     if !ready.is_empty() || every_token {
-                        let chunk = Piece::Chunk { text: ready, token_ids: std::mem::take(&mut token_ids) };
+                        let chunk = Piece::Chunk {
+                            text: ready,
+                            token_ids: std::mem::take(&mut token_ids),
+                            logprobs: std::mem::take(&mut logprobs),
+                        };
                         if tx.send(chunk).await.is_err() {
                             break;
                         }
@@ -668,7 +749,9 @@ async fn submit(
                         text.push_str(matcher.flush());
                     }
                     if !text.is_empty() || !token_ids.is_empty() {
-                        let _ = tx.send(Piece::Chunk { text, token_ids: std::mem::take(&mut token_ids) }).await;
+                        let token_ids = std::mem::take(&mut token_ids);
+                        let logprobs = std::mem::take(&mut logprobs);
+                        let _ = tx.send(Piece::Chunk { text, token_ids, logprobs }).await;
                     }
                     break;
                 }
@@ -687,6 +770,7 @@ async fn submit(
 async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
     let (stream, include_usage, with_ids) = (prepared.stream, prepared.include_usage, prepared.token_ids);
     let prompt_ids = with_ids.then(|| prepared.prompt.clone());
+    let mut logprobs_json = prepared.options.logprobs.map(|_| LogprobsJson { state: state.clone(), kind, offset: 0 });
     let (request, mut pieces) = match submit(&state, prepared).await {
         Ok(submitted) => submitted,
         Err(e) => return e.into_response(),
@@ -695,40 +779,54 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
     let created = unix_time();
     let model = state.config.model_name.clone();
     let usage = |p: usize, c: usize| json!({ "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c });
-    // A choice of `text` and `token_ids`, with the token ids only when asked for.
-    let choice = move |text: &str, token_ids: &[u32], finish_reason: Option<&str>, streamed: bool| {
-        let mut choice = match (kind, streamed) {
-            (Kind::Completion, _) => {
-                json!({ "index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason })
+    // A choice of `text` and `token_ids`, with the token ids and log-probabilities only when asked
+    // for.
+    let choice =
+        move |text: &str, token_ids: &[u32], logprobs: Option<Value>, finish_reason: Option<&str>, streamed| {
+            let mut choice = match (kind, streamed) {
+                (Kind::Completion, _) => {
+                    json!({ "index": 0, "text": text, "logprobs": logprobs.clone(), "finish_reason": finish_reason })
+                }
+                (Kind::Chat, false) => json!({
+                    "index": 0,
+                    "message": { "role": "assistant", "content": text },
+                    "finish_reason": finish_reason
+                }),
+                (Kind::Chat, true) if text.is_empty() && finish_reason.is_some() => {
+                    json!({ "index": 0, "delta": {}, "finish_reason": finish_reason })
+                }
+                (Kind::Chat, true) => {
+                    json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish_reason })
+                }
+            };
+            if with_ids {
+                choice["token_ids"] = json!(token_ids);
             }
-            (Kind::Chat, false) => json!({
-                "index": 0,
-                "message": { "role": "assistant", "content": text },
-                "finish_reason": finish_reason
-            }),
-            (Kind::Chat, true) if text.is_empty() && finish_reason.is_some() => {
-                json!({ "index": 0, "delta": {}, "finish_reason": finish_reason })
+            if let (Kind::Chat, Some(logprobs)) = (kind, logprobs) {
+                choice["logprobs"] = logprobs;
             }
-            (Kind::Chat, true) => json!({ "index": 0, "delta": { "content": text }, "finish_reason": finish_reason }),
+            choice
         };
-        if with_ids {
-            choice["token_ids"] = json!(token_ids);
-        }
-        choice
-    };
     if !stream {
-        let (mut text, mut token_ids) = (String::new(), Vec::new());
+        let (mut text, mut token_ids, mut all_logprobs) = (String::new(), Vec::new(), Vec::new());
         while let Some(piece) = pieces.recv().await {
             match piece {
-                Piece::Chunk { text: t, token_ids: ids } => {
+                Piece::Chunk { text: t, token_ids: ids, logprobs } => {
                     text.push_str(&t);
                     token_ids.extend(ids);
+                    all_logprobs.extend(logprobs);
                 }
                 Piece::End { reason, prompt_tokens, completion_tokens } => {
                     let object = if matches!(kind, Kind::Chat) { "chat.completion" } else { "text_completion" };
                     let mut body = json!({
                         "id": id, "object": object, "created": created, "model": model,
-                        "choices": [choice(&text, &token_ids, Some(reason), false)],
+                        "choices": [choice(
+                            &text,
+                            &token_ids,
+                            logprobs_json.as_mut().map(|l| l.render(&all_logprobs)),
+                            Some(reason),
+                            false
+                        )],
                         "usage": usage(prompt_tokens, completion_tokens)
                     });
                     if let Some(ids) = prompt_ids {
@@ -768,10 +866,13 @@ async fn run(state: Arc<AppState>, prepared: Prepared, kind: Kind) -> Response {
         }
         while let Some(piece) = pieces.recv().await {
             let event = match piece {
-                Piece::Chunk { text, token_ids } => choice(&text, &token_ids, None, true),
+                Piece::Chunk { text, token_ids, logprobs } => {
+                    let logprobs = logprobs_json.as_mut().map(|l| l.render(&logprobs));
+                    choice(&text, &token_ids, logprobs, None, true)
+                }
                 Piece::End { reason, prompt_tokens, completion_tokens } => {
                     let usage = include_usage.then(|| usage(prompt_tokens, completion_tokens));
-                    let _ = tx.send(Ok(chunk(choice("", &[], Some(reason), true), usage))).await;
+                    let _ = tx.send(Ok(chunk(choice("", &[], None, Some(reason), true), usage))).await;
                     let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                     return;
                 }

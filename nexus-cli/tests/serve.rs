@@ -199,6 +199,43 @@ fn chat_completions_models_and_health() {
         most_repeated(&penalized) < most_repeated(&plain),
         "penalized {penalized:?} repeats as much as plain {plain:?}"
     );
+    // Log-probabilities: completions' format, greedy picks the most likely token, the token
+    // strings spell the text.
+    let body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 6, "temperature": 0, "logprobs": 3 });
+    let (status, with_lp) = post(&server, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{with_lp}");
+    let lp = &with_lp["choices"][0]["logprobs"];
+    let tokens: Vec<&str> =
+        lp["tokens"].as_array().expect("tokens").iter().map(|t| t.as_str().expect("a string")).collect();
+    assert_eq!(tokens.len(), 6);
+    assert_eq!(tokens.concat(), with_lp["choices"][0]["text"].as_str().expect("text"));
+    let offsets: Vec<u64> =
+        lp["text_offset"].as_array().expect("offsets").iter().map(|o| o.as_u64().expect("int")).collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+    for (i, top) in lp["top_logprobs"].as_array().expect("top").iter().enumerate() {
+        let chosen = lp["token_logprobs"][i].as_f64().expect("logprob");
+        let best =
+            top.as_object().expect("a map").values().map(|v| v.as_f64().expect("logprob")).fold(f64::MIN, f64::max);
+        assert!(chosen <= 0.0 && (chosen - best).abs() < 1e-5, "token {i}: {chosen} vs the best {best}");
+        assert!((1..=3).contains(&top.as_object().expect("a map").len()));
+    }
+    // Chat's format, streamed: one entry per token over the chunks, each with its alternatives.
+    let response = agent()
+        .post(&format!("{}/v1/chat/completions", server.base))
+        .send(chat("Say hello.", json!({ "max_tokens": 5, "logprobs": true, "top_logprobs": 2, "stream": true, "stream_options": { "include_usage": true } })))
+        .expect("POST");
+    let events = sse_events(response.into_body().into_reader());
+    let entries: Vec<&Value> =
+        events.iter().filter_map(|e| e["choices"][0]["logprobs"]["content"].as_array()).flatten().collect();
+    let generated = events.last().expect("a usage chunk")["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert_eq!(entries.len() as u64, generated);
+    for e in &entries {
+        assert_eq!(e["top_logprobs"].as_array().expect("top").len(), 2);
+        let bytes: Vec<u8> =
+            e["bytes"].as_array().expect("bytes").iter().map(|b| b.as_u64().expect("a byte") as u8).collect();
+        assert_eq!(bytes, e["token"].as_str().expect("token").as_bytes());
+    }
     // A stop token id ends the output with that token (as vLLM's stop_token_ids).
     let body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 16, "temperature": 0,
         "return_token_ids": true, "stop_token_ids": [plain[2]] });
@@ -221,8 +258,9 @@ fn bad_requests_get_an_openai_style_4xx() {
         ("/v1/chat/completions", chat("hi", json!({ "presence_penalty": 3 })), 400, "presence_penalty"),
         ("/v1/chat/completions", chat("hi", json!({ "frequency_penalty": -2.5 })), 400, "frequency_penalty"),
         ("/v1/chat/completions", chat("hi", json!({ "repetition_penalty": 0 })), 400, "repetition_penalty"),
-        ("/v1/chat/completions", chat("hi", json!({ "logprobs": true })), 400, "logprobs"),
-        ("/v1/chat/completions", chat("hi", json!({ "top_logprobs": 3 })), 400, "logprobs"),
+        ("/v1/chat/completions", chat("hi", json!({ "top_logprobs": 3 })), 400, "top_logprobs needs logprobs"),
+        ("/v1/chat/completions", chat("hi", json!({ "logprobs": true, "top_logprobs": 21 })), 400, "at most 20"),
+        ("/v1/chat/completions", chat("hi", json!({ "logprobs": "yes" })), 400, "logprobs must be"),
         ("/v1/chat/completions", chat("hi", json!({ "stop_token_ids": [1_000_000] })), 400, "stop_token_ids"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 0 })), 400, "max_tokens"),
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 1_000_000 })), 400, "context"),

@@ -21,7 +21,7 @@ use crate::batch::{SeqChunk, build_step};
 use crate::generate::FinishReason;
 use crate::kv_cache::{BlockManager, SeqId};
 use crate::model::{KvCache, LlamaModel};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Sampler, SamplingParams, TokenLogprobs, token_logprobs};
 use crate::scheduler::{ChunkedScheduler, SchedulerConfig, SeqState};
 use crate::{Error, Result};
 
@@ -42,7 +42,13 @@ pub struct RequestOptions {
     /// End-of-sequence and stop tokens do not end the request before it has generated this many
     /// tokens (vLLM's `min_tokens`), so that a benchmark can force output lengths.
     pub min_tokens: usize,
+    /// Report each token's log-probability with this many most likely alternatives (at most
+    /// [`MAX_LOGPROBS`]), from the model's logits before penalties and temperature, as vLLM does.
+    pub logprobs: Option<usize>,
 }
+
+/// The most alternatives a request may ask log-probabilities of.
+pub const MAX_LOGPROBS: usize = 20;
 
 impl Default for RequestOptions {
     fn default() -> Self {
@@ -52,15 +58,16 @@ impl Default for RequestOptions {
             ignore_eos: false,
             stop_token_ids: Vec::new(),
             min_tokens: 0,
+            logprobs: None,
         }
     }
 }
 
 /// What a step produced.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum EngineEvent {
-    /// Request `id` generated `token`.
-    Token { id: RequestId, token: u32 },
+    /// Request `id` generated `token`, with its log-probabilities if the request asked for them.
+    Token { id: RequestId, token: u32, logprobs: Option<Box<TokenLogprobs>> },
     /// Request `id` is done; its blocks are free.
     Finished { id: RequestId, reason: FinishReason },
 }
@@ -150,6 +157,9 @@ impl<B: Backend> Engine<B> {
         }
         if prompt.is_empty() {
             return Err(Error::invalid("the prompt is empty"));
+        }
+        if options.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return Err(Error::invalid(format!("logprobs: at most {MAX_LOGPROBS} alternatives")));
         }
         if options.max_tokens == 0 {
             return Err(Error::invalid("max_tokens must be at least 1"));
@@ -256,17 +266,26 @@ impl<B: Backend> Engine<B> {
         let input = build_step(&mut self.blocks, &chunks)?;
         let sampled_ids: Vec<RequestId> = chunks.iter().filter(|c| c.wants_logits).map(|c| c.seq).collect();
         let logits = self.model.forward(&self.backend, &mut self.cache, &input)?;
-        // The device picks the argmax unless some sequence needs its logits (drawing, penalties).
-        let argmax_only = sampled_ids.iter().all(|id| !self.seqs[id].sampler.needs_logits());
+        // The device picks the argmax unless some sequence needs its logits (drawing, penalties,
+        // log-probabilities).
+        let argmax_only = sampled_ids.iter().all(|id| {
+            let seq = &self.seqs[id];
+            !seq.sampler.needs_logits() && seq.options.logprobs.is_none()
+        });
+        let mut logprobs: Vec<Option<Box<TokenLogprobs>>> = vec![None; sampled_ids.len()];
         let tokens = if argmax_only {
             self.backend.argmax(&logits)?
         } else {
             let host = self.backend.to_host(&logits)?;
             let vocab = host.shape[1];
             let mut tokens = Vec::with_capacity(sampled_ids.len());
-            for (row, id) in host.data.chunks_exact(vocab).zip(&sampled_ids) {
+            for (i, (row, id)) in host.data.chunks_exact(vocab).zip(&sampled_ids).enumerate() {
                 let seq = self.seqs.get_mut(id).expect("scheduled sequences exist");
-                tokens.push(seq.sampler.sample(row)?);
+                let token = seq.sampler.sample(row)?;
+                if let Some(top) = seq.options.logprobs {
+                    logprobs[i] = Some(Box::new(token_logprobs(row, token, top)));
+                }
+                tokens.push(token);
             }
             tokens
         };
@@ -277,11 +296,11 @@ impl<B: Backend> Engine<B> {
             }
         }
         let mut events = Vec::with_capacity(2 * tokens.len());
-        for (&id, &token) in sampled_ids.iter().zip(&tokens) {
+        for ((&id, &token), logprobs) in sampled_ids.iter().zip(&tokens).zip(logprobs) {
             let seq = self.seqs.get_mut(&id).expect("scheduled sequences exist");
             seq.tokens.push(token);
             seq.generated += 1;
-            events.push(EngineEvent::Token { id, token });
+            events.push(EngineEvent::Token { id, token, logprobs });
             let stop = seq.generated >= seq.options.min_tokens
                 && ((!seq.options.ignore_eos && self.eos_token_ids.contains(&token))
                     || seq.options.stop_token_ids.contains(&token));

@@ -199,6 +199,35 @@ pub fn draw(weights: &[f32], u: f32) -> u32 {
     last_nonzero as u32
 }
 
+/// A token's log-probability and the most likely alternatives at its position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprobs {
+    /// The natural log of the chosen token's probability.
+    pub logprob: f32,
+    /// The most likely tokens and their log-probabilities, most likely first (ties by id).
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The log-softmax of `logits` at `token`, and its `top` most likely entries.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let logprob = |t: usize| (logits[t] as f64 - log_z) as f32;
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let by_logit = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let top = top.min(logits.len());
+    if top > 0 && top < order.len() {
+        order.select_nth_unstable_by(top - 1, by_logit);
+    }
+    order.truncate(top);
+    order.sort_by(by_logit);
+    TokenLogprobs {
+        logprob: logits.get(token as usize).map_or(f32::NEG_INFINITY, |_| logprob(token as usize)),
+        top: order.into_iter().map(|t| (t as u32, logprob(t))).collect(),
+    }
+}
+
 /// Picks tokens for one sequence according to [`SamplingParams`], with its own random stream and,
 /// for the penalties, what the sequence has seen.
 #[derive(Clone, Debug)]
@@ -277,6 +306,21 @@ mod tests {
     fn greedy_takes_the_first_maximum() {
         let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
         assert_eq!(s.sample(&[0.1, 3.0, 3.0, -1.0]).unwrap(), 1);
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax_with_the_top_alternatives() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = token_logprobs(&logits, 2, 3);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let want = |t: usize| ((logits[t] as f64).exp() / z).ln() as f32;
+        assert!((lp.logprob - want(2)).abs() < 1e-6);
+        // Most likely first, ties by id.
+        let ids: Vec<u32> = lp.top.iter().map(|&(t, _)| t).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!(lp.top.iter().all(|&(t, l)| (l - want(t as usize)).abs() < 1e-6));
+        assert!(token_logprobs(&logits, 0, 0).top.is_empty());
+        assert_eq!(token_logprobs(&logits, 0, 10).top.len(), 4);
     }
 
     #[test]

@@ -118,7 +118,7 @@ fn engine_outputs(num_blocks: usize, max_num_batched_tokens: usize, batch_invari
     let mut out = vec![Vec::new(); fixtures.cases.len()];
     while engine.has_unfinished() {
         for event in engine.step().expect("step") {
-            if let EngineEvent::Token { id, token } = event {
+            if let EngineEvent::Token { id, token, .. } = event {
                 out[id as usize].push(token);
             }
         }

@@ -63,7 +63,7 @@ fn run_all(engine: &mut Engine<CpuBackend>, cases: &[Case]) -> HashMap<u64, Vec<
         }
         for event in engine.step().expect("step") {
             match event {
-                EngineEvent::Token { id, token } => out.entry(id).or_default().push(token),
+                EngineEvent::Token { id, token, .. } => out.entry(id).or_default().push(token),
                 EngineEvent::Finished { reason, .. } => {
                     assert_eq!(reason, FinishReason::Length);
                     finished += 1;

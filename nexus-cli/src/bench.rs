@@ -270,7 +270,7 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
         bail!("--token-id-range {:?} goes past the vocabulary of {} ({vocab} tokens)", args.token_id_range, args.model);
     }
     // Outputs are forced to the trace's lengths, so end-of-sequence tokens do not matter.
-    let mut engine = make_engine(backend, model, Vec::new(), sizing, args.engine.scheduler())?;
+    let mut engine = make_engine(backend, model, Vec::new(), sizing, &args.engine)?;
     plan.run(&args.model, |requests, bar| {
         Ok(replay_requests(&mut engine, requests, tokenizer.as_ref(), || bar.inc(1))?.1)
     })

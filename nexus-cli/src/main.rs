@@ -119,6 +119,10 @@ struct EngineArgs {
     /// The most requests running at once.
     #[arg(long, default_value_t = 256)]
     max_num_seqs: usize,
+    /// The most tokens (prompt and output) of one request, if less than the model's context
+    /// (requests over it are refused; decode graphs hold block tables for it only).
+    #[arg(long)]
+    max_model_len: Option<usize>,
     /// The most tokens (decodes plus prompt chunks) in one step.
     #[arg(long, default_value_t = 8192)]
     max_num_batched_tokens: usize,
@@ -253,7 +257,7 @@ fn make_engine<B: Backend>(
     model: LlamaModel<B>,
     eos: Vec<u32>,
     sizing: KvSizing,
-    scheduler: SchedulerConfig,
+    args: &EngineArgs,
 ) -> anyhow::Result<Engine<B>> {
     let c = model.config().clone();
     let block_size = DEFAULT_BLOCK_SIZE;
@@ -269,7 +273,9 @@ fn make_engine<B: Backend>(
     if num_blocks == 0 {
         bail!("no room for the KV cache");
     }
-    let engine = Engine::new(backend, model, eos, EngineConfig { num_blocks, block_size, scheduler })?;
+    let config =
+        EngineConfig { num_blocks, block_size, scheduler: args.scheduler(), max_model_len: args.max_model_len };
+    let engine = Engine::new(backend, model, eos, config)?;
     eprintln!(
         "KV cache: {num_blocks} blocks of {block_size} tokens; requests of up to {} tokens",
         engine.max_request_tokens()
@@ -291,7 +297,7 @@ where
     let (model, tokenizer) = load_model(&backend, &args.model)?;
     let eos = tokenizer.as_ref().map_or_else(Vec::new, |t| t.eos_token_ids().to_vec());
     let vocab_size = model.config().vocab_size;
-    let engine = make_engine(backend, model, eos, sizing, args.engine.scheduler())?;
+    let engine = make_engine(backend, model, eos, sizing, &args.engine)?;
     let max_context = engine.max_request_tokens();
     let model_name = args.served_model_name.clone().unwrap_or_else(|| match args.model.strip_prefix("synthetic:") {
         Some(_) => args.model.clone(),

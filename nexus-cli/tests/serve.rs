@@ -357,6 +357,29 @@ fn the_api_key_is_required_when_set() {
     assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap_or_default());
 }
 
+#[test]
+fn max_model_len_caps_requests() {
+    let server = start(&["--max-model-len", "64"]);
+    let mut models = agent().get(&format!("{}/v1/models", server.base)).call().expect("models");
+    let models: Value = serde_json::from_str(&models.body_mut().read_to_string().expect("body")).expect("json");
+    assert_eq!(models["data"][0]["max_model_len"], 64);
+    let prompt: Vec<u32> = (1000..1060).collect();
+    let fits = json!({ "model": MODEL_NAME, "prompt": prompt, "max_tokens": 4, "temperature": 0 });
+    assert_eq!(completion(&server, fits)["usage"]["completion_tokens"], 4);
+    let over = json!({ "model": MODEL_NAME, "prompt": prompt, "max_tokens": 5, "temperature": 0 });
+    let (status, body) = post(&server, "/v1/completions", &over.to_string());
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().expect("message").contains("context holds 64"), "{body}");
+    // Beyond the model's own context it is a startup error, not a server.
+    let out = nexus()
+        .args(["serve", "--device", &device(), "--port", "0", "--max-model-len", "100000", "--model"])
+        .arg(model_path())
+        .output()
+        .expect("run nexus serve");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_model_len"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 fn completion(server: &Server, body: Value) -> Value {
     let (status, response) = post(server, "/v1/completions", &body.to_string());
     assert_eq!(status, 200, "{body}: {response}");

@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub block_size: usize,
     /// Limits of each step.
     pub scheduler: SchedulerConfig,
+    /// The most tokens (prompt and output) of one request, below the model's context (vLLM's
+    /// `max_model_len`); `None`: the model's context. Decode graphs are recorded for it.
+    pub max_model_len: Option<usize>,
 }
 
 struct Sequence {
@@ -127,6 +130,15 @@ impl<B: Backend> Engine<B> {
         let scheduler = ChunkedScheduler::new(config.scheduler)?;
         let blocks = BlockManager::new(config.num_blocks, config.block_size)?;
         let mut cache = model.alloc_kv_cache(&backend, config.num_blocks, config.block_size)?;
+        if let Some(len) = config.max_model_len {
+            let context = model.config().max_position_embeddings;
+            if len == 0 || len > context {
+                return Err(Error::invalid(format!(
+                    "max_model_len {len} must be in 1..={context} (the model's context)"
+                )));
+            }
+            cache.limit_seq_len(len);
+        }
         model.warm_up(&backend, &mut cache, config.scheduler.max_num_seqs)?;
         Ok(Engine {
             backend,
@@ -142,10 +154,10 @@ impl<B: Backend> Engine<B> {
         })
     }
 
-    /// The most tokens (prompt plus output) one request may have: the model's context, and what
-    /// the whole cache holds.
+    /// The most tokens (prompt plus output) one request may have: the model's context (or
+    /// `max_model_len`), and what the whole cache holds.
     pub fn max_request_tokens(&self) -> usize {
-        self.model.config().max_position_embeddings.min(self.blocks.num_blocks() * self.blocks.block_size())
+        self.cache.max_seq_len(self.model.config()).min(self.blocks.num_blocks() * self.blocks.block_size())
     }
 
     /// Queues a request. Fails (and queues nothing) on an empty prompt, a token outside the

@@ -50,6 +50,8 @@ pub struct KvCache<B: Backend> {
     /// Unique per cache (and so per model: a cache belongs to the model that made it), so that a
     /// backend's recordings of steps over other caches are never replayed over this one.
     id: u64,
+    /// The most tokens of one sequence, when less than the model's context.
+    seq_len_limit: Option<usize>,
 }
 
 impl<B: Backend> std::fmt::Debug for KvCache<B> {
@@ -67,6 +69,17 @@ impl<B: Backend> KvCache<B> {
     /// The block that padding rows write to; no sequence owns it.
     pub fn padding_block(&self) -> u32 {
         (self.layout.num_blocks - 1) as u32
+    }
+
+    /// Limits sequences to `tokens` (below the model's context), so that recorded decode steps
+    /// hold block tables of that width only (recordings made for another limit are not replayed).
+    pub fn limit_seq_len(&mut self, tokens: usize) {
+        self.seq_len_limit = Some(tokens);
+    }
+
+    /// The most tokens of one sequence of `config`'s model in this cache's steps.
+    pub fn max_seq_len(&self, config: &ModelConfig) -> usize {
+        self.seq_len_limit.map_or(config.max_position_embeddings, |l| l.min(config.max_position_embeddings))
     }
 }
 
@@ -195,7 +208,7 @@ impl<B: Backend> LlamaModel<B> {
             head_dim: self.config.head_dim,
         };
         let pools = (0..self.config.num_layers).map(|_| backend.alloc_kv_pool(layout)).collect::<Result<_>>()?;
-        Ok(KvCache { layout, pools, id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed) })
+        Ok(KvCache { layout, pools, id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed), seq_len_limit: None })
     }
 
     /// One forward step: writes the step's keys and values into `cache` and returns the logits of
@@ -215,7 +228,7 @@ impl<B: Backend> LlamaModel<B> {
         }
         let scope = StepScope {
             cache_id: cache.id,
-            max_blocks_per_seq: self.config.max_position_embeddings.div_ceil(cache.layout.block_size),
+            max_blocks_per_seq: cache.max_seq_len(&self.config).div_ceil(cache.layout.block_size),
             padding_block: cache.padding_block(),
             block_size: cache.layout.block_size,
         };

@@ -109,7 +109,7 @@ fn engine_outputs(num_blocks: usize, max_num_batched_tokens: usize, batch_invari
     let gpu = CudaBackend::with_config(phase(None), config).expect("CUDA backend");
     let model = LlamaModel::load(&gpu, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
     let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens };
-    let config = EngineConfig { num_blocks, block_size: DEFAULT_BLOCK_SIZE, scheduler };
+    let config = EngineConfig { num_blocks, block_size: DEFAULT_BLOCK_SIZE, scheduler, max_model_len: None };
     let mut engine = Engine::new(gpu, model, Vec::new(), config).expect("engine");
     let options = RequestOptions { max_tokens: 16, ignore_eos: true, ..RequestOptions::default() };
     for (i, case) in fixtures.cases.iter().enumerate() {

@@ -37,9 +37,13 @@ fn smollm2() -> &'static LoadedModel {
 }
 
 fn engine(num_blocks: usize, scheduler: SchedulerConfig) -> Engine<CpuBackend> {
+    engine_with(EngineConfig { num_blocks, block_size: 16, scheduler, max_model_len: None }).expect("engine")
+}
+
+fn engine_with(config: EngineConfig) -> nexus::runtime::Result<Engine<CpuBackend>> {
     let model = LlamaModel::load(&CpuBackend, smollm2().weights.as_ref(), |_, _| {}).expect("load");
     let eos = smollm2().tokenizer.eos_token_ids().to_vec();
-    Engine::new(CpuBackend, model, eos, EngineConfig { num_blocks, block_size: 16, scheduler }).expect("engine")
+    Engine::new(CpuBackend, model, eos, config)
 }
 
 const TOKENS: usize = 16;
@@ -131,6 +135,22 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
     engine.add_request(4, vec![1, 2, 3], options.clone()).expect("add");
     assert_eq!(bad(&mut engine, 4, vec![1, 2, 3], 5), ErrorKind::InvalidInput);
     assert!(!engine.abort(3), "refused requests leave nothing behind");
+
+    // max_model_len caps requests below the model's context and the cache; it must lie in the
+    // model's context (8192 for SmolLM2).
+    let config = |max_model_len| EngineConfig {
+        num_blocks: 64,
+        block_size: 16,
+        scheduler: SchedulerConfig::default(),
+        max_model_len: Some(max_model_len),
+    };
+    let mut capped = engine_with(config(100)).expect("engine");
+    assert_eq!(capped.max_request_tokens(), 100);
+    assert_eq!(bad(&mut capped, 1, vec![1; 90], 11), ErrorKind::InvalidInput);
+    capped.add_request(1, vec![1; 90], RequestOptions { max_tokens: 10, ..RequestOptions::default() }).expect("fits");
+    for len in [0, 8193] {
+        assert_eq!(engine_with(config(len)).expect_err("refused").kind(), ErrorKind::InvalidInput, "{len}");
+    }
 }
 
 #[test]

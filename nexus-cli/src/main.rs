@@ -261,12 +261,13 @@ fn make_engine<B: Backend>(
 ) -> anyhow::Result<Engine<B>> {
     let c = model.config().clone();
     let block_size = DEFAULT_BLOCK_SIZE;
+    // bf16 K and V of every layer.
+    let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
     let num_blocks = match sizing {
         KvSizing::Blocks(n) => n,
         KvSizing::GpuMemory(fraction) => {
             let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
             let keep = (1.0 - fraction) * total as f64;
-            let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
             ((free as f64 - keep).max(0.0) / bytes_per_block) as usize
         }
     };
@@ -275,11 +276,25 @@ fn make_engine<B: Backend>(
     }
     let config =
         EngineConfig { num_blocks, block_size, scheduler: args.scheduler(), max_model_len: args.max_model_len };
+    let gpu_free = || nexus_runtime::kernels::cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free);
+    let (start, free_before) = (Instant::now(), matches!(sizing, KvSizing::GpuMemory(_)).then(gpu_free).flatten());
     let engine = Engine::new(backend, model, eos, config)?;
     eprintln!(
         "KV cache: {num_blocks} blocks of {block_size} tokens; requests of up to {} tokens",
         engine.max_request_tokens()
     );
+    // The engine allocates the cache (and its padding block) and records the decode graphs: say
+    // what the graphs took besides the cache.
+    if let (Some(before), Some(after)) = (free_before, free_before.and_then(|_| gpu_free())) {
+        let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
+        let cache = (num_blocks + 1) as f64 * bytes_per_block;
+        eprintln!(
+            "engine ready in {:.1} s: KV cache {:.2} GiB, decode graphs and other engine memory {:.2} GiB",
+            start.elapsed().as_secs_f64(),
+            gib(cache),
+            gib((before.saturating_sub(after) as f64 - cache).max(0.0))
+        );
+    }
     Ok(engine)
 }
 

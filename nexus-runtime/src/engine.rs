@@ -129,14 +129,13 @@ impl<B: Backend> Engine<B> {
     pub fn new(backend: B, model: LlamaModel<B>, eos_token_ids: Vec<u32>, config: EngineConfig) -> Result<Self> {
         let scheduler = ChunkedScheduler::new(config.scheduler)?;
         let blocks = BlockManager::new(config.num_blocks, config.block_size)?;
+        // Checked before the cache takes its memory.
+        let context = model.config().max_position_embeddings;
+        if let Some(len) = config.max_model_len.filter(|&len| len == 0 || len > context) {
+            return Err(Error::invalid(format!("max_model_len {len} must be in 1..={context} (the model's context)")));
+        }
         let mut cache = model.alloc_kv_cache(&backend, config.num_blocks, config.block_size)?;
         if let Some(len) = config.max_model_len {
-            let context = model.config().max_position_embeddings;
-            if len == 0 || len > context {
-                return Err(Error::invalid(format!(
-                    "max_model_len {len} must be in 1..={context} (the model's context)"
-                )));
-            }
             cache.limit_seq_len(len);
         }
         model.warm_up(&backend, &mut cache, config.scheduler.max_num_seqs)?;

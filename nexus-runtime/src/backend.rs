@@ -44,6 +44,31 @@ impl StepInput {
         }
     }
 
+    /// This decode step of `n` sequences as one of `batch >= n` with block tables `width` wide
+    /// (at least this step's): the padding sequences hold one token at the start of the scope's
+    /// padding block, where they write. Backends that record steps replay one recording for
+    /// every batch up to its size this way; an empty step gives a batch of padding only.
+    pub fn padded_decode(&self, batch: usize, width: usize, scope: StepScope) -> StepInput {
+        let n = self.kv_lens.len();
+        let mut block_tables = vec![scope.padding_block as i32; batch * width];
+        for (i, row) in self.block_tables.chunks(self.max_blocks_per_seq.max(1)).take(n).enumerate() {
+            block_tables[i * width..][..row.len()].copy_from_slice(row);
+        }
+        let pad = batch - n;
+        let extend =
+            |v: &[u32], value: u32| v.iter().copied().chain(std::iter::repeat_n(value, pad)).collect::<Vec<u32>>();
+        StepInput {
+            tokens: extend(&self.tokens, 0),
+            positions: extend(&self.positions, 0),
+            slots: extend(&self.slots, scope.padding_block * scope.block_size as u32),
+            q_indptr: (0..=batch as u32).collect(),
+            kv_lens: extend(&self.kv_lens, 1),
+            block_tables,
+            max_blocks_per_seq: width,
+            logit_rows: (0..batch as u32).collect(),
+        }
+    }
+
     /// Checks internal consistency (lengths agree, rows in range).
     pub fn validate(&self) -> Result<()> {
         let n = self.tokens.len();

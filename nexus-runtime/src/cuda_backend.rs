@@ -214,7 +214,7 @@ impl CudaBackend {
         let stream = self.ctx.stream();
         if let Some(g) = graphs.iter_mut().find(|g| g.batch == batch) {
             let width = input.max_blocks_per_seq.max(1);
-            g.step.rewrite(&self.ctx, &pad_decode_step(input, batch, width, scope), scope.block_size)?;
+            g.step.rewrite(&self.ctx, &input.padded_decode(batch, width, scope), scope.block_size)?;
             g.graph.0.launch().map_err(kernel_error)?;
             let mut out = self.output(rows, g.vocab)?;
             stream.memcpy_dtod(&g.logits.slice(..rows * g.vocab), &mut out.data).map_err(kernel_error)?;
@@ -222,7 +222,7 @@ impl CudaBackend {
         }
         // The first step of the bucket runs eagerly over the bucket's buffers (which makes its
         // plan and loads every kernel), then the same forward is recorded.
-        let mut step = self.prepare(&pad_decode_step(input, batch, scope.max_blocks_per_seq, scope))?;
+        let mut step = self.prepare(&input.padded_decode(batch, scope.max_blocks_per_seq, scope))?;
         step.recorded = true;
         let logits = forward(&step)?;
         let vocab = logits.cols;
@@ -532,28 +532,6 @@ fn check_decode_slots(step: &StepInput, block_size: usize) -> Result<()> {
     Ok(())
 }
 
-/// A decode step of `n` sequences as a step of `batch >= n` with block tables `width` wide: the
-/// padding sequences hold one token at the start of the padding block.
-fn pad_decode_step(step: &StepInput, batch: usize, width: usize, scope: StepScope) -> StepInput {
-    let n = step.kv_lens.len();
-    let mut block_tables = vec![scope.padding_block as i32; batch * width];
-    for (i, row) in step.block_tables.chunks(step.max_blocks_per_seq.max(1)).take(n).enumerate() {
-        block_tables[i * width..][..row.len()].copy_from_slice(row);
-    }
-    let pad = batch - n;
-    let extend = |v: &[u32], value: u32| v.iter().copied().chain(std::iter::repeat_n(value, pad)).collect::<Vec<u32>>();
-    StepInput {
-        tokens: extend(&step.tokens, 0),
-        positions: extend(&step.positions, 0),
-        slots: extend(&step.slots, scope.padding_block * scope.block_size as u32),
-        q_indptr: (0..=batch as u32).collect(),
-        kv_lens: extend(&step.kv_lens, 1),
-        block_tables,
-        max_blocks_per_seq: width,
-        logit_rows: (0..batch as u32).collect(),
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -597,7 +575,7 @@ mod tests {
     #[test]
     fn padding_rows_attend_over_one_token_of_the_padding_block() {
         let step = decode_step();
-        let padded = pad_decode_step(&step, 4, SCOPE.max_blocks_per_seq, SCOPE);
+        let padded = step.padded_decode(4, SCOPE.max_blocks_per_seq, SCOPE);
         padded.validate().unwrap();
         assert_eq!(padded.tokens, vec![5, 6, 7, 0]);
         assert_eq!(padded.positions, vec![19, 0, 32, 0]);
@@ -612,7 +590,7 @@ mod tests {
         assert_eq!(rows[2], &[30, 31, 32, 99, 99, 99, 99, 99]);
         assert_eq!(rows[3], &[99; 8]);
         // At the step's own width (a replay sends only these columns).
-        let compact = pad_decode_step(&step, 4, 3, SCOPE);
+        let compact = step.padded_decode(4, 3, SCOPE);
         assert_eq!(compact.block_tables, vec![4, 10, -1, 20, -1, -1, 30, 31, 32, 99, 99, 99]);
         // Every row, padding included, writes its last position through its table; a slot
         // elsewhere is refused before a graph would write it.

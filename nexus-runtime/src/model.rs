@@ -226,13 +226,18 @@ impl<B: Backend> LlamaModel<B> {
                 self.config.max_position_embeddings
             )));
         }
-        let scope = StepScope {
+        let scope = self.scope(cache);
+        backend.run_step(step, scope, &mut |step| self.forward_prepared(backend, cache, step))
+    }
+
+    /// What steps over `cache` run over besides their inputs.
+    fn scope(&self, cache: &KvCache<B>) -> StepScope {
+        StepScope {
             cache_id: cache.id,
             max_blocks_per_seq: cache.max_seq_len(&self.config).div_ceil(cache.layout.block_size),
             padding_block: cache.padding_block(),
             block_size: cache.layout.block_size,
-        };
-        backend.run_step(step, scope, &mut |step| self.forward_prepared(backend, cache, step))
+        }
     }
 
     /// Records the backend's decode steps ([`Backend::recorded_batch_sizes`]) for batches of up
@@ -244,19 +249,10 @@ impl<B: Backend> LlamaModel<B> {
         // A full batch takes the smallest size at least as large.
         let last = sizes.iter().position(|&b| b >= max_batch).unwrap_or(sizes.len().saturating_sub(1));
         let sizes: Vec<usize> = sizes.into_iter().take(last + 1).collect();
-        let block = cache.padding_block();
+        let scope = self.scope(cache);
         for &b in &sizes {
-            let step = StepInput {
-                tokens: vec![0; b],
-                positions: vec![0; b],
-                slots: vec![block * cache.layout.block_size as u32; b],
-                q_indptr: (0..=b as u32).collect(),
-                kv_lens: vec![1; b],
-                block_tables: vec![block as i32; b],
-                max_blocks_per_seq: 1,
-                logit_rows: (0..b as u32).collect(),
-            };
-            self.forward(backend, cache, &step)?;
+            let padding = StepInput::default().padded_decode(b, 1, scope);
+            self.forward(backend, cache, &padding)?;
         }
         Ok(sizes)
     }

@@ -6,7 +6,8 @@
 //! of A and B fits in L2 the launches rotate over copies adding up to at least 256 MB.
 //!
 //! TFLOP/s = 2·M·N·K / time; TB/s = (M·K + N·K + M·N) · 2 bytes / time (for small M, almost all
-//! of it is the weight B). The summary table is timed outside criterion (median of CUDA-event
+//! of it is the weight B), next to the streaming read at the same budget measured in the same run
+//! (`stream_read_curve`) and its share of it. The summary table is timed outside criterion (median of CUDA-event
 //! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
 //! whole run fits in a few minutes.
 //!
@@ -119,6 +120,7 @@ fn main() {
         budgets(&gpu)
     };
     let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");
+    let stream_read = stream_read_curve(&gpu, &stream, &budgets);
     let report = Report::new(
         "GEMM bf16 (C = A·Bᵀ), ours vs cuBLAS (TFLOP/s = 2MNK / t; TB/s = 2(MK + NK + MN) / t)",
         &[
@@ -130,6 +132,8 @@ fn main() {
             "us",
             "TFLOP/s",
             "TB/s",
+            "stream read at this budget",
+            "% of stream",
             "cuBLAS@budget TFLOP/s",
             "cuBLAS@budget TB/s",
             "cuBLAS@all TFLOP/s",
@@ -170,7 +174,7 @@ fn main() {
             for &budget in &budgets {
                 let ctx = phase(&gpu, &stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
-                let plan = gemm::plan(shape, budget, gpu.target());
+                let plan = gemm::plan(shape, budget, gpu.model());
                 let mut launch = |i: u64| {
                     let (a, b) = &views[i as usize % copies];
                     gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
@@ -195,6 +199,8 @@ fn main() {
                     format!("{:.1}", t * 1e6),
                     format!("{:.1}", flops / t / 1e12),
                     format!("{:.2}", bytes / t / 1e12),
+                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                    format!("{:.0}%", 100.0 * bytes / t / stream_read.at(budget.get())),
                     format!("{:.1}", flops / cublas_budget / 1e12),
                     format!("{:.2}", bytes / cublas_budget / 1e12),
                     format!("{:.1}", flops / cublas_all / 1e12),

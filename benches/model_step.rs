@@ -1,11 +1,12 @@
 //! Forward-step times of a synthetic model (published config, random bf16 weights made on the
 //! GPU) on the CUDA backend with all SMs: prefill throughput of an 8k-token prompt, and decode
 //! step time at batch 1 and at batch 64 with 2k tokens of context each, each against its floor:
-//! the larger of the bytes it must read at the 3.12 TB/s streaming-read anchor of DESIGN.md and
-//! its FLOPs at 798 TFLOP/s (an 8192³ bf16 matrix product on this machine's H100, KINDS.md).
+//! the larger of the bytes it must read at the all-SM streaming read this GPU measured
+//! ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798 TFLOP/s (an 8192³ bf16 matrix product
+//! on an H100; the H200 has the same tensor cores).
 //!
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
-//! `nexus_runtime::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
+//! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
 //! clock per step with the result (greedy argmax) back on the host: what a serving loop sees,
 //! launch overheads included. Decode steps are timed three ways: replayed from CUDA graphs (the
 //! backend's default), launched eagerly, and in the batch-invariant mode.
@@ -15,16 +16,14 @@ mod common;
 use std::time::Instant;
 
 use common::{Report, device_name};
-use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
-use nexus::runtime::backend::Backend;
-use nexus::runtime::batch::{SeqChunk, build_step};
-use nexus::runtime::cuda_backend::{CudaBackend, CudaBackendConfig};
-use nexus::runtime::kv_cache::BlockManager;
+use nexus::kernels::Gpu;
+use nexus::runtime::engine::batch::{SeqChunk, build_step};
+use nexus::runtime::engine::kv_cache::BlockManager;
 use nexus::runtime::model::LlamaModel;
-use nexus::runtime::synthetic;
+use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use nexus::runtime::model::cuda::{CudaBackend, CudaBackendConfig};
+use nexus::runtime::weights::synthetic;
 
-/// The streaming-read bandwidth of the H100 anchor (DESIGN.md), bytes per second.
-const ANCHOR_BANDWIDTH: f64 = 3.12e12;
 /// Dense bf16 matrix-product throughput measured on the H100 (8192³), FLOP per second.
 const ANCHOR_FLOPS: f64 = 798e12;
 const BLOCK_SIZE: usize = 16;
@@ -33,21 +32,22 @@ fn main() {
     let name = std::env::var("NEXUS_MODEL_STEP").unwrap_or_else(|_| "llama-3.1-8b".into());
     let config = synthetic::config(&name).expect("synthetic model");
     let gpu = Gpu::new(0).expect("a CUDA GPU");
-    let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream().expect("stream"), CtaBudget::all(&gpu));
-    let backend = CudaBackend::new(ctx.clone()).expect("backend");
+    let bandwidth = gpu.model().bandwidth().at(gpu.sm_count());
+    eprintln!("streaming read with every SM: {:.2} TB/s", bandwidth / 1e12);
+    let backend = CudaBackend::new(gpu.clone()).expect("backend");
     let eager = CudaBackend::with_config(
-        ctx.clone(),
+        gpu.clone(),
         CudaBackendConfig { graph_batch_sizes: Vec::new(), ..CudaBackendConfig::default() },
     )
     .expect("eager backend");
     let invariant = CudaBackend::with_config(
-        ctx.clone(),
+        gpu.clone(),
         CudaBackendConfig { batch_invariant: true, ..CudaBackendConfig::default() },
     )
     .expect("batch-invariant backend");
     let start = Instant::now();
     let model = LlamaModel::random(&backend, &config, 1).expect("random weights");
-    ctx.stream().synchronize().expect("sync");
+    backend.synchronize().expect("sync");
     let params: usize = config.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     let weight_bytes = params as f64 * 2.0;
     eprintln!("{name}: {params} parameters made in {:.2} s", start.elapsed().as_secs_f64());
@@ -60,10 +60,17 @@ fn main() {
     let token = |i: usize| (i * 7919 % config.vocab_size) as u32;
     let kv_bytes_per_token = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2) as f64;
 
-    let mut step_on = |backend: &CudaBackend, blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {
-        let input = build_step(blocks, chunks).expect("step");
-        let logits = model.forward(backend, &mut cache, &input).expect("forward");
-        backend.argmax(&logits).expect("argmax")
+    // Each backend runs its steps in a phase of its own, with every SM.
+    let phases = [&backend, &eager, &invariant].map(|b| b.new_phase().expect("phase"));
+    let mut step_on = |(backend, phase): (&CudaBackend, &_), blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {
+        let decode = chunks.iter().all(|c| c.tokens.len() == 1);
+        let kind = if decode { StepKind::Decode } else { StepKind::Prefill };
+        let input = build_step(blocks, chunks, kind).expect("step");
+        let logits = model.forward(backend, phase, &mut cache, &input).expect("forward");
+        match backend.logits_to_host(phase, logits, LogitsReadback::Argmax).expect("argmax") {
+            HostLogits::Argmax(ids) => ids,
+            HostLogits::Full(_) => unreachable!("argmax was asked for"),
+        }
     };
     let report = Report::new(
         &format!("{name} forward steps, CUDA backend, all SMs (wall clock, greedy token on the host)"),
@@ -73,7 +80,7 @@ fn main() {
     // 4·H·d per (query, key) pair in every layer.
     let attention_flops = |pairs: f64| 4.0 * (config.num_heads * config.head_dim * config.num_layers) as f64 * pairs;
     let row = |what: &str, tokens: usize, seconds: f64, bytes: f64, flops: f64| {
-        let floor = (bytes / ANCHOR_BANDWIDTH).max(flops / ANCHOR_FLOPS);
+        let floor = (bytes / bandwidth).max(flops / ANCHOR_FLOPS);
         report.add(vec![
             what.into(),
             tokens.to_string(),
@@ -93,7 +100,7 @@ fn main() {
     for run in 0..4 {
         let seq = 1_000_000 + run as u64;
         let t = Instant::now();
-        step_on(&backend, &mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
+        step_on((&backend, &phases[0]), &mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
         times.push(t.elapsed().as_secs_f64());
         blocks.free(seq);
     }
@@ -107,7 +114,9 @@ fn main() {
         linear_flops(prefill_tokens) + attention_flops(causal_pairs),
     );
 
-    for (mode, backend) in [("CUDA graphs", &backend), ("eager", &eager), ("batch invariant", &invariant)] {
+    let modes = [("CUDA graphs", &backend), ("eager", &eager), ("batch invariant", &invariant)];
+    for ((mode, backend), phase) in modes.into_iter().zip(&phases) {
+        let backend = (backend, phase);
         // Decode at batch 1, after a 128-token prompt.
         let short: Vec<u32> = (0..128).map(token).collect();
         let mut next = step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &short, wants_logits: true }])[0];

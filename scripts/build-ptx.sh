@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Compiles cuda/*.cu into ptx/sm_90a/*.ptx (Hopper: compute_90a) and ptx/sm_80/*.ptx (any GPU from
 # Ampere on: compute_80), which nexus-kernels embeds. Also prints ptxas's register / shared
-# memory / spill report for sm_90a and fails if an attention or GEMM kernel spills.
+# memory / spill report for sm_90a and fails if an attention, GEMM or streaming-read kernel spills.
 #
 #   scripts/build-ptx.sh           regenerate ptx/
 #   scripts/build-ptx.sh --check   regenerate into a temporary folder; fail if ptx/ differs
@@ -63,7 +63,7 @@ for src in "$src_root"/cuda/*.cu; do
     echo "== $name (sm_90a)"
     grep -E "Compiling entry|registers|spill" "$report" | sed 's/^ptxas info    : //'
     case "$name" in
-        *attention*|gemm*)
+        *attention*|gemm*|stream_read)
             if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$report" >/dev/null; then
                 echo "build-ptx: $name spills registers (see above)" >&2
                 status=1

@@ -9,7 +9,10 @@ use std::time::Duration;
 use criterion::Criterion;
 use cudarc::driver::CudaStream;
 use cudarc::driver::sys::CUevent_flags;
-use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
+use nexus::kernels::stream_read::stream_read;
+use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 /// Budgets every kernel is measured with (plus all SMs).
 pub const BUDGETS: [u32; 6] = [8, 16, 32, 48, 64, 96];
@@ -85,6 +88,35 @@ pub fn median_gpu_time(stream: &Arc<CudaStream>, mut launch: impl FnMut(u64)) ->
         .collect();
     samples.sort();
     samples[samples.len() / 2]
+}
+
+/// The streaming-read curve at 1 CTA and at each of `budgets` (the budgets a bench reports):
+/// `stream_read`, the kernel `Gpu::new` measures the device's curve with, over [`ROTATE_BYTES`] of
+/// random words, timed like the benchmarked kernels ([`median_gpu_time`]) in the same run, so that
+/// a kernel's TB/s can be put next to what its SMs can read at all.
+pub fn stream_read_curve(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, budgets: &[CtaBudget]) -> BandwidthCurve {
+    let mut rng = StdRng::seed_from_u64(0x5eed);
+    let tile: Vec<u32> = (0..1 << 22).map(|_| rng.random()).collect();
+    let mut data = stream.alloc_zeros::<u32>(ROTATE_BYTES / 4).expect("alloc");
+    for at in (0..data.len()).step_by(tile.len()) {
+        stream.memcpy_htod(&tile, &mut data.slice_mut(at..at + tile.len())).expect("upload");
+    }
+    let mut ctas: Vec<CtaBudget> = budgets.to_vec();
+    ctas.push(CtaBudget::new(1, gpu).expect("budget"));
+    ctas.sort();
+    ctas.dedup();
+    let points: Vec<(u32, f64)> = ctas
+        .into_iter()
+        .map(|budget| {
+            let ctx = phase(gpu, stream, budget);
+            let mut checksums = stream.alloc_zeros::<u32>(budget.get() as usize).expect("alloc");
+            let t = median_gpu_time(stream, |_| {
+                stream_read(&ctx, &data.as_view(), &mut checksums.as_view_mut()).expect("stream_read")
+            });
+            (budget.get(), ROTATE_BYTES as f64 / t.as_secs_f64())
+        })
+        .collect();
+    BandwidthCurve::from_points(&points).expect("a curve from 1 CTA up")
 }
 
 /// Rows of the summary table, in the order they were added.

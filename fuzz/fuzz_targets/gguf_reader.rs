@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nexus_runtime::gguf::GgufFile;
+use nexus_runtime::weights::gguf::GgufFile;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(file) = GgufFile::from_bytes(data.to_vec()) else {

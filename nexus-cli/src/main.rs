@@ -11,18 +11,19 @@ mod serve;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use nexus_runtime::backend::{Backend, CpuBackend};
-use nexus_runtime::chat_template::ChatMessage;
-use nexus_runtime::cuda_backend::{CudaBackend, CudaBackendConfig};
-use nexus_runtime::engine::{Engine, EngineConfig};
-use nexus_runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator, generate_text};
-use nexus_runtime::kernels::{CtaBudget, Gpu, PhaseContext};
-use nexus_runtime::loader::{self, DEFAULT_MODEL, LoadedModel};
+use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
+use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
+use nexus_runtime::engine::scheduler::{NexusConfig, SchedulerConfig};
+use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, RequestOptions, Schedule};
+use nexus_runtime::kernels::Gpu;
 use nexus_runtime::model::LlamaModel;
-use nexus_runtime::sampling::{Penalties, SamplingParams};
-use nexus_runtime::scheduler::SchedulerConfig;
-use nexus_runtime::synthetic;
-use nexus_runtime::tokenizer::Tokenizer;
+use nexus_runtime::model::backend::Backend;
+use nexus_runtime::model::cpu::CpuBackend;
+use nexus_runtime::model::cuda::{CudaBackend, CudaBackendConfig};
+use nexus_runtime::text::chat_template::ChatMessage;
+use nexus_runtime::text::tokenizer::Tokenizer;
+use nexus_runtime::weights::loader::{self, DEFAULT_MODEL, LoadedModel};
+use nexus_runtime::weights::synthetic;
 
 #[derive(Parser, Debug)]
 #[command(name = "nexus", version, about = "Serve LLMs with prefill and decode on disjoint SMs of one GPU")]
@@ -98,16 +99,15 @@ impl DeviceArgs {
         }
     }
 
-    /// The CUDA backend on GPU 0 with all of its SMs.
+    /// The CUDA backend on GPU 0.
     fn cuda_backend(&self) -> anyhow::Result<CudaBackend> {
         let gpu = Gpu::new(0)?;
-        let ctx = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
         eprintln!("running on {gpu:?}");
         let mut config = CudaBackendConfig { batch_invariant: self.batch_invariant, ..CudaBackendConfig::default() };
         if self.enforce_eager {
             config.graph_batch_sizes.clear();
         }
-        Ok(CudaBackend::with_config(ctx, config)?)
+        Ok(CudaBackend::with_config(gpu, config)?)
     }
 }
 
@@ -132,11 +132,68 @@ struct EngineArgs {
     /// KV-cache blocks of 16 tokens on the CPU backend.
     #[arg(long, default_value_t = 1024)]
     cpu_kv_blocks: usize,
+    /// How iterations are scheduled: `chunked` (one mixed batch of decodes and prompt chunks per
+    /// iteration on every SM, as vLLM) or `nexus` (prefill and decode at the same time on
+    /// disjoint SMs, split by --prefill-sms). `nexus bench` takes several, comma-separated, and
+    /// runs each on the same trace.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "chunked")]
+    schedule: Vec<ScheduleKind>,
+    /// With `--schedule nexus`: the SMs of prefill while both prefill and decode have work
+    /// (decode gets the rest; a phase with no work leaves all SMs to the other). Default: half
+    /// of the SMs. `nexus bench` takes several, comma-separated, and runs each.
+    #[arg(long, value_delimiter = ',')]
+    prefill_sms: Vec<u32>,
+}
+
+/// The `--schedule` values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ScheduleKind {
+    Chunked,
+    Nexus,
 }
 
 impl EngineArgs {
     fn scheduler(&self) -> SchedulerConfig {
         SchedulerConfig { max_num_seqs: self.max_num_seqs, max_num_batched_tokens: self.max_num_batched_tokens }
+    }
+
+    /// Every schedule `--schedule` and `--prefill-sms` name, in order, on a device of
+    /// `sm_count` SMs.
+    fn schedules(&self, sm_count: u32) -> anyhow::Result<Vec<Schedule>> {
+        let mut out = Vec::new();
+        for kind in &self.schedule {
+            match kind {
+                ScheduleKind::Chunked => out.push(Schedule::Chunked),
+                ScheduleKind::Nexus if self.prefill_sms.is_empty() => {
+                    out.push(Schedule::Nexus(NexusConfig { prefill_sms: (sm_count / 2).max(1) }));
+                }
+                ScheduleKind::Nexus => {
+                    out.extend(
+                        self.prefill_sms.iter().map(|&prefill_sms| Schedule::Nexus(NexusConfig { prefill_sms })),
+                    );
+                }
+            }
+        }
+        if !self.prefill_sms.is_empty() && !self.schedule.contains(&ScheduleKind::Nexus) {
+            bail!("--prefill-sms needs --schedule nexus");
+        }
+        // Checked here, before any model loads, rather than when the engine builds the scheduler.
+        if let Some(bad) = self.prefill_sms.iter().find(|&&n| n == 0 || n >= sm_count) {
+            bail!(
+                "--prefill-sms {bad}: give prefill 1 to {} SMs (this device has {sm_count}; decode gets the rest)",
+                sm_count.saturating_sub(1)
+            );
+        }
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The one schedule `--schedule` names (serving runs one).
+    fn schedule(&self, sm_count: u32) -> anyhow::Result<Schedule> {
+        match self.schedules(sm_count)?.as_slice() {
+            [one] => Ok(*one),
+            _ => bail!("give one --schedule (and one --prefill-sms) to serve"),
+        }
     }
 
     /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.
@@ -251,13 +308,14 @@ fn load_model<B: Backend>(backend: &B, spec: &str) -> anyhow::Result<(LlamaModel
     }
 }
 
-/// An engine over `model` with a KV cache sized by `sizing`.
+/// An engine over `model` with a KV cache sized by `sizing`, running `schedule`.
 fn make_engine<B: Backend>(
     backend: B,
     model: LlamaModel<B>,
     eos: Vec<u32>,
     sizing: KvSizing,
     args: &EngineArgs,
+    schedule: Schedule,
 ) -> anyhow::Result<Engine<B>> {
     let c = model.config().clone();
     let block_size = DEFAULT_BLOCK_SIZE;
@@ -274,8 +332,13 @@ fn make_engine<B: Backend>(
     if num_blocks == 0 {
         bail!("no room for the KV cache");
     }
-    let config =
-        EngineConfig { num_blocks, block_size, scheduler: args.scheduler(), max_model_len: args.max_model_len };
+    let config = EngineConfig {
+        num_blocks,
+        block_size,
+        scheduler: args.scheduler(),
+        max_model_len: args.max_model_len,
+        schedule,
+    };
     let gpu_free = || nexus_runtime::kernels::cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free);
     let (start, free_before) = (Instant::now(), matches!(sizing, KvSizing::GpuMemory(_)).then(gpu_free).flatten());
     let engine = Engine::new(backend, model, eos, config)?;
@@ -309,10 +372,12 @@ fn serve_with<B: Backend + 'static>(backend: B, args: &ServeArgs, sizing: KvSizi
 where
     Engine<B>: Send,
 {
+    // Checked before the model loads, so that a bad --schedule or --prefill-sms fails at once.
+    let schedule = args.engine.schedule(backend.sm_count())?;
     let (model, tokenizer) = load_model(&backend, &args.model)?;
     let eos = tokenizer.as_ref().map_or_else(Vec::new, |t| t.eos_token_ids().to_vec());
     let vocab_size = model.config().vocab_size;
-    let engine = make_engine(backend, model, eos, sizing, &args.engine)?;
+    let engine = make_engine(backend, model, eos, sizing, &args.engine, schedule)?;
     let max_context = engine.max_request_tokens();
     let model_name = args.served_model_name.clone().unwrap_or_else(|| match args.model.strip_prefix("synthetic:") {
         Some(_) => args.model.clone(),
@@ -412,24 +477,27 @@ fn run_generate<B: Backend>(
         config.num_kv_heads,
         load_start.elapsed().as_secs_f64()
     );
-    let max_context = prompt.len() + args.max_tokens;
     if prompt.len() >= config.max_position_embeddings {
         bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), config.max_position_embeddings);
     }
-    let mut generator = Generator::new(backend, model, max_context, DEFAULT_BLOCK_SIZE)?;
-    let options = GenerateOptions {
-        max_tokens: args.max_tokens,
-        sampling,
-        stop: args.stop.clone(),
-        ignore_eos: args.ignore_eos,
-        ..GenerateOptions::default()
+    // One request: a cache that holds it, and one iteration of the whole prompt (up to 8192).
+    let max_tokens = args.max_tokens.min(config.max_position_embeddings - prompt.len());
+    let engine_config = EngineConfig {
+        num_blocks: (prompt.len() + max_tokens).div_ceil(DEFAULT_BLOCK_SIZE),
+        block_size: DEFAULT_BLOCK_SIZE,
+        scheduler: SchedulerConfig { max_num_seqs: 1, ..SchedulerConfig::default() },
+        max_model_len: None,
+        schedule: Schedule::Chunked,
     };
+    let mut engine = Engine::new(backend, model, tokenizer.eos_token_ids().to_vec(), engine_config)?;
+    let request = RequestOptions { max_tokens, sampling, ignore_eos: args.ignore_eos, ..RequestOptions::default() };
+    let options = GenerateOptions { request, stop: args.stop.clone() };
     let mut stdout = std::io::stdout().lock();
     if !args.chat {
         write!(stdout, "{}", args.prompt)?;
     }
     let mut write_error = None;
-    let out = generate_text(&mut generator, tokenizer, prompt, &options, |piece| {
+    let g = generate_text(&mut engine, 0, tokenizer, prompt, &options, |piece| {
         if write_error.is_none() {
             write_error = write!(stdout, "{piece}").and_then(|()| stdout.flush()).err();
         }
@@ -438,7 +506,6 @@ fn run_generate<B: Backend>(
         return Err(e).context("writing to stdout");
     }
     writeln!(stdout)?;
-    let g = &out.generation;
     let decoded = g.token_ids.len().saturating_sub(1);
     eprintln!(
         "prompt: {} tokens in {:.2} s ({:.1} tok/s); generated {} tokens, {:.1} tok/s after the first ({:?})",

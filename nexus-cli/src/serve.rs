@@ -15,6 +15,11 @@
 //! A model without a tokenizer (`synthetic:<name>`) takes token ids in and gives token ids out:
 //! its prompts must be token-id arrays, its `text` is always "" and its token ids are always
 //! returned; text prompts, stop strings and `/v1/chat/completions` get a 400.
+//!
+//! `/metrics` also shows the engine's lanes (one, `mixed`, for the chunked schedule; `prefill`
+//! and `decode` for nexus): each lane's current budget in SMs, and histograms of its iterations'
+//! latency and of the engine thread's CPU time on each, from the engine's timeline, which the
+//! engine thread drains after every step.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -30,12 +35,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use nexus_runtime::backend::Backend;
-use nexus_runtime::chat_template::ChatMessage;
+use nexus_runtime::engine::FinishReason;
+use nexus_runtime::engine::sampling::{Penalties, SamplingParams, TokenLogprobs};
+use nexus_runtime::engine::scheduler::Lane;
 use nexus_runtime::engine::{Engine, EngineEvent, MAX_LOGPROBS, RequestId, RequestOptions};
-use nexus_runtime::generate::{FinishReason, StopMatcher};
-use nexus_runtime::sampling::{Penalties, SamplingParams, TokenLogprobs};
-use nexus_runtime::tokenizer::Tokenizer;
+use nexus_runtime::model::backend::Backend;
+use nexus_runtime::text::chat_template::ChatMessage;
+use nexus_runtime::text::stop::StopMatcher;
+use nexus_runtime::text::tokenizer::Tokenizer;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc as tokio_mpsc, oneshot};
@@ -53,11 +60,12 @@ enum Command {
 }
 
 /// Latency histograms and engine gauges for `/metrics`.
-#[derive(Default)]
 struct Metrics {
     ttft: Histogram,
     tbt: Histogram,
     e2e: Histogram,
+    /// One per lane of the engine, in its order.
+    lanes: Vec<LaneMetrics>,
     running: AtomicU64,
     waiting: AtomicU64,
     /// KV usage in millionths.
@@ -68,23 +76,67 @@ struct Metrics {
     preemptions: AtomicU64,
 }
 
-/// A Prometheus histogram in seconds.
-struct Histogram {
-    counts: Mutex<(Vec<u64>, u64, f64)>,
+/// What `/metrics` shows of one lane of the engine.
+struct LaneMetrics {
+    lane: Lane,
+    /// The budget of its iteration in flight, or of its latest one, in SMs.
+    budget: AtomicU64,
+    /// Launch to seen done, per iteration.
+    iteration: Histogram,
+    /// The engine thread's CPU time per iteration.
+    host: Histogram,
 }
 
-const BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-
-impl Default for Histogram {
-    fn default() -> Self {
-        Histogram { counts: Mutex::new((vec![0; BUCKETS.len()], 0, 0.0)) }
+impl Metrics {
+    /// Metrics of an engine with `lanes`, each with its initial budget.
+    fn new(lanes: &[(Lane, u32)]) -> Self {
+        let lanes = lanes
+            .iter()
+            .map(|&(lane, budget)| LaneMetrics {
+                lane,
+                budget: AtomicU64::new(budget.into()),
+                iteration: Histogram::new(&ITERATION_BUCKETS),
+                host: Histogram::new(&ITERATION_BUCKETS),
+            })
+            .collect();
+        Metrics {
+            ttft: Histogram::new(&LATENCY_BUCKETS),
+            tbt: Histogram::new(&LATENCY_BUCKETS),
+            e2e: Histogram::new(&LATENCY_BUCKETS),
+            lanes,
+            running: AtomicU64::default(),
+            waiting: AtomicU64::default(),
+            kv_usage: AtomicU64::default(),
+            requests: AtomicU64::default(),
+            prompt_tokens: AtomicU64::default(),
+            generation_tokens: AtomicU64::default(),
+            preemptions: AtomicU64::default(),
+        }
     }
 }
 
+/// A Prometheus histogram in seconds.
+struct Histogram {
+    buckets: &'static [f64],
+    counts: Mutex<(Vec<u64>, u64, f64)>,
+}
+
+/// Request latencies, from a millisecond to half a minute.
+const LATENCY_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+/// Iteration and host times: finer, as a decode iteration takes milliseconds on a GPU and the
+/// host's share of it a fraction of one.
+const ITERATION_BUCKETS: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5, 1.0];
+
 impl Histogram {
+    fn new(buckets: &'static [f64]) -> Self {
+        Histogram { buckets, counts: Mutex::new((vec![0; buckets.len()], 0, 0.0)) }
+    }
+
     fn observe(&self, seconds: f64) {
         let mut c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        for (bucket, &le) in c.0.iter_mut().zip(&BUCKETS) {
+        for (bucket, &le) in c.0.iter_mut().zip(self.buckets) {
             if seconds <= le {
                 *bucket += 1;
             }
@@ -94,13 +146,45 @@ impl Histogram {
     }
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
-        let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (count, le) in c.0.iter().zip(&BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", c.1, c.2, c.1);
+        render_family(name, help, "histogram", out);
+        self.render_series(name, None, out);
     }
+
+    /// The histogram's lines, labelled with `lane` when given.
+    fn render_series(&self, name: &str, lane: Option<Lane>, out: &mut String) {
+        let c = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let (bucket_labels, labels) = match lane {
+            Some(lane) => (format!("lane=\"{}\",", lane.name()), format!("{{lane=\"{}\"}}", lane.name())),
+            None => (String::new(), String::new()),
+        };
+        for (count, le) in c.0.iter().zip(self.buckets) {
+            let _ = writeln!(out, "{name}_bucket{{{bucket_labels}le=\"{le}\"}} {count}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{bucket_labels}le=\"+Inf\"}} {}\n{name}_sum{labels} {}\n{name}_count{labels} {}",
+            c.1, c.2, c.1
+        );
+    }
+}
+
+/// One histogram family with a series per lane, `histogram` picking each lane's.
+fn render_lane_histograms(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    lanes: &[LaneMetrics],
+    histogram: impl Fn(&LaneMetrics) -> &Histogram,
+) {
+    render_family(name, help, "histogram", out);
+    for l in lanes {
+        histogram(l).render_series(name, Some(l.lane), out);
+    }
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn render_family(name: &str, help: &str, kind: &str, out: &mut String) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Settings of the server.
@@ -131,7 +215,7 @@ pub async fn serve<B: Backend + 'static>(
 where
     Engine<B>: Send,
 {
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(&engine.lane_budgets()));
     let (tx, rx) = mpsc::channel();
     let engine_metrics = metrics.clone();
     std::thread::Builder::new()
@@ -173,6 +257,7 @@ fn handle<B: Backend>(engine: &mut Engine<B>, command: Command, senders: &mut Se
 
 fn engine_loop<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Command>, metrics: &Metrics) {
     let mut senders = Senders::new();
+    engine.keep_timeline(true);
     loop {
         if !engine.has_unfinished() {
             match commands.recv() {
@@ -212,6 +297,17 @@ fn engine_loop<B: Backend>(mut engine: Engine<B>, commands: mpsc::Receiver<Comma
         metrics.preemptions.store(engine.preemptions(), Ordering::Relaxed);
         metrics.waiting.store(engine.num_waiting() as u64, Ordering::Relaxed);
         metrics.kv_usage.store((engine.kv_usage() * 1e6) as u64, Ordering::Relaxed);
+        for iteration in engine.take_timeline() {
+            if let Some(lane) = metrics.lanes.iter().find(|l| l.lane == iteration.lane) {
+                lane.iteration.observe((iteration.end - iteration.start).as_secs_f64());
+                lane.host.observe(iteration.host.as_secs_f64());
+            }
+        }
+        for (lane, budget) in engine.lane_budgets() {
+            if let Some(l) = metrics.lanes.iter().find(|l| l.lane == lane) {
+                l.budget.store(budget.into(), Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -277,6 +373,26 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
     }
+    let budget = "nexus_lane_budget_sms";
+    render_family(budget, "SMs of each lane's iteration in flight, or of its latest one.", "gauge", &mut out);
+    for l in &m.lanes {
+        let _ = writeln!(out, "{budget}{{lane=\"{}\"}} {}", l.lane.name(), l.budget.load(Ordering::Relaxed));
+    }
+    render_lane_histograms(
+        &mut out,
+        "nexus_iteration_seconds",
+        "Each lane's iterations, from launch to seen done.",
+        &m.lanes,
+        |l| &l.iteration,
+    );
+    render_lane_histograms(
+        &mut out,
+        "nexus_iteration_host_seconds",
+        "CPU time of the engine thread per iteration of each lane (planning, building, launching, reading back, \
+         sampling).",
+        &m.lanes,
+        |l| &l.host,
+    );
     let counters = [
         ("nexus_requests_total", "Requests accepted.", &m.requests),
         ("nexus_prompt_tokens_total", "Prompt tokens of the requests accepted.", &m.prompt_tokens),

@@ -1,8 +1,9 @@
 //! `nexus serve` on the CPU backend with SmolLM2, on a loopback port, driven by a real HTTP
 //! client: chat (streaming and not), completions, token-id prompts with `return_token_ids` and
 //! `min_tokens`, every bad request, a client that disconnects mid-stream (its blocks are freed),
-//! 32 concurrent clients, the API key, and `nexus bench --url` replaying a JSONL workload against
-//! the server.
+//! 32 concurrent clients on the chunked and on the nexus schedule (the same greedy tokens; each
+//! lane's budget and iterations in `/metrics`), bad schedules, the API key, and `nexus bench
+//! --url` replaying a JSONL workload against the server.
 //!
 //! The same tests run on the GPU machine against the CUDA backend with
 //! `NEXUS_TEST_DEVICE=cuda`; there `NEXUS_BIN` names the staged `nexus` binary and
@@ -316,32 +317,88 @@ fn a_client_that_disconnects_mid_stream_frees_its_blocks() {
     }
 }
 
-#[test]
-fn thirty_two_concurrent_clients_are_all_answered() {
-    let server = start(&["--max-num-seqs", "16", "--max-num-batched-tokens", "256"]);
-    let base = server.base.clone();
+/// Sends 32 concurrent greedy completions of 8 forced tokens to `server`; checks that each got
+/// all of them and returns their token ids, by client.
+fn thirty_two_clients(server: &Server) -> Vec<Vec<u64>> {
     let clients: Vec<_> = (0..32)
         .map(|i| {
-            let base = base.clone();
+            let base = server.base.clone();
             std::thread::spawn(move || {
-                let body = json!({ "model": MODEL_NAME, "prompt": format!("Count to {i}:"), "max_tokens": 8, "ignore_eos": true, "temperature": 0 });
-                let mut response = agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST");
+                let body = json!({
+                    "model": MODEL_NAME, "prompt": format!("Count to {i}:"), "max_tokens": 8, "ignore_eos": true,
+                    "temperature": 0, "return_token_ids": true
+                });
+                let mut response =
+                    agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST");
                 let status = response.status().as_u16();
-                let body: Value = serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json");
+                let body: Value =
+                    serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("json");
                 (status, body)
             })
         })
         .collect();
+    let mut outputs = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
         let (status, body) = client.join().expect("client thread");
         assert_eq!(status, 200, "client {i}: {body}");
         assert_eq!(body["usage"]["completion_tokens"], 8, "client {i}");
+        outputs.push(ids(&body["choices"][0]["token_ids"]));
     }
-    assert_eq!(metric(&server, "nexus_requests_total"), 32.0);
-    assert_eq!(metric(&server, "nexus_generation_tokens_total"), 32.0 * 8.0);
-    assert_eq!(metric(&server, "nexus_e2e_request_latency_seconds_count"), 32.0);
-    assert!(metric(&server, "nexus_prompt_tokens_total") >= 32.0 * 4.0);
-    assert_eq!(metric(&server, "nexus_preemptions_total"), 0.0);
+    assert_eq!(metric(server, "nexus_requests_total"), 32.0);
+    assert_eq!(metric(server, "nexus_generation_tokens_total"), 32.0 * 8.0);
+    assert_eq!(metric(server, "nexus_e2e_request_latency_seconds_count"), 32.0);
+    assert!(metric(server, "nexus_prompt_tokens_total") >= 32.0 * 4.0);
+    assert_eq!(metric(server, "nexus_preemptions_total"), 0.0);
+    outputs
+}
+
+#[test]
+fn thirty_two_concurrent_clients_get_the_same_tokens_from_chunked_and_nexus() {
+    // Greedy tokens depend on the batch on the GPU unless it is batch-invariant.
+    let exact: &[&str] = if device() == "cpu" { &[] } else { &["--batch-invariant"] };
+    let limits = ["--max-num-seqs", "16", "--max-num-batched-tokens", "256"];
+    let chunked = start(&[&limits[..], exact].concat());
+    let want = thirty_two_clients(&chunked);
+    // The chunked schedule's one lane runs on every SM.
+    let sms = metric(&chunked, "nexus_lane_budget_sms{lane=\"mixed\"}");
+    assert!(metric(&chunked, "nexus_iteration_seconds_count{lane=\"mixed\"}") > 0.0);
+    drop(chunked);
+
+    let nexus = start(&[&limits[..], exact, &["--schedule", "nexus", "--prefill-sms", "64"]].concat());
+    let got = thirty_two_clients(&nexus);
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(got, want, "client {i}: nexus and chunked differ");
+    }
+    // Each lane has its share of the SMs (or all of them, when the other had no work) and ran.
+    let prefill = metric(&nexus, "nexus_lane_budget_sms{lane=\"prefill\"}");
+    let decode = metric(&nexus, "nexus_lane_budget_sms{lane=\"decode\"}");
+    assert!([64.0, sms].contains(&prefill) && [sms - 64.0, sms].contains(&decode), "{prefill} + {decode} of {sms}");
+    for lane in ["prefill", "decode"] {
+        for histogram in ["nexus_iteration_seconds", "nexus_iteration_host_seconds"] {
+            let count = metric(&nexus, &format!("{histogram}_count{{lane=\"{lane}\"}}"));
+            let sum = metric(&nexus, &format!("{histogram}_sum{{lane=\"{lane}\"}}"));
+            assert!(count > 0.0 && sum > 0.0, "{histogram} of {lane}: {count} iterations, {sum} s");
+        }
+    }
+}
+
+#[test]
+fn bad_schedules_are_refused_at_startup() {
+    for (flags, want) in [
+        (&["--schedule", "nexus", "--prefill-sms", "0"][..], "--prefill-sms 0"),
+        (&["--schedule", "nexus", "--prefill-sms", "132"][..], "--prefill-sms 132"),
+        (&["--schedule", "nexus", "--prefill-sms", "32,64"][..], "give one --schedule"),
+        (&["--schedule", "chunked,nexus"][..], "give one --schedule"),
+    ] {
+        let out = nexus()
+            .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+            .arg(model_path())
+            .args(flags)
+            .output()
+            .expect("run nexus serve");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(want), "{flags:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! for groups of up to 8) — and balances them over the CTA budget longest-first. When the
 //! sequences × KV heads alone cannot fill the budget, long sequences are split into chunks of a
 //! common length (a multiple of the block size, at least 256 tokens) whose partial results a
-//! second, also budgeted, kernel merges. The plan uploads its work lists and allocates its scratch
+//! second, also budgeted, kernel merges; candidate splits are timed at the read bandwidth the
+//! device measured for their busy CTAs ([`Gpu::model`](crate::Gpu::model)). The plan uploads its work lists and allocates its scratch
 //! once; [`decode_attention`] then only launches (no allocation, no copy, no host synchronization),
 //! so it can be captured in a CUDA graph, which stays valid as long as the plan lives.
 //!
@@ -54,7 +55,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg}
 use half::bf16;
 
 use crate::error::ensure_shape;
-use crate::gpu::{CtaBudget, Gpu, PhaseContext};
+use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use crate::layout::{PagedKvLayout, QkvLayout};
 use crate::{Error, Result};
 
@@ -236,7 +237,15 @@ impl DecodePlan {
     ) -> Result<Self> {
         let mut plan = Self::empty(ctx, layout, cache, kv_lens.len(), max_blocks_per_seq, options)?;
         check_batch(cache, kv_lens, block_tables, plan.num_seqs, max_blocks_per_seq)?;
-        let work = schedule(kv_lens, layout, cache.block_size, plan.budget.get() as usize, options.split, usize::MAX)?;
+        let work = schedule(
+            kv_lens,
+            layout,
+            cache.block_size,
+            plan.budget.get() as usize,
+            options.split,
+            usize::MAX,
+            ctx.gpu().model().bandwidth(),
+        )?;
         to_i32(work.items.len(), "work item ints")?;
         to_i32(work.partial_slots * layout.num_heads, "partial rows")?;
         let stream = ctx.stream();
@@ -325,7 +334,15 @@ impl DecodePlan {
         );
         check_batch(self.cache, kv_lens, block_tables, self.num_seqs, table_width)?;
         let budget = self.budget.get() as usize;
-        let mut work = schedule(kv_lens, self.layout, self.cache.block_size, budget, self.split, max_split_pieces)?;
+        let mut work = schedule(
+            kv_lens,
+            self.layout,
+            self.cache.block_size,
+            budget,
+            self.split,
+            max_split_pieces,
+            self.gpu.model().bandwidth(),
+        )?;
         // Lists past the last used one are empty.
         let last = *work.work_indptr.last().unwrap_or(&0);
         work.work_indptr.resize(budget + 1, last);
@@ -625,34 +642,10 @@ struct Schedule {
     partial_slots: usize,
 }
 
-/// Bandwidth-model constants of the planner (H100 figures from KERNEL-NOTES; only the ranking
-/// of candidate splits depends on them).
+/// Fixed costs of the planner's model, which otherwise times the streaming of K/V at the
+/// bandwidth the device's measured curve gives (only the ranking of candidate splits depends on
+/// them).
 mod model {
-    /// Read bandwidth (bytes/s) with `ctas` CTAs streaming, one per SM.
-    pub fn bandwidth(ctas: usize) -> f64 {
-        const CURVE: [(f64, f64); 7] = [
-            (1.0, 0.125e12),
-            (8.0, 1.0e12),
-            (16.0, 1.9e12),
-            (32.0, 2.68e12),
-            (48.0, 2.95e12),
-            (64.0, 3.06e12),
-            (132.0, 3.12e12),
-        ];
-        let x = ctas as f64;
-        if x >= CURVE[CURVE.len() - 1].0 {
-            return CURVE[CURVE.len() - 1].1;
-        }
-        for w in CURVE.windows(2) {
-            let ((x0, y0), (x1, y1)) = (w[0], w[1]);
-            if x <= x1 {
-                return y0 + (y1 - y0) * (x.max(x0) - x0) / (x1 - x0);
-            }
-        }
-        CURVE[0].1
-    }
-    /// What one SM reads at most (bytes/s).
-    pub const SM_BANDWIDTH: f64 = 125e9;
     /// Fixed cost of an item (start, combine of the warps, output), in bytes of K/V.
     pub const ITEM_BYTES: f64 = 4096.0;
     /// Fixed cost of the merge launch (s).
@@ -706,16 +699,16 @@ fn lpt(costs: impl Iterator<Item = f64>, ctas: usize) -> (Vec<usize>, Vec<f64>) 
     (assignment, loads.into_iter().map(|l| l as f64).collect())
 }
 
-/// Seconds to stream per-CTA `loads` (bytes) when the CTAs still busy share the bandwidth of
-/// that many SMs equally, each at most [`model::SM_BANDWIDTH`]: the least-loaded CTAs finish
+/// Seconds to stream per-CTA `loads` (bytes) when the CTAs still busy share the bandwidth
+/// `curve` gives that many SMs equally, each at most the per-SM rate: the least-loaded CTAs finish
 /// first and leave the tail to fewer, each faster, up to the per-SM limit.
-fn stream_seconds(mut loads: Vec<f64>) -> f64 {
+fn stream_seconds(mut loads: Vec<f64>, curve: &BandwidthCurve) -> f64 {
     loads.retain(|&l| l > 0.0);
     loads.sort_by(f64::total_cmp);
     let (mut t, mut done) = (0.0, 0.0);
     for (k, &load) in loads.iter().enumerate() {
         let busy = loads.len() - k;
-        let rate = model::SM_BANDWIDTH.min(model::bandwidth(busy) / busy as f64);
+        let rate = curve.per_sm().min(curve.at(busy as u32) / busy as f64);
         t += (load - done) / rate;
         done = load;
     }
@@ -728,19 +721,20 @@ fn unsplit_bytes(kv_lens: &[u32], bytes_per_token: f64, units: usize) -> f64 {
 }
 
 /// Estimated seconds of a candidate on `ctas` CTAs (`units` items per piece: KV heads × head
-/// groups; `partial_bytes` written and read back per split piece): streaming its LPT loads, plus
-/// the merge when it splits.
-fn estimate(c: &Candidate, units: usize, ctas: usize, partial_bytes: f64) -> f64 {
+/// groups; `partial_bytes` written and read back per split piece) on a device reading `curve`:
+/// streaming its LPT loads, plus the merge when it splits.
+fn estimate(c: &Candidate, units: usize, ctas: usize, partial_bytes: f64, curve: &BandwidthCurve) -> f64 {
     let (_, loads) = lpt(c.pieces.iter().flat_map(|p| std::iter::repeat_n(p.0, units)), ctas);
-    let mut t = stream_seconds(loads);
+    let mut t = stream_seconds(loads, curve);
     if c.split_pieces > 0 {
-        t += model::MERGE_SECONDS + c.split_pieces as f64 * partial_bytes / model::bandwidth(ctas);
+        t += model::MERGE_SECONDS + c.split_pieces as f64 * partial_bytes / curve.at(ctas as u32);
     }
     t
 }
 
-/// Plans the work of a batch: chooses the chunk length and assigns items to CTAs, splitting
-/// sequences into at most `max_split_pieces` chunks in all.
+/// Plans the work of a batch: chooses the chunk length (ranking candidates by their time at the
+/// bandwidth `curve` gives their busy CTAs) and assigns items to CTAs, splitting sequences into at
+/// most `max_split_pieces` chunks in all.
 fn schedule(
     kv_lens: &[u32],
     layout: QkvLayout,
@@ -748,6 +742,7 @@ fn schedule(
     ctas: usize,
     split: KvSplit,
     max_split_pieces: usize,
+    curve: &BandwidthCurve,
 ) -> Result<Schedule> {
     let d = layout.head_dim;
     let group = layout.group_size();
@@ -801,13 +796,13 @@ fn schedule(
             let mut scored = Vec::new();
             let unsplit = candidate(kv_lens, None, bytes_per_token);
             scored.push((
-                estimate(&unsplit, units, ctas, partial_bytes),
+                estimate(&unsplit, units, ctas, partial_bytes, curve),
                 (unsplit.pieces.len() * units).min(ctas),
                 unsplit,
             ));
             // Splitting cannot beat streaming every byte at the budget's full bandwidth; skip it
             // when the unsplit items already come within 2% of that.
-            let bound = unsplit_bytes(kv_lens, bytes_per_token, units) / model::bandwidth(ctas);
+            let bound = unsplit_bytes(kv_lens, bytes_per_token, units) / curve.at(ctas as u32);
             if scored[0].0 > bound * 1.02 {
                 for &c in &lengths {
                     let pieces: usize = kv_lens.iter().map(|&l| (l as usize).div_ceil(c)).sum();
@@ -818,7 +813,7 @@ fn schedule(
                     if cand.split_pieces > max_split_pieces {
                         break; // shorter chunks only add pieces
                     }
-                    scored.push((estimate(&cand, units, ctas, partial_bytes), (pieces * units).min(ctas), cand));
+                    scored.push((estimate(&cand, units, ctas, partial_bytes, curve), (pieces * units).min(ctas), cand));
                 }
             }
             // Within 2% of the fastest estimate, keep the most CTAs busy (the model's bandwidth
@@ -896,6 +891,7 @@ fn schedule(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::gpu::measured::{h100, h200};
 
     fn layout(h: usize, kv: usize, d: usize) -> QkvLayout {
         QkvLayout { num_heads: h, num_kv_heads: kv, head_dim: d }
@@ -945,13 +941,15 @@ mod tests {
     #[test]
     fn schedules_cover_every_token_once() {
         let lens: Vec<u32> = vec![1, 15, 16, 17, 100, 1000, 4097, 8192];
-        for &(h, kv, d) in &[(32, 8, 128), (9, 3, 64), (8, 8, 128), (64, 4, 64)] {
-            let l = layout(h, kv, d);
-            for &bs in &[8, 16, 32, 128] {
-                for &ctas in &[1, 7, 64, 132] {
-                    for split in [KvSplit::Auto, KvSplit::Never, KvSplit::Fixed(bs.max(16) * 16)] {
-                        let s = schedule(&lens, l, bs, ctas, split, usize::MAX).unwrap();
-                        check(&s, &lens, l, bs, ctas);
+        for device in [h100(), h200()] {
+            for &(h, kv, d) in &[(32, 8, 128), (9, 3, 64), (8, 8, 128), (64, 4, 64)] {
+                let l = layout(h, kv, d);
+                for &bs in &[8, 16, 32, 128] {
+                    for &ctas in &[1, 7, 64, 132] {
+                        for split in [KvSplit::Auto, KvSplit::Never, KvSplit::Fixed(bs.max(16) * 16)] {
+                            let s = schedule(&lens, l, bs, ctas, split, usize::MAX, device.bandwidth()).unwrap();
+                            check(&s, &lens, l, bs, ctas);
+                        }
                     }
                 }
             }
@@ -961,39 +959,60 @@ mod tests {
     #[test]
     fn auto_splits_only_when_the_batch_cannot_fill_the_budget() {
         let l = layout(32, 8, 128);
-        // One long sequence: 8 items would leave most of 132 CTAs idle.
-        let s = schedule(&[4096], l, 16, 132, KvSplit::Auto, usize::MAX).unwrap();
-        let c = s.chunk.expect("split");
-        assert!(c >= MIN_CHUNK_TOKENS && c.is_multiple_of(16));
-        assert!(s.work_indptr.len() > 64, "{} CTAs used", s.work_indptr.len() - 1);
-        // 64 x 4096 with 8 KV heads: 512 equal items already fill 64 or 132 CTAs.
-        let lens = vec![4096u32; 64];
-        for ctas in [64, 132] {
-            let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, usize::MAX).unwrap();
-            assert_eq!(s.chunk, None);
-            assert_eq!(s.work_indptr.len() - 1, ctas);
+        for device in [h100(), h200()] {
+            let curve = device.bandwidth();
+            // One long sequence: 8 items would leave most of 132 CTAs idle.
+            let s = schedule(&[4096], l, 16, 132, KvSplit::Auto, usize::MAX, curve).unwrap();
+            let c = s.chunk.expect("split");
+            assert!(c >= MIN_CHUNK_TOKENS && c.is_multiple_of(16));
+            assert!(s.work_indptr.len() > 64, "{} CTAs used", s.work_indptr.len() - 1);
+            // 64 x 4096 with 8 KV heads: 512 equal items already fill 64 or 132 CTAs.
+            let lens = vec![4096u32; 64];
+            for ctas in [64, 132] {
+                let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, usize::MAX, curve).unwrap();
+                assert_eq!(s.chunk, None);
+                assert_eq!(s.work_indptr.len() - 1, ctas);
+            }
+        }
+    }
+
+    /// The H200 needs more SMs than the H100 to come near its full bandwidth (16 SMs read 38% of
+    /// it against 61% on the H100, 64 SMs 94% against 98%), so batches whose unsplit items fill
+    /// 16 or 64 CTAs are split over the whole budget there and left whole on the H100.
+    #[test]
+    fn the_h200_curve_splits_what_the_h100_leaves_whole() {
+        let l = layout(32, 8, 128);
+        for lens in [vec![2048u32; 2], vec![8192; 8]] {
+            let s100 = schedule(&lens, l, 16, 132, KvSplit::Auto, usize::MAX, h100().bandwidth()).unwrap();
+            let s200 = schedule(&lens, l, 16, 132, KvSplit::Auto, usize::MAX, h200().bandwidth()).unwrap();
+            let (cta100, cta200) = (s100.work_indptr.len() - 1, s200.work_indptr.len() - 1);
+            assert_eq!((s100.chunk, cta100), (None, lens.len() * 8), "H100, {} x {}", lens.len(), lens[0]);
+            assert!(s200.chunk.is_some() && cta200 >= 128, "H200, {} x {}: {cta200} CTAs", lens.len(), lens[0]);
         }
     }
 
     #[test]
     fn capacity_limits_the_split() {
         let l = layout(32, 8, 128);
-        for lens in [vec![131_072u32], vec![1, 20_000, 300], vec![4096; 3]] {
-            for ctas in [1, 16, 132] {
-                let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, 2 * ctas).unwrap();
-                check(&s, &lens, l, 16, ctas);
-                assert!(s.partial_slots <= 2 * ctas, "{} pieces for {ctas} CTAs", s.partial_slots);
+        for device in [h100(), h200()] {
+            for lens in [vec![131_072u32], vec![1, 20_000, 300], vec![4096; 3]] {
+                for ctas in [1, 16, 132] {
+                    let s = schedule(&lens, l, 16, ctas, KvSplit::Auto, 2 * ctas, device.bandwidth()).unwrap();
+                    check(&s, &lens, l, 16, ctas);
+                    assert!(s.partial_slots <= 2 * ctas, "{} pieces for {ctas} CTAs", s.partial_slots);
+                }
             }
         }
         // A fixed chunk that needs more pieces than the plan holds is refused, not truncated.
-        assert!(schedule(&[8192], l, 16, 4, KvSplit::Fixed(256), 8).is_err());
+        assert!(schedule(&[8192], l, 16, 4, KvSplit::Fixed(256), 8, h100().bandwidth()).is_err());
     }
 
     #[test]
     fn fixed_chunks_do_not_depend_on_the_batch() {
         let l = layout(9, 3, 64);
-        let a = schedule(&[5000, 10], l, 16, 7, KvSplit::Fixed(512), usize::MAX).unwrap();
-        let b = schedule(&[5000], l, 16, 132, KvSplit::Fixed(512), usize::MAX).unwrap();
+        let (h100, h200) = (h100(), h200());
+        let a = schedule(&[5000, 10], l, 16, 7, KvSplit::Fixed(512), usize::MAX, h100.bandwidth()).unwrap();
+        let b = schedule(&[5000], l, 16, 132, KvSplit::Fixed(512), usize::MAX, h200.bandwidth()).unwrap();
         let ranges = |s: &Schedule, seq: i32| {
             let mut r: Vec<(i32, i32)> = s.items.chunks(8).filter(|i| i[0] == seq).map(|i| (i[1], i[2])).collect();
             r.sort_unstable();
@@ -1001,8 +1020,8 @@ mod tests {
             r
         };
         assert_eq!(ranges(&a, 0), ranges(&b, 0));
-        assert!(schedule(&[100], l, 16, 7, KvSplit::Fixed(100), usize::MAX).is_err());
-        assert!(schedule(&[100], l, 32, 7, KvSplit::Fixed(48), usize::MAX).is_err());
+        assert!(schedule(&[100], l, 16, 7, KvSplit::Fixed(100), usize::MAX, h100.bandwidth()).is_err());
+        assert!(schedule(&[100], l, 32, 7, KvSplit::Fixed(48), usize::MAX, h100.bandwidth()).is_err());
     }
 
     #[test]

@@ -21,7 +21,8 @@
 //!
 //! [`plan`] picks the kernel for a shape and budget with a small roofline model (compute, L2 fill
 //! and DRAM time per candidate tile shape, with the wave quantization of the tiles over the
-//! budget's CTAs); [`gemm`] plans and launches, [`gemm_with`] launches a given kernel.
+//! budget's CTAs; DRAM time at the bandwidth the device's [`DeviceModel`] measured for that many
+//! CTAs); [`gemm`] plans and launches, [`gemm_with`] launches a given kernel.
 //!
 //! # Requirements
 //!
@@ -52,7 +53,7 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, La
 use half::bf16;
 
 use crate::error::ensure_shape;
-use crate::gpu::{CtaBudget, PhaseContext, PtxTarget};
+use crate::gpu::{BandwidthCurve, CtaBudget, DeviceModel, PhaseContext, PtxTarget};
 use crate::{Error, Result};
 
 pub use crate::reference::GemmShape;
@@ -200,21 +201,18 @@ pub struct GemmPlan {
     pub estimated_seconds: f64,
 }
 
-// H100 SXM figures of the planning model, fitted to bench-results/gemm-h100.md (the model's
-// times are within about 10% of the measured ones for M >= 256; small-M launches also pay a
-// few microseconds of start-up the model leaves out). Re-fit them from the benchmark if the
-// choices look wrong.
+// Compute-side figures of the planning model, fitted on an H100 SXM to bench-results/gemm-h100.md
+// (the model's times are within about 10% of the measured ones for M >= 256; small-M launches
+// also pay a few microseconds of start-up the model leaves out). The H200 is the same silicon
+// (clock, L2, tensor cores) with faster HBM, so they hold there too; DRAM bandwidth is not among
+// them: it comes from the device's measured curve. Re-fit them from the benchmark if the choices
+// look wrong.
 /// SM clock under load.
 const CLOCK_HZ: f64 = 1.75e9;
 /// L2 → SM bandwidth of the whole GPU (measured fills: 7.7 TB/s of 128 x 128 tiles on 96 CTAs,
 /// 9.2 of 128 x 256 on 132), and the most one SM takes per clock.
 const L2_BYTES_PER_S: f64 = 9e12;
 const SM_FILL_BYTES_PER_CLOCK: f64 = 128.0;
-/// DRAM streaming read with all SMs, with one SM, and the SM count at which it saturates
-/// (1 − e^(−ctas / s) of the full rate: 89% at 32 SMs, 96% at 48, 99% at 64, as measured).
-const DRAM_BYTES_PER_S: f64 = 3.1e12;
-const DRAM_BYTES_PER_S_ONE_SM: f64 = 125e9;
-const DRAM_SATURATION_SMS: f64 = 14.5;
 /// Dense bf16 multiply-adds per SM and clock: wgmma, and mma.sync (the Ampere rate).
 const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
 /// Clocks from one wgmma m64nNk16 to the next that accumulates into the same registers:
@@ -228,10 +226,6 @@ const SWAP_CHAINS: f64 = 2.0;
 const MMA_MACS_PER_CLOCK: f64 = 1024.0;
 /// Estimates within this factor of each other count as a tie, settled by less math issued.
 const TIE: f64 = 1.01;
-
-fn dram_bandwidth(ctas: f64) -> f64 {
-    (ctas * DRAM_BYTES_PER_S_ONE_SM).min(DRAM_BYTES_PER_S * (1.0 - (-ctas / DRAM_SATURATION_SMS).exp()))
-}
 
 /// Clocks of tensor-core work per 64-deep K block of one tile, and the efficiency reached.
 fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
@@ -272,8 +266,9 @@ fn tile_macs_per_k(kernel: GemmKernel, m: usize) -> f64 {
     (rows * s.bn) as f64
 }
 
-/// The model's plan for `kernel` with at most `budget` CTAs (see [`plan`]).
-fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32) -> GemmPlan {
+/// The model's plan for `kernel` with at most `budget` CTAs on a device reading `dram` (see
+/// [`plan`]).
+fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthCurve) -> GemmPlan {
     let GemmShape { m, n, k } = shape;
     let (bm, bn) = kernel.tile();
     let tiles = kernel.tiles(shape).max(1);
@@ -287,45 +282,45 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32) -> GemmPlan {
     let per_k_block = math_clocks_per_k_block(kernel, m).max(fill_bytes / fill_rate);
     let compute = waves as f64 * k_blocks * per_k_block / CLOCK_HZ;
     let dram_bytes = (2 * (m * k + n * k + m * n)) as f64;
-    let memory = dram_bytes / dram_bandwidth(ctas as f64);
+    let memory = dram_bytes / dram.at(ctas);
     GemmPlan { kernel, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
 }
 
-/// Picks the kernel for `shape` under `budget` on a device running `target`'s PTX: the candidate
-/// with the least modelled time, where a candidate's time is the larger of (a) its waves
-/// (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core time
-/// and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth `ctas` SMs reach.
-/// Near-ties go to the candidate that issues less math (less padding).
-pub fn plan(shape: GemmShape, budget: CtaBudget, target: PtxTarget) -> GemmPlan {
-    plan_ctas(shape, budget.get(), target)
+/// Picks the kernel for `shape` under `budget` on `device` (its PTX build decides the candidates):
+/// the candidate with the least modelled time, where a candidate's time is the larger of (a) its
+/// waves (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core
+/// time and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth the device's
+/// curve gives `ctas` CTAs. Near-ties go to the candidate that issues less math (less padding).
+pub fn plan(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
+    plan_ctas(shape, budget.get(), device)
 }
 
 /// [`plan`] restricted to kernels whose results are batch invariant: each row of C is the same,
 /// bit for bit, whatever the other rows of A and whatever kernel of the family the plan picks
 /// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; both [`GemmKernel::PORTABLE`] kernels elsewhere).
 /// Decode-sized M then pays for 64-row tiles of padding math.
-pub fn plan_batch_invariant(shape: GemmShape, budget: CtaBudget, target: PtxTarget) -> GemmPlan {
-    let candidates: &[GemmKernel] = match target {
+pub fn plan_batch_invariant(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
+    let candidates: &[GemmKernel] = match device.target() {
         PtxTarget::Sm90a => &GemmKernel::BATCH_INVARIANT_HOPPER,
         PtxTarget::Sm80 => &GemmKernel::PORTABLE,
     };
-    plan_among(candidates, shape, budget.get())
+    plan_among(candidates, shape, budget.get(), device.bandwidth())
 }
 
 /// [`plan`] for a budget of `budget` CTAs.
-fn plan_ctas(shape: GemmShape, budget: u32, target: PtxTarget) -> GemmPlan {
-    let candidates: &[GemmKernel] = match target {
+fn plan_ctas(shape: GemmShape, budget: u32, device: &DeviceModel) -> GemmPlan {
+    let candidates: &[GemmKernel] = match device.target() {
         PtxTarget::Sm90a => &GemmKernel::HOPPER,
         PtxTarget::Sm80 => &GemmKernel::PORTABLE,
     };
-    plan_among(candidates, shape, budget)
+    plan_among(candidates, shape, budget, device.bandwidth())
 }
 
 /// The model's best of `candidates` (not empty).
-fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32) -> GemmPlan {
+fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32, dram: &BandwidthCurve) -> GemmPlan {
     let mut best: Option<(GemmPlan, f64)> = None;
     for &kernel in candidates {
-        let p = estimate(kernel, shape, budget);
+        let p = estimate(kernel, shape, budget, dram);
         let work = p.tiles as f64 * tile_macs_per_k(kernel, shape.m);
         best = match best {
             Some((b, b_work))
@@ -337,7 +332,7 @@ fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32) -> GemmP
             _ => Some((p, work)),
         };
     }
-    best.map_or_else(|| estimate(candidates[0], shape, budget), |(p, _)| p)
+    best.map_or_else(|| estimate(candidates[0], shape, budget, dram), |(p, _)| p)
 }
 
 /// Device scratch of the GEMM launches: the tile counter their CTAs share. Make one per stream
@@ -372,7 +367,7 @@ pub fn gemm(
     shape: GemmShape,
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
-    let kernel = plan(shape, ctx.budget(), ctx.gpu().target()).kernel;
+    let kernel = plan(shape, ctx.budget(), ctx.gpu().model()).kernel;
     gemm_with(ctx, kernel, a, b, bias, c, shape, workspace)
 }
 
@@ -531,6 +526,12 @@ impl TensorMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gpu::measured::{h100, h200};
+
+    /// A GPU of the H100's SMs and bandwidth that runs only the portable PTX.
+    fn portable() -> DeviceModel {
+        DeviceModel::new(PtxTarget::Sm80, 132, h100().bandwidth().clone())
+    }
 
     fn shape(m: usize, n: usize, k: usize) -> GemmShape {
         GemmShape { m, n, k }
@@ -538,29 +539,33 @@ mod tests {
 
     #[test]
     fn large_m_takes_the_largest_hopper_tile() {
-        let p = plan_ctas(shape(4096, 6144, 4096), 132, PtxTarget::Sm90a);
-        assert_eq!(p.kernel, GemmKernel::Wgmma128x256);
-        assert_eq!(p.ctas, 132);
+        for device in [h100(), h200()] {
+            let p = plan_ctas(shape(4096, 6144, 4096), 132, &device);
+            assert_eq!(p.kernel, GemmKernel::Wgmma128x256);
+            assert_eq!(p.ctas, 132);
+        }
     }
 
     #[test]
     fn decode_sizes_stream_the_weight_with_the_swapped_kernel() {
-        for m in [1, 7, 16] {
-            for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
-                for b in [8, 32, 132] {
-                    let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
-                    assert!(
-                        matches!(p.kernel, GemmKernel::WgmmaSwap16x64 | GemmKernel::WgmmaSwap16x128),
-                        "m = {m}, {n} x {k}, budget {b}: {p:?}"
-                    );
+        for device in [h100(), h200()] {
+            for m in [1, 7, 16] {
+                for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
+                    for b in [8, 32, 132] {
+                        let p = plan_ctas(shape(m, n, k), b, &device);
+                        assert!(
+                            matches!(p.kernel, GemmKernel::WgmmaSwap16x64 | GemmKernel::WgmmaSwap16x128),
+                            "m = {m}, {n} x {k}, budget {b}: {p:?}"
+                        );
+                    }
                 }
+                // Small budgets take the 128-row swapped tile (more weight in flight per SM); when
+                // the 64-row tiles are no more than the budget, the 64-row one keeps every SM busy.
+                let p = plan_ctas(shape(m, 6144, 4096), 8, &device);
+                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x128, "m = {m}");
+                let p = plan_ctas(shape(m, 4096, 14336), 64, &device);
+                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}");
             }
-            // Small budgets take the 128-row swapped tile (more weight in flight per SM); when the
-            // 64-row tiles are no more than the budget, the 64-row one keeps every SM busy.
-            let p = plan_ctas(shape(m, 6144, 4096), 8, PtxTarget::Sm90a);
-            assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x128, "m = {m}");
-            let p = plan_ctas(shape(m, 4096, 14336), 64, PtxTarget::Sm90a);
-            assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}");
         }
     }
 
@@ -577,42 +582,76 @@ mod tests {
             (8192, 4096, 14336, 48, GemmKernel::Wgmma128x256),
         ];
         for (m, n, k, b, want) in cases {
-            let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
+            let p = plan_ctas(shape(m, n, k), b, &h100());
             assert_eq!(p.kernel, want, "{m} x {n} x {k} budget {b}: {p:?}");
         }
     }
 
     #[test]
     fn plans_use_the_budget_and_only_target_kernels() {
-        for m in [1, 16, 64, 256, 1024, 4096, 8192] {
-            for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336), (8, 8)] {
-                for b in [1, 8, 16, 32, 48, 64, 96, 132] {
-                    let s = shape(m, n, k);
-                    let p = plan_ctas(s, b, PtxTarget::Sm90a);
-                    assert!(p.ctas <= b && p.ctas as usize <= p.tiles);
-                    assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize));
-                    assert!(p.estimated_seconds > 0.0);
-                    let p = plan_ctas(s, b, PtxTarget::Sm80);
-                    assert!(GemmKernel::PORTABLE.contains(&p.kernel), "{p:?}");
+        for device in [h100(), h200(), portable()] {
+            for m in [1, 16, 64, 256, 1024, 4096, 8192] {
+                for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336), (8, 8)] {
+                    for b in [1, 8, 16, 32, 48, 64, 96, 132] {
+                        let s = shape(m, n, k);
+                        let p = plan_ctas(s, b, &device);
+                        assert!(p.ctas <= b && p.ctas as usize <= p.tiles);
+                        assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize));
+                        assert!(p.estimated_seconds > 0.0);
+                        let family: &[GemmKernel] = match device.target() {
+                            PtxTarget::Sm90a => &GemmKernel::HOPPER,
+                            PtxTarget::Sm80 => &GemmKernel::PORTABLE,
+                        };
+                        assert!(family.contains(&p.kernel), "{p:?}");
+                    }
                 }
             }
+        }
+    }
+
+    /// The decode-sized GEMM of Llama-3-8B's gate/up projection (M = 1, 4096 x 28672) streams its
+    /// weight: its estimate is its DRAM time at the bandwidth the curve gives its CTAs, so the
+    /// H200 plan is faster than the H100 one where the H200 reads faster (from 24 SMs on) and
+    /// slower where it reads slower (up to 16: one SM reads 110 GB/s there, 125 on the H100). A
+    /// compute-bound GEMM (M = 8192) is estimated the same on both: same SMs, same clock.
+    #[test]
+    fn estimates_follow_the_bandwidth_curve() {
+        let (h100, h200) = (h100(), h200());
+        let s = shape(1, 28672, 4096);
+        let bytes = (2 * (s.m * s.k + s.n * s.k + s.m * s.n)) as f64;
+        for b in [1, 8, 16, 24, 32, 64, 96, 132] {
+            let (p100, p200) = (plan_ctas(s, b, &h100), plan_ctas(s, b, &h200));
+            for (p, device) in [(p100, &h100), (p200, &h200)] {
+                let memory = bytes / device.bandwidth().at(p.ctas);
+                assert!(
+                    (p.estimated_seconds / memory - 1.0).abs() < 1e-9,
+                    "budget {b}: {p:?} is not its DRAM time {memory}"
+                );
+            }
+            assert_eq!(p200.estimated_seconds < p100.estimated_seconds, b >= 24, "budget {b}");
+        }
+        for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
+            let big = shape(8192, n, k);
+            assert_eq!(plan_ctas(big, 132, &h100), plan_ctas(big, 132, &h200), "{n} x {k}");
         }
     }
 
     /// Prints the model's picks over the benchmark's shapes and budgets (`--nocapture`).
     #[test]
     fn print_picks() {
-        for (k, n) in [(4096, 6144), (4096, 28672), (14336, 4096)] {
-            for m in [1, 16, 64, 256, 1024, 4096, 8192] {
-                for b in [8, 16, 32, 48, 64, 96, 132] {
-                    let p = plan_ctas(shape(m, n, k), b, PtxTarget::Sm90a);
-                    println!(
-                        "{k} x {n} m {m} b {b}: {:?} ctas {} waves {} {:.1} us",
-                        p.kernel,
-                        p.ctas,
-                        p.waves,
-                        p.estimated_seconds * 1e6
-                    );
+        for (name, device) in [("H100", h100()), ("H200", h200())] {
+            for (k, n) in [(4096, 6144), (4096, 28672), (14336, 4096)] {
+                for m in [1, 16, 64, 256, 1024, 4096, 8192] {
+                    for b in [8, 16, 32, 48, 64, 96, 132] {
+                        let p = plan_ctas(shape(m, n, k), b, &device);
+                        println!(
+                            "{name} {k} x {n} m {m} b {b}: {:?} ctas {} waves {} {:.1} us",
+                            p.kernel,
+                            p.ctas,
+                            p.waves,
+                            p.estimated_seconds * 1e6
+                        );
+                    }
                 }
             }
         }

@@ -13,7 +13,14 @@
 //! | [`prefill_attention`] | paged chunked-prefill attention: causal chunks over cached prefixes, tensor cores |
 //! | [`gemm`] | bf16 GEMM `C = A·Bᵀ (+ bias)` with f32 accumulation, M from 1 up, tensor cores (wgmma on Hopper) |
 //! | [`elementwise`] | embedding gather, RMSNorm (with fused residual add), RoPE, SiLU-and-mul, KV-cache writes, argmax |
+//! | [`mod@stream_read`] | a streaming read of a buffer, 64 KB in flight per SM: the HBM bandwidth of a budget |
 //! | [`mod@reference`] | the plain-Rust f32 version of each, with the same names and shapes |
+//!
+//! The planners ([`gemm::plan`], [`decode_attention::DecodePlan`]) rank their choices with a
+//! [`DeviceModel`] of the GPU: its PTX build, SM count and a [`BandwidthCurve`] of read bytes/s
+//! against CTAs, which [`Gpu::new`] measures on the device with the streaming read
+//! ([`Gpu::model`]), so plans follow the card they run on (an H200 reads 1.45 times as fast as an
+//! H100 of the same compute).
 //!
 //! Nothing here needs the CUDA toolkit to build: the PTX of `cuda/*.cu` is embedded (a
 //! `compute_90a` build for Hopper, a `compute_80` one for every other GPU from Ampere on) and
@@ -73,10 +80,11 @@ pub mod gemm;
 pub mod gpu;
 pub mod prefill_attention;
 pub mod reference;
+pub mod stream_read;
 
 pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::{CtaBudget, Gpu, PhaseContext, copy_rows_htod};
+pub use gpu::{BandwidthCurve, CtaBudget, DeviceModel, Gpu, PhaseContext, copy_rows_htod};
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.
 pub use half::bf16;

@@ -237,7 +237,7 @@ fn batch_invariant_kernels_give_each_row_the_same_bits() {
             }
         }
         for m in [1, 16, 300, 8192] {
-            let plan = gemm::plan_batch_invariant(GemmShape { m, n, k }, ctx.budget(), ctx.gpu().target());
+            let plan = gemm::plan_batch_invariant(GemmShape { m, n, k }, ctx.budget(), ctx.gpu().model());
             assert!(family.contains(&plan.kernel), "{plan:?}");
         }
     }

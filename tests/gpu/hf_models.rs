@@ -16,17 +16,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use nexus::runtime::backend::{Backend, CpuBackend};
-use nexus::runtime::batch::{SeqChunk, build_step};
-use nexus::runtime::config::WeightSource;
-use nexus::runtime::cuda_backend::CudaBackend;
-use nexus::runtime::generate::DEFAULT_BLOCK_SIZE;
-use nexus::runtime::kv_cache::BlockManager;
+use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
+use nexus::runtime::engine::batch::{SeqChunk, build_step};
+use nexus::runtime::engine::kv_cache::BlockManager;
+use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use nexus::runtime::model::cpu::CpuBackend;
+use nexus::runtime::model::cuda::CudaBackend;
 use nexus::runtime::model::{KvCache, LlamaModel};
-use nexus::runtime::safetensors::HfCheckpoint;
+use nexus::runtime::weights::config::WeightSource;
+use nexus::runtime::weights::safetensors::HfCheckpoint;
 use serde::Deserialize;
 
-use crate::common::phase;
+use crate::common::gpu;
 
 const SCRIPT: &str = "scripts/make-hf-random-models.py";
 const MODELS: [&str; 2] = ["llama", "qwen2"];
@@ -113,6 +114,7 @@ enum Schedule {
 /// Runs `prompt` as `schedule` says and returns the logits of every position, `[len, vocab]`.
 fn run<B: Backend>(
     backend: &B,
+    phase: &B::Phase,
     model: &LlamaModel<B>,
     cache: &mut KvCache<B>,
     blocks: &mut BlockManager,
@@ -125,11 +127,15 @@ fn run<B: Backend>(
     };
     let split = prompt.len() - decode;
     let mut out = Vec::new();
-    for tokens in prompt[..split].chunks(chunk).chain(prompt[split..].chunks(1)) {
-        let mut step = build_step(blocks, &[SeqChunk { seq: 0, tokens, wants_logits: true }]).expect("step");
+    let prefill = prompt[..split].chunks(chunk).map(|c| (c, StepKind::Prefill));
+    for (tokens, kind) in prefill.chain(prompt[split..].chunks(1).map(|c| (c, StepKind::Decode))) {
+        let mut step = build_step(blocks, &[SeqChunk { seq: 0, tokens, wants_logits: true }], kind).expect("step");
         step.logit_rows = (0..tokens.len() as u32).collect();
-        let logits = model.forward(backend, cache, &step).expect("forward");
-        out.extend(backend.to_host(&logits).expect("logits to the host").data);
+        let logits = model.forward(backend, phase, cache, &step).expect("forward");
+        match backend.logits_to_host(phase, logits, LogitsReadback::Full).expect("logits to the host") {
+            HostLogits::Full(host) => out.extend(host.data),
+            HostLogits::Argmax(_) => unreachable!("every logit was asked for"),
+        }
     }
     blocks.free(0);
     out
@@ -208,6 +214,7 @@ fn check_model<B: Backend>(backend: &B, name: &str, schedules: &[Schedule], tol:
     eprintln!("{name}: {:?}", source.config());
     assert_eq!(source.config().vocab_size, expected.vocab, "{name}: vocabulary");
     let model = LlamaModel::load(backend, &source, |_, _| {}).expect("load");
+    let phase = backend.new_phase().expect("phase");
     let longest = expected.prompts.iter().map(Vec::len).max().expect("prompts");
     let num_blocks = longest.div_ceil(DEFAULT_BLOCK_SIZE);
     let mut cache = model.alloc_kv_cache(backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
@@ -215,7 +222,7 @@ fn check_model<B: Backend>(backend: &B, name: &str, schedules: &[Schedule], tol:
     let mut failures = Vec::new();
     for (i, (prompt, want)) in expected.prompts.iter().zip(&expected.logits).enumerate() {
         for &schedule in schedules {
-            let got = run(backend, &model, &mut cache, &mut blocks, prompt, schedule);
+            let got = run(backend, &phase, &model, &mut cache, &mut blocks, prompt, schedule);
             let what = format!("{name} prompt {i} ({} tokens) {schedule:?}", prompt.len());
             failures.extend(compare(&what, &got, want, expected.vocab, tol));
         }
@@ -235,15 +242,15 @@ const GPU_SCHEDULES: [Schedule; 3] =
 #[test]
 #[ignore = "needs a CUDA GPU, python3, torch and transformers"]
 fn hf_llama_on_the_gpu_matches_transformers() {
-    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
-    check_model(&gpu, "llama", &GPU_SCHEDULES, GPU);
+    let backend = CudaBackend::new(gpu()).expect("CUDA backend");
+    check_model(&backend, "llama", &GPU_SCHEDULES, GPU);
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU, python3, torch and transformers"]
 fn hf_qwen2_on_the_gpu_matches_transformers() {
-    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
-    check_model(&gpu, "qwen2", &GPU_SCHEDULES, GPU);
+    let backend = CudaBackend::new(gpu()).expect("CUDA backend");
+    check_model(&backend, "qwen2", &GPU_SCHEDULES, GPU);
 }
 
 /// The same models on the CPU backend (f32, tight tolerances): when a GPU test above fails, this

@@ -3,6 +3,7 @@
 //! GPU, so they are ignored by default: run them with `cargo test --test gpu -- --ignored` on a
 //! machine that has one (and under compute-sanitizer; see ../shared/GPU.md).
 
+mod bandwidth;
 mod common;
 mod coresidency;
 mod decode_attention;

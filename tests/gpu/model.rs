@@ -1,17 +1,26 @@
-//! The CUDA backend against the CPU backend on SmolLM2-135M-Instruct: the greedy continuation
-//! of every oracle-fixture prompt agrees for its first 16 tokens, and the last prompt position's
-//! logits agree to a cosine similarity of at least 0.999.
+//! The model and the engine on the GPU: SmolLM2 on the CUDA backend against the CPU backend (the
+//! greedy continuation of every oracle-fixture prompt agrees for its first 16 tokens, and the
+//! last prompt position's logits to a cosine similarity of at least 0.999); the engine with both
+//! schedules, batching, chunking and preempting; decode graphs at every budget against eager
+//! steps; and a prefill and a decode step of a model in flight at once on disjoint SMs.
 
+use std::collections::HashSet;
 use std::path::PathBuf;
 
-use nexus::runtime::backend::CpuBackend;
-use nexus::runtime::cuda_backend::CudaBackend;
-use nexus::runtime::generate::{DEFAULT_BLOCK_SIZE, GenerateOptions, Generator};
-use nexus::runtime::loader::{self, DEFAULT_MODEL};
+use nexus::runtime::engine::batch::{SeqChunk, build_step};
+use nexus::runtime::engine::kv_cache::BlockManager;
+use nexus::runtime::engine::scheduler::{Lane, NexusConfig, SchedulerConfig};
+use nexus::runtime::engine::{
+    DEFAULT_BLOCK_SIZE, Engine, EngineConfig, EngineEvent, Iteration, RequestOptions, Schedule,
+};
 use nexus::runtime::model::LlamaModel;
+use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use nexus::runtime::model::cpu::CpuBackend;
+use nexus::runtime::model::cuda::{CtaSpan, CudaBackend, CudaBackendConfig};
+use nexus::runtime::weights::loader::{self, DEFAULT_MODEL};
 use serde::Deserialize;
 
-use crate::common::phase;
+use crate::common::gpu;
 
 #[derive(Deserialize)]
 struct Fixtures {
@@ -21,6 +30,11 @@ struct Fixtures {
 #[derive(Deserialize)]
 struct Case {
     prompt_ids: Vec<u32>,
+    greedy_ids: Vec<u32>,
+}
+
+fn fixtures() -> Fixtures {
+    serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures")
 }
 
 /// The model file: `$NEXUS_MODEL`, else the default under the current directory (the GPU
@@ -37,25 +51,87 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (norm(a) * norm(b))
 }
 
+/// Every logit of a step, on the host.
+fn logits_of<B: Backend>(backend: &B, phase: &B::Phase, logits: B::Activation) -> Vec<f32> {
+    match backend.logits_to_host(phase, logits, LogitsReadback::Full).expect("logits to the host") {
+        HostLogits::Full(host) => host.data,
+        HostLogits::Argmax(_) => unreachable!("every logit was asked for"),
+    }
+}
+
+/// The logits of `prompt`'s last position, the prompt run as one step over a fresh cache.
+fn last_prompt_logits<B: Backend>(backend: &B, model: &LlamaModel<B>, prompt: &[u32]) -> Vec<f32> {
+    let num_blocks = prompt.len().div_ceil(DEFAULT_BLOCK_SIZE);
+    let mut cache = model.alloc_kv_cache(backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
+    let mut blocks = BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks");
+    let phase = backend.new_phase().expect("phase");
+    let chunk = [SeqChunk { seq: 0, tokens: prompt, wants_logits: true }];
+    let step = build_step(&mut blocks, &chunk, StepKind::Prefill).expect("step");
+    let logits = model.forward(backend, &phase, &mut cache, &step).expect("forward");
+    logits_of(backend, &phase, logits)
+}
+
+/// An engine over `model` whose cache holds `num_blocks` blocks, running up to 8 sequences and
+/// `tokens` tokens an iteration.
+fn engine<B: Backend>(
+    backend: B,
+    model: LlamaModel<B>,
+    num_blocks: usize,
+    tokens: usize,
+    schedule: Schedule,
+) -> Engine<B> {
+    let config = EngineConfig {
+        num_blocks,
+        block_size: DEFAULT_BLOCK_SIZE,
+        scheduler: SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: tokens },
+        max_model_len: None,
+        schedule,
+    };
+    Engine::new(backend, model, Vec::new(), config).expect("engine")
+}
+
+/// Runs `prompts` through `engine` together, `max_tokens` greedy tokens each (end-of-sequence
+/// ignored), and returns each one's tokens.
+fn greedy_outputs<B: Backend>(engine: &mut Engine<B>, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let options = RequestOptions { max_tokens, ignore_eos: true, ..RequestOptions::default() };
+    for (i, prompt) in prompts.iter().enumerate() {
+        engine.add_request(i as u64, prompt.clone(), options.clone()).expect("add");
+    }
+    let mut out = vec![Vec::new(); prompts.len()];
+    while engine.has_unfinished() {
+        for event in engine.step().expect("step") {
+            if let EngineEvent::Token { id, token, .. } = event {
+                out[id as usize].push(token);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn smollm2_on_the_gpu_matches_the_cpu_backend() {
-    let fixtures: Fixtures =
-        serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures");
+    let fixtures = fixtures();
     let loaded = loader::open(&model_path()).expect("open the model");
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
-    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
-    let gpu_model = LlamaModel::load(&gpu, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
-    let mut cpu = Generator::new(CpuBackend, cpu_model, 256, DEFAULT_BLOCK_SIZE).expect("CPU generator");
-    let mut gpu = Generator::new(gpu, gpu_model, 256, DEFAULT_BLOCK_SIZE).expect("GPU generator");
-    let options = GenerateOptions { max_tokens: 16, ignore_eos: true, ..GenerateOptions::default() };
+    let backend = CudaBackend::new(gpu()).expect("CUDA backend");
+    let gpu_model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
     for (i, case) in fixtures.cases.iter().enumerate() {
-        let want = cpu.generate(&case.prompt_ids, &options, &[], |_| Ok(true)).expect("CPU generate");
-        let got = gpu.generate(&case.prompt_ids, &options, &[], |_| Ok(true)).expect("GPU generate");
-        let similarity = cosine(&got.prompt_logits.data, &want.prompt_logits.data);
-        eprintln!("case {i}: cosine {similarity:.6}, tokens {:?} / {:?}", got.token_ids, want.token_ids);
+        let want = last_prompt_logits(&CpuBackend, &cpu_model, &case.prompt_ids);
+        let got = last_prompt_logits(&backend, &gpu_model, &case.prompt_ids);
+        let similarity = cosine(&got, &want);
+        eprintln!("case {i}: last-prompt-position logits cosine {similarity:.6}");
         assert!(similarity >= 0.999, "case {i}: last-prompt-position logits cosine {similarity}");
-        assert_eq!(got.token_ids, want.token_ids, "case {i}: greedy continuation");
+    }
+    // One request at a time, as `nexus generate` runs them.
+    let prompts: Vec<Vec<u32>> = fixtures.cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let mut cpu = engine(CpuBackend, cpu_model, 256, 4096, Schedule::Chunked);
+    let mut gpu = engine(backend, gpu_model, 256, 4096, Schedule::Chunked);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let want = greedy_outputs(&mut cpu, std::slice::from_ref(prompt), 16);
+        let got = greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16);
+        eprintln!("case {i}: tokens {got:?} / {want:?}");
+        assert_eq!(got, want, "case {i}: greedy continuation");
     }
 }
 
@@ -65,7 +141,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
-    use nexus::runtime::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
     let config = ModelConfig {
         architecture: Architecture::Qwen2,
         hidden_size: 512,
@@ -84,119 +160,151 @@ fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
         attention_bias: true,
     };
     let cpu_model = LlamaModel::random(&CpuBackend, &config, 7).expect("CPU model");
-    let gpu = CudaBackend::new(phase(None)).expect("CUDA backend");
-    let gpu_model = LlamaModel::random(&gpu, &config, 7).expect("GPU model");
-    let mut cpu = Generator::new(CpuBackend, cpu_model, 512, DEFAULT_BLOCK_SIZE).expect("CPU generator");
-    let mut gpu = Generator::new(gpu, gpu_model, 512, DEFAULT_BLOCK_SIZE).expect("GPU generator");
+    let backend = CudaBackend::new(gpu()).expect("CUDA backend");
+    let gpu_model = LlamaModel::random(&backend, &config, 7).expect("GPU model");
     let prompt: Vec<u32> = (0..300).map(|i| (i * 37 % 1000) as u32).collect();
-    let options = GenerateOptions { max_tokens: 4, ignore_eos: true, prefill_chunk: 128, ..GenerateOptions::default() };
-    let want = cpu.generate(&prompt, &options, &[], |_| Ok(true)).expect("CPU generate");
-    let got = gpu.generate(&prompt, &options, &[], |_| Ok(true)).expect("GPU generate");
-    let similarity = cosine(&got.prompt_logits.data, &want.prompt_logits.data);
-    eprintln!("cosine {similarity:.6}, tokens {:?} / {:?}", got.token_ids, want.token_ids);
+    let want = last_prompt_logits(&CpuBackend, &cpu_model, &prompt);
+    let got = last_prompt_logits(&backend, &gpu_model, &prompt);
+    let similarity = cosine(&got, &want);
+    eprintln!("cosine {similarity:.6}");
     assert!(similarity >= 0.999, "last-prompt-position logits cosine {similarity}");
+    // A few greedy steps after 128-token chunks run through.
+    let mut gpu = engine(backend, gpu_model, 64, 128, Schedule::Chunked);
+    assert_eq!(greedy_outputs(&mut gpu, &[prompt], 4)[0].len(), 4);
 }
 
-/// Runs every fixture prompt through a GPU engine and returns each request's greedy tokens.
-fn engine_outputs(num_blocks: usize, max_num_batched_tokens: usize, batch_invariant: bool) -> (Vec<Vec<u32>>, u64) {
-    use nexus::runtime::cuda_backend::CudaBackendConfig;
-    use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, RequestOptions};
-    use nexus::runtime::scheduler::SchedulerConfig;
-    let fixtures: Fixtures =
-        serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures");
+/// Both schedules: chunked, and Nexus with about half of the SMs for prefill.
+fn schedules() -> [Schedule; 2] {
+    [Schedule::Chunked, Schedule::Nexus(NexusConfig { prefill_sms: gpu().sm_count() / 2 })]
+}
+
+/// Runs every fixture prompt through a GPU engine on SmolLM2 and returns each request's greedy
+/// tokens, the preemptions and the timeline.
+fn engine_outputs(
+    num_blocks: usize,
+    tokens: usize,
+    batch_invariant: bool,
+    schedule: Schedule,
+) -> (Vec<Vec<u32>>, u64, Vec<Iteration>) {
     let loaded = loader::open(&model_path()).expect("open the model");
     let config = CudaBackendConfig { batch_invariant, ..CudaBackendConfig::default() };
-    let gpu = CudaBackend::with_config(phase(None), config).expect("CUDA backend");
-    let model = LlamaModel::load(&gpu, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
-    let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens };
-    let config = EngineConfig { num_blocks, block_size: DEFAULT_BLOCK_SIZE, scheduler, max_model_len: None };
-    let mut engine = Engine::new(gpu, model, Vec::new(), config).expect("engine");
-    let options = RequestOptions { max_tokens: 16, ignore_eos: true, ..RequestOptions::default() };
-    for (i, case) in fixtures.cases.iter().enumerate() {
-        engine.add_request(i as u64, case.prompt_ids.clone(), options.clone()).expect("add");
-    }
-    let mut out = vec![Vec::new(); fixtures.cases.len()];
-    while engine.has_unfinished() {
-        for event in engine.step().expect("step") {
-            if let EngineEvent::Token { id, token, .. } = event {
-                out[id as usize].push(token);
-            }
-        }
-    }
-    (out, engine.preemptions())
+    let backend = CudaBackend::with_config(gpu(), config).expect("CUDA backend");
+    let model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
+    let mut engine = engine(backend, model, num_blocks, tokens, schedule);
+    engine.keep_timeline(true);
+    let prompts: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let out = greedy_outputs(&mut engine, &prompts, 16);
+    assert_eq!(engine.kv_usage(), 0.0, "every block was freed");
+    (out, engine.preemptions(), engine.take_timeline())
 }
 
-/// The engine on the GPU: every request of a batched run (chunked prefill mixed with decodes) and
-/// of a run whose cache is too small for all of them (preemption by recompute) completes, and in
-/// the batch-invariant mode each request's tokens are those of the unpressured run, exactly.
+/// The engine on the GPU, with both schedules: every request of a batched run, of a run whose
+/// prompts go in chunks of 24 tokens, and of a run whose cache is too small for all of them
+/// (preemption by recompute) completes; in the batch-invariant mode each request's tokens are the
+/// same in every run and schedule, and are transformers' (the oracle fixtures). With Nexus,
+/// prefill and decode iterations overlap in time, within the SMs the split gives them.
 ///
-/// By default they may differ: in bf16 the GEMM kernel (and so the rounding) depends on the
+/// By default tokens may differ: in bf16 the GEMM kernel (and so the rounding) depends on the
 /// batch's row count and decode rows go through another attention kernel than prompt rows, so
 /// another batch composition can flip a near-tie (seen on an H100: one of seven requests
 /// diverged at its 6th token with chunks of 24 tokens). That agreement is printed.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_engine_completes_every_request_when_batching_and_preempting() {
+fn gpu_engine_completes_every_request_with_both_schedules() {
+    let oracle: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.greedy_ids[..16].to_vec()).collect();
+    let sms = gpu().sm_count();
     for batch_invariant in [true, false] {
-        let (unpressured, none) = engine_outputs(1024, 4096, batch_invariant);
-        assert_eq!(none, 0);
-        let (chunked, _) = engine_outputs(1024, 24, batch_invariant);
-        let (pressured, preemptions) = engine_outputs(12, 64, batch_invariant);
-        assert!(preemptions > 0, "the cache was meant to be too small");
-        for (run, outputs) in [("unpressured", &unpressured), ("chunked", &chunked), ("pressured", &pressured)] {
-            for (i, tokens) in outputs.iter().enumerate() {
-                assert_eq!(tokens.len(), 16, "{run}: request {i} completed");
+        let mut reference = None;
+        for schedule in schedules() {
+            let (unpressured, none, timeline) = engine_outputs(1024, 4096, batch_invariant, schedule);
+            assert_eq!(none, 0);
+            let (chunked, _, _) = engine_outputs(1024, 24, batch_invariant, schedule);
+            let (pressured, preemptions, _) = engine_outputs(12, 64, batch_invariant, schedule);
+            assert!(preemptions > 0, "the cache was meant to be too small");
+            for (run, outputs) in [("unpressured", &unpressured), ("chunked", &chunked), ("pressured", &pressured)] {
+                for (i, tokens) in outputs.iter().enumerate() {
+                    assert_eq!(tokens.len(), 16, "{schedule:?} {run}: request {i} completed");
+                }
             }
-        }
-        let agreement = |other: &[Vec<u32>]| -> usize {
-            unpressured.iter().zip(other).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum()
-        };
-        let total = 16 * unpressured.len();
-        eprintln!(
-            "batch invariant {batch_invariant}: tokens equal to the unpressured run before the first difference: \
-             chunked {}/{total}, under preemption ({preemptions} preemptions) {}/{total}",
-            agreement(&chunked),
-            agreement(&pressured)
-        );
-        if batch_invariant {
-            assert_eq!(chunked, unpressured, "batch invariant: chunked prefill changed the tokens");
-            assert_eq!(pressured, unpressured, "batch invariant: preemption changed the tokens");
+            let reference = reference.get_or_insert_with(|| unpressured.clone());
+            let agreement = |other: &[Vec<u32>]| -> usize {
+                reference.iter().zip(other).map(|(a, b)| a.iter().zip(b).take_while(|(x, y)| x == y).count()).sum()
+            };
+            let total = 16 * unpressured.len();
+            eprintln!(
+                "batch invariant {batch_invariant}, {schedule:?}: tokens equal to the chunked schedule's unpressured \
+                 run before the first difference: unpressured {}/{total}, chunked {}/{total}, under preemption \
+                 ({preemptions} preemptions) {}/{total}; transformers' {}/{total}",
+                agreement(&unpressured),
+                agreement(&chunked),
+                agreement(&pressured),
+                agreement(&oracle),
+            );
+            if batch_invariant {
+                assert_eq!(&unpressured, reference, "batch invariant: {schedule:?} changed the tokens");
+                assert_eq!(&chunked, reference, "batch invariant: chunked prefill changed the tokens");
+                assert_eq!(&pressured, reference, "batch invariant: preemption changed the tokens");
+                assert_eq!(&unpressured, &oracle, "batch invariant: transformers' greedy tokens");
+            }
+            if let Schedule::Nexus(split) = schedule {
+                check_lane_timeline(&timeline, sms, split.prefill_sms);
+            }
         }
     }
 }
 
+/// A Nexus timeline: budgets in flight never add up to more than the SMs, each lane's budget is
+/// its share or every SM, and prefill and decode iterations overlap in time.
+fn check_lane_timeline(timeline: &[Iteration], sms: u32, prefill_sms: u32) {
+    for it in timeline {
+        let shares = match it.lane {
+            Lane::Prefill => [prefill_sms, sms],
+            _ => [sms - prefill_sms, sms],
+        };
+        assert!(shares.contains(&it.budget), "{it:?}");
+        let in_flight: u32 =
+            timeline.iter().filter(|o| o.start <= it.start && it.start < o.end).map(|o| o.budget).sum();
+        assert!(in_flight <= sms, "{in_flight} SMs in flight when {it:?} started");
+    }
+    let overlapping = timeline
+        .iter()
+        .filter(|p| p.lane == Lane::Prefill)
+        .any(|p| timeline.iter().any(|d| d.lane == Lane::Decode && d.start < p.end && p.start < d.end));
+    assert!(overlapping, "no prefill iteration overlapped a decode one");
+}
+
 /// Decode steps replayed from CUDA graphs give the logits eager steps give: SmolLM2 over two
 /// caches, one backend recording graphs and one running eagerly, with batches that shrink
-/// through several buckets (so steps are padded), contexts that cross block boundaries and both
-/// backends fed the eager run's greedy tokens.
+/// through several buckets (so steps are padded), contexts that cross block boundaries, both
+/// backends fed the eager run's greedy tokens, and the graphed phase's budget moving between two
+/// values (a recording per bucket and budget).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_what_eager_steps_compute() {
-    use nexus::runtime::backend::Backend;
-    use nexus::runtime::batch::{SeqChunk, build_step};
-    use nexus::runtime::cuda_backend::CudaBackendConfig;
-    use nexus::runtime::kv_cache::BlockManager;
-
     let loaded = loader::open(&model_path()).expect("open the model");
-    let ctx = phase(None);
     let eager = CudaBackend::with_config(
-        ctx.clone(),
+        gpu(),
         CudaBackendConfig { graph_batch_sizes: Vec::new(), ..CudaBackendConfig::default() },
     )
     .expect("eager backend");
-    let graphed = CudaBackend::new(ctx).expect("graph backend");
+    let graphed = CudaBackend::new(gpu()).expect("graph backend");
     let model = LlamaModel::load(&eager, loaded.weights.as_ref(), |_, _| {}).expect("load");
     let num_blocks = 256;
     let mut caches =
         [&eager, &graphed].map(|b| model.alloc_kv_cache(b, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache"));
     let mut blocks = [0, 1].map(|_| BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks"));
+    let mut phases = [&eager, &graphed].map(|b| b.new_phase().expect("phase"));
     let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<u32>> =
         (0..13).map(|s| (0..(5 + 23 * s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect()).collect();
-    // Batches of up to 13 sequences: the graphs of 1, 2, 4, 8 and 16 are recorded up front.
-    let warmed = model.warm_up(&graphed, &mut caches[1], 13).expect("warm up");
-    assert_eq!(warmed, vec![1, 2, 4, 8, 16]);
-    assert_eq!(model.warm_up(&eager, &mut caches[0], 13).expect("warm up"), Vec::<usize>::new());
+    // Batches of up to 13 sequences at budgets of 48 SMs and all: the graphs of 1, 2, 4, 8 and
+    // 16 sequences are recorded up front at both.
+    let sms = gpu().sm_count();
+    let budgets = [48, sms];
+    let warmed = model.warm_up(&graphed, &mut phases[1], &mut caches[1], StepKind::Decode, 13, &budgets);
+    assert_eq!(warmed.expect("warm up"), vec![1, 2, 4, 8, 16]);
+    let warmed = model.warm_up(&eager, &mut phases[0], &mut caches[0], StepKind::Decode, 13, &budgets);
+    assert_eq!(warmed.expect("warm up"), Vec::<usize>::new());
     let mut last: Vec<u32> = Vec::new();
     for (k, backend) in [&eager, &graphed].into_iter().enumerate() {
         let chunks: Vec<SeqChunk<'_>> = prompts
@@ -204,9 +312,12 @@ fn decode_graphs_replay_what_eager_steps_compute() {
             .enumerate()
             .map(|(s, p)| SeqChunk { seq: s as u64, tokens: p, wants_logits: true })
             .collect();
-        let step = build_step(&mut blocks[k], &chunks).expect("prefill step");
-        let logits = model.forward(backend, &mut caches[k], &step).expect("prefill");
-        last = backend.argmax(&logits).expect("argmax");
+        let step = build_step(&mut blocks[k], &chunks, StepKind::Prefill).expect("prefill step");
+        let logits = model.forward(backend, &phases[k], &mut caches[k], &step).expect("prefill");
+        last = match backend.logits_to_host(&phases[k], logits, LogitsReadback::Argmax).expect("argmax") {
+            HostLogits::Argmax(ids) => ids,
+            HostLogits::Full(_) => unreachable!("the argmax was asked for"),
+        };
     }
     let mut live: Vec<usize> = (0..prompts.len()).collect();
     for step_index in 0..40 {
@@ -222,15 +333,17 @@ fn decode_graphs_replay_what_eager_steps_compute() {
             let gone = live.pop().expect("a sequence");
             blocks.iter_mut().for_each(|b| b.free(gone as u64));
         }
+        let budget = budgets[step_index % 2];
         let mut outputs = Vec::new();
         for (k, backend) in [&eager, &graphed].into_iter().enumerate() {
+            backend.set_budget(&mut phases[k], budget).expect("budget");
             let chunks: Vec<SeqChunk<'_>> = live
                 .iter()
                 .map(|&s| SeqChunk { seq: s as u64, tokens: std::slice::from_ref(&last[s]), wants_logits: true })
                 .collect();
-            let step = build_step(&mut blocks[k], &chunks).expect("decode step");
-            let logits = model.forward(backend, &mut caches[k], &step).expect("decode");
-            outputs.push(backend.to_host(&logits).expect("download").data);
+            let step = build_step(&mut blocks[k], &chunks, StepKind::Decode).expect("decode step");
+            let logits = model.forward(backend, &phases[k], &mut caches[k], &step).expect("decode");
+            outputs.push(logits_of(backend, &phases[k], logits));
         }
         let (want, got) = (&outputs[0], &outputs[1]);
         let similarity = cosine(got, want);
@@ -239,7 +352,7 @@ fn decode_graphs_replay_what_eager_steps_compute() {
         assert!(got.iter().all(|x| x.is_finite()), "step {step_index}: non-finite logits");
         assert!(
             similarity >= 0.9999 && worst <= 2e-2 * scale,
-            "step {step_index} ({} sequences): cosine {similarity}, max |diff| {worst} of {scale}",
+            "step {step_index} ({} sequences, {budget} SMs): cosine {similarity}, max |diff| {worst} of {scale}",
             live.len()
         );
         for (i, &s) in live.iter().enumerate() {
@@ -247,5 +360,149 @@ fn decode_graphs_replay_what_eager_steps_compute() {
             last[s] = row.iter().enumerate().fold(0, |b, (j, &x)| if x > row[b] { j } else { b }) as u32;
         }
     }
-    assert_eq!(graphed.recorded_graphs(), vec![1, 2, 4, 8, 16], "the warmed-up graphs, and no others");
+    let recorded: Vec<(usize, u32)> =
+        [1, 2, 4, 8, 16].into_iter().flat_map(|b| budgets.map(|budget| (b, budget))).collect();
+    assert_eq!(graphed.recorded_graphs(&phases[1]), recorded, "the warmed-up graphs, and no others");
+}
+
+/// The heart of Nexus at the model level: a prefill step and a decode step of one model, each
+/// in its own phase with budgets that add up to the SM count, launched one after the other and
+/// in flight at once, run their attention kernels on disjoint sets of SMs, each within its budget
+/// (every attention CTA records its SM and when it ran), and at least one pair of their launches
+/// overlaps in time; both give the logits they give alone.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn a_prefill_and_a_decode_step_run_at_once_on_disjoint_sms() {
+    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+    // Llama-3-8B's layer shapes, 4 layers, a small vocabulary: milliseconds of work per step.
+    let config = ModelConfig {
+        architecture: Architecture::Llama,
+        hidden_size: 4096,
+        intermediate_size: 14336,
+        num_layers: 4,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 128,
+        vocab_size: 32000,
+        max_position_embeddings: 8192,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_style: RopeStyle::RotateHalf,
+        rope_scaling: RopeScaling::None,
+        tie_word_embeddings: false,
+        attention_bias: false,
+    };
+    let sms = gpu().sm_count();
+    let (prefill_sms, decode_sms) = (sms / 2, sms - sms / 2);
+    let backend = CudaBackend::with_config(
+        gpu(),
+        CudaBackendConfig { graph_batch_sizes: Vec::new(), ..CudaBackendConfig::default() },
+    )
+    .expect("backend");
+    let model = LlamaModel::random(&backend, &config, 5).expect("model");
+    let (decode_seqs, context, prompt_len) = (32usize, 2048usize, 4096usize);
+    let num_blocks = (decode_seqs * (context + 16) + prompt_len) / DEFAULT_BLOCK_SIZE + 8;
+    let mut cache = model.alloc_kv_cache(&backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
+    let mut blocks = BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks");
+    let mut prefill = backend.new_phase().expect("phase");
+    let mut decode = backend.new_phase().expect("phase");
+    let token = |i: usize| (i * 7919 % config.vocab_size) as u32;
+    // The decoding sequences' contexts, prefilled beforehand with every SM.
+    let contexts: Vec<Vec<u32>> = (0..decode_seqs).map(|s| (0..context).map(|i| token(i + s)).collect()).collect();
+    for group in contexts.chunks(4).enumerate() {
+        let chunks: Vec<SeqChunk<'_>> = group
+            .1
+            .iter()
+            .enumerate()
+            .map(|(i, c)| SeqChunk { seq: (group.0 * 4 + i) as u64, tokens: c, wants_logits: true })
+            .collect();
+        let step = build_step(&mut blocks, &chunks, StepKind::Prefill).expect("step");
+        let logits = model.forward(&backend, &prefill, &mut cache, &step).expect("context");
+        logits_of(&backend, &prefill, logits);
+    }
+    backend.set_budget(&mut prefill, prefill_sms).expect("budget");
+    backend.set_budget(&mut decode, decode_sms).expect("budget");
+    // One prompt, and one decode token of each sequence; each step writes the same keys and
+    // values at the same slots every time it runs, so it can run again and again.
+    let prompt: Vec<u32> = (0..prompt_len).map(|i| token(3 * i + 1)).collect();
+    let pstep =
+        build_step(&mut blocks, &[SeqChunk { seq: 1000, tokens: &prompt, wants_logits: true }], StepKind::Prefill)
+            .expect("prefill step");
+    let next: Vec<u32> = (0..decode_seqs).map(token).collect();
+    let dchunks: Vec<SeqChunk<'_>> = (0..decode_seqs)
+        .map(|s| SeqChunk { seq: s as u64, tokens: std::slice::from_ref(&next[s]), wants_logits: true })
+        .collect();
+    let dstep = build_step(&mut blocks, &dchunks, StepKind::Decode).expect("decode step");
+    // Alone first (which also loads every kernel: a first launch can serialize with whatever
+    // runs), then at once, untraced and traced.
+    let prefill_alone = {
+        let logits = model.forward(&backend, &prefill, &mut cache, &pstep).expect("prefill");
+        logits_of(&backend, &prefill, logits)
+    };
+    let decode_alone = {
+        let logits = model.forward(&backend, &decode, &mut cache, &dstep).expect("decode");
+        logits_of(&backend, &decode, logits)
+    };
+    // The decode step is much shorter than the prefill: it runs several times in a row, so that
+    // decode launches cover the prefill's whole span.
+    const DECODES: usize = 12;
+    for traced in [false, true] {
+        if traced {
+            backend.trace_attention(&prefill, config.num_layers).expect("trace");
+            backend.trace_attention(&decode, DECODES * config.num_layers).expect("trace");
+        }
+        let logits = model.forward(&backend, &prefill, &mut cache, &pstep).expect("prefill");
+        let prefill_pending = backend.read_logits(&prefill, logits, LogitsReadback::Full).expect("read");
+        for _ in 1..DECODES {
+            model.forward(&backend, &decode, &mut cache, &dstep).expect("decode");
+        }
+        let logits = model.forward(&backend, &decode, &mut cache, &dstep).expect("decode");
+        let decode_pending = backend.read_logits(&decode, logits, LogitsReadback::Full).expect("read");
+        for (what, phase, pending, alone) in
+            [("prefill", &prefill, prefill_pending, &prefill_alone), ("decode", &decode, decode_pending, &decode_alone)]
+        {
+            let HostLogits::Full(got) = backend.take_logits(phase, pending).expect("logits") else {
+                unreachable!("every logit was asked for")
+            };
+            let similarity = cosine(&got.data, alone);
+            assert!(similarity >= 0.9999, "{what} at once vs alone: cosine {similarity}");
+        }
+    }
+    let prefill_launches = backend.take_attention_trace(&prefill).expect("trace");
+    let decode_launches = backend.take_attention_trace(&decode).expect("trace");
+    assert_eq!((prefill_launches.len(), decode_launches.len()), (config.num_layers, DECODES * config.num_layers));
+    let span = |ctas: &[CtaSpan]| {
+        (ctas.iter().map(|c| c.start_ns).min().unwrap_or(0), ctas.iter().map(|c| c.end_ns).max().unwrap_or(0))
+    };
+    let sm_set = |ctas: &[CtaSpan]| ctas.iter().map(|c| c.sm).collect::<HashSet<u32>>();
+    for (what, launches, budget) in
+        [("prefill", &prefill_launches, prefill_sms), ("decode", &decode_launches, decode_sms)]
+    {
+        for (layer, ctas) in launches.iter().enumerate() {
+            assert!(!ctas.is_empty() && ctas.len() <= budget as usize, "{what} layer {layer}: {} CTAs", ctas.len());
+            assert_eq!(sm_set(ctas).len(), ctas.len(), "{what} layer {layer}: two CTAs on one SM");
+        }
+    }
+    let mut overlapping = 0;
+    for (pl, p) in prefill_launches.iter().enumerate() {
+        for (dl, d) in decode_launches.iter().enumerate() {
+            let ((p0, p1), (d0, d1)) = (span(p), span(d));
+            if p0 < d1 && d0 < p1 {
+                overlapping += 1;
+                let shared: Vec<u32> = sm_set(p).intersection(&sm_set(d)).copied().collect();
+                assert!(shared.is_empty(), "prefill launch {pl} and decode launch {dl} ran at once on SMs {shared:?}");
+            }
+        }
+    }
+    let (p, d) = (span(&prefill_launches.concat()), span(&decode_launches.concat()));
+    eprintln!(
+        "prefill attention: {:.3} ms on {} SMs; decode attention: {:.3} ms on {} SMs, from {:.3} ms after prefill's \
+         start; {overlapping} pairs of launches overlapped",
+        (p.1 - p.0) as f64 / 1e6,
+        sm_set(&prefill_launches.concat()).len(),
+        (d.1 - d.0) as f64 / 1e6,
+        sm_set(&decode_launches.concat()).len(),
+        (d.0 as f64 - p.0 as f64) / 1e6,
+    );
+    assert!(overlapping > 0, "no prefill attention launch overlapped a decode one");
 }

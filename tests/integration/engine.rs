@@ -1,17 +1,18 @@
-//! The engine on the CPU backend with SmolLM2: continuous batching with chunked prefill gives
-//! every request the same greedy tokens as transformers (the oracle fixtures), also when a small
-//! KV cache forces preemption; aborts free blocks; bad requests are refused.
+//! The engine on the CPU backend with SmolLM2, with both schedules (chunked, and Nexus's two
+//! lanes, which the CPU backend runs one after the other): continuous batching with chunked
+//! prefill gives every request the same greedy tokens as transformers (the oracle fixtures),
+//! also when a small KV cache forces preemption; aborts free blocks; bad requests are refused.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use nexus::runtime::ErrorKind;
-use nexus::runtime::backend::CpuBackend;
-use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, RequestOptions};
-use nexus::runtime::generate::FinishReason;
-use nexus::runtime::loader::{self, LoadedModel};
+use nexus::runtime::engine::scheduler::{Lane, NexusConfig, SchedulerConfig};
+use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
-use nexus::runtime::scheduler::SchedulerConfig;
+use nexus::runtime::model::backend::StepKind;
+use nexus::runtime::model::cpu::CpuBackend;
+use nexus::runtime::weights::loader::{self, LoadedModel};
 use serde::Deserialize;
 
 use crate::common::default_model_path;
@@ -36,8 +37,11 @@ fn smollm2() -> &'static LoadedModel {
     MODEL.get_or_init(|| loader::open(&default_model_path()).expect("open the default model"))
 }
 
-fn engine(num_blocks: usize, scheduler: SchedulerConfig) -> Engine<CpuBackend> {
-    engine_with(EngineConfig { num_blocks, block_size: 16, scheduler, max_model_len: None }).expect("engine")
+/// Both schedules: chunked, and Nexus with 64 of the CPU backend's 132 nominal SMs for prefill.
+const SCHEDULES: [Schedule; 2] = [Schedule::Chunked, Schedule::Nexus(NexusConfig { prefill_sms: 64 })];
+
+fn engine(num_blocks: usize, scheduler: SchedulerConfig, schedule: Schedule) -> Engine<CpuBackend> {
+    engine_with(EngineConfig { num_blocks, block_size: 16, scheduler, max_model_len: None, schedule }).expect("engine")
 }
 
 fn engine_with(config: EngineConfig) -> nexus::runtime::Result<Engine<CpuBackend>> {
@@ -84,24 +88,71 @@ fn run_all(engine: &mut Engine<CpuBackend>, cases: &[Case]) -> HashMap<u64, Vec<
 #[test]
 fn continuous_batching_with_chunked_prefill_matches_transformers() {
     let f = fixtures();
-    // 24 tokens a step: prompts run in chunks, next to the decodes of other requests.
-    let mut engine = engine(512, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 24 });
-    let out = run_all(&mut engine, &f.cases);
-    for (i, case) in f.cases.iter().enumerate() {
-        assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "request {i}");
+    // 24 tokens an iteration: prompts run in chunks, next to (or alongside) the decodes of other
+    // requests.
+    let mut engine = engine(512, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 24 }, SCHEDULES[0]);
+    for schedule in SCHEDULES {
+        engine.set_schedule(schedule).expect("schedule");
+        engine.keep_timeline(true);
+        let out = run_all(&mut engine, &f.cases);
+        for (i, case) in f.cases.iter().enumerate() {
+            assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "{schedule:?}: request {i}");
+        }
+        assert_eq!(engine.kv_usage(), 0.0, "{schedule:?}: every block was freed");
+        // Nexus runs prompt chunks and decodes in their own lanes, each with the SMs the split
+        // gives it (all of them when the other lane has no work); chunked runs one lane.
+        let timeline = engine.take_timeline();
+        let lanes: HashSet<Lane> = timeline.iter().map(|it| it.lane).collect();
+        match schedule {
+            Schedule::Chunked => assert_eq!(lanes, HashSet::from([Lane::Mixed])),
+            Schedule::Nexus(_) => {
+                assert_eq!(lanes, HashSet::from([Lane::Prefill, Lane::Decode]));
+                for it in &timeline {
+                    assert!([64, 68, 132].contains(&it.budget), "{it:?}");
+                    assert_eq!(it.kind == StepKind::Decode, it.lane == Lane::Decode, "{it:?}");
+                }
+            }
+        }
+        assert!(timeline.iter().all(|it| it.start <= it.end && it.tokens >= it.seqs && it.seqs > 0));
     }
-    assert_eq!(engine.kv_usage(), 0.0, "every block was freed");
 }
 
 #[test]
 fn preemption_under_a_small_cache_loses_nothing_and_changes_nothing() {
     let f = fixtures();
-    // 12 blocks of 16 tokens cannot hold the seven requests (36-73 tokens each) at once.
-    let mut engine = engine(12, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 });
-    let out = run_all(&mut engine, &f.cases);
-    assert!(engine.preemptions() > 0, "the cache was meant to be too small");
-    for (i, case) in f.cases.iter().enumerate() {
-        assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "request {i}");
+    for schedule in SCHEDULES {
+        // 12 blocks of 16 tokens cannot hold the seven requests (36-73 tokens each) at once.
+        let mut engine = engine(12, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 }, schedule);
+        let out = run_all(&mut engine, &f.cases);
+        assert!(engine.preemptions() > 0, "{schedule:?}: the cache was meant to be too small");
+        for (i, case) in f.cases.iter().enumerate() {
+            assert_eq!(out[&(i as u64)], case.greedy_ids[..TOKENS], "{schedule:?}: request {i}");
+        }
+        assert_eq!(engine.kv_usage(), 0.0);
+    }
+}
+
+#[test]
+fn an_aborted_request_in_flight_frees_its_blocks_when_its_iteration_is_done() {
+    let f = fixtures();
+    let mut engine = engine(64, SchedulerConfig::default(), SCHEDULES[1]);
+    let options = RequestOptions { max_tokens: 100, ..RequestOptions::default() };
+    engine.add_request(1, f.cases[0].prompt_ids.clone(), options.clone()).expect("add");
+    // The first step prefills request 1 (the decode lane has nothing); the second launches its
+    // decode, and the prefill of request 2, then returns when the decode is done: request 2's
+    // prefill is still in flight.
+    engine.step().expect("step");
+    engine.add_request(2, f.cases[1].prompt_ids.clone(), options).expect("add");
+    let events = engine.step().expect("step");
+    assert!(events.iter().all(|e| matches!(e, EngineEvent::Token { id: 1, .. })), "{events:?}");
+    let held = engine.kv_usage();
+    assert!(engine.abort(2));
+    assert!(!engine.abort(2), "aborted once");
+    assert_eq!(engine.kv_usage(), held, "the blocks of an iteration in flight stay until it is done");
+    assert!(engine.abort(1));
+    while engine.has_unfinished() {
+        let events = engine.step().expect("step");
+        assert!(events.is_empty(), "aborted requests report nothing: {events:?}");
     }
     assert_eq!(engine.kv_usage(), 0.0);
 }
@@ -109,7 +160,7 @@ fn preemption_under_a_small_cache_loses_nothing_and_changes_nothing() {
 #[test]
 fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
     let f = fixtures();
-    let mut engine = engine(64, SchedulerConfig::default());
+    let mut engine = engine(64, SchedulerConfig::default(), Schedule::Chunked);
     let options = RequestOptions { max_tokens: 100, ..RequestOptions::default() };
     engine.add_request(1, f.cases[0].prompt_ids.clone(), options.clone()).expect("add");
     engine.add_request(2, f.cases[1].prompt_ids.clone(), options.clone()).expect("add");
@@ -143,6 +194,7 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
         block_size: 16,
         scheduler: SchedulerConfig::default(),
         max_model_len: Some(max_model_len),
+        schedule: Schedule::Chunked,
     };
     let mut capped = engine_with(config(100)).expect("engine");
     assert_eq!(capped.max_request_tokens(), 100);
@@ -156,8 +208,8 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
 #[test]
 fn replaying_a_trace_forces_output_lengths_and_measures_latencies() {
     use nexus::runtime::bench::replay;
-    use nexus::runtime::workload::Request;
-    let mut engine = engine(256, SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: 64 });
+    use nexus::runtime::bench::workload::Request;
+    let mut engine = engine(256, SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: 64 }, SCHEDULES[1]);
     let trace: Vec<Request> =
         (0..6).map(|i| Request { arrival_s: 0.05 * i as f64, input_len: 20 + 7 * i, output_len: 3 + i }).collect();
     let (times, report) = replay(&mut engine, &trace, 1).expect("replay");

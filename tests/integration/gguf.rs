@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use nexus::runtime::dequant::{GgmlType, dequantize};
-use nexus::runtime::gguf::{GgufFile, MetadataValue as V};
+use nexus::runtime::weights::dequant::{GgmlType, dequantize};
+use nexus::runtime::weights::gguf::{GgufFile, MetadataValue as V};
 use nexus::runtime::{Error, ErrorKind};
 use serde::Deserialize;
 

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use nexus::runtime::config::{Architecture, LayerWeight, RopeScaling, RopeStyle, WeightName, WeightSource};
-use nexus::runtime::safetensors::HfCheckpoint;
+use nexus::runtime::weights::config::{Architecture, LayerWeight, RopeScaling, RopeStyle, WeightName, WeightSource};
+use nexus::runtime::weights::safetensors::HfCheckpoint;
 use nexus::runtime::{Error, ErrorKind};
 use serde_json::Value;
 

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 
 use nexus::runtime::ErrorKind;
-use nexus::runtime::kv_cache::BlockManager;
+use nexus::runtime::engine::kv_cache::BlockManager;
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]

@@ -7,4 +7,5 @@ mod oracle;
 mod sampling;
 mod scheduler;
 mod tokenizer;
+mod two_lanes;
 mod workload;

@@ -4,12 +4,15 @@
 
 use std::sync::{Mutex, OnceLock};
 
-use nexus::runtime::backend::{CpuBackend, StepInput};
-use nexus::runtime::chat_template::ChatMessage;
-use nexus::runtime::generate::{FinishReason, GenerateOptions, Generator, generate_text};
-use nexus::runtime::loader::{self, LoadedModel};
+use nexus::runtime::engine::generate::{GenerateOptions, generate_text};
+use nexus::runtime::engine::sampling::SamplingParams;
+use nexus::runtime::engine::scheduler::SchedulerConfig;
+use nexus::runtime::engine::{Engine, EngineConfig, FinishReason, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
-use nexus::runtime::sampling::SamplingParams;
+use nexus::runtime::model::backend::{Backend, StepInput, StepKind};
+use nexus::runtime::model::cpu::CpuBackend;
+use nexus::runtime::text::chat_template::ChatMessage;
+use nexus::runtime::weights::loader::{self, LoadedModel};
 use serde::Deserialize;
 
 use crate::common::default_model_path;
@@ -62,13 +65,26 @@ fn smollm2() -> &'static LoadedModel {
     MODEL.get_or_init(|| loader::open(&default_model_path()).expect("open the default model"))
 }
 
-/// A generator over the default model on the CPU, shared by the tests (its weights take 0.5 GB).
-fn cpu_generator() -> &'static Mutex<Generator<CpuBackend>> {
-    static GENERATOR: OnceLock<Mutex<Generator<CpuBackend>>> = OnceLock::new();
-    GENERATOR.get_or_init(|| {
+/// An engine over the default model on the CPU, shared by the tests (its weights take 0.5 GB).
+fn cpu_engine() -> &'static Mutex<Engine<CpuBackend>> {
+    static ENGINE: OnceLock<Mutex<Engine<CpuBackend>>> = OnceLock::new();
+    ENGINE.get_or_init(|| {
         let model = LlamaModel::load(&CpuBackend, smollm2().weights.as_ref(), |_, _| {}).expect("load weights");
-        Mutex::new(Generator::new(CpuBackend, model, 256, 16).expect("generator"))
+        let eos = smollm2().tokenizer.eos_token_ids().to_vec();
+        let config = EngineConfig {
+            num_blocks: 64,
+            block_size: 16,
+            scheduler: SchedulerConfig::default(),
+            max_model_len: None,
+            schedule: Schedule::Chunked,
+        };
+        Mutex::new(Engine::new(CpuBackend, model, eos, config).expect("engine"))
     })
+}
+
+/// Greedy options for `max_tokens` tokens.
+fn greedy(max_tokens: usize, ignore_eos: bool) -> GenerateOptions {
+    GenerateOptions { request: RequestOptions { max_tokens, ignore_eos, ..RequestOptions::default() }, stop: vec![] }
 }
 
 fn prompt_ids(case: &Case) -> Vec<u32> {
@@ -113,18 +129,21 @@ fn tokenizer_ids_equal_transformers() {
 #[test]
 fn cpu_greedy_continuations_and_top5_logits_equal_transformers() {
     let f = fixtures();
-    let mut generator = cpu_generator().lock().expect("generator lock");
+    let mut engine = cpu_engine().lock().expect("engine lock");
+    let tokenizer = &smollm2().tokenizer;
     let mut matched = 0;
     let mut total = 0;
     for case in &f.cases {
-        let options = GenerateOptions { max_tokens: f.greedy_tokens, ignore_eos: true, ..GenerateOptions::default() };
-        let out = generator.generate(&case.prompt_ids, &options, &[], |_| Ok(true)).expect("generate");
+        let out = generate_text(&mut engine, 0, tokenizer, &case.prompt_ids, &greedy(f.greedy_tokens, true), |_| {})
+            .expect("generate");
         let same = out.token_ids.iter().zip(&case.greedy_ids).take_while(|(a, b)| a == b).count();
         matched += same;
         total += case.greedy_ids.len();
         assert_eq!(out.token_ids, case.greedy_ids, "greedy continuation of {:?} ({same} tokens match)", case.prompt);
 
-        let logits = &out.prompt_logits.data;
+        // The last prompt position's logits: the prompt as one step over a contiguous cache.
+        let table: Vec<i32> = (0..case.prompt_ids.len().div_ceil(16) as i32).collect();
+        let logits = &run_with_blocks(&engine, &case.prompt_ids, case.prompt_ids.len(), 16, &table, &[])[0];
         let mut ours: Vec<u32> = (0..logits.len() as u32).collect();
         ours.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
         assert_eq!(&ours[..5], &case.last_prompt_top5.ids[..], "top-5 ids of {:?}", case.prompt);
@@ -143,14 +162,15 @@ fn cpu_greedy_continuations_and_top5_logits_equal_transformers() {
 /// Runs a prompt in chunks and then a few decode steps, with the sequence's blocks where
 /// `block_table` says, and returns every step's logits.
 fn run_with_blocks(
+    engine: &Engine<CpuBackend>,
     prompt: &[u32],
     chunk: usize,
     block_size: usize,
     block_table: &[i32],
     decode: &[u32],
 ) -> Vec<Vec<f32>> {
-    let generator = cpu_generator().lock().expect("generator lock");
-    let model = generator.model();
+    let model = engine.model();
+    let phase = CpuBackend.new_phase().expect("phase");
     let num_blocks = block_table.iter().copied().max().unwrap_or(0) as usize + 1;
     let mut cache = model.alloc_kv_cache(&CpuBackend, num_blocks, block_size).expect("cache");
     let slot = |p: usize| block_table[p / block_size] as u32 * block_size as u32 + (p % block_size) as u32;
@@ -160,7 +180,9 @@ fn run_with_blocks(
     let mut all = Vec::new();
     for tokens in steps {
         let n = tokens.len();
+        let kind = if done >= prompt.len() { StepKind::Decode } else { StepKind::Prefill };
         let step = StepInput {
+            kind,
             positions: (done..done + n).map(|p| p as u32).collect(),
             slots: (done..done + n).map(slot).collect(),
             tokens,
@@ -170,7 +192,7 @@ fn run_with_blocks(
             max_blocks_per_seq: block_table.len(),
             logit_rows: vec![n as u32 - 1],
         };
-        let logits = model.forward(&CpuBackend, &mut cache, &step).expect("forward");
+        let logits = model.forward(&CpuBackend, &phase, &mut cache, &step).expect("forward");
         all.push(logits.data);
         done += n;
     }
@@ -184,13 +206,14 @@ fn paged_kv_cache_equals_contiguous_cache() {
     let decode = &f.cases[2].greedy_ids[..6];
     let total = prompt.len() + decode.len();
     // One contiguous block holding the whole sequence, prompt in one step.
-    let contiguous = run_with_blocks(prompt, prompt.len(), 64, &[0], decode);
+    let engine = cpu_engine().lock().expect("engine lock");
+    let contiguous = run_with_blocks(&engine, prompt, prompt.len(), 64, &[0], decode);
     assert!(total <= 64);
     // Blocks of 4 tokens scattered over a pool in reverse and interleaved order, prompt in
     // chunks of 3 tokens (chunked prefill over the cached prefix).
     let blocks = total.div_ceil(4);
     let scattered: Vec<i32> = (0..blocks as i32).map(|i| (blocks as i32 - 1 - i) * 2 + 1).collect();
-    let paged = run_with_blocks(prompt, 3, 4, &scattered, decode);
+    let paged = run_with_blocks(&engine, prompt, 3, 4, &scattered, decode);
     let last = |v: &Vec<Vec<f32>>| v[v.len() - 1 - decode.len()].clone();
     assert_eq!(last(&contiguous), last(&paged), "logits after the prompt");
     for (i, (a, b)) in contiguous[1..].iter().zip(&paged[paged.len() - decode.len()..]).enumerate() {
@@ -202,30 +225,31 @@ fn paged_kv_cache_equals_contiguous_cache() {
 fn generation_stops_on_eos_and_stop_strings_and_reproduces_under_a_seed() {
     let f = fixtures();
     let tokenizer = &smollm2().tokenizer;
-    let mut generator = cpu_generator().lock().expect("generator lock");
+    let mut engine = cpu_engine().lock().expect("engine lock");
     // The first chat fixture's greedy answer ends with <|im_end|>, SmolLM2's EOS.
     let chat = &f.cases[4];
-    let greedy = GenerateOptions { max_tokens: 32, ..GenerateOptions::default() };
-    let out = generate_text(&mut generator, tokenizer, &chat.prompt_ids, &greedy, |_| {}).expect("generate");
-    assert_eq!(out.generation.finish_reason, FinishReason::Stop);
+    let out = generate_text(&mut engine, 1, tokenizer, &chat.prompt_ids, &greedy(32, false), |_| {}).expect("generate");
+    assert_eq!(out.finish_reason, FinishReason::Stop);
     assert_eq!(out.text, "The capital of France is Paris.");
-    assert_eq!(out.generation.token_ids.last(), tokenizer.eos_token_ids().first());
+    assert_eq!(out.token_ids.last(), tokenizer.eos_token_ids().first());
 
-    // A stop string cuts the text before it, also when streamed.
+    // A stop string cuts the text before it, also when streamed, and ends the request.
     let raw = &f.cases[0];
-    let options = GenerateOptions { stop: vec![".".into()], ..greedy.clone() };
+    let options = GenerateOptions { stop: vec![".".into()], ..greedy(32, false) };
     let mut streamed = String::new();
-    let out = generate_text(&mut generator, tokenizer, &raw.prompt_ids, &options, |s| streamed.push_str(s))
+    let out = generate_text(&mut engine, 2, tokenizer, &raw.prompt_ids, &options, |s| streamed.push_str(s))
         .expect("generate");
     assert_eq!((out.text.as_str(), streamed.as_str()), (" Paris", " Paris"));
-    assert_eq!(out.generation.finish_reason, FinishReason::Stop);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert!(!engine.has_unfinished() && engine.kv_usage() == 0.0, "the stopped request is gone");
 
     // Sampling with a seed reproduces; another seed (almost surely) does not.
     let mut sampled = |seed| {
         let sampling =
             SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, seed: Some(seed), ..Default::default() };
-        let options = GenerateOptions { max_tokens: 24, ignore_eos: true, sampling, ..GenerateOptions::default() };
-        generator.generate(&raw.prompt_ids, &options, &[], |_| Ok(true)).expect("generate").token_ids
+        let mut options = greedy(24, true);
+        options.request.sampling = sampling;
+        generate_text(&mut engine, 3, tokenizer, &raw.prompt_ids, &options, |_| {}).expect("generate").token_ids
     };
     let (a, b, c) = (sampled(11), sampled(11), sampled(12));
     assert_eq!(a, b);

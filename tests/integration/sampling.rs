@@ -1,6 +1,6 @@
 //! Sampling: reproducible under a seed, and the filters' properties on random distributions.
 
-use nexus::runtime::sampling::{Sampler, SamplingParams, apply_top_k, apply_top_p, argmax, draw};
+use nexus::runtime::engine::sampling::{Sampler, SamplingParams, apply_top_k, apply_top_p, argmax, draw};
 use proptest::prelude::*;
 
 fn logits(n: usize, salt: u32) -> Vec<f32> {

@@ -4,8 +4,10 @@
 
 use std::collections::HashSet;
 
-use nexus::runtime::kv_cache::BlockManager;
-use nexus::runtime::scheduler::{ChunkedScheduler, SchedulerConfig, SeqState};
+use nexus::runtime::engine::kv_cache::BlockManager;
+use nexus::runtime::engine::scheduler::{
+    ChunkedScheduler, Scheduled, Scheduler, SchedulerConfig, SchedulerView, SeqState,
+};
 use proptest::prelude::*;
 
 proptest! {
@@ -30,9 +32,20 @@ proptest! {
         let waiting: Vec<SeqState> =
             waiting.iter().enumerate().map(|(i, &n)| SeqState { id: 100 + i as u64, uncached: n }).collect();
         let config = SchedulerConfig { max_num_seqs, max_num_batched_tokens };
-        let plan = ChunkedScheduler::new(config).unwrap().plan(&running, &waiting, &blocks);
+        let view = SchedulerView {
+            idle: &running,
+            waiting: &waiting,
+            num_running: running.len(),
+            blocks: &blocks,
+            sm_count: 132,
+            busy: &[None],
+        };
+        let plan = ChunkedScheduler::new(config).unwrap().plan(&view);
+        prop_assert!(plan.lanes.len() <= 1);
+        let scheduled: Vec<Scheduled> = plan.lanes.iter().flat_map(|l| l.scheduled.clone()).collect();
+        prop_assert!(plan.lanes.iter().all(|l| l.budget == 132));
 
-        let total: usize = plan.scheduled.iter().map(|s| s.tokens).sum();
+        let total: usize = scheduled.iter().map(|s| s.tokens).sum();
         prop_assert!(total <= max_num_batched_tokens);
         let preempted: HashSet<u64> = plan.preempted.iter().copied().collect();
         let mut free = blocks.num_free_blocks();
@@ -40,7 +53,7 @@ proptest! {
             free += blocks.get(*id).map_or(0, |s| s.blocks.len());
         }
         let mut needed = 0;
-        for s in &plan.scheduled {
+        for s in &scheduled {
             prop_assert!(s.tokens > 0 && !preempted.contains(&s.id));
             let state = running.iter().chain(&waiting).find(|r| r.id == s.id).unwrap();
             prop_assert!(s.tokens <= state.uncached);
@@ -48,7 +61,7 @@ proptest! {
         }
         prop_assert!(needed <= free, "{} blocks needed, {} free", needed, free);
         prop_assert!(plan.admitted <= waiting.len());
-        let admitted: Vec<u64> = plan.scheduled.iter().filter(|s| s.id >= 100).map(|s| s.id).collect();
+        let admitted: Vec<u64> = scheduled.iter().filter(|s| s.id >= 100).map(|s| s.id).collect();
         prop_assert_eq!(admitted.len(), plan.admitted);
         // Admissions come in queue order, and only when nothing was preempted.
         prop_assert!(admitted.iter().zip(&waiting).all(|(a, w)| *a == w.id));

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use nexus::runtime::chat_template::{ChatMessage, ChatTemplate};
-use nexus::runtime::gguf::{GgufFile, MetadataValue as V};
-use nexus::runtime::tokenizer::Tokenizer;
+use nexus::runtime::text::chat_template::{ChatMessage, ChatTemplate};
+use nexus::runtime::text::tokenizer::Tokenizer;
+use nexus::runtime::weights::gguf::{GgufFile, MetadataValue as V};
 use nexus::runtime::{ErrorKind, Result};
 
 fn smollm2_path() -> PathBuf {
@@ -482,6 +482,6 @@ fn hf_folder_errors() {
 fn tokenizers_can_be_shared_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Tokenizer>();
-    assert_send_sync::<nexus::runtime::tokenizer::StreamDecoder>();
+    assert_send_sync::<nexus::runtime::text::tokenizer::StreamDecoder>();
     assert_send_sync::<ChatTemplate>();
 }

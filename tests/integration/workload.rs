@@ -4,7 +4,7 @@
 //!
 //! The table is copied here rather than read from the module's constants, so a typo there fails.
 
-use nexus::runtime::workload::{
+use nexus::runtime::bench::workload::{
     DatasetEntry, Prompt, Summary, Workload, WorkloadSampler, dataset_requests, parse_jsonl, synthetic_requests, trace,
 };
 use rand::SeedableRng;

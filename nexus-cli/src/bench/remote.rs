@@ -17,8 +17,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use nexus_runtime::bench::workload::{BenchRequest, Prompt};
 use nexus_runtime::bench::{ReplayReport, RequestOutcome, RequestTimes};
-use nexus_runtime::workload::{BenchRequest, Prompt};
 use serde_json::{Value, json};
 
 /// Where and how to reach the server.

@@ -7,6 +7,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+use super::model::{self, BandwidthCurve, DeviceModel};
 use super::ptx;
 use crate::{Error, Result};
 
@@ -27,6 +28,7 @@ pub struct Gpu {
     compute_capability: (i32, i32),
     exclusive_smem: u32,
     max_smem_per_block: u32,
+    model: DeviceModel,
     modules: HashMap<&'static str, Arc<CudaModule>>,
     /// Functions already looked up, with their shared-memory limit raised.
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
@@ -44,8 +46,10 @@ impl std::fmt::Debug for Gpu {
 }
 
 impl Gpu {
-    /// Opens device `ordinal` and loads every kernel module built for it. Fails with
-    /// [`Error::NoGpu`] when there is no driver or device, or the device is older than sm_80.
+    /// Opens device `ordinal`, loads every kernel module built for it and measures its read
+    /// bandwidth for [`Gpu::model`] (about 25 ms on an H100 or H200, with 256 MiB of device memory
+    /// borrowed meanwhile). Fails with [`Error::NoGpu`] when there is no driver or device, or the
+    /// device is older than sm_80.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
         // SAFETY: this only tries to open the driver library; it calls nothing in it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
@@ -74,20 +78,38 @@ impl Gpu {
                  too little to keep one CTA per SM"
             )));
         }
+        keep_freed_memory(&ctx)?;
         let mut modules = HashMap::new();
         for &(name, source) in ptx::modules(target) {
             modules.insert(name, ctx.load_module(Ptx::from_src(source))?);
         }
-        Ok(Arc::new(Gpu {
+        // The measurement launches through phase contexts, which hold the `Gpu`: open it with a
+        // one-point curve first, then put the measured one in its place.
+        let unmeasured = BandwidthCurve::from_points(&[(1, 1.0)])?;
+        let mut gpu = Arc::new(Gpu {
             ctx,
             target,
             sm_count,
             compute_capability,
             exclusive_smem,
             max_smem_per_block,
+            model: DeviceModel::new(target, sm_count, unmeasured),
             modules,
             functions: Mutex::new(HashMap::new()),
-        }))
+        });
+        // Every kernel is loaded now: the driver loads a kernel lazily on its first launch, and
+        // that load can serialize with whatever the other phase runs at the time.
+        for &(module, source) in ptx::modules(target) {
+            for name in ptx::entries(source) {
+                gpu.function(module, name)?;
+            }
+        }
+        let bandwidth = model::measure_bandwidth(&gpu)?;
+        // The measurement's contexts are gone, so nothing else holds the `Gpu` yet.
+        let only = Arc::get_mut(&mut gpu)
+            .ok_or_else(|| Error::Unsupported("the device was shared while its bandwidth was measured".into()))?;
+        only.model = DeviceModel::new(target, sm_count, bandwidth);
+        Ok(gpu)
     }
 
     /// The driver context.
@@ -108,6 +130,12 @@ impl Gpu {
     /// The PTX build this device runs.
     pub fn target(&self) -> PtxTarget {
         self.target
+    }
+
+    /// What the planners know of the device: its PTX build, SM count and the read bandwidth of
+    /// each CTA budget, measured by [`Gpu::new`] with [`crate::stream_read`].
+    pub fn model(&self) -> &DeviceModel {
+        &self.model
     }
 
     /// `(major, minor)` compute capability.
@@ -141,4 +169,25 @@ impl Gpu {
         functions.insert((module, name), f.clone());
         Ok(f)
     }
+}
+
+/// Makes the device's default memory pool, which every stream-ordered allocation (activations)
+/// comes from, keep the memory freed into it: by default it returns it to the system at each
+/// synchronization, and the allocations of the next step then map it again.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool, which lives as long as the device; the
+    // release threshold attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()?;
+    }
+    Ok(())
 }

@@ -1,4 +1,6 @@
-//! The CUDA side: the device and its loaded PTX ([`Gpu`]), CTA budgets ([`CtaBudget`]) and the
+//! The CUDA side: the device and its loaded PTX ([`Gpu`]), what the planners know of it
+//! ([`DeviceModel`]: PTX build, SM count, and the read bandwidth of each budget as a
+//! [`BandwidthCurve`] measured when the device is opened), CTA budgets ([`CtaBudget`]) and the
 //! phase context every launch runs in ([`PhaseContext`]).
 //!
 //! Nothing here needs the CUDA toolkit: the PTX in `ptx/` is embedded in the crate and loaded
@@ -9,8 +11,12 @@
 mod budget;
 mod copy;
 mod device;
+mod model;
 mod ptx;
 
 pub use budget::{CtaBudget, PhaseContext};
 pub use copy::copy_rows_htod;
 pub use device::{Gpu, PtxTarget};
+#[cfg(test)]
+pub(crate) use model::measured;
+pub use model::{BandwidthCurve, DeviceModel};

@@ -12,12 +12,40 @@ macro_rules! modules {
 }
 
 // One entry per `cuda/*.cu` file; the kernels of a file live in the module of the same name.
-modules!("elementwise", "prefill_attention", "decode_attention", "gemm");
+modules!("elementwise", "prefill_attention", "decode_attention", "gemm", "stream_read");
 
 /// `(module name, PTX source)` of every module built for `target`.
 pub(crate) fn modules(target: PtxTarget) -> &'static [(&'static str, &'static str)] {
     match target {
         PtxTarget::Sm90a => SM90A,
         PtxTarget::Sm80 => SM80,
+    }
+}
+
+/// The names of the kernels (`.entry` functions) of a PTX module.
+pub(crate) fn entries(source: &'static str) -> impl Iterator<Item = &'static str> {
+    source.lines().filter_map(|line| {
+        let rest =
+            line.trim_start().strip_prefix(".visible .entry ").or_else(|| line.trim_start().strip_prefix(".entry "))?;
+        rest.split(['(', ' ']).next().filter(|name| !name.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_module_has_its_kernels_listed() {
+        for target in [PtxTarget::Sm90a, PtxTarget::Sm80] {
+            for &(module, source) in modules(target) {
+                let names: Vec<&str> = entries(source).collect();
+                assert!(!names.is_empty(), "{module} has no kernel");
+                assert!(names.iter().all(|n| n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')), "{names:?}");
+            }
+        }
+        let gemm: Vec<&str> =
+            entries(SM90A.iter().find(|(m, _)| *m == "gemm").map(|(_, s)| *s).unwrap_or("")).collect();
+        assert!(gemm.len() > 1, "{gemm:?}");
     }
 }

@@ -1,4 +1,5 @@
-//! Plain-Rust references of every kernel, with the kernels' shapes and names, in f32.
+//! Plain-Rust references of every kernel, with the kernels' shapes and names, in f32 (the
+//! streaming read's checksums: u32).
 //!
 //! The tests compare each GPU kernel with its reference, and the runtime's CPU backend runs
 //! models on them. They favour clarity over speed, but parallelise over rows with rayon and keep
@@ -7,9 +8,11 @@
 mod attention;
 mod elementwise;
 mod gemm;
+mod stream_read;
 
 pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
     argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, silu_and_mul, write_kv_cache,
 };
 pub use gemm::{GemmShape, gemm};
+pub use stream_read::stream_read;

@@ -11,8 +11,10 @@ use std::path::Path;
 
 use nexus_kernels::RopeConfig;
 
-use crate::config::{Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource};
-use crate::gguf::{GgufFile, HostTensor, MetadataValue};
+use crate::weights::config::{
+    Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource,
+};
+use crate::weights::gguf::{GgufFile, HostTensor, MetadataValue};
 use crate::{Error, ErrorKind, Result};
 
 /// The rope base llama.cpp assumes when a file does not give one.

@@ -3,11 +3,11 @@
 
 use std::path::Path;
 
-use crate::config::WeightSource;
-use crate::gguf::GgufFile;
-use crate::gguf_weights::GgufModel;
-use crate::safetensors::HfCheckpoint;
-use crate::tokenizer::Tokenizer;
+use crate::text::tokenizer::Tokenizer;
+use crate::weights::config::WeightSource;
+use crate::weights::gguf::GgufFile;
+use crate::weights::gguf_weights::GgufModel;
+use crate::weights::safetensors::HfCheckpoint;
 use crate::{Error, ErrorKind, Result};
 
 /// The default model, relative to the repository root: SmolLM2-135M-Instruct as a Q4_1 GGUF,

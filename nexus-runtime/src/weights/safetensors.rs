@@ -14,8 +14,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::config::{Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource};
-use crate::gguf::HostTensor;
+use crate::weights::config::{
+    Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource,
+};
+use crate::weights::gguf::HostTensor;
 use crate::{Error, ErrorKind, Result};
 
 const SINGLE_FILE: &str = "model.safetensors";

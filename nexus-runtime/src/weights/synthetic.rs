@@ -5,7 +5,7 @@
 //! The numbers are those of the models' published `config.json` files, Llama 3.1's RoPE scaling
 //! included.
 
-use crate::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+use crate::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 use crate::{Error, ErrorKind, Result};
 
 /// The names [`config`] knows.

@@ -330,7 +330,7 @@ pub enum Prompt {
 impl Prompt {
     /// The prompt's token ids: `TokenIds` as they are, `Text` encoded by `tokenizer` (with the
     /// special tokens a completion prompt gets). Fails for text without a tokenizer.
-    pub fn token_ids(&self, tokenizer: Option<&crate::tokenizer::Tokenizer>) -> Result<Vec<u32>> {
+    pub fn token_ids(&self, tokenizer: Option<&crate::text::tokenizer::Tokenizer>) -> Result<Vec<u32>> {
         match (self, tokenizer) {
             (Prompt::TokenIds(ids), _) => Ok(ids.clone()),
             (Prompt::Text(text), Some(tokenizer)) => tokenizer.encode(text, true),

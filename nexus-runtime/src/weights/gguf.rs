@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
-use crate::dequant::{self, GgmlType};
+use crate::weights::dequant::{self, GgmlType};
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";

@@ -7,13 +7,21 @@
 //! report, the same way whether the requests ran in-process ([`replay_requests`]) or against a
 //! server over HTTP (`nexus bench --url`): failed requests are counted and listed, and the
 //! latencies summarize the requests that completed.
+//!
+//! An in-process replay also keeps the engine's timeline: every iteration of every lane, with
+//! its budget, its tokens and the engine's CPU time on it, in seconds from the run's first
+//! arrival ([`TimelineIteration`]), so that a report shows when the prefill and decode lanes ran
+//! at once, on how many SMs, and what the host cost ([`TimelineSummary`]).
+
+pub mod workload;
 
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
-use crate::engine::{Engine, EngineEvent, RequestOptions};
-use crate::tokenizer::Tokenizer;
-use crate::workload::{BenchRequest, Request, Summary, synthetic_requests};
+use crate::bench::workload::{BenchRequest, Request, Summary, synthetic_requests};
+use crate::engine::scheduler::Lane;
+use crate::engine::{Engine, EngineEvent, Iteration, RequestOptions};
+use crate::model::backend::{Backend, StepKind};
+use crate::text::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 /// The measured times of one completed request, in seconds from its arrival (or, over HTTP, from
@@ -73,6 +81,132 @@ pub struct ReplayReport {
     pub failures: Vec<RequestFailure>,
     /// Completed requests whose output length was not the requested one, in trace order.
     pub length_mismatches: Vec<LengthMismatch>,
+    /// The engine's iterations during the run, in the order they completed (known in-process
+    /// only).
+    pub timeline: Option<Vec<TimelineIteration>>,
+}
+
+/// One iteration of one lane during a replay, its times in seconds from the run's first arrival.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimelineIteration {
+    pub lane: Lane,
+    pub kind: StepKind,
+    /// Its CTA budget, in SMs.
+    pub budget: u32,
+    /// Sequences it advanced, and their new tokens.
+    pub seqs: usize,
+    pub tokens: usize,
+    /// When the engine launched it, and when the engine saw it done.
+    pub start_s: f64,
+    pub end_s: f64,
+    /// CPU time the engine thread spent on it (planning, building, launching, reading back,
+    /// sampling).
+    pub host_s: f64,
+}
+
+impl TimelineIteration {
+    /// `iteration`, whose times count from the engine's epoch, with times counted from
+    /// `origin_s` seconds after that epoch.
+    fn new(iteration: &Iteration, origin_s: f64) -> Self {
+        TimelineIteration {
+            lane: iteration.lane,
+            kind: iteration.kind,
+            budget: iteration.budget,
+            seqs: iteration.seqs,
+            tokens: iteration.tokens,
+            start_s: iteration.start.as_secs_f64() - origin_s,
+            end_s: iteration.end.as_secs_f64() - origin_s,
+            host_s: iteration.host.as_secs_f64(),
+        }
+    }
+
+    /// Launch to seen done, in seconds.
+    pub fn duration_s(&self) -> f64 {
+        self.end_s - self.start_s
+    }
+}
+
+/// One lane's iterations during a run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaneSummary {
+    pub lane: Lane,
+    pub iterations: usize,
+    /// Iteration times (launch to seen done), in seconds.
+    pub time: Summary,
+    /// Mean CPU time of the engine thread per iteration, in seconds.
+    pub host_mean_s: f64,
+    /// The lane's CPU time over its iteration time, both summed over its iterations.
+    pub host_fraction: f64,
+    /// Mean budget of its iterations, in SMs.
+    pub mean_budget: f64,
+}
+
+/// What a run's timeline says: per lane, and how long the lanes ran at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TimelineSummary {
+    /// The lanes that ran, in [`Lane`] order.
+    pub lanes: Vec<LaneSummary>,
+    /// Seconds during which at least one lane had an iteration in flight.
+    pub busy_s: f64,
+    /// Seconds during which two lanes had iterations in flight at once.
+    pub overlap_s: f64,
+}
+
+impl TimelineSummary {
+    /// Summarizes `timeline` (in any order); fails when a time is not finite.
+    pub fn of(timeline: &[TimelineIteration]) -> Result<TimelineSummary> {
+        let mut lane_ids: Vec<Lane> = timeline.iter().map(|it| it.lane).collect();
+        lane_ids.sort();
+        lane_ids.dedup();
+        let mut lanes = Vec::with_capacity(lane_ids.len());
+        for &lane in &lane_ids {
+            let its: Vec<&TimelineIteration> = timeline.iter().filter(|it| it.lane == lane).collect();
+            let n = its.len() as f64;
+            let times: Vec<f64> = its.iter().map(|it| it.duration_s()).collect();
+            let host: f64 = its.iter().map(|it| it.host_s).sum();
+            lanes.push(LaneSummary {
+                lane,
+                iterations: its.len(),
+                time: Summary::of(&times)?,
+                host_mean_s: host / n,
+                host_fraction: host / times.iter().sum::<f64>(),
+                mean_budget: its.iter().map(|it| f64::from(it.budget)).sum::<f64>() / n,
+            });
+        }
+        // A sweep over the launches and completions, completions first at equal times, counting
+        // the lanes with an iteration in flight.
+        let mut events: Vec<(f64, bool, usize)> = Vec::with_capacity(2 * timeline.len());
+        for it in timeline {
+            let lane = lane_ids.iter().position(|&l| l == it.lane).unwrap_or_default();
+            events.push((it.start_s, true, lane));
+            events.push((it.end_s, false, lane));
+        }
+        events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        let mut in_flight = vec![0usize; lane_ids.len()];
+        let (mut busy_s, mut overlap_s, mut last) = (0.0, 0.0, f64::NAN);
+        for (t, starts, lane) in events {
+            let active = in_flight.iter().filter(|&&n| n > 0).count();
+            if active >= 1 {
+                busy_s += t - last;
+            }
+            if active >= 2 {
+                overlap_s += t - last;
+            }
+            if starts {
+                in_flight[lane] += 1;
+            } else {
+                in_flight[lane] = in_flight[lane].saturating_sub(1);
+            }
+            last = t;
+        }
+        Ok(TimelineSummary { lanes, busy_s, overlap_s })
+    }
+
+    /// The share of the busy time during which two lanes ran at once (0 with one lane; NaN for
+    /// an empty timeline).
+    pub fn overlap_fraction(&self) -> f64 {
+        self.overlap_s / self.busy_s
+    }
 }
 
 /// A summary of `values`; count 0 and NaN figures when there are none.
@@ -133,6 +267,7 @@ impl ReplayReport {
             completed,
             failures,
             length_mismatches,
+            timeline: None,
         })
     }
 }
@@ -152,7 +287,8 @@ pub fn replay<B: Backend>(
 /// Replays `requests` through `engine` in real time: each request is added once the wall clock
 /// passes its arrival, and the engine steps whenever it has work; `on_finished` is called as each
 /// request finishes (for a progress bar). Text prompts are tokenized by `tokenizer` before the
-/// clock starts. Returns every request's token times (in trace order) and the report. Fails when
+/// clock starts. Returns every request's token times (in trace order) and the report, with the
+/// engine's timeline of the run (kept from the start, then turned off again). Fails when
 /// the engine does, when a prompt cannot be tokenized, or when a request is refused (e.g. longer
 /// than the cache, or a token outside the vocabulary).
 pub fn replay_requests<B: Backend>(
@@ -171,6 +307,7 @@ pub fn replay_requests<B: Backend>(
     }
     let preemptions_before = engine.preemptions();
     let mut tokens: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
+    engine.keep_timeline(true);
     let start = Instant::now();
     let arrival = |i: usize| start + Duration::from_secs_f64(requests[i].arrival_s);
     let mut next = 0;
@@ -208,6 +345,10 @@ pub fn replay_requests<B: Backend>(
         }
     }
     let duration_s = start.elapsed().as_secs_f64() - requests[0].arrival_s;
+    // The engine's times count from its epoch; the run's from its first arrival.
+    let origin_s = start.duration_since(engine.epoch()).as_secs_f64() + requests[0].arrival_s;
+    let timeline = engine.take_timeline().iter().map(|it| TimelineIteration::new(it, origin_s)).collect();
+    engine.keep_timeline(false);
     let times: Vec<RequestTimes> = tokens
         .into_iter()
         .map(|tokens| RequestTimes {
@@ -219,7 +360,8 @@ pub fn replay_requests<B: Backend>(
     let outcomes: Vec<RequestOutcome> = times.iter().cloned().map(Ok).collect();
     let requested: Vec<usize> = requests.iter().map(|r| r.output_len).collect();
     let preemptions = engine.preemptions() - preemptions_before;
-    let report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;
+    let mut report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;
+    report.timeline = Some(timeline);
     Ok((times, report))
 }
 
@@ -271,6 +413,7 @@ mod tests {
             completed: 10 - failed,
             failures: (0..failed).map(|request| RequestFailure { request, message: "timeout".into() }).collect(),
             length_mismatches: Vec::new(),
+            timeline: None,
         }
     }
 
@@ -290,5 +433,37 @@ mod tests {
         assert!(!slo.met_by(&run(0.1, 0.01, 1)));
         assert_eq!(slo.throughput(&[(1.0, run(0.9, 0.01, 0)), (2.0, run(0.1, 0.01, 0))]), None);
         assert_eq!(slo.throughput(&[]), None);
+    }
+
+    fn it(lane: Lane, budget: u32, start_s: f64, end_s: f64, host_s: f64) -> TimelineIteration {
+        let kind = if lane == Lane::Decode { StepKind::Decode } else { StepKind::Prefill };
+        TimelineIteration { lane, kind, budget, seqs: 1, tokens: 1, start_s, end_s, host_s }
+    }
+
+    #[test]
+    fn a_timeline_summarizes_each_lane_and_their_overlap() {
+        // Decode runs 0..1 and 1..3 alone then beside prefill (2..4), then idles until 5..6.
+        let timeline = [
+            it(Lane::Decode, 132, 0.0, 1.0, 0.1),
+            it(Lane::Decode, 68, 1.0, 3.0, 0.1),
+            it(Lane::Prefill, 64, 2.0, 4.0, 0.5),
+            it(Lane::Decode, 132, 5.0, 6.0, 0.1),
+        ];
+        let s = TimelineSummary::of(&timeline).unwrap();
+        assert_eq!(
+            s.lanes.iter().map(|l| (l.lane, l.iterations)).collect::<Vec<_>>(),
+            [(Lane::Prefill, 1), (Lane::Decode, 3)]
+        );
+        let decode = &s.lanes[1];
+        assert_eq!((decode.time.count, decode.time.p50, decode.time.mean), (3, 1.0, 4.0 / 3.0));
+        assert!((decode.host_mean_s - 0.1).abs() < 1e-12 && (decode.host_fraction - 0.3 / 4.0).abs() < 1e-12);
+        assert!((decode.mean_budget - 332.0 / 3.0).abs() < 1e-12);
+        assert_eq!((s.busy_s, s.overlap_s), (5.0, 1.0));
+        assert!((s.overlap_fraction() - 0.2).abs() < 1e-12);
+        // One lane never overlaps; nothing at all is an empty summary.
+        let one = TimelineSummary::of(&timeline[..2]).unwrap();
+        assert_eq!((one.busy_s, one.overlap_s, one.overlap_fraction()), (3.0, 0.0, 0.0));
+        let none = TimelineSummary::of(&[]).unwrap();
+        assert!(none.lanes.is_empty() && none.overlap_fraction().is_nan());
     }
 }

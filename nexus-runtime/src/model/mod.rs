@@ -4,14 +4,21 @@
 //! GQA attention over the paged KV cache → output projection → residual; RMSNorm → fused
 //! gate/up projection → SiLU-and-mul → down projection → residual. Q/K/V and gate/up are
 //! concatenated at load so that each is one GEMM.
+//!
+//! Weights and the [`KvCache`] are shared; a forward pass runs in the backend phase it is given
+//! ([`Backend::Phase`]), so two of them (a prefill and a decode) can be in flight at once.
+
+pub mod backend;
+pub mod cpu;
+pub mod cuda;
 
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::backend::{Backend, StepInput, StepScope};
-use crate::config::{LayerWeight, ModelConfig, WeightName, WeightSource};
-use crate::gguf::HostTensor;
+use crate::model::backend::{Backend, StepInput, StepKind, StepScope};
+use crate::weights::config::{LayerWeight, ModelConfig, WeightName, WeightSource};
+use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
 struct Layer<B: Backend> {
@@ -211,9 +218,16 @@ impl<B: Backend> LlamaModel<B> {
         Ok(KvCache { layout, pools, id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed), seq_len_limit: None })
     }
 
-    /// One forward step: writes the step's keys and values into `cache` and returns the logits of
-    /// its `logit_rows`, `[logit_rows, vocab]`.
-    pub fn forward(&self, backend: &B, cache: &mut KvCache<B>, step: &StepInput) -> Result<B::Activation> {
+    /// One forward step in `phase`: writes the step's keys and values into `cache` and returns
+    /// the logits of its `logit_rows`, `[logit_rows, vocab]` (still being computed on a backend
+    /// that runs asynchronously: read them with [`Backend::read_logits`]).
+    pub fn forward(
+        &self,
+        backend: &B,
+        phase: &B::Phase,
+        cache: &mut KvCache<B>,
+        step: &StepInput,
+    ) -> Result<B::Activation> {
         if let Some(&t) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
             return Err(Error::invalid(format!(
                 "token id {t} is outside the vocabulary of {}",
@@ -227,7 +241,7 @@ impl<B: Backend> LlamaModel<B> {
             )));
         }
         let scope = self.scope(cache);
-        backend.run_step(step, scope, &mut |step| self.forward_prepared(backend, cache, step))
+        backend.run_step(phase, step, scope, &mut |step| self.forward_prepared(backend, phase, cache, step))
     }
 
     /// What steps over `cache` run over besides their inputs.
@@ -240,52 +254,76 @@ impl<B: Backend> LlamaModel<B> {
         }
     }
 
-    /// Records the backend's decode steps ([`Backend::recorded_batch_sizes`]) for batches of up
-    /// to `max_batch` sequences, before serving, so that no request waits for a recording: one
-    /// step per size whose rows all attend over the padding block, which they write (their
-    /// logits are dropped). Returns the sizes recorded.
-    pub fn warm_up(&self, backend: &B, cache: &mut KvCache<B>, max_batch: usize) -> Result<Vec<usize>> {
-        let sizes = backend.recorded_batch_sizes();
-        // A full batch takes the smallest size at least as large.
-        let last = sizes.iter().position(|&b| b >= max_batch).unwrap_or(sizes.len().saturating_sub(1));
-        let sizes: Vec<usize> = sizes.into_iter().take(last + 1).collect();
+    /// Runs `phase`'s kernels once before serving, at each of `budgets` (every budget the
+    /// phase will be given), so that no request waits for a recording or a kernel's first load:
+    /// for [`StepKind::Decode`] the backend's decode steps ([`Backend::recorded_batch_sizes`])
+    /// for batches of up to `max_batch` sequences, whose rows all attend over the padding block,
+    /// which they write (their logits are dropped); for [`StepKind::Prefill`] a one-token
+    /// prompt there. Returns the decode batch sizes recorded.
+    pub fn warm_up(
+        &self,
+        backend: &B,
+        phase: &mut B::Phase,
+        cache: &mut KvCache<B>,
+        kind: StepKind,
+        max_batch: usize,
+        budgets: &[u32],
+    ) -> Result<Vec<usize>> {
+        let sizes = match kind {
+            StepKind::Prefill => vec![1],
+            StepKind::Decode => {
+                let sizes = backend.recorded_batch_sizes();
+                // A full batch takes the smallest size at least as large.
+                let last = sizes.iter().position(|&b| b >= max_batch).unwrap_or(sizes.len().saturating_sub(1));
+                sizes.into_iter().take(last + 1).collect()
+            }
+        };
         let scope = self.scope(cache);
-        for &b in &sizes {
-            let padding = StepInput::default().padded_decode(b, 1, scope);
-            self.forward(backend, cache, &padding)?;
+        for &budget in budgets {
+            backend.set_budget(phase, budget)?;
+            for &b in &sizes {
+                let padding = StepInput { kind, ..StepInput::default().padded_decode(b, 1, scope) };
+                self.forward(backend, phase, cache, &padding)?;
+            }
         }
-        Ok(sizes)
+        Ok(if kind == StepKind::Decode { sizes } else { Vec::new() })
     }
 
     /// The forward step over inputs already on the backend.
-    fn forward_prepared(&self, backend: &B, cache: &mut KvCache<B>, step: &B::Step) -> Result<B::Activation> {
+    fn forward_prepared(
+        &self,
+        backend: &B,
+        phase: &B::Phase,
+        cache: &mut KvCache<B>,
+        step: &B::Step,
+    ) -> Result<B::Activation> {
         let c = &self.config;
         let layout = self.qkv_layout();
         let rope = RopeConfig { theta: c.rope_theta, style: c.rope_style, scaling: c.rope_scaling };
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let eps = c.rms_norm_eps;
 
-        let mut residual = backend.embedding(&self.embedding, step)?;
+        let mut residual = backend.embedding(phase, &self.embedding, step)?;
         let mut pending: Option<B::Activation> = None;
         for (layer, pool) in self.layers.iter().zip(cache.pools.iter_mut()) {
             let x = match &pending {
-                None => backend.rms_norm(&residual, &layer.attn_norm, eps)?,
-                Some(out) => backend.fused_add_rms_norm(out, &mut residual, &layer.attn_norm, eps)?,
+                None => backend.rms_norm(phase, &residual, &layer.attn_norm, eps)?,
+                Some(out) => backend.fused_add_rms_norm(phase, out, &mut residual, &layer.attn_norm, eps)?,
             };
-            let mut qkv = backend.linear(&x, &layer.qkv, layer.qkv_bias.as_ref())?;
-            backend.rope(&mut qkv, layout, rope, step)?;
-            let attn = backend.attention(&qkv, layout, pool, step, scale)?;
-            let attn_out = backend.linear(&attn, &layer.o, None)?;
-            let x = backend.fused_add_rms_norm(&attn_out, &mut residual, &layer.ffn_norm, eps)?;
-            let gate_up = backend.linear(&x, &layer.gate_up, None)?;
-            let act = backend.silu_and_mul(&gate_up)?;
-            pending = Some(backend.linear(&act, &layer.down, None)?);
+            let mut qkv = backend.linear(phase, step, &x, &layer.qkv, layer.qkv_bias.as_ref())?;
+            backend.rope(phase, &mut qkv, layout, rope, step)?;
+            let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
+            let attn_out = backend.linear(phase, step, &attn, &layer.o, None)?;
+            let x = backend.fused_add_rms_norm(phase, &attn_out, &mut residual, &layer.ffn_norm, eps)?;
+            let gate_up = backend.linear(phase, step, &x, &layer.gate_up, None)?;
+            let act = backend.silu_and_mul(phase, &gate_up)?;
+            pending = Some(backend.linear(phase, step, &act, &layer.down, None)?);
         }
         let x = match &pending {
-            None => backend.rms_norm(&residual, &self.final_norm, eps)?,
-            Some(out) => backend.fused_add_rms_norm(out, &mut residual, &self.final_norm, eps)?,
+            None => backend.rms_norm(phase, &residual, &self.final_norm, eps)?,
+            Some(out) => backend.fused_add_rms_norm(phase, out, &mut residual, &self.final_norm, eps)?,
         };
-        let rows = backend.gather_logit_rows(&x, step)?;
-        backend.linear(&rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None)
+        let rows = backend.gather_logit_rows(phase, &x, step)?;
+        backend.linear(phase, step, &rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None)
     }
 }

@@ -25,8 +25,8 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
-use crate::chat_template::ChatTemplate;
-use crate::gguf::GgufFile;
+use crate::text::chat_template::ChatTemplate;
+use crate::weights::gguf::GgufFile;
 use crate::{Error, ErrorKind, Result};
 
 /// GGUF token types (`tokenizer.ggml.token_type`), as llama.cpp writes them.

@@ -1,7 +1,7 @@
 //! Model configuration and the weight-source abstraction shared by the GGUF and safetensors
 //! loaders.
 
-use crate::gguf::HostTensor;
+use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
 pub use nexus_kernels::{RopeScaling, RopeStyle};

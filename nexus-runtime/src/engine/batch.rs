@@ -2,8 +2,8 @@
 //! reserved in the [`BlockManager`], positions continue each sequence, and block tables are
 //! padded to the longest one.
 
-use crate::backend::StepInput;
-use crate::kv_cache::{BlockManager, SeqId};
+use crate::engine::kv_cache::{BlockManager, SeqId};
+use crate::model::backend::{StepInput, StepKind};
 use crate::{Error, ErrorKind, Result};
 
 /// One sequence's share of a step: its next tokens (a prompt chunk, or one decoded token).
@@ -15,9 +15,9 @@ pub struct SeqChunk<'a> {
     pub wants_logits: bool,
 }
 
-/// Reserves KV slots for every chunk and builds the step. Either all chunks get their slots or,
-/// on a full cache, none does and the error is of kind [`ErrorKind::KvCacheFull`].
-pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]) -> Result<StepInput> {
+/// Reserves KV slots for every chunk and builds a step of `kind`. Either all chunks get their
+/// slots or, on a full cache, none does and the error is of kind [`ErrorKind::KvCacheFull`].
+pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>], kind: StepKind) -> Result<StepInput> {
     let needed: usize = chunks.iter().map(|c| blocks.blocks_needed(c.seq, c.tokens.len())).sum();
     if needed > blocks.num_free_blocks() {
         return Err(Error::new(
@@ -25,7 +25,7 @@ pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]) -> Result<
             format!("the step needs {needed} blocks, {} are free", blocks.num_free_blocks()),
         ));
     }
-    let mut step = StepInput { q_indptr: vec![0], ..StepInput::default() };
+    let mut step = StepInput { kind, q_indptr: vec![0], ..StepInput::default() };
     for chunk in chunks {
         if chunk.tokens.is_empty() {
             return Err(Error::invalid(format!("sequence {} has no tokens in this step", chunk.seq)));

@@ -1,0 +1,280 @@
+//! `nexus bench --plot`: one hand-written SVG. On top, p95 TTFT and p95 TBT against the arrival
+//! rate, a line per schedule. Below, for each schedule run in-process, the SMs of its lanes
+//! against time during one run (`--plot-timeline-rate`, the highest rate by default): a rectangle
+//! per iteration as tall as its budget, decode (and chunked's mixed lane) drawn up from the bottom
+//! and prefill down from the top, so that iterations of two lanes that ran at once show one above
+//! the other, on disjoint SMs.
+
+use std::fmt::Write as _;
+
+use nexus_runtime::bench::{ReplayReport, TimelineSummary};
+use nexus_runtime::engine::scheduler::Lane;
+
+use super::Results;
+
+const WIDTH: f64 = 960.0;
+const TITLE_HEIGHT: f64 = 30.0;
+const LATENCY_HEIGHT: f64 = 320.0;
+const TIMELINE_HEIGHT: f64 = 230.0;
+const SCHEDULE_COLORS: [&str; 8] =
+    ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
+
+fn lane_color(lane: Lane) -> &'static str {
+    match lane {
+        Lane::Mixed => "#7f7f7f",
+        Lane::Prefill => "#ff7f0e",
+        Lane::Decode => "#1f77b4",
+    }
+}
+
+/// `text` with the characters XML reserves escaped (workload paths and model names may hold them).
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// A round step for about five ticks from 0 to `max`: 1, 2 or 5 times a power of ten.
+fn tick_step(max: f64) -> f64 {
+    let raw = if max.is_finite() && max > 0.0 { max / 5.0 } else { 0.2 };
+    let magnitude = 10f64.powf(raw.log10().floor());
+    let nice = match raw / magnitude {
+        r if r < 1.5 => 1.0,
+        r if r < 3.5 => 2.0,
+        r if r < 7.5 => 5.0,
+        _ => 10.0,
+    };
+    nice * magnitude
+}
+
+/// `max` rounded up to a whole tick step, so that an axis ends on a tick.
+fn axis_max(max: f64) -> f64 {
+    let step = tick_step(max);
+    (max / step).ceil().max(1.0) * step
+}
+
+/// A drawing area of the SVG with its frame; maps data to pixels.
+struct Panel {
+    left: f64,
+    top: f64,
+    width: f64,
+    height: f64,
+    x_max: f64,
+    y_max: f64,
+}
+
+/// How a panel is framed: title, axis labels and the ranges of its axes (from 0).
+struct Frame<'a> {
+    title: &'a str,
+    x_label: &'a str,
+    x_max: f64,
+    y_label: &'a str,
+    y_max: f64,
+}
+
+impl Panel {
+    /// Draws `frame` (title, axes, ticks with grid lines, axis labels) in the box of `width` by
+    /// `height` at (`left`, `top`), and returns the area inside its axes.
+    fn draw(svg: &mut String, left: f64, top: f64, width: f64, height: f64, frame: &Frame<'_>) -> Panel {
+        let panel = Panel {
+            left: left + 60.0,
+            top: top + 28.0,
+            width: width - 80.0,
+            height: height - 68.0,
+            x_max: frame.x_max,
+            y_max: frame.y_max,
+        };
+        let (x0, y0, x1, y1) = (panel.left, panel.top + panel.height, panel.left + panel.width, panel.top);
+        let _ =
+            writeln!(svg, "<text x=\"{x0}\" y=\"{}\" font-weight=\"bold\">{}</text>", top + 18.0, escape(frame.title));
+        let x_step = tick_step(frame.x_max);
+        for i in 0..=(frame.x_max / x_step + 1e-9) as usize {
+            let v = i as f64 * x_step;
+            let x = panel.px(v);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{x:.1}\" y1=\"{y0}\" x2=\"{x:.1}\" y2=\"{}\" stroke=\"black\"/>\
+                 <text x=\"{x:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>",
+                y0 + 4.0,
+                y0 + 16.0,
+                label(v, x_step)
+            );
+        }
+        let y_step = tick_step(frame.y_max);
+        for i in 0..=(frame.y_max / y_step + 1e-9) as usize {
+            let v = i as f64 * y_step;
+            let y = panel.py(v);
+            let _ = writeln!(
+                svg,
+                "<line x1=\"{x0}\" y1=\"{y:.1}\" x2=\"{x1}\" y2=\"{y:.1}\" stroke=\"#e0e0e0\"/>\
+                 <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+                x0 - 6.0,
+                y + 4.0,
+                label(v, y_step)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x1}\" y2=\"{y0}\" stroke=\"black\"/>\
+             <line x1=\"{x0}\" y1=\"{y0}\" x2=\"{x0}\" y2=\"{y1}\" stroke=\"black\"/>\n\
+             <text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n\
+             <text transform=\"translate({},{:.1}) rotate(-90)\" text-anchor=\"middle\">{}</text>",
+            (x0 + x1) / 2.0,
+            y0 + 32.0,
+            escape(frame.x_label),
+            left + 16.0,
+            (y0 + y1) / 2.0,
+            escape(frame.y_label)
+        );
+        panel
+    }
+
+    fn px(&self, x: f64) -> f64 {
+        self.left + x / self.x_max * self.width
+    }
+
+    fn py(&self, y: f64) -> f64 {
+        self.top + self.height - y / self.y_max * self.height
+    }
+
+    /// Coloured legend entries at the panel's top right, on a white box that keeps them
+    /// readable over lines and rectangles.
+    fn legend(&self, svg: &mut String, entries: &[(String, &str)]) {
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{}\" y=\"{}\" width=\"176\" height=\"{}\" fill=\"white\" fill-opacity=\"0.85\"/>",
+            self.left + self.width - 176.0,
+            self.top + 2.0,
+            6.0 + 16.0 * entries.len() as f64
+        );
+        for (i, (name, color)) in entries.iter().enumerate() {
+            let (x, y) = (self.left + self.width - 170.0, self.top + 14.0 + 16.0 * i as f64);
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"10\" fill=\"{color}\"/>\
+                 <text x=\"{}\" y=\"{y}\">{}</text>",
+                y - 9.0,
+                x + 16.0,
+                escape(name)
+            );
+        }
+    }
+}
+
+/// A tick label with no more decimals than `step` needs.
+fn label(v: f64, step: f64) -> String {
+    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    format!("{v:.decimals$}")
+}
+
+/// The SVG of `results` (see the module documentation).
+pub(super) fn svg(results: &Results<'_>) -> String {
+    let rate = results.plan.timeline_rate();
+    let timelines: Vec<(String, &ReplayReport)> = results
+        .arms
+        .iter()
+        .filter_map(|a| {
+            let (_, report) = a.runs.iter().find(|(r, report)| *r == rate && report.timeline.is_some())?;
+            Some((a.arm.name.clone().unwrap_or_else(|| results.target.to_owned()), report))
+        })
+        .collect();
+    let height = TITLE_HEIGHT + LATENCY_HEIGHT + TIMELINE_HEIGHT * timelines.len() as f64;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" font-family=\"sans-serif\" \
+         font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">{} on {}, {} requests per rate</text>\n",
+        escape(&results.plan.name()),
+        escape(results.target),
+        results.plan.num_requests
+    );
+    latency_panel(&mut svg, results, 0.0, "p95 TTFT", |r| r.ttft.p95 * 1e3);
+    latency_panel(&mut svg, results, WIDTH / 2.0, "p95 TBT", |r| r.tbt.p95 * 1e3);
+    for (i, (name, report)) in timelines.into_iter().enumerate() {
+        let top = TITLE_HEIGHT + LATENCY_HEIGHT + i as f64 * TIMELINE_HEIGHT;
+        timeline_panel(&mut svg, top, &name, rate, report, results.sm_count.unwrap_or(1));
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// `metric` (ms) of every run against its rate, a line per arm, in the panel at `left`.
+fn latency_panel(svg: &mut String, results: &Results<'_>, left: f64, name: &str, metric: fn(&ReplayReport) -> f64) {
+    let lines: Vec<(String, Vec<(f64, f64)>)> = results
+        .arms
+        .iter()
+        .map(|a| {
+            // A rate whose requests all failed has no latency to draw.
+            let mut points: Vec<(f64, f64)> =
+                a.runs.iter().map(|(rate, r)| (*rate, metric(r))).filter(|p| p.1.is_finite()).collect();
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            (a.arm.name.clone().unwrap_or_else(|| results.target.to_owned()), points)
+        })
+        .collect();
+    let max_rate = results.plan.args.rate.iter().copied().fold(0.0, f64::max);
+    let max_ms = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).fold(0.0, f64::max);
+    let frame = Frame {
+        title: &format!("{name} against the arrival rate"),
+        x_label: "arrival rate (req/s)",
+        x_max: axis_max(max_rate),
+        y_label: &format!("{name} (ms)"),
+        y_max: axis_max(max_ms),
+    };
+    let panel = Panel::draw(svg, left, TITLE_HEIGHT, WIDTH / 2.0, LATENCY_HEIGHT, &frame);
+    let mut legend = Vec::new();
+    for (i, (line, points)) in lines.into_iter().enumerate() {
+        let color = SCHEDULE_COLORS[i % SCHEDULE_COLORS.len()];
+        let coords: Vec<String> =
+            points.iter().map(|&(x, y)| format!("{:.1},{:.1}", panel.px(x), panel.py(y))).collect();
+        let _ = writeln!(
+            svg,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            coords.join(" ")
+        );
+        for &(x, y) in &points {
+            let _ =
+                writeln!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>", panel.px(x), panel.py(y));
+        }
+        legend.push((line, color));
+    }
+    panel.legend(svg, &legend);
+}
+
+/// The SMs of each lane against time during `report`'s run, in the panel at `top`.
+fn timeline_panel(svg: &mut String, top: f64, name: &str, rate: f64, report: &ReplayReport, sm_count: u32) {
+    let timeline = report.timeline.as_deref().unwrap_or_default();
+    let overlap = TimelineSummary::of(timeline).map_or(f64::NAN, |s| s.overlap_fraction());
+    let overlap = if overlap.is_finite() {
+        format!("; two lanes in flight {:.0}% of the busy time", overlap * 1e2)
+    } else {
+        String::new()
+    };
+    let end = timeline.iter().map(|it| it.end_s).fold(0.0, f64::max);
+    let sms = f64::from(sm_count);
+    let frame = Frame {
+        title: &format!("{name} at {rate} req/s: each lane's SMs per iteration{overlap}"),
+        x_label: "time since the first arrival (s)",
+        x_max: axis_max(end),
+        y_label: "SMs",
+        y_max: sms,
+    };
+    let panel = Panel::draw(svg, 0.0, top, WIDTH, TIMELINE_HEIGHT, &frame);
+    let mut lanes: Vec<Lane> = Vec::new();
+    for it in timeline {
+        if !lanes.contains(&it.lane) {
+            lanes.push(it.lane);
+        }
+        // Prefill hangs from the top, every other lane stands on the bottom.
+        let budget = f64::from(it.budget).min(sms);
+        let (low, high) = if it.lane == Lane::Prefill { (sms - budget, sms) } else { (0.0, budget) };
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{:.2}\" y=\"{:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{}\" fill-opacity=\"0.7\"/>",
+            panel.px(it.start_s.max(0.0)),
+            panel.py(high),
+            (panel.px(it.end_s) - panel.px(it.start_s.max(0.0))).max(0.0),
+            panel.py(low) - panel.py(high),
+            lane_color(it.lane)
+        );
+    }
+    lanes.sort();
+    let legend: Vec<(String, &str)> = lanes.iter().map(|&l| (format!("{} lane", l.name()), lane_color(l))).collect();
+    panel.legend(svg, &legend);
+}

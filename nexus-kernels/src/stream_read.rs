@@ -1,0 +1,51 @@
+//! The streaming read of `cuda/stream_read.cu`: every CTA of the budget, one per SM, reads its
+//! share of a buffer with 16-byte loads kept 4 deep per thread (64 KB in flight per SM) and writes
+//! the XOR of the words it read. It is how [`Gpu::new`](crate::Gpu::new) measures the read bandwidth
+//! of each budget ([`BandwidthCurve`](crate::gpu::BandwidthCurve)), and the ceiling the benchmarks
+//! compare kernels with. The reference is [`crate::reference::stream_read`].
+
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+
+use crate::Result;
+use crate::error::ensure_shape;
+use crate::gpu::PhaseContext;
+
+const MODULE: &str = "stream_read";
+/// Threads per CTA (`THREADS` in the source).
+const THREADS: u32 = 1024;
+/// Words per 16-byte load: `data` must hold whole ones, starting on a 16-byte boundary.
+const VEC_WORDS: usize = 4;
+const ALIGN_BYTES: u64 = 16;
+
+/// Reads all of `data` on exactly the context's budget of CTAs and writes to `checksums[c]` the XOR
+/// of the words CTA `c` read, as [`crate::reference::stream_read`] describes: `checksums` holds one
+/// word per CTA of the budget; `data` holds whole 16-byte vectors (a multiple of 4 words) and starts
+/// on a 16-byte boundary. Every CTA of the budget runs, even when `data` has fewer 16 KB chunks
+/// than that (the idle ones write 0), so that a launch occupies exactly the budget's SMs.
+pub fn stream_read(ctx: &PhaseContext, data: &CudaView<'_, u32>, checksums: &mut CudaViewMut<'_, u32>) -> Result<()> {
+    ensure_shape!(
+        data.len().is_multiple_of(VEC_WORDS),
+        "stream_read: {} words are not whole 16-byte vectors",
+        data.len()
+    );
+    let ctas = ctx.budget().get();
+    ensure_shape!(
+        checksums.len() == ctas as usize,
+        "stream_read: {} checksums for a budget of {ctas} CTAs",
+        checksums.len()
+    );
+    let stream = ctx.stream();
+    ensure_shape!(
+        data.device_ptr(stream).0 % ALIGN_BYTES == 0,
+        "stream_read: data must start on a {ALIGN_BYTES}-byte boundary"
+    );
+    let vectors = (data.len() / VEC_WORDS) as u64;
+    let (f, cfg) = ctx.kernel(MODULE, "stream_read", ctas, THREADS, 0)?;
+    let mut launch = stream.launch_builder(&f);
+    launch.arg(data).arg(&vectors).arg(checksums);
+    // SAFETY: the arguments match `stream_read` in cuda/stream_read.cu. The kernel reads the
+    // `vectors` 16-byte vectors of `data` (whole and aligned, checked above) and writes
+    // `checksums[blockIdx.x]` for each of the grid's `ctas` CTAs, which `checksums` holds.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}

@@ -1,0 +1,640 @@
+//! The engine: continuous batching of many requests over one model and one paged KV cache, in
+//! one lane or two.
+//!
+//! Requests come in as token ids ([`Engine::add_request`]). Each [`Engine::step`] asks the
+//! [`Scheduler`] what the idle lanes run next (which sequences advance, by how many tokens, on
+//! how many SMs, which are preempted), launches those iterations — each lane in its own backend
+//! phase, so a prefill and a decode iteration run at the same time on disjoint SMs — and then
+//! waits for the first iteration in flight to finish, samples the sequences whose chunk reached
+//! their end, and reports the new tokens and the finished requests as [`EngineEvent`]s. The
+//! engine thread never waits on one lane to feed the other: it polls the lanes' completions and
+//! relaunches a lane as soon as the caller steps again. A sequence is in at most one lane's
+//! iteration; one whose prompt is done joins the decode lane in the same KV pool, with nothing
+//! copied. Batch planning ([`scheduler`]), KV ownership ([`BlockManager`]) and the device
+//! ([`Backend`]) stay separate.
+//!
+//! Preemption is by recompute: a preempted sequence loses its blocks and goes back to the front of
+//! the queue with its prompt and the tokens it generated so far, which are prefilled again when
+//! there is room. No request is lost. Its output is the same as without preemption on a backend
+//! whose rows do not depend on the batch (the CPU backend, the CUDA backend's batch-invariant
+//! mode); otherwise bf16 rounding may differ and flip a near-tie. Aborting a request whose
+//! iteration is in flight frees its blocks when that iteration is done (the device may still be
+//! writing them until then).
+
+pub mod batch;
+pub mod generate;
+pub mod kv_cache;
+pub mod sampling;
+pub mod scheduler;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::engine::batch::{SeqChunk, build_step};
+use crate::engine::kv_cache::{BlockManager, SeqId};
+use crate::engine::sampling::{Sampler, SamplingParams, TokenLogprobs, token_logprobs};
+use crate::engine::scheduler::{
+    ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, Scheduled, Scheduler, SchedulerConfig,
+    SchedulerView, SeqState,
+};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use crate::model::{KvCache, LlamaModel};
+use crate::{Error, Result};
+
+/// Tokens per KV block, unless configured otherwise.
+pub const DEFAULT_BLOCK_SIZE: usize = 16;
+
+/// Identifies a request.
+pub type RequestId = SeqId;
+
+/// How a request generates.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestOptions {
+    /// The most tokens to generate.
+    pub max_tokens: usize,
+    /// How to pick each token.
+    pub sampling: SamplingParams,
+    /// Keep generating past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+    /// More token ids that end the request (the stop token is reported, then the request ends).
+    pub stop_token_ids: Vec<u32>,
+    /// End-of-sequence and stop tokens do not end the request before it has generated this many
+    /// tokens (vLLM's `min_tokens`), so that a benchmark can force output lengths.
+    pub min_tokens: usize,
+    /// Report each token's log-probability with this many most likely alternatives (at most
+    /// [`MAX_LOGPROBS`]), from the model's logits before penalties and temperature, as vLLM does.
+    pub logprobs: Option<usize>,
+}
+
+/// The most alternatives a request may ask log-probabilities of.
+pub const MAX_LOGPROBS: usize = 20;
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        RequestOptions {
+            max_tokens: 256,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+            stop_token_ids: Vec::new(),
+            min_tokens: 0,
+            logprobs: None,
+        }
+    }
+}
+
+/// Why a request ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// `max_tokens` were generated.
+    Length,
+    /// An end-of-sequence or stop token (or, in text generation, a stop string).
+    Stop,
+}
+
+/// What a step produced.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EngineEvent {
+    /// Request `id` generated `token`, with its log-probabilities if the request asked for them.
+    Token { id: RequestId, token: u32, logprobs: Option<Box<TokenLogprobs>> },
+    /// Request `id` is done; its blocks are free.
+    Finished { id: RequestId, reason: FinishReason },
+}
+
+/// Which scheduler runs the engine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Schedule {
+    /// One mixed batch per iteration on every SM ([`ChunkedScheduler`]).
+    #[default]
+    Chunked,
+    /// Prefill and decode in two lanes at once, on disjoint SMs ([`NexusScheduler`]).
+    Nexus(NexusConfig),
+}
+
+/// Sizes of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Blocks in the KV cache (per layer).
+    pub num_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Limits of each iteration.
+    pub scheduler: SchedulerConfig,
+    /// The most tokens (prompt and output) of one request, below the model's context (vLLM's
+    /// `max_model_len`); `None`: the model's context. Decode graphs are recorded for it.
+    pub max_model_len: Option<usize>,
+    /// Which scheduler runs the lanes.
+    pub schedule: Schedule,
+}
+
+/// One iteration of one lane, as a timeline records it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Iteration {
+    pub lane: Lane,
+    pub kind: StepKind,
+    /// Its CTA budget, in SMs.
+    pub budget: u32,
+    /// Sequences it advanced, and their new tokens (query rows).
+    pub seqs: usize,
+    pub tokens: usize,
+    /// When it was launched and when the engine saw it done, since [`Engine::epoch`].
+    pub start: Duration,
+    pub end: Duration,
+    /// CPU time the engine thread spent on it: its share of planning, building and launching
+    /// the step, and reading and sampling its results.
+    pub host: Duration,
+}
+
+struct Sequence {
+    /// Prompt, then generated tokens.
+    tokens: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    computed: usize,
+    generated: usize,
+    options: RequestOptions,
+    sampler: Sampler,
+    /// In a lane's iteration in flight.
+    in_flight: bool,
+    /// Aborted while in flight: dropped (and its blocks freed) when its iteration is done.
+    aborted: bool,
+}
+
+/// An iteration in flight.
+struct InFlight<B: Backend> {
+    kind: StepKind,
+    budget: u32,
+    scheduled: Vec<Scheduled>,
+    /// The sequences whose logits come back, in row order.
+    sampled: Vec<RequestId>,
+    pending: B::Pending,
+    start: Instant,
+    host: Duration,
+}
+
+/// A lane of the engine: a backend phase and the iteration it runs.
+struct LaneSlot<B: Backend> {
+    lane: Lane,
+    phase: B::Phase,
+    in_flight: Option<InFlight<B>>,
+    /// The budget of its latest iteration.
+    budget: u32,
+}
+
+/// The scheduler of `schedule`, for a device of `sm_count` SMs.
+fn scheduler(limits: SchedulerConfig, schedule: Schedule, sm_count: u32) -> Result<Box<dyn Scheduler>> {
+    Ok(match schedule {
+        Schedule::Chunked => Box::new(ChunkedScheduler::new(limits)?),
+        Schedule::Nexus(split) => Box::new(NexusScheduler::new(limits, split, sm_count)?),
+    })
+}
+
+/// `scheduler`'s lanes, each with a backend phase warmed up at every budget it may get
+/// ([`LlamaModel::warm_up`]: the decode steps recorded for every batch size up to
+/// `max_num_seqs`, the prefill kernels loaded).
+fn lanes<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    cache: &mut KvCache<B>,
+    scheduler: &dyn Scheduler,
+) -> Result<Vec<LaneSlot<B>>> {
+    let sm_count = backend.sm_count();
+    let mut lanes = Vec::new();
+    for &lane in scheduler.lanes() {
+        let mut phase = backend.new_phase()?;
+        let kind = if lane == Lane::Prefill { StepKind::Prefill } else { StepKind::Decode };
+        let budgets = scheduler.budgets(lane, sm_count);
+        model.warm_up(backend, &mut phase, cache, kind, scheduler.config().max_num_seqs, &budgets)?;
+        // One lane's warm-up at a time: each may use every SM.
+        backend.synchronize()?;
+        lanes.push(LaneSlot { lane, phase, in_flight: None, budget: sm_count });
+    }
+    Ok(lanes)
+}
+
+/// Continuous batching over one model (see the module documentation).
+pub struct Engine<B: Backend> {
+    backend: B,
+    model: LlamaModel<B>,
+    cache: KvCache<B>,
+    blocks: BlockManager,
+    scheduler: Box<dyn Scheduler>,
+    lanes: Vec<LaneSlot<B>>,
+    eos_token_ids: Vec<u32>,
+    seqs: HashMap<RequestId, Sequence>,
+    /// Sequences holding blocks, oldest first.
+    running: Vec<RequestId>,
+    /// Sequences without blocks, in admission order.
+    waiting: VecDeque<RequestId>,
+    preemptions: u64,
+    epoch: Instant,
+    /// Iterations done since the timeline was last taken, when one is kept.
+    timeline: Option<Vec<Iteration>>,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("scheduler", &self.scheduler)
+            .field("running", &self.running.len())
+            .field("waiting", &self.waiting.len())
+            .field("free_blocks", &self.blocks.num_free_blocks())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// An engine over `model`, whose KV cache it allocates on `backend`; `eos_token_ids` end a
+    /// request unless it ignores them. Each of the schedule's lanes gets a backend phase, warmed
+    /// up here at every budget it may get (decode steps recorded for every batch size up to
+    /// `max_num_seqs`, prefill kernels loaded), so that no request waits for that.
+    pub fn new(backend: B, model: LlamaModel<B>, eos_token_ids: Vec<u32>, config: EngineConfig) -> Result<Self> {
+        let scheduler = scheduler(config.scheduler, config.schedule, backend.sm_count())?;
+        let blocks = BlockManager::new(config.num_blocks, config.block_size)?;
+        // Checked before the cache takes its memory.
+        let context = model.config().max_position_embeddings;
+        if let Some(len) = config.max_model_len.filter(|&len| len == 0 || len > context) {
+            return Err(Error::invalid(format!("max_model_len {len} must be in 1..={context} (the model's context)")));
+        }
+        let mut cache = model.alloc_kv_cache(&backend, config.num_blocks, config.block_size)?;
+        if let Some(len) = config.max_model_len {
+            cache.limit_seq_len(len);
+        }
+        backend.synchronize()?;
+        let lanes = lanes(&backend, &model, &mut cache, scheduler.as_ref())?;
+        Ok(Engine {
+            backend,
+            model,
+            cache,
+            blocks,
+            scheduler,
+            lanes,
+            eos_token_ids,
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            preemptions: 0,
+            epoch: Instant::now(),
+            timeline: None,
+        })
+    }
+
+    /// Runs the engine with another schedule from now on (same limits), making and warming up
+    /// its lanes: only while no request is queued or running, so that `nexus bench` can compare
+    /// schedules on one engine.
+    pub fn set_schedule(&mut self, schedule: Schedule) -> Result<()> {
+        if self.has_unfinished() {
+            return Err(Error::invalid("the schedule changes only while no request is queued or running"));
+        }
+        let scheduler = scheduler(self.scheduler.config(), schedule, self.backend.sm_count())?;
+        // The old lanes' phases (and their recordings) go first, so that both sets never hold
+        // memory at once.
+        self.lanes.clear();
+        self.lanes = lanes(&self.backend, &self.model, &mut self.cache, scheduler.as_ref())?;
+        self.scheduler = scheduler;
+        Ok(())
+    }
+
+    /// The most tokens (prompt plus output) one request may have: the model's context (or
+    /// `max_model_len`), and what the whole cache holds.
+    pub fn max_request_tokens(&self) -> usize {
+        self.cache.max_seq_len(self.model.config()).min(self.blocks.num_blocks() * self.blocks.block_size())
+    }
+
+    /// Queues a request. Fails (and queues nothing) on an empty prompt, a token outside the
+    /// vocabulary, bad sampling parameters, a request that could never fit (prompt plus
+    /// `max_tokens` beyond [`Engine::max_request_tokens`]) or an id already in use.
+    pub fn add_request(&mut self, id: RequestId, prompt: Vec<u32>, options: RequestOptions) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(Error::invalid(format!("request {id} already exists")));
+        }
+        if prompt.is_empty() {
+            return Err(Error::invalid("the prompt is empty"));
+        }
+        if options.logprobs.is_some_and(|n| n > MAX_LOGPROBS) {
+            return Err(Error::invalid(format!("logprobs: at most {MAX_LOGPROBS} alternatives")));
+        }
+        if options.max_tokens == 0 {
+            return Err(Error::invalid("max_tokens must be at least 1"));
+        }
+        let vocab = self.model.config().vocab_size;
+        if let Some(&t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::invalid(format!("token id {t} is outside the vocabulary of {vocab}")));
+        }
+        let limit = self.max_request_tokens();
+        if prompt.len() + options.max_tokens > limit {
+            return Err(Error::invalid(format!(
+                "the prompt has {} tokens and asks for {} more; at most {limit} fit",
+                prompt.len(),
+                options.max_tokens
+            )));
+        }
+        let sampler = Sampler::new(options.sampling.clone(), &prompt)?;
+        let seq =
+            Sequence { tokens: prompt, computed: 0, generated: 0, options, sampler, in_flight: false, aborted: false };
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Drops request `id` (a client went away): it produces no more events, and its blocks are
+    /// freed at once, or when its iteration in flight is done. Returns whether it existed.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        match self.seqs.get_mut(&id) {
+            None => false,
+            Some(seq) if seq.aborted => false,
+            Some(seq) if seq.in_flight => {
+                seq.aborted = true;
+                true
+            }
+            Some(_) => {
+                self.drop_sequence(id);
+                true
+            }
+        }
+    }
+
+    /// Forgets sequence `id` and frees its blocks.
+    fn drop_sequence(&mut self, id: RequestId) {
+        self.seqs.remove(&id);
+        self.blocks.free(id);
+        self.running.retain(|&r| r != id);
+        self.waiting.retain(|&r| r != id);
+    }
+
+    /// Whether any request is queued or running (or an iteration in flight still holds an
+    /// aborted one's blocks).
+    pub fn has_unfinished(&self) -> bool {
+        !self.seqs.is_empty()
+    }
+
+    /// Requests holding KV blocks.
+    pub fn num_running(&self) -> usize {
+        self.running.iter().filter(|id| !self.seqs[*id].aborted).count()
+    }
+
+    /// Requests waiting for admission.
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// The fraction of KV blocks in use.
+    pub fn kv_usage(&self) -> f64 {
+        self.blocks.usage()
+    }
+
+    /// How many times a sequence was preempted so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// The model.
+    pub fn model(&self) -> &LlamaModel<B> {
+        &self.model
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The scheduler's lanes, with the budget of each one's iteration in flight (or of its
+    /// latest one), in SMs.
+    pub fn lane_budgets(&self) -> Vec<(Lane, u32)> {
+        self.lanes.iter().map(|l| (l.lane, l.in_flight.as_ref().map_or(l.budget, |f| f.budget))).collect()
+    }
+
+    /// When the engine started: the origin of its [`Iteration`] times.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
+    /// Starts (or stops and drops) keeping a timeline of the iterations ([`Engine::take_timeline`]).
+    pub fn keep_timeline(&mut self, keep: bool) {
+        self.timeline = keep.then(Vec::new);
+    }
+
+    /// The iterations done since the timeline was last taken (none if it is not kept).
+    pub fn take_timeline(&mut self) -> Vec<Iteration> {
+        self.timeline.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Launches what the scheduler plans for the idle lanes, waits until the first iteration in
+    /// flight is done, and returns its events: empty when nothing can run. An error fails the
+    /// sequences of the iteration it came from (they are dropped, their blocks freed); the others
+    /// go on.
+    pub fn step(&mut self) -> Result<Vec<EngineEvent>> {
+        self.launch()?;
+        match self.wait_for_a_lane()? {
+            Some(lane) => self.complete(lane),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Plans and launches iterations on the idle lanes.
+    fn launch(&mut self) -> Result<()> {
+        let planning = Instant::now();
+        let state = |id: &RequestId| {
+            let s = &self.seqs[id];
+            SeqState { id: *id, uncached: s.tokens.len() - s.computed }
+        };
+        let idle: Vec<SeqState> = self.running.iter().filter(|id| !self.seqs[*id].in_flight).map(state).collect();
+        let waiting: Vec<SeqState> = self.waiting.iter().map(state).collect();
+        let busy: Vec<Option<u32>> = self.lanes.iter().map(|l| l.in_flight.as_ref().map(|f| f.budget)).collect();
+        let view = SchedulerView {
+            idle: &idle,
+            waiting: &waiting,
+            num_running: self.running.len(),
+            blocks: &self.blocks,
+            sm_count: self.backend.sm_count(),
+            busy: &busy,
+        };
+        let plan = self.scheduler.plan(&view);
+
+        // Preempted sequences go back to the front of the queue, oldest first.
+        for &id in plan.preempted.iter().rev() {
+            self.blocks.free(id);
+            self.running.retain(|&r| r != id);
+            if let Some(s) = self.seqs.get_mut(&id) {
+                s.computed = 0;
+            }
+            self.waiting.push_front(id);
+            self.preemptions += 1;
+        }
+        // `admitted` counts from the front of the queue as the scheduler saw it.
+        for _ in 0..plan.admitted {
+            if let Some(id) = self.waiting.pop_front() {
+                self.running.push(id);
+            }
+        }
+        let planning = planning.elapsed() / plan.lanes.len().max(1) as u32;
+        for lane_plan in plan.lanes {
+            self.launch_lane(lane_plan, planning)?;
+        }
+        Ok(())
+    }
+
+    /// Builds `plan`'s step, runs the model on it in its lane's phase and starts reading its
+    /// logits back.
+    fn launch_lane(&mut self, plan: LanePlan, planning: Duration) -> Result<()> {
+        let launching = Instant::now();
+        let sm_count = self.backend.sm_count();
+        let in_flight: u32 = self.lanes.iter().filter_map(|l| l.in_flight.as_ref().map(|f| f.budget)).sum();
+        let Some(index) = self.lanes.iter().position(|l| l.lane == plan.lane && l.in_flight.is_none()) else {
+            return Err(Error::invalid(format!("the scheduler planned for lane {}, which is busy", plan.lane.name())));
+        };
+        if plan.budget == 0 || in_flight + plan.budget > sm_count {
+            return Err(Error::invalid(format!(
+                "the scheduler gave {} SMs to lane {} with {in_flight} of {sm_count} in flight",
+                plan.budget,
+                plan.lane.name()
+            )));
+        }
+        let chunks: Vec<SeqChunk<'_>> = plan
+            .scheduled
+            .iter()
+            .map(|s| {
+                let seq = &self.seqs[&s.id];
+                let end = seq.computed + s.tokens;
+                SeqChunk { seq: s.id, tokens: &seq.tokens[seq.computed..end], wants_logits: end == seq.tokens.len() }
+            })
+            .collect();
+        let sampled: Vec<RequestId> = chunks.iter().filter(|c| c.wants_logits).map(|c| c.seq).collect();
+        let input = build_step(&mut self.blocks, &chunks, plan.kind)?;
+        for s in &plan.scheduled {
+            if let Some(seq) = self.seqs.get_mut(&s.id) {
+                seq.in_flight = true;
+            }
+        }
+        // The device picks the argmax unless some sequence needs its logits (drawing, penalties,
+        // log-probabilities).
+        let needs_logits = sampled.iter().any(|id| {
+            let seq = &self.seqs[id];
+            seq.sampler.needs_logits() || seq.options.logprobs.is_some()
+        });
+        let how = if needs_logits { LogitsReadback::Full } else { LogitsReadback::Argmax };
+        let slot = &mut self.lanes[index];
+        let launched = self.backend.set_budget(&mut slot.phase, plan.budget).and_then(|()| {
+            let logits = self.model.forward(&self.backend, &slot.phase, &mut self.cache, &input)?;
+            self.backend.read_logits(&slot.phase, logits, how)
+        });
+        match launched {
+            Ok(pending) => {
+                slot.budget = plan.budget;
+                slot.in_flight = Some(InFlight {
+                    kind: plan.kind,
+                    budget: plan.budget,
+                    scheduled: plan.scheduled,
+                    sampled,
+                    pending,
+                    start: launching,
+                    host: planning + launching.elapsed(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&plan.scheduled);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits until an iteration in flight is done, the earliest launched first; returns its lane,
+    /// or `None` when no iteration is in flight.
+    fn wait_for_a_lane(&mut self) -> Result<Option<usize>> {
+        let mut order: Vec<(Instant, usize)> =
+            self.lanes.iter().enumerate().filter_map(|(i, l)| l.in_flight.as_ref().map(|f| (f.start, i))).collect();
+        if order.is_empty() {
+            return Ok(None);
+        }
+        order.sort();
+        loop {
+            for &(_, i) in &order {
+                let ready = self.lanes[i].in_flight.as_ref().map(|f| self.backend.is_ready(&f.pending));
+                match ready {
+                    Some(Ok(true)) => return Ok(Some(i)),
+                    Some(Err(e)) => {
+                        let scheduled = self.lanes[i].in_flight.take().map(|f| f.scheduled).unwrap_or_default();
+                        self.fail(&scheduled);
+                        return Err(e);
+                    }
+                    _ => {}
+                }
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Reads the logits of lane `index`'s iteration (which is done), samples, and reports.
+    fn complete(&mut self, index: usize) -> Result<Vec<EngineEvent>> {
+        let seen = Instant::now();
+        let slot = &mut self.lanes[index];
+        let Some(flight) = slot.in_flight.take() else { return Ok(Vec::new()) };
+        let logits = match self.backend.take_logits(&slot.phase, flight.pending) {
+            Ok(logits) => logits,
+            Err(e) => {
+                self.fail(&flight.scheduled);
+                return Err(e);
+            }
+        };
+        for s in &flight.scheduled {
+            let Some(seq) = self.seqs.get_mut(&s.id) else { continue };
+            seq.in_flight = false;
+            seq.computed += s.tokens;
+            if seq.aborted {
+                self.drop_sequence(s.id);
+            }
+        }
+        let mut events = Vec::with_capacity(2 * flight.sampled.len());
+        for (row, &id) in flight.sampled.iter().enumerate() {
+            let Some(seq) = self.seqs.get_mut(&id) else { continue };
+            let (token, logprobs) = match &logits {
+                HostLogits::Argmax(ids) => (ids[row], None),
+                HostLogits::Full(host) => {
+                    let vocab = host.shape[1];
+                    let logits = &host.data[row * vocab..][..vocab];
+                    let token = seq.sampler.sample(logits)?;
+                    (token, seq.options.logprobs.map(|top| Box::new(token_logprobs(logits, token, top))))
+                }
+            };
+            seq.tokens.push(token);
+            seq.generated += 1;
+            events.push(EngineEvent::Token { id, token, logprobs });
+            let stop = seq.generated >= seq.options.min_tokens
+                && ((!seq.options.ignore_eos && self.eos_token_ids.contains(&token))
+                    || seq.options.stop_token_ids.contains(&token));
+            let reason = if stop {
+                Some(FinishReason::Stop)
+            } else if seq.generated >= seq.options.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.drop_sequence(id);
+                events.push(EngineEvent::Finished { id, reason });
+            }
+        }
+        if let Some(timeline) = &mut self.timeline {
+            timeline.push(Iteration {
+                lane: self.lanes[index].lane,
+                kind: flight.kind,
+                budget: flight.budget,
+                seqs: flight.scheduled.len(),
+                tokens: flight.scheduled.iter().map(|s| s.tokens).sum(),
+                start: flight.start - self.epoch,
+                end: seen - self.epoch,
+                host: flight.host + seen.elapsed(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// Drops the sequences of an iteration that failed, once the device is done with whatever
+    /// part of it was launched.
+    fn fail(&mut self, scheduled: &[Scheduled]) {
+        // Best effort: the device may be in error, and the blocks are freed either way.
+        let _ = self.backend.synchronize();
+        for s in scheduled {
+            self.drop_sequence(s.id);
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The Nexus scheduler: prefill and decode in two lanes at once, on disjoint SMs.
+
+use super::{
+    Lane, LanePlan, Plan, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
+    schedule_prompts,
+};
+use crate::model::backend::StepKind;
+use crate::{Error, Result};
+
+/// How the Nexus scheduler splits the SMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NexusConfig {
+    /// SMs of the prefill lane while both lanes have work; the decode lane gets the rest. A lane
+    /// with no work gives all of its SMs to the other.
+    pub prefill_sms: u32,
+}
+
+/// Two lanes at once (see the module documentation), split by a fixed policy: while both have
+/// work, prefill iterations run on [`NexusConfig::prefill_sms`] SMs and decode iterations on the
+/// rest; a lane with no work leaves every SM to the other. A lane starting an iteration never
+/// gets more than what the other lane's iteration in flight leaves, so the split is real: it
+/// waits instead. The decode lane runs every idle decoding sequence, oldest first (preempting
+/// the newest idle sequences when blocks run out); the prefill lane runs the chunks of prompts
+/// already started, then admits new ones first come first served.
+#[derive(Clone, Debug)]
+pub struct NexusScheduler {
+    config: SchedulerConfig,
+    split: NexusConfig,
+}
+
+impl NexusScheduler {
+    /// A scheduler with these limits and split, for a device of `sm_count` SMs: the prefill
+    /// share must leave the decode lane at least one SM.
+    pub fn new(config: SchedulerConfig, split: NexusConfig, sm_count: u32) -> Result<Self> {
+        config.validate()?;
+        if split.prefill_sms == 0 || split.prefill_sms >= sm_count {
+            return Err(Error::invalid(format!(
+                "prefill SMs must be between 1 and {} (the device has {sm_count}; decode gets the rest), not {}",
+                sm_count.saturating_sub(1),
+                split.prefill_sms
+            )));
+        }
+        Ok(NexusScheduler { config, split })
+    }
+}
+
+impl Scheduler for NexusScheduler {
+    fn lanes(&self) -> &'static [Lane] {
+        &[Lane::Decode, Lane::Prefill]
+    }
+
+    fn budgets(&self, lane: Lane, sm_count: u32) -> Vec<u32> {
+        let shared = match lane {
+            Lane::Prefill => self.split.prefill_sms,
+            _ => sm_count - self.split.prefill_sms,
+        };
+        vec![shared, sm_count]
+    }
+
+    fn config(&self) -> SchedulerConfig {
+        self.config
+    }
+
+    fn plan(&mut self, view: &SchedulerView<'_>) -> Plan {
+        let lanes = self.lanes();
+        let sms = view.sm_count;
+        let decode_busy = view.lane_busy(lanes, Lane::Decode);
+        let prefill_busy = view.lane_busy(lanes, Lane::Prefill);
+        let blocks = view.blocks;
+        let mut plan = Plan::default();
+        let mut free = blocks.num_free_blocks();
+        let mut alive = view.idle.to_vec();
+        // A lane plans only if the other's iteration in flight leaves it SMs.
+        let mut decodes = Vec::new();
+        if decode_busy.is_none() && prefill_busy.is_none_or(|b| b < sms) {
+            let mut budget = self.config.max_num_batched_tokens;
+            decodes = schedule_decodes(&mut alive, &mut budget, &mut free, blocks, &mut plan.preempted);
+        }
+        let decode_active = decode_busy.is_some() || !decodes.is_empty();
+        // What the decode lane takes now, or has in flight.
+        let decode_sms = |prefill_active: bool| {
+            let wanted = if prefill_active { sms - self.split.prefill_sms } else { sms };
+            wanted.min(sms - prefill_busy.unwrap_or(0))
+        };
+        let mut prompts = Vec::new();
+        if prefill_busy.is_none() {
+            let decode_taken = match decode_busy {
+                Some(b) => b,
+                None if decode_active => decode_sms(true),
+                None => 0,
+            };
+            if decode_taken < sms {
+                loop {
+                    let mut budget = self.config.max_num_batched_tokens;
+                    let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
+                    let admit = plan.preempted.is_empty();
+                    let (scheduled, admitted) =
+                        schedule_prompts(&alive, view.waiting, room, admit, &mut budget, &mut free, blocks);
+                    if !scheduled.is_empty() {
+                        prompts = scheduled;
+                        plan.admitted = admitted;
+                        break;
+                    }
+                    if decode_active || !preempt_if_stuck(&mut alive, &mut free, blocks, &mut plan.preempted) {
+                        break;
+                    }
+                }
+            }
+        }
+        let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
+        if !decodes.is_empty() {
+            let budget = decode_sms(prefill_active);
+            plan.lanes.push(LanePlan { lane: Lane::Decode, kind: StepKind::Decode, budget, scheduled: decodes });
+        }
+        if !prompts.is_empty() {
+            let taken = decode_busy.or(plan.lanes.first().map(|l| l.budget)).unwrap_or(0);
+            let wanted = if decode_active { self.split.prefill_sms } else { sms };
+            let budget = wanted.min(sms - taken);
+            plan.lanes.push(LanePlan { lane: Lane::Prefill, kind: StepKind::Prefill, budget, scheduled: prompts });
+        }
+        plan
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::kv_cache::{BlockManager, SeqId};
+    use crate::engine::scheduler::{Scheduled, SeqState};
+
+    fn s(id: SeqId, uncached: usize) -> SeqState {
+        SeqState { id, uncached }
+    }
+
+    fn nexus(prefill_sms: u32) -> NexusScheduler {
+        NexusScheduler::new(SchedulerConfig::default(), NexusConfig { prefill_sms }, 132).unwrap()
+    }
+
+    fn budgets(plan: &Plan) -> Vec<(Lane, u32)> {
+        plan.lanes.iter().map(|l| (l.lane, l.budget)).collect()
+    }
+
+    #[test]
+    fn both_lanes_split_the_sms_and_a_lane_alone_takes_them_all() {
+        let mut blocks = BlockManager::new(100, 4).unwrap();
+        blocks.append(1, 7).unwrap(); // decoding
+        blocks.append(2, 4).unwrap(); // a prompt half done
+        let sched = nexus(64);
+        let view = |idle: &[SeqState], waiting: &[SeqState], busy: &[Option<u32>]| {
+            let view = SchedulerView { idle, waiting, num_running: 2, blocks: &blocks, sm_count: 132, busy };
+            sched.clone().plan(&view)
+        };
+        let both = view(&[s(1, 1), s(2, 16)], &[s(3, 5)], &[None, None]);
+        assert_eq!(budgets(&both), vec![(Lane::Decode, 68), (Lane::Prefill, 64)]);
+        assert_eq!(both.lanes[0].scheduled, vec![Scheduled { id: 1, tokens: 1 }]);
+        assert_eq!(both.lanes[1].scheduled, vec![Scheduled { id: 2, tokens: 16 }, Scheduled { id: 3, tokens: 5 }]);
+        assert_eq!((both.lanes[0].kind, both.lanes[1].kind, both.admitted), (StepKind::Decode, StepKind::Prefill, 1));
+        // Decode alone, prefill alone: all SMs.
+        assert_eq!(budgets(&view(&[s(1, 1)], &[], &[None, None])), vec![(Lane::Decode, 132)]);
+        assert_eq!(budgets(&view(&[s(2, 16)], &[], &[None, None])), vec![(Lane::Prefill, 132)]);
+        // With the other lane in flight: what it leaves, and the split while both have work.
+        assert_eq!(budgets(&view(&[s(1, 1)], &[], &[None, Some(64)])), vec![(Lane::Decode, 68)]);
+        assert_eq!(budgets(&view(&[s(2, 16)], &[], &[Some(68), None])), vec![(Lane::Prefill, 64)]);
+        // A lane that had every SM to itself makes the other wait.
+        assert_eq!(view(&[s(2, 16)], &[], &[Some(132), None]), Plan::default());
+        assert_eq!(view(&[s(1, 1)], &[], &[None, Some(132)]), Plan::default());
+        // A decode lane in flight at its share while prefill has nothing left: prefill waits for
+        // nothing and decode's next iteration (planned later) takes every SM.
+        assert_eq!(view(&[], &[], &[Some(68), None]), Plan::default());
+    }
+
+    #[test]
+    fn the_split_leaves_each_lane_an_sm() {
+        for bad in [0, 132, 200] {
+            assert!(NexusScheduler::new(SchedulerConfig::default(), NexusConfig { prefill_sms: bad }, 132).is_err());
+        }
+        assert_eq!(nexus(32).budgets(Lane::Decode, 132), vec![100, 132]);
+        assert_eq!(nexus(32).budgets(Lane::Prefill, 132), vec![32, 132]);
+    }
+
+    #[test]
+    fn decodes_preempt_idle_prompts_and_stuck_prompts_give_way() {
+        let mut blocks = BlockManager::new(3, 4).unwrap();
+        blocks.append(1, 4).unwrap(); // decoding, its block full
+        blocks.append(2, 8).unwrap(); // prompt of 20, 2 blocks
+        let mut sched = nexus(64);
+        let view = SchedulerView {
+            idle: &[s(1, 1), s(2, 12)],
+            waiting: &[s(3, 4)],
+            num_running: 2,
+            blocks: &blocks,
+            sm_count: 132,
+            busy: &[None, None],
+        };
+        let plan = sched.plan(&view);
+        assert_eq!(plan.preempted, vec![2], "the newest idle sequence gives its blocks to the decode");
+        assert_eq!(budgets(&plan), vec![(Lane::Decode, 132)]);
+        assert_eq!(plan.admitted, 0, "nothing is admitted after a preemption");
+        // Two prompts stuck on a full cache with no decode: the newer gives way.
+        let mut blocks = BlockManager::new(4, 4).unwrap();
+        blocks.append(1, 8).unwrap();
+        blocks.append(2, 8).unwrap();
+        let view = SchedulerView {
+            idle: &[s(1, 12), s(2, 12)],
+            waiting: &[],
+            num_running: 2,
+            blocks: &blocks,
+            sm_count: 132,
+            busy: &[None, None],
+        };
+        let plan = sched.plan(&view);
+        assert_eq!(plan.preempted, vec![2]);
+        assert_eq!(plan.lanes[0].scheduled, vec![Scheduled { id: 1, tokens: 8 }]);
+    }
+}

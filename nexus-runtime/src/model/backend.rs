@@ -1,0 +1,274 @@
+//! The operations a model's forward pass needs, behind one trait.
+//!
+//! The model is written once over [`Backend`]. A backend owns what both phases share (weights
+//! and KV pools); a [`Backend::Phase`] is one lane of execution — on the GPU a stream, a CTA
+//! budget and the lane's own scratch, workspaces and recorded steps — and every operation runs
+//! in the phase it is given, so two forward passes can be in flight at once, one per phase. A
+//! step's host-side inputs become what the backend needs once per step ([`Backend::prepare`]),
+//! so that per-layer calls carry no host data, and its logits come back to the host without
+//! blocking the caller ([`Backend::read_logits`], [`Backend::is_ready`],
+//! [`Backend::take_logits`]).
+
+use nexus_kernels::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig};
+
+use crate::weights::gguf::HostTensor;
+use crate::{Error, Result};
+
+/// What a step computes, as the scheduler decided it: the backend picks its kernels (and
+/// whether a recording can be replayed) from this, never from the step's shape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StepKind {
+    /// One new token of each sequence, every row's logits: decode attention, and replays of
+    /// recorded steps where the backend has them.
+    Decode,
+    /// Prompt chunks, possibly with single-token rows of sequences that decode (the chunked
+    /// scheduler's mixed batches): every row goes through the prefill attention kernel.
+    #[default]
+    Prefill,
+}
+
+/// The host-side description of one forward step over a batch of sequences.
+///
+/// Sequence `i` contributes query rows `q_indptr[i]..q_indptr[i + 1]` (its new tokens) and has
+/// `kv_lens[i]` tokens in the cache once they are written. `slots[t]` is where row `t`'s keys and
+/// values go. Logits are computed only for `logit_rows`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepInput {
+    pub kind: StepKind,
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slots: Vec<u32>,
+    pub q_indptr: Vec<u32>,
+    pub kv_lens: Vec<u32>,
+    pub block_tables: Vec<i32>,
+    pub max_blocks_per_seq: usize,
+    pub logit_rows: Vec<u32>,
+}
+
+impl StepInput {
+    /// The number of query rows (new tokens).
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The attention batch these inputs describe.
+    pub fn attention_batch(&self) -> AttentionBatch<'_> {
+        AttentionBatch {
+            q_indptr: &self.q_indptr,
+            kv_lens: &self.kv_lens,
+            block_tables: &self.block_tables,
+            max_blocks_per_seq: self.max_blocks_per_seq,
+        }
+    }
+
+    /// This decode step of `n` sequences as one of `batch >= n` with block tables `width` wide
+    /// (at least this step's): the padding sequences hold one token at the start of the scope's
+    /// padding block, where they write. Backends that record steps replay one recording for
+    /// every batch up to its size this way; an empty step gives a batch of padding only.
+    pub fn padded_decode(&self, batch: usize, width: usize, scope: StepScope) -> StepInput {
+        let n = self.kv_lens.len();
+        let mut block_tables = vec![scope.padding_block as i32; batch * width];
+        for (i, row) in self.block_tables.chunks(self.max_blocks_per_seq.max(1)).take(n).enumerate() {
+            block_tables[i * width..][..row.len()].copy_from_slice(row);
+        }
+        let pad = batch - n;
+        let extend =
+            |v: &[u32], value: u32| v.iter().copied().chain(std::iter::repeat_n(value, pad)).collect::<Vec<u32>>();
+        StepInput {
+            kind: StepKind::Decode,
+            tokens: extend(&self.tokens, 0),
+            positions: extend(&self.positions, 0),
+            slots: extend(&self.slots, scope.padding_block * scope.block_size as u32),
+            q_indptr: (0..=batch as u32).collect(),
+            kv_lens: extend(&self.kv_lens, 1),
+            block_tables,
+            max_blocks_per_seq: width,
+            logit_rows: (0..batch as u32).collect(),
+        }
+    }
+
+    /// Checks internal consistency (lengths agree, rows in range, and a decode step is one token
+    /// of each sequence with every row's logits, in order).
+    pub fn validate(&self) -> Result<()> {
+        let n = self.tokens.len();
+        if self.positions.len() != n || self.slots.len() != n {
+            return Err(Error::invalid("step input: tokens, positions and slots differ in length"));
+        }
+        if self.q_indptr.len() != self.kv_lens.len() + 1 || self.q_indptr.last().map(|&x| x as usize) != Some(n) {
+            return Err(Error::invalid("step input: q_indptr does not cover the tokens"));
+        }
+        if let Some(&r) = self.logit_rows.iter().find(|&&r| r as usize >= n) {
+            return Err(Error::invalid(format!("step input: logit row {r} of {n}")));
+        }
+        let one_row_each = self.kv_lens.len() == n && self.logit_rows.iter().enumerate().all(|(i, &r)| r as usize == i);
+        if self.kind == StepKind::Decode && !(one_row_each && self.logit_rows.len() == n) {
+            return Err(Error::invalid(
+                "step input: a decode step must be one token of each sequence, all with logits",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// What a forward step runs over besides its inputs, for backends that record steps and replay
+/// them ([`Backend::run_step`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepScope {
+    /// Identifies the model and KV cache the step reads and writes; a recording is replayed only
+    /// over the same ones.
+    pub cache_id: u64,
+    /// The widest block table a sequence of the model can need.
+    pub max_blocks_per_seq: usize,
+    /// A cache block no sequence owns, where padding rows may write.
+    pub padding_block: u32,
+    /// Tokens per cache block.
+    pub block_size: usize,
+}
+
+/// How a step's logits come back to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsReadback {
+    /// The index of each row's largest logit, picked on the device (greedy sampling).
+    Argmax,
+    /// Every logit (for sampling, penalties and log-probabilities on the host).
+    Full,
+}
+
+/// Logits on the host, as [`LogitsReadback`] asked.
+#[derive(Clone, Debug, PartialEq)]
+pub enum HostLogits {
+    /// The largest logit's index of each row.
+    Argmax(Vec<u32>),
+    /// `[rows, vocab]`.
+    Full(HostTensor),
+}
+
+/// What a model needs from a device.
+pub trait Backend {
+    /// A stored weight.
+    type Weight;
+    /// An activation matrix `[rows, cols]`.
+    type Activation;
+    /// One layer's K and V pools.
+    type KvPool;
+    /// A step's inputs, in the backend's memory.
+    type Step;
+    /// One lane of execution with the state it owns (see the module documentation). A phase
+    /// runs one step at a time; two phases may each have one in flight.
+    type Phase;
+    /// A step's logits on their way to the host.
+    type Pending;
+
+    /// The number of SMs budgets are counted in: a phase's budget is between 1 and this.
+    fn sm_count(&self) -> u32;
+    /// A new phase with a budget of every SM.
+    fn new_phase(&self) -> Result<Self::Phase>;
+    /// Sets the CTA budget of `phase`'s next steps (1 ..= [`Backend::sm_count`]).
+    fn set_budget(&self, phase: &mut Self::Phase, sms: u32) -> Result<()>;
+    /// Waits until everything both kinds of work may have left running is done: after it, weights
+    /// and pools written by [`Backend::upload`], [`Backend::random_weight`] or
+    /// [`Backend::alloc_kv_pool`] are ready for every phase.
+    fn synchronize(&self) -> Result<()>;
+
+    /// Stores a weight.
+    fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
+    /// A weight of `shape` filled with `mean + spread · u`, `u` uniform in [-1, 1) from a hash of
+    /// `(seed, index)` ([`nexus_kernels::reference::fill_uniform`]), made where it will live.
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<Self::Weight>;
+    /// Allocates one layer's K and V pools.
+    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<Self::KvPool>;
+    /// Moves a step's inputs to the backend, in `phase`.
+    fn prepare(&self, phase: &Self::Phase, step: &StepInput) -> Result<Self::Step>;
+    /// The decode batch sizes this backend records steps of ([`Backend::run_step`]), ascending;
+    /// [`LlamaModel::warm_up`](crate::model::LlamaModel::warm_up) records them before serving.
+    /// None by default.
+    fn recorded_batch_sizes(&self) -> Vec<usize> {
+        Vec::new()
+    }
+    /// Runs a forward step in `phase`: `forward` over the prepared `step`, whose result is the
+    /// logits of the step's logit rows. A backend may instead replay a recording of an earlier
+    /// call of `forward` over the same `scope` and budget (the CUDA backend does for decode
+    /// steps): the result is then the same as calling it, and `forward` must depend on nothing
+    /// but the phase, the step and the scope.
+    fn run_step(
+        &self,
+        phase: &Self::Phase,
+        step: &StepInput,
+        scope: StepScope,
+        forward: &mut dyn FnMut(&Self::Step) -> Result<Self::Activation>,
+    ) -> Result<Self::Activation> {
+        let _ = scope;
+        forward(&self.prepare(phase, step)?)
+    }
+
+    /// Rows of `table` picked by the step's tokens.
+    fn embedding(&self, phase: &Self::Phase, table: &Self::Weight, step: &Self::Step) -> Result<Self::Activation>;
+    /// RMSNorm of each row.
+    fn rms_norm(
+        &self,
+        phase: &Self::Phase,
+        x: &Self::Activation,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation>;
+    /// `residual += x`, then the RMSNorm of `residual`.
+    fn fused_add_rms_norm(
+        &self,
+        phase: &Self::Phase,
+        x: &Self::Activation,
+        residual: &mut Self::Activation,
+        weight: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation>;
+    /// `x · weightᵀ (+ bias)`, for `step` (whose GEMM kernel choices a backend may keep).
+    fn linear(
+        &self,
+        phase: &Self::Phase,
+        step: &Self::Step,
+        x: &Self::Activation,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Activation>;
+    /// Rotates the Q and K heads of a fused QKV activation by the step's positions.
+    fn rope(
+        &self,
+        phase: &Self::Phase,
+        qkv: &mut Self::Activation,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        step: &Self::Step,
+    ) -> Result<()>;
+    /// Writes the step's keys and values into the pools, then attends. The pools are shared by
+    /// every phase: a step writes only its own sequences' slots, and reads only their blocks.
+    fn attention(
+        &self,
+        phase: &Self::Phase,
+        qkv: &Self::Activation,
+        layout: QkvLayout,
+        pool: &mut Self::KvPool,
+        step: &Self::Step,
+        scale: f32,
+    ) -> Result<Self::Activation>;
+    /// `silu(gate) * up` of a fused `[rows, 2 × width]` activation.
+    fn silu_and_mul(&self, phase: &Self::Phase, gate_up: &Self::Activation) -> Result<Self::Activation>;
+    /// The step's logit rows of `x`.
+    fn gather_logit_rows(
+        &self,
+        phase: &Self::Phase,
+        x: &Self::Activation,
+        step: &Self::Step,
+    ) -> Result<Self::Activation>;
+
+    /// Starts bringing `logits` (`[rows, vocab]`) to the host after the work `phase` has queued,
+    /// without waiting for it.
+    fn read_logits(&self, phase: &Self::Phase, logits: Self::Activation, how: LogitsReadback) -> Result<Self::Pending>;
+    /// Whether `pending`'s logits have arrived (the step that made them is done).
+    fn is_ready(&self, pending: &Self::Pending) -> Result<bool>;
+    /// The logits of `pending`, read in `phase`; waits for them if they are not ready.
+    fn take_logits(&self, phase: &Self::Phase, pending: Self::Pending) -> Result<HostLogits>;
+    /// [`Backend::read_logits`] and [`Backend::take_logits`] at once: waits for the step.
+    fn logits_to_host(&self, phase: &Self::Phase, logits: Self::Activation, how: LogitsReadback) -> Result<HostLogits> {
+        let pending = self.read_logits(phase, logits, how)?;
+        self.take_logits(phase, pending)
+    }
+}

@@ -1,0 +1,195 @@
+//! The CPU backend: f32 everywhere, on the kernels' plain-Rust references
+//! ([`nexus_kernels::reference`]).
+//!
+//! Its phases run one after the other: a step computes while it is launched, so its logits are
+//! ready at once. Budgets are bookkeeping only, counted out of [`CPU_SM_COUNT`] nominal SMs so
+//! that the schedulers' splits work (and are tested) the same way as on a GPU.
+
+use nexus_kernels::reference::{self, GemmShape};
+use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
+
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput};
+use crate::weights::gguf::HostTensor;
+use crate::{Error, Result};
+
+/// The nominal SM count of the CPU backend's budgets (an H100's or H200's).
+pub const CPU_SM_COUNT: u32 = 132;
+
+/// A `[rows, cols]` f32 matrix of the CPU backend.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+impl CpuMatrix {
+    fn zeros(rows: usize, cols: usize) -> Self {
+        CpuMatrix { rows, cols, data: vec![0.0; rows * cols] }
+    }
+}
+
+/// One layer's K and V pools on the CPU.
+#[derive(Clone, Debug)]
+pub struct CpuKvPool {
+    pub layout: PagedKvLayout,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// A phase of the CPU backend: only its budget, which changes nothing of how it computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuPhase {
+    pub budget: u32,
+}
+
+/// The CPU backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Weight = HostTensor;
+    type Activation = CpuMatrix;
+    type KvPool = CpuKvPool;
+    type Step = StepInput;
+    type Phase = CpuPhase;
+    type Pending = HostLogits;
+
+    fn sm_count(&self) -> u32 {
+        CPU_SM_COUNT
+    }
+
+    fn new_phase(&self) -> Result<CpuPhase> {
+        Ok(CpuPhase { budget: CPU_SM_COUNT })
+    }
+
+    fn set_budget(&self, phase: &mut CpuPhase, sms: u32) -> Result<()> {
+        if sms == 0 || sms > CPU_SM_COUNT {
+            return Err(Error::invalid(format!("budget {sms} is not between 1 and the {CPU_SM_COUNT} SMs")));
+        }
+        phase.budget = sms;
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<HostTensor> {
+        Ok(tensor)
+    }
+
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<HostTensor> {
+        let mut data = vec![0.0; shape.iter().product()];
+        reference::fill_uniform(&mut data, seed, mean, spread);
+        Ok(HostTensor { shape, data })
+    }
+
+    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CpuKvPool> {
+        Ok(CpuKvPool { layout, k: vec![0.0; layout.pool_len()], v: vec![0.0; layout.pool_len()] })
+    }
+
+    fn prepare(&self, _: &CpuPhase, step: &StepInput) -> Result<StepInput> {
+        step.validate()?;
+        Ok(step.clone())
+    }
+
+    fn embedding(&self, _: &CpuPhase, table: &HostTensor, step: &StepInput) -> Result<CpuMatrix> {
+        let hidden = *table.shape.last().ok_or_else(|| Error::invalid("embedding table has no shape"))?;
+        let mut out = CpuMatrix::zeros(step.tokens.len(), hidden);
+        reference::embedding(&table.data, hidden, &step.tokens, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, _: &CpuPhase, x: &CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(x.rows, x.cols);
+        reference::rms_norm(&x.data, &weight.data, eps, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn fused_add_rms_norm(
+        &self,
+        _: &CpuPhase,
+        x: &CpuMatrix,
+        residual: &mut CpuMatrix,
+        weight: &HostTensor,
+        eps: f32,
+    ) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(x.rows, x.cols);
+        reference::fused_add_rms_norm(&x.data, &mut residual.data, &weight.data, eps, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn linear(
+        &self,
+        _: &CpuPhase,
+        _: &StepInput,
+        x: &CpuMatrix,
+        weight: &HostTensor,
+        bias: Option<&HostTensor>,
+    ) -> Result<CpuMatrix> {
+        let n = weight.shape.first().copied().unwrap_or(0);
+        let mut out = CpuMatrix::zeros(x.rows, n);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        reference::gemm(&x.data, &weight.data, bias.map(|b| b.data.as_slice()), &mut out.data, shape)?;
+        Ok(out)
+    }
+
+    fn rope(
+        &self,
+        _: &CpuPhase,
+        qkv: &mut CpuMatrix,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        step: &StepInput,
+    ) -> Result<()> {
+        Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
+    }
+
+    fn attention(
+        &self,
+        _: &CpuPhase,
+        qkv: &CpuMatrix,
+        layout: QkvLayout,
+        pool: &mut CpuKvPool,
+        step: &StepInput,
+        scale: f32,
+    ) -> Result<CpuMatrix> {
+        reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
+        let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
+        let batch = step.attention_batch();
+        reference::prefill_attention(&qkv.data, layout, &pool.k, &pool.v, pool.layout, batch, scale, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn silu_and_mul(&self, _: &CpuPhase, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(gate_up.rows, gate_up.cols / 2);
+        reference::silu_and_mul(&gate_up.data, gate_up.cols / 2, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn gather_logit_rows(&self, _: &CpuPhase, x: &CpuMatrix, step: &StepInput) -> Result<CpuMatrix> {
+        let mut out = CpuMatrix::zeros(step.logit_rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(&step.logit_rows) {
+            dst.copy_from_slice(&x.data[r as usize * x.cols..][..x.cols]);
+        }
+        Ok(out)
+    }
+
+    fn read_logits(&self, _: &CpuPhase, logits: CpuMatrix, how: LogitsReadback) -> Result<HostLogits> {
+        Ok(match how {
+            LogitsReadback::Argmax => HostLogits::Argmax(reference::argmax(&logits.data, logits.cols)?),
+            LogitsReadback::Full => {
+                HostLogits::Full(HostTensor { shape: vec![logits.rows, logits.cols], data: logits.data })
+            }
+        })
+    }
+
+    fn is_ready(&self, _: &HostLogits) -> Result<bool> {
+        Ok(true)
+    }
+
+    fn take_logits(&self, _: &CpuPhase, pending: HostLogits) -> Result<HostLogits> {
+        Ok(pending)
+    }
+}

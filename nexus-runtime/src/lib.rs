@@ -12,7 +12,7 @@
 //! - [`engine`]: continuous batching with preemption over a paged KV cache, driven by a
 //!   [`engine::scheduler::Scheduler`] — chunked prefill in one lane, or Nexus's prefill and
 //!   decode lanes at once — with sampling and text generation.
-//! - [`bench`]: serving workloads and their replay.
+//! - [`mod@bench`]: serving workloads and their replay.
 //!
 //! ```no_run
 //! use nexus_runtime::engine::generate::{GenerateOptions, generate_text};

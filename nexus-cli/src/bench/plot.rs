@@ -256,25 +256,104 @@ fn timeline_panel(svg: &mut String, top: f64, name: &str, rate: f64, report: &Re
         y_max: sms,
     };
     let panel = Panel::draw(svg, 0.0, top, WIDTH, TIMELINE_HEIGHT, &frame);
-    let mut lanes: Vec<Lane> = Vec::new();
-    for it in timeline {
-        if !lanes.contains(&it.lane) {
-            lanes.push(it.lane);
+    let mut lanes: Vec<Lane> = timeline.iter().map(|it| it.lane).collect();
+    lanes.sort();
+    lanes.dedup();
+    // Back-to-back iterations of a lane at one budget closer than half a pixel make one
+    // rectangle: at a GPU's pace thousands of them share a pixel, and drawn one by one their
+    // anti-aliased edges stripe the band.
+    let half_pixel_s = 0.5 * panel.x_max / panel.width;
+    let mut rects: Vec<(Lane, u32, f64, f64)> = Vec::new();
+    for &lane in &lanes {
+        let mut its: Vec<_> = timeline.iter().filter(|it| it.lane == lane).collect();
+        its.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+        for it in its {
+            match rects.last_mut() {
+                Some(last) if last.0 == lane && last.1 == it.budget && it.start_s - last.3 < half_pixel_s => {
+                    last.3 = last.3.max(it.end_s);
+                }
+                _ => rects.push((lane, it.budget, it.start_s.max(0.0), it.end_s)),
+            }
         }
+    }
+    for (lane, budget, start, end) in rects {
         // Prefill hangs from the top, every other lane stands on the bottom.
-        let budget = f64::from(it.budget).min(sms);
-        let (low, high) = if it.lane == Lane::Prefill { (sms - budget, sms) } else { (0.0, budget) };
+        let budget = f64::from(budget).min(sms);
+        let (low, high) = if lane == Lane::Prefill { (sms - budget, sms) } else { (0.0, budget) };
         let _ = writeln!(
             svg,
-            "<rect x=\"{:.2}\" y=\"{:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{}\" fill-opacity=\"0.7\"/>",
-            panel.px(it.start_s.max(0.0)),
+            "<rect x=\"{:.2}\" y=\"{:.1}\" width=\"{:.2}\" height=\"{:.1}\" fill=\"{}\"/>",
+            panel.px(start),
             panel.py(high),
-            (panel.px(it.end_s) - panel.px(it.start_s.max(0.0))).max(0.0),
+            (panel.px(end) - panel.px(start)).max(0.0),
             panel.py(low) - panel.py(high),
-            lane_color(it.lane)
+            lane_color(lane)
         );
     }
-    lanes.sort();
-    let legend: Vec<(String, &str)> = lanes.iter().map(|&l| (format!("{} lane", l.name()), lane_color(l))).collect();
-    panel.legend(svg, &legend);
+    // The legend goes in the title's row, clear of the rectangles.
+    for (i, &lane) in lanes.iter().enumerate() {
+        let x = WIDTH - 20.0 - 110.0 * (lanes.len() - i) as f64;
+        let _ = writeln!(
+            svg,
+            "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"10\" fill=\"{}\"/>\
+             <text x=\"{}\" y=\"{}\">{} lane</text>",
+            top + 9.0,
+            lane_color(lane),
+            x + 16.0,
+            top + 18.0,
+            lane.name()
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use nexus_runtime::bench::{RequestTimes, TimelineIteration};
+    use nexus_runtime::model::backend::StepKind;
+
+    use super::*;
+
+    #[test]
+    fn axes_end_on_round_ticks() {
+        assert_eq!((tick_step(132.0), tick_step(8.0), tick_step(0.3)), (20.0, 2.0, 0.05));
+        assert_eq!((axis_max(13.1), axis_max(0.0), axis_max(40.0)), (14.0, 0.2, 40.0));
+        assert_eq!((label(0.25, 0.05), label(120.0, 20.0)), ("0.25".to_owned(), "120".to_owned()));
+        assert_eq!(escape("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
+    }
+
+    #[test]
+    fn a_timeline_draws_back_to_back_iterations_as_one_band_and_prefill_from_the_top() {
+        let it = |lane, budget, start_s: f64, end_s: f64| TimelineIteration {
+            lane,
+            kind: if lane == Lane::Decode { StepKind::Decode } else { StepKind::Prefill },
+            budget,
+            seqs: 1,
+            tokens: 1,
+            start_s,
+            end_s,
+            host_s: 0.0,
+        };
+        let times = RequestTimes { tokens: vec![0.1], end_s: 0.1, output_tokens: 1 };
+        let mut report = ReplayReport::new(&[1], &[Ok(times)], 1.0, None).unwrap();
+        // Decode alone, then beside a prefill (touching: one band each), then alone again after
+        // a gap that shows.
+        report.timeline = Some(vec![
+            it(Lane::Decode, 132, 0.0, 1.0),
+            it(Lane::Decode, 68, 1.0, 2.0),
+            it(Lane::Prefill, 64, 1.0, 4.0),
+            it(Lane::Decode, 68, 2.0, 4.0),
+            it(Lane::Decode, 132, 6.0, 8.0),
+        ]);
+        let mut svg = String::new();
+        timeline_panel(&mut svg, 0.0, "nexus 64/68", 4.0, &report, 132);
+        let bands: Vec<&str> = svg.lines().filter(|l| l.starts_with("<rect") && !l.contains("<text")).collect();
+        assert_eq!(bands.len(), 4, "{bands:#?}");
+        assert!(svg.contains("two lanes in flight 50% of the busy time"), "{svg}");
+        // The prefill band hangs from the top of the SM axis, 64 of its 132 SMs tall.
+        let prefill = bands.iter().find(|l| l.contains(lane_color(Lane::Prefill))).unwrap();
+        let panel_height = TIMELINE_HEIGHT - 68.0;
+        assert!(prefill.contains(&format!("y=\"{:.1}\"", 28.0)), "{prefill}");
+        assert!(prefill.contains(&format!("height=\"{:.1}\"", 64.0 / 132.0 * panel_height)), "{prefill}");
+    }
 }

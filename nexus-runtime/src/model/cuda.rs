@@ -177,14 +177,19 @@ struct Recordings {
     logits: Option<(CudaSlice<bf16>, usize)>,
 }
 
-/// Host-side buffers the logits of a phase's steps arrive in, grown as needed (page-locked, so
-/// that the copies are asynchronous).
-#[derive(Default)]
+/// Host-side buffers the logits of a phase's steps arrive in (page-locked, so that the copies
+/// are asynchronous). Freeing page-locked memory waits for the whole device, the other phase's
+/// work included, so these are made once, or grown by doubling, rarely.
 struct Readback {
-    /// Argmax results on the device, then on the host.
-    ids: Option<(CudaSlice<u32>, PinnedHostSlice<u32>)>,
+    /// Argmax results on the device, then on the host: [`READBACK_ROWS`] of them.
+    ids: (CudaSlice<u32>, PinnedHostSlice<u32>),
+    /// Every logit of a step, when a sequence needs them.
     logits: Option<PinnedHostSlice<bf16>>,
 }
+
+/// The most logit rows a step may have (the engine's steps have one per sequence, at most
+/// `max_num_seqs`).
+const READBACK_ROWS: usize = 1 << 16;
 
 /// Where the attention kernels of a phase write `{sm id, start ns, end ns}` of each CTA, launch
 /// after launch ([`CudaBackend::trace_attention`]).
@@ -457,11 +462,12 @@ impl Backend for CudaBackend {
 
     fn new_phase(&self) -> Result<CudaPhase> {
         let ctx = PhaseContext::new(self.gpu.clone(), self.gpu.new_stream()?, CtaBudget::all(&self.gpu));
+        let ids = (ctx.stream().alloc_zeros::<u32>(READBACK_ROWS).map_err(kernel_error)?, self.pinned(READBACK_ROWS)?);
         Ok(CudaPhase {
             gemm_workspace: Mutex::new(GemmWorkspace::new(&ctx)?),
             ctx,
             recordings: Mutex::new(Recordings::default()),
-            readback: Mutex::new(Readback::default()),
+            readback: Mutex::new(Readback { ids, logits: None }),
             trace: Mutex::new(None),
         })
     }
@@ -705,18 +711,17 @@ impl Backend for CudaBackend {
         let mut readback = lock(&phase.readback);
         match how {
             LogitsReadback::Argmax => {
-                if readback.ids.as_ref().is_none_or(|(device, _)| device.len() < rows) {
-                    let device = stream.alloc_zeros::<u32>(rows.max(1)).map_err(kernel_error)?;
-                    readback.ids = Some((device, self.pinned(rows)?));
+                if rows > READBACK_ROWS {
+                    return Err(Error::invalid(format!("{rows} logit rows in a step; at most {READBACK_ROWS}")));
                 }
-                let Some((device, host)) = readback.ids.as_mut() else { unreachable!("set above") };
+                let (device, host) = &mut readback.ids;
                 let mut device = device.slice_mut(..rows);
                 elementwise::argmax(ctx, &logits.data.as_view(), cols, &mut device)?;
                 stream.memcpy_dtoh(&device, host).map_err(kernel_error)?;
             }
             LogitsReadback::Full => {
                 if readback.logits.as_ref().is_none_or(|host| host.len() < rows * cols) {
-                    readback.logits = Some(self.pinned(rows * cols)?);
+                    readback.logits = Some(self.pinned((rows * cols).next_power_of_two())?);
                 }
                 let Some(host) = readback.logits.as_mut() else { unreachable!("set above") };
                 stream.memcpy_dtoh(&logits.data, host).map_err(kernel_error)?;
@@ -738,7 +743,7 @@ impl Backend for CudaBackend {
         let missing = || Error::invalid("logits were taken from another phase than the one that read them");
         match pending.how {
             LogitsReadback::Argmax => {
-                let (_, host) = readback.ids.as_ref().ok_or_else(missing)?;
+                let (_, host) = &readback.ids;
                 Ok(HostLogits::Argmax(host.as_slice().map_err(kernel_error)?[..rows].to_vec()))
             }
             LogitsReadback::Full => {

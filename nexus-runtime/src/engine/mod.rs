@@ -258,7 +258,6 @@ impl<B: Backend> Engine<B> {
         if let Some(len) = config.max_model_len {
             cache.limit_seq_len(len);
         }
-        backend.synchronize()?;
         let lanes = lanes(&backend, &model, &mut cache, scheduler.as_ref())?;
         Ok(Engine {
             backend,

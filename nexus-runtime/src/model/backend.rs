@@ -165,12 +165,11 @@ pub trait Backend {
     fn new_phase(&self) -> Result<Self::Phase>;
     /// Sets the CTA budget of `phase`'s next steps (1 ..= [`Backend::sm_count`]).
     fn set_budget(&self, phase: &mut Self::Phase, sms: u32) -> Result<()>;
-    /// Waits until everything both kinds of work may have left running is done: after it, weights
-    /// and pools written by [`Backend::upload`], [`Backend::random_weight`] or
-    /// [`Backend::alloc_kv_pool`] are ready for every phase.
+    /// Waits until everything every phase launched is done.
     fn synchronize(&self) -> Result<()>;
 
-    /// Stores a weight.
+    /// Stores a weight; like the two calls below, what it makes is ready for every phase when it
+    /// returns.
     fn upload(&self, tensor: HostTensor) -> Result<Self::Weight>;
     /// A weight of `shape` filled with `mean + spread · u`, `u` uniform in [-1, 1) from a hash of
     /// `(seed, index)` ([`nexus_kernels::reference::fill_uniform`]), made where it will live.

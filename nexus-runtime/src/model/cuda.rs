@@ -270,8 +270,9 @@ impl CudaBackend {
         config.graph_batch_sizes.dedup();
         config.graph_batch_sizes.retain(|&b| b > 0);
         // SAFETY: the backend orders its work itself (see the module documentation): weights and
-        // pools are made on the setup stream and `synchronize` runs before phases use them, a
-        // phase's buffers are used on its own stream only, and phases touch disjoint KV slots.
+        // pools are made on the setup stream, which is synchronized before the call that made them
+        // returns, a phase's buffers are used on its own stream only, and phases touch disjoint
+        // KV slots.
         unsafe { gpu.context().disable_event_tracking() };
         let setup = PhaseContext::new(gpu.clone(), gpu.new_stream()?, CtaBudget::all(&gpu));
         Ok(CudaBackend { gpu, setup, config })
@@ -392,6 +393,12 @@ impl CudaBackend {
         Ok(CudaMatrix { rows, cols, data })
     }
 
+    /// Waits for the setup stream: a weight or pool is ready for every phase once the call that
+    /// made it returns (no event orders the phases' streams after it).
+    fn setup_done(&self) -> Result<()> {
+        self.setup.stream().synchronize().map_err(kernel_error)
+    }
+
     /// Page-locked host memory for `len` values that the device writes and the host reads.
     fn pinned<T: DeviceRepr>(&self, len: usize) -> Result<PinnedHostSlice<T>> {
         // SAFETY: the values are written by a copy from the device before the host reads them;
@@ -483,13 +490,16 @@ impl Backend for CudaBackend {
 
     fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
         let host: Vec<bf16> = tensor.data.iter().map(|&v| bf16::from_f32(v)).collect();
-        Ok(CudaWeight { shape: tensor.shape, data: upload(&self.setup, &host)? })
+        let data = upload(&self.setup, &host)?;
+        self.setup_done()?;
+        Ok(CudaWeight { shape: tensor.shape, data })
     }
 
     fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<CudaWeight> {
         let n: usize = shape.iter().product();
         let mut data = self.setup.stream().alloc_zeros::<bf16>(n.max(1)).map_err(kernel_error)?;
         elementwise::fill_uniform(&self.setup, &mut data.slice_mut(..n), seed, mean, spread)?;
+        self.setup_done()?;
         Ok(CudaWeight { shape, data })
     }
 
@@ -497,6 +507,7 @@ impl Backend for CudaBackend {
         let stream = self.setup.stream();
         let k = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
         let v = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
+        self.setup_done()?;
         Ok(CudaKvPool { layout, k, v })
     }
 

@@ -84,7 +84,7 @@ pub mod stream_read;
 
 pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::{BandwidthCurve, CtaBudget, DeviceModel, Gpu, PhaseContext, copy_rows_htod};
+pub use gpu::{BandwidthCurve, CtaBudget, DeviceModel, Gpu, PhaseContext, copy_rows_htod, copy_to_pinned};
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.
 pub use half::bf16;

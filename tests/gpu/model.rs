@@ -201,8 +201,9 @@ fn engine_outputs(
 /// The engine on the GPU, with both schedules: every request of a batched run, of a run whose
 /// prompts go in chunks of 24 tokens, and of a run whose cache is too small for all of them
 /// (preemption by recompute) completes; in the batch-invariant mode each request's tokens are the
-/// same in every run and schedule, and are transformers' (the oracle fixtures). With Nexus,
-/// prefill and decode iterations overlap in time, within the SMs the split gives them.
+/// same in every run and schedule, and are transformers' (the oracle fixtures). With Nexus and
+/// chunked prompts, prefill and decode iterations overlap in time, within the SMs the split gives
+/// them.
 ///
 /// By default tokens may differ: in bf16 the GEMM kernel (and so the rounding) depends on the
 /// batch's row count and decode rows go through another attention kernel than prompt rows, so
@@ -216,9 +217,11 @@ fn gpu_engine_completes_every_request_with_both_schedules() {
     for batch_invariant in [true, false] {
         let mut reference = None;
         for schedule in schedules() {
-            let (unpressured, none, timeline) = engine_outputs(1024, 4096, batch_invariant, schedule);
+            let (unpressured, none, _) = engine_outputs(1024, 4096, batch_invariant, schedule);
             assert_eq!(none, 0);
-            let (chunked, _, _) = engine_outputs(1024, 24, batch_invariant, schedule);
+            // Prompts in chunks of 24 tokens: the later prompts' chunks run next to the decodes
+            // of the earlier ones.
+            let (chunked, _, timeline) = engine_outputs(1024, 24, batch_invariant, schedule);
             let (pressured, preemptions, _) = engine_outputs(12, 64, batch_invariant, schedule);
             assert!(preemptions > 0, "the cache was meant to be too small");
             for (run, outputs) in [("unpressured", &unpressured), ("chunked", &chunked), ("pressured", &pressured)] {

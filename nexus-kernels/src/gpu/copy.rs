@@ -1,7 +1,9 @@
 //! Copies the cudarc safe API has no call for.
 
 use cudarc::driver::sys::{self, CUmemorytype};
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtrMut, DeviceRepr};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 
 use crate::error::ensure_shape;
 use crate::{Error, Result};
@@ -53,4 +55,29 @@ pub fn copy_rows_htod<T: DeviceRepr>(
     // from pageable memory is staged before the call returns); the destination rectangle, rows of
     // `cols` values at a pitch of `dst_cols`, lies inside `dst` (checked above).
     unsafe { sys::cuMemcpy2DAsync_v2(&copy, stream.cu_stream()) }.result().map_err(Error::from)
+}
+
+/// Starts copying `src` into the first `src.len()` values of the page-locked `dst` on `stream`,
+/// without waiting for it: the caller orders its reads after the copy (with an event recorded
+/// after it). cudarc's copies to page-locked memory copy the whole destination, which holds more
+/// than one step's values here.
+pub fn copy_to_pinned<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &CudaStream,
+    src: &CudaView<'_, T>,
+    dst: &mut PinnedHostSlice<T>,
+) -> Result<()> {
+    ensure_shape!(src.len() <= dst.len(), "copy_to_pinned: {} values into {}", src.len(), dst.len());
+    if src.is_empty() {
+        return Ok(());
+    }
+    // Waits for cudarc's own copies into `dst`, if any, and gives its address.
+    let host = dst.as_mut_ptr()?;
+    stream.context().bind_to_thread()?;
+    let (src_ptr, _record) = src.device_ptr(stream);
+    // SAFETY: `dst` is page-locked and holds at least `src.len()` values (checked above), `src`
+    // is that many values of device memory; the copy is ordered on `stream` after the work that
+    // writes `src`.
+    unsafe { sys::cuMemcpyDtoHAsync_v2(host.cast(), src_ptr, src.len() * size_of::<T>(), stream.cu_stream()) }
+        .result()
+        .map_err(Error::from)
 }

@@ -15,7 +15,7 @@ mod model;
 mod ptx;
 
 pub use budget::{CtaBudget, PhaseContext};
-pub use copy::copy_rows_htod;
+pub use copy::{copy_rows_htod, copy_to_pinned};
 pub use device::{Gpu, PtxTarget};
 #[cfg(test)]
 pub(crate) use model::measured;

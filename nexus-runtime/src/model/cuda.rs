@@ -36,7 +36,8 @@ use nexus_kernels::gemm::{self, GemmKernel, GemmWorkspace};
 use nexus_kernels::prefill_attention::{self, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
-    CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, elementwise,
+    CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, copy_to_pinned,
+    elementwise,
 };
 
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepKind, StepScope};
@@ -728,14 +729,14 @@ impl Backend for CudaBackend {
                 let (device, host) = &mut readback.ids;
                 let mut device = device.slice_mut(..rows);
                 elementwise::argmax(ctx, &logits.data.as_view(), cols, &mut device)?;
-                stream.memcpy_dtoh(&device, host).map_err(kernel_error)?;
+                copy_to_pinned(stream, &device.as_view(), host)?;
             }
             LogitsReadback::Full => {
                 if readback.logits.as_ref().is_none_or(|host| host.len() < rows * cols) {
                     readback.logits = Some(self.pinned((rows * cols).next_power_of_two())?);
                 }
                 let Some(host) = readback.logits.as_mut() else { unreachable!("set above") };
-                stream.memcpy_dtoh(&logits.data, host).map_err(kernel_error)?;
+                copy_to_pinned(stream, &logits.data.as_view(), host)?;
             }
         }
         let done = self.gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(kernel_error)?;

@@ -109,17 +109,37 @@ impl CudaStep {
         // each must be its sequence's last position, in a block of its table, whose ids the plan
         // update below checks against the pool.
         check_decode_slots(step, block_size)?;
-        let stream = ctx.stream();
-        stream.memcpy_htod(&step.tokens, &mut self.tokens).map_err(kernel_error)?;
-        stream.memcpy_htod(&step.positions, &mut self.positions).map_err(kernel_error)?;
-        stream.memcpy_htod(&step.slots, &mut self.slots).map_err(kernel_error)?;
-        let (width, recorded_width) = (step.max_blocks_per_seq, self.host.max_blocks_per_seq);
-        copy_rows_htod(stream, &step.block_tables, width, &mut self.block_tables, recorded_width)?;
+        self.copy_inputs(ctx, step)?;
+        let width = step.max_blocks_per_seq;
         let mut plans = lock(&self.plans);
         match plans.attention.iter_mut().find(|(b, _)| *b == ctx.budget()) {
             Some((_, AttentionPlan::Decode(plan))) => Ok(plan.update(ctx, &step.kv_lens, &step.block_tables, width)?),
             _ => Err(Error::invalid("a recorded step has no decode plan for this budget")),
         }
+    }
+
+    /// Copies all of `step` (of this step's sizes) into the step's buffers and makes it the
+    /// step's host inputs, from which plans at new budgets are made.
+    fn load(&mut self, ctx: &PhaseContext, step: StepInput) -> Result<()> {
+        self.copy_inputs(ctx, &step)?;
+        self.host = step;
+        Ok(())
+    }
+
+    /// Copies `step`'s inputs into the step's buffers: its block table at its own width (only
+    /// the columns it uses) into the first columns of the step's.
+    fn copy_inputs(&mut self, ctx: &PhaseContext, step: &StepInput) -> Result<()> {
+        let stream = ctx.stream();
+        stream.memcpy_htod(&step.tokens, &mut self.tokens).map_err(kernel_error)?;
+        stream.memcpy_htod(&step.positions, &mut self.positions).map_err(kernel_error)?;
+        stream.memcpy_htod(&step.slots, &mut self.slots).map_err(kernel_error)?;
+        let (width, recorded_width) = (step.max_blocks_per_seq, self.host.max_blocks_per_seq);
+        Ok(copy_rows_htod(stream, &step.block_tables, width, &mut self.block_tables, recorded_width)?)
+    }
+
+    /// Whether a layer planned anything for this step yet.
+    fn plans_made(&self) -> bool {
+        !lock(&self.plans).attention.is_empty()
     }
 }
 
@@ -370,11 +390,15 @@ impl CudaBackend {
         let mut out = self.output(phase, rows, vocab)?;
         stream.memcpy_dtod(&eager.data.slice(..rows * vocab), &mut out.data).map_err(kernel_error)?;
         drop(eager);
-        let largest = self.config.graph_batch_sizes.last().copied().unwrap_or(batch).max(batch);
-        if logits.as_ref().is_none_or(|(kept, v)| *v != vocab || kept.len() < batch * vocab) {
+        if logits.is_none() {
+            let largest = self.config.graph_batch_sizes.last().copied().unwrap_or(batch).max(batch);
             *logits = Some((stream.alloc_zeros::<bf16>(largest * vocab).map_err(kernel_error)?, vocab));
         }
-        let Some((kept, _)) = logits.as_mut() else { unreachable!("set above") };
+        let Some((kept, kept_vocab)) = logits.as_mut() else { unreachable!("set above") };
+        // Every recording of the phase writes there: it is never reallocated under them.
+        if *kept_vocab != vocab || kept.len() < batch * vocab {
+            return Err(Error::invalid("a recording's logits do not fit its phase's logits buffer"));
+        }
         let (graph, ()) = ctx.capture(|| {
             let logits = forward(step)?;
             stream.memcpy_dtod(&logits.data, &mut kept.slice_mut(..batch * vocab)).map_err(kernel_error)?;
@@ -435,25 +459,6 @@ fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> 
 
 fn kernel_error(e: nexus_kernels::cudarc::driver::DriverError) -> Error {
     Error::from(nexus_kernels::Error::from(e))
-}
-
-impl CudaStep {
-    /// Whether a layer planned anything for this step yet.
-    fn plans_made(&self) -> bool {
-        !lock(&self.plans).attention.is_empty()
-    }
-
-    /// Copies all of `step` (of this step's sizes) into the step's buffers and makes it the
-    /// step's host inputs, from which plans at new budgets are made.
-    fn load(&mut self, ctx: &PhaseContext, step: StepInput) -> Result<()> {
-        let stream = ctx.stream();
-        stream.memcpy_htod(&step.tokens, &mut self.tokens).map_err(kernel_error)?;
-        stream.memcpy_htod(&step.positions, &mut self.positions).map_err(kernel_error)?;
-        stream.memcpy_htod(&step.slots, &mut self.slots).map_err(kernel_error)?;
-        stream.memcpy_htod(&step.block_tables, &mut self.block_tables).map_err(kernel_error)?;
-        self.host = step;
-        Ok(())
-    }
 }
 
 impl Backend for CudaBackend {

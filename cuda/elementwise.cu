@@ -200,13 +200,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const __nv_bfloat16* r = logits + (size_t)row * vocab;
         float value = -INFINITY;
         int index = vocab;  // larger than any real index: loses every tie
+        int nan = 0;
         for (int i = threadIdx.x; i < vocab; i += THREADS) {
             const float v = to_float(r[i]);
+            nan |= isnan(v);
             if (v > value) {
                 value = v;
                 index = i;
             }
         }
+        // Every thread of the block takes the same rows, so all reach this barrier.
+        nan = __syncthreads_or(nan);
 #pragma unroll
         for (int offset = 16; offset > 0; offset >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, value, offset);
@@ -228,8 +232,9 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                     index = best_index[w];
                 }
             }
-            // A row of NaNs has no maximum; report index 0 rather than an invalid token.
-            out[row] = index < vocab ? index : 0;
+            // A row holding NaN, or with no value above -inf, has no maximum to trust: report
+            // that (ARGMAX_NONE) rather than a token.
+            out[row] = (nan || index >= vocab) ? 0xFFFFFFFFu : (uint32_t)index;
         }
         __syncthreads();
     }

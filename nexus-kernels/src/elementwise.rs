@@ -217,7 +217,8 @@ pub fn write_kv_cache(
 }
 
 /// The index of the largest logit of each row of `logits: [rows, vocab]` into `out: [rows]`
-/// (the first on ties).
+/// (the first on ties), or [`crate::reference::ARGMAX_NONE`] for a row that holds NaN or has no
+/// value above -inf.
 pub fn argmax(
     ctx: &PhaseContext,
     logits: &CudaView<'_, bf16>,

@@ -636,21 +636,23 @@ mod tests {
         }
     }
 
-    /// Prints the model's picks over the benchmark's shapes and budgets (`--nocapture`).
+    /// Over the benchmark's shapes and budgets, on both cards' curves, every plan is a Hopper
+    /// kernel within its budget and tile count, its waves are the tiles it leaves per CTA, and its
+    /// time is finite and no less than reading its operands at the bandwidth of its CTAs.
     #[test]
-    fn print_picks() {
-        for (name, device) in [("H100", h100()), ("H200", h200())] {
+    fn picks_over_the_benchmark_grid_are_consistent() {
+        for device in [h100(), h200()] {
             for (k, n) in [(4096, 6144), (4096, 28672), (14336, 4096)] {
                 for m in [1, 16, 64, 256, 1024, 4096, 8192] {
                     for b in [8, 16, 32, 48, 64, 96, 132] {
-                        let p = plan_ctas(shape(m, n, k), b, &device);
-                        println!(
-                            "{name} {k} x {n} m {m} b {b}: {:?} ctas {} waves {} {:.1} us",
-                            p.kernel,
-                            p.ctas,
-                            p.waves,
-                            p.estimated_seconds * 1e6
-                        );
+                        let s = shape(m, n, k);
+                        let p = plan_ctas(s, b, &device);
+                        assert!(GemmKernel::HOPPER.contains(&p.kernel), "{p:?}");
+                        assert!(p.ctas as usize <= p.tiles && p.ctas <= b && p.ctas > 0, "{p:?}");
+                        assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize), "{p:?}");
+                        let bytes = (2 * (m * k + n * k + m * n)) as f64;
+                        let floor = bytes / device.bandwidth().at(p.ctas);
+                        assert!(p.estimated_seconds.is_finite() && p.estimated_seconds >= floor * 0.999, "{p:?}");
                     }
                 }
             }

@@ -196,18 +196,27 @@ fn argmax_takes_the_first_maximum() {
     for rows in [1, 3, 200] {
         let ctx = phase(Some(4));
         let mut logits = random_bf16(&mut rng, rows * vocab, 8.0);
-        // Plant ties for the maximum in every row: the earlier index must win.
+        // Plant ties for the maximum in every row: the earlier index must win. The last row of
+        // several holds a NaN and the one before is all -inf: neither has a token.
         for r in 0..rows {
             let a = rng.random_range(0..vocab / 2);
             let b = rng.random_range(vocab / 2..vocab);
             logits[r * vocab + a] = 100.0;
             logits[r * vocab + b] = 100.0;
         }
+        if rows > 1 {
+            logits[(rows - 1) * vocab + rng.random_range(0..vocab)] = f32::NAN;
+            logits[(rows - 2) * vocab..(rows - 1) * vocab].fill(f32::NEG_INFINITY);
+        }
         let dl = upload(&ctx, &logits);
         let mut out = ctx.stream().clone_htod(&vec![u32::MAX; rows]).unwrap();
         elementwise::argmax(&ctx, &dl.as_view(), vocab, &mut out.as_view_mut()).unwrap();
         let got = ctx.stream().clone_dtoh(&out).unwrap();
-        assert_eq!(got, reference::argmax(&logits, vocab).unwrap());
+        let want = reference::argmax(&logits, vocab).unwrap();
+        assert_eq!(got, want);
+        if rows > 1 {
+            assert_eq!(want[rows - 2..], [reference::ARGMAX_NONE; 2]);
+        }
     }
 }
 

@@ -76,6 +76,7 @@ fn run_all(engine: &mut Engine<CpuBackend>, cases: &[Case]) -> HashMap<u64, Vec<
                     assert_eq!(reason, FinishReason::Length);
                     finished += 1;
                 }
+                EngineEvent::Failed { id, message } => panic!("request {id} failed: {message}"),
             }
         }
         steps += 1;
@@ -221,4 +222,84 @@ fn replaying_a_trace_forces_output_lengths_and_measures_latencies() {
     assert_eq!(report.tbt.count, trace.iter().map(|r| r.output_len - 1).sum::<usize>());
     assert!(report.ttft.p50 <= report.ttft.p99 && report.token_throughput > 0.0);
     assert_eq!(engine.kv_usage(), 0.0);
+}
+
+/// Logits that are not numbers fail their request, never a token: a backend whose logit rows
+/// come out NaN for one token (as from activations that overflowed), with requests greedy (the
+/// argmax on the backend) and sampled (logits on the host), in both schedules. Each poisoned
+/// request gets one `Failed` event and nothing else, the others complete as if alone, and the
+/// engine frees every block and goes on.
+#[test]
+fn nan_logits_fail_their_request_and_the_engine_serves_the_others() {
+    use crate::chaos::{Chaos, tiny_config};
+    use nexus::runtime::engine::sampling::SamplingParams;
+    const POISON: u32 = 13;
+    for schedule in SCHEDULES {
+        let backend = Chaos::poisoning(7, POISON);
+        let model = LlamaModel::random(&backend, &tiny_config(), 3).expect("model");
+        let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16 };
+        let config = EngineConfig { num_blocks: 64, block_size: 4, scheduler, max_model_len: None, schedule };
+        let mut engine = Engine::new(backend, model, vec![], config).expect("engine");
+        let sampled = SamplingParams { temperature: 0.8, seed: Some(1), ..SamplingParams::default() };
+        let greedy = RequestOptions { max_tokens: 6, ignore_eos: true, ..RequestOptions::default() };
+        let drawn = RequestOptions { sampling: sampled, ..greedy.clone() };
+        // Requests 1 and 3 end their prompts with the poisoned token; 0 and 2 do not contain it.
+        let prompts = [vec![1, 2, 3], vec![4, 5, POISON], vec![6, 7, 8, 9, 10], vec![POISON + 1, POISON]];
+        for (id, prompt) in prompts.iter().enumerate() {
+            let options = if id % 2 == 0 { greedy.clone() } else { drawn.clone() };
+            engine.add_request(id as u64, prompt.clone(), options).expect("add");
+        }
+        let mut tokens: HashMap<u64, usize> = HashMap::new();
+        let mut failed: Vec<u64> = Vec::new();
+        let mut finished: Vec<u64> = Vec::new();
+        while engine.has_unfinished() {
+            for event in engine.step().expect("step") {
+                match event {
+                    EngineEvent::Token { id, .. } => *tokens.entry(id).or_default() += 1,
+                    EngineEvent::Finished { id, .. } => finished.push(id),
+                    EngineEvent::Failed { id, message } => {
+                        assert!(message.contains("NaN") || message.contains("no maximum"), "{message}");
+                        failed.push(id);
+                    }
+                }
+            }
+        }
+        failed.sort_unstable();
+        finished.sort_unstable();
+        assert_eq!(failed, vec![1, 3], "{schedule:?}");
+        assert_eq!(finished, vec![0, 2], "{schedule:?}");
+        assert_eq!((tokens.get(&1), tokens.get(&3)), (None, None), "{schedule:?}: no token from NaN logits");
+        assert_eq!((tokens[&0], tokens[&2]), (6, 6), "{schedule:?}");
+        assert_eq!(engine.kv_usage(), 0.0);
+        // The engine goes on.
+        engine.add_request(9, vec![1, 2], greedy.clone()).expect("add");
+        let mut after = 0;
+        while engine.has_unfinished() {
+            after += engine.step().expect("step").iter().filter(|e| matches!(e, EngineEvent::Token { .. })).count();
+        }
+        assert_eq!(after, 6);
+    }
+}
+
+/// Sequences preempted together go back to the front of the queue oldest first (as vLLM
+/// re-admits them), ahead of requests that never started.
+#[test]
+fn preempted_sequences_are_queued_again_oldest_first() {
+    use crate::chaos::{Chaos, tiny_config};
+    let backend = Chaos::new(0);
+    let model = LlamaModel::random(&backend, &tiny_config(), 3).expect("model");
+    // Three blocks of 4 tokens: three 4-token prompts fill them, and their first decodes need
+    // three more.
+    let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 };
+    let config = EngineConfig { num_blocks: 3, block_size: 4, scheduler, max_model_len: None, schedule: SCHEDULES[0] };
+    let mut engine = Engine::new(backend, model, vec![], config).expect("engine");
+    let options = RequestOptions { max_tokens: 4, ignore_eos: true, ..RequestOptions::default() };
+    for id in 1..=3 {
+        engine.add_request(id, vec![id as u32; 4], options.clone()).expect("add");
+    }
+    engine.step().expect("prefill");
+    engine.add_request(4, vec![9; 4], options).expect("add");
+    engine.step().expect("decode");
+    assert_eq!(engine.preemptions(), 2);
+    assert_eq!(engine.waiting_requests().collect::<Vec<_>>(), vec![2, 3, 4]);
 }

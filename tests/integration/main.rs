@@ -1,3 +1,4 @@
+mod chaos;
 mod common;
 mod engine;
 mod gguf;

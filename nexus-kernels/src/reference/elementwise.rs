@@ -161,22 +161,29 @@ pub fn write_kv_cache(
     Ok(())
 }
 
-/// The index of the largest value of each row of `logits: [rows, vocab]` (the first on ties).
+/// The index of the largest value of each row of `logits: [rows, vocab]` (the first on ties), or
+/// [`ARGMAX_NONE`] for a row that holds NaN or has no value above -inf.
 pub fn argmax(logits: &[f32], vocab: usize) -> Result<Vec<u32>> {
     ensure_shape!(vocab > 0 && logits.len().is_multiple_of(vocab), "argmax: logits are not [rows, {vocab}]");
     Ok(logits
         .par_chunks(vocab)
         .map(|row| {
-            let mut best = 0;
+            let mut best: Option<usize> = None;
             for (i, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = i;
+                if v.is_nan() {
+                    return ARGMAX_NONE;
+                }
+                if v > best.map_or(f32::NEG_INFINITY, |b| row[b]) {
+                    best = Some(i);
                 }
             }
-            best as u32
+            best.map_or(ARGMAX_NONE, |b| b as u32)
         })
         .collect())
 }
+
+/// What [`argmax`] reports for a row that holds NaN or has no value above -inf: no token.
+pub const ARGMAX_NONE: u32 = u32::MAX;
 
 /// `out[i] = mean + spread · u(seed, i)` with `u` uniform in [-1, 1) from a counter-based hash
 /// (splitmix64 of `seed + (i + 1) · golden ratio`), the same on the CPU and the GPU: random
@@ -195,6 +202,14 @@ pub fn fill_uniform(out: &mut [f32], seed: u64, mean: f32, spread: f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn argmax_takes_the_first_maximum_and_refuses_rows_without_one() {
+        let inf = f32::INFINITY;
+        let rows = [1.0, 3.0, 3.0, -inf, -inf, -inf, 2.0, f32::NAN, 5.0, -inf, inf, inf];
+        assert_eq!(argmax(&rows, 3).unwrap(), vec![1, ARGMAX_NONE, ARGMAX_NONE, 1]);
+        assert!(argmax(&rows, 5).is_err());
+    }
 
     /// Hugging Face's `_compute_llama3_parameters` for one frequency, transcribed in f64 with its
     /// `torch.where` structure (not the branch chain of `scale_inv_freq`).

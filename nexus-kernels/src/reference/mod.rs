@@ -12,7 +12,8 @@ mod stream_read;
 
 pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
-    argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, silu_and_mul, write_kv_cache,
+    ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, silu_and_mul,
+    write_kv_cache,
 };
 pub use gemm::{GemmShape, gemm};
 pub use stream_read::stream_read;

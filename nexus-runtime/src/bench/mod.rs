@@ -307,6 +307,7 @@ pub fn replay_requests<B: Backend>(
     }
     let preemptions_before = engine.preemptions();
     let mut tokens: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
+    let mut failed: Vec<Option<String>> = vec![None; requests.len()];
     engine.keep_timeline(true);
     let start = Instant::now();
     let arrival = |i: usize| start + Duration::from_secs_f64(requests[i].arrival_s);
@@ -341,6 +342,11 @@ pub fn replay_requests<B: Backend>(
                     finished += 1;
                     on_finished();
                 }
+                EngineEvent::Failed { id, message } => {
+                    failed[id as usize] = Some(message);
+                    finished += 1;
+                    on_finished();
+                }
             }
         }
     }
@@ -357,7 +363,8 @@ pub fn replay_requests<B: Backend>(
             tokens,
         })
         .collect();
-    let outcomes: Vec<RequestOutcome> = times.iter().cloned().map(Ok).collect();
+    let outcomes: Vec<RequestOutcome> =
+        times.iter().zip(failed).map(|(t, failure)| failure.map_or_else(|| Ok(t.clone()), Err)).collect();
     let requested: Vec<usize> = requests.iter().map(|r| r.output_len).collect();
     let preemptions = engine.preemptions() - preemptions_before;
     let mut report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;

@@ -15,9 +15,19 @@ pub struct SeqChunk<'a> {
     pub wants_logits: bool,
 }
 
-/// Reserves KV slots for every chunk and builds a step of `kind`. Either all chunks get their
-/// slots or, on a full cache, none does and the error is of kind [`ErrorKind::KvCacheFull`].
+/// Reserves KV slots for every chunk and builds a step of `kind`. All or nothing: a chunk without
+/// tokens or a sequence in two chunks is refused before any slot is taken, and on a full cache
+/// no chunk gets its slots (the error is then of kind [`ErrorKind::KvCacheFull`]).
 pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>], kind: StepKind) -> Result<StepInput> {
+    let mut seen = std::collections::HashSet::with_capacity(chunks.len());
+    for chunk in chunks {
+        if chunk.tokens.is_empty() {
+            return Err(Error::invalid(format!("sequence {} has no tokens in this step", chunk.seq)));
+        }
+        if !seen.insert(chunk.seq) {
+            return Err(Error::invalid(format!("sequence {} is in this step twice", chunk.seq)));
+        }
+    }
     let needed: usize = chunks.iter().map(|c| blocks.blocks_needed(c.seq, c.tokens.len())).sum();
     if needed > blocks.num_free_blocks() {
         return Err(Error::new(
@@ -27,9 +37,6 @@ pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>], kind: Step
     }
     let mut step = StepInput { kind, q_indptr: vec![0], ..StepInput::default() };
     for chunk in chunks {
-        if chunk.tokens.is_empty() {
-            return Err(Error::invalid(format!("sequence {} has no tokens in this step", chunk.seq)));
-        }
         let start = blocks.get(chunk.seq).map_or(0, |s| s.len);
         step.slots.extend(blocks.append(chunk.seq, chunk.tokens.len())?);
         step.tokens.extend_from_slice(chunk.tokens);
@@ -48,4 +55,28 @@ pub fn build_step(blocks: &mut BlockManager, chunks: &[SeqChunk<'_>], kind: Step
         step.block_tables.resize(step.block_tables.len() + step.max_blocks_per_seq - table.len(), -1);
     }
     Ok(step)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_takes_its_slots_all_or_nothing() {
+        let mut blocks = BlockManager::new(4, 4).unwrap();
+        let chunk = |seq, tokens| SeqChunk { seq, tokens, wants_logits: true };
+        // An empty chunk after a good one, a sequence twice (whose blocks would be counted once),
+        // and more than the cache holds: each refused, and nothing taken.
+        for bad in [
+            vec![chunk(1, &[1, 2, 3][..]), chunk(2, &[][..])],
+            vec![chunk(1, &[1; 8][..]), chunk(1, &[1; 8][..])],
+            vec![chunk(1, &[1; 12][..]), chunk(2, &[1; 5][..])],
+        ] {
+            assert!(build_step(&mut blocks, &bad, StepKind::Prefill).is_err());
+            assert_eq!((blocks.num_free_blocks(), blocks.get(1)), (4, None));
+        }
+        let step = build_step(&mut blocks, &[chunk(1, &[1; 5][..]), chunk(2, &[2; 3][..])], StepKind::Prefill).unwrap();
+        assert_eq!((step.q_indptr, step.kv_lens, blocks.num_free_blocks()), (vec![0, 5, 8], vec![5, 3], 1));
+    }
 }

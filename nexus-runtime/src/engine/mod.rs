@@ -40,6 +40,7 @@ use crate::engine::scheduler::{
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
 use crate::model::{KvCache, LlamaModel};
 use crate::{Error, Result};
+use nexus_kernels::reference::ARGMAX_NONE;
 
 /// Tokens per KV block, unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
@@ -98,6 +99,10 @@ pub enum EngineEvent {
     Token { id: RequestId, token: u32, logprobs: Option<Box<TokenLogprobs>> },
     /// Request `id` is done; its blocks are free.
     Finished { id: RequestId, reason: FinishReason },
+    /// Request `id` failed and was dropped (its blocks are free): the step it was in failed on
+    /// the device, or its logits were not numbers (NaN) so no token could be picked. The engine
+    /// goes on with the other requests.
+    Failed { id: RequestId, message: String },
 }
 
 /// Which scheduler runs the engine.
@@ -375,6 +380,11 @@ impl<B: Backend> Engine<B> {
         self.waiting.len()
     }
 
+    /// The requests waiting for admission, in the order they will be admitted.
+    pub fn waiting_requests(&self) -> impl Iterator<Item = RequestId> + '_ {
+        self.waiting.iter().copied()
+    }
+
     /// The fraction of KV blocks in use.
     pub fn kv_usage(&self) -> f64 {
         self.blocks.usage()
@@ -417,19 +427,21 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Launches what the scheduler plans for the idle lanes, waits until the first iteration in
-    /// flight is done, and returns its events: empty when nothing can run. An error fails the
-    /// sequences of the iteration it came from (they are dropped, their blocks freed); the others
-    /// go on.
+    /// flight is done, and returns its events: empty when nothing can run. An iteration that
+    /// fails (on the device, or in reading its results) fails its requests alone:
+    /// [`EngineEvent::Failed`] for each, the others go on. `Err` is left for what is wrong with
+    /// the engine itself (a plan that breaks its own limits).
     pub fn step(&mut self) -> Result<Vec<EngineEvent>> {
-        self.launch()?;
-        match self.wait_for_a_lane()? {
-            Some(lane) => self.complete(lane),
-            None => Ok(Vec::new()),
+        let mut events = self.launch()?;
+        if let Some(lane) = self.wait_for_a_lane(&mut events) {
+            self.complete(lane, &mut events);
         }
+        Ok(events)
     }
 
-    /// Plans and launches iterations on the idle lanes.
-    fn launch(&mut self) -> Result<()> {
+    /// Plans and launches iterations on the idle lanes; returns the failures of those that could
+    /// not be launched.
+    fn launch(&mut self) -> Result<Vec<EngineEvent>> {
         let planning = Instant::now();
         let state = |id: &RequestId| {
             let s = &self.seqs[id];
@@ -448,8 +460,9 @@ impl<B: Backend> Engine<B> {
         };
         let plan = self.scheduler.plan(&view);
 
-        // Preempted sequences go back to the front of the queue, oldest first.
-        for &id in plan.preempted.iter().rev() {
+        // Preempted sequences go back to the front of the queue, oldest first: the plan lists them
+        // newest first, and each goes in front of the one before.
+        for &id in &plan.preempted {
             self.blocks.free(id);
             self.running.retain(|&r| r != id);
             if let Some(s) = self.seqs.get_mut(&id) {
@@ -465,15 +478,16 @@ impl<B: Backend> Engine<B> {
             }
         }
         let planning = planning.elapsed() / plan.lanes.len().max(1) as u32;
+        let mut failures = Vec::new();
         for lane_plan in plan.lanes {
-            self.launch_lane(lane_plan, planning)?;
+            self.launch_lane(lane_plan, planning, &mut failures)?;
         }
-        Ok(())
+        Ok(failures)
     }
 
     /// Builds `plan`'s step, runs the model on it in its lane's phase and starts reading its
-    /// logits back.
-    fn launch_lane(&mut self, plan: LanePlan, planning: Duration) -> Result<()> {
+    /// logits back; if that fails, its requests fail (pushed to `failures`).
+    fn launch_lane(&mut self, plan: LanePlan, planning: Duration, failures: &mut Vec<EngineEvent>) -> Result<()> {
         let launching = Instant::now();
         let sm_count = self.backend.sm_count();
         let in_flight: u32 = self.lanes.iter().filter_map(|l| l.in_flight.as_ref().map(|f| f.budget)).sum();
@@ -530,30 +544,30 @@ impl<B: Backend> Engine<B> {
                 Ok(())
             }
             Err(e) => {
-                self.fail(&plan.scheduled);
-                Err(e)
+                failures.extend(self.fail(&plan.scheduled, &e));
+                Ok(())
             }
         }
     }
 
     /// Waits until an iteration in flight is done, the earliest launched first; returns its lane,
-    /// or `None` when no iteration is in flight.
-    fn wait_for_a_lane(&mut self) -> Result<Option<usize>> {
-        let mut order: Vec<(Instant, usize)> =
-            self.lanes.iter().enumerate().filter_map(|(i, l)| l.in_flight.as_ref().map(|f| (f.start, i))).collect();
-        if order.is_empty() {
-            return Ok(None);
-        }
-        order.sort();
+    /// or `None` when none is in flight any more (an iteration that failed on the device adds its
+    /// failures to `events`).
+    fn wait_for_a_lane(&mut self, events: &mut Vec<EngineEvent>) -> Option<usize> {
         loop {
+            let mut order: Vec<(Instant, usize)> =
+                self.lanes.iter().enumerate().filter_map(|(i, l)| l.in_flight.as_ref().map(|f| (f.start, i))).collect();
+            if order.is_empty() {
+                return None;
+            }
+            order.sort();
             for &(_, i) in &order {
                 let ready = self.lanes[i].in_flight.as_ref().map(|f| self.backend.is_ready(&f.pending));
                 match ready {
-                    Some(Ok(true)) => return Ok(Some(i)),
+                    Some(Ok(true)) => return Some(i),
                     Some(Err(e)) => {
                         let scheduled = self.lanes[i].in_flight.take().map(|f| f.scheduled).unwrap_or_default();
-                        self.fail(&scheduled);
-                        return Err(e);
+                        events.extend(self.fail(&scheduled, &e));
                     }
                     _ => {}
                 }
@@ -562,16 +576,17 @@ impl<B: Backend> Engine<B> {
         }
     }
 
-    /// Reads the logits of lane `index`'s iteration (which is done), samples, and reports.
-    fn complete(&mut self, index: usize) -> Result<Vec<EngineEvent>> {
+    /// Reads the logits of lane `index`'s iteration (which is done), samples, and reports into
+    /// `events`.
+    fn complete(&mut self, index: usize, events: &mut Vec<EngineEvent>) {
         let seen = Instant::now();
         let slot = &mut self.lanes[index];
-        let Some(flight) = slot.in_flight.take() else { return Ok(Vec::new()) };
+        let Some(flight) = slot.in_flight.take() else { return };
         let logits = match self.backend.take_logits(&slot.phase, flight.pending) {
             Ok(logits) => logits,
             Err(e) => {
-                self.fail(&flight.scheduled);
-                return Err(e);
+                events.extend(self.fail(&flight.scheduled, &e));
+                return;
             }
         };
         for s in &flight.scheduled {
@@ -582,16 +597,31 @@ impl<B: Backend> Engine<B> {
                 self.drop_sequence(s.id);
             }
         }
-        let mut events = Vec::with_capacity(2 * flight.sampled.len());
         for (row, &id) in flight.sampled.iter().enumerate() {
             let Some(seq) = self.seqs.get_mut(&id) else { continue };
-            let (token, logprobs) = match &logits {
-                HostLogits::Argmax(ids) => (ids[row], None),
+            let picked = match &logits {
+                HostLogits::Argmax(ids) if ids[row] == ARGMAX_NONE => Err(Error::invalid("no maximum")),
+                HostLogits::Argmax(ids) => Ok((ids[row], None)),
                 HostLogits::Full(host) => {
                     let vocab = host.shape[1];
                     let logits = &host.data[row * vocab..][..vocab];
-                    let token = seq.sampler.sample(logits)?;
-                    (token, seq.options.logprobs.map(|top| Box::new(token_logprobs(logits, token, top))))
+                    let sampled = if logits.iter().any(|v| v.is_nan()) {
+                        Err(Error::invalid("NaN"))
+                    } else {
+                        seq.sampler.sample(logits)
+                    };
+                    sampled.map(|token| {
+                        (token, seq.options.logprobs.map(|top| Box::new(token_logprobs(logits, token, top))))
+                    })
+                }
+            };
+            let (token, logprobs) = match picked {
+                Ok(picked) => picked,
+                Err(e) => {
+                    let message = format!("the model's logits hold no token to pick ({})", e.message());
+                    self.drop_sequence(id);
+                    events.push(EngineEvent::Failed { id, message });
+                    continue;
                 }
             };
             seq.tokens.push(token);
@@ -624,16 +654,20 @@ impl<B: Backend> Engine<B> {
                 host: flight.host + seen.elapsed(),
             });
         }
-        Ok(events)
     }
 
-    /// Drops the sequences of an iteration that failed, once the device is done with whatever
-    /// part of it was launched.
-    fn fail(&mut self, scheduled: &[Scheduled]) {
+    /// Drops the sequences of an iteration that failed with `error`, once the device is done
+    /// with whatever part of it was launched; returns their failures (none for aborted ones).
+    fn fail(&mut self, scheduled: &[Scheduled], error: &Error) -> Vec<EngineEvent> {
         // Best effort: the device may be in error, and the blocks are freed either way.
         let _ = self.backend.synchronize();
+        let mut failures = Vec::new();
         for s in scheduled {
+            if self.seqs.get(&s.id).is_some_and(|seq| !seq.aborted) {
+                failures.push(EngineEvent::Failed { id: s.id, message: format!("the step failed: {error}") });
+            }
             self.drop_sequence(s.id);
         }
+        failures
     }
 }

@@ -175,7 +175,7 @@ fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
 
 /// Both schedules: chunked, and Nexus with about half of the SMs for prefill.
 fn schedules() -> [Schedule; 2] {
-    [Schedule::Chunked, Schedule::Nexus(NexusConfig { prefill_sms: gpu().sm_count() / 2 })]
+    [Schedule::Chunked, Schedule::Nexus(NexusConfig::fixed(gpu().sm_count() / 2))]
 }
 
 /// Runs every fixture prompt through a GPU engine on SmolLM2 and returns each request's greedy

@@ -38,7 +38,10 @@ fn smollm2() -> &'static LoadedModel {
 }
 
 /// Both schedules: chunked, and Nexus with 64 of the CPU backend's 132 nominal SMs for prefill.
-const SCHEDULES: [Schedule; 2] = [Schedule::Chunked, Schedule::Nexus(NexusConfig { prefill_sms: 64 })];
+const SCHEDULES: [Schedule; 2] = [
+    Schedule::Chunked,
+    Schedule::Nexus(NexusConfig { prefill_sms: 64, prefill_aging: NexusConfig::DEFAULT_PREFILL_AGING }),
+];
 
 fn engine(num_blocks: usize, scheduler: SchedulerConfig, schedule: Schedule) -> Engine<CpuBackend> {
     engine_with(EngineConfig { num_blocks, block_size: 16, scheduler, max_model_len: None, schedule }).expect("engine")

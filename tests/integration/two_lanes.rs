@@ -43,13 +43,14 @@ proptest! {
         events in prop::collection::vec(event(), 1..120),
         num_blocks in 12usize..48,
         prefill_sms in 1u32..CPU_SM_COUNT,
+        prefill_aging in 0u64..40,
         nexus in prop::bool::weighted(0.8),
         max_num_batched_tokens in 8usize..96,
         seed in any::<u64>(),
     ) {
         let backend = Chaos::new(seed);
         let model = LlamaModel::random(&backend, &tiny_config(), 3).unwrap();
-        let schedule = if nexus { Schedule::Nexus(NexusConfig { prefill_sms }) } else { Schedule::Chunked };
+        let schedule = if nexus { Schedule::Nexus(NexusConfig { prefill_sms, prefill_aging }) } else { Schedule::Chunked };
         let config = EngineConfig {
             num_blocks,
             block_size: 4,

@@ -161,6 +161,8 @@ struct Sequence {
     in_flight: bool,
     /// Aborted while in flight: dropped (and its blocks freed) when its iteration is done.
     aborted: bool,
+    /// The scheduling round it arrived in.
+    arrival: u64,
 }
 
 /// An iteration in flight.
@@ -230,6 +232,8 @@ pub struct Engine<B: Backend> {
     /// Sequences without blocks, in admission order.
     waiting: VecDeque<RequestId>,
     preemptions: u64,
+    /// Scheduling rounds so far (plans asked for): the clock of requests' ages.
+    round: u64,
     epoch: Instant,
     /// Iterations done since the timeline was last taken, when one is kept.
     timeline: Option<Vec<Iteration>>,
@@ -276,6 +280,7 @@ impl<B: Backend> Engine<B> {
             running: Vec::new(),
             waiting: VecDeque::new(),
             preemptions: 0,
+            round: 0,
             epoch: Instant::now(),
             timeline: None,
         })
@@ -332,8 +337,16 @@ impl<B: Backend> Engine<B> {
             )));
         }
         let sampler = Sampler::new(options.sampling.clone(), &prompt)?;
-        let seq =
-            Sequence { tokens: prompt, computed: 0, generated: 0, options, sampler, in_flight: false, aborted: false };
+        let seq = Sequence {
+            tokens: prompt,
+            computed: 0,
+            generated: 0,
+            options,
+            sampler,
+            in_flight: false,
+            aborted: false,
+            arrival: self.round,
+        };
         self.seqs.insert(id, seq);
         self.waiting.push_back(id);
         Ok(())
@@ -443,9 +456,10 @@ impl<B: Backend> Engine<B> {
     /// not be launched.
     fn launch(&mut self) -> Result<Vec<EngineEvent>> {
         let planning = Instant::now();
+        self.round += 1;
         let state = |id: &RequestId| {
             let s = &self.seqs[id];
-            SeqState { id: *id, uncached: s.tokens.len() - s.computed }
+            SeqState { id: *id, uncached: s.tokens.len() - s.computed, age: self.round - s.arrival }
         };
         let idle: Vec<SeqState> = self.running.iter().filter(|id| !self.seqs[*id].in_flight).map(state).collect();
         let waiting: Vec<SeqState> = self.waiting.iter().map(state).collect();
@@ -471,12 +485,8 @@ impl<B: Backend> Engine<B> {
             self.waiting.push_front(id);
             self.preemptions += 1;
         }
-        // `admitted` counts from the front of the queue as the scheduler saw it.
-        for _ in 0..plan.admitted {
-            if let Some(id) = self.waiting.pop_front() {
-                self.running.push(id);
-            }
-        }
+        self.waiting.retain(|id| !plan.admitted.contains(id));
+        self.running.extend(&plan.admitted);
         let planning = planning.elapsed() / plan.lanes.len().max(1) as u32;
         let mut failures = Vec::new();
         for lane_plan in plan.lanes {

@@ -1,7 +1,7 @@
 //! The chunked-prefill scheduler: one mixed batch per iteration on every SM.
 
 use super::{
-    Lane, LanePlan, Plan, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
+    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
     schedule_prompts,
 };
 use crate::Result;
@@ -52,8 +52,9 @@ impl Scheduler for ChunkedScheduler {
         loop {
             let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
             let admit = plan.preempted.is_empty();
+            let order = PromptOrder::FirstCome;
             let (prompts, admitted) =
-                schedule_prompts(&alive, view.waiting, room, admit, &mut budget, &mut free, blocks);
+                schedule_prompts(&alive, view.waiting, room, admit, order, &mut budget, &mut free, blocks);
             if !scheduled.is_empty() || !prompts.is_empty() {
                 scheduled.extend(prompts);
                 plan.admitted = admitted;
@@ -79,7 +80,7 @@ mod tests {
     use crate::engine::scheduler::{Scheduled, SeqState};
 
     fn s(id: SeqId, uncached: usize) -> SeqState {
-        SeqState { id, uncached }
+        SeqState { id, uncached, age: 0 }
     }
 
     fn plan(sched: &mut ChunkedScheduler, running: &[SeqState], waiting: &[SeqState], blocks: &BlockManager) -> Plan {
@@ -100,10 +101,10 @@ mod tests {
         let mut sched = ChunkedScheduler::new(SchedulerConfig { max_num_seqs: 3, max_num_batched_tokens: 10 }).unwrap();
         let p = plan(&mut sched, &[s(1, 1), s(2, 16)], &[s(3, 50), s(4, 5)], &blocks);
         assert_eq!(scheduled(&p), vec![Scheduled { id: 1, tokens: 1 }, Scheduled { id: 2, tokens: 9 }]);
-        assert_eq!((p.admitted, p.lanes[0].kind, p.lanes[0].budget), (0, StepKind::Prefill, 132));
+        assert_eq!((p.admitted.len(), p.lanes[0].kind, p.lanes[0].budget), (0, StepKind::Prefill, 132));
         let p = plan(&mut sched, &[s(1, 1), s(2, 2)], &[s(3, 50), s(4, 5)], &blocks);
         assert_eq!(scheduled(&p).last(), Some(&Scheduled { id: 3, tokens: 7 }));
-        assert_eq!(p.admitted, 1);
+        assert_eq!(p.admitted, vec![3]);
         let p = plan(&mut sched, &[s(1, 1)], &[], &blocks);
         assert_eq!(p.lanes[0].kind, StepKind::Decode, "decodes only");
         // A lane in flight plans nothing.
@@ -141,6 +142,6 @@ mod tests {
         let p = plan(&mut sched, &[s(1, 1), s(2, 1), s(3, 1)], &[s(4, 3)], &blocks);
         assert_eq!(p.preempted, vec![3, 2]);
         assert_eq!(scheduled(&p), vec![Scheduled { id: 1, tokens: 1 }]);
-        assert_eq!(p.admitted, 0);
+        assert!(p.admitted.is_empty());
     }
 }

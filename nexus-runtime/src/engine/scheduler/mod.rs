@@ -82,6 +82,8 @@ pub struct SeqState {
     /// Tokens not yet in the KV cache: 1 for a sequence in its decode phase (the last sampled
     /// token), more while its prompt (or, after preemption, its whole text) is being prefilled.
     pub uncached: usize,
+    /// Scheduling rounds (the engine's plans) since the request arrived: its age.
+    pub age: u64,
 }
 
 /// What the scheduler sees when it plans.
@@ -134,9 +136,9 @@ pub struct LanePlan {
 pub struct Plan {
     /// Sequences to preempt before launching (their blocks freed, recomputed later).
     pub preempted: Vec<SeqId>,
-    /// How many of the waiting sequences (from the front) were admitted; they appear in the
-    /// lanes' `scheduled`.
-    pub admitted: usize,
+    /// The waiting sequences admitted (they appear in the lanes' `scheduled`), in the order they
+    /// start running.
+    pub admitted: Vec<SeqId>,
     /// Iterations to launch, in the order to launch them.
     pub lanes: Vec<LanePlan>,
 }
@@ -199,41 +201,54 @@ fn schedule_decodes(
     scheduled
 }
 
-/// Schedules chunks of the prompts being prefilled (`uncached > 1`) in `alive`, then admits new
-/// prompts from the front of `waiting` (unless `admit` is false) while `room` sequences may
-/// still start, within `budget` tokens and the blocks of `free`. Returns the chunks and how many
-/// were admitted.
+/// Which prompt goes first when the prefill budget cannot hold them all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PromptOrder {
+    /// The prompts already started (oldest first), then new ones in queue order.
+    FirstCome,
+    /// Shortest remaining prompt first, with aging: the lowest `uncached − aging × age` first
+    /// (ties to the older), so that a long prompt overtakes every prompt that arrived more than
+    /// `(its length − theirs) / aging` rounds after it and none starves.
+    ShortestFirst { aging: u64 },
+}
+
+/// Schedules chunks of the prompts being prefilled (`uncached > 1`) in `alive` and admits new
+/// prompts from `waiting` (unless `admit` is false) while `room` sequences may still start, in
+/// `order`, within `budget` tokens and the blocks of `free`. Returns the chunks and the admitted
+/// ids. A prompt that does not fit ends the plan (later ones wait rather than overtake it, which
+/// would starve it).
+#[allow(clippy::too_many_arguments)]
 fn schedule_prompts(
     alive: &[SeqState],
     waiting: &[SeqState],
     room: usize,
     admit: bool,
+    order: PromptOrder,
     budget: &mut usize,
     free: &mut usize,
     blocks: &BlockManager,
-) -> (Vec<Scheduled>, usize) {
+) -> (Vec<Scheduled>, Vec<SeqId>) {
+    let started = alive.iter().filter(|s| s.uncached > 1).map(|s| (s, false));
+    let new = waiting.iter().take(if admit { room } else { 0 }).map(|s| (s, true));
+    let mut candidates: Vec<(&SeqState, bool)> = started.chain(new).collect();
+    if let PromptOrder::ShortestFirst { aging } = order {
+        let score = |s: &SeqState| s.uncached as i128 - (aging as i128) * (s.age as i128);
+        candidates.sort_by(|(a, _), (b, _)| score(a).cmp(&score(b)).then(b.age.cmp(&a.age)).then(a.id.cmp(&b.id)));
+    }
     let mut scheduled = Vec::new();
-    for seq in alive.iter().filter(|s| s.uncached > 1) {
+    let mut admitted = Vec::new();
+    for (seq, is_new) in candidates {
+        if *budget == 0 {
+            break;
+        }
         let tokens = fit(seq, *budget, free, blocks);
         if tokens == 0 {
             break;
         }
         *budget -= tokens;
         scheduled.push(Scheduled { id: seq.id, tokens });
-    }
-    let mut admitted = 0;
-    if admit {
-        for seq in waiting.iter().take(room) {
-            if *budget == 0 {
-                break;
-            }
-            let tokens = fit(seq, *budget, free, blocks);
-            if tokens == 0 {
-                break;
-            }
-            *budget -= tokens;
-            admitted += 1;
-            scheduled.push(Scheduled { id: seq.id, tokens });
+        if is_new {
+            admitted.push(seq.id);
         }
     }
     (scheduled, admitted)

@@ -1,18 +1,33 @@
 //! The Nexus scheduler: prefill and decode in two lanes at once, on disjoint SMs.
 
 use super::{
-    Lane, LanePlan, Plan, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
+    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
     schedule_prompts,
 };
 use crate::model::backend::StepKind;
 use crate::{Error, Result};
 
-/// How the Nexus scheduler splits the SMs.
+/// How the Nexus scheduler splits the SMs and orders prompts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NexusConfig {
     /// SMs of the prefill lane while both lanes have work; the decode lane gets the rest. A lane
     /// with no work gives all of its SMs to the other.
     pub prefill_sms: u32,
+    /// The prefill queue runs the shortest remaining prompt first, each prompt's remaining
+    /// tokens lowered by this many per scheduling round it has waited (the paper's γ, which it
+    /// gives as 15 without a unit): a prompt `n` tokens longer than another overtakes it after
+    /// `n / aging` rounds, so none starves. 0: shortest first, without aging.
+    pub prefill_aging: u64,
+}
+
+impl NexusConfig {
+    /// The paper's aging, 15 tokens per round.
+    pub const DEFAULT_PREFILL_AGING: u64 = 15;
+
+    /// A fixed split of `prefill_sms` for prefill, with the default aging.
+    pub fn fixed(prefill_sms: u32) -> Self {
+        NexusConfig { prefill_sms, prefill_aging: Self::DEFAULT_PREFILL_AGING }
+    }
 }
 
 /// Two lanes at once (see the module documentation), split by a fixed policy: while both have
@@ -20,8 +35,8 @@ pub struct NexusConfig {
 /// rest; a lane with no work leaves every SM to the other. A lane starting an iteration never
 /// gets more than what the other lane's iteration in flight leaves, so the split is real: it
 /// waits instead. The decode lane runs every idle decoding sequence, oldest first (preempting
-/// the newest idle sequences when blocks run out); the prefill lane runs the chunks of prompts
-/// already started, then admits new ones first come first served.
+/// the newest idle sequences when blocks run out); the prefill lane runs prompts, started or new,
+/// shortest remaining first with aging ([`NexusConfig::prefill_aging`]).
 #[derive(Clone, Debug)]
 pub struct NexusScheduler {
     config: SchedulerConfig,
@@ -94,8 +109,9 @@ impl Scheduler for NexusScheduler {
                     let mut budget = self.config.max_num_batched_tokens;
                     let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
                     let admit = plan.preempted.is_empty();
+                    let order = PromptOrder::ShortestFirst { aging: self.split.prefill_aging };
                     let (scheduled, admitted) =
-                        schedule_prompts(&alive, view.waiting, room, admit, &mut budget, &mut free, blocks);
+                        schedule_prompts(&alive, view.waiting, room, admit, order, &mut budget, &mut free, blocks);
                     if !scheduled.is_empty() {
                         prompts = scheduled;
                         plan.admitted = admitted;
@@ -130,11 +146,11 @@ mod tests {
     use crate::engine::scheduler::{Scheduled, SeqState};
 
     fn s(id: SeqId, uncached: usize) -> SeqState {
-        SeqState { id, uncached }
+        SeqState { id, uncached, age: 0 }
     }
 
     fn nexus(prefill_sms: u32) -> NexusScheduler {
-        NexusScheduler::new(SchedulerConfig::default(), NexusConfig { prefill_sms }, 132).unwrap()
+        NexusScheduler::new(SchedulerConfig::default(), NexusConfig::fixed(prefill_sms), 132).unwrap()
     }
 
     fn budgets(plan: &Plan) -> Vec<(Lane, u32)> {
@@ -154,8 +170,10 @@ mod tests {
         let both = view(&[s(1, 1), s(2, 16)], &[s(3, 5)], &[None, None]);
         assert_eq!(budgets(&both), vec![(Lane::Decode, 68), (Lane::Prefill, 64)]);
         assert_eq!(both.lanes[0].scheduled, vec![Scheduled { id: 1, tokens: 1 }]);
-        assert_eq!(both.lanes[1].scheduled, vec![Scheduled { id: 2, tokens: 16 }, Scheduled { id: 3, tokens: 5 }]);
-        assert_eq!((both.lanes[0].kind, both.lanes[1].kind, both.admitted), (StepKind::Decode, StepKind::Prefill, 1));
+        // Shortest remaining prompt first: the new 5-token prompt before the started one.
+        assert_eq!(both.lanes[1].scheduled, vec![Scheduled { id: 3, tokens: 5 }, Scheduled { id: 2, tokens: 16 }]);
+        assert_eq!((both.lanes[0].kind, both.lanes[1].kind), (StepKind::Decode, StepKind::Prefill));
+        assert_eq!(both.admitted, vec![3]);
         // Decode alone, prefill alone: all SMs.
         assert_eq!(budgets(&view(&[s(1, 1)], &[], &[None, None])), vec![(Lane::Decode, 132)]);
         assert_eq!(budgets(&view(&[s(2, 16)], &[], &[None, None])), vec![(Lane::Prefill, 132)]);
@@ -173,7 +191,7 @@ mod tests {
     #[test]
     fn the_split_leaves_each_lane_an_sm() {
         for bad in [0, 132, 200] {
-            assert!(NexusScheduler::new(SchedulerConfig::default(), NexusConfig { prefill_sms: bad }, 132).is_err());
+            assert!(NexusScheduler::new(SchedulerConfig::default(), NexusConfig::fixed(bad), 132).is_err());
         }
         assert_eq!(nexus(32).budgets(Lane::Decode, 132), vec![100, 132]);
         assert_eq!(nexus(32).budgets(Lane::Prefill, 132), vec![32, 132]);
@@ -196,7 +214,7 @@ mod tests {
         let plan = sched.plan(&view);
         assert_eq!(plan.preempted, vec![2], "the newest idle sequence gives its blocks to the decode");
         assert_eq!(budgets(&plan), vec![(Lane::Decode, 132)]);
-        assert_eq!(plan.admitted, 0, "nothing is admitted after a preemption");
+        assert!(plan.admitted.is_empty(), "nothing is admitted after a preemption");
         // Two prompts stuck on a full cache with no decode: the newer gives way.
         let mut blocks = BlockManager::new(4, 4).unwrap();
         blocks.append(1, 8).unwrap();

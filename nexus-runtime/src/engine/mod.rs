@@ -22,6 +22,7 @@
 //! writing them until then).
 
 pub mod batch;
+pub mod cost_model;
 pub mod generate;
 pub mod kv_cache;
 pub mod sampling;

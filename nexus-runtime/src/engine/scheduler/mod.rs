@@ -19,6 +19,7 @@
 //! flight never add up to more than the SM count.
 
 mod chunked;
+pub mod controller;
 mod nexus;
 
 pub use chunked::ChunkedScheduler;

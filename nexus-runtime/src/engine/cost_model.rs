@@ -1,0 +1,350 @@
+//! The Nexus controller's cost model: how long one lane's iteration takes at a CTA budget, and
+//! what an iteration of the other lane running at the same time does to it.
+//!
+//! As in the paper, an iteration is priced operator by operator — each GEMM of every layer and
+//! the LM head, the layer's attention, and the rest (norms, RoPE, KV writes, activation) — each
+//! at the larger of its compute time and its memory time, plus a fixed cost per iteration
+//! (launches):
+//!
+//! - compute time is the operator's FLOPs over `flops_per_sm × effective SMs`, where the
+//!   effective SMs grow with the budget `r` up to a saturation share and then only as
+//!   `saturation × (r / saturation)^decay` ([`ComputeCurve`], fitted per operator class);
+//! - memory time is its bytes over the streaming-read bandwidth `r` SMs reach, a curve measured
+//!   on the device ([`nexus_kernels::BandwidthCurve`]);
+//! - while the other lane moves bytes too, HBM is shared: an operator gets at most what the
+//!   device's whole bandwidth leaves after the other lane's rate (measured on an H200: a stream on
+//!   D SMs keeps its rate next to compute-bound work, and loses about half next to another
+//!   stream), so decode pays for a memory-bound prefill phase, not for its SM count alone.
+
+use nexus_kernels::BandwidthCurve;
+use serde::{Deserialize, Serialize};
+
+use crate::model::backend::StepKind;
+use crate::weights::config::ModelConfig;
+use crate::{Error, Result};
+
+/// The sizes of a model that its iterations' costs depend on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+}
+
+impl ModelShape {
+    /// The shape of `config`'s model.
+    pub fn of(config: &ModelConfig) -> Self {
+        ModelShape {
+            layers: config.num_layers,
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            heads: config.num_heads,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            vocab: config.vocab_size,
+        }
+    }
+
+    /// `(n, k)` of each layer's GEMMs: fused QKV, output, fused gate/up, down.
+    fn layer_linears(&self) -> [(usize, usize); 4] {
+        let q = self.heads * self.head_dim;
+        let kv = self.kv_heads * self.head_dim;
+        [
+            (q + 2 * kv, self.hidden),
+            (self.hidden, q),
+            (2 * self.intermediate, self.hidden),
+            (self.hidden, self.intermediate),
+        ]
+    }
+
+    /// Bytes of K and V (bf16) of one cached token in one layer.
+    fn kv_bytes_per_token(&self) -> f64 {
+        (2 * self.kv_heads * self.head_dim * 2) as f64
+    }
+}
+
+/// What one iteration of a lane computes, in the units the model prices.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IterationWork {
+    pub kind: StepKind,
+    /// New tokens: the query rows.
+    pub tokens: usize,
+    /// Sequences (each brings at most one row of logits).
+    pub seqs: usize,
+    /// Query-key pairs attended, over all rows (a prompt chunk of `c` tokens after `p` cached
+    /// ones: `c·p + c(c+1)/2`; a decode row: its context length).
+    pub attended: f64,
+    /// Tokens of K and V read, over all sequences (each sequence's context once).
+    pub kv_tokens: f64,
+}
+
+impl IterationWork {
+    /// The work of sequences advancing by `new` tokens after `cached` ones each, `(new, cached)`.
+    pub fn of(kind: StepKind, chunks: impl IntoIterator<Item = (usize, usize)>) -> Self {
+        let mut work = IterationWork { kind, ..IterationWork::default() };
+        for (new, cached) in chunks {
+            let (c, p) = (new as f64, cached as f64);
+            work.tokens += new;
+            work.seqs += 1;
+            work.attended += c * p + c * (c + 1.0) / 2.0;
+            work.kv_tokens += p + c;
+        }
+        work
+    }
+}
+
+/// The classes of operators, each with its own compute curve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Gemm,
+    PrefillAttention,
+    DecodeAttention,
+    /// Norms, RoPE, KV writes, SiLU-and-mul, embedding: memory-bound.
+    Rest,
+}
+
+/// How an operator's compute time falls with its SMs: as `1/r` up to `saturation` SMs, then as
+/// `(saturation / r)^decay` (0: no faster with more SMs, 1: still `1/r`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ComputeCurve {
+    /// FLOP/s one SM reaches below saturation.
+    pub flops_per_sm: f64,
+    pub saturation: f64,
+    pub decay: f64,
+}
+
+impl ComputeCurve {
+    /// Seconds to compute `flops` on `sms` SMs.
+    pub fn seconds(&self, flops: f64, sms: u32) -> f64 {
+        let r = f64::from(sms.max(1));
+        let effective = if r <= self.saturation { r } else { self.saturation * (r / self.saturation).powf(self.decay) };
+        flops / (self.flops_per_sm * effective)
+    }
+}
+
+/// One operator of an iteration: its class, FLOPs and bytes moved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OpWork {
+    pub op: Op,
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+/// The cost model of one model on one device (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CostModel {
+    pub model: ModelShape,
+    pub sm_count: u32,
+    /// The streaming-read curve, `(SMs, bytes/s)`, from 1 SM up.
+    pub bandwidth: Vec<(u32, f64)>,
+    pub gemm: ComputeCurve,
+    pub prefill_attention: ComputeCurve,
+    pub decode_attention: ComputeCurve,
+    /// Seconds each iteration costs besides its operators, by kind (launches and the host).
+    pub prefill_overhead_s: f64,
+    pub decode_overhead_s: f64,
+    #[serde(skip)]
+    curve: Option<BandwidthCurve>,
+}
+
+impl CostModel {
+    /// A model of `model` on a device of `sm_count` SMs whose streaming read reaches `bandwidth`
+    /// (`(SMs, bytes/s)`, from 1 SM up).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        model: ModelShape,
+        sm_count: u32,
+        bandwidth: Vec<(u32, f64)>,
+        gemm: ComputeCurve,
+        prefill_attention: ComputeCurve,
+        decode_attention: ComputeCurve,
+        prefill_overhead_s: f64,
+        decode_overhead_s: f64,
+    ) -> Result<Self> {
+        let mut cost = CostModel {
+            model,
+            sm_count,
+            bandwidth,
+            gemm,
+            prefill_attention,
+            decode_attention,
+            prefill_overhead_s,
+            decode_overhead_s,
+            curve: None,
+        };
+        cost.check()?;
+        Ok(cost)
+    }
+
+    /// Reads a cost model saved as JSON, and checks it.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let mut cost: CostModel = serde_json::from_str(text).map_err(|e| Error::format(format!("cost model: {e}")))?;
+        cost.check()?;
+        Ok(cost)
+    }
+
+    /// The model as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_default()
+    }
+
+    fn check(&mut self) -> Result<()> {
+        let curves = [self.gemm, self.prefill_attention, self.decode_attention];
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if self.sm_count == 0
+            || !curves.iter().all(|c| positive(c.flops_per_sm) && positive(c.saturation) && c.decay.is_finite())
+            || !(self.prefill_overhead_s.is_finite() && self.prefill_overhead_s >= 0.0)
+            || !(self.decode_overhead_s.is_finite() && self.decode_overhead_s >= 0.0)
+        {
+            return Err(Error::format("cost model: SM count, curves and overheads must be positive and finite"));
+        }
+        let curve = BandwidthCurve::from_points(&self.bandwidth)
+            .map_err(|e| Error::format(format!("cost model: bandwidth: {e}")))?;
+        self.curve = Some(curve);
+        Ok(())
+    }
+
+    /// Bytes/s the streaming read reaches on `sms` SMs.
+    pub fn bandwidth(&self, sms: u32) -> f64 {
+        self.curve.as_ref().map_or(1.0, |c| c.at(sms))
+    }
+
+    /// The operators of an iteration doing `work`, with their FLOPs and bytes (every layer's, and
+    /// the LM head's).
+    pub fn ops(&self, work: &IterationWork) -> Vec<OpWork> {
+        let m = &self.model;
+        let layers = m.layers as f64;
+        let tokens = work.tokens as f64;
+        let mut ops = Vec::with_capacity(7);
+        let gemm = |rows: f64, n: usize, k: usize, times: f64| {
+            let (n, k) = (n as f64, k as f64);
+            OpWork {
+                op: Op::Gemm,
+                flops: times * 2.0 * rows * n * k,
+                bytes: times * 2.0 * (rows * k + n * k + rows * n),
+            }
+        };
+        for (n, k) in m.layer_linears() {
+            ops.push(gemm(tokens, n, k, layers));
+        }
+        ops.push(gemm(work.seqs as f64, m.vocab, m.hidden, 1.0));
+        let q_width = (m.heads * m.head_dim) as f64;
+        let attention = if work.kind == StepKind::Decode { Op::DecodeAttention } else { Op::PrefillAttention };
+        ops.push(OpWork {
+            op: attention,
+            flops: layers * 4.0 * q_width * work.attended,
+            bytes: layers * (work.kv_tokens * m.kv_bytes_per_token() + tokens * 2.0 * 2.0 * q_width),
+        });
+        // Per layer and token, the elementwise kernels read and write about: two norms (2 × 2h),
+        // two residual adds (2h), RoPE and the KV write (the QKV row twice), SiLU-and-mul (2I in,
+        // I out); in bf16.
+        let qkv = ((m.heads + 2 * m.kv_heads) * m.head_dim) as f64;
+        let per_token = 6.0 * m.hidden as f64 + 2.0 * qkv + 3.0 * m.intermediate as f64;
+        ops.push(OpWork { op: Op::Rest, flops: 0.0, bytes: layers * tokens * per_token * 2.0 });
+        ops
+    }
+
+    /// Seconds `op` takes on `sms` SMs while the other lane reads or writes `other_bytes_per_s`.
+    pub fn op_seconds(&self, op: &OpWork, sms: u32, other_bytes_per_s: f64) -> f64 {
+        let compute = match op.op {
+            Op::Gemm => self.gemm.seconds(op.flops, sms),
+            Op::PrefillAttention => self.prefill_attention.seconds(op.flops, sms),
+            Op::DecodeAttention => self.decode_attention.seconds(op.flops, sms),
+            Op::Rest => 0.0,
+        };
+        // HBM is shared: what the whole device reads, less the other lane's rate, but never less
+        // than a tenth of what these SMs reach alone.
+        let own = self.bandwidth(sms);
+        let left = (self.bandwidth(self.sm_count) - other_bytes_per_s).max(0.1 * own);
+        compute.max(op.bytes / own.min(left))
+    }
+
+    /// The predicted seconds of an iteration doing `work` on `sms` SMs while the other lane reads
+    /// or writes `other_bytes_per_s` (0 when it is idle).
+    pub fn seconds(&self, work: &IterationWork, sms: u32, other_bytes_per_s: f64) -> f64 {
+        let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
+        overhead + self.ops(work).iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
+    }
+
+    /// The bytes/s an iteration doing `work` on `sms` SMs moves on average (what it leaves the
+    /// other lane is the device's bandwidth less this).
+    pub fn bytes_per_s(&self, work: &IterationWork, sms: u32) -> f64 {
+        let bytes: f64 = self.ops(work).iter().map(|op| op.bytes).sum();
+        bytes / self.seconds(work, sms, 0.0).max(1e-9)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Llama-3.1-8B's shape, and an H200-like device: 132 SMs, ~4.5 TB/s, ~6 TFLOP/s of bf16
+    /// tensor work per SM.
+    pub(crate) fn llama8b_h200() -> CostModel {
+        let model = ModelShape {
+            layers: 32,
+            hidden: 4096,
+            intermediate: 14336,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            vocab: 128_256,
+        };
+        let bandwidth = vec![(1, 0.11e12), (16, 1.73e12), (32, 2.96e12), (64, 4.24e12), (132, 4.53e12)];
+        let gemm = ComputeCurve { flops_per_sm: 6.0e12, saturation: 132.0, decay: 1.0 };
+        let prefill = ComputeCurve { flops_per_sm: 4.5e12, saturation: 132.0, decay: 1.0 };
+        let decode = ComputeCurve { flops_per_sm: 1.0e12, saturation: 132.0, decay: 1.0 };
+        CostModel::new(model, 132, bandwidth, gemm, prefill, decode, 2e-3, 0.3e-3).unwrap()
+    }
+
+    #[test]
+    fn decode_is_memory_bound_and_prefill_compute_bound() {
+        let cost = llama8b_h200();
+        // A decode of 64 sequences with 2k tokens each reads the weights (16 GB) and 17.2 GB of
+        // KV: 7.37 ms at 4.53 TB/s (DESIGN.md's floor), with overheads and the rest a little
+        // more; about as much at 64 SMs, much more at 16.
+        let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
+        let all = cost.seconds(&decode, 132, 0.0);
+        assert!((7.37e-3..8.0e-3).contains(&all), "{all}");
+        assert!(cost.seconds(&decode, 64, 0.0) < 1.1 * all);
+        assert!(cost.seconds(&decode, 16, 0.0) > 2.0 * all);
+        // An 8k prompt: ~130 TFLOP of GEMMs, compute-bound: about half the SMs, about twice the time.
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let (full, half) = (cost.seconds(&prefill, 132, 0.0), cost.seconds(&prefill, 66, 0.0));
+        assert!((1.8..2.1).contains(&(half / full)), "{full} {half}");
+        // Next to a lane that reads 3 TB/s, the decode gets what is left of the device's HBM.
+        let shared = cost.seconds(&decode, 64, 3.0e12);
+        assert!(shared > 2.0 * cost.seconds(&decode, 64, 0.0), "{shared}");
+        // And the prefill reads far less than it could: compute bound.
+        assert!(cost.bytes_per_s(&prefill, 66) < 0.1 * cost.bandwidth(132));
+    }
+
+    #[test]
+    fn compute_saturates_and_then_decays() {
+        let curve = ComputeCurve { flops_per_sm: 1e12, saturation: 64.0, decay: 0.25 };
+        assert!((curve.seconds(64e12, 64) - 1.0).abs() < 1e-12);
+        assert!((curve.seconds(64e12, 32) - 2.0).abs() < 1e-12);
+        let beyond = curve.seconds(64e12, 128);
+        assert!((beyond - 2f64.powf(-0.25)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_saved_model_reads_back_and_bad_ones_are_refused() {
+        let cost = llama8b_h200();
+        let back = CostModel::from_json(&cost.to_json()).unwrap();
+        assert_eq!(back, cost);
+        let mut bad = cost.clone();
+        bad.gemm.flops_per_sm = f64::NAN;
+        assert!(CostModel::from_json(&bad.to_json().replace("NaN", "null")).is_err());
+        let mut bad = cost;
+        bad.bandwidth = vec![(4, 1e12)];
+        assert!(CostModel::from_json(&bad.to_json()).is_err());
+        assert!(CostModel::from_json("{").is_err());
+    }
+}

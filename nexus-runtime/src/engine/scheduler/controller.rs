@@ -1,0 +1,206 @@
+//! The Nexus controller: the split of the SMs between prefill and decode, chosen from the cost
+//! model each time a lane starts an iteration while the other has work.
+//!
+//! As in the paper: one phase is prioritized — prefill while the KV cache is less full than a
+//! threshold (70%), so that prompts are admitted, decode above it, so that generations finish
+//! and free memory. Starting from the prioritized phase's predicted latency on every SM, SMs are
+//! taken from it, a grid step at a time, while its latency next to the other phase (which gets
+//! the rest) stays within a slack of that best (1.1 when decode is protected, 1.3 when prefill
+//! is). A new split is applied only when it moves the decode lane by more than a threshold, so
+//! that the split does not flap.
+
+use crate::engine::cost_model::{CostModel, IterationWork};
+use crate::{Error, Result};
+
+/// The controller's parameters (the paper's defaults by [`Default`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ControllerConfig {
+    /// Prefill is prioritized while the fraction of KV blocks in use is below this.
+    pub kv_threshold: f64,
+    /// How much slower than on every SM the prioritized decode may get.
+    pub decode_slack: f64,
+    /// How much slower than on every SM the prioritized prefill may get.
+    pub prefill_slack: f64,
+    /// Decode budgets are multiples of this (decode graphs are recorded for each).
+    pub grid: u32,
+    /// A new split is applied only when it moves the decode budget by more than this.
+    pub hysteresis: u32,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { kv_threshold: 0.7, decode_slack: 1.1, prefill_slack: 1.3, grid: 8, hysteresis: 8 }
+    }
+}
+
+impl ControllerConfig {
+    /// Checks the parameters against a device of `sm_count` SMs.
+    pub fn validate(&self, sm_count: u32) -> Result<()> {
+        if !(0.0..=1.0).contains(&self.kv_threshold) {
+            return Err(Error::invalid(format!("the KV threshold {} must be in [0, 1]", self.kv_threshold)));
+        }
+        if !(self.decode_slack >= 1.0 && self.prefill_slack >= 1.0) {
+            return Err(Error::invalid("the slacks must be at least 1 (a phase is never faster than on every SM)"));
+        }
+        if self.grid == 0 || 2 * self.grid > sm_count {
+            return Err(Error::invalid(format!(
+                "the SM grid {} must leave each phase a step of the device's {sm_count} SMs",
+                self.grid
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every budget the decode lane may get on a device of `sm_count` SMs: the grid's multiples
+    /// that leave prefill an SM, and every SM (when prefill has no work).
+    pub fn decode_budgets(&self, sm_count: u32) -> Vec<u32> {
+        let mut budgets: Vec<u32> = (1..).map(|k| k * self.grid).take_while(|&d| d < sm_count).collect();
+        budgets.push(sm_count);
+        budgets
+    }
+}
+
+/// Which phase the last decision protected, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    Prefill,
+    Decode,
+}
+
+/// A decision: the decode lane's budget (prefill gets the rest) and the predictions behind it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Split {
+    pub decode_sms: u32,
+    pub priority: Priority,
+    /// Predicted seconds of the prefill and decode iterations at this split, each next to the
+    /// other.
+    pub prefill_s: f64,
+    pub decode_s: f64,
+}
+
+/// The controller (see the module documentation).
+#[derive(Clone, Debug)]
+pub struct Controller {
+    cost: CostModel,
+    config: ControllerConfig,
+    /// The decode budget applied last, for the hysteresis.
+    applied: Option<u32>,
+}
+
+impl Controller {
+    /// A controller deciding with `cost` (whose SM count is the device's).
+    pub fn new(cost: CostModel, config: ControllerConfig) -> Result<Self> {
+        config.validate(cost.sm_count)?;
+        Ok(Controller { cost, config, applied: None })
+    }
+
+    /// The cost model.
+    pub fn cost(&self) -> &CostModel {
+        &self.cost
+    }
+
+    /// The parameters.
+    pub fn config(&self) -> ControllerConfig {
+        self.config
+    }
+
+    /// Predicted seconds of `prefill` on `prefill_sms` and `decode` on `decode_sms`, each next to
+    /// the bytes the other moves.
+    fn predict(&self, prefill: &IterationWork, decode: &IterationWork, decode_sms: u32) -> (f64, f64) {
+        let prefill_sms = self.cost.sm_count - decode_sms;
+        let cost = &self.cost;
+        let prefill_s = cost.seconds(prefill, prefill_sms, cost.bytes_per_s(decode, decode_sms));
+        let decode_s = cost.seconds(decode, decode_sms, cost.bytes_per_s(prefill, prefill_sms));
+        (prefill_s, decode_s)
+    }
+
+    /// The split for a prefill iteration doing `prefill` and a decode iteration doing `decode`
+    /// with `kv_usage` of the cache's blocks in use; remembers it for the hysteresis.
+    pub fn split(&mut self, prefill: &IterationWork, decode: &IterationWork, kv_usage: f64) -> Split {
+        let sms = self.cost.sm_count;
+        let grid = self.config.decode_budgets(sms);
+        let shared = &grid[..grid.len() - 1];
+        let priority = if kv_usage < self.config.kv_threshold { Priority::Prefill } else { Priority::Decode };
+        // The decode budgets from most to least SMs for the prioritized phase.
+        let order: Vec<u32> = match priority {
+            Priority::Decode => shared.iter().rev().copied().collect(),
+            Priority::Prefill => shared.to_vec(),
+        };
+        let (best, slack) = match priority {
+            Priority::Decode => (self.cost.seconds(decode, sms, 0.0), self.config.decode_slack),
+            Priority::Prefill => (self.cost.seconds(prefill, sms, 0.0), self.config.prefill_slack),
+        };
+        let mut chosen = order[0];
+        for &decode_sms in &order {
+            let (prefill_s, decode_s) = self.predict(prefill, decode, decode_sms);
+            let protected = if priority == Priority::Decode { decode_s } else { prefill_s };
+            if protected > slack * best {
+                break;
+            }
+            chosen = decode_sms;
+        }
+        if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis) {
+            chosen = applied;
+        }
+        self.applied = Some(chosen);
+        let (prefill_s, decode_s) = self.predict(prefill, decode, chosen);
+        Split { decode_sms: chosen, priority, prefill_s, decode_s }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::engine::cost_model::tests::llama8b_h200;
+    use crate::model::backend::StepKind;
+
+    #[test]
+    fn a_protected_decode_keeps_few_sms_and_a_protected_prefill_most() {
+        let mut controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
+        // Low KV usage: prefill is protected, within 1.3x of its time on all SMs: decode gets a
+        // small share on the grid.
+        let low = controller.split(&prefill, &decode, 0.2);
+        assert_eq!(low.priority, Priority::Prefill);
+        assert!(low.decode_sms % 8 == 0 && low.decode_sms <= 40, "{low:?}");
+        let alone = llama8b_h200().seconds(&prefill, 132, 0.0);
+        assert!(low.prefill_s <= 1.3 * alone, "{low:?} {alone}");
+        // High KV usage: decode is protected (memory-bound: it keeps its speed on a minority of
+        // the SMs while prefill computes).
+        let mut controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
+        let high = controller.split(&prefill, &decode, 0.9);
+        assert_eq!(high.priority, Priority::Decode);
+        assert!(high.decode_sms > low.decode_sms && high.decode_sms < 132, "{high:?}");
+        assert!(high.decode_s <= 1.1 * llama8b_h200().seconds(&decode, 132, 0.0), "{high:?}");
+    }
+
+    #[test]
+    fn the_split_moves_only_past_the_hysteresis() {
+        let config = ControllerConfig { hysteresis: 16, ..ControllerConfig::default() };
+        let mut controller = Controller::new(llama8b_h200(), config).unwrap();
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let first = controller.split(&prefill, &IterationWork::of(StepKind::Decode, [(1, 512)]), 0.2);
+        // A slightly larger decode batch would move the split by a step or two: it stays.
+        let small = IterationWork::of(StepKind::Decode, (0..4).map(|_| (1, 512)));
+        assert_eq!(controller.split(&prefill, &small, 0.2).decode_sms, first.decode_sms);
+        // Past the KV threshold the protected phase changes and the split moves far.
+        let big = IterationWork::of(StepKind::Decode, (0..128).map(|_| (1, 4096)));
+        assert!(controller.split(&prefill, &big, 0.95).decode_sms > first.decode_sms + 16);
+    }
+
+    #[test]
+    fn bad_parameters_are_refused_and_budgets_are_on_the_grid() {
+        let config = ControllerConfig::default();
+        assert_eq!(config.decode_budgets(132), (1..=16).map(|k| 8 * k).chain([132]).collect::<Vec<_>>());
+        for bad in [
+            ControllerConfig { kv_threshold: 1.5, ..config },
+            ControllerConfig { decode_slack: 0.9, ..config },
+            ControllerConfig { grid: 0, ..config },
+            ControllerConfig { grid: 80, ..config },
+        ] {
+            assert!(Controller::new(llama8b_h200(), bad).is_err(), "{bad:?}");
+        }
+    }
+}

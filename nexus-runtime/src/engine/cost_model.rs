@@ -196,11 +196,10 @@ impl CostModel {
     fn check(&mut self) -> Result<()> {
         let curves = [self.gemm, self.prefill_attention, self.decode_attention];
         let positive = |v: f64| v.is_finite() && v > 0.0;
-        if self.sm_count == 0
-            || !curves.iter().all(|c| positive(c.flops_per_sm) && positive(c.saturation) && c.decay.is_finite())
-            || !(self.prefill_overhead_s.is_finite() && self.prefill_overhead_s >= 0.0)
-            || !(self.decode_overhead_s.is_finite() && self.decode_overhead_s >= 0.0)
-        {
+        let overhead = |v: f64| v.is_finite() && v >= 0.0;
+        let curves_ok =
+            curves.iter().all(|c| positive(c.flops_per_sm) && positive(c.saturation) && c.decay.is_finite());
+        if self.sm_count == 0 || !curves_ok || !overhead(self.prefill_overhead_s) || !overhead(self.decode_overhead_s) {
             return Err(Error::format("cost model: SM count, curves and overheads must be positive and finite"));
         }
         let curve = BandwidthCurve::from_points(&self.bandwidth)

@@ -164,7 +164,7 @@ mod tests {
         // small share on the grid.
         let low = controller.split(&prefill, &decode, 0.2);
         assert_eq!(low.priority, Priority::Prefill);
-        assert!(low.decode_sms % 8 == 0 && low.decode_sms <= 40, "{low:?}");
+        assert!(low.decode_sms.is_multiple_of(8) && low.decode_sms <= 40, "{low:?}");
         let alone = llama8b_h200().seconds(&prefill, 132, 0.0);
         assert!(low.prefill_s <= 1.3 * alone, "{low:?} {alone}");
         // High KV usage: decode is protected (memory-bound: it keeps its speed on a minority of

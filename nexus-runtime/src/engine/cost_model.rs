@@ -278,6 +278,77 @@ impl CostModel {
     }
 }
 
+/// One timed operator launch: what it did, on how many SMs, and how long it took.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub op: Op,
+    pub flops: f64,
+    pub bytes: f64,
+    pub sms: u32,
+    pub seconds: f64,
+}
+
+/// The compute curve that best explains `samples` (all of one operator class, timed alone) on a
+/// device of `sm_count` SMs whose streaming read reaches `bandwidth(sms)`: the saturation on a
+/// grid of 4 SMs, the decay in steps of 0.05 and the per-SM rate by a golden-section search,
+/// minimizing the squared log-ratio of predicted to measured times (a sample's prediction is the
+/// larger of its compute and memory times, as in [`CostModel::op_seconds`]). `None` without a
+/// sample.
+pub fn fit_compute_curve(samples: &[Sample], sm_count: u32, bandwidth: impl Fn(u32) -> f64) -> Option<ComputeCurve> {
+    if samples.is_empty() {
+        return None;
+    }
+    let memory: Vec<f64> = samples.iter().map(|s| s.bytes / bandwidth(s.sms)).collect();
+    let error = |curve: &ComputeCurve| -> f64 {
+        samples.iter().zip(&memory).map(|(s, &m)| (curve.seconds(s.flops, s.sms).max(m) / s.seconds).ln().powi(2)).sum()
+    };
+    // The per-SM rate a sample implies if it is compute-bound below saturation, to bracket the
+    // search.
+    let implied: Vec<f64> =
+        samples.iter().filter(|s| s.flops > 0.0).map(|s| s.flops / (s.seconds * f64::from(s.sms))).collect();
+    let (low, high) = implied.iter().fold((f64::MAX, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    if implied.is_empty() {
+        return Some(ComputeCurve { flops_per_sm: 1.0, saturation: f64::from(sm_count), decay: 1.0 });
+    }
+    let mut best: Option<(f64, ComputeCurve)> = None;
+    for saturation in (4..=sm_count).step_by(4).map(f64::from).chain([f64::from(sm_count)]) {
+        for step in 0..=20 {
+            let decay = f64::from(step) * 0.05;
+            let at = |log_rate: f64| ComputeCurve { flops_per_sm: log_rate.exp(), saturation, decay };
+            // Golden-section search of the log rate between a quarter of the lowest implied rate
+            // and four times the highest.
+            let (mut a, mut b) = ((low / 4.0).ln(), (high * 4.0).ln());
+            let phi = (5f64.sqrt() - 1.0) / 2.0;
+            for _ in 0..60 {
+                let (c, d) = (b - phi * (b - a), a + phi * (b - a));
+                if error(&at(c)) < error(&at(d)) {
+                    b = d;
+                } else {
+                    a = c;
+                }
+            }
+            let curve = at((a + b) / 2.0);
+            let e = error(&curve);
+            if best.as_ref().is_none_or(|(be, _)| e < *be) {
+                best = Some((e, curve));
+            }
+        }
+    }
+    best.map(|(_, curve)| curve)
+}
+
+/// The median and the 90th percentile of `|predicted / measured − 1|` over pairs.
+pub fn relative_errors(pairs: impl IntoIterator<Item = (f64, f64)>) -> Option<(f64, f64)> {
+    let mut errors: Vec<f64> =
+        pairs.into_iter().map(|(predicted, measured)| (predicted / measured - 1.0).abs()).collect();
+    if errors.is_empty() || errors.iter().any(|e| !e.is_finite()) {
+        return None;
+    }
+    errors.sort_by(f64::total_cmp);
+    let at = |q: f64| errors[((errors.len() - 1) as f64 * q).round() as usize];
+    Some((at(0.5), at(0.9)))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 pub(crate) mod tests {
@@ -322,6 +393,40 @@ pub(crate) mod tests {
         assert!(shared > 2.0 * cost.seconds(&decode, 64, 0.0), "{shared}");
         // And the prefill reads far less than it could: compute bound.
         assert!(cost.bytes_per_s(&prefill, 66) < 0.1 * cost.bandwidth(132));
+    }
+
+    /// Samples from a known curve (with ±3% noise) over budgets and sizes, some of them
+    /// memory-bound: the fit recovers the curve closely enough to predict held-out samples
+    /// within a few percent.
+    #[test]
+    fn a_fit_recovers_a_known_curve() {
+        let truth = ComputeCurve { flops_per_sm: 5.0e12, saturation: 96.0, decay: 0.3 };
+        let bandwidth = |sms: u32| 4.5e12 * (1.0 - (-f64::from(sms) / 30.0).exp());
+        let mut noise = 0x2545_F491_4F6C_DD1Du64;
+        let mut jitter = || {
+            noise ^= noise << 13;
+            noise ^= noise >> 7;
+            noise ^= noise << 17;
+            1.0 + 0.03 * ((noise % 2001) as f64 / 1000.0 - 1.0)
+        };
+        let mut samples = Vec::new();
+        for sms in (8..=132).step_by(8) {
+            for (flops, bytes) in [(2e12, 1e9), (2e13, 4e9), (5e11, 4e10), (1e11, 1e8)] {
+                let seconds = truth.seconds(flops, sms).max(bytes / bandwidth(sms)) * jitter();
+                samples.push(Sample { op: Op::Gemm, flops, bytes, sms, seconds });
+            }
+        }
+        let (train, held): (Vec<_>, Vec<_>) = samples.iter().enumerate().partition(|(i, _)| i % 4 != 0);
+        let train: Vec<Sample> = train.into_iter().map(|(_, s)| *s).collect();
+        let fitted = fit_compute_curve(&train, 132, bandwidth).unwrap();
+        assert!((fitted.flops_per_sm / truth.flops_per_sm - 1.0).abs() < 0.05, "{fitted:?}");
+        assert!((fitted.saturation - truth.saturation).abs() <= 8.0, "{fitted:?}");
+        let predicted =
+            held.iter().map(|(_, s)| (fitted.seconds(s.flops, s.sms).max(s.bytes / bandwidth(s.sms)), s.seconds));
+        let (median, p90) = relative_errors(predicted).unwrap();
+        assert!(median < 0.03 && p90 < 0.06, "{median} {p90}");
+        assert_eq!(fit_compute_curve(&[], 132, bandwidth), None);
+        assert_eq!(relative_errors([(1.0, 2.0), (3.0, 3.0), (4.0, 2.0)]), Some((0.5, 1.0)));
     }
 
     #[test]

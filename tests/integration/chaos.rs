@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 use nexus::runtime::Result;
-use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepScope};
+use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, OpTime, StepInput, StepScope};
 use nexus::runtime::model::cpu::{CPU_SM_COUNT, CpuBackend, CpuKvPool, CpuMatrix, CpuPhase};
 use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 use nexus::runtime::weights::gguf::HostTensor;
@@ -198,6 +198,18 @@ impl Backend for Chaos {
 
     fn read_logits(&self, phase: &ChaosPhase, logits: CpuMatrix, how: LogitsReadback) -> Result<(usize, HostLogits)> {
         Ok((phase.id, CpuBackend.read_logits(&phase.cpu, logits, how)?))
+    }
+
+    fn time_ops(&self, phase: &ChaosPhase, on: bool) -> Result<()> {
+        CpuBackend.time_ops(&phase.cpu, on)
+    }
+
+    fn take_op_times(&self, phase: &ChaosPhase) -> Result<Vec<OpTime>> {
+        CpuBackend.take_op_times(&phase.cpu)
+    }
+
+    fn bandwidth_curve(&self) -> Vec<(u32, f64)> {
+        CpuBackend.bandwidth_curve()
     }
 
     /// Done only when the coin says so (the engine must keep polling, and serve the other lane).

@@ -5,6 +5,7 @@ mod gguf;
 mod hf_checkpoint;
 mod kv_cache;
 mod oracle;
+mod profile;
 mod sampling;
 mod scheduler;
 mod tokenizer;

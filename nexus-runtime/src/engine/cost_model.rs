@@ -19,7 +19,7 @@
 use nexus_kernels::BandwidthCurve;
 use serde::{Deserialize, Serialize};
 
-use crate::model::backend::StepKind;
+use crate::model::backend::{OpShape, StepKind};
 use crate::weights::config::ModelConfig;
 use crate::{Error, Result};
 
@@ -213,38 +213,53 @@ impl CostModel {
         self.curve.as_ref().map_or(1.0, |c| c.at(sms))
     }
 
+    /// The FLOPs and bytes of one operator the backend ran (what a profile times).
+    pub fn op_work(&self, shape: &OpShape) -> OpWork {
+        let m = &self.model;
+        match *shape {
+            OpShape::Gemm { m: rows, n, k } => {
+                let (rows, n, k) = (rows as f64, n as f64, k as f64);
+                OpWork { op: Op::Gemm, flops: 2.0 * rows * n * k, bytes: 2.0 * (rows * k + n * k + rows * n) }
+            }
+            OpShape::Attention { kind, tokens, attended, kv_tokens, .. } => {
+                let q_width = (m.heads * m.head_dim) as f64;
+                OpWork {
+                    op: if kind == StepKind::Decode { Op::DecodeAttention } else { Op::PrefillAttention },
+                    flops: 4.0 * q_width * attended,
+                    // The cached K and V, the queries in and the output out.
+                    bytes: kv_tokens * m.kv_bytes_per_token() + tokens as f64 * 2.0 * 2.0 * q_width,
+                }
+            }
+            OpShape::Elementwise { bytes } => OpWork { op: Op::Rest, flops: 0.0, bytes },
+        }
+    }
+
     /// The operators of an iteration doing `work`, with their FLOPs and bytes (every layer's, and
     /// the LM head's).
     pub fn ops(&self, work: &IterationWork) -> Vec<OpWork> {
         let m = &self.model;
         let layers = m.layers as f64;
-        let tokens = work.tokens as f64;
-        let mut ops = Vec::with_capacity(7);
-        let gemm = |rows: f64, n: usize, k: usize, times: f64| {
-            let (n, k) = (n as f64, k as f64);
-            OpWork {
-                op: Op::Gemm,
-                flops: times * 2.0 * rows * n * k,
-                bytes: times * 2.0 * (rows * k + n * k + rows * n),
-            }
+        let scaled = |op: OpWork, times: f64| OpWork { op: op.op, flops: times * op.flops, bytes: times * op.bytes };
+        let mut ops: Vec<OpWork> = m
+            .layer_linears()
+            .iter()
+            .map(|&(n, k)| scaled(self.op_work(&OpShape::gemm(work.tokens, n, k)), layers))
+            .collect();
+        ops.push(self.op_work(&OpShape::gemm(work.seqs, m.vocab, m.hidden)));
+        let attention = OpShape::Attention {
+            kind: work.kind,
+            tokens: work.tokens,
+            seqs: work.seqs,
+            attended: work.attended,
+            kv_tokens: work.kv_tokens,
         };
-        for (n, k) in m.layer_linears() {
-            ops.push(gemm(tokens, n, k, layers));
-        }
-        ops.push(gemm(work.seqs as f64, m.vocab, m.hidden, 1.0));
-        let q_width = (m.heads * m.head_dim) as f64;
-        let attention = if work.kind == StepKind::Decode { Op::DecodeAttention } else { Op::PrefillAttention };
-        ops.push(OpWork {
-            op: attention,
-            flops: layers * 4.0 * q_width * work.attended,
-            bytes: layers * (work.kv_tokens * m.kv_bytes_per_token() + tokens * 2.0 * 2.0 * q_width),
-        });
-        // Per layer and token, the elementwise kernels read and write about: two norms (2 × 2h),
-        // two residual adds (2h), RoPE and the KV write (the QKV row twice), SiLU-and-mul (2I in,
-        // I out); in bf16.
-        let qkv = ((m.heads + 2 * m.kv_heads) * m.head_dim) as f64;
-        let per_token = 6.0 * m.hidden as f64 + 2.0 * qkv + 3.0 * m.intermediate as f64;
-        ops.push(OpWork { op: Op::Rest, flops: 0.0, bytes: layers * tokens * per_token * 2.0 });
+        ops.push(scaled(self.op_work(&attention), layers));
+        // Per layer and token, the elementwise kernels move (as the backends count them): two
+        // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write),
+        // SiLU-and-mul (2I in, I out).
+        let rotated = (m.heads + m.kv_heads) * m.head_dim;
+        let per_token = 8 * m.hidden + 2 * rotated + 3 * m.intermediate;
+        ops.push(scaled(self.op_work(&OpShape::elementwise(work.tokens * per_token)), layers));
         ops
     }
 

@@ -25,6 +25,7 @@ pub mod batch;
 pub mod cost_model;
 pub mod generate;
 pub mod kv_cache;
+pub mod profile;
 pub mod sampling;
 pub mod scheduler;
 

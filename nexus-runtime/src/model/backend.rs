@@ -143,6 +143,50 @@ pub enum HostLogits {
     Full(HostTensor),
 }
 
+/// What a timed operator did ([`Backend::time_ops`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OpShape {
+    /// `[m, k] · [n, k]ᵀ`.
+    Gemm { m: usize, n: usize, k: usize },
+    /// Attention of a step of `kind` over `tokens` query rows of `seqs` sequences, attending to
+    /// `attended` query-key pairs and reading `kv_tokens` cached tokens of K and V (with the
+    /// write of the step's keys and values).
+    Attention { kind: StepKind, tokens: usize, seqs: usize, attended: f64, kv_tokens: f64 },
+    /// An elementwise operator (norm, RoPE, SiLU-and-mul, embedding, row gather) moving `bytes`.
+    Elementwise { bytes: f64 },
+}
+
+impl OpShape {
+    /// A GEMM of `[m, k] · [n, k]ᵀ`.
+    pub fn gemm(m: usize, n: usize, k: usize) -> Self {
+        OpShape::Gemm { m, n, k }
+    }
+
+    /// The attention of `step`.
+    pub fn attention(step: &StepInput) -> Self {
+        let (mut attended, mut kv_tokens) = (0.0, 0.0);
+        for (q, &kv) in step.q_indptr.windows(2).zip(&step.kv_lens) {
+            let (c, total) = (f64::from(q[1] - q[0]), f64::from(kv));
+            attended += c * (total - c) + c * (c + 1.0) / 2.0;
+            kv_tokens += total;
+        }
+        OpShape::Attention { kind: step.kind, tokens: step.num_tokens(), seqs: step.kv_lens.len(), attended, kv_tokens }
+    }
+
+    /// An elementwise operator that reads or writes `values` bf16 values in all.
+    pub fn elementwise(values: usize) -> Self {
+        OpShape::Elementwise { bytes: 2.0 * values as f64 }
+    }
+}
+
+/// An operator timed on a phase: what it did, its budget, and how long it took.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OpTime {
+    pub shape: OpShape,
+    pub sms: u32,
+    pub seconds: f64,
+}
+
 /// What a model needs from a device.
 pub trait Backend {
     /// A stored weight.
@@ -265,6 +309,15 @@ pub trait Backend {
     fn is_ready(&self, pending: &Self::Pending) -> Result<bool>;
     /// The logits of `pending`, read in `phase`; waits for them if they are not ready.
     fn take_logits(&self, phase: &Self::Phase, pending: Self::Pending) -> Result<HostLogits>;
+    /// Starts (or stops) timing every operator `phase` runs, for a profile of the device: each is
+    /// then measured on its own, which makes steps slower.
+    fn time_ops(&self, phase: &Self::Phase, on: bool) -> Result<()>;
+    /// The operators `phase` timed since its timing started, in order, once they are done
+    /// (waits for them).
+    fn take_op_times(&self, phase: &Self::Phase) -> Result<Vec<OpTime>>;
+    /// The streaming-read bandwidth of the device against its SMs, `(SMs, bytes/s)` from 1 SM up
+    /// (what the cost model prices memory-bound operators with).
+    fn bandwidth_curve(&self) -> Vec<(u32, f64)>;
     /// [`Backend::read_logits`] and [`Backend::take_logits`] at once: waits for the step.
     fn logits_to_host(&self, phase: &Self::Phase, logits: Self::Activation, how: LogitsReadback) -> Result<HostLogits> {
         let pending = self.read_logits(phase, logits, how)?;

@@ -5,10 +5,13 @@
 //! ready at once. Budgets are bookkeeping only, counted out of [`CPU_SM_COUNT`] nominal SMs so
 //! that the schedulers' splits work (and are tested) the same way as on a GPU.
 
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
 use nexus_kernels::reference::{self, GemmShape};
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -37,11 +40,33 @@ pub struct CpuKvPool {
     pub v: Vec<f32>,
 }
 
-/// A phase of the CPU backend: only its budget, which changes nothing of how it computes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A phase of the CPU backend: its budget, which changes nothing of how it computes, and the
+/// operators it timed, when it times them.
+#[derive(Debug)]
 pub struct CpuPhase {
     pub budget: u32,
+    timed: Mutex<Option<Vec<OpTime>>>,
 }
+
+impl CpuPhase {
+    fn timed(&self) -> MutexGuard<'_, Option<Vec<OpTime>>> {
+        self.timed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `op`, timing it as `shape` when the phase times its operators.
+    fn run<T>(&self, shape: OpShape, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let start = Instant::now();
+        let out = op()?;
+        if let Some(times) = self.timed().as_mut() {
+            times.push(OpTime { shape, sms: self.budget, seconds: start.elapsed().as_secs_f64() });
+        }
+        Ok(out)
+    }
+}
+
+/// The nominal bandwidth curve of the CPU backend's budgets: 10 GB/s per nominal SM, flat past
+/// 8 of them (what a few cores stream). Only the cost model's plumbing runs on it.
+const CPU_BANDWIDTH: [(u32, f64); 2] = [(1, 10e9), (8, 80e9)];
 
 /// The CPU backend.
 #[derive(Clone, Copy, Debug, Default)]
@@ -60,7 +85,7 @@ impl Backend for CpuBackend {
     }
 
     fn new_phase(&self) -> Result<CpuPhase> {
-        Ok(CpuPhase { budget: CPU_SM_COUNT })
+        Ok(CpuPhase { budget: CPU_SM_COUNT, timed: Mutex::new(None) })
     }
 
     fn set_budget(&self, phase: &mut CpuPhase, sms: u32) -> Result<()> {
@@ -94,86 +119,112 @@ impl Backend for CpuBackend {
         Ok(step.clone())
     }
 
-    fn embedding(&self, _: &CpuPhase, table: &HostTensor, step: &StepInput) -> Result<CpuMatrix> {
+    fn embedding(&self, phase: &CpuPhase, table: &HostTensor, step: &StepInput) -> Result<CpuMatrix> {
         let hidden = *table.shape.last().ok_or_else(|| Error::invalid("embedding table has no shape"))?;
-        let mut out = CpuMatrix::zeros(step.tokens.len(), hidden);
-        reference::embedding(&table.data, hidden, &step.tokens, &mut out.data)?;
-        Ok(out)
+        phase.run(OpShape::elementwise(2 * step.tokens.len() * hidden), || {
+            let mut out = CpuMatrix::zeros(step.tokens.len(), hidden);
+            reference::embedding(&table.data, hidden, &step.tokens, &mut out.data)?;
+            Ok(out)
+        })
     }
 
-    fn rms_norm(&self, _: &CpuPhase, x: &CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
-        let mut out = CpuMatrix::zeros(x.rows, x.cols);
-        reference::rms_norm(&x.data, &weight.data, eps, &mut out.data)?;
-        Ok(out)
+    fn rms_norm(&self, phase: &CpuPhase, x: &CpuMatrix, weight: &HostTensor, eps: f32) -> Result<CpuMatrix> {
+        phase.run(OpShape::elementwise(2 * x.data.len()), || {
+            let mut out = CpuMatrix::zeros(x.rows, x.cols);
+            reference::rms_norm(&x.data, &weight.data, eps, &mut out.data)?;
+            Ok(out)
+        })
     }
 
     fn fused_add_rms_norm(
         &self,
-        _: &CpuPhase,
+        phase: &CpuPhase,
         x: &CpuMatrix,
         residual: &mut CpuMatrix,
         weight: &HostTensor,
         eps: f32,
     ) -> Result<CpuMatrix> {
-        let mut out = CpuMatrix::zeros(x.rows, x.cols);
-        reference::fused_add_rms_norm(&x.data, &mut residual.data, &weight.data, eps, &mut out.data)?;
-        Ok(out)
+        phase.run(OpShape::elementwise(4 * x.data.len()), || {
+            let mut out = CpuMatrix::zeros(x.rows, x.cols);
+            reference::fused_add_rms_norm(&x.data, &mut residual.data, &weight.data, eps, &mut out.data)?;
+            Ok(out)
+        })
     }
 
     fn linear(
         &self,
-        _: &CpuPhase,
+        phase: &CpuPhase,
         _: &StepInput,
         x: &CpuMatrix,
         weight: &HostTensor,
         bias: Option<&HostTensor>,
     ) -> Result<CpuMatrix> {
         let n = weight.shape.first().copied().unwrap_or(0);
-        let mut out = CpuMatrix::zeros(x.rows, n);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        reference::gemm(&x.data, &weight.data, bias.map(|b| b.data.as_slice()), &mut out.data, shape)?;
-        Ok(out)
+        phase.run(OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = CpuMatrix::zeros(x.rows, n);
+            let shape = GemmShape { m: x.rows, n, k: x.cols };
+            reference::gemm(&x.data, &weight.data, bias.map(|b| b.data.as_slice()), &mut out.data, shape)?;
+            Ok(out)
+        })
     }
 
     fn rope(
         &self,
-        _: &CpuPhase,
+        phase: &CpuPhase,
         qkv: &mut CpuMatrix,
         layout: QkvLayout,
         rope: RopeConfig,
         step: &StepInput,
     ) -> Result<()> {
-        Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
+        let rotated = qkv.rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim;
+        phase.run(OpShape::elementwise(2 * rotated), || {
+            Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
+        })
     }
 
     fn attention(
         &self,
-        _: &CpuPhase,
+        phase: &CpuPhase,
         qkv: &CpuMatrix,
         layout: QkvLayout,
         pool: &mut CpuKvPool,
         step: &StepInput,
         scale: f32,
     ) -> Result<CpuMatrix> {
-        reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
-        let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
-        let batch = step.attention_batch();
-        reference::prefill_attention(&qkv.data, layout, &pool.k, &pool.v, pool.layout, batch, scale, &mut out.data)?;
-        Ok(out)
+        phase.run(OpShape::attention(step), || {
+            reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
+            let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
+            let batch = step.attention_batch();
+            reference::prefill_attention(
+                &qkv.data,
+                layout,
+                &pool.k,
+                &pool.v,
+                pool.layout,
+                batch,
+                scale,
+                &mut out.data,
+            )?;
+            Ok(out)
+        })
     }
 
-    fn silu_and_mul(&self, _: &CpuPhase, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
-        let mut out = CpuMatrix::zeros(gate_up.rows, gate_up.cols / 2);
-        reference::silu_and_mul(&gate_up.data, gate_up.cols / 2, &mut out.data)?;
-        Ok(out)
+    fn silu_and_mul(&self, phase: &CpuPhase, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
+        phase.run(OpShape::elementwise(3 * gate_up.data.len() / 2), || {
+            let mut out = CpuMatrix::zeros(gate_up.rows, gate_up.cols / 2);
+            reference::silu_and_mul(&gate_up.data, gate_up.cols / 2, &mut out.data)?;
+            Ok(out)
+        })
     }
 
-    fn gather_logit_rows(&self, _: &CpuPhase, x: &CpuMatrix, step: &StepInput) -> Result<CpuMatrix> {
-        let mut out = CpuMatrix::zeros(step.logit_rows.len(), x.cols);
-        for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(&step.logit_rows) {
-            dst.copy_from_slice(&x.data[r as usize * x.cols..][..x.cols]);
-        }
-        Ok(out)
+    fn gather_logit_rows(&self, phase: &CpuPhase, x: &CpuMatrix, step: &StepInput) -> Result<CpuMatrix> {
+        phase.run(OpShape::elementwise(2 * step.logit_rows.len() * x.cols), || {
+            let mut out = CpuMatrix::zeros(step.logit_rows.len(), x.cols);
+            for (dst, &r) in out.data.chunks_exact_mut(x.cols).zip(&step.logit_rows) {
+                dst.copy_from_slice(&x.data[r as usize * x.cols..][..x.cols]);
+            }
+            Ok(out)
+        })
     }
 
     fn read_logits(&self, _: &CpuPhase, logits: CpuMatrix, how: LogitsReadback) -> Result<HostLogits> {
@@ -191,5 +242,18 @@ impl Backend for CpuBackend {
 
     fn take_logits(&self, _: &CpuPhase, pending: HostLogits) -> Result<HostLogits> {
         Ok(pending)
+    }
+
+    fn time_ops(&self, phase: &CpuPhase, on: bool) -> Result<()> {
+        *phase.timed() = on.then(Vec::new);
+        Ok(())
+    }
+
+    fn take_op_times(&self, phase: &CpuPhase) -> Result<Vec<OpTime>> {
+        Ok(phase.timed().as_mut().map(std::mem::take).unwrap_or_default())
+    }
+
+    fn bandwidth_curve(&self) -> Vec<(u32, f64)> {
+        CPU_BANDWIDTH.to_vec()
     }
 }

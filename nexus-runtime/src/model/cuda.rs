@@ -40,7 +40,7 @@ use nexus_kernels::{
     elementwise,
 };
 
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepKind, StepScope};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, StepKind, StepScope};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -229,6 +229,14 @@ pub struct CtaSpan {
     pub end_ns: u64,
 }
 
+/// An operator timed by a phase ([`Backend::time_ops`]): events around its launches.
+struct TimedOp {
+    shape: OpShape,
+    sms: u32,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
 /// One lane of the CUDA backend (see the module documentation).
 pub struct CudaPhase {
     ctx: PhaseContext,
@@ -236,6 +244,7 @@ pub struct CudaPhase {
     recordings: Mutex<Recordings>,
     readback: Mutex<Readback>,
     trace: Mutex<Option<AttentionTrace>>,
+    timer: Mutex<Option<Vec<TimedOp>>>,
 }
 
 impl std::fmt::Debug for CudaPhase {
@@ -424,6 +433,25 @@ impl CudaBackend {
         self.setup.stream().synchronize().map_err(kernel_error)
     }
 
+    /// Runs the launches of one operator on `phase`, between timing events when the phase times
+    /// its operators.
+    fn run_op<T>(&self, phase: &CudaPhase, shape: OpShape, launches: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut timer = lock(&phase.timer);
+        let Some(times) = timer.as_mut() else {
+            drop(timer);
+            return launches();
+        };
+        let event = || -> Result<CudaEvent> {
+            let event = self.gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(kernel_error)?;
+            event.record(phase.ctx.stream()).map_err(kernel_error)?;
+            Ok(event)
+        };
+        let start = event()?;
+        let out = launches()?;
+        times.push(TimedOp { shape, sms: phase.ctx.budget().get(), start, end: event()? });
+        Ok(out)
+    }
+
     /// Page-locked host memory for `len` values that the device writes and the host reads.
     fn pinned<T: DeviceRepr>(&self, len: usize) -> Result<PinnedHostSlice<T>> {
         // SAFETY: the values are written by a copy from the device before the host reads them;
@@ -448,188 +476,10 @@ impl CudaBackend {
     }
 }
 
-/// Copies `values` to a new device buffer on `ctx`'s stream.
-fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> Result<CudaSlice<T>> {
-    // An empty upload would be a null buffer; launches never read it, but keep one element.
-    if values.is_empty() {
-        return ctx.stream().alloc_zeros::<T>(1).map_err(kernel_error);
-    }
-    ctx.stream().clone_htod(values).map_err(kernel_error)
-}
-
-fn kernel_error(e: nexus_kernels::cudarc::driver::DriverError) -> Error {
-    Error::from(nexus_kernels::Error::from(e))
-}
-
-impl Backend for CudaBackend {
-    type Weight = CudaWeight;
-    type Activation = CudaMatrix;
-    type KvPool = CudaKvPool;
-    type Step = CudaStep;
-    type Phase = CudaPhase;
-    type Pending = CudaPending;
-
-    fn sm_count(&self) -> u32 {
-        self.gpu.sm_count()
-    }
-
-    fn new_phase(&self) -> Result<CudaPhase> {
-        let ctx = PhaseContext::new(self.gpu.clone(), self.gpu.new_stream()?, CtaBudget::all(&self.gpu));
-        let ids = (ctx.stream().alloc_zeros::<u32>(READBACK_ROWS).map_err(kernel_error)?, self.pinned(READBACK_ROWS)?);
-        Ok(CudaPhase {
-            gemm_workspace: Mutex::new(GemmWorkspace::new(&ctx)?),
-            ctx,
-            recordings: Mutex::new(Recordings::default()),
-            readback: Mutex::new(Readback { ids, logits: None }),
-            trace: Mutex::new(None),
-        })
-    }
-
-    fn set_budget(&self, phase: &mut CudaPhase, sms: u32) -> Result<()> {
-        phase.ctx = phase.ctx.with_budget(CtaBudget::new(sms, &self.gpu)?);
-        Ok(())
-    }
-
-    fn synchronize(&self) -> Result<()> {
-        self.gpu.context().synchronize().map_err(kernel_error)
-    }
-
-    fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
-        let host: Vec<bf16> = tensor.data.iter().map(|&v| bf16::from_f32(v)).collect();
-        let data = upload(&self.setup, &host)?;
-        self.setup_done()?;
-        Ok(CudaWeight { shape: tensor.shape, data })
-    }
-
-    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<CudaWeight> {
-        let n: usize = shape.iter().product();
-        let mut data = self.setup.stream().alloc_zeros::<bf16>(n.max(1)).map_err(kernel_error)?;
-        elementwise::fill_uniform(&self.setup, &mut data.slice_mut(..n), seed, mean, spread)?;
-        self.setup_done()?;
-        Ok(CudaWeight { shape, data })
-    }
-
-    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CudaKvPool> {
-        let stream = self.setup.stream();
-        let k = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
-        let v = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
-        self.setup_done()?;
-        Ok(CudaKvPool { layout, k, v })
-    }
-
-    fn prepare(&self, phase: &CudaPhase, step: &StepInput) -> Result<CudaStep> {
-        step.validate()?;
-        Ok(CudaStep {
-            tokens: upload(&phase.ctx, &step.tokens)?,
-            positions: upload(&phase.ctx, &step.positions)?,
-            slots: upload(&phase.ctx, &step.slots)?,
-            block_tables: upload(&phase.ctx, &step.block_tables)?,
-            host: step.clone(),
-            plans: Mutex::new(StepPlans::default()),
-            recorded: false,
-        })
-    }
-
-    fn recorded_batch_sizes(&self) -> Vec<usize> {
-        if self.config.batch_invariant { Vec::new() } else { self.config.graph_batch_sizes.clone() }
-    }
-
-    fn run_step(
-        &self,
-        phase: &CudaPhase,
-        step: &StepInput,
-        scope: StepScope,
-        forward: &mut dyn FnMut(&CudaStep) -> Result<CudaMatrix>,
-    ) -> Result<CudaMatrix> {
-        step.validate()?;
-        let bucket = match step.kind {
-            StepKind::Decode if !self.config.batch_invariant && lock(&phase.trace).is_none() => {
-                graph_bucket(&self.config.graph_batch_sizes, step, scope)
-            }
-            _ => None,
-        };
-        match bucket {
-            Some(batch) => self.run_graph(phase, step, scope, batch, forward),
-            None => forward(&self.prepare(phase, step)?),
-        }
-    }
-
-    fn embedding(&self, phase: &CudaPhase, table: &CudaWeight, step: &CudaStep) -> Result<CudaMatrix> {
-        let hidden = *table.shape.last().ok_or_else(|| Error::invalid("embedding table has no shape"))?;
-        let mut out = self.output(phase, step.host.tokens.len(), hidden)?;
-        let tokens = step.tokens.slice(..step.host.tokens.len());
-        elementwise::embedding(&phase.ctx, &table.data.as_view(), hidden, &tokens, &mut out.data.as_view_mut())?;
-        Ok(out)
-    }
-
-    fn rms_norm(&self, phase: &CudaPhase, x: &CudaMatrix, weight: &CudaWeight, eps: f32) -> Result<CudaMatrix> {
-        let mut out = self.output(phase, x.rows, x.cols)?;
-        let (x, weight) = (x.data.as_view(), weight.data.as_view());
-        elementwise::rms_norm(&phase.ctx, &x, &weight, eps, &mut out.data.as_view_mut())?;
-        Ok(out)
-    }
-
-    fn fused_add_rms_norm(
-        &self,
-        phase: &CudaPhase,
-        x: &CudaMatrix,
-        residual: &mut CudaMatrix,
-        weight: &CudaWeight,
-        eps: f32,
-    ) -> Result<CudaMatrix> {
-        let mut out = self.output(phase, x.rows, x.cols)?;
-        elementwise::fused_add_rms_norm(
-            &phase.ctx,
-            &x.data.as_view(),
-            &mut residual.data.as_view_mut(),
-            &weight.data.as_view(),
-            eps,
-            &mut out.data.as_view_mut(),
-        )?;
-        Ok(out)
-    }
-
-    fn linear(
-        &self,
-        phase: &CudaPhase,
-        step: &CudaStep,
-        x: &CudaMatrix,
-        weight: &CudaWeight,
-        bias: Option<&CudaWeight>,
-    ) -> Result<CudaMatrix> {
-        let n = weight.shape.first().copied().unwrap_or(0);
-        let mut out = self.output(phase, x.rows, n)?;
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let bias = bias.map(|b| b.data.as_view());
-        let kernel = self.gemm_kernel(phase, step, shape);
-        let mut workspace = lock(&phase.gemm_workspace);
-        gemm::gemm_with(
-            &phase.ctx,
-            kernel,
-            &x.data.as_view(),
-            &weight.data.as_view(),
-            bias.as_ref(),
-            &mut out.data.as_view_mut(),
-            shape,
-            &mut workspace,
-        )?;
-        Ok(out)
-    }
-
-    fn rope(
-        &self,
-        phase: &CudaPhase,
-        qkv: &mut CudaMatrix,
-        layout: QkvLayout,
-        rope: RopeConfig,
-        step: &CudaStep,
-    ) -> Result<()> {
-        let positions = step.positions.slice(..step.host.positions.len());
-        elementwise::rope(&phase.ctx, &mut qkv.data.as_view_mut(), &positions, layout, rope)?;
-        Ok(())
-    }
-
-    fn attention(
+impl CudaBackend {
+    /// The launches of [`Backend::attention`]: the KV write, then the attention kernel of the
+    /// step's plan at the phase's budget (made at the first layer).
+    fn attention_launches(
         &self,
         phase: &CudaPhase,
         qkv: &CudaMatrix,
@@ -697,28 +547,243 @@ impl Backend for CudaBackend {
         }
         Ok(out)
     }
+}
+
+/// Copies `values` to a new device buffer on `ctx`'s stream.
+fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> Result<CudaSlice<T>> {
+    // An empty upload would be a null buffer; launches never read it, but keep one element.
+    if values.is_empty() {
+        return ctx.stream().alloc_zeros::<T>(1).map_err(kernel_error);
+    }
+    ctx.stream().clone_htod(values).map_err(kernel_error)
+}
+
+fn kernel_error(e: nexus_kernels::cudarc::driver::DriverError) -> Error {
+    Error::from(nexus_kernels::Error::from(e))
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Activation = CudaMatrix;
+    type KvPool = CudaKvPool;
+    type Step = CudaStep;
+    type Phase = CudaPhase;
+    type Pending = CudaPending;
+
+    fn sm_count(&self) -> u32 {
+        self.gpu.sm_count()
+    }
+
+    fn new_phase(&self) -> Result<CudaPhase> {
+        let ctx = PhaseContext::new(self.gpu.clone(), self.gpu.new_stream()?, CtaBudget::all(&self.gpu));
+        let ids = (ctx.stream().alloc_zeros::<u32>(READBACK_ROWS).map_err(kernel_error)?, self.pinned(READBACK_ROWS)?);
+        Ok(CudaPhase {
+            gemm_workspace: Mutex::new(GemmWorkspace::new(&ctx)?),
+            ctx,
+            recordings: Mutex::new(Recordings::default()),
+            readback: Mutex::new(Readback { ids, logits: None }),
+            trace: Mutex::new(None),
+            timer: Mutex::new(None),
+        })
+    }
+
+    fn set_budget(&self, phase: &mut CudaPhase, sms: u32) -> Result<()> {
+        phase.ctx = phase.ctx.with_budget(CtaBudget::new(sms, &self.gpu)?);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.gpu.context().synchronize().map_err(kernel_error)
+    }
+
+    fn upload(&self, tensor: HostTensor) -> Result<CudaWeight> {
+        let host: Vec<bf16> = tensor.data.iter().map(|&v| bf16::from_f32(v)).collect();
+        let data = upload(&self.setup, &host)?;
+        self.setup_done()?;
+        Ok(CudaWeight { shape: tensor.shape, data })
+    }
+
+    fn random_weight(&self, shape: Vec<usize>, seed: u64, mean: f32, spread: f32) -> Result<CudaWeight> {
+        let n: usize = shape.iter().product();
+        let mut data = self.setup.stream().alloc_zeros::<bf16>(n.max(1)).map_err(kernel_error)?;
+        elementwise::fill_uniform(&self.setup, &mut data.slice_mut(..n), seed, mean, spread)?;
+        self.setup_done()?;
+        Ok(CudaWeight { shape, data })
+    }
+
+    fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CudaKvPool> {
+        let stream = self.setup.stream();
+        let k = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
+        let v = stream.alloc_zeros::<bf16>(layout.pool_len()).map_err(kernel_error)?;
+        self.setup_done()?;
+        Ok(CudaKvPool { layout, k, v })
+    }
+
+    fn prepare(&self, phase: &CudaPhase, step: &StepInput) -> Result<CudaStep> {
+        step.validate()?;
+        Ok(CudaStep {
+            tokens: upload(&phase.ctx, &step.tokens)?,
+            positions: upload(&phase.ctx, &step.positions)?,
+            slots: upload(&phase.ctx, &step.slots)?,
+            block_tables: upload(&phase.ctx, &step.block_tables)?,
+            host: step.clone(),
+            plans: Mutex::new(StepPlans::default()),
+            recorded: false,
+        })
+    }
+
+    fn recorded_batch_sizes(&self) -> Vec<usize> {
+        if self.config.batch_invariant { Vec::new() } else { self.config.graph_batch_sizes.clone() }
+    }
+
+    fn run_step(
+        &self,
+        phase: &CudaPhase,
+        step: &StepInput,
+        scope: StepScope,
+        forward: &mut dyn FnMut(&CudaStep) -> Result<CudaMatrix>,
+    ) -> Result<CudaMatrix> {
+        step.validate()?;
+        let bucket = match step.kind {
+            StepKind::Decode
+                if !self.config.batch_invariant && lock(&phase.trace).is_none() && lock(&phase.timer).is_none() =>
+            {
+                graph_bucket(&self.config.graph_batch_sizes, step, scope)
+            }
+            _ => None,
+        };
+        match bucket {
+            Some(batch) => self.run_graph(phase, step, scope, batch, forward),
+            None => forward(&self.prepare(phase, step)?),
+        }
+    }
+
+    fn embedding(&self, phase: &CudaPhase, table: &CudaWeight, step: &CudaStep) -> Result<CudaMatrix> {
+        let hidden = *table.shape.last().ok_or_else(|| Error::invalid("embedding table has no shape"))?;
+        let rows = step.host.tokens.len();
+        self.run_op(phase, OpShape::elementwise(2 * rows * hidden), || {
+            let mut out = self.output(phase, rows, hidden)?;
+            let tokens = step.tokens.slice(..rows);
+            elementwise::embedding(&phase.ctx, &table.data.as_view(), hidden, &tokens, &mut out.data.as_view_mut())?;
+            Ok(out)
+        })
+    }
+
+    fn rms_norm(&self, phase: &CudaPhase, x: &CudaMatrix, weight: &CudaWeight, eps: f32) -> Result<CudaMatrix> {
+        self.run_op(phase, OpShape::elementwise(2 * x.rows * x.cols), || {
+            let mut out = self.output(phase, x.rows, x.cols)?;
+            let (x, weight) = (x.data.as_view(), weight.data.as_view());
+            elementwise::rms_norm(&phase.ctx, &x, &weight, eps, &mut out.data.as_view_mut())?;
+            Ok(out)
+        })
+    }
+
+    fn fused_add_rms_norm(
+        &self,
+        phase: &CudaPhase,
+        x: &CudaMatrix,
+        residual: &mut CudaMatrix,
+        weight: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaMatrix> {
+        self.run_op(phase, OpShape::elementwise(4 * x.rows * x.cols), || {
+            let mut out = self.output(phase, x.rows, x.cols)?;
+            elementwise::fused_add_rms_norm(
+                &phase.ctx,
+                &x.data.as_view(),
+                &mut residual.data.as_view_mut(),
+                &weight.data.as_view(),
+                eps,
+                &mut out.data.as_view_mut(),
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn linear(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaMatrix> {
+        let n = weight.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let kernel = self.gemm_kernel(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n)?;
+            let bias = bias.map(|b| b.data.as_view());
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_with(
+                &phase.ctx,
+                kernel,
+                &x.data.as_view(),
+                &weight.data.as_view(),
+                bias.as_ref(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn rope(
+        &self,
+        phase: &CudaPhase,
+        qkv: &mut CudaMatrix,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        step: &CudaStep,
+    ) -> Result<()> {
+        let rotated = qkv.rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim;
+        self.run_op(phase, OpShape::elementwise(2 * rotated), || {
+            let positions = step.positions.slice(..step.host.positions.len());
+            elementwise::rope(&phase.ctx, &mut qkv.data.as_view_mut(), &positions, layout, rope)?;
+            Ok(())
+        })
+    }
+
+    fn attention(
+        &self,
+        phase: &CudaPhase,
+        qkv: &CudaMatrix,
+        layout: QkvLayout,
+        pool: &mut CudaKvPool,
+        step: &CudaStep,
+        scale: f32,
+    ) -> Result<CudaMatrix> {
+        self.run_op(phase, OpShape::attention(&step.host), || {
+            self.attention_launches(phase, qkv, layout, pool, step, scale)
+        })
+    }
 
     fn silu_and_mul(&self, phase: &CudaPhase, gate_up: &CudaMatrix) -> Result<CudaMatrix> {
         let width = gate_up.cols / 2;
-        let mut out = self.output(phase, gate_up.rows, width)?;
-        elementwise::silu_and_mul(&phase.ctx, &gate_up.data.as_view(), width, &mut out.data.as_view_mut())?;
-        Ok(out)
+        self.run_op(phase, OpShape::elementwise(3 * gate_up.rows * width), || {
+            let mut out = self.output(phase, gate_up.rows, width)?;
+            elementwise::silu_and_mul(&phase.ctx, &gate_up.data.as_view(), width, &mut out.data.as_view_mut())?;
+            Ok(out)
+        })
     }
 
     fn gather_logit_rows(&self, phase: &CudaPhase, x: &CudaMatrix, step: &CudaStep) -> Result<CudaMatrix> {
         let rows = &step.host.logit_rows;
-        let mut out = self.output(phase, rows.len(), x.cols)?;
-        // One copy per run of consecutive rows (a decode step is one run).
-        let mut i = 0;
-        while i < rows.len() {
-            let first = rows[i] as usize;
-            let run = rows[i..].iter().enumerate().take_while(|&(k, &r)| r as usize == first + k).count();
-            let src = x.data.slice(first * x.cols..(first + run) * x.cols);
-            let mut dst = out.data.slice_mut(i * x.cols..(i + run) * x.cols);
-            phase.ctx.stream().memcpy_dtod(&src, &mut dst).map_err(kernel_error)?;
-            i += run;
-        }
-        Ok(out)
+        self.run_op(phase, OpShape::elementwise(2 * rows.len() * x.cols), || {
+            let mut out = self.output(phase, rows.len(), x.cols)?;
+            // One copy per run of consecutive rows (a decode step is one run).
+            let mut i = 0;
+            while i < rows.len() {
+                let first = rows[i] as usize;
+                let run = rows[i..].iter().enumerate().take_while(|&(k, &r)| r as usize == first + k).count();
+                let src = x.data.slice(first * x.cols..(first + run) * x.cols);
+                let mut dst = out.data.slice_mut(i * x.cols..(i + run) * x.cols);
+                phase.ctx.stream().memcpy_dtod(&src, &mut dst).map_err(kernel_error)?;
+                i += run;
+            }
+            Ok(out)
+        })
     }
 
     fn read_logits(&self, phase: &CudaPhase, logits: CudaMatrix, how: LogitsReadback) -> Result<CudaPending> {
@@ -747,6 +812,26 @@ impl Backend for CudaBackend {
         let done = self.gpu.context().new_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)).map_err(kernel_error)?;
         done.record(stream).map_err(kernel_error)?;
         Ok(CudaPending { done, rows, cols, how })
+    }
+
+    fn time_ops(&self, phase: &CudaPhase, on: bool) -> Result<()> {
+        *lock(&phase.timer) = on.then(Vec::new);
+        Ok(())
+    }
+
+    fn take_op_times(&self, phase: &CudaPhase) -> Result<Vec<OpTime>> {
+        let timed = lock(&phase.timer).as_mut().map(std::mem::take).unwrap_or_default();
+        timed
+            .into_iter()
+            .map(|t| {
+                let ms = t.start.elapsed_ms(&t.end).map_err(kernel_error)?;
+                Ok(OpTime { shape: t.shape, sms: t.sms, seconds: f64::from(ms) / 1e3 })
+            })
+            .collect()
+    }
+
+    fn bandwidth_curve(&self) -> Vec<(u32, f64)> {
+        self.gpu.model().bandwidth().points().to_vec()
     }
 
     fn is_ready(&self, pending: &CudaPending) -> Result<bool> {

@@ -1,0 +1,345 @@
+//! Profiling a model on a device for the Nexus controller (`nexus profile`): every operator of
+//! forward steps timed against the CTA budget, the cost model fitted to those times, and its
+//! prediction error on whole steps it was not fitted to, alone and with both lanes running.
+//!
+//! Steps: prefill chunks (tokens × cached prefix) and decode batches (sequences × context), each
+//! at every budget of the grid, run in a phase whose operators are timed
+//! ([`Backend::time_ops`]); each shape's step is built once and run again and again (it writes
+//! the same keys and values at the same slots every time). Compute curves are fitted per
+//! operator class ([`fit_compute_curve`]), with memory priced by the device's streaming-read
+//! curve ([`Backend::bandwidth_curve`]). Whole steps, timed without the operator timing, give each
+//! kind's fixed cost (half of them) and the prediction error (the other half). Then prefill and
+//! decode steps run at once on two phases at several splits, and each is compared with the model's
+//! prediction next to the other.
+
+use std::time::Instant;
+
+use crate::engine::batch::{SeqChunk, build_step};
+use crate::engine::cost_model::{
+    ComputeCurve, CostModel, IterationWork, ModelShape, Op, Sample, fit_compute_curve, relative_errors,
+};
+use crate::engine::kv_cache::BlockManager;
+use crate::model::backend::{Backend, LogitsReadback, StepInput, StepKind};
+use crate::model::{KvCache, LlamaModel};
+use crate::{Error, Result};
+
+/// What to measure.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProfileConfig {
+    /// Budgets each shape runs at (ascending; the last is every SM).
+    pub budgets: Vec<u32>,
+    /// Prefill chunks: `(new tokens, cached tokens before them)`.
+    pub prefill: Vec<(usize, usize)>,
+    /// Decode batches: `(sequences, cached tokens of each)`.
+    pub decode: Vec<(usize, usize)>,
+    /// Decode budgets of the runs of both lanes at once (prefill gets the rest).
+    pub splits: Vec<u32>,
+    /// Timed runs of each shape and budget, after an untimed one.
+    pub repeats: usize,
+    /// Tokens per KV block.
+    pub block_size: usize,
+}
+
+impl ProfileConfig {
+    /// Shapes like the paper's workloads' (prompts of 0.5k-8k tokens, chunks over a cached
+    /// prefix, decode batches of 1-64 over 1k-4k tokens), on budgets of a grid of `grid` SMs up to
+    /// `sm_count`, both lanes at a quarter, half and three quarters of the SMs for decode.
+    pub fn for_device(sm_count: u32, grid: u32) -> Self {
+        let mut budgets: Vec<u32> = (1..).map(|k| k * grid).take_while(|&b| b < sm_count).collect();
+        budgets.push(sm_count);
+        let split = |fraction: u32| (sm_count * fraction / 4 / grid).max(1) * grid;
+        ProfileConfig {
+            budgets,
+            prefill: vec![(512, 0), (2048, 0), (8192, 0), (2048, 2048), (2048, 8192)],
+            decode: vec![(1, 1024), (16, 2048), (64, 2048), (32, 4096)],
+            splits: vec![split(1), split(2), split(3)],
+            repeats: 2,
+            block_size: 16,
+        }
+    }
+
+    /// The most cached tokens one shape needs at once.
+    fn tokens_needed(&self) -> usize {
+        let prefill = self.prefill.iter().map(|&(new, cached)| new + cached);
+        let decode = self.decode.iter().map(|&(seqs, cached)| seqs * (cached + 1));
+        // Both lanes at once hold one of each.
+        prefill.clone().max().unwrap_or(0) + decode.clone().max().unwrap_or(0)
+    }
+}
+
+/// A whole step's measured time.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepSample {
+    pub work: IterationWork,
+    pub sms: u32,
+    /// Bytes/s the other lane moved meanwhile (0 alone).
+    pub other_bytes_per_s: f64,
+    pub seconds: f64,
+}
+
+/// The outcome of a profile.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub cost: CostModel,
+    /// Every timed operator.
+    pub samples: Vec<Sample>,
+    /// Whole steps timed alone and with both lanes running.
+    pub steps: Vec<StepSample>,
+    /// Median and 90th percentile of the relative error of the predicted time of whole steps the
+    /// model was not fitted to, alone.
+    pub alone_error: (f64, f64),
+    /// The same for steps with both lanes running.
+    pub both_error: (f64, f64),
+}
+
+/// A step built once and run again and again, with the sequences it needs in the cache.
+struct Shape {
+    input: StepInput,
+    work: IterationWork,
+    seqs: Vec<u64>,
+}
+
+/// Profiles `model` on `backend` (see the module documentation); `progress(done, total)` after
+/// each measurement.
+pub fn profile<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    config: &ProfileConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Profile> {
+    let sm_count = backend.sm_count();
+    if config.budgets.is_empty() || config.budgets.iter().any(|&b| b == 0 || b > sm_count) {
+        return Err(Error::invalid(format!("profile budgets must be in 1..={sm_count}")));
+    }
+    if config.splits.iter().any(|&d| d == 0 || d >= sm_count) || config.repeats == 0 {
+        return Err(Error::invalid("profile splits must leave each lane an SM, and repeats be at least 1"));
+    }
+    let context = model.config().max_position_embeddings;
+    if config.prefill.iter().any(|&(new, cached)| new == 0 || new + cached > context)
+        || config.decode.iter().any(|&(seqs, cached)| seqs == 0 || cached + 1 > context)
+    {
+        return Err(Error::invalid(format!("profile shapes must be non-empty and fit the model's {context} tokens")));
+    }
+    let num_blocks = config.tokens_needed().div_ceil(config.block_size) + 2 * config.decode.len().max(1) * 64;
+    let mut cache = model.alloc_kv_cache(backend, num_blocks, config.block_size)?;
+    let mut blocks = BlockManager::new(num_blocks, config.block_size)?;
+    let mut phases = [backend.new_phase()?, backend.new_phase()?];
+    let bandwidth = backend.bandwidth_curve();
+    let shape = ModelShape::of(model.config());
+    // Curves to start from (replaced by the fit), so that ops can be priced while measuring.
+    let start = ComputeCurve { flops_per_sm: 1e12, saturation: f64::from(sm_count), decay: 1.0 };
+    let mut cost = CostModel::new(shape, sm_count, bandwidth, start, start, start, 0.0, 0.0)?;
+    let shapes = config.prefill.len() + config.decode.len();
+    let total = shapes * config.budgets.len() + config.prefill.len() * config.decode.len() * config.splits.len();
+    let mut done = 0;
+    let mut samples = Vec::new();
+    let mut steps = Vec::new();
+    let mut next_seq = 0u64;
+
+    let kinds = config.prefill.iter().map(|&(n, c)| (StepKind::Prefill, 1, n, c));
+    let all = kinds.chain(config.decode.iter().map(|&(s, c)| (StepKind::Decode, s, 1, c)));
+    for (kind, seqs, new, cached) in all {
+        let step =
+            prepare(backend, model, &mut phases[0], &mut cache, &mut blocks, kind, seqs, new, cached, &mut next_seq)?;
+        for &budget in &config.budgets {
+            backend.set_budget(&mut phases[0], budget)?;
+            run(backend, model, &phases[0], &mut cache, &step.input)?;
+            backend.time_ops(&phases[0], true)?;
+            for _ in 0..config.repeats {
+                run(backend, model, &phases[0], &mut cache, &step.input)?;
+            }
+            for t in backend.take_op_times(&phases[0])? {
+                let op = cost.op_work(&t.shape);
+                samples.push(Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds });
+            }
+            backend.time_ops(&phases[0], false)?;
+            for _ in 0..config.repeats {
+                let started = Instant::now();
+                run(backend, model, &phases[0], &mut cache, &step.input)?;
+                let seconds = started.elapsed().as_secs_f64();
+                steps.push(StepSample { work: step.work, sms: budget, other_bytes_per_s: 0.0, seconds });
+            }
+            done += 1;
+            progress(done, total);
+        }
+        step.seqs.iter().for_each(|&s| blocks.free(s));
+    }
+
+    let fit = |op: Op| {
+        let of_op: Vec<Sample> = samples.iter().filter(|s| s.op == op).copied().collect();
+        fit_compute_curve(&of_op, sm_count, |sms| cost.bandwidth(sms))
+            .ok_or_else(|| Error::invalid(format!("the profile timed no {op:?} operator")))
+    };
+    let (gemm, prefill_attention, decode_attention) =
+        (fit(Op::Gemm)?, fit(Op::PrefillAttention)?, fit(Op::DecodeAttention)?);
+    cost =
+        CostModel::new(shape, sm_count, cost.bandwidth.clone(), gemm, prefill_attention, decode_attention, 0.0, 0.0)?;
+    // Half of the whole steps give each kind's fixed cost (the median of what the operators leave
+    // unexplained), the other half the error.
+    let overhead = |kind: StepKind| {
+        let mut rest: Vec<f64> = steps
+            .iter()
+            .step_by(2)
+            .filter(|s| s.work.kind == kind)
+            .map(|s| s.seconds - cost.seconds(&s.work, s.sms, 0.0))
+            .collect();
+        rest.sort_by(f64::total_cmp);
+        rest.get(rest.len() / 2).copied().unwrap_or(0.0).max(0.0)
+    };
+    let (prefill_overhead, decode_overhead) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
+    cost = CostModel::new(
+        shape,
+        sm_count,
+        cost.bandwidth.clone(),
+        gemm,
+        prefill_attention,
+        decode_attention,
+        prefill_overhead,
+        decode_overhead,
+    )?;
+    let alone_error =
+        relative_errors(steps.iter().skip(1).step_by(2).map(|s| (cost.seconds(&s.work, s.sms, 0.0), s.seconds)))
+            .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;
+
+    // Both lanes at once: each prefill shape next to each decode shape, at each split.
+    let mut both = Vec::new();
+    for &(new, cached) in &config.prefill {
+        let prefill = prepare(
+            backend,
+            model,
+            &mut phases[0],
+            &mut cache,
+            &mut blocks,
+            StepKind::Prefill,
+            1,
+            new,
+            cached,
+            &mut next_seq,
+        )?;
+        for &(seqs, context) in &config.decode {
+            let decode = prepare(
+                backend,
+                model,
+                &mut phases[1],
+                &mut cache,
+                &mut blocks,
+                StepKind::Decode,
+                seqs,
+                1,
+                context,
+                &mut next_seq,
+            )?;
+            for &decode_sms in &config.splits {
+                let prefill_sms = sm_count - decode_sms;
+                backend.set_budget(&mut phases[0], prefill_sms)?;
+                backend.set_budget(&mut phases[1], decode_sms)?;
+                let [p, d] = &phases;
+                let (prefill_s, decode_s) =
+                    run_both(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
+                let prefill_rate = cost.bytes_per_s(&prefill.work, prefill_sms);
+                let decode_rate = cost.bytes_per_s(&decode.work, decode_sms);
+                both.push(StepSample {
+                    work: prefill.work,
+                    sms: prefill_sms,
+                    other_bytes_per_s: decode_rate,
+                    seconds: prefill_s,
+                });
+                both.push(StepSample {
+                    work: decode.work,
+                    sms: decode_sms,
+                    other_bytes_per_s: prefill_rate,
+                    seconds: decode_s,
+                });
+                done += 1;
+                progress(done, total);
+            }
+            decode.seqs.iter().for_each(|&s| blocks.free(s));
+        }
+        prefill.seqs.iter().for_each(|&s| blocks.free(s));
+    }
+    let both_error =
+        relative_errors(both.iter().map(|s| (cost.seconds(&s.work, s.sms, s.other_bytes_per_s), s.seconds)))
+            .unwrap_or((f64::NAN, f64::NAN));
+    steps.extend(both);
+    Ok(Profile { cost, samples, steps, alone_error, both_error })
+}
+
+/// Puts `seqs` sequences of `cached` tokens into the cache (prefilled in `phase` with every SM,
+/// untimed) and builds the step that advances each by `new` tokens.
+#[allow(clippy::too_many_arguments)]
+fn prepare<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    phase: &mut B::Phase,
+    cache: &mut KvCache<B>,
+    blocks: &mut BlockManager,
+    kind: StepKind,
+    seqs: usize,
+    new: usize,
+    cached: usize,
+    next_seq: &mut u64,
+) -> Result<Shape> {
+    let vocab = model.config().vocab_size;
+    let token = |i: usize| ((i * 7919 + 13) % vocab) as u32;
+    let ids: Vec<u64> = (0..seqs as u64).map(|i| *next_seq + i).collect();
+    *next_seq += seqs as u64;
+    backend.set_budget(phase, backend.sm_count())?;
+    let context: Vec<u32> = (0..cached).map(token).collect();
+    // At most 8192 prompt tokens a step, as the engine's default.
+    for group in ids.chunks((8192 / cached.max(1)).max(1)) {
+        for piece in context.chunks(8192) {
+            let chunks: Vec<SeqChunk<'_>> =
+                group.iter().map(|&seq| SeqChunk { seq, tokens: piece, wants_logits: true }).collect();
+            let step = build_step(blocks, &chunks, StepKind::Prefill)?;
+            run(backend, model, phase, cache, &step)?;
+        }
+    }
+    let tokens: Vec<u32> = (cached..cached + new).map(token).collect();
+    let chunks: Vec<SeqChunk<'_>> =
+        ids.iter().map(|&seq| SeqChunk { seq, tokens: &tokens, wants_logits: true }).collect();
+    let input = build_step(blocks, &chunks, kind)?;
+    let work = IterationWork::of(kind, ids.iter().map(|_| (new, cached)));
+    Ok(Shape { input, work, seqs: ids })
+}
+
+/// Runs `step` in `phase` and waits for its logits.
+fn run<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    phase: &B::Phase,
+    cache: &mut KvCache<B>,
+    step: &StepInput,
+) -> Result<()> {
+    let logits = model.forward(backend, phase, cache, step)?;
+    backend.logits_to_host(phase, logits, LogitsReadback::Argmax).map(|_| ())
+}
+
+/// Launches a prefill and a decode step on their phases one after the other, and returns the
+/// seconds from each launch to when it was seen done.
+fn run_both<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    (prefill_phase, prefill): (&B::Phase, &StepInput),
+    (decode_phase, decode): (&B::Phase, &StepInput),
+    cache: &mut KvCache<B>,
+) -> Result<(f64, f64)> {
+    let prefill_start = Instant::now();
+    let logits = model.forward(backend, prefill_phase, cache, prefill)?;
+    let prefill_pending = backend.read_logits(prefill_phase, logits, LogitsReadback::Argmax)?;
+    let decode_start = Instant::now();
+    let logits = model.forward(backend, decode_phase, cache, decode)?;
+    let decode_pending = backend.read_logits(decode_phase, logits, LogitsReadback::Argmax)?;
+    let (mut prefill_s, mut decode_s) = (None, None);
+    while prefill_s.is_none() || decode_s.is_none() {
+        if prefill_s.is_none() && backend.is_ready(&prefill_pending)? {
+            prefill_s = Some(prefill_start.elapsed().as_secs_f64());
+        }
+        if decode_s.is_none() && backend.is_ready(&decode_pending)? {
+            decode_s = Some(decode_start.elapsed().as_secs_f64());
+        }
+        std::thread::yield_now();
+    }
+    backend.take_logits(prefill_phase, prefill_pending)?;
+    backend.take_logits(decode_phase, decode_pending)?;
+    Ok((prefill_s.unwrap_or_default(), decode_s.unwrap_or_default()))
+}

@@ -1,0 +1,47 @@
+//! `nexus profile`'s measurement and fit, on the CPU backend (whose budgets are nominal: only the
+//! plumbing is checked here; the GPU machine runs the real one): every operator class is timed at
+//! every budget, the fitted model reads back from its JSON, and its errors are finite.
+
+use nexus::runtime::engine::cost_model::{CostModel, Op};
+use nexus::runtime::engine::profile::{ProfileConfig, profile};
+use nexus::runtime::model::LlamaModel;
+use nexus::runtime::model::cpu::CpuBackend;
+
+use crate::chaos::tiny_config;
+
+#[test]
+fn a_profile_times_every_operator_and_fits_a_model() {
+    let model = LlamaModel::random(&CpuBackend, &tiny_config(), 5).expect("model");
+    let config = ProfileConfig {
+        budgets: vec![8, 64, 132],
+        prefill: vec![(16, 0), (12, 20)],
+        decode: vec![(4, 24)],
+        splits: vec![64],
+        repeats: 2,
+        block_size: 4,
+    };
+    let mut calls = Vec::new();
+    let profile = profile(&CpuBackend, &model, &config, |done, total| calls.push((done, total))).expect("profile");
+    // 3 shapes at 3 budgets, then 2 prefill shapes next to 1 decode shape at 1 split.
+    assert_eq!(calls.last(), Some(&(11, 11)));
+    for op in [Op::Gemm, Op::PrefillAttention, Op::DecodeAttention, Op::Rest] {
+        let timed: Vec<u32> = profile.samples.iter().filter(|s| s.op == op).map(|s| s.sms).collect();
+        for budget in &config.budgets {
+            assert!(timed.contains(budget), "{op:?} at {budget} SMs");
+        }
+    }
+    assert!(profile.samples.iter().all(|s| s.seconds > 0.0 && s.bytes > 0.0));
+    let (median, p90) = profile.alone_error;
+    assert!(median.is_finite() && p90 >= median, "{:?}", profile.alone_error);
+    assert!(profile.both_error.0.is_finite());
+    assert_eq!(CostModel::from_json(&profile.cost.to_json()).expect("reads back"), profile.cost);
+    // Shapes that do not fit the model, and budgets the device has not, are refused.
+    let bad = ProfileConfig { budgets: vec![200], ..config.clone() };
+    assert!(profile_of(&model, &bad).is_err());
+    let bad = ProfileConfig { prefill: vec![(600, 0)], ..config };
+    assert!(profile_of(&model, &bad).is_err());
+}
+
+fn profile_of(model: &LlamaModel<CpuBackend>, config: &ProfileConfig) -> nexus::runtime::Result<()> {
+    profile(&CpuBackend, model, config, |_, _| {}).map(|_| ())
+}

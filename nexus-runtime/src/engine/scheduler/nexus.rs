@@ -1,9 +1,12 @@
 //! The Nexus scheduler: prefill and decode in two lanes at once, on disjoint SMs.
 
+use super::controller::Controller;
 use super::{
-    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
-    schedule_prompts,
+    Lane, LanePlan, Plan, PromptOrder, Scheduled, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck,
+    schedule_decodes, schedule_prompts,
 };
+use crate::engine::cost_model::IterationWork;
+use crate::engine::kv_cache::BlockManager;
 use crate::model::backend::StepKind;
 use crate::{Error, Result};
 
@@ -41,6 +44,13 @@ impl NexusConfig {
 pub struct NexusScheduler {
     config: SchedulerConfig,
     split: NexusConfig,
+    /// Chooses the split every time a lane starts an iteration while the other has work, in
+    /// place of the fixed one.
+    controller: Option<Controller>,
+    /// The work of each lane's latest iteration, for the controller's decision when a lane
+    /// starts next to the other's iteration in flight.
+    last_prefill: IterationWork,
+    last_decode: IterationWork,
 }
 
 impl NexusScheduler {
@@ -55,7 +65,40 @@ impl NexusScheduler {
                 split.prefill_sms
             )));
         }
-        Ok(NexusScheduler { config, split })
+        Ok(NexusScheduler {
+            config,
+            split,
+            controller: None,
+            last_prefill: IterationWork::default(),
+            last_decode: IterationWork::default(),
+        })
+    }
+
+    /// The same scheduler, with `controller` choosing the split (its cost model must be of a
+    /// device of `sm_count` SMs).
+    pub fn with_controller(mut self, controller: Controller, sm_count: u32) -> Result<Self> {
+        if controller.cost().sm_count != sm_count {
+            return Err(Error::invalid(format!(
+                "the cost model was made for {} SMs; this device has {sm_count}",
+                controller.cost().sm_count
+            )));
+        }
+        self.controller = Some(controller);
+        Ok(self)
+    }
+
+    /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
+    /// iterations being planned (or, for a lane in flight, its latest).
+    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager, decodes: &[Scheduled], prompts: &[Scheduled]) -> u32 {
+        let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
+        let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
+        if !decodes.is_empty() {
+            self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
+        }
+        if !prompts.is_empty() {
+            self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
+        }
+        sms - controller.split(&self.last_prefill, &self.last_decode, blocks.usage()).decode_sms
     }
 }
 
@@ -65,11 +108,14 @@ impl Scheduler for NexusScheduler {
     }
 
     fn budgets(&self, lane: Lane, sm_count: u32) -> Vec<u32> {
-        let shared = match lane {
-            Lane::Prefill => self.split.prefill_sms,
-            _ => sm_count - self.split.prefill_sms,
+        let decode: Vec<u32> = match &self.controller {
+            Some(controller) => controller.config().decode_budgets(sm_count),
+            None => vec![sm_count - self.split.prefill_sms, sm_count],
         };
-        vec![shared, sm_count]
+        match lane {
+            Lane::Decode => decode,
+            _ => decode.iter().map(|&d| if d == sm_count { d } else { sm_count - d }).collect(),
+        }
     }
 
     fn config(&self) -> SchedulerConfig {
@@ -92,45 +138,36 @@ impl Scheduler for NexusScheduler {
             decodes = schedule_decodes(&mut alive, &mut budget, &mut free, blocks, &mut plan.preempted);
         }
         let decode_active = decode_busy.is_some() || !decodes.is_empty();
-        // What the decode lane takes now, or has in flight.
-        let decode_sms = |prefill_active: bool| {
-            let wanted = if prefill_active { sms - self.split.prefill_sms } else { sms };
-            wanted.min(sms - prefill_busy.unwrap_or(0))
-        };
         let mut prompts = Vec::new();
-        if prefill_busy.is_none() {
-            let decode_taken = match decode_busy {
-                Some(b) => b,
-                None if decode_active => decode_sms(true),
-                None => 0,
-            };
-            if decode_taken < sms {
-                loop {
-                    let mut budget = self.config.max_num_batched_tokens;
-                    let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
-                    let admit = plan.preempted.is_empty();
-                    let order = PromptOrder::ShortestFirst { aging: self.split.prefill_aging };
-                    let (scheduled, admitted) =
-                        schedule_prompts(&alive, view.waiting, room, admit, order, &mut budget, &mut free, blocks);
-                    if !scheduled.is_empty() {
-                        prompts = scheduled;
-                        plan.admitted = admitted;
-                        break;
-                    }
-                    if decode_active || !preempt_if_stuck(&mut alive, &mut free, blocks, &mut plan.preempted) {
-                        break;
-                    }
+        if prefill_busy.is_none() && decode_busy.is_none_or(|b| b < sms) {
+            loop {
+                let mut budget = self.config.max_num_batched_tokens;
+                let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
+                let admit = plan.preempted.is_empty();
+                let order = PromptOrder::ShortestFirst { aging: self.split.prefill_aging };
+                let (scheduled, admitted) =
+                    schedule_prompts(&alive, view.waiting, room, admit, order, &mut budget, &mut free, blocks);
+                if !scheduled.is_empty() {
+                    prompts = scheduled;
+                    plan.admitted = admitted;
+                    break;
+                }
+                if decode_active || !preempt_if_stuck(&mut alive, &mut free, blocks, &mut plan.preempted) {
+                    break;
                 }
             }
         }
         let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
+        let share =
+            if decode_active && prefill_active { self.prefill_share(sms, blocks, &decodes, &prompts) } else { sms };
         if !decodes.is_empty() {
-            let budget = decode_sms(prefill_active);
+            let wanted = if prefill_active { sms - share } else { sms };
+            let budget = wanted.min(sms - prefill_busy.unwrap_or(0));
             plan.lanes.push(LanePlan { lane: Lane::Decode, kind: StepKind::Decode, budget, scheduled: decodes });
         }
         if !prompts.is_empty() {
             let taken = decode_busy.or(plan.lanes.first().map(|l| l.budget)).unwrap_or(0);
-            let wanted = if decode_active { self.split.prefill_sms } else { sms };
+            let wanted = if decode_active { share } else { sms };
             let budget = wanted.min(sms - taken);
             plan.lanes.push(LanePlan { lane: Lane::Prefill, kind: StepKind::Prefill, budget, scheduled: prompts });
         }
@@ -186,6 +223,44 @@ mod tests {
         // A decode lane in flight at its share while prefill has nothing left: prefill waits for
         // nothing and decode's next iteration (planned later) takes every SM.
         assert_eq!(view(&[], &[], &[Some(68), None]), Plan::default());
+    }
+
+    #[test]
+    fn a_controller_moves_the_split_with_the_batches_and_the_cache() {
+        use crate::engine::cost_model::tests::llama8b_h200;
+        use crate::engine::scheduler::controller::{Controller, ControllerConfig};
+        let controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
+        let sched = nexus(64).with_controller(controller, 132).unwrap();
+        assert_eq!(sched.budgets(Lane::Decode, 132), (1..=16).map(|k| 8 * k).chain([132]).collect::<Vec<_>>());
+        assert_eq!(sched.budgets(Lane::Prefill, 132), (1..=16).map(|k| 132 - 8 * k).chain([132]).collect::<Vec<_>>());
+        // 64 sequences decoding 2k tokens each, and an 8k prompt; the cache a quarter full, then
+        // most of it full.
+        let split = |used_blocks: usize| {
+            let mut blocks = BlockManager::new(64 * 130 * 4, 16).unwrap();
+            for id in 0..64 {
+                blocks.append(id, 2048).unwrap();
+            }
+            blocks.append(1000, used_blocks * 16).unwrap();
+            let idle: Vec<SeqState> = (0..64).map(|id| s(id, 1)).collect();
+            let view = SchedulerView {
+                idle: &idle,
+                waiting: &[s(2000, 8192)],
+                num_running: 65,
+                blocks: &blocks,
+                sm_count: 132,
+                busy: &[None, None],
+            };
+            budgets(&sched.clone().plan(&view))
+        };
+        let low = split(0);
+        let high = split(64 * 130 * 4 - 64 * 128 - 600);
+        assert_eq!((low[0].0, low[1].0), (Lane::Decode, Lane::Prefill));
+        assert_eq!(low[0].1 + low[1].1, 132);
+        assert!(low[0].1.is_multiple_of(8) && high[0].1.is_multiple_of(8));
+        assert!(high[0].1 > low[0].1, "a fuller cache protects decode: {low:?} then {high:?}");
+        // A cost model of another device is refused.
+        let controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
+        assert!(nexus(64).with_controller(controller, 114).is_err());
     }
 
     #[test]

@@ -65,6 +65,10 @@ impl Backend for Chaos {
         CPU_SM_COUNT
     }
 
+    fn device_name(&self) -> String {
+        CpuBackend.device_name()
+    }
+
     fn new_phase(&self) -> Result<ChaosPhase> {
         let mut ledger = self.ledger();
         ledger.next_phase += 1;

@@ -3,7 +3,7 @@
 //! every budget, the fitted model reads back from its JSON, and its errors are finite.
 
 use nexus::runtime::engine::cost_model::{CostModel, Op};
-use nexus::runtime::engine::profile::{ProfileConfig, profile};
+use nexus::runtime::engine::profile::{ProfileConfig, SavedProfile, profile};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CpuBackend;
 
@@ -35,6 +35,19 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     assert!(median.is_finite() && p90 >= median, "{:?}", profile.alone_error);
     assert!(profile.both_error.0.is_finite());
     assert_eq!(CostModel::from_json(&profile.cost.to_json()).expect("reads back"), profile.cost);
+    // Saved and loaded for the device and model it was made for; refused for others.
+    let dir = std::env::temp_dir().join(format!("nexus-profile-test-{}", std::process::id()));
+    let path = dir.join("p.json");
+    let saved = SavedProfile::new(&profile, "CPU", "tiny");
+    saved.save(&path).expect("save");
+    assert_eq!(SavedProfile::load(&path, "CPU", "tiny").expect("load"), saved);
+    let other_device = SavedProfile::load(&path, "NVIDIA H200", "tiny").expect_err("another device");
+    assert!(other_device.to_string().contains("made for device CPU"), "{other_device}");
+    assert!(SavedProfile::load(&path, "CPU", "other").is_err());
+    assert!(SavedProfile::load(&dir.join("missing.json"), "CPU", "tiny").is_err());
+    let name = SavedProfile::default_path("NVIDIA H200", "synthetic:llama-3.1-8b").expect("a cache folder");
+    assert!(name.to_string_lossy().contains("profiles/NVIDIA_H200--synthetic_llama-3.1-8b--"), "{}", name.display());
+    std::fs::remove_dir_all(&dir).expect("clean up");
     // Shapes that do not fit the model, and budgets the device has not, are refused.
     let bad = ProfileConfig { budgets: vec![200], ..config.clone() };
     assert!(profile_of(&model, &bad).is_err());

@@ -20,3 +20,4 @@ pub use device::{Gpu, PtxTarget};
 #[cfg(test)]
 pub(crate) use model::measured;
 pub use model::{BandwidthCurve, DeviceModel};
+pub use ptx::fingerprint as kernels_fingerprint;

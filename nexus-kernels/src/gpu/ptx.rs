@@ -22,6 +22,18 @@ pub(crate) fn modules(target: PtxTarget) -> &'static [(&'static str, &'static st
     }
 }
 
+/// A fingerprint of every embedded kernel (FNV-1a over the PTX of both builds): what a saved
+/// measurement of the kernels (a cost-model profile) was made with.
+pub fn fingerprint() -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for &(name, source) in SM90A.iter().chain(SM80) {
+        for byte in name.bytes().chain(source.bytes()) {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
 /// The names of the kernels (`.entry` functions) of a PTX module.
 pub(crate) fn entries(source: &'static str) -> impl Iterator<Item = &'static str> {
     source.lines().filter_map(|line| {

@@ -183,9 +183,15 @@ impl CostModel {
 
     /// Reads a cost model saved as JSON, and checks it.
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut cost: CostModel = serde_json::from_str(text).map_err(|e| Error::format(format!("cost model: {e}")))?;
-        cost.check()?;
-        Ok(cost)
+        let cost: CostModel = serde_json::from_str(text).map_err(|e| Error::format(format!("cost model: {e}")))?;
+        cost.checked()
+    }
+
+    /// The model, checked (positive, finite figures; a valid bandwidth curve), as one read from a
+    /// file must be before use.
+    pub fn checked(mut self) -> Result<Self> {
+        self.check()?;
+        Ok(self)
     }
 
     /// The model as JSON.

@@ -12,7 +12,10 @@
 //! decode steps run at once on two phases at several splits, and each is compared with the model's
 //! prediction next to the other.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
 
 use crate::engine::batch::{SeqChunk, build_step};
 use crate::engine::cost_model::{
@@ -342,4 +345,83 @@ fn run_both<B: Backend>(
     backend.take_logits(prefill_phase, prefill_pending)?;
     backend.take_logits(decode_phase, decode_pending)?;
     Ok((prefill_s.unwrap_or_default(), decode_s.unwrap_or_default()))
+}
+
+/// A profile as `nexus profile` saves it: the cost model, what it was made for, and its errors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedProfile {
+    /// The device ([`Backend::device_name`]).
+    pub device: String,
+    /// The model, as `--model` named it.
+    pub model: String,
+    /// [`nexus_kernels::gpu::kernels_fingerprint`] of the kernels measured, in hex.
+    pub kernels: String,
+    pub cost_model: CostModel,
+    /// Median and 90th percentile relative error on whole steps, alone and with both lanes.
+    pub alone_error: (f64, f64),
+    pub both_error: (f64, f64),
+}
+
+impl SavedProfile {
+    /// The profile of `profile`, made on `device` for `model`.
+    pub fn new(profile: &Profile, device: &str, model: &str) -> Self {
+        SavedProfile {
+            device: device.to_owned(),
+            model: model.to_owned(),
+            kernels: kernels_version(),
+            cost_model: profile.cost.clone(),
+            alone_error: profile.alone_error,
+            both_error: profile.both_error,
+        }
+    }
+
+    /// Where the profile of `model` on `device` with these kernels lives: `$NEXUS_CACHE_DIR`, else
+    /// `$XDG_CACHE_HOME/nexus`, else `~/.cache/nexus`, under `profiles/`.
+    pub fn default_path(device: &str, model: &str) -> Option<PathBuf> {
+        let cache = std::env::var_os("NEXUS_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("nexus")))
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("nexus")))?;
+        let clean = |s: &str| -> String {
+            s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' }).collect()
+        };
+        let name = format!("{}--{}--{}.json", clean(device), clean(model), kernels_version());
+        Some(cache.join("profiles").join(name))
+    }
+
+    /// Writes the profile as JSON to `path` (its folder made if needed).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::format(format!("profile: {e}")))?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads the profile at `path` and checks that it was made for `device`, `model` and these
+    /// kernels.
+    pub fn load(path: &Path, device: &str, model: &str) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let profile: SavedProfile =
+            serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        let cost = profile.cost_model.clone().checked()?;
+        let mismatch = if profile.device != device {
+            Some(format!("device {}, not {device}", profile.device))
+        } else if profile.model != model {
+            Some(format!("model {}, not {model}", profile.model))
+        } else if profile.kernels != kernels_version() {
+            Some(format!("kernels {}, not these ({})", profile.kernels, kernels_version()))
+        } else {
+            None
+        };
+        if let Some(mismatch) = mismatch {
+            return Err(Error::invalid(format!("{} was made for {mismatch}", path.display())));
+        }
+        Ok(SavedProfile { cost_model: cost, ..profile })
+    }
+}
+
+/// The kernels' fingerprint in hex.
+fn kernels_version() -> String {
+    format!("{:016x}", nexus_kernels::gpu::kernels_fingerprint())
 }

@@ -205,6 +205,8 @@ pub trait Backend {
 
     /// The number of SMs budgets are counted in: a phase's budget is between 1 and this.
     fn sm_count(&self) -> u32;
+    /// What the device is called (a cost-model profile is made for one).
+    fn device_name(&self) -> String;
     /// A new phase with a budget of every SM.
     fn new_phase(&self) -> Result<Self::Phase>;
     /// Sets the CTA budget of `phase`'s next steps (1 ..= [`Backend::sm_count`]).

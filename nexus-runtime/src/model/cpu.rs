@@ -84,6 +84,10 @@ impl Backend for CpuBackend {
         CPU_SM_COUNT
     }
 
+    fn device_name(&self) -> String {
+        "CPU".into()
+    }
+
     fn new_phase(&self) -> Result<CpuPhase> {
         Ok(CpuPhase { budget: CPU_SM_COUNT, timed: Mutex::new(None) })
     }

@@ -574,6 +574,10 @@ impl Backend for CudaBackend {
         self.gpu.sm_count()
     }
 
+    fn device_name(&self) -> String {
+        self.gpu.context().name().unwrap_or_else(|_| format!("GPU of {} SMs", self.gpu.sm_count()))
+    }
+
     fn new_phase(&self) -> Result<CudaPhase> {
         let ctx = PhaseContext::new(self.gpu.clone(), self.gpu.new_stream()?, CtaBudget::all(&self.gpu));
         let ids = (ctx.stream().alloc_zeros::<u32>(READBACK_ROWS).map_err(kernel_error)?, self.pinned(READBACK_ROWS)?);

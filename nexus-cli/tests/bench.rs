@@ -1,11 +1,15 @@
 //! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot,
 //! and judges the rates against an objective; a JSONL workload of text and token-id prompts runs
 //! in-process; `chunked` and a `nexus` split run the same trace in one invocation, each with its
-//! timeline in the JSON and the plot; bad workloads and flags fail with a message.
+//! timeline in the JSON and the plot; vLLM's load shapes (`--request-rate inf`,
+//! `--max-concurrency`, `--burstiness`, the random dataset), metrics (`--percentile-metrics`,
+//! `--metric-percentiles`, `--goodput`) and `--save-result` against `nexus serve` over HTTP and
+//! in-process; bad workloads and flags fail with a message.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
-use std::process::Command;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
@@ -47,7 +51,8 @@ fn a_small_sweep_reports_every_rate() {
     assert_eq!(doc["slo"]["schedules"][0]["throughput"], 40.0);
     assert_eq!(doc["slo"]["schedules"][0]["rates_met"], serde_json::json!([20.0, 40.0]));
     let svg = std::fs::read_to_string(&plot).expect("svg");
-    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2);
+    // p95 TTFT and p95 TBT against the rate, then the TTFT and ITL distributions of each rate.
+    assert!(svg.starts_with("<svg") && svg.matches("<polyline").count() == 2 + 2 * 2, "{svg}");
     std::fs::remove_dir_all(&dir).ok();
 
     // A bad rate is refused with a message, not a panic.
@@ -176,7 +181,7 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
 
     // Latency lines for both schedules, and a timeline panel for each.
     let svg = std::fs::read_to_string(&plot).expect("svg");
-    assert_eq!(svg.matches("<polyline").count(), 2 * 2, "p95 TTFT and p95 TBT, a line per schedule");
+    assert_eq!(svg.matches("<polyline").count(), 2 * 2 + 2 * 2, "p95 TTFT and p95 TBT, CDFs, a line per schedule");
     for title in ["chunked at 1000 req/s", "nexus 64/68 at 1000 req/s", "prefill lane", "decode lane", "mixed lane"] {
         assert!(svg.contains(title), "no {title} in the plot");
     }
@@ -190,6 +195,16 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--schedule", "nexus", "--prefill-sms", "64,132"][..], "--prefill-sms 132"),
         (&["--prefill-sms", "64"][..], "needs --schedule nexus"),
         (&["--rate", "1,2", "--plot", "x.svg", "--plot-timeline-rate", "3"][..], "--plot-timeline-rate 3"),
+        (&["--rate", "1,nan"][..], "--rate"),
+        (&["--burstiness", "0"][..], "--burstiness"),
+        (&["--max-concurrency", "0"][..], "--max-concurrency"),
+        (&["--random-input-len", "5"][..], "need --workload random"),
+        (&["--workload", "random", "--random-range-ratio", "1"][..], "range ratio 1"),
+        (&["--workload", "random", "--random-output-len", "0"][..], "at least 1 token"),
+        (&["--percentile-metrics", "ttft,tbt"][..], "unknown metric \"tbt\""),
+        (&["--metric-percentiles", "50,101"][..], "in [0, 100]"),
+        (&["--goodput", "ttft:500", "itl:5"][..], "per request"),
+        (&["--goodput", "ttft"][..], "METRIC:MS"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
             .args(["bench", "--device", "cpu", "--num-requests", "1", "--model", "/nonexistent/model.gguf"])
@@ -199,4 +214,224 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(want), "{flags:?}: {stderr}");
     }
+}
+
+/// A `nexus serve` on the CPU backend on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["serve", "--device", "cpu", "--port", "0", "--served-model-name", "smollm2", "--model"])
+            .arg(model())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start nexus serve");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let line = lines.next().expect("a line").expect("read");
+        let base = line.strip_prefix("nexus serve: listening on ").expect("the address line").to_owned();
+        // Keep draining stdout so that the server never blocks on it.
+        std::thread::spawn(move || lines.for_each(drop));
+        Server { child, base }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `nexus bench` with `args`, asserts it succeeded, and returns its stdout and the runs of
+/// its `--save-result` file, one JSON object per line.
+fn bench_saving(args: &[&str], result: &Path) -> (String, Vec<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .arg("bench")
+        .args(args)
+        .arg("--save-result")
+        .arg(result)
+        .output()
+        .expect("run nexus bench");
+    assert!(out.status.success(), "nexus bench {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(result).expect("the result file");
+    let runs = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    (String::from_utf8_lossy(&out.stdout).into_owned(), runs)
+}
+
+fn f64_of(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("{v} is not a number"))
+}
+
+/// The integers of a JSON array.
+fn ints(v: &Value) -> Vec<u64> {
+    v.as_array().expect("an array").iter().map(|x| x.as_u64().expect("an integer")).collect()
+}
+
+#[test]
+fn vllm_load_shapes_metrics_and_results_against_a_server() {
+    let server = Server::start();
+    let dir = std::env::temp_dir().join(format!("nexus-bench-vllm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (result, json, plot) = (dir.join("result.json"), dir.join("bench.json"), dir.join("bench.svg"));
+    // Six random requests of 4 to 12 prompt tokens and 2 to 6 output tokens, all at once, at
+    // most two in flight.
+    let url = server.base.as_str();
+    let (stdout, runs) = bench_saving(
+        &[
+            "--url",
+            url,
+            "--dataset-name",
+            "random",
+            "--random-input-len",
+            "8",
+            "--random-output-len",
+            "4",
+            "--random-range-ratio",
+            "0.5",
+            "--num-prompts",
+            "6",
+            "--request-rate",
+            "inf",
+            "--max-concurrency",
+            "2",
+            "--percentile-metrics",
+            "ttft,tpot,itl,e2el",
+            "--metric-percentiles",
+            "50,90,99",
+            "--goodput",
+            "ttft:600000",
+            "tpot:600000",
+            "e2el:600000",
+            "--seed",
+            "1",
+            "--json",
+            json.to_str().expect("path"),
+            "--plot",
+            plot.to_str().expect("path"),
+        ],
+        &result,
+    );
+    assert!(stdout.contains("| TTFT | TPOT | ITL | E2EL | req/s | goodput (req/s) |"), "{stdout}");
+    assert!(stdout.contains("at most 2 in flight") && stdout.contains("| inf |"), "{stdout}");
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(6), Some(0)), "{run}");
+    assert_eq!(
+        (&run["request_rate"], &run["max_concurrency"], &run["burstiness"]),
+        (&"inf".into(), &2.into(), &1.0.into())
+    );
+    assert_eq!(
+        (&run["backend"], &run["model_id"], &run["num_prompts"]),
+        (&"openai".into(), &"smollm2".into(), &6.into())
+    );
+    assert_eq!(run["nexus"]["peak_concurrency"], 2, "never more than two in flight");
+    let (input_lens, output_lens) = (ints(&run["input_lens"]), ints(&run["output_lens"]));
+    assert!(input_lens.iter().all(|l| (4..=12).contains(l)) && output_lens.iter().all(|l| (2..=6).contains(l)));
+    assert_eq!(run["total_input_tokens"], input_lens.iter().sum::<u64>());
+    assert_eq!(run["total_output_tokens"], output_lens.iter().sum::<u64>());
+    // Per request: a TTFT, one ITL per token after the first, no error.
+    let itls = run["itls"].as_array().expect("itls");
+    for (i, len) in output_lens.iter().enumerate() {
+        assert_eq!(itls[i].as_array().expect("a request's ITLs").len() as u64, len - 1, "request {i}");
+        assert!(f64_of(&run["ttfts"][i]) > 0.0 && run["errors"][i] == "", "request {i}");
+    }
+    for metric in ["ttft", "tpot", "itl", "e2el"] {
+        for stat in ["mean", "median", "std", "p50", "p90", "p99"] {
+            let v = f64_of(&run[format!("{stat}_{metric}_ms")]);
+            assert!(v.is_finite() && v >= 0.0, "{stat}_{metric}_ms {v}");
+        }
+        assert!(f64_of(&run[format!("p50_{metric}_ms")]) <= f64_of(&run[format!("p99_{metric}_ms")]));
+    }
+    // E2EL, TTFT and TPOT of each request agree: E2EL = TTFT + TPOT · (tokens - 1) on average.
+    assert!(f64_of(&run["mean_e2el_ms"]) > f64_of(&run["mean_ttft_ms"]));
+    // Objectives nothing misses: every completed request is good.
+    assert_eq!(run["request_goodput"], run["request_throughput"]);
+    let total =
+        (run["total_input_tokens"].as_u64().expect("in") + run["total_output_tokens"].as_u64().expect("out")) as f64;
+    assert!((f64_of(&run["total_token_throughput"]) - total / f64_of(&run["duration"])).abs() < 1e-6, "{run}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    assert_eq!((&doc["max_concurrency"], &doc["runs"][0]["rate"]), (&2.into(), &"inf".into()));
+    assert_eq!(doc["goodput"]["ttft_ms"], 600_000.0);
+    let svg = std::fs::read_to_string(&plot).expect("svg");
+    for title in ["TTFT distribution", "ITL (TBT) distribution", "inf req/s"] {
+        assert!(svg.contains(title), "no {title} in the plot");
+    }
+
+    // Bursty arrivals at a finite rate, a text prompt (its length as the server counts it), and an
+    // objective nothing meets.
+    let jsonl = dir.join("requests.jsonl");
+    let lines = [
+        "{\"prompt\": \"Once upon a time\", \"output_len\": 2}",
+        "{\"prompt_token_ids\": [1, 2, 3], \"output_len\": 3}",
+    ];
+    std::fs::write(&jsonl, lines.join("\n")).expect("write");
+    let workload = format!("jsonl:{}", jsonl.display());
+    let (_, runs) = bench_saving(
+        &["--url", url, "--workload", &workload, "--rate", "20", "--burstiness", "0.5", "--goodput", "ttft:0"],
+        &result,
+    );
+    let run = &runs[0];
+    assert_eq!(
+        (&run["request_rate"], &run["burstiness"], &run["max_concurrency"]),
+        (&20.0.into(), &0.5.into(), &Value::Null)
+    );
+    assert_eq!((run["completed"].as_u64(), run["request_goodput"].as_f64()), (Some(2), Some(0.0)), "{run}");
+    let input_lens = ints(&run["input_lens"]);
+    assert!(input_lens[0] >= 4 && input_lens[1] == 3, "{input_lens:?}");
+    assert_eq!(ints(&run["output_lens"]), [2, 3]);
+    // vLLM's default metrics: TTFT, TPOT and ITL at p99.
+    assert!(run.get("p99_itl_ms").is_some() && run.get("mean_e2el_ms").is_none() && run.get("p50_ttft_ms").is_none());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn vllm_load_shapes_run_in_process() {
+    let dir = std::env::temp_dir().join(format!("nexus-bench-vllm-in-process-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let result = dir.join("result.json");
+    let model = model();
+    let (stdout, runs) = bench_saving(
+        &[
+            "--device",
+            "cpu",
+            "--model",
+            model.to_str().expect("path"),
+            "--workload",
+            "random",
+            "--random-input-len",
+            "6",
+            "--random-output-len",
+            "3",
+            "--num-requests",
+            "4",
+            "--rate",
+            "inf,50",
+            "--burstiness",
+            "4",
+            "--max-concurrency",
+            "1",
+            "--percentile-metrics",
+            "e2el",
+            "--metric-percentiles",
+            "50",
+        ],
+        &result,
+    );
+    assert!(stdout.contains("| chunked | inf |") && stdout.contains("| chunked | 50 |"), "{stdout}");
+    assert!(stdout.contains("gamma arrivals of burstiness 4, at most 1 in flight"), "{stdout}");
+    assert_eq!(runs.len(), 2, "a line per rate");
+    for (run, rate) in runs.iter().zip([Value::from("inf"), Value::from(50.0)]) {
+        assert_eq!((&run["request_rate"], &run["backend"], &run["label"]), (&rate, &"nexus".into(), &"chunked".into()));
+        assert_eq!((run["completed"].as_u64(), run["burstiness"].as_f64()), (Some(4), Some(4.0)));
+        assert_eq!(run["nexus"]["peak_concurrency"], 1);
+        assert_eq!((ints(&run["input_lens"]), ints(&run["output_lens"])), (vec![6; 4], vec![3; 4]));
+        assert!(f64_of(&run["p50_e2el_ms"]) > 0.0 && run.get("mean_ttft_ms").is_none(), "{run}");
+        assert_eq!(run["request_goodput"], Value::Null, "no --goodput");
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }

@@ -76,8 +76,9 @@ proptest! {
 fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, aging: u64, rounds: u64) -> Option<u64> {
     use nexus::runtime::engine::scheduler::{Lane, NexusConfig, NexusScheduler};
     let config = SchedulerConfig { max_num_seqs: 100_000, max_num_batched_tokens: short * per_round };
-    let mut sched = NexusScheduler::new(config, NexusConfig { prefill_sms: 66, prefill_aging: aging }, 132).unwrap();
-    let mut blocks = BlockManager::new(1 << 20, 16).unwrap();
+    let split = NexusConfig { prefill_sms: 66, prefill_aging: aging };
+    let mut sched = NexusScheduler::new(config, split, 132).expect("scheduler");
+    let mut blocks = BlockManager::new(1 << 20, 16).expect("blocks");
     // (id, tokens left, arrival round); the started ones hold blocks.
     let mut waiting: Vec<(u64, usize, u64)> = vec![(0, long, 0)];
     let mut started: Vec<(u64, usize, u64)> = Vec::new();
@@ -100,7 +101,7 @@ fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, a
         };
         let plan = sched.plan(&view);
         for id in &plan.admitted {
-            let i = waiting.iter().position(|w| w.0 == *id).unwrap();
+            let i = waiting.iter().position(|w| w.0 == *id).expect("admitted from the queue");
             started.push(waiting.remove(i));
         }
         for lane in plan.lanes.iter().filter(|l| l.lane == Lane::Prefill) {
@@ -108,8 +109,8 @@ fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, a
                 if s.id == 0 {
                     return Some(round);
                 }
-                blocks.append(s.id, s.tokens).unwrap();
-                let seq = started.iter_mut().find(|r| r.0 == s.id).unwrap();
+                blocks.append(s.id, s.tokens).expect("blocks");
+                let seq = started.iter_mut().find(|r| r.0 == s.id).expect("a started prompt");
                 seq.1 -= s.tokens;
             }
         }

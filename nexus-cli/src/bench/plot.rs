@@ -1,21 +1,27 @@
 //! `nexus bench --plot`: one hand-written SVG. On top, p95 TTFT and p95 TBT against the arrival
-//! rate, a line per schedule. Below, for each schedule run in-process, the SMs of its lanes
-//! against time during one run (`--plot-timeline-rate`, the highest rate by default): a rectangle
-//! per iteration as tall as its budget, decode (and chunked's mixed lane) drawn up from the bottom
-//! and prefill down from the top, so that iterations of two lanes that ran at once show one above
-//! the other, on disjoint SMs.
+//! rate, a line per schedule (runs at rate `inf` have no place on that axis and show only below).
+//! Then, for each schedule (or the server), the distributions of TTFT and of ITL (our TBT) as
+//! CDFs, a line per rate. Below, for each schedule run in-process, the SMs of its lanes against
+//! time during one run (`--plot-timeline-rate`, the highest rate by default): a rectangle per
+//! iteration as tall as its budget, decode (and chunked's mixed lane) drawn up from the bottom and
+//! prefill down from the top, so that iterations of two lanes that ran at once show one above the
+//! other, on disjoint SMs.
 
 use std::fmt::Write as _;
 
+use nexus_runtime::bench::metrics::Metric;
 use nexus_runtime::bench::{ReplayReport, TimelineSummary};
 use nexus_runtime::engine::scheduler::Lane;
 
-use super::Results;
+use super::{ArmRuns, Results};
 
 const WIDTH: f64 = 960.0;
 const TITLE_HEIGHT: f64 = 30.0;
 const LATENCY_HEIGHT: f64 = 320.0;
 const TIMELINE_HEIGHT: f64 = 230.0;
+const CDF_HEIGHT: f64 = 300.0;
+/// The most points of a CDF's line: a run of many requests has tens of thousands of ITLs.
+const CDF_POINTS: usize = 400;
 const SCHEDULE_COLORS: [&str; 8] =
     ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
 
@@ -138,15 +144,25 @@ impl Panel {
     /// Coloured legend entries at the panel's top right, on a white box that keeps them
     /// readable over lines and rectangles.
     fn legend(&self, svg: &mut String, entries: &[(String, &str)]) {
+        self.legend_at(svg, entries, self.top + 2.0);
+    }
+
+    /// Coloured legend entries at the panel's bottom right, where a CDF never is: its lines reach
+    /// the long latencies near the top.
+    fn legend_bottom(&self, svg: &mut String, entries: &[(String, &str)]) {
+        self.legend_at(svg, entries, self.top + self.height - 8.0 - 16.0 * entries.len() as f64);
+    }
+
+    /// The legend with its box's top at `top`.
+    fn legend_at(&self, svg: &mut String, entries: &[(String, &str)], top: f64) {
         let _ = writeln!(
             svg,
-            "<rect x=\"{}\" y=\"{}\" width=\"176\" height=\"{}\" fill=\"white\" fill-opacity=\"0.85\"/>",
+            "<rect x=\"{}\" y=\"{top}\" width=\"176\" height=\"{}\" fill=\"white\" fill-opacity=\"0.85\"/>",
             self.left + self.width - 176.0,
-            self.top + 2.0,
             6.0 + 16.0 * entries.len() as f64
         );
         for (i, (name, color)) in entries.iter().enumerate() {
-            let (x, y) = (self.left + self.width - 170.0, self.top + 14.0 + 16.0 * i as f64);
+            let (x, y) = (self.left + self.width - 170.0, top + 12.0 + 16.0 * i as f64);
             let _ = writeln!(
                 svg,
                 "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"10\" fill=\"{color}\"/>\
@@ -173,26 +189,48 @@ pub(super) fn svg(results: &Results<'_>) -> String {
         .iter()
         .filter_map(|a| {
             let (_, report) = a.runs.iter().find(|(r, report)| *r == rate && report.timeline.is_some())?;
-            Some((a.arm.name.clone().unwrap_or_else(|| results.target.to_owned()), report))
+            Some((arm_name(results, a), report))
         })
         .collect();
-    let height = TITLE_HEIGHT + LATENCY_HEIGHT + TIMELINE_HEIGHT * timelines.len() as f64;
+    let cdf_top = TITLE_HEIGHT + LATENCY_HEIGHT;
+    let timeline_top = cdf_top + CDF_HEIGHT * results.arms.len() as f64;
+    let height = timeline_top + TIMELINE_HEIGHT * timelines.len() as f64;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{WIDTH}\" height=\"{height}\" font-family=\"sans-serif\" \
          font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"10\" y=\"20\" font-size=\"14\">{} on {}, {} requests per rate</text>\n",
+         <text x=\"10\" y=\"20\" font-size=\"14\">{} on {}, {} requests per rate, {}</text>\n",
         escape(&results.plan.name()),
-        escape(results.target),
-        results.plan.num_requests
+        escape(&results.target),
+        results.plan.num_requests,
+        escape(&results.plan.load_shape())
     );
     latency_panel(&mut svg, results, 0.0, "p95 TTFT", |r| r.ttft.p95 * 1e3);
     latency_panel(&mut svg, results, WIDTH / 2.0, "p95 TBT", |r| r.tbt.p95 * 1e3);
+    for (i, arms) in results.arms.iter().enumerate() {
+        let top = cdf_top + i as f64 * CDF_HEIGHT;
+        let name = arm_name(results, arms);
+        cdf_panel(&mut svg, 0.0, top, &format!("{name}: TTFT distribution"), "TTFT", Metric::Ttft, &arms.runs);
+        cdf_panel(
+            &mut svg,
+            WIDTH / 2.0,
+            top,
+            &format!("{name}: ITL (TBT) distribution"),
+            "ITL",
+            Metric::Itl,
+            &arms.runs,
+        );
+    }
     for (i, (name, report)) in timelines.into_iter().enumerate() {
-        let top = TITLE_HEIGHT + LATENCY_HEIGHT + i as f64 * TIMELINE_HEIGHT;
+        let top = timeline_top + i as f64 * TIMELINE_HEIGHT;
         timeline_panel(&mut svg, top, &name, rate, report, results.sm_count.unwrap_or(1));
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// What the plot calls an arm: its schedule, or what `--url` benchmarked.
+fn arm_name(results: &Results<'_>, arm: &ArmRuns) -> String {
+    arm.arm.name.clone().unwrap_or_else(|| results.target.clone())
 }
 
 /// `metric` (ms) of every run against its rate, a line per arm, in the panel at `left`.
@@ -201,17 +239,22 @@ fn latency_panel(svg: &mut String, results: &Results<'_>, left: f64, name: &str,
         .arms
         .iter()
         .map(|a| {
-            // A rate whose requests all failed has no latency to draw.
-            let mut points: Vec<(f64, f64)> =
-                a.runs.iter().map(|(rate, r)| (*rate, metric(r))).filter(|p| p.1.is_finite()).collect();
+            // A rate whose requests all failed has no latency to draw, nor has `inf` a place.
+            let mut points: Vec<(f64, f64)> = a
+                .runs
+                .iter()
+                .map(|(rate, r)| (*rate, metric(r)))
+                .filter(|p| p.0.is_finite() && p.1.is_finite())
+                .collect();
             points.sort_by(|a, b| a.0.total_cmp(&b.0));
-            (a.arm.name.clone().unwrap_or_else(|| results.target.to_owned()), points)
+            (arm_name(results, a), points)
         })
         .collect();
-    let max_rate = results.plan.args.rate.iter().copied().fold(0.0, f64::max);
+    let max_rate = results.plan.args.rate.iter().copied().filter(|r| r.is_finite()).fold(0.0, f64::max);
     let max_ms = lines.iter().flat_map(|l| l.1.iter().map(|p| p.1)).fold(0.0, f64::max);
+    let at_once = results.plan.args.rate.iter().any(|r| r.is_infinite());
     let frame = Frame {
-        title: &format!("{name} against the arrival rate"),
+        title: &format!("{name} against the arrival rate{}", if at_once { " (inf: see the CDFs)" } else { "" }),
         x_label: "arrival rate (req/s)",
         x_max: axis_max(max_rate),
         y_label: &format!("{name} (ms)"),
@@ -221,13 +264,7 @@ fn latency_panel(svg: &mut String, results: &Results<'_>, left: f64, name: &str,
     let mut legend = Vec::new();
     for (i, (line, points)) in lines.into_iter().enumerate() {
         let color = SCHEDULE_COLORS[i % SCHEDULE_COLORS.len()];
-        let coords: Vec<String> =
-            points.iter().map(|&(x, y)| format!("{:.1},{:.1}", panel.px(x), panel.py(y))).collect();
-        let _ = writeln!(
-            svg,
-            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
-            coords.join(" ")
-        );
+        polyline(svg, &panel, &points, color);
         for &(x, y) in &points {
             let _ =
                 writeln!(svg, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>", panel.px(x), panel.py(y));
@@ -235,6 +272,65 @@ fn latency_panel(svg: &mut String, results: &Results<'_>, left: f64, name: &str,
         legend.push((line, color));
     }
     panel.legend(svg, &legend);
+}
+
+/// A line through `points` (data coordinates) in `panel`.
+fn polyline(svg: &mut String, panel: &Panel, points: &[(f64, f64)], color: &str) {
+    let coords: Vec<String> = points.iter().map(|&(x, y)| format!("{:.1},{:.1}", panel.px(x), panel.py(y))).collect();
+    let _ = writeln!(
+        svg,
+        "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+        coords.join(" ")
+    );
+}
+
+/// The empirical CDF of `values` in milliseconds, as at most [`CDF_POINTS`] + 1 points (value,
+/// share of the values at or below it), ascending; every value's point when there are few.
+fn cdf_points(values: &[f64]) -> Vec<(f64, f64)> {
+    let mut sorted: Vec<f64> = values.iter().map(|v| v * 1e3).collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let steps = CDF_POINTS.min(n - 1);
+    // Evenly spaced ranks from the first to the last, so that both ends are drawn.
+    let ranks = (0..=steps).map(|k| (k * (n - 1)).checked_div(steps).unwrap_or(0));
+    ranks.map(|i| (sorted[i], (i + 1) as f64 / n as f64)).collect()
+}
+
+/// The CDF of `metric` in each of `runs`, a line per rate, in the panel at (`left`, `top`). The
+/// x axis ends at the largest p99 of the runs, so that one slow outlier does not squash every
+/// line; longer values run along its right edge.
+fn cdf_panel(
+    svg: &mut String,
+    left: f64,
+    top: f64,
+    title: &str,
+    name: &str,
+    metric: Metric,
+    runs: &[(f64, ReplayReport)],
+) {
+    let lines: Vec<(f64, Vec<(f64, f64)>)> =
+        runs.iter().map(|(rate, r)| (*rate, cdf_points(&r.samples(metric)))).collect();
+    let p99 = |points: &[(f64, f64)]| points.iter().find(|p| p.1 >= 0.99).map_or(0.0, |p| p.0);
+    let x_max = axis_max(lines.iter().map(|l| p99(&l.1)).fold(0.0, f64::max));
+    let frame = Frame {
+        title,
+        x_label: &format!("{name} (ms; longer at the right edge)"),
+        x_max,
+        y_label: "share of the values at or below",
+        y_max: 1.0,
+    };
+    let panel = Panel::draw(svg, left, top, WIDTH / 2.0, CDF_HEIGHT, &frame);
+    let mut legend = Vec::new();
+    for (i, (rate, points)) in lines.into_iter().enumerate() {
+        let color = SCHEDULE_COLORS[i % SCHEDULE_COLORS.len()];
+        let clamped: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.min(x_max), y)).collect();
+        polyline(svg, &panel, &clamped, color);
+        legend.push((format!("{rate} req/s"), color));
+    }
+    panel.legend_bottom(svg, &legend);
 }
 
 /// The SMs of each lane against time during `report`'s run, in the panel at `top`.
@@ -309,7 +405,7 @@ fn timeline_panel(svg: &mut String, top: f64, name: &str, rate: f64, report: &Re
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use nexus_runtime::bench::{RequestTimes, TimelineIteration};
+    use nexus_runtime::bench::{RequestResult, RequestTimes, TimelineIteration};
     use nexus_runtime::model::backend::StepKind;
 
     use super::*;
@@ -320,6 +416,17 @@ mod tests {
         assert_eq!((axis_max(13.1), axis_max(0.0), axis_max(40.0)), (14.0, 0.2, 40.0));
         assert_eq!((label(0.25, 0.05), label(120.0, 20.0)), ("0.25".to_owned(), "120".to_owned()));
         assert_eq!(escape("a<b & \"c\">"), "a&lt;b &amp; &quot;c&quot;&gt;");
+    }
+
+    #[test]
+    fn cdfs_keep_both_ends_and_at_most_their_points() {
+        assert!(cdf_points(&[]).is_empty());
+        assert_eq!(cdf_points(&[0.003, 0.001, 0.002]), [(1.0, 1.0 / 3.0), (2.0, 2.0 / 3.0), (3.0, 1.0)]);
+        let many: Vec<f64> = (0..10_000).map(|i| f64::from(i) / 1024.0).collect();
+        let points = cdf_points(&many);
+        assert_eq!(points.len(), CDF_POINTS + 1);
+        assert_eq!((points[0], points[CDF_POINTS]), ((0.0, 1e-4), (9999.0 / 1024.0 * 1e3, 1.0)));
+        assert!(points.windows(2).all(|w| w[0].0 <= w[1].0 && w[0].1 < w[1].1));
     }
 
     #[test]
@@ -334,8 +441,9 @@ mod tests {
             end_s,
             host_s: 0.0,
         };
-        let times = RequestTimes { tokens: vec![0.1], end_s: 0.1, output_tokens: 1 };
-        let mut report = ReplayReport::new(&[1], &[Ok(times)], 1.0, None).unwrap();
+        let times = RequestTimes { sent_s: 0.0, tokens: vec![0.1], end_s: 0.1, output_tokens: 1, prompt_tokens: None };
+        let request = RequestResult { prompt_len: Some(1), requested_len: 1, outcome: Ok(times) };
+        let mut report = ReplayReport::new(vec![request], 1.0, None).unwrap();
         // Decode alone, then beside a prefill (touching: one band each), then alone again after
         // a gap that shows.
         report.timeline = Some(vec![

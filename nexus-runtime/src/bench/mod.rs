@@ -1,22 +1,29 @@
 //! Replaying a serving trace through the engine in-process, and the latency metrics of the paper:
-//! TTFT (arrival to first token), TBT (gap between consecutive tokens of a request), normalized
-//! latency (end-to-end latency / output tokens), and request and token throughput.
+//! TTFT (sending to the first token), TBT (gap between consecutive tokens of a request, vLLM's
+//! ITL), normalized latency (end-to-end latency / output tokens), and request and token
+//! throughput; and those of vLLM's `bench serve` ([`metrics`]): TPOT, E2EL, percentiles of
+//! choice, request goodput, input and total token throughput.
 //!
 //! Outputs are forced to the trace's lengths (end-of-sequence ignored), so that runs of different
 //! schedulers compare. [`ReplayReport::new`] turns the outcomes of a run's requests into its
 //! report, the same way whether the requests ran in-process ([`replay_requests`]) or against a
 //! server over HTTP (`nexus bench --url`): failed requests are counted and listed, and the
-//! latencies summarize the requests that completed.
+//! latencies summarize the requests that completed. A request's times count from when it was
+//! sent: its arrival, or, when a cap on the requests in flight held it back (vLLM's
+//! `--max-concurrency`), when a slot freed.
 //!
 //! An in-process replay also keeps the engine's timeline: every iteration of every lane, with
 //! its budget, its tokens and the engine's CPU time on it, in seconds from the run's first
 //! arrival ([`TimelineIteration`]), so that a report shows when the prefill and decode lanes ran
 //! at once, on how many SMs, and what the host cost ([`TimelineSummary`]).
 
+pub mod metrics;
 pub mod workload;
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::bench::metrics::{Goodput, Metric};
 use crate::bench::workload::{BenchRequest, Request, Summary, synthetic_requests};
 use crate::engine::scheduler::Lane;
 use crate::engine::{Engine, EngineEvent, Iteration, RequestOptions};
@@ -24,20 +31,76 @@ use crate::model::backend::{Backend, StepKind};
 use crate::text::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
-/// The measured times of one completed request, in seconds from its arrival (or, over HTTP, from
-/// when it was sent).
+/// The measured times of one completed request: when it was sent, then, in seconds from sending,
+/// its tokens and its end.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestTimes {
+    /// When it was sent, in seconds from the run's first arrival.
+    pub sent_s: f64,
     /// When each output token was produced (over HTTP: when the chunk carrying it arrived).
     pub tokens: Vec<f64>,
     /// When the response ended.
     pub end_s: f64,
     /// Output tokens as the engine or server counted them (`usage.completion_tokens` over HTTP).
     pub output_tokens: usize,
+    /// Prompt tokens as the engine or server counted them (`usage.prompt_tokens` over HTTP; `None`
+    /// when the server does not say).
+    pub prompt_tokens: Option<usize>,
+}
+
+impl RequestTimes {
+    /// vLLM's TPOT: `(end − first token) / (output tokens − 1)`; `None` for fewer than two output
+    /// tokens.
+    pub fn tpot(&self) -> Option<f64> {
+        let ttft = self.tokens.first().filter(|_| self.output_tokens > 1)?;
+        Some((self.end_s - ttft) / (self.output_tokens - 1) as f64)
+    }
+
+    /// Every gap between consecutive tokens (vLLM's ITL, our TBT).
+    pub fn itls(&self) -> impl Iterator<Item = f64> + '_ {
+        self.tokens.windows(2).map(|w| w[1] - w[0])
+    }
 }
 
 /// What became of one request of a replay.
 pub type RequestOutcome = std::result::Result<RequestTimes, String>;
+
+/// One request of a replay: what it asked for and what became of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestResult {
+    /// The prompt's tokens as the client knows them: every prompt in-process, token-id prompts
+    /// over HTTP.
+    pub prompt_len: Option<usize>,
+    /// The output length it asked for.
+    pub requested_len: usize,
+    pub outcome: RequestOutcome,
+}
+
+impl RequestResult {
+    /// Its times, when it completed: a response that carried a token.
+    pub fn completed(&self) -> Option<&RequestTimes> {
+        self.outcome.as_ref().ok().filter(|t| !t.tokens.is_empty() && t.output_tokens > 0)
+    }
+
+    /// Its prompt tokens: as the client knows them, else as the server counted them.
+    pub fn input_len(&self) -> Option<usize> {
+        self.prompt_len.or_else(|| self.completed()?.prompt_tokens)
+    }
+
+    /// Its output tokens: as counted when it completed, else 0 (vLLM's `output_lens`).
+    pub fn output_len(&self) -> usize {
+        self.completed().map_or(0, |t| t.output_tokens)
+    }
+
+    /// Why it did not complete; `None` when it did.
+    pub fn error(&self) -> Option<&str> {
+        match &self.outcome {
+            Err(message) => Some(message),
+            Ok(_) if self.completed().is_none() => Some("the response carried no token"),
+            Ok(_) => None,
+        }
+    }
+}
 
 /// A request that failed, by its index in the trace.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,6 +147,8 @@ pub struct ReplayReport {
     /// The engine's iterations during the run, in the order they completed (known in-process
     /// only).
     pub timeline: Option<Vec<TimelineIteration>>,
+    /// Every request, in trace order.
+    pub requests: Vec<RequestResult>,
 }
 
 /// One iteration of one lane during a replay, its times in seconds from the run's first arrival.
@@ -219,39 +284,28 @@ fn summary_or_empty(values: &[f64]) -> Result<Summary> {
 }
 
 impl ReplayReport {
-    /// The report of a run whose requests asked for `requested` output lengths and ended as
-    /// `outcomes` (the same order), over `duration_s` seconds. A completed request without any
-    /// token time counts as failed. Fails when the lengths differ or a time is not finite.
-    pub fn new(
-        requested: &[usize],
-        outcomes: &[RequestOutcome],
-        duration_s: f64,
-        preemptions: Option<u64>,
-    ) -> Result<ReplayReport> {
-        if requested.len() != outcomes.len() {
-            return Err(Error::invalid(format!("{} requests but {} outcomes", requested.len(), outcomes.len())));
-        }
+    /// The report of a run of `requests` (in trace order) over `duration_s` seconds. Fails when a
+    /// time is not finite.
+    pub fn new(requests: Vec<RequestResult>, duration_s: f64, preemptions: Option<u64>) -> Result<ReplayReport> {
         let mut failures = Vec::new();
         let mut length_mismatches = Vec::new();
         let (mut ttft, mut tbt, mut normalized) = (Vec::new(), Vec::new(), Vec::new());
         let mut output_tokens = 0;
-        for (request, (outcome, &want)) in outcomes.iter().zip(requested).enumerate() {
-            let times = match outcome {
-                Ok(t) if !t.tokens.is_empty() && t.output_tokens > 0 => t,
-                Ok(_) => {
-                    failures.push(RequestFailure { request, message: "the response carried no token".into() });
-                    continue;
-                }
-                Err(message) => {
-                    failures.push(RequestFailure { request, message: message.clone() });
-                    continue;
-                }
+        for (request, r) in requests.iter().enumerate() {
+            let Some(times) = r.completed() else {
+                let message = r.error().unwrap_or_default().to_owned();
+                failures.push(RequestFailure { request, message });
+                continue;
             };
-            if times.output_tokens != want {
-                length_mismatches.push(LengthMismatch { request, requested: want, got: times.output_tokens });
+            if times.output_tokens != r.requested_len {
+                length_mismatches.push(LengthMismatch {
+                    request,
+                    requested: r.requested_len,
+                    got: times.output_tokens,
+                });
             }
             ttft.push(times.tokens[0]);
-            tbt.extend(times.tokens.windows(2).map(|w| w[1] - w[0]));
+            tbt.extend(times.itls());
             normalized.push(times.end_s / times.output_tokens as f64);
             output_tokens += times.output_tokens;
         }
@@ -268,7 +322,65 @@ impl ReplayReport {
             failures,
             length_mismatches,
             timeline: None,
+            requests,
         })
+    }
+
+    /// The times of the completed requests, in trace order.
+    pub fn completed_times(&self) -> impl Iterator<Item = &RequestTimes> {
+        self.requests.iter().filter_map(RequestResult::completed)
+    }
+
+    /// Every value of `metric` over the completed requests, in trace order.
+    pub fn samples(&self, metric: Metric) -> Vec<f64> {
+        self.completed_times().flat_map(|t| metric.values(t)).collect()
+    }
+
+    /// The prompt tokens of the completed requests (those whose count is known).
+    pub fn total_input_tokens(&self) -> usize {
+        self.requests.iter().filter(|r| r.completed().is_some()).filter_map(RequestResult::input_len).sum()
+    }
+
+    /// The output tokens of the completed requests.
+    pub fn total_output_tokens(&self) -> usize {
+        self.requests.iter().map(RequestResult::output_len).sum()
+    }
+
+    /// Prompt tokens of completed requests per second of the run.
+    pub fn input_throughput(&self) -> f64 {
+        self.total_input_tokens() as f64 / self.duration_s
+    }
+
+    /// Prompt and output tokens of completed requests per second of the run (vLLM's
+    /// `total_token_throughput`).
+    pub fn total_token_throughput(&self) -> f64 {
+        (self.total_input_tokens() + self.total_output_tokens()) as f64 / self.duration_s
+    }
+
+    /// vLLM's request goodput: the completed requests that met every objective of `goodput`, per
+    /// second of the run.
+    pub fn request_goodput(&self, goodput: &Goodput) -> f64 {
+        self.completed_times().filter(|t| goodput.met_by(t)).count() as f64 / self.duration_s
+    }
+
+    /// The most completed requests in flight at once, from sending to the end of the response, at
+    /// microsecond resolution: a request sent the microsecond another ended does not overlap it
+    /// (a request held back by a cap is sent the instant a slot frees, and the sum of the times
+    /// that place them may round either way of that instant).
+    pub fn peak_concurrency(&self) -> usize {
+        let micros = |s: f64| (s * 1e6).round() as i64;
+        let mut events: Vec<(i64, i32)> =
+            self.completed_times().flat_map(|t| [(micros(t.sent_s), 1), (micros(t.sent_s + t.end_s), -1)]).collect();
+        events.sort();
+        let mut in_flight = 0i32;
+        events
+            .iter()
+            .map(|&(_, step)| {
+                in_flight += step;
+                in_flight
+            })
+            .max()
+            .map_or(0, |peak| peak as usize)
     }
 }
 
@@ -281,41 +393,61 @@ pub fn replay<B: Backend>(
 ) -> Result<(Vec<RequestTimes>, ReplayReport)> {
     let vocab = engine.model().config().vocab_size as u32;
     let requests = synthetic_requests(trace, 0..vocab, seed)?;
-    replay_requests(engine, &requests, None, || {})
+    replay_requests(engine, &requests, None, None, || {})
 }
 
-/// Replays `requests` through `engine` in real time: each request is added once the wall clock
-/// passes its arrival, and the engine steps whenever it has work; `on_finished` is called as each
-/// request finishes (for a progress bar). Text prompts are tokenized by `tokenizer` before the
-/// clock starts. Returns every request's token times (in trace order) and the report, with the
-/// engine's timeline of the run (kept from the start, then turned off again). Fails when
-/// the engine does, when a prompt cannot be tokenized, or when a request is refused (e.g. longer
-/// than the cache, or a token outside the vocabulary).
+/// Replays `requests` through `engine` in real time: each request is sent (added to the engine)
+/// once the wall clock passes its arrival and, with `max_concurrency`, fewer than that many
+/// requests are in flight (the others wait in arrival order, as behind vLLM's semaphore); the
+/// engine steps whenever it has work. `on_finished` is called as each request finishes (for a
+/// progress bar). Text prompts are tokenized by `tokenizer` before the clock starts. Returns
+/// every request's times (in trace order; a failed request's hold what it produced) and the
+/// report, with the engine's timeline of the run (kept from the start, then turned off again).
+/// Fails when the engine does, when a prompt cannot be tokenized, when a request is refused
+/// (e.g. longer than the cache, or a token outside the vocabulary), or for a `max_concurrency`
+/// of 0.
 pub fn replay_requests<B: Backend>(
     engine: &mut Engine<B>,
     requests: &[BenchRequest],
     tokenizer: Option<&Tokenizer>,
+    max_concurrency: Option<usize>,
     mut on_finished: impl FnMut(),
 ) -> Result<(Vec<RequestTimes>, ReplayReport)> {
     if requests.is_empty() {
         return Err(Error::invalid("the trace is empty"));
+    }
+    if max_concurrency == Some(0) {
+        return Err(Error::invalid("a cap on the requests in flight must be at least 1"));
     }
     let mut prompts = Vec::with_capacity(requests.len());
     for (i, r) in requests.iter().enumerate() {
         let ids = r.prompt.token_ids(tokenizer).map_err(|e| Error::invalid(format!("request {i}: {e}")))?;
         prompts.push(ids);
     }
+    let prompt_lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
     let preemptions_before = engine.preemptions();
     let mut tokens: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
     let mut failed: Vec<Option<String>> = vec![None; requests.len()];
     engine.keep_timeline(true);
     let start = Instant::now();
     let arrival = |i: usize| start + Duration::from_secs_f64(requests[i].arrival_s);
+    let mut sent = vec![start; requests.len()];
+    // Under a cap, the free slots, each with the instant it freed, oldest first: a request takes
+    // the oldest, and is sent at its arrival when that slot was free by then, else when the slot
+    // freed (it waited for it).
+    let mut free_slots: Option<VecDeque<Instant>> = max_concurrency.map(|n| std::iter::repeat_n(start, n).collect());
     let mut next = 0;
     let mut finished = 0;
     while finished < requests.len() {
         let now = Instant::now();
         while next < requests.len() && arrival(next) <= now {
+            sent[next] = match &mut free_slots {
+                None => arrival(next),
+                Some(slots) => match slots.pop_front() {
+                    Some(freed) => arrival(next).max(freed),
+                    None => break,
+                },
+            };
             let r = &requests[next];
             let options = RequestOptions { max_tokens: r.output_len, ignore_eos: true, ..RequestOptions::default() };
             engine
@@ -324,7 +456,7 @@ pub fn replay_requests<B: Backend>(
             next += 1;
         }
         if !engine.has_unfinished() {
-            // Idle until the next arrival.
+            // Idle until the next arrival (nothing in flight, so a cap holds nothing back).
             if next < requests.len() {
                 std::thread::sleep(arrival(next).saturating_duration_since(Instant::now()));
             }
@@ -336,38 +468,48 @@ pub fn replay_requests<B: Backend>(
             match event {
                 EngineEvent::Token { id, .. } => {
                     let i = id as usize;
-                    tokens[i].push(now.duration_since(arrival(i)).as_secs_f64());
+                    tokens[i].push(now.duration_since(sent[i]).as_secs_f64());
+                    continue;
                 }
-                EngineEvent::Finished { .. } => {
-                    finished += 1;
-                    on_finished();
-                }
-                EngineEvent::Failed { id, message } => {
-                    failed[id as usize] = Some(message);
-                    finished += 1;
-                    on_finished();
-                }
+                EngineEvent::Finished { .. } => {}
+                EngineEvent::Failed { id, message } => failed[id as usize] = Some(message),
             }
+            finished += 1;
+            if let Some(slots) = &mut free_slots {
+                slots.push_back(now);
+            }
+            on_finished();
         }
     }
     let duration_s = start.elapsed().as_secs_f64() - requests[0].arrival_s;
     // The engine's times count from its epoch; the run's from its first arrival.
-    let origin_s = start.duration_since(engine.epoch()).as_secs_f64() + requests[0].arrival_s;
+    let first_arrival = arrival(0);
+    let origin_s = first_arrival.duration_since(engine.epoch()).as_secs_f64();
     let timeline = engine.take_timeline().iter().map(|it| TimelineIteration::new(it, origin_s)).collect();
     engine.keep_timeline(false);
     let times: Vec<RequestTimes> = tokens
         .into_iter()
-        .map(|tokens| RequestTimes {
+        .enumerate()
+        .map(|(i, tokens)| RequestTimes {
+            sent_s: sent[i].saturating_duration_since(first_arrival).as_secs_f64(),
             end_s: tokens.last().copied().unwrap_or(0.0),
             output_tokens: tokens.len(),
             tokens,
+            prompt_tokens: Some(prompt_lens[i]),
         })
         .collect();
-    let outcomes: Vec<RequestOutcome> =
-        times.iter().zip(failed).map(|(t, failure)| failure.map_or_else(|| Ok(t.clone()), Err)).collect();
-    let requested: Vec<usize> = requests.iter().map(|r| r.output_len).collect();
+    let results = times
+        .iter()
+        .zip(failed)
+        .enumerate()
+        .map(|(i, (t, failure))| RequestResult {
+            prompt_len: Some(prompt_lens[i]),
+            requested_len: requests[i].output_len,
+            outcome: failure.map_or_else(|| Ok(t.clone()), Err),
+        })
+        .collect();
     let preemptions = engine.preemptions() - preemptions_before;
-    let mut report = ReplayReport::new(&requested, &outcomes, duration_s, Some(preemptions))?;
+    let mut report = ReplayReport::new(results, duration_s, Some(preemptions))?;
     report.timeline = Some(timeline);
     Ok((times, report))
 }
@@ -406,6 +548,7 @@ impl Slo {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::bench::metrics::MetricStats;
 
     fn run(ttft_p95: f64, tbt_p95: f64, failed: usize) -> ReplayReport {
         let summary = |p95: f64| Summary { count: 10, mean: p95 / 2.0, p50: p95 / 2.0, p95, p99: p95 };
@@ -421,6 +564,7 @@ mod tests {
             failures: (0..failed).map(|request| RequestFailure { request, message: "timeout".into() }).collect(),
             length_mismatches: Vec::new(),
             timeline: None,
+            requests: Vec::new(),
         }
     }
 
@@ -440,6 +584,86 @@ mod tests {
         assert!(!slo.met_by(&run(0.1, 0.01, 1)));
         assert_eq!(slo.throughput(&[(1.0, run(0.9, 0.01, 0)), (2.0, run(0.1, 0.01, 0))]), None);
         assert_eq!(slo.throughput(&[]), None);
+    }
+
+    /// A completed request sent at `sent_s` with its `tokens`, ending at `end_s`.
+    fn done(sent_s: f64, tokens: &[f64], end_s: f64, prompt_tokens: Option<usize>) -> RequestOutcome {
+        Ok(RequestTimes { sent_s, tokens: tokens.to_vec(), end_s, output_tokens: tokens.len(), prompt_tokens })
+    }
+
+    #[test]
+    fn vllms_metrics_of_a_hand_made_trace() {
+        let result = |prompt_len, requested_len, outcome| RequestResult { prompt_len, requested_len, outcome };
+        let report = ReplayReport::new(
+            vec![
+                // TTFT 0.1, ITLs 0.2 and 0.3, TPOT (0.7 - 0.1) / 2 = 0.3, E2EL 0.7.
+                result(Some(10), 3, done(0.0, &[0.1, 0.3, 0.6], 0.7, Some(10))),
+                // One token: no ITL, no TPOT; a text prompt whose length the server reported.
+                result(None, 1, done(0.5, &[0.2], 0.25, Some(7))),
+                result(Some(5), 2, Err("HTTP 500".into())),
+                // TTFT 0.4, ITLs 0.1 three times, TPOT (0.8 - 0.4) / 3, E2EL 0.8; one token short.
+                result(Some(20), 5, done(0.6, &[0.4, 0.5, 0.6, 0.7], 0.8, None)),
+                // A response without a token is a failure.
+                result(Some(3), 2, done(1.0, &[], 0.1, None)),
+            ],
+            2.0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(report.completed, 3);
+        assert_eq!(
+            report.failures.iter().map(|f| (f.request, f.message.as_str())).collect::<Vec<_>>(),
+            [(2, "HTTP 500"), (4, "the response carried no token")]
+        );
+        assert_eq!(report.length_mismatches, [LengthMismatch { request: 3, requested: 5, got: 4 }]);
+        let close = |a: &[f64], b: &[f64]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-12);
+        assert!(close(&report.samples(Metric::Ttft), &[0.1, 0.2, 0.4]));
+        assert!(close(&report.samples(Metric::Tpot), &[0.3, 0.4 / 3.0]));
+        assert!(close(&report.samples(Metric::Itl), &[0.2, 0.3, 0.1, 0.1, 0.1]));
+        assert!(close(&report.samples(Metric::E2el), &[0.7, 0.25, 0.8]));
+        // Our TBT is the same sample as ITL.
+        assert_eq!(report.tbt.count, 5);
+        assert!((report.tbt.mean - 0.16).abs() < 1e-12 && (report.tbt.p50 - 0.1).abs() < 1e-12);
+        // Percentiles interpolate: the p99 TTFT of [0.1, 0.2, 0.4] is at rank 1.98.
+        let ttft = MetricStats::of(&report.samples(Metric::Ttft), &[50.0, 99.0]);
+        assert!((ttft.percentiles[1].1 - 0.396).abs() < 1e-12 && (ttft.median - 0.2).abs() < 1e-12);
+        // Tokens: prompts of the completed requests 10 + 7 + 20, outputs 3 + 1 + 4, over 2 s.
+        assert_eq!((report.total_input_tokens(), report.total_output_tokens()), (37, 8));
+        assert_eq!((report.request_throughput, report.token_throughput), (1.5, 4.0));
+        assert_eq!((report.input_throughput(), report.total_token_throughput()), (18.5, 22.5));
+        assert_eq!(
+            report.requests.iter().map(RequestResult::input_len).collect::<Vec<_>>(),
+            [Some(10), Some(7), Some(5), Some(20), Some(3)]
+        );
+        assert_eq!(report.requests.iter().map(RequestResult::output_len).collect::<Vec<_>>(), [3, 1, 0, 4, 0]);
+        // Goodput: TTFT <= 0.3 s holds for the first two; adding TPOT <= 0.2 s drops the first
+        // (0.3) but keeps the single token (TPOT 0); E2EL <= 0.75 s alone drops the last.
+        let goodput = |objectives: &[(Metric, f64)]| {
+            let mut g = Goodput::default();
+            for &(m, v) in objectives {
+                g.set(m, v).unwrap();
+            }
+            report.request_goodput(&g)
+        };
+        assert_eq!(goodput(&[(Metric::Ttft, 0.3)]), 1.0);
+        assert_eq!(goodput(&[(Metric::Ttft, 0.3), (Metric::Tpot, 0.2)]), 0.5);
+        assert_eq!(goodput(&[(Metric::E2el, 0.75)]), 1.0);
+        assert_eq!(goodput(&[]), 1.5);
+        // In flight: 0..0.7, 0.5..0.75 and 0.6..1.4 overlap at 0.6.
+        assert_eq!(report.peak_concurrency(), 3);
+    }
+
+    #[test]
+    fn requests_sent_as_others_end_do_not_overlap() {
+        let result = |outcome| RequestResult { prompt_len: Some(1), requested_len: 1, outcome };
+        let report = ReplayReport::new(
+            vec![result(done(0.0, &[0.5], 1.0, None)), result(done(1.0, &[0.5], 1.0, None))],
+            2.0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(report.peak_concurrency(), 1);
+        assert_eq!(ReplayReport::new(Vec::new(), 1.0, None).unwrap().peak_concurrency(), 0);
     }
 
     fn it(lane: Lane, budget: u32, start_s: f64, end_s: f64, host_s: f64) -> TimelineIteration {

@@ -19,20 +19,29 @@
 //! [`Workload::Mixed`] picks, per request, ShareGPT with probability 0.6 and long-data with 0.4,
 //! then draws both lengths from the picked workload.
 //!
-//! [`trace`] adds Poisson arrivals: independent exponential gaps of mean `1 / rate`, the first
-//! request arriving one gap after 0. Everything is reproducible under a seed.
+//! [`trace`] adds arrivals ([`Arrivals`]): gaps of mean `1 / rate` drawn from a gamma distribution
+//! of shape `burstiness`, as vLLM's `bench serve` draws them (1: exponential gaps, a Poisson
+//! process; below 1 burstier, above 1 steadier, the coefficient of variation being
+//! `1 / sqrt(burstiness)`), the first request arriving one gap after 0; an infinite rate sends
+//! every request at 0. Everything is reproducible under a seed, and every request's gap spends one
+//! uniform draw of the trace's stream whatever the rate and burstiness, so that a seed gives the
+//! same lengths and prompts at every rate and burstiness; a Poisson gap is computed from that draw
+//! itself, so that the seeds of published results still give their traces.
+//!
+//! [`random_trace`] is vLLM's `random` dataset: input and output lengths drawn uniformly from
+//! `[len · (1 − r), len · (1 + r)]` ([`RandomLengths`]).
 //!
 //! A benchmark sends [`BenchRequest`]s: [`synthetic_requests`] gives a trace's requests prompts
 //! of random token ids (drawn under the seed from a range that every model's vocabulary holds),
 //! and [`dataset_requests`] replays the prompts of a JSONL file ([`parse_jsonl`]) with the same
-//! Poisson arrivals, cycling through the file when it has fewer requests than asked for and
-//! taking its first ones when it has more.
+//! arrivals, cycling through the file when it has fewer requests than asked for and taking its
+//! first ones when it has more.
 //!
 //! [`percentile`] and [`Summary`] report such samples (lengths here, TTFT and TBT later) with
 //! linear interpolation between order statistics.
 
 use std::fmt;
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 use std::str::FromStr;
 
 use rand::rngs::StdRng;
@@ -283,39 +292,199 @@ pub struct Request {
     pub output_len: usize,
 }
 
-/// `num_requests` requests of `workload` arriving as a Poisson process of `rate_per_s` requests
-/// per second (exponential gaps of mean `1 / rate_per_s`, the first one after 0), in arrival
-/// order. The same seed gives the same trace.
+/// How the requests of a trace arrive: `rate_per_s` requests per second on average, with gaps
+/// drawn from a gamma distribution of shape `burstiness` and mean `1 / rate_per_s` (vLLM's
+/// `--request-rate` and `--burstiness`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Arrivals {
+    /// Requests per second, > 0; infinite sends every request at 0.
+    pub rate_per_s: f64,
+    /// The gamma shape, > 0: 1 is a Poisson process, lower is burstier, higher steadier (the gaps'
+    /// coefficient of variation is `1 / sqrt(burstiness)`); infinite gives gaps of exactly
+    /// `1 / rate_per_s`.
+    pub burstiness: f64,
+}
+
+impl Arrivals {
+    /// A Poisson process of `rate_per_s` requests per second.
+    pub const fn poisson(rate_per_s: f64) -> Arrivals {
+        Arrivals { rate_per_s, burstiness: 1.0 }
+    }
+
+    /// Fails unless the rate and the burstiness are numbers > 0 (infinity allowed).
+    pub fn check(&self) -> Result<()> {
+        if self.rate_per_s.is_nan() || self.rate_per_s <= 0.0 {
+            return Err(Error::invalid(format!("arrival rate {} must be a number > 0 (or inf)", self.rate_per_s)));
+        }
+        if self.burstiness.is_nan() || self.burstiness <= 0.0 {
+            return Err(Error::invalid(format!("burstiness {} must be a number > 0 (or inf)", self.burstiness)));
+        }
+        Ok(())
+    }
+}
+
+/// Draws the gaps of [`Arrivals`], one request at a time.
+struct Gaps {
+    arrivals: Arrivals,
+    /// Gamma draws take a varying number of uniforms (rejection sampling), so they come from a
+    /// stream of their own, leaving the trace's stream one uniform per request.
+    gamma_rng: StdRng,
+}
+
+impl Gaps {
+    /// The gaps of `arrivals` for a trace of `num_requests` under `seed`; fails on bad arrivals or
+    /// no request.
+    fn new(arrivals: Arrivals, num_requests: usize, seed: u64) -> Result<Gaps> {
+        arrivals.check()?;
+        if num_requests == 0 {
+            return Err(Error::invalid("a trace needs at least one request"));
+        }
+        Ok(Gaps { arrivals, gamma_rng: StdRng::seed_from_u64(seed ^ GAMMA_STREAM) })
+    }
+
+    /// The next gap in seconds, spending one uniform of `rng` whatever the arrivals.
+    fn next(&mut self, rng: &mut StdRng) -> f64 {
+        let u = rng.random::<f64>();
+        let Arrivals { rate_per_s: rate, burstiness } = self.arrivals;
+        if rate.is_infinite() {
+            0.0
+        } else if burstiness == 1.0 {
+            // The exponential by inversion; 1 - u is in (0, 1], so the logarithm is finite.
+            -(1.0 - u).ln() / rate
+        } else if burstiness.is_infinite() {
+            1.0 / rate
+        } else {
+            // Shape b and scale 1 / (b · rate): mean 1 / rate.
+            standard_gamma(&mut self.gamma_rng, burstiness) / (burstiness * rate)
+        }
+    }
+}
+
+/// Mixed into the seed for the stream of gamma gaps.
+const GAMMA_STREAM: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// A draw of the gamma distribution of `shape` > 0 and scale 1, by Marsaglia and Tsang's method
+/// ("A simple method for generating gamma variables", ACM TOMS 26(3), 2000); a shape below 1 is
+/// boosted, as they show: Gamma(a) = Gamma(a + 1) · U^(1/a).
+fn standard_gamma<R: Rng + ?Sized>(rng: &mut R, shape: f64) -> f64 {
+    if shape < 1.0 {
+        let u = 1.0 - rng.random::<f64>();
+        return standard_gamma(rng, shape + 1.0) * u.powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        let x = standard_normal(rng);
+        let v = (1.0 + c * x).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        // The squeeze accepts most draws without a logarithm.
+        let u = rng.random::<f64>();
+        if u < 1.0 - 0.0331 * x.powi(4) || u.ln() < 0.5 * x * x + d * (1.0 - v + v.ln()) {
+            return d * v;
+        }
+    }
+}
+
+/// A draw of the standard normal distribution (Box–Muller; the second draw of the pair is
+/// dropped, as gaps need few).
+fn standard_normal<R: Rng + ?Sized>(rng: &mut R) -> f64 {
+    let u1 = 1.0 - rng.random::<f64>();
+    let u2 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// `num_requests` requests of `workload` at `arrivals`, in arrival order. The same seed gives the
+/// same trace, and the same lengths whatever the arrivals.
 ///
-/// Fails when `rate_per_s` is not a finite number > 0 or `num_requests` is 0.
-pub fn trace(workload: Workload, rate_per_s: f64, num_requests: usize, seed: u64) -> Result<Vec<Request>> {
-    check_arrivals(rate_per_s, num_requests)?;
+/// Fails on bad arrivals ([`Arrivals::check`]) or when `num_requests` is 0.
+pub fn trace(workload: Workload, arrivals: Arrivals, num_requests: usize, seed: u64) -> Result<Vec<Request>> {
     let sampler = WorkloadSampler::new(workload)?;
+    trace_with(arrivals, num_requests, seed, |rng| {
+        let s = sampler.sample(rng);
+        (s.input_len, s.output_len)
+    })
+}
+
+/// vLLM's `random` dataset: each request's input and output lengths drawn independently and
+/// uniformly from `[floor(len · (1 − r)), ceil(len · (1 + r))]`, with `r` the range ratio, and at
+/// least 1 token (vLLM's bounds; it also subtracts the special tokens its tokenizer adds from the
+/// input length, where the prompts here are token ids sent as they are).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RandomLengths {
+    input_len: usize,
+    output_len: usize,
+    range_ratio: f64,
+}
+
+impl RandomLengths {
+    /// Fails when a length is 0 or the range ratio is not in [0, 1).
+    pub fn new(input_len: usize, output_len: usize, range_ratio: f64) -> Result<RandomLengths> {
+        if input_len == 0 || output_len == 0 {
+            return Err(Error::invalid(format!(
+                "random lengths must be at least 1 token (input {input_len}, output {output_len})"
+            )));
+        }
+        if !(0.0..1.0).contains(&range_ratio) {
+            return Err(Error::invalid(format!("the range ratio {range_ratio} must be in [0, 1)")));
+        }
+        Ok(RandomLengths { input_len, output_len, range_ratio })
+    }
+
+    /// The input lengths drawn, inclusive.
+    pub fn input_range(&self) -> RangeInclusive<usize> {
+        self.range(self.input_len)
+    }
+
+    /// The output lengths drawn, inclusive.
+    pub fn output_range(&self) -> RangeInclusive<usize> {
+        self.range(self.output_len)
+    }
+
+    /// The mean input length, output length and range ratio asked for.
+    pub fn parameters(&self) -> (usize, usize, f64) {
+        (self.input_len, self.output_len, self.range_ratio)
+    }
+
+    fn range(&self, len: usize) -> RangeInclusive<usize> {
+        let len = len as f64;
+        let low = ((len * (1.0 - self.range_ratio)).floor() as usize).max(1);
+        let high = ((len * (1.0 + self.range_ratio)).ceil() as usize).max(low);
+        low..=high
+    }
+}
+
+/// `num_requests` requests of vLLM's `random` dataset ([`RandomLengths`]) at `arrivals`, in
+/// arrival order; reproducible as [`trace`] is.
+pub fn random_trace(
+    lengths: RandomLengths,
+    arrivals: Arrivals,
+    num_requests: usize,
+    seed: u64,
+) -> Result<Vec<Request>> {
+    let (input, output) = (lengths.input_range(), lengths.output_range());
+    trace_with(arrivals, num_requests, seed, |rng| (rng.random_range(input.clone()), rng.random_range(output.clone())))
+}
+
+/// The trace of `arrivals` whose lengths `draw` gives, request after request from the seed's
+/// stream: its gap, then its lengths.
+fn trace_with(
+    arrivals: Arrivals,
+    num_requests: usize,
+    seed: u64,
+    mut draw: impl FnMut(&mut StdRng) -> (usize, usize),
+) -> Result<Vec<Request>> {
+    let mut gaps = Gaps::new(arrivals, num_requests, seed)?;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut now = 0.0;
-    let mut requests = Vec::with_capacity(num_requests);
-    for _ in 0..num_requests {
-        now += arrival_gap(&mut rng, rate_per_s);
-        let s = sampler.sample(&mut rng);
-        requests.push(Request { arrival_s: now, input_len: s.input_len, output_len: s.output_len });
-    }
-    Ok(requests)
-}
-
-fn check_arrivals(rate_per_s: f64, num_requests: usize) -> Result<()> {
-    if !(rate_per_s.is_finite() && rate_per_s > 0.0) {
-        return Err(Error::invalid(format!("arrival rate {rate_per_s} must be a finite number > 0")));
-    }
-    if num_requests == 0 {
-        return Err(Error::invalid("a trace needs at least one request"));
-    }
-    Ok(())
-}
-
-/// An exponential gap of mean `1 / rate_per_s`.
-fn arrival_gap<R: Rng + ?Sized>(rng: &mut R, rate_per_s: f64) -> f64 {
-    // 1 - u is in (0, 1], so the logarithm is finite.
-    -(1.0 - rng.random::<f64>()).ln() / rate_per_s
+    Ok((0..num_requests)
+        .map(|_| {
+            now += gaps.next(&mut rng);
+            let (input_len, output_len) = draw(&mut rng);
+            Request { arrival_s: now, input_len, output_len }
+        })
+        .collect())
 }
 
 /// The prompt of a benchmark request.
@@ -337,6 +506,14 @@ impl Prompt {
             (Prompt::Text(_), None) => Err(Error::invalid(
                 "a text prompt needs the model's tokenizer; this model has none (use prompt_token_ids)",
             )),
+        }
+    }
+
+    /// The prompt's length in tokens when it is token ids; text has none before it is tokenized.
+    pub fn token_count(&self) -> Option<usize> {
+        match self {
+            Prompt::TokenIds(ids) => Some(ids.len()),
+            Prompt::Text(_) => None,
         }
     }
 }
@@ -423,17 +600,17 @@ pub fn parse_jsonl(text: &str) -> Result<Vec<DatasetEntry>> {
 }
 
 /// `num_requests` requests of `entries`, in file order (cycling through the file when it is
-/// shorter, its first `num_requests` when it is longer), arriving as a Poisson process of
-/// `rate_per_s` requests per second under `seed` (as in [`trace`]).
+/// shorter, its first `num_requests` when it is longer), at `arrivals` under `seed` (as in
+/// [`trace`]).
 ///
-/// Fails on an empty dataset, when `rate_per_s` is not a finite number > 0 or `num_requests` is 0.
+/// Fails on an empty dataset, on bad arrivals ([`Arrivals::check`]) or when `num_requests` is 0.
 pub fn dataset_requests(
     entries: &[DatasetEntry],
-    rate_per_s: f64,
+    arrivals: Arrivals,
     num_requests: usize,
     seed: u64,
 ) -> Result<Vec<BenchRequest>> {
-    check_arrivals(rate_per_s, num_requests)?;
+    let mut gaps = Gaps::new(arrivals, num_requests, seed)?;
     if entries.is_empty() {
         return Err(Error::invalid("the dataset holds no request"));
     }
@@ -444,7 +621,7 @@ pub fn dataset_requests(
         .cycle()
         .take(num_requests)
         .map(|e| {
-            now += arrival_gap(&mut rng, rate_per_s);
+            now += gaps.next(&mut rng);
             BenchRequest { arrival_s: now, prompt: e.prompt.clone(), output_len: e.output_len }
         })
         .collect())
@@ -590,6 +767,39 @@ mod tests {
         let plain = LengthProfile { mean: mean_of(&[0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0]), ..plain };
         let d = LengthDistribution::new(&plain).unwrap();
         assert_eq!(d.knots(), [0.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0]);
+    }
+
+    #[test]
+    fn random_lengths_take_vllms_bounds() {
+        let r = RandomLengths::new(1024, 128, 0.0).unwrap();
+        assert_eq!((r.input_range(), r.output_range()), (1024..=1024, 128..=128));
+        // Floor below, ceiling above: 128 · 0.9 = 115.2 and 128 · 1.1 = 140.8.
+        let r = RandomLengths::new(10, 128, 0.1).unwrap();
+        assert_eq!((r.input_range(), r.output_range()), (9..=11, 115..=141));
+        // Never below one token.
+        let r = RandomLengths::new(1, 3, 0.9).unwrap();
+        assert_eq!((r.input_range(), r.output_range()), (1..=2, 1..=6));
+        assert_eq!(r.parameters(), (1, 3, 0.9));
+        for (input, output, ratio) in [(0, 1, 0.0), (1, 0, 0.0), (8, 8, 1.0), (8, 8, -0.1), (8, 8, f64::NAN)] {
+            assert!(RandomLengths::new(input, output, ratio).is_err(), "{input} {output} {ratio}");
+        }
+    }
+
+    #[test]
+    fn infinite_rates_send_at_once_and_infinite_burstiness_evenly() {
+        let lengths = RandomLengths::new(4, 4, 0.5).unwrap();
+        let at_once = random_trace(lengths, Arrivals { rate_per_s: f64::INFINITY, burstiness: 0.5 }, 5, 1).unwrap();
+        assert!(at_once.iter().all(|r| r.arrival_s == 0.0));
+        let even = random_trace(lengths, Arrivals { rate_per_s: 4.0, burstiness: f64::INFINITY }, 5, 1).unwrap();
+        let times: Vec<f64> = even.iter().map(|r| r.arrival_s).collect();
+        assert_eq!(times, [0.25, 0.5, 0.75, 1.0, 1.25]);
+        // The lengths do not depend on the arrivals.
+        let lengths_of = |t: &[Request]| t.iter().map(|r| (r.input_len, r.output_len)).collect::<Vec<_>>();
+        assert_eq!(lengths_of(&at_once), lengths_of(&even));
+        for bad in [Arrivals::poisson(0.0), Arrivals::poisson(f64::NAN), Arrivals { rate_per_s: 1.0, burstiness: 0.0 }]
+        {
+            assert!(random_trace(lengths, bad, 5, 1).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! `nexus`: generate text with a Llama-family model, serve it over an OpenAI-compatible HTTP API,
-//! and benchmark serving, in-process or against any OpenAI-compatible server (profile comes later).
+//! and benchmark serving, in-process or against any OpenAI-compatible server.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod bench;
 mod serve;
@@ -22,6 +22,7 @@ use nexus_runtime::model::cpu::CpuBackend;
 use nexus_runtime::model::cuda::{CudaBackend, CudaBackendConfig};
 use nexus_runtime::text::chat_template::ChatMessage;
 use nexus_runtime::text::tokenizer::Tokenizer;
+use nexus_runtime::weights::config::ModelConfig;
 use nexus_runtime::weights::loader::{self, DEFAULT_MODEL, LoadedModel};
 use nexus_runtime::weights::synthetic;
 
@@ -39,9 +40,10 @@ enum Command {
     /// Serve an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models,
     /// /health, /metrics).
     Serve(ServeArgs),
-    /// Replay a serving workload (Poisson arrivals) through the engine in-process, or against an
-    /// OpenAI-compatible server with --url, and report TTFT, TBT, normalized latency and
-    /// throughput.
+    /// Replay a serving workload (Poisson or bursty arrivals, at rates or under a concurrency cap)
+    /// through the engine in-process, or against an OpenAI-compatible server with --url, and
+    /// report TTFT, TBT (ITL), TPOT, end-to-end latency, goodput and throughput, as vLLM's bench
+    /// and ours.
     Bench(bench::BenchArgs),
 }
 
@@ -61,11 +63,50 @@ struct ServeArgs {
     /// Port to listen on (0: any free port; the address is printed).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Require `Authorization: Bearer <key>` on every API request.
+    /// Require `Authorization: Bearer <key>` on every API request (`/v1/...`); not empty.
     #[arg(long)]
     api_key: Option<String>,
+    /// On SIGINT or SIGTERM, the seconds requests in flight get to finish before they are ended
+    /// (a 503, or an error event then `[DONE]`).
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_grace_s: f64,
+    /// Seconds a client may take to send a request's head, and a keep-alive connection may stay
+    /// idle; the connection is closed after that.
+    #[arg(long, default_value_t = 30.0)]
+    header_timeout_s: f64,
+    /// Seconds a client may take to send a request's body (a 408 after that).
+    #[arg(long, default_value_t = 60.0)]
+    body_timeout_s: f64,
+    /// The most connections open at once; more wait to be accepted until one closes.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+impl ServeArgs {
+    /// The settings that do not need the model, checked before it loads.
+    fn http(&self) -> anyhow::Result<(serve::HttpLimits, Duration)> {
+        if self.api_key.as_deref() == Some("") {
+            bail!("--api-key is empty: give a key, or leave the flag out to serve without one");
+        }
+        if self.max_connections == 0 {
+            bail!("--max-connections must be at least 1");
+        }
+        let seconds = |flag: &str, value: f64, least: f64| {
+            if value.is_finite() && value >= least {
+                Ok(Duration::from_secs_f64(value))
+            } else {
+                Err(anyhow::anyhow!("--{flag} {value}: give a number of seconds >= {least}"))
+            }
+        };
+        let limits = serve::HttpLimits {
+            header_timeout: seconds("header-timeout-s", self.header_timeout_s, 0.001)?,
+            body_timeout: seconds("body-timeout-s", self.body_timeout_s, 0.001)?,
+            max_connections: self.max_connections,
+        };
+        Ok((limits, seconds("shutdown-grace-s", self.shutdown_grace_s, 0.0)?))
+    }
 }
 
 /// Where the model runs and how (shared by `generate`, `serve` and `bench`).
@@ -129,7 +170,8 @@ struct EngineArgs {
     /// Fraction of the GPU's memory to use for weights, KV cache and activations (GPU only).
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
-    /// KV-cache blocks of 16 tokens on the CPU backend.
+    /// KV-cache blocks of 16 tokens on the CPU backend (refused when more than the memory
+    /// available holds).
     #[arg(long, default_value_t = 1024)]
     cpu_kv_blocks: usize,
     /// How iterations are scheduled: `chunked` (one mixed batch of decodes and prompt chunks per
@@ -143,6 +185,11 @@ struct EngineArgs {
     /// of the SMs. `nexus bench` takes several, comma-separated, and runs each.
     #[arg(long, value_delimiter = ',')]
     prefill_sms: Vec<u32>,
+    /// With `--schedule nexus`: prompts run shortest remaining first, each one's remaining tokens
+    /// lowered by this many per scheduling round it has waited, so that long prompts do not
+    /// starve (0: no aging).
+    #[arg(long, default_value_t = NexusConfig::DEFAULT_PREFILL_AGING)]
+    prefill_aging: u64,
 }
 
 /// The `--schedule` values.
@@ -165,12 +212,15 @@ impl EngineArgs {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
                 ScheduleKind::Nexus if self.prefill_sms.is_empty() => {
-                    out.push(Schedule::Nexus(NexusConfig { prefill_sms: (sm_count / 2).max(1) }));
+                    out.push(Schedule::Nexus(NexusConfig {
+                        prefill_sms: (sm_count / 2).max(1),
+                        prefill_aging: self.prefill_aging,
+                    }));
                 }
                 ScheduleKind::Nexus => {
-                    out.extend(
-                        self.prefill_sms.iter().map(|&prefill_sms| Schedule::Nexus(NexusConfig { prefill_sms })),
-                    );
+                    out.extend(self.prefill_sms.iter().map(|&prefill_sms| {
+                        Schedule::Nexus(NexusConfig { prefill_sms, prefill_aging: self.prefill_aging })
+                    }));
                 }
             }
         }
@@ -281,6 +331,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
+    args.http()?;
     args.engine.run(ServeJob(&args))
 }
 
@@ -319,16 +370,7 @@ fn make_engine<B: Backend>(
 ) -> anyhow::Result<Engine<B>> {
     let c = model.config().clone();
     let block_size = DEFAULT_BLOCK_SIZE;
-    // bf16 K and V of every layer.
-    let bytes_per_block = (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64;
-    let num_blocks = match sizing {
-        KvSizing::Blocks(n) => n,
-        KvSizing::GpuMemory(fraction) => {
-            let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
-            let keep = (1.0 - fraction) * total as f64;
-            ((free as f64 - keep).max(0.0) / bytes_per_block) as usize
-        }
-    };
+    let num_blocks = sizing.num_blocks(&c, block_size, "give fewer --cpu-kv-blocks")?;
     if num_blocks == 0 {
         bail!("no room for the KV cache");
     }
@@ -350,7 +392,7 @@ fn make_engine<B: Backend>(
     // what the graphs took besides the cache.
     if let (Some(before), Some(after)) = (free_before, free_before.and_then(|_| gpu_free())) {
         let gib = |bytes: f64| bytes / (1u64 << 30) as f64;
-        let cache = (num_blocks + 1) as f64 * bytes_per_block;
+        let cache = (num_blocks + 1) as f64 * gpu_bytes_per_block(&c, block_size);
         eprintln!(
             "engine ready in {:.1} s: KV cache {:.2} GiB, decode graphs and other engine memory {:.2} GiB",
             start.elapsed().as_secs_f64(),
@@ -361,11 +403,84 @@ fn make_engine<B: Backend>(
     Ok(engine)
 }
 
-/// How many KV blocks to allocate.
+/// How many KV blocks to allocate, and where.
 enum KvSizing {
+    /// This many in host memory (the CPU backend), where they must fit in the memory available.
     Blocks(usize),
+    /// This many on the GPU, whose allocator reports a cache that does not fit as an error.
+    GpuBlocks(usize),
     /// Whatever the GPU has free after the weights, down to `1 - fraction` of its memory.
     GpuMemory(f64),
+}
+
+impl KvSizing {
+    /// The number of blocks of `block_size` tokens to allocate for `c`'s model. A host cache the
+    /// memory available cannot hold is refused before anything is allocated (the allocation
+    /// would abort the process, or the kernel kill it), with `hint` saying what to change.
+    fn num_blocks(&self, c: &ModelConfig, block_size: usize, hint: &str) -> anyhow::Result<usize> {
+        match *self {
+            KvSizing::Blocks(n) => {
+                check_host_kv_cache(c, n, block_size).with_context(|| format!("the KV cache does not fit: {hint}"))?;
+                Ok(n)
+            }
+            KvSizing::GpuBlocks(n) => Ok(n),
+            KvSizing::GpuMemory(fraction) => {
+                let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
+                let keep = (1.0 - fraction) * total as f64;
+                Ok(((free as f64 - keep).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
+            }
+        }
+    }
+}
+
+/// The bytes of one KV block on the GPU: bf16 K and V of every layer.
+fn gpu_bytes_per_block(c: &ModelConfig, block_size: usize) -> f64 {
+    (c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * 2) as f64
+}
+
+/// Refuses a host KV cache of `num_blocks` blocks of `block_size` tokens, and the padding block,
+/// for `c`'s model (f32 K and V of every layer) that block ids or the memory available cannot
+/// hold. The sizes are the user's, so the arithmetic is checked.
+fn check_host_kv_cache(c: &ModelConfig, num_blocks: usize, block_size: usize) -> anyhow::Result<()> {
+    if num_blocks >= u32::MAX as usize {
+        bail!("{num_blocks} blocks: block ids are 32-bit, so at most {} blocks", u32::MAX - 1);
+    }
+    let factors = [c.num_layers, 2, block_size, c.num_kv_heads, c.head_dim, size_of::<f32>()];
+    let per_block = factors.iter().try_fold(1u64, |acc, &x| acc.checked_mul(x as u64));
+    let Some((per_block, bytes)) = per_block.and_then(|b| Some((b, b.checked_mul(num_blocks as u64 + 1)?))) else {
+        bail!("{num_blocks} blocks of {block_size} tokens take more than 2^64 bytes");
+    };
+    // Where the system does not say (not Linux), the allocation itself is the only check.
+    let Some(available) = available_memory() else { return Ok(()) };
+    if bytes > available {
+        bail!(
+            "{num_blocks} blocks of {block_size} tokens (and a padding block) take {} ({} a block: f32 keys and \
+             values of {} layers), but the system has {} of memory available",
+            human_bytes(bytes),
+            human_bytes(per_block),
+            c.num_layers,
+            human_bytes(available)
+        );
+    }
+    Ok(())
+}
+
+/// The memory the system can give new allocations without swapping (Linux's `MemAvailable`), or
+/// `None` where `/proc/meminfo` does not say.
+fn available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo.lines().find_map(|line| line.strip_prefix("MemAvailable:"))?.trim().strip_suffix("kB")?;
+    kib.trim().parse::<u64>().ok()?.checked_mul(1024)
+}
+
+/// `bytes` in GiB, MiB or KiB, for messages.
+fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    match bytes {
+        0..0x10_0000 => format!("{:.1} KiB", b / 1024.0),
+        0x10_0000..0x4000_0000 => format!("{:.1} MiB", b / (1u64 << 20) as f64),
+        _ => format!("{:.1} GiB", b / (1u64 << 30) as f64),
+    }
 }
 
 fn serve_with<B: Backend + 'static>(backend: B, args: &ServeArgs, sizing: KvSizing) -> anyhow::Result<()>
@@ -383,7 +498,15 @@ where
         Some(_) => args.model.clone(),
         None => Path::new(&args.model).file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
     });
-    let config = serve::ServerConfig { model_name, api_key: args.api_key.clone(), max_context, vocab_size };
+    let (limits, shutdown_grace) = args.http()?;
+    let config = serve::ServerConfig {
+        model_name,
+        api_key: args.api_key.clone(),
+        max_context,
+        vocab_size,
+        limits,
+        shutdown_grace,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
@@ -405,6 +528,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         top_p: args.top_p,
         seed: args.seed,
         penalties,
+        ..SamplingParams::default()
     };
     sampling.validate()?;
 
@@ -428,9 +552,29 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty after tokenization");
     }
 
-    // A single request sizes its own cache.
+    // Refused as the server refuses it, before the weights load: the request must fit in the
+    // model's context, with sums of the user's numbers checked.
+    let context = loaded.weights.config().max_position_embeddings;
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
+    if prompt.len() >= context {
+        bail!("the prompt has {} tokens; the model's context is {context}", prompt.len());
+    }
+    let Some(total) = prompt.len().checked_add(args.max_tokens).filter(|&total| total <= context) else {
+        bail!(
+            "the prompt has {} tokens and --max-tokens asks for {} more, but the model's context is {context} \
+             (give --max-tokens {} or less)",
+            prompt.len(),
+            args.max_tokens,
+            context - prompt.len()
+        );
+    };
+
+    // A single request sizes its own cache: one that holds it.
+    let num_blocks = total.div_ceil(DEFAULT_BLOCK_SIZE);
     let job = GenerateJob { args: &args, loaded: &loaded, prompt: &prompt, sampling };
-    args.device.run(job, KvSizing::Blocks(0), KvSizing::Blocks(0))
+    args.device.run(job, KvSizing::Blocks(num_blocks), KvSizing::GpuBlocks(num_blocks))
 }
 
 struct GenerateJob<'a> {
@@ -441,11 +585,11 @@ struct GenerateJob<'a> {
 }
 
 impl OnBackend for GenerateJob<'_> {
-    fn run<B: Backend + 'static>(self, backend: B, _: KvSizing) -> anyhow::Result<()>
+    fn run<B: Backend + 'static>(self, backend: B, sizing: KvSizing) -> anyhow::Result<()>
     where
         Engine<B>: Send,
     {
-        run_generate(backend, self.args, self.loaded, self.prompt, self.sampling)
+        run_generate(backend, self.args, self.loaded, self.prompt, self.sampling, sizing)
     }
 }
 
@@ -455,8 +599,11 @@ fn run_generate<B: Backend>(
     loaded: &LoadedModel,
     prompt: &[u32],
     sampling: SamplingParams,
+    sizing: KvSizing,
 ) -> anyhow::Result<()> {
     let tokenizer = &loaded.tokenizer;
+    // Checked before the weights take their memory.
+    let num_blocks = sizing.num_blocks(loaded.weights.config(), DEFAULT_BLOCK_SIZE, "ask for fewer --max-tokens")?;
     let load_start = Instant::now();
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({elapsed})").context("progress bar style")?,
@@ -477,20 +624,21 @@ fn run_generate<B: Backend>(
         config.num_kv_heads,
         load_start.elapsed().as_secs_f64()
     );
-    if prompt.len() >= config.max_position_embeddings {
-        bail!("the prompt has {} tokens; the model's context is {}", prompt.len(), config.max_position_embeddings);
-    }
     // One request: a cache that holds it, and one iteration of the whole prompt (up to 8192).
-    let max_tokens = args.max_tokens.min(config.max_position_embeddings - prompt.len());
     let engine_config = EngineConfig {
-        num_blocks: (prompt.len() + max_tokens).div_ceil(DEFAULT_BLOCK_SIZE),
+        num_blocks,
         block_size: DEFAULT_BLOCK_SIZE,
         scheduler: SchedulerConfig { max_num_seqs: 1, ..SchedulerConfig::default() },
         max_model_len: None,
         schedule: Schedule::Chunked,
     };
     let mut engine = Engine::new(backend, model, tokenizer.eos_token_ids().to_vec(), engine_config)?;
-    let request = RequestOptions { max_tokens, sampling, ignore_eos: args.ignore_eos, ..RequestOptions::default() };
+    let request = RequestOptions {
+        max_tokens: args.max_tokens,
+        sampling,
+        ignore_eos: args.ignore_eos,
+        ..RequestOptions::default()
+    };
     let options = GenerateOptions { request, stop: args.stop.clone() };
     let mut stdout = std::io::stdout().lock();
     if !args.chat {

@@ -1,17 +1,23 @@
 //! `nexus serve` on the CPU backend with SmolLM2, on a loopback port, driven by a real HTTP
 //! client: chat (streaming and not), completions, token-id prompts with `return_token_ids` and
-//! `min_tokens`, every bad request, a client that disconnects mid-stream (its blocks are freed),
-//! 32 concurrent clients on the chunked and on the nexus schedule (the same greedy tokens; each
-//! lane's budget and iterations in `/metrics`), bad schedules, the API key, and `nexus bench
-//! --url` replaying a JSONL workload against the server.
+//! `min_tokens`, logit bias, min-p, stop strings kept, chat content parts and tool messages,
+//! every bad request (each a JSON error, 404, 405 and 413 included), a client that disconnects
+//! mid-stream or before its first token (its blocks are freed at the next step), 32 concurrent
+//! clients on the chunked and on the nexus schedule (the same greedy tokens; each lane's budget
+//! and iterations in `/metrics`), requests the engine fails (a model whose activations overflow
+//! into NaN on one token), graceful shutdown on SIGTERM and SIGINT, read timeouts and the
+//! connection limit, latency clocks from HTTP arrival, bad schedules, the API key, and `nexus
+//! bench --url` replaying a JSONL workload against the server.
 //!
 //! The same tests run on the GPU machine against the CUDA backend with
 //! `NEXUS_TEST_DEVICE=cuda`; there `NEXUS_BIN` names the staged `nexus` binary and
-//! `NEXUS_MODEL` the model file (the paths this test was built with do not exist there).
+//! `NEXUS_MODEL` the model file (the paths this test was built with do not exist there; the
+//! failing model, built from a fixture compiled into this test, runs on the CPU everywhere).
 
-use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -28,6 +34,31 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Sends the server `signal` (`TERM`, `INT`).
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
+        assert!(status.expect("run kill").success(), "kill -{signal}");
+    }
+
+    /// Waits for the server to exit, at most `limit`.
+    fn exit_status(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit within {limit:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The `host:port` it listens on.
+    fn addr(&self) -> &str {
+        self.base.strip_prefix("http://").expect("an http URL")
     }
 }
 
@@ -51,9 +82,14 @@ fn device() -> String {
 }
 
 fn start(extra: &[&str]) -> Server {
+    start_model(&model_path(), &device(), extra)
+}
+
+/// Starts `nexus serve` on `model` and `device`, with `extra` flags.
+fn start_model(model: &Path, device: &str, extra: &[&str]) -> Server {
     let mut child = nexus()
-        .args(["serve", "--device", &device(), "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
-        .arg(model_path())
+        .args(["serve", "--device", device, "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
+        .arg(model)
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -66,6 +102,29 @@ fn start(extra: &[&str]) -> Server {
     // Keep draining stdout so that the server never blocks on it.
     std::thread::spawn(move || lines.for_each(drop));
     Server { child, base }
+}
+
+/// Runs `nexus serve` with `flags`, which it must refuse within a minute; returns its stderr.
+fn refused_at_startup(flags: &[&str]) -> String {
+    let mut child = nexus()
+        .args(["serve", "--device", "cpu", "--port", "0", "--model"])
+        .arg(model_path())
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run nexus serve");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("nexus serve {flags:?} started instead of refusing");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("its output");
+    assert!(!out.status.success(), "{flags:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn agent() -> ureq::Agent {
@@ -82,6 +141,13 @@ fn post(server: &Server, path: &str, body: &str) -> (u16, Value) {
         .header("Content-Type", "application/json")
         .send(body)
         .expect("POST");
+    let status = response.status().as_u16();
+    let text = response.body_mut().read_to_string().expect("body");
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn get(server: &Server, path: &str) -> (u16, Value) {
+    let mut response = agent().get(&format!("{}{path}", server.base)).call().expect("GET");
     let status = response.status().as_u16();
     let text = response.body_mut().read_to_string().expect("body");
     (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
@@ -130,9 +196,8 @@ fn metric(server: &Server, name: &str) -> f64 {
 #[test]
 fn chat_completions_models_and_health() {
     let server = start(&[]);
-    let mut health = agent().get(&format!("{}/health", server.base)).call().expect("health");
-    assert_eq!(health.status().as_u16(), 200);
-    assert_eq!(health.body_mut().read_to_string().expect("body"), "ok");
+    let (status, health) = get(&server, "/health");
+    assert_eq!((status, &health["status"]), (200, &json!("ok")), "{health}");
     let mut models = agent().get(&format!("{}/v1/models", server.base)).call().expect("models");
     let models: Value = serde_json::from_str(&models.body_mut().read_to_string().expect("body")).expect("json");
     assert_eq!(models["data"][0]["id"], MODEL_NAME);
@@ -283,6 +348,32 @@ fn bad_requests_get_an_openai_style_4xx() {
         ("/v1/chat/completions", chat("hi", json!({ "max_tokens": 4, "min_tokens": 5 })), 400, "min_tokens"),
         ("/v1/chat/completions", chat("hi", json!({ "min_tokens": -1 })), 400, "min_tokens"),
         ("/v1/completions", json!({ "model": MODEL_NAME, "prompt": "word ".repeat(9000) }).to_string(), 400, "context"),
+        ("/v1/chat/completions", chat("hi", json!({ "min_p": 1.5 })), 400, "min_p"),
+        ("/v1/chat/completions", chat("hi", json!({ "logit_bias": { "x": 1 } })), 400, "logit_bias"),
+        ("/v1/chat/completions", chat("hi", json!({ "logit_bias": { "49152": 1 } })), 400, "logit_bias"),
+        ("/v1/chat/completions", chat("hi", json!({ "logit_bias": { "5": 101 } })), 400, "logit_bias"),
+        (
+            "/v1/chat/completions",
+            chat("hi", json!({ "response_format": { "type": "json_object" } })),
+            400,
+            "response_format `json_object` is not supported",
+        ),
+        (
+            "/v1/chat/completions",
+            chat("hi", json!({ "tools": [{ "type": "function", "function": { "name": "f" } }] })),
+            400,
+            "tools (function calling) are not supported",
+        ),
+        ("/v1/chat/completions", chat("hi", json!({ "tool_choice": "auto" })), 400, "tool_choice is not supported"),
+        (
+            "/v1/chat/completions",
+            json!({ "model": MODEL_NAME, "messages": [{ "role": "user", "content": [
+                { "type": "image_url", "image_url": { "url": "http://x" } }
+            ] }] })
+            .to_string(),
+            400,
+            "`image_url` are not supported",
+        ),
     ];
     for (path, body, want_status, want_message) in cases {
         let (status, response) = post(&server, path, &body);
@@ -383,21 +474,19 @@ fn thirty_two_concurrent_clients_get_the_same_tokens_from_chunked_and_nexus() {
 }
 
 #[test]
-fn bad_schedules_are_refused_at_startup() {
+fn bad_schedules_and_limits_are_refused_at_startup() {
     for (flags, want) in [
         (&["--schedule", "nexus", "--prefill-sms", "0"][..], "--prefill-sms 0"),
         (&["--schedule", "nexus", "--prefill-sms", "132"][..], "--prefill-sms 132"),
         (&["--schedule", "nexus", "--prefill-sms", "32,64"][..], "give one --schedule"),
         (&["--schedule", "chunked,nexus"][..], "give one --schedule"),
+        (&["--shutdown-grace-s=-1"][..], "--shutdown-grace-s -1"),
+        (&["--header-timeout-s", "0"][..], "--header-timeout-s 0"),
+        (&["--body-timeout-s", "NaN"][..], "--body-timeout-s NaN"),
+        (&["--max-connections", "0"][..], "--max-connections"),
     ] {
-        let out = nexus()
-            .args(["serve", "--device", "cpu", "--port", "0", "--model"])
-            .arg(model_path())
-            .args(flags)
-            .output()
-            .expect("run nexus serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && stderr.contains(want), "{flags:?}: {stderr}");
+        let stderr = refused_at_startup(flags);
+        assert!(stderr.contains(want), "{flags:?}: {stderr}");
     }
 }
 
@@ -412,6 +501,9 @@ fn the_api_key_is_required_when_set() {
         .send(chat("hi", json!({ "max_tokens": 2 })))
         .expect("POST");
     assert_eq!(response.status().as_u16(), 200, "{}", response.body_mut().read_to_string().unwrap_or_default());
+    // An empty key would refuse every request: it is refused itself, before the model loads.
+    let stderr = refused_at_startup(&["--api-key", ""]);
+    assert!(stderr.contains("--api-key is empty"), "{stderr}");
 }
 
 #[test]
@@ -570,4 +662,402 @@ fn bench_url_replays_a_workload_against_the_server() {
         .expect("run nexus bench");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A raw connection to `server`, for what an HTTP client library does not do: send a request in
+/// pieces, hold a connection idle, or go away without reading the answer.
+fn connect(server: &Server) -> TcpStream {
+    let stream = TcpStream::connect(server.addr()).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("a read timeout");
+    stream
+}
+
+/// The head of a request with a JSON body of `len` bytes, after which the server closes the
+/// connection.
+fn head(method: &str, path: &str, len: usize) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: nexus\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\
+         Connection: close\r\n\r\n"
+    )
+}
+
+/// Reads a response up to the end of the connection: its status and its body, as JSON when it
+/// is JSON.
+fn read_response(stream: &mut TcpStream) -> (u16, Value) {
+    let mut bytes = Vec::new();
+    stream.read_to_end(&mut bytes).expect("read the response");
+    let text = String::from_utf8_lossy(&bytes);
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    (status, serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())))
+}
+
+/// Whether the server closed `stream`, waiting for that at most `limit`.
+fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    stream.set_read_timeout(Some(limit)).expect("a read timeout");
+    let mut buf = [0; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A copy of the tiny Llama of tests/fixtures, with a word-level tokenizer of its 32 tokens, whose
+/// activations overflow into NaN at token [`POISON`] and at no other: an engine failure on
+/// demand. Weights that hold NaN are refused when they load; finite ones that overflow are not.
+///
+/// Column 0 of the embeddings is 0 but for `POISON` (1), and nothing of layer 0's attention
+/// writes to it, so that it reaches the MLP as 0 for every other token; there the gate and up
+/// projections read it with weights of 3e38, whose product is infinite for `POISON` alone, and
+/// infinity becomes NaN in what follows. Every later position of a request with `POISON` sees
+/// NaN through attention; other requests never do.
+fn overflowing_tiny_llama() -> TempDir {
+    const CONFIG: &[u8] = include_bytes!("../../tests/fixtures/tiny-llama/config.json");
+    const WEIGHTS: &[u8] = include_bytes!("../../tests/fixtures/tiny-llama/model.safetensors");
+    let dir = std::env::temp_dir().join(format!("nexus-serve-{}-overflowing-tiny-llama", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temp folder");
+    let mut weights = WEIGHTS.to_vec();
+    let header_len = u64::from_le_bytes(weights[..8].try_into().expect("8 bytes")) as usize;
+    let header: Value = serde_json::from_slice(&weights[8..8 + header_len]).expect("the header");
+    // Sets element `index` of tensor `name` (F32 or BF16) to `value`.
+    let mut set = |name: &str, index: usize, value: f32| {
+        let tensor = &header[name];
+        let start = 8 + header_len + tensor["data_offsets"][0].as_u64().expect("an offset") as usize;
+        match tensor["dtype"].as_str() {
+            Some("F32") => weights[start + 4 * index..][..4].copy_from_slice(&value.to_le_bytes()),
+            Some("BF16") => weights[start + 2 * index..][..2].copy_from_slice(&value.to_le_bytes()[2..]),
+            other => panic!("{name}: dtype {other:?}"),
+        }
+    };
+    let (hidden, vocab, intermediate, heads_dim) = (16, 32, 24, 32);
+    for token in 0..vocab {
+        set("model.embed_tokens.weight", token * hidden, if token == POISON as usize { 1.0 } else { 0.0 });
+    }
+    for i in 0..heads_dim {
+        set("model.layers.0.self_attn.o_proj.weight", i, 0.0);
+    }
+    set("model.layers.0.post_attention_layernorm.weight", 0, 1.0);
+    for row in 0..intermediate {
+        set("model.layers.0.mlp.gate_proj.weight", row * hidden, 3e38);
+        set("model.layers.0.mlp.up_proj.weight", row * hidden, 3e38);
+    }
+    std::fs::write(dir.join("model.safetensors"), weights).expect("write the weights");
+    std::fs::write(dir.join("config.json"), CONFIG).expect("write the config");
+    let vocab: serde_json::Map<String, Value> = (0..vocab).map(|i| (format!("t{i}"), json!(i))).collect();
+    let tokenizer = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "Whitespace" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "t0" }
+    });
+    std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).expect("write the tokenizer");
+    TempDir(dir)
+}
+
+/// A folder removed when dropped, whether the test passes or not.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The token whose activations overflow in [`overflowing_tiny_llama`].
+const POISON: u32 = 7;
+
+#[test]
+fn a_request_the_engine_fails_gets_an_error_and_the_others_go_on() {
+    let model = overflowing_tiny_llama();
+    let server = start_model(&model.0, "cpu", &[]);
+    let base = server.base.clone();
+    let request = move |prompt: Vec<u32>, temperature: f64, stream: bool| {
+        let base = base.clone();
+        std::thread::spawn(move || {
+            // The fine requests must not draw the poisoned token themselves.
+            let body = json!({ "model": MODEL_NAME, "prompt": prompt, "max_tokens": 12, "temperature": temperature,
+                "seed": 1, "stream": stream, "logit_bias": { POISON.to_string(): -100 } });
+            let response = agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST");
+            let status = response.status().as_u16();
+            let mut text = String::new();
+            response.into_body().into_reader().read_to_string(&mut text).expect("body");
+            (status, text)
+        })
+    };
+    // At once, so that the failing requests share steps with the others: greedy (the argmax on
+    // the backend), sampled (logits on the host), streamed.
+    let failing = [
+        request(vec![1, 2, POISON], 0.0, false),
+        request(vec![POISON, 3, 4, 5], 1.0, false),
+        request(vec![3, POISON], 0.0, true),
+    ];
+    let fine = [request(vec![1, 2, 3], 0.0, false), request(vec![4, 5, 6, 8], 1.0, false)];
+    for (i, client) in failing.into_iter().enumerate() {
+        let (status, text) = client.join().expect("client");
+        let error = if i < 2 {
+            assert_eq!(status, 500, "{text}");
+            serde_json::from_str::<Value>(&text).expect("a JSON body")
+        } else {
+            // Streamed: the status went out with the headers; the error is an event, then [DONE].
+            assert_eq!(status, 200, "{text}");
+            let events = sse_events(text.as_bytes());
+            events.last().expect("an error event").clone()
+        };
+        assert_eq!(error["error"]["type"], "server_error", "{error}");
+        assert!(error["error"]["message"].as_str().expect("a message").contains("logits"), "{error}");
+    }
+    for client in fine {
+        let (status, text) = client.join().expect("client");
+        let body: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!((status, &body["usage"]["completion_tokens"]), (200, &json!(12)), "{body}");
+    }
+    let (status, health) = get(&server, "/health");
+    assert_eq!((status, &health["status"], &health["failed_requests"]), (200, &json!("degraded"), &json!(3)));
+    assert!(health["last_error"]["message"].as_str().expect("the last error").contains("logits"), "{health}");
+    assert_eq!(metric(&server, "nexus_request_failures_total"), 3.0);
+    // The gauges follow within a step of the last response.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&server, "nexus_kv_cache_usage") > 0.0 {
+        assert!(Instant::now() < deadline, "blocks still in use");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // And the server goes on.
+    let body = json!({ "model": MODEL_NAME, "prompt": [9, 10], "max_tokens": 4, "temperature": 0,
+        "logit_bias": { POISON.to_string(): -100 } });
+    assert_eq!(completion(&server, body)["usage"]["completion_tokens"], 4);
+}
+
+#[test]
+fn sigterm_lets_requests_in_flight_finish_then_the_server_exits_zero() {
+    let mut server = start(&[]);
+    let body = json!({ "model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 64, "ignore_eos": true,
+        "temperature": 0, "stream": true });
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(body.to_string()).expect("POST");
+    let mut reader = BufReader::new(response.into_body().into_reader());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        reader.read_line(&mut line).expect("the first event");
+    }
+    server.signal("TERM");
+    // No new connection is taken...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(server.addr()).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...but the stream goes on to its end, within the grace period, and the server exits.
+    let events = sse_events(reader);
+    let last = events.last().expect("events");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(server.exit_status(Duration::from_secs(60)).code(), Some(0));
+}
+
+#[test]
+fn requests_past_the_shutdown_grace_end_with_an_error() {
+    let mut server = start(&["--shutdown-grace-s", "1"]);
+    let long = json!({ "model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": true,
+        "temperature": 0 });
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(streamed.to_string()).expect("POST");
+    let base = server.base.clone();
+    let whole = std::thread::spawn(move || {
+        let mut response = agent().post(&format!("{base}/v1/completions")).send(long.to_string()).expect("POST");
+        let status = response.status().as_u16();
+        (status, serde_json::from_str::<Value>(&response.body_mut().read_to_string().expect("body")).expect("JSON"))
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&server, "nexus_requests_running") < 2.0 {
+        assert!(Instant::now() < deadline, "the requests did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    server.signal("INT");
+    let events = sse_events(response.into_body().into_reader());
+    let error = &events.last().expect("events")["error"];
+    assert!(error["message"].as_str().expect("an error event").contains("shutting down"), "{error}");
+    let (status, body) = whole.join().expect("client");
+    assert_eq!(status, 503, "{body}");
+    assert!(body["error"]["message"].as_str().expect("a message").contains("shutting down"), "{body}");
+    assert_eq!(server.exit_status(Duration::from_secs(30)).code(), Some(0));
+}
+
+#[test]
+fn abandoned_requests_are_aborted_whatever_their_phase() {
+    // Small chunks, two running at most: of four long prompts, two are prefilling, two waiting.
+    let server = start(&["--max-num-seqs", "2", "--max-num-batched-tokens", "64"]);
+    let prompt: Vec<u32> = (0..3000).map(|j| 1000 + (j * 37) % 40_000).collect();
+    let body = json!({ "model": MODEL_NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0 }).to_string();
+    let clients: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut stream = connect(&server);
+            stream
+                .write_all(format!("{}{body}", head("POST", "/v1/completions", body.len())).as_bytes())
+                .expect("send");
+            stream
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&server, "nexus_requests_running") + metric(&server, "nexus_requests_waiting") < 4.0 {
+        assert!(Instant::now() < deadline, "the requests did not arrive");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Their clients go away long before the prompts could be prefilled: the engine drops them
+    // at its next step, and frees their blocks.
+    drop(clients);
+    let gone = Instant::now();
+    while metric(&server, "nexus_kv_cache_usage") > 0.0
+        || metric(&server, "nexus_requests_running") > 0.0
+        || metric(&server, "nexus_requests_waiting") > 0.0
+    {
+        assert!(gone.elapsed() < Duration::from_secs(8), "the abandoned requests were not aborted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A small request is served at once.
+    let small = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 4, "temperature": 0 });
+    assert_eq!(completion(&server, small)["usage"]["completion_tokens"], 4);
+    assert!(gone.elapsed() < Duration::from_secs(30), "the small request waited {:?}", gone.elapsed());
+}
+
+#[test]
+fn metrics_count_a_request_from_its_admission() {
+    let server = start(&[]);
+    // One step prefills the whole prompt and gives the only token: the request is in the engine
+    // during that step only, which must take long enough to be seen (a GPU's is much faster).
+    let len = if device() == "cpu" { 400 } else { 6000 };
+    let prompt: Vec<u32> = (0..len).map(|j| 1000 + (j * 37) % 40_000).collect();
+    let body = json!({ "model": MODEL_NAME, "prompt": prompt, "max_tokens": 1, "temperature": 0 });
+    let base = server.base.clone();
+    let client = std::thread::spawn(move || {
+        agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST").status().as_u16()
+    });
+    let mut seen = 0.0f64;
+    while !client.is_finished() {
+        seen = seen.max(metric(&server, "nexus_requests_running") + metric(&server, "nexus_requests_waiting"));
+    }
+    assert_eq!(client.join().expect("client"), 200);
+    assert_eq!(seen, 1.0, "/metrics never showed the request while its step ran");
+}
+
+#[test]
+fn slow_and_idle_connections_are_timed_out_and_limited() {
+    let server = start(&["--header-timeout-s", "1", "--body-timeout-s", "1", "--max-connections", "3"]);
+    let opened = Instant::now();
+    // Three connections take every slot: one idle, one with half a head, one with half a body.
+    let mut idle = connect(&server);
+    let mut half_head = connect(&server);
+    half_head.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: nexus\r\n").expect("send");
+    let mut half_body = connect(&server);
+    half_body.write_all(format!("{}{{\"model\":", head("POST", "/v1/completions", 100)).as_bytes()).expect("send");
+    // A fourth waits for a slot, which the timeouts free after about a second.
+    let mut health = connect(&server);
+    health.write_all(head("GET", "/health", 0).as_bytes()).expect("send");
+    let (status, _) = read_response(&mut health);
+    assert_eq!(status, 200);
+    assert!(opened.elapsed() >= Duration::from_millis(800), "answered before a slot was free: {:?}", opened.elapsed());
+    assert!(closed_within(&mut idle, Duration::from_secs(10)), "the idle connection is still open");
+    assert!(closed_within(&mut half_head, Duration::from_secs(10)), "the half-sent head is still open");
+    let (status, body) = read_response(&mut half_body);
+    assert_eq!(status, 408, "{body}");
+    assert!(body["error"]["message"].as_str().expect("a JSON error").contains("did not arrive"), "{body}");
+    assert!(opened.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn every_error_is_an_openai_style_json_body() {
+    let server = start(&[]);
+    let url = |path: &str| format!("{}{path}", server.base);
+    let too_big = format!("{{\"model\": \"{MODEL_NAME}\", \"prompt\": \"{}\"}}", "a".repeat(9 << 20));
+    let responses = [
+        (404, agent().get(&url("/nope")).call()),
+        (404, agent().get(&url("/v1/models/gpt-4")).call()),
+        (405, agent().get(&url("/v1/completions")).call()),
+        (405, agent().post(&url("/health")).send("")),
+        (405, agent().delete(&url("/v1/models")).call()),
+        (413, agent().post(&url("/v1/completions")).send(&too_big)),
+    ];
+    for (want, response) in responses {
+        let mut response = response.expect("a response");
+        let status = response.status().as_u16();
+        let json = response.headers().get("content-type").is_some_and(|t| t == "application/json");
+        let body: Value = serde_json::from_str(&response.body_mut().read_to_string().expect("body")).expect("JSON");
+        assert!(status == want && json, "{status} {body}");
+        assert!(!body["error"]["message"].as_str().expect("a message").is_empty(), "{body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    }
+    let (status, model) = get(&server, &format!("/v1/models/{MODEL_NAME}"));
+    assert_eq!((status, &model["id"], &model["object"]), (200, &json!(MODEL_NAME), &json!("model")));
+}
+
+#[test]
+fn logit_bias_min_p_kept_stop_strings_content_parts_and_tool_messages() {
+    let server = start(&[]);
+    let counting = |extra: Value| {
+        let mut body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 6, "temperature": 0,
+            "return_token_ids": true });
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        ids(&completion(&server, body)["choices"][0]["token_ids"])
+    };
+    let plain = counting(json!({}));
+    // A bias of 100 makes greedy pick that token every time; -100 keeps it from the plain one.
+    assert_eq!(counting(json!({ "logit_bias": { "1000": 100 } })), vec![1000; 6]);
+    let banned = counting(json!({ "logit_bias": { plain[0].to_string(): -100 } }));
+    assert!(!banned.contains(&plain[0]), "{banned:?} has {}", plain[0]);
+    // min_p = 1 keeps only the most likely token: drawing gives the greedy tokens.
+    assert_eq!(counting(json!({ "temperature": 1.0, "min_p": 1.0, "seed": 3 })), plain);
+
+    // The stop string ends the text, and is part of it when asked.
+    let capital = json!({ "model": MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 12,
+        "temperature": 0, "stop": ["."], "include_stop_str_in_output": true });
+    let kept = completion(&server, capital.clone());
+    assert_eq!(
+        (&kept["choices"][0]["text"], &kept["choices"][0]["finish_reason"]),
+        (&json!(" Paris."), &json!("stop"))
+    );
+    let mut streamed = capital;
+    streamed["stream"] = json!(true);
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(streamed.to_string()).expect("POST");
+    let events = sse_events(response.into_body().into_reader());
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+    assert_eq!(text, " Paris.");
+
+    // Content as text parts is the same message as a string.
+    let parts = json!({ "model": MODEL_NAME, "max_tokens": 24, "temperature": 0, "messages": [{ "role": "user",
+        "content": [{ "type": "text", "text": "What is the capital of France?" }] }] });
+    let (status, body) = post(&server, "/v1/chat/completions", &parts.to_string());
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "The capital of France is Paris.");
+    // A tool's answer goes to the chat template, which takes it.
+    let tool = json!({ "model": MODEL_NAME, "max_tokens": 8, "temperature": 0, "messages": [
+        { "role": "user", "content": "What is the weather in Paris?" },
+        { "role": "assistant", "content": null },
+        { "role": "tool", "content": "Sunny, 21 C" }
+    ] });
+    let (status, body) = post(&server, "/v1/chat/completions", &tool.to_string());
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn latency_clocks_start_when_the_request_arrives() {
+    let server = start(&[]);
+    // The head arrives, then the body a second later: the request's latencies include that
+    // second, as its client's do.
+    let body = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 1, "temperature": 0 }).to_string();
+    let mut stream = connect(&server);
+    stream.write_all(head("POST", "/v1/completions", body.len()).as_bytes()).expect("send the head");
+    std::thread::sleep(Duration::from_secs(1));
+    stream.write_all(body.as_bytes()).expect("send the body");
+    let (status, response) = read_response(&mut stream);
+    assert_eq!(status, 200, "{response}");
+    for histogram in ["nexus_time_to_first_token_seconds", "nexus_e2e_request_latency_seconds"] {
+        let sum = metric(&server, &format!("{histogram}_sum"));
+        assert!(sum >= 1.0, "{histogram}: {sum} s");
+    }
 }

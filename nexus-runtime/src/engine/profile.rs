@@ -61,6 +61,25 @@ impl ProfileConfig {
         }
     }
 
+    /// These shapes, shrunk to fit a model of `context` tokens (each keeping its proportions), and
+    /// fewer repeats when `quick`.
+    pub fn fitted_to(mut self, context: usize) -> Self {
+        for (new, cached) in &mut self.prefill {
+            let total = *new + *cached;
+            if total > context {
+                let scale = context as f64 / total as f64;
+                *new = ((*new as f64 * scale) as usize).max(1);
+                *cached = ((*cached as f64 * scale) as usize).min(context - *new);
+            }
+        }
+        for (_, cached) in &mut self.decode {
+            *cached = (*cached).min(context.saturating_sub(1));
+        }
+        self.prefill.dedup();
+        self.decode.dedup();
+        self
+    }
+
     /// The most cached tokens one shape needs at once.
     fn tokens_needed(&self) -> usize {
         let prefill = self.prefill.iter().map(|&(new, cached)| new + cached);

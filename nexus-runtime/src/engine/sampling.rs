@@ -1,9 +1,9 @@
-//! Token sampling: repetition, frequency and presence penalties, greedy, temperature, top-k,
-//! top-p, with a seed for reproducibility.
+//! Token sampling: logit bias, repetition, frequency and presence penalties, greedy, temperature,
+//! min-p, top-k, top-p, with a seed for reproducibility.
 //!
 //! The filters are pure functions over a probability vector so that they can be tested on their
-//! own; [`Sampler`] chains them: penalties → logits / temperature → softmax → top-k → top-p →
-//! draw.
+//! own; [`Sampler`] chains them in vLLM's order: logit bias → penalties → logits / temperature →
+//! softmax → min-p → top-k → top-p → draw.
 
 use std::collections::{HashMap, HashSet};
 
@@ -25,13 +25,30 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Penalties on tokens already seen; none by default.
     pub penalties: Penalties,
+    /// Added to the logits of these tokens before anything else (OpenAI's `logit_bias`), each in
+    /// [-100, 100]; ids beyond the logits are ignored (callers check them against the vocabulary).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Drop the tokens less likely than `min_p` times the most likely one (after temperature),
+    /// in [0, 1]; 0 keeps all.
+    pub min_p: f32,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: None, penalties: Penalties::default() }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+            penalties: Penalties::default(),
+            logit_bias: Vec::new(),
+            min_p: 0.0,
+        }
     }
 }
+
+/// The largest bias `logit_bias` may add or take away, as OpenAI allows.
+pub const MAX_LOGIT_BIAS: f32 = 100.0;
 
 /// Penalties on the logits of tokens already seen, as OpenAI and vLLM define them: for a token
 /// that appeared `c` times in the output so far, `logit -= frequency · c + presence · [c > 0]`;
@@ -107,13 +124,22 @@ impl SamplingParams {
         self.temperature == 0.0 || self.top_k == 1
     }
 
-    /// Checks the ranges: temperature finite and >= 0, top_p in (0, 1].
+    /// Checks the ranges: temperature finite and >= 0, top_p in (0, 1], min_p in [0, 1], each
+    /// logit bias in [-100, 100].
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(Error::invalid(format!("temperature {} must be a finite number >= 0", self.temperature)));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::invalid(format!("top_p {} must be in (0, 1]", self.top_p)));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(Error::invalid(format!("min_p {} must be in [0, 1]", self.min_p)));
+        }
+        if let Some(&(token, bias)) =
+            self.logit_bias.iter().find(|(_, b)| !(-MAX_LOGIT_BIAS..=MAX_LOGIT_BIAS).contains(b))
+        {
+            return Err(Error::invalid(format!("logit_bias {bias} of token {token} must be in [-100, 100]")));
         }
         self.penalties.validate()
     }
@@ -139,6 +165,27 @@ pub fn softmax_with_temperature(logits: &[f32], temperature: f32) -> Vec<f32> {
         *p /= sum;
     }
     probs
+}
+
+/// Adds each `(token, bias)` of `biases` to the token's logit; tokens beyond `logits` are skipped.
+pub fn apply_logit_bias(logits: &mut [f32], biases: &[(u32, f32)]) {
+    for &(token, bias) in biases {
+        if let Some(l) = logits.get_mut(token as usize) {
+            *l += bias;
+        }
+    }
+}
+
+/// Zeroes the tokens less likely than `min_p` times the most likely one; `min_p = 0` keeps all.
+/// The most likely token always survives.
+pub fn apply_min_p(probs: &mut [f32], min_p: f32) {
+    if min_p <= 0.0 {
+        return;
+    }
+    let threshold = min_p * probs.iter().copied().fold(0.0, f32::max);
+    for p in probs.iter_mut().filter(|p| **p < threshold) {
+        *p = 0.0;
+    }
 }
 
 /// Token indices sorted by decreasing probability (stable, so ties keep index order).
@@ -258,9 +305,9 @@ impl Sampler {
     }
 
     /// Whether picking needs the logits themselves, not only their argmax (which a device can
-    /// compute without copying them out): when drawing, or under a penalty.
+    /// compute without copying them out): when drawing, under a penalty or a logit bias.
     pub fn needs_logits(&self) -> bool {
-        !self.params.is_greedy() || self.params.penalties.is_active()
+        !self.params.is_greedy() || self.params.penalties.is_active() || !self.params.logit_bias.is_empty()
     }
 
     /// Picks the next token from one row of logits and remembers it for the penalties.
@@ -268,12 +315,13 @@ impl Sampler {
         if logits.is_empty() {
             return Err(Error::invalid("cannot sample from empty logits"));
         }
-        let penalized;
-        let logits = if self.params.penalties.is_active() {
+        let adjusted;
+        let logits = if self.params.penalties.is_active() || !self.params.logit_bias.is_empty() {
             let mut l = logits.to_vec();
+            apply_logit_bias(&mut l, &self.params.logit_bias);
             apply_penalties(&mut l, &self.params.penalties, &self.prompt, &self.output_counts);
-            penalized = l;
-            &penalized[..]
+            adjusted = l;
+            &adjusted[..]
         } else {
             logits
         };
@@ -292,6 +340,7 @@ impl Sampler {
         if probs.iter().any(|p| !p.is_finite()) {
             return Err(Error::invalid("logits contain NaN or infinity"));
         }
+        apply_min_p(&mut probs, self.params.min_p);
         apply_top_k(&mut probs, self.params.top_k);
         apply_top_p(&mut probs, self.params.top_p);
         Ok(draw(&probs, self.rng.random::<f32>()))
@@ -365,8 +414,40 @@ mod tests {
                 penalties: Penalties { repetition: f32::NAN, ..Default::default() },
                 ..Default::default()
             },
+            SamplingParams { min_p: -0.1, ..Default::default() },
+            SamplingParams { min_p: 1.5, ..Default::default() },
+            SamplingParams { min_p: f32::NAN, ..Default::default() },
+            SamplingParams { logit_bias: vec![(3, 100.5)], ..Default::default() },
+            SamplingParams { logit_bias: vec![(3, f32::NAN)], ..Default::default() },
         ] {
             assert!(Sampler::new(params, &[]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_logit_bias_moves_greedy_and_needs_the_logits() {
+        let params = SamplingParams { logit_bias: vec![(2, 1.0), (0, -5.0), (99, 100.0)], ..SamplingParams::greedy() };
+        let mut s = Sampler::new(params, &[]).unwrap();
+        assert!(s.needs_logits());
+        // 2 overtakes 1 by 0.5; the bias of a token beyond the logits is ignored.
+        assert_eq!(s.sample(&[3.0, 2.5, 2.0]).unwrap(), 2);
+        let mut logits = vec![3.0, 2.5, 2.0];
+        apply_logit_bias(&mut logits, &[(2, 1.0), (0, -5.0), (99, 1.0)]);
+        assert_eq!(logits, vec![-2.0, 2.5, 3.0]);
+    }
+
+    #[test]
+    fn min_p_keeps_the_tokens_near_the_most_likely_one() {
+        let mut p = vec![0.1, 0.5, 0.3, 0.1];
+        apply_min_p(&mut p, 0.5);
+        assert_eq!(p, vec![0.0, 0.5, 0.3, 0.0]);
+        let mut p = vec![0.1, 0.5, 0.3, 0.1];
+        apply_min_p(&mut p, 0.0);
+        assert_eq!(p, vec![0.1, 0.5, 0.3, 0.1]);
+        // min_p = 1 keeps only the most likely token: drawing is greedy, whatever the seed.
+        for seed in 0..20 {
+            let params = SamplingParams { temperature: 1.0, min_p: 1.0, seed: Some(seed), ..Default::default() };
+            assert_eq!(Sampler::new(params, &[]).unwrap().sample(&[1.0, 1.5, 1.4, 0.0]).unwrap(), 1);
         }
     }
 

@@ -2,33 +2,43 @@
 
 /// Finds stop strings in streamed text, holding back what could still become one.
 #[derive(Debug)]
-pub struct StopMatcher<'a> {
-    stops: &'a [String],
+pub struct StopMatcher {
+    /// The stop strings, empty ones left out (they would match everywhere).
+    stops: Vec<String>,
+    /// The text ends after the stop string rather than before it.
+    include_stop: bool,
     text: String,
     /// Bytes of `text` already handed out.
     emitted: usize,
     stopped: bool,
 }
 
-impl<'a> StopMatcher<'a> {
-    /// A matcher of `stops` (empty strings never match).
-    pub fn new(stops: &'a [String]) -> Self {
-        StopMatcher { stops, text: String::new(), emitted: 0, stopped: false }
+impl StopMatcher {
+    /// A matcher of `stops` (empty strings never match). With `include_stop`, the text ends with
+    /// the stop string that ended it (vLLM's `include_stop_str_in_output`); otherwise before it.
+    pub fn new(stops: Vec<String>, include_stop: bool) -> Self {
+        let stops = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        StopMatcher { stops, include_stop, text: String::new(), emitted: 0, stopped: false }
     }
 
     /// Appends `piece`; returns the text now safe to show and whether a stop string was found.
+    /// When several are found, the one that starts first ends the text (the longest of those
+    /// that start there, when the stop string is kept).
     pub fn push(&mut self, piece: &str) -> (&str, bool) {
         if self.stopped {
             return ("", true);
         }
         self.text.push_str(piece);
         let from = self.emitted;
-        let found =
-            self.stops.iter().filter(|s| !s.is_empty()).filter_map(|s| self.text[from..].find(s.as_str())).min();
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, len)| (at, std::cmp::Reverse(len)));
         let end = match found {
-            Some(at) => {
+            Some((at, len)) => {
                 self.stopped = true;
-                self.text.truncate(from + at);
+                self.text.truncate(from + at + if self.include_stop { len } else { 0 });
                 self.text.len()
             }
             None => self.text.len() - self.held_back(),
@@ -60,20 +70,15 @@ impl<'a> StopMatcher<'a> {
     pub fn stopped(&self) -> bool {
         self.stopped
     }
-
-    /// All text so far, cut before the stop string.
-    pub fn into_text(self) -> String {
-        self.text
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stream(stops: &[&str], pieces: &[&str]) -> (String, String, bool) {
+    fn stream_with(stops: &[&str], include_stop: bool, pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopMatcher::new(&stops);
+        let mut m = StopMatcher::new(stops, include_stop);
         let mut shown = String::new();
         for p in pieces {
             let (ready, stopped) = m.push(p);
@@ -85,25 +90,38 @@ mod tests {
         if !m.stopped() {
             shown.push_str(m.flush());
         }
-        let stopped = m.stopped();
-        (shown, m.into_text(), stopped)
+        (shown, m.stopped())
+    }
+
+    fn stream(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        stream_with(stops, false, pieces)
     }
 
     #[test]
     fn stop_string_split_across_pieces_is_cut_and_never_shown() {
-        let (shown, text, stopped) = stream(&["END"], &["Hello E", "N", "D and more"]);
-        assert_eq!((shown.as_str(), text.as_str(), stopped), ("Hello ", "Hello ", true));
+        assert_eq!(stream(&["END"], &["Hello E", "N", "D and more"]), ("Hello ".into(), true));
     }
 
     #[test]
     fn held_back_prefix_is_released_when_it_does_not_complete() {
-        let (shown, text, stopped) = stream(&["END"], &["a E", "x", "EN"]);
-        assert_eq!((shown.as_str(), text.as_str(), stopped), ("a ExEN", "a ExEN", false));
+        assert_eq!(stream(&["END"], &["a E", "x", "EN"]), ("a ExEN".into(), false));
     }
 
     #[test]
     fn earliest_stop_string_wins() {
-        let (shown, _, stopped) = stream(&["cd", "b"], &["abcd"]);
-        assert_eq!((shown.as_str(), stopped), ("a", true));
+        assert_eq!(stream(&["cd", "b"], &["abcd"]), ("a".into(), true));
+    }
+
+    #[test]
+    fn an_included_stop_string_ends_the_text_and_nothing_after_it_shows() {
+        assert_eq!(stream_with(&["END"], true, &["Hello E", "N", "D and more"]), ("Hello END".into(), true));
+        // Of two stop strings that start at the same place, the longer one is kept whole.
+        assert_eq!(stream_with(&["ab", "abc"], true, &["xabcd"]), ("xabc".into(), true));
+        assert_eq!(stream_with(&["ab", "abc"], false, &["xabcd"]), ("x".into(), true));
+    }
+
+    #[test]
+    fn empty_stop_strings_never_match() {
+        assert_eq!(stream(&[""], &["abc"]), ("abc".into(), false));
     }
 }

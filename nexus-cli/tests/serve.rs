@@ -936,12 +936,16 @@ fn metrics_count_a_request_from_its_admission() {
     let client = std::thread::spawn(move || {
         agent().post(&format!("{base}/v1/completions")).send(body.to_string()).expect("POST").status().as_u16()
     });
-    let mut seen = 0.0f64;
+    let (mut seen, mut running_with_blocks) = (0.0f64, false);
     while !client.is_finished() {
-        seen = seen.max(metric(&server, "nexus_requests_running") + metric(&server, "nexus_requests_waiting"));
+        let running = metric(&server, "nexus_requests_running");
+        seen = seen.max(running + metric(&server, "nexus_requests_waiting"));
+        // Once its step is launched it runs and holds its blocks, while the step still runs.
+        running_with_blocks |= running == 1.0 && metric(&server, "nexus_kv_cache_usage") > 0.0;
     }
     assert_eq!(client.join().expect("client"), 200);
     assert_eq!(seen, 1.0, "/metrics never showed the request while its step ran");
+    assert!(running_with_blocks, "/metrics never showed the request running with its blocks");
 }
 
 #[test]

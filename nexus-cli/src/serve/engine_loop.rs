@@ -127,7 +127,14 @@ impl<B: Backend> EngineLoop<'_, B> {
                 }
             }
             self.metrics.publish(&mut self.engine);
-            match self.engine.step() {
+            // The engine's counts are published again once the iterations are planned (their
+            // requests then run and hold blocks), before they run.
+            let metrics = &self.metrics;
+            let launched = self.engine.launch_idle(|engine| metrics.publish_counts(engine));
+            match launched.map(|mut events| {
+                events.extend(self.engine.finish_one());
+                events
+            }) {
                 Ok(events) => self.deliver(events),
                 Err(e) => {
                     // Not a failure of some requests but of the engine's own bookkeeping: which

@@ -95,16 +95,22 @@ impl Metrics {
     /// Stores `engine`'s gauges: running and waiting requests, KV usage, preemptions, each lane's
     /// budget, and the iterations of its timeline since the last call.
     pub fn publish<B: Backend>(&self, engine: &mut Engine<B>) {
-        self.running.store(engine.num_running() as u64, Ordering::Relaxed);
-        self.waiting.store(engine.num_waiting() as u64, Ordering::Relaxed);
-        self.kv_usage.store((engine.kv_usage() * 1e6) as u64, Ordering::Relaxed);
-        self.preemptions.store(engine.preemptions(), Ordering::Relaxed);
+        self.publish_counts(engine);
         for iteration in engine.take_timeline() {
             if let Some(lane) = self.lanes.iter().find(|l| l.lane == iteration.lane) {
                 lane.iteration.observe((iteration.end - iteration.start).as_secs_f64());
                 lane.host.observe(iteration.host.as_secs_f64());
             }
         }
+    }
+
+    /// Stores `engine`'s counts: running and waiting requests, KV usage, preemptions, each lane's
+    /// budget.
+    pub fn publish_counts<B: Backend>(&self, engine: &Engine<B>) {
+        self.running.store(engine.num_running() as u64, Ordering::Relaxed);
+        self.waiting.store(engine.num_waiting() as u64, Ordering::Relaxed);
+        self.kv_usage.store((engine.kv_usage() * 1e6) as u64, Ordering::Relaxed);
+        self.preemptions.store(engine.preemptions(), Ordering::Relaxed);
         for (lane, budget) in engine.lane_budgets() {
             if let Some(l) = self.lanes.iter().find(|l| l.lane == lane) {
                 l.budget.store(budget.into(), Ordering::Relaxed);

@@ -39,7 +39,7 @@ use crate::engine::scheduler::{
     ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, Scheduled, Scheduler, SchedulerConfig,
     SchedulerView, SeqState,
 };
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepKind};
 use crate::model::{KvCache, LlamaModel};
 use crate::{Error, Result};
 use nexus_kernels::reference::ARGMAX_NONE;
@@ -177,6 +177,20 @@ struct InFlight<B: Backend> {
     pending: B::Pending,
     start: Instant,
     host: Duration,
+}
+
+/// An iteration planned and built, about to be launched.
+struct Prepared {
+    /// Its lane's index.
+    index: usize,
+    plan: LanePlan,
+    input: StepInput,
+    /// The sequences whose logits come back, in row order.
+    sampled: Vec<RequestId>,
+    how: LogitsReadback,
+    /// When preparing it began, and its share of the planning.
+    launching: Instant,
+    planning: Duration,
 }
 
 /// A lane of the engine: a backend phase and the iteration it runs.
@@ -447,16 +461,33 @@ impl<B: Backend> Engine<B> {
     /// [`EngineEvent::Failed`] for each, the others go on. `Err` is left for what is wrong with
     /// the engine itself (a plan that breaks its own limits).
     pub fn step(&mut self) -> Result<Vec<EngineEvent>> {
-        let mut events = self.launch()?;
-        if let Some(lane) = self.wait_for_a_lane(&mut events) {
-            self.complete(lane, &mut events);
-        }
+        let mut events = self.launch_idle(|_| {})?;
+        events.extend(self.finish_one());
         Ok(events)
     }
 
-    /// Plans and launches iterations on the idle lanes; returns the failures of those that could
-    /// not be launched.
-    fn launch(&mut self) -> Result<Vec<EngineEvent>> {
+    /// The first half of [`Engine::step`]: plans iterations for the idle lanes, calls `planned`
+    /// once their requests are admitted and hold their blocks (so that what it reads of the
+    /// engine — running, waiting, KV usage — counts them), launches them, and returns the
+    /// failures of those that could not be launched. (A backend that computes as it launches, the
+    /// CPU one, spends the step's time in the launch.)
+    pub fn launch_idle(&mut self, planned: impl FnOnce(&Self)) -> Result<Vec<EngineEvent>> {
+        self.launch(planned)
+    }
+
+    /// The second half of [`Engine::step`]: waits until the first iteration in flight is done and
+    /// returns its events (none when no iteration is in flight).
+    pub fn finish_one(&mut self) -> Vec<EngineEvent> {
+        let mut events = Vec::new();
+        if let Some(lane) = self.wait_for_a_lane(&mut events) {
+            self.complete(lane, &mut events);
+        }
+        events
+    }
+
+    /// Plans and launches iterations on the idle lanes (see [`Engine::launch_idle`]); returns the
+    /// failures of those that could not be launched.
+    fn launch(&mut self, planned: impl FnOnce(&Self)) -> Result<Vec<EngineEvent>> {
         let planning = Instant::now();
         self.round += 1;
         let state = |id: &RequestId| {
@@ -490,19 +521,38 @@ impl<B: Backend> Engine<B> {
         self.waiting.retain(|id| !plan.admitted.contains(id));
         self.running.extend(&plan.admitted);
         let planning = planning.elapsed() / plan.lanes.len().max(1) as u32;
-        let mut failures = Vec::new();
+        let mut prepared: Vec<Prepared> = Vec::with_capacity(plan.lanes.len());
+        let mut broken = None;
         for lane_plan in plan.lanes {
-            self.launch_lane(lane_plan, planning, &mut failures)?;
+            let budgets: u32 = prepared.iter().map(|p| p.plan.budget).sum();
+            match self.prepare_lane(lane_plan, planning, budgets) {
+                Ok(lane) => prepared.push(lane),
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
         }
-        Ok(failures)
+        planned(self);
+        let mut failures = Vec::new();
+        // What was prepared holds its sequences in flight: it is launched even when a later
+        // plan was broken.
+        for lane in prepared {
+            self.launch_lane(lane, &mut failures);
+        }
+        match broken {
+            Some(e) => Err(e),
+            None => Ok(failures),
+        }
     }
 
-    /// Builds `plan`'s step, runs the model on it in its lane's phase and starts reading its
-    /// logits back; if that fails, its requests fail (pushed to `failures`).
-    fn launch_lane(&mut self, plan: LanePlan, planning: Duration, failures: &mut Vec<EngineEvent>) -> Result<()> {
+    /// Builds `plan`'s step (its sequences' slots taken, the sequences in flight), checking that
+    /// its lane is idle and that its budget fits next to those in flight and the `prepared` ones.
+    fn prepare_lane(&mut self, plan: LanePlan, planning: Duration, prepared: u32) -> Result<Prepared> {
         let launching = Instant::now();
         let sm_count = self.backend.sm_count();
-        let in_flight: u32 = self.lanes.iter().filter_map(|l| l.in_flight.as_ref().map(|f| f.budget)).sum();
+        let in_flight: u32 =
+            prepared + self.lanes.iter().filter_map(|l| l.in_flight.as_ref().map(|f| f.budget)).sum::<u32>();
         let Some(index) = self.lanes.iter().position(|l| l.lane == plan.lane && l.in_flight.is_none()) else {
             return Err(Error::invalid(format!("the scheduler planned for lane {}, which is busy", plan.lane.name())));
         };
@@ -536,6 +586,13 @@ impl<B: Backend> Engine<B> {
             seq.sampler.needs_logits() || seq.options.logprobs.is_some()
         });
         let how = if needs_logits { LogitsReadback::Full } else { LogitsReadback::Argmax };
+        Ok(Prepared { index, plan, input, sampled, how, launching, planning })
+    }
+
+    /// Runs the model on a prepared step in its lane's phase and starts reading its logits back;
+    /// if that fails, its requests fail (pushed to `failures`).
+    fn launch_lane(&mut self, prepared: Prepared, failures: &mut Vec<EngineEvent>) {
+        let Prepared { index, plan, input, sampled, how, launching, planning } = prepared;
         let slot = &mut self.lanes[index];
         let launched = self.backend.set_budget(&mut slot.phase, plan.budget).and_then(|()| {
             let logits = self.model.forward(&self.backend, &slot.phase, &mut self.cache, &input)?;
@@ -553,12 +610,8 @@ impl<B: Backend> Engine<B> {
                     start: launching,
                     host: planning + launching.elapsed(),
                 });
-                Ok(())
             }
-            Err(e) => {
-                failures.extend(self.fail(&plan.scheduled, &e));
-                Ok(())
-            }
+            Err(e) => failures.extend(self.fail(&plan.scheduled, &e)),
         }
     }
 

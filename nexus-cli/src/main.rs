@@ -286,7 +286,7 @@ struct GenerateArgs {
     /// A system message for --chat (the template's default is used otherwise).
     #[arg(long, requires = "chat")]
     system: Option<String>,
-    /// The most tokens to generate.
+    /// The most tokens to generate; with the prompt, at most the model's context.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature; 0 picks the most likely token (greedy).

@@ -132,6 +132,23 @@ impl Scratch {
         std::fs::write(self.path(file), out).expect("write");
     }
 
+    /// Overwrites element `index` of tensor `tensor` in `file` with `value`, in the tensor's dtype.
+    fn write_value(&self, file: &str, tensor: &str, index: usize, value: f32) {
+        let mut bytes = std::fs::read(self.path(file)).expect("read");
+        let len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let header: Value = serde_json::from_slice(&bytes[8..8 + len]).expect("header");
+        let entry = &header[tensor];
+        let encoded = match entry["dtype"].as_str().expect("dtype") {
+            "F32" => value.to_le_bytes().to_vec(),
+            "F16" => half::f16::from_f32(value).to_le_bytes().to_vec(),
+            "BF16" => half::bf16::from_f32(value).to_le_bytes().to_vec(),
+            other => panic!("the fixture has a tensor of dtype {other}"),
+        };
+        let at = 8 + len + entry["data_offsets"][0].as_u64().expect("offset") as usize + index * encoded.len();
+        bytes[at..at + encoded.len()].copy_from_slice(&encoded);
+        std::fs::write(self.path(file), bytes).expect("write");
+    }
+
     fn edit_config(&self, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
         let mut config: serde_json::Map<String, Value> =
             serde_json::from_slice(&std::fs::read(self.path("config.json")).expect("read")).expect("config");
@@ -335,4 +352,82 @@ fn bad_shard_indexes_are_rejected() {
     let s = Scratch::copy_of("tiny-qwen2");
     std::fs::write(s.path("model.safetensors.index.json"), "{}").expect("write");
     assert_error(s.open(), ErrorKind::Format, &["weight_map"]);
+}
+
+#[test]
+fn crafted_sizes_are_refused_before_anything_is_sized_by_them() {
+    // 2^31 layers aborted the process ("memory allocation failed") and 10^7 took gigabytes before
+    // a missing tensor was noticed; the bounds refuse them at once.
+    for layers in [10_000_000u64, 1 << 31] {
+        let s = Scratch::copy_of("tiny-llama");
+        s.edit_config(|c| {
+            c.insert("num_hidden_layers".into(), layers.into());
+        });
+        let start = std::time::Instant::now();
+        assert_error(
+            s.open(),
+            ErrorKind::Format,
+            &["config.json", &format!("num_layers {layers} is beyond the limit")],
+        );
+        assert!(start.elapsed().as_secs() < 1, "took {:?}", start.elapsed());
+    }
+    // Within the bounds, the count must be that of the layers whose tensors are there.
+    let s = Scratch::copy_of("tiny-llama");
+    s.edit_config(|c| {
+        c.insert("num_hidden_layers".into(), 3.into());
+    });
+    assert_error(
+        s.open(),
+        ErrorKind::Format,
+        &["num_hidden_layers is 3, but the file has the tensors of 2 layers (model.layers.0 to model.layers.1)"],
+    );
+    let s = Scratch::copy_of("tiny-qwen2");
+    s.edit_config(|c| {
+        c.insert("num_hidden_layers".into(), 1.into());
+    });
+    assert_error(s.open(), ErrorKind::Format, &["num_hidden_layers is 1, but the file has the tensors of 2 layers"]);
+
+    // A context of 2^32 - 1 was accepted silently; other sizes have their bounds too.
+    for (key, value) in [
+        ("max_position_embeddings", u32::MAX as u64),
+        ("vocab_size", 1 << 40),
+        ("intermediate_size", u32::MAX as u64),
+        ("num_key_value_heads", 1 << 20),
+    ] {
+        let s = Scratch::copy_of("tiny-llama");
+        s.edit_config(|c| {
+            c.insert(key.into(), value.into());
+        });
+        assert_error(s.open(), ErrorKind::Format, &["config.json", &format!("{value} is beyond the limit")]);
+    }
+}
+
+#[test]
+fn non_finite_weights_are_refused_with_the_tensor_named() {
+    use nexus::runtime::model::LlamaModel;
+    use nexus::runtime::model::cpu::CpuBackend;
+
+    // One tensor of each stored dtype (the fixture picks it by name): a NaN or an infinity in
+    // any of them is refused when it is loaded, naming the tensor and the element.
+    let cases = [
+        ("model.layers.1.self_attn.q_proj.weight", 16 * 3 + 2, f32::NAN, "holds NaN at [3, 2]"),
+        ("model.layers.1.mlp.up_proj.weight", 0, f32::INFINITY, "holds inf at [0, 0]"),
+        ("model.norm.weight", 15, f32::NEG_INFINITY, "holds -inf at [15]"),
+        ("lm_head.weight", 32 * 16 - 1, f32::NAN, "holds NaN at [31, 15]"),
+    ];
+    let mut dtypes = std::collections::BTreeSet::new();
+    for (tensor, index, value, needle) in cases {
+        let s = Scratch::copy_of("tiny-llama");
+        s.edit_header(MODEL, |h| {
+            dtypes.insert(h[tensor]["dtype"].as_str().expect("dtype").to_owned());
+        });
+        s.write_value(MODEL, tensor, index, value);
+        let source = s.open().expect("the header is fine");
+        let err = LlamaModel::load(&CpuBackend, &source, |_, _| {}).expect_err("non-finite weight");
+        assert_eq!(err.kind(), ErrorKind::Format, "{err}");
+        assert!(err.to_string().contains(&format!("tensor `{tensor}` {needle}")), "{err}");
+    }
+    assert_eq!(dtypes.len(), 3, "every dtype is covered: {dtypes:?}");
+    // The unchanged checkpoint loads.
+    LlamaModel::load(&CpuBackend, &open(&fixture("tiny-llama")), |_, _| {}).expect("finite weights");
 }

@@ -4,6 +4,7 @@ mod engine;
 mod gguf;
 mod hf_checkpoint;
 mod kv_cache;
+mod model_files;
 mod oracle;
 mod profile;
 mod sampling;

@@ -38,22 +38,45 @@ pub struct ModelConfig {
     pub attention_bias: bool,
 }
 
+/// The largest sizes a configuration may declare. Every published model is far below them (Llama
+/// 3.1 405B: 126 layers, hidden size 16384, FFN 53248, 128 heads; Gemma 3: vocabulary 262208;
+/// Llama 4 Scout: context 10M), and they keep a crafted file from sizing anything absurd before
+/// its tensors are checked: every weight's element count stays below 2^40, and every position
+/// fits in the kernels' `u32`.
+pub const MAX_LAYERS: usize = 1024;
+/// See [`MAX_LAYERS`].
+pub const MAX_HIDDEN_SIZE: usize = 1 << 17;
+/// See [`MAX_LAYERS`].
+pub const MAX_INTERMEDIATE_SIZE: usize = 1 << 20;
+/// Query or KV heads; see [`MAX_LAYERS`].
+pub const MAX_HEADS: usize = 1024;
+/// See [`MAX_LAYERS`].
+pub const MAX_HEAD_DIM: usize = 1024;
+/// See [`MAX_LAYERS`].
+pub const MAX_VOCAB_SIZE: usize = 1 << 22;
+/// The longest context (`max_position_embeddings`); see [`MAX_LAYERS`].
+pub const MAX_CONTEXT: usize = 1 << 24;
+
 impl ModelConfig {
-    /// Checks that the numbers are consistent with each other.
+    /// Checks that every size is positive and within its bound ([`MAX_LAYERS`] and the others),
+    /// and that the numbers are consistent with each other.
     pub fn validate(&self) -> Result<()> {
-        let positive = [
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_layers", self.num_layers),
-            ("num_heads", self.num_heads),
-            ("num_kv_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("vocab_size", self.vocab_size),
-            ("max_position_embeddings", self.max_position_embeddings),
+        let sizes = [
+            ("hidden_size", self.hidden_size, MAX_HIDDEN_SIZE),
+            ("intermediate_size", self.intermediate_size, MAX_INTERMEDIATE_SIZE),
+            ("num_layers", self.num_layers, MAX_LAYERS),
+            ("num_heads", self.num_heads, MAX_HEADS),
+            ("num_kv_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("vocab_size", self.vocab_size, MAX_VOCAB_SIZE),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_CONTEXT),
         ];
-        for (name, value) in positive {
+        for (name, value, max) in sizes {
             if value == 0 {
                 return Err(Error::format(format!("model config: {name} is 0")));
+            }
+            if value > max {
+                return Err(Error::format(format!("model config: {name} {value} is beyond the limit of {max}")));
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
@@ -69,6 +92,29 @@ impl ModelConfig {
             return Err(Error::format("model config: rms_norm_eps and rope_theta must be positive"));
         }
         self.rope_scaling.check().map_err(|e| Error::format(format!("model config: {e}")))?;
+        Ok(())
+    }
+
+    /// Checks that a file's tensors, `names`, are those of as many layers as the configuration
+    /// declares (in the key called `key`, for the message): layer `N`'s are named `{prefix}N.…`,
+    /// and the highest `N` must be the last layer. Loaders call this before anything is sized by
+    /// the layer count, so that a crafted count is refused at the cost of one pass over the names;
+    /// a layer missing in the middle is left to the per-weight check, which names the tensor.
+    pub fn check_layers_present<'a>(
+        &self,
+        key: &str,
+        prefix: &str,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<()> {
+        let layer_of = |name: &str| name.strip_prefix(prefix)?.split_once('.')?.0.parse::<usize>().ok();
+        let present = names.into_iter().filter_map(layer_of).max().map_or(0, |n| n.saturating_add(1));
+        if present != self.num_layers {
+            let held = match present {
+                0 => format!("no tensor named {prefix}N.*"),
+                n => format!("the tensors of {n} layers ({prefix}0 to {prefix}{})", n - 1),
+            };
+            return Err(Error::format(format!("{key} is {}, but the file has {held}", self.num_layers)));
+        }
         Ok(())
     }
 
@@ -166,6 +212,7 @@ pub trait WeightSource {
         self.config().weight_shape(name).is_some()
     }
 
-    /// Loads `name` as a row-major f32 tensor (dequantized or converted as needed).
+    /// Loads `name` as a row-major f32 tensor (dequantized or converted as needed). The file
+    /// loaders refuse a tensor holding a NaN or an infinity ([`HostTensor::check_finite`]).
     fn load(&self, name: WeightName) -> Result<HostTensor>;
 }

@@ -202,7 +202,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
             return Err(Error::new(ErrorKind::Unsupported, format!("dequantization of {other:?} is not implemented")));
         }
     };
-    let mut out = vec![0f32; n];
+    let mut out = alloc_f32(n)?;
+    out.resize(n, 0.0);
     let convert = |(y, b): (&mut [f32], &[u8])| {
         for (y, b) in y.chunks_exact_mut(per_block).zip(b.chunks_exact(ty.block_bytes())) {
             block_fn(b, y);
@@ -218,6 +219,17 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     } else {
         out.par_chunks_mut(chunk_values).zip(bytes.par_chunks(chunk_bytes)).for_each(convert);
     }
+    Ok(out)
+}
+
+/// An empty vector with room for `n` values, or an error when the memory is not there: a tensor
+/// too big for this machine must fail its load, not abort the process.
+pub(crate) fn alloc_f32(n: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(n).map_err(|e| {
+        let bytes = n.saturating_mul(size_of::<f32>());
+        Error::with_source(ErrorKind::Unsupported, format!("not enough memory for {n} values ({bytes} bytes)"), e)
+    })?;
     Ok(out)
 }
 

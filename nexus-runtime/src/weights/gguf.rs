@@ -11,7 +11,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::Path;
 
+use rayon::prelude::*;
+
 use crate::weights::dequant::{self, GgmlType};
+use crate::weights::loader::check_regular_file;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -134,6 +137,33 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
+impl HostTensor {
+    /// Refuses a tensor that holds a NaN or an infinity, naming it (`name`) and the first such
+    /// value's index: a weight like that turns every output it touches into NaN, which no check
+    /// downstream can tell from a model that merely answers badly.
+    pub fn check_finite(&self, name: &str) -> Result<()> {
+        // Chunks are scanned in parallel, except in a tensor of one chunk (norms, biases), which
+        // this thread scans faster than the pool would start.
+        const CHUNK: usize = 1 << 16;
+        let first_bad = |c: &[f32]| c.iter().position(|v| !v.is_finite());
+        let flat = if self.data.len() <= CHUNK {
+            first_bad(&self.data)
+        } else {
+            self.data.par_chunks(CHUNK).enumerate().find_map_first(|(i, c)| Some(i * CHUNK + first_bad(c)?))
+        };
+        let Some(flat) = flat else { return Ok(()) };
+        let value = self.data[flat];
+        // The row-major index of element `flat`, outermost first.
+        let mut index = vec![0; self.shape.len()];
+        let mut rest = flat;
+        for (i, &d) in index.iter_mut().zip(&self.shape).rev() {
+            *i = rest % d.max(1);
+            rest /= d.max(1);
+        }
+        Err(Error::format(format!("tensor `{name}` holds {value} at {index:?}: the weights are corrupt")))
+    }
+}
+
 enum Bytes {
     Mapped(memmap2::Mmap),
     Owned(Vec<u8>),
@@ -174,6 +204,7 @@ impl std::fmt::Debug for GgufFile {
 impl GgufFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        check_regular_file(path)?;
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         // SAFETY: the map is read-only and private to this value; a model file changed on disk
         // while it is mapped is outside what we guard against (as in every mmap-based loader).

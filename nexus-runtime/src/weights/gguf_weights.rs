@@ -35,11 +35,15 @@ impl GgufModel {
 
     /// Reads the configuration from `file`'s metadata and checks that every weight the model
     /// needs is there with the shape the configuration implies; a missing or misshapen tensor is
-    /// an [`ErrorKind::Format`] error naming it. An architecture or feature the Llama model does
+    /// an [`ErrorKind::Format`] error naming it, and so is a size beyond its bound
+    /// ([`ModelConfig::validate`]) or a `block_count` other than the number of layers whose
+    /// tensors are there, both checked before anything is sized by them. An architecture or feature the Llama model does
     /// not implement (rope scaling other than linear and Llama 3's, partial rotary dimensions,
     /// mixture of experts, an output projection bias) is an [`ErrorKind::Unsupported`] error.
     pub fn new(file: GgufFile) -> Result<Self> {
         let config = read_config(&file)?;
+        let block_count = format!("{}.block_count", architecture_name(&file)?);
+        config.check_layers_present(&block_count, "blk.", file.tensors().iter().map(|t| t.name.as_str()))?;
         for (name, shape) in config.weight_shapes() {
             let tensor = gguf_tensor_name(name);
             let info =
@@ -69,7 +73,10 @@ impl WeightSource for GgufModel {
         if !self.contains(name) {
             return Err(Error::invalid(format!("this model has no weight {name:?}")));
         }
-        self.file.tensor_f32(&gguf_tensor_name(name))
+        let tensor = gguf_tensor_name(name);
+        let t = self.file.tensor_f32(&tensor)?;
+        t.check_finite(&tensor)?;
+        Ok(t)
     }
 }
 
@@ -102,9 +109,15 @@ fn unsupported(message: String) -> Error {
     Error::new(ErrorKind::Unsupported, message)
 }
 
+/// The file's `general.architecture`, which prefixes its other keys.
+fn architecture_name(file: &GgufFile) -> Result<&str> {
+    file.require("general.architecture")?
+        .as_str()
+        .ok_or_else(|| Error::format("metadata `general.architecture` is not a string"))
+}
+
 fn read_config(file: &GgufFile) -> Result<ModelConfig> {
-    let arch_value = file.require("general.architecture")?;
-    let arch = arch_value.as_str().ok_or_else(|| Error::format("metadata `general.architecture` is not a string"))?;
+    let arch = architecture_name(file)?;
     let (architecture, rope_style) = match arch {
         "llama" => (Architecture::Llama, RopeStyle::Interleaved),
         "qwen2" => (Architecture::Qwen2, RopeStyle::RotateHalf),
@@ -233,6 +246,7 @@ fn read_rope_scaling(file: &GgufFile, arch: &str, theta: f32, head_dim: usize) -
         return Err(unsupported(format!("linear rope scaling together with a `{ROPE_FREQS}` table")));
     }
     let table = file.tensor_f32(ROPE_FREQS)?;
+    table.check_finite(ROPE_FREQS)?;
     if table.shape != [head_dim / 2] {
         return Err(Error::format(format!(
             "tensor `{ROPE_FREQS}` has shape {:?}, expected [{}] (one factor per rotated pair)",
@@ -620,6 +634,101 @@ mod tests {
         let err = model(&metadata, &tensors).expect_err("misshapen");
         assert_eq!(err.kind(), ErrorKind::Format);
         assert!(err.to_string().contains("blk.0.attn_v.weight") && err.to_string().contains("[8, 4]"), "{err}");
+    }
+
+    /// Replaces the value of metadata `key`.
+    fn set(metadata: &mut [(&str, Meta)], key: &str, value: Meta) {
+        metadata.iter_mut().find(|(k, _)| *k == key).expect("key").1 = value;
+    }
+
+    #[test]
+    fn layer_counts_are_checked_against_the_tensors_before_anything_is_sized_by_them() {
+        // Counts a crafted file may declare: 10^7 layers once took 6 GB and 20 s to refuse, 2^31
+        // aborted the process; now the bound refuses them before any list of weights is made.
+        for count in [10_000_000, 1 << 31, u32::MAX] {
+            let (mut metadata, tensors) = tiny_qwen2();
+            set(&mut metadata, "qwen2.block_count", Meta::U32(count));
+            let start = std::time::Instant::now();
+            let err = model(&metadata, &tensors).expect_err("absurd layer count");
+            assert_eq!(err.kind(), ErrorKind::Format);
+            assert!(err.to_string().contains(&format!("num_layers {count} is beyond the limit of 1024")), "{err}");
+            assert!(start.elapsed().as_secs() < 1, "took {:?}", start.elapsed());
+        }
+        // Within the bound, but more or fewer layers than the file holds.
+        for (count, held) in [(3, "the tensors of 2 layers (blk.0 to blk.1)"), (1, "the tensors of 2 layers")] {
+            let (mut metadata, tensors) = tiny_qwen2();
+            set(&mut metadata, "qwen2.block_count", Meta::U32(count));
+            let err = model(&metadata, &tensors).expect_err("wrong layer count");
+            assert_eq!(err.kind(), ErrorKind::Format);
+            assert!(
+                err.to_string().contains(&format!("qwen2.block_count is {count}, but the file has {held}")),
+                "{err}"
+            );
+        }
+        // No layer tensor at all.
+        let (metadata, mut tensors) = tiny_qwen2();
+        tensors.retain(|(n, _)| !n.starts_with("blk."));
+        let err = model(&metadata, &tensors).expect_err("no layers");
+        assert!(err.to_string().contains("no tensor named blk.N.*"), "{err}");
+        // A layer in the middle without any tensor is named by the first tensor it lacks.
+        let (mut metadata, mut tensors) = tiny_qwen2();
+        set(&mut metadata, "qwen2.block_count", Meta::U32(3));
+        for (name, _) in &mut tensors {
+            if let Some(rest) = name.strip_prefix("blk.1.") {
+                *name = format!("blk.2.{rest}");
+            }
+        }
+        let err = model(&metadata, &tensors).expect_err("gap");
+        assert!(err.to_string().contains("tensor `blk.1.attn_norm.weight` is missing"), "{err}");
+    }
+
+    #[test]
+    fn declared_sizes_beyond_their_bounds_are_refused() {
+        // A context of 2^32 - 1 was accepted, and every size it sizes with it.
+        let cases = [
+            ("qwen2.context_length", u32::MAX, "max_position_embeddings 4294967295"),
+            // A multiple of the 4 heads, so that the bound is what refuses it.
+            ("qwen2.embedding_length", 1 << 20, "hidden_size 1048576"),
+            ("qwen2.feed_forward_length", u32::MAX, "intermediate_size 4294967295"),
+            ("qwen2.attention.head_count_kv", u32::MAX, "num_kv_heads 4294967295"),
+            ("qwen2.vocab_size", u32::MAX, "vocab_size 4294967295"),
+        ];
+        for (key, value, needle) in cases {
+            let (mut metadata, tensors) = tiny_qwen2();
+            set(&mut metadata, key, Meta::U32(value));
+            let err = model(&metadata, &tensors).expect_err(key);
+            assert_eq!(err.kind(), ErrorKind::Format, "{err}");
+            assert!(err.to_string().contains(&format!("{needle} is beyond the limit")), "{key}: {err}");
+        }
+        // The bounds themselves are allowed (and refused one past).
+        let c = config(false, true);
+        let at = |c: ModelConfig| c.validate().map_err(|e| e.to_string());
+        assert_eq!(at(ModelConfig { max_position_embeddings: 1 << 24, ..c.clone() }), Ok(()));
+        assert!(at(ModelConfig { max_position_embeddings: (1 << 24) + 1, ..c.clone() }).is_err());
+        assert_eq!(at(ModelConfig { num_heads: 1024, num_kv_heads: 1024, ..c.clone() }), Ok(()));
+        assert!(
+            at(ModelConfig { num_heads: 1025, num_kv_heads: 1025, ..c.clone() }).unwrap_err().contains("num_heads")
+        );
+        assert!(at(ModelConfig { head_dim: 1026, ..c }).unwrap_err().contains("head_dim 1026"));
+    }
+
+    #[test]
+    fn non_finite_weights_are_refused_with_the_tensor_named() {
+        let (metadata, tensors) = tiny_qwen2();
+        let mut values: Vec<f32> = (0..96).map(|i| i as f32).collect();
+        values[2 * 8 + 5] = f32::NAN;
+        let nan = ("blk.1.ffn_up.weight", values.clone());
+        values[2 * 8 + 5] = 0.0;
+        values[95] = f32::NEG_INFINITY;
+        let inf = ("blk.0.ffn_gate.weight", values);
+        let m = model_with_data(&metadata, &tensors, &[nan.clone(), inf.clone()]).expect("opens");
+        let err = m.load(WeightName::Layer(1, LayerWeight::Up)).expect_err("NaN");
+        assert_eq!(err.kind(), ErrorKind::Format);
+        assert!(err.to_string().contains("tensor `blk.1.ffn_up.weight` holds NaN at [2, 5]"), "{err}");
+        let err = m.load(WeightName::Layer(0, LayerWeight::Gate)).expect_err("inf");
+        assert!(err.to_string().contains("tensor `blk.0.ffn_gate.weight` holds -inf at [11, 7]"), "{err}");
+        // The other weights still load.
+        m.load(WeightName::Layer(0, LayerWeight::Up)).expect("finite");
     }
 
     #[test]

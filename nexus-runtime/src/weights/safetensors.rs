@@ -17,7 +17,9 @@ use serde_json::Value;
 use crate::weights::config::{
     Architecture, LayerWeight, ModelConfig, RopeScaling, RopeStyle, WeightName, WeightSource,
 };
+use crate::weights::dequant::alloc_f32;
 use crate::weights::gguf::HostTensor;
+use crate::weights::loader::check_regular_file;
 use crate::{Error, ErrorKind, Result};
 
 const SINGLE_FILE: &str = "model.safetensors";
@@ -79,7 +81,10 @@ impl HfCheckpoint {
     /// Opens the checkpoint in `dir`: reads `config.json` (LlamaForCausalLM, MistralForCausalLM
     /// or Qwen2ForCausalLM), maps `model.safetensors` or the shards `model.safetensors.index.json`
     /// lists, and checks that every weight the model needs is there with the shape the config
-    /// implies.
+    /// implies. The sizes config.json declares are checked against their bounds
+    /// ([`ModelConfig::validate`]) and the layer count against the layers whose tensors are there
+    /// before anything is sized by them, and every file is checked to be a regular file before it
+    /// is opened.
     ///
     /// A feature the Llama model does not implement (rope scaling other than `linear` and
     /// `llama3`, sliding-window attention, MLP or output-projection biases, an activation other
@@ -94,6 +99,7 @@ impl HfCheckpoint {
         let mut tensors = HashMap::new();
         for (i, name) in files.iter().enumerate() {
             let path = dir.join(name);
+            check_regular_file(&path)?;
             let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: the map is read-only and private to this value; a checkpoint changed on disk
             // while it is mapped is outside what we guard against (as in every mmap-based loader).
@@ -108,6 +114,9 @@ impl HfCheckpoint {
             shards.push(Shard { path, map });
         }
 
+        config
+            .check_layers_present("num_hidden_layers", "model.layers.", tensors.keys().map(String::as_str))
+            .map_err(|e| Error::format(format!("{}: {}", dir.display(), e.message())))?;
         for (name, shape) in config.weight_shapes() {
             let tensor = hf_tensor_name(name);
             let (_, entry) = tensors
@@ -139,7 +148,11 @@ impl WeightSource for HfCheckpoint {
         let (shard, entry) =
             self.tensors.get(&tensor).ok_or_else(|| Error::format(format!("tensor `{tensor}` is missing")))?;
         let bytes = &self.shards[*shard].map[entry.start..entry.end];
-        Ok(HostTensor { shape: entry.shape.clone(), data: to_f32(entry.dtype, bytes) })
+        let data = to_f32(entry.dtype, bytes)
+            .map_err(|e| Error::new(e.kind(), format!("tensor `{tensor}`: {}", e.message())))?;
+        let t = HostTensor { shape: entry.shape.clone(), data };
+        t.check_finite(&tensor)?;
+        Ok(t)
     }
 }
 
@@ -168,12 +181,14 @@ fn hf_tensor_name(name: WeightName) -> String {
     format!("model.layers.{layer}.{suffix}")
 }
 
-fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
+    let mut out = alloc_f32(bytes.len() / dtype.size())?;
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::Bf16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        Dtype::F16 => out.extend(bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())),
+        Dtype::Bf16 => out.extend(bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
     }
+    Ok(out)
 }
 
 // ---- safetensors headers ----------------------------------------------------------------------
@@ -252,6 +267,7 @@ fn shard_names(index_path: &Path) -> Result<Vec<String>> {
     struct Index {
         weight_map: HashMap<String, String>,
     }
+    check_regular_file(index_path)?;
     let bytes = std::fs::read(index_path).map_err(|e| Error::io(index_path, e))?;
     let index: Index = serde_json::from_slice(&bytes).map_err(|e| {
         Error::with_source(ErrorKind::Format, format!("{}: no `weight_map` of tensor to file", index_path.display()), e)
@@ -297,6 +313,7 @@ struct HfConfig {
 }
 
 fn read_config(path: &Path) -> Result<ModelConfig> {
+    check_regular_file(path)?;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let hf: HfConfig = serde_json::from_slice(&bytes)
         .map_err(|e| Error::with_source(ErrorKind::Format, format!("{}: not a model config", path.display()), e))?;
@@ -482,8 +499,8 @@ mod tests {
     fn converts_half_precision() {
         let bf16 = half::bf16::from_f32(-1.5).to_le_bytes();
         let f16 = half::f16::from_f32(0.25).to_le_bytes();
-        assert_eq!(to_f32(Dtype::Bf16, &bf16), vec![-1.5]);
-        assert_eq!(to_f32(Dtype::F16, &f16), vec![0.25]);
-        assert_eq!(to_f32(Dtype::F32, &2.0f32.to_le_bytes()), vec![2.0]);
+        assert_eq!(to_f32(Dtype::Bf16, &bf16).unwrap(), vec![-1.5]);
+        assert_eq!(to_f32(Dtype::F16, &f16).unwrap(), vec![0.25]);
+        assert_eq!(to_f32(Dtype::F32, &2.0f32.to_le_bytes()).unwrap(), vec![2.0]);
     }
 }

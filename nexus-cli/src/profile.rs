@@ -1,0 +1,112 @@
+//! `nexus profile`: measures a model's operators on this device against the CTA budget, fits the
+//! cost model the Nexus controller splits the SMs with, reports its prediction error, and saves
+//! it under the cache folder, where `nexus serve` and `nexus bench --schedule nexus` find it.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use nexus_runtime::engine::Engine;
+use nexus_runtime::engine::profile::{ProfileConfig, SavedProfile, profile};
+use nexus_runtime::model::backend::Backend;
+use nexus_runtime::weights::loader::DEFAULT_MODEL;
+
+use crate::{DeviceArgs, KvSizing, OnBackend, load_model};
+
+#[derive(Args, Debug)]
+pub struct ProfileArgs {
+    /// A GGUF file, a Hugging Face model folder, or `synthetic:<name>` (random weights of a
+    /// published config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b).
+    #[arg(long, default_value = DEFAULT_MODEL)]
+    model: String,
+    /// Budgets are measured on a grid of this many SMs (and all SMs); the controller moves decode
+    /// budgets on it.
+    #[arg(long, default_value_t = 8)]
+    grid: u32,
+    /// Fewer shapes and repeats: a rough profile in a fraction of the time.
+    #[arg(long)]
+    quick: bool,
+    /// Where to save the profile (default: where `serve` and `bench` look for it, printed).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
+    if args.grid == 0 {
+        anyhow::bail!("--grid must be at least 1 SM");
+    }
+    args.device.run(ProfileJob(&args), KvSizing::Blocks(0), KvSizing::Blocks(0))
+}
+
+struct ProfileJob<'a>(&'a ProfileArgs);
+
+impl OnBackend for ProfileJob<'_> {
+    fn run<B: Backend + 'static>(self, backend: B, _: KvSizing) -> anyhow::Result<()>
+    where
+        Engine<B>: Send,
+    {
+        run_on(backend, self.0)
+    }
+}
+
+fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
+    let device = backend.device_name();
+    let path = match &args.out {
+        Some(path) => path.clone(),
+        None => SavedProfile::default_path(&device, &args.model)
+            .context("no cache folder (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME), or give --out")?,
+    };
+    let (model, _) = load_model(&backend, &args.model)?;
+    let sms = backend.sm_count();
+    if 2 * args.grid > sms {
+        anyhow::bail!("--grid {} leaves no split of the device's {sms} SMs", args.grid);
+    }
+    let mut config = ProfileConfig::for_device(sms, args.grid);
+    if args.quick {
+        config.prefill = vec![(512, 0), (2048, 0), (1024, 2048)];
+        config.decode = vec![(8, 1024), (32, 2048)];
+        config.splits = vec![config.splits[1]];
+        config.repeats = 1;
+    }
+    let config = config.fitted_to(model.config().max_position_embeddings);
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("profiling {msg} [{bar:40}] {pos}/{len} ({elapsed})").context("progress bar style")?,
+    );
+    bar.set_message(format!("{} on {device}", args.model));
+    let start = Instant::now();
+    let measured = profile(&backend, &model, &config, |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let measured = measured?;
+    let saved = SavedProfile::new(&measured, &device, &args.model);
+    saved.save(&path)?;
+    let cost = &measured.cost;
+    println!("{} on {device}: {} operators timed in {:.0} s", args.model, measured.samples.len(), start.elapsed().as_secs_f64());
+    println!("| operator | TFLOP/s per SM | saturation (SMs) | decay |");
+    println!("| --- | --- | --- | --- |");
+    for (name, curve) in [("GEMM", cost.gemm), ("prefill attention", cost.prefill_attention), ("decode attention", cost.decode_attention)] {
+        println!("| {name} | {:.2} | {:.0} | {:.2} |", curve.flops_per_sm / 1e12, curve.saturation, curve.decay);
+    }
+    println!(
+        "fixed cost per iteration: prefill {:.2} ms, decode {:.2} ms",
+        cost.prefill_overhead_s * 1e3,
+        cost.decode_overhead_s * 1e3
+    );
+    let (median, p90) = measured.alone_error;
+    let (both_median, both_p90) = measured.both_error;
+    println!(
+        "prediction error on whole steps (median / p90): alone {:.1}% / {:.1}%, both lanes at once {:.1}% / {:.1}%",
+        100.0 * median,
+        100.0 * p90,
+        100.0 * both_median,
+        100.0 * both_p90
+    );
+    println!("saved {}", path.display());
+    Ok(())
+}

@@ -243,13 +243,14 @@ impl Arm {
     /// What `--url` benchmarks: the server's own scheduling.
     const SERVER: Arm = Arm { name: None, prefill_sms: None };
 
-    fn new(schedule: Schedule, sm_count: u32) -> Arm {
+    fn new(schedule: &Schedule, sm_count: u32) -> Arm {
         match schedule {
             Schedule::Chunked => Arm { name: Some("chunked".into()), prefill_sms: None },
             Schedule::Nexus(split) => Arm {
                 name: Some(format!("nexus {}/{}", split.prefill_sms, sm_count.saturating_sub(split.prefill_sms))),
                 prefill_sms: Some(split.prefill_sms),
             },
+            Schedule::NexusControlled(_) => Arm { name: Some("nexus controlled".into()), prefill_sms: None },
         }
     }
 
@@ -473,8 +474,8 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     let args = plan.args;
     let sm_count = backend.sm_count();
     // Checked before the model loads, so that a bad --prefill-sms fails at once.
-    let schedules = args.engine.schedules(sm_count)?;
-    let first = *schedules.first().context("--schedule names no schedule")?;
+    let schedules = args.engine.schedules(&backend.device_name(), sm_count, &args.model)?;
+    let first = schedules.first().context("--schedule names no schedule")?.clone();
     let (model, tokenizer) = load_model(&backend, &args.model)?;
     let vocab = model.config().vocab_size;
     if !matches!(plan.source, Source::Dataset { .. }) && args.token_id_range.end as usize > vocab {
@@ -482,11 +483,11 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     }
     // Outputs are forced to the trace's lengths, so end-of-sequence tokens do not matter.
     let mut engine = make_engine(backend, model, Vec::new(), sizing, &args.engine, first)?;
-    let arms: Vec<Arm> = schedules.iter().map(|&s| Arm::new(s, sm_count)).collect();
+    let arms: Vec<Arm> = schedules.iter().map(|s| Arm::new(s, sm_count)).collect();
     let mut current = 0;
     plan.run(&args.model, &arms, Some(sm_count), |arm, requests, bar| {
         if arm != current {
-            engine.set_schedule(schedules[arm])?;
+            engine.set_schedule(schedules[arm].clone())?;
             current = arm;
         }
         Ok(replay_requests(&mut engine, requests, tokenizer.as_ref(), args.vllm.max_concurrency, || bar.inc(1))?.1)

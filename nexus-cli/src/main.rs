@@ -1,20 +1,24 @@
 //! `nexus`: generate text with a Llama-family model, serve it over an OpenAI-compatible HTTP API,
-//! and benchmark serving, in-process or against any OpenAI-compatible server.
+//! benchmark serving, in-process or against any OpenAI-compatible server, and profile a model on
+//! a device for the controller of the `nexus` schedule.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 mod bench;
+mod profile;
 mod serve;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
+use nexus_runtime::engine::profile::SavedProfile;
 use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
+use nexus_runtime::engine::scheduler::controller::ControllerConfig;
 use nexus_runtime::engine::scheduler::{NexusConfig, SchedulerConfig};
-use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, RequestOptions, Schedule};
+use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, NexusControl, RequestOptions, Schedule};
 use nexus_runtime::kernels::Gpu;
 use nexus_runtime::model::LlamaModel;
 use nexus_runtime::model::backend::Backend;
@@ -45,6 +49,10 @@ enum Command {
     /// report TTFT, TBT (ITL), TPOT, end-to-end latency, goodput and throughput, as vLLM's bench
     /// and ours.
     Bench(bench::BenchArgs),
+    /// Measure a model's operators on this device against the CTA budget, fit the cost model the
+    /// `nexus` schedule's controller splits the SMs with, report its prediction error and save it
+    /// where `serve` and `bench` find it.
+    Profile(profile::ProfileArgs),
 }
 
 #[derive(Args, Debug)]
@@ -176,15 +184,38 @@ struct EngineArgs {
     cpu_kv_blocks: usize,
     /// How iterations are scheduled: `chunked` (one mixed batch of decodes and prompt chunks per
     /// iteration on every SM, as vLLM) or `nexus` (prefill and decode at the same time on
-    /// disjoint SMs, split by --prefill-sms). `nexus bench` takes several, comma-separated, and
-    /// runs each on the same trace.
+    /// disjoint SMs: split by the controller from this device's profile of the model, made by
+    /// `nexus profile`, or at a fixed --prefill-sms). `nexus bench` takes several,
+    /// comma-separated, and runs each on the same trace.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "chunked")]
     schedule: Vec<ScheduleKind>,
-    /// With `--schedule nexus`: the SMs of prefill while both prefill and decode have work
-    /// (decode gets the rest; a phase with no work leaves all SMs to the other). Default: half
-    /// of the SMs. `nexus bench` takes several, comma-separated, and runs each.
+    /// With `--schedule nexus`: a fixed split instead of the controller's, the SMs of prefill
+    /// while both prefill and decode have work (decode gets the rest; a phase with no work
+    /// leaves all SMs to the other). `nexus bench` takes several, comma-separated, and runs each
+    /// (and the controller too when `nexus` is named twice).
     #[arg(long, value_delimiter = ',')]
     prefill_sms: Vec<u32>,
+    /// With the controller: the profile to split with (default: the one `nexus profile` saved for
+    /// this device and model).
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// With the controller: prefill is protected while less than this fraction of the KV cache is
+    /// in use, decode above it.
+    #[arg(long, default_value_t = ControllerConfig::default().kv_threshold)]
+    kv_threshold: f64,
+    /// With the controller: how much slower than on every SM a protected decode may get.
+    #[arg(long, default_value_t = ControllerConfig::default().decode_slack)]
+    decode_slack: f64,
+    /// With the controller: how much slower than on every SM a protected prefill may get.
+    #[arg(long, default_value_t = ControllerConfig::default().prefill_slack)]
+    prefill_slack: f64,
+    /// With the controller: decode budgets are multiples of this many SMs.
+    #[arg(long, default_value_t = ControllerConfig::default().grid)]
+    split_grid: u32,
+    /// With the controller: a new split is applied only when it moves decode by more SMs than
+    /// this.
+    #[arg(long, default_value_t = ControllerConfig::default().hysteresis)]
+    split_hysteresis: u32,
     /// With `--schedule nexus`: prompts run shortest remaining first, each one's remaining tokens
     /// lowered by this many per scheduling round it has waited, so that long prompts do not
     /// starve (0: no aging).
@@ -204,20 +235,20 @@ impl EngineArgs {
         SchedulerConfig { max_num_seqs: self.max_num_seqs, max_num_batched_tokens: self.max_num_batched_tokens }
     }
 
-    /// Every schedule `--schedule` and `--prefill-sms` name, in order, on a device of
-    /// `sm_count` SMs.
-    fn schedules(&self, sm_count: u32) -> anyhow::Result<Vec<Schedule>> {
+    /// Every schedule `--schedule` and `--prefill-sms` name, in order, for `model` on `device` of
+    /// `sm_count` SMs: `nexus` with fixed splits when `--prefill-sms` gives them, and otherwise
+    /// (or for a second `nexus`) with the controller, whose profile must exist.
+    fn schedules(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<Vec<Schedule>> {
         let mut out = Vec::new();
+        let mut fixed_done = false;
         for kind in &self.schedule {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
-                ScheduleKind::Nexus if self.prefill_sms.is_empty() => {
-                    out.push(Schedule::Nexus(NexusConfig {
-                        prefill_sms: (sm_count / 2).max(1),
-                        prefill_aging: self.prefill_aging,
-                    }));
+                ScheduleKind::Nexus if self.prefill_sms.is_empty() || fixed_done => {
+                    out.push(Schedule::NexusControlled(Box::new(self.control(device, sm_count, model)?)));
                 }
                 ScheduleKind::Nexus => {
+                    fixed_done = true;
                     out.extend(self.prefill_sms.iter().map(|&prefill_sms| {
                         Schedule::Nexus(NexusConfig { prefill_sms, prefill_aging: self.prefill_aging })
                     }));
@@ -239,11 +270,36 @@ impl EngineArgs {
     }
 
     /// The one schedule `--schedule` names (serving runs one).
-    fn schedule(&self, sm_count: u32) -> anyhow::Result<Schedule> {
-        match self.schedules(sm_count)?.as_slice() {
-            [one] => Ok(*one),
+    fn schedule(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<Schedule> {
+        match self.schedules(device, sm_count, model)?.as_slice() {
+            [one] => Ok(one.clone()),
             _ => bail!("give one --schedule (and one --prefill-sms) to serve"),
         }
+    }
+
+    /// The controller's settings, with the profile of `model` on `device`.
+    fn control(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<NexusControl> {
+        let controller = ControllerConfig {
+            kv_threshold: self.kv_threshold,
+            decode_slack: self.decode_slack,
+            prefill_slack: self.prefill_slack,
+            grid: self.split_grid,
+            hysteresis: self.split_hysteresis,
+        };
+        controller.validate(sm_count)?;
+        let path = match &self.profile {
+            Some(path) => path.clone(),
+            None => SavedProfile::default_path(device, model)
+                .context("no cache folder to find the profile in (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME)")?,
+        };
+        let saved = SavedProfile::load(&path, device, model).with_context(|| {
+            format!(
+                "--schedule nexus splits the SMs from a profile of {model} on {device}, and there is none usable at \
+                 {}: make one with `nexus profile --model {model}` (or give a fixed --prefill-sms)",
+                path.display()
+            )
+        })?;
+        Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging })
     }
 
     /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.
@@ -327,6 +383,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate(args),
         Command::Serve(args) => serve_command(args),
         Command::Bench(args) => bench::run(args),
+        Command::Profile(args) => profile::run(args),
     }
 }
 
@@ -488,7 +545,7 @@ where
     Engine<B>: Send,
 {
     // Checked before the model loads, so that a bad --schedule or --prefill-sms fails at once.
-    let schedule = args.engine.schedule(backend.sm_count())?;
+    let schedule = args.engine.schedule(&backend.device_name(), backend.sm_count(), &args.model)?;
     let (model, tokenizer) = load_model(&backend, &args.model)?;
     let eos = tokenizer.as_ref().map_or_else(Vec::new, |t| t.eos_token_ids().to_vec());
     let vocab_size = model.config().vocab_size;

@@ -74,7 +74,8 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     }
     let config = config.fitted_to(model.config().max_position_embeddings);
     let bar = ProgressBar::new(0).with_style(
-        ProgressStyle::with_template("profiling {msg} [{bar:40}] {pos}/{len} ({elapsed})").context("progress bar style")?,
+        ProgressStyle::with_template("profiling {msg} [{bar:40}] {pos}/{len} ({elapsed})")
+            .context("progress bar style")?,
     );
     bar.set_message(format!("{} on {device}", args.model));
     let start = Instant::now();
@@ -87,10 +88,19 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     let saved = SavedProfile::new(&measured, &device, &args.model);
     saved.save(&path)?;
     let cost = &measured.cost;
-    println!("{} on {device}: {} operators timed in {:.0} s", args.model, measured.samples.len(), start.elapsed().as_secs_f64());
+    println!(
+        "{} on {device}: {} operators timed in {:.0} s",
+        args.model,
+        measured.samples.len(),
+        start.elapsed().as_secs_f64()
+    );
     println!("| operator | TFLOP/s per SM | saturation (SMs) | decay |");
     println!("| --- | --- | --- | --- |");
-    for (name, curve) in [("GEMM", cost.gemm), ("prefill attention", cost.prefill_attention), ("decode attention", cost.decode_attention)] {
+    for (name, curve) in [
+        ("GEMM", cost.gemm),
+        ("prefill attention", cost.prefill_attention),
+        ("decode attention", cost.decode_attention),
+    ] {
         println!("| {name} | {:.2} | {:.0} | {:.2} |", curve.flops_per_sm / 1e12, curve.saturation, curve.decay);
     }
     println!(

@@ -217,12 +217,12 @@ fn gpu_engine_completes_every_request_with_both_schedules() {
     for batch_invariant in [true, false] {
         let mut reference = None;
         for schedule in schedules() {
-            let (unpressured, none, _) = engine_outputs(1024, 4096, batch_invariant, schedule);
+            let (unpressured, none, _) = engine_outputs(1024, 4096, batch_invariant, schedule.clone());
             assert_eq!(none, 0);
             // Prompts in chunks of 24 tokens: the later prompts' chunks run next to the decodes
             // of the earlier ones.
-            let (chunked, _, timeline) = engine_outputs(1024, 24, batch_invariant, schedule);
-            let (pressured, preemptions, _) = engine_outputs(12, 64, batch_invariant, schedule);
+            let (chunked, _, timeline) = engine_outputs(1024, 24, batch_invariant, schedule.clone());
+            let (pressured, preemptions, _) = engine_outputs(12, 64, batch_invariant, schedule.clone());
             assert!(preemptions > 0, "the cache was meant to be too small");
             for (run, outputs) in [("unpressured", &unpressured), ("chunked", &chunked), ("pressured", &pressured)] {
                 for (i, tokens) in outputs.iter().enumerate() {

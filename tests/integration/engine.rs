@@ -1,5 +1,5 @@
-//! The engine on the CPU backend with SmolLM2, with both schedules (chunked, and Nexus's two
-//! lanes, which the CPU backend runs one after the other): continuous batching with chunked
+//! The engine on the CPU backend with SmolLM2, with every schedule (chunked, and Nexus's two
+//! lanes, split fixed or by the controller, which the CPU backend runs one after the other): continuous batching with chunked
 //! prefill gives every request the same greedy tokens as transformers (the oracle fixtures),
 //! also when a small KV cache forces preemption; aborts free blocks; bad requests are refused.
 
@@ -37,11 +37,22 @@ fn smollm2() -> &'static LoadedModel {
     MODEL.get_or_init(|| loader::open(&default_model_path()).expect("open the default model"))
 }
 
-/// Both schedules: chunked, and Nexus with 64 of the CPU backend's 132 nominal SMs for prefill.
-const SCHEDULES: [Schedule; 2] = [
-    Schedule::Chunked,
-    Schedule::Nexus(NexusConfig { prefill_sms: 64, prefill_aging: NexusConfig::DEFAULT_PREFILL_AGING }),
-];
+/// Chunked, Nexus with 64 of the CPU backend's 132 nominal SMs for prefill, and Nexus split by
+/// the controller from a cost model of SmolLM2 (made up: the CPU backend's budgets are nominal).
+fn schedules() -> [Schedule; 3] {
+    use nexus::runtime::engine::NexusControl;
+    use nexus::runtime::engine::cost_model::{ComputeCurve, CostModel, ModelShape};
+    use nexus::runtime::engine::scheduler::controller::ControllerConfig;
+    let curve = ComputeCurve { flops_per_sm: 1e10, saturation: 64.0, decay: 0.5 };
+    let shape = ModelShape::of(&smollm2().weights.config().clone());
+    let cost = CostModel::new(shape, 132, vec![(1, 1e10), (64, 4e11)], curve, curve, curve, 1e-4, 1e-4).expect("cost");
+    let control = NexusControl { cost, controller: ControllerConfig::default(), prefill_aging: 15 };
+    [
+        Schedule::Chunked,
+        Schedule::Nexus(NexusConfig { prefill_sms: 64, prefill_aging: NexusConfig::DEFAULT_PREFILL_AGING }),
+        Schedule::NexusControlled(Box::new(control)),
+    ]
+}
 
 fn engine(num_blocks: usize, scheduler: SchedulerConfig, schedule: Schedule) -> Engine<CpuBackend> {
     engine_with(EngineConfig { num_blocks, block_size: 16, scheduler, max_model_len: None, schedule }).expect("engine")
@@ -94,9 +105,9 @@ fn continuous_batching_with_chunked_prefill_matches_transformers() {
     let f = fixtures();
     // 24 tokens an iteration: prompts run in chunks, next to (or alongside) the decodes of other
     // requests.
-    let mut engine = engine(512, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 24 }, SCHEDULES[0]);
-    for schedule in SCHEDULES {
-        engine.set_schedule(schedule).expect("schedule");
+    let mut engine = engine(512, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 24 }, Schedule::Chunked);
+    for schedule in schedules() {
+        engine.set_schedule(schedule.clone()).expect("schedule");
         engine.keep_timeline(true);
         let out = run_all(&mut engine, &f.cases);
         for (i, case) in f.cases.iter().enumerate() {
@@ -109,10 +120,17 @@ fn continuous_batching_with_chunked_prefill_matches_transformers() {
         let lanes: HashSet<Lane> = timeline.iter().map(|it| it.lane).collect();
         match schedule {
             Schedule::Chunked => assert_eq!(lanes, HashSet::from([Lane::Mixed])),
-            Schedule::Nexus(_) => {
+            Schedule::Nexus(_) | Schedule::NexusControlled(_) => {
                 assert_eq!(lanes, HashSet::from([Lane::Prefill, Lane::Decode]));
+                let controlled = matches!(schedule, Schedule::NexusControlled(_));
                 for it in &timeline {
-                    assert!([64, 68, 132].contains(&it.budget), "{it:?}");
+                    // The controller moves decode budgets on a grid of 8 SMs (prefill gets the rest).
+                    let shared = match it.lane {
+                        Lane::Decode if controlled => it.budget.is_multiple_of(8),
+                        Lane::Prefill if controlled => (132 - it.budget).is_multiple_of(8),
+                        _ => [64, 68].contains(&it.budget),
+                    };
+                    assert!(it.budget == 132 || shared, "{it:?}");
                     assert_eq!(it.kind == StepKind::Decode, it.lane == Lane::Decode, "{it:?}");
                 }
             }
@@ -124,9 +142,10 @@ fn continuous_batching_with_chunked_prefill_matches_transformers() {
 #[test]
 fn preemption_under_a_small_cache_loses_nothing_and_changes_nothing() {
     let f = fixtures();
-    for schedule in SCHEDULES {
+    for schedule in schedules() {
         // 12 blocks of 16 tokens cannot hold the seven requests (36-73 tokens each) at once.
-        let mut engine = engine(12, SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 }, schedule);
+        let config = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 };
+        let mut engine = engine(12, config, schedule.clone());
         let out = run_all(&mut engine, &f.cases);
         assert!(engine.preemptions() > 0, "{schedule:?}: the cache was meant to be too small");
         for (i, case) in f.cases.iter().enumerate() {
@@ -139,7 +158,8 @@ fn preemption_under_a_small_cache_loses_nothing_and_changes_nothing() {
 #[test]
 fn an_aborted_request_in_flight_frees_its_blocks_when_its_iteration_is_done() {
     let f = fixtures();
-    let mut engine = engine(64, SchedulerConfig::default(), SCHEDULES[1]);
+    let [_, nexus, _] = schedules();
+    let mut engine = engine(64, SchedulerConfig::default(), nexus);
     let options = RequestOptions { max_tokens: 100, ..RequestOptions::default() };
     engine.add_request(1, f.cases[0].prompt_ids.clone(), options.clone()).expect("add");
     // The first step prefills request 1 (the decode lane has nothing); the second launches its
@@ -213,7 +233,8 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
 fn replaying_a_trace_forces_output_lengths_and_measures_latencies() {
     use nexus::runtime::bench::replay;
     use nexus::runtime::bench::workload::Request;
-    let mut engine = engine(256, SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: 64 }, SCHEDULES[1]);
+    let [_, nexus, _] = schedules();
+    let mut engine = engine(256, SchedulerConfig { max_num_seqs: 4, max_num_batched_tokens: 64 }, nexus);
     let trace: Vec<Request> =
         (0..6).map(|i| Request { arrival_s: 0.05 * i as f64, input_len: 20 + 7 * i, output_len: 3 + i }).collect();
     let (times, report) = replay(&mut engine, &trace, 1).expect("replay");
@@ -237,11 +258,13 @@ fn nan_logits_fail_their_request_and_the_engine_serves_the_others() {
     use crate::chaos::{Chaos, tiny_config};
     use nexus::runtime::engine::sampling::SamplingParams;
     const POISON: u32 = 13;
-    for schedule in SCHEDULES {
+    let [chunked, nexus, _] = schedules();
+    for schedule in [chunked, nexus] {
         let backend = Chaos::poisoning(7, POISON);
         let model = LlamaModel::random(&backend, &tiny_config(), 3).expect("model");
         let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 16 };
-        let config = EngineConfig { num_blocks: 64, block_size: 4, scheduler, max_model_len: None, schedule };
+        let config =
+            EngineConfig { num_blocks: 64, block_size: 4, scheduler, max_model_len: None, schedule: schedule.clone() };
         let mut engine = Engine::new(backend, model, vec![], config).expect("engine");
         let sampled = SamplingParams { temperature: 0.8, seed: Some(1), ..SamplingParams::default() };
         let greedy = RequestOptions { max_tokens: 6, ignore_eos: true, ..RequestOptions::default() };
@@ -294,7 +317,8 @@ fn preempted_sequences_are_queued_again_oldest_first() {
     // Three blocks of 4 tokens: three 4-token prompts fill them, and their first decodes need
     // three more.
     let scheduler = SchedulerConfig { max_num_seqs: 8, max_num_batched_tokens: 64 };
-    let config = EngineConfig { num_blocks: 3, block_size: 4, scheduler, max_model_len: None, schedule: SCHEDULES[0] };
+    let config =
+        EngineConfig { num_blocks: 3, block_size: 4, scheduler, max_model_len: None, schedule: Schedule::Chunked };
     let mut engine = Engine::new(backend, model, vec![], config).expect("engine");
     let options = RequestOptions { max_tokens: 4, ignore_eos: true, ..RequestOptions::default() };
     for id in 1..=3 {

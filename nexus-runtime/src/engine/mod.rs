@@ -33,8 +33,10 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::engine::batch::{SeqChunk, build_step};
+use crate::engine::cost_model::CostModel;
 use crate::engine::kv_cache::{BlockManager, SeqId};
 use crate::engine::sampling::{Sampler, SamplingParams, TokenLogprobs, token_logprobs};
+use crate::engine::scheduler::controller::{Controller, ControllerConfig};
 use crate::engine::scheduler::{
     ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, Scheduled, Scheduler, SchedulerConfig,
     SchedulerView, SeqState,
@@ -108,17 +110,30 @@ pub enum EngineEvent {
 }
 
 /// Which scheduler runs the engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub enum Schedule {
     /// One mixed batch per iteration on every SM ([`ChunkedScheduler`]).
     #[default]
     Chunked,
-    /// Prefill and decode in two lanes at once, on disjoint SMs ([`NexusScheduler`]).
+    /// Prefill and decode in two lanes at once, on disjoint SMs, split at a fixed share
+    /// ([`NexusScheduler`]).
     Nexus(NexusConfig),
+    /// The same two lanes, split by the controller from a cost model ([`Controller`]).
+    NexusControlled(Box<NexusControl>),
+}
+
+/// What the controlled Nexus schedule decides with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NexusControl {
+    /// The model's costs on this device (`nexus profile` measures them).
+    pub cost: CostModel,
+    pub controller: ControllerConfig,
+    /// As [`NexusConfig::prefill_aging`].
+    pub prefill_aging: u64,
 }
 
 /// Sizes of the engine.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EngineConfig {
     /// Blocks in the KV cache (per layer).
     pub num_blocks: usize,
@@ -207,6 +222,13 @@ fn scheduler(limits: SchedulerConfig, schedule: Schedule, sm_count: u32) -> Resu
     Ok(match schedule {
         Schedule::Chunked => Box::new(ChunkedScheduler::new(limits)?),
         Schedule::Nexus(split) => Box::new(NexusScheduler::new(limits, split, sm_count)?),
+        Schedule::NexusControlled(control) => {
+            let NexusControl { cost, controller, prefill_aging } = *control;
+            // The fixed share is never used: the controller gives every split.
+            let split = NexusConfig { prefill_sms: (sm_count / 2).max(1), prefill_aging };
+            let controller = Controller::new(cost, controller)?;
+            Box::new(NexusScheduler::new(limits, split, sm_count)?.with_controller(controller, sm_count)?)
+        }
     })
 }
 

@@ -8,8 +8,9 @@
 use crate::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 use crate::{Error, ErrorKind, Result};
 
-/// The names [`config`] knows.
-pub const NAMES: [&str; 3] = ["llama-3.1-8b", "qwen2.5-3b", "qwen2.5-14b"];
+/// The names [`config`] knows: published models, and `tiny` (two layers of width 64, for tests
+/// of the whole stack in a moment on a CPU).
+pub const NAMES: [&str; 4] = ["llama-3.1-8b", "qwen2.5-3b", "qwen2.5-14b", "tiny"];
 
 /// The configuration of the model called `name` (one of [`NAMES`]).
 pub fn config(name: &str) -> Result<ModelConfig> {
@@ -49,6 +50,7 @@ pub fn config(name: &str) -> Result<ModelConfig> {
         }),
         "qwen2.5-3b" => Ok(qwen2(2048, 11008, 36, 16, 2, 151_936, true)),
         "qwen2.5-14b" => Ok(qwen2(5120, 13824, 48, 40, 8, 152_064, false)),
+        "tiny" => Ok(ModelConfig { head_dim: 16, ..llama(64, 128, 2, 4, 2, 512, 10_000.0, 1024) }),
         other => Err(Error::new(
             ErrorKind::InvalidInput,
             format!("unknown synthetic model `{other}` (known: {})", NAMES.join(", ")),
@@ -65,7 +67,7 @@ mod tests {
         for name in NAMES {
             let c = config(name).unwrap();
             c.validate().unwrap();
-            assert_eq!(c.head_dim, 128, "{name}");
+            assert_eq!(c.head_dim, if name == "tiny" { 16 } else { 128 }, "{name}");
         }
         // Parameter counts of the published models, as a check on the numbers (embeddings counted
         // once when tied).

@@ -227,6 +227,11 @@ fn abort_frees_blocks_at_once_and_bad_requests_are_refused() {
     for len in [0, 8193] {
         assert_eq!(engine_with(config(len)).expect_err("refused").kind(), ErrorKind::InvalidInput, "{len}");
     }
+    // A cache larger than memory, or than block ids can number, is an error, not an abort.
+    for num_blocks in [100_000_000, usize::MAX / 2] {
+        let huge = EngineConfig { num_blocks, max_model_len: None, ..config(100) };
+        assert!(engine_with(huge).is_err(), "{num_blocks} blocks");
+    }
 }
 
 #[test]

@@ -78,6 +78,12 @@ impl BlockManager {
         if !block_size.is_power_of_two() {
             return Err(Error::invalid(format!("block size {block_size} is not a power of two")));
         }
+        // Block ids are u32 (and slots, block id × block size + offset, too).
+        if u32::try_from(num_blocks.saturating_add(1).saturating_mul(block_size)).is_err() {
+            return Err(Error::invalid(format!(
+                "{num_blocks} blocks of {block_size} tokens: too many slots to number"
+            )));
+        }
         Ok(BlockManager { allocator: BlockAllocator::new(num_blocks), block_size, seqs: HashMap::new() })
     }
 

@@ -115,7 +115,19 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CpuKvPool> {
-        Ok(CpuKvPool { layout, k: vec![0.0; layout.pool_len()], v: vec![0.0; layout.pool_len()] })
+        let len = layout
+            .num_blocks
+            .checked_mul(layout.slot_len())
+            .and_then(|n| n.checked_mul(layout.block_size))
+            .ok_or_else(|| Error::invalid(format!("a KV pool of {layout:?} has more values than memory holds")))?;
+        let zeros = || -> Result<Vec<f32>> {
+            let mut pool = Vec::new();
+            pool.try_reserve_exact(len)
+                .map_err(|e| Error::invalid(format!("no memory for a KV pool of {layout:?}: {e}")))?;
+            pool.resize(len, 0.0);
+            Ok(pool)
+        };
+        Ok(CpuKvPool { layout, k: zeros()?, v: zeros()? })
     }
 
     fn prepare(&self, _: &CpuPhase, step: &StepInput) -> Result<StepInput> {

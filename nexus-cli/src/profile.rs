@@ -13,14 +13,17 @@ use nexus_runtime::engine::profile::{ProfileConfig, SavedProfile, profile};
 use nexus_runtime::model::backend::Backend;
 use nexus_runtime::weights::loader::DEFAULT_MODEL;
 
-use crate::{DeviceArgs, KvSizing, OnBackend, load_model};
+use crate::{DeviceArgs, HubArgs, KvSizing, OnBackend, load_model};
 
 #[derive(Args, Debug)]
 pub struct ProfileArgs {
-    /// A GGUF file, a Hugging Face model folder, or `synthetic:<name>` (random weights of a
-    /// published config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b).
+    /// A GGUF file, a Hugging Face model folder, a repo in the local Hugging Face cache (org/name;
+    /// see --revision), or `synthetic:<name>` (random weights of a published config:
+    /// llama-3.1-8b, qwen2.5-3b, qwen2.5-14b).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
+    #[command(flatten)]
+    hub: HubArgs,
     /// Budgets are measured on a grid of this many SMs (and all SMs); the controller moves decode
     /// budgets on it.
     #[arg(long, default_value_t = 8)]
@@ -55,12 +58,14 @@ impl OnBackend for ProfileJob<'_> {
 
 fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     let device = backend.device_name();
+    // Saved under the name `serve` and `bench` look it up by: the model with its revision and file.
+    let key = args.hub.qualified(&args.model);
     let path = match &args.out {
         Some(path) => path.clone(),
-        None => SavedProfile::default_path(&device, &args.model)
+        None => SavedProfile::default_path(&device, &key)
             .context("no cache folder (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME), or give --out")?,
     };
-    let (model, _) = load_model(&backend, &args.model)?;
+    let (model, _) = load_model(&backend, &args.model, &args.hub)?;
     let sms = backend.sm_count();
     if 2 * args.grid > sms {
         anyhow::bail!("--grid {} leaves no split of the device's {sms} SMs", args.grid);
@@ -77,7 +82,7 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("profiling {msg} [{bar:40}] {pos}/{len} ({elapsed})")
             .context("progress bar style")?,
     );
-    bar.set_message(format!("{} on {device}", args.model));
+    bar.set_message(format!("{key} on {device}"));
     let start = Instant::now();
     let measured = profile(&backend, &model, &config, |done, total| {
         bar.set_length(total as u64);
@@ -85,15 +90,10 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     });
     bar.finish_and_clear();
     let measured = measured?;
-    let saved = SavedProfile::new(&measured, &device, &args.model);
+    let saved = SavedProfile::new(&measured, &device, &key);
     saved.save(&path)?;
     let cost = &measured.cost;
-    println!(
-        "{} on {device}: {} operators timed in {:.0} s",
-        args.model,
-        measured.samples.len(),
-        start.elapsed().as_secs_f64()
-    );
+    println!("{key} on {device}: {} operators timed in {:.0} s", measured.samples.len(), start.elapsed().as_secs_f64());
     println!("| operator | TFLOP/s per SM | saturation (SMs) | decay |");
     println!("| --- | --- | --- | --- |");
     for (name, curve) in [
@@ -117,6 +117,7 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
         100.0 * both_median,
         100.0 * both_p90
     );
+    println!("the controller chooses a split in {:.1} us", measured.decision_s * 1e6);
     println!("saved {}", path.display());
     Ok(())
 }

@@ -22,6 +22,7 @@ use crate::engine::cost_model::{
     ComputeCurve, CostModel, IterationWork, ModelShape, Op, Sample, fit_compute_curve, relative_errors,
 };
 use crate::engine::kv_cache::BlockManager;
+use crate::engine::scheduler::controller::{Controller, ControllerConfig};
 use crate::model::backend::{Backend, LogitsReadback, StepInput, StepKind};
 use crate::model::{KvCache, LlamaModel};
 use crate::{Error, Result};
@@ -112,6 +113,9 @@ pub struct Profile {
     pub alone_error: (f64, f64),
     /// The same for steps with both lanes running.
     pub both_error: (f64, f64),
+    /// Seconds the controller takes to choose a split with this model (an 8k-token prompt
+    /// against 64 decodes of 2k tokens), the mean of many.
+    pub decision_s: f64,
 }
 
 /// A step built once and run again and again, with the sequences it needs in the cache.
@@ -283,7 +287,23 @@ pub fn profile<B: Backend>(
         relative_errors(both.iter().map(|s| (cost.seconds(&s.work, s.sms, s.other_bytes_per_s), s.seconds)))
             .unwrap_or((f64::NAN, f64::NAN));
     steps.extend(both);
-    Ok(Profile { cost, samples, steps, alone_error, both_error })
+    let decision_s = decision_seconds(&cost)?;
+    Ok(Profile { cost, samples, steps, alone_error, both_error, decision_s })
+}
+
+/// The mean seconds of the controller's split decision with `cost`, over 1000 decisions
+/// alternating between the two priorities.
+fn decision_seconds(cost: &CostModel) -> Result<f64> {
+    let mut controller = Controller::new(cost.clone(), ControllerConfig::default())?;
+    let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+    let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
+    const DECISIONS: u32 = 1000;
+    let start = Instant::now();
+    for i in 0..DECISIONS {
+        let usage = if i % 2 == 0 { 0.2 } else { 0.9 };
+        std::hint::black_box(controller.split(&prefill, &decode, usage));
+    }
+    Ok(start.elapsed().as_secs_f64() / f64::from(DECISIONS))
 }
 
 /// Puts `seqs` sequences of `cached` tokens into the cache (prefilled in `phase` with every SM,

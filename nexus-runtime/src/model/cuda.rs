@@ -459,24 +459,6 @@ impl CudaBackend {
         unsafe { self.gpu.context().alloc_pinned_with_flags(len.max(1), 0) }.map_err(kernel_error)
     }
 
-    /// The kernel for `shape` at `phase`'s budget, chosen once per step.
-    fn gemm_kernel(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmKernel {
-        let budget = phase.ctx.budget();
-        let mut plans = lock(&step.plans);
-        if let Some(&(_, _, kernel)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
-            return kernel;
-        }
-        let kernel = if self.config.batch_invariant {
-            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).kernel
-        } else {
-            gemm::plan(shape, budget, self.gpu.model()).kernel
-        };
-        plans.gemm.push((budget, shape, kernel));
-        kernel
-    }
-}
-
-impl CudaBackend {
     /// The launches of [`Backend::attention`]: the KV write, then the attention kernel of the
     /// step's plan at the phase's budget (made at the first layer).
     fn attention_launches(
@@ -546,6 +528,22 @@ impl CudaBackend {
             }
         }
         Ok(out)
+    }
+
+    /// The kernel for `shape` at `phase`'s budget, chosen once per step.
+    fn gemm_kernel(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmKernel {
+        let budget = phase.ctx.budget();
+        let mut plans = lock(&step.plans);
+        if let Some(&(_, _, kernel)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
+            return kernel;
+        }
+        let kernel = if self.config.batch_invariant {
+            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).kernel
+        } else {
+            gemm::plan(shape, budget, self.gpu.model()).kernel
+        };
+        plans.gemm.push((budget, shape, kernel));
+        kernel
     }
 }
 

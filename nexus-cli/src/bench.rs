@@ -49,14 +49,18 @@ use nexus_runtime::model::backend::{Backend, StepKind};
 use nexus_runtime::weights::loader;
 use serde_json::json;
 
-use crate::{EngineArgs, KvSizing, OnBackend, load_model, make_engine};
+use crate::{EngineArgs, HubArgs, KvSizing, OnBackend, load_model, make_engine};
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// A GGUF file, a Hugging Face folder, or `synthetic:<name>` (random weights of a published
-    /// config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b). In-process only.
+    /// A GGUF file, a Hugging Face folder, a repo in the local Hugging Face cache (org/name; see
+    /// --revision), or `synthetic:<name>` (random weights of a published config: llama-3.1-8b,
+    /// qwen2.5-3b, qwen2.5-14b). In-process only.
     #[arg(long, default_value = loader::DEFAULT_MODEL, conflicts_with = "url")]
     model: String,
+    // In-process only too: `--url` conflicts with this group.
+    #[command(flatten)]
+    hub: HubArgs,
     /// Requests: long-data, arxiv, sharegpt or mixed (lengths of the paper's distributions,
     /// prompts of random token ids), random (vLLM's random dataset: see --random-input-len), or
     /// `jsonl:PATH`, one JSON object per line: {"prompt": "text", "output_len": N} or
@@ -91,7 +95,7 @@ pub struct BenchArgs {
     token_id_range: Range<u32>,
     /// Replay against the OpenAI-compatible server (nexus serve, vLLM, SGLang) at this base URL,
     /// http://HOST:PORT, instead of in-process.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "HubArgs")]
     url: Option<String>,
     /// With --url: the model to request (default: the first one of GET /v1/models).
     #[arg(long, requires = "url")]
@@ -474,9 +478,9 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     let args = plan.args;
     let sm_count = backend.sm_count();
     // Checked before the model loads, so that a bad --prefill-sms fails at once.
-    let schedules = args.engine.schedules(&backend.device_name(), sm_count, &args.model)?;
+    let schedules = args.engine.schedules(&backend.device_name(), sm_count, &args.model, &args.hub)?;
     let first = schedules.first().context("--schedule names no schedule")?.clone();
-    let (model, tokenizer) = load_model(&backend, &args.model)?;
+    let (model, tokenizer) = load_model(&backend, &args.model, &args.hub)?;
     let vocab = model.config().vocab_size;
     if !matches!(plan.source, Source::Dataset { .. }) && args.token_id_range.end as usize > vocab {
         bail!("--token-id-range {:?} goes past the vocabulary of {} ({vocab} tokens)", args.token_id_range, args.model);

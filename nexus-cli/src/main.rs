@@ -27,7 +27,8 @@ use nexus_runtime::model::cuda::{CudaBackend, CudaBackendConfig};
 use nexus_runtime::text::chat_template::ChatMessage;
 use nexus_runtime::text::tokenizer::Tokenizer;
 use nexus_runtime::weights::config::ModelConfig;
-use nexus_runtime::weights::loader::{self, DEFAULT_MODEL, LoadedModel};
+use nexus_runtime::weights::hub::{HubCache, HubPick};
+use nexus_runtime::weights::loader::{self, DEFAULT_MODEL, LoadedModel, ModelPath};
 use nexus_runtime::weights::synthetic;
 
 #[derive(Parser, Debug)]
@@ -57,12 +58,16 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// A GGUF file, a Hugging Face model folder, or `synthetic:<name>` (random weights of a
-    /// published config: llama-3.1-8b, qwen2.5-3b, qwen2.5-14b; no tokenizer, so prompts are
-    /// token ids and outputs token ids).
+    /// A GGUF file, a Hugging Face model folder, a repo in the local Hugging Face cache (org/name;
+    /// see --revision), or `synthetic:<name>` (random weights of a published config:
+    /// llama-3.1-8b, qwen2.5-3b, qwen2.5-14b; no tokenizer, so prompts are token ids and outputs
+    /// token ids).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// The name clients use for the model (default: the file or folder name, or `synthetic:<name>`).
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The name clients use for the model (default: the file or folder name, else the repo id or
+    /// `synthetic:<name>` as given).
     #[arg(long)]
     served_model_name: Option<String>,
     /// Address to listen on.
@@ -114,6 +119,63 @@ impl ServeArgs {
             max_connections: self.max_connections,
         };
         Ok((limits, seconds("shutdown-grace-s", self.shutdown_grace_s, 0.0)?))
+    }
+}
+
+/// Which snapshot and file of a repo in the local Hugging Face cache `--model org/name` loads
+/// (shared by every command that takes `--model`).
+#[derive(Args, Debug)]
+struct HubArgs {
+    /// With `--model org/name`: the snapshot to load from the Hugging Face cache, a ref name (a
+    /// branch or tag) or a commit hash (default: main). The cache is $HF_HUB_CACHE, else
+    /// $HF_HOME/hub, else ~/.cache/huggingface/hub; nothing is downloaded.
+    #[arg(long, value_name = "REV")]
+    revision: Option<String>,
+    /// With `--model org/name`: the GGUF file of the snapshot to load, by its name in it (needed
+    /// when it holds several; a snapshot with config.json is otherwise loaded as a Hugging Face
+    /// folder).
+    #[arg(long, value_name = "NAME")]
+    gguf_file: Option<String>,
+}
+
+impl HubArgs {
+    fn pick(&self) -> HubPick<'_> {
+        HubPick { revision: self.revision.as_deref(), gguf_file: self.gguf_file.as_deref() }
+    }
+
+    /// `model` with the revision and GGUF file given, as one name: profiles are saved and looked
+    /// up under it, so that two files or revisions of one repo get a profile each.
+    fn qualified(&self, model: &str) -> String {
+        let mut name = model.to_owned();
+        if let Some(revision) = &self.revision {
+            name = format!("{name}@{revision}");
+        }
+        if let Some(file) = &self.gguf_file {
+            name = format!("{name}:{file}");
+        }
+        name
+    }
+
+    /// The flags that name `model` with these again, for commands a message suggests.
+    fn flags(&self, model: &str) -> String {
+        let mut flags = format!("--model {model}");
+        if let Some(revision) = &self.revision {
+            flags = format!("{flags} --revision {revision}");
+        }
+        if let Some(file) = &self.gguf_file {
+            flags = format!("{flags} --gguf-file {file}");
+        }
+        flags
+    }
+
+    /// Finds the file or folder of `model`: the path, else the repo in the local Hugging Face
+    /// cache, which is then said on stderr.
+    fn locate(&self, model: &str) -> anyhow::Result<PathBuf> {
+        let found = loader::locate(model, &self.pick(), HubCache::from_env().as_ref())?;
+        if let ModelPath::Hub(path) = &found {
+            eprintln!("{model}: {} in the Hugging Face cache", path.display());
+        }
+        Ok(found.path().to_path_buf())
     }
 }
 
@@ -235,17 +297,18 @@ impl EngineArgs {
         SchedulerConfig { max_num_seqs: self.max_num_seqs, max_num_batched_tokens: self.max_num_batched_tokens }
     }
 
-    /// Every schedule `--schedule` and `--prefill-sms` name, in order, for `model` on `device` of
-    /// `sm_count` SMs: `nexus` with fixed splits when `--prefill-sms` gives them, and otherwise
-    /// (or for a second `nexus`) with the controller, whose profile must exist.
-    fn schedules(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<Vec<Schedule>> {
+    /// Every schedule `--schedule` and `--prefill-sms` name, in order, for `model` (as `hub`
+    /// picks it) on `device` of `sm_count` SMs: `nexus` with fixed splits when `--prefill-sms`
+    /// gives them, and otherwise (or for a second `nexus`) with the controller, whose profile
+    /// must exist.
+    fn schedules(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Vec<Schedule>> {
         let mut out = Vec::new();
         let mut fixed_done = false;
         for kind in &self.schedule {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
                 ScheduleKind::Nexus if self.prefill_sms.is_empty() || fixed_done => {
-                    out.push(Schedule::NexusControlled(Box::new(self.control(device, sm_count, model)?)));
+                    out.push(Schedule::NexusControlled(Box::new(self.control(device, sm_count, model, hub)?)));
                 }
                 ScheduleKind::Nexus => {
                     fixed_done = true;
@@ -270,15 +333,15 @@ impl EngineArgs {
     }
 
     /// The one schedule `--schedule` names (serving runs one).
-    fn schedule(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<Schedule> {
-        match self.schedules(device, sm_count, model)?.as_slice() {
+    fn schedule(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Schedule> {
+        match self.schedules(device, sm_count, model, hub)?.as_slice() {
             [one] => Ok(one.clone()),
             _ => bail!("give one --schedule (and one --prefill-sms) to serve"),
         }
     }
 
-    /// The controller's settings, with the profile of `model` on `device`.
-    fn control(&self, device: &str, sm_count: u32, model: &str) -> anyhow::Result<NexusControl> {
+    /// The controller's settings, with the profile of `model` (as `hub` picks it) on `device`.
+    fn control(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<NexusControl> {
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,
             decode_slack: self.decode_slack,
@@ -287,16 +350,18 @@ impl EngineArgs {
             hysteresis: self.split_hysteresis,
         };
         controller.validate(sm_count)?;
+        let name = hub.qualified(model);
         let path = match &self.profile {
             Some(path) => path.clone(),
-            None => SavedProfile::default_path(device, model)
+            None => SavedProfile::default_path(device, &name)
                 .context("no cache folder to find the profile in (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME)")?,
         };
-        let saved = SavedProfile::load(&path, device, model).with_context(|| {
+        let saved = SavedProfile::load(&path, device, &name).with_context(|| {
             format!(
-                "--schedule nexus splits the SMs from a profile of {model} on {device}, and there is none usable at \
-                 {}: make one with `nexus profile --model {model}` (or give a fixed --prefill-sms)",
-                path.display()
+                "--schedule nexus splits the SMs from a profile of {name} on {device}, and there is none usable at \
+                 {}: make one with `nexus profile {}` (or give a fixed --prefill-sms)",
+                path.display(),
+                hub.flags(model)
             )
         })?;
         Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging })
@@ -330,9 +395,12 @@ enum Device {
 
 #[derive(Args, Debug)]
 struct GenerateArgs {
-    /// A GGUF file or a Hugging Face model folder (config.json, *.safetensors, tokenizer.json).
+    /// A GGUF file, a Hugging Face model folder (config.json, *.safetensors, tokenizer.json), or a
+    /// repo in the local Hugging Face cache (org/name; see --revision).
     #[arg(long, default_value = DEFAULT_MODEL)]
-    model: PathBuf,
+    model: String,
+    #[command(flatten)]
+    hub: HubArgs,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -403,13 +471,22 @@ impl OnBackend for ServeJob<'_> {
     }
 }
 
-/// Loads the model `--model` names: a GGUF file or a Hugging Face folder (with its tokenizer), or
-/// `synthetic:<name>`, random weights of a published config without a tokenizer.
-fn load_model<B: Backend>(backend: &B, spec: &str) -> anyhow::Result<(LlamaModel<B>, Option<Tokenizer>)> {
+/// Loads the model `--model` names (with `hub`'s flags): a GGUF file or a Hugging Face folder
+/// (with its tokenizer), at a path or in the local Hugging Face cache, or `synthetic:<name>`,
+/// random weights of a published config without a tokenizer.
+fn load_model<B: Backend>(
+    backend: &B,
+    spec: &str,
+    hub: &HubArgs,
+) -> anyhow::Result<(LlamaModel<B>, Option<Tokenizer>)> {
     match spec.strip_prefix("synthetic:") {
+        Some(_) if hub.revision.is_some() || hub.gguf_file.is_some() => {
+            bail!("--revision and --gguf-file pick a model in the Hugging Face cache, not {spec}")
+        }
         Some(name) => Ok((LlamaModel::random(backend, &synthetic::config(name)?, 1)?, None)),
         None => {
-            let loaded = loader::open(Path::new(spec)).with_context(|| format!("cannot load the model at {spec}"))?;
+            let path = hub.locate(spec)?;
+            let loaded = loader::open(&path).with_context(|| format!("cannot load the model at {}", path.display()))?;
             let model = LlamaModel::load(backend, loaded.weights.as_ref(), |_, _| {})?;
             Ok((model, Some(loaded.tokenizer)))
         }
@@ -545,15 +622,19 @@ where
     Engine<B>: Send,
 {
     // Checked before the model loads, so that a bad --schedule or --prefill-sms fails at once.
-    let schedule = args.engine.schedule(&backend.device_name(), backend.sm_count(), &args.model)?;
-    let (model, tokenizer) = load_model(&backend, &args.model)?;
+    let schedule = args.engine.schedule(&backend.device_name(), backend.sm_count(), &args.model, &args.hub)?;
+    let (model, tokenizer) = load_model(&backend, &args.model, &args.hub)?;
     let eos = tokenizer.as_ref().map_or_else(Vec::new, |t| t.eos_token_ids().to_vec());
     let vocab_size = model.config().vocab_size;
     let engine = make_engine(backend, model, eos, sizing, &args.engine, schedule)?;
     let max_context = engine.max_request_tokens();
-    let model_name = args.served_model_name.clone().unwrap_or_else(|| match args.model.strip_prefix("synthetic:") {
-        Some(_) => args.model.clone(),
-        None => Path::new(&args.model).file_name().map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+    // A path is served by its file or folder name, a repo of the cache by its id, as vLLM does.
+    let model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        let path = Path::new(&args.model);
+        match path.file_name() {
+            Some(name) if path.exists() => name.to_string_lossy().into_owned(),
+            _ => args.model.clone(),
+        }
     });
     let (limits, shutdown_grace) = args.http()?;
     let config = serve::ServerConfig {
@@ -589,8 +670,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     };
     sampling.validate()?;
 
-    let loaded =
-        loader::open(&args.model).with_context(|| format!("cannot load the model at {}", args.model.display()))?;
+    let path = args.hub.locate(&args.model)?;
+    let loaded = loader::open(&path).with_context(|| format!("cannot load the model at {}", path.display()))?;
     let tokenizer = &loaded.tokenizer;
     let prompt_text = if args.chat {
         let template = tokenizer.chat_template().context("the model has no chat template; drop --chat")?;
@@ -674,7 +755,7 @@ fn run_generate<B: Backend>(
     let config = model.config().clone();
     eprintln!(
         "loaded {} ({} layers, hidden {}, {}/{} heads) in {:.1} s",
-        args.model.display(),
+        args.model,
         config.num_layers,
         config.hidden_size,
         config.num_heads,

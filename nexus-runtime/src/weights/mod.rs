@@ -2,12 +2,14 @@
 //! weight-source abstraction ([`config`]), a memory-mapped GGUF reader ([`gguf`], with
 //! [`dequant`] for its storage types, and [`gguf_weights`] for its Llama-family tensors), Hugging
 //! Face checkpoints ([`safetensors`]), published configurations for random weights
-//! ([`synthetic`]), and [`loader::open`], which picks by path.
+//! ([`synthetic`]), models in the local Hugging Face cache ([`hub`]), and [`loader::locate`] and
+//! [`loader::open`], which find a model by path or repo id and open it by what the path holds.
 
 pub mod config;
 pub mod dequant;
 pub mod gguf;
 pub mod gguf_weights;
+pub mod hub;
 pub mod loader;
 pub mod safetensors;
 pub mod synthetic;

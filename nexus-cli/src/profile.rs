@@ -31,6 +31,10 @@ pub struct ProfileArgs {
     /// Fewer shapes and repeats: a rough profile in a fraction of the time.
     #[arg(long)]
     quick: bool,
+    /// Shrinks every measured shape to at most this many tokens of context (for a small model, or
+    /// a slow device such as the CPU).
+    #[arg(long)]
+    max_shape_tokens: Option<usize>,
     /// Where to save the profile (default: where `serve` and `bench` look for it, printed).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -77,7 +81,8 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
         config.splits = vec![config.splits[1]];
         config.repeats = 1;
     }
-    let config = config.fitted_to(model.config().max_position_embeddings);
+    let context = model.config().max_position_embeddings;
+    let config = config.fitted_to(args.max_shape_tokens.map_or(context, |n| n.clamp(2, context)));
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("profiling {msg} [{bar:40}] {pos}/{len} ({elapsed})")
             .context("progress bar style")?,

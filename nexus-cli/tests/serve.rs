@@ -1067,3 +1067,64 @@ fn latency_clocks_start_when_the_request_arrives() {
         assert!(sum >= 1.0, "{histogram}: {sum} s");
     }
 }
+
+/// The `nexus` schedule split by its controller, from a profile of the model made here (shapes
+/// shrunk to 48 tokens so that it takes seconds), serves what the server serves: chat, streamed
+/// or not, with the greedy answer of the oracle fixtures; stop strings; log-probabilities;
+/// penalties; a client that leaves mid-stream is aborted and its blocks freed; each lane's budget
+/// in `/metrics` is on the controller's grid of 64 SMs (or all of them).
+#[test]
+fn the_controlled_nexus_schedule_serves_every_feature() {
+    let dir = std::env::temp_dir().join(format!("nexus-serve-profile-{}", std::process::id()));
+    let profile = dir.join("profile.json");
+    let made = nexus()
+        .args(["profile", "--device", &device(), "--quick", "--grid", "64", "--max-shape-tokens", "48", "--model"])
+        .arg(model_path())
+        .arg("--out")
+        .arg(&profile)
+        .output()
+        .expect("run nexus profile");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let flags = ["--schedule", "nexus", "--split-grid", "64", "--profile", profile.to_str().expect("path")];
+    let server = start(&flags);
+
+    let (status, body) = post(&server, "/v1/chat/completions", &chat("What is the capital of France?", json!({})));
+    assert_eq!((status, &body["choices"][0]["message"]["content"]), (200, &json!("The capital of France is Paris.")));
+    let streamed = agent()
+        .post(&format!("{}/v1/chat/completions", server.base))
+        .send(chat("What is the capital of France?", json!({ "stream": true })))
+        .expect("POST");
+    let events = sse_events(streamed.into_body().into_reader());
+    let text: String = events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "The capital of France is Paris.");
+
+    let stop = json!({ "model": MODEL_NAME, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0, "stop": ["."] });
+    assert_eq!(completion(&server, stop)["choices"][0]["text"], " Paris");
+    let with_logprobs = json!({ "model": MODEL_NAME, "prompt": "1, 2, 3,", "max_tokens": 3, "logprobs": 2 });
+    let logprobs = &completion(&server, with_logprobs)["choices"][0]["logprobs"];
+    assert_eq!(logprobs["top_logprobs"].as_array().map(Vec::len), Some(3), "{logprobs}");
+    let penalized = json!({ "model": MODEL_NAME, "prompt": "1, 1, 1,", "max_tokens": 4, "ignore_eos": true,
+        "presence_penalty": 1.5, "frequency_penalty": 0.5, "repetition_penalty": 1.3 });
+    assert_eq!(completion(&server, penalized)["usage"]["completion_tokens"], 4);
+
+    // A client that leaves mid-stream is aborted, its blocks freed.
+    let long = json!({ "model": MODEL_NAME, "prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": true, "stream": true });
+    let response = agent().post(&format!("{}/v1/completions", server.base)).send(long.to_string()).expect("POST");
+    let mut lines = BufReader::new(response.into_body().into_reader()).lines();
+    let mut seen = 0;
+    while seen < 3 {
+        seen += usize::from(lines.next().expect("a line").expect("read").starts_with("data: "));
+    }
+    drop(lines);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&server, "nexus_requests_running") > 0.0 || metric(&server, "nexus_kv_cache_usage") > 0.0 {
+        assert!(Instant::now() < deadline, "the request was not aborted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // 132 SMs: the CPU backend's nominal count, and the H100's and H200's.
+    let decode = metric(&server, "nexus_lane_budget_sms{lane=\"decode\"}");
+    let prefill = metric(&server, "nexus_lane_budget_sms{lane=\"prefill\"}");
+    assert!(decode % 64.0 == 0.0 || decode == 132.0, "decode budget {decode}");
+    assert!(prefill > 0.0 && prefill <= 132.0, "prefill budget {prefill}");
+    std::fs::remove_dir_all(&dir).ok();
+}

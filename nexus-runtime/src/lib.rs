@@ -2,7 +2,9 @@
 //!
 //! - [`weights`]: a memory-mapped GGUF reader (with dequantization), Hugging Face safetensors
 //!   checkpoints, published configurations for random weights, all behind
-//!   [`weights::config::WeightSource`]; [`weights::loader::open`] picks by path.
+//!   [`weights::config::WeightSource`]; [`weights::loader::open`] picks by path, and
+//!   [`weights::loader::locate`] finds a model named as users name it (a path, `synthetic:<name>`,
+//!   or a repository of the local Hugging Face cache).
 //! - [`text`]: the tokenizer (from a GGUF's vocabulary or `tokenizer.json`), chat templates and
 //!   stop strings.
 //! - [`model`]: [`model::LlamaModel`] (Llama, Mistral, Qwen2, SmolLM) written once over

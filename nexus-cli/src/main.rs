@@ -203,7 +203,7 @@ impl DeviceArgs {
             Device::Auto => match self.cuda_backend() {
                 Ok(backend) => job.run(backend, gpu),
                 Err(e) => {
-                    eprintln!("no usable GPU ({e:#}); running on the CPU");
+                    eprintln!("{e:#}; running on the CPU");
                     job.run(CpuBackend, cpu)
                 }
             },

@@ -287,15 +287,21 @@ impl CostModel {
     /// The predicted seconds of an iteration doing `work` on `sms` SMs while the other lane reads
     /// or writes `other_bytes_per_s` (0 when it is idle).
     pub fn seconds(&self, work: &IterationWork, sms: u32, other_bytes_per_s: f64) -> f64 {
-        let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
-        overhead + self.ops(work).iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
+        self.seconds_of(work.kind, &self.ops(work), sms, other_bytes_per_s)
     }
 
     /// The bytes/s an iteration doing `work` on `sms` SMs moves on average (what it leaves the
     /// other lane is the device's bandwidth less this).
     pub fn bytes_per_s(&self, work: &IterationWork, sms: u32) -> f64 {
-        let bytes: f64 = self.ops(work).iter().map(|op| op.bytes).sum();
-        bytes / self.seconds(work, sms, 0.0).max(1e-9)
+        let ops = self.ops(work);
+        let bytes: f64 = ops.iter().map(|op| op.bytes).sum();
+        bytes / self.seconds_of(work.kind, &ops, sms, 0.0).max(1e-9)
+    }
+
+    /// [`Self::seconds`] of an iteration of `kind` whose operators are already known.
+    fn seconds_of(&self, kind: StepKind, ops: &[OpWork], sms: u32, other_bytes_per_s: f64) -> f64 {
+        let overhead = if kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
+        overhead + ops.iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
     }
 }
 

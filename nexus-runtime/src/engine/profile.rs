@@ -151,10 +151,9 @@ pub fn profile<B: Backend>(
     let mut blocks = BlockManager::new(num_blocks, config.block_size)?;
     let mut phases = [backend.new_phase()?, backend.new_phase()?];
     let bandwidth = backend.bandwidth_curve();
-    let shape = ModelShape::of(model.config());
     // Curves to start from (replaced by the fit), so that ops can be priced while measuring.
     let start = ComputeCurve { flops_per_sm: 1e12, saturation: f64::from(sm_count), decay: 1.0 };
-    let mut cost = CostModel::new(shape, sm_count, bandwidth, start, start, start, 0.0, 0.0)?;
+    let mut cost = CostModel::new(ModelShape::of(model.config()), sm_count, bandwidth, start, start, start, 0.0, 0.0)?;
     let shapes = config.prefill.len() + config.decode.len();
     let total = shapes * config.budgets.len() + config.prefill.len() * config.decode.len() * config.splits.len();
     let mut done = 0;
@@ -196,10 +195,9 @@ pub fn profile<B: Backend>(
         fit_compute_curve(&of_op, sm_count, |sms| cost.bandwidth(sms))
             .ok_or_else(|| Error::invalid(format!("the profile timed no {op:?} operator")))
     };
-    let (gemm, prefill_attention, decode_attention) =
+    (cost.gemm, cost.prefill_attention, cost.decode_attention) =
         (fit(Op::Gemm)?, fit(Op::PrefillAttention)?, fit(Op::DecodeAttention)?);
-    cost =
-        CostModel::new(shape, sm_count, cost.bandwidth.clone(), gemm, prefill_attention, decode_attention, 0.0, 0.0)?;
+    cost = cost.checked()?;
     // Half of the whole steps give each kind's fixed cost (the median of what the operators leave
     // unexplained), the other half the error.
     let overhead = |kind: StepKind| {
@@ -212,17 +210,8 @@ pub fn profile<B: Backend>(
         rest.sort_by(f64::total_cmp);
         rest.get(rest.len() / 2).copied().unwrap_or(0.0).max(0.0)
     };
-    let (prefill_overhead, decode_overhead) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
-    cost = CostModel::new(
-        shape,
-        sm_count,
-        cost.bandwidth.clone(),
-        gemm,
-        prefill_attention,
-        decode_attention,
-        prefill_overhead,
-        decode_overhead,
-    )?;
+    (cost.prefill_overhead_s, cost.decode_overhead_s) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
+    cost = cost.checked()?;
     let alone_error =
         relative_errors(steps.iter().skip(1).step_by(2).map(|s| (cost.seconds(&s.work, s.sms, 0.0), s.seconds)))
             .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;

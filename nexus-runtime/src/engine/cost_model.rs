@@ -287,22 +287,39 @@ impl CostModel {
     /// The predicted seconds of an iteration doing `work` on `sms` SMs while the other lane reads
     /// or writes `other_bytes_per_s` (0 when it is idle).
     pub fn seconds(&self, work: &IterationWork, sms: u32, other_bytes_per_s: f64) -> f64 {
-        self.seconds_of(work.kind, &self.ops(work), sms, other_bytes_per_s)
+        self.priced_seconds(&self.priced(work), sms, other_bytes_per_s)
     }
 
     /// The bytes/s an iteration doing `work` on `sms` SMs moves on average (what it leaves the
     /// other lane is the device's bandwidth less this).
     pub fn bytes_per_s(&self, work: &IterationWork, sms: u32) -> f64 {
-        let ops = self.ops(work);
-        let bytes: f64 = ops.iter().map(|op| op.bytes).sum();
-        bytes / self.seconds_of(work.kind, &ops, sms, 0.0).max(1e-9)
+        self.priced_bytes_per_s(&self.priced(work), sms)
     }
 
-    /// [`Self::seconds`] of an iteration of `kind` whose operators are already known.
-    fn seconds_of(&self, kind: StepKind, ops: &[OpWork], sms: u32, other_bytes_per_s: f64) -> f64 {
-        let overhead = if kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
-        overhead + ops.iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
+    /// `work`'s operators, listed once to be priced at many splits.
+    pub(crate) fn priced(&self, work: &IterationWork) -> PricedWork {
+        let ops = self.ops(work);
+        PricedWork { kind: work.kind, bytes: ops.iter().map(|op| op.bytes).sum(), ops }
     }
+
+    /// [`Self::seconds`] of listed work.
+    pub(crate) fn priced_seconds(&self, work: &PricedWork, sms: u32, other_bytes_per_s: f64) -> f64 {
+        let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
+        overhead + work.ops.iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
+    }
+
+    /// [`Self::bytes_per_s`] of listed work.
+    pub(crate) fn priced_bytes_per_s(&self, work: &PricedWork, sms: u32) -> f64 {
+        work.bytes / self.priced_seconds(work, sms, 0.0).max(1e-9)
+    }
+}
+
+/// An iteration's operators with their total bytes, as [`CostModel::priced`] lists them.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PricedWork {
+    kind: StepKind,
+    ops: Vec<OpWork>,
+    bytes: f64,
 }
 
 /// One timed operator launch: what it did, on how many SMs, and how long it took.

@@ -9,7 +9,7 @@
 //! is). A new split is applied only when it moves the decode lane by more than a threshold, so
 //! that the split does not flap.
 
-use crate::engine::cost_model::{CostModel, IterationWork};
+use crate::engine::cost_model::{CostModel, IterationWork, PricedWork};
 use crate::{Error, Result};
 
 /// The controller's parameters (the paper's defaults by [`Default`]).
@@ -106,11 +106,11 @@ impl Controller {
 
     /// Predicted seconds of `prefill` on `prefill_sms` and `decode` on `decode_sms`, each next to
     /// the bytes the other moves.
-    fn predict(&self, prefill: &IterationWork, decode: &IterationWork, decode_sms: u32) -> (f64, f64) {
+    fn predict(&self, prefill: &PricedWork, decode: &PricedWork, decode_sms: u32) -> (f64, f64) {
         let prefill_sms = self.cost.sm_count - decode_sms;
         let cost = &self.cost;
-        let prefill_s = cost.seconds(prefill, prefill_sms, cost.bytes_per_s(decode, decode_sms));
-        let decode_s = cost.seconds(decode, decode_sms, cost.bytes_per_s(prefill, prefill_sms));
+        let prefill_s = cost.priced_seconds(prefill, prefill_sms, cost.priced_bytes_per_s(decode, decode_sms));
+        let decode_s = cost.priced_seconds(decode, decode_sms, cost.priced_bytes_per_s(prefill, prefill_sms));
         (prefill_s, decode_s)
     }
 
@@ -126,13 +126,14 @@ impl Controller {
             Priority::Decode => shared.iter().rev().copied().collect(),
             Priority::Prefill => shared.to_vec(),
         };
+        let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
         let (best, slack) = match priority {
-            Priority::Decode => (self.cost.seconds(decode, sms, 0.0), self.config.decode_slack),
-            Priority::Prefill => (self.cost.seconds(prefill, sms, 0.0), self.config.prefill_slack),
+            Priority::Decode => (self.cost.priced_seconds(&decode, sms, 0.0), self.config.decode_slack),
+            Priority::Prefill => (self.cost.priced_seconds(&prefill, sms, 0.0), self.config.prefill_slack),
         };
         let mut chosen = order[0];
         for &decode_sms in &order {
-            let (prefill_s, decode_s) = self.predict(prefill, decode, decode_sms);
+            let (prefill_s, decode_s) = self.predict(&prefill, &decode, decode_sms);
             let protected = if priority == Priority::Decode { decode_s } else { prefill_s };
             if protected > slack * best {
                 break;
@@ -143,7 +144,7 @@ impl Controller {
             chosen = applied;
         }
         self.applied = Some(chosen);
-        let (prefill_s, decode_s) = self.predict(prefill, decode, chosen);
+        let (prefill_s, decode_s) = self.predict(&prefill, &decode, chosen);
         Split { decode_sms: chosen, priority, prefill_s, decode_s }
     }
 }

@@ -81,6 +81,11 @@ pub struct BenchArgs {
     /// A p95 TBT objective in milliseconds (with --slo-ttft-ms).
     #[arg(long, requires = "slo_ttft_ms")]
     slo_tbt_ms: Option<f64>,
+    /// An objective relative to this run, instead of --slo-ttft-ms and --slo-tbt-ms: p95 TTFT and
+    /// p95 TBT each at most this many times what the first schedule of --schedule reaches at the
+    /// lowest rate (the Nexus paper's way: 5 against the baseline at light load).
+    #[arg(long, conflicts_with_all = ["slo_ttft_ms", "slo_tbt_ms"])]
+    slo_scale: Option<f64>,
     /// Requests per run (default: 100, or every request of a JSONL file; a shorter file is
     /// cycled, a longer one cut). `--num-prompts` is the same flag.
     #[arg(long, visible_alias = "num-prompts")]
@@ -283,6 +288,8 @@ struct Results<'a> {
     /// The device's SMs, in-process.
     sm_count: Option<u32>,
     arms: Vec<ArmRuns>,
+    /// The objective the runs are judged by, once they are done.
+    slo: Option<Slo>,
 }
 
 impl<'a> Plan<'a> {
@@ -346,8 +353,14 @@ impl<'a> Plan<'a> {
         })
     }
 
-    /// The objective `--slo-ttft-ms` and `--slo-tbt-ms` give, in seconds.
-    fn slo(&self) -> Option<Slo> {
+    /// The objective `--slo-ttft-ms` and `--slo-tbt-ms` give, in seconds, or `--slo-scale` times
+    /// the p95s of the first arm's run at the lowest rate in `arms`.
+    fn slo(&self, arms: &[ArmRuns]) -> Option<Slo> {
+        if let Some(scale) = self.args.slo_scale {
+            let lightest = arms.first()?.runs.iter().min_by(|a, b| a.0.total_cmp(&b.0))?;
+            let r = &lightest.1;
+            return Some(Slo { ttft_p95: scale * r.ttft.p95, tbt_p95: scale * r.tbt.p95 });
+        }
         Some(Slo { ttft_p95: self.args.slo_ttft_ms? / 1e3, tbt_p95: self.args.slo_tbt_ms? / 1e3 })
     }
 
@@ -387,7 +400,7 @@ impl<'a> Plan<'a> {
             Some(url) => format!("{model} at {url}"),
             None => model.to_owned(),
         };
-        let mut results = Results { plan: self, model, target, sm_count, arms: Vec::new() };
+        let mut results = Results { plan: self, model, target, sm_count, arms: Vec::new(), slo: None };
         for (index, arm) in arms.iter().enumerate() {
             let mut runs = Vec::new();
             for (rate, requests) in &traces {
@@ -400,15 +413,15 @@ impl<'a> Plan<'a> {
             }
             results.arms.push(ArmRuns { arm: arm.clone(), runs });
         }
+        results.slo = self.slo(&results.arms);
         print!("{}", results.table());
         print!("{}", results.vllm_table());
         print!("{}", results.lane_table());
-        let slo = self.slo();
-        if let Some(slo) = &slo {
+        if let Some(slo) = &results.slo {
             print!("{}", results.slo_lines(slo));
         }
         if let Some(path) = &self.args.json {
-            std::fs::write(path, serde_json::to_string_pretty(&results.json(slo.as_ref())?)?)
+            std::fs::write(path, serde_json::to_string_pretty(&results.json(results.slo.as_ref())?)?)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         if let Some(path) = &self.args.save_result {
@@ -436,6 +449,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
             bail!("{flag} must be a positive number of milliseconds");
         }
+    }
+    if args.slo_scale.is_some_and(|v| !(v.is_finite() && v >= 1.0)) {
+        bail!("--slo-scale must be a number of at least 1 (times the first schedule's p95s at the lowest rate)");
     }
     if let Some(rate) = args.plot_timeline_rate.filter(|r| !args.rate.contains(r)) {
         bail!("--plot-timeline-rate {rate} is not one of the rates run (--rate {:?})", args.rate);
@@ -566,6 +582,7 @@ fn timeline_json(timeline: &[TimelineIteration]) -> serde_json::Value {
                 "seqs": it.seqs,
                 "tokens": it.tokens,
                 "host_s": it.host_s,
+                "predicted_s": it.predicted_s,
             })
         })
         .collect()
@@ -583,6 +600,7 @@ fn timeline_summary_json(s: &TimelineSummary) -> serde_json::Value {
                 "host_mean_s": l.host_mean_s,
                 "host_fraction": l.host_fraction,
                 "mean_budget": l.mean_budget,
+                "prediction_error": l.prediction_error.map(|(p50, p90)| json!({ "p50": p50, "p90": p90 })),
             })
         })
         .collect();
@@ -678,7 +696,7 @@ fn vllm_result(results: &Results<'_>, arm: &Arm, rate: f64, r: &ReplayReport, da
             "preemptions": r.preemptions,
             "peak_concurrency": r.peak_concurrency(),
             "length_mismatches": r.length_mismatches.len(),
-            "slo_met": plan.slo().map(|slo| slo.met_by(r)),
+            "slo_met": results.slo.as_ref().map(|slo| slo.met_by(r)),
         },
     });
     for &metric in &args.vllm.percentile_metrics {
@@ -874,6 +892,8 @@ impl Results<'_> {
                     format!("{:.1}%", lane.host_fraction * 1e2),
                     format!("{:.0}", lane.mean_budget),
                     if overlap.is_finite() { format!("{:.0}%", overlap * 1e2) } else { "-".into() },
+                    lane.prediction_error
+                        .map_or_else(|| "-".into(), |(p50, p90)| format!("{:.1}% / {:.1}%", p50 * 1e2, p90 * 1e2)),
                 ]);
                 rows.push_str(&row(&cells));
             }
@@ -890,11 +910,13 @@ impl Results<'_> {
             "host / iteration time",
             "mean budget (SMs)",
             "both lanes in flight",
+            "prediction error (p50 / p90)",
         ]);
         format!(
             "\nLanes: iteration time from launch to seen done (ms: mean / p50 / p95 / p99); host = the engine \
              thread's CPU time on an iteration (planning, building, launching, reading back, sampling); both lanes \
-             in flight = share of the time any lane ran during which two did{}\n\n{}{rows}",
+             in flight = share of the time any lane ran during which two did; prediction error = |predicted / measured - 1| \
+             of the iteration times, for a schedule that predicts them (the controller's cost model){}\n\n{}{rows}",
             self.sm_count.map_or_else(String::new, |n| format!("; budgets out of {n} SMs")),
             header(&columns)
         )

@@ -2,14 +2,14 @@
 //! cost model the Nexus controller splits the SMs with, reports its prediction error, and saves
 //! it under the cache folder, where `nexus serve` and `nexus bench --schedule nexus` find it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::Engine;
-use nexus_runtime::engine::profile::{ProfileConfig, SavedProfile, profile};
+use nexus_runtime::engine::profile::{Profile, ProfileConfig, SavedMeasurements, SavedProfile, fit, measure};
 use nexus_runtime::model::backend::Backend;
 use nexus_runtime::weights::loader::DEFAULT_MODEL;
 
@@ -38,6 +38,14 @@ pub struct ProfileArgs {
     /// Where to save the profile (default: where `serve` and `bench` look for it, printed).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Also write every measurement here as JSON: each timed operator, and each whole step
+    /// (alone, or next to the other lane's iterations), to study them or fit them again.
+    #[arg(long)]
+    samples: Option<PathBuf>,
+    /// Measure nothing: fit the cost model to the measurements that --samples saved in this file
+    /// (on any machine; the profile is made for the device, model and kernels they were made on).
+    #[arg(long, conflicts_with_all = ["samples", "quick", "max_shape_tokens"])]
+    refit: Option<PathBuf>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -46,7 +54,26 @@ pub fn run(args: ProfileArgs) -> anyhow::Result<()> {
     if args.grid == 0 {
         anyhow::bail!("--grid must be at least 1 SM");
     }
+    if let Some(file) = &args.refit {
+        let measured = SavedMeasurements::load(file)?;
+        if measured.model != args.hub.qualified(&args.model) && args.model != DEFAULT_MODEL {
+            anyhow::bail!("{} holds measurements of {}, not {}", file.display(), measured.model, args.model);
+        }
+        let path = profile_path(&args, &measured.device, &measured.model)?;
+        let fitted = fit(&measured.measurements)?;
+        return report(&measured, &fitted, &path, None);
+    }
     args.device.run(ProfileJob(&args), KvSizing::Blocks(0), KvSizing::Blocks(0))
+}
+
+/// Where the profile goes: --out, else where `serve` and `bench` look for the profile of `model`
+/// on `device`.
+fn profile_path(args: &ProfileArgs, device: &str, model: &str) -> anyhow::Result<PathBuf> {
+    match &args.out {
+        Some(path) => Ok(path.clone()),
+        None => SavedProfile::default_path(device, model)
+            .context("no cache folder (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME), or give --out"),
+    }
 }
 
 struct ProfileJob<'a>(&'a ProfileArgs);
@@ -64,11 +91,7 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     let device = backend.device_name();
     // Saved under the name `serve` and `bench` look it up by: the model with its revision and file.
     let key = args.hub.qualified(&args.model);
-    let path = match &args.out {
-        Some(path) => path.clone(),
-        None => SavedProfile::default_path(&device, &key)
-            .context("no cache folder (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME), or give --out")?,
-    };
+    let path = profile_path(args, &device, &key)?;
     let (model, _) = load_model(&backend, &args.model, &args.hub)?;
     let sms = backend.sm_count();
     if 2 * args.grid > sms {
@@ -89,40 +112,82 @@ fn run_on<B: Backend>(backend: B, args: &ProfileArgs) -> anyhow::Result<()> {
     );
     bar.set_message(format!("{key} on {device}"));
     let start = Instant::now();
-    let measured = profile(&backend, &model, &config, |done, total| {
+    let measured = measure(&backend, &model, &config, |done, total| {
         bar.set_length(total as u64);
         bar.set_position(done as u64);
     });
     bar.finish_and_clear();
-    let measured = measured?;
-    let saved = SavedProfile::new(&measured, &device, &key);
-    saved.save(&path)?;
-    let cost = &measured.cost;
-    println!("{key} on {device}: {} operators timed in {:.0} s", measured.samples.len(), start.elapsed().as_secs_f64());
-    println!("| operator | TFLOP/s per SM | saturation (SMs) | decay |");
-    println!("| --- | --- | --- | --- |");
+    let measured = SavedMeasurements::new(measured?, &device, &key);
+    let measuring_s = start.elapsed().as_secs_f64();
+    if let Some(out) = &args.samples {
+        measured.save(out)?;
+        println!("measurements in {}", out.display());
+    }
+    let fitted = fit(&measured.measurements)?;
+    report(&measured, &fitted, &path, Some((measuring_s, start.elapsed().as_secs_f64() - measuring_s)))
+}
+
+/// Saves the profile fitted to `measured` at `path` and prints it, with the seconds measuring and
+/// fitting took when they were just done.
+fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Option<(f64, f64)>) -> anyhow::Result<()> {
+    SavedProfile::new(fitted, measured).save(path)?;
+    let cost = &fitted.cost;
+    let m = &measured.measurements;
+    print!(
+        "{} on {}: {} operator launches and {} whole steps timed",
+        measured.model,
+        measured.device,
+        m.ops.len(),
+        m.steps.len()
+    );
+    match took {
+        Some((measuring, fitting)) => println!(" in {measuring:.0} s, fitted in {fitting:.1} s"),
+        None => println!(" (measured before; fitted again here)"),
+    }
+    println!("| operator | TFLOP/s per SM | saturation (SMs) | decay | share of the streaming read | launch (us) |");
+    println!("| --- | --- | --- | --- | --- | --- |");
     for (name, curve) in [
         ("GEMM", cost.gemm),
         ("prefill attention", cost.prefill_attention),
         ("decode attention", cost.decode_attention),
     ] {
-        println!("| {name} | {:.2} | {:.0} | {:.2} |", curve.flops_per_sm / 1e12, curve.saturation, curve.decay);
+        println!(
+            "| {name} | {:.2} | {:.0} | {:.2} | {:.3} | {:.1} |",
+            curve.flops_per_sm / 1e12,
+            curve.saturation,
+            curve.decay,
+            curve.bandwidth_fraction,
+            curve.launch_s * 1e6
+        );
     }
+    println!(
+        "| the rest (elementwise) | - | - | - | {:.3} | {:.1} |",
+        cost.rest.bandwidth_fraction,
+        cost.rest.launch_s * 1e6
+    );
     println!(
         "fixed cost per iteration: prefill {:.2} ms, decode {:.2} ms",
         cost.prefill_overhead_s * 1e3,
         cost.decode_overhead_s * 1e3
     );
-    let (median, p90) = measured.alone_error;
-    let (both_median, both_p90) = measured.both_error;
+    for (kind, c) in
+        [("decode next to prefill", cost.decode_contention), ("prefill next to decode", cost.prefill_contention)]
+    {
+        println!(
+            "contention, {kind}: compute x{:.2}, HBM traffic {:.1}x the other lane's counted bytes",
+            c.compute, c.bandwidth_weight
+        );
+    }
+    let (median, p90) = fitted.alone_error;
+    let (both_median, both_p90) = fitted.both_error;
     println!(
-        "prediction error on whole steps (median / p90): alone {:.1}% / {:.1}%, both lanes at once {:.1}% / {:.1}%",
+        "prediction error on held-out whole steps (median / p90): alone {:.1}% / {:.1}%, both lanes at once {:.1}% / {:.1}%",
         100.0 * median,
         100.0 * p90,
         100.0 * both_median,
         100.0 * both_p90
     );
-    println!("the controller chooses a split in {:.1} us", measured.decision_s * 1e6);
+    println!("the controller chooses a split in {:.1} us", fitted.decision_s * 1e6);
     println!("saved {}", path.display());
     Ok(())
 }

@@ -125,6 +125,7 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
     let (json, plot) = (dir.join("bench.json"), dir.join("bench.svg"));
     let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
         .args(["bench", "--device", "cpu", "--rate", "1000", "--schedule", "chunked,nexus", "--prefill-sms", "64"])
+        .args(["--slo-scale", "5"])
         .arg(format!("--workload=jsonl:{}", workload.display()))
         .arg("--model")
         .arg(model())
@@ -178,6 +179,12 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
         assert!(summary["busy_s"].as_f64().expect("busy") > 0.0, "{summary}");
     }
     assert_eq!(runs[0]["timeline_summary"]["overlap_s"], 0.0, "one lane never overlaps");
+    // The objective is five times what chunked, the first schedule, reached at the lowest rate.
+    for (slo, measured) in [("ttft_p95_s", "ttft_s"), ("tbt_p95_s", "tbt_s")] {
+        let want = 5.0 * runs[0][measured]["p95"].as_f64().expect("p95");
+        assert!((doc["slo"][slo].as_f64().expect("objective") - want).abs() <= 1e-9 * want, "{slo}: {}", doc["slo"]);
+    }
+    assert!(stdout.contains("chunked: met at 1000 req/s"), "{stdout}");
 
     // Latency lines for both schedules, and a timeline panel for each.
     let svg = std::fs::read_to_string(&plot).expect("svg");
@@ -205,6 +212,8 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--metric-percentiles", "50,101"][..], "in [0, 100]"),
         (&["--goodput", "ttft:500", "itl:5"][..], "per request"),
         (&["--goodput", "ttft"][..], "METRIC:MS"),
+        (&["--slo-scale", "0.5"][..], "--slo-scale must be"),
+        (&["--slo-scale", "5", "--slo-ttft-ms", "100", "--slo-tbt-ms", "10"][..], "cannot be used with"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
             .args(["bench", "--device", "cpu", "--num-requests", "1", "--model", "/nonexistent/model.gguf"])

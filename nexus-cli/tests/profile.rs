@@ -34,14 +34,28 @@ fn a_profile_drives_the_controller_and_nexus_needs_one() {
     assert!(stderr.contains("nexus profile --model synthetic:tiny"), "{stderr}");
 
     // Profiled into the cache folder, where bench finds it.
-    let made = nexus(&["profile", "--device", "cpu", "--model", "synthetic:tiny", "--quick", "--grid", "32"], &dir);
+    let samples = dir.join("measurements.json");
+    let samples = samples.to_str().expect("path");
+    let profile_args = ["profile", "--device", "cpu", "--model", "synthetic:tiny", "--quick", "--grid", "32"];
+    let made = nexus(&[&profile_args[..], &["--samples", samples]].concat(), &dir);
     let stdout = String::from_utf8_lossy(&made.stdout);
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    assert!(stdout.contains("prediction error on whole steps"), "{stdout}");
+    assert!(stdout.contains("prediction error on held-out whole steps"), "{stdout}");
     let saved = stdout.lines().find_map(|l| l.strip_prefix("saved ")).expect("the path it saved to");
-    let profile: Value = serde_json::from_str(&std::fs::read_to_string(saved).expect("profile")).expect("JSON");
+    let read =
+        |path: &str| -> Value { serde_json::from_str(&std::fs::read_to_string(path).expect("file")).expect("JSON") };
+    let profile = read(saved);
     assert_eq!((profile["device"].as_str(), profile["model"].as_str()), (Some("CPU"), Some("synthetic:tiny")));
     assert!(profile["cost_model"]["gemm"]["flops_per_sm"].as_f64().is_some_and(|f| f > 0.0), "{profile}");
+    // The measurements fit again, without a device, to the same model, for the device and model
+    // they were made on; measurements of another model are refused.
+    let again = dir.join("again.json");
+    let again = again.to_str().expect("path");
+    let refit = nexus(&["profile", "--refit", samples, "--out", again], &dir);
+    assert!(refit.status.success(), "{}", String::from_utf8_lossy(&refit.stderr));
+    assert_eq!(read(again), profile);
+    let other = nexus(&["profile", "--refit", samples, "--model", "synthetic:qwen2.5-3b"], &dir);
+    assert!(String::from_utf8_lossy(&other.stderr).contains("measurements of synthetic:tiny"), "{other:?}");
 
     let json = dir.join("bench.json");
     let run = nexus(&[&bench[..], &small, &ids, &["--json", json.to_str().expect("path")]].concat(), &dir);
@@ -57,6 +71,11 @@ fn a_profile_drives_the_controller_and_nexus_needs_one() {
             _ => (132 - budget) % 32 == 0,
         };
         assert!(budget == 132 || on_grid, "{it}");
+        // The controller predicted every iteration's time.
+        assert!(it["predicted_s"].as_f64().is_some_and(|p| p > 0.0), "{it}");
+    }
+    for lane in run["timeline_summary"]["lanes"].as_array().expect("lanes") {
+        assert!(lane["prediction_error"]["p90"].as_f64().is_some_and(|e| e >= 0.0), "{lane}");
     }
 
     // A profile of another model is refused, naming what it was made for.

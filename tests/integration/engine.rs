@@ -41,9 +41,9 @@ fn smollm2() -> &'static LoadedModel {
 /// the controller from a cost model of SmolLM2 (made up: the CPU backend's budgets are nominal).
 fn schedules() -> [Schedule; 3] {
     use nexus::runtime::engine::NexusControl;
-    use nexus::runtime::engine::cost_model::{ComputeCurve, CostModel, ModelShape};
+    use nexus::runtime::engine::cost_model::{CostModel, ModelShape, OpCurve};
     use nexus::runtime::engine::scheduler::controller::ControllerConfig;
-    let curve = ComputeCurve { flops_per_sm: 1e10, saturation: 64.0, decay: 0.5 };
+    let curve = OpCurve::new(1e10, 64.0, 0.5);
     let shape = ModelShape::of(&smollm2().weights.config().clone());
     let cost = CostModel::new(shape, 132, vec![(1, 1e10), (64, 4e11)], curve, curve, curve, 1e-4, 1e-4).expect("cost");
     let control = NexusControl { cost, controller: ControllerConfig::default(), prefill_aging: 15 };

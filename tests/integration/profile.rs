@@ -3,7 +3,7 @@
 //! every budget, the fitted model reads back from its JSON, and its errors are finite.
 
 use nexus::runtime::engine::cost_model::{CostModel, Op};
-use nexus::runtime::engine::profile::{ProfileConfig, SavedProfile, profile};
+use nexus::runtime::engine::profile::{ProfileConfig, SavedMeasurements, SavedProfile, fit, profile};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CpuBackend;
 
@@ -21,16 +21,25 @@ fn a_profile_times_every_operator_and_fits_a_model() {
         block_size: 4,
     };
     let mut calls = Vec::new();
-    let profile = profile(&CpuBackend, &model, &config, |done, total| calls.push((done, total))).expect("profile");
+    let (measured, profile) =
+        profile(&CpuBackend, &model, &config, |done, total| calls.push((done, total))).expect("profile");
     // 3 shapes at 3 budgets, then 2 prefill shapes next to 1 decode shape at 1 split.
     assert_eq!(calls.last(), Some(&(11, 11)));
     for op in [Op::Gemm, Op::PrefillAttention, Op::DecodeAttention, Op::Rest] {
-        let timed: Vec<u32> = profile.samples.iter().filter(|s| s.op == op).map(|s| s.sms).collect();
+        let timed: Vec<u32> = measured.ops.iter().filter(|s| s.op == op).map(|s| s.sms).collect();
         for budget in &config.budgets {
             assert!(timed.contains(budget), "{op:?} at {budget} SMs");
         }
     }
-    assert!(profile.samples.iter().all(|s| s.seconds > 0.0 && s.bytes > 0.0));
+    assert!(measured.ops.iter().all(|s| s.seconds > 0.0 && s.bytes > 0.0));
+    // Whole steps alone, each shape and budget fitted and held out; both lanes, the one
+    // combination fitted and the other held out.
+    let alone = measured.steps.iter().filter(|s| s.other.is_none());
+    assert_eq!(alone.clone().filter(|s| s.held_out).count(), 9);
+    assert_eq!(alone.filter(|s| !s.held_out).count(), 9);
+    let both: Vec<_> = measured.steps.iter().filter(|s| s.other.is_some()).collect();
+    assert_eq!(both.len(), 2 * 2 * config.repeats);
+    assert_eq!(both.iter().filter(|s| s.held_out).count(), 2 * config.repeats);
     let (median, p90) = profile.alone_error;
     assert!(median.is_finite() && p90 >= median, "{:?}", profile.alone_error);
     assert!(profile.both_error.0.is_finite());
@@ -38,8 +47,14 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     // Saved and loaded for the device and model it was made for; refused for others.
     let dir = std::env::temp_dir().join(format!("nexus-profile-test-{}", std::process::id()));
     let path = dir.join("p.json");
-    let saved = SavedProfile::new(&profile, "CPU", "tiny");
+    let measured = SavedMeasurements::new(measured, "CPU", "tiny");
+    let saved = SavedProfile::new(&profile, &measured);
     saved.save(&path).expect("save");
+    // Measurements read back fit the same model again.
+    measured.save(&dir.join("m.json")).expect("save measurements");
+    let again = SavedMeasurements::load(&dir.join("m.json")).expect("load measurements");
+    assert_eq!(again, measured);
+    assert_eq!(fit(&again.measurements).expect("refit").cost, profile.cost);
     assert_eq!(SavedProfile::load(&path, "CPU", "tiny").expect("load"), saved);
     let other_device = SavedProfile::load(&path, "NVIDIA H200", "tiny").expect_err("another device");
     assert!(other_device.to_string().contains("made for device CPU"), "{other_device}");

@@ -440,6 +440,7 @@ mod tests {
             start_s,
             end_s,
             host_s: 0.0,
+            predicted_s: None,
         };
         let times = RequestTimes { sent_s: 0.0, tokens: vec![0.1], end_s: 0.1, output_tokens: 1, prompt_tokens: None };
         let request = RequestResult { prompt_len: Some(1), requested_len: 1, outcome: Ok(times) };

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::bench::metrics::{Goodput, Metric};
 use crate::bench::workload::{BenchRequest, Request, Summary, synthetic_requests};
+use crate::engine::cost_model::relative_errors;
 use crate::engine::scheduler::Lane;
 use crate::engine::{Engine, EngineEvent, Iteration, RequestOptions};
 use crate::model::backend::{Backend, StepKind};
@@ -167,6 +168,8 @@ pub struct TimelineIteration {
     /// CPU time the engine thread spent on it (planning, building, launching, reading back,
     /// sampling).
     pub host_s: f64,
+    /// The scheduler's cost model's prediction of its duration, if it had one.
+    pub predicted_s: Option<f64>,
 }
 
 impl TimelineIteration {
@@ -182,6 +185,7 @@ impl TimelineIteration {
             start_s: iteration.start.as_secs_f64() - origin_s,
             end_s: iteration.end.as_secs_f64() - origin_s,
             host_s: iteration.host.as_secs_f64(),
+            predicted_s: iteration.predicted.map(|p| p.as_secs_f64()),
         }
     }
 
@@ -204,6 +208,9 @@ pub struct LaneSummary {
     pub host_fraction: f64,
     /// Mean budget of its iterations, in SMs.
     pub mean_budget: f64,
+    /// Median and 90th percentile of the relative error of the predicted durations, over the
+    /// iterations that had one (`None` if none had).
+    pub prediction_error: Option<(f64, f64)>,
 }
 
 /// What a run's timeline says: per lane, and how long the lanes ran at once.
@@ -236,6 +243,7 @@ impl TimelineSummary {
                 host_mean_s: host / n,
                 host_fraction: host / times.iter().sum::<f64>(),
                 mean_budget: its.iter().map(|it| f64::from(it.budget)).sum::<f64>() / n,
+                prediction_error: relative_errors(its.iter().filter_map(|it| Some((it.predicted_s?, it.duration_s())))),
             });
         }
         // A sweep over the launches and completions, completions first at equal times, counting
@@ -668,7 +676,7 @@ mod tests {
 
     fn it(lane: Lane, budget: u32, start_s: f64, end_s: f64, host_s: f64) -> TimelineIteration {
         let kind = if lane == Lane::Decode { StepKind::Decode } else { StepKind::Prefill };
-        TimelineIteration { lane, kind, budget, seqs: 1, tokens: 1, start_s, end_s, host_s }
+        TimelineIteration { lane, kind, budget, seqs: 1, tokens: 1, start_s, end_s, host_s, predicted_s: None }
     }
 
     #[test]

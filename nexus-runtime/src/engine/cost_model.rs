@@ -8,13 +8,17 @@
 //!
 //! - compute time is the operator's FLOPs over `flops_per_sm × effective SMs`, where the
 //!   effective SMs grow with the budget `r` up to a saturation share and then only as
-//!   `saturation × (r / saturation)^decay` ([`ComputeCurve`], fitted per operator class);
+//!   `saturation × (r / saturation)^decay` ([`OpCurve`], fitted per operator class);
 //! - memory time is its bytes over the streaming-read bandwidth `r` SMs reach, a curve measured
 //!   on the device ([`nexus_kernels::BandwidthCurve`]);
-//! - while the other lane moves bytes too, HBM is shared: an operator gets at most what the
-//!   device's whole bandwidth leaves after the other lane's rate (measured on an H200: a stream on
-//!   D SMs keeps its rate next to compute-bound work, and loses about half next to another
-//!   stream), so decode pays for a memory-bound prefill phase, not for its SM count alone.
+//! - while the other lane runs, HBM is shared: an operator gets at most what the device's whole
+//!   bandwidth leaves after the other lane's traffic (measured on an H200: a stream on D SMs
+//!   keeps its rate next to compute-bound work, and loses about half next to another stream), so
+//!   decode pays for a memory-bound prefill phase, not for its SM count alone. The other lane's
+//!   traffic is its counted bytes per second times a fitted weight (its tiles re-read from HBM,
+//!   its writes), and compute slows by a fitted factor (shared power and clocks, L2):
+//!   [`Contention`], one per kind of iteration, fitted by `nexus profile` on both lanes run at
+//!   once.
 
 use nexus_kernels::BandwidthCurve;
 use serde::{Deserialize, Serialize};
@@ -68,7 +72,7 @@ impl ModelShape {
 }
 
 /// What one iteration of a lane computes, in the units the model prices.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct IterationWork {
     pub kind: StepKind,
     /// New tokens: the query rows.
@@ -108,17 +112,29 @@ pub enum Op {
     Rest,
 }
 
-/// How an operator's compute time falls with its SMs: as `1/r` up to `saturation` SMs, then as
-/// `(saturation / r)^decay` (0: no faster with more SMs, 1: still `1/r`).
+/// How an operator class's time depends on its SMs: compute time falls as `1/r` up to
+/// `saturation` SMs, then as `(saturation / r)^decay` (0: no faster with more SMs, 1: still
+/// `1/r`); memory time is its bytes over `bandwidth_fraction` of what a streaming read reaches on
+/// those SMs (the class's kernels pull less than the streaming kernel); each launch costs
+/// `launch_s` more (latency that neither hides: a small kernel's whole time).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ComputeCurve {
+pub struct OpCurve {
     /// FLOP/s one SM reaches below saturation.
     pub flops_per_sm: f64,
     pub saturation: f64,
     pub decay: f64,
+    /// In (0, 1].
+    pub bandwidth_fraction: f64,
+    pub launch_s: f64,
 }
 
-impl ComputeCurve {
+impl OpCurve {
+    /// A curve of `flops_per_sm` up to `saturation` SMs, `decay` beyond, and the streaming
+    /// read's bandwidth.
+    pub fn new(flops_per_sm: f64, saturation: f64, decay: f64) -> Self {
+        OpCurve { flops_per_sm, saturation, decay, bandwidth_fraction: 1.0, launch_s: 0.0 }
+    }
+
     /// Seconds to compute `flops` on `sms` SMs.
     pub fn seconds(&self, flops: f64, sms: u32) -> f64 {
         let r = f64::from(sms.max(1));
@@ -127,12 +143,30 @@ impl ComputeCurve {
     }
 }
 
-/// One operator of an iteration: its class, FLOPs and bytes moved.
+/// One operator of an iteration: its class, FLOPs and bytes moved, over how many launches.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OpWork {
     pub op: Op,
     pub flops: f64,
     pub bytes: f64,
+    pub launches: f64,
+}
+
+/// What the other lane running at the same time does to an iteration of one kind (see the
+/// module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Contention {
+    /// Factor on compute times (at least 1).
+    pub compute: f64,
+    /// Bytes of HBM traffic per byte the other lane is counted to move (at least 0).
+    pub bandwidth_weight: f64,
+}
+
+impl Default for Contention {
+    /// Compute untouched, the other lane's counted bytes taken as its traffic.
+    fn default() -> Self {
+        Contention { compute: 1.0, bandwidth_weight: 1.0 }
+    }
 }
 
 /// The cost model of one model on one device (see the module documentation).
@@ -142,12 +176,18 @@ pub struct CostModel {
     pub sm_count: u32,
     /// The streaming-read curve, `(SMs, bytes/s)`, from 1 SM up.
     pub bandwidth: Vec<(u32, f64)>,
-    pub gemm: ComputeCurve,
-    pub prefill_attention: ComputeCurve,
-    pub decode_attention: ComputeCurve,
+    pub gemm: OpCurve,
+    pub prefill_attention: OpCurve,
+    pub decode_attention: OpCurve,
+    /// The elementwise kernels: their share of the streaming read's bandwidth and launch time
+    /// (their FLOPs are not counted).
+    pub rest: OpCurve,
     /// Seconds each iteration costs besides its operators, by kind (launches and the host).
     pub prefill_overhead_s: f64,
     pub decode_overhead_s: f64,
+    /// What decode running beside a prefill iteration does to it, and the other way round.
+    pub prefill_contention: Contention,
+    pub decode_contention: Contention,
     #[serde(skip)]
     curve: Option<BandwidthCurve>,
 }
@@ -160,9 +200,9 @@ impl CostModel {
         model: ModelShape,
         sm_count: u32,
         bandwidth: Vec<(u32, f64)>,
-        gemm: ComputeCurve,
-        prefill_attention: ComputeCurve,
-        decode_attention: ComputeCurve,
+        gemm: OpCurve,
+        prefill_attention: OpCurve,
+        decode_attention: OpCurve,
         prefill_overhead_s: f64,
         decode_overhead_s: f64,
     ) -> Result<Self> {
@@ -173,8 +213,11 @@ impl CostModel {
             gemm,
             prefill_attention,
             decode_attention,
+            rest: OpCurve::new(1.0, f64::from(sm_count), 1.0),
             prefill_overhead_s,
             decode_overhead_s,
+            prefill_contention: Contention::default(),
+            decode_contention: Contention::default(),
             curve: None,
         };
         cost.check()?;
@@ -200,13 +243,30 @@ impl CostModel {
     }
 
     fn check(&mut self) -> Result<()> {
-        let curves = [self.gemm, self.prefill_attention, self.decode_attention];
+        let curves = [self.gemm, self.prefill_attention, self.decode_attention, self.rest];
         let positive = |v: f64| v.is_finite() && v > 0.0;
         let overhead = |v: f64| v.is_finite() && v >= 0.0;
-        let curves_ok =
-            curves.iter().all(|c| positive(c.flops_per_sm) && positive(c.saturation) && c.decay.is_finite());
+        let fraction = |f: f64| f.is_finite() && f > 0.0 && f <= 1.0;
+        let curves_ok = curves.iter().all(|c| {
+            positive(c.flops_per_sm)
+                && positive(c.saturation)
+                && c.decay.is_finite()
+                && fraction(c.bandwidth_fraction)
+                && overhead(c.launch_s)
+        });
+        let contention_ok = [self.prefill_contention, self.decode_contention]
+            .iter()
+            .all(|c| c.compute.is_finite() && c.compute >= 1.0 && overhead(c.bandwidth_weight));
         if self.sm_count == 0 || !curves_ok || !overhead(self.prefill_overhead_s) || !overhead(self.decode_overhead_s) {
-            return Err(Error::format("cost model: SM count, curves and overheads must be positive and finite"));
+            return Err(Error::format(
+                "cost model: SM count, curves and overheads must be positive and finite, bandwidth fractions in (0, 1], \
+                 launch times at least 0",
+            ));
+        }
+        if !contention_ok {
+            return Err(Error::format(
+                "cost model: contention factors must be finite, compute at least 1, weights at least 0",
+            ));
         }
         let curve = BandwidthCurve::from_points(&self.bandwidth)
             .map_err(|e| Error::format(format!("cost model: bandwidth: {e}")))?;
@@ -225,7 +285,12 @@ impl CostModel {
         match *shape {
             OpShape::Gemm { m: rows, n, k } => {
                 let (rows, n, k) = (rows as f64, n as f64, k as f64);
-                OpWork { op: Op::Gemm, flops: 2.0 * rows * n * k, bytes: 2.0 * (rows * k + n * k + rows * n) }
+                OpWork {
+                    op: Op::Gemm,
+                    flops: 2.0 * rows * n * k,
+                    bytes: 2.0 * (rows * k + n * k + rows * n),
+                    launches: 1.0,
+                }
             }
             OpShape::Attention { kind, tokens, attended, kv_tokens, .. } => {
                 let q_width = (m.heads * m.head_dim) as f64;
@@ -234,9 +299,10 @@ impl CostModel {
                     flops: 4.0 * q_width * attended,
                     // The cached K and V, the queries in and the output out.
                     bytes: kv_tokens * m.kv_bytes_per_token() + tokens as f64 * 2.0 * 2.0 * q_width,
+                    launches: 1.0,
                 }
             }
-            OpShape::Elementwise { bytes } => OpWork { op: Op::Rest, flops: 0.0, bytes },
+            OpShape::Elementwise { bytes } => OpWork { op: Op::Rest, flops: 0.0, bytes, launches: 1.0 },
         }
     }
 
@@ -245,7 +311,12 @@ impl CostModel {
     pub fn ops(&self, work: &IterationWork) -> Vec<OpWork> {
         let m = &self.model;
         let layers = m.layers as f64;
-        let scaled = |op: OpWork, times: f64| OpWork { op: op.op, flops: times * op.flops, bytes: times * op.bytes };
+        let scaled = |op: OpWork, times: f64| OpWork {
+            op: op.op,
+            flops: times * op.flops,
+            bytes: times * op.bytes,
+            launches: times * op.launches,
+        };
         let mut ops: Vec<OpWork> = m
             .layer_linears()
             .iter()
@@ -260,40 +331,53 @@ impl CostModel {
             kv_tokens: work.kv_tokens,
         };
         ops.push(scaled(self.op_work(&attention), layers));
-        // Per layer and token, the elementwise kernels move (as the backends count them): two
+        // Per layer, four elementwise kernels move per token (as the backends count them): two
         // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write),
         // SiLU-and-mul (2I in, I out).
         let rotated = (m.heads + m.kv_heads) * m.head_dim;
         let per_token = 8 * m.hidden + 2 * rotated + 3 * m.intermediate;
-        ops.push(scaled(self.op_work(&OpShape::elementwise(work.tokens * per_token)), layers));
+        let rest = self.op_work(&OpShape::elementwise(work.tokens * per_token));
+        ops.push(scaled(OpWork { launches: 4.0, ..rest }, layers));
         ops
     }
 
-    /// Seconds `op` takes on `sms` SMs while the other lane reads or writes `other_bytes_per_s`.
-    pub fn op_seconds(&self, op: &OpWork, sms: u32, other_bytes_per_s: f64) -> f64 {
-        let compute = match op.op {
-            Op::Gemm => self.gemm.seconds(op.flops, sms),
-            Op::PrefillAttention => self.prefill_attention.seconds(op.flops, sms),
-            Op::DecodeAttention => self.decode_attention.seconds(op.flops, sms),
-            Op::Rest => 0.0,
+    /// Seconds `op` takes on `sms` SMs, alone (`other` is `None`) or while the other lane runs,
+    /// moving `other` counted bytes per second, and slows it as `contention` says.
+    fn op_seconds(&self, op: &OpWork, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
+        let curve = match op.op {
+            Op::Gemm => &self.gemm,
+            Op::PrefillAttention => &self.prefill_attention,
+            Op::DecodeAttention => &self.decode_attention,
+            Op::Rest => &self.rest,
         };
-        // HBM is shared: what the whole device reads, less the other lane's rate, but never less
-        // than a tenth of what these SMs reach alone.
+        let compute = if op.op == Op::Rest { 0.0 } else { curve.seconds(op.flops, sms) };
+        let launches = op.launches * curve.launch_s;
         let own = self.bandwidth(sms);
-        let left = (self.bandwidth(self.sm_count) - other_bytes_per_s).max(0.1 * own);
-        compute.max(op.bytes / own.min(left))
+        let Some(other) = other else { return launches + compute.max(op.bytes / (curve.bandwidth_fraction * own)) };
+        // HBM is shared: what the whole device reads, less the other lane's traffic, but never
+        // less than a tenth of what these SMs reach alone.
+        let left = (self.bandwidth(self.sm_count) - contention.bandwidth_weight * other).max(0.1 * own);
+        launches + (contention.compute * compute).max(op.bytes / (curve.bandwidth_fraction * own.min(left)))
     }
 
-    /// The predicted seconds of an iteration doing `work` on `sms` SMs while the other lane reads
-    /// or writes `other_bytes_per_s` (0 when it is idle).
-    pub fn seconds(&self, work: &IterationWork, sms: u32, other_bytes_per_s: f64) -> f64 {
-        self.priced_seconds(&self.priced(work), sms, other_bytes_per_s)
+    /// The predicted seconds of an iteration doing `work` on `sms` SMs, alone (`other` is `None`)
+    /// or while the other lane moves `other` counted bytes per second.
+    pub fn seconds(&self, work: &IterationWork, sms: u32, other: Option<f64>) -> f64 {
+        self.priced_seconds(&self.priced(work), sms, other)
     }
 
-    /// The bytes/s an iteration doing `work` on `sms` SMs moves on average (what it leaves the
-    /// other lane is the device's bandwidth less this).
+    /// The counted bytes per second an iteration doing `work` on `sms` SMs moves on average,
+    /// alone (what it does to the other lane: [`Contention`]).
     pub fn bytes_per_s(&self, work: &IterationWork, sms: u32) -> f64 {
         self.priced_bytes_per_s(&self.priced(work), sms)
+    }
+
+    /// What the other lane does to iterations of `kind`.
+    pub fn contention(&self, kind: StepKind) -> Contention {
+        match kind {
+            StepKind::Decode => self.decode_contention,
+            StepKind::Prefill => self.prefill_contention,
+        }
     }
 
     /// `work`'s operators, listed once to be priced at many splits.
@@ -303,14 +387,58 @@ impl CostModel {
     }
 
     /// [`Self::seconds`] of listed work.
-    pub(crate) fn priced_seconds(&self, work: &PricedWork, sms: u32, other_bytes_per_s: f64) -> f64 {
+    pub(crate) fn priced_seconds(&self, work: &PricedWork, sms: u32, other: Option<f64>) -> f64 {
+        self.priced_seconds_with(work, sms, other, self.contention(work.kind))
+    }
+
+    /// [`Self::priced_seconds`] with another contention (what the profile fits it with).
+    fn priced_seconds_with(&self, work: &PricedWork, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
         let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
-        overhead + work.ops.iter().map(|op| self.op_seconds(op, sms, other_bytes_per_s)).sum::<f64>()
+        overhead + work.ops.iter().map(|op| self.op_seconds(op, sms, other, contention)).sum::<f64>()
     }
 
     /// [`Self::bytes_per_s`] of listed work.
     pub(crate) fn priced_bytes_per_s(&self, work: &PricedWork, sms: u32) -> f64 {
-        work.bytes / self.priced_seconds(work, sms, 0.0).max(1e-9)
+        work.bytes / self.priced_seconds(work, sms, None).max(1e-9)
+    }
+
+    /// The contention of each kind that best explains `steps` (iterations run beside the other
+    /// lane: the work, its SMs, the other lane's counted bytes per second and the measured
+    /// seconds): on a grid of compute factors 1 to 2 (steps of 0.02) and bandwidth weights 0 to
+    /// 8 (steps of 0.1), minimizing the squared log-ratio of predicted to measured times. A kind
+    /// without a step keeps its contention.
+    pub fn fit_contention(&mut self, steps: &[(IterationWork, u32, f64, f64)]) {
+        for kind in [StepKind::Prefill, StepKind::Decode] {
+            let of_kind: Vec<(PricedWork, u32, f64, f64)> = steps
+                .iter()
+                .filter(|s| s.0.kind == kind)
+                .map(|&(work, sms, other, seconds)| (self.priced(&work), sms, other, seconds))
+                .collect();
+            if of_kind.is_empty() {
+                continue;
+            }
+            let error = |c: Contention| -> f64 {
+                of_kind
+                    .iter()
+                    .map(|(work, sms, other, seconds)| {
+                        (self.priced_seconds_with(work, *sms, Some(*other), c) / seconds).ln().powi(2)
+                    })
+                    .sum()
+            };
+            let candidates = (0..=50).flat_map(|i| {
+                (0..=80).map(move |j| Contention {
+                    compute: 1.0 + 0.02 * f64::from(i),
+                    bandwidth_weight: 0.1 * f64::from(j),
+                })
+            });
+            let best = candidates.map(|c| (error(c), c)).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c);
+            if let Some(best) = best {
+                match kind {
+                    StepKind::Decode => self.decode_contention = best,
+                    StepKind::Prefill => self.prefill_contention = best,
+                }
+            }
+        }
     }
 }
 
@@ -332,19 +460,36 @@ pub struct Sample {
     pub seconds: f64,
 }
 
-/// The compute curve that best explains `samples` (all of one operator class, timed alone) on a
-/// device of `sm_count` SMs whose streaming read reaches `bandwidth(sms)`: the saturation on a
-/// grid of 4 SMs, the decay in steps of 0.05 and the per-SM rate by a golden-section search,
-/// minimizing the squared log-ratio of predicted to measured times (a sample's prediction is the
-/// larger of its compute and memory times, as in [`CostModel::op_seconds`]). `None` without a
-/// sample.
-pub fn fit_compute_curve(samples: &[Sample], sm_count: u32, bandwidth: impl Fn(u32) -> f64) -> Option<ComputeCurve> {
+/// The curve that best explains `samples` (all of one operator class, each one launch timed
+/// alone) on a device of `sm_count` SMs whose streaming read reaches `bandwidth(sms)`, minimizing
+/// the squared log-ratio of predicted to measured times (a sample's prediction is its launch time
+/// plus the larger of its compute and memory times, as [`CostModel::seconds`] prices each operator). The launch
+/// time (steps of 0.5 us up to 40 us), the bandwidth fraction (steps of 0.025) and the compute
+/// curve (the saturation on a grid of 4 SMs, the decay in steps of 0.05, the per-SM rate by a
+/// golden-section search) are fitted in turn, three times. A class without FLOPs gets only its
+/// launch time and bandwidth fraction. `None` without a sample.
+pub fn fit_op_curve(samples: &[Sample], sm_count: u32, bandwidth: impl Fn(u32) -> f64) -> Option<OpCurve> {
     if samples.is_empty() {
         return None;
     }
-    let memory: Vec<f64> = samples.iter().map(|s| s.bytes / bandwidth(s.sms)).collect();
-    let error = |curve: &ComputeCurve| -> f64 {
-        samples.iter().zip(&memory).map(|(s, &m)| (curve.seconds(s.flops, s.sms).max(m) / s.seconds).ln().powi(2)).sum()
+    let streaming: Vec<f64> = samples.iter().map(|s| s.bytes / bandwidth(s.sms)).collect();
+    let error = |curve: &OpCurve| -> f64 {
+        samples
+            .iter()
+            .zip(&streaming)
+            .map(|(s, &m)| {
+                let predicted = curve.launch_s + curve.seconds(s.flops, s.sms).max(m / curve.bandwidth_fraction);
+                (predicted / s.seconds).ln().powi(2)
+            })
+            .sum()
+    };
+    let best_of = |candidates: &mut dyn Iterator<Item = OpCurve>, current: OpCurve| -> OpCurve {
+        candidates.min_by(|a, b| error(a).total_cmp(&error(b))).unwrap_or(current)
+    };
+    let memory_side = |curve: OpCurve| -> OpCurve {
+        let curve =
+            best_of(&mut (4..=40).map(|k| OpCurve { bandwidth_fraction: 0.025 * f64::from(k), ..curve }), curve);
+        best_of(&mut (0..=80).map(|k| OpCurve { launch_s: 0.5e-6 * f64::from(k), ..curve }), curve)
     };
     // The per-SM rate a sample implies if it is compute-bound below saturation, to bracket the
     // search.
@@ -352,33 +497,42 @@ pub fn fit_compute_curve(samples: &[Sample], sm_count: u32, bandwidth: impl Fn(u
         samples.iter().filter(|s| s.flops > 0.0).map(|s| s.flops / (s.seconds * f64::from(s.sms))).collect();
     let (low, high) = implied.iter().fold((f64::MAX, 0.0f64), |(l, h), &r| (l.min(r), h.max(r)));
     if implied.is_empty() {
-        return Some(ComputeCurve { flops_per_sm: 1.0, saturation: f64::from(sm_count), decay: 1.0 });
+        let mut curve = OpCurve::new(1.0, f64::from(sm_count), 1.0);
+        for _ in 0..3 {
+            curve = memory_side(curve);
+        }
+        return Some(curve);
     }
-    let mut best: Option<(f64, ComputeCurve)> = None;
-    for saturation in (4..=sm_count).step_by(4).map(f64::from).chain([f64::from(sm_count)]) {
-        for step in 0..=20 {
-            let decay = f64::from(step) * 0.05;
-            let at = |log_rate: f64| ComputeCurve { flops_per_sm: log_rate.exp(), saturation, decay };
-            // Golden-section search of the log rate between a quarter of the lowest implied rate
-            // and four times the highest.
-            let (mut a, mut b) = ((low / 4.0).ln(), (high * 4.0).ln());
-            let phi = (5f64.sqrt() - 1.0) / 2.0;
-            for _ in 0..60 {
-                let (c, d) = (b - phi * (b - a), a + phi * (b - a));
-                if error(&at(c)) < error(&at(d)) {
-                    b = d;
-                } else {
-                    a = c;
+    let mut curve = OpCurve::new(high, f64::from(sm_count), 1.0);
+    for _ in 0..3 {
+        curve = memory_side(curve);
+        let mut best: Option<(f64, OpCurve)> = None;
+        for saturation in (4..=sm_count).step_by(4).map(f64::from).chain([f64::from(sm_count)]) {
+            for step in 0..=20 {
+                let decay = f64::from(step) * 0.05;
+                let at = |log_rate: f64| OpCurve { flops_per_sm: log_rate.exp(), saturation, decay, ..curve };
+                // Golden-section search of the log rate between a quarter of the lowest implied
+                // rate and four times the highest.
+                let (mut a, mut b) = ((low / 4.0).ln(), (high * 4.0).ln());
+                let phi = (5f64.sqrt() - 1.0) / 2.0;
+                for _ in 0..40 {
+                    let (c, d) = (b - phi * (b - a), a + phi * (b - a));
+                    if error(&at(c)) < error(&at(d)) {
+                        b = d;
+                    } else {
+                        a = c;
+                    }
+                }
+                let candidate = at((a + b) / 2.0);
+                let e = error(&candidate);
+                if best.as_ref().is_none_or(|(be, _)| e < *be) {
+                    best = Some((e, candidate));
                 }
             }
-            let curve = at((a + b) / 2.0);
-            let e = error(&curve);
-            if best.as_ref().is_none_or(|(be, _)| e < *be) {
-                best = Some((e, curve));
-            }
         }
+        curve = best.map_or(curve, |(_, c)| c);
     }
-    best.map(|(_, curve)| curve)
+    Some(curve)
 }
 
 /// The median and the 90th percentile of `|predicted / measured − 1|` over pairs.
@@ -411,9 +565,9 @@ pub(crate) mod tests {
             vocab: 128_256,
         };
         let bandwidth = vec![(1, 0.11e12), (16, 1.73e12), (32, 2.96e12), (64, 4.24e12), (132, 4.53e12)];
-        let gemm = ComputeCurve { flops_per_sm: 6.0e12, saturation: 132.0, decay: 1.0 };
-        let prefill = ComputeCurve { flops_per_sm: 4.5e12, saturation: 132.0, decay: 1.0 };
-        let decode = ComputeCurve { flops_per_sm: 1.0e12, saturation: 132.0, decay: 1.0 };
+        let gemm = OpCurve::new(6.0e12, 132.0, 1.0);
+        let prefill = OpCurve::new(4.5e12, 132.0, 1.0);
+        let decode = OpCurve::new(1.0e12, 132.0, 1.0);
         CostModel::new(model, 132, bandwidth, gemm, prefill, decode, 2e-3, 0.3e-3).unwrap()
     }
 
@@ -424,19 +578,29 @@ pub(crate) mod tests {
         // KV: 7.37 ms at 4.53 TB/s (DESIGN.md's floor), with overheads and the rest a little
         // more; about as much at 64 SMs, much more at 16.
         let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
-        let all = cost.seconds(&decode, 132, 0.0);
+        let all = cost.seconds(&decode, 132, None);
         assert!((7.37e-3..8.0e-3).contains(&all), "{all}");
-        assert!(cost.seconds(&decode, 64, 0.0) < 1.1 * all);
-        assert!(cost.seconds(&decode, 16, 0.0) > 2.0 * all);
+        assert!(cost.seconds(&decode, 64, None) < 1.1 * all);
+        assert!(cost.seconds(&decode, 16, None) > 2.0 * all);
         // An 8k prompt: ~130 TFLOP of GEMMs, compute-bound: about half the SMs, about twice the time.
         let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
-        let (full, half) = (cost.seconds(&prefill, 132, 0.0), cost.seconds(&prefill, 66, 0.0));
+        let (full, half) = (cost.seconds(&prefill, 132, None), cost.seconds(&prefill, 66, None));
         assert!((1.8..2.1).contains(&(half / full)), "{full} {half}");
         // Next to a lane that reads 3 TB/s, the decode gets what is left of the device's HBM.
-        let shared = cost.seconds(&decode, 64, 3.0e12);
-        assert!(shared > 2.0 * cost.seconds(&decode, 64, 0.0), "{shared}");
+        let shared = cost.seconds(&decode, 64, Some(3.0e12));
+        assert!(shared > 2.0 * cost.seconds(&decode, 64, None), "{shared}");
         // And the prefill reads far less than it could: compute bound.
         assert!(cost.bytes_per_s(&prefill, 66) < 0.1 * cost.bandwidth(132));
+    }
+
+    /// Factors within ±3% of 1, from a xorshift generator seeded with `seed`.
+    fn jitter(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            1.0 + 0.03 * ((seed % 2001) as f64 / 1000.0 - 1.0)
+        }
     }
 
     /// Samples from a known curve (with ±3% noise) over budgets and sizes, some of them
@@ -444,38 +608,85 @@ pub(crate) mod tests {
     /// within a few percent.
     #[test]
     fn a_fit_recovers_a_known_curve() {
-        let truth = ComputeCurve { flops_per_sm: 5.0e12, saturation: 96.0, decay: 0.3 };
+        let truth =
+            OpCurve { flops_per_sm: 5.0e12, saturation: 96.0, decay: 0.3, bandwidth_fraction: 0.7, launch_s: 4e-6 };
         let bandwidth = |sms: u32| 4.5e12 * (1.0 - (-f64::from(sms) / 30.0).exp());
-        let mut noise = 0x2545_F491_4F6C_DD1Du64;
-        let mut jitter = || {
-            noise ^= noise << 13;
-            noise ^= noise >> 7;
-            noise ^= noise << 17;
-            1.0 + 0.03 * ((noise % 2001) as f64 / 1000.0 - 1.0)
-        };
+        let mut jitter = jitter(0x2545_F491_4F6C_DD1D);
         let mut samples = Vec::new();
         for sms in (8..=132).step_by(8) {
             for (flops, bytes) in [(2e12, 1e9), (2e13, 4e9), (5e11, 4e10), (1e11, 1e8)] {
-                let seconds = truth.seconds(flops, sms).max(bytes / bandwidth(sms)) * jitter();
+                let seconds = (4e-6 + truth.seconds(flops, sms).max(bytes / (0.7 * bandwidth(sms)))) * jitter();
                 samples.push(Sample { op: Op::Gemm, flops, bytes, sms, seconds });
             }
         }
         let (train, held): (Vec<_>, Vec<_>) = samples.iter().enumerate().partition(|(i, _)| i % 4 != 0);
         let train: Vec<Sample> = train.into_iter().map(|(_, s)| *s).collect();
-        let fitted = fit_compute_curve(&train, 132, bandwidth).unwrap();
+        let fitted = fit_op_curve(&train, 132, bandwidth).unwrap();
         assert!((fitted.flops_per_sm / truth.flops_per_sm - 1.0).abs() < 0.05, "{fitted:?}");
         assert!((fitted.saturation - truth.saturation).abs() <= 8.0, "{fitted:?}");
-        let predicted =
-            held.iter().map(|(_, s)| (fitted.seconds(s.flops, s.sms).max(s.bytes / bandwidth(s.sms)), s.seconds));
+        assert!((fitted.bandwidth_fraction - 0.7).abs() <= 0.05, "{fitted:?}");
+        let predicted = held.iter().map(|(_, s)| {
+            let memory = s.bytes / (fitted.bandwidth_fraction * bandwidth(s.sms));
+            (fitted.launch_s + fitted.seconds(s.flops, s.sms).max(memory), s.seconds)
+        });
         let (median, p90) = relative_errors(predicted).unwrap();
         assert!(median < 0.03 && p90 < 0.06, "{median} {p90}");
-        assert_eq!(fit_compute_curve(&[], 132, bandwidth), None);
+        assert_eq!(fit_op_curve(&[], 132, bandwidth), None);
         assert_eq!(relative_errors([(1.0, 2.0), (3.0, 3.0), (4.0, 2.0)]), Some((0.5, 1.0)));
+    }
+
+    /// Iterations run beside the other lane, timed with a known contention (±3% noise): the fit
+    /// recovers it, for each kind on its own, and predicts held-out ones within a few percent.
+    #[test]
+    fn a_fit_recovers_a_known_contention() {
+        let mut truth = llama8b_h200();
+        truth.decode_contention = Contention { compute: 1.1, bandwidth_weight: 3.0 };
+        truth.prefill_contention = Contention { compute: 1.3, bandwidth_weight: 0.5 };
+        let mut jitter = jitter(0x9E37_79B9_7F4A_7C15);
+        let mut steps = Vec::new();
+        for (prompt, cached) in [(512, 0), (2048, 0), (8192, 0), (2048, 8192)] {
+            for (batch, context) in [(1, 1024), (16, 2048), (64, 2048)] {
+                for decode_sms in [32, 64, 96] {
+                    let prefill = IterationWork::of(StepKind::Prefill, [(prompt, cached)]);
+                    let decode = IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, context)));
+                    let prefill_sms = 132 - decode_sms;
+                    let (p_rate, d_rate) =
+                        (truth.bytes_per_s(&prefill, prefill_sms), truth.bytes_per_s(&decode, decode_sms));
+                    let p = truth.seconds(&prefill, prefill_sms, Some(d_rate)) * jitter();
+                    let d = truth.seconds(&decode, decode_sms, Some(p_rate)) * jitter();
+                    steps.push((prefill, prefill_sms, d_rate, p));
+                    steps.push((decode, decode_sms, p_rate, d));
+                }
+            }
+        }
+        let (train, held): (Vec<_>, Vec<_>) = steps.iter().enumerate().partition(|(i, _)| i % 4 < 2);
+        let train: Vec<_> = train.into_iter().map(|(_, s)| *s).collect();
+        let mut fitted = llama8b_h200();
+        fitted.fit_contention(&train);
+        assert!((fitted.prefill_contention.compute - 1.3).abs() <= 0.04, "{:?}", fitted.prefill_contention);
+        assert!((fitted.decode_contention.bandwidth_weight - 3.0).abs() <= 0.5, "{:?}", fitted.decode_contention);
+        let predicted =
+            held.iter().map(|(_, (work, sms, other, seconds))| (fitted.seconds(work, *sms, Some(*other)), *seconds));
+        let (median, p90) = relative_errors(predicted).unwrap();
+        assert!(median < 0.03 && p90 < 0.05, "{median} {p90}");
+        // Without contention the same model is far off on them.
+        let plain = llama8b_h200();
+        let predicted =
+            held.iter().map(|(_, (work, sms, other, seconds))| (plain.seconds(work, *sms, Some(*other)), *seconds));
+        assert!(relative_errors(predicted).unwrap().1 > 0.15);
+        // A kind without steps keeps its contention; a bad one is refused on load.
+        let mut only_prefill = llama8b_h200();
+        only_prefill
+            .fit_contention(&train.iter().filter(|s| s.0.kind == StepKind::Prefill).copied().collect::<Vec<_>>());
+        assert_eq!(only_prefill.decode_contention, Contention::default());
+        let mut bad = llama8b_h200();
+        bad.decode_contention.compute = 0.5;
+        assert!(CostModel::from_json(&bad.to_json()).is_err());
     }
 
     #[test]
     fn compute_saturates_and_then_decays() {
-        let curve = ComputeCurve { flops_per_sm: 1e12, saturation: 64.0, decay: 0.25 };
+        let curve = OpCurve::new(1e12, 64.0, 0.25);
         assert!((curve.seconds(64e12, 64) - 1.0).abs() < 1e-12);
         assert!((curve.seconds(64e12, 32) - 2.0).abs() < 1e-12);
         let beyond = curve.seconds(64e12, 128);

@@ -164,6 +164,8 @@ pub struct Iteration {
     /// CPU time the engine thread spent on it: its share of planning, building and launching
     /// the step, and reading and sampling its results.
     pub host: Duration,
+    /// How long the scheduler's cost model predicted it would take (the Nexus controller's).
+    pub predicted: Option<Duration>,
 }
 
 struct Sequence {
@@ -192,6 +194,7 @@ struct InFlight<B: Backend> {
     pending: B::Pending,
     start: Instant,
     host: Duration,
+    predicted: Option<Duration>,
 }
 
 /// An iteration planned and built, about to be launched.
@@ -631,6 +634,7 @@ impl<B: Backend> Engine<B> {
                     pending,
                     start: launching,
                     host: planning + launching.elapsed(),
+                    predicted: plan.predicted,
                 });
             }
             Err(e) => failures.extend(self.fail(&plan.scheduled, &e)),
@@ -739,6 +743,7 @@ impl<B: Backend> Engine<B> {
                 start: flight.start - self.epoch,
                 end: seen - self.epoch,
                 host: flight.host + seen.elapsed(),
+                predicted: flight.predicted,
             });
         }
     }

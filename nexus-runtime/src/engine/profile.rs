@@ -6,11 +6,13 @@
 //! at every budget of the grid, run in a phase whose operators are timed
 //! ([`Backend::time_ops`]); each shape's step is built once and run again and again (it writes
 //! the same keys and values at the same slots every time). Compute curves are fitted per
-//! operator class ([`fit_compute_curve`]), with memory priced by the device's streaming-read
+//! operator class ([`fit_op_curve`]), with memory priced by the device's streaming-read
 //! curve ([`Backend::bandwidth_curve`]). Whole steps, timed without the operator timing, give each
 //! kind's fixed cost (half of them) and the prediction error (the other half). Then prefill and
-//! decode steps run at once on two phases at several splits, and each is compared with the model's
-//! prediction next to the other.
+//! decode run at once on two phases at several splits, as the engine runs them: one prefill step,
+//! and decode steps back to back while it runs. Half of these pairs fit what each lane does to the
+//! other ([`CostModel::fit_contention`]), the other half give the prediction error with both lanes
+//! running.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -19,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::batch::{SeqChunk, build_step};
 use crate::engine::cost_model::{
-    ComputeCurve, CostModel, IterationWork, ModelShape, Op, Sample, fit_compute_curve, relative_errors,
+    CostModel, IterationWork, ModelShape, Op, OpCurve, Sample, fit_op_curve, relative_errors,
 };
 use crate::engine::kv_cache::BlockManager;
 use crate::engine::scheduler::controller::{Controller, ControllerConfig};
@@ -38,7 +40,8 @@ pub struct ProfileConfig {
     pub decode: Vec<(usize, usize)>,
     /// Decode budgets of the runs of both lanes at once (prefill gets the rest).
     pub splits: Vec<u32>,
-    /// Timed runs of each shape and budget, after an untimed one.
+    /// Whole-step runs of each shape and budget (at least two: alternately fitted and held out),
+    /// after one run whose operators are timed; and runs of each combination of both lanes.
     pub repeats: usize,
     /// Tokens per KV block.
     pub block_size: usize,
@@ -91,23 +94,35 @@ impl ProfileConfig {
 }
 
 /// A whole step's measured time.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StepSample {
     pub work: IterationWork,
     pub sms: u32,
-    /// Bytes/s the other lane moved meanwhile (0 alone).
-    pub other_bytes_per_s: f64,
+    /// The other lane's iteration running meanwhile and its SMs (`None` alone).
+    pub other: Option<(IterationWork, u32)>,
     pub seconds: f64,
+    /// Whether it measures the model's error rather than fitting it.
+    pub held_out: bool,
+}
+
+/// What a profile measured, to fit a cost model to ([`fit`]); `nexus profile --samples` saves
+/// it, `--refit` reads it back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Measurements {
+    pub model: ModelShape,
+    pub sm_count: u32,
+    /// The streaming-read curve, `(SMs, bytes/s)`.
+    pub bandwidth: Vec<(u32, f64)>,
+    /// Every timed operator launch.
+    pub ops: Vec<Sample>,
+    /// Whole steps timed alone and with both lanes running.
+    pub steps: Vec<StepSample>,
 }
 
 /// The outcome of a profile.
 #[derive(Clone, Debug)]
 pub struct Profile {
     pub cost: CostModel,
-    /// Every timed operator.
-    pub samples: Vec<Sample>,
-    /// Whole steps timed alone and with both lanes running.
-    pub steps: Vec<StepSample>,
     /// Median and 90th percentile of the relative error of the predicted time of whole steps the
     /// model was not fitted to, alone.
     pub alone_error: (f64, f64),
@@ -125,14 +140,26 @@ struct Shape {
     seqs: Vec<u64>,
 }
 
-/// Profiles `model` on `backend` (see the module documentation); `progress(done, total)` after
-/// each measurement.
+/// Profiles `model` on `backend`: [`measure`], then [`fit`]; `progress(done, total)` after each
+/// measurement.
 pub fn profile<B: Backend>(
     backend: &B,
     model: &LlamaModel<B>,
     config: &ProfileConfig,
+    progress: impl FnMut(usize, usize),
+) -> Result<(Measurements, Profile)> {
+    let measured = measure(backend, model, config, progress)?;
+    let fitted = fit(&measured)?;
+    Ok((measured, fitted))
+}
+
+/// Times `model`'s operators and whole steps on `backend` (see the module documentation).
+pub fn measure<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    config: &ProfileConfig,
     mut progress: impl FnMut(usize, usize),
-) -> Result<Profile> {
+) -> Result<Measurements> {
     let sm_count = backend.sm_count();
     if config.budgets.is_empty() || config.budgets.iter().any(|&b| b == 0 || b > sm_count) {
         return Err(Error::invalid(format!("profile budgets must be in 1..={sm_count}")));
@@ -150,17 +177,19 @@ pub fn profile<B: Backend>(
     let mut cache = model.alloc_kv_cache(backend, num_blocks, config.block_size)?;
     let mut blocks = BlockManager::new(num_blocks, config.block_size)?;
     let mut phases = [backend.new_phase()?, backend.new_phase()?];
-    let bandwidth = backend.bandwidth_curve();
-    // Curves to start from (replaced by the fit), so that ops can be priced while measuring.
-    let start = ComputeCurve { flops_per_sm: 1e12, saturation: f64::from(sm_count), decay: 1.0 };
-    let mut cost = CostModel::new(ModelShape::of(model.config()), sm_count, bandwidth, start, start, start, 0.0, 0.0)?;
+    // Prices the operators the backend reports (only their FLOPs and bytes are used).
+    let start = OpCurve::new(1e12, f64::from(sm_count), 1.0);
+    let shape = ModelShape::of(model.config());
+    let pricing = CostModel::new(shape, sm_count, backend.bandwidth_curve(), start, start, start, 0.0, 0.0)?;
     let shapes = config.prefill.len() + config.decode.len();
     let total = shapes * config.budgets.len() + config.prefill.len() * config.decode.len() * config.splits.len();
     let mut done = 0;
-    let mut samples = Vec::new();
+    let mut ops = Vec::new();
     let mut steps = Vec::new();
     let mut next_seq = 0u64;
 
+    // Each shape at each budget: its operators timed in one run, then whole steps, alternately
+    // fitted and held out.
     let kinds = config.prefill.iter().map(|&(n, c)| (StepKind::Prefill, 1, n, c));
     let all = kinds.chain(config.decode.iter().map(|&(s, c)| (StepKind::Decode, s, 1, c)));
     for (kind, seqs, new, cached) in all {
@@ -168,21 +197,23 @@ pub fn profile<B: Backend>(
             prepare(backend, model, &mut phases[0], &mut cache, &mut blocks, kind, seqs, new, cached, &mut next_seq)?;
         for &budget in &config.budgets {
             backend.set_budget(&mut phases[0], budget)?;
-            run(backend, model, &phases[0], &mut cache, &step.input)?;
-            backend.time_ops(&phases[0], true)?;
-            for _ in 0..config.repeats {
+            if kind == StepKind::Decode {
+                // Untimed first: the step's graph at this budget is recorded.
                 run(backend, model, &phases[0], &mut cache, &step.input)?;
             }
+            backend.time_ops(&phases[0], true)?;
+            run(backend, model, &phases[0], &mut cache, &step.input)?;
             for t in backend.take_op_times(&phases[0])? {
-                let op = cost.op_work(&t.shape);
-                samples.push(Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds });
+                let op = pricing.op_work(&t.shape);
+                ops.push(Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds });
             }
             backend.time_ops(&phases[0], false)?;
-            for _ in 0..config.repeats {
+            for repeat in 0..config.repeats.max(2) {
                 let started = Instant::now();
                 run(backend, model, &phases[0], &mut cache, &step.input)?;
                 let seconds = started.elapsed().as_secs_f64();
-                steps.push(StepSample { work: step.work, sms: budget, other_bytes_per_s: 0.0, seconds });
+                let held_out = repeat % 2 == 1;
+                steps.push(StepSample { work: step.work, sms: budget, other: None, seconds, held_out });
             }
             done += 1;
             progress(done, total);
@@ -190,34 +221,9 @@ pub fn profile<B: Backend>(
         step.seqs.iter().for_each(|&s| blocks.free(s));
     }
 
-    let fit = |op: Op| {
-        let of_op: Vec<Sample> = samples.iter().filter(|s| s.op == op).copied().collect();
-        fit_compute_curve(&of_op, sm_count, |sms| cost.bandwidth(sms))
-            .ok_or_else(|| Error::invalid(format!("the profile timed no {op:?} operator")))
-    };
-    (cost.gemm, cost.prefill_attention, cost.decode_attention) =
-        (fit(Op::Gemm)?, fit(Op::PrefillAttention)?, fit(Op::DecodeAttention)?);
-    cost = cost.checked()?;
-    // Half of the whole steps give each kind's fixed cost (the median of what the operators leave
-    // unexplained), the other half the error.
-    let overhead = |kind: StepKind| {
-        let mut rest: Vec<f64> = steps
-            .iter()
-            .step_by(2)
-            .filter(|s| s.work.kind == kind)
-            .map(|s| s.seconds - cost.seconds(&s.work, s.sms, 0.0))
-            .collect();
-        rest.sort_by(f64::total_cmp);
-        rest.get(rest.len() / 2).copied().unwrap_or(0.0).max(0.0)
-    };
-    (cost.prefill_overhead_s, cost.decode_overhead_s) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
-    cost = cost.checked()?;
-    let alone_error =
-        relative_errors(steps.iter().skip(1).step_by(2).map(|s| (cost.seconds(&s.work, s.sms, 0.0), s.seconds)))
-            .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;
-
-    // Both lanes at once: each prefill shape next to each decode shape, at each split.
-    let mut both = Vec::new();
+    // Both lanes at once: each prefill shape next to each decode shape, at each split; the
+    // combinations alternate between fitting the contention and measuring the error.
+    let mut combination = 0usize;
     for &(new, cached) in &config.prefill {
         let prefill = prepare(
             backend,
@@ -248,23 +254,29 @@ pub fn profile<B: Backend>(
                 let prefill_sms = sm_count - decode_sms;
                 backend.set_budget(&mut phases[0], prefill_sms)?;
                 backend.set_budget(&mut phases[1], decode_sms)?;
-                let [p, d] = &phases;
-                let (prefill_s, decode_s) =
-                    run_both(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
-                let prefill_rate = cost.bytes_per_s(&prefill.work, prefill_sms);
-                let decode_rate = cost.bytes_per_s(&decode.work, decode_sms);
-                both.push(StepSample {
-                    work: prefill.work,
-                    sms: prefill_sms,
-                    other_bytes_per_s: decode_rate,
-                    seconds: prefill_s,
-                });
-                both.push(StepSample {
-                    work: decode.work,
-                    sms: decode_sms,
-                    other_bytes_per_s: prefill_rate,
-                    seconds: decode_s,
-                });
+                // Untimed first: the decode step's graph at this budget is recorded.
+                run(backend, model, &phases[1], &mut cache, &decode.input)?;
+                let held_out = combination % 2 == 1;
+                combination += 1;
+                for _ in 0..config.repeats {
+                    let [p, d] = &phases;
+                    let (prefill_s, decode_s) =
+                        run_both(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
+                    steps.push(StepSample {
+                        work: prefill.work,
+                        sms: prefill_sms,
+                        other: Some((decode.work, decode_sms)),
+                        seconds: prefill_s,
+                        held_out,
+                    });
+                    steps.push(StepSample {
+                        work: decode.work,
+                        sms: decode_sms,
+                        other: Some((prefill.work, prefill_sms)),
+                        seconds: decode_s,
+                        held_out,
+                    });
+                }
                 done += 1;
                 progress(done, total);
             }
@@ -272,12 +284,65 @@ pub fn profile<B: Backend>(
         }
         prefill.seqs.iter().for_each(|&s| blocks.free(s));
     }
-    let both_error =
-        relative_errors(both.iter().map(|s| (cost.seconds(&s.work, s.sms, s.other_bytes_per_s), s.seconds)))
-            .unwrap_or((f64::NAN, f64::NAN));
-    steps.extend(both);
+    Ok(Measurements { model: shape, sm_count, bandwidth: pricing.bandwidth.clone(), ops, steps })
+}
+
+/// The cost model that `measured` fits (see the module documentation), with its errors on the
+/// held-out steps.
+pub fn fit(measured: &Measurements) -> Result<Profile> {
+    let sm_count = measured.sm_count;
+    let start = OpCurve::new(1e12, f64::from(sm_count), 1.0);
+    let mut cost = CostModel::new(measured.model, sm_count, measured.bandwidth.clone(), start, start, start, 0.0, 0.0)?;
+    // Every layer launches the same operators: one sample per operator and budget, the median of
+    // its launches.
+    let ops = median_per_launch(&measured.ops);
+    let fit = |op: Op| {
+        let of_op: Vec<Sample> = ops.iter().filter(|s| s.op == op).copied().collect();
+        fit_op_curve(&of_op, sm_count, |sms| cost.bandwidth(sms))
+            .ok_or_else(|| Error::invalid(format!("the profile timed no {op:?} operator")))
+    };
+    (cost.gemm, cost.prefill_attention, cost.decode_attention, cost.rest) =
+        (fit(Op::Gemm)?, fit(Op::PrefillAttention)?, fit(Op::DecodeAttention)?, fit(Op::Rest)?);
+    cost = cost.checked()?;
+    let alone = |held_out: bool| measured.steps.iter().filter(move |s| s.other.is_none() && s.held_out == held_out);
+    // Each kind's fixed cost: the median of what the operators leave unexplained.
+    let overhead = |kind: StepKind| {
+        let mut rest: Vec<f64> = alone(false)
+            .filter(|s| s.work.kind == kind)
+            .map(|s| s.seconds - cost.seconds(&s.work, s.sms, None))
+            .collect();
+        rest.sort_by(f64::total_cmp);
+        rest.get(rest.len() / 2).copied().unwrap_or(0.0).max(0.0)
+    };
+    (cost.prefill_overhead_s, cost.decode_overhead_s) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
+    cost = cost.checked()?;
+    let alone_error = relative_errors(alone(true).map(|s| (cost.seconds(&s.work, s.sms, None), s.seconds)))
+        .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;
+    // Both lanes: the other lane's counted bytes per second, from the model fitted alone.
+    let (fitted, held): (Vec<_>, Vec<_>) = measured
+        .steps
+        .iter()
+        .filter_map(|s| {
+            let (work, sms) = s.other?;
+            Some((s.held_out, (s.work, s.sms, cost.bytes_per_s(&work, sms), s.seconds)))
+        })
+        .partition(|(held_out, _)| !held_out);
+    let fitted: Vec<_> = fitted.into_iter().map(|(_, s)| s).collect();
+    cost.fit_contention(&fitted);
+    let both_error = relative_errors(
+        held.iter().map(|&(_, (work, sms, other, seconds))| (cost.seconds(&work, sms, Some(other)), seconds)),
+    )
+    .unwrap_or((f64::NAN, f64::NAN));
     let decision_s = decision_seconds(&cost)?;
-    Ok(Profile { cost, samples, steps, alone_error, both_error, decision_s })
+    Ok(Profile { cost, alone_error, both_error, decision_s })
+}
+
+/// One sample per distinct operator launch (class, FLOPs, bytes, SMs): the median time.
+fn median_per_launch(samples: &[Sample]) -> Vec<Sample> {
+    let mut sorted = samples.to_vec();
+    let key = |s: &Sample| (s.op as u8, s.flops.to_bits(), s.bytes.to_bits(), s.sms);
+    sorted.sort_by(|a, b| key(a).cmp(&key(b)).then(a.seconds.total_cmp(&b.seconds)));
+    sorted.chunk_by(|a, b| key(a) == key(b)).map(|same| same[same.len() / 2]).collect()
 }
 
 /// The mean seconds of the controller's split decision with `cost`, over 1000 decisions
@@ -345,8 +410,9 @@ fn run<B: Backend>(
     backend.logits_to_host(phase, logits, LogitsReadback::Argmax).map(|_| ())
 }
 
-/// Launches a prefill and a decode step on their phases one after the other, and returns the
-/// seconds from each launch to when it was seen done.
+/// Launches a prefill step, and decode steps one after another while it runs (as the engine's
+/// lanes do); returns the seconds from the prefill's launch to when it was seen done, and the
+/// median of the decode steps' (launch to seen done) that ended before it.
 fn run_both<B: Backend>(
     backend: &B,
     model: &LlamaModel<B>,
@@ -357,22 +423,31 @@ fn run_both<B: Backend>(
     let prefill_start = Instant::now();
     let logits = model.forward(backend, prefill_phase, cache, prefill)?;
     let prefill_pending = backend.read_logits(prefill_phase, logits, LogitsReadback::Argmax)?;
-    let decode_start = Instant::now();
-    let logits = model.forward(backend, decode_phase, cache, decode)?;
-    let decode_pending = backend.read_logits(decode_phase, logits, LogitsReadback::Argmax)?;
-    let (mut prefill_s, mut decode_s) = (None, None);
-    while prefill_s.is_none() || decode_s.is_none() {
-        if prefill_s.is_none() && backend.is_ready(&prefill_pending)? {
-            prefill_s = Some(prefill_start.elapsed().as_secs_f64());
+    let mut prefill_s = None;
+    let mut decodes = Vec::new();
+    while prefill_s.is_none() {
+        let decode_start = Instant::now();
+        let logits = model.forward(backend, decode_phase, cache, decode)?;
+        let decode_pending = backend.read_logits(decode_phase, logits, LogitsReadback::Argmax)?;
+        loop {
+            if prefill_s.is_none() && backend.is_ready(&prefill_pending)? {
+                prefill_s = Some(prefill_start.elapsed().as_secs_f64());
+            }
+            if backend.is_ready(&decode_pending)? {
+                // A decode step that ended after the prefill ran partly alone: it counts only
+                // when none ended before.
+                if prefill_s.is_none() || decodes.is_empty() {
+                    decodes.push(decode_start.elapsed().as_secs_f64());
+                }
+                break;
+            }
+            std::thread::yield_now();
         }
-        if decode_s.is_none() && backend.is_ready(&decode_pending)? {
-            decode_s = Some(decode_start.elapsed().as_secs_f64());
-        }
-        std::thread::yield_now();
+        backend.take_logits(decode_phase, decode_pending)?;
     }
     backend.take_logits(prefill_phase, prefill_pending)?;
-    backend.take_logits(decode_phase, decode_pending)?;
-    Ok((prefill_s.unwrap_or_default(), decode_s.unwrap_or_default()))
+    decodes.sort_by(f64::total_cmp);
+    Ok((prefill_s.unwrap_or_default(), decodes.get(decodes.len() / 2).copied().unwrap_or_default()))
 }
 
 /// A profile as `nexus profile` saves it: the cost model, what it was made for, and its errors.
@@ -390,13 +465,48 @@ pub struct SavedProfile {
     pub both_error: (f64, f64),
 }
 
-impl SavedProfile {
-    /// The profile of `profile`, made on `device` for `model`.
-    pub fn new(profile: &Profile, device: &str, model: &str) -> Self {
-        SavedProfile {
+/// Measurements as `nexus profile --samples` saves them, with what they were made on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedMeasurements {
+    /// The device ([`Backend::device_name`]).
+    pub device: String,
+    /// The model, as `--model` named it.
+    pub model: String,
+    /// [`nexus_kernels::gpu::kernels_fingerprint`] of the kernels measured, in hex.
+    pub kernels: String,
+    pub measurements: Measurements,
+}
+
+impl SavedMeasurements {
+    /// `measurements` of these kernels, made on `device` for `model`.
+    pub fn new(measurements: Measurements, device: &str, model: &str) -> Self {
+        SavedMeasurements {
             device: device.to_owned(),
             model: model.to_owned(),
             kernels: kernels_version(),
+            measurements,
+        }
+    }
+
+    /// Writes them as JSON to `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_json(path, self)
+    }
+
+    /// Reads measurements saved at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))
+    }
+}
+
+impl SavedProfile {
+    /// The profile fitted to `measured`, made for what they were.
+    pub fn new(profile: &Profile, measured: &SavedMeasurements) -> Self {
+        SavedProfile {
+            device: measured.device.clone(),
+            model: measured.model.clone(),
+            kernels: measured.kernels.clone(),
             cost_model: profile.cost.clone(),
             alone_error: profile.alone_error,
             both_error: profile.both_error,
@@ -419,11 +529,7 @@ impl SavedProfile {
 
     /// Writes the profile as JSON to `path` (its folder made if needed).
     pub fn save(&self, path: &Path) -> Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::format(format!("profile: {e}")))?;
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+        write_json(path, self)
     }
 
     /// Reads the profile at `path` and checks that it was made for `device`, `model` and these
@@ -447,6 +553,15 @@ impl SavedProfile {
         }
         Ok(SavedProfile { cost_model: cost, ..profile })
     }
+}
+
+/// Writes `value` as JSON to `path`, its folder made if needed.
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+    std::fs::write(path, text).map_err(|e| Error::io(path, e))
 }
 
 /// The kernels' fingerprint in hex.

@@ -16,7 +16,8 @@ use crate::{Error, Result};
 
 /// What a step computes, as the scheduler decided it: the backend picks its kernels (and
 /// whether a recording can be replayed) from this, never from the step's shape.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StepKind {
     /// One new token of each sequence, every row's logits: decode attention, and replays of
     /// recorded steps where the backend has them.

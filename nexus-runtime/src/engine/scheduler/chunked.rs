@@ -66,7 +66,7 @@ impl Scheduler for ChunkedScheduler {
         }
         if !scheduled.is_empty() {
             let kind = if scheduled.len() == decodes { StepKind::Decode } else { StepKind::Prefill };
-            plan.lanes.push(LanePlan { lane: Lane::Mixed, kind, budget: view.sm_count, scheduled });
+            plan.lanes.push(LanePlan { lane: Lane::Mixed, kind, budget: view.sm_count, scheduled, predicted: None });
         }
         plan
     }

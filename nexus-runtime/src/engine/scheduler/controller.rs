@@ -3,10 +3,11 @@
 //!
 //! As in the paper: one phase is prioritized — prefill while the KV cache is less full than a
 //! threshold (70%), so that prompts are admitted, decode above it, so that generations finish
-//! and free memory. Starting from the prioritized phase's predicted latency on every SM, SMs are
-//! taken from it, a grid step at a time, while its latency next to the other phase (which gets
-//! the rest) stays within a slack of that best (1.1 when decode is protected, 1.3 when prefill
-//! is). A new split is applied only when it moves the decode lane by more than a threshold, so
+//! and free memory. Starting from the prioritized phase's predicted latency with every SM but a
+//! grid step, next to the other phase on that step, SMs are taken from it, a grid step at a time,
+//! while its latency next to the other phase (which gets the rest) stays within a slack of that
+//! best (1.1 when decode is protected, 1.3 when prefill is). The best is taken next to the other
+//! phase because what running beside it costs (shared HBM, power) is paid at every split. A new split is applied only when it moves the decode lane by more than a threshold, so
 //! that the split does not flap.
 
 use crate::engine::cost_model::{CostModel, IterationWork, PricedWork};
@@ -109,8 +110,8 @@ impl Controller {
     fn predict(&self, prefill: &PricedWork, decode: &PricedWork, decode_sms: u32) -> (f64, f64) {
         let prefill_sms = self.cost.sm_count - decode_sms;
         let cost = &self.cost;
-        let prefill_s = cost.priced_seconds(prefill, prefill_sms, cost.priced_bytes_per_s(decode, decode_sms));
-        let decode_s = cost.priced_seconds(decode, decode_sms, cost.priced_bytes_per_s(prefill, prefill_sms));
+        let prefill_s = cost.priced_seconds(prefill, prefill_sms, Some(cost.priced_bytes_per_s(decode, decode_sms)));
+        let decode_s = cost.priced_seconds(decode, decode_sms, Some(cost.priced_bytes_per_s(prefill, prefill_sms)));
         (prefill_s, decode_s)
     }
 
@@ -127,15 +128,15 @@ impl Controller {
             Priority::Prefill => shared.to_vec(),
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
-        let (best, slack) = match priority {
-            Priority::Decode => (self.cost.priced_seconds(&decode, sms, 0.0), self.config.decode_slack),
-            Priority::Prefill => (self.cost.priced_seconds(&prefill, sms, 0.0), self.config.prefill_slack),
-        };
+        let protected =
+            |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
+        let slack = if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
+        // The prioritized phase's best next to the other: with every SM but the other's least
+        // (running beside the other lane costs it what no split saves).
+        let best = protected(self.predict(&prefill, &decode, order[0]));
         let mut chosen = order[0];
-        for &decode_sms in &order {
-            let (prefill_s, decode_s) = self.predict(&prefill, &decode, decode_sms);
-            let protected = if priority == Priority::Decode { decode_s } else { prefill_s };
-            if protected > slack * best {
+        for &decode_sms in &order[1..] {
+            if protected(self.predict(&prefill, &decode, decode_sms)) > slack * best {
                 break;
             }
             chosen = decode_sms;
@@ -166,7 +167,7 @@ mod tests {
         let low = controller.split(&prefill, &decode, 0.2);
         assert_eq!(low.priority, Priority::Prefill);
         assert!(low.decode_sms.is_multiple_of(8) && low.decode_sms <= 40, "{low:?}");
-        let alone = llama8b_h200().seconds(&prefill, 132, 0.0);
+        let alone = llama8b_h200().seconds(&prefill, 132, None);
         assert!(low.prefill_s <= 1.3 * alone, "{low:?} {alone}");
         // High KV usage: decode is protected (memory-bound: it keeps its speed on a minority of
         // the SMs while prefill computes).
@@ -174,7 +175,7 @@ mod tests {
         let high = controller.split(&prefill, &decode, 0.9);
         assert_eq!(high.priority, Priority::Decode);
         assert!(high.decode_sms > low.decode_sms && high.decode_sms < 132, "{high:?}");
-        assert!(high.decode_s <= 1.1 * llama8b_h200().seconds(&decode, 132, 0.0), "{high:?}");
+        assert!(high.decode_s <= 1.1 * llama8b_h200().seconds(&decode, 132, None), "{high:?}");
     }
 
     #[test]

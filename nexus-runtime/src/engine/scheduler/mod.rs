@@ -25,6 +25,8 @@ mod nexus;
 pub use chunked::ChunkedScheduler;
 pub use nexus::{NexusConfig, NexusScheduler};
 
+use std::time::Duration;
+
 use crate::engine::kv_cache::{BlockManager, SeqId};
 use crate::model::backend::StepKind;
 use crate::{Error, Result};
@@ -130,6 +132,8 @@ pub struct LanePlan {
     pub budget: u32,
     /// Sequences that advance, those already running first, then newly admitted ones.
     pub scheduled: Vec<Scheduled>,
+    /// How long the scheduler's cost model predicts it takes, if it has one.
+    pub predicted: Option<Duration>,
 }
 
 /// A scheduling decision: preemptions, admissions, and the iterations of idle lanes to launch.

@@ -5,6 +5,8 @@ use super::{
     Lane, LanePlan, Plan, PromptOrder, Scheduled, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck,
     schedule_decodes, schedule_prompts,
 };
+use std::time::Duration;
+
 use crate::engine::cost_model::IterationWork;
 use crate::engine::kv_cache::BlockManager;
 use crate::model::backend::StepKind;
@@ -88,17 +90,19 @@ impl NexusScheduler {
     }
 
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
-    /// iterations being planned (or, for a lane in flight, its latest).
-    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager, decodes: &[Scheduled], prompts: &[Scheduled]) -> u32 {
+    /// lanes' latest iterations (planned now or in flight).
+    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager) -> u32 {
         let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
-        let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
-        if !decodes.is_empty() {
-            self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
-        }
-        if !prompts.is_empty() {
-            self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
-        }
         sms - controller.split(&self.last_prefill, &self.last_decode, blocks.usage()).decode_sms
+    }
+
+    /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
+    /// other lane's latest iteration on `other` SMs if that runs (`None` without a controller).
+    fn predict(&self, work: &IterationWork, budget: u32, other: Option<u32>) -> Option<Duration> {
+        let cost = self.controller.as_ref()?.cost();
+        let other_work = if work.kind == StepKind::Decode { &self.last_prefill } else { &self.last_decode };
+        let seconds = cost.seconds(work, budget, other.map(|sms| cost.bytes_per_s(other_work, sms)));
+        Some(Duration::from_secs_f64(seconds))
     }
 }
 
@@ -158,18 +162,33 @@ impl Scheduler for NexusScheduler {
             }
         }
         let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
-        let share =
-            if decode_active && prefill_active { self.prefill_share(sms, blocks, &decodes, &prompts) } else { sms };
+        let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
         if !decodes.is_empty() {
-            let wanted = if prefill_active { sms - share } else { sms };
-            let budget = wanted.min(sms - prefill_busy.unwrap_or(0));
-            plan.lanes.push(LanePlan { lane: Lane::Decode, kind: StepKind::Decode, budget, scheduled: decodes });
+            self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
         }
         if !prompts.is_empty() {
-            let taken = decode_busy.or(plan.lanes.first().map(|l| l.budget)).unwrap_or(0);
+            self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
+        }
+        let share = if decode_active && prefill_active { self.prefill_share(sms, blocks) } else { sms };
+        let mut decode_budget = decode_busy;
+        if !decodes.is_empty() {
+            let wanted = if prefill_active { sms - share } else { sms };
+            decode_budget = Some(wanted.min(sms - prefill_busy.unwrap_or(0)));
+        }
+        let mut prefill_budget = prefill_busy;
+        if !prompts.is_empty() {
             let wanted = if decode_active { share } else { sms };
-            let budget = wanted.min(sms - taken);
-            plan.lanes.push(LanePlan { lane: Lane::Prefill, kind: StepKind::Prefill, budget, scheduled: prompts });
+            prefill_budget = Some(wanted.min(sms - decode_budget.unwrap_or(0)));
+        }
+        let lanes = [
+            (Lane::Decode, StepKind::Decode, decodes, decode_budget, prefill_budget),
+            (Lane::Prefill, StepKind::Prefill, prompts, prefill_budget, decode_budget),
+        ];
+        for (lane, kind, scheduled, budget, other) in lanes {
+            let Some(budget) = budget.filter(|_| !scheduled.is_empty()) else { continue };
+            let work = if kind == StepKind::Decode { &self.last_decode } else { &self.last_prefill };
+            let predicted = self.predict(work, budget, other);
+            plan.lanes.push(LanePlan { lane, kind, budget, scheduled, predicted });
         }
         plan
     }

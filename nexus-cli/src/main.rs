@@ -265,12 +265,19 @@ struct EngineArgs {
     /// in use, decode above it.
     #[arg(long, default_value_t = ControllerConfig::default().kv_threshold)]
     kv_threshold: f64,
-    /// With the controller: how much slower than on every SM a protected decode may get.
+    /// With the controller: how much slower than its best beside prefill a protected decode may
+    /// get.
     #[arg(long, default_value_t = ControllerConfig::default().decode_slack)]
     decode_slack: f64,
-    /// With the controller: how much slower than on every SM a protected prefill may get.
+    /// With the controller: how much slower than its best beside decode a protected prefill may
+    /// get.
     #[arg(long, default_value_t = ControllerConfig::default().prefill_slack)]
     prefill_slack: f64,
+    /// With the controller, instead of --prefill-slack: while prefill is protected, decode gets
+    /// the fewest SMs whose predicted iteration (the time between tokens) takes at most this many
+    /// milliseconds, and prefill the rest.
+    #[arg(long)]
+    decode_target_ms: Option<f64>,
     /// With the controller: decode budgets are multiples of this many SMs.
     #[arg(long, default_value_t = ControllerConfig::default().grid)]
     split_grid: u32,
@@ -348,6 +355,7 @@ impl EngineArgs {
             prefill_slack: self.prefill_slack,
             grid: self.split_grid,
             hysteresis: self.split_hysteresis,
+            decode_target_s: self.decode_target_ms.map(|ms| ms / 1e3),
         };
         controller.validate(sm_count)?;
         let name = hub.qualified(model);

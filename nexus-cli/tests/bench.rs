@@ -213,6 +213,7 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--goodput", "ttft:500", "itl:5"][..], "per request"),
         (&["--goodput", "ttft"][..], "METRIC:MS"),
         (&["--slo-scale", "0.5"][..], "--slo-scale must be"),
+        (&["--schedule", "nexus", "--decode-target-ms", "0"][..], "decode target must be"),
         (&["--slo-scale", "5", "--slo-ttft-ms", "100", "--slo-tbt-ms", "10"][..], "cannot be used with"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_nexus"))

@@ -7,7 +7,12 @@
 //! grid step, next to the other phase on that step, SMs are taken from it, a grid step at a time,
 //! while its latency next to the other phase (which gets the rest) stays within a slack of that
 //! best (1.1 when decode is protected, 1.3 when prefill is). The best is taken next to the other
-//! phase because what running beside it costs (shared HBM, power) is paid at every split. A new split is applied only when it moves the decode lane by more than a threshold, so
+//! phase because what running beside it costs (shared HBM, power) is paid at every split.
+//!
+//! Beyond the paper, a decode target can replace the prefill slack: while prefill is protected,
+//! decode gets the fewest SMs whose predicted iteration (one token of each sequence: the time
+//! between tokens) stays within the target, and prefill the rest, so that prompts get every SM
+//! that the objective on the time between tokens leaves them. A new split is applied only when it moves the decode lane by more than a threshold, so
 //! that the split does not flap.
 
 use crate::engine::cost_model::{CostModel, IterationWork, PricedWork};
@@ -26,11 +31,21 @@ pub struct ControllerConfig {
     pub grid: u32,
     /// A new split is applied only when it moves the decode budget by more than this.
     pub hysteresis: u32,
+    /// Seconds a decode iteration may take while prefill is protected: when set, decode gets the
+    /// fewest SMs that meet it instead of what the prefill slack leaves (`None`: the paper's rule).
+    pub decode_target_s: Option<f64>,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { kv_threshold: 0.7, decode_slack: 1.1, prefill_slack: 1.3, grid: 8, hysteresis: 8 }
+        ControllerConfig {
+            kv_threshold: 0.7,
+            decode_slack: 1.1,
+            prefill_slack: 1.3,
+            grid: 8,
+            hysteresis: 8,
+            decode_target_s: None,
+        }
     }
 }
 
@@ -42,6 +57,9 @@ impl ControllerConfig {
         }
         if !(self.decode_slack >= 1.0 && self.prefill_slack >= 1.0) {
             return Err(Error::invalid("the slacks must be at least 1 (a phase is never faster than on every SM)"));
+        }
+        if self.decode_target_s.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
+            return Err(Error::invalid("the decode target must be a positive number of seconds"));
         }
         if self.grid == 0 || 2 * self.grid > sm_count {
             return Err(Error::invalid(format!(
@@ -135,11 +153,23 @@ impl Controller {
         // (running beside the other lane costs it what no split saves).
         let best = protected(self.predict(&prefill, &decode, order[0]));
         let mut chosen = order[0];
-        for &decode_sms in &order[1..] {
-            if protected(self.predict(&prefill, &decode, decode_sms)) > slack * best {
-                break;
+        match self.config.decode_target_s.filter(|_| priority == Priority::Prefill) {
+            // The fewest decode SMs that meet the target; the most the grid shares if none does.
+            Some(target) => {
+                chosen = shared
+                    .iter()
+                    .copied()
+                    .find(|&d| self.predict(&prefill, &decode, d).1 <= target)
+                    .unwrap_or(shared[shared.len() - 1]);
             }
-            chosen = decode_sms;
+            None => {
+                for &decode_sms in &order[1..] {
+                    if protected(self.predict(&prefill, &decode, decode_sms)) > slack * best {
+                        break;
+                    }
+                    chosen = decode_sms;
+                }
+            }
         }
         if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis) {
             chosen = applied;
@@ -176,6 +206,39 @@ mod tests {
         assert_eq!(high.priority, Priority::Decode);
         assert!(high.decode_sms > low.decode_sms && high.decode_sms < 132, "{high:?}");
         assert!(high.decode_s <= 1.1 * llama8b_h200().seconds(&decode, 132, None), "{high:?}");
+    }
+
+    #[test]
+    fn a_decode_target_gives_decode_the_fewest_sms_that_meet_it() {
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
+        let cost = llama8b_h200();
+        let with_target = |target: f64| {
+            let config = ControllerConfig { decode_target_s: Some(target), ..ControllerConfig::default() };
+            Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.2)
+        };
+        let decode_at = |sms: u32| {
+            let prefill_rate = cost.bytes_per_s(&prefill, 132 - sms);
+            cost.seconds(&decode, sms, Some(prefill_rate))
+        };
+        for target in [0.012, 0.02, 0.04] {
+            let split = with_target(target);
+            assert!(split.decode_s <= target && decode_at(split.decode_sms) <= target, "{target}: {split:?}");
+            assert!(split.decode_sms == 8 || decode_at(split.decode_sms - 8) > target, "{target}: {split:?}");
+        }
+        // A looser target leaves prefill more SMs.
+        assert!(with_target(0.04).decode_sms < with_target(0.012).decode_sms);
+        // A target no split meets gives decode the most SMs it may have beside prefill.
+        assert_eq!(with_target(1e-4).decode_sms, 128);
+        // Above the KV threshold decode is protected by its slack, target or not.
+        let config = ControllerConfig { decode_target_s: Some(0.04), ..ControllerConfig::default() };
+        let high = Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.9);
+        assert_eq!(
+            high,
+            Controller::new(cost.clone(), ControllerConfig::default()).unwrap().split(&prefill, &decode, 0.9)
+        );
+        let bad = ControllerConfig { decode_target_s: Some(-1.0), ..ControllerConfig::default() };
+        assert!(Controller::new(cost, bad).is_err());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! Forward-step times of a synthetic model (published config, random bf16 weights made on the
-//! GPU) on the CUDA backend with all SMs: prefill throughput of an 8k-token prompt, and decode
-//! step time at batch 1 and at batch 64 with 2k tokens of context each, each against its floor:
-//! the larger of the bytes it must read at the all-SM streaming read this GPU measured
-//! ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798 TFLOP/s (an 8192³ bf16 matrix product
-//! on an H100; the H200 has the same tensor cores).
+//! GPU) on the CUDA backend: prefill throughput of an 8k-token prompt with all SMs, and decode
+//! step time at batch 1 and at batch 64 with 2k tokens of context each, with all SMs and on a
+//! budget of 64, each against its floor: the larger of the bytes it must read at the streaming
+//! read this GPU measured at that budget ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798
+//! TFLOP/s (an 8192³ bf16 matrix product on an H100; the H200 has the same tensor cores) times
+//! the budget's share of the SMs. Then
+//! the batch-64 decode step kernel by kernel (each launch timed between CUDA events, so run
+//! eagerly): where its time goes, against the streaming read at the budget.
 //!
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
 //! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
@@ -20,8 +23,9 @@ use nexus::kernels::Gpu;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
 use nexus::runtime::engine::kv_cache::BlockManager;
 use nexus::runtime::model::LlamaModel;
-use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
+use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepKind};
 use nexus::runtime::model::cuda::{CudaBackend, CudaBackendConfig};
+use nexus::runtime::weights::config::ModelConfig;
 use nexus::runtime::weights::synthetic;
 
 /// Dense bf16 matrix-product throughput measured on the H100 (8192³), FLOP per second.
@@ -60,8 +64,12 @@ fn main() {
     let token = |i: usize| (i * 7919 % config.vocab_size) as u32;
     let kv_bytes_per_token = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2) as f64;
 
-    // Each backend runs its steps in a phase of its own, with every SM.
+    // Each backend runs its steps in a phase of its own, with every SM; the CUDA graphs also on a
+    // phase of a smaller budget.
     let phases = [&backend, &eager, &invariant].map(|b| b.new_phase().expect("phase"));
+    let budget = 64.min(gpu.sm_count());
+    let mut budgeted = backend.new_phase().expect("phase");
+    backend.set_budget(&mut budgeted, budget).expect("budget");
     let mut step_on = |(backend, phase): (&CudaBackend, &_), blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {
         let decode = chunks.iter().all(|c| c.tokens.len() == 1);
         let kind = if decode { StepKind::Decode } else { StepKind::Prefill };
@@ -79,8 +87,9 @@ fn main() {
     // FLOPs of a step: 2 per parameter per token in the linear layers, plus attention's
     // 4·H·d per (query, key) pair in every layer.
     let attention_flops = |pairs: f64| 4.0 * (config.num_heads * config.head_dim * config.num_layers) as f64 * pairs;
-    let row = |what: &str, tokens: usize, seconds: f64, bytes: f64, flops: f64| {
-        let floor = (bytes / bandwidth).max(flops / ANCHOR_FLOPS);
+    let row = |what: &str, sms: u32, tokens: usize, seconds: f64, bytes: f64, flops: f64| {
+        let floor = (bytes / gpu.model().bandwidth().at(sms))
+            .max(flops / ANCHOR_FLOPS * f64::from(sms) / f64::from(gpu.sm_count()));
         report.add(vec![
             what.into(),
             tokens.to_string(),
@@ -108,14 +117,35 @@ fn main() {
     let causal_pairs = (prefill_tokens * (prefill_tokens + 1) / 2) as f64;
     row(
         "prefill 8k prompt",
+        gpu.sm_count(),
         prefill_tokens,
         prefill,
         weight_bytes,
         linear_flops(prefill_tokens) + attention_flops(causal_pairs),
     );
 
-    let modes = [("CUDA graphs", &backend), ("eager", &eager), ("batch invariant", &invariant)];
-    for ((mode, backend), phase) in modes.into_iter().zip(&phases) {
+    let all = gpu.sm_count();
+    let modes = [
+        (format!("CUDA graphs, {all} SMs"), &backend, &phases[0], all),
+        (format!("eager, {all} SMs"), &eager, &phases[1], all),
+        (format!("batch invariant, {all} SMs"), &invariant, &phases[2], all),
+        (format!("CUDA graphs, {budget} SMs"), &backend, &budgeted, budget),
+    ];
+    let kernels = Report::new(
+        &format!("{name} decode step, batch {decode_batch} x {context} tokens, kernel by kernel (eager, CUDA events)"),
+        &[
+            "SMs",
+            "kernel",
+            "launches",
+            "ms",
+            "share of the kernels' time",
+            "GB moved",
+            "TB/s",
+            "streaming read at the SMs (TB/s)",
+        ],
+    );
+    for (mode, backend, phase, sms) in modes {
+        let graphs = mode.starts_with("CUDA graphs");
         let backend = (backend, phase);
         // Decode at batch 1, after a 128-token prompt.
         let short: Vec<u32> = (0..128).map(token).collect();
@@ -131,7 +161,7 @@ fn main() {
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
         let flops = linear_flops(1) + attention_flops(150.0);
-        row(&format!("decode, batch 1, ~150 tokens of context, {mode}"), 1, median(&times), bytes, flops);
+        row(&format!("decode, batch 1, ~150 tokens of context, {mode}"), sms, 1, median(&times), bytes, flops);
 
         // Decode at batch 64 with 2k tokens of context each: prefill four sequences per step first.
         let long: Vec<u32> = (0..context).map(token).collect();
@@ -156,14 +186,72 @@ fn main() {
             }
             last = out;
         }
+        if graphs {
+            // The same step once more, each kernel timed.
+            let chunks: Vec<SeqChunk<'_>> = seqs
+                .iter()
+                .zip(&last)
+                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
+                .collect();
+            backend.0.time_ops(backend.1, true).expect("time ops");
+            step_on(backend, &mut blocks, &chunks);
+            let ops = backend.0.take_op_times(backend.1).expect("op times");
+            backend.0.time_ops(backend.1, false).expect("time ops");
+            kernel_rows(&kernels, &config, sms, gpu.model().bandwidth().at(sms), &ops);
+        }
         seqs.iter().for_each(|&seq| blocks.free(seq));
         let kv_read = decode_batch as f64 * (context + 15) as f64 * kv_bytes_per_token;
         let flops = linear_flops(decode_batch) + attention_flops((decode_batch * (context + 15)) as f64);
         let what = format!("decode, batch {decode_batch}, {context} tokens of context, {mode}");
-        row(&what, decode_batch, median(&times), weight_bytes + kv_read, flops);
+        row(&what, sms, decode_batch, median(&times), weight_bytes + kv_read, flops);
     }
     report.finish(&gpu, &format!("model_step-{name}"));
+    kernels.finish(&gpu, &format!("model_step-kernels-{name}"));
     eprintln!("device: {}", device_name(&gpu));
+}
+
+/// Rows of `report` for the timed operators `ops` of one step on `sms` SMs, whose streaming read
+/// reaches `stream` bytes/s: per kernel (each GEMM by its role, attention, the elementwise
+/// kernels), its launches, time, bytes and rate.
+fn kernel_rows(report: &Report, config: &ModelConfig, sms: u32, stream: f64, ops: &[OpTime]) {
+    let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
+    let h = config.hidden_size;
+    let role = |n: usize, k: usize| match (n, k) {
+        _ if (n, k) == (q + 2 * kv, h) => "GEMM QKV",
+        _ if (n, k) == (h, q) => "GEMM output",
+        _ if (n, k) == (2 * config.intermediate_size, h) => "GEMM gate/up",
+        _ if (n, k) == (h, config.intermediate_size) => "GEMM down",
+        _ if n == config.vocab_size => "GEMM LM head",
+        _ => "GEMM other",
+    };
+    let kv_bytes_per_token = (2 * kv * 2) as f64;
+    let mut kernels: Vec<(&str, usize, f64, f64)> = Vec::new();
+    for op in ops {
+        let (name, bytes) = match op.shape {
+            OpShape::Gemm { m, n, k } => (role(n, k), 2.0 * (m * k + n * k + m * n) as f64),
+            OpShape::Attention { tokens, kv_tokens, .. } => {
+                ("attention", kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)
+            }
+            OpShape::Elementwise { bytes } => ("elementwise", bytes),
+        };
+        match kernels.iter_mut().find(|k| k.0 == name) {
+            Some(k) => (k.1, k.2, k.3) = (k.1 + 1, k.2 + op.seconds, k.3 + bytes),
+            None => kernels.push((name, 1, op.seconds, bytes)),
+        }
+    }
+    let all = ("all kernels", ops.len(), kernels.iter().map(|k| k.2).sum::<f64>(), kernels.iter().map(|k| k.3).sum());
+    for (name, launches, seconds, bytes) in kernels.into_iter().chain([all]) {
+        report.add(vec![
+            sms.to_string(),
+            name.into(),
+            launches.to_string(),
+            format!("{:.3}", seconds * 1e3),
+            format!("{:.0}%", 100.0 * seconds / all.2),
+            format!("{:.2}", bytes / 1e9),
+            format!("{:.2}", bytes / seconds / 1e12),
+            format!("{:.2}", stream / 1e12),
+        ]);
+    }
 }
 
 fn median(values: &[f64]) -> f64 {

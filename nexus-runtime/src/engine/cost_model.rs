@@ -123,8 +123,9 @@ pub struct OpCurve {
     pub flops_per_sm: f64,
     pub saturation: f64,
     pub decay: f64,
-    /// In (0, 1].
+    /// The share of the streaming read's bandwidth the class's kernels reach, in (0, 1].
     pub bandwidth_fraction: f64,
+    /// Seconds each launch costs besides its compute or memory time.
     pub launch_s: f64,
 }
 

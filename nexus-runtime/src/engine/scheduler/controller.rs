@@ -7,13 +7,14 @@
 //! grid step, next to the other phase on that step, SMs are taken from it, a grid step at a time,
 //! while its latency next to the other phase (which gets the rest) stays within a slack of that
 //! best (1.1 when decode is protected, 1.3 when prefill is). The best is taken next to the other
-//! phase because what running beside it costs (shared HBM, power) is paid at every split.
+//! phase because what running beside it costs (shared HBM, power) is paid at every split. A new
+//! split is applied only when it moves the decode lane by more than a threshold, so that the
+//! split does not flap.
 //!
 //! Beyond the paper, a decode target can replace the prefill slack: while prefill is protected,
 //! decode gets the fewest SMs whose predicted iteration (one token of each sequence: the time
 //! between tokens) stays within the target, and prefill the rest, so that prompts get every SM
-//! that the objective on the time between tokens leaves them. A new split is applied only when it moves the decode lane by more than a threshold, so
-//! that the split does not flap.
+//! that the objective on the time between tokens leaves them.
 
 use crate::engine::cost_model::{CostModel, IterationWork, PricedWork};
 use crate::{Error, Result};

@@ -1,12 +1,12 @@
 //! The Nexus scheduler: prefill and decode in two lanes at once, on disjoint SMs.
 
+use std::time::Duration;
+
 use super::controller::Controller;
 use super::{
     Lane, LanePlan, Plan, PromptOrder, Scheduled, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck,
     schedule_decodes, schedule_prompts,
 };
-use std::time::Duration;
-
 use crate::engine::cost_model::IterationWork;
 use crate::engine::kv_cache::BlockManager;
 use crate::model::backend::StepKind;

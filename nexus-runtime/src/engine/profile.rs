@@ -5,10 +5,11 @@
 //! Steps: prefill chunks (tokens × cached prefix) and decode batches (sequences × context), each
 //! at every budget of the grid, run in a phase whose operators are timed
 //! ([`Backend::time_ops`]); each shape's step is built once and run again and again (it writes
-//! the same keys and values at the same slots every time). Compute curves are fitted per
-//! operator class ([`fit_op_curve`]), with memory priced by the device's streaming-read
-//! curve ([`Backend::bandwidth_curve`]). Whole steps, timed without the operator timing, give each
-//! kind's fixed cost (half of them) and the prediction error (the other half). Then prefill and
+//! the same keys and values at the same slots every time). Each operator class's curve is fitted
+//! ([`fit_op_curve`]): compute against SMs, the share of the device's streaming-read curve
+//! ([`Backend::bandwidth_curve`]) its kernels reach, and a time per launch. Whole steps, timed
+//! without the operator timing, give each kind's fixed cost (half of them) and the prediction
+//! error (the other half). Then prefill and
 //! decode run at once on two phases at several splits, as the engine runs them: one prefill step,
 //! and decode steps back to back while it runs. Half of these pairs fit what each lane does to the
 //! other ([`CostModel::fit_contention`]), the other half give the prediction error with both lanes

@@ -178,6 +178,11 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
             c.compute, c.bandwidth_weight
         );
     }
+    let slowdown: Vec<String> =
+        fitted.decode_slowdown.iter().map(|(sms, ratio)| format!("{ratio:.2}x on {sms} SMs")).collect();
+    if !slowdown.is_empty() {
+        println!("a decode step beside a prefill, against alone on as many SMs (median): {}", slowdown.join(", "));
+    }
     let (median, p90) = fitted.alone_error;
     let (both_median, both_p90) = fitted.both_error;
     println!(

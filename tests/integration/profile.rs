@@ -43,6 +43,10 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     let (median, p90) = profile.alone_error;
     assert!(median.is_finite() && p90 >= median, "{:?}", profile.alone_error);
     assert!(profile.both_error.0.is_finite());
+    // The decode steps beside a prefill, against alone at the split's decode budget (on the CPU,
+    // whose budgets are nominal, a ratio near 1 but not a fixed one).
+    assert_eq!(profile.decode_slowdown.iter().map(|s| s.0).collect::<Vec<_>>(), config.splits);
+    assert!(profile.decode_slowdown.iter().all(|s| s.1.is_finite() && s.1 > 0.0), "{:?}", profile.decode_slowdown);
     assert_eq!(CostModel::from_json(&profile.cost.to_json()).expect("reads back"), profile.cost);
     // Saved and loaded for the device and model it was made for; refused for others.
     let dir = std::env::temp_dir().join(format!("nexus-profile-test-{}", std::process::id()));

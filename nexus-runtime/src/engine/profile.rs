@@ -129,6 +129,10 @@ pub struct Profile {
     pub alone_error: (f64, f64),
     /// The same for steps with both lanes running.
     pub both_error: (f64, f64),
+    /// What a prefill running beside it does to decode: per decode budget of the both-lane runs,
+    /// the median over its decode steps of their time over the same step's mean time alone on as
+    /// many SMs.
+    pub decode_slowdown: Vec<(u32, f64)>,
     /// Seconds the controller takes to choose a split with this model (an 8k-token prompt
     /// against 64 decodes of 2k tokens), the mean of many.
     pub decision_s: f64,
@@ -338,7 +342,31 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
     )
     .unwrap_or((f64::NAN, f64::NAN));
     let decision_s = decision_seconds(&cost)?;
-    Ok(Profile { cost, alone_error, both_error, decision_s })
+    let decode_slowdown = decode_slowdown(&measured.steps);
+    Ok(Profile { cost, alone_error, both_error, decode_slowdown, decision_s })
+}
+
+/// [`Profile::decode_slowdown`] of `steps`: decode budgets with a step both alone and beside a
+/// prefill, in ascending order.
+fn decode_slowdown(steps: &[StepSample]) -> Vec<(u32, f64)> {
+    let decode = |s: &&StepSample| s.work.kind == StepKind::Decode;
+    let mut ratios: Vec<(u32, f64)> = steps
+        .iter()
+        .filter(decode)
+        .filter(|s| s.other.is_some())
+        .filter_map(|beside| {
+            let alone: Vec<f64> = steps
+                .iter()
+                .filter(decode)
+                .filter(|s| s.other.is_none() && s.sms == beside.sms && s.work == beside.work)
+                .map(|s| s.seconds)
+                .collect();
+            let mean = alone.iter().sum::<f64>() / alone.len() as f64;
+            (!alone.is_empty()).then(|| (beside.sms, beside.seconds / mean))
+        })
+        .collect();
+    ratios.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    ratios.chunk_by(|a, b| a.0 == b.0).map(|same| same[same.len() / 2]).collect()
 }
 
 /// One sample per distinct operator launch (class, FLOPs, bytes, SMs): the median time.

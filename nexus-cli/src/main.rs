@@ -290,6 +290,11 @@ struct EngineArgs {
     /// starve (0: no aging).
     #[arg(long, default_value_t = NexusConfig::DEFAULT_PREFILL_AGING)]
     prefill_aging: u64,
+    /// With `--schedule nexus`: the most prompt tokens of one prefill iteration (default:
+    /// --max-num-batched-tokens). Shorter iterations let a prompt that arrives during one start
+    /// sooner; decode does not wait for them.
+    #[arg(long)]
+    prefill_tokens: Option<usize>,
 }
 
 /// The `--schedule` values.
@@ -320,13 +325,24 @@ impl EngineArgs {
                 ScheduleKind::Nexus => {
                     fixed_done = true;
                     out.extend(self.prefill_sms.iter().map(|&prefill_sms| {
-                        Schedule::Nexus(NexusConfig { prefill_sms, prefill_aging: self.prefill_aging })
+                        Schedule::Nexus(NexusConfig {
+                            prefill_sms,
+                            prefill_aging: self.prefill_aging,
+                            prefill_tokens: self.prefill_tokens,
+                        })
                     }));
                 }
             }
         }
         if !self.prefill_sms.is_empty() && !self.schedule.contains(&ScheduleKind::Nexus) {
             bail!("--prefill-sms needs --schedule nexus");
+        }
+        match self.prefill_tokens {
+            Some(_) if !self.schedule.contains(&ScheduleKind::Nexus) => {
+                bail!("--prefill-tokens needs --schedule nexus")
+            }
+            Some(0) => bail!("--prefill-tokens must be at least 1"),
+            _ => {}
         }
         // Checked here, before any model loads, rather than when the engine builds the scheduler.
         if let Some(bad) = self.prefill_sms.iter().find(|&&n| n == 0 || n >= sm_count) {
@@ -372,7 +388,12 @@ impl EngineArgs {
                 hub.flags(model)
             )
         })?;
-        Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging })
+        Ok(NexusControl {
+            cost: saved.cost_model,
+            controller,
+            prefill_aging: self.prefill_aging,
+            prefill_tokens: self.prefill_tokens,
+        })
     }
 
     /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.

@@ -201,6 +201,8 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--schedule", "nexus", "--prefill-sms", "0"][..], "--prefill-sms 0"),
         (&["--schedule", "nexus", "--prefill-sms", "64,132"][..], "--prefill-sms 132"),
         (&["--prefill-sms", "64"][..], "needs --schedule nexus"),
+        (&["--prefill-tokens", "512"][..], "--prefill-tokens needs --schedule nexus"),
+        (&["--schedule", "nexus", "--prefill-sms", "64", "--prefill-tokens", "0"][..], "at least 1"),
         (&["--rate", "1,2", "--plot", "x.svg", "--plot-timeline-rate", "3"][..], "--plot-timeline-rate 3"),
         (&["--rate", "1,nan"][..], "--rate"),
         (&["--burstiness", "0"][..], "--burstiness"),

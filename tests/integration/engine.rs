@@ -46,12 +46,9 @@ fn schedules() -> [Schedule; 3] {
     let curve = OpCurve::new(1e10, 64.0, 0.5);
     let shape = ModelShape::of(&smollm2().weights.config().clone());
     let cost = CostModel::new(shape, 132, vec![(1, 1e10), (64, 4e11)], curve, curve, curve, 1e-4, 1e-4).expect("cost");
-    let control = NexusControl { cost, controller: ControllerConfig::default(), prefill_aging: 15 };
-    [
-        Schedule::Chunked,
-        Schedule::Nexus(NexusConfig { prefill_sms: 64, prefill_aging: NexusConfig::DEFAULT_PREFILL_AGING }),
-        Schedule::NexusControlled(Box::new(control)),
-    ]
+    let control =
+        NexusControl { cost, controller: ControllerConfig::default(), prefill_aging: 15, prefill_tokens: None };
+    [Schedule::Chunked, Schedule::Nexus(NexusConfig::fixed(64)), Schedule::NexusControlled(Box::new(control))]
 }
 
 fn engine(num_blocks: usize, scheduler: SchedulerConfig, schedule: Schedule) -> Engine<CpuBackend> {

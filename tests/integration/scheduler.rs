@@ -76,7 +76,7 @@ proptest! {
 fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, aging: u64, rounds: u64) -> Option<u64> {
     use nexus::runtime::engine::scheduler::{Lane, NexusConfig, NexusScheduler};
     let config = SchedulerConfig { max_num_seqs: 100_000, max_num_batched_tokens: short * per_round };
-    let split = NexusConfig { prefill_sms: 66, prefill_aging: aging };
+    let split = NexusConfig { prefill_sms: 66, prefill_aging: aging, prefill_tokens: None };
     let mut sched = NexusScheduler::new(config, split, 132).expect("scheduler");
     let mut blocks = BlockManager::new(1 << 20, 16).expect("blocks");
     // (id, tokens left, arrival round); the started ones hold blocks.

@@ -46,11 +46,13 @@ proptest! {
         prefill_aging in 0u64..40,
         nexus in prop::bool::weighted(0.8),
         max_num_batched_tokens in 8usize..96,
+        prefill_tokens in prop::option::of(1usize..64),
         seed in any::<u64>(),
     ) {
         let backend = Chaos::new(seed);
         let model = LlamaModel::random(&backend, &tiny_config(), 3).unwrap();
-        let schedule = if nexus { Schedule::Nexus(NexusConfig { prefill_sms, prefill_aging }) } else { Schedule::Chunked };
+        let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens };
+        let schedule = if nexus { Schedule::Nexus(split) } else { Schedule::Chunked };
         let config = EngineConfig {
             num_blocks,
             block_size: 4,

@@ -128,8 +128,9 @@ pub struct NexusControl {
     /// The model's costs on this device (`nexus profile` measures them).
     pub cost: CostModel,
     pub controller: ControllerConfig,
-    /// As [`NexusConfig::prefill_aging`].
+    /// As [`NexusConfig::prefill_aging`] and [`NexusConfig::prefill_tokens`].
     pub prefill_aging: u64,
+    pub prefill_tokens: Option<usize>,
 }
 
 /// Sizes of the engine.
@@ -226,9 +227,9 @@ fn scheduler(limits: SchedulerConfig, schedule: Schedule, sm_count: u32) -> Resu
         Schedule::Chunked => Box::new(ChunkedScheduler::new(limits)?),
         Schedule::Nexus(split) => Box::new(NexusScheduler::new(limits, split, sm_count)?),
         Schedule::NexusControlled(control) => {
-            let NexusControl { cost, controller, prefill_aging } = *control;
+            let NexusControl { cost, controller, prefill_aging, prefill_tokens } = *control;
             // The fixed share is never used: the controller gives every split.
-            let split = NexusConfig { prefill_sms: (sm_count / 2).max(1), prefill_aging };
+            let split = NexusConfig { prefill_sms: (sm_count / 2).max(1), prefill_aging, prefill_tokens };
             let controller = Controller::new(cost, controller)?;
             Box::new(NexusScheduler::new(limits, split, sm_count)?.with_controller(controller, sm_count)?)
         }

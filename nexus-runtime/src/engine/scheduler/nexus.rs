@@ -23,6 +23,10 @@ pub struct NexusConfig {
     /// gives as 15 without a unit): a prompt `n` tokens longer than another overtakes it after
     /// `n / aging` rounds, so none starves. 0: shortest first, without aging.
     pub prefill_aging: u64,
+    /// The most prompt tokens of one prefill iteration, if fewer than the scheduler's
+    /// `max_num_batched_tokens`: shorter iterations let a prompt that arrives during one start
+    /// sooner (decode does not wait for them, as it does in a mixed batch).
+    pub prefill_tokens: Option<usize>,
 }
 
 impl NexusConfig {
@@ -31,7 +35,7 @@ impl NexusConfig {
 
     /// A fixed split of `prefill_sms` for prefill, with the default aging.
     pub fn fixed(prefill_sms: u32) -> Self {
-        NexusConfig { prefill_sms, prefill_aging: Self::DEFAULT_PREFILL_AGING }
+        NexusConfig { prefill_sms, prefill_aging: Self::DEFAULT_PREFILL_AGING, prefill_tokens: None }
     }
 }
 
@@ -66,6 +70,9 @@ impl NexusScheduler {
                 sm_count.saturating_sub(1),
                 split.prefill_sms
             )));
+        }
+        if split.prefill_tokens == Some(0) {
+            return Err(Error::invalid("a prefill iteration must take at least one prompt token"));
         }
         Ok(NexusScheduler {
             config,
@@ -145,7 +152,10 @@ impl Scheduler for NexusScheduler {
         let mut prompts = Vec::new();
         if prefill_busy.is_none() && decode_busy.is_none_or(|b| b < sms) {
             loop {
-                let mut budget = self.config.max_num_batched_tokens;
+                let mut budget = self
+                    .split
+                    .prefill_tokens
+                    .map_or(self.config.max_num_batched_tokens, |t| t.min(self.config.max_num_batched_tokens));
                 let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
                 let admit = plan.preempted.is_empty();
                 let order = PromptOrder::ShortestFirst { aging: self.split.prefill_aging };
@@ -280,6 +290,28 @@ mod tests {
         // A cost model of another device is refused.
         let controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
         assert!(nexus(64).with_controller(controller, 114).is_err());
+    }
+
+    #[test]
+    fn prefill_iterations_take_at_most_their_tokens() {
+        let mut blocks = BlockManager::new(100, 4).unwrap();
+        blocks.append(1, 7).unwrap(); // decoding
+        let split = NexusConfig { prefill_tokens: Some(10), ..NexusConfig::fixed(64) };
+        let mut sched = NexusScheduler::new(SchedulerConfig::default(), split, 132).unwrap();
+        let view = SchedulerView {
+            idle: &[s(1, 1)],
+            waiting: &[s(2, 6), s(3, 30)],
+            num_running: 1,
+            blocks: &blocks,
+            sm_count: 132,
+            busy: &[None, None],
+        };
+        let plan = sched.plan(&view);
+        // The 6-token prompt whole, then 4 tokens of the 30-token one: 10 in all; decode as ever.
+        assert_eq!(plan.lanes[1].scheduled, vec![Scheduled { id: 2, tokens: 6 }, Scheduled { id: 3, tokens: 4 }]);
+        assert_eq!(plan.lanes[0].scheduled, vec![Scheduled { id: 1, tokens: 1 }]);
+        let none = NexusConfig { prefill_tokens: Some(0), ..NexusConfig::fixed(64) };
+        assert!(NexusScheduler::new(SchedulerConfig::default(), none, 132).is_err());
     }
 
     #[test]

@@ -367,6 +367,13 @@ impl CostModel {
         self.priced_seconds(&self.priced(work), sms, other)
     }
 
+    /// [`Self::seconds`] of `work` on `sms` SMs beside the other lane's iteration doing `other`'s
+    /// work on its SMs (`None` when that lane is idle): its counted bytes per second priced alone.
+    pub fn seconds_beside(&self, work: &IterationWork, sms: u32, other: Option<(&IterationWork, u32)>) -> f64 {
+        let other = other.map(|(work, sms)| (self.priced(work), sms));
+        self.priced_seconds_beside(&self.priced(work), sms, other.as_ref().map(|(work, sms)| (work, *sms)))
+    }
+
     /// The counted bytes per second an iteration doing `work` on `sms` SMs moves on average,
     /// alone (what it does to the other lane: [`Contention`]).
     pub fn bytes_per_s(&self, work: &IterationWork, sms: u32) -> f64 {
@@ -396,6 +403,11 @@ impl CostModel {
     fn priced_seconds_with(&self, work: &PricedWork, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
         let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
         overhead + work.ops.iter().map(|op| self.op_seconds(op, sms, other, contention)).sum::<f64>()
+    }
+
+    /// [`Self::seconds_beside`] of listed work.
+    pub(crate) fn priced_seconds_beside(&self, work: &PricedWork, sms: u32, other: Option<(&PricedWork, u32)>) -> f64 {
+        self.priced_seconds(work, sms, other.map(|(other, other_sms)| self.priced_bytes_per_s(other, other_sms)))
     }
 
     /// [`Self::bytes_per_s`] of listed work.

@@ -128,9 +128,8 @@ impl Controller {
     /// the bytes the other moves.
     fn predict(&self, prefill: &PricedWork, decode: &PricedWork, decode_sms: u32) -> (f64, f64) {
         let prefill_sms = self.cost.sm_count - decode_sms;
-        let cost = &self.cost;
-        let prefill_s = cost.priced_seconds(prefill, prefill_sms, Some(cost.priced_bytes_per_s(decode, decode_sms)));
-        let decode_s = cost.priced_seconds(decode, decode_sms, Some(cost.priced_bytes_per_s(prefill, prefill_sms)));
+        let prefill_s = self.cost.priced_seconds_beside(prefill, prefill_sms, Some((decode, decode_sms)));
+        let decode_s = self.cost.priced_seconds_beside(decode, decode_sms, Some((prefill, prefill_sms)));
         (prefill_s, decode_s)
     }
 
@@ -147,12 +146,6 @@ impl Controller {
             Priority::Prefill => shared.to_vec(),
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
-        let protected =
-            |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
-        let slack = if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
-        // The prioritized phase's best next to the other: with every SM but the other's least
-        // (running beside the other lane costs it what no split saves).
-        let best = protected(self.predict(&prefill, &decode, order[0]));
         let mut chosen = order[0];
         match self.config.decode_target_s.filter(|_| priority == Priority::Prefill) {
             // The fewest decode SMs that meet the target; the most the grid shares if none does.
@@ -164,6 +157,13 @@ impl Controller {
                     .unwrap_or(shared[shared.len() - 1]);
             }
             None => {
+                let protected =
+                    |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
+                let slack =
+                    if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
+                // The prioritized phase's best next to the other: with every SM but the other's
+                // least (running beside the other lane costs it what no split saves).
+                let best = protected(self.predict(&prefill, &decode, order[0]));
                 for &decode_sms in &order[1..] {
                     if protected(self.predict(&prefill, &decode, decode_sms)) > slack * best {
                         break;
@@ -218,10 +218,7 @@ mod tests {
             let config = ControllerConfig { decode_target_s: Some(target), ..ControllerConfig::default() };
             Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.2)
         };
-        let decode_at = |sms: u32| {
-            let prefill_rate = cost.bytes_per_s(&prefill, 132 - sms);
-            cost.seconds(&decode, sms, Some(prefill_rate))
-        };
+        let decode_at = |sms: u32| cost.seconds_beside(&decode, sms, Some((&prefill, 132 - sms)));
         for target in [0.012, 0.02, 0.04] {
             let split = with_target(target);
             assert!(split.decode_s <= target && decode_at(split.decode_sms) <= target, "{target}: {split:?}");

@@ -53,8 +53,8 @@ pub struct NexusScheduler {
     /// Chooses the split every time a lane starts an iteration while the other has work, in
     /// place of the fixed one.
     controller: Option<Controller>,
-    /// The work of each lane's latest iteration, for the controller's decision when a lane
-    /// starts next to the other's iteration in flight.
+    /// The work of each lane's latest iteration (kept with a controller only), for its decision
+    /// and predictions when a lane starts next to the other's iteration in flight.
     last_prefill: IterationWork,
     last_decode: IterationWork,
 }
@@ -108,8 +108,7 @@ impl NexusScheduler {
     fn predict(&self, work: &IterationWork, budget: u32, other: Option<u32>) -> Option<Duration> {
         let cost = self.controller.as_ref()?.cost();
         let other_work = if work.kind == StepKind::Decode { &self.last_prefill } else { &self.last_decode };
-        let seconds = cost.seconds(work, budget, other.map(|sms| cost.bytes_per_s(other_work, sms)));
-        Some(Duration::from_secs_f64(seconds))
+        Some(Duration::from_secs_f64(cost.seconds_beside(work, budget, other.map(|sms| (other_work, sms)))))
     }
 }
 
@@ -172,12 +171,14 @@ impl Scheduler for NexusScheduler {
             }
         }
         let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
-        let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
-        if !decodes.is_empty() {
-            self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
-        }
-        if !prompts.is_empty() {
-            self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
+        if self.controller.is_some() {
+            let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
+            if !decodes.is_empty() {
+                self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
+            }
+            if !prompts.is_empty() {
+                self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
+            }
         }
         let share = if decode_active && prefill_active { self.prefill_share(sms, blocks) } else { sms };
         let mut decode_budget = decode_busy;

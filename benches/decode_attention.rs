@@ -1,13 +1,14 @@
 //! Paged decode attention bandwidth (TB/s of K/V read) across CTA budgets: batch × context
-//! 1×4096, 32×2048, 64×4096 and 128×1024, with 32/8 heads at d = 128 (Llama-3-8B) and 9/3 heads
-//! at d = 64 (SmolLM2), block size 16, shuffled block tables over a pool of random bf16 data; the
-//! pool holds at least 256 MB (several block-table copies of the batch, rotated) so no launch
-//! finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
+//! 1×4096, 1×32768, 32×2048, 64×4096 and 128×1024, with the heads of Llama-3.1-8B (32/8 d128),
+//! Qwen2.5-3B (16/2 d128), Qwen2.5-14B (40/8 d128) and SmolLM2 (9/3 d64), block size 16, shuffled
+//! block tables over a pool of random bf16 data; the pool holds at least 256 MB (several
+//! block-table copies of the batch, rotated) so no launch finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
 //! once per budget outside the timing, as a serving engine does once per step. Next to each figure:
 //! the streaming read at the same budget, measured in the same run (`stream_read_curve`), and the
 //! kernel's share of it and of the all-SM streaming read.
 //!
-//! `cargo bench --bench decode_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
+//! `cargo bench --bench decode_attention`; `NEXUS_BENCH_ONLY=text` runs only the cases whose name
+//! (as criterion prints it) contains `text`; with `NEXUS_BENCH_OUT=dir` the summary table is also
 //! written to `dir/decode_attention.md`.
 
 mod common;
@@ -23,13 +24,16 @@ use rand::{Rng, SeedableRng};
 
 const BLOCK_SIZE: usize = 16;
 
-const LAYOUTS: [(&str, QkvLayout); 2] = [
+/// Llama-3.1-8B, Qwen2.5-3B, Qwen2.5-14B, SmolLM2.
+const LAYOUTS: [(&str, QkvLayout); 4] = [
     ("32/8 d128", QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 }),
+    ("16/2 d128", QkvLayout { num_heads: 16, num_kv_heads: 2, head_dim: 128 }),
+    ("40/8 d128", QkvLayout { num_heads: 40, num_kv_heads: 8, head_dim: 128 }),
     ("9/3 d64", QkvLayout { num_heads: 9, num_kv_heads: 3, head_dim: 64 }),
 ];
 
 /// (sequences, context tokens)
-const SHAPES: [(usize, usize); 4] = [(1, 4096), (32, 2048), (64, 4096), (128, 1024)];
+const SHAPES: [(usize, usize); 5] = [(1, 4096), (1, 32768), (32, 2048), (64, 4096), (128, 1024)];
 
 /// Random bf16 in [-1, 1): a 64 MiB pattern copied over the pools (the values do not matter to
 /// the caches, only the addresses do).
@@ -99,6 +103,10 @@ fn main() {
             let shape = format!("{seqs}x{ctx_len}");
 
             for budget in budgets(&gpu) {
+                let case = format!("decode_attention/{name}/{shape}/budget {}", budget.get());
+                if !selected(&case) {
+                    continue;
+                }
                 let ctx = phase(&gpu, &stream, budget);
                 let plans: Vec<DecodePlan> = tables
                     .iter()
@@ -129,9 +137,7 @@ fn main() {
                     )
                     .expect("decode_attention");
                 };
-                c.bench_function(&format!("decode_attention/{name}/{shape}/budget {}", budget.get()), |b| {
-                    b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
-                });
+                c.bench_function(&case, |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch)));
                 let t = median_gpu_time(&stream, &mut launch).as_secs_f64();
                 let tbs = plans[0].kv_bytes() as f64 / t / 1e12;
                 let ceiling = stream_read.at(budget.get()) / 1e12;

@@ -11,7 +11,8 @@
 //! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
 //! whole run fits in a few minutes.
 //!
-//! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs; with
+//! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
+//! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
 //! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
 
 mod common;
@@ -169,9 +170,17 @@ fn main() {
             let bytes = 2.0 * (m * k + n * k + m * n) as f64;
             let shape_name = format!("{k} x {n}");
 
+            let case = |budget: CtaBudget| format!("gemm/{k}x{n}/m {m}/budget {}", budget.get());
+            if !budgets.iter().any(|&b| selected(&case(b))) {
+                continue;
+            }
             let cublas_all = cublas_time(&blas, &stream, &views, &mut out, shape, 0);
 
             for &budget in &budgets {
+                let case = case(budget);
+                if !selected(&case) {
+                    continue;
+                }
                 let ctx = phase(&gpu, &stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
                 let plan = gemm::plan(shape, budget, gpu.model());
@@ -180,9 +189,7 @@ fn main() {
                     gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
                 };
                 if CRITERION_MS.contains(&m) && (budget.get() == CRITERION_BUDGET || budget.get() == gpu.sm_count()) {
-                    c.bench_function(&format!("gemm/{k}x{n}/m {m}/budget {}", budget.get()), |bch| {
-                        bch.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
-                    });
+                    c.bench_function(&case, |bch| bch.iter_custom(|iters| time_gpu(&stream, iters, &mut launch)));
                 }
                 let t = median_gpu_time(&stream, &mut launch).as_secs_f64();
                 let cublas_budget = if budget.get() == gpu.sm_count() {

@@ -123,6 +123,30 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
     return static_cast<uint32_t>(row * ROW_BYTES + ((chunk ^ (row & 7)) << 4));
 }
 
+// A CUtensorMap (the host encodes it: nexus-kernels/src/tensor_map.rs), passed by value as a
+// __grid_constant__ kernel parameter.
+struct alignas(64) TensorMap {
+    unsigned long long opaque[16];
+};
+
+#if __CUDA_ARCH__ >= 900
+// The box of the 4-D tensor map `map` at coordinates (c0, c1, c2, c3), innermost first, into
+// shared memory at `dst`; the copy counts its bytes down on the mbarrier `bar` (complete_tx).
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const TensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+        "[%6];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+#endif
+
+// Writes 16 zero bytes to shared memory at `addr`.
+__device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0u) : "memory");
+}
+
 // Two floats rounded to bf16 and packed into one register, `lo` in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);

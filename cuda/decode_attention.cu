@@ -9,15 +9,21 @@
 // log2-sum-exp to a scratch, and `decode_attention_merge` combines the chunks into `out`.
 //
 // CTA (384 threads, one per SM: __launch_bounds__(THREADS, 1) and > half the SM's shared memory):
-//   - 4 producer warps walk the CTA's items and stream K (warps 8, 10) and V (warps 9, 11) into a
-//     ring of `ring_slots` shared-memory slots of SUB = 16 tokens each, with cp.async (16 bytes per
-//     lane, zero-filled past the end of the sequence); the two warps of a role take alternate
-//     slots. Each lane commits one cp.async group per slot and, once the group it committed LAG
-//     slots earlier has landed (cp.async.wait_group), arrives on that slot's `full` mbarrier, so
-//     each warp keeps LAG + 1 slots of loads in flight (see `produce`). Block-table entries are
-//     read 32 at a time, one per lane, and the next 32 (or the next item's first 32) are loaded
-//     while the current ones are used. The producers never wait for the consumers except for a
-//     free slot, so they run up to a whole ring (about 190 KB) ahead, across item boundaries.
+//   - producers walk the CTA's items and stream K and V into a ring of `ring_slots` shared-memory
+//     slots of SUB = 16 tokens each, running up to a whole ring (about 190 KB) ahead, across item
+//     boundaries; they wait for the consumers only for a free slot. Block-table entries are read 32
+//     at a time, one per lane, and the next 32 (or the next item's first 32) load while the current
+//     ones are used.
+//     On Hopper (sm_90) the 4 producer warps take the slots round-robin; per slot one thread
+//     issues one bulk tensor copy (TMA) of K and one of V: 16 token rows of one KV head straight
+//     out of a block, through a 4-D tensor map of each pool, completing on the slot's `full`
+//     mbarrier by byte count. Before that, 4 warps moved the bytes with cp.async, 16 bytes per lane, and spent
+//     ~90 instructions of address math and bookkeeping per slot; profiled on the H200 at a budget
+//     of 32 (64 x 4096 tokens, 32/8 heads, d = 128), they issued one slot per ~320 cycles while
+//     the consumers spent half their time waiting for data: 1.39 TB/s where the streaming read at
+//     that budget gets 2.64. Rows of a slot past the end of the sequence then hold whatever the
+//     pool holds there; the consumers zero those rows of V (a score of 0 times a NaN is still NaN).
+//     Elsewhere (sm_80) the 4 cp.async producer warps remain (see `produce_cp_async`).
 //   - 8 consumer warps: sub-tile k of an item (tokens kv_start + 16k ..) goes to warp k % 8. A warp
 //     computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from
 //     shared memory by ldmatrix, Q in registers), an online softmax per head in f32, and
@@ -28,8 +34,9 @@
 // time; ring_slots is a multiple of 8 so that a slot is always reused by the same consumer warp
 // within an item, which keeps each barrier's phase parity unambiguous.
 //
-// Shared-memory rows of K and V (head_dim bf16) are stored with their 16-byte chunks XOR-swizzled
-// by (token & 7), so that ldmatrix reads of 8 rows hit 8 different bank groups.
+// A slot holds K then V, each as D / 64 panels of 16 token rows x 64 dims (128 bytes), the panel's
+// 16-byte chunks XOR-swizzled by (token & 7): the layout TMA's 128-byte swizzle writes (the ring is
+// 1024-byte aligned), and the one in which ldmatrix reads of 8 rows hit 8 different bank groups.
 #include "common.cuh"
 
 namespace {
@@ -42,17 +49,23 @@ using nexus::fast_exp2;
 using nexus::ldmatrix_x4;
 using nexus::ldmatrix_x4_trans;
 using nexus::mbar_arrive;
+using nexus::mbar_arrive_expect_tx;
 using nexus::mbar_init;
 using nexus::mbar_wait;
 using nexus::mma_16816;
 using nexus::pack_bf16;
 using nexus::smem_addr;
 using nexus::swizzled;
+using nexus::TensorMap;
 
 constexpr int CONSUMER_WARPS = 8;
 constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
 constexpr int PRODUCER_WARPS = 2 * PARTS;
+#if __CUDA_ARCH__ >= 900
+constexpr int FULL_ARRIVALS = 1;  // a slot's `full` barrier: the TMA thread's arrive (and the bytes)
+#else
 constexpr int FULL_ARRIVALS = 2 * 32;  // a slot's `full` barrier: every lane of its K and its V warp
+#endif
 constexpr int CONSUMERS = CONSUMER_WARPS * 32;
 constexpr int THREADS = CONSUMERS + PRODUCER_WARPS * 32;
 constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
@@ -72,19 +85,28 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
     return Item{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 }
 
-// Shared-memory layout for head dim D and R ring slots:
-//   ring [R][K | V][SUB][D] bf16 | obuf [CONSUMER_WARPS][HEADS][D + 4] f32 |
+// Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
+//   ring [R][K | V][D / 64 panels][SUB][64] bf16 | obuf [CONSUMER_WARPS][HEADS][D + 4] f32 |
 //   mbuf, lbuf [CONSUMER_WARPS][HEADS] f32 | full [R], empty [R] mbarriers
-// The host computes the same size (decode_attention.rs, `smem_bytes`).
+// The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
+constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
+constexpr int PANEL_BYTES = SUB * PANEL_ROW_BYTES;  // 64 dims of the slot's 16 tokens
+constexpr int RING_ALIGN = 1024;                      // TMA's 128-byte swizzle repeats every 1024 bytes
+
 template <int D>
 struct Layout {
-    static constexpr int ROW_BYTES = D * 2;
-    static constexpr int HALF_BYTES = SUB * ROW_BYTES;  // K (or V) of one slot
+    static constexpr int PANELS = D / 64;
+    static constexpr int HALF_BYTES = PANELS * PANEL_BYTES;  // K (or V) of one slot
     static constexpr int SLOT_BYTES = 2 * HALF_BYTES;
     static constexpr int O_STRIDE = D + 4;  // floats per head row of obuf: pads away bank conflicts
     static constexpr int OBUF_BYTES = CONSUMER_WARPS * HEADS * O_STRIDE * 4;
     static constexpr int ML_BYTES = CONSUMER_WARPS * HEADS * 4;
 };
+
+// Byte offset of 16-byte chunk `chunk` (of D / 8) of token row `tok` in the K (or V) half of a slot.
+__device__ __forceinline__ uint32_t slot_offset(int tok, int chunk) {
+    return (chunk >> 3) * PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(tok, chunk & 7);
+}
 
 // Transposes an 8x8 bf16 matrix held in mma fragment layout (lane holds row lane / 4, columns
 // 2 (lane % 4) and 2 (lane % 4) + 1).
@@ -100,6 +122,8 @@ __device__ __forceinline__ void consumer_barrier() {
 
 // Kernel arguments shared by the roles.
 struct Args {
+    const TensorMap* k_map;  // the pools as 3-D tensors (sm_90 only; see the entry points)
+    const TensorMap* v_map;
     const __nv_bfloat16* qkv;
     const __nv_bfloat16* k_cache;
     const __nv_bfloat16* v_cache;
@@ -112,7 +136,103 @@ struct Args {
     float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
 };
 
-// ---- producers: K (role 0) or V (role 1) of every sub-tile into the ring ----
+// ---- producers ----
+
+// Block ids first_block + lane of item `it` (lanes past its last block get 0, unused).
+__device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int first_block, int lane) {
+    const int b = first_block + lane;
+    const int last = (it.kv_end - 1) >> a.block_log2;
+    return b <= last ? __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + b) : 0;
+}
+
+// The batch of block ids after the one from block `b` of item `it`: the item's next, or the next
+// item's first (when there is one), loaded while the current batch is used.
+__device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, int b, int last_block, const Item& next,
+                                              bool has_next, int lane) {
+    if (b + TABLE_BATCH <= last_block) return load_block_ids(a, it, b + TABLE_BATCH, lane);
+    return has_next ? load_block_ids(a, next, next.kv_start >> a.block_log2, lane) : 0;
+}
+
+#if __CUDA_ARCH__ >= 900
+// Hopper: the PRODUCER_WARPS warps take the CTA's sub-tiles round-robin (warp w the g-th with
+// g % PRODUCER_WARPS == w); per sub-tile, lane 0 copies K and V with TMA. One warp alone spent
+// ~120 instructions per slot (the TMA operands go through uniform registers, a loop of ~20
+// instructions per copy, then one copy per 64 dims) at ~5 cycles each: 1 slot per ~600 cycles,
+// 0.75 TB/s on 32 SMs of the H200. The tensor maps (see the entry points) put the 64-dim panels
+// after the rows, so that one copy fills a whole half slot: `min(block size, 16)` token rows of
+// one KV head. The rows of a slot lie in one block (block size >= 16, slots start at multiples of
+// 16) or in two (block size 8). Boxes are always whole: rows past the sequence's end are still
+// rows of its last block (or of block 0 past it, see load_block_ids), inside the pool.
+template <int D>
+__device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
+                                            int i1) {
+    using L = Layout<D>;
+    const int lane = threadIdx.x & 31;
+    const int pw = (threadIdx.x >> 5) - CONSUMER_WARPS;
+    const uint32_t R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of PRODUCER_WARPS
+    const int block_size = 1 << a.block_log2;
+
+    Item it = load_item(a.items, i0);
+    Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
+    int ids = load_block_ids(a, it, it.kv_start >> a.block_log2, lane);
+    uint32_t g_item = 0;  // the CTA's sub-tiles before this item
+    for (int i = i0; i < i1; ++i) {
+        const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
+        const int last_block = (it.kv_end - 1) >> a.block_log2;
+        for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
+            const int ids_next = next_block_ids(a, it, b, last_block, next, i + 1 < i1, lane);
+            // This warp's sub-tiles among those starting in the batch's tokens [t0, t_end): item
+            // sub-tile k is the CTA's (g_item + k)-th, in ring slot (g_item + k) % R.
+            const int t0 = max(it.kv_start, b << a.block_log2), t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
+            const int k0 = (t0 - it.kv_start) / SUB;
+            const int k = k0 + (pw - (int)((g_item + k0) % PRODUCER_WARPS) + PRODUCER_WARPS) % PRODUCER_WARPS;
+            uint32_t slot = (g_item + k) % R, fill = (g_item + k) / R;
+            for (int t = it.kv_start + k * SUB; t < t_end; t += PRODUCER_WARPS * SUB) {
+                const int block0 = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
+                if (block_size >= SUB) {
+                    // The slot's 16 rows lie in one block: one copy of K and one of V, all panels.
+                    if (lane == 0) {
+                        const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
+                        if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
+                        const int row = block0 * block_size + (t & (block_size - 1));
+                        nexus::tma_load_4d(dst, a.k_map, 0, row, 0, it.kv_head, bar);
+                        nexus::tma_load_4d(dst + L::HALF_BYTES, a.v_map, 0, row, 0, it.kv_head, bar);
+                    }
+                } else {
+                    // Block size 8: rows 8-15 are in the next block (its id is in this batch too,
+                    // t being a multiple of 16); one copy per half of the rows and panel.
+                    const int block1 = __shfl_sync(0xffffffffu, ids, (((t + 8) >> a.block_log2) - b) & 31);
+                    if (lane == 0) {
+                        const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
+                        if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
+                        for (int r = 0; r < SUB; r += block_size) {
+                            const int row = (r == 0 ? block0 : block1) * block_size;
+                            for (int p = 0; p < L::PANELS; ++p) {
+                                const uint32_t d = dst + p * PANEL_BYTES + r * PANEL_ROW_BYTES;
+                                nexus::tma_load_4d(d, a.k_map, 0, row, p, it.kv_head, bar);
+                                nexus::tma_load_4d(d + L::HALF_BYTES, a.v_map, 0, row, p, it.kv_head, bar);
+                            }
+                        }
+                    }
+                }
+                slot += PRODUCER_WARPS;
+                if (slot >= R) {
+                    slot -= R;
+                    ++fill;
+                }
+            }
+            ids = ids_next;
+        }
+        g_item += (it.kv_end - it.kv_start + SUB - 1) / SUB;
+        it = next;
+        next = after;
+    }
+}
+#endif
+
+// sm_80: K (role 0) or V (role 1) of every sub-tile into the ring with cp.async.
 //
 // Why this shape (first round: ~24 GB/s per SM at d = 128, ~11 at d = 64, i.e. one 16-token slot
 // per SM every ~340-370 ns whatever the head dim, about one HBM round trip): each producer warp
@@ -131,15 +251,8 @@ struct Args {
 // G - PARTS (LAG + 1), so PARTS (LAG + 1) <= R makes that wait depend only on earlier sub-tiles
 // (induction over the sub-tile index; the consumers take their sub-tiles in order).
 
-// Block ids first_block + lane of item `it` (lanes past its last block get 0, unused).
-__device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int first_block, int lane) {
-    const int b = first_block + lane;
-    const int last = (it.kv_end - 1) >> a.block_log2;
-    return b <= last ? __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + b) : 0;
-}
-
 template <int D, int LAG>
-__device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
+__device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
     using L = Layout<D>;
     constexpr int CPT = D / 8;              // 16-byte chunks per token row
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
@@ -161,7 +274,7 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
         const int tok = tok0 + TOK_STEP * i;
-        dst[i] = swizzled<L::ROW_BYTES>(tok, chunk);
+        dst[i] = slot_offset(tok, chunk);
     }
 
     Item it = load_item(a.items, i0);
@@ -176,14 +289,7 @@ __device__ __forceinline__ void produce(const Args& a, uint32_t ring, uint32_t f
         const __nv_bfloat16* head = pool + (size_t)it.kv_head * D + chunk * 8;
         const int last_block = (it.kv_end - 1) >> a.block_log2;
         for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
-            // The next batch of block ids (this item's or the next item's first) loads while this
-            // one is used.
-            int ids_next = 0;
-            if (b + TABLE_BATCH <= last_block) {
-                ids_next = load_block_ids(a, it, b + TABLE_BATCH, lane);
-            } else if (i + 1 < i1) {
-                ids_next = load_block_ids(a, next, next.kv_start >> a.block_log2, lane);
-            }
+            const int ids_next = next_block_ids(a, it, b, last_block, next, i + 1 < i1, lane);
             const int t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
             for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += SUB) {
                 if (slot % PARTS == part) {
@@ -276,17 +382,17 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int R = a.ring_slots;
 
-    // Per-lane ldmatrix offsets within a slot half, for k-steps / m-tiles 0..3 (4..7 add 128 bytes:
-    // the swizzle only touches the low 3 bits of the chunk index).
+    // Per-lane ldmatrix offsets within a slot half, for k-steps / m-tiles 0..3 of the first panel
+    // (4..7 are the same in the next panel).
     uint32_t k_off[4], v_off[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
         // K as the A operand (rows: tokens, k: head dim): matrices (tokens 0-7 | 8-15) x (dims lo | hi).
         const int kt = lane & 15, kc = 2 * j + (lane >> 4);
-        k_off[j] = swizzled<L::ROW_BYTES>(kt, kc);
+        k_off[j] = slot_offset(kt, kc);
         // V^T as the A operand (rows: head dim, k: tokens), read transposed from V's token rows.
         const int vt = (lane & 7) + ((lane >> 4) << 3), vc = 2 * j + ((lane >> 3) & 1);
-        v_off[j] = swizzled<L::ROW_BYTES>(vt, vc);
+        v_off[j] = slot_offset(vt, vc);
     }
 
     uint32_t q[KS][2], q_next[KS][2];
@@ -316,13 +422,27 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
         for (int k = warp; k < n_sub; k += CONSUMER_WARPS) {
             mbar_wait(full + 8 * slot, fill & 1);
             const uint32_t ks = ring + slot * L::SLOT_BYTES, vs = ks + L::HALF_BYTES;
+#if __CUDA_ARCH__ >= 900
+            // Rows past the end came from the pool as they are (TMA copies whole boxes): zero V's,
+            // whose products with the zero probabilities must stay 0 (K's scores are masked below).
+            const int valid = it.kv_end - (it.kv_start + k * SUB);
+            const bool partial = valid < SUB;
+            if (partial) {
+                const int chunks = (SUB - valid) * L::PANELS * 8;
+                for (int c = lane; c < chunks; c += 32) {
+                    const int row = valid + c / (L::PANELS * 8), p = (c / 8) % L::PANELS;
+                    nexus::st_shared_zero16(vs + p * PANEL_BYTES + row * PANEL_ROW_BYTES + (c % 8) * 16);
+                }
+                __syncwarp();
+            }
+#endif
 
             // S^T (16 tokens x 8 heads) = K Q^T, over two accumulators to halve the mma chain.
             float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
                 uint32_t frag[4];
-                ldmatrix_x4(frag, ks + k_off[kk & 3] + (kk >> 2) * 128);
+                ldmatrix_x4(frag, ks + k_off[kk & 3] + (kk >> 2) * PANEL_BYTES);
                 mma_16816(kk % 2 == 0 ? s : s_odd, frag, q[kk][0], q[kk][1]);
             }
 #pragma unroll
@@ -363,10 +483,15 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
 #pragma unroll
             for (int mt = 0; mt < KS; ++mt) {
                 uint32_t frag[4];
-                ldmatrix_x4_trans(frag, vs + v_off[mt & 3] + (mt >> 2) * 128);
+                ldmatrix_x4_trans(frag, vs + v_off[mt & 3] + (mt >> 2) * PANEL_BYTES);
                 mma_16816(o[mt], frag, b0, b1);
             }
             __syncwarp();
+#if __CUDA_ARCH__ >= 900
+            // The zeros were written through the generic proxy; the slot's next TMA fill writes
+            // through the async proxy.
+            if (partial) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
             mbar_arrive(empty + 8 * slot);
 
             slot += CONSUMER_WARPS;
@@ -448,7 +573,8 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
                                                       uint64_t* __restrict__ cta_trace) {
     using L = Layout<D>;
     nexus::CtaTrace trace(cta_trace);
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((RING_ALIGN - smem_addr(smem_raw) % RING_ALIGN) % RING_ALIGN);
     const int R = a.ring_slots;
     float* obuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES);
     float* mbuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES);
@@ -463,18 +589,30 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
             mbar_init(full + 8 * s, FULL_ARRIVALS);
             mbar_init(empty + 8 * s, 32);
         }
+#if __CUDA_ARCH__ >= 900
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.k_map)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.v_map)) : "memory");
+#endif
     }
     __syncthreads();
     if (i0 < i1) {
         if (threadIdx.x < CONSUMERS) {
             consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
-        } else if (R >= PARTS * 16) {
-            // In flight per producer warp: LAG + 1 slots, with PARTS (LAG + 1) <= R (see produce).
-            produce<D, 15>(a, ring, full, empty, i0, i1);
-        } else if (R >= PARTS * 8) {
-            produce<D, 7>(a, ring, full, empty, i0, i1);
         } else {
-            produce<D, 3>(a, ring, full, empty, i0, i1);  // R >= 8 = PARTS * 4
+#if __CUDA_ARCH__ >= 900
+            produce_tma<D>(a, ring, full, empty, i0, i1);
+#else
+            if (R >= PARTS * 16) {
+                // In flight per producer warp: LAG + 1 slots, with PARTS (LAG + 1) <= R (see
+                // produce_cp_async).
+                produce_cp_async<D, 15>(a, ring, full, empty, i0, i1);
+            } else if (R >= PARTS * 8) {
+                produce_cp_async<D, 7>(a, ring, full, empty, i0, i1);
+            } else {
+                produce_cp_async<D, 3>(a, ring, full, empty, i0, i1);  // R >= 8 = PARTS * 4
+            }
+#endif
         }
     }
     trace.finish();  // thread 0, a consumer: after its last item
@@ -536,18 +674,23 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 }  // namespace
 
 // Launched with THREADS threads, grid = the plan's CTAs (<= budget; CTAs past the last list find it
-// empty), and the dynamic shared memory the host computes for `ring_slots`. The merge kernel reads
+// empty), and the dynamic shared memory the host computes for `ring_slots`. `k_map`, `v_map`: the
+// K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
+// 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
+// size, 16) x (D / 64, or 1 for block size 8) x 1, 128-byte swizzle; read on sm_90 only (zeros
+// elsewhere). The merge kernel reads
 // its row count from the device (`num_split`), so a graph replays it for whatever batch the plan
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
 #define DECODE_ATTENTION_KERNEL(D)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_d##D(                                 \
+        const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,                           \
         const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                           \
         const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,                            \
         const int* __restrict__ work_indptr, const int* __restrict__ items, float* __restrict__ part_o,             \
         float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads, int num_kv_heads,             \
         int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2, uint64_t* __restrict__ cta_trace) { \
-        const Args a{qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
+        const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
                      part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
                      block_log2, ring_slots, scale_log2};                                                   \
         decode_attention_body<D>(a, work_indptr, cta_trace);                                                         \

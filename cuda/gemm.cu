@@ -47,6 +47,7 @@ using nexus::mbar_wait;
 using nexus::mma_16816;
 using nexus::smem_addr;
 using nexus::swizzled;
+using nexus::TensorMap;
 
 using bf16 = __nv_bfloat16;
 
@@ -282,11 +283,6 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 
 // ---------------------------------------------------------------------------------------------
 // Hopper path: TMA + mbarriers + wgmma, warp-specialized (sm_90a).
-
-// A CUtensorMap, passed by value as a __grid_constant__ parameter.
-struct alignas(64) TensorMap {
-    unsigned long long opaque[16];
-};
 
 // Threads of a wgmma kernel with tiles of BM (rows of A) x BN (rows of B): a producer warpgroup
 // and one consumer warpgroup per 64 rows of wgmma's M side (B's rows when SWAP, else A's).

@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Budgets every kernel is measured with (plus all SMs).
-pub const BUDGETS: [u32; 6] = [8, 16, 32, 48, 64, 96];
+pub const BUDGETS: [u32; 7] = [8, 16, 24, 32, 48, 64, 96];
 
 /// Bytes that certainly exceed the L2 cache (50 MB on H100, 60 MB on H200): inputs are rotated
 /// over copies adding up to at least this, so that no launch finds its data in L2.
@@ -32,6 +32,13 @@ pub fn budgets(gpu: &Gpu) -> Vec<CtaBudget> {
         BUDGETS.iter().filter(|&&b| b < gpu.sm_count()).map(|&b| CtaBudget::new(b, gpu).expect("budget")).collect();
     v.push(CtaBudget::all(gpu));
     v
+}
+
+/// Whether the case named `name` runs: every case unless `NEXUS_BENCH_ONLY` is set, then those whose
+/// name contains it (e.g. `NEXUS_BENCH_ONLY="64x4096/budget 32"` times one case, for a profiler).
+/// Criterion's own filter (`cargo bench -- FILTER`) skips only its timing, not the summary table.
+pub fn selected(name: &str) -> bool {
+    std::env::var("NEXUS_BENCH_ONLY").map_or(true, |only| name.contains(&only))
 }
 
 pub fn open() -> (Arc<Gpu>, Arc<CudaStream>) {

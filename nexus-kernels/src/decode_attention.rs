@@ -11,9 +11,10 @@
 //! once; [`decode_attention`] then only launches (no allocation, no copy, no host synchronization),
 //! so it can be captured in a CUDA graph, which stays valid as long as the plan lives.
 //!
-//! Kernel: `cuda/decode_attention.cu` (one CTA of 384 threads per SM: 4 producer warps streaming
-//! K and V pages with `cp.async` into a ring of ~190 KB of shared memory, each keeping several
-//! slots of loads in flight, 8 consumer warps running `mma.sync` and an online softmax in f32).
+//! Kernel: `cuda/decode_attention.cu` (one CTA of 384 threads per SM: on Hopper one thread
+//! streaming K and V pages with bulk tensor copies (TMA) into a ring of ~190 KB of shared memory,
+//! elsewhere 4 producer warps doing it with `cp.async`; 8 consumer warps running `mma.sync` and
+//! an online softmax in f32).
 //! The reference is
 //! [`crate::reference::decode_attention`].
 //!
@@ -48,15 +49,16 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
 use half::bf16;
 
 use crate::error::ensure_shape;
-use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
+use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext, PtxTarget};
 use crate::layout::{PagedKvLayout, QkvLayout};
+use crate::tensor_map::TensorMap;
 use crate::{Error, Result};
 
 const MODULE: &str = "decode_attention";
@@ -70,6 +72,10 @@ const MERGE_THREADS: u32 = 512;
 const SUB: usize = 16;
 /// Query heads per work item (`HEADS`): larger GQA groups take several items per KV head.
 const HEADS: usize = 8;
+/// Alignment of the ring in shared memory (`RING_ALIGN`): TMA's 128-byte swizzle pattern.
+const RING_ALIGN: usize = 1024;
+/// Dims of the pool a TMA box covers (`PANEL_ROW_BYTES` / 2 in the source).
+const PANEL_DIMS: usize = 64;
 /// The shortest KV chunk the planner splits into, in tokens.
 pub const MIN_CHUNK_TOKENS: usize = 256;
 /// Ring slots are used in multiples of the consumer warps, between these bounds. The kernel also
@@ -148,7 +154,23 @@ pub struct DecodePlan {
     merge_count: CudaSlice<i32>,
     part_o: CudaSlice<f32>,
     part_lse: CudaSlice<f32>,
+    /// The tensor maps of the K and V pools this plan ran on (Hopper), by pool addresses: one plan
+    /// serves every layer, and encoding two maps per launch cost more host time than the launch.
+    pool_maps: Mutex<Vec<PoolMaps>>,
 }
+
+/// The tensor maps of one layer's K and V pools.
+#[derive(Clone, Copy)]
+struct PoolMaps {
+    k_ptr: u64,
+    v_ptr: u64,
+    k: TensorMap,
+    v: TensorMap,
+}
+
+/// The most pool pairs a plan keeps the maps of (more than any model's layers; past it the cache
+/// starts over).
+const MAX_POOL_MAPS: usize = 512;
 
 impl std::fmt::Debug for DecodePlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -165,12 +187,13 @@ impl std::fmt::Debug for DecodePlan {
     }
 }
 
-/// Shared memory of the attention kernel with `slots` ring slots (`Layout` in the source).
+/// Shared memory of the attention kernel with `slots` ring slots (`Layout` in the source), with
+/// the slack that aligns the ring to `RING_ALIGN` bytes.
 fn smem_bytes(head_dim: usize, slots: usize) -> usize {
     let slot = 2 * SUB * head_dim * 2;
     let obuf = CONSUMER_WARPS * HEADS * (head_dim + 4) * 4;
     let ml = 2 * CONSUMER_WARPS * HEADS * 4;
-    slots * (slot + 16) + obuf + ml
+    slots * (slot + 16) + obuf + ml + RING_ALIGN
 }
 
 /// The most ring slots (a multiple of the consumer warps) that fit in `max_smem` bytes.
@@ -392,6 +415,7 @@ impl DecodePlan {
         to_i32(max_blocks_per_seq, "max blocks per sequence")?;
         to_i32(layout.num_heads * d, "query width")?;
         to_i32(max_blocks_per_seq * bs + SUB, "KV length")?;
+        to_i32(cache.num_blocks * bs, "KV pool rows")?; // TMA coordinates are i32
 
         let gpu = ctx.gpu().clone();
         let max_smem =
@@ -427,8 +451,24 @@ impl DecodePlan {
             merge_count: one_int()?,
             part_o: stream.alloc_zeros::<f32>(1)?,
             part_lse: stream.alloc_zeros::<f32>(1)?,
+            pool_maps: Mutex::new(Vec::new()),
             gpu,
         })
+    }
+
+    /// The tensor maps of the pools at `k_ptr` and `v_ptr` (of the plan's cache layout), encoded
+    /// on first use.
+    fn pool_maps(&self, k_ptr: u64, v_ptr: u64) -> Result<(TensorMap, TensorMap)> {
+        let mut maps = self.pool_maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(m) = maps.iter().find(|m| m.k_ptr == k_ptr && m.v_ptr == v_ptr) {
+            return Ok((m.k, m.v));
+        }
+        let m = PoolMaps { k_ptr, v_ptr, k: pool_map(k_ptr, self.cache)?, v: pool_map(v_ptr, self.cache)? };
+        if maps.len() == MAX_POOL_MAPS {
+            maps.clear();
+        }
+        maps.push(m);
+        Ok((m.k, m.v))
     }
 
     /// Keeps the figures of the batch `work` was planned for.
@@ -571,6 +611,10 @@ pub fn decode_attention(
     ];
     let scale_log2 = plan.scale * std::f32::consts::LOG2_E;
     let null = 0u64;
+    let (k_map, v_map) = match ctx.gpu().target() {
+        PtxTarget::Sm90a => plan.pool_maps(k_cache.device_ptr(stream).0, v_cache.device_ptr(stream).0)?,
+        PtxTarget::Sm80 => (TensorMap::unused(), TensorMap::unused()),
+    };
     let (name, merge_name) = match d {
         64 => ("decode_attention_d64", "decode_attention_merge_d64"),
         _ => ("decode_attention_d128", "decode_attention_merge_d128"),
@@ -579,6 +623,8 @@ pub fn decode_attention(
         let (f, cfg) = ctx.kernel(MODULE, name, plan.grid, THREADS, plan.smem_bytes)?;
         let mut launch = stream.launch_builder(&f);
         launch
+            .arg(&k_map)
+            .arg(&v_map)
             .arg(qkv)
             .arg(k_cache)
             .arg(v_cache)
@@ -598,7 +644,8 @@ pub fn decode_attention(
         };
         // SAFETY: the arguments match `decode_attention_d{64,128}` in cuda/decode_attention.cu. The
         // plan's items stay inside the sequences it checked (lengths and block ids), whose shapes
-        // were checked against the buffers above; the trace holds the grid's 3 values per CTA.
+        // were checked against the buffers above (the tensor maps describe those same pools, so
+        // TMA boxes of whole blocks stay inside them); the trace holds the grid's 3 values per CTA.
         unsafe { launch.launch(cfg) }?;
     }
     if plan.merge_grid() > 0 {
@@ -624,6 +671,20 @@ pub fn decode_attention(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+/// The tensor map of a K or V pool `[num_blocks, block_size, num_kv_heads, head_dim]` at `ptr`, as
+/// the Hopper kernel reads it: 4-D (64 dims, token row of the pool, panel of 64 dims, KV head;
+/// the panels' stride below the rows', so that a box lands as the kernel's panels of rows), boxes of
+/// `min(block_size, 16)` rows (the rows of one slot that lie in one block) of all panels, or of one
+/// panel for block size 8 (which takes a copy per panel and block anyway).
+fn pool_map(ptr: cudarc::driver::sys::CUdeviceptr, cache: PagedKvLayout) -> Result<TensorMap> {
+    let (d, h) = (cache.head_dim as u64, cache.num_kv_heads as u64);
+    let rows = (cache.num_blocks * cache.block_size) as u64;
+    let panels = d / PANEL_DIMS as u64;
+    let box_panels = if cache.block_size >= SUB { panels as u32 } else { 1 };
+    let boxes = [PANEL_DIMS as u32, cache.block_size.min(SUB) as u32, box_panels, 1];
+    TensorMap::bf16(ptr, [PANEL_DIMS as u64, rows, panels, h], &[h * d * 2, PANEL_DIMS as u64 * 2, d * 2], boxes)
 }
 
 /// The work of one plan, as the kernels read it.

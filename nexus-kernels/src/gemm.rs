@@ -46,14 +46,13 @@
 //! # Ok::<(), nexus_kernels::Error>(())
 //! ```
 
-use std::ffi::c_void;
-
 use cudarc::driver::sys::{self, CUdevice_attribute};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, DeviceRepr, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchArgs, PushKernelArg};
 use half::bf16;
 
 use crate::error::ensure_shape;
 use crate::gpu::{BandwidthCurve, CtaBudget, DeviceModel, PhaseContext, PtxTarget};
+use crate::tensor_map::TensorMap;
 use crate::{Error, Result};
 
 pub use crate::reference::GemmShape;
@@ -458,8 +457,8 @@ pub fn gemm_with(
             let stages = (WGMMA_RING_BYTES / stage_bytes).min(WGMMA_MAX_STAGES);
             let smem = (stages * stage_bytes + 1024) as u32;
             let threads = 128 * (1 + if swap { spec.bn } else { spec.bm } as u32 / 64);
-            let map_a = TensorMap::new(a_ptr, m, k, spec.bm)?;
-            let map_b = TensorMap::new(b_ptr, n, k, spec.bn)?;
+            let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
+            let map_b = matrix_map(b_ptr, n, k, spec.bn)?;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
             let mut launch = stream.launch_builder(&f);
             launch.arg(&map_a).arg(&map_b);
@@ -483,44 +482,10 @@ fn push_bias<'a>(launch: &mut LaunchArgs<'a>, bias: Option<&'a CudaView<'_, bf16
     };
 }
 
-/// A `CUtensorMap` of a row-major bf16 matrix `[rows, k]`, read in boxes of 64 of K × `box_rows`
-/// rows with the 128-byte swizzle, out-of-range elements filled with zeros. Passed to the kernel
-/// by value (a `__grid_constant__` parameter).
-#[repr(transparent)]
-struct TensorMap(sys::CUtensorMap);
-
-// SAFETY: a CUtensorMap is plain bytes that the kernel receives by value (128 bytes, as its
-// `TensorMap` parameter in cuda/gemm.cu).
-unsafe impl DeviceRepr for TensorMap {}
-
-impl TensorMap {
-    fn new(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<Self> {
-        let mut map = sys::CUtensorMap { opaque: [0; 16] };
-        let dims: [u64; 2] = [k as u64, rows as u64];
-        let strides: [u64; 1] = [(k * 2) as u64];
-        let boxes: [u32; 2] = [BK as u32, box_rows as u32];
-        let element_strides: [u32; 2] = [1, 1];
-        // SAFETY: the call only encodes `map` on the host; every array it reads lives on this
-        // stack frame and has the length rank 2 implies.
-        unsafe {
-            sys::cuTensorMapEncodeTiled(
-                &mut map,
-                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                2,
-                ptr as *mut c_void,
-                dims.as_ptr(),
-                strides.as_ptr(),
-                boxes.as_ptr(),
-                element_strides.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-        }
-        .result()?;
-        Ok(TensorMap(map))
-    }
+/// The tensor map of a row-major bf16 matrix `[rows, k]`, read in boxes of 64 of K × `box_rows`
+/// rows (the kernels' stage tiles), out-of-range elements filled with zeros.
+fn matrix_map(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
+    TensorMap::bf16(ptr, [k as u64, rows as u64], &[(k * 2) as u64], [BK as u32, box_rows as u32])
 }
 
 #[cfg(test)]

@@ -73,6 +73,7 @@
 
 mod error;
 mod layout;
+mod tensor_map;
 
 pub mod decode_attention;
 pub mod elementwise;

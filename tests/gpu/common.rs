@@ -4,6 +4,7 @@ use std::sync::{Arc, OnceLock};
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
+use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -14,12 +15,23 @@ pub fn gpu() -> Arc<Gpu> {
     GPU.get_or_init(|| Gpu::new(0).expect("open GPU 0")).clone()
 }
 
+/// The first GPU with the portable (sm_80) kernels, opened once: on a Hopper, the code paths
+/// other GPUs run.
+pub fn portable_gpu() -> Arc<Gpu> {
+    static GPU: OnceLock<Arc<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::with_target(0, PtxTarget::Sm80).expect("open GPU 0 with the sm_80 kernels")).clone()
+}
+
 /// A context on a fresh stream with `budget` CTAs (`None`: all SMs).
 pub fn phase(budget: Option<u32>) -> PhaseContext {
-    let gpu = gpu();
+    phase_on(&gpu(), budget)
+}
+
+/// [`phase`] on `gpu`.
+pub fn phase_on(gpu: &Arc<Gpu>, budget: Option<u32>) -> PhaseContext {
     let budget = match budget {
-        Some(n) => CtaBudget::new(n, &gpu).expect("budget"),
-        None => CtaBudget::all(&gpu),
+        Some(n) => CtaBudget::new(n, gpu).expect("budget"),
+        None => CtaBudget::all(gpu),
     };
     PhaseContext::new(gpu.clone(), gpu.new_stream().expect("stream"), budget)
 }

@@ -1,13 +1,16 @@
 //! Paged decode attention against its reference: ragged batches (single tokens to 8k), GQA 32/8
 //! with d = 128, SmolLM2's 9/3 with d = 64, MHA 8/8 and a group of 16, block sizes 8 to 128 with
-//! shuffled block tables, budgets from one CTA to all SMs, each split mode; plus batch
+//! shuffled block tables, budgets from one CTA to all SMs, each split mode, and the portable (sm_80)
+//! build on the same GPU; plus batch
 //! invariance of fixed chunks, CUDA-graph capture, the CTA trace, and the plan's and launcher's
 //! errors.
+
+use std::sync::Arc;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
 use half::bf16;
 use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention};
-use nexus::kernels::{ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, copy_rows_htod, reference};
+use nexus::kernels::{ErrorKind, Gpu, PagedKvLayout, PhaseContext, QkvLayout, copy_rows_htod, reference};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -149,19 +152,35 @@ fn describe(case: &Case, split: KvSplit, budget: Option<u32>, plan: &DecodePlan)
 
 /// Checks one batch against the reference with every budget and the given split modes.
 fn check(test: &str, layout: QkvLayout, block_size: usize, kv_lens: &[u32], splits: &[KvSplit]) {
+    check_on(&gpu(), test, layout, block_size, kv_lens, splits)
+}
+
+/// [`check`] with the kernels `gpu` loaded.
+fn check_on(gpu: &Arc<Gpu>, test: &str, layout: QkvLayout, block_size: usize, kv_lens: &[u32], splits: &[KvSplit]) {
     let mut rng = rng(test);
     let case = Case::new(&mut rng, layout, block_size, kv_lens);
     let want = case.reference();
-    let setup = phase(None);
+    let setup = phase_on(gpu, None);
     let inputs = case.device(&setup);
     for &split in splits {
         for budget in budgets() {
-            let ctx = phase(budget);
+            let ctx = phase_on(gpu, budget);
             let plan = case.plan(&ctx, split);
             let got = inputs.run_decode(&ctx, &case, &plan);
             assert_close(&format!("{test}: {}", describe(&case, split, budget, &plan)), &got, &want, BF16_RTOL, ATOL);
         }
     }
+}
+
+/// The sm_80 build (cp.async producers; Hopper runs TMA ones), on whatever GPU runs the tests.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn portable_kernel_matches_reference() {
+    let portable = portable_gpu();
+    for block_size in [8, 16] {
+        check_on(&portable, "portable gqa 32/8", gqa(), block_size, &LENGTHS, &[KvSplit::Auto]);
+    }
+    check_on(&portable, "portable smollm2 9/3", smollm2(), 32, &LENGTHS, &[KvSplit::Auto, KvSplit::Fixed(512)]);
 }
 
 #[test]

@@ -51,13 +51,24 @@ impl Gpu {
     /// borrowed meanwhile). Fails with [`Error::NoGpu`] when there is no driver or device, or the
     /// device is older than sm_80.
     pub fn new(ordinal: usize) -> Result<Arc<Self>> {
+        Self::open(ordinal, None)
+    }
+
+    /// [`Gpu::new`] with the kernels of `target` instead of the newest build the device runs:
+    /// [`PtxTarget::Sm80`] on a Hopper runs the portable code paths (which is how the GPU tests
+    /// check them there). A target the device cannot run is refused with [`Error::Unsupported`].
+    pub fn with_target(ordinal: usize, target: PtxTarget) -> Result<Arc<Self>> {
+        Self::open(ordinal, Some(target))
+    }
+
+    fn open(ordinal: usize, forced: Option<PtxTarget>) -> Result<Arc<Self>> {
         // SAFETY: this only tries to open the driver library; it calls nothing in it.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(Error::NoGpu("the CUDA driver library (libcuda.so) was not found".into()));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| Error::NoGpu(format!("cannot open device {ordinal}: {e}")))?;
         let compute_capability = ctx.compute_capability()?;
-        let target = match compute_capability {
+        let best = match compute_capability {
             (9, 0) => PtxTarget::Sm90a,
             (major, _) if major >= 8 => PtxTarget::Sm80,
             (major, minor) => {
@@ -65,6 +76,16 @@ impl Gpu {
                     "device {ordinal} is sm_{major}{minor}; the kernels need sm_80 (Ampere) or newer"
                 )));
             }
+        };
+        let target = match forced {
+            Some(PtxTarget::Sm90a) if best != PtxTarget::Sm90a => {
+                let (major, minor) = compute_capability;
+                return Err(Error::Unsupported(format!(
+                    "device {ordinal} is sm_{major}{minor}; the sm_90a kernels run on sm_90 only"
+                )));
+            }
+            Some(target) => target,
+            None => best,
         };
         let attribute = |a| -> Result<u32> { Ok(ctx.attribute(a)? as u32) };
         let sm_count = attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;

@@ -7,11 +7,13 @@
 //! in-process; bad workloads and flags fail with a message.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use serde_json::Value;
+
+mod common;
+use common::Server;
 
 fn model() -> PathBuf {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -228,35 +230,14 @@ fn bad_schedules_are_refused_before_the_model_loads() {
     }
 }
 
-/// A `nexus serve` on the CPU backend on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start() -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nexus"))
-            .args(["serve", "--device", "cpu", "--port", "0", "--served-model-name", "smollm2", "--model"])
-            .arg(model())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start nexus serve");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let line = lines.next().expect("a line").expect("read");
-        let base = line.strip_prefix("nexus serve: listening on ").expect("the address line").to_owned();
-        // Keep draining stdout so that the server never blocks on it.
-        std::thread::spawn(move || lines.for_each(drop));
-        Server { child, base }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `nexus serve` on the CPU backend on a free loopback port.
+fn start_server() -> Server {
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_nexus"));
+    serve
+        .args(["serve", "--device", "cpu", "--port", "0", "--served-model-name", "smollm2", "--model"])
+        .arg(model())
+        .stderr(Stdio::inherit());
+    Server::spawn(serve)
 }
 
 /// Runs `nexus bench` with `args`, asserts it succeeded, and returns its stdout and the runs of
@@ -286,7 +267,7 @@ fn ints(v: &Value) -> Vec<u64> {
 
 #[test]
 fn vllm_load_shapes_metrics_and_results_against_a_server() {
-    let server = Server::start();
+    let server = start_server();
     let dir = std::env::temp_dir().join(format!("nexus-bench-vllm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (result, json, plot) = (dir.join("result.json"), dir.join("bench.json"), dir.join("bench.svg"));

@@ -6,12 +6,14 @@
 //! files need `--gguf-file`; a model found nowhere fails with every place looked at; nothing is
 //! downloaded (the cache is all there is).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::{Value, json};
+
+mod common;
+use common::Server;
 
 const MAIN: &str = "0123456789abcdef0123456789abcdef01234567";
 const TAGGED: &str = "fedcba9876543210fedcba9876543210fedcba98";
@@ -232,35 +234,23 @@ fn a_model_found_nowhere_names_every_place_looked_at() {
 #[test]
 fn serve_names_a_model_from_the_cache_by_its_repo_id() {
     let cache = FakeCache::new();
-    let mut server = cache
-        .command(&[
-            "serve",
-            "--device",
-            "cpu",
-            "--port",
-            "0",
-            "--cpu-kv-blocks",
-            "64",
-            "--model",
-            "test-org/tiny-llama",
-        ])
-        .env("HF_HUB_CACHE", cache.0.join("hub"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start nexus serve");
-    let mut lines = BufReader::new(server.stdout.take().expect("stdout")).lines();
-    let line = lines.next().expect("a line").expect("read");
-    let base = line.strip_prefix("nexus serve: listening on ").map(str::to_owned);
-    let models = base.as_ref().map(|base| {
-        let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-        let mut response = agent.get(&format!("{base}/v1/models")).call().expect("GET /v1/models");
-        response.body_mut().read_json::<Value>().expect("JSON")
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    assert!(base.is_some(), "{line}");
-    assert_eq!(models.expect("the models")["data"][0]["id"], "test-org/tiny-llama");
+    let mut serve = cache.command(&[
+        "serve",
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--cpu-kv-blocks",
+        "64",
+        "--model",
+        "test-org/tiny-llama",
+    ]);
+    serve.env("HF_HUB_CACHE", cache.0.join("hub")).stderr(Stdio::inherit());
+    let server = Server::spawn(serve);
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut response = agent.get(&format!("{}/v1/models", server.base)).call().expect("GET /v1/models");
+    let models = response.body_mut().read_json::<Value>().expect("JSON");
+    assert_eq!(models["data"][0]["id"], "test-org/tiny-llama");
 }
 
 #[test]

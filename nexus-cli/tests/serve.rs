@@ -17,50 +17,15 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+mod common;
+use common::Server;
+
 const MODEL_NAME: &str = "smollm2";
-
-/// A server process, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    /// Sends the server `signal` (`TERM`, `INT`).
-    fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status();
-        assert!(status.expect("run kill").success(), "kill -{signal}");
-    }
-
-    /// Waits for the server to exit, at most `limit`.
-    fn exit_status(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the server did not exit within {limit:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The `host:port` it listens on.
-    fn addr(&self) -> &str {
-        self.base.strip_prefix("http://").expect("an http URL")
-    }
-}
 
 fn model_path() -> PathBuf {
     let path = std::env::var_os("NEXUS_MODEL").map_or_else(
@@ -87,21 +52,13 @@ fn start(extra: &[&str]) -> Server {
 
 /// Starts `nexus serve` on `model` and `device`, with `extra` flags.
 fn start_model(model: &Path, device: &str, extra: &[&str]) -> Server {
-    let mut child = nexus()
+    let mut serve = nexus();
+    serve
         .args(["serve", "--device", device, "--port", "0", "--served-model-name", MODEL_NAME, "--model"])
         .arg(model)
         .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start nexus serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let line = lines.next().expect("a line").expect("read");
-    let base = line.strip_prefix("nexus serve: listening on ").expect("the address line").to_owned();
-    // Keep draining stdout so that the server never blocks on it.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, base }
+        .stderr(Stdio::inherit());
+    Server::spawn(serve)
 }
 
 /// Runs `nexus serve` with `flags`, which it must refuse within a minute; returns its stderr.

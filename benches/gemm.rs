@@ -11,6 +11,9 @@
 //! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
 //! whole run fits in a few minutes.
 //!
+//! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 64) of Llama-3.1-8B,
+//! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick and cuBLAS.
+//!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
 //! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
@@ -24,8 +27,9 @@ use common::*;
 use cudarc::cublas::{CudaBlas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
-use nexus::kernels::CtaBudget;
-use nexus::kernels::gemm::{self, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gpu::PtxTarget;
+use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -218,5 +222,91 @@ fn main() {
         }
     }
     report.finish(&gpu, "gemm");
+    decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
     c.final_summary();
+}
+
+/// The linear layers of the three models of the experiments, (name, K, N).
+const DECODE_SHAPES: [(&str, usize, usize); 12] = [
+    ("Llama-3.1-8B QKV", 4096, 6144),
+    ("Llama-3.1-8B output", 4096, 4096),
+    ("Llama-3.1-8B gate/up", 4096, 28672),
+    ("Llama-3.1-8B down", 14336, 4096),
+    ("Qwen2.5-3B QKV", 2048, 2560),
+    ("Qwen2.5-3B output", 2048, 2048),
+    ("Qwen2.5-3B gate/up", 2048, 22016),
+    ("Qwen2.5-3B down", 11008, 2048),
+    ("Qwen2.5-14B QKV", 5120, 7168),
+    ("Qwen2.5-14B output", 5120, 5120),
+    ("Qwen2.5-14B gate/up", 5120, 27648),
+    ("Qwen2.5-14B down", 13824, 5120),
+];
+/// Decode batch sizes: the rows of A.
+const DECODE_MS: [usize; 3] = [1, 16, 64];
+
+/// Every kernel that runs on this device, on every decode-sized GEMM of [`DECODE_SHAPES`] at every
+/// budget, next to the planner's pick, cuBLAS at the same budget and the streaming read: which tile
+/// shape streams the weight best at each budget (the planner's model is fitted to the H100), and
+/// how far the best is from the read curve (`gemm-decode.md` with `NEXUS_BENCH_OUT`; cases named
+/// `gemm-decode/<shape>/m <M>/budget <SMs>` for `NEXUS_BENCH_ONLY`).
+fn decode_sizes(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    blas: &CudaBlas,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    budgets: &[CtaBudget],
+    stream_read: &BandwidthCurve,
+) {
+    let kernels: Vec<GemmKernel> = match gpu.target() {
+        PtxTarget::Sm90a => GemmKernel::HOPPER.iter().chain(&GemmKernel::PORTABLE).copied().collect(),
+        PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
+    };
+    let names: Vec<String> = kernels.iter().map(|k| format!("{k:?} TB/s")).collect();
+    let mut header = vec!["layer (K x N)", "M", "budget", "stream read", "cuBLAS@budget", "planner's pick"];
+    header.extend(names.iter().map(String::as_str));
+    let report = Report::new("Decode-sized GEMMs, every kernel (TB/s = 2(MK + NK + MN) / t)", &header);
+    for (layer, k, n) in DECODE_SHAPES {
+        for m in DECODE_MS {
+            let shape = GemmShape { m, n, k };
+            let case = |budget: CtaBudget| format!("gemm-decode/{layer}/m {m}/budget {}", budget.get());
+            if !budgets.iter().any(|&b| selected(&case(b))) {
+                continue;
+            }
+            let (a_len, b_len) = (m * k, n * k);
+            let set = a_len + b_len;
+            let copies = copies_for(2 * set);
+            let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> = (0..copies)
+                .map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set)))
+                .collect();
+            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+            for &budget in budgets {
+                if !selected(&case(budget)) {
+                    continue;
+                }
+                let ctx = phase(gpu, stream, budget);
+                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
+                let mut row = vec![
+                    format!("{layer} ({k} x {n})"),
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                    format!("{:.2}", bytes / cublas / 1e12),
+                    format!("{:?}", gemm::plan(shape, budget, gpu.model()).kernel),
+                ];
+                for &kernel in &kernels {
+                    let t = median_gpu_time(stream, |i| {
+                        let (a, b) = &views[i as usize % copies];
+                        gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace)
+                            .expect("gemm");
+                    })
+                    .as_secs_f64();
+                    row.push(format!("{:.2}", bytes / t / 1e12));
+                }
+                report.add(row);
+            }
+        }
+    }
+    report.finish(gpu, "gemm-decode");
 }

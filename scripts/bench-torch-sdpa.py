@@ -10,9 +10,10 @@ the same count as benches/prefill_attention.rs):
   - a 2048-token chunk over 2k and 8k cached tokens: queries are the last C of P + C keys, so the
     mask is causal aligned to the lower right (torch.nn.attention.bias.causal_lower_right, which
     dispatches to the fused kernels; an explicit boolean mask if that is refused).
-Decode (TB/s = K and V bytes read / time): batch x context 1x4096, 32x2048, 64x4096, 128x1024,
-with 32/8 heads d = 128 and 9/3 heads d = 64; one query token per sequence, contiguous K/V
-[B, H_kv, L, d], no mask.
+Decode (TB/s = K and V bytes read / time): batch x context 1x4096, 1x32768, 32x2048, 64x4096,
+128x1024, with the heads of Llama-3.1-8B (32/8), Qwen2.5-3B (16/2), Qwen2.5-14B (40/8), all
+d = 128, and SmolLM2 (9/3, d = 64); one query token per sequence, contiguous K/V [B, H_kv, L, d],
+no mask.
 
 GQA: K/V keep H_kv heads and SDPA gets enable_gqa=True; if a backend refuses that, K/V are expanded
 with repeat_interleave beforehand (outside the timing) and the table says so in its "K/V" column.
@@ -148,8 +149,10 @@ def prefill_rows():
 
 def decode_rows():
     rows = []
-    for heads, kv_heads, d in [(32, 8, 128), (9, 3, 64)]:
-        for batch, ctx in [(1, 4096), (32, 2048), (64, 4096), (128, 1024)]:
+    # The head layouts and shapes of benches/decode_attention.rs: Llama-3.1-8B, Qwen2.5-3B,
+    # Qwen2.5-14B, SmolLM2.
+    for heads, kv_heads, d in [(32, 8, 128), (16, 2, 128), (40, 8, 128), (9, 3, 64)]:
+        for batch, ctx in [(1, 4096), (1, 32768), (32, 2048), (64, 4096), (128, 1024)]:
             kv_bytes = 2 * batch * kv_heads * ctx * d * 2
             copies = copies_for(kv_bytes)
             inputs = make_inputs(batch, heads, kv_heads, 1, ctx, d, copies)

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One round of GPU checks and benchmarks on the GPU machine, from executables staged by
+# ../shared/tools/gpu-stage (DIR/bin/test-*, DIR/bin/bench-*): every GPU test, compute-sanitizer
+# memcheck and racecheck on the kernel tests, the kernel and model-step benches and torch SDPA,
+# each step under its own time limit. Everything it writes goes into one tarball, OUT/round.tgz
+# (the device tool returns few files a call), with round.log saying what each step took and
+# whether it passed.
+#
+#   scripts/gpu-round.sh DIR OUT [STEP ...]
+#   e.g. on the device: scripts/gpu-round.sh .gpu $OUT tests sanitize benches sdpa
+# Steps (default: all, in this order):
+#   tests     every test-* with --ignored (the model tests need models/: skipped without it)
+#   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
+#             decode attention on ragged batches, its portable build, elementwise, small GEMMs)
+#   benches   decode_attention, gemm, prefill_attention (criterion's own timing skipped: only
+#             the summary tables) and model_step for each model in $MODELS
+#   sdpa      scripts/bench-torch-sdpa.py (torch on the device)
+# LIMIT_S: seconds each step may take (default 240).
+set -uo pipefail
+if [ $# -lt 2 ]; then sed -n 2,20p "$0" >&2; exit 2; fi
+dir=$1 out=$2
+shift 2
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
+limit=${LIMIT_S:-240}
+sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise:: gemm::gemm_small"}
+models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
+work=$(mktemp -d)
+log=$work/round.log
+export NEXUS_BENCH_OUT=$work
+
+# Runs "$@" under the step limit, its output in $work/NAME.txt, and logs its time and status.
+step() {
+    local name=$1
+    shift
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$work/$name.txt" 2>&1
+    local rc=$?
+    echo "$name: rc $rc in $((SECONDS - start)) s" | tee -a "$log"
+    return 0
+}
+
+for s in "${steps[@]}"; do
+    case $s in
+    tests)
+        skip=()
+        [ -d models ] || skip=(--skip model:: --skip hf_models::)
+        for t in "$dir"/bin/test-*; do
+            step "$(basename "$t")" "$t" --ignored --test-threads=1 "${skip[@]}"
+        done
+        ;;
+    sanitize)
+        for t in "$dir"/bin/test-*; do
+            for filter in $sanitize; do
+                for tool in memcheck racecheck; do
+                    step "$tool-${filter//:/_}" compute-sanitizer --tool "$tool" --error-exitcode 1 "$t" \
+                        --ignored --test-threads=1 "$filter"
+                done
+            done
+        done
+        ;;
+    benches)
+        # A criterion filter that matches nothing: only the summary tables are timed.
+        for b in decode_attention gemm prefill_attention; do
+            [ -x "$dir/bin/bench-$b" ] && step "bench-$b" "$dir/bin/bench-$b" --bench no-criterion-case
+        done
+        if [ -x "$dir/bin/bench-model_step" ]; then
+            for m in $models; do
+                step "model_step-$m" env NEXUS_MODEL_STEP="$m" "$dir/bin/bench-model_step"
+            done
+        fi
+        ;;
+    sdpa)
+        step torch-sdpa python3 scripts/bench-torch-sdpa.py "$work/torch-sdpa.md"
+        ;;
+    *)
+        echo "gpu-round: unknown step $s" | tee -a "$log"
+        ;;
+    esac
+done
+
+mkdir -p "$out"
+tar czf "$out/round.tgz" -C "$work" .
+rm -rf "$work"
+echo "gpu-round: $out/round.tgz"

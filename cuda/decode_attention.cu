@@ -17,12 +17,12 @@
 //     On Hopper (sm_90) the 4 producer warps take the slots round-robin; per slot one thread
 //     issues one bulk tensor copy (TMA) of K and one of V: 16 token rows of one KV head straight
 //     out of a block, through a 4-D tensor map of each pool, completing on the slot's `full`
-//     mbarrier by byte count. Before that, 4 warps moved the bytes with cp.async, 16 bytes per lane, and spent
-//     ~90 instructions of address math and bookkeeping per slot; profiled on the H200 at a budget
-//     of 32 (64 x 4096 tokens, 32/8 heads, d = 128), they issued one slot per ~320 cycles while
-//     the consumers spent half their time waiting for data: 1.39 TB/s where the streaming read at
-//     that budget gets 2.64. Rows of a slot past the end of the sequence then hold whatever the
-//     pool holds there; the consumers zero those rows of V (a score of 0 times a NaN is still NaN).
+//     mbarrier by byte count. The cp.async producers before spent ~90 instructions per slot;
+//     profiled on the H200 at a budget of 32 (64 x 4096 tokens, 32/8 heads, d = 128), they issued
+//     one slot per ~320 cycles while the consumers spent half their time waiting for data: 1.39
+//     TB/s where the streaming read at that budget gets 2.64. Rows of a slot past the end of the
+//     sequence then hold whatever the pool holds there; the consumers zero those rows of V (a
+//     score of 0 times a NaN is still NaN).
 //     Elsewhere (sm_80) the 4 cp.async producer warps remain (see `produce_cp_async`).
 //   - 8 consumer warps: sub-tile k of an item (tokens kv_start + 16k ..) goes to warp k % 8. A warp
 //     computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from
@@ -122,7 +122,7 @@ __device__ __forceinline__ void consumer_barrier() {
 
 // Kernel arguments shared by the roles.
 struct Args {
-    const TensorMap* k_map;  // the pools as 3-D tensors (sm_90 only; see the entry points)
+    const TensorMap* k_map;  // the pools as 4-D tensors (sm_90 only; see the entry points)
     const TensorMap* v_map;
     const __nv_bfloat16* qkv;
     const __nv_bfloat16* k_cache;

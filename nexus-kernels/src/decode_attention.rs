@@ -11,10 +11,10 @@
 //! once; [`decode_attention`] then only launches (no allocation, no copy, no host synchronization),
 //! so it can be captured in a CUDA graph, which stays valid as long as the plan lives.
 //!
-//! Kernel: `cuda/decode_attention.cu` (one CTA of 384 threads per SM: on Hopper one thread
-//! streaming K and V pages with bulk tensor copies (TMA) into a ring of ~190 KB of shared memory,
-//! elsewhere 4 producer warps doing it with `cp.async`; 8 consumer warps running `mma.sync` and
-//! an online softmax in f32).
+//! Kernel: `cuda/decode_attention.cu` (one CTA of 384 threads per SM: 4 producer warps streaming
+//! K and V pages into a ring of ~190 KB of shared memory, on Hopper with one bulk tensor copy
+//! (TMA) of K and one of V per 16-token slot, elsewhere with `cp.async`; 8 consumer warps running
+//! `mma.sync` and an online softmax in f32).
 //! The reference is
 //! [`crate::reference::decode_attention`].
 //!

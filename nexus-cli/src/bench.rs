@@ -416,6 +416,7 @@ impl<'a> Plan<'a> {
         results.slo = self.slo(&results.arms);
         print!("{}", results.table());
         print!("{}", results.vllm_table());
+        print!("{}", results.ttft_by_prompt_table()?);
         print!("{}", results.lane_table());
         if let Some(slo) = &results.slo {
             print!("{}", results.slo_lines(slo));
@@ -515,6 +516,10 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
 }
 
 /// Milliseconds, or "-" for a summary of nothing (every request failed).
+/// The longest prompt the TTFT split counts as short: every `sharegpt` prompt (at most 1764
+/// tokens) and the shortest `long-data` ones, so that on `mixed` the split follows the sources.
+const SHORT_PROMPT: usize = 2048;
+
 fn ms(s: &Summary) -> String {
     if s.count == 0 {
         return "-".into();
@@ -621,6 +626,7 @@ fn report_json(arm: &Arm, rate: f64, r: &ReplayReport, goodput: &Goodput) -> any
         .map(|m| json!({ "request": m.request, "requested": m.requested, "got": m.got }))
         .collect();
     let summary = r.timeline.as_deref().map(TimelineSummary::of).transpose()?;
+    let (short, long) = r.ttft_by_prompt(SHORT_PROMPT)?;
     Ok(json!({
         "schedule": arm.name,
         "prefill_sms": arm.prefill_sms,
@@ -628,6 +634,11 @@ fn report_json(arm: &Arm, rate: f64, r: &ReplayReport, goodput: &Goodput) -> any
         "completed": r.completed,
         "failed": r.failures.len(),
         "ttft_s": summary_json(&r.ttft),
+        "ttft_by_prompt": {
+            "max_short_prompt_tokens": SHORT_PROMPT,
+            "short_s": summary_json(&short),
+            "long_s": summary_json(&long),
+        },
         "tbt_s": summary_json(&r.tbt),
         "tpot_s": sample_json(&r.samples(Metric::Tpot)),
         "e2el_s": sample_json(&r.samples(Metric::E2el)),
@@ -874,6 +885,30 @@ impl Results<'_> {
             out.push_str(&row(&cells));
         }
         out
+    }
+
+    /// TTFT of the prompts up to [`SHORT_PROMPT`] tokens and of the longer ones, per run: empty
+    /// when every prompt is on one side (or of unknown length).
+    fn ttft_by_prompt_table(&self) -> anyhow::Result<String> {
+        let mut rows = String::new();
+        let mut mixed = false;
+        for (arm, rate, r) in self.runs() {
+            let (short, long) = r.ttft_by_prompt(SHORT_PROMPT)?;
+            mixed |= short.count > 0 && long.count > 0;
+            let mut cells = self.key_cells(arm, rate);
+            cells.extend([short.count.to_string(), ms(&short), long.count.to_string(), ms(&long)]);
+            rows.push_str(&row(&cells));
+        }
+        if !mixed {
+            return Ok(String::new());
+        }
+        let mut columns = self.key_columns();
+        let (short, long) = (format!("prompts <= {SHORT_PROMPT} tokens"), "longer prompts".to_owned());
+        columns.extend([short.as_str(), "their TTFT", long.as_str(), "their TTFT"]);
+        Ok(format!(
+            "\nTTFT by prompt length (ms: mean / p50 / p95 / p99, over the completed requests)\n\n{}{rows}",
+            header(&columns)
+        ))
     }
 
     /// The lanes of each in-process run, from its timeline: empty against a server.

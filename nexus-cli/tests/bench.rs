@@ -46,7 +46,12 @@ fn a_small_sweep_reports_every_rate() {
     for run in runs {
         assert_eq!(run["ttft_s"]["count"], 3);
         assert!(run["ttft_s"]["p50"].as_f64().expect("p50") > 0.0);
+        // ShareGPT prompts are all short: the split by prompt length has them on one side, and
+        // no table of it is printed.
+        assert_eq!(run["ttft_by_prompt"]["short_s"]["count"], 3);
+        assert_eq!(run["ttft_by_prompt"]["long_s"]["count"], 0);
     }
+    assert!(!stdout.contains("TTFT by prompt length"), "table:\n{stdout}");
     // An objective nothing misses: every rate meets it, and the throughput is the highest.
     assert!(stdout.contains("met at 20, 40 req/s"), "table:\n{stdout}");
     assert_eq!(doc["slo"]["schedules"][0]["schedule"], "chunked");
@@ -118,8 +123,11 @@ fn a_jsonl_workload_runs_in_process_and_bad_ones_name_their_line() {
 fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
     let dir = std::env::temp_dir().join(format!("nexus-bench-schedules-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    // Four requests of 6 to 15 prompt tokens and 4 output tokens, arriving at once.
-    let prompts: Vec<Vec<u32>> = (0..4).map(|i| (0..6 + 3 * i).map(|j| 1000 + 17 * (8 * i + j)).collect()).collect();
+    // Four requests of 6 to 15 prompt tokens and one of 2100 (long, for the TTFT split by prompt
+    // length), 4 output tokens each, arriving at once.
+    let mut prompts: Vec<Vec<u32>> =
+        (0..4).map(|i| (0..6 + 3 * i).map(|j| 1000 + 17 * (8 * i + j)).collect()).collect();
+    prompts.push((0..2100).map(|j| 1000 + (7 * j) % 20000).collect());
     let lines: Vec<String> =
         prompts.iter().map(|p| serde_json::json!({ "prompt_token_ids": p, "output_len": 4 }).to_string()).collect();
     let workload = dir.join("requests.jsonl");
@@ -140,6 +148,7 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("| chunked | 1000 |") && stdout.contains("| nexus 64/68 | 1000 |"), "{stdout}");
+    assert!(stdout.contains("TTFT by prompt length"), "{stdout}");
     // The lanes under the table.
     for lane in ["| chunked | 1000 | mixed |", "| nexus 64/68 | 1000 | prefill |", "| nexus 64/68 | 1000 | decode |"] {
         assert!(stdout.contains(lane), "no row {lane} in\n{stdout}");
@@ -158,7 +167,9 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
         (&runs[1], "nexus 64/68", &[("prefill", &[64, 132][..]), ("decode", &[68, 132][..])][..]),
     ] {
         assert_eq!(run["schedule"], schedule);
-        assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(4), Some(0)), "{schedule}");
+        assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(5), Some(0)), "{schedule}");
+        let split = &run["ttft_by_prompt"];
+        assert_eq!((&split["short_s"]["count"], &split["long_s"]["count"]), (&4.into(), &1.into()), "{schedule}");
         assert_eq!(run["preemptions"], 0);
         let timeline = run["timeline"].as_array().expect("a timeline");
         assert!(!timeline.is_empty(), "{schedule}");

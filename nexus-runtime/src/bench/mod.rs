@@ -349,6 +349,20 @@ impl ReplayReport {
         self.requests.iter().filter(|r| r.completed().is_some()).filter_map(RequestResult::input_len).sum()
     }
 
+    /// The TTFT of the completed requests whose prompt has at most `max_prompt` tokens, and of
+    /// those with a longer one (requests of unknown prompt length are left out): with a workload
+    /// mixing short and long prompts (`mixed`), the mean TTFT is mostly the long prompts' service
+    /// time, the median the short prompts' wait. Fails when a time is not finite.
+    pub fn ttft_by_prompt(&self, max_prompt: usize) -> Result<(Summary, Summary)> {
+        let (mut short, mut long) = (Vec::new(), Vec::new());
+        for r in &self.requests {
+            let (Some(times), Some(prompt)) = (r.completed(), r.input_len()) else { continue };
+            let ttft = times.tokens[0];
+            if prompt <= max_prompt { short.push(ttft) } else { long.push(ttft) }
+        }
+        Ok((summary_or_empty(&short)?, summary_or_empty(&long)?))
+    }
+
     /// The output tokens of the completed requests.
     pub fn total_output_tokens(&self) -> usize {
         self.requests.iter().map(RequestResult::output_len).sum()
@@ -659,6 +673,14 @@ mod tests {
         assert_eq!(goodput(&[]), 1.5);
         // In flight: 0..0.7, 0.5..0.75 and 0.6..1.4 overlap at 0.6.
         assert_eq!(report.peak_concurrency(), 3);
+        // TTFT by prompt length: prompts of 10 and 7 tokens (TTFT 0.1, 0.2), then 20 (0.4); the
+        // failed ones are left out.
+        let (short, long) = report.ttft_by_prompt(10).unwrap();
+        assert_eq!((short.count, long.count), (2, 1));
+        assert!((short.mean - 0.15).abs() < 1e-12 && (long.mean - 0.4).abs() < 1e-12);
+        let (short, long) = report.ttft_by_prompt(100).unwrap();
+        assert_eq!((short.count, long.count), (3, 0));
+        assert!(long.mean.is_nan());
     }
 
     #[test]

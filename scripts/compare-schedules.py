@@ -30,8 +30,11 @@ def main(paths, strip_to=None):
         sustained = throughput[base]
         at = lambda s: next((r for r in by[s] if r["rate"] == sustained), None)
         print(f"\nat {sustained} req/s, the highest rate {base} sustains:\n")
-        print("| schedule | throughput at the objective (req/s) | mean TTFT (ms) | p95 TBT (ms) | p99 TBT (ms) |")
-        print("| --- | --- | --- | --- | --- |")
+        # The TTFT split by prompt length, where the runs have it (nexus bench since 2026-12-02).
+        split = at(base) is not None and "ttft_by_prompt" in at(base)
+        extra = " mean TTFT, short / long prompts (ms) |" if split else ""
+        print("| schedule | throughput at the objective (req/s) | mean TTFT (ms) | p95 TBT (ms) | p99 TBT (ms) |" + extra)
+        print("| --- | --- | --- | --- | --- |" + (" --- |" if split else ""))
         b = at(base)
         for s in schedules:
             r = at(s)
@@ -39,7 +42,7 @@ def main(paths, strip_to=None):
             def ratio(mine, theirs):
                 return f" ({theirs / mine:.2f}x lower)" if mine <= theirs else f" ({mine / theirs:.2f}x higher)"
             if r is None or b is None or t is None:
-                print(f"| {s} | {t} | - | - | - |")
+                print(f"| {s} | {t} | - | - | - |" + (" - |" if split else ""))
                 continue
             cells = [
                 # Met at every rate: the sweep stopped short of the limit.
@@ -49,6 +52,9 @@ def main(paths, strip_to=None):
                 f"{r['tbt_s']['p95'] * 1e3:.1f}" + ("" if s == base else ratio(r['tbt_s']['p95'], b['tbt_s']['p95'])),
                 f"{r['tbt_s']['p99'] * 1e3:.1f}" + ("" if s == base else ratio(r['tbt_s']['p99'], b['tbt_s']['p99'])),
             ]
+            if split:
+                short, long = (r["ttft_by_prompt"][k]["mean"] for k in ("short_s", "long_s"))
+                cells.append(" / ".join("-" if v is None else f"{v * 1e3:.0f}" for v in (short, long)))
             print(f"| {s} | " + " | ".join(cells) + " |")
         if strip_to:
             for r in doc["runs"]:

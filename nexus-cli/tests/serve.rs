@@ -642,9 +642,19 @@ fn head(method: &str, path: &str, len: usize) -> String {
 
 /// Reads a response up to the end of the connection: its status and its body, as JSON when it
 /// is JSON.
+/// A reset after the response counts as its end: a server that closes with part of a request
+/// unread resets the connection.
 fn read_response(stream: &mut TcpStream) -> (u16, Value) {
     let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).expect("read the response");
+    let mut buf = [0; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !bytes.is_empty() => break,
+            Err(e) => panic!("read the response: {e}"),
+        }
+    }
     let text = String::from_utf8_lossy(&bytes);
     let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status: {text}"));
     let body = text.split_once("\r\n\r\n").map_or("", |(_, body)| body);
@@ -935,14 +945,12 @@ fn slow_and_idle_connections_are_timed_out_and_limited() {
 fn every_error_is_an_openai_style_json_body() {
     let server = start(&[]);
     let url = |path: &str| format!("{}{path}", server.base);
-    let too_big = format!("{{\"model\": \"{MODEL_NAME}\", \"prompt\": \"{}\"}}", "a".repeat(9 << 20));
     let responses = [
         (404, agent().get(&url("/nope")).call()),
         (404, agent().get(&url("/v1/models/gpt-4")).call()),
         (405, agent().get(&url("/v1/completions")).call()),
         (405, agent().post(&url("/health")).send("")),
         (405, agent().delete(&url("/v1/models")).call()),
-        (413, agent().post(&url("/v1/completions")).send(&too_big)),
     ];
     for (want, response) in responses {
         let mut response = response.expect("a response");
@@ -953,6 +961,35 @@ fn every_error_is_an_openai_style_json_body() {
         assert!(!body["error"]["message"].as_str().expect("a message").is_empty(), "{body}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     }
+    // A body declared over the limit is refused from its head alone: sending it would race the
+    // server's close (the client's write fails with a broken pipe once the 413 is out).
+    let mut too_big = connect(&server);
+    too_big.write_all(head("POST", "/v1/completions", 9 << 20).as_bytes()).expect("send");
+    let (status, body) = read_response(&mut too_big);
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+    assert!(body["error"]["message"].as_str().expect("a message").contains("over"), "{body}");
+    // A chunked body declares no length: it is refused once what arrived passes the limit.
+    let mut chunked = connect(&server);
+    let mut writer = chunked.try_clone().expect("a second handle");
+    let sender = std::thread::spawn(move || {
+        let head = "POST /v1/completions HTTP/1.1\r\nHost: nexus\r\nContent-Type: application/json\r\n\
+                    Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+        let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "a".repeat(1 << 20));
+        // The server stops reading at the limit, so the writes past it may fail.
+        let _ = writer.write_all(head.as_bytes());
+        for _ in 0..9 {
+            if writer.write_all(chunk.as_bytes()).is_err() {
+                return;
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n");
+    });
+    let (status, body) = read_response(&mut chunked);
+    sender.join().expect("the sender");
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
+
     let (status, model) = get(&server, &format!("/v1/models/{MODEL_NAME}"));
     assert_eq!((status, &model["id"], &model["object"]), (200, &json!(MODEL_NAME), &json!("model")));
 }

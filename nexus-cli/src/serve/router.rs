@@ -131,6 +131,15 @@ impl FromRequest<Arc<AppState>> for Body {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let too_large = || {
+            let message = format!("the request body is over {MAX_BODY_BYTES} bytes");
+            error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", message)
+        };
+        // A declared length over the limit is refused before any of the body is read.
+        let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+            return Err(too_large());
+        }
         let timeout = state.config.limits.body_timeout;
         let read = async {
             let mut body = Vec::new();
@@ -138,11 +147,7 @@ impl FromRequest<Arc<AppState>> for Body {
             while let Some(chunk) = chunks.next().await {
                 let chunk = chunk.map_err(|e| bad_request(format!("cannot read the request body: {e}")))?;
                 if body.len() + chunk.len() > MAX_BODY_BYTES {
-                    return Err(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_request_error",
-                        format!("the request body is over {MAX_BODY_BYTES} bytes"),
-                    ));
+                    return Err(too_large());
                 }
                 body.extend_from_slice(&chunk);
             }

@@ -515,11 +515,11 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     })
 }
 
-/// Milliseconds, or "-" for a summary of nothing (every request failed).
 /// The longest prompt the TTFT split counts as short: every `sharegpt` prompt (at most 1764
 /// tokens) and the shortest `long-data` ones, so that on `mixed` the split follows the sources.
 const SHORT_PROMPT: usize = 2048;
 
+/// Milliseconds, or "-" for a summary of nothing (every request failed).
 fn ms(s: &Summary) -> String {
     if s.count == 0 {
         return "-".into();

@@ -371,8 +371,10 @@ fn decode_slowdown(steps: &[StepSample]) -> Vec<(u32, f64)> {
                 .filter(|s| s.other.is_none() && s.sms == beside.sms && s.work == beside.work)
                 .map(|s| s.seconds)
                 .collect();
-            let mean = alone.iter().sum::<f64>() / alone.len() as f64;
-            (!alone.is_empty()).then(|| (beside.sms, beside.seconds / mean))
+            (!alone.is_empty()).then(|| {
+                let mean = alone.iter().sum::<f64>() / alone.len() as f64;
+                (beside.sms, beside.seconds / mean)
+            })
         })
         .collect();
     ratios.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));

@@ -102,15 +102,20 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
 constexpr int MMA_THREADS = 256;    // 8 warps, 2 along M x 4 along N
 constexpr int MMA_MAX_STAGES = 16;  // bound of the launch argument `stages`
 
-template <int BM, int BN>
+// Tiles of BM rows of A x BN rows of B. SWAP puts B's rows (the weight) on the mma's m16 side
+// and A's (the activations, M <= 16) on its n8 side, the 8 warps stacked along B: for decode-sized
+// M, where wgmma's 64-row side would stream a fixed 2 KB of weight per instruction at ~49 cycles
+// each (~80 GB/s per SM on the H200), mma.sync takes 512 bytes per instruction fed by ldmatrix.
+template <int BM, int BN, bool SWAP = false>
 struct MmaConfig {
-    static constexpr int WARPS_M = 2, WARPS_N = 4;
-    static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+    static constexpr int TM = SWAP ? BN : BM, TN = SWAP ? BM : BN;  // the mma's M and N sides
+    static constexpr int WARPS_M = SWAP ? 8 : 2, WARPS_N = SWAP ? 1 : 4;
+    static constexpr int WM = TM / WARPS_M, WN = TN / WARPS_N;  // warp tile
     static constexpr int MI = WM / 16, NI = WN / 8;             // m16 and n8 fragments per warp
-    static constexpr int A_BYTES = BM * ROW_BYTES;
+    static constexpr int A_BYTES = BM * ROW_BYTES;              // a stage holds A's rows, then B's
     static constexpr int STAGE_BYTES = (BM + BN) * ROW_BYTES;
     static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are whole m16 x n16 blocks");
-    static_assert(BM * 8 % MMA_THREADS == 0 && BN * 8 % MMA_THREADS == 0, "every thread copies whole chunks");
+    static_assert(WARPS_M * WARPS_N * 32 == MMA_THREADS, "8 warps");
 };
 
 // Waits until at most `n` committed groups are pending (`n` known only at run time).
@@ -139,9 +144,11 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 template <int ROWS>
 __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __restrict__ src, int rows, int k, int row0,
                                                 int k0, int tid) {
+    constexpr int CHUNKS = ROWS * 8;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / MMA_THREADS; ++j) {
+    for (int j = 0; j < (CHUNKS + MMA_THREADS - 1) / MMA_THREADS; ++j) {
         const int i = tid + j * MMA_THREADS;
+        if (CHUNKS % MMA_THREADS != 0 && i >= CHUNKS) break;  // a tile of fewer chunks than threads
         const int r = i >> 3, chunk = i & 7;
         const int row = row0 + r, col = k0 + chunk * 8;
         const bool valid = row < rows && col < k;
@@ -149,13 +156,15 @@ __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __rest
     }
 }
 
-// One stage (64 of K) of a warp's WM x WN tile. `live_mi` m16 fragments hold rows inside A; the
-// others are skipped (small M).
-template <int BM, int BN>
-__device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
-                                          float (&acc)[MmaConfig<BM, BN>::MI][MmaConfig<BM, BN>::NI][4], int wm0,
-                                          int wn0, int lane, int live_mi) {
-    using C = MmaConfig<BM, BN>;
+// One stage (64 of K) of a warp's WM x WN tile: `a_tile` holds the rows of the mma's M side,
+// `b_tile` those of its N side. `live_mi` m16 fragments hold rows inside the matrix; the others
+// are skipped (small M).
+template <int BM, int BN, bool SWAP>
+__device__ __forceinline__ void mma_stage(
+    uint32_t a_tile, uint32_t b_tile,
+    float (&acc)[MmaConfig<BM, BN, SWAP>::MI][MmaConfig<BM, BN, SWAP>::NI][4], int wm0, int wn0, int lane,
+    int live_mi) {
+    using C = MmaConfig<BM, BN, SWAP>;
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
         uint32_t af[C::MI][4];
@@ -187,11 +196,11 @@ __device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
     }
 }
 
-template <int BM, int BN>
+template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const bf16* __restrict__ b,
                                               const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
                                               int k, int stages, unsigned* __restrict__ counter) {
-    using C = MmaConfig<BM, BN>;
+    using C = MmaConfig<BM, BN, SWAP>;
     extern __shared__ uint8_t smem_raw[];
     __shared__ int stage_tile[MMA_MAX_STAGES];  // the tile each stage holds; -1 once none is left
     __shared__ int fetched[2];                   // tile numbers from the counter, double-buffered
@@ -246,7 +255,9 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
             const int tile = stage_tile[read_stage];
             if (tile < 0) break;
             order.coords(tile, mt, nt);
-            live_mi = min(C::MI, max(0, (m - mt * BM - wm0 + 15) / 16));
+            // Rows of the mma's M side left in its matrix: A's, or B's when SWAP.
+            const int left = SWAP ? n - nt * BN : m - mt * BM;
+            live_mi = min(C::MI, max(0, (left - wm0 + 15) / 16));
 #pragma unroll
             for (int mi = 0; mi < C::MI; ++mi)
 #pragma unroll
@@ -255,8 +266,8 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
                     for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
         }
         load_next(write_stage);
-        const uint32_t tile_smem = smem + read_stage * C::STAGE_BYTES;
-        mma_stage<BM, BN>(tile_smem, tile_smem + C::A_BYTES, acc, wm0, wn0, lane, live_mi);
+        const uint32_t a_tile = smem + read_stage * C::STAGE_BYTES, b_tile = a_tile + C::A_BYTES;
+        mma_stage<BM, BN, SWAP>(SWAP ? b_tile : a_tile, SWAP ? a_tile : b_tile, acc, wm0, wn0, lane, live_mi);
         read_stage = read_stage + 1 == stages ? 0 : read_stage + 1;
         write_stage = write_stage + 1 == stages ? 0 : write_stage + 1;
         if (++kb == k_blocks) {
@@ -264,15 +275,31 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
             // Epilogue straight from registers: fragment rows g and g + 8, columns 2q and 2q + 1.
 #pragma unroll
             for (int mi = 0; mi < C::MI; ++mi) {
-                const int row = mt * BM + wm0 + mi * 16 + (lane >> 2);
 #pragma unroll
                 for (int ni = 0; ni < C::NI; ++ni) {
-                    const int col = nt * BN + wn0 + ni * 8 + (lane & 3) * 2;
-                    if (col < n) {
-                        const float2 bb = bias_pair(bias, col);
-                        if (row < m) store_pair(c + (size_t)row * n + col, acc[mi][ni][0] + bb.x, acc[mi][ni][1] + bb.y);
-                        if (row + 8 < m)
-                            store_pair(c + (size_t)(row + 8) * n + col, acc[mi][ni][2] + bb.x, acc[mi][ni][3] + bb.y);
+                    if constexpr (!SWAP) {
+                        const int row = mt * BM + wm0 + mi * 16 + (lane >> 2);
+                        const int col = nt * BN + wn0 + ni * 8 + (lane & 3) * 2;
+                        if (col < n) {
+                            const float2 bb = bias_pair(bias, col);
+                            if (row < m)
+                                store_pair(c + (size_t)row * n + col, acc[mi][ni][0] + bb.x, acc[mi][ni][1] + bb.y);
+                            if (row + 8 < m)
+                                store_pair(c + (size_t)(row + 8) * n + col, acc[mi][ni][2] + bb.x,
+                                           acc[mi][ni][3] + bb.y);
+                        }
+                    } else {
+                        // Transposed: fragment rows run along N (columns of C), its columns along M.
+                        const int col = nt * BN + wm0 + mi * 16 + (lane >> 2);
+                        const int row = mt * BM + wn0 + ni * 8 + (lane & 3) * 2;
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = row + (e & 1), cc = col + (e >> 1) * 8;
+                            if (r < m && cc < n) {
+                                const float bb = bias != nullptr ? __bfloat162float(bias[cc]) : 0.f;
+                                c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[mi][ni][e] + bb);
+                            }
+                        }
                     }
                 }
             }
@@ -606,15 +633,16 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // launches, see next_tile). The mma kernels also take the number of pipeline stages their shared
 // memory holds.
 
-#define NEXUS_GEMM_MMA(NAME, BM, BN)                                                                               \
+#define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
         NAME(const bf16* __restrict__ a, const bf16* __restrict__ b, const bf16* __restrict__ bias,               \
              bf16* __restrict__ c, int m, int n, int k, int stages, unsigned* __restrict__ counter) {             \
-        gemm_mma_body<BM, BN>(a, b, bias, c, m, n, k, stages, counter);                                            \
+        gemm_mma_body<BM, BN, SWAP>(a, b, bias, c, m, n, k, stages, counter);                                      \
     }
 
-NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128)
-NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64)
+NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128, false)
+NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64, false)
+NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -102,6 +102,10 @@ pub enum GemmKernel {
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
     Mma64x64,
+    /// Any GPU from sm_80 on: 16 rows of A × 256 rows of B, computed transposed (the weight on
+    /// mma.sync's m16 side, the activations on its n8 side, 8 warps of 32 weight rows): M ≤ 16,
+    /// streaming 32 KB of weight per 64-deep K block through ldmatrix.
+    MmaSwap16x256,
 }
 
 /// What the launcher and the planner need to know of a kernel.
@@ -133,7 +137,10 @@ impl GemmKernel {
         GemmKernel::WgmmaSwap16x128,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
-    pub const PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
+    pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
+    /// The portable kernels that accumulate every output in one order whatever the tile and M
+    /// (the swapped one feeds the weight to the other operand of mma.sync and is left out).
+    pub const BATCH_INVARIANT_PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
     /// The Hopper kernels that accumulate every output in one order, K block after K block
     /// with the same wgmma steps, whatever the tile and M: a row's result depends on that row of
     /// A alone, bit for bit (checked on the GPU by `tests/gpu/gemm.rs`). The swapped kernels
@@ -158,6 +165,7 @@ impl GemmKernel {
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
+            GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
         };
         Spec { name, bm, bn, family }
     }
@@ -296,12 +304,12 @@ pub fn plan(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPl
 
 /// [`plan`] restricted to kernels whose results are batch invariant: each row of C is the same,
 /// bit for bit, whatever the other rows of A and whatever kernel of the family the plan picks
-/// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; both [`GemmKernel::PORTABLE`] kernels elsewhere).
+/// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; [`GemmKernel::BATCH_INVARIANT_PORTABLE`] elsewhere).
 /// Decode-sized M then pays for 64-row tiles of padding math.
 pub fn plan_batch_invariant(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
     let candidates: &[GemmKernel] = match device.target() {
         PtxTarget::Sm90a => &GemmKernel::BATCH_INVARIANT_HOPPER,
-        PtxTarget::Sm80 => &GemmKernel::PORTABLE,
+        PtxTarget::Sm80 => &GemmKernel::BATCH_INVARIANT_PORTABLE,
     };
     plan_among(candidates, shape, budget.get(), device.bandwidth())
 }

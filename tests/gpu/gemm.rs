@@ -191,7 +191,7 @@ fn batch_invariant_kernels_give_each_row_the_same_bits() {
     let ctx = phase(None);
     let family: Vec<GemmKernel> = match ctx.gpu().target() {
         PtxTarget::Sm90a => GemmKernel::BATCH_INVARIANT_HOPPER.to_vec(),
-        PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
+        PtxTarget::Sm80 => GemmKernel::BATCH_INVARIANT_PORTABLE.to_vec(),
     };
     let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
     for (n, k) in [(576, 576), (6144, 4096), (72, 200)] {

@@ -23,7 +23,24 @@
 //   are never loaded, and inside a diagonal tile a warp skips the 16-column blocks beyond its own
 //   last row.
 // - The output goes through shared memory so every global store is a 16-byte vector.
+//
+// The Hopper kernels (prefill_attention_wgmma_*, sm_90a; FlashAttention-3's structure) take the
+// same work items, one per 128 query rows, and differ in how a CTA computes one:
+// - Warp-specialized, 3 warpgroups. One thread of warpgroup 0 is the producer: it copies each K/V
+//   tile of 128 keys with TMA (one box per 16 rows, which lie in one block of the paged cache,
+//   and per 64-dim panel) into a ring of stages, K and V completing on mbarriers of their own,
+//   and runs ahead across items. Warpgroups 1 and 2 consume: each owns 64 of the item's rows.
+// - S = Q Kᵀ with wgmma m64n128k16 from shared memory (Q loaded once per item by the consumers);
+//   the online softmax runs on the accumulator registers, which are laid out as mma.sync's, so it
+//   is the FA2 kernel's; O += P V with wgmma taking P from registers and V as a transposed
+//   (MN-major) operand straight from the tile TMA wrote.
+// - Groups of 16 keys past the sequence's end are copied from rows outside the pool, which TMA
+//   fills with zeros; the rows past the end inside the last block are zeroed by the consumers
+//   (a pool row there may hold anything, and 0 x NaN is NaN).
+// - The two consumer warpgroups run the same tiles independently: while one computes its softmax
+//   the other's wgmmas keep the tensor cores busy.
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -421,6 +438,299 @@ __device__ __forceinline__ void prefill_attention_body(
     trace.finish();
 }
 
+
+// ---- The Hopper kernel (sm_90a) -----------------------------------------------------------------
+
+constexpr int WG_THREADS = 128;                   // one warpgroup
+constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup and two consumers
+constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
+constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
+constexpr int BOX_ROWS = 16;                      // rows of one TMA box, inside one cache block
+
+template <int D>
+struct HopperConfig {
+    static constexpr int BN = HOPPER_KV_TILE;
+    static constexpr int PANELS = D / 64;
+    static constexpr int BOXES = BN / BOX_ROWS;                   // boxes per panel of a tile
+    static constexpr int Q_PANEL_BYTES = 64 * PANEL_ROW_BYTES;     // 64 rows of one consumer
+    static constexpr int Q_BYTES = PANELS * Q_PANEL_BYTES;          // one consumer's Q
+    static constexpr int TILE_PANEL_BYTES = BN * PANEL_ROW_BYTES;
+    static constexpr int TILE_BYTES = PANELS * TILE_PANEL_BYTES;   // one K or V tile
+    // Stages of the K/V ring: 2 x 64 KB at d = 128 (as FlashAttention-3), 4 x 32 KB at d = 64.
+    static constexpr int STAGES = D == 128 ? 2 : 4;
+    // Dynamic shared memory: 1024 bytes of alignment slack, both consumers' Q, the K and V rings
+    // (the launcher computes the same sum).
+    static constexpr int SMEM_BYTES = 1024 + 2 * Q_BYTES + 2 * STAGES * TILE_BYTES;
+    static_assert(D == 64 || D == 128, "head dims 64 and 128");
+    static_assert(SMEM_BYTES <= 227 * 1024, "fits the shared memory a Hopper CTA may have");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+using nexus::mbar_arrive;
+using nexus::mbar_arrive_expect_tx;
+using nexus::mbar_init;
+using nexus::mbar_wait;
+using nexus::smem_desc;
+using nexus::smem_desc_mn;
+using nexus::st_shared_zero16;
+using nexus::TensorMap;
+using nexus::touch;
+using nexus::Wgmma;
+using nexus::wgmma_commit;
+using nexus::wgmma_fence;
+using nexus::wgmma_wait;
+using nexus::WgmmaRegA;
+
+constexpr int CONSUMERS_BARRIER = 3;  // named barrier of both consumer warpgroups (1, 2: each alone)
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
+// (wgmma operands, once a barrier has been passed).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int D>
+__device__ __forceinline__ void prefill_attention_wgmma_body(
+    const TensorMap* k_map, const TensorMap* v_map, const bf16* __restrict__ qkv, const int* __restrict__ block_tables,
+    const int4* __restrict__ items, int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out,
+    int num_heads, int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2,
+    uint64_t* cta_trace) {
+    using C = HopperConfig<D>;
+    constexpr int BN = C::BN, STAGES = C::STAGES;
+    nexus::CtaTrace trace(cta_trace);
+
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ __align__(8) uint64_t k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
+    // The item mailbox: the producer takes items from the counter and hands each index to the
+    // consumers through one of two slots (the sentinel num_items or more: no item left).
+    __shared__ __align__(8) uint64_t item_full[2], item_empty[2];
+    __shared__ int item_slot[2];
+    const uint32_t q_smem = (smem_addr(smem_raw) + 1023u) & ~1023u;  // [consumer][panel][64 rows][128 B]
+    const uint32_t k_smem = q_smem + 2 * C::Q_BYTES;                  // [stage][panel][BN rows][128 B]
+    const uint32_t v_smem = k_smem + STAGES * C::TILE_BYTES;
+
+    const int tid = threadIdx.x;
+    const int group = num_heads / num_kv_heads;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&k_full[s]), 1);      // the producer's arrive + the TMA bytes
+            mbar_init(smem_addr(&v_full[s]), 1);
+            mbar_init(smem_addr(&kv_empty[s]), 8);    // lane 0 of every consumer warp
+        }
+        for (int q = 0; q < 2; ++q) {
+            mbar_init(smem_addr(&item_full[q]), 1);
+            mbar_init(smem_addr(&item_empty[q]), 2 * WG_THREADS);  // every consumer thread has read it
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(k_map)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(v_map)) : "memory");
+    }
+    __syncthreads();
+
+    if (tid < WG_THREADS) {
+        // Producer warpgroup: gives its registers to the consumers; one thread works.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (tid == 0) {
+            const int block_mask = (1 << block_size_log2) - 1;
+            int stage = 0;
+            uint32_t phase = 0;
+            for (int n = 0;; ++n) {
+                const int index = static_cast<int>(atomicAdd(&counters[0], 1u));
+                mbar_wait(smem_addr(&item_empty[n & 1]), ((n >> 1) & 1) ^ 1);
+                item_slot[n & 1] = index;  // published by the arrive (release)
+                mbar_arrive(smem_addr(&item_full[n & 1]));
+                if (index >= num_items) break;
+
+                const int4 item = items[index];
+                const int kv_head = item.w >> 8, kv_end = item.y + (item.w & 255);
+                const int num_tiles = (kv_end + BN - 1) / BN;
+                const int* table = block_tables + static_cast<size_t>(item.z) * max_blocks_per_seq;
+                // The pool row of each box of `tile`: the first of its 16 rows, or -BOX_ROWS (wholly
+                // outside the pool: TMA fills zeros) past the sequence's end. Block ids are clamped
+                // into the pool, as in the FA2 kernel.
+                auto box_rows = [&](int tile, int (&rows)[C::BOXES]) {
+#pragma unroll
+                    for (int b = 0; b < C::BOXES; ++b) {
+                        const int pos = tile * BN + b * BOX_ROWS;
+                        int row = -BOX_ROWS;
+                        if (pos < kv_end) {
+                            const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
+                            row = (block << block_size_log2) | (pos & block_mask);
+                        }
+                        rows[b] = row;
+                    }
+                };
+                int rows[C::BOXES];
+                box_rows(0, rows);
+                for (int j = 0; j < num_tiles; ++j) {
+                    mbar_wait(smem_addr(&kv_empty[stage]), phase ^ 1);
+                    const uint32_t k_bar = smem_addr(&k_full[stage]), v_bar = smem_addr(&v_full[stage]);
+                    const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
+                    mbar_arrive_expect_tx(k_bar, C::TILE_BYTES);
+#pragma unroll
+                    for (int b = 0; b < C::BOXES; ++b)
+#pragma unroll
+                        for (int p = 0; p < C::PANELS; ++p)
+                            nexus::tma_load_4d(k_tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, k_map,
+                                               0, rows[b], p, kv_head, k_bar);
+                    mbar_arrive_expect_tx(v_bar, C::TILE_BYTES);
+#pragma unroll
+                    for (int b = 0; b < C::BOXES; ++b)
+#pragma unroll
+                        for (int p = 0; p < C::PANELS; ++p)
+                            nexus::tma_load_4d(v_tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, v_map,
+                                               0, rows[b], p, kv_head, v_bar);
+                    // The next tile's block ids now, so their latency passes while this one lands.
+                    if (j + 1 < num_tiles) box_rows(j + 1, rows);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            }
+            // The last CTA out resets the counter for the next launch (every CTA's producer has
+            // taken its final index before it counts itself out).
+            __threadfence();
+            if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+                counters[0] = 0;
+                counters[1] = 0;
+                __threadfence();
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        const int consumer = tid / WG_THREADS - 1, ctid = tid % WG_THREADS;
+        const int warp = ctid / 32, lane = tid % 32;
+        const int wg_barrier = 1 + consumer;
+        const uint32_t q_wg = q_smem + consumer * C::Q_BYTES;
+        const int row_a = consumer * 64 + warp * 16 + (lane >> 2);  // this lane's rows: row_a, row_a + 8
+        const size_t qkv_row = static_cast<size_t>(num_heads + 2 * num_kv_heads) * D;
+        const size_t out_row = static_cast<size_t>(num_heads) * D;
+        int stage = 0;
+        uint32_t phase = 0;
+        for (int n = 0;; ++n) {
+            mbar_wait(smem_addr(&item_full[n & 1]), (n >> 1) & 1);
+            const int index = item_slot[n & 1];
+            mbar_arrive(smem_addr(&item_empty[n & 1]));
+            if (index >= num_items) break;
+            const int4 item = items[index];
+            const int row0 = item.x, pos0 = item.y, kv_head = item.w >> 8, tokens = item.w & 255;
+            const int rows = tokens * group;  // rows past this are padding
+            const int kv_end = pos0 + tokens;
+            const int num_tiles = (kv_end + BN - 1) / BN;
+            const int first_masked = (pos0 + 1) / BN;  // tiles from here on cross the diagonal
+
+            // This warpgroup's 64 rows of Q (zeros for padding rows), once every warp of it is
+            // done with the previous item's.
+            named_barrier(wg_barrier, WG_THREADS);
+#pragma unroll
+            for (int i = ctid; i < 64 * D / 8; i += WG_THREADS) {
+                const int r = i / (D / 8), chunk = i % (D / 8);
+                const int packed = consumer * 64 + r;
+                const bool valid = packed < rows;
+                const bf16* src = qkv;
+                if (valid) {
+                    const int t = packed / group, head = kv_head * group + (packed - t * group);
+                    src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + chunk * 8;
+                }
+                cp_async_16(q_wg + (chunk / 8) * C::Q_PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(r, chunk % 8), src,
+                            valid ? 16 : 0);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_proxy_async();
+            named_barrier(wg_barrier, WG_THREADS);
+
+            // Positions of this lane's two rows (padding rows act as the item's last token).
+            const int pos_a = pos0 + min(row_a / group, tokens - 1);
+            const int pos_b = pos0 + min((row_a + 8) / group, tokens - 1);
+            float o[D / 8][4];
+#pragma unroll
+            for (int db = 0; db < D / 8; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.f;
+            float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+            auto& o_flat = reinterpret_cast<float (&)[D / 2]>(o);
+
+            for (int j = 0; j < num_tiles; ++j) {
+                const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
+                // S = Q Kᵀ: 16 of the head dim per wgmma, 32 bytes further along a panel's rows.
+                float s[BN / 8][4];
+                auto& s_flat = reinterpret_cast<float (&)[BN / 2]>(s);
+                mbar_wait(smem_addr(&k_full[stage]), phase);
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const uint32_t q_at = q_wg + (kk / 4) * C::Q_PANEL_BYTES + (kk % 4) * 32;
+                    const uint32_t k_at = k_tile + (kk / 4) * C::TILE_PANEL_BYTES + (kk % 4) * 32;
+                    Wgmma<BN>::run(s_flat, smem_desc(q_at), smem_desc(k_at), kk > 0);
+                }
+                wgmma_commit();
+                wgmma_wait<0>();
+                touch(s_flat);
+
+                uint32_t p[BN / 16][4];
+                if (j < first_masked)
+                    softmax_tile<D, BN, false>(s, o, m, l, p, j * BN, pos_a, pos_b, scale_log2, lane);
+                else
+                    softmax_tile<D, BN, true>(s, o, m, l, p, j * BN, pos_a, pos_b, scale_log2, lane);
+
+                mbar_wait(smem_addr(&v_full[stage]), phase);
+                if (j == num_tiles - 1 && kv_end % BOX_ROWS != 0) {
+                    // The last box's rows past the end: zeros (by one warpgroup, then both wait).
+                    if (consumer == 0) {
+                        const int r0 = kv_end - j * BN, r1 = (r0 + BOX_ROWS - 1) & ~(BOX_ROWS - 1);
+                        for (int i = ctid; i < (r1 - r0) * (D / 8); i += WG_THREADS) {
+                            const int r = r0 + i / (D / 8), chunk = i % (D / 8);
+                            st_shared_zero16(v_tile + (chunk / 8) * C::TILE_PANEL_BYTES +
+                                             swizzled<PANEL_ROW_BYTES>(r, chunk % 8));
+                        }
+                        fence_proxy_async();
+                    }
+                    named_barrier(CONSUMERS_BARRIER, 2 * WG_THREADS);
+                }
+                // O += P V: 16 keys per wgmma (16 rows of the tile, 2048 bytes), the head dim along
+                // N across the panels.
+                wgmma_fence();
+#pragma unroll
+                for (int kb = 0; kb < BN / 16; ++kb)
+                    WgmmaRegA<D>::run(o_flat, p[kb],
+                                      smem_desc_mn(v_tile + kb * 16 * PANEL_ROW_BYTES, C::TILE_PANEL_BYTES), 1);
+                wgmma_commit();
+                wgmma_wait<0>();
+                touch(o_flat);
+                touch(p);
+                if (lane == 0) mbar_arrive(smem_addr(&kv_empty[stage]));
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+            }
+
+            // O / l straight from the accumulators: rows row_a and row_a + 8, columns
+            // 8 db + 2 (lane % 4) and the next.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+                const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+                const int r = row_a + 8 * h;
+                if (r < rows) {
+                    const int t = r / group, head = kv_head * group + (r - t * group);
+                    bf16* dst = out + static_cast<size_t>(row0 + t) * out_row + head * D + 2 * (lane & 3);
+#pragma unroll
+                    for (int db = 0; db < D / 8; ++db)
+                        *reinterpret_cast<uint32_t*>(dst + db * 8) = pack_bf16(o[db][2 * h] * inv, o[db][2 * h + 1] * inv);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    trace.finish();
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 }  // namespace
 
 // One entry point per (head dim, K/V tile, stages). Arguments (all validated by the launcher):
@@ -445,3 +755,27 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n128, 64, 128, 3, false)
 // Software-pipelined loop (scores of tile j + 1 overlap the softmax of tile j), 4 stages.
 NEXUS_PREFILL_KERNEL(prefill_attention_d128_n64_pipelined, 128, 64, 4, true)
 NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
+
+// The Hopper kernels (empty outside sm_90a: the launcher selects them only on Hopper, for blocks
+// of 16 tokens or more). Arguments as above, after the tensor maps of the K and V pools (4-D: 64
+// dims, pool rows, 64-dim panels, KV heads; boxes of 16 rows of one panel).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NEXUS_PREFILL_WGMMA_BODY(D)                                                                          \
+    prefill_attention_wgmma_body<D>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, num_heads, \
+                                    num_kv_heads, block_size_log2, max_blocks_per_seq, num_blocks, scale_log2,     \
+                                    cta_trace);
+#else
+#define NEXUS_PREFILL_WGMMA_BODY(D)
+#endif
+
+#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D)                                                                      \
+    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1) NAME(                                        \
+        const __grid_constant__ nexus::TensorMap k_map, const __grid_constant__ nexus::TensorMap v_map,          \
+        const bf16* __restrict__ qkv, const int* __restrict__ block_tables, const int4* __restrict__ items,      \
+        int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, \
+        int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {    \
+        NEXUS_PREFILL_WGMMA_BODY(D)                                                                              \
+    }
+
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64)

@@ -2,6 +2,7 @@
 //! cached prefixes, GQA groups of several sizes, block sizes 8 to 128 with shuffled block tables,
 //! budgets from one CTA to all SMs; plus the CTA trace and the plan's and launcher's errors.
 
+use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
 use nexus::kernels::{AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::rngs::StdRng;
@@ -334,6 +335,20 @@ fn plan_rejects_bad_batches() {
     assert_eq!(p.kernel(), p.kernels()[0]);
     assert_eq!(p.set_kernel("prefill_attention_d64_n128").map_err(|e| e.kind()), Err(ErrorKind::Unsupported));
     assert!(p.set_kernel("prefill_attention_d128_n64").is_ok());
+    // The Hopper kernel is the default on Hopper for blocks of 16 tokens or more, and never runs
+    // blocks of 8 (a TMA box of 16 rows must lie in one block) or on the portable build.
+    let hopper = "prefill_attention_wgmma_d128";
+    let on_hopper = gpu().target() == PtxTarget::Sm90a;
+    assert_eq!(p.kernels()[0] == hopper, on_hopper, "{:?}", p.kernels());
+    let blocks_of_8 = PagedKvLayout { num_blocks: 20, block_size: 8, ..cache };
+    let table8: Vec<i32> = (0..16).collect();
+    let batch8 =
+        AttentionBatch { q_indptr: &[0, 10, 30], kv_lens: &[64, 20], block_tables: &table8, max_blocks_per_seq: 8 };
+    let p8 = PrefillPlan::new(&ctx, batch8, layout, blocks_of_8).expect("plan");
+    assert!(!p8.kernels().contains(&hopper), "{:?}", p8.kernels());
+    let portable = phase_on(&portable_gpu(), None);
+    let pp = PrefillPlan::new(&portable, batch, layout, cache).expect("plan");
+    assert!(!pp.kernels().contains(&hopper), "{:?}", pp.kernels());
 }
 
 #[test]
@@ -396,6 +411,14 @@ fn launcher_rejects_bad_buffers() {
     let mut big = poisoned(&ctx, case.out_len() + 8);
     let mut shifted = big.slice_mut(1..case.out_len() + 1);
     assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, 0.1, &mut shifted, None)), Err(ErrorKind::Shape));
+    // A plan run on a context of another build (its kernel may not exist there).
+    if gpu().target() == PtxTarget::Sm90a {
+        let portable = phase_on(&portable_gpu(), Some(4));
+        assert_eq!(
+            kind(prefill_attention(&portable, &plan, &q, &k, &v, &t, 0.1, &mut out.as_view_mut(), None)),
+            Err(ErrorKind::Shape)
+        );
+    }
     // Nothing was written by the refused launches.
     assert!(download(&ctx, &out).iter().all(|x| x.is_nan()));
 }

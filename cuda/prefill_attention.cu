@@ -37,8 +37,11 @@
 // - Groups of 16 keys past the sequence's end are copied from rows outside the pool, which TMA
 //   fills with zeros; the rows past the end inside the last block are zeroed by the consumers
 //   (a pool row there may hold anything, and 0 x NaN is NaN).
-// - The two consumer warpgroups run the same tiles independently: while one computes its softmax
-//   the other's wgmmas keep the tensor cores busy.
+// - The two consumer warpgroups run the same tiles. In the plain kernels they do so independently
+//   (S, softmax, P V in turn); the _pipelined ones issue the scores of tile j + 1 with P V of tile
+//   j and compute the softmax of tile j + 1 while both are in flight, and the two warpgroups issue
+//   their wgmmas in alternate turns (named barriers), so one's softmax overlaps the other's
+//   matrix products (FlashAttention-3's intra-warpgroup pipelining and ping-pong).
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -112,14 +115,15 @@ __device__ __forceinline__ void qk_tile(uint32_t k_tile, const uint32_t (&qf)[D 
     }
 }
 
-// Masks s (MASK), updates the running max m and sum l, rescales O, and leaves exp(s - m) in p as
-// bf16 A fragments (k-step kb covers n-blocks 2 kb and 2 kb + 1). Every row sees column 0 in the
-// first tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
-template <int D, int BN, bool MASK>
-__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
-                                             float (&l)[2], uint32_t (&p)[BN / 16][4], int col0, int pos_a,
-                                             int pos_b, float scale_log2, int lane) {
-    constexpr int NB = BN / 8, DB = D / 8;
+// Masks s (MASK), updates the running max m and sum l, leaves exp(s - m) in p as bf16 A fragments
+// (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output accumulated so
+// far must be scaled by (`rescale`) before P V is added. Every row sees column 0 in the first
+// tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
+template <int BN, bool MASK>
+__device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)[2], float (&l)[2],
+                                               uint32_t (&p)[BN / 16][4], float (&alpha)[2], int col0, int pos_a,
+                                               int pos_b, float scale_log2, int lane) {
+    constexpr int NB = BN / 8;
     if (MASK) {
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -142,14 +146,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         base[h] = mx[h] == -INFINITY ? 0.f : mx[h] * scale_log2;
-        const float alpha = fast_exp2(m[h] * scale_log2 - base[h]);
+        alpha[h] = fast_exp2(m[h] * scale_log2 - base[h]);
         m[h] = mx[h];
-        l[h] *= alpha;
-#pragma unroll
-        for (int db = 0; db < DB; ++db) {
-            o[db][2 * h] *= alpha;
-            o[db][2 * h + 1] *= alpha;
-        }
+        l[h] *= alpha[h];
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -162,6 +161,28 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D
         p[nb / 2][(nb & 1) * 2 + 0] = pack_bf16(p0, p1);
         p[nb / 2][(nb & 1) * 2 + 1] = pack_bf16(p2, p3);
     }
+}
+
+// O *= alpha, row by row (this lane's rows g and g + 8).
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+        o[db][0] *= alpha[0];
+        o[db][1] *= alpha[0];
+        o[db][2] *= alpha[1];
+        o[db][3] *= alpha[1];
+    }
+}
+
+// The softmax of one tile with O rescaled at once (O must not be in flight).
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                             float (&l)[2], uint32_t (&p)[BN / 16][4], int col0, int pos_a,
+                                             int pos_b, float scale_log2, int lane) {
+    float alpha[2];
+    softmax_scores<BN, MASK>(s, m, l, p, alpha, col0, pos_a, pos_b, scale_log2, lane);
+    rescale<D>(o, alpha);
 }
 
 // O += P V. ldmatrix x4 .trans at V rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
@@ -482,16 +503,22 @@ using nexus::wgmma_fence;
 using nexus::wgmma_wait;
 using nexus::WgmmaRegA;
 
-constexpr int CONSUMERS_BARRIER = 3;  // named barrier of both consumer warpgroups (1, 2: each alone)
+// Named barriers: 1 + c is consumer c's own; both consumers meet at CONSUMERS_BARRIER; the
+// ping-pong turn of consumer c is TURN_BARRIER + c (its bar.sync meets the other's bar.arrive).
+constexpr int CONSUMERS_BARRIER = 3;
+constexpr int TURN_BARRIER = 4;
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 // Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
 // (wgmma operands, once a barrier has been passed).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-template <int D>
+template <int D, bool PIPELINED>
 __device__ __forceinline__ void prefill_attention_wgmma_body(
     const TensorMap* k_map, const TensorMap* v_map, const bf16* __restrict__ qkv, const int* __restrict__ block_tables,
     const int4* __restrict__ items, int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out,
@@ -499,7 +526,6 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
     uint64_t* cta_trace) {
     using C = HopperConfig<D>;
     constexpr int BN = C::BN, STAGES = C::STAGES;
-    nexus::CtaTrace trace(cta_trace);
 
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
@@ -507,6 +533,8 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
     // consumers through one of two slots (the sentinel num_items or more: no item left).
     __shared__ __align__(8) uint64_t item_full[2], item_empty[2];
     __shared__ int item_slot[2];
+    // The trace's start time waits in shared memory: the consumers take every register.
+    __shared__ uint64_t trace_start;
     const uint32_t q_smem = (smem_addr(smem_raw) + 1023u) & ~1023u;  // [consumer][panel][64 rows][128 B]
     const uint32_t k_smem = q_smem + 2 * C::Q_BYTES;                  // [stage][panel][BN rows][128 B]
     const uint32_t v_smem = k_smem + STAGES * C::TILE_BYTES;
@@ -514,6 +542,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
     const int tid = threadIdx.x;
     const int group = num_heads / num_kv_heads;
     if (tid == 0) {
+        if (cta_trace != nullptr) trace_start = nexus::global_timer_ns();
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(smem_addr(&k_full[s]), 1);      // the producer's arrive + the TMA bytes
             mbar_init(smem_addr(&v_full[s]), 1);
@@ -610,11 +639,17 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         const size_t out_row = static_cast<size_t>(num_heads) * D;
         int stage = 0;
         uint32_t phase = 0;
+        // Ping-pong: consumer 0 takes the first turn. Every turn ends with an arrive on the other's
+        // barrier, so consumer 1's last arrive is met by consumer 0's sync at the end.
+        if (PIPELINED && consumer == 1) named_barrier_arrive(TURN_BARRIER, 2 * WG_THREADS);
         for (int n = 0;; ++n) {
             mbar_wait(smem_addr(&item_full[n & 1]), (n >> 1) & 1);
             const int index = item_slot[n & 1];
             mbar_arrive(smem_addr(&item_empty[n & 1]));
-            if (index >= num_items) break;
+            if (index >= num_items) {
+                if (PIPELINED && consumer == 0) named_barrier(TURN_BARRIER, 2 * WG_THREADS);
+                break;
+            }
             const int4 item = items[index];
             const int row0 = item.x, pos0 = item.y, kv_head = item.w >> 8, tokens = item.w & 255;
             const int rows = tokens * group;  // rows past this are padding
@@ -652,58 +687,151 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
             auto& o_flat = reinterpret_cast<float (&)[D / 2]>(o);
 
-            for (int j = 0; j < num_tiles; ++j) {
-                const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
-                // S = Q Kᵀ: 16 of the head dim per wgmma, 32 bytes further along a panel's rows.
-                float s[BN / 8][4];
-                auto& s_flat = reinterpret_cast<float (&)[BN / 2]>(s);
-                mbar_wait(smem_addr(&k_full[stage]), phase);
+            // S = Q Kᵀ of the tile at k_tile into s, issued and committed: 16 of the head dim per
+            // wgmma, 32 bytes further along a panel's rows.
+            auto issue_scores = [&](uint32_t k_tile, float (&s)[BN / 8][4]) {
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {
                     const uint32_t q_at = q_wg + (kk / 4) * C::Q_PANEL_BYTES + (kk % 4) * 32;
                     const uint32_t k_at = k_tile + (kk / 4) * C::TILE_PANEL_BYTES + (kk % 4) * 32;
-                    Wgmma<BN>::run(s_flat, smem_desc(q_at), smem_desc(k_at), kk > 0);
+                    Wgmma<BN>::run(reinterpret_cast<float (&)[BN / 2]>(s), smem_desc(q_at), smem_desc(k_at), kk > 0);
                 }
                 wgmma_commit();
-                wgmma_wait<0>();
-                touch(s_flat);
-
-                uint32_t p[BN / 16][4];
-                if (j < first_masked)
-                    softmax_tile<D, BN, false>(s, o, m, l, p, j * BN, pos_a, pos_b, scale_log2, lane);
-                else
-                    softmax_tile<D, BN, true>(s, o, m, l, p, j * BN, pos_a, pos_b, scale_log2, lane);
-
-                mbar_wait(smem_addr(&v_full[stage]), phase);
-                if (j == num_tiles - 1 && kv_end % BOX_ROWS != 0) {
-                    // The last box's rows past the end: zeros (by one warpgroup, then both wait).
-                    if (consumer == 0) {
-                        const int r0 = kv_end - j * BN, r1 = (r0 + BOX_ROWS - 1) & ~(BOX_ROWS - 1);
-                        for (int i = ctid; i < (r1 - r0) * (D / 8); i += WG_THREADS) {
-                            const int r = r0 + i / (D / 8), chunk = i % (D / 8);
-                            st_shared_zero16(v_tile + (chunk / 8) * C::TILE_PANEL_BYTES +
-                                             swizzled<PANEL_ROW_BYTES>(r, chunk % 8));
-                        }
-                        fence_proxy_async();
-                    }
-                    named_barrier(CONSUMERS_BARRIER, 2 * WG_THREADS);
-                }
-                // O += P V: 16 keys per wgmma (16 rows of the tile, 2048 bytes), the head dim along
-                // N across the panels.
+            };
+            // O += P V of the tile at v_tile, issued and committed: 16 keys per wgmma (16 rows of
+            // the tile, 2048 bytes), the head dim along N across the panels.
+            auto issue_pv = [&](uint32_t v_tile, const uint32_t (&p)[BN / 16][4]) {
                 wgmma_fence();
 #pragma unroll
                 for (int kb = 0; kb < BN / 16; ++kb)
                     WgmmaRegA<D>::run(o_flat, p[kb],
                                       smem_desc_mn(v_tile + kb * 16 * PANEL_ROW_BYTES, C::TILE_PANEL_BYTES), 1);
                 wgmma_commit();
+            };
+            // The softmax of tile j's scores (masked from first_masked on).
+            auto scores_to_p = [&](int j, float (&s)[BN / 8][4], uint32_t (&p)[BN / 16][4], float (&alpha)[2]) {
+                if (j < first_masked)
+                    softmax_scores<BN, false>(s, m, l, p, alpha, j * BN, pos_a, pos_b, scale_log2, lane);
+                else
+                    softmax_scores<BN, true>(s, m, l, p, alpha, j * BN, pos_a, pos_b, scale_log2, lane);
+            };
+            // Before the last tile's P V: the rows of its last box past the sequence's end become
+            // zeros (by one warpgroup, then both wait; outside the ping-pong turns).
+            auto zero_tail = [&](int j, uint32_t v_tile) {
+                if (j != num_tiles - 1 || kv_end % BOX_ROWS == 0) return;
+                if (consumer == 0) {
+                    const int r0 = kv_end - j * BN, r1 = (r0 + BOX_ROWS - 1) & ~(BOX_ROWS - 1);
+                    for (int i = ctid; i < (r1 - r0) * (D / 8); i += WG_THREADS) {
+                        const int r = r0 + i / (D / 8), chunk = i % (D / 8);
+                        st_shared_zero16(v_tile + (chunk / 8) * C::TILE_PANEL_BYTES +
+                                         swizzled<PANEL_ROW_BYTES>(r, chunk % 8));
+                    }
+                    fence_proxy_async();
+                }
+                named_barrier(CONSUMERS_BARRIER, 2 * WG_THREADS);
+            };
+            auto release = [&](int st) {
+                if (lane == 0) mbar_arrive(smem_addr(&kv_empty[st]));
+            };
+
+            if constexpr (!PIPELINED) {
+                // Tile after tile: S, softmax, P V.
+                for (int j = 0; j < num_tiles; ++j) {
+                    const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
+                    float s[BN / 8][4];
+                    uint32_t p[BN / 16][4];
+                    float alpha[2];
+                    mbar_wait(smem_addr(&k_full[stage]), phase);
+                    issue_scores(k_tile, s);
+                    wgmma_wait<0>();
+                    touch(reinterpret_cast<float (&)[BN / 2]>(s));
+                    scores_to_p(j, s, p, alpha);
+                    rescale<D>(o, alpha);
+                    mbar_wait(smem_addr(&v_full[stage]), phase);
+                    zero_tail(j, v_tile);
+                    issue_pv(v_tile, p);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p);
+                    release(stage);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            } else {
+                // The scores of tile j + 1 and P V of tile j are issued together, in this
+                // warpgroup's turn; the softmax of tile j + 1 then runs while P V of tile j is in
+                // flight (and while the other warpgroup takes its turn), and O is rescaled once
+                // P V has landed.
+                float s[BN / 8][4];
+                uint32_t p[BN / 16][4];
+                float alpha[2];
+                mbar_wait(smem_addr(&k_full[stage]), phase);
+                issue_scores(k_smem + stage * C::TILE_BYTES, s);
                 wgmma_wait<0>();
-                touch(o_flat);
-                touch(p);
-                if (lane == 0) mbar_arrive(smem_addr(&kv_empty[stage]));
+                touch(reinterpret_cast<float (&)[BN / 2]>(s));
+                scores_to_p(0, s, p, alpha);  // O is zero: no rescale
+                int cur = stage;              // the stage of tile j
+                uint32_t cur_phase = phase;
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
+                }
+                // One tile with a successor: P V of tile j (its P in p_cur) and the scores of tile
+                // j + 1 are issued together in this warpgroup's turn; the softmax of tile j + 1
+                // (into p_next) then runs while P V is in flight, and O is rescaled once it has
+                // landed. Straight-line, and called with the two P arrays swapped in turn (no copy),
+                // so that ptxas sees which wgmmas each wait retires and keeps them asynchronous.
+                auto step = [&](int j, uint32_t (&p_cur)[BN / 16][4], uint32_t (&p_next)[BN / 16][4]) {
+                    const uint32_t v_tile = v_smem + cur * C::TILE_BYTES;
+                    float s_next[BN / 8][4];
+                    mbar_wait(smem_addr(&v_full[cur]), cur_phase);
+                    named_barrier(TURN_BARRIER + consumer, 2 * WG_THREADS);  // this warpgroup's turn
+                    mbar_wait(smem_addr(&k_full[stage]), phase);
+                    issue_scores(k_smem + stage * C::TILE_BYTES, s_next);
+                    issue_pv(v_tile, p_cur);
+                    named_barrier_arrive(TURN_BARRIER + 1 - consumer, 2 * WG_THREADS);  // the other's turn
+                    wgmma_wait<1>();  // the scores (committed first) have landed
+                    touch(reinterpret_cast<float (&)[BN / 2]>(s_next));
+                    scores_to_p(j + 1, s_next, p_next, alpha);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p_cur);
+                    release(cur);
+                    rescale<D>(o, alpha);
+                    cur = stage;
+                    cur_phase = phase;
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                };
+                // The last tile: P V alone.
+                auto last = [&](uint32_t (&p_cur)[BN / 16][4]) {
+                    const uint32_t v_tile = v_smem + cur * C::TILE_BYTES;
+                    mbar_wait(smem_addr(&v_full[cur]), cur_phase);
+                    zero_tail(num_tiles - 1, v_tile);
+                    named_barrier(TURN_BARRIER + consumer, 2 * WG_THREADS);
+                    issue_pv(v_tile, p_cur);
+                    named_barrier_arrive(TURN_BARRIER + 1 - consumer, 2 * WG_THREADS);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p_cur);
+                    release(cur);
+                };
+                uint32_t q[BN / 16][4];
+                int j = 0;
+                for (; j + 2 < num_tiles; j += 2) {
+                    step(j, p, q);
+                    step(j + 1, q, p);
+                }
+                if (j + 1 < num_tiles) {
+                    step(j, p, q);
+                    last(q);
+                } else {
+                    last(p);
                 }
             }
 
@@ -726,7 +854,11 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         }
     }
     __syncthreads();
-    trace.finish();
+    if (cta_trace != nullptr && tid == 0) {
+        cta_trace[blockIdx.x * 3 + 0] = nexus::sm_id();
+        cta_trace[blockIdx.x * 3 + 1] = trace_start;
+        cta_trace[blockIdx.x * 3 + 2] = nexus::global_timer_ns();
+    }
 }
 
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
@@ -760,22 +892,26 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
 // of 16 tokens or more). Arguments as above, after the tensor maps of the K and V pools (4-D: 64
 // dims, pool rows, 64-dim panels, KV heads; boxes of 16 rows of one panel).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_PREFILL_WGMMA_BODY(D)                                                                          \
-    prefill_attention_wgmma_body<D>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, num_heads, \
-                                    num_kv_heads, block_size_log2, max_blocks_per_seq, num_blocks, scale_log2,     \
-                                    cta_trace);
+#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                  \
+    prefill_attention_wgmma_body<D, PIPELINED>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, \
+                                               num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq,     \
+                                               num_blocks, scale_log2, cta_trace);
 #else
-#define NEXUS_PREFILL_WGMMA_BODY(D)
+#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)
 #endif
 
-#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D)                                                                      \
+#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D, PIPELINED)                                                           \
     extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1) NAME(                                        \
         const __grid_constant__ nexus::TensorMap k_map, const __grid_constant__ nexus::TensorMap v_map,          \
         const bf16* __restrict__ qkv, const int* __restrict__ block_tables, const int4* __restrict__ items,      \
         int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, \
         int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {    \
-        NEXUS_PREFILL_WGMMA_BODY(D)                                                                              \
+        NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                   \
     }
 
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128)
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64)
+// Tile after tile (S, softmax, P V), the two consumers independent.
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128, false)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64, false)
+// The softmax of tile j + 1 overlapping P V of tile j, the consumers' wgmmas in alternate turns.
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128_pipelined, 128, true)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64_pipelined, 64, true)

@@ -87,12 +87,27 @@ struct Variant {
 
 /// Every kernel of the module; the first one a plan can run is its default. `_pipelined` kernels
 /// compute the scores of the next K/V tile before the softmax of the current one, so the tensor
-/// cores and the exponentials overlap inside each warp. At d=128 the plain kernel measured 1-4%
+/// cores and the exponentials overlap inside each warp (the Hopper one also gives its two consumer
+/// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the plain kernel measured 1-4%
 /// faster on an H100 at all SMs (bench-results/prefill_attention-h100.md), so it is the default
 /// of the portable ones.
 const VARIANTS: &[Variant] = &[
     Variant { family: Family::Hopper, head_dim: 128, kv_tile: 128, stages: 2, name: "prefill_attention_wgmma_d128" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 128,
+        kv_tile: 128,
+        stages: 2,
+        name: "prefill_attention_wgmma_d128_pipelined",
+    },
     Variant { family: Family::Hopper, head_dim: 64, kv_tile: 128, stages: 4, name: "prefill_attention_wgmma_d64" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 64,
+        kv_tile: 128,
+        stages: 4,
+        name: "prefill_attention_wgmma_d64_pipelined",
+    },
     Variant { family: Family::Portable, head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
     Variant {
         family: Family::Portable,

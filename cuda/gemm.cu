@@ -28,6 +28,11 @@
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
 //   number of stages is a launch argument, sized by the launcher to the device's shared memory.
 //
+// Split-K (wgmma kernels): when a shape has fewer output tiles than the budget has CTAs, the
+// launcher may split K into `splits` ranges: each (tile, range) is a work unit of its own, whose
+// partial sums go to a float workspace; the tile's last unit to finish adds the partials in range
+// order (so the result does not depend on which finished last) and stores C.
+//
 // Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
 // zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
 // inside C. The launcher requires K % 8 == 0 and N % 8 == 0 (16-byte rows: TMA strides, 16-byte
@@ -353,21 +358,37 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, int
         : "memory");
 }
 
+// Named barrier 1 of the consumer warpgroups (the producer's have returned or wait elsewhere).
+template <int CONSUMERS>
+__device__ __forceinline__ void consumers_barrier() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
+}
+
 template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
-                                                int k, unsigned* __restrict__ counter) {
+                                                int k, int splits, float* __restrict__ partials,
+                                                unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
     constexpr int STAGES = C::STAGES;
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
-    __shared__ int stage_tile[STAGES];  // the tile each stage holds; -1: no tile left
+    __shared__ int stage_tile[STAGES];  // the work unit each stage holds; -1: none left
+    __shared__ int last_split;          // split-K: whether this CTA completes the tile's sum
 
     const uint32_t ring = (smem_addr(smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
     const int warpgroup = tid / 128;
     const TileOrder order(m, n, BM, BN);
     const int k_blocks = (k + BK - 1) / BK;
+    // Work units: split `s` of tile `t` is unit t * splits + s, and covers K blocks
+    // [s * k_blocks / splits, (s + 1) * k_blocks / splits).
+    const int units = order.tiles * splits;
+    auto unit_k_blocks = [&](int unit, int& kb0, int& kb1) {
+        const int s = unit % splits;
+        kb0 = s * k_blocks / splits;
+        kb1 = (s + 1) * k_blocks / splits;
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -388,20 +409,21 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         int stage = 0;
         uint32_t phase = 0;
         for (;;) {
-            const int tile = next_tile(counter, order.tiles);
+            const int unit = next_tile(counter, units);
             mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
-            if (tile >= order.tiles) {
+            if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
                 stage_tile[stage] = -1;
                 mbar_arrive(smem_addr(&full[stage]));
                 return;
             }
-            int mt, nt;
-            order.coords(tile, mt, nt);
-            for (int kb = 0; kb < k_blocks; ++kb) {
-                if (kb > 0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+            int mt, nt, kb0, kb1;
+            order.coords(unit / splits, mt, nt);
+            unit_k_blocks(unit, kb0, kb1);
+            for (int kb = kb0; kb < kb1; ++kb) {
+                if (kb > kb0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
                 // Published to the consumers by the arrive (release) and their wait (acquire).
-                stage_tile[stage] = tile;
+                stage_tile[stage] = unit;
                 const uint32_t bar = smem_addr(&full[stage]);
                 const uint32_t dst = ring + stage * C::STAGE_BYTES;
                 mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
@@ -430,12 +452,14 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         uint32_t phase = 0;
         for (;;) {
             mbar_wait(smem_addr(&full[stage]), phase);
-            const int tile = stage_tile[stage];
-            if (tile < 0) return;
-            int mt, nt;
+            const int unit = stage_tile[stage];
+            if (unit < 0) return;
+            const int tile = unit / splits;
+            int mt, nt, kb0, kb1;
             order.coords(tile, mt, nt);
+            unit_k_blocks(unit, kb0, kb1);
             int previous = stage;
-            for (int kb = 0; kb < k_blocks; ++kb) {
+            for (int kb = 0; kb < kb1 - kb0; ++kb) {
                 if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
                 const uint32_t a_tile = ring + stage * C::STAGE_BYTES;
                 const uint32_t b_tile = a_tile + C::A_BYTES;
@@ -477,6 +501,32 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 }
             }
             if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+
+            if (splits > 1) {
+                // Split-K: every split stores its partial sums (thread-fastest, so the stores
+                // coalesce) and counts itself in; the tile's last split adds all of them, in
+                // split order whatever the order of arrival, and stores C. It also resets the
+                // tile's count for the next launch.
+                constexpr int REGS = Wgmma<C::MMA_N>::REGS;
+                const int ctid = tid - 128;  // among the consumer threads
+                const size_t tile_floats = static_cast<size_t>(C::CONSUMERS) * 128 * REGS;
+                float* mine = partials + static_cast<size_t>(unit) * tile_floats + ctid;
+#pragma unroll
+                for (int i = 0; i < REGS; ++i) mine[i * C::CONSUMERS * 128] = acc[i];
+                __threadfence();
+                consumers_barrier<C::CONSUMERS>();
+                if (ctid == 0) last_split = atomicAdd(&tile_arrivals[tile], 1u) == static_cast<unsigned>(splits - 1);
+                consumers_barrier<C::CONSUMERS>();
+                if (!last_split) continue;
+                __threadfence();
+                const float* parts = partials + static_cast<size_t>(tile) * splits * tile_floats + ctid;
+#pragma unroll
+                for (int i = 0; i < REGS; ++i) acc[i] = 0.f;
+                for (int sp = 0; sp < splits; ++sp)
+#pragma unroll
+                    for (int i = 0; i < REGS; ++i) acc[i] += __ldcg(parts + sp * tile_floats + i * C::CONSUMERS * 128);
+                if (ctid == 0) tile_arrivals[tile] = 0;
+            }
 
             // Epilogue straight from registers. Accumulator 4j + e of this thread is row
             // 16 warp + lane / 4 (+ 8 for e >= 2) of the wgmma M side, column 8j + 2 (lane % 4)
@@ -521,7 +571,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: the operands, then m, n, k, then the two tile counters (zero between
 // launches, see next_tile). The mma kernels also take the number of pipeline stages their shared
-// memory holds.
+// memory holds; the wgmma ones the split of K (1: none), the split-K workspace (a BM x BN tile of
+// floats per work unit) and one arrival count per output tile (zero between launches).
 
 #define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
@@ -537,7 +588,7 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP) \
-    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, counter);
+    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, splits, partials, tile_arrivals, counter);
 #else
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
 #endif
@@ -545,8 +596,8 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 #define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
     extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
-             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k,                             \
-             unsigned* __restrict__ counter) {                                                                     \
+             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int splits,                 \
+             float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
         NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
     }
 

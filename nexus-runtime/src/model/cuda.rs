@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nexus_kernels::cudarc::driver::sys::CUevent_flags;
 use nexus_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
-use nexus_kernels::gemm::{self, GemmKernel, GemmWorkspace};
+use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
 use nexus_kernels::prefill_attention::{self, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
@@ -78,7 +78,7 @@ enum AttentionPlan {
 #[derive(Default)]
 struct StepPlans {
     attention: Vec<(CtaBudget, AttentionPlan)>,
-    gemm: Vec<(CtaBudget, GemmShape, GemmKernel)>,
+    gemm: Vec<(CtaBudget, GemmShape, GemmConfig)>,
 }
 
 /// A step's inputs on the GPU, with the plans its first layer made.
@@ -530,20 +530,20 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The kernel for `shape` at `phase`'s budget, chosen once per step.
-    fn gemm_kernel(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmKernel {
+    /// The kernel and split of K for `shape` at `phase`'s budget, chosen once per step.
+    fn gemm_config(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmConfig {
         let budget = phase.ctx.budget();
         let mut plans = lock(&step.plans);
-        if let Some(&(_, _, kernel)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
-            return kernel;
+        if let Some(&(_, _, config)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
+            return config;
         }
-        let kernel = if self.config.batch_invariant {
-            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).kernel
+        let config = if self.config.batch_invariant {
+            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).config()
         } else {
-            gemm::plan(shape, budget, self.gpu.model()).kernel
+            gemm::plan(shape, budget, self.gpu.model()).config()
         };
-        plans.gemm.push((budget, shape, kernel));
-        kernel
+        plans.gemm.push((budget, shape, config));
+        config
     }
 }
 
@@ -712,14 +712,14 @@ impl Backend for CudaBackend {
     ) -> Result<CudaMatrix> {
         let n = weight.shape.first().copied().unwrap_or(0);
         let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let kernel = self.gemm_kernel(phase, step, shape);
+        let config = self.gemm_config(phase, step, shape);
         self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
             let mut out = self.output(phase, x.rows, n)?;
             let bias = bias.map(|b| b.data.as_view());
             let mut workspace = lock(&phase.gemm_workspace);
             gemm::gemm_with(
                 &phase.ctx,
-                kernel,
+                config,
                 &x.data.as_view(),
                 &weight.data.as_view(),
                 bias.as_ref(),

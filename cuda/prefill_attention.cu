@@ -595,22 +595,19 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
                 box_rows(0, rows);
                 for (int j = 0; j < num_tiles; ++j) {
                     mbar_wait(smem_addr(&kv_empty[stage]), phase ^ 1);
-                    const uint32_t k_bar = smem_addr(&k_full[stage]), v_bar = smem_addr(&v_full[stage]);
-                    const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
-                    mbar_arrive_expect_tx(k_bar, C::TILE_BYTES);
+                    // The tile of `map` into `tile`, completing on `bar`: a box per 16 rows and panel.
+                    auto copy_tile = [&](const TensorMap* map, uint32_t tile, uint64_t& bar) {
+                        const uint32_t bar_addr = smem_addr(&bar);
+                        mbar_arrive_expect_tx(bar_addr, C::TILE_BYTES);
 #pragma unroll
-                    for (int b = 0; b < C::BOXES; ++b)
+                        for (int b = 0; b < C::BOXES; ++b)
 #pragma unroll
-                        for (int p = 0; p < C::PANELS; ++p)
-                            nexus::tma_load_4d(k_tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, k_map,
-                                               0, rows[b], p, kv_head, k_bar);
-                    mbar_arrive_expect_tx(v_bar, C::TILE_BYTES);
-#pragma unroll
-                    for (int b = 0; b < C::BOXES; ++b)
-#pragma unroll
-                        for (int p = 0; p < C::PANELS; ++p)
-                            nexus::tma_load_4d(v_tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, v_map,
-                                               0, rows[b], p, kv_head, v_bar);
+                            for (int p = 0; p < C::PANELS; ++p)
+                                nexus::tma_load_4d(tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, map,
+                                                   0, rows[b], p, kv_head, bar_addr);
+                    };
+                    copy_tile(k_map, k_smem + stage * C::TILE_BYTES, k_full[stage]);
+                    copy_tile(v_map, v_smem + stage * C::TILE_BYTES, v_full[stage]);
                     // The next tile's block ids now, so their latency passes while this one lands.
                     if (j + 1 < num_tiles) box_rows(j + 1, rows);
                     if (++stage == STAGES) {

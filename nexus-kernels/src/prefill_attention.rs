@@ -127,13 +127,21 @@ const VARIANTS: &[Variant] = &[
 ];
 
 impl Variant {
-    /// The kernels that run `head_dim` on `target` with blocks of `block_size` tokens.
-    fn available(head_dim: usize, target: PtxTarget, block_size: usize) -> impl Iterator<Item = Variant> {
+    /// The kernels that run `head_dim` on `target` with blocks of `block_size` tokens, as
+    /// `options` allow.
+    fn available(
+        head_dim: usize,
+        target: PtxTarget,
+        block_size: usize,
+        options: PrefillOptions,
+    ) -> impl Iterator<Item = Variant> {
         VARIANTS.iter().copied().filter(move |v| {
             v.head_dim == head_dim
                 && match v.family {
                     Family::Portable => true,
-                    Family::Hopper => target == PtxTarget::Sm90a && block_size.is_multiple_of(BOX_ROWS),
+                    Family::Hopper => {
+                        !options.portable_only && target == PtxTarget::Sm90a && block_size.is_multiple_of(BOX_ROWS)
+                    }
                 }
         })
     }
@@ -156,6 +164,14 @@ impl Variant {
             Family::Hopper => 1024 + tiles,
         }) as u32
     }
+}
+
+/// Which kernels a [`PrefillPlan`] may run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillOptions {
+    /// Only the portable kernels (FlashAttention-2's structure, mma.sync), on Hopper too: the
+    /// kernels every GPU runs, to compare against the Hopper ones or to fall back on.
+    pub portable_only: bool,
 }
 
 /// The head dims the kernel is built for.
@@ -184,8 +200,10 @@ pub struct PrefillPlan {
     items: CudaSlice<i32>,
     /// `[next item, CTAs finished]`, zero between launches.
     counters: CudaSlice<u32>,
-    /// The kernels this plan can run: those of its head dim for its GPU and block size.
+    /// The kernels this plan can run: those of its head dim for its GPU and block size, as its
+    /// options allow.
     target: PtxTarget,
+    options: PrefillOptions,
     /// The tensor maps of the pools the Hopper kernels ran on.
     pool_maps: PoolMapCache,
 }
@@ -218,6 +236,17 @@ impl PrefillPlan {
     /// QKV layouts that disagree) and with [`Error::Unsupported`] for head dims other than
     /// [`HEAD_DIMS`], more than 128 query heads per KV head, or sizes beyond `i32`.
     pub fn new(ctx: &PhaseContext, batch: AttentionBatch<'_>, layout: QkvLayout, cache: PagedKvLayout) -> Result<Self> {
+        Self::with_options(ctx, batch, layout, cache, PrefillOptions::default())
+    }
+
+    /// [`PrefillPlan::new`] restricted to the kernels `options` allow.
+    pub fn with_options(
+        ctx: &PhaseContext,
+        batch: AttentionBatch<'_>,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+        options: PrefillOptions,
+    ) -> Result<Self> {
         ensure_shape!(
             layout.num_kv_heads > 0 && layout.num_heads > 0 && layout.num_heads.is_multiple_of(layout.num_kv_heads),
             "prefill_attention: {} query heads are not a positive multiple of {} KV heads",
@@ -233,9 +262,13 @@ impl PrefillPlan {
             layout.head_dim
         );
         let target = ctx.gpu().target();
-        let variant = Variant::available(layout.head_dim, target, cache.block_size).next().ok_or_else(|| {
-            Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))
-        })?;
+        let variant =
+            Variant::available(layout.head_dim, target, cache.block_size, options).next().ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "prefill_attention: head dim {} (supported: {HEAD_DIMS:?})",
+                    layout.head_dim
+                ))
+            })?;
         let group = layout.group_size();
         if group > BLOCK_M {
             return Err(Error::Unsupported(format!(
@@ -297,6 +330,7 @@ impl PrefillPlan {
             items: stream.clone_htod(&flat)?,
             counters: stream.alloc_zeros::<u32>(2)?,
             target,
+            options,
             pool_maps: PoolMapCache::new(cache, BOX_ROWS, 1),
         })
     }
@@ -324,7 +358,7 @@ impl PrefillPlan {
     }
 
     fn available(&self) -> impl Iterator<Item = Variant> + use<> {
-        Variant::available(self.layout.head_dim, self.target, self.cache.block_size)
+        Variant::available(self.layout.head_dim, self.target, self.cache.block_size, self.options)
     }
 
     /// The kernel this plan launches.

@@ -3,7 +3,7 @@
 //! budgets from one CTA to all SMs; plus the CTA trace and the plan's and launcher's errors.
 
 use nexus::kernels::gpu::PtxTarget;
-use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
+use nexus::kernels::prefill_attention::{PrefillOptions, PrefillPlan, prefill_attention};
 use nexus::kernels::{AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::rngs::StdRng;
 
@@ -349,6 +349,10 @@ fn plan_rejects_bad_batches() {
     let portable = phase_on(&portable_gpu(), None);
     let pp = PrefillPlan::new(&portable, batch, layout, cache).expect("plan");
     assert!(!pp.kernels().contains(&hopper), "{:?}", pp.kernels());
+    let only = PrefillOptions { portable_only: true };
+    let po = PrefillPlan::with_options(&ctx, batch, layout, cache, only).expect("plan");
+    assert_eq!(po.kernel(), "prefill_attention_d128_n64", "{:?}", po.kernels());
+    assert!(po.kernels().iter().all(|k| !k.contains("wgmma")), "{:?}", po.kernels());
 }
 
 #[test]

@@ -33,7 +33,7 @@ use nexus_kernels::cudarc::driver::sys::CUevent_flags;
 use nexus_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
 use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
-use nexus_kernels::prefill_attention::{self, PrefillPlan};
+use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
     CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, copy_to_pinned,
@@ -158,6 +158,10 @@ pub struct CudaBackendConfig {
     /// chunked, or whether it was preempted and recomputed. Slower: decode GEMMs pay for 64-row
     /// tiles, decode attention runs without split-KV, and no step is replayed from a graph.
     pub batch_invariant: bool,
+    /// Prefill attention only on the portable kernels (FlashAttention-2's structure), also on
+    /// Hopper, where the default is the wgmma one: a fallback, and the comparison the benchmarks
+    /// make.
+    pub portable_prefill_attention: bool,
 }
 
 impl Default for CudaBackendConfig {
@@ -168,7 +172,7 @@ impl Default for CudaBackendConfig {
         sizes.extend((8..=64).step_by(8));
         sizes.extend((80..=128).step_by(16));
         sizes.extend((160..=256).step_by(32));
-        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false }
+        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false, portable_prefill_attention: false }
     }
 }
 
@@ -499,7 +503,9 @@ impl CudaBackend {
                         DecodePlan::new(ctx, layout, pool.layout, lens, tables, width, options)?
                     })
                 } else {
-                    AttentionPlan::Prefill(PrefillPlan::new(ctx, host.attention_batch(), layout, pool.layout)?)
+                    let options = PrefillOptions { portable_only: self.config.portable_prefill_attention };
+                    let batch = host.attention_batch();
+                    AttentionPlan::Prefill(PrefillPlan::with_options(ctx, batch, layout, pool.layout, options)?)
                 };
                 plans.attention.push((budget, plan));
                 plans.attention.len() - 1

@@ -512,8 +512,9 @@ pub fn gemm_with(
         if spec.bm * spec.bn > MAX_SPLIT_TILE {
             return unsupported(format!("tiles larger than {MAX_SPLIT_TILE} elements do not split"));
         }
-        if units * spec.bm * spec.bn > workspace.partials.len() || tiles > workspace.tile_arrivals.len() {
-            return unsupported(format!("{units} work units of {tiles} tiles exceed the workspace"));
+        // The workspace holds a tile of the largest size and an arrival count per SM.
+        if units > workspace.tile_arrivals.len() {
+            return unsupported(format!("{units} work units, more than the {} SMs", workspace.tile_arrivals.len()));
         }
     }
     let to_i32 = |v: usize, what: &str| {
@@ -585,9 +586,10 @@ pub fn gemm_with(
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k]) exactly, so TMA reads nothing outside them; C and
             // the bias hold m·n and n values (checked above), 16-byte aligned, and the kernel
-            // writes only inside [m, n]. With a split, every unit has at least one K block, the
-            // partials hold a tile for each unit and the arrival counts one per tile (checked
-            // above). The counters and arrival counts are zero (made so, and reset by each
+            // writes only inside [m, n]. With a split, every unit has at least one K block, and
+            // there are at most as many units (so tiles) as SMs, each tile at most
+            // MAX_SPLIT_TILE: the partials hold a tile for each unit and the arrival counts one
+            // per tile (checked above). The counters and arrival counts are zero (made so, and reset by each
             // launch's last CTA and each tile's last unit).
             unsafe { launch.launch(cfg) }?;
         }

@@ -131,7 +131,12 @@ impl DeviceInputs {
 /// head dim, reusing one plan across launches (its work counter must reset itself).
 fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usize)]) {
     let mut rng = rng(test);
-    let case = Case::new(&mut rng, layout, block_size, chunks);
+    check_case(test, &Case::new(&mut rng, layout, block_size, chunks));
+}
+
+/// [`check`] of a prepared case.
+fn check_case(test: &str, case: &Case) {
+    let (layout, block_size) = (case.layout, case.cache.block_size);
     let want = case.reference();
     let setup = phase(None);
     let inputs = case.device(&setup);
@@ -140,7 +145,7 @@ fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usi
         plan.set_kernel(kernel).expect("kernel");
         for budget in BUDGETS {
             let ctx = phase(budget);
-            let got = inputs.run_prefill(&ctx, &case, &plan);
+            let got = inputs.run_prefill(&ctx, case, &plan);
             let what = format!(
                 "{test}: {}/{} heads d={} block {block_size}, {kernel}, budget {budget:?}",
                 layout.num_heads, layout.num_kv_heads, layout.head_dim
@@ -179,6 +184,38 @@ fn gqa_9_3_d64_ragged_chunks() {
     let chunks = [(1, 2000), (5, 0), (63, 17), (64, 300), (65, 0), (200, 2000), (1000, 300), (43, 0), (42, 1)];
     for block_size in [8, 16, 128] {
         check("gqa_9_3_d64_ragged", layout, block_size, &chunks);
+    }
+}
+
+/// Sets every row of a pool that a sequence owns (the others hold NaN) to `rows[kv_head]`.
+fn same_row_everywhere(pool: &mut [f32], layout: QkvLayout, rows: &[Vec<f32>]) {
+    let d = layout.head_dim;
+    for (i, slot) in pool.chunks_mut(d).enumerate() {
+        if !slot[0].is_nan() {
+            slot.copy_from_slice(&rows[i % layout.num_kv_heads]);
+        }
+    }
+}
+
+/// Inputs that exercise one product at a time, so that a failure says which one is wrong: with
+/// the same V row at every position, the output is that row whatever the scores (P V alone: the
+/// V operand's layout, P's fragments); with the same K row, the scores of a query are all equal
+/// and the output is the mean of V over its causal window (Q Kᵀ without information, P V and
+/// the masking).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn structured_inputs_separate_the_two_products() {
+    let chunks = [(200, 0), (37, 300), (1, 129), (130, 16)];
+    for (heads, kv_heads, head_dim) in [(32, 8, 128), (9, 3, 64)] {
+        let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
+        let mut rng = rng("structured_inputs");
+        let rows: Vec<Vec<f32>> = (0..kv_heads).map(|_| random_bf16(&mut rng, head_dim, 1.0)).collect();
+        let mut same_v = Case::new(&mut rng, layout, 16, &chunks);
+        same_row_everywhere(&mut same_v.v, layout, &rows);
+        check_case("same V everywhere (P V)", &same_v);
+        let mut same_k = Case::new(&mut rng, layout, 16, &chunks);
+        same_row_everywhere(&mut same_k.k, layout, &rows);
+        check_case("same K everywhere (scores all equal)", &same_k);
     }
 }
 

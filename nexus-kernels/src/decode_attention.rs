@@ -58,7 +58,7 @@ use half::bf16;
 use crate::error::ensure_shape;
 use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext, PtxTarget};
 use crate::layout::{PagedKvLayout, QkvLayout};
-use crate::tensor_map::{PANEL_DIMS, PoolMapCache, TensorMap};
+use crate::tensor_map::{self, PANEL_DIMS, TensorMap};
 use crate::{Error, Result};
 
 const MODULE: &str = "decode_attention";
@@ -152,8 +152,6 @@ pub struct DecodePlan {
     merge_count: CudaSlice<i32>,
     part_o: CudaSlice<f32>,
     part_lse: CudaSlice<f32>,
-    /// The tensor maps of the K and V pools this plan ran on (Hopper).
-    pool_maps: PoolMapCache,
 }
 
 impl std::fmt::Debug for DecodePlan {
@@ -435,13 +433,6 @@ impl DecodePlan {
             merge_count: one_int()?,
             part_o: stream.alloc_zeros::<f32>(1)?,
             part_lse: stream.alloc_zeros::<f32>(1)?,
-            // Boxes of the rows of one ring slot that lie in one block (16, or 8 for blocks of 8)
-            // of all panels, or of one panel for blocks of 8 (a copy per panel and block anyway).
-            pool_maps: PoolMapCache::new(
-                cache,
-                cache.block_size.min(SUB),
-                if cache.block_size >= SUB { cache.head_dim / PANEL_DIMS } else { 1 },
-            ),
             gpu,
         })
     }
@@ -587,7 +578,14 @@ pub fn decode_attention(
     let scale_log2 = plan.scale * std::f32::consts::LOG2_E;
     let null = 0u64;
     let (k_map, v_map) = match ctx.gpu().target() {
-        PtxTarget::Sm90a => plan.pool_maps.get(k_cache.device_ptr(stream).0, v_cache.device_ptr(stream).0)?,
+        PtxTarget::Sm90a => {
+            // Boxes of the rows of one ring slot that lie in one block (16, or 8 for blocks of 8)
+            // of all panels, or of one panel for blocks of 8 (a copy per panel and block anyway).
+            let (rows, panels) =
+                if cache.block_size >= SUB { (SUB, cache.head_dim / PANEL_DIMS) } else { (cache.block_size, 1) };
+            let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
+            (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
+        }
         PtxTarget::Sm80 => (TensorMap::unused(), TensorMap::unused()),
     };
     let (name, merge_name) = match d {

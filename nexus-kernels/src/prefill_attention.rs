@@ -54,7 +54,7 @@ use half::bf16;
 use crate::error::ensure_shape;
 use crate::gpu::{CtaBudget, PhaseContext, PtxTarget};
 use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
-use crate::tensor_map::PoolMapCache;
+use crate::tensor_map;
 use crate::{Error, Result};
 
 const MODULE: &str = "prefill_attention";
@@ -204,8 +204,6 @@ pub struct PrefillPlan {
     /// options allow.
     target: PtxTarget,
     options: PrefillOptions,
-    /// The tensor maps of the pools the Hopper kernels ran on.
-    pool_maps: PoolMapCache,
 }
 
 impl std::fmt::Debug for PrefillPlan {
@@ -331,7 +329,6 @@ impl PrefillPlan {
             counters: stream.alloc_zeros::<u32>(2)?,
             target,
             options,
-            pool_maps: PoolMapCache::new(cache, BOX_ROWS, 1),
         })
     }
 
@@ -498,7 +495,10 @@ pub fn prefill_attention(
     let null_trace: u64 = 0;
     let stream = ctx.stream();
     let maps = match v.family {
-        Family::Hopper => Some(plan.pool_maps.get(k_cache.device_ptr(stream).0, v_cache.device_ptr(stream).0)?),
+        Family::Hopper => {
+            let map = |ptr| tensor_map::pool_map(ptr, cache, BOX_ROWS, 1);
+            Some((map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?))
+        }
         Family::Portable => None,
     };
     let mut launch = stream.launch_builder(&f);

@@ -1,9 +1,15 @@
 //! `CUtensorMap`s of bf16 tensors in global memory, which the Hopper kernels' TMA copies read
 //! boxes of (`TensorMap` in `cuda/common.cuh`). Encoded on the host and passed to a kernel by value
 //! (a `__grid_constant__` parameter), so a launch needs no device allocation for them.
+//!
+//! A map is a function of its parameters alone (address, dims, strides, box), and the driver's
+//! encoding took about 6 us on the GPU machine, more than a small launch: encoded maps are kept
+//! by their parameters, so launches on the same buffers (every layer's weights and pools, the
+//! activation arena) encode them once.
 
+use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{LazyLock, Mutex};
 
 use cudarc::driver::DeviceRepr;
 use cudarc::driver::sys;
@@ -38,6 +44,20 @@ impl TensorMap {
         boxes: [u32; N],
     ) -> Result<Self> {
         assert_eq!(strides.len() + 1, N, "a tensor map has one stride per dim but the first");
+        let key = MapKey::new(ptr, &dims, strides, &boxes);
+        let mut maps = ENCODED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(map) = maps.get(&key) {
+            return Ok(*map);
+        }
+        let map = Self::encode(ptr, dims, strides, boxes)?;
+        if maps.len() == MAX_ENCODED {
+            maps.clear();
+        }
+        maps.insert(key, map);
+        Ok(map)
+    }
+
+    fn encode<const N: usize>(ptr: sys::CUdeviceptr, dims: [u64; N], strides: &[u64], boxes: [u32; N]) -> Result<Self> {
         let mut map = sys::CUtensorMap { opaque: [0; 16] };
         let element_strides = [1u32; N];
         // SAFETY: the call only encodes `map` on the host; every array it reads lives on this
@@ -83,47 +103,27 @@ pub(crate) fn pool_map(
     TensorMap::bf16(ptr, [PANEL_DIMS as u64, rows, panels, h], &[h * d * 2, PANEL_DIMS as u64 * 2, d * 2], boxes)
 }
 
-/// The tensor maps of the K and V pools a plan ran on, by pool addresses, encoded on first use:
-/// one plan serves every layer, and encoding two maps per launch costs more host time than the
-/// launch.
-pub(crate) struct PoolMapCache {
-    cache: PagedKvLayout,
-    box_rows: usize,
-    box_panels: usize,
-    maps: Mutex<Vec<PoolMaps>>,
+/// The parameters of a map (ranks up to 5, as the driver's), by which encoded maps are kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct MapKey {
+    ptr: sys::CUdeviceptr,
+    rank: usize,
+    dims: [u64; 5],
+    strides: [u64; 4],
+    boxes: [u32; 5],
 }
 
-/// The tensor maps of one layer's K and V pools.
-#[derive(Clone, Copy)]
-struct PoolMaps {
-    k_ptr: u64,
-    v_ptr: u64,
-    k: TensorMap,
-    v: TensorMap,
-}
-
-/// The most pool pairs a cache keeps the maps of (more than any model's layers; past it the cache
-/// starts over).
-const MAX_POOL_MAPS: usize = 512;
-
-impl PoolMapCache {
-    /// An empty cache of maps of pools laid out as `cache`, in boxes as [`pool_map`]'s.
-    pub(crate) fn new(cache: PagedKvLayout, box_rows: usize, box_panels: usize) -> Self {
-        PoolMapCache { cache, box_rows, box_panels, maps: Mutex::new(Vec::new()) }
-    }
-
-    /// The maps of the pools at `k_ptr` and `v_ptr`.
-    pub(crate) fn get(&self, k_ptr: u64, v_ptr: u64) -> Result<(TensorMap, TensorMap)> {
-        let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(m) = maps.iter().find(|m| m.k_ptr == k_ptr && m.v_ptr == v_ptr) {
-            return Ok((m.k, m.v));
-        }
-        let map = |ptr| pool_map(ptr, self.cache, self.box_rows, self.box_panels);
-        let m = PoolMaps { k_ptr, v_ptr, k: map(k_ptr)?, v: map(v_ptr)? };
-        if maps.len() == MAX_POOL_MAPS {
-            maps.clear();
-        }
-        maps.push(m);
-        Ok((m.k, m.v))
+impl MapKey {
+    fn new(ptr: sys::CUdeviceptr, dims: &[u64], strides: &[u64], boxes: &[u32]) -> Self {
+        let mut key = MapKey { ptr, rank: dims.len(), dims: [0; 5], strides: [0; 4], boxes: [0; 5] };
+        key.dims[..dims.len()].copy_from_slice(dims);
+        key.strides[..strides.len()].copy_from_slice(strides);
+        key.boxes[..boxes.len()].copy_from_slice(boxes);
+        key
     }
 }
+
+/// Encoded maps by their parameters; started over when full (more than the buffers of any model's
+/// steps: weights, pools and the activations of a few batch sizes).
+static ENCODED: LazyLock<Mutex<HashMap<MapKey, TensorMap>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+const MAX_ENCODED: usize = 4096;

@@ -1,6 +1,8 @@
 //! Paged prefill attention against its reference: ragged batches of chunks with and without
 //! cached prefixes, GQA groups of several sizes, block sizes 8 to 128 with shuffled block tables,
-//! budgets from one CTA to all SMs; plus the CTA trace and the plan's and launcher's errors.
+//! budgets from one CTA to all SMs, every kernel the plan can run (on Hopper the wgmma ones too);
+//! inputs that exercise one of the two products at a time; plus the CTA trace, the kernels each
+//! GPU build and block size offers, and the plan's and launcher's errors.
 
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::prefill_attention::{PrefillOptions, PrefillPlan, prefill_attention};

@@ -772,6 +772,19 @@ mod tests {
                 let p = plan_ctas(shape(m, n, k), 132, &device);
                 assert_eq!(p.splits, 1, "{m} x {n} x {k}: {p:?}");
             }
+            // One K block cannot be split; nor can tiles that already fill the budget.
+            assert_eq!(plan_ctas(shape(64, 4096, 64), 132, &device).splits, 1);
+            assert_eq!(plan_ctas(shape(64, 4096, 14336), 32, &device).splits, 1);
+        }
+        for kernel in GemmKernel::HOPPER {
+            for (m, n, k, budget) in [(1, 4096, 64, 132), (64, 4096, 128, 132), (16, 576, 4096, 8), (1, 8, 8, 1)] {
+                let s = shape(m, n, k);
+                for splits in split_candidates(kernel, s, budget) {
+                    let (bm, bn) = kernel.tile();
+                    assert!(splits <= k.div_ceil(BK) && splits <= MAX_SPLITS, "{kernel:?} {s:?}: {splits}");
+                    assert!(splits == 1 || (kernel.tiles(s) * splits <= budget as usize && bm * bn <= MAX_SPLIT_TILE));
+                }
+            }
         }
     }
 

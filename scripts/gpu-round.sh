@@ -17,7 +17,8 @@
 #   benches   decode_attention, gemm, prefill_attention (criterion's own timing skipped: only
 #             the summary tables) and model_step for each model in $MODELS
 #   sdpa      scripts/bench-torch-sdpa.py (torch on the device)
-# LIMIT_S: seconds each step may take (default 240).
+# LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
+# its own (so a hang in one module leaves the others' results), default: each binary whole.
 set -uo pipefail
 if [ $# -lt 2 ]; then sed -n 2,20p "$0" >&2; exit 2; fi
 dir=$1 out=$2
@@ -29,6 +30,7 @@ sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable el
 models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
 work=$(mktemp -d)
 log=$work/round.log
+mkdir -p "$out"
 export NEXUS_BENCH_OUT=$work
 
 # Runs "$@" under the step limit, its output in $work/NAME.txt, and logs its time and status.
@@ -39,6 +41,8 @@ step() {
     timeout "$limit" "$@" >"$work/$name.txt" 2>&1
     local rc=$?
     echo "$name: rc $rc in $((SECONDS - start)) s" | tee -a "$log"
+    # Rewritten after every step: a round killed from outside still returns what it finished.
+    tar czf "$out/round.tgz" -C "$work" .
     return 0
 }
 
@@ -49,7 +53,13 @@ for s in "${steps[@]}"; do
         [ -d models ] || skip=(--skip model::smollm2 --skip model::gpu_engine_completes
             --skip model::decode_graphs_replay)
         for t in "$dir"/bin/test-*; do
-            step "$(basename "$t")" "$t" --ignored --test-threads=1 "${skip[@]}"
+            if [ -z "${TESTS:-}" ]; then
+                step "$(basename "$t")" "$t" --ignored --test-threads=1 "${skip[@]}"
+                continue
+            fi
+            for filter in $TESTS; do
+                step "$(basename "$t")-${filter//:/_}" "$t" --ignored --test-threads=1 "${skip[@]}" "$filter"
+            done
         done
         ;;
     sanitize)
@@ -82,7 +92,6 @@ for s in "${steps[@]}"; do
     esac
 done
 
-mkdir -p "$out"
 tar czf "$out/round.tgz" -C "$work" .
 rm -rf "$work"
 echo "gpu-round: $out/round.tgz"

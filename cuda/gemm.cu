@@ -481,7 +481,10 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 wgmma_commit();
                 if (kb > 0) {
                     // The previous stage's wgmma group has finished reading: give the stage back.
+                    // The warp's lanes read its stage_tile too: __syncwarp orders those reads
+                    // before lane 0's arrive (racecheck flagged the producer's next write).
                     wgmma_wait<1>();
+                    __syncwarp();
                     if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
                 }
                 previous = stage;
@@ -500,6 +503,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                     for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] += part[s][i];
                 }
             }
+            __syncwarp();
             if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
 
             if (splits > 1) {

@@ -452,7 +452,12 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         uint32_t phase = 0;
         for (;;) {
             mbar_wait(smem_addr(&full[stage]), phase);
-            const int unit = stage_tile[stage];
+            // Lane 0 reads the unit for its warp: it alone gives the stage back, so its read is
+            // ordered before the producer's next write by that arrive (racecheck on the H200
+            // flagged the other lanes' reads, which no arrive ordered).
+            int unit = 0;
+            if (lane == 0) unit = stage_tile[stage];
+            unit = __shfl_sync(0xffffffffu, unit, 0);
             if (unit < 0) return;
             const int tile = unit / splits;
             int mt, nt, kb0, kb1;
@@ -481,10 +486,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 wgmma_commit();
                 if (kb > 0) {
                     // The previous stage's wgmma group has finished reading: give the stage back.
-                    // The warp's lanes read its stage_tile too: __syncwarp orders those reads
-                    // before lane 0's arrive (racecheck flagged the producer's next write).
                     wgmma_wait<1>();
-                    __syncwarp();
                     if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
                 }
                 previous = stage;
@@ -503,7 +505,6 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                     for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] += part[s][i];
                 }
             }
-            __syncwarp();
             if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
 
             if (splits > 1) {

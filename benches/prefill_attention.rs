@@ -10,7 +10,8 @@
 //! measured with all SMs (summary table only), to compare variants in the same run.
 //!
 //! `cargo bench --bench prefill_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
-//! written to `dir/prefill_attention.md`.
+//! written to `dir/prefill_attention.md`; `NEXUS_BENCH_ONLY=text` runs only the cases named
+//! `<shape>/<kernel>/budget <SMs>` that contain `text` (e.g. `causal 8k/wgmma_d128/budget 132`).
 
 mod common;
 
@@ -93,6 +94,10 @@ fn main() {
         let all = nexus::kernels::CtaBudget::all(&gpu);
         let runs = budgets(&gpu).into_iter().map(|b| (kernels[0], b)).chain(kernels[1..].iter().map(|&k| (k, all)));
         for (kernel, budget) in runs {
+            let short = kernel.trim_start_matches("prefill_attention_");
+            if !selected(&format!("{}/{short}/budget {}", shape.name, budget.get())) {
+                continue;
+            }
             plan.set_kernel(kernel).expect("kernel");
             let plan = &plan;
             let ctx = phase(&gpu, &stream, budget);
@@ -120,7 +125,7 @@ fn main() {
             let tflops = plan.flops() / t.as_secs_f64() / 1e12;
             report.add(vec![
                 shape.name.to_string(),
-                kernel.trim_start_matches("prefill_attention_").to_string(),
+                short.to_string(),
                 budget.get().to_string(),
                 format!("{:.3}", t.as_secs_f64() * 1e3),
                 format!("{tflops:.1}"),

@@ -339,6 +339,12 @@ struct WgmmaConfig {
     // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
     static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
     static_assert(MMA_ROWS % 64 == 0 && CONSUMERS <= 2, "one or two consumer warpgroups of 64 rows");
+    // With two consumers (128 x 256 tiles: 128 accumulators each), the producer warpgroup gives
+    // them its registers.
+    static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+    static_assert(CONSUMERS == 1 ||
+                      nexus::register_split_fits(128 * (1 + CONSUMERS), PRODUCER_REGS, CONSUMERS, CONSUMER_REGS),
+                  "the consumers' registers come from what the producer gives back");
     static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 };
 
@@ -404,7 +410,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     if (warpgroup == 0) {
         // Producer: one thread loads; with two consumer warpgroups, the producer warpgroup gives
         // its registers to them (128 accumulators each for 128 x 256 tiles).
-        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_dec<C::PRODUCER_REGS>();
         if (tid != 0) return;
         int stage = 0;
         uint32_t phase = 0;
@@ -436,7 +442,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
         }
     } else {
-        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_inc<C::CONSUMER_REGS>();
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
         constexpr int SETS = C::ACC_SETS;

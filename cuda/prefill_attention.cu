@@ -467,6 +467,10 @@ constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup an
 constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
 constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
 constexpr int BOX_ROWS = 16;                      // rows of one TMA box, inside one cache block
+// Registers per thread after setmaxnreg: the producer's one working thread needs few.
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+static_assert(nexus::register_split_fits(HOPPER_THREADS, PRODUCER_REGS, 2, CONSUMER_REGS),
+              "the consumers' registers come from what the producer gives back");
 
 template <int D>
 struct HopperConfig {
@@ -560,7 +564,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
 
     if (tid < WG_THREADS) {
         // Producer warpgroup: gives its registers to the consumers; one thread works.
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        nexus::setmaxnreg_dec<PRODUCER_REGS>();
         if (tid == 0) {
             const int block_mask = (1 << block_size_log2) - 1;
             int stage = 0;
@@ -626,7 +630,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             }
         }
     } else {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        nexus::setmaxnreg_inc<CONSUMER_REGS>();
         const int consumer = tid / WG_THREADS - 1, ctid = tid % WG_THREADS;
         const int warp = ctid / 32, lane = tid % 32;
         const int wg_barrier = 1 + consumer;

@@ -12,9 +12,34 @@
 
 #include "common.cuh"
 
+namespace nexus {
+
+// Registers each thread of a one-CTA-per-SM kernel of `threads` threads is given at launch: the
+// SM's 64K split evenly, rounded down to the allocation unit of 8 (384 threads: 168).
+constexpr int launch_regs(int threads) { return 65536 / threads / 8 * 8; }
+
+// Whether a producer warpgroup at `producer_regs` and `consumers` warpgroups at `consumer_regs`
+// fit in what the CTA was given: setmaxnreg only moves registers between its warpgroups, and an
+// increase that asks for more than the others released waits forever (a hang, not an error).
+constexpr bool register_split_fits(int threads, int producer_regs, int consumers, int consumer_regs) {
+    return 128 * producer_regs + 128 * consumers * consumer_regs <= threads * launch_regs(threads);
+}
+
+}  // namespace nexus
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
 namespace nexus {
+
+// The warpgroup's registers per thread, down to or up to REGS (a multiple of 8 in [24, 256]).
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_dec() {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS) : "memory");
+}
+template <int REGS>
+__device__ __forceinline__ void setmaxnreg_inc() {
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS) : "memory");
+}
 
 
 // D[64 x N] (+)= A[64 x 16] · B[N x 16]ᵀ for one warpgroup, A and B K-major in shared memory

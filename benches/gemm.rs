@@ -12,7 +12,8 @@
 //! whole run fits in a few minutes.
 //!
 //! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 64) of Llama-3.1-8B,
-//! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick and cuBLAS.
+//! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick (with its split of K)
+//! and what it measured, and cuBLAS.
 //!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
@@ -27,7 +28,7 @@ use common::*;
 use cudarc::cublas::{CudaBlas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmKernel, GemmPlan, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu};
 use rand::rngs::StdRng;
@@ -205,7 +206,7 @@ fn main() {
                     shape_name.clone(),
                     m.to_string(),
                     budget.get().to_string(),
-                    format!("{:?}", plan.kernel),
+                    plan_label(&plan),
                     plan.ctas.to_string(),
                     format!("{:.1}", t * 1e6),
                     format!("{:.1}", flops / t / 1e12),
@@ -224,6 +225,14 @@ fn main() {
     report.finish(&gpu, "gemm");
     decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
     c.final_summary();
+}
+
+/// The planned kernel, and its split of K when it has one.
+fn plan_label(plan: &GemmPlan) -> String {
+    match plan.splits {
+        1 => format!("{:?}", plan.kernel),
+        s => format!("{:?} split {s}", plan.kernel),
+    }
 }
 
 /// The linear layers of the three models of the experiments, (name, K, N).
@@ -263,7 +272,8 @@ fn decode_sizes(
         PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
     };
     let names: Vec<String> = kernels.iter().map(|k| format!("{k:?} TB/s")).collect();
-    let mut header = vec!["layer (K x N)", "M", "budget", "stream read", "cuBLAS@budget", "planner's pick"];
+    let mut header =
+        vec!["layer (K x N)", "M", "budget", "stream read", "cuBLAS@budget", "planner's pick", "planned TB/s"];
     header.extend(names.iter().map(String::as_str));
     let report = Report::new("Decode-sized GEMMs, every kernel (TB/s = 2(MK + NK + MN) / t)", &header);
     for (layer, k, n) in DECODE_SHAPES {
@@ -287,13 +297,19 @@ fn decode_sizes(
                 let ctx = phase(gpu, stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
                 let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
+                let planned = median_gpu_time(stream, |i| {
+                    let (a, b) = &views[i as usize % copies];
+                    gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
+                })
+                .as_secs_f64();
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
                     m.to_string(),
                     budget.get().to_string(),
                     format!("{:.2}", stream_read.at(budget.get()) / 1e12),
                     format!("{:.2}", bytes / cublas / 1e12),
-                    format!("{:?}", gemm::plan(shape, budget, gpu.model()).kernel),
+                    plan_label(&gemm::plan(shape, budget, gpu.model())),
+                    format!("{:.2}", bytes / planned / 1e12),
                 ];
                 for &kernel in &kernels {
                     let t = median_gpu_time(stream, |i| {

@@ -1,5 +1,6 @@
 //! Forward-step times of a synthetic model (published config, random bf16 weights made on the
-//! GPU) on the CUDA backend: prefill throughput of an 8k-token prompt with all SMs, and decode
+//! GPU) on the CUDA backend: prefill throughput of an 8k-token prompt with all SMs (on Hopper also
+//! with the portable prefill attention kernel in place of the wgmma one), and decode
 //! step time at batch 1 and at batch 64 with 2k tokens of context each, with all SMs and on a
 //! budget of 64, each against its floor: the larger of the bytes it must read at the streaming
 //! read this GPU measured at that budget ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798
@@ -49,6 +50,11 @@ fn main() {
         CudaBackendConfig { batch_invariant: true, ..CudaBackendConfig::default() },
     )
     .expect("batch-invariant backend");
+    let portable = CudaBackend::with_config(
+        gpu.clone(),
+        CudaBackendConfig { portable_prefill_attention: true, ..CudaBackendConfig::default() },
+    )
+    .expect("portable-attention backend");
     let start = Instant::now();
     let model = LlamaModel::random(&backend, &config, 1).expect("random weights");
     backend.synchronize().expect("sync");
@@ -66,7 +72,7 @@ fn main() {
 
     // Each backend runs its steps in a phase of its own, with every SM; the CUDA graphs also on a
     // phase of a smaller budget.
-    let phases = [&backend, &eager, &invariant].map(|b| b.new_phase().expect("phase"));
+    let phases = [&backend, &eager, &invariant, &portable].map(|b| b.new_phase().expect("phase"));
     let budget = 64.min(gpu.sm_count());
     let mut budgeted = backend.new_phase().expect("phase");
     backend.set_budget(&mut budgeted, budget).expect("budget");
@@ -103,26 +109,28 @@ fn main() {
     };
     let linear_flops = |tokens: usize| 2.0 * params as f64 * tokens as f64;
 
-    // Prefill: one 8k-token prompt in one step (after a warm-up run of the same).
+    // Prefill: one 8k-token prompt in one step (after a warm-up run of the same), with the
+    // default prefill attention kernel and, on Hopper (where the default is the wgmma one), with
+    // the portable one.
     let prompt: Vec<u32> = (0..prefill_tokens).map(token).collect();
-    let mut times = Vec::new();
-    for run in 0..4 {
-        let seq = 1_000_000 + run as u64;
-        let t = Instant::now();
-        step_on((&backend, &phases[0]), &mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
-        times.push(t.elapsed().as_secs_f64());
-        blocks.free(seq);
-    }
-    let prefill = median(&times[1..]);
     let causal_pairs = (prefill_tokens * (prefill_tokens + 1) / 2) as f64;
-    row(
-        "prefill 8k prompt",
-        gpu.sm_count(),
-        prefill_tokens,
-        prefill,
-        weight_bytes,
-        linear_flops(prefill_tokens) + attention_flops(causal_pairs),
-    );
+    let mut prefill_runs = vec![("prefill 8k prompt", &backend, &phases[0])];
+    if gpu.target() == nexus::kernels::gpu::PtxTarget::Sm90a {
+        prefill_runs.push(("prefill 8k prompt, portable attention", &portable, &phases[3]));
+    }
+    for (what, backend, phase) in prefill_runs {
+        let mut times = Vec::new();
+        for run in 0..4 {
+            let seq = 1_000_000 + run as u64;
+            let t = Instant::now();
+            step_on((backend, phase), &mut blocks, &[SeqChunk { seq, tokens: &prompt, wants_logits: true }]);
+            times.push(t.elapsed().as_secs_f64());
+            blocks.free(seq);
+        }
+        let prefill = median(&times[1..]);
+        let flops = linear_flops(prefill_tokens) + attention_flops(causal_pairs);
+        row(what, gpu.sm_count(), prefill_tokens, prefill, weight_bytes, flops);
+    }
 
     let all = gpu.sm_count();
     let modes = [

@@ -5,11 +5,13 @@
 //! tokens over a prefix of P (torch SDPA's figures for the same shapes come from
 //! `scripts/bench-torch-sdpa.py`).
 //!
-//! The default kernel is swept over the budgets; every other compiled kernel for head dim 128 is
+//! The default kernel (on Hopper the wgmma one) is swept over the budgets, with its TFLOP/s per
+//! CTA (one per SM) to show how it scales; every other compiled kernel for head dim 128 is
 //! measured with all SMs (summary table only), to compare variants in the same run.
 //!
 //! `cargo bench --bench prefill_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
-//! written to `dir/prefill_attention.md`.
+//! written to `dir/prefill_attention.md`; `NEXUS_BENCH_ONLY=text` runs only the cases named
+//! `<shape>/<kernel>/budget <SMs>` that contain `text` (e.g. `causal 8k/wgmma_d128/budget 132`).
 
 mod common;
 
@@ -57,7 +59,7 @@ fn main() {
     let mut c = criterion();
     let report = Report::new(
         "Paged prefill attention, 32/8 heads, d=128, block 16 (TFLOP/s = 4·H·d·(C·P + C(C+1)/2) / time)",
-        &["shape", "kernel", "budget", "ms", "TFLOP/s"],
+        &["shape", "kernel", "budget", "ms", "TFLOP/s", "TFLOP/s per CTA"],
     );
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &SHAPES {
@@ -92,6 +94,10 @@ fn main() {
         let all = nexus::kernels::CtaBudget::all(&gpu);
         let runs = budgets(&gpu).into_iter().map(|b| (kernels[0], b)).chain(kernels[1..].iter().map(|&k| (k, all)));
         for (kernel, budget) in runs {
+            let short = kernel.trim_start_matches("prefill_attention_");
+            if !selected(&format!("{}/{short}/budget {}", shape.name, budget.get())) {
+                continue;
+            }
             plan.set_kernel(kernel).expect("kernel");
             let plan = &plan;
             let ctx = phase(&gpu, &stream, budget);
@@ -116,12 +122,14 @@ fn main() {
                 });
             }
             let t = median_gpu_time(&stream, &mut launch);
+            let tflops = plan.flops() / t.as_secs_f64() / 1e12;
             report.add(vec![
                 shape.name.to_string(),
-                kernel.trim_start_matches("prefill_attention_").to_string(),
+                short.to_string(),
                 budget.get().to_string(),
                 format!("{:.3}", t.as_secs_f64() * 1e3),
-                format!("{:.1}", plan.flops() / t.as_secs_f64() / 1e12),
+                format!("{tflops:.1}"),
+                format!("{:.2}", tflops / f64::from(plan.ctas(budget))),
             ]);
         }
     }

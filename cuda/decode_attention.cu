@@ -145,6 +145,14 @@ __device__ __forceinline__ int load_block_ids(const Args& a, const Item& it, int
     return b <= last ? __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + b) : 0;
 }
 
+// The block ids that follow batch `b` of item `it`: its next batch, or the first of the next
+// item (`has_next`), loaded while batch b is used.
+__device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, const Item& next, bool has_next, int b,
+                                              int lane) {
+    if (b + TABLE_BATCH <= (it.kv_end - 1) >> a.block_log2) return load_block_ids(a, it, b + TABLE_BATCH, lane);
+    return has_next ? load_block_ids(a, next, next.kv_start >> a.block_log2, lane) : 0;
+}
+
 #if __CUDA_ARCH__ >= 900
 // Hopper: the PRODUCER_WARPS warps take the CTA's sub-tiles round-robin (warp w the g-th with
 // g % PRODUCER_WARPS == w); per sub-tile, lane 0 copies K and V with TMA. One warp alone spent
@@ -172,14 +180,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
         const int last_block = (it.kv_end - 1) >> a.block_log2;
         for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
-            // The next batch of block ids (this item's or the next item's first) loads while this
-            // one is used.
-            int ids_next = 0;
-            if (b + TABLE_BATCH <= last_block) {
-                ids_next = load_block_ids(a, it, b + TABLE_BATCH, lane);
-            } else if (i + 1 < i1) {
-                ids_next = load_block_ids(a, next, next.kv_start >> a.block_log2, lane);
-            }
+            const int ids_next = next_block_ids(a, it, next, i + 1 < i1, b, lane);
             // This warp's sub-tiles among those starting in the batch's tokens [t0, t_end): item
             // sub-tile k is the CTA's (g_item + k)-th, in ring slot (g_item + k) % R.
             const int t0 = max(it.kv_start, b << a.block_log2), t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
@@ -288,14 +289,7 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
         const __nv_bfloat16* head = pool + (size_t)it.kv_head * D + chunk * 8;
         const int last_block = (it.kv_end - 1) >> a.block_log2;
         for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
-            // The next batch of block ids (this item's or the next item's first) loads while this
-            // one is used.
-            int ids_next = 0;
-            if (b + TABLE_BATCH <= last_block) {
-                ids_next = load_block_ids(a, it, b + TABLE_BATCH, lane);
-            } else if (i + 1 < i1) {
-                ids_next = load_block_ids(a, next, next.kv_start >> a.block_log2, lane);
-            }
+            const int ids_next = next_block_ids(a, it, next, i + 1 < i1, b, lane);
             const int t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
             for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += SUB) {
                 if (slot % PARTS == part) {

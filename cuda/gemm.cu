@@ -28,11 +28,17 @@
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
 //   number of stages is a launch argument, sized by the launcher to the device's shared memory.
 //
+// Split-K (wgmma kernels): when a shape has fewer output tiles than the budget has CTAs, the
+// launcher may split K into `splits` ranges: each (tile, range) is a work unit of its own, whose
+// partial sums go to a float workspace; the tile's last unit to finish adds the partials in range
+// order (so the result does not depend on which finished last) and stores C.
+//
 // Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
 // zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
 // inside C. The launcher requires K % 8 == 0 and N % 8 == 0 (16-byte rows: TMA strides, 16-byte
 // copies, and bf16 pairs in the epilogue), 16-byte aligned A, B, C and bias.
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -102,15 +108,20 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
 constexpr int MMA_THREADS = 256;    // 8 warps, 2 along M x 4 along N
 constexpr int MMA_MAX_STAGES = 16;  // bound of the launch argument `stages`
 
-template <int BM, int BN>
+// Tiles of BM rows of A x BN rows of B. SWAP puts B's rows (the weight) on the mma's m16 side
+// and A's (the activations, M <= 16) on its n8 side, the 8 warps stacked along B: for decode-sized
+// M, where wgmma's 64-row side would stream a fixed 2 KB of weight per instruction at ~49 cycles
+// each (~80 GB/s per SM on the H200), mma.sync takes 512 bytes per instruction fed by ldmatrix.
+template <int BM, int BN, bool SWAP = false>
 struct MmaConfig {
-    static constexpr int WARPS_M = 2, WARPS_N = 4;
-    static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;  // warp tile
+    static constexpr int TM = SWAP ? BN : BM, TN = SWAP ? BM : BN;  // the mma's M and N sides
+    static constexpr int WARPS_M = SWAP ? 8 : 2, WARPS_N = SWAP ? 1 : 4;
+    static constexpr int WM = TM / WARPS_M, WN = TN / WARPS_N;  // warp tile
     static constexpr int MI = WM / 16, NI = WN / 8;             // m16 and n8 fragments per warp
-    static constexpr int A_BYTES = BM * ROW_BYTES;
+    static constexpr int A_BYTES = BM * ROW_BYTES;              // a stage holds A's rows, then B's
     static constexpr int STAGE_BYTES = (BM + BN) * ROW_BYTES;
     static_assert(WM % 16 == 0 && WN % 16 == 0, "warp tiles are whole m16 x n16 blocks");
-    static_assert(BM * 8 % MMA_THREADS == 0 && BN * 8 % MMA_THREADS == 0, "every thread copies whole chunks");
+    static_assert(WARPS_M * WARPS_N * 32 == MMA_THREADS, "8 warps");
 };
 
 // Waits until at most `n` committed groups are pending (`n` known only at run time).
@@ -139,9 +150,11 @@ __device__ __forceinline__ void cp_async_wait_pending(int n) {
 template <int ROWS>
 __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __restrict__ src, int rows, int k, int row0,
                                                 int k0, int tid) {
+    constexpr int CHUNKS = ROWS * 8;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / MMA_THREADS; ++j) {
+    for (int j = 0; j < (CHUNKS + MMA_THREADS - 1) / MMA_THREADS; ++j) {
         const int i = tid + j * MMA_THREADS;
+        if (CHUNKS % MMA_THREADS != 0 && i >= CHUNKS) break;  // a tile of fewer chunks than threads
         const int r = i >> 3, chunk = i & 7;
         const int row = row0 + r, col = k0 + chunk * 8;
         const bool valid = row < rows && col < k;
@@ -149,13 +162,15 @@ __device__ __forceinline__ void copy_tile_async(uint32_t dst, const bf16* __rest
     }
 }
 
-// One stage (64 of K) of a warp's WM x WN tile. `live_mi` m16 fragments hold rows inside A; the
-// others are skipped (small M).
-template <int BM, int BN>
-__device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
-                                          float (&acc)[MmaConfig<BM, BN>::MI][MmaConfig<BM, BN>::NI][4], int wm0,
-                                          int wn0, int lane, int live_mi) {
-    using C = MmaConfig<BM, BN>;
+// One stage (64 of K) of a warp's WM x WN tile: `a_tile` holds the rows of the mma's M side,
+// `b_tile` those of its N side. `live_mi` m16 fragments hold rows inside the matrix; the others
+// are skipped (small M).
+template <int BM, int BN, bool SWAP>
+__device__ __forceinline__ void mma_stage(
+    uint32_t a_tile, uint32_t b_tile,
+    float (&acc)[MmaConfig<BM, BN, SWAP>::MI][MmaConfig<BM, BN, SWAP>::NI][4], int wm0, int wn0, int lane,
+    int live_mi) {
+    using C = MmaConfig<BM, BN, SWAP>;
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
         uint32_t af[C::MI][4];
@@ -187,11 +202,11 @@ __device__ __forceinline__ void mma_stage(uint32_t a_tile, uint32_t b_tile,
     }
 }
 
-template <int BM, int BN>
+template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const bf16* __restrict__ b,
                                               const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
                                               int k, int stages, unsigned* __restrict__ counter) {
-    using C = MmaConfig<BM, BN>;
+    using C = MmaConfig<BM, BN, SWAP>;
     extern __shared__ uint8_t smem_raw[];
     __shared__ int stage_tile[MMA_MAX_STAGES];  // the tile each stage holds; -1 once none is left
     __shared__ int fetched[2];                   // tile numbers from the counter, double-buffered
@@ -246,7 +261,9 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
             const int tile = stage_tile[read_stage];
             if (tile < 0) break;
             order.coords(tile, mt, nt);
-            live_mi = min(C::MI, max(0, (m - mt * BM - wm0 + 15) / 16));
+            // Rows of the mma's M side left in its matrix: A's, or B's when SWAP.
+            const int left = SWAP ? n - nt * BN : m - mt * BM;
+            live_mi = min(C::MI, max(0, (left - wm0 + 15) / 16));
 #pragma unroll
             for (int mi = 0; mi < C::MI; ++mi)
 #pragma unroll
@@ -255,8 +272,8 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
                     for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
         }
         load_next(write_stage);
-        const uint32_t tile_smem = smem + read_stage * C::STAGE_BYTES;
-        mma_stage<BM, BN>(tile_smem, tile_smem + C::A_BYTES, acc, wm0, wn0, lane, live_mi);
+        const uint32_t a_tile = smem + read_stage * C::STAGE_BYTES, b_tile = a_tile + C::A_BYTES;
+        mma_stage<BM, BN, SWAP>(SWAP ? b_tile : a_tile, SWAP ? a_tile : b_tile, acc, wm0, wn0, lane, live_mi);
         read_stage = read_stage + 1 == stages ? 0 : read_stage + 1;
         write_stage = write_stage + 1 == stages ? 0 : write_stage + 1;
         if (++kb == k_blocks) {
@@ -264,15 +281,31 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
             // Epilogue straight from registers: fragment rows g and g + 8, columns 2q and 2q + 1.
 #pragma unroll
             for (int mi = 0; mi < C::MI; ++mi) {
-                const int row = mt * BM + wm0 + mi * 16 + (lane >> 2);
 #pragma unroll
                 for (int ni = 0; ni < C::NI; ++ni) {
-                    const int col = nt * BN + wn0 + ni * 8 + (lane & 3) * 2;
-                    if (col < n) {
-                        const float2 bb = bias_pair(bias, col);
-                        if (row < m) store_pair(c + (size_t)row * n + col, acc[mi][ni][0] + bb.x, acc[mi][ni][1] + bb.y);
-                        if (row + 8 < m)
-                            store_pair(c + (size_t)(row + 8) * n + col, acc[mi][ni][2] + bb.x, acc[mi][ni][3] + bb.y);
+                    if constexpr (!SWAP) {
+                        const int row = mt * BM + wm0 + mi * 16 + (lane >> 2);
+                        const int col = nt * BN + wn0 + ni * 8 + (lane & 3) * 2;
+                        if (col < n) {
+                            const float2 bb = bias_pair(bias, col);
+                            if (row < m)
+                                store_pair(c + (size_t)row * n + col, acc[mi][ni][0] + bb.x, acc[mi][ni][1] + bb.y);
+                            if (row + 8 < m)
+                                store_pair(c + (size_t)(row + 8) * n + col, acc[mi][ni][2] + bb.x,
+                                           acc[mi][ni][3] + bb.y);
+                        }
+                    } else {
+                        // Transposed: fragment rows run along N (columns of C), its columns along M.
+                        const int col = nt * BN + wm0 + mi * 16 + (lane >> 2);
+                        const int row = mt * BM + wn0 + ni * 8 + (lane & 3) * 2;
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = row + (e & 1), cc = col + (e >> 1) * 8;
+                            if (r < m && cc < n) {
+                                const float bb = bias != nullptr ? __bfloat162float(bias[cc]) : 0.f;
+                                c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[mi][ni][e] + bb);
+                            }
+                        }
                     }
                 }
             }
@@ -306,105 +339,21 @@ struct WgmmaConfig {
     // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
     static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
     static_assert(MMA_ROWS % 64 == 0 && CONSUMERS <= 2, "one or two consumer warpgroups of 64 rows");
+    // With two consumers (128 x 256 tiles: 128 accumulators each), the producer warpgroup gives
+    // them its registers.
+    static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+    static_assert(CONSUMERS == 1 ||
+                      nexus::register_split_fits(128 * (1 + CONSUMERS), PRODUCER_REGS, CONSUMERS, CONSUMER_REGS),
+                  "the consumers' registers come from what the producer gives back");
     static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 };
 
-// D[64 x N] (+)= A[64 x 16] · B[N x 16]ᵀ for one warpgroup, A and B K-major in shared memory
-// (descriptors); D += when `accumulate` is non-zero, D = otherwise.
-template <int N>
-struct Wgmma;
-
-template <>
-struct Wgmma<16> {
-    static constexpr int REGS = 8;
-    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {"
-            "%0, %1, %2, %3, %4, %5, %6, %7},"
-            " %8, %9, p, 1, 1, 0, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-    }
-};
-
-template <>
-struct Wgmma<64> {
-    static constexpr int REGS = 32;
-    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},"
-            " %32, %33, p, 1, 1, 0, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-    }
-};
-
-template <>
-struct Wgmma<128> {
-    static constexpr int REGS = 64;
-    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},"
-            " %64, %65, p, 1, 1, 0, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-    }
-};
-
-template <>
-struct Wgmma<256> {
-    static constexpr int REGS = 128;
-    __device__ __forceinline__ static void run(float (&d)[REGS], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-        asm volatile(
-            "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-            "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-            "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-            "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-            "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-            "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127},"
-            " %128, %129, p, 1, 1, 0, 0;\n}\n"
-            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-              "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-              "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-              "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-              "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-              "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-              "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-              "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
-              "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-              "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
-              "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
-              "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-              "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
-              "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
-              "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-              "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-            : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-    }
-};
+using nexus::smem_desc;
+using nexus::touch;
+using nexus::Wgmma;
+using nexus::wgmma_commit;
+using nexus::wgmma_fence;
+using nexus::wgmma_wait;
 
 // Box {64 of K, rows} at (k0, row0) of the tensor map into shared memory, completing on `bar`.
 __device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, int k0, int row0, uint32_t bar) {
@@ -415,42 +364,37 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const TensorMap* map, int
         : "memory");
 }
 
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
-}
-// Makes the compiler treat the accumulators as written here, so no read of them moves above a
-// wgmma wait.
-template <int R>
-__device__ __forceinline__ void touch(float (&d)[R]) {
-#pragma unroll
-    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// wgmma shared-memory descriptor of a K-major operand in 128-byte swizzled rows: start address,
-// leading byte offset 16 (unused by this layout), stride byte offset 1024 (between groups of 8
-// rows), swizzle mode 1 (128 bytes).
-__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
-    return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
+// Named barrier 1 of the consumer warpgroups (the producer's have returned or wait elsewhere).
+template <int CONSUMERS>
+__device__ __forceinline__ void consumers_barrier() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
 }
 
 template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
-                                                int k, unsigned* __restrict__ counter) {
+                                                int k, int splits, float* __restrict__ partials,
+                                                unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
     constexpr int STAGES = C::STAGES;
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
-    __shared__ int stage_tile[STAGES];  // the tile each stage holds; -1: no tile left
+    __shared__ int stage_tile[STAGES];  // the work unit each stage holds; -1: none left
+    __shared__ int last_split;          // split-K: whether this CTA completes the tile's sum
 
     const uint32_t ring = (smem_addr(smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
     const int warpgroup = tid / 128;
     const TileOrder order(m, n, BM, BN);
     const int k_blocks = (k + BK - 1) / BK;
+    // Work units: split `s` of tile `t` is unit t * splits + s, and covers K blocks
+    // [s * k_blocks / splits, (s + 1) * k_blocks / splits).
+    const int units = order.tiles * splits;
+    auto unit_k_blocks = [&](int unit, int& kb0, int& kb1) {
+        const int s = unit % splits;
+        kb0 = s * k_blocks / splits;
+        kb1 = (s + 1) * k_blocks / splits;
+    };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -466,25 +410,26 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     if (warpgroup == 0) {
         // Producer: one thread loads; with two consumer warpgroups, the producer warpgroup gives
         // its registers to them (128 accumulators each for 128 x 256 tiles).
-        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_dec<C::PRODUCER_REGS>();
         if (tid != 0) return;
         int stage = 0;
         uint32_t phase = 0;
         for (;;) {
-            const int tile = next_tile(counter, order.tiles);
+            const int unit = next_tile(counter, units);
             mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
-            if (tile >= order.tiles) {
+            if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
                 stage_tile[stage] = -1;
                 mbar_arrive(smem_addr(&full[stage]));
                 return;
             }
-            int mt, nt;
-            order.coords(tile, mt, nt);
-            for (int kb = 0; kb < k_blocks; ++kb) {
-                if (kb > 0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+            int mt, nt, kb0, kb1;
+            order.coords(unit / splits, mt, nt);
+            unit_k_blocks(unit, kb0, kb1);
+            for (int kb = kb0; kb < kb1; ++kb) {
+                if (kb > kb0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
                 // Published to the consumers by the arrive (release) and their wait (acquire).
-                stage_tile[stage] = tile;
+                stage_tile[stage] = unit;
                 const uint32_t bar = smem_addr(&full[stage]);
                 const uint32_t dst = ring + stage * C::STAGE_BYTES;
                 mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
@@ -497,7 +442,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
         }
     } else {
-        if constexpr (C::CONSUMERS == 2) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+        if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_inc<C::CONSUMER_REGS>();
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
         constexpr int SETS = C::ACC_SETS;
@@ -513,12 +458,19 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         uint32_t phase = 0;
         for (;;) {
             mbar_wait(smem_addr(&full[stage]), phase);
-            const int tile = stage_tile[stage];
-            if (tile < 0) return;
-            int mt, nt;
+            // Lane 0 reads the unit for its warp: it alone gives the stage back, so its read is
+            // ordered before the producer's next write by that arrive (racecheck on the H200
+            // flagged the other lanes' reads, which no arrive ordered).
+            int unit = 0;
+            if (lane == 0) unit = stage_tile[stage];
+            unit = __shfl_sync(0xffffffffu, unit, 0);
+            if (unit < 0) return;
+            const int tile = unit / splits;
+            int mt, nt, kb0, kb1;
             order.coords(tile, mt, nt);
+            unit_k_blocks(unit, kb0, kb1);
             int previous = stage;
-            for (int kb = 0; kb < k_blocks; ++kb) {
+            for (int kb = 0; kb < kb1 - kb0; ++kb) {
                 if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
                 const uint32_t a_tile = ring + stage * C::STAGE_BYTES;
                 const uint32_t b_tile = a_tile + C::A_BYTES;
@@ -560,6 +512,32 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 }
             }
             if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+
+            if (splits > 1) {
+                // Split-K: every split stores its partial sums (thread-fastest, so the stores
+                // coalesce) and counts itself in; the tile's last split adds all of them, in
+                // split order whatever the order of arrival, and stores C. It also resets the
+                // tile's count for the next launch.
+                constexpr int REGS = Wgmma<C::MMA_N>::REGS;
+                const int ctid = tid - 128;  // among the consumer threads
+                const size_t tile_floats = static_cast<size_t>(C::CONSUMERS) * 128 * REGS;
+                float* mine = partials + static_cast<size_t>(unit) * tile_floats + ctid;
+#pragma unroll
+                for (int i = 0; i < REGS; ++i) mine[i * C::CONSUMERS * 128] = acc[i];
+                __threadfence();
+                consumers_barrier<C::CONSUMERS>();
+                if (ctid == 0) last_split = atomicAdd(&tile_arrivals[tile], 1u) == static_cast<unsigned>(splits - 1);
+                consumers_barrier<C::CONSUMERS>();
+                if (!last_split) continue;
+                __threadfence();
+                const float* parts = partials + static_cast<size_t>(tile) * splits * tile_floats + ctid;
+#pragma unroll
+                for (int i = 0; i < REGS; ++i) acc[i] = 0.f;
+                for (int sp = 0; sp < splits; ++sp)
+#pragma unroll
+                    for (int i = 0; i < REGS; ++i) acc[i] += __ldcg(parts + sp * tile_floats + i * C::CONSUMERS * 128);
+                if (ctid == 0) tile_arrivals[tile] = 0;
+            }
 
             // Epilogue straight from registers. Accumulator 4j + e of this thread is row
             // 16 warp + lane / 4 (+ 8 for e >= 2) of the wgmma M side, column 8j + 2 (lane % 4)
@@ -604,22 +582,24 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: the operands, then m, n, k, then the two tile counters (zero between
 // launches, see next_tile). The mma kernels also take the number of pipeline stages their shared
-// memory holds.
+// memory holds; the wgmma ones the split of K (1: none), the split-K workspace (a BM x BN tile of
+// floats per work unit) and one arrival count per output tile (zero between launches).
 
-#define NEXUS_GEMM_MMA(NAME, BM, BN)                                                                               \
+#define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
         NAME(const bf16* __restrict__ a, const bf16* __restrict__ b, const bf16* __restrict__ bias,               \
              bf16* __restrict__ c, int m, int n, int k, int stages, unsigned* __restrict__ counter) {             \
-        gemm_mma_body<BM, BN>(a, b, bias, c, m, n, k, stages, counter);                                            \
+        gemm_mma_body<BM, BN, SWAP>(a, b, bias, c, m, n, k, stages, counter);                                      \
     }
 
-NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128)
-NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64)
+NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128, false)
+NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64, false)
+NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP) \
-    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, counter);
+    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, splits, partials, tile_arrivals, counter);
 #else
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
 #endif
@@ -627,8 +607,8 @@ NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64)
 #define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
     extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
-             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k,                             \
-             unsigned* __restrict__ counter) {                                                                     \
+             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int splits,                 \
+             float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
         NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
     }
 

@@ -23,7 +23,27 @@
 //   are never loaded, and inside a diagonal tile a warp skips the 16-column blocks beyond its own
 //   last row.
 // - The output goes through shared memory so every global store is a 16-byte vector.
+//
+// The Hopper kernels (prefill_attention_wgmma_*, sm_90a; FlashAttention-3's structure) take the
+// same work items, one per 128 query rows, and differ in how a CTA computes one:
+// - Warp-specialized, 3 warpgroups. One thread of warpgroup 0 is the producer: it copies each K/V
+//   tile of 128 keys with TMA (one box per 16 rows, which lie in one block of the paged cache,
+//   and per 64-dim panel) into a ring of stages, K and V completing on mbarriers of their own,
+//   and runs ahead across items. Warpgroups 1 and 2 consume: each owns 64 of the item's rows.
+// - S = Q Kᵀ with wgmma m64n128k16 from shared memory (Q loaded once per item by the consumers);
+//   the online softmax runs on the accumulator registers, which are laid out as mma.sync's, so it
+//   is the FA2 kernel's; O += P V with wgmma taking P from registers and V as a transposed
+//   (MN-major) operand straight from the tile TMA wrote.
+// - Groups of 16 keys past the sequence's end are copied from rows outside the pool, which TMA
+//   fills with zeros; the rows past the end inside the last block are zeroed by the consumers
+//   (a pool row there may hold anything, and 0 x NaN is NaN).
+// - The two consumer warpgroups run the same tiles. In the plain kernels they do so independently
+//   (S, softmax, P V in turn); the _pipelined ones issue the scores of tile j + 1 with P V of tile
+//   j and compute the softmax of tile j + 1 while both are in flight, and the two warpgroups issue
+//   their wgmmas in alternate turns (named barriers), so one's softmax overlaps the other's
+//   matrix products (FlashAttention-3's intra-warpgroup pipelining and ping-pong).
 #include "common.cuh"
+#include "wgmma.cuh"
 
 namespace {
 
@@ -95,14 +115,15 @@ __device__ __forceinline__ void qk_tile(uint32_t k_tile, const uint32_t (&qf)[D 
     }
 }
 
-// Masks s (MASK), updates the running max m and sum l, rescales O, and leaves exp(s - m) in p as
-// bf16 A fragments (k-step kb covers n-blocks 2 kb and 2 kb + 1). Every row sees column 0 in the
-// first tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
-template <int D, int BN, bool MASK>
-__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
-                                             float (&l)[2], uint32_t (&p)[BN / 16][4], int col0, int pos_a,
-                                             int pos_b, float scale_log2, int lane) {
-    constexpr int NB = BN / 8, DB = D / 8;
+// Masks s (MASK), updates the running max m and sum l, leaves exp(s - m) in p as bf16 A fragments
+// (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output accumulated so
+// far must be scaled by (`rescale`) before P V is added. Every row sees column 0 in the first
+// tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
+template <int BN, bool MASK>
+__device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)[2], float (&l)[2],
+                                               uint32_t (&p)[BN / 16][4], float (&alpha)[2], int col0, int pos_a,
+                                               int pos_b, float scale_log2, int lane) {
+    constexpr int NB = BN / 8;
     if (MASK) {
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -125,14 +146,9 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         base[h] = mx[h] == -INFINITY ? 0.f : mx[h] * scale_log2;
-        const float alpha = fast_exp2(m[h] * scale_log2 - base[h]);
+        alpha[h] = fast_exp2(m[h] * scale_log2 - base[h]);
         m[h] = mx[h];
-        l[h] *= alpha;
-#pragma unroll
-        for (int db = 0; db < DB; ++db) {
-            o[db][2 * h] *= alpha;
-            o[db][2 * h + 1] *= alpha;
-        }
+        l[h] *= alpha[h];
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -145,6 +161,28 @@ __device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D
         p[nb / 2][(nb & 1) * 2 + 0] = pack_bf16(p0, p1);
         p[nb / 2][(nb & 1) * 2 + 1] = pack_bf16(p2, p3);
     }
+}
+
+// O *= alpha, row by row (this lane's rows g and g + 8).
+template <int D>
+__device__ __forceinline__ void rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+        o[db][0] *= alpha[0];
+        o[db][1] *= alpha[0];
+        o[db][2] *= alpha[1];
+        o[db][3] *= alpha[1];
+    }
+}
+
+// The softmax of one tile with O rescaled at once (O must not be in flight).
+template <int D, int BN, bool MASK>
+__device__ __forceinline__ void softmax_tile(float (&s)[BN / 8][4], float (&o)[D / 8][4], float (&m)[2],
+                                             float (&l)[2], uint32_t (&p)[BN / 16][4], int col0, int pos_a,
+                                             int pos_b, float scale_log2, int lane) {
+    float alpha[2];
+    softmax_scores<BN, MASK>(s, m, l, p, alpha, col0, pos_a, pos_b, scale_log2, lane);
+    rescale<D>(o, alpha);
 }
 
 // O += P V. ldmatrix x4 .trans at V rows k0 + (lane & 7) + 8 ((lane >> 3) & 1), chunk
@@ -421,6 +459,411 @@ __device__ __forceinline__ void prefill_attention_body(
     trace.finish();
 }
 
+
+// ---- The Hopper kernel (sm_90a) -----------------------------------------------------------------
+
+constexpr int WG_THREADS = 128;                   // one warpgroup
+constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup and two consumers
+constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
+constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
+constexpr int BOX_ROWS = 16;                      // rows of one TMA box, inside one cache block
+// Registers per thread after setmaxnreg: the producer's one working thread needs few.
+constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
+static_assert(nexus::register_split_fits(HOPPER_THREADS, PRODUCER_REGS, 2, CONSUMER_REGS),
+              "the consumers' registers come from what the producer gives back");
+
+template <int D>
+struct HopperConfig {
+    static constexpr int BN = HOPPER_KV_TILE;
+    static constexpr int PANELS = D / 64;
+    static constexpr int BOXES = BN / BOX_ROWS;                   // boxes per panel of a tile
+    static constexpr int Q_PANEL_BYTES = 64 * PANEL_ROW_BYTES;     // 64 rows of one consumer
+    static constexpr int Q_BYTES = PANELS * Q_PANEL_BYTES;          // one consumer's Q
+    static constexpr int TILE_PANEL_BYTES = BN * PANEL_ROW_BYTES;
+    static constexpr int TILE_BYTES = PANELS * TILE_PANEL_BYTES;   // one K or V tile
+    // Stages of the K/V ring: 2 x 64 KB at d = 128 (as FlashAttention-3), 4 x 32 KB at d = 64.
+    static constexpr int STAGES = D == 128 ? 2 : 4;
+    // Dynamic shared memory: 1024 bytes of alignment slack, both consumers' Q, the K and V rings
+    // (the launcher computes the same sum).
+    static constexpr int SMEM_BYTES = 1024 + 2 * Q_BYTES + 2 * STAGES * TILE_BYTES;
+    static_assert(D == 64 || D == 128, "head dims 64 and 128");
+    static_assert(SMEM_BYTES <= 227 * 1024, "fits the shared memory a Hopper CTA may have");
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+
+using nexus::mbar_arrive;
+using nexus::mbar_arrive_expect_tx;
+using nexus::mbar_init;
+using nexus::mbar_wait;
+using nexus::smem_desc;
+using nexus::smem_desc_mn;
+using nexus::st_shared_zero16;
+using nexus::TensorMap;
+using nexus::touch;
+using nexus::Wgmma;
+using nexus::wgmma_commit;
+using nexus::wgmma_fence;
+using nexus::wgmma_wait;
+using nexus::WgmmaRegA;
+
+// Named barriers: 1 + c is consumer c's own; both consumers meet at CONSUMERS_BARRIER; the
+// ping-pong turn of consumer c is TURN_BARRIER + c (its bar.sync meets the other's bar.arrive).
+constexpr int CONSUMERS_BARRIER = 3;
+constexpr int TURN_BARRIER = 4;
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
+// (wgmma operands, once a barrier has been passed).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+template <int D, bool PIPELINED>
+__device__ __forceinline__ void prefill_attention_wgmma_body(
+    const TensorMap* k_map, const TensorMap* v_map, const bf16* __restrict__ qkv, const int* __restrict__ block_tables,
+    const int4* __restrict__ items, int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out,
+    int num_heads, int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2,
+    uint64_t* cta_trace) {
+    using C = HopperConfig<D>;
+    constexpr int BN = C::BN, STAGES = C::STAGES;
+
+    extern __shared__ uint8_t smem_raw[];
+    __shared__ __align__(8) uint64_t k_full[STAGES], v_full[STAGES], kv_empty[STAGES];
+    // The item mailbox: the producer takes items from the counter and hands each index to the
+    // consumers through one of two slots (the sentinel num_items or more: no item left).
+    __shared__ __align__(8) uint64_t item_full[2], item_empty[2];
+    __shared__ int item_slot[2];
+    // The trace's start time waits in shared memory: the consumers take every register.
+    __shared__ uint64_t trace_start;
+    const uint32_t q_smem = (smem_addr(smem_raw) + 1023u) & ~1023u;  // [consumer][panel][64 rows][128 B]
+    const uint32_t k_smem = q_smem + 2 * C::Q_BYTES;                  // [stage][panel][BN rows][128 B]
+    const uint32_t v_smem = k_smem + STAGES * C::TILE_BYTES;
+
+    const int tid = threadIdx.x;
+    const int group = num_heads / num_kv_heads;
+    if (tid == 0) {
+        if (cta_trace != nullptr) trace_start = nexus::global_timer_ns();
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(smem_addr(&k_full[s]), 1);      // the producer's arrive + the TMA bytes
+            mbar_init(smem_addr(&v_full[s]), 1);
+            mbar_init(smem_addr(&kv_empty[s]), 8);    // lane 0 of every consumer warp
+        }
+        for (int q = 0; q < 2; ++q) {
+            mbar_init(smem_addr(&item_full[q]), 1);
+            mbar_init(smem_addr(&item_empty[q]), 2 * WG_THREADS);  // every consumer thread has read it
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(k_map)) : "memory");
+        asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(v_map)) : "memory");
+    }
+    __syncthreads();
+
+    if (tid < WG_THREADS) {
+        // Producer warpgroup: gives its registers to the consumers; one thread works.
+        nexus::setmaxnreg_dec<PRODUCER_REGS>();
+        if (tid == 0) {
+            const int block_mask = (1 << block_size_log2) - 1;
+            int stage = 0;
+            uint32_t phase = 0;
+            for (int n = 0;; ++n) {
+                const int index = static_cast<int>(atomicAdd(&counters[0], 1u));
+                mbar_wait(smem_addr(&item_empty[n & 1]), ((n >> 1) & 1) ^ 1);
+                item_slot[n & 1] = index;  // published by the arrive (release)
+                mbar_arrive(smem_addr(&item_full[n & 1]));
+                if (index >= num_items) break;
+
+                const int4 item = items[index];
+                const int kv_head = item.w >> 8, kv_end = item.y + (item.w & 255);
+                const int num_tiles = (kv_end + BN - 1) / BN;
+                const int* table = block_tables + static_cast<size_t>(item.z) * max_blocks_per_seq;
+                // The pool row of each box of `tile`: the first of its 16 rows, or -BOX_ROWS (wholly
+                // outside the pool: TMA fills zeros) past the sequence's end. Block ids are clamped
+                // into the pool, as in the FA2 kernel.
+                auto box_rows = [&](int tile, int (&rows)[C::BOXES]) {
+#pragma unroll
+                    for (int b = 0; b < C::BOXES; ++b) {
+                        const int pos = tile * BN + b * BOX_ROWS;
+                        int row = -BOX_ROWS;
+                        if (pos < kv_end) {
+                            const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
+                            row = (block << block_size_log2) | (pos & block_mask);
+                        }
+                        rows[b] = row;
+                    }
+                };
+                int rows[C::BOXES];
+                box_rows(0, rows);
+                for (int j = 0; j < num_tiles; ++j) {
+                    mbar_wait(smem_addr(&kv_empty[stage]), phase ^ 1);
+                    // The tile of `map` into `tile`, completing on `bar`: a box per 16 rows and panel.
+                    auto copy_tile = [&](const TensorMap* map, uint32_t tile, uint64_t& bar) {
+                        const uint32_t bar_addr = smem_addr(&bar);
+                        mbar_arrive_expect_tx(bar_addr, C::TILE_BYTES);
+#pragma unroll
+                        for (int b = 0; b < C::BOXES; ++b)
+#pragma unroll
+                            for (int p = 0; p < C::PANELS; ++p)
+                                nexus::tma_load_4d(tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, map,
+                                                   0, rows[b], p, kv_head, bar_addr);
+                    };
+                    copy_tile(k_map, k_smem + stage * C::TILE_BYTES, k_full[stage]);
+                    copy_tile(v_map, v_smem + stage * C::TILE_BYTES, v_full[stage]);
+                    // The next tile's block ids now, so their latency passes while this one lands.
+                    if (j + 1 < num_tiles) box_rows(j + 1, rows);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            }
+            // The last CTA out resets the counter for the next launch (every CTA's producer has
+            // taken its final index before it counts itself out).
+            __threadfence();
+            if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+                counters[0] = 0;
+                counters[1] = 0;
+                __threadfence();
+            }
+        }
+    } else {
+        nexus::setmaxnreg_inc<CONSUMER_REGS>();
+        const int consumer = tid / WG_THREADS - 1, ctid = tid % WG_THREADS;
+        const int warp = ctid / 32, lane = tid % 32;
+        const int wg_barrier = 1 + consumer;
+        const uint32_t q_wg = q_smem + consumer * C::Q_BYTES;
+        const int row_a = consumer * 64 + warp * 16 + (lane >> 2);  // this lane's rows: row_a, row_a + 8
+        const size_t qkv_row = static_cast<size_t>(num_heads + 2 * num_kv_heads) * D;
+        const size_t out_row = static_cast<size_t>(num_heads) * D;
+        int stage = 0;
+        uint32_t phase = 0;
+        // Ping-pong: consumer 0 takes the first turn. Every turn ends with an arrive on the other's
+        // barrier, so consumer 1's last arrive is met by consumer 0's sync at the end.
+        if (PIPELINED && consumer == 1) named_barrier_arrive(TURN_BARRIER, 2 * WG_THREADS);
+        for (int n = 0;; ++n) {
+            mbar_wait(smem_addr(&item_full[n & 1]), (n >> 1) & 1);
+            const int index = item_slot[n & 1];
+            mbar_arrive(smem_addr(&item_empty[n & 1]));
+            if (index >= num_items) {
+                if (PIPELINED && consumer == 0) named_barrier(TURN_BARRIER, 2 * WG_THREADS);
+                break;
+            }
+            const int4 item = items[index];
+            const int row0 = item.x, pos0 = item.y, kv_head = item.w >> 8, tokens = item.w & 255;
+            const int rows = tokens * group;  // rows past this are padding
+            const int kv_end = pos0 + tokens;
+            const int num_tiles = (kv_end + BN - 1) / BN;
+            const int first_masked = (pos0 + 1) / BN;  // tiles from here on cross the diagonal
+
+            // This warpgroup's 64 rows of Q (zeros for padding rows), once every warp of it is
+            // done with the previous item's.
+            named_barrier(wg_barrier, WG_THREADS);
+#pragma unroll
+            for (int i = ctid; i < 64 * D / 8; i += WG_THREADS) {
+                const int r = i / (D / 8), chunk = i % (D / 8);
+                const int packed = consumer * 64 + r;
+                const bool valid = packed < rows;
+                const bf16* src = qkv;
+                if (valid) {
+                    const int t = packed / group, head = kv_head * group + (packed - t * group);
+                    src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + chunk * 8;
+                }
+                cp_async_16(q_wg + (chunk / 8) * C::Q_PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(r, chunk % 8), src,
+                            valid ? 16 : 0);
+            }
+            cp_async_commit();
+            cp_async_wait<0>();
+            fence_proxy_async();
+            named_barrier(wg_barrier, WG_THREADS);
+
+            // Positions of this lane's two rows (padding rows act as the item's last token).
+            const int pos_a = pos0 + min(row_a / group, tokens - 1);
+            const int pos_b = pos0 + min((row_a + 8) / group, tokens - 1);
+            float o[D / 8][4];
+#pragma unroll
+            for (int db = 0; db < D / 8; ++db) o[db][0] = o[db][1] = o[db][2] = o[db][3] = 0.f;
+            float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+            auto& o_flat = reinterpret_cast<float (&)[D / 2]>(o);
+
+            // S = Q Kᵀ of the tile at k_tile into s, issued and committed: 16 of the head dim per
+            // wgmma, 32 bytes further along a panel's rows.
+            auto issue_scores = [&](uint32_t k_tile, float (&s)[BN / 8][4]) {
+                wgmma_fence();
+#pragma unroll
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const uint32_t q_at = q_wg + (kk / 4) * C::Q_PANEL_BYTES + (kk % 4) * 32;
+                    const uint32_t k_at = k_tile + (kk / 4) * C::TILE_PANEL_BYTES + (kk % 4) * 32;
+                    Wgmma<BN>::run(reinterpret_cast<float (&)[BN / 2]>(s), smem_desc(q_at), smem_desc(k_at), kk > 0);
+                }
+                wgmma_commit();
+            };
+            // O += P V of the tile at v_tile, issued and committed: 16 keys per wgmma (16 rows of
+            // the tile, 2048 bytes), the head dim along N across the panels.
+            auto issue_pv = [&](uint32_t v_tile, const uint32_t (&p)[BN / 16][4]) {
+                wgmma_fence();
+#pragma unroll
+                for (int kb = 0; kb < BN / 16; ++kb)
+                    WgmmaRegA<D>::run(o_flat, p[kb],
+                                      smem_desc_mn(v_tile + kb * 16 * PANEL_ROW_BYTES, C::TILE_PANEL_BYTES), 1);
+                wgmma_commit();
+            };
+            // The softmax of tile j's scores (masked from first_masked on).
+            auto scores_to_p = [&](int j, float (&s)[BN / 8][4], uint32_t (&p)[BN / 16][4], float (&alpha)[2]) {
+                if (j < first_masked)
+                    softmax_scores<BN, false>(s, m, l, p, alpha, j * BN, pos_a, pos_b, scale_log2, lane);
+                else
+                    softmax_scores<BN, true>(s, m, l, p, alpha, j * BN, pos_a, pos_b, scale_log2, lane);
+            };
+            // Before the last tile's P V: the rows of its last box past the sequence's end become
+            // zeros (by one warpgroup, then both wait; outside the ping-pong turns).
+            auto zero_tail = [&](int j, uint32_t v_tile) {
+                if (j != num_tiles - 1 || kv_end % BOX_ROWS == 0) return;
+                if (consumer == 0) {
+                    const int r0 = kv_end - j * BN, r1 = (r0 + BOX_ROWS - 1) & ~(BOX_ROWS - 1);
+                    for (int i = ctid; i < (r1 - r0) * (D / 8); i += WG_THREADS) {
+                        const int r = r0 + i / (D / 8), chunk = i % (D / 8);
+                        st_shared_zero16(v_tile + (chunk / 8) * C::TILE_PANEL_BYTES +
+                                         swizzled<PANEL_ROW_BYTES>(r, chunk % 8));
+                    }
+                    fence_proxy_async();
+                }
+                named_barrier(CONSUMERS_BARRIER, 2 * WG_THREADS);
+            };
+            auto release = [&](int st) {
+                if (lane == 0) mbar_arrive(smem_addr(&kv_empty[st]));
+            };
+
+            if constexpr (!PIPELINED) {
+                // Tile after tile: S, softmax, P V.
+                for (int j = 0; j < num_tiles; ++j) {
+                    const uint32_t k_tile = k_smem + stage * C::TILE_BYTES, v_tile = v_smem + stage * C::TILE_BYTES;
+                    float s[BN / 8][4];
+                    uint32_t p[BN / 16][4];
+                    float alpha[2];
+                    mbar_wait(smem_addr(&k_full[stage]), phase);
+                    issue_scores(k_tile, s);
+                    wgmma_wait<0>();
+                    touch(reinterpret_cast<float (&)[BN / 2]>(s));
+                    scores_to_p(j, s, p, alpha);
+                    rescale<D>(o, alpha);
+                    mbar_wait(smem_addr(&v_full[stage]), phase);
+                    zero_tail(j, v_tile);
+                    issue_pv(v_tile, p);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p);
+                    release(stage);
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                }
+            } else {
+                // The scores of tile j + 1 and P V of tile j are issued together, in this
+                // warpgroup's turn; the softmax of tile j + 1 then runs while P V of tile j is in
+                // flight (and while the other warpgroup takes its turn), and O is rescaled once
+                // P V has landed.
+                float s[BN / 8][4];
+                uint32_t p[BN / 16][4];
+                float alpha[2];
+                mbar_wait(smem_addr(&k_full[stage]), phase);
+                issue_scores(k_smem + stage * C::TILE_BYTES, s);
+                wgmma_wait<0>();
+                touch(reinterpret_cast<float (&)[BN / 2]>(s));
+                scores_to_p(0, s, p, alpha);  // O is zero: no rescale
+                int cur = stage;              // the stage of tile j
+                uint32_t cur_phase = phase;
+                if (++stage == STAGES) {
+                    stage = 0;
+                    phase ^= 1;
+                }
+                // One tile with a successor: P V of tile j (its P in p_cur) and the scores of tile
+                // j + 1 are issued together in this warpgroup's turn; the softmax of tile j + 1
+                // (into p_next) then runs while P V is in flight, and O is rescaled once it has
+                // landed. Straight-line, and called with the two P arrays swapped in turn (no copy),
+                // so that ptxas sees which wgmmas each wait retires and keeps them asynchronous.
+                auto step = [&](int j, uint32_t (&p_cur)[BN / 16][4], uint32_t (&p_next)[BN / 16][4]) {
+                    const uint32_t v_tile = v_smem + cur * C::TILE_BYTES;
+                    float s_next[BN / 8][4];
+                    mbar_wait(smem_addr(&v_full[cur]), cur_phase);
+                    named_barrier(TURN_BARRIER + consumer, 2 * WG_THREADS);  // this warpgroup's turn
+                    mbar_wait(smem_addr(&k_full[stage]), phase);
+                    issue_scores(k_smem + stage * C::TILE_BYTES, s_next);
+                    issue_pv(v_tile, p_cur);
+                    named_barrier_arrive(TURN_BARRIER + 1 - consumer, 2 * WG_THREADS);  // the other's turn
+                    wgmma_wait<1>();  // the scores (committed first) have landed
+                    touch(reinterpret_cast<float (&)[BN / 2]>(s_next));
+                    scores_to_p(j + 1, s_next, p_next, alpha);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p_cur);
+                    release(cur);
+                    rescale<D>(o, alpha);
+                    cur = stage;
+                    cur_phase = phase;
+                    if (++stage == STAGES) {
+                        stage = 0;
+                        phase ^= 1;
+                    }
+                };
+                // The last tile: P V alone.
+                auto last = [&](uint32_t (&p_cur)[BN / 16][4]) {
+                    const uint32_t v_tile = v_smem + cur * C::TILE_BYTES;
+                    mbar_wait(smem_addr(&v_full[cur]), cur_phase);
+                    zero_tail(num_tiles - 1, v_tile);
+                    named_barrier(TURN_BARRIER + consumer, 2 * WG_THREADS);
+                    issue_pv(v_tile, p_cur);
+                    named_barrier_arrive(TURN_BARRIER + 1 - consumer, 2 * WG_THREADS);
+                    wgmma_wait<0>();
+                    touch(o_flat);
+                    touch(p_cur);
+                    release(cur);
+                };
+                uint32_t q[BN / 16][4];
+                int j = 0;
+                for (; j + 2 < num_tiles; j += 2) {
+                    step(j, p, q);
+                    step(j + 1, q, p);
+                }
+                if (j + 1 < num_tiles) {
+                    step(j, p, q);
+                    last(q);
+                } else {
+                    last(p);
+                }
+            }
+
+            // O / l straight from the accumulators: rows row_a and row_a + 8, columns
+            // 8 db + 2 (lane % 4) and the next.
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+                l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+                const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+                const int r = row_a + 8 * h;
+                if (r < rows) {
+                    const int t = r / group, head = kv_head * group + (r - t * group);
+                    bf16* dst = out + static_cast<size_t>(row0 + t) * out_row + head * D + 2 * (lane & 3);
+#pragma unroll
+                    for (int db = 0; db < D / 8; ++db)
+                        *reinterpret_cast<uint32_t*>(dst + db * 8) = pack_bf16(o[db][2 * h] * inv, o[db][2 * h + 1] * inv);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    if (cta_trace != nullptr && tid == 0) {
+        cta_trace[blockIdx.x * 3 + 0] = nexus::sm_id();
+        cta_trace[blockIdx.x * 3 + 1] = trace_start;
+        cta_trace[blockIdx.x * 3 + 2] = nexus::global_timer_ns();
+    }
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 }  // namespace
 
 // One entry point per (head dim, K/V tile, stages). Arguments (all validated by the launcher):
@@ -445,3 +888,31 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n128, 64, 128, 3, false)
 // Software-pipelined loop (scores of tile j + 1 overlap the softmax of tile j), 4 stages.
 NEXUS_PREFILL_KERNEL(prefill_attention_d128_n64_pipelined, 128, 64, 4, true)
 NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
+
+// The Hopper kernels (empty outside sm_90a: the launcher selects them only on Hopper, for blocks
+// of 16 tokens or more). Arguments as above, after the tensor maps of the K and V pools (4-D: 64
+// dims, pool rows, 64-dim panels, KV heads; boxes of 16 rows of one panel).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                  \
+    prefill_attention_wgmma_body<D, PIPELINED>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, \
+                                               num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq,     \
+                                               num_blocks, scale_log2, cta_trace);
+#else
+#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)
+#endif
+
+#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D, PIPELINED)                                                           \
+    extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1) NAME(                                        \
+        const __grid_constant__ nexus::TensorMap k_map, const __grid_constant__ nexus::TensorMap v_map,          \
+        const bf16* __restrict__ qkv, const int* __restrict__ block_tables, const int4* __restrict__ items,      \
+        int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, \
+        int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {    \
+        NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                   \
+    }
+
+// Tile after tile (S, softmax, P V), the two consumers independent.
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128, false)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64, false)
+// The softmax of tile j + 1 overlapping P V of tile j, the consumers' wgmmas in alternate turns.
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128_pipelined, 128, true)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64_pipelined, 64, true)

@@ -192,6 +192,11 @@ struct DeviceArgs {
     /// chunked and of preemption, bit for bit (GPU only; slower: see the README).
     #[arg(long)]
     batch_invariant: bool,
+    /// Run prefill attention on the portable kernels (FlashAttention-2's structure) on Hopper
+    /// too, where the default is the wgmma one (FlashAttention-3's): a fallback, and a baseline
+    /// (GPU only).
+    #[arg(long)]
+    portable_prefill_attention: bool,
 }
 
 impl DeviceArgs {
@@ -214,7 +219,11 @@ impl DeviceArgs {
     fn cuda_backend(&self) -> anyhow::Result<CudaBackend> {
         let gpu = Gpu::new(0)?;
         eprintln!("running on {gpu:?}");
-        let mut config = CudaBackendConfig { batch_invariant: self.batch_invariant, ..CudaBackendConfig::default() };
+        let mut config = CudaBackendConfig {
+            batch_invariant: self.batch_invariant,
+            portable_prefill_attention: self.portable_prefill_attention,
+            ..CudaBackendConfig::default()
+        };
         if self.enforce_eager {
             config.graph_batch_sizes.clear();
         }

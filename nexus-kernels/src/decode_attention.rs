@@ -49,7 +49,7 @@
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
@@ -58,7 +58,7 @@ use half::bf16;
 use crate::error::ensure_shape;
 use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext, PtxTarget};
 use crate::layout::{PagedKvLayout, QkvLayout};
-use crate::tensor_map::TensorMap;
+use crate::tensor_map::{self, PANEL_DIMS, TensorMap};
 use crate::{Error, Result};
 
 const MODULE: &str = "decode_attention";
@@ -74,8 +74,6 @@ const SUB: usize = 16;
 const HEADS: usize = 8;
 /// Alignment of the ring in shared memory (`RING_ALIGN`): TMA's 128-byte swizzle pattern.
 const RING_ALIGN: usize = 1024;
-/// Dims of the pool a TMA box covers (`PANEL_ROW_BYTES` / 2 in the source).
-const PANEL_DIMS: usize = 64;
 /// The shortest KV chunk the planner splits into, in tokens.
 pub const MIN_CHUNK_TOKENS: usize = 256;
 /// Ring slots are used in multiples of the consumer warps, between these bounds. The kernel also
@@ -154,23 +152,7 @@ pub struct DecodePlan {
     merge_count: CudaSlice<i32>,
     part_o: CudaSlice<f32>,
     part_lse: CudaSlice<f32>,
-    /// The tensor maps of the K and V pools this plan ran on (Hopper), by pool addresses: one plan
-    /// serves every layer, and encoding two maps per launch cost more host time than the launch.
-    pool_maps: Mutex<Vec<PoolMaps>>,
 }
-
-/// The tensor maps of one layer's K and V pools.
-#[derive(Clone, Copy)]
-struct PoolMaps {
-    k_ptr: u64,
-    v_ptr: u64,
-    k: TensorMap,
-    v: TensorMap,
-}
-
-/// The most pool pairs a plan keeps the maps of (more than any model's layers; past it the cache
-/// starts over).
-const MAX_POOL_MAPS: usize = 512;
 
 impl std::fmt::Debug for DecodePlan {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -451,24 +433,8 @@ impl DecodePlan {
             merge_count: one_int()?,
             part_o: stream.alloc_zeros::<f32>(1)?,
             part_lse: stream.alloc_zeros::<f32>(1)?,
-            pool_maps: Mutex::new(Vec::new()),
             gpu,
         })
-    }
-
-    /// The tensor maps of the pools at `k_ptr` and `v_ptr` (of the plan's cache layout), encoded
-    /// on first use.
-    fn pool_maps(&self, k_ptr: u64, v_ptr: u64) -> Result<(TensorMap, TensorMap)> {
-        let mut maps = self.pool_maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(m) = maps.iter().find(|m| m.k_ptr == k_ptr && m.v_ptr == v_ptr) {
-            return Ok((m.k, m.v));
-        }
-        let m = PoolMaps { k_ptr, v_ptr, k: pool_map(k_ptr, self.cache)?, v: pool_map(v_ptr, self.cache)? };
-        if maps.len() == MAX_POOL_MAPS {
-            maps.clear();
-        }
-        maps.push(m);
-        Ok((m.k, m.v))
     }
 
     /// Keeps the figures of the batch `work` was planned for.
@@ -612,7 +578,14 @@ pub fn decode_attention(
     let scale_log2 = plan.scale * std::f32::consts::LOG2_E;
     let null = 0u64;
     let (k_map, v_map) = match ctx.gpu().target() {
-        PtxTarget::Sm90a => plan.pool_maps(k_cache.device_ptr(stream).0, v_cache.device_ptr(stream).0)?,
+        PtxTarget::Sm90a => {
+            // Boxes of the rows of one ring slot that lie in one block (16, or 8 for blocks of 8)
+            // of all panels, or of one panel for blocks of 8 (a copy per panel and block anyway).
+            let (rows, panels) =
+                if cache.block_size >= SUB { (SUB, cache.head_dim / PANEL_DIMS) } else { (cache.block_size, 1) };
+            let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
+            (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
+        }
         PtxTarget::Sm80 => (TensorMap::unused(), TensorMap::unused()),
     };
     let (name, merge_name) = match d {
@@ -671,20 +644,6 @@ pub fn decode_attention(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
-}
-
-/// The tensor map of a K or V pool `[num_blocks, block_size, num_kv_heads, head_dim]` at `ptr`, as
-/// the Hopper kernel reads it: 4-D (64 dims, token row of the pool, panel of 64 dims, KV head;
-/// the panels' stride below the rows', so that a box lands as the kernel's panels of rows), boxes of
-/// `min(block_size, 16)` rows (the rows of one slot that lie in one block) of all panels, or of one
-/// panel for block size 8 (which takes a copy per panel and block anyway).
-fn pool_map(ptr: cudarc::driver::sys::CUdeviceptr, cache: PagedKvLayout) -> Result<TensorMap> {
-    let (d, h) = (cache.head_dim as u64, cache.num_kv_heads as u64);
-    let rows = (cache.num_blocks * cache.block_size) as u64;
-    let panels = d / PANEL_DIMS as u64;
-    let box_panels = if cache.block_size >= SUB { panels as u32 } else { 1 };
-    let boxes = [PANEL_DIMS as u32, cache.block_size.min(SUB) as u32, box_panels, 1];
-    TensorMap::bf16(ptr, [PANEL_DIMS as u64, rows, panels, h], &[h * d * 2, PANEL_DIMS as u64 * 2, d * 2], boxes)
 }
 
 /// The work of one plan, as the kernels read it.

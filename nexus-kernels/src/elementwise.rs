@@ -15,8 +15,8 @@ use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle
 const MODULE: &str = "elementwise";
 /// Threads per CTA of every kernel in the module (`THREADS` in the source).
 const THREADS: u32 = 1024;
-/// Rows a CTA of the RMSNorm kernels works on at once: one per warp.
-const ROWS_PER_CTA: usize = 32;
+/// Warps per CTA of every kernel in the module.
+const WARPS: usize = THREADS as usize / 32;
 /// Elements per 16-byte access; row lengths must be multiples of it.
 const VEC: usize = 8;
 
@@ -54,6 +54,17 @@ pub fn embedding(
     Ok(())
 }
 
+/// The grid of an RMSNorm launch over `rows` rows of `hidden` values and the warps that share a
+/// row: about one 16-byte vector per thread (a power of two of warps, up to the CTA's 32), so that
+/// a row is read by one wave of loads and a few rows (a decode batch) still spread over SMs. It
+/// depends on `hidden` alone, so each row's sums are added in the same order whatever the batch
+/// and the budget: the norms stay batch invariant.
+fn norm_grid(ctx: &PhaseContext, rows: usize, hidden: usize) -> (u32, i32) {
+    let per_row = (hidden / (32 * VEC)).clamp(1, WARPS);
+    let warps_per_row = 1 << per_row.ilog2();
+    (ctx.budget().grid(rows.div_ceil(WARPS / warps_per_row)), warps_per_row as i32)
+}
+
 fn check_norm(x: usize, weight: usize, out: usize, name: &str) -> Result<(usize, i32, i32)> {
     check_row_len(weight, "hidden size")?;
     ensure_shape!(x.is_multiple_of(weight), "{name}: x is not [rows, {weight}]");
@@ -71,9 +82,10 @@ pub fn rms_norm(
     out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<()> {
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
-    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", ctx.budget().grid(rows.div_ceil(ROWS_PER_CTA)), THREADS, 0)?;
+    let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
+    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", grid, THREADS, 0)?;
     let mut launch = ctx.stream().launch_builder(&f);
-    launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
     // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
@@ -95,10 +107,10 @@ pub fn fused_add_rms_norm(
         residual.len(),
         x.len()
     );
-    let (f, cfg) =
-        ctx.kernel(MODULE, "fused_add_rms_norm", ctx.budget().grid(rows.div_ceil(ROWS_PER_CTA)), THREADS, 0)?;
+    let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
+    let (f, cfg) = ctx.kernel(MODULE, "fused_add_rms_norm", grid, THREADS, 0)?;
     let mut launch = ctx.stream().launch_builder(&f);
-    launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
     // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
     unsafe { launch.launch(cfg) }?;
     Ok(())

@@ -19,10 +19,15 @@
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!
-//! [`plan`] picks the kernel for a shape and budget with a small roofline model (compute, L2 fill
-//! and DRAM time per candidate tile shape, with the wave quantization of the tiles over the
-//! budget's CTAs; DRAM time at the bandwidth the device's [`DeviceModel`] measured for that many
-//! CTAs); [`gemm`] plans and launches, [`gemm_with`] launches a given kernel.
+//! When a shape has fewer output tiles than the budget has CTAs (decode-sized GEMMs with a narrow
+//! N, e.g. Llama-3.1-8B's down and output projections), the wgmma kernels can split K
+//! ([`GemmConfig::splits`]): each tile's K ranges are work units of their own, whose partial sums
+//! meet in the [`GemmWorkspace`], added by the tile's last unit in a fixed order.
+//!
+//! [`plan`] picks the kernel (and split) for a shape and budget with a small roofline model
+//! (compute, L2 fill and DRAM time per candidate tile shape, with the wave quantization of the
+//! work over the budget's CTAs; DRAM time at the bandwidth the device's [`DeviceModel`] measured
+//! for that many CTAs); [`gemm`] plans and launches, [`gemm_with`] launches a given kernel.
 //!
 //! # Requirements
 //!
@@ -74,6 +79,11 @@ const MMA_MAX_STAGES: usize = 16;
 /// Shared memory an mma kernel needs beyond its stages: alignment slack of the dynamic ring and
 /// its static arrays.
 const MMA_SMEM_EXTRA: usize = 128 + 256;
+/// The most parts split-K cuts K into ([`GemmConfig::splits`]).
+pub const MAX_SPLITS: usize = 4;
+/// The largest tile (elements of C) a split-K launch may have: every work unit's partial sums
+/// take a tile of floats in the [`GemmWorkspace`], which holds one per SM.
+const MAX_SPLIT_TILE: usize = 64 * 128;
 
 /// A kernel of `cuda/gemm.cu`: a tile shape and the instructions that compute it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,6 +112,10 @@ pub enum GemmKernel {
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
     Mma64x64,
+    /// Any GPU from sm_80 on: 16 rows of A × 256 rows of B, computed transposed (the weight on
+    /// mma.sync's m16 side, the activations on its n8 side, 8 warps of 32 weight rows): M ≤ 16,
+    /// streaming 32 KB of weight per 64-deep K block through ldmatrix.
+    MmaSwap16x256,
 }
 
 /// What the launcher and the planner need to know of a kernel.
@@ -133,7 +147,10 @@ impl GemmKernel {
         GemmKernel::WgmmaSwap16x128,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
-    pub const PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
+    pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
+    /// The portable kernels that accumulate every output in one order whatever the tile and M
+    /// (the swapped one feeds the weight to the other operand of mma.sync and is left out).
+    pub const BATCH_INVARIANT_PORTABLE: [GemmKernel; 2] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64];
     /// The Hopper kernels that accumulate every output in one order, K block after K block
     /// with the same wgmma steps, whatever the tile and M: a row's result depends on that row of
     /// A alone, bit for bit (checked on the GPU by `tests/gpu/gemm.rs`). The swapped kernels
@@ -158,6 +175,7 @@ impl GemmKernel {
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
+            GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
         };
         Spec { name, bm, bn, family }
     }
@@ -185,19 +203,49 @@ impl GemmKernel {
     }
 }
 
+/// What a launch runs: a kernel, and how many parts K is split into.
+///
+/// With `splits > 1` (split-K, wgmma kernels only) each output tile becomes `splits` work units,
+/// one per range of K, so that a shape with fewer tiles than the budget has CTAs still keeps
+/// every CTA streaming; the partial sums meet in the [`GemmWorkspace`] and the tile's last unit
+/// adds them, always in the order of the ranges (the result does not depend on timing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmConfig {
+    /// The kernel to launch.
+    pub kernel: GemmKernel,
+    /// Parts K is split into: 1 (no split) to [`MAX_SPLITS`].
+    pub splits: usize,
+}
+
+impl From<GemmKernel> for GemmConfig {
+    /// The kernel without split-K.
+    fn from(kernel: GemmKernel) -> Self {
+        GemmConfig { kernel, splits: 1 }
+    }
+}
+
 /// The kernel [`plan`] chose for a shape and budget, and why.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmPlan {
     /// The kernel to launch.
     pub kernel: GemmKernel,
+    /// Parts K is split into (1: none).
+    pub splits: usize,
     /// Output tiles of the shape.
     pub tiles: usize,
-    /// CTAs launched: `min(budget, tiles)`.
+    /// CTAs launched: `min(budget, tiles × splits)`.
     pub ctas: u32,
-    /// `ceil(tiles / ctas)`: tiles the busiest CTA computes.
+    /// `ceil(tiles × splits / ctas)`: work units the busiest CTA computes.
     pub waves: usize,
     /// The model's time for the launch, in seconds (for ranking; not a prediction to trust).
     pub estimated_seconds: f64,
+}
+
+impl GemmPlan {
+    /// The kernel and split to launch.
+    pub fn config(&self) -> GemmConfig {
+        GemmConfig { kernel: self.kernel, splits: self.splits }
+    }
 }
 
 // Compute-side figures of the planning model, fitted on an H100 SXM to bench-results/gemm-h100.md
@@ -223,6 +271,9 @@ const WGMMA_LATENCY_PER_N: f64 = 0.3;
 /// sets; counted as 2, to stay on the safe side until measured).
 const SWAP_CHAINS: f64 = 2.0;
 const MMA_MACS_PER_CLOCK: f64 = 1024.0;
+/// Split-K's fixed cost per work unit: its partial sums' fence and count, and the last unit's
+/// wait for them (an estimate, of the order of a few global-memory round trips).
+const SPLIT_SYNC_SECONDS: f64 = 1.5e-6;
 /// Estimates within this factor of each other count as a tie, settled by less math issued.
 const TIE: f64 = 1.01;
 
@@ -265,24 +316,41 @@ fn tile_macs_per_k(kernel: GemmKernel, m: usize) -> f64 {
     (rows * s.bn) as f64
 }
 
-/// The model's plan for `kernel` with at most `budget` CTAs on a device reading `dram` (see
-/// [`plan`]).
-fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthCurve) -> GemmPlan {
+/// The model's plan for `kernel` with K in `splits` parts and at most `budget` CTAs on a device
+/// reading `dram` (see [`plan`]).
+fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthCurve, splits: usize) -> GemmPlan {
     let GemmShape { m, n, k } = shape;
     let (bm, bn) = kernel.tile();
     let tiles = kernel.tiles(shape).max(1);
-    let ctas = (tiles.min(budget.max(1) as usize)) as u32;
-    let waves = tiles.div_ceil(ctas as usize);
-    let k_blocks = k.div_ceil(BK) as f64;
+    let units = tiles * splits;
+    let ctas = (units.min(budget.max(1) as usize)) as u32;
+    let waves = units.div_ceil(ctas as usize);
+    let k_blocks = k.div_ceil(BK).div_ceil(splits) as f64;
     // Each K block fills a stage with the tile's rows of A and B that exist (out-of-range rows
     // are zero-filled without reading memory).
     let fill_bytes = ((bm.min(m) + bn.min(n)) * BK * 2) as f64;
     let fill_rate = SM_FILL_BYTES_PER_CLOCK.min(L2_BYTES_PER_S / CLOCK_HZ / ctas as f64);
     let per_k_block = math_clocks_per_k_block(kernel, m).max(fill_bytes / fill_rate);
-    let compute = waves as f64 * k_blocks * per_k_block / CLOCK_HZ;
+    let mut compute = waves as f64 * k_blocks * per_k_block / CLOCK_HZ;
+    if splits > 1 {
+        // Every unit stores its tile of partial sums and the last reads all of them (in L2).
+        let partial_bytes = ((splits + 1) * bm * bn * 4) as f64;
+        compute += waves as f64 * (SPLIT_SYNC_SECONDS + partial_bytes / SM_FILL_BYTES_PER_CLOCK / CLOCK_HZ);
+    }
     let dram_bytes = (2 * (m * k + n * k + m * n)) as f64;
     let memory = dram_bytes / dram.at(ctas);
-    GemmPlan { kernel, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
+    GemmPlan { kernel, splits, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
+}
+
+/// The splits worth modelling for `kernel` on `shape` with `budget` CTAs: 1, and for a wgmma
+/// kernel of at most [`MAX_SPLIT_TILE`] whose tiles leave CTAs idle, every split whose work
+/// units still fit one wave and give each unit at least one K block.
+fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl Iterator<Item = usize> {
+    let (bm, bn) = kernel.tile();
+    let tiles = kernel.tiles(shape).max(1);
+    let splittable = kernel.needs_sm90a() && bm * bn <= MAX_SPLIT_TILE;
+    let most = if splittable { MAX_SPLITS.min(budget as usize / tiles).min(shape.k.div_ceil(BK)) } else { 1 };
+    1..=most.max(1)
 }
 
 /// Picks the kernel for `shape` under `budget` on `device` (its PTX build decides the candidates):
@@ -290,20 +358,29 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthC
 /// waves (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core
 /// time and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth the device's
 /// curve gives `ctas` CTAs. Near-ties go to the candidate that issues less math (less padding).
+/// A wgmma candidate whose tiles are fewer than the budget is also modelled with K split in 2 to
+/// [`MAX_SPLITS`] parts (work units = tiles × splits, within one wave), paying for its partial
+/// sums' round trip through L2 and a fixed synchronization cost.
 pub fn plan(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
     plan_ctas(shape, budget.get(), device)
 }
 
 /// [`plan`] restricted to kernels whose results are batch invariant: each row of C is the same,
 /// bit for bit, whatever the other rows of A and whatever kernel of the family the plan picks
-/// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; both [`GemmKernel::PORTABLE`] kernels elsewhere).
-/// Decode-sized M then pays for 64-row tiles of padding math.
+/// ([`GemmKernel::BATCH_INVARIANT_HOPPER`]; [`GemmKernel::BATCH_INVARIANT_PORTABLE`] elsewhere).
+/// Decode-sized M then pays for 64-row tiles of padding math. Never splits K (the split, and so
+/// the order of the sums, would follow the budget).
 pub fn plan_batch_invariant(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
+    plan_batch_invariant_ctas(shape, budget.get(), device)
+}
+
+/// [`plan_batch_invariant`] for a budget of `budget` CTAs.
+fn plan_batch_invariant_ctas(shape: GemmShape, budget: u32, device: &DeviceModel) -> GemmPlan {
     let candidates: &[GemmKernel] = match device.target() {
         PtxTarget::Sm90a => &GemmKernel::BATCH_INVARIANT_HOPPER,
-        PtxTarget::Sm80 => &GemmKernel::PORTABLE,
+        PtxTarget::Sm80 => &GemmKernel::BATCH_INVARIANT_PORTABLE,
     };
-    plan_among(candidates, shape, budget.get(), device.bandwidth())
+    plan_among(candidates, shape, budget, device.bandwidth(), false)
 }
 
 /// [`plan`] for a budget of `budget` CTAs.
@@ -312,14 +389,25 @@ fn plan_ctas(shape: GemmShape, budget: u32, device: &DeviceModel) -> GemmPlan {
         PtxTarget::Sm90a => &GemmKernel::HOPPER,
         PtxTarget::Sm80 => &GemmKernel::PORTABLE,
     };
-    plan_among(candidates, shape, budget, device.bandwidth())
+    plan_among(candidates, shape, budget, device.bandwidth(), true)
 }
 
-/// The model's best of `candidates` (not empty).
-fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32, dram: &BandwidthCurve) -> GemmPlan {
+/// The model's best of `candidates` (not empty), with split-K where `split_k` allows it. Splits
+/// are tried in increasing order, so a tie keeps the smaller one.
+fn plan_among(
+    candidates: &[GemmKernel],
+    shape: GemmShape,
+    budget: u32,
+    dram: &BandwidthCurve,
+    split_k: bool,
+) -> GemmPlan {
     let mut best: Option<(GemmPlan, f64)> = None;
-    for &kernel in candidates {
-        let p = estimate(kernel, shape, budget, dram);
+    let options = candidates.iter().flat_map(|&kernel| {
+        let splits = split_candidates(kernel, shape, budget).filter(move |&s| split_k || s == 1);
+        splits.map(move |s| (kernel, s))
+    });
+    for (kernel, splits) in options {
+        let p = estimate(kernel, shape, budget, dram, splits);
         let work = p.tiles as f64 * tile_macs_per_k(kernel, shape.m);
         best = match best {
             Some((b, b_work))
@@ -331,7 +419,7 @@ fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32, dram: &B
             _ => Some((p, work)),
         };
     }
-    best.map_or_else(|| estimate(candidates[0], shape, budget, dram), |(p, _)| p)
+    best.map_or_else(|| estimate(candidates[0], shape, budget, dram, 1), |(p, _)| p)
 }
 
 /// Device scratch of the GEMM launches: the tile counter their CTAs share. Make one per stream
@@ -340,18 +428,26 @@ fn plan_among(candidates: &[GemmKernel], shape: GemmShape, budget: u32, dram: &B
 #[derive(Debug)]
 pub struct GemmWorkspace {
     counter: CudaSlice<u32>,
+    /// Split-K: a tile of partial sums per work unit (room for one unit of the largest split
+    /// tile per SM), and an arrival count per output tile (zero between launches).
+    partials: CudaSlice<f32>,
+    tile_arrivals: CudaSlice<u32>,
     /// The device's opt-in shared memory per block, which sizes the mma kernels' rings.
     smem_per_block: usize,
 }
 
 impl GemmWorkspace {
-    /// A workspace on `ctx`'s device.
+    /// A workspace on `ctx`'s device (about 33 KB of split-K scratch per SM).
     pub fn new(ctx: &PhaseContext) -> Result<Self> {
+        let stream = ctx.stream();
         // The tile counter and the count of CTAs done; zero between launches (see cuda/gemm.cu).
-        let counter = ctx.stream().alloc_zeros::<u32>(2)?;
+        let counter = stream.alloc_zeros::<u32>(2)?;
+        let sms = ctx.gpu().sm_count() as usize;
+        let partials = stream.alloc_zeros::<f32>(sms * MAX_SPLIT_TILE)?;
+        let tile_arrivals = stream.alloc_zeros::<u32>(sms)?;
         let smem_per_block =
             ctx.gpu().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        Ok(GemmWorkspace { counter, smem_per_block: smem_per_block.max(0) as usize })
+        Ok(GemmWorkspace { counter, partials, tile_arrivals, smem_per_block: smem_per_block.max(0) as usize })
     }
 }
 
@@ -366,16 +462,18 @@ pub fn gemm(
     shape: GemmShape,
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
-    let kernel = plan(shape, ctx.budget(), ctx.gpu().model()).kernel;
-    gemm_with(ctx, kernel, a, b, bias, c, shape, workspace)
+    let config = plan(shape, ctx.budget(), ctx.gpu().model()).config();
+    gemm_with(ctx, config, a, b, bias, c, shape, workspace)
 }
 
-/// [`gemm`] with a given kernel (tests, benchmarks). Fails with [`Error::Unsupported`] for a
-/// Hopper kernel on another GPU.
+/// [`gemm`] with a given kernel, and split of K (a [`GemmKernel`] alone: no split). Fails with
+/// [`Error::Unsupported`] for a Hopper kernel on another GPU, and for a split the kernel or the
+/// workspace cannot take (a split of an mma kernel, more than [`MAX_SPLITS`] parts or than K
+/// has blocks of 64, a tile larger than 64 × 128, more work units than the device has SMs).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with(
     ctx: &PhaseContext,
-    kernel: GemmKernel,
+    config: impl Into<GemmConfig>,
     a: &CudaView<'_, bf16>,
     b: &CudaView<'_, bf16>,
     bias: Option<&CudaView<'_, bf16>>,
@@ -395,16 +493,35 @@ pub fn gemm_with(
     if let Some(bias) = bias {
         ensure_shape!(bias.len() == n, "gemm: bias has {} values, expected {n}", bias.len());
     }
+    let GemmConfig { kernel, splits } = config.into();
     let spec = kernel.spec();
     if kernel.needs_sm90a() && ctx.gpu().target() != PtxTarget::Sm90a {
         return Err(Error::Unsupported(format!("gemm: {} needs an sm_90a (Hopper) GPU", spec.name)));
+    }
+    let tiles = kernel.tiles(shape);
+    let units = tiles.saturating_mul(splits);
+    if splits != 1 {
+        let unsupported =
+            |why: String| Err(Error::Unsupported(format!("gemm: {} split {splits} ways: {why}", spec.name)));
+        if !kernel.needs_sm90a() {
+            return unsupported("only the wgmma kernels split K".into());
+        }
+        if splits == 0 || splits > MAX_SPLITS || splits > k.div_ceil(BK) {
+            return unsupported(format!("splits must be 1 to {MAX_SPLITS} and at most K's {} blocks", k.div_ceil(BK)));
+        }
+        if spec.bm * spec.bn > MAX_SPLIT_TILE {
+            return unsupported(format!("tiles larger than {MAX_SPLIT_TILE} elements do not split"));
+        }
+        // The workspace holds a tile of the largest size and an arrival count per SM.
+        if units > workspace.tile_arrivals.len() {
+            return unsupported(format!("{units} work units, more than the {} SMs", workspace.tile_arrivals.len()));
+        }
     }
     let to_i32 = |v: usize, what: &str| {
         i32::try_from(v).map_err(|_| Error::Unsupported(format!("gemm: {what} = {v} does not fit in i32")))
     };
     let (m_i, n_i, k_i) = (to_i32(m, "m")?, to_i32(n, "n")?, to_i32(k, "k")?);
-    let tiles = kernel.tiles(shape);
-    to_i32(tiles, "the tile count")?;
+    to_i32(units, "the work unit count")?;
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -422,7 +539,7 @@ pub fn gemm_with(
         }
     }
 
-    let grid = ctx.budget().grid(tiles);
+    let grid = ctx.budget().grid(units);
     let null: u64 = 0;
     match spec.family {
         Family::Mma { max_stages } => {
@@ -461,14 +578,19 @@ pub fn gemm_with(
             let map_b = matrix_map(b_ptr, n, k, spec.bn)?;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
             let mut launch = stream.launch_builder(&f);
+            let splits_i = splits as i32;
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
-            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&mut workspace.counter);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&splits_i);
+            launch.arg(&mut workspace.partials).arg(&mut workspace.tile_arrivals).arg(&mut workspace.counter);
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k]) exactly, so TMA reads nothing outside them; C and
             // the bias hold m·n and n values (checked above), 16-byte aligned, and the kernel
-            // writes only inside [m, n]. The counters are zero (made so, and reset by each
-            // launch's last CTA).
+            // writes only inside [m, n]. With a split, every unit has at least one K block, and
+            // there are at most as many units (so tiles) as SMs, each tile at most
+            // MAX_SPLIT_TILE: the partials hold a tile for each unit and the arrival counts one
+            // per tile (checked above). The counters and arrival counts are zero (made so, and reset by each
+            // launch's last CTA and each tile's last unit).
             unsafe { launch.launch(cfg) }?;
         }
     }
@@ -560,8 +682,9 @@ mod tests {
                     for b in [1, 8, 16, 32, 48, 64, 96, 132] {
                         let s = shape(m, n, k);
                         let p = plan_ctas(s, b, &device);
-                        assert!(p.ctas <= b && p.ctas as usize <= p.tiles);
-                        assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize));
+                        let units = p.tiles * p.splits;
+                        assert!(p.ctas <= b && p.ctas as usize <= units);
+                        assert_eq!(p.waves, units.div_ceil(p.ctas as usize));
                         assert!(p.estimated_seconds > 0.0);
                         let family: &[GemmKernel] = match device.target() {
                             PtxTarget::Sm90a => &GemmKernel::HOPPER,
@@ -613,12 +736,53 @@ mod tests {
                         let s = shape(m, n, k);
                         let p = plan_ctas(s, b, &device);
                         assert!(GemmKernel::HOPPER.contains(&p.kernel), "{p:?}");
-                        assert!(p.ctas as usize <= p.tiles && p.ctas <= b && p.ctas > 0, "{p:?}");
-                        assert_eq!(p.waves, p.tiles.div_ceil(p.ctas as usize), "{p:?}");
+                        let units = p.tiles * p.splits;
+                        assert!(p.ctas as usize <= units && p.ctas <= b && p.ctas > 0, "{p:?}");
+                        assert_eq!(p.waves, units.div_ceil(p.ctas as usize), "{p:?}");
                         let bytes = (2 * (m * k + n * k + m * n)) as f64;
                         let floor = bytes / device.bandwidth().at(p.ctas);
                         assert!(p.estimated_seconds.is_finite() && p.estimated_seconds >= floor * 0.999, "{p:?}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The decode GEMMs whose N has fewer tiles than the SMs (Llama-3.1-8B's down and output
+    /// projections: N = 4096) split K so that every CTA streams, within one wave and the
+    /// workspace's room; shapes with tiles enough for the budget, and batch-invariant plans,
+    /// never split.
+    #[test]
+    fn split_k_only_where_tiles_leave_ctas_idle() {
+        for device in [h100(), h200()] {
+            for m in [1, 16, 64] {
+                for k in [4096, 14336] {
+                    let s = shape(m, 4096, k);
+                    let p = plan_ctas(s, 132, &device);
+                    assert!(p.splits > 1 && p.ctas > 64, "m = {m}, k = {k}: {p:?}");
+                    let unsplit = estimate(p.kernel, s, 132, device.bandwidth(), 1);
+                    assert!(p.estimated_seconds < unsplit.estimated_seconds, "{p:?} vs {unsplit:?}");
+                    let (bm, bn) = p.kernel.tile();
+                    assert!(p.tiles * p.splits <= 132 && p.splits <= MAX_SPLITS && bm * bn <= MAX_SPLIT_TILE, "{p:?}");
+                    let invariant = plan_batch_invariant_ctas(s, 132, &device);
+                    assert_eq!(invariant.splits, 1, "{invariant:?}");
+                }
+            }
+            for (m, n, k) in [(4096, 6144, 4096), (1024, 4096, 14336), (1, 28672, 4096), (64, 28672, 4096)] {
+                let p = plan_ctas(shape(m, n, k), 132, &device);
+                assert_eq!(p.splits, 1, "{m} x {n} x {k}: {p:?}");
+            }
+            // One K block cannot be split; nor can tiles that already fill the budget.
+            assert_eq!(plan_ctas(shape(64, 4096, 64), 132, &device).splits, 1);
+            assert_eq!(plan_ctas(shape(64, 4096, 14336), 32, &device).splits, 1);
+        }
+        for kernel in GemmKernel::HOPPER {
+            for (m, n, k, budget) in [(1, 4096, 64, 132), (64, 4096, 128, 132), (16, 576, 4096, 8), (1, 8, 8, 1)] {
+                let s = shape(m, n, k);
+                for splits in split_candidates(kernel, s, budget) {
+                    let (bm, bn) = kernel.tile();
+                    assert!(splits <= k.div_ceil(BK) && splits <= MAX_SPLITS, "{kernel:?} {s:?}: {splits}");
+                    assert!(splits == 1 || (kernel.tiles(s) * splits <= budget as usize && bm * bn <= MAX_SPLIT_TILE));
                 }
             }
         }

@@ -3,6 +3,11 @@
 //! chunk's earlier tokens — chunked prefill — all read from the paged K/V pools through the block
 //! tables.
 //!
+//! Two families of kernels compute it. On Hopper, with blocks of 16 tokens or more, the default is
+//! FlashAttention-3's structure: a producer thread copies K/V tiles with TMA while two consumer
+//! warpgroups run wgmma on them (`prefill_attention_wgmma_d*`). Everywhere (and on Hopper on
+//! request), FlashAttention-2's: 8 warps on mma.sync fed by cp.async.
+//!
 //! It is split into a host-side plan and a device-side run:
 //!
 //! - [`PrefillPlan::new`] checks the batch against the layouts (every block-table entry a sequence
@@ -47,48 +52,126 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg}
 use half::bf16;
 
 use crate::error::ensure_shape;
-use crate::gpu::{CtaBudget, PhaseContext};
+use crate::gpu::{CtaBudget, PhaseContext, PtxTarget};
 use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
+use crate::tensor_map;
 use crate::{Error, Result};
 
 const MODULE: &str = "prefill_attention";
-/// Threads per CTA (`THREADS` in the source): 8 warps of 16 query rows each.
-const THREADS: u32 = 256;
 /// Query rows (token × head) per work item (`BLOCK_M` in the source).
 const BLOCK_M: usize = 128;
 /// `int`s per work item (an `int4` in the source).
 const ITEM_INTS: usize = 4;
+/// Rows of a TMA box of the Hopper kernels (`BOX_ROWS`): they must lie in one cache block.
+const BOX_ROWS: usize = 16;
 
-/// One compiled kernel: head dim, K/V tile (tokens), pipeline stages and entry point.
+/// How a kernel is built.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    /// mma.sync, cp.async: 8 warps (`THREADS` in the source), every GPU from sm_80 on.
+    Portable,
+    /// wgmma, TMA: a producer warpgroup and two consumers (`HOPPER_THREADS`), sm_90a only, with
+    /// tensor maps of the pools in boxes of [`BOX_ROWS`] rows (blocks of at least 16 tokens).
+    Hopper,
+}
+
+/// One compiled kernel: its family, head dim, K/V tile (tokens), pipeline stages and entry point.
 #[derive(Clone, Copy, Debug)]
 struct Variant {
+    family: Family,
     head_dim: usize,
     kv_tile: usize,
     stages: usize,
     name: &'static str,
 }
 
-/// Every kernel of the module; the first of each head dim is its default. `_pipelined` kernels
+/// Every kernel of the module; the first one a plan can run is its default. `_pipelined` kernels
 /// compute the scores of the next K/V tile before the softmax of the current one, so the tensor
-/// cores and the exponentials overlap inside each warp. At d=128 the plain kernel measured 1-4%
-/// faster on an H100 at all SMs (bench-results/prefill_attention-h100.md), so it is the default.
+/// cores and the exponentials overlap inside each warp (the Hopper one also gives its two consumer
+/// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the plain kernel measured 1-4%
+/// faster on an H100 at all SMs (bench-results/prefill_attention-h100.md), so it is the default
+/// of the portable ones.
 const VARIANTS: &[Variant] = &[
-    Variant { head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
-    Variant { head_dim: 128, kv_tile: 64, stages: 4, name: "prefill_attention_d128_n64_pipelined" },
-    Variant { head_dim: 64, kv_tile: 64, stages: 4, name: "prefill_attention_d64_n64_pipelined" },
-    Variant { head_dim: 64, kv_tile: 128, stages: 3, name: "prefill_attention_d64_n128" },
+    Variant { family: Family::Hopper, head_dim: 128, kv_tile: 128, stages: 2, name: "prefill_attention_wgmma_d128" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 128,
+        kv_tile: 128,
+        stages: 2,
+        name: "prefill_attention_wgmma_d128_pipelined",
+    },
+    Variant { family: Family::Hopper, head_dim: 64, kv_tile: 128, stages: 4, name: "prefill_attention_wgmma_d64" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 64,
+        kv_tile: 128,
+        stages: 4,
+        name: "prefill_attention_wgmma_d64_pipelined",
+    },
+    Variant { family: Family::Portable, head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
+    Variant {
+        family: Family::Portable,
+        head_dim: 128,
+        kv_tile: 64,
+        stages: 4,
+        name: "prefill_attention_d128_n64_pipelined",
+    },
+    Variant {
+        family: Family::Portable,
+        head_dim: 64,
+        kv_tile: 64,
+        stages: 4,
+        name: "prefill_attention_d64_n64_pipelined",
+    },
+    Variant { family: Family::Portable, head_dim: 64, kv_tile: 128, stages: 3, name: "prefill_attention_d64_n128" },
 ];
 
 impl Variant {
-    fn for_head_dim(head_dim: usize) -> impl Iterator<Item = Variant> {
-        VARIANTS.iter().copied().filter(move |v| v.head_dim == head_dim)
+    /// The kernels that run `head_dim` on `target` with blocks of `block_size` tokens, as
+    /// `options` allow.
+    fn available(
+        head_dim: usize,
+        target: PtxTarget,
+        block_size: usize,
+        options: PrefillOptions,
+    ) -> impl Iterator<Item = Variant> {
+        VARIANTS.iter().copied().filter(move |v| {
+            v.head_dim == head_dim
+                && match v.family {
+                    Family::Portable => true,
+                    Family::Hopper => {
+                        !options.portable_only && target == PtxTarget::Sm90a && block_size.is_multiple_of(BOX_ROWS)
+                    }
+                }
+        })
     }
 
-    /// Dynamic shared memory: the Q tile, `stages` K and V tiles, and the two-int item mailbox.
+    fn threads(&self) -> u32 {
+        match self.family {
+            Family::Portable => 256,
+            Family::Hopper => 384,
+        }
+    }
+
+    /// Dynamic shared memory. Portable: the Q tile, `stages` K and V tiles, and the two-int item
+    /// mailbox. Hopper (`HopperConfig::SMEM_BYTES`): 1024 bytes of alignment slack, the Q tile, and
+    /// `stages` K and V tiles.
     fn smem_bytes(&self) -> u32 {
         let bf16_bytes = 2;
-        ((BLOCK_M + 2 * self.stages * self.kv_tile) * self.head_dim * bf16_bytes + 16) as u32
+        let tiles = (BLOCK_M + 2 * self.stages * self.kv_tile) * self.head_dim * bf16_bytes;
+        (match self.family {
+            Family::Portable => tiles + 16,
+            Family::Hopper => 1024 + tiles,
+        }) as u32
     }
+}
+
+/// Which kernels a [`PrefillPlan`] may run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrefillOptions {
+    /// Only the portable kernels (FlashAttention-2's structure, mma.sync), on Hopper too: the
+    /// kernels every GPU runs, to compare against the Hopper ones or to fall back on.
+    pub portable_only: bool,
 }
 
 /// The head dims the kernel is built for.
@@ -117,6 +200,10 @@ pub struct PrefillPlan {
     items: CudaSlice<i32>,
     /// `[next item, CTAs finished]`, zero between launches.
     counters: CudaSlice<u32>,
+    /// The kernels this plan can run: those of its head dim for its GPU and block size, as its
+    /// options allow.
+    target: PtxTarget,
+    options: PrefillOptions,
 }
 
 impl std::fmt::Debug for PrefillPlan {
@@ -147,6 +234,17 @@ impl PrefillPlan {
     /// QKV layouts that disagree) and with [`Error::Unsupported`] for head dims other than
     /// [`HEAD_DIMS`], more than 128 query heads per KV head, or sizes beyond `i32`.
     pub fn new(ctx: &PhaseContext, batch: AttentionBatch<'_>, layout: QkvLayout, cache: PagedKvLayout) -> Result<Self> {
+        Self::with_options(ctx, batch, layout, cache, PrefillOptions::default())
+    }
+
+    /// [`PrefillPlan::new`] restricted to the kernels `options` allow.
+    pub fn with_options(
+        ctx: &PhaseContext,
+        batch: AttentionBatch<'_>,
+        layout: QkvLayout,
+        cache: PagedKvLayout,
+        options: PrefillOptions,
+    ) -> Result<Self> {
         ensure_shape!(
             layout.num_kv_heads > 0 && layout.num_heads > 0 && layout.num_heads.is_multiple_of(layout.num_kv_heads),
             "prefill_attention: {} query heads are not a positive multiple of {} KV heads",
@@ -161,9 +259,14 @@ impl PrefillPlan {
             layout.num_kv_heads,
             layout.head_dim
         );
-        let variant = Variant::for_head_dim(layout.head_dim).next().ok_or_else(|| {
-            Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))
-        })?;
+        let target = ctx.gpu().target();
+        let variant =
+            Variant::available(layout.head_dim, target, cache.block_size, options).next().ok_or_else(|| {
+                Error::Unsupported(format!(
+                    "prefill_attention: head dim {} (supported: {HEAD_DIMS:?})",
+                    layout.head_dim
+                ))
+            })?;
         let group = layout.group_size();
         if group > BLOCK_M {
             return Err(Error::Unsupported(format!(
@@ -224,23 +327,35 @@ impl PrefillPlan {
             variant,
             items: stream.clone_htod(&flat)?,
             counters: stream.alloc_zeros::<u32>(2)?,
+            target,
+            options,
         })
     }
 
-    /// The compiled kernels for this plan's head dim, the default first (e.g.
-    /// `prefill_attention_d128_n64`: head dim 128, K/V tiles of 64 tokens; `_pipelined` variants
-    /// overlap the next tile's scores with the current softmax). Any of them computes the same result; they differ in speed.
+    /// The compiled kernels that can run this plan, the default first: on Hopper with blocks of
+    /// 16 tokens or more, `prefill_attention_wgmma_d*` (wgmma and TMA, K/V tiles of 128 tokens);
+    /// then the portable ones, e.g. `prefill_attention_d128_n64` (head dim 128, K/V tiles of 64
+    /// tokens; `_pipelined` variants overlap the next tile's scores with the current softmax). Any
+    /// of them computes the same result; they differ in speed.
     pub fn kernels(&self) -> Vec<&'static str> {
-        Variant::for_head_dim(self.layout.head_dim).map(|v| v.name).collect()
+        self.available().map(|v| v.name).collect()
     }
 
     /// Launches kernel `name` (one of [`PrefillPlan::kernels`]) instead of the default: a tuning
     /// knob for benchmarks and tests.
     pub fn set_kernel(&mut self, name: &str) -> Result<()> {
-        self.variant = Variant::for_head_dim(self.layout.head_dim).find(|v| v.name == name).ok_or_else(|| {
-            Error::Unsupported(format!("prefill_attention: no kernel `{name}` for head dim {}", self.layout.head_dim))
+        let variant = self.available().find(|v| v.name == name);
+        self.variant = variant.ok_or_else(|| {
+            Error::Unsupported(format!(
+                "prefill_attention: no kernel `{name}` for head dim {} and blocks of {} on this GPU",
+                self.layout.head_dim, self.cache.block_size
+            ))
         })?;
         Ok(())
+    }
+
+    fn available(&self) -> impl Iterator<Item = Variant> + use<> {
+        Variant::available(self.layout.head_dim, self.target, self.cache.block_size, self.options)
     }
 
     /// The kernel this plan launches.
@@ -305,7 +420,9 @@ fn check_aligned<T>(ctx: &PhaseContext, view: &impl DevicePtr<T>, what: &str) ->
 /// [num_seqs, max_blocks_per_seq]`, which must hold the entries the plan checked. `scale` (positive)
 /// multiplies the scores (usually `1/√head_dim`).
 ///
-/// Launches `plan.ctas(ctx.budget())` CTAs on `ctx`'s stream, one per SM. With `trace`
+/// Launches `plan.ctas(ctx.budget())` CTAs on `ctx`'s stream, one per SM. `ctx` must run the
+/// kernels of the GPU build the plan was made with (a plan made on Hopper may hold a kernel the
+/// portable build lacks): [`Error::Shape`] otherwise. With `trace`
 /// (at least `3 × budget` values), CTA `i` writes `[sm id, start ns, end ns]` (global timer) to
 /// `trace[3i..3i + 3]`; entries of CTAs not launched are left alone.
 #[allow(clippy::too_many_arguments)]
@@ -320,6 +437,12 @@ pub fn prefill_attention(
     out: &mut CudaViewMut<'_, bf16>,
     trace: Option<&mut CudaViewMut<'_, u64>>,
 ) -> Result<()> {
+    ensure_shape!(
+        ctx.gpu().target() == plan.target,
+        "prefill_attention: the plan was made for {:?} kernels, the context runs {:?}",
+        plan.target,
+        ctx.gpu().target()
+    );
     let (layout, cache) = (plan.layout, plan.cache);
     layout.check(qkv.len(), plan.num_tokens)?;
     cache.check(k_cache.len(), v_cache.len())?;
@@ -359,7 +482,7 @@ pub fn prefill_attention(
 
     let v = plan.variant;
     let grid = ctx.budget().grid(plan.num_items);
-    let (f, cfg) = ctx.kernel(MODULE, v.name, grid, THREADS, v.smem_bytes())?;
+    let (f, cfg) = ctx.kernel(MODULE, v.name, grid, v.threads(), v.smem_bytes())?;
     let ints = [
         plan.num_items as i32,
         layout.num_heads as i32,
@@ -370,11 +493,20 @@ pub fn prefill_attention(
     ];
     let scale_log2 = scale * std::f32::consts::LOG2_E;
     let null_trace: u64 = 0;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let stream = ctx.stream();
+    let maps = match v.family {
+        Family::Hopper => {
+            let map = |ptr| tensor_map::pool_map(ptr, cache, BOX_ROWS, 1);
+            Some((map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?))
+        }
+        Family::Portable => None,
+    };
+    let mut launch = stream.launch_builder(&f);
+    match &maps {
+        Some((k_map, v_map)) => launch.arg(k_map).arg(v_map).arg(qkv),
+        None => launch.arg(qkv).arg(k_cache).arg(v_cache),
+    };
     launch
-        .arg(qkv)
-        .arg(k_cache)
-        .arg(v_cache)
         .arg(block_tables)
         .arg(&plan.items)
         .arg(&ints[0])
@@ -390,10 +522,13 @@ pub fn prefill_attention(
         Some(t) => launch.arg(t),
         None => launch.arg(&null_trace),
     };
-    // SAFETY: the arguments match `prefill_attention_d*_n*` in cuda/prefill_attention.cu. The plan
-    // checked every block id its items read against the pool and the kernel clamps them anyway;
-    // the lengths of qkv, the pools, the table and out are checked above against the plan, whose
-    // items stay inside them; `trace` holds a record for every CTA of the grid (<= budget).
+    // SAFETY: the arguments match `prefill_attention_d*` (the tensor maps first for
+    // `prefill_attention_wgmma_d*`, in place of the pools) in cuda/prefill_attention.cu, and the
+    // plan's kernel was built for this context's target (checked above). The plan checked every
+    // block id its items read against the pool and the kernel clamps them anyway; the lengths of
+    // qkv, the pools, the table and out are checked above against the plan, whose items stay
+    // inside them; the tensor maps cover exactly the pools (rows outside them read as zeros);
+    // `trace` holds a record for every CTA of the grid (<= budget).
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle, elementwise, reference};
 use rand::Rng;
+use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
 use crate::common::*;
@@ -15,36 +16,52 @@ fn rms_norm_and_fused_add_match_reference() {
     let mut rng = rng("rms_norm");
     for &(rows, hidden) in &[(1, 64), (7, 576), (33, 4096), (1000, 8192), (65, 128)] {
         for budget in BUDGETS {
-            let ctx = phase(budget);
-            let x = random_bf16(&mut rng, rows * hidden, 2.0);
-            let residual = random_bf16(&mut rng, rows * hidden, 2.0);
-            let weight = random_bf16(&mut rng, hidden, 1.0);
-            let (dx, dw) = (upload(&ctx, &x), upload(&ctx, &weight));
-
-            let mut out = poisoned(&ctx, rows * hidden);
-            elementwise::rms_norm(&ctx, &dx.as_view(), &dw.as_view(), 1e-5, &mut out.as_view_mut()).unwrap();
-            let mut want = vec![0.0; rows * hidden];
-            reference::rms_norm(&x, &weight, 1e-5, &mut want).unwrap();
-            assert_close(&format!("rms_norm {rows}x{hidden}"), &download(&ctx, &out), &want, BF16_RTOL, 1e-2);
-
-            let mut dres = upload(&ctx, &residual);
-            let mut out = poisoned(&ctx, rows * hidden);
-            elementwise::fused_add_rms_norm(
-                &ctx,
-                &dx.as_view(),
-                &mut dres.as_view_mut(),
-                &dw.as_view(),
-                1e-5,
-                &mut out.as_view_mut(),
-            )
-            .unwrap();
-            let mut want_res = residual.clone();
-            reference::fused_add_rms_norm(&x, &mut want_res, &weight, 1e-5, &mut want).unwrap();
-            let what = format!("fused_add_rms_norm {rows}x{hidden}");
-            assert_close(&format!("{what} residual"), &download(&ctx, &dres), &want_res, BF16_RTOL, 1e-2);
-            assert_close(&format!("{what} out"), &download(&ctx, &out), &want, BF16_RTOL, 2e-2);
+            check_rms_norms(&mut rng, rows, hidden, budget);
         }
     }
+}
+
+/// A few rows at every number of warps per row (1 to 32): small enough for racecheck, which the
+/// full test above outlasts.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_warp_groups_for_sanitizers() {
+    let mut rng = rng("rms_norm_small");
+    for hidden in [128, 576, 1024, 2048, 4096, 8192] {
+        check_rms_norms(&mut rng, 5, hidden, Some(2));
+    }
+}
+
+/// RMSNorm and the fused residual add + RMSNorm of `rows` random rows against the references.
+fn check_rms_norms(rng: &mut StdRng, rows: usize, hidden: usize, budget: Option<u32>) {
+    let ctx = phase(budget);
+    let x = random_bf16(rng, rows * hidden, 2.0);
+    let residual = random_bf16(rng, rows * hidden, 2.0);
+    let weight = random_bf16(rng, hidden, 1.0);
+    let (dx, dw) = (upload(&ctx, &x), upload(&ctx, &weight));
+
+    let mut out = poisoned(&ctx, rows * hidden);
+    elementwise::rms_norm(&ctx, &dx.as_view(), &dw.as_view(), 1e-5, &mut out.as_view_mut()).unwrap();
+    let mut want = vec![0.0; rows * hidden];
+    reference::rms_norm(&x, &weight, 1e-5, &mut want).unwrap();
+    assert_close(&format!("rms_norm {rows}x{hidden}"), &download(&ctx, &out), &want, BF16_RTOL, 1e-2);
+
+    let mut dres = upload(&ctx, &residual);
+    let mut out = poisoned(&ctx, rows * hidden);
+    elementwise::fused_add_rms_norm(
+        &ctx,
+        &dx.as_view(),
+        &mut dres.as_view_mut(),
+        &dw.as_view(),
+        1e-5,
+        &mut out.as_view_mut(),
+    )
+    .unwrap();
+    let mut want_res = residual.clone();
+    reference::fused_add_rms_norm(&x, &mut want_res, &weight, 1e-5, &mut want).unwrap();
+    let what = format!("fused_add_rms_norm {rows}x{hidden}");
+    assert_close(&format!("{what} residual"), &download(&ctx, &dres), &want_res, BF16_RTOL, 1e-2);
+    assert_close(&format!("{what} out"), &download(&ctx, &out), &want, BF16_RTOL, 2e-2);
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace, MAX_SPLITS};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{PhaseContext, reference};
 use rand::rngs::StdRng;
@@ -65,7 +65,7 @@ impl Case {
     }
 
     /// Runs `kernel` (the planned one when `None`) on every budget and compares.
-    fn check(&self, kernel: Option<GemmKernel>, buffers: &Buffers, ctxs: &mut [(PhaseContext, GemmWorkspace)]) {
+    fn check(&self, kernel: Option<GemmConfig>, buffers: &Buffers, ctxs: &mut [(PhaseContext, GemmWorkspace)]) {
         let GemmShape { m, n, k } = self.shape;
         for (i, (ctx, workspace)) in ctxs.iter_mut().enumerate() {
             // Bias on budgets 1 and all, none on 7.
@@ -115,7 +115,7 @@ fn run_cases(test: &str, cases: impl IntoIterator<Item = (usize, usize, usize)>)
         let buffers = Buffers { a: upload(ctx, &case.a), b: upload(ctx, &case.b), bias: upload(ctx, &case.bias) };
         ctx.stream().synchronize().expect("upload");
         for &kernel in &kernels {
-            case.check(Some(kernel), &buffers, &mut ctxs);
+            case.check(Some(kernel.into()), &buffers, &mut ctxs);
         }
         case.check(None, &buffers, &mut ctxs);
     }
@@ -131,6 +131,77 @@ fn gemm_small_shapes_match_reference() {
 #[ignore = "needs a CUDA GPU"]
 fn gemm_llama_projection_matches_reference() {
     run_cases("gemm_llama", LARGE_MS.iter().map(|&m| (m, LARGE_NK.0, LARGE_NK.1)));
+}
+
+/// Split-K: every wgmma kernel small enough to split, with K in 2 to 4 ranges (uneven ones
+/// included: K of 1000 is 16 blocks of 64 in 3 ranges), twice in a row on the same workspaces
+/// (each tile's last unit must reset its arrival count); the planned launch of the shapes the
+/// planner splits.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_k_matches_reference() {
+    let mut rng = rng("gemm split-k");
+    let mut ctxs = contexts();
+    if ctxs[0].0.gpu().target() != PtxTarget::Sm90a {
+        return;
+    }
+    let sms = ctxs[0].0.gpu().sm_count() as usize;
+    let splittable = GemmKernel::HOPPER.iter().copied().filter(|k| {
+        let (bm, bn) = k.tile();
+        bm * bn <= 64 * 128
+    });
+    for (m, n, k) in [(1, 576, 576), (7, 192, 1000), (64, 576, 576), (65, 256, 1000), (16, 4096, 1024)] {
+        let case = Case::new(&mut rng, m, n, k);
+        let ctx = &ctxs[0].0;
+        let buffers = Buffers { a: upload(ctx, &case.a), b: upload(ctx, &case.b), bias: upload(ctx, &case.bias) };
+        ctx.stream().synchronize().expect("upload");
+        for kernel in splittable.clone() {
+            for splits in 2..=MAX_SPLITS.min(k.div_ceil(64)) {
+                if kernel.tiles(case.shape) * splits > sms {
+                    continue;
+                }
+                for _ in 0..2 {
+                    case.check(Some(GemmConfig { kernel, splits }), &buffers, &mut ctxs);
+                }
+            }
+        }
+        case.check(None, &buffers, &mut ctxs);
+    }
+}
+
+/// Splits a launch cannot take are refused before anything runs.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn split_k_refuses_what_it_cannot_run() {
+    let mut ctxs = contexts();
+    let (ctx, workspace) = &mut ctxs[2];
+    let (m, n, k) = (16, 4096, 256);
+    let a = poisoned(ctx, m * k);
+    let b = poisoned(ctx, n * k);
+    let mut c = poisoned(ctx, m * n);
+    let shape = GemmShape { m, n, k };
+    let mut run = |kernel: GemmKernel, splits: usize| {
+        let config = GemmConfig { kernel, splits };
+        gemm::gemm_with(ctx, config, &a.as_view(), &b.as_view(), None, &mut c.as_view_mut(), shape, workspace)
+            .map_err(|e| e.kind())
+    };
+    let unsupported = Err(nexus::kernels::ErrorKind::Unsupported);
+    // An mma kernel; zero or too many splits; more splits than K has blocks (4 of 64).
+    assert_eq!(run(GemmKernel::Mma64x64, 2), unsupported);
+    if ctx.gpu().target() == PtxTarget::Sm90a {
+        assert_eq!(run(GemmKernel::WgmmaSwap16x64, 0), unsupported);
+        assert_eq!(run(GemmKernel::WgmmaSwap16x64, MAX_SPLITS + 1), unsupported);
+        let fits = GemmKernel::Wgmma64x128.tiles(shape) * 4 <= ctx.gpu().sm_count() as usize;
+        assert_eq!(run(GemmKernel::Wgmma64x128, 4).is_ok(), fits);
+        // A tile too large to split; more work units than the workspace holds (64 tiles x 4 > SMs).
+        assert_eq!(run(GemmKernel::Wgmma128x256, 2), unsupported);
+        assert_eq!(run(GemmKernel::WgmmaSwap16x64, 4), unsupported);
+    }
+    let k_small = GemmShape { k: 64, ..shape };
+    let config = GemmConfig { kernel: GemmKernel::WgmmaSwap16x64, splits: 2 };
+    let (av, bv) = (a.slice(..m * 64), b.slice(..n * 64));
+    let result = gemm::gemm_with(ctx, config, &av, &bv, None, &mut c.as_view_mut(), k_small, workspace);
+    assert_eq!(result.map_err(|e| e.kind()), unsupported);
 }
 
 #[test]
@@ -191,7 +262,7 @@ fn batch_invariant_kernels_give_each_row_the_same_bits() {
     let ctx = phase(None);
     let family: Vec<GemmKernel> = match ctx.gpu().target() {
         PtxTarget::Sm90a => GemmKernel::BATCH_INVARIANT_HOPPER.to_vec(),
-        PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
+        PtxTarget::Sm80 => GemmKernel::BATCH_INVARIANT_PORTABLE.to_vec(),
     };
     let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
     for (n, k) in [(576, 576), (6144, 4096), (72, 200)] {

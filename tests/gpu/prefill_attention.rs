@@ -1,8 +1,11 @@
 //! Paged prefill attention against its reference: ragged batches of chunks with and without
 //! cached prefixes, GQA groups of several sizes, block sizes 8 to 128 with shuffled block tables,
-//! budgets from one CTA to all SMs; plus the CTA trace and the plan's and launcher's errors.
+//! budgets from one CTA to all SMs, every kernel the plan can run (on Hopper the wgmma ones too);
+//! inputs that exercise one of the two products at a time; plus the CTA trace, the kernels each
+//! GPU build and block size offers, and the plan's and launcher's errors.
 
-use nexus::kernels::prefill_attention::{PrefillPlan, prefill_attention};
+use nexus::kernels::gpu::PtxTarget;
+use nexus::kernels::prefill_attention::{PrefillOptions, PrefillPlan, prefill_attention};
 use nexus::kernels::{AttentionBatch, ErrorKind, PagedKvLayout, PhaseContext, QkvLayout, reference};
 use rand::rngs::StdRng;
 
@@ -130,7 +133,12 @@ impl DeviceInputs {
 /// head dim, reusing one plan across launches (its work counter must reset itself).
 fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usize)]) {
     let mut rng = rng(test);
-    let case = Case::new(&mut rng, layout, block_size, chunks);
+    check_case(test, &Case::new(&mut rng, layout, block_size, chunks));
+}
+
+/// [`check`] of a prepared case.
+fn check_case(test: &str, case: &Case) {
+    let (layout, block_size) = (case.layout, case.cache.block_size);
     let want = case.reference();
     let setup = phase(None);
     let inputs = case.device(&setup);
@@ -139,7 +147,7 @@ fn check(test: &str, layout: QkvLayout, block_size: usize, chunks: &[(usize, usi
         plan.set_kernel(kernel).expect("kernel");
         for budget in BUDGETS {
             let ctx = phase(budget);
-            let got = inputs.run_prefill(&ctx, &case, &plan);
+            let got = inputs.run_prefill(&ctx, case, &plan);
             let what = format!(
                 "{test}: {}/{} heads d={} block {block_size}, {kernel}, budget {budget:?}",
                 layout.num_heads, layout.num_kv_heads, layout.head_dim
@@ -178,6 +186,38 @@ fn gqa_9_3_d64_ragged_chunks() {
     let chunks = [(1, 2000), (5, 0), (63, 17), (64, 300), (65, 0), (200, 2000), (1000, 300), (43, 0), (42, 1)];
     for block_size in [8, 16, 128] {
         check("gqa_9_3_d64_ragged", layout, block_size, &chunks);
+    }
+}
+
+/// Sets every row of a pool that a sequence owns (the others hold NaN) to `rows[kv_head]`.
+fn same_row_everywhere(pool: &mut [f32], layout: QkvLayout, rows: &[Vec<f32>]) {
+    let d = layout.head_dim;
+    for (i, slot) in pool.chunks_mut(d).enumerate() {
+        if !slot[0].is_nan() {
+            slot.copy_from_slice(&rows[i % layout.num_kv_heads]);
+        }
+    }
+}
+
+/// Inputs that exercise one product at a time, so that a failure says which one is wrong: with
+/// the same V row at every position, the output is that row whatever the scores (P V alone: the
+/// V operand's layout, P's fragments); with the same K row, the scores of a query are all equal
+/// and the output is the mean of V over its causal window (Q Kᵀ without information, P V and
+/// the masking).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn structured_inputs_separate_the_two_products() {
+    let chunks = [(200, 0), (37, 300), (1, 129), (130, 16)];
+    for (heads, kv_heads, head_dim) in [(32, 8, 128), (9, 3, 64)] {
+        let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
+        let mut rng = rng("structured_inputs");
+        let rows: Vec<Vec<f32>> = (0..kv_heads).map(|_| random_bf16(&mut rng, head_dim, 1.0)).collect();
+        let mut same_v = Case::new(&mut rng, layout, 16, &chunks);
+        same_row_everywhere(&mut same_v.v, layout, &rows);
+        check_case("same V everywhere (P V)", &same_v);
+        let mut same_k = Case::new(&mut rng, layout, 16, &chunks);
+        same_row_everywhere(&mut same_k.k, layout, &rows);
+        check_case("same K everywhere (scores all equal)", &same_k);
     }
 }
 
@@ -334,6 +374,24 @@ fn plan_rejects_bad_batches() {
     assert_eq!(p.kernel(), p.kernels()[0]);
     assert_eq!(p.set_kernel("prefill_attention_d64_n128").map_err(|e| e.kind()), Err(ErrorKind::Unsupported));
     assert!(p.set_kernel("prefill_attention_d128_n64").is_ok());
+    // The Hopper kernel is the default on Hopper for blocks of 16 tokens or more, and never runs
+    // blocks of 8 (a TMA box of 16 rows must lie in one block) or on the portable build.
+    let hopper = "prefill_attention_wgmma_d128";
+    let on_hopper = gpu().target() == PtxTarget::Sm90a;
+    assert_eq!(p.kernels()[0] == hopper, on_hopper, "{:?}", p.kernels());
+    let blocks_of_8 = PagedKvLayout { num_blocks: 20, block_size: 8, ..cache };
+    let table8: Vec<i32> = (0..16).collect();
+    let batch8 =
+        AttentionBatch { q_indptr: &[0, 10, 30], kv_lens: &[64, 20], block_tables: &table8, max_blocks_per_seq: 8 };
+    let p8 = PrefillPlan::new(&ctx, batch8, layout, blocks_of_8).expect("plan");
+    assert!(!p8.kernels().contains(&hopper), "{:?}", p8.kernels());
+    let portable = phase_on(&portable_gpu(), None);
+    let pp = PrefillPlan::new(&portable, batch, layout, cache).expect("plan");
+    assert!(!pp.kernels().contains(&hopper), "{:?}", pp.kernels());
+    let only = PrefillOptions { portable_only: true };
+    let po = PrefillPlan::with_options(&ctx, batch, layout, cache, only).expect("plan");
+    assert_eq!(po.kernel(), "prefill_attention_d128_n64", "{:?}", po.kernels());
+    assert!(po.kernels().iter().all(|k| !k.contains("wgmma")), "{:?}", po.kernels());
 }
 
 #[test]
@@ -396,6 +454,14 @@ fn launcher_rejects_bad_buffers() {
     let mut big = poisoned(&ctx, case.out_len() + 8);
     let mut shifted = big.slice_mut(1..case.out_len() + 1);
     assert_eq!(kind(prefill_attention(&ctx, &plan, &q, &k, &v, &t, 0.1, &mut shifted, None)), Err(ErrorKind::Shape));
+    // A plan run on a context of another build (its kernel may not exist there).
+    if gpu().target() == PtxTarget::Sm90a {
+        let portable = phase_on(&portable_gpu(), Some(4));
+        assert_eq!(
+            kind(prefill_attention(&portable, &plan, &q, &k, &v, &t, 0.1, &mut out.as_view_mut(), None)),
+            Err(ErrorKind::Shape)
+        );
+    }
     // Nothing was written by the refused launches.
     assert!(download(&ctx, &out).iter().all(|x| x.is_nan()));
 }

@@ -32,8 +32,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use nexus_kernels::cudarc::driver::sys::CUevent_flags;
 use nexus_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
 use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
-use nexus_kernels::gemm::{self, GemmKernel, GemmWorkspace};
-use nexus_kernels::prefill_attention::{self, PrefillPlan};
+use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
+use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
     CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, copy_to_pinned,
@@ -78,7 +78,7 @@ enum AttentionPlan {
 #[derive(Default)]
 struct StepPlans {
     attention: Vec<(CtaBudget, AttentionPlan)>,
-    gemm: Vec<(CtaBudget, GemmShape, GemmKernel)>,
+    gemm: Vec<(CtaBudget, GemmShape, GemmConfig)>,
 }
 
 /// A step's inputs on the GPU, with the plans its first layer made.
@@ -158,6 +158,10 @@ pub struct CudaBackendConfig {
     /// chunked, or whether it was preempted and recomputed. Slower: decode GEMMs pay for 64-row
     /// tiles, decode attention runs without split-KV, and no step is replayed from a graph.
     pub batch_invariant: bool,
+    /// Prefill attention only on the portable kernels (FlashAttention-2's structure), also on
+    /// Hopper, where the default is the wgmma one: a fallback, and the comparison the benchmarks
+    /// make.
+    pub portable_prefill_attention: bool,
 }
 
 impl Default for CudaBackendConfig {
@@ -168,7 +172,7 @@ impl Default for CudaBackendConfig {
         sizes.extend((8..=64).step_by(8));
         sizes.extend((80..=128).step_by(16));
         sizes.extend((160..=256).step_by(32));
-        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false }
+        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false, portable_prefill_attention: false }
     }
 }
 
@@ -499,7 +503,9 @@ impl CudaBackend {
                         DecodePlan::new(ctx, layout, pool.layout, lens, tables, width, options)?
                     })
                 } else {
-                    AttentionPlan::Prefill(PrefillPlan::new(ctx, host.attention_batch(), layout, pool.layout)?)
+                    let options = PrefillOptions { portable_only: self.config.portable_prefill_attention };
+                    let batch = host.attention_batch();
+                    AttentionPlan::Prefill(PrefillPlan::with_options(ctx, batch, layout, pool.layout, options)?)
                 };
                 plans.attention.push((budget, plan));
                 plans.attention.len() - 1
@@ -530,20 +536,20 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// The kernel for `shape` at `phase`'s budget, chosen once per step.
-    fn gemm_kernel(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmKernel {
+    /// The kernel and split of K for `shape` at `phase`'s budget, chosen once per step.
+    fn gemm_config(&self, phase: &CudaPhase, step: &CudaStep, shape: GemmShape) -> GemmConfig {
         let budget = phase.ctx.budget();
         let mut plans = lock(&step.plans);
-        if let Some(&(_, _, kernel)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
-            return kernel;
+        if let Some(&(_, _, config)) = plans.gemm.iter().find(|(b, s, _)| *b == budget && *s == shape) {
+            return config;
         }
-        let kernel = if self.config.batch_invariant {
-            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).kernel
+        let config = if self.config.batch_invariant {
+            gemm::plan_batch_invariant(shape, budget, self.gpu.model()).config()
         } else {
-            gemm::plan(shape, budget, self.gpu.model()).kernel
+            gemm::plan(shape, budget, self.gpu.model()).config()
         };
-        plans.gemm.push((budget, shape, kernel));
-        kernel
+        plans.gemm.push((budget, shape, config));
+        config
     }
 }
 
@@ -712,14 +718,14 @@ impl Backend for CudaBackend {
     ) -> Result<CudaMatrix> {
         let n = weight.shape.first().copied().unwrap_or(0);
         let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let kernel = self.gemm_kernel(phase, step, shape);
+        let config = self.gemm_config(phase, step, shape);
         self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
             let mut out = self.output(phase, x.rows, n)?;
             let bias = bias.map(|b| b.data.as_view());
             let mut workspace = lock(&phase.gemm_workspace);
             gemm::gemm_with(
                 &phase.ctx,
-                kernel,
+                config,
                 &x.data.as_view(),
                 &weight.data.as_view(),
                 bias.as_ref(),

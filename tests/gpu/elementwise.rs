@@ -41,9 +41,9 @@ fn check_rms_norms(rng: &mut StdRng, rows: usize, hidden: usize, budget: Option<
     let (dx, dw) = (upload(&ctx, &x), upload(&ctx, &weight));
 
     let mut out = poisoned(&ctx, rows * hidden);
-    elementwise::rms_norm(&ctx, &dx.as_view(), &dw.as_view(), 1e-5, &mut out.as_view_mut()).unwrap();
+    elementwise::rms_norm(&ctx, &dx.as_view(), &dw.as_view(), 1e-5, &mut out.as_view_mut()).expect("rms_norm");
     let mut want = vec![0.0; rows * hidden];
-    reference::rms_norm(&x, &weight, 1e-5, &mut want).unwrap();
+    reference::rms_norm(&x, &weight, 1e-5, &mut want).expect("reference rms_norm");
     assert_close(&format!("rms_norm {rows}x{hidden}"), &download(&ctx, &out), &want, BF16_RTOL, 1e-2);
 
     let mut dres = upload(&ctx, &residual);
@@ -56,9 +56,9 @@ fn check_rms_norms(rng: &mut StdRng, rows: usize, hidden: usize, budget: Option<
         1e-5,
         &mut out.as_view_mut(),
     )
-    .unwrap();
+    .expect("fused_add_rms_norm");
     let mut want_res = residual.clone();
-    reference::fused_add_rms_norm(&x, &mut want_res, &weight, 1e-5, &mut want).unwrap();
+    reference::fused_add_rms_norm(&x, &mut want_res, &weight, 1e-5, &mut want).expect("reference fused_add_rms_norm");
     let what = format!("fused_add_rms_norm {rows}x{hidden}");
     assert_close(&format!("{what} residual"), &download(&ctx, &dres), &want_res, BF16_RTOL, 1e-2);
     assert_close(&format!("{what} out"), &download(&ctx, &out), &want, BF16_RTOL, 2e-2);

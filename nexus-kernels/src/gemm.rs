@@ -267,9 +267,14 @@ const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
 /// swapped tile, ~420 of 64 x 64, ~460 of 64 x 128, each one chain of 4 dependent wgmmas).
 const WGMMA_LATENCY: f64 = 80.0;
 const WGMMA_LATENCY_PER_N: f64 = 0.3;
-/// Dependent chains the swapped (n16) kernels overlap per consumer (they keep 4 accumulator
-/// sets; counted as 2, to stay on the safe side until measured).
-const SWAP_CHAINS: f64 = 2.0;
+/// How much faster than one dependent chain of its 4 wgmmas a swapped (n16) kernel's K block
+/// runs. It keeps 4 accumulator sets so that the chains could overlap, but fitted to the H200
+/// table (bench-results/gemm-h200.md, every kernel at M = 1, 16, 64 and every budget) it is
+/// 0.85: they do not overlap, and a K block costs ~15% more (stage barriers, TMA issue). With the
+/// earlier guess of 2 the planner took the swapped kernels where 64-row tiles streamed 1.2-1.6x
+/// faster (the model's picks then averaged 1.12x slower than the best kernel of the table's
+/// rows, 2.2x at worst; with 0.85, 1.01x and 1.14x).
+const SWAP_CHAINS: f64 = 0.85;
 const MMA_MACS_PER_CLOCK: f64 = 1024.0;
 /// Split-K's fixed cost per work unit: its partial sums' fence and count, and the last unit's
 /// wait for them (an estimate, of the order of a few global-memory round trips).
@@ -633,26 +638,37 @@ mod tests {
         }
     }
 
+    /// Decode-sized choices the H200 benchmark (bench-results/gemm-h200.md, every kernel at each
+    /// budget) measured at least 1.1x faster than any other kernel, and which the planner got
+    /// wrong before `SWAP_CHAINS` was fitted: 64-row tiles at small budgets, where each CTA must
+    /// stream as much weight as it can, the two-consumer swapped tile where the 64-row one would
+    /// leave SMs idle or run a second wave, the one-consumer swapped tile when its tiles fill the
+    /// budget. (m, n, k, budget, the kernel measured fastest.)
     #[test]
-    fn decode_sizes_stream_the_weight_with_the_swapped_kernel() {
-        for device in [h100(), h200()] {
-            for m in [1, 7, 16] {
-                for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
-                    for b in [8, 32, 132] {
-                        let p = plan_ctas(shape(m, n, k), b, &device);
-                        assert!(
-                            matches!(p.kernel, GemmKernel::WgmmaSwap16x64 | GemmKernel::WgmmaSwap16x128),
-                            "m = {m}, {n} x {k}, budget {b}: {p:?}"
-                        );
-                    }
-                }
-                // Small budgets take the 128-row swapped tile (more weight in flight per SM); when
-                // the 64-row tiles are no more than the budget, the 64-row one keeps every SM busy.
-                let p = plan_ctas(shape(m, 6144, 4096), 8, &device);
-                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x128, "m = {m}");
-                let p = plan_ctas(shape(m, 4096, 14336), 64, &device);
-                assert_eq!(p.kernel, GemmKernel::WgmmaSwap16x64, "m = {m}");
-            }
+    fn measured_better_decode_choices_on_the_h200() {
+        use GemmKernel::*;
+        let cases = [
+            (1, 6144, 4096, 8, Wgmma64x256),
+            (1, 6144, 4096, 32, Wgmma64x256),
+            (16, 6144, 4096, 24, Wgmma64x256),
+            (1, 6144, 4096, 132, WgmmaSwap16x64),
+            (1, 6144, 4096, 48, WgmmaSwap16x128),
+            (1, 6144, 4096, 64, WgmmaSwap16x128),
+            (1, 28672, 4096, 16, Wgmma64x256),
+            (16, 28672, 4096, 24, Wgmma64x256),
+            (1, 4096, 14336, 64, WgmmaSwap16x64),
+            (16, 4096, 14336, 96, WgmmaSwap16x64),
+            (1, 7168, 5120, 64, WgmmaSwap16x128),
+            (1, 22016, 2048, 32, Wgmma64x256),
+            (64, 6144, 4096, 48, Wgmma64x128),
+            (64, 4096, 14336, 32, Wgmma64x128),
+            (64, 28672, 4096, 16, Wgmma64x256),
+        ];
+        // The table times each kernel unsplit: so is the choice checked here.
+        let device = h200();
+        for (m, n, k, b, want) in cases {
+            let p = plan_among(&GemmKernel::HOPPER, shape(m, n, k), b, device.bandwidth(), false);
+            assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");
         }
     }
 
@@ -711,12 +727,15 @@ mod tests {
             let (p100, p200) = (plan_ctas(s, b, &h100), plan_ctas(s, b, &h200));
             for (p, device) in [(p100, &h100), (p200, &h200)] {
                 let memory = bytes / device.bandwidth().at(p.ctas);
-                assert!(
-                    (p.estimated_seconds / memory - 1.0).abs() < 1e-9,
-                    "budget {b}: {p:?} is not its DRAM time {memory}"
-                );
+                assert!(p.estimated_seconds >= memory * (1.0 - 1e-9), "budget {b}: {p:?} beats its DRAM time {memory}");
             }
-            assert_eq!(p200.estimated_seconds < p100.estimated_seconds, b >= 24, "budget {b}");
+            // The faster HBM never makes a plan slower, and speeds up every plan the model
+            // finds memory-bound on the H100 from 24 SMs on (below, both cards' curves meet).
+            assert!(p200.estimated_seconds <= p100.estimated_seconds * (1.0 + 1e-9), "budget {b}");
+            let memory100 = bytes / h100.bandwidth().at(p100.ctas);
+            if b >= 24 && (p100.estimated_seconds / memory100 - 1.0).abs() < 1e-9 {
+                assert!(p200.estimated_seconds < p100.estimated_seconds, "budget {b}: {p200:?} vs {p100:?}");
+            }
         }
         for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
             let big = shape(8192, n, k);

@@ -12,21 +12,22 @@
 #   tests     every test-* with --ignored (without models/, the tests that read the SmolLM2 file
 #             are skipped; the synthetic and transformers-random model tests still run)
 #   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
-#             decode attention on ragged batches, its portable build, RMSNorm at each warp group, small GEMMs,
-#             split-K GEMMs, the prefill attention batch sized for sanitizers)
+#             decode attention on ragged batches, its portable build, RMSNorm at each warp
+#             group, a few small GEMMs, split-K GEMMs, the prefill attention batch sized for
+#             sanitizers)
 #   benches   decode_attention, gemm, prefill_attention (criterion's own timing skipped: only
 #             the summary tables) and model_step for each model in $MODELS
 #   sdpa      scripts/bench-torch-sdpa.py (torch on the device)
 # LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
 # its own (so a hang in one module leaves the others' results), default: each binary whole.
 set -uo pipefail
-if [ $# -lt 2 ]; then sed -n 2,20p "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n 2,22p "$0" >&2; exit 2; fi
 dir=$1 out=$2
 shift 2
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
 limit=${LIMIT_S:-240}
-sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups gemm::gemm_small gemm::split_k prefill_attention::small_batches"}
+sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
 models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
 work=$(mktemp -d)
 log=$work/round.log

@@ -127,6 +127,15 @@ fn gemm_small_shapes_match_reference() {
     run_cases("gemm_small", SMALL_NK.iter().flat_map(|&(n, k)| SMALL_MS.iter().map(move |&m| (m, n, k))));
 }
 
+/// Three of the small shapes (M of 1, 65 and 255: one tile row, a partial one, several), every
+/// kernel at every budget: few enough launches for racecheck, which the full set outlasts
+/// (over 200 s on the H200).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn few_shapes_for_sanitizers() {
+    run_cases("gemm_sanitizers", [(1, 576, 576), (65, 192, 200), (255, 1536, 576)]);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gemm_llama_projection_matches_reference() {

@@ -255,7 +255,7 @@ const DECODE_MS: [usize; 3] = [1, 16, 64];
 
 /// Every kernel that runs on this device, on every decode-sized GEMM of [`DECODE_SHAPES`] at every
 /// budget, next to the planner's pick, cuBLAS at the same budget and the streaming read: which tile
-/// shape streams the weight best at each budget (the planner's model is fitted to the H100), and
+/// shape streams the weight best at each budget (the table the planner's model is fitted to), and
 /// how far the best is from the read curve (`gemm-decode.md` with `NEXUS_BENCH_OUT`; cases named
 /// `gemm-decode/<shape>/m <M>/budget <SMs>` for `NEXUS_BENCH_ONLY`).
 fn decode_sizes(

@@ -191,6 +191,13 @@ impl GemmKernel {
         matches!(self.spec().family, Family::Wgmma { .. })
     }
 
+    /// Whether a launch of the kernel may split K ([`GemmConfig::splits`]): the wgmma kernels
+    /// whose tile's partial sums fit the [`GemmWorkspace`]'s room per work unit (64 × 128 floats).
+    pub fn splits_k(self) -> bool {
+        let (bm, bn) = self.tile();
+        self.needs_sm90a() && bm * bn <= MAX_SPLIT_TILE
+    }
+
     /// The kernel's name in the PTX module.
     pub fn name(self) -> &'static str {
         self.spec().name
@@ -347,14 +354,12 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthC
     GemmPlan { kernel, splits, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
 }
 
-/// The splits worth modelling for `kernel` on `shape` with `budget` CTAs: 1, and for a wgmma
-/// kernel of at most [`MAX_SPLIT_TILE`] whose tiles leave CTAs idle, every split whose work
+/// The splits worth modelling for `kernel` on `shape` with `budget` CTAs: 1, and for a kernel
+/// that [splits K](GemmKernel::splits_k) whose tiles leave CTAs idle, every split whose work
 /// units still fit one wave and give each unit at least one K block.
 fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl Iterator<Item = usize> {
-    let (bm, bn) = kernel.tile();
     let tiles = kernel.tiles(shape).max(1);
-    let splittable = kernel.needs_sm90a() && bm * bn <= MAX_SPLIT_TILE;
-    let most = if splittable { MAX_SPLITS.min(budget as usize / tiles).min(shape.k.div_ceil(BK)) } else { 1 };
+    let most = if kernel.splits_k() { MAX_SPLITS.min(budget as usize / tiles).min(shape.k.div_ceil(BK)) } else { 1 };
     1..=most.max(1)
 }
 
@@ -508,14 +513,13 @@ pub fn gemm_with(
     if splits != 1 {
         let unsupported =
             |why: String| Err(Error::Unsupported(format!("gemm: {} split {splits} ways: {why}", spec.name)));
-        if !kernel.needs_sm90a() {
-            return unsupported("only the wgmma kernels split K".into());
+        if !kernel.splits_k() {
+            return unsupported(format!(
+                "only the wgmma kernels with tiles of at most {MAX_SPLIT_TILE} elements split K"
+            ));
         }
         if splits == 0 || splits > MAX_SPLITS || splits > k.div_ceil(BK) {
             return unsupported(format!("splits must be 1 to {MAX_SPLITS} and at most K's {} blocks", k.div_ceil(BK)));
-        }
-        if spec.bm * spec.bn > MAX_SPLIT_TILE {
-            return unsupported(format!("tiles larger than {MAX_SPLIT_TILE} elements do not split"));
         }
         // The workspace holds a tile of the largest size and an arrival count per SM.
         if units > workspace.tile_arrivals.len() {
@@ -594,8 +598,8 @@ pub fn gemm_with(
             // writes only inside [m, n]. With a split, every unit has at least one K block, and
             // there are at most as many units (so tiles) as SMs, each tile at most
             // MAX_SPLIT_TILE: the partials hold a tile for each unit and the arrival counts one
-            // per tile (checked above). The counters and arrival counts are zero (made so, and reset by each
-            // launch's last CTA and each tile's last unit).
+            // per tile (checked above). The counters and arrival counts are zero (made so, and
+            // reset by each launch's last CTA and each tile's last unit).
             unsafe { launch.launch(cfg) }?;
         }
     }

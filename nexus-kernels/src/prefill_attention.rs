@@ -88,9 +88,10 @@ struct Variant {
 /// Every kernel of the module; the first one a plan can run is its default. `_pipelined` kernels
 /// compute the scores of the next K/V tile before the softmax of the current one, so the tensor
 /// cores and the exponentials overlap inside each warp (the Hopper one also gives its two consumer
-/// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the plain kernel measured 1-4%
-/// faster on an H100 at all SMs (bench-results/prefill_attention-h100.md), so it is the default
-/// of the portable ones.
+/// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the
+/// plain kernels measured faster at all SMs, so they are the defaults: the portable one by 1-4% on
+/// an H100 (bench-results/prefill_attention-h100.md), the Hopper one by 18-20% on an H200
+/// (causal 4k-16k, bench-results/prefill_attention-h200.md).
 const VARIANTS: &[Variant] = &[
     Variant { family: Family::Hopper, head_dim: 128, kv_tile: 128, stages: 2, name: "prefill_attention_wgmma_d128" },
     Variant {

@@ -155,10 +155,7 @@ fn split_k_matches_reference() {
         return;
     }
     let sms = ctxs[0].0.gpu().sm_count() as usize;
-    let splittable = GemmKernel::HOPPER.iter().copied().filter(|k| {
-        let (bm, bn) = k.tile();
-        bm * bn <= 64 * 128
-    });
+    let splittable = GemmKernel::HOPPER.iter().copied().filter(|k| k.splits_k());
     for (m, n, k) in [(1, 576, 576), (7, 192, 1000), (64, 576, 576), (65, 256, 1000), (16, 4096, 1024)] {
         let case = Case::new(&mut rng, m, n, k);
         let ctx = &ctxs[0].0;

@@ -287,6 +287,10 @@ struct EngineArgs {
     /// milliseconds, and prefill the rest.
     #[arg(long)]
     decode_target_ms: Option<f64>,
+    /// With the controller: decide on the profile's predictions alone, as the paper does, instead
+    /// of scaling them by what each lane's recent iterations measured against them.
+    #[arg(long)]
+    no_calibration: bool,
     /// With the controller: decode budgets are multiples of this many SMs.
     #[arg(long, default_value_t = ControllerConfig::default().grid)]
     split_grid: u32,
@@ -381,6 +385,7 @@ impl EngineArgs {
             grid: self.split_grid,
             hysteresis: self.split_hysteresis,
             decode_target_s: self.decode_target_ms.map(|ms| ms / 1e3),
+            calibrate: !self.no_calibration,
         };
         controller.validate(sm_count)?;
         let name = hub.qualified(model);

@@ -89,15 +89,19 @@ pub struct IterationWork {
 impl IterationWork {
     /// The work of sequences advancing by `new` tokens after `cached` ones each, `(new, cached)`.
     pub fn of(kind: StepKind, chunks: impl IntoIterator<Item = (usize, usize)>) -> Self {
-        let mut work = IterationWork { kind, ..IterationWork::default() };
+        IterationWork { kind, ..IterationWork::default() }.with(chunks)
+    }
+
+    /// This work and that of more sequences, `(new, cached)` as in [`IterationWork::of`].
+    pub fn with(mut self, chunks: impl IntoIterator<Item = (usize, usize)>) -> Self {
         for (new, cached) in chunks {
             let (c, p) = (new as f64, cached as f64);
-            work.tokens += new;
-            work.seqs += 1;
-            work.attended += c * p + c * (c + 1.0) / 2.0;
-            work.kv_tokens += p + c;
+            self.tokens += new;
+            self.seqs += 1;
+            self.attended += c * p + c * (c + 1.0) / 2.0;
+            self.kv_tokens += p + c;
         }
-        work
+        self
     }
 }
 

@@ -681,6 +681,7 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
+        self.scheduler.observe(slot.lane, seen - flight.start);
         for s in &flight.scheduled {
             let Some(seq) = self.seqs.get_mut(&s.id) else { continue };
             seq.in_flight = false;

@@ -159,6 +159,11 @@ pub trait Scheduler: std::fmt::Debug + Send {
     fn plan(&mut self, view: &SchedulerView<'_>) -> Plan;
     /// The limits of one iteration.
     fn config(&self) -> SchedulerConfig;
+    /// `lane`'s iteration of the last plan that gave it one took `took`, from launch to seen
+    /// done (a scheduler that predicts iterations can learn from it).
+    fn observe(&mut self, lane: Lane, took: Duration) {
+        let _ = (lane, took);
+    }
 }
 
 /// Schedules one token of each idle decoding sequence (`uncached == 1`) of `alive`, oldest first,

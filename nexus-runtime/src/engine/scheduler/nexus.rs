@@ -4,11 +4,11 @@ use std::time::Duration;
 
 use super::controller::Controller;
 use super::{
-    Lane, LanePlan, Plan, PromptOrder, Scheduled, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck,
-    schedule_decodes, schedule_prompts,
+    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
+    schedule_prompts,
 };
 use crate::engine::cost_model::IterationWork;
-use crate::engine::kv_cache::BlockManager;
+use crate::engine::kv_cache::{BlockManager, SeqId};
 use crate::model::backend::StepKind;
 use crate::{Error, Result};
 
@@ -57,6 +57,24 @@ pub struct NexusScheduler {
     /// and predictions when a lane starts next to the other's iteration in flight.
     last_prefill: IterationWork,
     last_decode: IterationWork,
+    /// What the cost model predicted for each lane's iteration in flight (decode, prefill), for
+    /// the controller to learn from when it is done.
+    in_flight: [Option<Predicted>; 2],
+}
+
+/// A prediction of the cost model for an iteration, and where it ran.
+#[derive(Clone, Copy, Debug)]
+struct Predicted {
+    kind: StepKind,
+    budget: u32,
+    /// Whether the other lane's iteration ran beside it when it was planned.
+    beside: bool,
+    seconds: f64,
+}
+
+/// The index of a Nexus lane in [`NexusScheduler::in_flight`].
+fn lane_index(lane: Lane) -> usize {
+    usize::from(lane == Lane::Prefill)
 }
 
 impl NexusScheduler {
@@ -80,6 +98,7 @@ impl NexusScheduler {
             controller: None,
             last_prefill: IterationWork::default(),
             last_decode: IterationWork::default(),
+            in_flight: [None; 2],
         })
     }
 
@@ -97,10 +116,10 @@ impl NexusScheduler {
     }
 
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
-    /// lanes' latest iterations (planned now or in flight).
-    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager) -> u32 {
+    /// prefill lane's latest iteration (planned now or in flight) beside `decode`.
+    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager, decode: &IterationWork) -> u32 {
         let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
-        sms - controller.split(&self.last_prefill, &self.last_decode, blocks.usage()).decode_sms
+        sms - controller.split(&self.last_prefill, decode, blocks.usage()).decode_sms
     }
 
     /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
@@ -130,6 +149,14 @@ impl Scheduler for NexusScheduler {
 
     fn config(&self) -> SchedulerConfig {
         self.config
+    }
+
+    fn observe(&mut self, lane: Lane, took: Duration) {
+        let Some(predicted) = self.in_flight.get_mut(lane_index(lane)).and_then(Option::take) else { return };
+        if let Some(controller) = &mut self.controller {
+            let Predicted { kind, budget, beside, seconds } = predicted;
+            controller.observe(kind, budget, beside, seconds, took.as_secs_f64());
+        }
     }
 
     fn plan(&mut self, view: &SchedulerView<'_>) -> Plan {
@@ -171,16 +198,26 @@ impl Scheduler for NexusScheduler {
             }
         }
         let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
+        // The decode work that runs beside the prefill iteration planned now: the decode
+        // iteration in flight, and the sequences that wait for it to end (prompts just done).
+        let mut beside_prefill = self.last_decode;
         if self.controller.is_some() {
-            let cached = |s: &Scheduled| blocks.get(s.id).map_or(0, |b| b.len);
+            let cached = |id: SeqId| blocks.get(id).map_or(0, |b| b.len);
             if !decodes.is_empty() {
-                self.last_decode = IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s))));
+                self.last_decode =
+                    IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s.id))));
+                beside_prefill = self.last_decode;
+            } else if decode_busy.is_some() {
+                let waiting = alive.iter().filter(|s| s.uncached == 1).map(|s| (1, cached(s.id)));
+                beside_prefill = self.last_decode.with(waiting);
             }
             if !prompts.is_empty() {
-                self.last_prefill = IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s))));
+                self.last_prefill =
+                    IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s.id))));
             }
         }
-        let share = if decode_active && prefill_active { self.prefill_share(sms, blocks) } else { sms };
+        let share =
+            if decode_active && prefill_active { self.prefill_share(sms, blocks, &beside_prefill) } else { sms };
         let mut decode_budget = decode_busy;
         if !decodes.is_empty() {
             let wanted = if prefill_active { sms - share } else { sms };
@@ -199,6 +236,8 @@ impl Scheduler for NexusScheduler {
             let Some(budget) = budget.filter(|_| !scheduled.is_empty()) else { continue };
             let work = if kind == StepKind::Decode { &self.last_decode } else { &self.last_prefill };
             let predicted = self.predict(work, budget, other);
+            self.in_flight[lane_index(lane)] =
+                predicted.map(|p| Predicted { kind, budget, beside: other.is_some(), seconds: p.as_secs_f64() });
             plan.lanes.push(LanePlan { lane, kind, budget, scheduled, predicted });
         }
         plan
@@ -291,6 +330,58 @@ mod tests {
         // A cost model of another device is refused.
         let controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
         assert!(nexus(64).with_controller(controller, 114).is_err());
+    }
+
+    #[test]
+    fn the_controller_counts_waiting_decodes_and_learns_from_the_lanes() {
+        use crate::engine::cost_model::tests::llama8b_h200;
+        use crate::engine::scheduler::controller::{Controller, ControllerConfig};
+        let config = ControllerConfig { decode_target_s: Some(0.012), hysteresis: 0, ..ControllerConfig::default() };
+        let controller = Controller::new(llama8b_h200(), config).unwrap();
+        let mut sched = nexus(64).with_controller(controller, 132).unwrap();
+        let mut blocks = BlockManager::new(64 * 130 * 4, 16).unwrap();
+        for id in 0..48 {
+            blocks.append(id, 2048).unwrap();
+        }
+        let plan = |sched: &mut NexusScheduler, idle: &[SeqState], busy: &[Option<u32>]| {
+            let view = SchedulerView {
+                idle,
+                waiting: &[s(1000, 20_000)],
+                num_running: 48,
+                blocks: &blocks,
+                sm_count: 132,
+                busy,
+            };
+            sched.plan(&view)
+        };
+        // 16 sequences decode and a long prompt waits: both lanes start.
+        let decoding: Vec<SeqState> = (0..16).map(|id| s(id, 1)).collect();
+        let both = plan(&mut sched, &decoding, &[None, None]);
+        assert_eq!(both.lanes.len(), 2);
+        let decode_sms = both.lanes[0].budget;
+        // The prefill iteration ends first while that decode runs; the next one is planned
+        // beside the decode in flight. With 32 more sequences waiting for the next decode
+        // iteration (prompts just done), decode is given more SMs than the 16 in flight need.
+        sched.observe(Lane::Prefill, Duration::from_millis(60));
+        let waiting: Vec<SeqState> = (16..48).map(|id| s(id, 1)).collect();
+        let beside = |sched: &NexusScheduler, idle: &[SeqState]| {
+            let plan = plan(&mut sched.clone(), idle, &[Some(decode_sms), None]);
+            132 - plan.lanes[0].budget
+        };
+        let alone = beside(&sched, &[]);
+        let with_waiting = beside(&sched, &waiting);
+        assert!(with_waiting > alone, "decode SMs beside prefill: {alone} then {with_waiting}");
+        // The decode iteration in flight takes twice its prediction: the next split gives
+        // decode more SMs for the same work.
+        let predicted = both.lanes[0].predicted.unwrap();
+        sched.observe(Lane::Decode, 2 * predicted);
+        let again = plan(&mut sched, &decoding, &[None, None]);
+        assert!(again.lanes[0].budget > decode_sms, "{} then {}", decode_sms, again.lanes[0].budget);
+        // An observation of a lane with nothing predicted in flight is ignored.
+        let mut observed = sched.clone();
+        observed.observe(Lane::Prefill, Duration::from_secs(100));
+        observed.observe(Lane::Prefill, Duration::from_secs(100));
+        assert_eq!(plan(&mut observed, &decoding, &[None, None]), plan(&mut sched, &decoding, &[None, None]));
     }
 
     #[test]

@@ -242,7 +242,8 @@ struct Plan<'a> {
 /// What a group of runs ran on: one schedule in-process, or whatever the server runs.
 #[derive(Clone, Debug)]
 struct Arm {
-    /// `chunked`, or `nexus P/D` (prefill/decode SMs while both have work); `None` for a server.
+    /// `chunked`, `nexus P/D` (prefill/decode SMs while both have work), or `nexus controlled`
+    /// (with its decode target, if any); `None` for a server.
     name: Option<String>,
     /// The SMs of the prefill lane, for `nexus` schedules.
     prefill_sms: Option<u32>,
@@ -259,7 +260,13 @@ impl Arm {
                 name: Some(format!("nexus {}/{}", split.prefill_sms, sm_count.saturating_sub(split.prefill_sms))),
                 prefill_sms: Some(split.prefill_sms),
             },
-            Schedule::NexusControlled(_) => Arm { name: Some("nexus controlled".into()), prefill_sms: None },
+            Schedule::NexusControlled(control) => {
+                let name = match control.controller.decode_target_s {
+                    Some(target) => format!("nexus controlled, {} ms target", (target * 1e6).round() / 1e3),
+                    None => "nexus controlled".into(),
+                };
+                Arm { name: Some(name), prefill_sms: None }
+            }
         }
     }
 

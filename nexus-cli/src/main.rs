@@ -284,9 +284,10 @@ struct EngineArgs {
     prefill_slack: f64,
     /// With the controller, instead of --prefill-slack: while prefill is protected, decode gets
     /// the fewest SMs whose predicted iteration (the time between tokens) takes at most this many
-    /// milliseconds, and prefill the rest.
-    #[arg(long)]
-    decode_target_ms: Option<f64>,
+    /// milliseconds, and prefill the rest. `nexus bench` takes several, comma-separated, and runs
+    /// the controller with each.
+    #[arg(long, value_delimiter = ',')]
+    decode_target_ms: Vec<f64>,
     /// With the controller: decide on the profile's predictions alone, as the paper does, instead
     /// of scaling them by what each lane's recent iterations measured against them.
     #[arg(long)]
@@ -333,7 +334,14 @@ impl EngineArgs {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
                 ScheduleKind::Nexus if self.prefill_sms.is_empty() || fixed_done => {
-                    out.push(Schedule::NexusControlled(Box::new(self.control(device, sm_count, model, hub)?)));
+                    let targets: Vec<Option<f64>> = match self.decode_target_ms.as_slice() {
+                        [] => vec![None],
+                        ms => ms.iter().map(|&ms| Some(ms / 1e3)).collect(),
+                    };
+                    for target in targets {
+                        let control = self.control(device, sm_count, model, hub, target)?;
+                        out.push(Schedule::NexusControlled(Box::new(control)));
+                    }
                 }
                 ScheduleKind::Nexus => {
                     fixed_done = true;
@@ -372,19 +380,27 @@ impl EngineArgs {
     fn schedule(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Schedule> {
         match self.schedules(device, sm_count, model, hub)?.as_slice() {
             [one] => Ok(one.clone()),
-            _ => bail!("give one --schedule (and one --prefill-sms) to serve"),
+            _ => bail!("give one --schedule (and at most one --prefill-sms or --decode-target-ms) to serve"),
         }
     }
 
-    /// The controller's settings, with the profile of `model` (as `hub` picks it) on `device`.
-    fn control(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<NexusControl> {
+    /// The controller's settings with the decode target `target_s` (seconds), with the profile of
+    /// `model` (as `hub` picks it) on `device`.
+    fn control(
+        &self,
+        device: &str,
+        sm_count: u32,
+        model: &str,
+        hub: &HubArgs,
+        target_s: Option<f64>,
+    ) -> anyhow::Result<NexusControl> {
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,
             decode_slack: self.decode_slack,
             prefill_slack: self.prefill_slack,
             grid: self.split_grid,
             hysteresis: self.split_hysteresis,
-            decode_target_s: self.decode_target_ms.map(|ms| ms / 1e3),
+            decode_target_s: target_s,
             calibrate: !self.no_calibration,
         };
         controller.validate(sm_count)?;

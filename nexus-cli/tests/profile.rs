@@ -77,10 +77,14 @@ fn a_profile_drives_the_controller_and_nexus_needs_one() {
     for lane in run["timeline_summary"]["lanes"].as_array().expect("lanes") {
         assert!(lane["prediction_error"]["p90"].as_f64().is_some_and(|e| e >= 0.0), "{lane}");
     }
-    // The controller with a decode target instead of the prefill slack serves the same trace.
-    let target = nexus(&[&bench[..], &small, &ids, &["--decode-target-ms", "5"]].concat(), &dir);
+    // The controller with decode targets instead of the prefill slack serves the same trace, one
+    // run for each target.
+    let target = nexus(&[&bench[..], &small, &ids, &["--decode-target-ms", "5,50"]].concat(), &dir);
     assert!(target.status.success(), "{}", String::from_utf8_lossy(&target.stderr));
-    assert!(String::from_utf8_lossy(&target.stdout).contains("| nexus controlled | inf |"), "{target:?}");
+    let stdout = String::from_utf8_lossy(&target.stdout);
+    for arm in ["| nexus controlled, 5 ms target | inf |", "| nexus controlled, 50 ms target | inf |"] {
+        assert!(stdout.contains(arm), "{arm} in {target:?}");
+    }
 
     // A profile of another model is refused, naming what it was made for.
     let other = ["bench", "--device", "cpu", "--model", "models/none.gguf", "--schedule", "nexus", "--profile", saved];

@@ -51,16 +51,20 @@ pub struct ProfileConfig {
 impl ProfileConfig {
     /// Shapes like the paper's workloads' (prompts of 0.5k-8k tokens, chunks over a cached
     /// prefix, decode batches of 1-64 over 1k-4k tokens), on budgets of a grid of `grid` SMs up to
-    /// `sm_count`, both lanes at a quarter, half and three quarters of the SMs for decode.
+    /// `sm_count`, both lanes with an eighth, a quarter, half and three quarters of the SMs for
+    /// decode (the eighth and the quarter are where a decode target puts it while prefill is
+    /// protected).
     pub fn for_device(sm_count: u32, grid: u32) -> Self {
         let mut budgets: Vec<u32> = (1..).map(|k| k * grid).take_while(|&b| b < sm_count).collect();
         budgets.push(sm_count);
-        let split = |fraction: u32| (sm_count * fraction / 4 / grid).max(1) * grid;
+        let split = |eighths: u32| (sm_count * eighths / 8 / grid).max(1) * grid;
+        let mut splits = vec![split(1), split(2), split(4), split(6)];
+        splits.dedup();
         ProfileConfig {
             budgets,
             prefill: vec![(512, 0), (2048, 0), (8192, 0), (2048, 2048), (2048, 8192)],
             decode: vec![(1, 1024), (16, 2048), (64, 2048), (32, 4096)],
-            splits: vec![split(1), split(2), split(3)],
+            splits,
             repeats: 2,
             block_size: 16,
         }
@@ -611,4 +615,23 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 /// The kernels' fingerprint in hex.
 fn kernels_version() -> String {
     format!("{:016x}", nexus_kernels::gpu::kernels_fingerprint())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_cover_the_grid_and_the_splits_a_decode_target_uses() {
+        for grid in [8, 16] {
+            let config = ProfileConfig::for_device(132, grid);
+            assert_eq!(config.budgets.last(), Some(&132));
+            assert!(config.budgets.iter().all(|&b| b == 132 || b % grid == 0), "{:?}", config.budgets);
+            // An eighth, a quarter, half and three quarters of the SMs for decode, on the grid.
+            assert_eq!(config.splits, vec![16, 32, 64, 96], "grid {grid}");
+        }
+        // A coarse grid leaves fewer distinct splits, each still leaving prefill an SM.
+        assert_eq!(ProfileConfig::for_device(132, 64).splits, vec![64]);
+        assert_eq!(ProfileConfig::for_device(132, 32).splits, vec![32, 64, 96]);
+    }
 }

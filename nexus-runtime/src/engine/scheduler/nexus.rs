@@ -116,10 +116,17 @@ impl NexusScheduler {
     }
 
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
-    /// prefill lane's latest iteration (planned now or in flight) beside `decode`.
-    fn prefill_share(&mut self, sms: u32, blocks: &BlockManager, decode: &IterationWork) -> u32 {
+    /// lanes' latest iterations (planned now or in flight), the decode work joined by the
+    /// sequences `waiting` for the decode iteration in flight, `(1, cached)` each.
+    fn prefill_share(
+        &mut self,
+        sms: u32,
+        blocks: &BlockManager,
+        waiting: impl IntoIterator<Item = (usize, usize)>,
+    ) -> u32 {
         let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
-        sms - controller.split(&self.last_prefill, decode, blocks.usage()).decode_sms
+        let decode = self.last_decode.with(waiting);
+        sms - controller.split(&self.last_prefill, &decode, blocks.usage()).decode_sms
     }
 
     /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
@@ -198,26 +205,25 @@ impl Scheduler for NexusScheduler {
             }
         }
         let prefill_active = prefill_busy.is_some() || !prompts.is_empty();
-        // The decode work that runs beside the prefill iteration planned now: the decode
-        // iteration in flight, and the sequences that wait for it to end (prompts just done).
-        let mut beside_prefill = self.last_decode;
+        let cached = |id: SeqId| blocks.get(id).map_or(0, |b| b.len);
         if self.controller.is_some() {
-            let cached = |id: SeqId| blocks.get(id).map_or(0, |b| b.len);
             if !decodes.is_empty() {
                 self.last_decode =
                     IterationWork::of(StepKind::Decode, decodes.iter().map(|s| (s.tokens, cached(s.id))));
-                beside_prefill = self.last_decode;
-            } else if decode_busy.is_some() {
-                let waiting = alive.iter().filter(|s| s.uncached == 1).map(|s| (1, cached(s.id)));
-                beside_prefill = self.last_decode.with(waiting);
             }
             if !prompts.is_empty() {
                 self.last_prefill =
                     IterationWork::of(StepKind::Prefill, prompts.iter().map(|s| (s.tokens, cached(s.id))));
             }
         }
-        let share =
-            if decode_active && prefill_active { self.prefill_share(sms, blocks, &beside_prefill) } else { sms };
+        let share = if decode_active && prefill_active {
+            // Beside a prefill iteration planned while a decode one is in flight, the next decode
+            // iteration also takes the idle sequences waiting for it (prompts just done).
+            let waiting = alive.iter().filter(|s| decode_busy.is_some() && s.uncached == 1);
+            self.prefill_share(sms, blocks, waiting.map(|s| (1, cached(s.id))))
+        } else {
+            sms
+        };
         let mut decode_budget = decode_busy;
         if !decodes.is_empty() {
             let wanted = if prefill_active { sms - share } else { sms };

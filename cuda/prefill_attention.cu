@@ -26,10 +26,10 @@
 //
 // The Hopper kernels (prefill_attention_wgmma_*, sm_90a; FlashAttention-3's structure) take the
 // same work items, one per 128 query rows, and differ in how a CTA computes one:
-// - Warp-specialized, 3 warpgroups. One thread of warpgroup 0 is the producer: it copies each K/V
-//   tile of 128 keys with TMA (one box per 16 rows, which lie in one block of the paged cache,
-//   and per 64-dim panel) into a ring of stages, K and V completing on mbarriers of their own,
-//   and runs ahead across items. Warpgroups 1 and 2 consume: each owns 64 of the item's rows.
+// - Warp-specialized, 3 warpgroups. The first warp of warpgroup 0 is the producer: it copies each
+//   K/V tile of 128 keys with TMA (one box per 16 rows, which lie in one block of the paged cache,
+//   and per 64-dim panel; a lane per box) into a ring of stages, K and V completing on mbarriers
+//   of their own, and runs ahead across items. Warpgroups 1 and 2 consume: each owns 64 of the item's rows.
 // - S = Q Kᵀ with wgmma m64n128k16 from shared memory (Q loaded once per item by the consumers);
 //   the online softmax runs on the accumulator registers, which are laid out as mma.sync's, so it
 //   is the FA2 kernel's; O += P V with wgmma taking P from registers and V as a transposed
@@ -467,12 +467,17 @@ constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup an
 constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
 constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
 constexpr int BOX_ROWS = 16;                      // rows of one TMA box, inside one cache block
-// Registers per thread after setmaxnreg: the producer's one working thread needs few.
+// Registers per thread after setmaxnreg: the producer's one working warp needs few.
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
 static_assert(nexus::register_split_fits(HOPPER_THREADS, PRODUCER_REGS, 2, CONSUMER_REGS),
               "the consumers' registers come from what the producer gives back");
 
-template <int D>
+// STAGES_: K/V tiles in the ring. The plain loop needs 2 (64 KB each at d = 128, as
+// FlashAttention-3); the pipelined one 3 at d = 128, because it issues the scores of tile j + 1
+// while tile j's V is still in use: with 2 stages, K of tile j + 1 could only start loading once
+// tile j - 1 was released, right before it is needed (measured on the H200: 382-412 TFLOP/s on
+// causal 4k-16k with 2 stages, 444-465 with 3; the plain loop 489-515 with either). 4 at d = 64.
+template <int D, int STAGES_>
 struct HopperConfig {
     static constexpr int BN = HOPPER_KV_TILE;
     static constexpr int PANELS = D / 64;
@@ -481,8 +486,7 @@ struct HopperConfig {
     static constexpr int Q_BYTES = PANELS * Q_PANEL_BYTES;          // one consumer's Q
     static constexpr int TILE_PANEL_BYTES = BN * PANEL_ROW_BYTES;
     static constexpr int TILE_BYTES = PANELS * TILE_PANEL_BYTES;   // one K or V tile
-    // Stages of the K/V ring: 2 x 64 KB at d = 128 (as FlashAttention-3), 4 x 32 KB at d = 64.
-    static constexpr int STAGES = D == 128 ? 2 : 4;
+    static constexpr int STAGES = STAGES_;
     // Dynamic shared memory: 1024 bytes of alignment slack, both consumers' Q, the K and V rings
     // (the launcher computes the same sum).
     static constexpr int SMEM_BYTES = 1024 + 2 * Q_BYTES + 2 * STAGES * TILE_BYTES;
@@ -522,13 +526,13 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // (wgmma operands, once a barrier has been passed).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
-template <int D, bool PIPELINED>
+template <int D, int STAGES_, bool PIPELINED>
 __device__ __forceinline__ void prefill_attention_wgmma_body(
     const TensorMap* k_map, const TensorMap* v_map, const bf16* __restrict__ qkv, const int* __restrict__ block_tables,
     const int4* __restrict__ items, int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out,
     int num_heads, int num_kv_heads, int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2,
     uint64_t* cta_trace) {
-    using C = HopperConfig<D>;
+    using C = HopperConfig<D, STAGES_>;
     constexpr int BN = C::BN, STAGES = C::STAGES;
 
     extern __shared__ uint8_t smem_raw[];
@@ -563,57 +567,60 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
     __syncthreads();
 
     if (tid < WG_THREADS) {
-        // Producer warpgroup: gives its registers to the consumers; one thread works.
+        // Producer warpgroup: gives its registers to the consumers; its first warp works. Lane 0
+        // runs the item mailbox; every lane issues one box copy of each tile (K on the first
+        // COPIES lanes, V on the next), so that the 2 x COPIES copies of a tile and their
+        // block-table reads go out at once instead of one after the other from one thread.
         nexus::setmaxnreg_dec<PRODUCER_REGS>();
-        if (tid == 0) {
+        constexpr int COPIES = C::BOXES * C::PANELS;  // box copies of one K or V tile
+        static_assert(2 * COPIES <= 32, "a lane per box copy of a K and a V tile");
+        if (tid < 32) {
+            const int lane = tid;
+            const bool copies = lane < 2 * COPIES, is_v = lane >= COPIES;
+            const int box = (lane % COPIES) / C::PANELS, panel = lane % C::PANELS;
+            const TensorMap* map = is_v ? v_map : k_map;
+            const uint32_t ring = (is_v ? v_smem : k_smem) + panel * C::TILE_PANEL_BYTES + box * BOX_ROWS * PANEL_ROW_BYTES;
             const int block_mask = (1 << block_size_log2) - 1;
             int stage = 0;
             uint32_t phase = 0;
             for (int n = 0;; ++n) {
-                const int index = static_cast<int>(atomicAdd(&counters[0], 1u));
-                mbar_wait(smem_addr(&item_empty[n & 1]), ((n >> 1) & 1) ^ 1);
-                item_slot[n & 1] = index;  // published by the arrive (release)
-                mbar_arrive(smem_addr(&item_full[n & 1]));
+                int index = 0;
+                if (lane == 0) {
+                    index = static_cast<int>(atomicAdd(&counters[0], 1u));
+                    mbar_wait(smem_addr(&item_empty[n & 1]), ((n >> 1) & 1) ^ 1);
+                    item_slot[n & 1] = index;  // published by the arrive (release)
+                    mbar_arrive(smem_addr(&item_full[n & 1]));
+                }
+                index = __shfl_sync(0xffffffffu, index, 0);
                 if (index >= num_items) break;
 
                 const int4 item = items[index];
                 const int kv_head = item.w >> 8, kv_end = item.y + (item.w & 255);
                 const int num_tiles = (kv_end + BN - 1) / BN;
                 const int* table = block_tables + static_cast<size_t>(item.z) * max_blocks_per_seq;
-                // The pool row of each box of `tile`: the first of its 16 rows, or -BOX_ROWS (wholly
-                // outside the pool: TMA fills zeros) past the sequence's end. Block ids are clamped
-                // into the pool, as in the FA2 kernel.
-                auto box_rows = [&](int tile, int (&rows)[C::BOXES]) {
-#pragma unroll
-                    for (int b = 0; b < C::BOXES; ++b) {
-                        const int pos = tile * BN + b * BOX_ROWS;
-                        int row = -BOX_ROWS;
-                        if (pos < kv_end) {
-                            const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
-                            row = (block << block_size_log2) | (pos & block_mask);
-                        }
-                        rows[b] = row;
-                    }
+                // The pool row of this lane's box of `tile`: the first of its 16 rows, or
+                // -BOX_ROWS (wholly outside the pool: TMA fills zeros) past the sequence's end.
+                // Block ids are clamped into the pool, as in the FA2 kernel.
+                auto box_row = [&](int tile) {
+                    const int pos = tile * BN + box * BOX_ROWS;
+                    if (!copies || pos >= kv_end) return -BOX_ROWS;
+                    const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
+                    return (block << block_size_log2) | (pos & block_mask);
                 };
-                int rows[C::BOXES];
-                box_rows(0, rows);
+                int row = box_row(0);
                 for (int j = 0; j < num_tiles; ++j) {
                     mbar_wait(smem_addr(&kv_empty[stage]), phase ^ 1);
-                    // The tile of `map` into `tile`, completing on `bar`: a box per 16 rows and panel.
-                    auto copy_tile = [&](const TensorMap* map, uint32_t tile, uint64_t& bar) {
-                        const uint32_t bar_addr = smem_addr(&bar);
-                        mbar_arrive_expect_tx(bar_addr, C::TILE_BYTES);
-#pragma unroll
-                        for (int b = 0; b < C::BOXES; ++b)
-#pragma unroll
-                            for (int p = 0; p < C::PANELS; ++p)
-                                nexus::tma_load_4d(tile + p * C::TILE_PANEL_BYTES + b * BOX_ROWS * PANEL_ROW_BYTES, map,
-                                                   0, rows[b], p, kv_head, bar_addr);
-                    };
-                    copy_tile(k_map, k_smem + stage * C::TILE_BYTES, k_full[stage]);
-                    copy_tile(v_map, v_smem + stage * C::TILE_BYTES, v_full[stage]);
-                    // The next tile's block ids now, so their latency passes while this one lands.
-                    if (j + 1 < num_tiles) box_rows(j + 1, rows);
+                    if (lane == 0) {
+                        mbar_arrive_expect_tx(smem_addr(&k_full[stage]), C::TILE_BYTES);
+                        mbar_arrive_expect_tx(smem_addr(&v_full[stage]), C::TILE_BYTES);
+                    }
+                    __syncwarp();
+                    if (copies) {
+                        const uint32_t bar = smem_addr(is_v ? &v_full[stage] : &k_full[stage]);
+                        nexus::tma_load_4d(ring + stage * C::TILE_BYTES, map, 0, row, panel, kv_head, bar);
+                    }
+                    // The next tile's block id now, so its latency passes while this one lands.
+                    if (j + 1 < num_tiles) row = box_row(j + 1);
                     if (++stage == STAGES) {
                         stage = 0;
                         phase ^= 1;
@@ -622,11 +629,13 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             }
             // The last CTA out resets the counter for the next launch (every CTA's producer has
             // taken its final index before it counts itself out).
-            __threadfence();
-            if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
-                counters[0] = 0;
-                counters[1] = 0;
+            if (lane == 0) {
                 __threadfence();
+                if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+                    counters[0] = 0;
+                    counters[1] = 0;
+                    __threadfence();
+                }
             }
         }
     } else {
@@ -893,26 +902,26 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
 // of 16 tokens or more). Arguments as above, after the tensor maps of the K and V pools (4-D: 64
 // dims, pool rows, 64-dim panels, KV heads; boxes of 16 rows of one panel).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                  \
-    prefill_attention_wgmma_body<D, PIPELINED>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, \
+#define NEXUS_PREFILL_WGMMA_BODY(D, STAGES, PIPELINED)                                                          \
+    prefill_attention_wgmma_body<D, STAGES, PIPELINED>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, \
                                                num_heads, num_kv_heads, block_size_log2, max_blocks_per_seq,     \
                                                num_blocks, scale_log2, cta_trace);
 #else
-#define NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)
+#define NEXUS_PREFILL_WGMMA_BODY(D, STAGES, PIPELINED)
 #endif
 
-#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D, PIPELINED)                                                           \
+#define NEXUS_PREFILL_WGMMA_KERNEL(NAME, D, STAGES, PIPELINED)                                                           \
     extern "C" __global__ void __launch_bounds__(HOPPER_THREADS, 1) NAME(                                        \
         const __grid_constant__ nexus::TensorMap k_map, const __grid_constant__ nexus::TensorMap v_map,          \
         const bf16* __restrict__ qkv, const int* __restrict__ block_tables, const int4* __restrict__ items,      \
         int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, \
         int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {    \
-        NEXUS_PREFILL_WGMMA_BODY(D, PIPELINED)                                                                   \
+        NEXUS_PREFILL_WGMMA_BODY(D, STAGES, PIPELINED)                                                                   \
     }
 
 // Tile after tile (S, softmax, P V), the two consumers independent.
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128, false)
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64, false)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128, 128, 2, false)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64, 64, 4, false)
 // The softmax of tile j + 1 overlapping P V of tile j, the consumers' wgmmas in alternate turns.
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128_pipelined, 128, true)
-NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64_pipelined, 64, true)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d128_pipelined, 128, 3, true)
+NEXUS_PREFILL_WGMMA_KERNEL(prefill_attention_wgmma_d64_pipelined, 64, 4, true)

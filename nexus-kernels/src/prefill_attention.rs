@@ -90,7 +90,7 @@ struct Variant {
 /// cores and the exponentials overlap inside each warp (the Hopper one also gives its two consumer
 /// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the
 /// plain kernels measured faster at all SMs, so they are the defaults: the portable one by 1-4% on
-/// an H100 (bench-results/prefill_attention-h100.md), the Hopper one by 18-20% on an H200
+/// an H100 (bench-results/prefill_attention-h100.md), the Hopper one by 10-20% on an H200
 /// (causal 4k-16k, bench-results/prefill_attention-h200.md).
 const VARIANTS: &[Variant] = &[
     Variant { family: Family::Hopper, head_dim: 128, kv_tile: 128, stages: 2, name: "prefill_attention_wgmma_d128" },
@@ -98,7 +98,7 @@ const VARIANTS: &[Variant] = &[
         family: Family::Hopper,
         head_dim: 128,
         kv_tile: 128,
-        stages: 2,
+        stages: 3,
         name: "prefill_attention_wgmma_d128_pipelined",
     },
     Variant { family: Family::Hopper, head_dim: 64, kv_tile: 128, stages: 4, name: "prefill_attention_wgmma_d64" },

@@ -209,33 +209,32 @@ impl Controller {
             Priority::Prefill => shared.to_vec(),
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
-        let mut chosen = order[0];
-        match self.config.decode_target_s.filter(|_| priority == Priority::Prefill) {
+        let target = self.config.decode_target_s.filter(|_| priority == Priority::Prefill);
+        let protected =
+            |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
+        let slack = if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
+        // The prioritized phase's best next to the other: with every SM but the other's least
+        // (running beside the other lane costs it what no split saves).
+        let best = protected(self.predict(&prefill, &decode, order[0]));
+        // Whether a split of `decode_sms` keeps the rule: decode within its target, or the
+        // prioritized phase within its slack.
+        let meets = |decode_sms: u32| {
+            let predicted = self.predict(&prefill, &decode, decode_sms);
+            match target {
+                Some(target) => predicted.1 <= target,
+                None => protected(predicted) <= slack * best,
+            }
+        };
+        let mut chosen = match target {
             // The fewest decode SMs that meet the target; the most the grid shares if none does.
-            Some(target) => {
-                chosen = shared
-                    .iter()
-                    .copied()
-                    .find(|&d| self.predict(&prefill, &decode, d).1 <= target)
-                    .unwrap_or(shared[shared.len() - 1]);
-            }
-            None => {
-                let protected =
-                    |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
-                let slack =
-                    if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
-                // The prioritized phase's best next to the other: with every SM but the other's
-                // least (running beside the other lane costs it what no split saves).
-                let best = protected(self.predict(&prefill, &decode, order[0]));
-                for &decode_sms in &order[1..] {
-                    if protected(self.predict(&prefill, &decode, decode_sms)) > slack * best {
-                        break;
-                    }
-                    chosen = decode_sms;
-                }
-            }
-        }
-        if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis) {
+            Some(_) => shared.iter().copied().find(|&d| meets(d)).unwrap_or(shared[shared.len() - 1]),
+            // The furthest from the prioritized phase's best that stays within its slack.
+            None => order[1..].iter().copied().take_while(|&d| meets(d)).last().unwrap_or(order[0]),
+        };
+        // The split applied last stays while it is near and still keeps the rule: the hysteresis
+        // stops flapping, never a move the target or the slack needs (with the default of one
+        // grid step, it had kept decode on 16 SMs under a 20 ms target that needed 24).
+        if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis && meets(a)) {
             chosen = applied;
         }
         self.applied = Some(chosen);
@@ -355,6 +354,31 @@ mod tests {
         // Past the KV threshold the protected phase changes and the split moves far.
         let big = IterationWork::of(StepKind::Decode, (0..128).map(|_| (1, 4096)));
         assert!(controller.split(&prefill, &big, 0.95).decode_sms > first.decode_sms + 16);
+    }
+
+    #[test]
+    fn the_hysteresis_never_keeps_a_split_that_misses_the_decode_target() {
+        let target = 0.02;
+        let config = ControllerConfig { decode_target_s: Some(target), ..ControllerConfig::default() };
+        assert_eq!(config.hysteresis, config.grid, "the defaults this guards");
+        let prefill = IterationWork::of(StepKind::Prefill, [(2048, 0)]);
+        let decode = |batch: usize| IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, 2048)));
+        let mut controller = Controller::new(llama8b_h200(), config).unwrap();
+        let first = controller.split(&prefill, &decode(8), 0.2);
+        assert!(first.decode_s <= target, "{first:?}");
+        // The smallest batch that no longer fits the target on those SMs: the fewest that meet it
+        // are one grid step more, inside the hysteresis, and the split still moves there.
+        let fresh = |batch: usize| {
+            Controller::new(llama8b_h200(), config).unwrap().split(&prefill, &decode(batch), 0.2).decode_sms
+        };
+        let batch = (9..512).find(|&b| fresh(b) > first.decode_sms).unwrap();
+        let needed = fresh(batch);
+        assert_eq!(needed, first.decode_sms + config.grid, "batch {batch}");
+        let moved = controller.split(&prefill, &decode(batch), 0.2);
+        assert_eq!(moved.decode_sms, needed, "{first:?} then {moved:?}");
+        assert!(moved.decode_s <= target, "{moved:?}");
+        // Back to the small batch: one step fewer would meet the target, and the split stays.
+        assert_eq!(controller.split(&prefill, &decode(8), 0.2).decode_sms, needed);
     }
 
     #[test]

@@ -179,6 +179,19 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
             c.compute, c.bandwidth_weight
         );
     }
+    let table = |scale: &[(u32, f64)]| -> String {
+        scale.iter().map(|(sms, factor)| format!("{sms}: {factor:.2}")).collect::<Vec<_>>().join(", ")
+    };
+    for (kind, scale, beside) in [
+        ("prefill", &cost.prefill_scale, &cost.prefill_beside_scale),
+        ("decode", &cost.decode_scale, &cost.decode_beside_scale),
+    ] {
+        println!(
+            "{kind} steps against their operators, by SMs: alone {}; beside the other lane {}",
+            table(scale),
+            table(beside)
+        );
+    }
     let slowdown: Vec<String> =
         fitted.decode_slowdown.iter().map(|(sms, ratio)| format!("{ratio:.2}x on {sms} SMs")).collect();
     if !slowdown.is_empty() {

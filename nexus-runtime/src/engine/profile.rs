@@ -8,12 +8,12 @@
 //! the same keys and values at the same slots every time). Each operator class's curve is fitted
 //! ([`fit_op_curve`]): compute against SMs, the share of the device's streaming-read curve
 //! ([`Backend::bandwidth_curve`]) its kernels reach, and a time per launch. Whole steps, timed
-//! without the operator timing, give each kind's fixed cost (half of them) and the prediction
-//! error (the other half). Then prefill and
-//! decode run at once on two phases at several splits, as the engine runs them: one prefill step,
-//! and decode steps back to back while it runs. Half of these pairs fit what each lane does to the
-//! other ([`CostModel::fit_contention`]), the other half give the prediction error with both lanes
-//! running.
+//! without the operator timing, give each kind's fixed cost and its scale per budget (half of
+//! them: [`CostModel::fit_scales`]) and the prediction error (the other half, repeats of the same
+//! shapes). Then prefill and decode run at once on two phases at several splits, as the engine
+//! runs them: one prefill step, and decode steps back to back while it runs. Half of these pairs
+//! fit what each lane does to the other ([`CostModel::fit_contention`], then what it leaves per
+//! budget), the other half give the prediction error with both lanes running.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -239,8 +239,10 @@ pub fn measure<B: Backend>(
     }
 
     // Both lanes at once: each prefill shape next to each decode shape, at each split; the
-    // combinations alternate between fitting the contention and measuring the error.
-    let mut combination = 0usize;
+    // combinations alternate between fitting the contention and measuring the error, shifted by
+    // one every pair of shapes so that every split has both (with an even number of splits, a
+    // plain alternation fitted half the splits and held out the other half).
+    let mut pair = 0usize;
     for &(new, cached) in &config.prefill {
         let prefill = prepare(
             backend,
@@ -267,7 +269,7 @@ pub fn measure<B: Backend>(
                 context,
                 &mut next_seq,
             )?;
-            for &decode_sms in &config.splits {
+            for (split, &decode_sms) in config.splits.iter().enumerate() {
                 let prefill_sms = sm_count - decode_sms;
                 backend.set_budget(&mut phases[0], prefill_sms)?;
                 backend.set_budget(&mut phases[1], decode_sms)?;
@@ -275,8 +277,7 @@ pub fn measure<B: Backend>(
                 // once (see the steps alone).
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
-                let held_out = combination % 2 == 1;
-                combination += 1;
+                let held_out = (pair + split) % 2 == 1;
                 for _ in 0..config.repeats {
                     let [p, d] = &phases;
                     let (prefill_s, decode_s) =
@@ -300,6 +301,7 @@ pub fn measure<B: Backend>(
                 progress(done, total);
             }
             decode.seqs.iter().for_each(|&s| blocks.free(s));
+            pair += 1;
         }
         prefill.seqs.iter().for_each(|&s| blocks.free(s));
     }
@@ -337,6 +339,8 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         (0..=200).map(|k| 25e-6 * f64::from(k)).min_by(|&a, &b| error(a).total_cmp(&error(b))).unwrap_or(0.0)
     };
     (cost.prefill_overhead_s, cost.decode_overhead_s) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
+    let fitted_alone: Vec<_> = alone(false).map(|s| (s.work, s.sms, s.seconds)).collect();
+    cost.fit_scales(&fitted_alone, &[]);
     cost = cost.checked()?;
     let alone_error = relative_errors(alone(true).map(|s| (cost.seconds(&s.work, s.sms, None), s.seconds)))
         .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;
@@ -351,6 +355,8 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         .partition(|(held_out, _)| !held_out);
     let fitted: Vec<_> = fitted.into_iter().map(|(_, s)| s).collect();
     cost.fit_contention(&fitted);
+    cost.fit_scales(&fitted_alone, &fitted);
+    cost = cost.checked()?;
     let both_error = relative_errors(
         held.iter().map(|&(_, (work, sms, other, seconds))| (cost.seconds(&work, sms, Some(other)), seconds)),
     )

@@ -451,7 +451,7 @@ impl CostModel {
     }
 
     /// The step scale and the beside scale of iterations of `kind`.
-    fn scales(&self, kind: StepKind) -> (&[(u32, f64)], &[(u32, f64)]) {
+    fn scales(&self, kind: StepKind) -> (&ScaleTable, &ScaleTable) {
         match kind {
             StepKind::Decode => (&self.decode_scale, &self.decode_beside_scale),
             StepKind::Prefill => (&self.prefill_scale, &self.prefill_beside_scale),
@@ -548,8 +548,11 @@ pub(crate) struct PricedWork {
     bytes: f64,
 }
 
+/// Factors by budget: `(SMs, factor)`, ascending.
+type ScaleTable = [(u32, f64)];
+
 /// `table`'s factor at `sms`: linear between its budgets, held beyond its ends, 1 when empty.
-fn interpolate(table: &[(u32, f64)], sms: u32) -> f64 {
+fn interpolate(table: &ScaleTable, sms: u32) -> f64 {
     let Some(&(first, low)) = table.first() else { return 1.0 };
     if sms <= first {
         return low;

@@ -9,8 +9,10 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::Engine;
+use nexus_runtime::engine::cost_model::IterationWork;
 use nexus_runtime::engine::profile::{Profile, ProfileConfig, SavedMeasurements, SavedProfile, fit, measure};
-use nexus_runtime::model::backend::Backend;
+use nexus_runtime::engine::scheduler::controller::{Controller, ControllerConfig};
+use nexus_runtime::model::backend::{Backend, StepKind};
 use nexus_runtime::weights::loader::DEFAULT_MODEL;
 
 use crate::{DeviceArgs, HubArgs, KvSizing, OnBackend, load_model};
@@ -192,6 +194,26 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
             table(beside)
         );
     }
+    // What a decode target costs prefill, for `nexus serve --decode-target-ms`: the controller's
+    // split for a 2048-token prompt beside 16 decodes of 2048 tokens.
+    let prefill = IterationWork::of(StepKind::Prefill, [(2048, 0)]);
+    let decode = IterationWork::of(StepKind::Decode, (0..16).map(|_| (1, 2048)));
+    let alone = cost.seconds(&prefill, cost.sm_count, None);
+    let mut choices = Vec::new();
+    for ms in [10.0, 15.0, 20.0, 30.0, 40.0, 60.0] {
+        let config = ControllerConfig { decode_target_s: Some(ms / 1e3), ..ControllerConfig::default() };
+        let split = Controller::new(cost.clone(), config)?.split(&prefill, &decode, 0.0);
+        choices.push(format!(
+            "{ms:.0} ms: decode {} SMs ({:.1} ms), prefill {:.2}x",
+            split.decode_sms,
+            split.decode_s * 1e3,
+            split.prefill_s / alone
+        ));
+    }
+    println!(
+        "decode targets, for a 2048-token prompt beside 16 decodes of 2048 tokens (prefill's time against alone on every SM): {}",
+        choices.join("; ")
+    );
     let slowdown: Vec<String> =
         fitted.decode_slowdown.iter().map(|(sms, ratio)| format!("{ratio:.2}x on {sms} SMs")).collect();
     if !slowdown.is_empty() {

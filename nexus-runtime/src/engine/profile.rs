@@ -239,9 +239,7 @@ pub fn measure<B: Backend>(
     }
 
     // Both lanes at once: each prefill shape next to each decode shape, at each split; the
-    // combinations alternate between fitting the contention and measuring the error, shifted by
-    // one every pair of shapes so that every split has both (with an even number of splits, a
-    // plain alternation fitted half the splits and held out the other half).
+    // combinations alternate between fitting the contention and measuring the error.
     let mut pair = 0usize;
     for &(new, cached) in &config.prefill {
         let prefill = prepare(
@@ -277,7 +275,7 @@ pub fn measure<B: Backend>(
                 // once (see the steps alone).
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
-                let held_out = (pair + split) % 2 == 1;
+                let held_out = both_lanes_held_out(pair, split);
                 for _ in 0..config.repeats {
                     let [p, d] = &phases;
                     let (prefill_s, decode_s) =
@@ -306,6 +304,14 @@ pub fn measure<B: Backend>(
         prefill.seqs.iter().for_each(|&s| blocks.free(s));
     }
     Ok(Measurements { model: shape, sm_count, bandwidth: pricing.bandwidth.clone(), ops, steps })
+}
+
+/// Whether the both-lane runs of the `pair`-th pair of shapes at its `split`-th split measure the
+/// error rather than fit the model: alternately, shifted by one every pair, so that every split
+/// has both (with an even number of splits a plain alternation fitted half the splits and held out
+/// the other half).
+fn both_lanes_held_out(pair: usize, split: usize) -> bool {
+    (pair + split) % 2 == 1
 }
 
 /// The cost model that `measured` fits (see the module documentation), with its errors on the
@@ -626,6 +632,18 @@ fn kernels_version() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_split_has_both_lanes_fitted_and_held_out() {
+        for splits in 1..=4 {
+            for split in 0..splits {
+                let held: Vec<bool> = (0..6).map(|pair| both_lanes_held_out(pair, split)).collect();
+                assert!(held.contains(&true) && held.contains(&false), "split {split} of {splits}: {held:?}");
+            }
+            let per_pair: Vec<bool> = (0..splits).map(|split| both_lanes_held_out(0, split)).collect();
+            assert_eq!(per_pair.iter().filter(|&&h| h).count(), splits / 2, "{per_pair:?}");
+        }
+    }
 
     #[test]
     fn shapes_cover_the_grid_and_the_splits_a_decode_target_uses() {

@@ -458,34 +458,44 @@ impl CostModel {
         }
     }
 
+    /// The step scale of iterations of `kind` (`beside`: the beside scale), to set.
+    fn scale_mut(&mut self, kind: StepKind, beside: bool) -> &mut Vec<(u32, f64)> {
+        match (kind, beside) {
+            (StepKind::Decode, false) => &mut self.decode_scale,
+            (StepKind::Decode, true) => &mut self.decode_beside_scale,
+            (StepKind::Prefill, false) => &mut self.prefill_scale,
+            (StepKind::Prefill, true) => &mut self.prefill_beside_scale,
+        }
+    }
+
     /// Sets each kind's step scale ([`CostModel::decode_scale`]) from `steps` (iterations alone:
-    /// the work, its SMs and the measured seconds), then, from `beside` (iterations beside the
-    /// other lane: also the other lane's counted bytes per second), its beside scale
-    /// ([`CostModel::decode_beside_scale`]): per budget, the geometric mean of measured over
-    /// predicted. A kind without steps keeps its scales.
-    pub fn fit_scales(&mut self, steps: &[(IterationWork, u32, f64)], beside: &[(IterationWork, u32, f64, f64)]) {
+    /// the work, its SMs and the measured seconds): per budget, the geometric mean of measured
+    /// over predicted. A kind without steps keeps its scale.
+    pub fn fit_step_scales(&mut self, steps: &[(IterationWork, u32, f64)]) {
         for kind in [StepKind::Prefill, StepKind::Decode] {
-            let alone = steps.iter().filter(|s| s.0.kind == kind).map(|&(work, sms, seconds)| {
+            let ratios = steps.iter().filter(|s| s.0.kind == kind).map(|&(work, sms, seconds)| {
                 (sms, seconds / self.unscaled_seconds(&self.priced(&work), sms, None, self.contention(kind)))
             });
-            if let Some(scale) = per_budget(alone) {
-                match kind {
-                    StepKind::Decode => self.decode_scale = scale,
-                    StepKind::Prefill => self.prefill_scale = scale,
-                }
+            if let Some(scale) = per_budget(ratios) {
+                *self.scale_mut(kind, false) = scale;
             }
         }
+    }
+
+    /// Sets each kind's beside scale ([`CostModel::decode_beside_scale`]) from `steps`
+    /// (iterations beside the other lane: the work, its SMs, the other lane's counted bytes per
+    /// second and the measured seconds), against the prediction with the step scale and the
+    /// contention: per budget, the geometric mean of measured over predicted. A kind without
+    /// steps keeps its scale.
+    pub fn fit_beside_scales(&mut self, steps: &[(IterationWork, u32, f64, f64)]) {
         for kind in [StepKind::Prefill, StepKind::Decode] {
-            let beside = beside.iter().filter(|s| s.0.kind == kind).map(|&(work, sms, other, seconds)| {
+            let ratios = steps.iter().filter(|s| s.0.kind == kind).map(|&(work, sms, other, seconds)| {
                 let predicted = interpolate(self.scales(kind).0, sms)
                     * self.unscaled_seconds(&self.priced(&work), sms, Some(other), self.contention(kind));
                 (sms, seconds / predicted)
             });
-            if let Some(scale) = per_budget(beside) {
-                match kind {
-                    StepKind::Decode => self.decode_beside_scale = scale,
-                    StepKind::Prefill => self.prefill_beside_scale = scale,
-                }
+            if let Some(scale) = per_budget(ratios) {
+                *self.scale_mut(kind, true) = scale;
             }
         }
     }
@@ -836,7 +846,8 @@ pub(crate) mod tests {
             }
         }
         let mut fitted = model.clone();
-        fitted.fit_scales(&alone, &beside);
+        fitted.fit_step_scales(&alone);
+        fitted.fit_beside_scales(&beside);
         // Within the jitter (3%) of the truth.
         for kind in [StepKind::Decode, StepKind::Prefill] {
             let (scale, beside_scale) = fitted.scales(kind);

@@ -9,11 +9,12 @@
 //! ([`fit_op_curve`]): compute against SMs, the share of the device's streaming-read curve
 //! ([`Backend::bandwidth_curve`]) its kernels reach, and a time per launch. Whole steps, timed
 //! without the operator timing, give each kind's fixed cost and its scale per budget (half of
-//! them: [`CostModel::fit_scales`]) and the prediction error (the other half, repeats of the same
-//! shapes). Then prefill and decode run at once on two phases at several splits, as the engine
-//! runs them: one prefill step, and decode steps back to back while it runs. Half of these pairs
-//! fit what each lane does to the other ([`CostModel::fit_contention`], then what it leaves per
-//! budget), the other half give the prediction error with both lanes running.
+//! them: [`CostModel::fit_step_scales`]) and the prediction error (the other half, repeats of
+//! the same shapes). Then prefill and decode run at once on two phases at several splits, as the
+//! engine runs them: one prefill step, and decode steps back to back while it runs. Half of these
+//! pairs fit what each lane does to the other ([`CostModel::fit_contention`], then what it leaves
+//! per budget: [`CostModel::fit_beside_scales`]), the other half give the prediction error with
+//! both lanes running.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -346,7 +347,7 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
     };
     (cost.prefill_overhead_s, cost.decode_overhead_s) = (overhead(StepKind::Prefill), overhead(StepKind::Decode));
     let fitted_alone: Vec<_> = alone(false).map(|s| (s.work, s.sms, s.seconds)).collect();
-    cost.fit_scales(&fitted_alone, &[]);
+    cost.fit_step_scales(&fitted_alone);
     cost = cost.checked()?;
     let alone_error = relative_errors(alone(true).map(|s| (cost.seconds(&s.work, s.sms, None), s.seconds)))
         .ok_or_else(|| Error::invalid("the profile timed no whole step"))?;
@@ -361,7 +362,7 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         .partition(|(held_out, _)| !held_out);
     let fitted: Vec<_> = fitted.into_iter().map(|(_, s)| s).collect();
     cost.fit_contention(&fitted);
-    cost.fit_scales(&fitted_alone, &fitted);
+    cost.fit_beside_scales(&fitted);
     cost = cost.checked()?;
     let both_error = relative_errors(
         held.iter().map(|&(_, (work, sms, other, seconds))| (cost.seconds(&work, sms, Some(other)), seconds)),

@@ -12,8 +12,9 @@
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
 //! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
 //! clock per step with the result (greedy argmax) back on the host: what a serving loop sees,
-//! launch overheads included. Decode steps are timed three ways: replayed from CUDA graphs (the
-//! backend's default), launched eagerly, and in the batch-invariant mode.
+//! launch overheads included. Decode steps are timed four ways: replayed from CUDA graphs (the
+//! backend's default: on Hopper with dependent launches while the phase has every SM), the same
+//! without dependent launches, launched eagerly, and in the batch-invariant mode.
 
 mod common;
 
@@ -55,6 +56,11 @@ fn main() {
         CudaBackendConfig { portable_prefill_attention: true, ..CudaBackendConfig::default() },
     )
     .expect("portable-attention backend");
+    let serial = CudaBackend::with_config(
+        gpu.clone(),
+        CudaBackendConfig { dependent_launch: false, ..CudaBackendConfig::default() },
+    )
+    .expect("backend without dependent launches");
     let start = Instant::now();
     let model = LlamaModel::random(&backend, &config, 1).expect("random weights");
     backend.synchronize().expect("sync");
@@ -72,7 +78,7 @@ fn main() {
 
     // Each backend runs its steps in a phase of its own, with every SM; the CUDA graphs also on a
     // phase of a smaller budget.
-    let phases = [&backend, &eager, &invariant, &portable].map(|b| b.new_phase().expect("phase"));
+    let phases = [&backend, &eager, &invariant, &portable, &serial].map(|b| b.new_phase().expect("phase"));
     let budget = 64.min(gpu.sm_count());
     let mut budgeted = backend.new_phase().expect("phase");
     backend.set_budget(&mut budgeted, budget).expect("budget");
@@ -135,6 +141,7 @@ fn main() {
     let all = gpu.sm_count();
     let modes = [
         (format!("CUDA graphs, {all} SMs"), &backend, &phases[0], all),
+        (format!("CUDA graphs, no dependent launch, {all} SMs"), &serial, &phases[4], all),
         (format!("eager, {all} SMs"), &eager, &phases[1], all),
         (format!("batch invariant, {all} SMs"), &invariant, &phases[2], all),
         (format!("CUDA graphs, {budget} SMs"), &backend, &budgeted, budget),

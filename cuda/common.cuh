@@ -60,6 +60,31 @@ struct CtaTrace {
     }
 };
 
+// ---- Programmatic dependent launch (sm_90+) -----------------------------------------------------
+// A launcher may let a kernel start while the previous kernel of its stream is still running
+// (nexus-kernels' LaunchOptions::dependent_launch). Every kernel therefore calls
+// wait_for_previous_kernel() before it touches memory that an earlier kernel writes or reads
+// (reads of weights may come first), and then allow_next_kernel(): the next kernel's CTAs may then
+// take SMs as this kernel's CTAs leave them and set up while this one drains. Placed after the
+// wait, the release keeps at most two kernels of a stream in flight, and every kernel started
+// early still waits for all earlier ones (each waited for its own predecessor). Launched without
+// the attribute, or below sm_90, both are no-ops.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_kernel() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// Both, for a kernel with nothing to do before the wait.
+__device__ __forceinline__ void follow_previous_kernel() {
+    wait_for_previous_kernel();
+    allow_next_kernel();
+}
+
 // ---- PTX wrappers shared by the tensor-core kernels ---------------------------------------------
 
 // The shared-memory address of a generic pointer into shared memory.

@@ -690,6 +690,7 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const int* __restrict__ work_indptr, const int* __restrict__ items, float* __restrict__ part_o,             \
         float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads, int num_kv_heads,             \
         int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2, uint64_t* __restrict__ cta_trace) { \
+        nexus::follow_previous_kernel();                                                                           \
         const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
                      part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
                      block_log2, ring_slots, scale_log2};                                                   \
@@ -699,6 +700,7 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \
         const int* __restrict__ num_split, int num_heads, __nv_bfloat16* __restrict__ out,                          \
         uint64_t* __restrict__ cta_trace) {                                                                          \
+        nexus::follow_previous_kernel();                                                                           \
         merge_body<D>(part_o, part_lse, merge_items, *num_split, num_heads, out, cta_trace);                         \
     }
 

@@ -111,6 +111,7 @@ __device__ __forceinline__ void rms_norm_rows(const __nv_bfloat16* __restrict__ 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     rms_norm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
              __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps, int warps_per_row) {
+    nexus::follow_previous_kernel();
     rms_norm_rows(x, nullptr, weight, out, rows, hidden, eps, warps_per_row);
 }
 
@@ -118,6 +119,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     fused_add_rms_norm(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
                        const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out, int rows,
                        int hidden, float eps, int warps_per_row) {
+    nexus::follow_previous_kernel();
     rms_norm_rows(x, residual, weight, out, rows, hidden, eps, warps_per_row);
 }
 
@@ -126,6 +128,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     embedding(const __nv_bfloat16* __restrict__ table, const uint32_t* __restrict__ tokens,
               __nv_bfloat16* __restrict__ out, int rows, int hidden, int vocab) {
+    nexus::follow_previous_kernel();
     const int vecs_per_row = hidden / VEC;
     const size_t total = (size_t)rows * vecs_per_row;
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
@@ -160,6 +163,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     rope(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions, int rows, int num_heads,
          int num_kv_heads, int head_dim, float theta, int style, int scaling, float factor, float low_freq_factor,
          float high_freq_factor, float original_max_position) {
+    nexus::follow_previous_kernel();
     const int half = head_dim / 2;
     const int rotated_heads = num_heads + num_kv_heads;
     const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
@@ -185,6 +189,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 // out[r, :] = silu(gate_up[r, :width]) * gate_up[r, width:].
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     silu_and_mul(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out, int rows, int width) {
+    nexus::follow_previous_kernel();
     const int vecs_per_row = width / VEC;
     const size_t total = (size_t)rows * vecs_per_row;
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
@@ -204,6 +209,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     write_kv_cache(const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ slots,
                    __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads,
                    int num_kv_heads, int head_dim) {
+    nexus::follow_previous_kernel();
     const int slot_len = num_kv_heads * head_dim;
     const int vecs_per_row = slot_len / VEC;
     const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
@@ -220,6 +226,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 // out[r] = the index of the largest logit of row r (the first on ties). One CTA per row.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     argmax(const __nv_bfloat16* __restrict__ logits, uint32_t* __restrict__ out, int rows, int vocab) {
+    nexus::follow_previous_kernel();
     __shared__ float best_value[WARPS];
     __shared__ int best_index[WARPS];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -273,6 +280,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     fill_uniform(__nv_bfloat16* __restrict__ out, unsigned long long n, unsigned long long seed, float mean,
                  float spread) {
+    nexus::follow_previous_kernel();
     for (unsigned long long i = (unsigned long long)blockIdx.x * THREADS + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * THREADS) {
         unsigned long long z = seed + (i + 1) * 0x9E3779B97F4A7C15ull;

@@ -17,7 +17,9 @@
 //   and one or two consumer warpgroups run wgmma on each stage straight from shared memory,
 //   keeping one wgmma group in flight, and hand the stage back on an `empty` mbarrier. The
 //   producer runs ahead across tile boundaries, so the next tile's loads overlap the current
-//   tile's epilogue. The `swap` kernel computes the tile transposed (weight rows on wgmma's
+//   tile's epilogue. Each CTA's first tile is its own (CTA i takes tile i; the counter hands out
+//   the rest), so the producer can request that tile's first ring of B before the previous
+//   kernel has finished (dependent launch: see wait_for_previous_kernel in common.cuh). The `swap` kernel computes the tile transposed (weight rows on wgmma's
 //   64-row side, activation rows on its narrow N side) for M <= 16, where a 64-row A tile
 //   would be mostly padding and its useless math would slow a weight-streaming GEMM. Its
 //   consumers spread each K block's 4 wgmma m64n16k16 over 4 independent accumulator sets: one
@@ -76,12 +78,12 @@ struct TileOrder {
     }
 };
 
-// The next tile for this CTA, or `tiles` when none is left. counters[0] hands out tiles;
-// counters[1] counts the CTAs that found none left (each asks once more after its last tile, then
-// stops asking). The last of them resets both for the next launch: every CTA has then taken its
-// final number.
-__device__ __forceinline__ int next_tile(unsigned* counters, int tiles) {
-    const unsigned t = atomicAdd(&counters[0], 1u);
+// The next tile for this CTA, or `tiles` when none is left. counters[0] hands out tiles from
+// `first` on (the tiles before are taken without it); counters[1] counts the CTAs that found none
+// left (each asks once more after its last tile, then stops asking). The last of them resets both
+// for the next launch: every CTA has then taken its final number.
+__device__ __forceinline__ int next_tile(unsigned* counters, int tiles, int first = 0) {
+    const unsigned t = static_cast<unsigned>(first) + atomicAdd(&counters[0], 1u);
     if (t >= static_cast<unsigned>(tiles)) {
         __threadfence();  // this CTA's last take happens before it is counted out
         if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
@@ -411,12 +413,37 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         // Producer: one thread loads; with two consumer warpgroups, the producer warpgroup gives
         // its registers to them (128 accumulators each for 128 x 256 tiles).
         if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_dec<C::PRODUCER_REGS>();
-        if (tid != 0) return;
+        if (tid != 0) {
+            nexus::follow_previous_kernel();
+            return;
+        }
+        // Each CTA's first unit is its own (the grid has at most one CTA per unit), the later
+        // ones come from the counter. The first unit's first ring of B slices (the weight, which
+        // no kernel writes) is requested before waiting for the previous kernel, so that under a
+        // dependent launch the weight stream starts while that kernel drains; A, which it wrote,
+        // and the counter, which the previous GEMM's last CTA reset, only after the wait.
+        int unit = blockIdx.x;
+        int early = 0;  // the first unit's K blocks whose B slice is already in flight
+        if (unit < units) {
+            int mt, nt, kb0, kb1;
+            order.coords(unit / splits, mt, nt);
+            unit_k_blocks(unit, kb0, kb1);
+            early = min(STAGES, kb1 - kb0);
+            for (int s = 0; s < early; ++s) {
+                stage_tile[s] = unit;
+                const uint32_t bar = smem_addr(&full[s]);
+                mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+                tma_load(ring + s * C::STAGE_BYTES + C::A_BYTES, tmap_b, (kb0 + s) * BK, nt * BN, bar);
+            }
+        }
+        nexus::follow_previous_kernel();
         int stage = 0;
         uint32_t phase = 0;
-        for (;;) {
-            const int unit = next_tile(counter, units);
-            mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+        for (bool first = true;; first = false) {
+            if (!first) {
+                unit = next_tile(counter, units, gridDim.x);
+                mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+            }
             if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
                 stage_tile[stage] = -1;
@@ -427,14 +454,17 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             order.coords(unit / splits, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
             for (int kb = kb0; kb < kb1; ++kb) {
-                if (kb > kb0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
-                // Published to the consumers by the arrive (release) and their wait (acquire).
-                stage_tile[stage] = unit;
+                const bool b_in_flight = first && kb - kb0 < early;
                 const uint32_t bar = smem_addr(&full[stage]);
                 const uint32_t dst = ring + stage * C::STAGE_BYTES;
-                mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+                if (!b_in_flight) {
+                    if (kb > kb0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+                    // Published to the consumers by the arrive (release) and their wait (acquire).
+                    stage_tile[stage] = unit;
+                    mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+                    tma_load(dst + C::A_BYTES, tmap_b, kb * BK, nt * BN, bar);
+                }
                 tma_load(dst, tmap_a, kb * BK, mt * BM, bar);
-                tma_load(dst + C::A_BYTES, tmap_b, kb * BK, nt * BN, bar);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
@@ -443,6 +473,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         }
     } else {
         if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_inc<C::CONSUMER_REGS>();
+        nexus::follow_previous_kernel();
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
         constexpr int SETS = C::ACC_SETS;
@@ -589,6 +620,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
         NAME(const bf16* __restrict__ a, const bf16* __restrict__ b, const bf16* __restrict__ bias,               \
              bf16* __restrict__ c, int m, int n, int k, int stages, unsigned* __restrict__ counter) {             \
+        nexus::follow_previous_kernel();                                                                           \
         gemm_mma_body<BM, BN, SWAP>(a, b, bias, c, m, n, k, stages, counter);                                      \
     }
 

@@ -886,6 +886,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         const int* __restrict__ block_tables, const int4* __restrict__ items, int num_items,                   \
         unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads,              \
         int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {  \
+        nexus::follow_previous_kernel();                                                                           \
         prefill_attention_body<D, BN, STAGES, PIPELINED>(qkv, k_cache, v_cache, block_tables, items, num_items, \
                                                          counters, out, num_heads, num_kv_heads, block_size_log2, \
                                                          max_blocks_per_seq, num_blocks, scale_log2, cta_trace);  \
@@ -916,6 +917,7 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
         const bf16* __restrict__ qkv, const int* __restrict__ block_tables, const int4* __restrict__ items,      \
         int num_items, unsigned* __restrict__ counters, bf16* __restrict__ out, int num_heads, int num_kv_heads, \
         int block_size_log2, int max_blocks_per_seq, int num_blocks, float scale_log2, uint64_t* cta_trace) {    \
+        nexus::follow_previous_kernel();                                                                           \
         NEXUS_PREFILL_WGMMA_BODY(D, STAGES, PIPELINED)                                                                   \
     }
 

@@ -29,6 +29,7 @@ __device__ __forceinline__ uint32_t warp_xor(uint32_t v) {
 // CTA without a chunk).
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     stream_read(const uint4* __restrict__ data, unsigned long long n, uint32_t* __restrict__ checksums) {
+    nexus::follow_previous_kernel();
     const unsigned long long stride = (unsigned long long)gridDim.x * THREADS;
     unsigned long long i = (unsigned long long)blockIdx.x * THREADS + threadIdx.x;
     uint32_t acc = 0;

@@ -197,6 +197,11 @@ struct DeviceArgs {
     /// (GPU only).
     #[arg(long)]
     portable_prefill_attention: bool,
+    /// Launch each kernel only once the previous one has finished, also on Hopper, where by
+    /// default a phase holding every SM lets the next kernel start while the previous drains
+    /// (programmatic dependent launch; GPU only): a comparison and a fallback.
+    #[arg(long)]
+    no_dependent_launch: bool,
 }
 
 impl DeviceArgs {
@@ -222,6 +227,7 @@ impl DeviceArgs {
         let mut config = CudaBackendConfig {
             batch_invariant: self.batch_invariant,
             portable_prefill_attention: self.portable_prefill_attention,
+            dependent_launch: !self.no_dependent_launch,
             ..CudaBackendConfig::default()
         };
         if self.enforce_eager {

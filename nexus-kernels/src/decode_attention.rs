@@ -52,7 +52,7 @@ use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
 use crate::error::ensure_shape;
@@ -594,7 +594,7 @@ pub fn decode_attention(
     };
     {
         let (f, cfg) = ctx.kernel(MODULE, name, plan.grid, THREADS, plan.smem_bytes)?;
-        let mut launch = stream.launch_builder(&f);
+        let mut launch = ctx.launch(&f);
         launch
             .arg(&k_map)
             .arg(&v_map)
@@ -627,7 +627,7 @@ pub fn decode_attention(
             Some(t) if t.len() >= 6 * budget => Some(t.slice_mut(3 * budget..)),
             _ => None,
         };
-        let mut launch = stream.launch_builder(&f);
+        let mut launch = ctx.launch(&f);
         launch
             .arg(&plan.part_o)
             .arg(&plan.part_lse)

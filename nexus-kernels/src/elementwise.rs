@@ -4,7 +4,7 @@
 //! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
 //! same names, are in [`crate::reference`].
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut};
 use half::bf16;
 
 use crate::Result;
@@ -46,7 +46,7 @@ pub fn embedding(
         (to_i32(rows, "rows")?, to_i32(hidden, "hidden")?, to_i32(table.len() / hidden, "vocab")?);
     let grid = ctx.budget().grid((rows * hidden / VEC).div_ceil(THREADS as usize));
     let (f, cfg) = ctx.kernel(MODULE, "embedding", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(table).arg(tokens).arg(out).arg(&rows_i).arg(&hidden_i).arg(&vocab_i);
     // SAFETY: the arguments match `embedding` in cuda/elementwise.cu, and the lengths checked
     // above bound every access.
@@ -84,7 +84,7 @@ pub fn rms_norm(
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
     let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
     let (f, cfg) = ctx.kernel(MODULE, "rms_norm", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
     // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
@@ -109,7 +109,7 @@ pub fn fused_add_rms_norm(
     );
     let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
     let (f, cfg) = ctx.kernel(MODULE, "fused_add_rms_norm", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
     // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
     unsafe { launch.launch(cfg) }?;
@@ -148,7 +148,7 @@ pub fn rope(
         to_i32(layout.head_dim, "head dim")?,
     ];
     let (f, cfg) = ctx.kernel(MODULE, "rope", ctx.budget().grid(pairs.div_ceil(THREADS as usize)), THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(positions).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
     launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
     // SAFETY: the arguments match `rope` in cuda/elementwise.cu; `layout.check` bounded the rows.
@@ -174,7 +174,7 @@ pub fn silu_and_mul(
     let (rows_i, width_i) = (to_i32(rows, "rows")?, to_i32(width, "width")?);
     let grid = ctx.budget().grid((out.len() / VEC).div_ceil(THREADS as usize));
     let (f, cfg) = ctx.kernel(MODULE, "silu_and_mul", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(gate_up).arg(out).arg(&rows_i).arg(&width_i);
     // SAFETY: the arguments match `silu_and_mul` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
@@ -220,7 +220,7 @@ pub fn write_kv_cache(
     ];
     let grid = ctx.budget().grid((rows * cache.slot_len() / VEC).div_ceil(THREADS as usize));
     let (f, cfg) = ctx.kernel(MODULE, "write_kv_cache", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(slots).arg(k_cache).arg(v_cache).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]);
     // SAFETY: the arguments match `write_kv_cache` in cuda/elementwise.cu; every slot was checked
     // against the pool above.
@@ -242,7 +242,7 @@ pub fn argmax(
     ensure_shape!(out.len() == rows, "argmax: out has {} entries for {rows} rows", out.len());
     let (rows_i, vocab_i) = (to_i32(rows, "rows")?, to_i32(vocab, "vocab")?);
     let (f, cfg) = ctx.kernel(MODULE, "argmax", ctx.budget().grid(rows), THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(logits).arg(out).arg(&rows_i).arg(&vocab_i);
     // SAFETY: the arguments match `argmax` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
@@ -264,7 +264,7 @@ pub fn fill_uniform(
     }
     let grid = ctx.budget().grid(out.len().div_ceil(THREADS as usize));
     let (f, cfg) = ctx.kernel(MODULE, "fill_uniform", grid, THREADS, 0)?;
-    let mut launch = ctx.stream().launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(out).arg(&n).arg(&seed).arg(&mean).arg(&spread);
     // SAFETY: the arguments match `fill_uniform` in cuda/elementwise.cu; it writes `n` values.
     unsafe { launch.launch(cfg) }?;

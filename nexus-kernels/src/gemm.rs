@@ -52,11 +52,11 @@
 //! ```
 
 use cudarc::driver::sys::{self, CUdevice_attribute};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchArgs, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
 use crate::error::ensure_shape;
-use crate::gpu::{BandwidthCurve, CtaBudget, DeviceModel, PhaseContext, PtxTarget};
+use crate::gpu::{BandwidthCurve, CtaBudget, DeviceModel, Launch, PhaseContext, PtxTarget};
 use crate::tensor_map::TensorMap;
 use crate::{Error, Result};
 
@@ -462,7 +462,9 @@ impl GemmWorkspace {
 }
 
 /// `c = a · bᵀ (+ bias)` with `a: [m, k]`, `b: [n, k]`, `bias: [n]`, `c: [m, n]`, all bf16, on
-/// at most the context's CTA budget, with the kernel [`plan`] picks.
+/// at most the context's CTA budget, with the kernel [`plan`] picks. Under a dependent launch
+/// ([`crate::LaunchOptions`]) the Hopper kernels read `b` before the previous kernel has
+/// finished: `b` is a weight, which the kernels before this one must not write.
 pub fn gemm(
     ctx: &PhaseContext,
     a: &CudaView<'_, bf16>,
@@ -567,7 +569,7 @@ pub fn gemm_with(
             let stages_i = stages as i32;
             let smem = (stages * stage_bytes + MMA_SMEM_EXTRA) as u32;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, MMA_THREADS, smem)?;
-            let mut launch = stream.launch_builder(&f);
+            let mut launch = ctx.launch(&f);
             launch.arg(a).arg(b);
             push_bias(&mut launch, bias, &null);
             launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&stages_i).arg(&mut workspace.counter);
@@ -586,7 +588,7 @@ pub fn gemm_with(
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
             let map_b = matrix_map(b_ptr, n, k, spec.bn)?;
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
-            let mut launch = stream.launch_builder(&f);
+            let mut launch = ctx.launch(&f);
             let splits_i = splits as i32;
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
@@ -606,7 +608,7 @@ pub fn gemm_with(
     Ok(())
 }
 
-fn push_bias<'a>(launch: &mut LaunchArgs<'a>, bias: Option<&'a CudaView<'_, bf16>>, null: &'a u64) {
+fn push_bias<'a>(launch: &mut Launch<'a>, bias: Option<&'a CudaView<'_, bf16>>, null: &'a u64) {
     match bias {
         Some(bias) => launch.arg(bias),
         None => launch.arg(null),

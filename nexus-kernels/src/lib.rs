@@ -5,7 +5,7 @@
 //! many CTAs, each alone on its SM, and each CTA loops over work items. Two launches on two
 //! streams whose budgets add up to at most the SM count therefore run side by side on disjoint
 //! SMs — which is how Nexus runs prefill and decode at the same time on one GPU. Launches take a
-//! [`PhaseContext`] (device, stream, budget).
+//! [`PhaseContext`] (device, stream, budget, and [`LaunchOptions`]).
 //!
 //! | module | kernels |
 //! | --- | --- |
@@ -85,7 +85,9 @@ pub mod stream_read;
 
 pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
-pub use gpu::{BandwidthCurve, CtaBudget, DeviceModel, Gpu, PhaseContext, copy_rows_htod, copy_to_pinned};
+pub use gpu::{
+    BandwidthCurve, CtaBudget, DeviceModel, Gpu, LaunchOptions, PhaseContext, copy_rows_htod, copy_to_pinned,
+};
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.
 pub use half::bf16;

@@ -48,7 +48,7 @@
 //! # }
 //! ```
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
 use crate::error::ensure_shape;
@@ -502,7 +502,7 @@ pub fn prefill_attention(
         }
         Family::Portable => None,
     };
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     match &maps {
         Some((k_map, v_map)) => launch.arg(k_map).arg(v_map).arg(qkv),
         None => launch.arg(qkv).arg(k_cache).arg(v_cache),

@@ -4,7 +4,7 @@
 //! of each budget ([`BandwidthCurve`](crate::gpu::BandwidthCurve)), and the ceiling the benchmarks
 //! compare kernels with. The reference is [`crate::reference::stream_read`].
 
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
 
 use crate::Result;
 use crate::error::ensure_shape;
@@ -41,7 +41,7 @@ pub fn stream_read(ctx: &PhaseContext, data: &CudaView<'_, u32>, checksums: &mut
     );
     let vectors = (data.len() / VEC_WORDS) as u64;
     let (f, cfg) = ctx.kernel(MODULE, "stream_read", ctas, THREADS, 0)?;
-    let mut launch = stream.launch_builder(&f);
+    let mut launch = ctx.launch(&f);
     launch.arg(data).arg(&vectors).arg(checksums);
     // SAFETY: the arguments match `stream_read` in cuda/stream_read.cu. The kernel reads the
     // `vectors` 16-byte vectors of `data` (whole and aligned, checked above) and writes

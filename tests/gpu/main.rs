@@ -7,6 +7,7 @@ mod bandwidth;
 mod common;
 mod coresidency;
 mod decode_attention;
+mod dependent_launch;
 mod elementwise;
 mod gemm;
 mod hf_models;

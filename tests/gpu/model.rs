@@ -280,14 +280,16 @@ fn check_lane_timeline(timeline: &[Iteration], sms: u32, prefill_sms: u32) {
 /// caches, one backend recording graphs and one running eagerly, with batches that shrink
 /// through several buckets (so steps are padded), contexts that cross block boundaries, both
 /// backends fed the eager run's greedy tokens, and the graphed phase's budget moving between two
-/// values (a recording per bucket and budget).
+/// values (a recording per bucket and budget). The eager backend launches each kernel after the
+/// previous one; the graphed one, at all SMs, with dependent launches (on Hopper), so this also
+/// checks that every kernel waits for what its predecessor wrote.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_what_eager_steps_compute() {
     let loaded = loader::open(&model_path()).expect("open the model");
     let eager = CudaBackend::with_config(
         gpu(),
-        CudaBackendConfig { graph_batch_sizes: Vec::new(), ..CudaBackendConfig::default() },
+        CudaBackendConfig { graph_batch_sizes: Vec::new(), dependent_launch: false, ..CudaBackendConfig::default() },
     )
     .expect("eager backend");
     let graphed = CudaBackend::new(gpu()).expect("graph backend");

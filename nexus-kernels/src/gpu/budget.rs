@@ -7,6 +7,7 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use cudarc::driver::{CudaFunction, CudaGraph, CudaStream, LaunchConfig};
 
 use super::Gpu;
+use super::launch::{Launch, LaunchOptions};
 use crate::{Error, Result};
 
 /// The most CTAs a launch may use. Every kernel is persistent and sized for one resident CTA
@@ -41,24 +42,33 @@ impl CtaBudget {
     }
 }
 
-/// Where a phase's launches go: a device, a stream and a CTA budget. The scheduler hands one to
-/// each phase's forward pass, and every launch inside it uses it.
+/// Where a phase's launches go: a device, a stream, a CTA budget and how kernels are launched
+/// ([`LaunchOptions`]). The scheduler hands one to each phase's forward pass, and every launch
+/// inside it uses it.
 #[derive(Clone, Debug)]
 pub struct PhaseContext {
     gpu: Arc<Gpu>,
     stream: Arc<CudaStream>,
     budget: CtaBudget,
+    launch_options: LaunchOptions,
 }
 
 impl PhaseContext {
-    /// A context launching on `stream` with at most `budget` CTAs per kernel.
+    /// A context launching on `stream` with at most `budget` CTAs per kernel, with the default
+    /// [`LaunchOptions`].
     pub fn new(gpu: Arc<Gpu>, stream: Arc<CudaStream>, budget: CtaBudget) -> Self {
-        PhaseContext { gpu, stream, budget }
+        PhaseContext { gpu, stream, budget, launch_options: LaunchOptions::default() }
     }
 
-    /// The same stream with another budget.
+    /// The same stream and launch options with another budget.
     pub fn with_budget(&self, budget: CtaBudget) -> Self {
         PhaseContext { budget, ..self.clone() }
+    }
+
+    /// The same stream and budget, launching with `options` (see
+    /// [`LaunchOptions::dependent_launch`] for when to turn on dependent launches).
+    pub fn with_launch_options(&self, options: LaunchOptions) -> Self {
+        PhaseContext { launch_options: options, ..self.clone() }
     }
 
     /// The device.
@@ -74,6 +84,11 @@ impl PhaseContext {
     /// The CTA budget of each launch.
     pub fn budget(&self) -> CtaBudget {
         self.budget
+    }
+
+    /// How kernels are launched.
+    pub fn launch_options(&self) -> LaunchOptions {
+        self.launch_options
     }
 
     /// Records what `launches` puts on this context's stream into a CUDA graph instead of running
@@ -133,5 +148,11 @@ impl PhaseContext {
             shared_mem_bytes: smem.max(self.gpu.exclusive_smem()),
         };
         Ok((f, cfg))
+    }
+
+    /// A launch of `f` (from [`PhaseContext::kernel`]) on this context's stream, with its launch
+    /// options.
+    pub(crate) fn launch<'a>(&'a self, f: &'a CudaFunction) -> Launch<'a> {
+        Launch::new(&self.stream, f, self.launch_options, self.gpu.target())
     }
 }

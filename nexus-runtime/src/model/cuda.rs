@@ -36,8 +36,8 @@ use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
 use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
-    CtaBudget, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod, copy_to_pinned,
-    elementwise,
+    CtaBudget, Gpu, LaunchOptions, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod,
+    copy_to_pinned, elementwise,
 };
 
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, StepKind, StepScope};
@@ -162,6 +162,13 @@ pub struct CudaBackendConfig {
     /// Hopper, where the default is the wgmma one: a fallback, and the comparison the benchmarks
     /// make.
     pub portable_prefill_attention: bool,
+    /// Launch kernels with programmatic dependent launch on Hopper while a phase has every SM
+    /// ([`nexus_kernels::LaunchOptions`]): each kernel's CTAs take the SMs the previous kernel's
+    /// CTAs leave and start reading its weights while that kernel drains, which shortens decode
+    /// steps whose kernels are each a few microseconds. Never while the phase shares the GPU
+    /// (a budget below the SM count): a kernel started early may take SMs the other lane has idle
+    /// for a moment and keep them for its whole run.
+    pub dependent_launch: bool,
 }
 
 impl Default for CudaBackendConfig {
@@ -172,7 +179,12 @@ impl Default for CudaBackendConfig {
         sizes.extend((8..=64).step_by(8));
         sizes.extend((80..=128).step_by(16));
         sizes.extend((160..=256).step_by(32));
-        CudaBackendConfig { graph_batch_sizes: sizes, batch_invariant: false, portable_prefill_attention: false }
+        CudaBackendConfig {
+            graph_batch_sizes: sizes,
+            batch_invariant: false,
+            portable_prefill_attention: false,
+            dependent_launch: true,
+        }
     }
 }
 
@@ -315,6 +327,12 @@ impl CudaBackend {
     /// The device.
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// How a phase of `budget` launches: dependent launches only with every SM (see
+    /// [`CudaBackendConfig::dependent_launch`]).
+    fn launch_options(&self, budget: CtaBudget) -> LaunchOptions {
+        LaunchOptions { dependent_launch: self.config.dependent_launch && budget == CtaBudget::all(&self.gpu) }
     }
 
     /// The batch sizes and budgets of `phase`'s recorded decode steps, ascending.
@@ -584,6 +602,7 @@ impl Backend for CudaBackend {
 
     fn new_phase(&self) -> Result<CudaPhase> {
         let ctx = PhaseContext::new(self.gpu.clone(), self.gpu.new_stream()?, CtaBudget::all(&self.gpu));
+        let ctx = ctx.with_launch_options(self.launch_options(ctx.budget()));
         let ids = (ctx.stream().alloc_zeros::<u32>(READBACK_ROWS).map_err(kernel_error)?, self.pinned(READBACK_ROWS)?);
         Ok(CudaPhase {
             gemm_workspace: Mutex::new(GemmWorkspace::new(&ctx)?),
@@ -596,7 +615,8 @@ impl Backend for CudaBackend {
     }
 
     fn set_budget(&self, phase: &mut CudaPhase, sms: u32) -> Result<()> {
-        phase.ctx = phase.ctx.with_budget(CtaBudget::new(sms, &self.gpu)?);
+        let budget = CtaBudget::new(sms, &self.gpu)?;
+        phase.ctx = phase.ctx.with_budget(budget).with_launch_options(self.launch_options(budget));
         Ok(())
     }
 

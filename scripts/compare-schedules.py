@@ -7,6 +7,10 @@ Nexus issue states its bar: throughput at the objective (--slo-ttft-ms/--slo-tbt
 
 Prints markdown: a row per schedule with each figure and its ratio to the first schedule's.
 With --strip OUT, also writes each JSON without its per-iteration timelines (the summaries stay).
+Where the runs still have their timelines, a second table gives per run where the time went: the
+prompt tokens per second of the iterations that carried prompt tokens (the prefill lane's, or
+chunked's mixed iterations'), and the decode iterations that ran beside a prefill iteration
+(median and p95 time, median budget).
 """
 import json
 import sys
@@ -56,11 +60,38 @@ def main(paths, strip_to=None):
                 short, long = (r["ttft_by_prompt"][k]["mean"] for k in ("short_s", "long_s"))
                 cells.append(" / ".join("-" if v is None else f"{v * 1e3:.0f}" for v in (short, long)))
             print(f"| {s} | " + " | ".join(cells) + " |")
+        lanes_table(doc)
         if strip_to:
             for r in doc["runs"]:
                 r.pop("timeline", None)
             name = path.rsplit("/", 1)[-1]
             json.dump(doc, open(f"{strip_to}/{name}", "w"), indent=1)
+
+
+def lanes_table(doc):
+    runs = [r for r in doc["runs"] if r.get("timeline")]
+    if not runs:
+        return
+    print("\n| schedule | rate | prompt tokens/s | decode beside prefill: p50 / p95 (ms) | its median budget (SMs) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
+        timeline = r["timeline"]
+        # Iterations with more query rows than sequences carry prompt tokens (a decode row is one
+        # token of one sequence); their rows over their time is the prompt token rate.
+        prompt = [it for it in timeline if it["tokens"] > it["seqs"]]
+        seconds = sum(it["end_s"] - it["start_s"] for it in prompt)
+        rate = f"{sum(it['tokens'] for it in prompt) / seconds / 1e3:.1f}k" if seconds > 0 else "-"
+        prefill = [it for it in timeline if it["lane"] == "prefill"]
+        beside = [it for it in timeline if it["lane"] == "decode"
+                  and any(p["start_s"] < it["end_s"] and it["start_s"] < p["end_s"] for p in prefill)]
+        if beside:
+            times = sorted(it["end_s"] - it["start_s"] for it in beside)
+            budgets = sorted(it["budget"] for it in beside)
+            decode = f"{times[len(times) // 2] * 1e3:.1f} / {times[min(len(times) - 1, int(0.95 * len(times)))] * 1e3:.1f}"
+            budget = str(budgets[len(budgets) // 2])
+        else:
+            decode, budget = "-", "-"
+        print(f"| {r['schedule']} | {r['rate']} | {rate} | {decode} | {budget} |")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@
 //   producer runs ahead across tile boundaries, so the next tile's loads overlap the current
 //   tile's epilogue. Each CTA's first tile is its own (CTA i takes tile i; the counter hands out
 //   the rest), so the producer can request that tile's first ring of B before the previous
-//   kernel has finished (dependent launch: see wait_for_previous_kernel in common.cuh). The `swap` kernel computes the tile transposed (weight rows on wgmma's
-//   64-row side, activation rows on its narrow N side) for M <= 16, where a 64-row A tile
-//   would be mostly padding and its useless math would slow a weight-streaming GEMM. Its
+//   kernel has finished (dependent launch: see wait_for_previous_kernel in common.cuh). The
+//   `swap` kernel computes the tile transposed (weight rows on wgmma's 64-row side, activation
+//   rows on its narrow N side) for M <= 16, where a 64-row A tile would be mostly padding and
+//   its useless math would slow a weight-streaming GEMM. Its
 //   consumers spread each K block's 4 wgmma m64n16k16 over 4 independent accumulator sets: one
 //   dependent chain of them ran at wgmma latency, ~47 GB/s of weight per SM. swap_16x128 has
 //   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight).

@@ -34,9 +34,10 @@ pub struct LaunchOptions {
     /// [`CudaContext::is_event_tracking`](cudarc::driver::CudaContext::is_event_tracking)):
     /// the launch then goes through cudarc's builder, which records its per-buffer events.
     ///
-    /// Use it on one lane only (decode): a kernel launched early has its CTAs placed on whatever
-    /// SMs are idle at that moment, which may be SMs the other lane's budget counts on, so two
-    /// lanes launching this way no longer run on disjoint SMs.
+    /// Use it only on a context that has the GPU to itself (the CUDA backend of nexus-runtime:
+    /// while a phase has every SM): a kernel launched early has its CTAs placed on whatever SMs
+    /// are idle at that moment, which may be SMs another lane's budget counts on, and keeps them
+    /// for its whole run, so lanes would no longer run on disjoint SMs.
     pub dependent_launch: bool,
 }
 

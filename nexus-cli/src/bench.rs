@@ -257,14 +257,20 @@ impl Arm {
         match schedule {
             Schedule::Chunked => Arm { name: Some("chunked".into()), prefill_sms: None },
             Schedule::Nexus(split) => Arm {
-                name: Some(format!("nexus {}/{}", split.prefill_sms, sm_count.saturating_sub(split.prefill_sms))),
+                name: Some(format!(
+                    "nexus {}/{}{}",
+                    split.prefill_sms,
+                    sm_count.saturating_sub(split.prefill_sms),
+                    prefill_limit(split.prefill_tokens)
+                )),
                 prefill_sms: Some(split.prefill_sms),
             },
             Schedule::NexusControlled(control) => {
-                let name = match control.controller.decode_target_s {
-                    Some(target) => format!("nexus controlled, {} ms target", (target * 1e6).round() / 1e3),
-                    None => "nexus controlled".into(),
+                let target = match control.controller.decode_target_s {
+                    Some(target) => format!(", {} ms target", (target * 1e6).round() / 1e3),
+                    None => String::new(),
                 };
+                let name = format!("nexus controlled{target}{}", prefill_limit(control.prefill_tokens));
                 Arm { name: Some(name), prefill_sms: None }
             }
         }
@@ -277,6 +283,11 @@ impl Arm {
             None => format!("at {rate} req/s"),
         }
     }
+}
+
+/// How an arm's name states its prefill iteration limit, when one was given.
+fn prefill_limit(prefill_tokens: Option<usize>) -> String {
+    prefill_tokens.map(|n| format!(", prefill {n} tokens")).unwrap_or_default()
 }
 
 /// The runs of one arm, one per rate.

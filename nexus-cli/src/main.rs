@@ -312,9 +312,10 @@ struct EngineArgs {
     prefill_aging: u64,
     /// With `--schedule nexus`: the most prompt tokens of one prefill iteration (default:
     /// --max-num-batched-tokens). Shorter iterations let a prompt that arrives during one start
-    /// sooner; decode does not wait for them.
-    #[arg(long)]
-    prefill_tokens: Option<usize>,
+    /// sooner; longer ones keep more of the GPU busy per launch; decode waits for neither.
+    /// `nexus bench` takes several, comma-separated, and runs each nexus schedule with each.
+    #[arg(long, value_delimiter = ',')]
+    prefill_tokens: Vec<usize>,
 }
 
 /// The `--schedule` values.
@@ -345,31 +346,34 @@ impl EngineArgs {
                         ms => ms.iter().map(|&ms| Some(ms / 1e3)).collect(),
                     };
                     for target in targets {
-                        let control = self.control(device, sm_count, model, hub, target)?;
-                        out.push(Schedule::NexusControlled(Box::new(control)));
+                        for prefill_tokens in self.prefill_token_limits() {
+                            let control = self.control(device, sm_count, model, hub, target, prefill_tokens)?;
+                            out.push(Schedule::NexusControlled(Box::new(control)));
+                        }
                     }
                 }
                 ScheduleKind::Nexus => {
                     fixed_done = true;
-                    out.extend(self.prefill_sms.iter().map(|&prefill_sms| {
-                        Schedule::Nexus(NexusConfig {
-                            prefill_sms,
-                            prefill_aging: self.prefill_aging,
-                            prefill_tokens: self.prefill_tokens,
-                        })
-                    }));
+                    for &prefill_sms in &self.prefill_sms {
+                        out.extend(self.prefill_token_limits().into_iter().map(|prefill_tokens| {
+                            Schedule::Nexus(NexusConfig {
+                                prefill_sms,
+                                prefill_aging: self.prefill_aging,
+                                prefill_tokens,
+                            })
+                        }));
+                    }
                 }
             }
         }
         if !self.prefill_sms.is_empty() && !self.schedule.contains(&ScheduleKind::Nexus) {
             bail!("--prefill-sms needs --schedule nexus");
         }
-        match self.prefill_tokens {
-            Some(_) if !self.schedule.contains(&ScheduleKind::Nexus) => {
-                bail!("--prefill-tokens needs --schedule nexus")
-            }
-            Some(0) => bail!("--prefill-tokens must be at least 1"),
-            _ => {}
+        if !self.prefill_tokens.is_empty() && !self.schedule.contains(&ScheduleKind::Nexus) {
+            bail!("--prefill-tokens needs --schedule nexus")
+        }
+        if self.prefill_tokens.contains(&0) {
+            bail!("--prefill-tokens must be at least 1")
         }
         // Checked here, before any model loads, rather than when the engine builds the scheduler.
         if let Some(bad) = self.prefill_sms.iter().find(|&&n| n == 0 || n >= sm_count) {
@@ -382,16 +386,28 @@ impl EngineArgs {
         Ok(out)
     }
 
+    /// The prefill iteration limits of the nexus schedules: each `--prefill-tokens`, or the
+    /// default when none is given.
+    fn prefill_token_limits(&self) -> Vec<Option<usize>> {
+        match self.prefill_tokens.as_slice() {
+            [] => vec![None],
+            limits => limits.iter().map(|&n| Some(n)).collect(),
+        }
+    }
+
     /// The one schedule `--schedule` names (serving runs one).
     fn schedule(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Schedule> {
         match self.schedules(device, sm_count, model, hub)?.as_slice() {
             [one] => Ok(one.clone()),
-            _ => bail!("give one --schedule (and at most one --prefill-sms or --decode-target-ms) to serve"),
+            _ => bail!(
+                "give one --schedule (and at most one --prefill-sms, --decode-target-ms or --prefill-tokens) to serve"
+            ),
         }
     }
 
-    /// The controller's settings with the decode target `target_s` (seconds), with the profile of
-    /// `model` (as `hub` picks it) on `device`.
+    /// The controller's settings with the decode target `target_s` (seconds) and prefill
+    /// iterations of at most `prefill_tokens`, with the profile of `model` (as `hub` picks it) on
+    /// `device`.
     fn control(
         &self,
         device: &str,
@@ -399,6 +415,7 @@ impl EngineArgs {
         model: &str,
         hub: &HubArgs,
         target_s: Option<f64>,
+        prefill_tokens: Option<usize>,
     ) -> anyhow::Result<NexusControl> {
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,
@@ -424,12 +441,7 @@ impl EngineArgs {
                 hub.flags(model)
             )
         })?;
-        Ok(NexusControl {
-            cost: saved.cost_model,
-            controller,
-            prefill_aging: self.prefill_aging,
-            prefill_tokens: self.prefill_tokens,
-        })
+        Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging, prefill_tokens })
     }
 
     /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.

@@ -216,6 +216,7 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--prefill-sms", "64"][..], "needs --schedule nexus"),
         (&["--prefill-tokens", "512"][..], "--prefill-tokens needs --schedule nexus"),
         (&["--schedule", "nexus", "--prefill-sms", "64", "--prefill-tokens", "0"][..], "at least 1"),
+        (&["--schedule", "nexus", "--prefill-sms", "64", "--prefill-tokens", "512,0"][..], "at least 1"),
         (&["--rate", "1,2", "--plot", "x.svg", "--plot-timeline-rate", "3"][..], "--plot-timeline-rate 3"),
         (&["--rate", "1,nan"][..], "--rate"),
         (&["--burstiness", "0"][..], "--burstiness"),

@@ -437,6 +437,7 @@ fn bad_schedules_and_limits_are_refused_at_startup() {
         (&["--schedule", "nexus", "--prefill-sms", "132"][..], "--prefill-sms 132"),
         (&["--schedule", "nexus", "--prefill-sms", "32,64"][..], "give one --schedule"),
         (&["--schedule", "chunked,nexus", "--prefill-sms", "64"][..], "give one --schedule"),
+        (&["--schedule", "nexus", "--prefill-sms", "64", "--prefill-tokens", "512,1024"][..], "give one --schedule"),
         // The controller splits from a profile of the model on this device, and there is none.
         (&["--schedule", "nexus", "--profile", "/nonexistent/profile.json"][..], "nexus profile --model"),
         (&["--shutdown-grace-s=-1"][..], "--shutdown-grace-s -1"),

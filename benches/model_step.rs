@@ -214,6 +214,11 @@ fn main() {
             backend.0.time_ops(backend.1, false).expect("time ops");
             kernel_rows(&kernels, &config, sms, gpu.model().bandwidth().at(sms), &ops);
         }
+        if graphs {
+            for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
+                eprintln!("{mode}: graph of batch {batch} on {budget} SMs: {census:?}");
+            }
+        }
         seqs.iter().for_each(|&seq| blocks.free(seq));
         let kv_read = decode_batch as f64 * (context + 15) as f64 * kv_bytes_per_token;
         let flops = linear_flops(decode_batch) + attention_flops((decode_batch * (context + 15)) as f64);

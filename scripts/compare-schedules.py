@@ -9,7 +9,8 @@ Prints markdown: a row per schedule with each figure and its ratio to the first 
 With --strip OUT, also writes each JSON without its per-iteration timelines (the summaries stay).
 Where the runs still have their timelines, a second table gives per run where the time went: the
 prompt tokens per second of the iterations that carried prompt tokens (the prefill lane's, or
-chunked's mixed iterations'), and the decode iterations that ran beside a prefill iteration
+chunked's mixed iterations'), the arrival rate that keeps up with (at the trace's mean prompt
+length: above it a schedule only queues, however a short trace hides it), and the decode iterations that ran beside a prefill iteration
 (median and p95 time, median budget).
 """
 import json
@@ -72,15 +73,22 @@ def lanes_table(doc):
     runs = [r for r in doc["runs"] if r.get("timeline")]
     if not runs:
         return
-    print("\n| schedule | rate | prompt tokens/s | decode beside prefill: p50 / p95 (ms) | its median budget (SMs) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
+          "| its median budget (SMs) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for r in sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
         timeline = r["timeline"]
         # Iterations with more query rows than sequences carry prompt tokens (a decode row is one
         # token of one sequence); their rows over their time is the prompt token rate.
         prompt = [it for it in timeline if it["tokens"] > it["seqs"]]
         seconds = sum(it["end_s"] - it["start_s"] for it in prompt)
-        rate = f"{sum(it['tokens'] for it in prompt) / seconds / 1e3:.1f}k" if seconds > 0 else "-"
+        tokens_per_s = sum(it["tokens"] for it in prompt) / seconds if seconds > 0 else None
+        rate = "-" if tokens_per_s is None else f"{tokens_per_s / 1e3:.1f}k"
+        # The arrival rate whose prompts this lane keeps up with, at this trace's mean prompt: a
+        # bound on the rate the schedule can sustain (a short trace above it only queues).
+        capacity = "-"
+        if tokens_per_s and r["completed"]:
+            capacity = f"{tokens_per_s / (r['total_input_tokens'] / r['completed']):.1f}"
         prefill = [it for it in timeline if it["lane"] == "prefill"]
         beside = [it for it in timeline if it["lane"] == "decode"
                   and any(p["start_s"] < it["end_s"] and it["start_s"] < p["end_s"] for p in prefill)]
@@ -91,7 +99,7 @@ def lanes_table(doc):
             budget = str(budgets[len(budgets) // 2])
         else:
             decode, budget = "-", "-"
-        print(f"| {r['schedule']} | {r['rate']} | {rate} | {decode} | {budget} |")
+        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} |")
 
 
 if __name__ == "__main__":

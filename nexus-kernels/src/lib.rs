@@ -86,7 +86,8 @@ pub mod stream_read;
 pub use cudarc;
 pub use error::{Error, ErrorKind, Result};
 pub use gpu::{
-    BandwidthCurve, CtaBudget, DeviceModel, Gpu, LaunchOptions, PhaseContext, copy_rows_htod, copy_to_pinned,
+    BandwidthCurve, CtaBudget, DeviceModel, Gpu, GraphCensus, LaunchOptions, PhaseContext, copy_rows_htod,
+    copy_to_pinned,
 };
 /// The bf16 type of the kernels' buffers, and the CUDA driver bindings their launchers take
 /// buffers and streams from, re-exported so that users get the versions this crate is built with.

@@ -5,10 +5,10 @@
 //! compared with the reference applied to the GPU's own input of that layer, so a read that came
 //! too early (NaN, or a partly written tile) fails at the layer where it happened.
 
-use cudarc::driver::{CudaGraph, CudaSlice, sys};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use nexus::kernels::gemm::{self, GemmShape, GemmWorkspace};
-use nexus::kernels::{CtaBudget, Gpu, LaunchOptions, PhaseContext, elementwise, reference};
+use nexus::kernels::{CtaBudget, Gpu, GraphCensus, LaunchOptions, PhaseContext, elementwise, reference};
 
 use crate::common::*;
 
@@ -106,11 +106,12 @@ fn dependent_launches_read_what_the_previous_kernel_wrote() {
         chain.check(&ctx, &norm_weight, &weights, &format!("{rows} rows, eager"));
 
         let (graph, ()) = ctx.capture(|| chain.run(&ctx)).expect("capture");
-        let (programmatic, edges) = edge_types(&graph);
-        println!("{rows} rows: {programmatic} of {edges} captured edges are programmatic");
+        let census = GraphCensus::of(&graph).expect("census");
+        println!("{rows} rows: {census:?}");
+        let kernels = 2 * LAYERS;
         assert_eq!(
-            (programmatic, edges),
-            (2 * LAYERS - 1, 2 * LAYERS - 1),
+            census,
+            GraphCensus { kernels, edges: kernels - 1, programmatic_edges: kernels - 1, ..GraphCensus::default() },
             "{rows} rows: the graph must keep a programmatic edge between each pair of kernels"
         );
         for replay in 0..3 {
@@ -119,35 +120,4 @@ fn dependent_launches_read_what_the_previous_kernel_wrote() {
             chain.check(&ctx, &norm_weight, &weights, &format!("{rows} rows, replay {replay}"));
         }
     }
-}
-
-/// The edges of `graph`'s captured (not instantiated) graph that let a kernel start while its
-/// predecessor drains, and all its edges.
-fn edge_types(graph: &CudaGraph) -> (usize, usize) {
-    let mut count = 0usize;
-    // SAFETY: a null edge array asks for the count only; the graph lives as long as `graph`.
-    let status = unsafe {
-        sys::cuGraphGetEdges_v2(
-            graph.cu_graph(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            &mut count,
-        )
-    };
-    assert_eq!(status, sys::CUresult::CUDA_SUCCESS, "count the graph's edges");
-    let mut from = vec![std::ptr::null_mut(); count];
-    let mut to = vec![std::ptr::null_mut(); count];
-    // SAFETY: CUgraphEdgeData is plain bytes, for which zero is a valid value.
-    let mut data = vec![unsafe { std::mem::zeroed::<sys::CUgraphEdgeData>() }; count];
-    // SAFETY: the three arrays hold `count` entries each, as the call asks.
-    let status = unsafe {
-        sys::cuGraphGetEdges_v2(graph.cu_graph(), from.as_mut_ptr(), to.as_mut_ptr(), data.as_mut_ptr(), &mut count)
-    };
-    assert_eq!(status, sys::CUresult::CUDA_SUCCESS, "read the graph's edges");
-    let programmatic = data[..count]
-        .iter()
-        .filter(|e| e.type_ == sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8)
-        .count();
-    (programmatic, count)
 }

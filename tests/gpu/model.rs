@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
+use nexus::kernels::gpu::PtxTarget;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
 use nexus::runtime::engine::kv_cache::BlockManager;
 use nexus::runtime::engine::scheduler::{Lane, NexusConfig, SchedulerConfig};
@@ -287,18 +288,55 @@ fn check_lane_timeline(timeline: &[Iteration], sms: u32, prefill_sms: u32) {
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_replay_what_eager_steps_compute() {
     let loaded = loader::open(&model_path()).expect("open the model");
+    let [eager, graphed] = eager_and_graphed();
+    let model = LlamaModel::load(&eager, loaded.weights.as_ref(), |_, _| {}).expect("load");
+    check_decode_graphs(&model, &eager, &graphed);
+}
+
+/// The same on a model of random weights (runs without the model file), Llama-shaped with GQA
+/// and head dim 128.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_graphs_of_a_random_model_replay_what_eager_steps_compute() {
+    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+    let config = ModelConfig {
+        architecture: Architecture::Llama,
+        hidden_size: 1024,
+        intermediate_size: 2816,
+        num_layers: 4,
+        num_heads: 8,
+        num_kv_heads: 2,
+        head_dim: 128,
+        vocab_size: 4096,
+        max_position_embeddings: 4096,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500_000.0,
+        rope_style: RopeStyle::RotateHalf,
+        rope_scaling: RopeScaling::None,
+        tie_word_embeddings: false,
+        attention_bias: false,
+    };
+    let [eager, graphed] = eager_and_graphed();
+    let model = LlamaModel::random(&eager, &config, 11).expect("random model");
+    check_decode_graphs(&model, &eager, &graphed);
+}
+
+/// A backend that runs every step eagerly, kernel after kernel, and one that records decode
+/// steps with dependent launches (the default).
+fn eager_and_graphed() -> [CudaBackend; 2] {
     let eager = CudaBackend::with_config(
         gpu(),
         CudaBackendConfig { graph_batch_sizes: Vec::new(), dependent_launch: false, ..CudaBackendConfig::default() },
     )
     .expect("eager backend");
-    let graphed = CudaBackend::new(gpu()).expect("graph backend");
-    let model = LlamaModel::load(&eager, loaded.weights.as_ref(), |_, _| {}).expect("load");
+    [eager, CudaBackend::new(gpu()).expect("graph backend")]
+}
+
+fn check_decode_graphs(model: &LlamaModel<CudaBackend>, eager: &CudaBackend, graphed: &CudaBackend) {
     let num_blocks = 256;
-    let mut caches =
-        [&eager, &graphed].map(|b| model.alloc_kv_cache(b, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache"));
+    let mut caches = [eager, graphed].map(|b| model.alloc_kv_cache(b, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache"));
     let mut blocks = [0, 1].map(|_| BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks"));
-    let mut phases = [&eager, &graphed].map(|b| b.new_phase().expect("phase"));
+    let mut phases = [eager, graphed].map(|b| b.new_phase().expect("phase"));
     let vocab = model.config().vocab_size;
     let prompts: Vec<Vec<u32>> =
         (0..13).map(|s| (0..(5 + 23 * s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect()).collect();
@@ -306,12 +344,12 @@ fn decode_graphs_replay_what_eager_steps_compute() {
     // 16 sequences are recorded up front at both.
     let sms = gpu().sm_count();
     let budgets = [48, sms];
-    let warmed = model.warm_up(&graphed, &mut phases[1], &mut caches[1], StepKind::Decode, 13, &budgets);
+    let warmed = model.warm_up(graphed, &mut phases[1], &mut caches[1], StepKind::Decode, 13, &budgets);
     assert_eq!(warmed.expect("warm up"), vec![1, 2, 4, 8, 16]);
-    let warmed = model.warm_up(&eager, &mut phases[0], &mut caches[0], StepKind::Decode, 13, &budgets);
+    let warmed = model.warm_up(eager, &mut phases[0], &mut caches[0], StepKind::Decode, 13, &budgets);
     assert_eq!(warmed.expect("warm up"), Vec::<usize>::new());
     let mut last: Vec<u32> = Vec::new();
-    for (k, backend) in [&eager, &graphed].into_iter().enumerate() {
+    for (k, backend) in [eager, graphed].into_iter().enumerate() {
         let chunks: Vec<SeqChunk<'_>> = prompts
             .iter()
             .enumerate()
@@ -340,7 +378,7 @@ fn decode_graphs_replay_what_eager_steps_compute() {
         }
         let budget = budgets[step_index % 2];
         let mut outputs = Vec::new();
-        for (k, backend) in [&eager, &graphed].into_iter().enumerate() {
+        for (k, backend) in [eager, graphed].into_iter().enumerate() {
             backend.set_budget(&mut phases[k], budget).expect("budget");
             let chunks: Vec<SeqChunk<'_>> = live
                 .iter()
@@ -368,6 +406,20 @@ fn decode_graphs_replay_what_eager_steps_compute() {
     let recorded: Vec<(usize, u32)> =
         [1, 2, 4, 8, 16].into_iter().flat_map(|b| budgets.map(|budget| (b, budget))).collect();
     assert_eq!(graphed.recorded_graphs(&phases[1]), recorded, "the warmed-up graphs, and no others");
+    // Activations come from the phase's arena, not stream-ordered allocations (memory nodes,
+    // which would stand between kernels), and with every SM each kernel's edge from the kernel
+    // before it is programmatic (a copy node's edges are not); below, launches are plain.
+    let dependent = gpu().target() == PtxTarget::Sm90a;
+    for (batch, budget, census) in graphed.recorded_graph_census(&phases[1]).expect("census") {
+        eprintln!("graph of {batch} sequences on {budget} SMs: {census:?}");
+        assert_eq!((census.memory, census.other), (0, 0), "{batch} x {budget}: {census:?}");
+        assert_eq!(census.edges + 1, census.kernels + census.copies, "{batch} x {budget}: a chain: {census:?}");
+        if dependent && budget == sms {
+            assert!(census.programmatic_edges + 2 * census.copies >= census.edges, "{batch} x {budget}: {census:?}");
+        } else {
+            assert_eq!(census.programmatic_edges, 0, "{batch} x {budget}: {census:?}");
+        }
+    }
 }
 
 /// The heart of Nexus at the model level: a prefill step and a decode step of one model, each

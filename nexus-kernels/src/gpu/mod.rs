@@ -2,7 +2,8 @@
 //! ([`DeviceModel`]: PTX build, SM count, and the read bandwidth of each budget as a
 //! [`BandwidthCurve`] measured when the device is opened), CTA budgets ([`CtaBudget`]) and the
 //! phase context every launch runs in ([`PhaseContext`]), with how it launches kernels
-//! ([`LaunchOptions`]: programmatic dependent launch on Hopper).
+//! ([`LaunchOptions`]: programmatic dependent launch on Hopper), and what a captured graph holds
+//! ([`GraphCensus`]).
 //!
 //! Nothing here needs the CUDA toolkit: the PTX in `ptx/` is embedded in the crate and loaded
 //! through the driver (found at run time by cudarc's dynamic loading), which JIT-compiles it for
@@ -12,6 +13,7 @@
 mod budget;
 mod copy;
 mod device;
+mod graph;
 mod launch;
 mod model;
 mod ptx;
@@ -19,6 +21,7 @@ mod ptx;
 pub use budget::{CtaBudget, PhaseContext};
 pub use copy::{copy_rows_htod, copy_to_pinned};
 pub use device::{Gpu, PtxTarget};
+pub use graph::GraphCensus;
 pub(crate) use launch::Launch;
 pub use launch::LaunchOptions;
 #[cfg(test)]

@@ -23,9 +23,13 @@
 //! buffers (one set per bucket, shared by the bucket's recordings at every budget), its decode
 //! plan for the budget is rewritten in place ([`DecodePlan::update`]), and the graph is
 //! launched. The first step of a (bucket, budget) runs eagerly on those buffers, then is recorded
-//! ([`PhaseContext::capture`]); activations are graph-owned memory, which the driver may alias
-//! between a phase's graphs since they run one after another on its stream, and the logits of
+//! ([`PhaseContext::capture`]). The activations of both runs are placed by the host in one buffer
+//! of the phase (an arena, shared by the phase's graphs since they run one after another on its
+//! stream), not allocated on the stream: a stream-ordered allocation would be recorded as a
+//! memory node between two kernels and cut the dependent launch between them. The logits of
 //! every recording land in one buffer of the phase. Prefill steps run eagerly.
+
+mod arena;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -36,10 +40,11 @@ use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
 use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
-    CtaBudget, Gpu, LaunchOptions, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16, copy_rows_htod,
-    copy_to_pinned, elementwise,
+    CtaBudget, Gpu, GraphCensus, LaunchOptions, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, bf16,
+    copy_rows_htod, copy_to_pinned, elementwise,
 };
 
+use self::arena::{Arena, MatrixData};
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, StepKind, StepScope};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
@@ -56,7 +61,7 @@ pub struct CudaWeight {
 pub struct CudaMatrix {
     rows: usize,
     cols: usize,
-    data: CudaSlice<bf16>,
+    data: MatrixData,
 }
 
 /// One layer's K and V pools on the GPU.
@@ -201,6 +206,8 @@ struct DecodeGraph {
     batch: usize,
     budget: CtaBudget,
     graph: SendGraph,
+    /// The phase's activation buffer when the step was recorded, which the graph's kernels use.
+    _activations: Arc<CudaSlice<u8>>,
 }
 
 /// A phase's recorded decode steps, over one scope.
@@ -258,6 +265,8 @@ pub struct CudaPhase {
     ctx: PhaseContext,
     gemm_workspace: Mutex<GemmWorkspace>,
     recordings: Mutex<Recordings>,
+    /// Activations of the decode steps being recorded.
+    arena: Arena,
     readback: Mutex<Readback>,
     trace: Mutex<Option<AttentionTrace>>,
     timer: Mutex<Option<Vec<TimedOp>>>,
@@ -343,6 +352,19 @@ impl CudaBackend {
         keys
     }
 
+    /// What each of `phase`'s recorded decode steps holds (kernels, copies, memory nodes,
+    /// programmatic edges), by batch size and budget, ascending.
+    pub fn recorded_graph_census(&self, phase: &CudaPhase) -> Result<Vec<(usize, u32, GraphCensus)>> {
+        let recordings = lock(&phase.recordings);
+        let mut out = recordings
+            .graphs
+            .iter()
+            .map(|g| Ok((g.batch, g.budget.get(), GraphCensus::of(&g.graph.0)?)))
+            .collect::<Result<Vec<_>>>()?;
+        out.sort_unstable_by_key(|&(batch, budget, _)| (batch, budget));
+        Ok(out)
+    }
+
     /// Makes the attention kernels of `phase`'s next `launches` launches (one per layer and
     /// step, eager steps only) record where each CTA ran ([`CudaBackend::take_attention_trace`]):
     /// a debugging probe of the SMs a phase really occupies.
@@ -407,7 +429,7 @@ impl CudaBackend {
             step.rewrite(ctx, &input.padded_decode(batch, width, scope), scope.block_size)?;
             g.graph.0.launch().map_err(kernel_error)?;
             let mut out = self.output(phase, rows, *vocab)?;
-            stream.memcpy_dtod(&kept.slice(..rows * vocab), &mut out.data).map_err(kernel_error)?;
+            stream.memcpy_dtod(&kept.slice(..rows * vocab), &mut *out.data).map_err(kernel_error)?;
             return Ok(out);
         }
         // The first step of a bucket and budget runs eagerly over the bucket's buffers, holding
@@ -416,11 +438,15 @@ impl CudaBackend {
         if step.plans_made() {
             step.load(ctx, full())?;
         }
+        // The eager run places its activations as the recording will, and so sizes the arena.
+        let open = phase.arena.open()?;
         let eager = forward(step)?;
+        drop(open);
         let vocab = eager.cols;
         let mut out = self.output(phase, rows, vocab)?;
-        stream.memcpy_dtod(&eager.data.slice(..rows * vocab), &mut out.data).map_err(kernel_error)?;
+        stream.memcpy_dtod(&eager.data.slice(..rows * vocab), &mut *out.data).map_err(kernel_error)?;
         drop(eager);
+        let activations = phase.arena.fit(stream)?;
         if logits.is_none() {
             let largest = self.config.graph_batch_sizes.last().copied().unwrap_or(batch).max(batch);
             *logits = Some((stream.alloc_zeros::<bf16>(largest * vocab).map_err(kernel_error)?, vocab));
@@ -430,22 +456,30 @@ impl CudaBackend {
         if *kept_vocab != vocab || kept.len() < batch * vocab {
             return Err(Error::invalid("a recording's logits do not fit its phase's logits buffer"));
         }
+        let open = phase.arena.open()?;
         let (graph, ()) = ctx.capture(|| {
             let logits = forward(step)?;
-            stream.memcpy_dtod(&logits.data, &mut kept.slice_mut(..batch * vocab)).map_err(kernel_error)?;
+            stream.memcpy_dtod(&*logits.data, &mut kept.slice_mut(..batch * vocab)).map_err(kernel_error)?;
             Ok::<_, Error>(())
         })?;
-        graphs.push(DecodeGraph { batch, budget, graph: SendGraph(graph) });
+        drop(open);
+        graphs.push(DecodeGraph { batch, budget, graph: SendGraph(graph), _activations: activations });
         Ok(out)
     }
 
     /// A new activation whose values the kernel that produces it writes, every one (the GPU
     /// tests poison outputs and check that): not zeroed first, since a fill is one more
     /// launch per activation, about 300 of a decode step.
+    /// While a decode step is recorded (and in the eager run before), the activation comes from
+    /// the phase's [`Arena`].
     fn output(&self, phase: &CudaPhase, rows: usize, cols: usize) -> Result<CudaMatrix> {
-        // SAFETY: any bit pattern is a valid bf16, and no value is read before a kernel or a
-        // copy writes it.
-        let data = unsafe { phase.ctx.stream().alloc::<bf16>(rows * cols) }.map_err(kernel_error)?;
+        let stream = phase.ctx.stream();
+        let data = match phase.arena.matrix_data(stream, rows * cols)? {
+            Some(data) => data,
+            // SAFETY: any bit pattern is a valid bf16, and no value is read before a kernel or a
+            // copy writes it.
+            None => MatrixData::owned(unsafe { stream.alloc::<bf16>(rows * cols) }.map_err(kernel_error)?),
+        };
         Ok(CudaMatrix { rows, cols, data })
     }
 
@@ -608,6 +642,7 @@ impl Backend for CudaBackend {
             gemm_workspace: Mutex::new(GemmWorkspace::new(&ctx)?),
             ctx,
             recordings: Mutex::new(Recordings::default()),
+            arena: Arena::default(),
             readback: Mutex::new(Readback { ids, logits: None }),
             trace: Mutex::new(None),
             timer: Mutex::new(None),

@@ -171,6 +171,7 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
         let split = &run["ttft_by_prompt"];
         assert_eq!((&split["short_s"]["count"], &split["long_s"]["count"]), (&4.into(), &1.into()), "{schedule}");
         assert_eq!(run["preemptions"], 0);
+        assert!(run["ttft_growth"].is_null(), "{schedule}: five requests are too few to tell a queue's growth");
         let timeline = run["timeline"].as_array().expect("a timeline");
         assert!(!timeline.is_empty(), "{schedule}");
         let mut seen = BTreeSet::new();

@@ -404,6 +404,22 @@ impl ReplayReport {
             .max()
             .map_or(0, |peak| peak as usize)
     }
+
+    /// The mean TTFT of the last quarter of the completed requests (in trace order) over that of
+    /// the first quarter. At a rate the engine sustains it stays near 1; above it every request
+    /// waits longer than the one before, which percentiles over a trace that ends before the
+    /// queue is long do not show (a short trace at such a rate is a burst, served at the engine's
+    /// pace whatever the offered rate). `None` with fewer than 8 completed requests.
+    pub fn ttft_growth(&self) -> Option<f64> {
+        let ttft: Vec<f64> = self.completed_times().map(|t| t.tokens[0]).collect();
+        let quarter = ttft.len() / 4;
+        if quarter < 2 {
+            return None;
+        }
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        let first = mean(&ttft[..quarter]);
+        (first > 0.0).then(|| mean(&ttft[ttft.len() - quarter..]) / first)
+    }
 }
 
 /// Replays `trace` with prompts of random token ids over the whole vocabulary (drawn under
@@ -611,6 +627,31 @@ mod tests {
     /// A completed request sent at `sent_s` with its `tokens`, ending at `end_s`.
     fn done(sent_s: f64, tokens: &[f64], end_s: f64, prompt_tokens: Option<usize>) -> RequestOutcome {
         Ok(RequestTimes { sent_s, tokens: tokens.to_vec(), end_s, output_tokens: tokens.len(), prompt_tokens })
+    }
+
+    #[test]
+    fn ttft_growth_compares_the_last_quarter_of_the_trace_with_the_first() {
+        let report = |ttfts: &[f64]| {
+            let requests = ttfts
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| RequestResult {
+                    prompt_len: Some(8),
+                    requested_len: 1,
+                    outcome: done(i as f64 * 0.1, &[t], t, None),
+                })
+                .collect();
+            ReplayReport::new(requests, 10.0, None).unwrap()
+        };
+        // A steady queue: TTFTs that vary without a trend.
+        let steady = report(&[0.2, 0.3, 0.1, 0.2, 0.3, 0.2, 0.1, 0.2, 0.3, 0.3, 0.2, 0.1]);
+        assert!((steady.ttft_growth().unwrap() - 1.0).abs() < 1e-9);
+        // A growing one: each request waits 0.1 s longer than the one before; the first three
+        // waited 0.15 s on average, the last three 1.05 s.
+        let ttfts: Vec<f64> = (0..12).map(|i| 0.05 + 0.1 * i as f64).collect();
+        assert!((report(&ttfts).ttft_growth().unwrap() - 7.0).abs() < 1e-9);
+        // Too few requests to tell.
+        assert_eq!(report(&[0.1; 7]).ttft_growth(), None);
     }
 
     #[test]

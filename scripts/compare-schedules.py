@@ -11,7 +11,9 @@ Where the runs still have their timelines, a second table gives per run where th
 prompt tokens per second of the iterations that carried prompt tokens (the prefill lane's, or
 chunked's mixed iterations'), the arrival rate that keeps up with (at the trace's mean prompt
 length: above it a schedule only queues, however a short trace hides it), and the decode iterations that ran beside a prefill iteration
-(median and p95 time, median budget).
+(median and p95 time, median budget), and how much the TTFT grew over the trace (mean of its last
+quarter of requests over its first quarter's) against the same schedule at its lowest rate (same
+prompts): ~1 at a sustained rate, 1.5x and more at a rate the schedule only queues at.
 """
 import json
 import sys
@@ -28,6 +30,7 @@ def main(paths, strip_to=None):
         print(f"\n{doc['workload']} on {doc['target']} ({path})")
         if slo is None:
             print("no objective in this run")
+            write_stripped(doc, path, strip_to)
             continue
         print(f"objective: p95 TTFT <= {slo['ttft_p95_s'] * 1e3:.0f} ms, p95 TBT <= {slo['tbt_p95_s'] * 1e3:.1f} ms")
         throughput = {s["schedule"]: s["throughput"] for s in slo["schedules"]}
@@ -62,20 +65,28 @@ def main(paths, strip_to=None):
                 cells.append(" / ".join("-" if v is None else f"{v * 1e3:.0f}" for v in (short, long)))
             print(f"| {s} | " + " | ".join(cells) + " |")
         lanes_table(doc)
-        if strip_to:
-            for r in doc["runs"]:
-                r.pop("timeline", None)
-            name = path.rsplit("/", 1)[-1]
-            json.dump(doc, open(f"{strip_to}/{name}", "w"), indent=1)
+        write_stripped(doc, path, strip_to)
+
+
+def write_stripped(doc, path, strip_to):
+    """Writes `doc` without its per-iteration timelines to the folder `strip_to`, if one is given."""
+    if strip_to:
+        for r in doc["runs"]:
+            r.pop("timeline", None)
+        name = path.rsplit("/", 1)[-1]
+        json.dump(doc, open(f"{strip_to}/{name}", "w"), indent=1)
 
 
 def lanes_table(doc):
     runs = [r for r in doc["runs"] if r.get("timeline")]
     if not runs:
         return
+    lowest_growth = {}
+    for r in sorted(doc["runs"], key=lambda r: r["rate"], reverse=True):
+        lowest_growth[r["schedule"]] = r.get("ttft_growth")
     print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
-          "| its median budget (SMs) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          "| its median budget (SMs) | TTFT growth against the lowest rate |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
         timeline = r["timeline"]
         # Iterations with more query rows than sequences carry prompt tokens (a decode row is one
@@ -99,7 +110,9 @@ def lanes_table(doc):
             budget = str(budgets[len(budgets) // 2])
         else:
             decode, budget = "-", "-"
-        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} |")
+        growth, lowest = r.get("ttft_growth"), lowest_growth.get(r["schedule"])
+        growth = "-" if growth is None or not lowest else f"{growth / lowest:.2f}x"
+        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} |")
 
 
 if __name__ == "__main__":

@@ -406,10 +406,12 @@ impl ReplayReport {
     }
 
     /// The mean TTFT of the last quarter of the completed requests (in trace order) over that of
-    /// the first quarter. At a rate the engine sustains it stays near 1; above it every request
-    /// waits longer than the one before, which percentiles over a trace that ends before the
-    /// queue is long do not show (a short trace at such a rate is a burst, served at the engine's
-    /// pace whatever the offered rate). `None` with fewer than 8 completed requests.
+    /// the first quarter. Above the rate the engine sustains every request waits longer than the
+    /// one before, which percentiles over a trace that ends before the queue is long do not show
+    /// (a short trace at such a rate is a burst, served at the engine's pace whatever the offered
+    /// rate). It also follows the prompts' lengths, so it tells a queue apart only against a run
+    /// of the same trace at a lower rate (a seed gives the same lengths at every rate). `None`
+    /// with fewer than 8 completed requests.
     pub fn ttft_growth(&self) -> Option<f64> {
         let ttft: Vec<f64> = self.completed_times().map(|t| t.tokens[0]).collect();
         let quarter = ttft.len() / 4;

@@ -13,7 +13,7 @@ chunked's mixed iterations'), the arrival rate that keeps up with (at the trace'
 length: above it a schedule only queues, however a short trace hides it), and the decode iterations that ran beside a prefill iteration
 (median and p95 time, median budget), and how much the TTFT grew over the trace (mean of its last
 quarter of requests over its first quarter's) against the same schedule at its lowest rate (same
-prompts): ~1 at a sustained rate, 1.5x and more at a rate the schedule only queues at.
+prompts): ~1 at a sustained rate, 1.3x and more at a rate the schedule only queues at.
 """
 import json
 import sys

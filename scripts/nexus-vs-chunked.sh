@@ -9,7 +9,9 @@
 #   e.g. NEXUS=.gpu/bin/nexus OUT_DIR=$OUT scripts/nexus-vs-chunked.sh llama-mixed \
 #        synthetic:llama-3.1-8b mixed 2,5,8,11 50 "" -- --decode-target-ms 20
 # NEXUS: the binary (default: nexus on PATH); GRID: the profile's SM grid (8); PROFILE_FLAGS:
-# more profile flags; PREFILL_SMS: the fixed split's prefill SMs (96).
+# more profile flags; PREFILL_SMS: the fixed split's prefill SMs (96). LIGHT=RATE:N takes the
+# objective from a run of chunked alone at RATE with N requests (NAME-light.json) instead of the
+# lowest rate of the comparison, so that a long trace need not be run at a light rate too.
 set -euo pipefail
 if [ $# -lt 5 ]; then sed -n 2,14p "$0" >&2; exit 2; fi
 name=$1 model=$2 workload=$3 rates=$4 requests=$5 profile=${6:-}
@@ -25,7 +27,16 @@ if [ -z "$profile" ]; then
     "$nexus" profile --model "$model" --grid "${GRID:-8}" ${PROFILE_FLAGS:-} \
         --samples "$out/$name-measurements.json" --out "$profile" | tee "$out/$name-profile.txt"
 fi
+objective=(--slo-scale 5)
+if [ -n "${LIGHT:-}" ]; then
+    "$nexus" bench --model "$model" --workload "$workload" --rate "${LIGHT%%:*}" --num-requests "${LIGHT#*:}" \
+        --seed 0 --schedule chunked --json "$out/$name-light.json" | tee "$out/$name-light.md"
+    # 5x chunked's p95 TTFT and p95 TBT there, as --slo-scale 5 takes them from the lowest rate.
+    read -r -a objective < <(python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))["runs"][0]
+print("--slo-ttft-ms %.0f --slo-tbt-ms %.1f" % (5e3 * r["ttft_s"]["p95"], 5e3 * r["tbt_s"]["p95"]))' "$out/$name-light.json")
+fi
 "$nexus" bench --model "$model" --workload "$workload" --rate "$rates" --num-requests "$requests" --seed 0 \
-    --schedule chunked,nexus,nexus --prefill-sms "$fixed" --profile "$profile" --slo-scale 5 \
+    --schedule chunked,nexus,nexus --prefill-sms "$fixed" --profile "$profile" "${objective[@]}" \
     --json "$out/$name.json" --plot "$out/$name.svg" "$@" | tee "$out/$name.md"
 tar czf "$out/$name.tgz" -C "$out" $(cd "$out" && ls "$name".* "$name"-* 2>/dev/null | grep -v '\.tgz$')

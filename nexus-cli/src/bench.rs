@@ -44,6 +44,7 @@ use nexus_runtime::bench::workload::{
     random_trace, synthetic_requests, trace,
 };
 use nexus_runtime::bench::{ReplayReport, Slo, TimelineIteration, TimelineSummary, replay_requests};
+use nexus_runtime::engine::scheduler::PrefillTokens;
 use nexus_runtime::engine::{Engine, Schedule};
 use nexus_runtime::model::backend::{Backend, StepKind};
 use nexus_runtime::weights::loader;
@@ -294,8 +295,12 @@ impl Arm {
 const QUEUE_GROWTH: f64 = 1.3;
 
 /// How an arm's name states its prefill iteration limit, when one was given.
-fn prefill_limit(prefill_tokens: Option<usize>) -> String {
-    prefill_tokens.map(|n| format!(", prefill {n} tokens")).unwrap_or_default()
+fn prefill_limit(prefill_tokens: Option<PrefillTokens>) -> String {
+    match prefill_tokens {
+        None => String::new(),
+        Some(PrefillTokens { tokens, backlog: None }) => format!(", prefill {tokens} tokens"),
+        Some(PrefillTokens { tokens, backlog: Some(m) }) => format!(", prefill {tokens} tokens, {m} with a backlog"),
+    }
 }
 
 /// The runs of one arm, one per rate.
@@ -1073,6 +1078,16 @@ impl Results<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arms_name_their_prefill_iteration_limit() {
+        assert_eq!(prefill_limit(None), "");
+        assert_eq!(prefill_limit(Some(PrefillTokens::fixed(2048))), ", prefill 2048 tokens");
+        let backlog = PrefillTokens { tokens: 2048, backlog: Some(8192) };
+        assert_eq!(prefill_limit(Some(backlog)), ", prefill 2048 tokens, 8192 with a backlog");
+        assert_eq!(crate::parse_prefill_tokens("2048..8192"), Ok(backlog));
+        assert_eq!(crate::parse_prefill_tokens("512"), Ok(PrefillTokens::fixed(512)));
+    }
 
     #[test]
     fn dates_are_vllms_in_utc() {

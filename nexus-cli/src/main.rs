@@ -17,7 +17,7 @@ use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
 use nexus_runtime::engine::profile::SavedProfile;
 use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
 use nexus_runtime::engine::scheduler::controller::ControllerConfig;
-use nexus_runtime::engine::scheduler::{NexusConfig, SchedulerConfig};
+use nexus_runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
 use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, NexusControl, RequestOptions, Schedule};
 use nexus_runtime::kernels::Gpu;
 use nexus_runtime::model::LlamaModel;
@@ -312,10 +312,22 @@ struct EngineArgs {
     prefill_aging: u64,
     /// With `--schedule nexus`: the most prompt tokens of one prefill iteration (default:
     /// --max-num-batched-tokens). Shorter iterations let a prompt that arrives during one start
-    /// sooner; longer ones keep more of the GPU busy per launch; decode waits for neither.
-    /// `nexus bench` takes several, comma-separated, and runs each nexus schedule with each.
-    #[arg(long, value_delimiter = ',')]
-    prefill_tokens: Vec<usize>,
+    /// sooner; longer ones keep more of the GPU busy per launch; decode waits for neither. N..M:
+    /// N, and M once the prompts waiting hold M tokens or more. `nexus bench` takes several,
+    /// comma-separated, and runs each nexus schedule with each.
+    #[arg(long, value_delimiter = ',', value_parser = parse_prefill_tokens)]
+    prefill_tokens: Vec<PrefillTokens>,
+}
+
+/// A `--prefill-tokens` value: `N`, or `N..M` (`M` with a backlog of `M` prompt tokens).
+fn parse_prefill_tokens(value: &str) -> Result<PrefillTokens, String> {
+    let number = |n: &str| n.parse::<usize>().map_err(|_| format!("{value}: give N or N..M, token counts"));
+    let tokens = match value.split_once("..") {
+        Some((n, m)) => PrefillTokens { tokens: number(n)?, backlog: Some(number(m)?) },
+        None => PrefillTokens::fixed(number(value)?),
+    };
+    tokens.validate().map_err(|e| format!("{value}: {e}"))?;
+    Ok(tokens)
 }
 
 /// The `--schedule` values.
@@ -372,9 +384,6 @@ impl EngineArgs {
         if !self.prefill_tokens.is_empty() && !self.schedule.contains(&ScheduleKind::Nexus) {
             bail!("--prefill-tokens needs --schedule nexus")
         }
-        if self.prefill_tokens.contains(&0) {
-            bail!("--prefill-tokens must be at least 1")
-        }
         // Checked here, before any model loads, rather than when the engine builds the scheduler.
         if let Some(bad) = self.prefill_sms.iter().find(|&&n| n == 0 || n >= sm_count) {
             bail!(
@@ -388,7 +397,7 @@ impl EngineArgs {
 
     /// The prefill iteration limits of the nexus schedules: each `--prefill-tokens`, or the
     /// default when none is given.
-    fn prefill_token_limits(&self) -> Vec<Option<usize>> {
+    fn prefill_token_limits(&self) -> Vec<Option<PrefillTokens>> {
         match self.prefill_tokens.as_slice() {
             [] => vec![None],
             limits => limits.iter().map(|&n| Some(n)).collect(),
@@ -415,7 +424,7 @@ impl EngineArgs {
         model: &str,
         hub: &HubArgs,
         target_s: Option<f64>,
-        prefill_tokens: Option<usize>,
+        prefill_tokens: Option<PrefillTokens>,
     ) -> anyhow::Result<NexusControl> {
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,

@@ -6,7 +6,7 @@
 //! the same KV block), every request that is not aborted gets exactly its tokens, aborted ones
 //! get no more events, and at the end no block is owned or leaked.
 
-use nexus::runtime::engine::scheduler::{NexusConfig, SchedulerConfig};
+use nexus::runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CPU_SM_COUNT;
@@ -46,11 +46,14 @@ proptest! {
         prefill_aging in 0u64..40,
         nexus in prop::bool::weighted(0.8),
         max_num_batched_tokens in 8usize..96,
-        prefill_tokens in prop::option::of(1usize..64),
+        prefill_tokens in prop::option::of((1usize..64, prop::option::of(1usize..64))),
         seed in any::<u64>(),
     ) {
         let backend = Chaos::new(seed);
         let model = LlamaModel::random(&backend, &tiny_config(), 3).unwrap();
+        // A backlog limit, when drawn, above the plain one.
+        let prefill_tokens =
+            prefill_tokens.map(|(tokens, more)| PrefillTokens { tokens, backlog: more.map(|m| tokens + m) });
         let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens };
         let schedule = if nexus { Schedule::Nexus(split) } else { Schedule::Chunked };
         let config = EngineConfig {

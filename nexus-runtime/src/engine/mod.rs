@@ -38,8 +38,8 @@ use crate::engine::kv_cache::{BlockManager, SeqId};
 use crate::engine::sampling::{Sampler, SamplingParams, TokenLogprobs, token_logprobs};
 use crate::engine::scheduler::controller::{Controller, ControllerConfig};
 use crate::engine::scheduler::{
-    ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, Scheduled, Scheduler, SchedulerConfig,
-    SchedulerView, SeqState,
+    ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, PrefillTokens, Scheduled, Scheduler,
+    SchedulerConfig, SchedulerView, SeqState,
 };
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepKind};
 use crate::model::{KvCache, LlamaModel};
@@ -130,7 +130,7 @@ pub struct NexusControl {
     pub controller: ControllerConfig,
     /// As [`NexusConfig::prefill_aging`] and [`NexusConfig::prefill_tokens`].
     pub prefill_aging: u64,
-    pub prefill_tokens: Option<usize>,
+    pub prefill_tokens: Option<PrefillTokens>,
 }
 
 /// Sizes of the engine.

@@ -23,7 +23,7 @@ pub mod controller;
 mod nexus;
 
 pub use chunked::ChunkedScheduler;
-pub use nexus::{NexusConfig, NexusScheduler};
+pub use nexus::{NexusConfig, NexusScheduler, PrefillTokens};
 
 use std::time::Duration;
 

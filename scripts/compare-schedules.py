@@ -37,6 +37,11 @@ def main(paths, strip_to=None):
         highest = max(r["rate"] for r in runs)
         sustained = throughput[base]
         at = lambda s: next((r for r in by[s] if r["rate"] == sustained), None)
+        if sustained is None:
+            print(f"\n{base} met the objective at no rate of this run")
+            lanes_table(doc)
+            write_stripped(doc, path, strip_to)
+            continue
         print(f"\nat {sustained} req/s, the highest rate {base} sustains:\n")
         # The TTFT split by prompt length, where the runs have it (nexus bench since 2026-12-02).
         split = at(base) is not None and "ttft_by_prompt" in at(base)

@@ -10,10 +10,11 @@ With --strip OUT, also writes each JSON without its per-iteration timelines (the
 Where the runs still have their timelines, a second table gives per run where the time went: the
 prompt tokens per second of the iterations that carried prompt tokens (the prefill lane's, or
 chunked's mixed iterations'), the arrival rate that keeps up with (at the trace's mean prompt
-length: above it a schedule only queues, however a short trace hides it), and the decode iterations that ran beside a prefill iteration
-(median and p95 time, median budget), and how much the TTFT grew over the trace (mean of its last
-quarter of requests over its first quarter's) against the same schedule at its lowest rate (same
-prompts): ~1 at a sustained rate, 1.3x and more at a rate the schedule only queues at.
+length: above it a schedule only queues, however a short trace hides it), the decode iterations
+that ran beside a prefill iteration (median and p95 time, median budget), and how much the TTFT
+grew over the trace (mean of its last quarter of requests over its first quarter's) against the
+same schedule at its lowest rate (same prompts): ~1 at a sustained rate, 1.3x and more at a rate
+the schedule only queues at.
 """
 import json
 import sys
@@ -86,9 +87,7 @@ def lanes_table(doc):
     runs = [r for r in doc["runs"] if r.get("timeline")]
     if not runs:
         return
-    lowest_growth = {}
-    for r in sorted(doc["runs"], key=lambda r: r["rate"], reverse=True):
-        lowest_growth[r["schedule"]] = r.get("ttft_growth")
+    lowest = {s: min((r for r in doc["runs"] if r["schedule"] == s), key=lambda r: r["rate"]) for s in doc["schedules"]}
     print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
           "| its median budget (SMs) | TTFT growth against the lowest rate |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -115,8 +114,8 @@ def lanes_table(doc):
             budget = str(budgets[len(budgets) // 2])
         else:
             decode, budget = "-", "-"
-        growth, lowest = r.get("ttft_growth"), lowest_growth.get(r["schedule"])
-        growth = "-" if growth is None or not lowest else f"{growth / lowest:.2f}x"
+        growth, base = r.get("ttft_growth"), lowest[r["schedule"]].get("ttft_growth")
+        growth = "-" if growth is None or not base else f"{growth / base:.2f}x"
         print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} |")
 
 

@@ -18,7 +18,9 @@ use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, StepKind};
 use nexus::runtime::model::cpu::CpuBackend;
 use nexus::runtime::model::cuda::{CtaSpan, CudaBackend, CudaBackendConfig};
+use nexus::runtime::weights::config::{ModelConfig, RopeScaling};
 use nexus::runtime::weights::loader::{self, DEFAULT_MODEL};
+use nexus::runtime::weights::synthetic;
 use serde::Deserialize;
 
 use crate::common::gpu;
@@ -142,7 +144,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn random_qwen2_style_model_on_the_gpu_matches_the_cpu_backend() {
-    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
+    use nexus::runtime::weights::config::{Architecture, RopeStyle};
     let config = ModelConfig {
         architecture: Architecture::Qwen2,
         hidden_size: 512,
@@ -298,27 +300,25 @@ fn decode_graphs_replay_what_eager_steps_compute() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_graphs_of_a_random_model_replay_what_eager_steps_compute() {
-    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
     let config = ModelConfig {
-        architecture: Architecture::Llama,
         hidden_size: 1024,
         intermediate_size: 2816,
-        num_layers: 4,
         num_heads: 8,
         num_kv_heads: 2,
-        head_dim: 128,
         vocab_size: 4096,
         max_position_embeddings: 4096,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500_000.0,
-        rope_style: RopeStyle::RotateHalf,
-        rope_scaling: RopeScaling::None,
-        tie_word_embeddings: false,
-        attention_bias: false,
+        ..llama_layers(4)
     };
     let [eager, graphed] = eager_and_graphed();
     let model = LlamaModel::random(&eager, &config, 11).expect("random model");
     check_decode_graphs(&model, &eager, &graphed);
+}
+
+/// Llama-3.1-8B's configuration (the synthetic one `nexus bench` runs) with `layers` layers and
+/// without its RoPE scaling: the base the random models of these tests vary.
+fn llama_layers(layers: usize) -> ModelConfig {
+    let llama = synthetic::config("llama-3.1-8b").expect("Llama-3.1-8B's configuration");
+    ModelConfig { num_layers: layers, rope_scaling: RopeScaling::None, ..llama }
 }
 
 /// A backend that runs every step eagerly, kernel after kernel, and one that records decode
@@ -430,25 +430,8 @@ fn check_decode_graphs(model: &LlamaModel<CudaBackend>, eager: &CudaBackend, gra
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn a_prefill_and_a_decode_step_run_at_once_on_disjoint_sms() {
-    use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
     // Llama-3-8B's layer shapes, 4 layers, a small vocabulary: milliseconds of work per step.
-    let config = ModelConfig {
-        architecture: Architecture::Llama,
-        hidden_size: 4096,
-        intermediate_size: 14336,
-        num_layers: 4,
-        num_heads: 32,
-        num_kv_heads: 8,
-        head_dim: 128,
-        vocab_size: 32000,
-        max_position_embeddings: 8192,
-        rms_norm_eps: 1e-5,
-        rope_theta: 500_000.0,
-        rope_style: RopeStyle::RotateHalf,
-        rope_scaling: RopeScaling::None,
-        tie_word_embeddings: false,
-        attention_bias: false,
-    };
+    let config = ModelConfig { vocab_size: 32000, max_position_embeddings: 8192, ..llama_layers(4) };
     let sms = gpu().sm_count();
     let (prefill_sms, decode_sms) = (sms / 2, sms - sms / 2);
     let backend = CudaBackend::with_config(

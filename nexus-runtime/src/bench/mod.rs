@@ -413,7 +413,7 @@ impl ReplayReport {
     /// of the same trace at a lower rate (a seed gives the same lengths at every rate). `None`
     /// with fewer than 8 completed requests.
     pub fn ttft_growth(&self) -> Option<f64> {
-        let ttft: Vec<f64> = self.completed_times().map(|t| t.tokens[0]).collect();
+        let ttft = self.samples(Metric::Ttft);
         let quarter = ttft.len() / 4;
         if quarter < 2 {
             return None;

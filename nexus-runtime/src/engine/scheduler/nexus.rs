@@ -63,10 +63,11 @@ impl PrefillTokens {
         Ok(())
     }
 
-    /// The limit of the next iteration while `waiting` prompt tokens wait.
-    pub fn limit(&self, waiting: usize) -> usize {
+    /// The limit of the next iteration while `waiting()` prompt tokens wait (counted only with
+    /// a backlog limit).
+    pub fn limit(&self, waiting: impl FnOnce() -> usize) -> usize {
         match self.backlog {
-            Some(backlog) if waiting >= backlog => backlog,
+            Some(backlog) if waiting() >= backlog => backlog,
             _ => self.tokens,
         }
     }
@@ -231,7 +232,7 @@ impl Scheduler for NexusScheduler {
             loop {
                 // The prompt tokens waiting: the rest of the started prompts and the new ones.
                 let prompt_tokens =
-                    alive.iter().filter(|s| s.uncached > 1).chain(view.waiting).map(|s| s.uncached).sum();
+                    || alive.iter().filter(|s| s.uncached > 1).chain(view.waiting).map(|s| s.uncached).sum();
                 let mut budget = self.split.prefill_tokens.map_or(max, |t| t.limit(prompt_tokens).min(max));
                 let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
                 let admit = plan.preempted.is_empty();

@@ -14,7 +14,8 @@ length: above it a schedule only queues, however a short trace hides it), the de
 that ran beside a prefill iteration (median and p95 time, median budget), and how much the TTFT
 grew over the trace (mean of its last quarter of requests over its first quarter's) against the
 same schedule at its lowest rate (same prompts): ~1 at a sustained rate, 1.3x and more at a rate
-the schedule only queues at.
+the schedule only queues at. A third table splits the decode iterations beside a prefill by the
+budget the controller gave them: batch, time and the cost model's prediction.
 """
 import json
 import sys
@@ -104,9 +105,7 @@ def lanes_table(doc):
         capacity = "-"
         if tokens_per_s and r["completed"]:
             capacity = f"{tokens_per_s / (r['total_input_tokens'] / r['completed']):.1f}"
-        prefill = [it for it in timeline if it["lane"] == "prefill"]
-        beside = [it for it in timeline if it["lane"] == "decode"
-                  and any(p["start_s"] < it["end_s"] and it["start_s"] < p["end_s"] for p in prefill)]
+        beside = decode_beside_prefill(timeline)
         if beside:
             times = sorted(it["end_s"] - it["start_s"] for it in beside)
             budgets = sorted(it["budget"] for it in beside)
@@ -117,6 +116,38 @@ def lanes_table(doc):
         growth, base = r.get("ttft_growth"), lowest[r["schedule"]].get("ttft_growth")
         growth = "-" if growth is None or not base else f"{growth / base:.2f}x"
         print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} |")
+    budgets_table(runs, doc["schedules"])
+
+
+def decode_beside_prefill(timeline):
+    """The decode iterations of a two-lane run that overlapped a prefill iteration."""
+    prefill = [it for it in timeline if it["lane"] == "prefill"]
+    return [it for it in timeline if it["lane"] == "decode"
+            and any(p["start_s"] < it["end_s"] and it["start_s"] < p["end_s"] for p in prefill)]
+
+
+def budgets_table(runs, schedules):
+    """Decode beside prefill per budget (the budgets of at least 5% of those iterations): what the
+    controller gave decode, how large the batch was, how long it took and what the cost model
+    predicted, the figures to set against the weights' read time at that budget."""
+    rows = []
+    for r in sorted(runs, key=lambda r: (schedules.index(r["schedule"]), r["rate"])):
+        beside = decode_beside_prefill(r["timeline"])
+        for budget in sorted({it["budget"] for it in beside}):
+            its = [it for it in beside if it["budget"] == budget]
+            if len(its) < 0.05 * len(beside):
+                continue
+            median = lambda values: sorted(values)[len(values) // 2]
+            time = median([it["end_s"] - it["start_s"] for it in its]) * 1e3
+            predicted = [it["predicted_s"] for it in its if it.get("predicted_s") is not None]
+            model = f"{median(predicted) * 1e3:.1f}" if predicted else "-"
+            rows.append(f"| {r['schedule']} | {r['rate']} | {budget} | {len(its)} | {median([it['seqs'] for it in its])} "
+                        f"| {time:.1f} | {model} |")
+    if rows:
+        print("\n| schedule | rate | decode budget (SMs) | decode iterations beside prefill | median batch "
+              "| median time (ms) | cost model's median (ms) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

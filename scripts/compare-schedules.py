@@ -92,7 +92,10 @@ def lanes_table(doc):
     print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
           "| its median budget (SMs) | TTFT growth against the lowest rate |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
+    runs = sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"]))
+    # The decode iterations beside a prefill, once per run: both tables read them.
+    besides = [decode_beside_prefill(r["timeline"]) for r in runs]
+    for r, beside in zip(runs, besides):
         timeline = r["timeline"]
         # Iterations with more query rows than sequences carry prompt tokens (a decode row is one
         # token of one sequence); their rows over their time is the prompt token rate.
@@ -105,18 +108,21 @@ def lanes_table(doc):
         capacity = "-"
         if tokens_per_s and r["completed"]:
             capacity = f"{tokens_per_s / (r['total_input_tokens'] / r['completed']):.1f}"
-        beside = decode_beside_prefill(timeline)
         if beside:
             times = sorted(it["end_s"] - it["start_s"] for it in beside)
-            budgets = sorted(it["budget"] for it in beside)
-            decode = f"{times[len(times) // 2] * 1e3:.1f} / {times[min(len(times) - 1, int(0.95 * len(times)))] * 1e3:.1f}"
-            budget = str(budgets[len(budgets) // 2])
+            decode = f"{median(times) * 1e3:.1f} / {times[min(len(times) - 1, int(0.95 * len(times)))] * 1e3:.1f}"
+            budget = str(median([it["budget"] for it in beside]))
         else:
             decode, budget = "-", "-"
         growth, base = r.get("ttft_growth"), lowest[r["schedule"]].get("ttft_growth")
         growth = "-" if growth is None or not base else f"{growth / base:.2f}x"
         print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} |")
-    budgets_table(runs, doc["schedules"])
+    budgets_table(runs, besides)
+
+
+def median(values):
+    """The upper median of `values` (not empty)."""
+    return sorted(values)[len(values) // 2]
 
 
 def decode_beside_prefill(timeline):
@@ -126,18 +132,16 @@ def decode_beside_prefill(timeline):
             and any(p["start_s"] < it["end_s"] and it["start_s"] < p["end_s"] for p in prefill)]
 
 
-def budgets_table(runs, schedules):
+def budgets_table(runs, besides):
     """Decode beside prefill per budget (the budgets of at least 5% of those iterations): what the
     controller gave decode, how large the batch was, how long it took and what the cost model
     predicted, the figures to set against the weights' read time at that budget."""
     rows = []
-    for r in sorted(runs, key=lambda r: (schedules.index(r["schedule"]), r["rate"])):
-        beside = decode_beside_prefill(r["timeline"])
+    for r, beside in zip(runs, besides):
         for budget in sorted({it["budget"] for it in beside}):
             its = [it for it in beside if it["budget"] == budget]
             if len(its) < 0.05 * len(beside):
                 continue
-            median = lambda values: sorted(values)[len(values) // 2]
             time = median([it["end_s"] - it["start_s"] for it in its]) * 1e3
             predicted = [it["predicted_s"] for it in its if it.get("predicted_s") is not None]
             model = f"{median(predicted) * 1e3:.1f}" if predicted else "-"

@@ -24,6 +24,10 @@ import sys
 def main(paths, strip_to=None):
     for path in paths:
         doc = json.load(open(path))
+        if "runs" not in doc:
+            # A profile or the like beside the runs (a glob such as *-r7*.json takes both).
+            print(f"\n{path}: not a `nexus bench --json` file, skipped")
+            continue
         slo = doc.get("slo")
         runs = doc["runs"]
         schedules = doc["schedules"]

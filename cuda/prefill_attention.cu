@@ -115,6 +115,17 @@ __device__ __forceinline__ void qk_tile(uint32_t k_tile, const uint32_t (&qf)[D 
     }
 }
 
+// Leaves in a[0] the reduction of a[0 .. 2 W) by op, as a tree of depth log2 2W (W a power of 2):
+// a template recursion, so that every index is a constant and the array stays in registers.
+template <int W, int N, typename Op>
+__device__ __forceinline__ void tree_reduce(float (&a)[N], Op op) {
+    if constexpr (W >= 1) {
+#pragma unroll
+        for (int i = 0; i < W; ++i) a[i] = op(a[i], a[i + W]);
+        tree_reduce<W / 2>(a, op);
+    }
+}
+
 // Masks s (MASK), updates the running max m and sum l, leaves exp(s - m) in p as bf16 A fragments
 // (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output accumulated so
 // far must be scaled by (`rescale`) before P V is added. Every row sees column 0 in the first
@@ -124,6 +135,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
                                                uint32_t (&p)[BN / 16][4], float (&alpha)[2], int col0, int pos_a,
                                                int pos_b, float scale_log2, int lane) {
     constexpr int NB = BN / 8;
+    static_assert((NB & (NB - 1)) == 0, "the trees below halve NB");
     if (MASK) {
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
@@ -134,12 +146,18 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
             if (c + 1 > pos_b) s[nb][3] = -INFINITY;
         }
     }
-    float mx[2] = {m[0], m[1]};
+    // Row maxima as a tree (depth log2 NB + 1, not a chain of NB): this latency is the consumer's
+    // own, and the consumers' softmax, not the tensor cores, bounds the Hopper kernels.
+    float mx0[NB], mx1[NB];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-        mx[0] = fmaxf(mx[0], fmaxf(s[nb][0], s[nb][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(s[nb][2], s[nb][3]));
+        mx0[nb] = fmaxf(s[nb][0], s[nb][1]);
+        mx1[nb] = fmaxf(s[nb][2], s[nb][3]);
     }
+    const auto max = [](float a, float b) { return fmaxf(a, b); };
+    tree_reduce<NB / 2>(mx0, max);
+    tree_reduce<NB / 2>(mx1, max);
+    float mx[2] = {fmaxf(m[0], mx0[0]), fmaxf(m[1], mx1[0])};
     float base[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -150,17 +168,24 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
         m[h] = mx[h];
         l[h] *= alpha[h];
     }
+    // The row sums as trees too (the same adds, reassociated).
+    float sum0[NB], sum1[NB];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
         const float p0 = fast_exp2(fmaf(s[nb][0], scale_log2, -base[0]));
         const float p1 = fast_exp2(fmaf(s[nb][1], scale_log2, -base[0]));
         const float p2 = fast_exp2(fmaf(s[nb][2], scale_log2, -base[1]));
         const float p3 = fast_exp2(fmaf(s[nb][3], scale_log2, -base[1]));
-        l[0] += p0 + p1;
-        l[1] += p2 + p3;
+        sum0[nb] = p0 + p1;
+        sum1[nb] = p2 + p3;
         p[nb / 2][(nb & 1) * 2 + 0] = pack_bf16(p0, p1);
         p[nb / 2][(nb & 1) * 2 + 1] = pack_bf16(p2, p3);
     }
+    const auto add = [](float a, float b) { return a + b; };
+    tree_reduce<NB / 2>(sum0, add);
+    tree_reduce<NB / 2>(sum1, add);
+    l[0] += sum0[0];
+    l[1] += sum1[0];
 }
 
 // O *= alpha, row by row (this lane's rows g and g + 8).
@@ -525,6 +550,9 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
 // (wgmma operands, once a barrier has been passed).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The descriptor of the operand `bytes` (a multiple of 16) past the one `desc` describes: the start
+// address is the low field, in 16-byte units, and shared addresses stay below its 256 KB.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
 template <int D, int STAGES_, bool PIPELINED>
 __device__ __forceinline__ void prefill_attention_wgmma_body(
@@ -640,10 +668,13 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         }
     } else {
         nexus::setmaxnreg_inc<CONSUMER_REGS>();
-        const int consumer = tid / WG_THREADS - 1, ctid = tid % WG_THREADS;
+        // Read from lane 0, so that the compiler knows it is the same across the warp and keeps
+        // what derives from it (the wgmma descriptors) in uniform registers.
+        const int consumer = __shfl_sync(0xffffffffu, tid / WG_THREADS, 0) - 1, ctid = tid % WG_THREADS;
         const int warp = ctid / 32, lane = tid % 32;
         const int wg_barrier = 1 + consumer;
         const uint32_t q_wg = q_smem + consumer * C::Q_BYTES;
+        const uint64_t q_desc = smem_desc(q_wg);
         const int row_a = consumer * 64 + warp * 16 + (lane >> 2);  // this lane's rows: row_a, row_a + 8
         const size_t qkv_row = static_cast<size_t>(num_heads + 2 * num_kv_heads) * D;
         const size_t out_row = static_cast<size_t>(num_heads) * D;
@@ -698,25 +729,28 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             auto& o_flat = reinterpret_cast<float (&)[D / 2]>(o);
 
             // S = Q Kᵀ of the tile at k_tile into s, issued and committed: 16 of the head dim per
-            // wgmma, 32 bytes further along a panel's rows.
+            // wgmma, 32 bytes further along a panel's rows. Each descriptor is the tile's plus a
+            // constant (one add, not a descriptor built per wgmma).
             auto issue_scores = [&](uint32_t k_tile, float (&s)[BN / 8][4]) {
+                const uint64_t k_desc = smem_desc(k_tile);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < D / 16; ++kk) {
-                    const uint32_t q_at = q_wg + (kk / 4) * C::Q_PANEL_BYTES + (kk % 4) * 32;
-                    const uint32_t k_at = k_tile + (kk / 4) * C::TILE_PANEL_BYTES + (kk % 4) * 32;
-                    Wgmma<BN>::run(reinterpret_cast<float (&)[BN / 2]>(s), smem_desc(q_at), smem_desc(k_at), kk > 0);
+                    const uint32_t q_at = (kk / 4) * C::Q_PANEL_BYTES + (kk % 4) * 32;
+                    const uint32_t k_at = (kk / 4) * C::TILE_PANEL_BYTES + (kk % 4) * 32;
+                    Wgmma<BN>::run(reinterpret_cast<float (&)[BN / 2]>(s), desc_advance(q_desc, q_at),
+                                   desc_advance(k_desc, k_at), kk > 0);
                 }
                 wgmma_commit();
             };
             // O += P V of the tile at v_tile, issued and committed: 16 keys per wgmma (16 rows of
             // the tile, 2048 bytes), the head dim along N across the panels.
             auto issue_pv = [&](uint32_t v_tile, const uint32_t (&p)[BN / 16][4]) {
+                const uint64_t v_desc = smem_desc_mn(v_tile, C::TILE_PANEL_BYTES);
                 wgmma_fence();
 #pragma unroll
                 for (int kb = 0; kb < BN / 16; ++kb)
-                    WgmmaRegA<D>::run(o_flat, p[kb],
-                                      smem_desc_mn(v_tile + kb * 16 * PANEL_ROW_BYTES, C::TILE_PANEL_BYTES), 1);
+                    WgmmaRegA<D>::run(o_flat, p[kb], desc_advance(v_desc, kb * 16 * PANEL_ROW_BYTES), 1);
                 wgmma_commit();
             };
             // The softmax of tile j's scores (masked from first_masked on).

@@ -13,7 +13,8 @@
 //!
 //! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 64) of Llama-3.1-8B,
 //! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick (with its split of K)
-//! and what it measured, and cuBLAS.
+//! and what it measured, and cuBLAS. A third times one 128 MB weight at M = 1 with rows (K) of
+//! 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
 //!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
@@ -224,7 +225,72 @@ fn main() {
     }
     report.finish(&gpu, "gemm");
     decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
+    weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
     c.final_summary();
+}
+
+/// Elements of the weight in [`weight_row_length`]: 128 MB of bf16 whatever its shape.
+const ROW_LENGTH_WEIGHT: usize = 64 << 20;
+/// The rows (K) of that weight, from rows of 256 bytes to rows of 32 KB.
+const ROW_LENGTHS: [usize; 5] = [128, 512, 2048, 8192, 16384];
+
+/// The same 128 MB weight streamed at M = 1 with rows (K) of 256 bytes to 32 KB, every Hopper
+/// kernel unsplit at every budget: a tile's K slice is a box of 128-byte pieces, one per weight
+/// row, so short rows make each box one contiguous run and long rows scatter it over DRAM. If the
+/// short rows stream faster per SM, the layout of the weight in memory (not the kernel's
+/// pipeline) limits the decode GEMMs at small budgets (`gemm-row.md` with `NEXUS_BENCH_OUT`;
+/// cases `gemm-row/k <K>/budget <SMs>`).
+fn weight_row_length(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    budgets: &[CtaBudget],
+    stream_read: &BandwidthCurve,
+) {
+    if !matches!(gpu.target(), PtxTarget::Sm90a) {
+        return;
+    }
+    let kernels = GemmKernel::HOPPER;
+    let names: Vec<String> = kernels.iter().map(|k| format!("{k:?} GB/s per SM")).collect();
+    let mut header = vec!["K (row bytes)", "N", "budget", "stream read GB/s per SM"];
+    header.extend(names.iter().map(String::as_str));
+    let report = Report::new("One 128 MB weight at M = 1, by row length (GB/s per CTA = bytes / t / CTAs)", &header);
+    for k in ROW_LENGTHS {
+        let n = ROW_LENGTH_WEIGHT / k;
+        let shape = GemmShape { m: 1, n, k };
+        let set = k + n * k;
+        let copies = copies_for(2 * set);
+        let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> =
+            (0..copies).map(|i| (pool.slice(i * set..i * set + k), pool.slice(i * set + k..(i + 1) * set))).collect();
+        let bytes = 2.0 * (k + n * k + n) as f64;
+        for &budget in budgets {
+            if !selected(&format!("gemm-row/k {k}/budget {}", budget.get())) {
+                continue;
+            }
+            let ctx = phase(gpu, stream, budget);
+            let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+            let per_sm = |t: f64, ctas: u32| format!("{:.1}", bytes / t / ctas as f64 / 1e9);
+            let mut row = vec![
+                format!("{k} ({} B)", 2 * k),
+                n.to_string(),
+                budget.get().to_string(),
+                format!("{:.1}", stream_read.at(budget.get()) / budget.get() as f64 / 1e9),
+            ];
+            for &kernel in &kernels {
+                let t = median_gpu_time(stream, |i| {
+                    let (a, b) = &views[i as usize % copies];
+                    gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..n), shape, &mut workspace)
+                        .expect("gemm");
+                })
+                .as_secs_f64();
+                let ctas = (kernel.tiles(shape) as u32).min(budget.get());
+                row.push(per_sm(t, ctas));
+            }
+            report.add(row);
+        }
+    }
+    report.finish(gpu, "gemm-row");
 }
 
 /// The planned kernel, and its split of K when it has one.

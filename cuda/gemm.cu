@@ -351,6 +351,7 @@ struct WgmmaConfig {
     static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
 };
 
+using nexus::desc_advance;
 using nexus::smem_desc;
 using nexus::touch;
 using nexus::Wgmma;
@@ -387,7 +388,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 
     const uint32_t ring = (smem_addr(smem_raw) + 1023u) & ~1023u;
     const int tid = threadIdx.x;
-    const int warpgroup = tid / 128;
+    // Read from lane 0, so that the compiler knows it is the same across the warp and keeps what
+    // derives from it (the consumers' wgmma descriptors) in uniform registers.
+    const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
     const TileOrder order(m, n, BM, BN);
     const int k_blocks = (k + BK - 1) / BK;
     // Work units: split `s` of tile `t` is unit t * splits + s, and covers K blocks
@@ -509,12 +512,13 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 // The wgmma M side reads 64 rows of its tile, the N side all rows of the other.
                 const uint32_t m_side = (SWAP ? b_tile : a_tile) + consumer * 64 * ROW_BYTES;
                 const uint32_t n_side = SWAP ? a_tile : b_tile;
+                const uint64_t m_desc = smem_desc(m_side), n_desc = smem_desc(n_side);
                 wgmma_fence();
 #pragma unroll
                 for (int kk = 0; kk < BK / 16; ++kk) {
                     // 16 of K = 32 bytes further along the (swizzled) rows. Set kk % SETS; each
                     // set starts from zero at its first wgmma of the tile.
-                    const uint64_t da = smem_desc(m_side + kk * 32), db = smem_desc(n_side + kk * 32);
+                    const uint64_t da = desc_advance(m_desc, kk * 32), db = desc_advance(n_desc, kk * 32);
                     if (SETS == 1 || kk % SETS == 0) {
                         Wgmma<C::MMA_N>::run(acc, da, db, kb > 0 || kk > 0);
                     } else {

@@ -525,6 +525,7 @@ using nexus::mbar_arrive;
 using nexus::mbar_arrive_expect_tx;
 using nexus::mbar_init;
 using nexus::mbar_wait;
+using nexus::desc_advance;
 using nexus::smem_desc;
 using nexus::smem_desc_mn;
 using nexus::st_shared_zero16;
@@ -550,9 +551,6 @@ __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
 // Orders this thread's generic-proxy writes to shared memory before later async-proxy reads
 // (wgmma operands, once a barrier has been passed).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// The descriptor of the operand `bytes` (a multiple of 16) past the one `desc` describes: the start
-// address is the low field, in 16-byte units, and shared addresses stay below its 256 KB.
-__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
 template <int D, int STAGES_, bool PIPELINED>
 __device__ __forceinline__ void prefill_attention_wgmma_body(

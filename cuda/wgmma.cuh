@@ -218,6 +218,9 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
     return (uint64_t)((addr & 0x3FFFF) >> 4) | (1ull << 16) | ((uint64_t)(1024 >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of the operand `bytes` (a multiple of 16) past the one `desc` describes: the start
+// address is the low field, in 16-byte units, and shared addresses stay below its 256 KB.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
 
 // wgmma shared-memory descriptor of an MN-major operand in 128-byte swizzled rows (one row per k):
 // start address, leading byte offset `panel_stride` (between the 64-wide panels of N), stride byte

@@ -164,14 +164,8 @@ fn main() {
     for (k, n) in KN {
         for m in MS {
             let shape = GemmShape { m, n, k };
-            let (a_len, b_len) = (m * k, n * k);
-            let copies = copies_for(2 * (a_len + b_len));
-            // Copy i: A at i·set, B right after it (both multiples of 8 elements: 16-byte aligned).
-            let set = a_len + b_len;
-            assert!(copies * set <= POOL_ELEMS, "pool too small for {m} x {n} x {k}");
-            let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> = (0..copies)
-                .map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set)))
-                .collect();
+            let views = rotated_operands(&pool, m * k, n * k);
+            let copies = views.len();
             let flops = 2.0 * (m * n * k) as f64;
             let bytes = 2.0 * (m * k + n * k + m * n) as f64;
             let shape_name = format!("{k} x {n}");
@@ -259,10 +253,8 @@ fn weight_row_length(
     for k in ROW_LENGTHS {
         let n = ROW_LENGTH_WEIGHT / k;
         let shape = GemmShape { m: 1, n, k };
-        let set = k + n * k;
-        let copies = copies_for(2 * set);
-        let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> =
-            (0..copies).map(|i| (pool.slice(i * set..i * set + k), pool.slice(i * set + k..(i + 1) * set))).collect();
+        let views = rotated_operands(pool, k, n * k);
+        let copies = views.len();
         let bytes = 2.0 * (k + n * k + n) as f64;
         for &budget in budgets {
             if !selected(&format!("gemm-row/k {k}/budget {}", budget.get())) {
@@ -291,6 +283,20 @@ fn weight_row_length(
         }
     }
     report.finish(gpu, "gemm-row");
+}
+
+/// Copies of an A of `a_len` and a B of `b_len` elements carved from `pool`, enough to rotate the
+/// launches beyond L2 ([`copies_for`]): copy i has A at i·(a_len + b_len) and B right after it
+/// (both multiples of 8 elements: 16-byte aligned).
+fn rotated_operands(
+    pool: &CudaSlice<bf16>,
+    a_len: usize,
+    b_len: usize,
+) -> Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> {
+    let set = a_len + b_len;
+    let copies = copies_for(2 * set);
+    assert!(copies * set <= POOL_ELEMS, "pool too small for A of {a_len} and B of {b_len} elements");
+    (0..copies).map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set))).collect()
 }
 
 /// The planned kernel, and its split of K when it has one.
@@ -349,12 +355,8 @@ fn decode_sizes(
             if !budgets.iter().any(|&b| selected(&case(b))) {
                 continue;
             }
-            let (a_len, b_len) = (m * k, n * k);
-            let set = a_len + b_len;
-            let copies = copies_for(2 * set);
-            let views: Vec<(CudaView<'_, bf16>, CudaView<'_, bf16>)> = (0..copies)
-                .map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set)))
-                .collect();
+            let views = rotated_operands(pool, m * k, n * k);
+            let copies = views.len();
             let bytes = 2.0 * (m * k + n * k + m * n) as f64;
             for &budget in budgets {
                 if !selected(&case(budget)) {

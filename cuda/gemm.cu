@@ -79,12 +79,17 @@ struct TileOrder {
     }
 };
 
-// The next tile for this CTA, or `tiles` when none is left. counters[0] hands out tiles from
-// `first` on (the tiles before are taken without it); counters[1] counts the CTAs that found none
-// left (each asks once more after its last tile, then stops asking). The last of them resets both
-// for the next launch: every CTA has then taken its final number.
-__device__ __forceinline__ int next_tile(unsigned* counters, int tiles, int first = 0) {
-    const unsigned t = static_cast<unsigned>(first) + atomicAdd(&counters[0], 1u);
+// Tiles come from counters[0] in two steps: take_ticket adds one to it, claim turns the number it
+// returned into the next tile for this CTA (counting from `first`: the tiles before are taken
+// without the counter), or `tiles` when none is left. A CTA that can take its ticket early and
+// claim it later hides the atomic's round trip (about a microsecond with HBM busy) behind other
+// work. counters[1] counts the CTAs that found none left (each takes one ticket past its last
+// tile, then stops); the last of them resets both for the next launch: every CTA has then taken
+// its final ticket.
+__device__ __forceinline__ unsigned take_ticket(unsigned* counters) { return atomicAdd(&counters[0], 1u); }
+
+__device__ __forceinline__ int claim(unsigned* counters, unsigned ticket, int tiles, int first = 0) {
+    const unsigned t = static_cast<unsigned>(first) + ticket;
     if (t >= static_cast<unsigned>(tiles)) {
         __threadfence();  // this CTA's last take happens before it is counted out
         if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
@@ -94,6 +99,10 @@ __device__ __forceinline__ int next_tile(unsigned* counters, int tiles, int firs
         return tiles;
     }
     return static_cast<int>(t);
+}
+
+__device__ __forceinline__ int next_tile(unsigned* counters, int tiles) {
+    return claim(counters, take_ticket(counters), tiles);
 }
 
 __device__ __forceinline__ float2 bias_pair(const bf16* __restrict__ bias, int col) {
@@ -444,16 +453,17 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         int stage = 0;
         uint32_t phase = 0;
         for (bool first = true;; first = false) {
-            if (!first) {
-                unit = next_tile(counter, units, gridDim.x);
-                mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
-            }
+            if (!first) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
             if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
                 stage_tile[stage] = -1;
                 mbar_arrive(smem_addr(&full[stage]));
                 return;
             }
+            // The unit after this one: its ticket is taken now and claimed once this unit's loads
+            // are issued. Taken at the boundary instead, the atomic's round trip left the ring to
+            // drain there: ~1.5 us per unit at M = 1 on the H200 (the gemm-row table).
+            const unsigned ticket = take_ticket(counter);
             int mt, nt, kb0, kb1;
             order.coords(unit / splits, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
@@ -474,6 +484,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                     phase ^= 1;
                 }
             }
+            unit = claim(counter, ticket, units, gridDim.x);
         }
     } else {
         if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_inc<C::CONSUMER_REGS>();
@@ -617,7 +628,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: the operands, then m, n, k, then the two tile counters (zero between
-// launches, see next_tile). The mma kernels also take the number of pipeline stages their shared
+// launches, see take_ticket). The mma kernels also take the number of pipeline stages their shared
 // memory holds; the wgmma ones the split of K (1: none), the split-K workspace (a BM x BN tile of
 // floats per work unit) and one arrival count per output tile (zero between launches).
 

@@ -1,6 +1,7 @@
 //! Paged decode attention bandwidth (TB/s of K/V read) across CTA budgets: batch × context
 //! 1×4096, 1×32768, 32×2048, 64×4096 and 128×1024, with the heads of Llama-3.1-8B (32/8 d128),
-//! Qwen2.5-3B (16/2 d128), Qwen2.5-14B (40/8 d128) and SmolLM2 (9/3 d64), block size 16, shuffled
+//! Qwen2.5-3B (16/2 d128), Qwen2.5-14B (40/8 d128) and SmolLM2 (9/3 d64), block size 16
+//! (`NEXUS_BENCH_BLOCK_SIZE=n` for another), shuffled
 //! block tables over a pool of random bf16 data; the pool holds at least 256 MB (several
 //! block-table copies of the batch, rotated) so no launch finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
 //! once per budget outside the timing, as a serving engine does once per step. Next to each figure:
@@ -22,7 +23,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-const BLOCK_SIZE: usize = 16;
+/// The cache's block size unless `NEXUS_BENCH_BLOCK_SIZE` says otherwise.
+const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// Llama-3.1-8B, Qwen2.5-3B, Qwen2.5-14B, SmolLM2.
 const LAYOUTS: [(&str, QkvLayout); 4] = [
@@ -53,8 +55,10 @@ fn main() {
     let stream_read = stream_read_curve(&gpu, &stream, &budgets(&gpu));
     let all_sms = stream_read.at(gpu.sm_count()) / 1e12;
     let of_all = format!("% of {all_sms:.2} (all-SM stream)");
+    let block_size = block_size(DEFAULT_BLOCK_SIZE);
+    let title = format!("Paged decode attention, block {block_size} (TB/s = K/V bytes Σ 2·L·H_kv·d·2 / time)");
     let report = Report::new(
-        "Paged decode attention, block 16 (TB/s = K/V bytes Σ 2·L·H_kv·d·2 / time)",
+        &title,
         &[
             "heads",
             "batch x ctx",
@@ -73,13 +77,13 @@ fn main() {
     let pattern: Vec<bf16> = (0..32 << 20).map(|_| bf16::from_f32(rng.random_range(-1.0f32..1.0))).collect();
     for (name, layout) in LAYOUTS {
         for (seqs, ctx_len) in SHAPES {
-            let blocks_per_seq = ctx_len.div_ceil(BLOCK_SIZE);
+            let blocks_per_seq = ctx_len.div_ceil(block_size);
             let blocks = seqs * blocks_per_seq;
-            let block_bytes = 2 * BLOCK_SIZE * layout.num_kv_heads * layout.head_dim * 2; // K + V
+            let block_bytes = 2 * block_size * layout.num_kv_heads * layout.head_dim * 2; // K + V
             let copies = copies_for(blocks * block_bytes);
             let cache = PagedKvLayout {
                 num_blocks: blocks * copies,
-                block_size: BLOCK_SIZE,
+                block_size,
                 num_kv_heads: layout.num_kv_heads,
                 head_dim: layout.head_dim,
             };

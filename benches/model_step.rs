@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use common::{Report, device_name};
 use nexus::kernels::Gpu;
+use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
 use nexus::runtime::engine::kv_cache::BlockManager;
 use nexus::runtime::model::LlamaModel;
@@ -32,7 +33,6 @@ use nexus::runtime::weights::synthetic;
 
 /// Dense bf16 matrix-product throughput measured on the H100 (8192³), FLOP per second.
 const ANCHOR_FLOPS: f64 = 798e12;
-const BLOCK_SIZE: usize = 16;
 
 fn main() {
     let name = std::env::var("NEXUS_MODEL_STEP").unwrap_or_else(|_| "llama-3.1-8b".into());
@@ -70,9 +70,10 @@ fn main() {
 
     let (decode_batch, context) = (64usize, 2048usize);
     let prefill_tokens = 8192usize;
-    let num_blocks = (decode_batch * (context + 64) + 2 * prefill_tokens + 4096) / BLOCK_SIZE;
-    let mut cache = model.alloc_kv_cache(&backend, num_blocks, BLOCK_SIZE).expect("KV cache");
-    let mut blocks = BlockManager::new(num_blocks, BLOCK_SIZE).expect("blocks");
+    let block_size = common::block_size(DEFAULT_BLOCK_SIZE);
+    let num_blocks = (decode_batch * (context + 64) + 2 * prefill_tokens + 4096) / block_size;
+    let mut cache = model.alloc_kv_cache(&backend, num_blocks, block_size).expect("KV cache");
+    let mut blocks = BlockManager::new(num_blocks, block_size).expect("blocks");
     let token = |i: usize| (i * 7919 % config.vocab_size) as u32;
     let kv_bytes_per_token = (config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2) as f64;
 

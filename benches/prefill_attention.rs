@@ -1,6 +1,7 @@
 //! Paged prefill attention throughput (TFLOP/s) across CTA budgets: causal prefill of one
 //! sequence of 1k, 4k, 8k and 16k tokens, and a 2048-token chunk over 2k and 8k cached tokens;
-//! 32/8 heads, head dim 128, block size 16 with a shuffled block table; random bf16 data, inputs
+//! 32/8 heads, head dim 128, block size 16 (`NEXUS_BENCH_BLOCK_SIZE=n` for another) with a
+//! shuffled block table; random bf16 data, inputs
 //! rotated over copies larger than L2. FLOPs are `4·H_q·d·(C·P + C(C+1)/2)` for a chunk of C
 //! tokens over a prefix of P (torch SDPA's figures for the same shapes come from
 //! `scripts/bench-torch-sdpa.py`).
@@ -25,7 +26,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const LAYOUT: QkvLayout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
-const BLOCK_SIZE: usize = 16;
+/// The cache's block size unless `NEXUS_BENCH_BLOCK_SIZE` says otherwise.
+const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// A chunk of `chunk` tokens over `prefix` cached ones.
 struct Shape {
@@ -57,15 +59,16 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<bf16> {
 fn main() {
     let (gpu, stream) = open();
     let mut c = criterion();
-    let report = Report::new(
-        "Paged prefill attention, 32/8 heads, d=128, block 16 (TFLOP/s = 4·H·d·(C·P + C(C+1)/2) / time)",
-        &["shape", "kernel", "budget", "ms", "TFLOP/s", "TFLOP/s per CTA"],
+    let block_size = block_size(DEFAULT_BLOCK_SIZE);
+    let title = format!(
+        "Paged prefill attention, 32/8 heads, d=128, block {block_size} (TFLOP/s = 4·H·d·(C·P + C(C+1)/2) / time)"
     );
+    let report = Report::new(&title, &["shape", "kernel", "budget", "ms", "TFLOP/s", "TFLOP/s per CTA"]);
     let mut rng = StdRng::seed_from_u64(0x5eed);
     for shape in &SHAPES {
         let kv_len = shape.prefix + shape.chunk;
-        let blocks = kv_len.div_ceil(BLOCK_SIZE);
-        let cache = PagedKvLayout { num_blocks: blocks, block_size: BLOCK_SIZE, num_kv_heads: 8, head_dim: 128 };
+        let blocks = kv_len.div_ceil(block_size);
+        let cache = PagedKvLayout { num_blocks: blocks, block_size, num_kv_heads: 8, head_dim: 128 };
         let mut table: Vec<i32> = (0..blocks as i32).collect();
         table.shuffle(&mut rng);
         let (q_indptr, kv_lens) = ([0, shape.chunk as u32], [kv_len as u32]);

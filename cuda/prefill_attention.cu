@@ -27,8 +27,8 @@
 // The Hopper kernels (prefill_attention_wgmma_*, sm_90a; FlashAttention-3's structure) take the
 // same work items, one per 128 query rows, and differ in how a CTA computes one:
 // - Warp-specialized, 3 warpgroups. The first warp of warpgroup 0 is the producer: it copies each
-//   K/V tile of 128 keys with TMA (one box per 16 rows, which lie in one block of the paged cache,
-//   and per 64-dim panel; a lane per box) into a ring of stages, K and V completing on mbarriers
+//   K/V tile of 128 keys with TMA (one box per cache block of the tile, up to the whole tile, and
+//   per 64-dim panel; a lane per box) into a ring of stages, K and V completing on mbarriers
 //   of their own, and runs ahead across items. Warpgroups 1 and 2 consume: each owns 64 of the item's rows.
 // - S = Q Kᵀ with wgmma m64n128k16 from shared memory (Q loaded once per item by the consumers);
 //   the online softmax runs on the accumulator registers, which are laid out as mma.sync's, so it
@@ -491,7 +491,11 @@ constexpr int WG_THREADS = 128;                   // one warpgroup
 constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup and two consumers
 constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
 constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
-constexpr int BOX_ROWS = 16;                      // rows of one TMA box, inside one cache block
+// Rows of one TMA box: a whole cache block, up to a K/V tile (at least 16: the launcher takes the
+// Hopper kernels for blocks of 16 tokens or more). Fewer, larger boxes per tile cost the producer
+// fewer copies.
+__device__ __forceinline__ int box_rows_log2(int block_size_log2) { return min(block_size_log2, 7); }
+constexpr int MIN_BOX_ROWS = 16;
 // Registers per thread after setmaxnreg: the producer's one working warp needs few.
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
 static_assert(nexus::register_split_fits(HOPPER_THREADS, PRODUCER_REGS, 2, CONSUMER_REGS),
@@ -506,7 +510,7 @@ template <int D, int STAGES_>
 struct HopperConfig {
     static constexpr int BN = HOPPER_KV_TILE;
     static constexpr int PANELS = D / 64;
-    static constexpr int BOXES = BN / BOX_ROWS;                   // boxes per panel of a tile
+    static constexpr int MAX_BOXES = BN / MIN_BOX_ROWS;           // boxes per panel of a tile
     static constexpr int Q_PANEL_BYTES = 64 * PANEL_ROW_BYTES;     // 64 rows of one consumer
     static constexpr int Q_BYTES = PANELS * Q_PANEL_BYTES;          // one consumer's Q
     static constexpr int TILE_PANEL_BYTES = BN * PANEL_ROW_BYTES;
@@ -598,14 +602,16 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         // COPIES lanes, V on the next), so that the 2 x COPIES copies of a tile and their
         // block-table reads go out at once instead of one after the other from one thread.
         nexus::setmaxnreg_dec<PRODUCER_REGS>();
-        constexpr int COPIES = C::BOXES * C::PANELS;  // box copies of one K or V tile
-        static_assert(2 * COPIES <= 32, "a lane per box copy of a K and a V tile");
+        static_assert(2 * C::MAX_BOXES * C::PANELS <= 32, "a lane per box copy of a K and a V tile");
+        static_assert(BN == 1 << 7, "box_rows_log2 caps boxes at a tile");
+        const int box_log2 = box_rows_log2(block_size_log2), box_rows = 1 << box_log2;
+        const int copies_per_tile = (BN >> box_log2) * C::PANELS;  // box copies of one K or V tile
         if (tid < 32) {
             const int lane = tid;
-            const bool copies = lane < 2 * COPIES, is_v = lane >= COPIES;
-            const int box = (lane % COPIES) / C::PANELS, panel = lane % C::PANELS;
+            const bool copies = lane < 2 * copies_per_tile, is_v = lane >= copies_per_tile;
+            const int box = (lane % copies_per_tile) / C::PANELS, panel = lane % C::PANELS;
             const TensorMap* map = is_v ? v_map : k_map;
-            const uint32_t ring = (is_v ? v_smem : k_smem) + panel * C::TILE_PANEL_BYTES + box * BOX_ROWS * PANEL_ROW_BYTES;
+            const uint32_t ring = (is_v ? v_smem : k_smem) + panel * C::TILE_PANEL_BYTES + box * box_rows * PANEL_ROW_BYTES;
             const int block_mask = (1 << block_size_log2) - 1;
             int stage = 0;
             uint32_t phase = 0;
@@ -624,12 +630,12 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
                 const int kv_head = item.w >> 8, kv_end = item.y + (item.w & 255);
                 const int num_tiles = (kv_end + BN - 1) / BN;
                 const int* table = block_tables + static_cast<size_t>(item.z) * max_blocks_per_seq;
-                // The pool row of this lane's box of `tile`: the first of its 16 rows, or
-                // -BOX_ROWS (wholly outside the pool: TMA fills zeros) past the sequence's end.
+                // The pool row of this lane's box of `tile`: the first of its rows, or
+                // -box_rows (wholly outside the pool: TMA fills zeros) past the sequence's end.
                 // Block ids are clamped into the pool, as in the FA2 kernel.
                 auto box_row = [&](int tile) {
-                    const int pos = tile * BN + box * BOX_ROWS;
-                    if (!copies || pos >= kv_end) return -BOX_ROWS;
+                    const int pos = tile * BN + box * box_rows;
+                    if (!copies || pos >= kv_end) return -box_rows;
                     const int block = min(max(__ldg(table + (pos >> block_size_log2)), 0), num_blocks - 1);
                     return (block << block_size_log2) | (pos & block_mask);
                 };
@@ -761,9 +767,10 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             // Before the last tile's P V: the rows of its last box past the sequence's end become
             // zeros (by one warpgroup, then both wait; outside the ping-pong turns).
             auto zero_tail = [&](int j, uint32_t v_tile) {
-                if (j != num_tiles - 1 || kv_end % BOX_ROWS == 0) return;
+                const int box_rows = 1 << box_rows_log2(block_size_log2);
+                if (j != num_tiles - 1 || kv_end % box_rows == 0) return;
                 if (consumer == 0) {
-                    const int r0 = kv_end - j * BN, r1 = (r0 + BOX_ROWS - 1) & ~(BOX_ROWS - 1);
+                    const int r0 = kv_end - j * BN, r1 = (r0 + box_rows - 1) & ~(box_rows - 1);
                     for (int i = ctid; i < (r1 - r0) * (D / 8); i += WG_THREADS) {
                         const int r = r0 + i / (D / 8), chunk = i % (D / 8);
                         st_shared_zero16(v_tile + (chunk / 8) * C::TILE_PANEL_BYTES +
@@ -933,7 +940,7 @@ NEXUS_PREFILL_KERNEL(prefill_attention_d64_n64_pipelined, 64, 64, 4, true)
 
 // The Hopper kernels (empty outside sm_90a: the launcher selects them only on Hopper, for blocks
 // of 16 tokens or more). Arguments as above, after the tensor maps of the K and V pools (4-D: 64
-// dims, pool rows, 64-dim panels, KV heads; boxes of 16 rows of one panel).
+// dims, pool rows, 64-dim panels, KV heads; boxes of one panel and min(block size, 128) rows).
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NEXUS_PREFILL_WGMMA_BODY(D, STAGES, PIPELINED)                                                          \
     prefill_attention_wgmma_body<D, STAGES, PIPELINED>(&k_map, &v_map, qkv, block_tables, items, num_items, counters, out, \

@@ -26,6 +26,14 @@ pub fn copies_for(bytes: usize) -> usize {
     ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(1, 64)
 }
 
+/// The KV cache's block size for a bench: `NEXUS_BENCH_BLOCK_SIZE` if set, else `default`.
+pub fn block_size(default: usize) -> usize {
+    match std::env::var("NEXUS_BENCH_BLOCK_SIZE") {
+        Ok(v) => v.parse().expect("NEXUS_BENCH_BLOCK_SIZE: a block size"),
+        Err(_) => default,
+    }
+}
+
 /// The budgets to sweep on `gpu`: [`BUDGETS`] below its SM count, then all SMs.
 pub fn budgets(gpu: &Gpu) -> Vec<CtaBudget> {
     let mut v: Vec<CtaBudget> =

@@ -255,9 +255,9 @@ struct EngineArgs {
     /// Fraction of the GPU's memory to use for weights, KV cache and activations (GPU only).
     #[arg(long, default_value_t = 0.9)]
     gpu_memory_utilization: f64,
-    /// KV-cache blocks of 16 tokens on the CPU backend (refused when more than the memory
+    /// KV-cache blocks of 64 tokens on the CPU backend (refused when more than the memory
     /// available holds).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 256)]
     cpu_kv_blocks: usize,
     /// How iterations are scheduled: `chunked` (one mixed batch of decodes and prompt chunks per
     /// iteration on every SM, as vLLM) or `nexus` (prefill and decode at the same time on

@@ -29,7 +29,7 @@ fn a_small_sweep_reports_every_rate() {
     let (json, plot) = (dir.join("bench.json"), dir.join("bench.svg"));
     let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
         .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--sweep", "20,40", "--num-requests", "3"])
-        .args(["--seed", "3", "--cpu-kv-blocks", "512", "--slo-ttft-ms", "1e9", "--slo-tbt-ms", "1e9", "--model"])
+        .args(["--seed", "3", "--cpu-kv-blocks", "128", "--slo-ttft-ms", "1e9", "--slo-tbt-ms", "1e9", "--model"])
         .arg(&model)
         .arg("--json")
         .arg(&json)

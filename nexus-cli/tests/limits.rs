@@ -102,11 +102,11 @@ fn serve_refuses_a_kv_cache_the_machine_cannot_hold() {
             blocks,
         ])
     };
-    // 10^9 blocks of SmolLM2 (720 KiB each) are 687 TiB.
+    // 10^9 blocks of SmolLM2 (2.8 MiB each) are 2.6 PiB.
     let output = serve("1000000000");
     assert_refused(
         &output,
-        &["the KV cache does not fit: give fewer --cpu-kv-blocks", "1000000000 blocks of 16 tokens", "available"],
+        &["the KV cache does not fit: give fewer --cpu-kv-blocks", "1000000000 blocks of 64 tokens", "available"],
     );
     let output = serve(&u64::MAX.to_string());
     assert_refused(&output, &["give fewer --cpu-kv-blocks", "block ids are 32-bit"]);

@@ -62,8 +62,11 @@ const MODULE: &str = "prefill_attention";
 const BLOCK_M: usize = 128;
 /// `int`s per work item (an `int4` in the source).
 const ITEM_INTS: usize = 4;
-/// Rows of a TMA box of the Hopper kernels (`BOX_ROWS`): they must lie in one cache block.
-const BOX_ROWS: usize = 16;
+/// Rows of the smallest TMA box of the Hopper kernels (`MIN_BOX_ROWS`): a box lies in one cache
+/// block, so they need blocks of at least this many tokens.
+const MIN_BOX_ROWS: usize = 16;
+/// Keys per K/V tile of the Hopper kernels (`HOPPER_KV_TILE`): the tallest box.
+const HOPPER_KV_TILE: usize = 128;
 
 /// How a kernel is built.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,11 +74,13 @@ enum Family {
     /// mma.sync, cp.async: 8 warps (`THREADS` in the source), every GPU from sm_80 on.
     Portable,
     /// wgmma, TMA: a producer warpgroup and two consumers (`HOPPER_THREADS`), sm_90a only, with
-    /// tensor maps of the pools in boxes of [`BOX_ROWS`] rows (blocks of at least 16 tokens).
+    /// tensor maps of the pools in boxes of a whole block up to [`HOPPER_KV_TILE`] rows (blocks
+    /// of at least [`MIN_BOX_ROWS`] tokens).
     Hopper,
 }
 
-/// One compiled kernel: its family, head dim, K/V tile (tokens), pipeline stages and entry point.
+/// One compiled kernel: its family, head dim, K/V tile (tokens), pipeline stages, entry point,
+/// and the TMA box heights (rows, [`box_rows`]) for which it is the default, `[from, to)`.
 #[derive(Clone, Copy, Debug)]
 struct Variant {
     family: Family,
@@ -83,39 +88,79 @@ struct Variant {
     kv_tile: usize,
     stages: usize,
     name: &'static str,
+    default_boxes: (usize, usize),
 }
 
-/// Every kernel of the module; the first one a plan can run is its default. `_pipelined` kernels
-/// compute the scores of the next K/V tile before the softmax of the current one, so the tensor
-/// cores and the exponentials overlap inside each warp (the Hopper one also gives its two consumer
-/// warpgroups the tensor cores in alternate turns, as FlashAttention-3's ping-pong). At d=128 the
-/// plain kernels measured faster at all SMs, so they are the defaults: the portable one by 1-4% on
-/// an H100 (bench-results/prefill_attention-h100.md), the Hopper one by 10-20% on an H200
-/// (causal 4k-16k, bench-results/prefill_attention-h200.md).
+/// Any box height (and the portable kernels, which copy no boxes).
+const ANY_BOXES: (usize, usize) = (0, usize::MAX);
+/// Boxes from this many rows on make the pipelined Hopper kernel at d=128 the default.
+const PIPELINED_MIN_BOX_ROWS: usize = 64;
+
+/// Rows of the Hopper kernels' TMA boxes over a pool of `block_size`-token blocks: a whole block,
+/// up to a K/V tile (`box_rows_log2` in the source).
+fn box_rows(block_size: usize) -> usize {
+    block_size.min(HOPPER_KV_TILE)
+}
+
+/// Every kernel of the module; the first one a plan can run whose `default_boxes` hold the pool's
+/// box height is its default (else the first it can run). `_pipelined` kernels compute the scores
+/// of the next K/V tile before the softmax of the current one, so the tensor cores and the
+/// exponentials overlap inside each warp (the Hopper one also gives its two consumer warpgroups the
+/// tensor cores in alternate turns, as FlashAttention-3's ping-pong). The portable plain kernel at
+/// d=128 measured 1-4% faster than its pipelined one on an H100
+/// (bench-results/prefill_attention-h100.md). On the H200 the pipelined Hopper kernel consumes
+/// tiles faster than its producer can copy them in boxes of 16 rows (one per block of 16 tokens,
+/// 32 copies a tile): with blocks of 16 the plain kernel is 10-20% faster, with blocks of 64 (8
+/// copies a tile) the pipelined one is 3-17% faster (causal 4k-16k and chunks,
+/// bench-results/prefill_attention-h200.md).
 const VARIANTS: &[Variant] = &[
-    Variant { family: Family::Hopper, head_dim: 128, kv_tile: 128, stages: 2, name: "prefill_attention_wgmma_d128" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 128,
+        kv_tile: 128,
+        stages: 2,
+        name: "prefill_attention_wgmma_d128",
+        default_boxes: (0, PIPELINED_MIN_BOX_ROWS),
+    },
     Variant {
         family: Family::Hopper,
         head_dim: 128,
         kv_tile: 128,
         stages: 3,
         name: "prefill_attention_wgmma_d128_pipelined",
+        default_boxes: (PIPELINED_MIN_BOX_ROWS, usize::MAX),
     },
-    Variant { family: Family::Hopper, head_dim: 64, kv_tile: 128, stages: 4, name: "prefill_attention_wgmma_d64" },
+    Variant {
+        family: Family::Hopper,
+        head_dim: 64,
+        kv_tile: 128,
+        stages: 4,
+        name: "prefill_attention_wgmma_d64",
+        default_boxes: ANY_BOXES,
+    },
     Variant {
         family: Family::Hopper,
         head_dim: 64,
         kv_tile: 128,
         stages: 4,
         name: "prefill_attention_wgmma_d64_pipelined",
+        default_boxes: ANY_BOXES,
     },
-    Variant { family: Family::Portable, head_dim: 128, kv_tile: 64, stages: 3, name: "prefill_attention_d128_n64" },
+    Variant {
+        family: Family::Portable,
+        head_dim: 128,
+        kv_tile: 64,
+        stages: 3,
+        name: "prefill_attention_d128_n64",
+        default_boxes: ANY_BOXES,
+    },
     Variant {
         family: Family::Portable,
         head_dim: 128,
         kv_tile: 64,
         stages: 4,
         name: "prefill_attention_d128_n64_pipelined",
+        default_boxes: ANY_BOXES,
     },
     Variant {
         family: Family::Portable,
@@ -123,8 +168,16 @@ const VARIANTS: &[Variant] = &[
         kv_tile: 64,
         stages: 4,
         name: "prefill_attention_d64_n64_pipelined",
+        default_boxes: ANY_BOXES,
     },
-    Variant { family: Family::Portable, head_dim: 64, kv_tile: 128, stages: 3, name: "prefill_attention_d64_n128" },
+    Variant {
+        family: Family::Portable,
+        head_dim: 64,
+        kv_tile: 128,
+        stages: 3,
+        name: "prefill_attention_d64_n128",
+        default_boxes: ANY_BOXES,
+    },
 ];
 
 impl Variant {
@@ -141,10 +194,20 @@ impl Variant {
                 && match v.family {
                     Family::Portable => true,
                     Family::Hopper => {
-                        !options.portable_only && target == PtxTarget::Sm90a && block_size.is_multiple_of(BOX_ROWS)
+                        !options.portable_only && target == PtxTarget::Sm90a && block_size.is_multiple_of(MIN_BOX_ROWS)
                     }
                 }
         })
+    }
+
+    /// The kernel a plan runs by default: the first available one whose `default_boxes` hold the
+    /// pool's box height, else the first available one.
+    fn default_for(head_dim: usize, target: PtxTarget, block_size: usize, options: PrefillOptions) -> Option<Variant> {
+        let boxes = box_rows(block_size);
+        let mut available = Variant::available(head_dim, target, block_size, options);
+        let first = available.next()?;
+        let preferred = |v: &Variant| (v.default_boxes.0..v.default_boxes.1).contains(&boxes);
+        Some(if preferred(&first) { first } else { available.find(preferred).unwrap_or(first) })
     }
 
     fn threads(&self) -> u32 {
@@ -261,13 +324,9 @@ impl PrefillPlan {
             layout.head_dim
         );
         let target = ctx.gpu().target();
-        let variant =
-            Variant::available(layout.head_dim, target, cache.block_size, options).next().ok_or_else(|| {
-                Error::Unsupported(format!(
-                    "prefill_attention: head dim {} (supported: {HEAD_DIMS:?})",
-                    layout.head_dim
-                ))
-            })?;
+        let variant = Variant::default_for(layout.head_dim, target, cache.block_size, options).ok_or_else(|| {
+            Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))
+        })?;
         let group = layout.group_size();
         if group > BLOCK_M {
             return Err(Error::Unsupported(format!(
@@ -497,7 +556,7 @@ pub fn prefill_attention(
     let stream = ctx.stream();
     let maps = match v.family {
         Family::Hopper => {
-            let map = |ptr| tensor_map::pool_map(ptr, cache, BOX_ROWS, 1);
+            let map = |ptr| tensor_map::pool_map(ptr, cache, box_rows(cache.block_size), 1);
             Some((map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?))
         }
         Family::Portable => None,
@@ -532,4 +591,31 @@ pub fn prefill_attention(
     // `trace` holds a record for every CTA of the grid (<= budget).
     unsafe { launch.launch(cfg) }?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_name(head_dim: usize, target: PtxTarget, block_size: usize, portable_only: bool) -> &'static str {
+        Variant::default_for(head_dim, target, block_size, PrefillOptions { portable_only }).expect("a kernel").name
+    }
+
+    /// On Hopper at d=128 the plain kernel takes 16- and 32-row boxes, the pipelined one 64 rows and
+    /// up; blocks of 8 (no box fits) and portable-only plans take the portable kernels.
+    #[test]
+    fn the_default_kernel_follows_the_box_height() {
+        let hopper = PtxTarget::Sm90a;
+        for block_size in [16, 32] {
+            assert_eq!(default_name(128, hopper, block_size, false), "prefill_attention_wgmma_d128");
+        }
+        for block_size in [64, 128, 256] {
+            assert_eq!(default_name(128, hopper, block_size, false), "prefill_attention_wgmma_d128_pipelined");
+        }
+        assert_eq!(default_name(64, hopper, 128, false), "prefill_attention_wgmma_d64");
+        assert_eq!(default_name(128, hopper, 8, false), "prefill_attention_d128_n64");
+        assert_eq!(default_name(128, hopper, 64, true), "prefill_attention_d128_n64");
+        assert_eq!(default_name(128, PtxTarget::Sm80, 64, false), "prefill_attention_d128_n64");
+        assert!(Variant::default_for(96, hopper, 64, PrefillOptions::default()).is_none());
+    }
 }

@@ -235,7 +235,7 @@ fn check_model<B: Backend>(backend: &B, name: &str, schedules: &[Schedule], tol:
     );
 }
 
-/// Chunks of 13 tokens straddle the 16-token KV blocks; chunks of 100 fill several prefill tiles.
+/// Chunks of 13 tokens straddle the KV blocks; chunks of 100 fill several prefill tiles.
 const GPU_SCHEDULES: [Schedule; 3] =
     [Schedule::Whole, Schedule::Chunked { chunk: 13, decode: 5 }, Schedule::Chunked { chunk: 100, decode: 5 }];
 

@@ -441,7 +441,8 @@ fn a_prefill_and_a_decode_step_run_at_once_on_disjoint_sms() {
     .expect("backend");
     let model = LlamaModel::random(&backend, &config, 5).expect("model");
     let (decode_seqs, context, prompt_len) = (32usize, 2048usize, 4096usize);
-    let num_blocks = (decode_seqs * (context + 16) + prompt_len) / DEFAULT_BLOCK_SIZE + 8;
+    // Each sequence's context and its next token, and the prompt.
+    let num_blocks = decode_seqs * (context + 1).div_ceil(DEFAULT_BLOCK_SIZE) + prompt_len.div_ceil(DEFAULT_BLOCK_SIZE);
     let mut cache = model.alloc_kv_cache(&backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
     let mut blocks = BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks");
     let mut prefill = backend.new_phase().expect("phase");

@@ -174,7 +174,9 @@ fn gqa_32_8_d128_ragged_chunks() {
 fn gqa_32_8_d128_block_sizes() {
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
     let chunks = [(64, 2000), (5, 300), (1, 17), (200, 0), (65, 127), (33, 95)];
-    for block_size in [8, 128] {
+    // The Hopper kernels' TMA boxes are a block tall up to a K/V tile (128): 32, 128 and 256 take
+    // boxes of 32 and 128 rows; 8 runs the portable kernel.
+    for block_size in [8, 32, 128, 256] {
         check("gqa_32_8_d128_block_sizes", layout, block_size, &chunks);
     }
 }
@@ -184,7 +186,7 @@ fn gqa_32_8_d128_block_sizes() {
 fn gqa_9_3_d64_ragged_chunks() {
     let layout = QkvLayout { num_heads: 9, num_kv_heads: 3, head_dim: 64 };
     let chunks = [(1, 2000), (5, 0), (63, 17), (64, 300), (65, 0), (200, 2000), (1000, 300), (43, 0), (42, 1)];
-    for block_size in [8, 16, 128] {
+    for block_size in [8, 16, 64, 128] {
         check("gqa_9_3_d64_ragged", layout, block_size, &chunks);
     }
 }
@@ -467,13 +469,16 @@ fn launcher_rejects_bad_buffers() {
 }
 
 /// A batch small enough for compute-sanitizer's racecheck (which slows kernels a
-/// hundredfold) that still crosses tile, block and diagonal boundaries in both head dims.
+/// hundredfold) that still crosses tile, block and diagonal boundaries in both head dims, with
+/// the smallest TMA boxes (blocks of 16) and the tallest (blocks of 128).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn small_batches_for_sanitizers() {
     let chunks = [(70, 40), (3, 0)];
     for (heads, kv_heads, head_dim) in [(9, 3, 64), (8, 2, 128)] {
         let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
-        check("small_batches_for_sanitizers", layout, 16, &chunks);
+        for block_size in [16, 128] {
+            check("small_batches_for_sanitizers", layout, block_size, &chunks);
+        }
     }
 }

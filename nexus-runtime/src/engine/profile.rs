@@ -67,7 +67,7 @@ impl ProfileConfig {
             decode: vec![(1, 1024), (16, 2048), (64, 2048), (32, 4096)],
             splits,
             repeats: 2,
-            block_size: 16,
+            block_size: crate::engine::DEFAULT_BLOCK_SIZE,
         }
     }
 

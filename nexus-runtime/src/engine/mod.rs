@@ -48,9 +48,10 @@ use nexus_kernels::reference::ARGMAX_NONE;
 
 /// Tokens per KV block, unless configured otherwise. 64, not the 16 of the kernels' benches: the
 /// Hopper prefill attention copies K and V in one TMA box per block (up to 128 rows), and with
-/// boxes of 16 rows its copies, not its math, bound it (H200, causal 8k: 560 TFLOP/s with blocks of
-/// 16, 597 with blocks of 64; bench-results/prefill_attention-h200.md). A sequence then holds at
-/// most 63 slots it does not use.
+/// boxes of 16 rows its copies, not its math, bound it (H200, a 2048-token chunk over 2048 cached
+/// tokens: 499-518 TFLOP/s with blocks of 16, 580-583 with blocks of 64, in two calls;
+/// bench-results/prefill_attention-h200.md). A sequence then holds at most 63 slots it does not
+/// use.
 pub const DEFAULT_BLOCK_SIZE: usize = 64;
 
 /// Identifies a request.

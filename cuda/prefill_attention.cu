@@ -598,8 +598,8 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
 
     if (tid < WG_THREADS) {
         // Producer warpgroup: gives its registers to the consumers; its first warp works. Lane 0
-        // runs the item mailbox; every lane issues one box copy of each tile (K on the first
-        // COPIES lanes, V on the next), so that the 2 x COPIES copies of a tile and their
+        // runs the item mailbox; a lane issues one box copy of each tile (K on the first
+        // copies_per_tile lanes, V on the next), so that the copies of a tile and their
         // block-table reads go out at once instead of one after the other from one thread.
         nexus::setmaxnreg_dec<PRODUCER_REGS>();
         static_assert(2 * C::MAX_BOXES * C::PANELS <= 32, "a lane per box copy of a K and a V tile");

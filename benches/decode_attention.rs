@@ -23,9 +23,6 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-/// The cache's block size unless `NEXUS_BENCH_BLOCK_SIZE` says otherwise.
-const DEFAULT_BLOCK_SIZE: usize = 16;
-
 /// Llama-3.1-8B, Qwen2.5-3B, Qwen2.5-14B, SmolLM2.
 const LAYOUTS: [(&str, QkvLayout); 4] = [
     ("32/8 d128", QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 }),
@@ -55,7 +52,7 @@ fn main() {
     let stream_read = stream_read_curve(&gpu, &stream, &budgets(&gpu));
     let all_sms = stream_read.at(gpu.sm_count()) / 1e12;
     let of_all = format!("% of {all_sms:.2} (all-SM stream)");
-    let block_size = block_size(DEFAULT_BLOCK_SIZE);
+    let block_size = block_size(KERNEL_BENCH_BLOCK_SIZE);
     let title = format!("Paged decode attention, block {block_size} (TB/s = K/V bytes Σ 2·L·H_kv·d·2 / time)");
     let report = Report::new(
         &title,

@@ -26,8 +26,6 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 const LAYOUT: QkvLayout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
-/// The cache's block size unless `NEXUS_BENCH_BLOCK_SIZE` says otherwise.
-const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// A chunk of `chunk` tokens over `prefix` cached ones.
 struct Shape {
@@ -59,7 +57,7 @@ fn random(rng: &mut StdRng, n: usize) -> Vec<bf16> {
 fn main() {
     let (gpu, stream) = open();
     let mut c = criterion();
-    let block_size = block_size(DEFAULT_BLOCK_SIZE);
+    let block_size = block_size(KERNEL_BENCH_BLOCK_SIZE);
     let title = format!(
         "Paged prefill attention, 32/8 heads, d=128, block {block_size} (TFLOP/s = 4·H·d·(C·P + C(C+1)/2) / time)"
     );

@@ -26,6 +26,10 @@ pub fn copies_for(bytes: usize) -> usize {
     ROTATE_BYTES.div_ceil(bytes.max(1)).clamp(1, 64)
 }
 
+/// The KV cache's block size of the attention kernels' benches unless `NEXUS_BENCH_BLOCK_SIZE`
+/// says otherwise (the kernels' smallest blocks with TMA boxes; the engine uses its own default).
+pub const KERNEL_BENCH_BLOCK_SIZE: usize = 16;
+
 /// The KV cache's block size for a bench: `NEXUS_BENCH_BLOCK_SIZE` if set, else `default`.
 pub fn block_size(default: usize) -> usize {
     match std::env::var("NEXUS_BENCH_BLOCK_SIZE") {

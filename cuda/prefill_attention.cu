@@ -491,10 +491,6 @@ constexpr int WG_THREADS = 128;                   // one warpgroup
 constexpr int HOPPER_THREADS = 3 * WG_THREADS;    // the producer's warpgroup and two consumers
 constexpr int HOPPER_KV_TILE = 128;               // keys per K/V tile: the N of S = Q Kᵀ
 constexpr int PANEL_ROW_BYTES = 128;              // one row of a 64-dim panel
-// Rows of one TMA box: a whole cache block, up to a K/V tile (at least 16: the launcher takes the
-// Hopper kernels for blocks of 16 tokens or more). Fewer, larger boxes per tile cost the producer
-// fewer copies.
-__device__ __forceinline__ int box_rows_log2(int block_size_log2) { return min(block_size_log2, 7); }
 constexpr int MIN_BOX_ROWS = 16;
 // Registers per thread after setmaxnreg: the producer's one working warp needs few.
 constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
@@ -579,6 +575,11 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
 
     const int tid = threadIdx.x;
     const int group = num_heads / num_kv_heads;
+    // Rows of one TMA box: a whole cache block, up to a K/V tile (at least MIN_BOX_ROWS: the
+    // launcher takes the Hopper kernels for blocks of 16 tokens or more). Fewer, larger boxes per
+    // tile cost the producer fewer copies.
+    static_assert(BN == 1 << 7, "boxes are capped at a tile");
+    const int box_log2 = min(block_size_log2, 7), box_rows = 1 << box_log2;
     if (tid == 0) {
         if (cta_trace != nullptr) trace_start = nexus::global_timer_ns();
         for (int s = 0; s < STAGES; ++s) {
@@ -603,8 +604,6 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         // block-table reads go out at once instead of one after the other from one thread.
         nexus::setmaxnreg_dec<PRODUCER_REGS>();
         static_assert(2 * C::MAX_BOXES * C::PANELS <= 32, "a lane per box copy of a K and a V tile");
-        static_assert(BN == 1 << 7, "box_rows_log2 caps boxes at a tile");
-        const int box_log2 = box_rows_log2(block_size_log2), box_rows = 1 << box_log2;
         const int copies_per_tile = (BN >> box_log2) * C::PANELS;  // box copies of one K or V tile
         if (tid < 32) {
             const int lane = tid;
@@ -767,7 +766,6 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             // Before the last tile's P V: the rows of its last box past the sequence's end become
             // zeros (by one warpgroup, then both wait; outside the ping-pong turns).
             auto zero_tail = [&](int j, uint32_t v_tile) {
-                const int box_rows = 1 << box_rows_log2(block_size_log2);
                 if (j != num_tiles - 1 || kv_end % box_rows == 0) return;
                 if (consumer == 0) {
                     const int r0 = kv_end - j * BN, r1 = (r0 + box_rows - 1) & ~(box_rows - 1);

@@ -97,7 +97,7 @@ const ANY_BOXES: (usize, usize) = (0, usize::MAX);
 const PIPELINED_MIN_BOX_ROWS: usize = 64;
 
 /// Rows of the Hopper kernels' TMA boxes over a pool of `block_size`-token blocks: a whole block,
-/// up to a K/V tile (`box_rows_log2` in the source).
+/// up to a K/V tile (`box_rows` in the source).
 fn box_rows(block_size: usize) -> usize {
     block_size.min(HOPPER_KV_TILE)
 }

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Per-SM read rate of three load patterns on the GPU machine (CuPy): 512 threads per CTA, one CTA
 per SM (a shared-memory reservation), each thread with 8 loads of 16 bytes in flight, over a 2 GB
 buffer of random words viewed as rows of 4 KB or 16 KB. A warp reads 16 rows x 256 bytes per step:

@@ -8,7 +8,7 @@ row). Prints a markdown table (bench-results/gemm-h200.md, eighth round).
 
     python3 scripts/gpu-load-patterns.py
 """
-import cupy as cp, sys
+import cupy as cp
 src = r'''
 extern "C" __global__ void probe(const uint4* __restrict__ p, long long rows, int row_vecs, int pattern, unsigned* out) {
   extern __shared__ int smem[];
@@ -53,7 +53,7 @@ for row in (4096, 16384):
             args = (buf, cp.int64(rows), cp.int32(row_vecs), cp.int32(pat), out)
             f((ctas,), (512,), args, shared_mem=smem); cp.cuda.Device().synchronize()
             e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-            e0.record(); 
+            e0.record()
             for _ in range(3): f((ctas,), (512,), args, shared_mem=smem)
             e1.record(); e1.synchronize()
             t = cp.cuda.get_elapsed_time(e0, e1) / 1e3 / 3

@@ -16,6 +16,11 @@
 //! and what it measured, and cuBLAS. A third times one 128 MB weight at M = 1 with rows (K) of
 //! 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
 //!
+//! A fourth times the SwiGLU epilogue ([`gemm::gemm_silu_and_mul`]) against the plain GEMM of the
+//! same gate/up shapes, kernel by kernel: what reading the weight's gate and up rows interleaved
+//! and the epilogue's math cost the GEMM (the plain launch stores twice the output, and a separate
+//! SiLU-and-mul launch would then read it back).
+//!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
 //! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
@@ -220,7 +225,98 @@ fn main() {
     report.finish(&gpu, "gemm");
     decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
     weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
+    silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
     c.final_summary();
+}
+
+/// Rows of A for [`silu_and_mul_epilogue`]: decode batches and a prefill chunk.
+const SILU_MS: [usize; 4] = [1, 16, 64, 4096];
+
+/// Every kernel on the gate/up GEMMs of [`DECODE_SHAPES`], as a plain GEMM and with the SwiGLU
+/// epilogue, at every budget (`gemm-silu.md` with `NEXUS_BENCH_OUT`; cases
+/// `gemm-silu/<shape>/m <M>/budget <SMs>`). TB/s counts what each launch must move: A, B and its
+/// own output (`[m, n]` plain, `[m, n / 2]` fused).
+fn silu_and_mul_epilogue(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    budgets: &[CtaBudget],
+    stream_read: &BandwidthCurve,
+) {
+    let mut kernels: Vec<Option<GemmKernel>> = vec![None];
+    if gpu.target() == PtxTarget::Sm90a {
+        kernels.extend(GemmKernel::HOPPER.map(Some));
+    }
+    kernels.extend(GemmKernel::PORTABLE.map(Some));
+    let report = Report::new(
+        "GEMM with the SwiGLU epilogue against the plain GEMM (TB/s = 2(MK + NK + M·out) / t)",
+        &[
+            "layer (K x N)",
+            "M",
+            "budget",
+            "stream read",
+            "kernel",
+            "plain us",
+            "SwiGLU us",
+            "plain TB/s",
+            "SwiGLU TB/s",
+            "SwiGLU / plain time",
+        ],
+    );
+    for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.ends_with("gate/up")) {
+        for m in SILU_MS {
+            let shape = GemmShape { m, n, k };
+            let case = |budget: CtaBudget| format!("gemm-silu/{layer}/m {m}/budget {}", budget.get());
+            if !budgets.iter().any(|&b| selected(&case(b))) {
+                continue;
+            }
+            let views = rotated_operands(pool, m * k, n * k);
+            let copies = views.len();
+            for &budget in budgets {
+                // A prefill chunk on 8-48 SMs takes tens of milliseconds a launch, and prefill
+                // runs on the larger share of the split.
+                if !selected(&case(budget)) || (m >= 1024 && budget.get() < 64) {
+                    continue;
+                }
+                let ctx = phase(gpu, stream, budget);
+                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                for &kernel in &kernels {
+                    let config = kernel.map_or_else(|| gemm::plan(shape, budget, gpu.model()).config(), Into::into);
+                    let plain = median_gpu_time(stream, |i| {
+                        let (a, b) = &views[i as usize % copies];
+                        let c = &mut out.slice_mut(..m * n);
+                        gemm::gemm_with(&ctx, config, a, b, None, c, shape, &mut workspace).expect("gemm");
+                    })
+                    .as_secs_f64();
+                    let fused = median_gpu_time(stream, |i| {
+                        let (a, b) = &views[i as usize % copies];
+                        let c = &mut out.slice_mut(..m * n / 2);
+                        gemm::gemm_silu_and_mul_with(&ctx, config, a, b, c, shape, &mut workspace).expect("gemm");
+                    })
+                    .as_secs_f64();
+                    let inputs = 2.0 * (m * k + n * k) as f64;
+                    let name = match kernel {
+                        Some(kernel) => format!("{kernel:?}"),
+                        None => format!("planned: {}", plan_label(&gemm::plan(shape, budget, gpu.model()))),
+                    };
+                    report.add(vec![
+                        format!("{layer} ({k} x {n})"),
+                        m.to_string(),
+                        budget.get().to_string(),
+                        format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                        name,
+                        format!("{:.1}", plain * 1e6),
+                        format!("{:.1}", fused * 1e6),
+                        format!("{:.2}", (inputs + 2.0 * (m * n) as f64) / plain / 1e12),
+                        format!("{:.2}", (inputs + (m * n) as f64) / fused / 1e12),
+                        format!("{:.3}", fused / plain),
+                    ]);
+                }
+            }
+        }
+    }
+    report.finish(gpu, "gemm-silu");
 }
 
 /// Elements of the weight in [`weight_row_length`]: 128 MB of bf16 whatever its shape.

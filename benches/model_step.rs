@@ -6,8 +6,9 @@
 //! read this GPU measured at that budget ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798
 //! TFLOP/s (an 8192³ bf16 matrix product on an H100; the H200 has the same tensor cores) times
 //! the budget's share of the SMs. Then
-//! the batch-64 decode step kernel by kernel (each launch timed between CUDA events, so run
-//! eagerly): where its time goes, against the streaming read at the budget.
+//! the batch-64 decode step (of the graph modes) and the batch-1 step (of the eager modes) kernel by
+//! kernel (each launch timed between CUDA events, so run eagerly): where its time goes, against the
+//! streaming read at the budget.
 //!
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
 //! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
@@ -148,8 +149,9 @@ fn main() {
         (format!("CUDA graphs, {budget} SMs"), &backend, &budgeted, budget),
     ];
     let kernels = Report::new(
-        &format!("{name} decode step, batch {decode_batch} x {context} tokens, kernel by kernel (eager, CUDA events)"),
+        &format!("{name} decode steps, kernel by kernel (eager, CUDA events)"),
         &[
+            "step",
             "SMs",
             "kernel",
             "launches",
@@ -173,6 +175,15 @@ fn main() {
             if i >= 10 {
                 times.push(t.elapsed().as_secs_f64());
             }
+        }
+        if !graphs {
+            // The eager steps at batch 1 once more, each kernel timed: the launches the graphs hide.
+            backend.0.time_ops(backend.1, true).expect("time ops");
+            step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
+            let ops = backend.0.take_op_times(backend.1).expect("op times");
+            backend.0.time_ops(backend.1, false).expect("time ops");
+            let step = format!("batch 1, {mode}");
+            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &ops);
         }
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
@@ -213,7 +224,8 @@ fn main() {
             step_on(backend, &mut blocks, &chunks);
             let ops = backend.0.take_op_times(backend.1).expect("op times");
             backend.0.time_ops(backend.1, false).expect("time ops");
-            kernel_rows(&kernels, &config, sms, gpu.model().bandwidth().at(sms), &ops);
+            let step = format!("batch {decode_batch} x {context}, {mode}");
+            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &ops);
         }
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
@@ -234,7 +246,7 @@ fn main() {
 /// Rows of `report` for the timed operators `ops` of one step on `sms` SMs, whose streaming read
 /// reaches `stream` bytes/s: per kernel (each GEMM by its role, attention, the elementwise
 /// kernels), its launches, time, bytes and rate.
-fn kernel_rows(report: &Report, config: &ModelConfig, sms: u32, stream: f64, ops: &[OpTime]) {
+fn kernel_rows(report: &Report, step: &str, config: &ModelConfig, sms: u32, stream: f64, ops: &[OpTime]) {
     let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let h = config.hidden_size;
     let role = |n: usize, k: usize| match (n, k) {
@@ -263,6 +275,7 @@ fn kernel_rows(report: &Report, config: &ModelConfig, sms: u32, stream: f64, ops
     let all = ("all kernels", ops.len(), kernels.iter().map(|k| k.2).sum::<f64>(), kernels.iter().map(|k| k.3).sum());
     for (name, launches, seconds, bytes) in kernels.into_iter().chain([all]) {
         report.add(vec![
+            step.into(),
             sms.to_string(),
             name.into(),
             launches.to_string(),

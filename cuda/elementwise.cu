@@ -1,5 +1,5 @@
 // Row-wise kernels of the forward pass: embedding gather, RMSNorm (plain and with the residual
-// add fused), RoPE, SiLU-and-mul, writes of new keys/values into the paged cache, and argmax.
+// add fused), RoPE, writes of new keys/values into the paged cache, and argmax.
 //
 // All are persistent (grid-stride over their work with at most one CTA per SM, see common.cuh),
 // bf16 in memory and f32 in registers, and move 16 bytes (8 bf16) per load where the layout
@@ -183,23 +183,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         const float x = to_float(h[a]), y = to_float(h[b]);
         h[a] = to_bf16(x * c - y * s);
         h[b] = to_bf16(y * c + x * s);
-    }
-}
-
-// out[r, :] = silu(gate_up[r, :width]) * gate_up[r, width:].
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-    silu_and_mul(const __nv_bfloat16* __restrict__ gate_up, __nv_bfloat16* __restrict__ out, int rows, int width) {
-    nexus::follow_previous_kernel();
-    const int vecs_per_row = width / VEC;
-    const size_t total = (size_t)rows * vecs_per_row;
-    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
-        const size_t row = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
-        float g[VEC], u[VEC];
-        unpack(load8(gate_up + row * 2 * width + c), g);
-        unpack(load8(gate_up + row * 2 * width + width + c), u);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) g[k] = g[k] / (1.f + __expf(-g[k])) * u[k];
-        store8(out + row * width + c, pack(g));
     }
 }
 

@@ -1,5 +1,6 @@
 //! Launchers of the row-wise kernels of `cuda/elementwise.cu`: embedding gather, RMSNorm (with
-//! the residual add fused), RoPE, SiLU-and-mul, KV-cache writes and argmax.
+//! the residual add fused), RoPE, KV-cache writes and argmax (SiLU-and-mul is the epilogue of
+//! [`crate::gemm::gemm_silu_and_mul`]).
 //!
 //! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
 //! same names, are in [`crate::reference`].
@@ -152,31 +153,6 @@ pub fn rope(
     launch.arg(qkv).arg(positions).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
     launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
     // SAFETY: the arguments match `rope` in cuda/elementwise.cu; `layout.check` bounded the rows.
-    unsafe { launch.launch(cfg) }?;
-    Ok(())
-}
-
-/// `out = silu(gate) * up` for `gate_up: [rows, 2 × width]` (rows `[gate | up]`), `out: [rows, width]`.
-pub fn silu_and_mul(
-    ctx: &PhaseContext,
-    gate_up: &CudaView<'_, bf16>,
-    width: usize,
-    out: &mut CudaViewMut<'_, bf16>,
-) -> Result<()> {
-    check_row_len(width, "width")?;
-    ensure_shape!(
-        out.len() % width == 0 && gate_up.len() == 2 * out.len(),
-        "silu_and_mul: input has {} values and output {}, expected [rows, 2 x {width}] and [rows, {width}]",
-        gate_up.len(),
-        out.len()
-    );
-    let rows = out.len() / width;
-    let (rows_i, width_i) = (to_i32(rows, "rows")?, to_i32(width, "width")?);
-    let grid = ctx.budget().grid((out.len() / VEC).div_ceil(THREADS as usize));
-    let (f, cfg) = ctx.kernel(MODULE, "silu_and_mul", grid, THREADS, 0)?;
-    let mut launch = ctx.launch(&f);
-    launch.arg(gate_up).arg(out).arg(&rows_i).arg(&width_i);
-    // SAFETY: the arguments match `silu_and_mul` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

@@ -24,6 +24,12 @@
 //! ([`GemmConfig::splits`]): each tile's K ranges are work units of their own, whose partial sums
 //! meet in the [`GemmWorkspace`], added by the tile's last unit in a fixed order.
 //!
+//! [`gemm_silu_and_mul`] runs the same kernels with a SwiGLU epilogue: given a feed-forward
+//! layer's fused `[gate | up]` weight, it stores `silu(gate) · up` straight from the f32 sums (the
+//! kernels read the weight's rows interleaved in blocks of 8, so each thread holds both halves of
+//! its outputs), one launch and one `[m, n]` round trip through memory fewer than a GEMM followed
+//! by an elementwise kernel.
+//!
 //! [`plan`] picks the kernel (and split) for a shape and budget with a small roofline model
 //! (compute, L2 fill and DRAM time per candidate tile shape, with the wave quantization of the
 //! work over the budget's CTAs; DRAM time at the bandwidth the device's [`DeviceModel`] measured
@@ -493,6 +499,65 @@ pub fn gemm_with(
     shape: GemmShape,
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
+    launch(ctx, config.into(), a, b, bias, c, shape, Epilogue::Store, workspace)
+}
+
+/// The SwiGLU of a feed-forward layer in one launch: `out = silu(a · gateᵀ) * (a · upᵀ)`, where
+/// `gate_up: [n, k]` holds the gate rows, then the up rows (`n / 2` each, as
+/// [`crate::reference::gemm_silu_and_mul`]), `a: [m, k]` and `out: [m, n / 2]`. `shape` is the
+/// GEMM's, `n` included (a multiple of 16); the kernel [`plan`] picks for it runs with an epilogue
+/// that applies SiLU and the product to its f32 sums, so the `[m, n]` intermediate is never
+/// stored. Same requirements and errors as [`gemm`].
+pub fn gemm_silu_and_mul(
+    ctx: &PhaseContext,
+    a: &CudaView<'_, bf16>,
+    gate_up: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+    workspace: &mut GemmWorkspace,
+) -> Result<()> {
+    let config = plan(shape, ctx.budget(), ctx.gpu().model()).config();
+    gemm_silu_and_mul_with(ctx, config, a, gate_up, out, shape, workspace)
+}
+
+/// [`gemm_silu_and_mul`] with a given kernel and split of K, as [`gemm_with`].
+pub fn gemm_silu_and_mul_with(
+    ctx: &PhaseContext,
+    config: impl Into<GemmConfig>,
+    a: &CudaView<'_, bf16>,
+    gate_up: &CudaView<'_, bf16>,
+    out: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+    workspace: &mut GemmWorkspace,
+) -> Result<()> {
+    launch(ctx, config.into(), a, gate_up, None, out, shape, Epilogue::SiluAndMul, workspace)
+}
+
+/// What a launch stores (`Epilogue` in cuda/gemm.cu).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Epilogue {
+    /// `C = A · Bᵀ (+ bias)`, `[m, n]`.
+    Store = 0,
+    /// B is `[gate | up]`; `C = silu(A · gateᵀ) * (A · upᵀ)`, `[m, n / 2]`.
+    SiluAndMul = 1,
+}
+
+/// Rows of B the SiLU epilogue reads as one block (`gated_row` in cuda/gemm.cu): 8 gate rows, then
+/// the 8 matching up rows.
+const GATED_BLOCK: usize = 8;
+
+#[allow(clippy::too_many_arguments)]
+fn launch(
+    ctx: &PhaseContext,
+    config: GemmConfig,
+    a: &CudaView<'_, bf16>,
+    b: &CudaView<'_, bf16>,
+    bias: Option<&CudaView<'_, bf16>>,
+    c: &mut CudaViewMut<'_, bf16>,
+    shape: GemmShape,
+    epilogue: Epilogue,
+    workspace: &mut GemmWorkspace,
+) -> Result<()> {
     let GemmShape { m, n, k } = shape;
     ensure_shape!(k > 0 && k % ALIGN_ELEMS == 0, "gemm: k = {k} must be a positive multiple of {ALIGN_ELEMS}");
     ensure_shape!(n % ALIGN_ELEMS == 0, "gemm: n = {n} must be a multiple of {ALIGN_ELEMS}");
@@ -501,11 +566,22 @@ pub fn gemm_with(
     };
     ensure_shape!(a.len() == len(m, k, "A")?, "gemm: A has {} values, expected {m} x {k}", a.len());
     ensure_shape!(b.len() == len(n, k, "B")?, "gemm: B has {} values, expected {n} x {k}", b.len());
-    ensure_shape!(c.len() == len(m, n, "C")?, "gemm: C has {} values, expected {m} x {n}", c.len());
+    let c_cols = match epilogue {
+        Epilogue::Store => n,
+        Epilogue::SiluAndMul => {
+            ensure_shape!(
+                n % (2 * GATED_BLOCK) == 0,
+                "gemm_silu_and_mul: n = {n} (gate and up rows) must be a multiple of {}",
+                2 * GATED_BLOCK
+            );
+            n / 2
+        }
+    };
+    ensure_shape!(c.len() == len(m, c_cols, "C")?, "gemm: C has {} values, expected {m} x {c_cols}", c.len());
     if let Some(bias) = bias {
         ensure_shape!(bias.len() == n, "gemm: bias has {} values, expected {n}", bias.len());
     }
-    let GemmConfig { kernel, splits } = config.into();
+    let GemmConfig { kernel, splits } = config;
     let spec = kernel.spec();
     if kernel.needs_sm90a() && ctx.gpu().target() != PtxTarget::Sm90a {
         return Err(Error::Unsupported(format!("gemm: {} needs an sm_90a (Hopper) GPU", spec.name)));
@@ -552,6 +628,7 @@ pub fn gemm_with(
 
     let grid = ctx.budget().grid(units);
     let null: u64 = 0;
+    let epilogue_i = epilogue as i32;
     match spec.family {
         Family::Mma { max_stages } => {
             let stage_bytes = (spec.bm + spec.bn) * BK * 2;
@@ -572,9 +649,10 @@ pub fn gemm_with(
             let mut launch = ctx.launch(&f);
             launch.arg(a).arg(b);
             push_bias(&mut launch, bias, &null);
-            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&stages_i).arg(&mut workspace.counter);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i).arg(&stages_i).arg(&mut workspace.counter);
             // SAFETY: the arguments match `NEXUS_GEMM_MMA` in cuda/gemm.cu. A, B, C and the bias
-            // hold exactly m·k, n·k, m·n and n values (checked above), 16-byte aligned with k and
+            // hold exactly m·k, n·k, m·c_cols and n values (checked above; c_cols is what the
+            // epilogue stores: n, or n / 2 with n a multiple of 16), 16-byte aligned with k and
             // n multiples of 8, and the kernel reads and writes only inside those shapes. The
             // counters are zero (made so, and reset by each launch's last CTA), and the shared
             // memory holds `stages` stages.
@@ -586,18 +664,22 @@ pub fn gemm_with(
             let smem = (stages * stage_bytes + 1024) as u32;
             let threads = 128 * (1 + if swap { spec.bn } else { spec.bm } as u32 / 64);
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
-            let map_b = matrix_map(b_ptr, n, k, spec.bn)?;
+            let map_b = match epilogue {
+                Epilogue::Store => matrix_map(b_ptr, n, k, spec.bn)?,
+                Epilogue::SiluAndMul if swap => gated_map(b_ptr, n, k, spec.bn)?,
+                Epilogue::SiluAndMul => halves_map(b_ptr, n, k, spec.bn)?,
+            };
             let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
             let mut launch = ctx.launch(&f);
             let splits_i = splits as i32;
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
-            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&splits_i);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i).arg(&splits_i);
             launch.arg(&mut workspace.partials).arg(&mut workspace.tile_arrivals).arg(&mut workspace.counter);
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
-            // describe A ([m, k]) and B ([n, k]) exactly, so TMA reads nothing outside them; C and
-            // the bias hold m·n and n values (checked above), 16-byte aligned, and the kernel
-            // writes only inside [m, n]. With a split, every unit has at least one K block, and
+            // describe A ([m, k]) and B ([n, k], as the epilogue reads it) exactly, so TMA reads
+            // nothing outside them; C and the bias hold m·c_cols and n values (checked above),
+            // 16-byte aligned, and the kernel writes only inside [m, c_cols]. With a split, every unit has at least one K block, and
             // there are at most as many units (so tiles) as SMs, each tile at most
             // MAX_SPLIT_TILE: the partials hold a tile for each unit and the arrival counts one
             // per tile (checked above). The counters and arrival counts are zero (made so, and
@@ -619,6 +701,25 @@ fn push_bias<'a>(launch: &mut Launch<'a>, bias: Option<&'a CudaView<'_, bf16>>, 
 /// rows (the kernels' stage tiles), out-of-range elements filled with zeros.
 fn matrix_map(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
     TensorMap::bf16(ptr, [k as u64, rows as u64], &[(k * 2) as u64], [BK as u32, box_rows as u32])
+}
+
+/// The tensor map of a `[gate | up]` weight `[rows, k]` as the non-swapped wgmma kernels read it
+/// for the SiLU epilogue: 3-D (64 of K, row, gate or up), in boxes of `box_rows / 2` rows of both
+/// halves (the gate rows of a tile, then its up rows; rows past a half are zeros).
+fn halves_map(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
+    let (half, k) = ((rows / 2) as u64, k as u64);
+    TensorMap::bf16(ptr, [k, half, 2], &[k * 2, half * k * 2], [BK as u32, (box_rows / 2) as u32, 2])
+}
+
+/// The tensor map of a `[gate | up]` weight `[rows, k]` as the swapped wgmma kernels read it for
+/// the SiLU epilogue: 4-D (64 of K, 8 rows, gate or up, block of 8 rows), in boxes of
+/// `box_rows / 16` blocks of both halves, so that a box lands as 8 gate rows, the 8 matching up
+/// rows, and so on (`gated_row` in cuda/gemm.cu).
+fn gated_map(ptr: sys::CUdeviceptr, rows: usize, k: usize, box_rows: usize) -> Result<TensorMap> {
+    let g = GATED_BLOCK as u64;
+    let (half, k) = ((rows / 2) as u64, k as u64);
+    let boxes = [BK as u32, g as u32, 2, (box_rows / (2 * GATED_BLOCK)) as u32];
+    TensorMap::bf16(ptr, [k, g, 2, half / g], &[k * 2, half * k * 2, g * k * 2], boxes)
 }
 
 #[cfg(test)]

@@ -121,19 +121,95 @@ fn run_cases(test: &str, cases: impl IntoIterator<Item = (usize, usize, usize)>)
     }
 }
 
+/// SwiGLU shapes `(m, n, k)`, `n` counting the gate and the up rows: SmolLM2's feed-forward layer,
+/// tiles cut short in N, M and K, and Llama-3.1-8B's at a decode batch.
+const SILU_CASES: [(usize, usize, usize); 6] =
+    [(1, 3072, 576), (7, 48, 64), (65, 208, 200), (16, 1040, 576), (255, 1536, 576), (64, 28672, 4096)];
+
+/// `gemm_silu_and_mul` against its reference: every kernel the device runs, and for shapes of
+/// `split_cases` every split the workspace takes, then the planned launch, at every budget, into
+/// poisoned outputs. The activations are scaled by 3/√k so that gate and up sums are of order 1
+/// (unscaled, the product of two sums of k terms grows with k): the kernels keep both in f32 and
+/// round only the product to bf16, so `rtol` is bf16's and `atol` covers summation order; a lost K
+/// block moves a sum by ~8/√k ≥ 0.12 (k ≤ 4096), several times `atol`.
+fn run_silu_cases(test: &str, cases: &[(usize, usize, usize)], split_cases: usize) {
+    let mut rng = rng(test);
+    let mut ctxs = contexts();
+    let kernels = kernels(&ctxs[0].0);
+    let sms = ctxs[0].0.gpu().sm_count() as usize;
+    for (case, &(m, n, k)) in cases.iter().enumerate() {
+        let shape = GemmShape { m, n, k };
+        let a = random_bf16(&mut rng, m * k, 3.0 / (k as f32).sqrt());
+        let b = random_bf16(&mut rng, n * k, 1.0);
+        let mut want = vec![0.0; m * n / 2];
+        reference::gemm_silu_and_mul(&a, &b, &mut want, shape).expect("reference");
+        let (da, db) = (upload(&ctxs[0].0, &a), upload(&ctxs[0].0, &b));
+        ctxs[0].0.stream().synchronize().expect("upload");
+        let mut configs: Vec<Option<GemmConfig>> = kernels.iter().map(|&kernel| Some(kernel.into())).collect();
+        if case < split_cases {
+            for kernel in kernels.iter().copied().filter(|kernel| kernel.splits_k()) {
+                let most = MAX_SPLITS.min(k.div_ceil(64)).min(sms / kernel.tiles(shape).max(1));
+                configs.extend((2..=most).map(|splits| Some(GemmConfig { kernel, splits })));
+            }
+        }
+        configs.push(None);
+        for config in configs {
+            for (ctx, workspace) in ctxs.iter_mut() {
+                let mut out = poisoned(ctx, m * n / 2);
+                let (av, bv, mut ov) = (da.as_view(), db.as_view(), out.as_view_mut());
+                let result = match config {
+                    Some(config) => gemm::gemm_silu_and_mul_with(ctx, config, &av, &bv, &mut ov, shape, workspace),
+                    None => gemm::gemm_silu_and_mul(ctx, &av, &bv, &mut ov, shape, workspace),
+                };
+                let what = format!("silu_and_mul {config:?} m={m} n={n} k={k} budget {}", ctx.budget().get());
+                result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                assert_close(&what, &download(ctx, &out), &want, BF16_RTOL, 2e-2);
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_silu_and_mul_matches_reference() {
+    run_silu_cases("gemm_silu_and_mul", &SILU_CASES, 4);
+}
+
+/// The SwiGLU launcher refuses what its epilogue cannot store: gate and up halves that are not
+/// whole blocks of 8 rows, an output of the wrong size.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_silu_and_mul_rejects_bad_shapes() {
+    let mut ctxs = contexts();
+    let (ctx, workspace) = &mut ctxs[2];
+    let (m, n, k) = (4, 32, 64);
+    let a = poisoned(ctx, m * k);
+    let b = poisoned(ctx, n * k);
+    let mut out = poisoned(ctx, m * n);
+    let mut run = |n: usize, out_len: usize| {
+        let shape = GemmShape { m, n, k };
+        let (av, bv) = (a.as_view(), b.slice(..n * k));
+        gemm::gemm_silu_and_mul(ctx, &av, &bv, &mut out.slice_mut(..out_len), shape, workspace).map_err(|e| e.kind())
+    };
+    assert_eq!(run(n, m * n / 2), Ok(()));
+    assert_eq!(run(24, m * 12), Err(nexus::kernels::ErrorKind::Shape));
+    assert_eq!(run(n, m * n), Err(nexus::kernels::ErrorKind::Shape));
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gemm_small_shapes_match_reference() {
     run_cases("gemm_small", SMALL_NK.iter().flat_map(|&(n, k)| SMALL_MS.iter().map(move |&m| (m, n, k))));
 }
 
-/// Three of the small shapes (M of 1, 65 and 255: one tile row, a partial one, several), every
-/// kernel at every budget: few enough launches for racecheck, which the full set outlasts
+/// Three of the small shapes (M of 1, 65 and 255: one tile row, a partial one, several), and two
+/// SwiGLU ones, every kernel at every budget: few enough launches for racecheck, which the full set outlasts
 /// (over 200 s on the H200).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn few_shapes_for_sanitizers() {
     run_cases("gemm_sanitizers", [(1, 576, 576), (65, 192, 200), (255, 1536, 576)]);
+    run_silu_cases("gemm_silu_and_mul_sanitizers", &[(7, 48, 64), (65, 208, 200)], 1);
 }
 
 #[test]

@@ -186,8 +186,14 @@ impl Backend for Chaos {
         CpuBackend.attention(&phase.cpu, qkv, layout, pool, step, scale)
     }
 
-    fn silu_and_mul(&self, phase: &ChaosPhase, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
-        CpuBackend.silu_and_mul(&phase.cpu, gate_up)
+    fn linear_silu_and_mul(
+        &self,
+        phase: &ChaosPhase,
+        step: &StepInput,
+        x: &CpuMatrix,
+        gate_up: &HostTensor,
+    ) -> Result<CpuMatrix> {
+        CpuBackend.linear_silu_and_mul(&phase.cpu, step, x, gate_up)
     }
 
     fn gather_logit_rows(&self, phase: &ChaosPhase, x: &CpuMatrix, step: &StepInput) -> Result<CpuMatrix> {

@@ -114,7 +114,7 @@ pub fn rope(qkv: &mut [f32], positions: &[u32], layout: QkvLayout, rope: RopeCon
 
 /// `out = silu(gate) * up` for a fused input `[rows, 2 * width]` whose rows are `[gate | up]`;
 /// `out: [rows, width]`.
-pub fn silu_and_mul(gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
+pub(crate) fn silu_and_mul(gate_up: &[f32], width: usize, out: &mut [f32]) -> Result<()> {
     ensure_shape!(
         width > 0 && out.len().is_multiple_of(width) && gate_up.len() == 2 * out.len(),
         "silu_and_mul: input has {} values and output {}, expected [rows, 2 x {width}] and [rows, {width}]",

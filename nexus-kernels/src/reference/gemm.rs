@@ -1,8 +1,9 @@
 //! `gemm`: `C[m, n] = A[m, k] · B[n, k]ᵀ (+ bias[n])`, the layout of a linear layer whose weight
-//! is stored `[out_features, in_features]`.
+//! is stored `[out_features, in_features]`; `gemm_silu_and_mul`, the same with a SwiGLU epilogue.
 
 use rayon::prelude::*;
 
+use super::silu_and_mul;
 use crate::Result;
 use crate::error::ensure_shape;
 
@@ -57,6 +58,23 @@ pub fn gemm(a: &[f32], b: &[f32], bias: Option<&[f32]>, c: &mut [f32], shape: Ge
         }
     }
     Ok(())
+}
+
+/// The SwiGLU of a feed-forward layer: `out = silu(a · gateᵀ) * (a · upᵀ)`, where `gate_up: [n, k]`
+/// holds the gate rows, then the up rows (`n / 2` each), `a: [m, k]` and `out: [m, n / 2]`;
+/// `shape` is the GEMM's, `n` included.
+pub fn gemm_silu_and_mul(a: &[f32], gate_up: &[f32], out: &mut [f32], shape: GemmShape) -> Result<()> {
+    let GemmShape { m, n, .. } = shape;
+    ensure_shape!(n > 0 && n % 2 == 0, "gemm_silu_and_mul: n = {n} (gate and up rows) must be even and positive");
+    ensure_shape!(
+        out.len() == m * (n / 2),
+        "gemm_silu_and_mul: out has {} values, expected {m} x {}",
+        out.len(),
+        n / 2
+    );
+    let mut both = vec![0f32; m * n];
+    gemm(a, gate_up, None, &mut both, shape)?;
+    silu_and_mul(&both, n / 2, out)
 }
 
 /// A dot product with eight independent partial sums, which the compiler turns into SIMD.

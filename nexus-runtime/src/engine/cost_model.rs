@@ -370,13 +370,13 @@ impl CostModel {
             kv_tokens: work.kv_tokens,
         };
         ops.push(scaled(self.op_work(&attention), layers));
-        // Per layer, four elementwise kernels move per token (as the backends count them): two
-        // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write),
-        // SiLU-and-mul (2I in, I out).
+        // Per layer, three elementwise kernels move per token (as the backends count them): two
+        // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write).
+        // SiLU-and-mul is the gate/up GEMM's epilogue.
         let rotated = (m.heads + m.kv_heads) * m.head_dim;
-        let per_token = 8 * m.hidden + 2 * rotated + 3 * m.intermediate;
+        let per_token = 8 * m.hidden + 2 * rotated;
         let rest = self.op_work(&OpShape::elementwise(work.tokens * per_token));
-        ops.push(scaled(OpWork { launches: 4.0, ..rest }, layers));
+        ops.push(scaled(OpWork { launches: 3.0, ..rest }, layers));
         ops
     }
 

@@ -153,7 +153,7 @@ pub enum OpShape {
     /// `attended` query-key pairs and reading `kv_tokens` cached tokens of K and V (with the
     /// write of the step's keys and values).
     Attention { kind: StepKind, tokens: usize, seqs: usize, attended: f64, kv_tokens: f64 },
-    /// An elementwise operator (norm, RoPE, SiLU-and-mul, embedding, row gather) moving `bytes`.
+    /// An elementwise operator (norm, RoPE, embedding, row gather) moving `bytes`.
     Elementwise { bytes: f64 },
 }
 
@@ -295,8 +295,15 @@ pub trait Backend {
         step: &Self::Step,
         scale: f32,
     ) -> Result<Self::Activation>;
-    /// `silu(gate) * up` of a fused `[rows, 2 × width]` activation.
-    fn silu_and_mul(&self, phase: &Self::Phase, gate_up: &Self::Activation) -> Result<Self::Activation>;
+    /// The SwiGLU of a feed-forward layer, `silu(x · gateᵀ) * (x · upᵀ)`, where `gate_up` is
+    /// `[2 × width, in]` (the gate rows, then the up rows) and the result `[rows, width]`.
+    fn linear_silu_and_mul(
+        &self,
+        phase: &Self::Phase,
+        step: &Self::Step,
+        x: &Self::Activation,
+        gate_up: &Self::Weight,
+    ) -> Result<Self::Activation>;
     /// The step's logit rows of `x`.
     fn gather_logit_rows(
         &self,

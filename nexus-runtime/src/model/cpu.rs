@@ -225,10 +225,18 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn silu_and_mul(&self, phase: &CpuPhase, gate_up: &CpuMatrix) -> Result<CpuMatrix> {
-        phase.run(OpShape::elementwise(3 * gate_up.data.len() / 2), || {
-            let mut out = CpuMatrix::zeros(gate_up.rows, gate_up.cols / 2);
-            reference::silu_and_mul(&gate_up.data, gate_up.cols / 2, &mut out.data)?;
+    fn linear_silu_and_mul(
+        &self,
+        phase: &CpuPhase,
+        _: &StepInput,
+        x: &CpuMatrix,
+        gate_up: &HostTensor,
+    ) -> Result<CpuMatrix> {
+        let n = gate_up.shape.first().copied().unwrap_or(0);
+        phase.run(OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = CpuMatrix::zeros(x.rows, n / 2);
+            let shape = GemmShape { m: x.rows, n, k: x.cols };
+            reference::gemm_silu_and_mul(&x.data, &gate_up.data, &mut out.data, shape)?;
             Ok(out)
         })
     }

@@ -822,11 +822,28 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn silu_and_mul(&self, phase: &CudaPhase, gate_up: &CudaMatrix) -> Result<CudaMatrix> {
-        let width = gate_up.cols / 2;
-        self.run_op(phase, OpShape::elementwise(3 * gate_up.rows * width), || {
-            let mut out = self.output(phase, gate_up.rows, width)?;
-            elementwise::silu_and_mul(&phase.ctx, &gate_up.data.as_view(), width, &mut out.data.as_view_mut())?;
+    fn linear_silu_and_mul(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+    ) -> Result<CudaMatrix> {
+        let n = gate_up.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let config = self.gemm_config(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n / 2)?;
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_silu_and_mul_with(
+                &phase.ctx,
+                config,
+                &x.data.as_view(),
+                &gate_up.data.as_view(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
             Ok(out)
         })
     }

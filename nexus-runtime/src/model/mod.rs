@@ -315,8 +315,7 @@ impl<B: Backend> LlamaModel<B> {
             let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
             let attn_out = backend.linear(phase, step, &attn, &layer.o, None)?;
             let x = backend.fused_add_rms_norm(phase, &attn_out, &mut residual, &layer.ffn_norm, eps)?;
-            let gate_up = backend.linear(phase, step, &x, &layer.gate_up, None)?;
-            let act = backend.silu_and_mul(phase, &gate_up)?;
+            let act = backend.linear_silu_and_mul(phase, step, &x, &layer.gate_up)?;
             pending = Some(backend.linear(phase, step, &act, &layer.down, None)?);
         }
         let x = match &pending {

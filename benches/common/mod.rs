@@ -160,7 +160,7 @@ impl Report {
     }
 
     /// Prints the table as Markdown, with the device named, and saves it to
-    /// `$NEXUS_BENCH_OUT/<file>.md` when that variable is set.
+    /// `$NEXUS_BENCH_OUT/<file>.md` when that variable is set (making the folder if need be).
     pub fn finish(&self, gpu: &Gpu, file: &str) {
         let name = device_name(gpu);
         let mut s = String::new();
@@ -173,6 +173,7 @@ impl Report {
         println!("\n{s}");
         if let Ok(dir) = std::env::var("NEXUS_BENCH_OUT") {
             let path = std::path::Path::new(&dir).join(format!("{file}.md"));
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("make {dir}: {e}"));
             std::fs::write(&path, &s).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         }
     }

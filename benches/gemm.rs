@@ -34,7 +34,7 @@ use common::*;
 use cudarc::cublas::{CudaBlas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmKernel, GemmPlan, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu};
 use rand::rngs::StdRng;
@@ -393,14 +393,6 @@ fn rotated_operands(
     let copies = copies_for(2 * set);
     assert!(copies * set <= POOL_ELEMS, "pool too small for A of {a_len} and B of {b_len} elements");
     (0..copies).map(|i| (pool.slice(i * set..i * set + a_len), pool.slice(i * set + a_len..(i + 1) * set))).collect()
-}
-
-/// The planned kernel, and its split of K when it has one.
-fn plan_label(plan: &GemmPlan) -> String {
-    match plan.splits {
-        1 => format!("{:?}", plan.kernel),
-        s => format!("{:?} split {s}", plan.kernel),
-    }
 }
 
 /// The linear layers of the three models of the experiments, (name, K, N).

@@ -21,8 +21,9 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Report, device_name};
-use nexus::kernels::Gpu;
+use common::{Report, device_name, plan_label};
+use nexus::kernels::gemm::{self, GemmShape};
+use nexus::kernels::{CtaBudget, Gpu};
 use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
 use nexus::runtime::engine::kv_cache::BlockManager;
@@ -154,6 +155,7 @@ fn main() {
             "step",
             "SMs",
             "kernel",
+            "GEMM plan",
             "launches",
             "ms",
             "share of the kernels' time",
@@ -164,6 +166,16 @@ fn main() {
     );
     for (mode, backend, phase, sms) in modes {
         let graphs = mode.starts_with("CUDA graphs");
+        // The kernel each GEMM runs: what the backend's planner picks for the shape at the budget.
+        let budget_sms = CtaBudget::new(sms, &gpu).expect("budget");
+        let batch_invariant = std::ptr::eq(backend, &invariant);
+        let plan = |shape: GemmShape| {
+            plan_label(&if batch_invariant {
+                gemm::plan_batch_invariant(shape, budget_sms, gpu.model())
+            } else {
+                gemm::plan(shape, budget_sms, gpu.model())
+            })
+        };
         let backend = (backend, phase);
         // Decode at batch 1, after a 128-token prompt.
         let short: Vec<u32> = (0..128).map(token).collect();
@@ -183,7 +195,7 @@ fn main() {
             let ops = backend.0.take_op_times(backend.1).expect("op times");
             backend.0.time_ops(backend.1, false).expect("time ops");
             let step = format!("batch 1, {mode}");
-            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &ops);
+            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         }
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
@@ -225,7 +237,7 @@ fn main() {
             let ops = backend.0.take_op_times(backend.1).expect("op times");
             backend.0.time_ops(backend.1, false).expect("time ops");
             let step = format!("batch {decode_batch} x {context}, {mode}");
-            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &ops);
+            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         }
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
@@ -244,9 +256,18 @@ fn main() {
 }
 
 /// Rows of `report` for the timed operators `ops` of one step on `sms` SMs, whose streaming read
-/// reaches `stream` bytes/s: per kernel (each GEMM by its role, attention, the elementwise
-/// kernels), its launches, time, bytes and rate.
-fn kernel_rows(report: &Report, step: &str, config: &ModelConfig, sms: u32, stream: f64, ops: &[OpTime]) {
+/// reaches `stream` bytes/s: per kernel (each GEMM by its role, with the kernel `plan` gives its
+/// shape; attention, the elementwise kernels), its launches, time, bytes and rate.
+#[allow(clippy::too_many_arguments)]
+fn kernel_rows(
+    report: &Report,
+    step: &str,
+    config: &ModelConfig,
+    sms: u32,
+    stream: f64,
+    plan: &dyn Fn(GemmShape) -> String,
+    ops: &[OpTime],
+) {
     let (q, kv) = (config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim);
     let h = config.hidden_size;
     let role = |n: usize, k: usize| match (n, k) {
@@ -258,29 +279,34 @@ fn kernel_rows(report: &Report, step: &str, config: &ModelConfig, sms: u32, stre
         _ => "GEMM other",
     };
     let kv_bytes_per_token = (2 * kv * 2) as f64;
-    let mut kernels: Vec<(&str, usize, f64, f64)> = Vec::new();
+    // (name, GEMM plan, launches, seconds, bytes)
+    let mut kernels: Vec<(&str, String, usize, f64, f64)> = Vec::new();
     for op in ops {
-        let (name, bytes) = match op.shape {
-            OpShape::Gemm { m, n, k } => (role(n, k), 2.0 * (m * k + n * k + m * n) as f64),
-            OpShape::Attention { tokens, kv_tokens, .. } => {
-                ("attention", kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)
+        let (name, planned, bytes) = match op.shape {
+            OpShape::Gemm { m, n, k } => {
+                (role(n, k), plan(GemmShape { m, n, k }), 2.0 * (m * k + n * k + m * n) as f64)
             }
-            OpShape::Elementwise { bytes } => ("elementwise", bytes),
+            OpShape::Attention { tokens, kv_tokens, .. } => {
+                ("attention", String::new(), kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)
+            }
+            OpShape::Elementwise { bytes } => ("elementwise", String::new(), bytes),
         };
         match kernels.iter_mut().find(|k| k.0 == name) {
-            Some(k) => (k.1, k.2, k.3) = (k.1 + 1, k.2 + op.seconds, k.3 + bytes),
-            None => kernels.push((name, 1, op.seconds, bytes)),
+            Some(k) => (k.2, k.3, k.4) = (k.2 + 1, k.3 + op.seconds, k.4 + bytes),
+            None => kernels.push((name, planned, 1, op.seconds, bytes)),
         }
     }
-    let all = ("all kernels", ops.len(), kernels.iter().map(|k| k.2).sum::<f64>(), kernels.iter().map(|k| k.3).sum());
-    for (name, launches, seconds, bytes) in kernels.into_iter().chain([all]) {
+    let seconds_all = kernels.iter().map(|k| k.3).sum::<f64>();
+    let all = ("all kernels", String::new(), ops.len(), seconds_all, kernels.iter().map(|k| k.4).sum());
+    for (name, planned, launches, seconds, bytes) in kernels.into_iter().chain([all]) {
         report.add(vec![
             step.into(),
             sms.to_string(),
             name.into(),
+            planned,
             launches.to_string(),
             format!("{:.3}", seconds * 1e3),
-            format!("{:.0}%", 100.0 * seconds / all.2),
+            format!("{:.0}%", 100.0 * seconds / seconds_all),
             format!("{:.2}", bytes / 1e9),
             format!("{:.2}", bytes / seconds / 1e12),
             format!("{:.2}", stream / 1e12),

@@ -9,6 +9,7 @@ use std::time::Duration;
 use criterion::Criterion;
 use cudarc::driver::CudaStream;
 use cudarc::driver::sys::CUevent_flags;
+use nexus::kernels::gemm::GemmPlan;
 use nexus::kernels::stream_read::stream_read;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
@@ -182,4 +183,12 @@ impl Report {
 /// The device's marketing name, e.g. "NVIDIA H100 80GB HBM3".
 pub fn device_name(gpu: &Gpu) -> String {
     gpu.context().name().unwrap_or_else(|_| "unknown GPU".into())
+}
+
+/// A GEMM plan's kernel, and its split of K when it has one.
+pub fn plan_label(plan: &GemmPlan) -> String {
+    match plan.splits {
+        1 => format!("{:?}", plan.kernel),
+        s => format!("{:?} split {s}", plan.kernel),
+    }
 }

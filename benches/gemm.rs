@@ -281,8 +281,9 @@ fn silu_and_mul_epilogue(
                 }
                 let ctx = phase(gpu, stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                let planned = gemm::plan(shape, budget, gpu.model());
                 for &kernel in &kernels {
-                    let config = kernel.map_or_else(|| gemm::plan(shape, budget, gpu.model()).config(), Into::into);
+                    let config = kernel.map_or_else(|| planned.config(), Into::into);
                     let plain = median_gpu_time(stream, |i| {
                         let (a, b) = &views[i as usize % copies];
                         let c = &mut out.slice_mut(..m * n);
@@ -298,7 +299,7 @@ fn silu_and_mul_epilogue(
                     let inputs = 2.0 * (m * k + n * k) as f64;
                     let name = match kernel {
                         Some(kernel) => format!("{kernel:?}"),
-                        None => format!("planned: {}", plan_label(&gemm::plan(shape, budget, gpu.model()))),
+                        None => format!("planned: {}", plan_label(&planned)),
                     };
                     report.add(vec![
                         format!("{layer} ({k} x {n})"),

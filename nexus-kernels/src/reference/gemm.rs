@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::silu_and_mul;
+use super::elementwise::silu_and_mul;
 use crate::Result;
 use crate::error::ensure_shape;
 

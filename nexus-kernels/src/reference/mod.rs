@@ -10,8 +10,6 @@ mod elementwise;
 mod gemm;
 mod stream_read;
 
-use elementwise::silu_and_mul;
-
 pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
     ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, write_kv_cache,

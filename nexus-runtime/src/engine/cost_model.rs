@@ -117,7 +117,7 @@ pub enum Op {
     Gemm,
     PrefillAttention,
     DecodeAttention,
-    /// Norms, RoPE, KV writes, SiLU-and-mul, embedding: memory-bound.
+    /// Norms, RoPE, KV writes, embedding: memory-bound.
     Rest,
 }
 

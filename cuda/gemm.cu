@@ -682,20 +682,22 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             if (epilogue == SILU_AND_MUL) {
                 const int width = n / 2;
                 if constexpr (!SWAP) {
-                    // Column block j (gate) and j + U (up): accumulators 4j + e and 4(j + U) + e.
+                    // Column block j (gate) and j + U (up): accumulators 4j + e and 4(j + U) + e,
+                    // e = 2h, 2h + 1 for row + 8h. The row test comes first, outside the column
+                    // loop, so warps whose rows are all past M (most of them at decode's M) branch
+                    // over the SiLU math instead of computing it under a false predicate.
                     constexpr int U = C::MMA_N / 16;
-                    const int row = mt * BM + r0;
 #pragma unroll
-                    for (int j = 0; j < U; ++j) {
-                        const int col = nt * (BN / 2) + j * 8 + c0;
-                        const int g = 4 * j, u = 4 * (j + U);
-                        if (col < width) {
-                            if (row < m)
+                    for (int h = 0; h < 2; ++h) {
+                        const int row = mt * BM + r0 + 8 * h;
+                        if (row >= m) break;
+#pragma unroll
+                        for (int j = 0; j < U; ++j) {
+                            const int col = nt * (BN / 2) + j * 8 + c0;
+                            const int g = 4 * j + 2 * h, u = 4 * (j + U) + 2 * h;
+                            if (col < width)
                                 store_pair(c + (size_t)row * width + col, silu_mul(acc[g], acc[u]),
                                            silu_mul(acc[g + 1], acc[u + 1]));
-                            if (row + 8 < m)
-                                store_pair(c + (size_t)(row + 8) * width + col, silu_mul(acc[g + 2], acc[u + 2]),
-                                           silu_mul(acc[g + 3], acc[u + 3]));
                         }
                     }
                 } else {

@@ -292,6 +292,18 @@ const MMA_MACS_PER_CLOCK: f64 = 1024.0;
 /// Split-K's fixed cost per work unit: its partial sums' fence and count, and the last unit's
 /// wait for them (an estimate, of the order of a few global-memory round trips).
 const SPLIT_SYNC_SECONDS: f64 = 1.5e-6;
+/// The share of the shorter of a launch's compute and DRAM times that its ring does not hide. A
+/// plain max(compute, DRAM) ranks every memory-bound candidate by the bandwidth curve alone, and
+/// the curve differs by a few percent between CTA counts near saturation (this GPU's streaming
+/// read: 4.10 TB/s at 96 SMs, 4.21 at 132): the batch-invariant plan of Llama-3.1-8B's gate/up
+/// projection at M = 1 then took Wgmma64x128 (two waves on 132 CTAs, 72-75 us measured) over
+/// Wgmma64x256 (one wave on 112, 62-64 us), whose DRAM time is 52 us and modelled compute 35 and
+/// 23 us: half the shorter term added gives 69 and 63.5. Over the 288 rows of gemm-h200.md's
+/// decode table (every kernel at M = 1, 16, 64, budgets 8-132) it lifts the unsplit picks from
+/// 0.9941 to 0.9953 of the best measured kernel on average (batch invariant: 0.9925 to 0.9932,
+/// worst 0.875 to 0.886), and the picks no longer move with ±3% noise on the curve (they did
+/// without it).
+const UNHIDDEN_OVERLAP: f64 = 0.5;
 /// Estimates within this factor of each other count as a tie, settled by less math issued.
 const TIE: f64 = 1.01;
 
@@ -357,7 +369,8 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthC
     }
     let dram_bytes = (2 * (m * k + n * k + m * n)) as f64;
     let memory = dram_bytes / dram.at(ctas);
-    GemmPlan { kernel, splits, tiles, ctas, waves, estimated_seconds: compute.max(memory) }
+    let estimated_seconds = compute.max(memory) + UNHIDDEN_OVERLAP * compute.min(memory);
+    GemmPlan { kernel, splits, tiles, ctas, waves, estimated_seconds }
 }
 
 /// The splits worth modelling for `kernel` on `shape` with `budget` CTAs: 1, and for a kernel
@@ -373,7 +386,8 @@ fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl I
 /// the candidate with the least modelled time, where a candidate's time is the larger of (a) its
 /// waves (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core
 /// time and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth the device's
-/// curve gives `ctas` CTAs. Near-ties go to the candidate that issues less math (less padding).
+/// curve gives `ctas` CTAs, plus half the smaller of the two (the overlap the ring does not
+/// achieve). Near-ties go to the candidate that issues less math (less padding).
 /// A wgmma candidate whose tiles are fewer than the budget is also modelled with K split in 2 to
 /// [`MAX_SPLITS`] parts (work units = tiles × splits, within one wave), paying for its partial
 /// sums' round trip through L2 and a fixed synchronization cost.
@@ -779,6 +793,21 @@ mod tests {
         }
     }
 
+    /// Llama-3.1-8B's gate/up projection at M = 1 and all 132 SMs, batch invariant: Wgmma64x256
+    /// (one wave on 112 CTAs) measured 62-64 us, Wgmma64x128 (two waves on 132) 72-75 us. The pick
+    /// must not follow a step of a few percent in the curve between 112 and 132 CTAs, as this
+    /// GPU's own streaming read shows (4.10 TB/s at 96, 4.21 at 132) while the reference curve
+    /// does not.
+    #[test]
+    fn batch_invariant_gate_up_keeps_one_wave_whatever_the_curve_near_saturation() {
+        let stepped = [(1, 0.11e12), (8, 1.0e12), (16, 1.84e12), (32, 3.08e12), (64, 4.09e12), (96, 4.10e12), (132, 4.21e12)];
+        let stepped = DeviceModel::new(PtxTarget::Sm90a, 132, BandwidthCurve::from_points(&stepped).unwrap());
+        for device in [h200(), stepped] {
+            let p = plan_batch_invariant_ctas(shape(1, 28672, 4096), 132, &device);
+            assert_eq!((p.kernel, p.waves), (GemmKernel::Wgmma64x256, 1), "{p:?}");
+        }
+    }
+
     /// Choices the H100 benchmark (bench-results/gemm-h100.md) showed the earlier constants got
     /// wrong: (m, n, k, budget, the kernel measured faster).
     #[test]
@@ -821,10 +850,11 @@ mod tests {
     }
 
     /// The decode-sized GEMM of Llama-3-8B's gate/up projection (M = 1, 4096 x 28672) streams its
-    /// weight: its estimate is its DRAM time at the bandwidth the curve gives its CTAs, so the
-    /// H200 plan is faster than the H100 one where the H200 reads faster (from 24 SMs on) and
-    /// slower where it reads slower (up to 16: one SM reads 110 GB/s there, 125 on the H100). A
-    /// compute-bound GEMM (M = 8192) is estimated the same on both: same SMs, same clock.
+    /// weight: its estimate is at least its DRAM time at the bandwidth the curve gives its CTAs,
+    /// so the H200 plan is faster than the H100 one where the H200 reads faster (from 24 SMs on)
+    /// and slower where it reads slower (up to 16: one SM reads 110 GB/s there, 125 on the H100).
+    /// A compute-bound GEMM (M = 8192) gets the same plan on both (same SMs, same clock), and
+    /// estimates within 2% (only the unhidden share of its DRAM time differs).
     #[test]
     fn estimates_follow_the_bandwidth_curve() {
         let (h100, h200) = (h100(), h200());
@@ -836,17 +866,20 @@ mod tests {
                 let memory = bytes / device.bandwidth().at(p.ctas);
                 assert!(p.estimated_seconds >= memory * (1.0 - 1e-9), "budget {b}: {p:?} beats its DRAM time {memory}");
             }
-            // The faster HBM never makes a plan slower, and speeds up every plan the model
-            // finds memory-bound on the H100 from 24 SMs on (below, both cards' curves meet).
-            assert!(p200.estimated_seconds <= p100.estimated_seconds * (1.0 + 1e-9), "budget {b}");
-            let memory100 = bytes / h100.bandwidth().at(p100.ctas);
-            if b >= 24 && (p100.estimated_seconds / memory100 - 1.0).abs() < 1e-9 {
+            // From 24 SMs on, where the H200 reads faster, its plan is faster (the weight
+            // stream sets this shape's time); below, the H100's SMs each read more.
+            if b >= 24 {
                 assert!(p200.estimated_seconds < p100.estimated_seconds, "budget {b}: {p200:?} vs {p100:?}");
+            } else {
+                assert!(p200.estimated_seconds > p100.estimated_seconds, "budget {b}: {p200:?} vs {p100:?}");
             }
         }
         for (n, k) in [(6144, 4096), (28672, 4096), (4096, 14336)] {
             let big = shape(8192, n, k);
-            assert_eq!(plan_ctas(big, 132, &h100), plan_ctas(big, 132, &h200), "{n} x {k}");
+            let (p100, p200) = (plan_ctas(big, 132, &h100), plan_ctas(big, 132, &h200));
+            assert_eq!(p100.config(), p200.config(), "{n} x {k}");
+            let ratio = p100.estimated_seconds / p200.estimated_seconds;
+            assert!((1.0..1.02).contains(&ratio), "{n} x {k}: {p100:?} vs {p200:?}");
         }
     }
 

@@ -800,7 +800,8 @@ mod tests {
     /// does not.
     #[test]
     fn batch_invariant_gate_up_keeps_one_wave_whatever_the_curve_near_saturation() {
-        let stepped = [(1, 0.11e12), (8, 1.0e12), (16, 1.84e12), (32, 3.08e12), (64, 4.09e12), (96, 4.10e12), (132, 4.21e12)];
+        let stepped =
+            [(1, 0.11e12), (8, 1.0e12), (16, 1.84e12), (32, 3.08e12), (64, 4.09e12), (96, 4.10e12), (132, 4.21e12)];
         let stepped = DeviceModel::new(PtxTarget::Sm90a, 132, BandwidthCurve::from_points(&stepped).unwrap());
         for device in [h200(), stepped] {
             let p = plan_batch_invariant_ctas(shape(1, 28672, 4096), 132, &device);

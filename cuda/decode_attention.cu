@@ -8,13 +8,14 @@
 // writes `out` (bf16) directly; a split one writes each chunk's normalized output (f32) and
 // log2-sum-exp to a scratch, and `decode_attention_merge` combines the chunks into `out`.
 //
-// CTA (384 threads, one per SM: __launch_bounds__(THREADS, 1) and > half the SM's shared memory):
+// CTA (8 consumer warps and 4 producer warps, or 8 for head dim 64 on Hopper at small budgets; one
+// per SM: __launch_bounds__(max_threads<D>(), 1) and > half the SM's shared memory):
 //   - producers walk the CTA's items and stream K and V into a ring of `ring_slots` shared-memory
 //     slots of SUB = 16 tokens each, running up to a whole ring (about 190 KB) ahead, across item
 //     boundaries; they wait for the consumers only for a free slot. Block-table entries are read 32
 //     at a time, one per lane, and the next 32 (or the next item's first 32) load while the current
 //     ones are used.
-//     On Hopper (sm_90) the 4 producer warps take the slots round-robin; per slot one thread
+//     On Hopper (sm_90) the producer warps take the slots round-robin; per slot one thread
 //     issues one bulk tensor copy (TMA) of K and one of V: 16 token rows of one KV head straight
 //     out of a block, through a 4-D tensor map of each pool, completing on the slot's `full`
 //     mbarrier by byte count. The cp.async producers before spent ~90 instructions per slot;
@@ -59,15 +60,32 @@ using nexus::swizzled;
 using nexus::TensorMap;
 
 constexpr int CONSUMER_WARPS = 8;
-constexpr int PARTS = 2;  // producer warps per role (K, V); each fills the ring slots of one parity
-constexpr int PRODUCER_WARPS = 2 * PARTS;
+constexpr int PARTS = 2;  // sm_80: producer warps per role (K, V); each fills the ring slots of one parity
 #if __CUDA_ARCH__ >= 900
 constexpr int FULL_ARRIVALS = 1;  // a slot's `full` barrier: the TMA thread's arrive (and the bytes)
 #else
 constexpr int FULL_ARRIVALS = 2 * 32;  // a slot's `full` barrier: every lane of its K and its V warp
 #endif
 constexpr int CONSUMERS = CONSUMER_WARPS * 32;
-constexpr int THREADS = CONSUMERS + PRODUCER_WARPS * 32;
+
+// The most producer warps a launch for head dim D may have; the launch's block size says how many
+// it has. On Hopper a slot costs its producer warp about the same issue time whatever its bytes
+// (see produce_tma), so head dim 64, whose slots hold half the bytes, may take 8 where each SM
+// must stream fast (a small budget); 4 otherwise, where more waiting warps only slow the
+// consumers. The count divides the ring's slot count (a multiple of CONSUMER_WARPS). The cp.async
+// producers (sm_80) are always two per role.
+template <int D>
+__host__ __device__ constexpr int max_producer_warps() {
+#if __CUDA_ARCH__ >= 900
+    return D == 64 ? 8 : 4;
+#else
+    return 2 * PARTS;
+#endif
+}
+template <int D>
+__host__ __device__ constexpr int max_threads() {
+    return CONSUMERS + max_producer_warps<D>() * 32;
+}
 constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
 constexpr int HEADS = 8;         // query heads per work item: the N of one mma tile
 constexpr int TABLE_BATCH = 32;  // block-table entries a producer warp loads at once
@@ -154,8 +172,8 @@ __device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, con
 }
 
 #if __CUDA_ARCH__ >= 900
-// Hopper: the PRODUCER_WARPS warps take the CTA's sub-tiles round-robin (warp w the g-th with
-// g % PRODUCER_WARPS == w); per sub-tile, lane 0 copies K and V with TMA. One warp alone spent
+// Hopper: the launch's P producer warps (4 or 8, see max_producer_warps) take the CTA's sub-tiles
+// round-robin (warp w the g-th with g % P == w); per sub-tile, lane 0 copies K and V with TMA. One warp alone spent
 // ~120 instructions per slot (the TMA operands go through uniform registers, a loop of ~20
 // instructions per copy, then one copy per 64 dims) at ~5 cycles each: 1 slot per ~600 cycles,
 // 0.75 TB/s on 32 SMs of the H200. The tensor maps (see the entry points) put the 64-dim panels
@@ -167,9 +185,10 @@ template <int D>
 __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
                                             int i1) {
     using L = Layout<D>;
+    const int P = (blockDim.x >> 5) - CONSUMER_WARPS;  // 4 or 8: a power of two
     const int lane = threadIdx.x & 31;
     const int pw = (threadIdx.x >> 5) - CONSUMER_WARPS;
-    const uint32_t R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of PRODUCER_WARPS
+    const uint32_t R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of P
     const int block_size = 1 << a.block_log2;
 
     Item it = load_item(a.items, i0);
@@ -185,9 +204,9 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
             // sub-tile k is the CTA's (g_item + k)-th, in ring slot (g_item + k) % R.
             const int t0 = max(it.kv_start, b << a.block_log2), t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
             const int k0 = (t0 - it.kv_start) / SUB;
-            const int k = k0 + (pw - (int)((g_item + k0) % PRODUCER_WARPS) + PRODUCER_WARPS) % PRODUCER_WARPS;
+            const int k = k0 + ((pw - (int)(g_item + k0)) & (P - 1));
             uint32_t slot = (g_item + k) % R, fill = (g_item + k) / R;
-            for (int t = it.kv_start + k * SUB; t < t_end; t += PRODUCER_WARPS * SUB) {
+            for (int t = it.kv_start + k * SUB; t < t_end; t += P * SUB) {
                 const int block0 = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
                 if (block_size >= SUB) {
                     // The slot's 16 rows lie in one block: one copy of K and one of V, all panels.
@@ -217,7 +236,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
                         }
                     }
                 }
-                slot += PRODUCER_WARPS;
+                slot += P;
                 if (slot >= R) {
                     slot -= R;
                     ++fill;
@@ -673,7 +692,8 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 
 }  // namespace
 
-// Launched with THREADS threads, grid = the plan's CTAs (<= budget; CTAs past the last list find it
+// Launched with 8 consumer warps and 4 producer warps, or 8 for head dim 64 on Hopper (at most
+// max_threads<D>() threads), grid = the plan's CTAs (<= budget; CTAs past the last list find it
 // empty), and the dynamic shared memory the host computes for `ring_slots`. `k_map`, `v_map`: the
 // K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
@@ -683,7 +703,7 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
 #define DECODE_ATTENTION_KERNEL(D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_d##D(                                 \
+    extern "C" __global__ void __launch_bounds__(max_threads<D>(), 1) decode_attention_d##D(                                 \
         const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,                           \
         const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                           \
         const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,                            \

@@ -5,10 +5,9 @@
 //! budget of 64, each against its floor: the larger of the bytes it must read at the streaming
 //! read this GPU measured at that budget ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798
 //! TFLOP/s (an 8192³ bf16 matrix product on an H100; the H200 has the same tensor cores) times
-//! the budget's share of the SMs. Then
-//! the batch-64 decode step (of the graph modes) and the batch-1 step (of the eager modes) kernel by
-//! kernel (each launch timed between CUDA events, so run eagerly): where its time goes, against the
-//! streaming read at the budget.
+//! the budget's share of the SMs. Then each mode's decode steps at batch 1 and 64 kernel by kernel
+//! (each launch timed between CUDA events, so run eagerly): where the time goes and which GEMM
+//! kernel each projection plans, against the streaming read at the budget.
 //!
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
 //! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
@@ -188,15 +187,14 @@ fn main() {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        if !graphs {
-            // The eager steps at batch 1 once more, each kernel timed: the launches the graphs hide.
-            backend.0.time_ops(backend.1, true).expect("time ops");
-            step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
-            let ops = backend.0.take_op_times(backend.1).expect("op times");
-            backend.0.time_ops(backend.1, false).expect("time ops");
-            let step = format!("batch 1, {mode}");
-            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
-        }
+        // The step at batch 1 once more, each kernel timed (launched eagerly, with CUDA events
+        // between kernels, in every mode: the kernels' times and plans, not the mode's overlap).
+        backend.0.time_ops(backend.1, true).expect("time ops");
+        step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
+        let ops = backend.0.take_op_times(backend.1).expect("op times");
+        backend.0.time_ops(backend.1, false).expect("time ops");
+        let step = format!("batch 1, {mode}");
+        kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
         let flops = linear_flops(1) + attention_flops(150.0);
@@ -225,20 +223,18 @@ fn main() {
             }
             last = out;
         }
-        if graphs {
-            // The same step once more, each kernel timed.
-            let chunks: Vec<SeqChunk<'_>> = seqs
-                .iter()
-                .zip(&last)
-                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
-                .collect();
-            backend.0.time_ops(backend.1, true).expect("time ops");
-            step_on(backend, &mut blocks, &chunks);
-            let ops = backend.0.take_op_times(backend.1).expect("op times");
-            backend.0.time_ops(backend.1, false).expect("time ops");
-            let step = format!("batch {decode_batch} x {context}, {mode}");
-            kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
-        }
+        // The same step once more, each kernel timed.
+        let chunks: Vec<SeqChunk<'_>> = seqs
+            .iter()
+            .zip(&last)
+            .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
+            .collect();
+        backend.0.time_ops(backend.1, true).expect("time ops");
+        step_on(backend, &mut blocks, &chunks);
+        let ops = backend.0.take_op_times(backend.1).expect("op times");
+        backend.0.time_ops(backend.1, false).expect("time ops");
+        let step = format!("batch {decode_batch} x {context}, {mode}");
+        kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
                 eprintln!("{mode}: graph of batch {batch} on {budget} SMs: {census:?}");

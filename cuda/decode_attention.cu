@@ -173,8 +173,8 @@ __device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, con
 
 #if __CUDA_ARCH__ >= 900
 // Hopper: the launch's P producer warps (4 or 8, see max_producer_warps) take the CTA's sub-tiles
-// round-robin (warp w the g-th with g % P == w); per sub-tile, lane 0 copies K and V with TMA. One warp alone spent
-// ~120 instructions per slot (the TMA operands go through uniform registers, a loop of ~20
+// round-robin (warp w the g-th with g % P == w); per sub-tile, lane 0 copies K and V with TMA.
+// One warp alone spent ~120 instructions per slot (the TMA operands go through uniform registers, a loop of ~20
 // instructions per copy, then one copy per 64 dims) at ~5 cycles each: 1 slot per ~600 cycles,
 // 0.75 TB/s on 32 SMs of the H200. The tensor maps (see the entry points) put the 64-dim panels
 // after the rows, so that one copy fills a whole half slot: `min(block size, 16)` token rows of
@@ -703,7 +703,7 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
 #define DECODE_ATTENTION_KERNEL(D)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(max_threads<D>(), 1) decode_attention_d##D(                                 \
+    extern "C" __global__ void __launch_bounds__(max_threads<D>(), 1) decode_attention_d##D(                       \
         const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,                           \
         const __nv_bfloat16* __restrict__ qkv, const __nv_bfloat16* __restrict__ k_cache,                           \
         const __nv_bfloat16* __restrict__ v_cache, const int* __restrict__ block_tables,                            \

@@ -66,7 +66,7 @@ const MODULE: &str = "decode_attention";
 /// 4 producer warps, or 8 for head dim 64 on Hopper below [`WIDE_PRODUCERS_BELOW_CTAS`] CTAs (at
 /// most `max_threads<D>()` in the source). A Hopper producer's cost is per 16-token slot, and a
 /// head-dim-64 slot holds half the bytes: measured on the H200 (9/3 d64, blocks of 64, the
-/// build with 4 and with 8 in one call), 8 warps stream 8-15% faster at 8-48 CTAs on 32 x 2048
+/// build with 4 and with 8 in one call), 8 warps stream 4-16% faster at 8-48 CTAs on 32 x 2048
 /// and 64 x 4096 tokens, and 3-6% slower from 64 CTAs on, where the waiting warps slow the
 /// consumers more than the producers limit them.
 fn attention_threads(head_dim: usize, target: PtxTarget, ctas: u32) -> u32 {

@@ -126,10 +126,18 @@ __device__ __forceinline__ void tree_reduce(float (&a)[N], Op op) {
     }
 }
 
-// Masks s (MASK), updates the running max m and sum l, leaves exp(s - m) in p as bf16 A fragments
-// (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output accumulated so
-// far must be scaled by (`rescale`) before P V is added. Every row sees column 0 in the first
-// tile, so m is finite after it; the guard only keeps -inf - -inf out of the arithmetic.
+// How far (in the log2 domain of the scaled scores) a row's maximum may rise above the reference
+// m before m moves. Until then exp2(s - m) stays below 2^8, which the f32 sums and the bf16 P hold
+// exactly as well, and the output needs no rescale: after the first tiles of a row its maximum
+// rarely moves that far, so most tiles skip the 64 multiplies of `rescale` (lazy rescaling, as
+// FlashAttention-4 does).
+constexpr float RESCALE_THRESHOLD_LOG2 = 8.f;
+
+// Masks s (MASK), updates the reference max m and sum l, leaves exp(s - m) in p as bf16 A
+// fragments (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output
+// accumulated so far must be scaled by (`rescale`) before P V is added: 1 unless m moved. Every
+// row sees column 0 in the first tile, so m is finite after it; the guards only keep -inf - -inf
+// out of the arithmetic.
 template <int BN, bool MASK>
 __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)[2], float (&l)[2],
                                                uint32_t (&p)[BN / 16][4], float (&alpha)[2], int col0, int pos_a,
@@ -163,9 +171,12 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
     for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        base[h] = mx[h] == -INFINITY ? 0.f : mx[h] * scale_log2;
-        alpha[h] = fast_exp2(m[h] * scale_log2 - base[h]);
-        m[h] = mx[h];
+        // (-inf) - (-inf) is NaN, which compares false: a row with no score yet keeps m = -inf.
+        const bool moves = (mx[h] - m[h]) * scale_log2 > RESCALE_THRESHOLD_LOG2;
+        const float ref = moves ? mx[h] : m[h];
+        base[h] = ref == -INFINITY ? 0.f : ref * scale_log2;
+        alpha[h] = moves ? fast_exp2(m[h] * scale_log2 - base[h]) : 1.f;
+        m[h] = ref;
         l[h] *= alpha[h];
     }
     // The row sums as trees too (the same adds, reassociated).
@@ -188,9 +199,11 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
     l[1] += sum1[0];
 }
 
-// O *= alpha, row by row (this lane's rows g and g + 8).
+// O *= alpha, row by row (this lane's rows g and g + 8); skipped by the whole warp when no row of
+// it moved its max. Called by every lane of the warp.
 template <int D>
 __device__ __forceinline__ void rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int db = 0; db < D / 8; ++db) {
         o[db][0] *= alpha[0];
@@ -686,10 +699,38 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
         // Ping-pong: consumer 0 takes the first turn. Every turn ends with an arrive on the other's
         // barrier, so consumer 1's last arrive is met by consumer 0's sync at the end.
         if (PIPELINED && consumer == 1) named_barrier_arrive(TURN_BARRIER, 2 * WG_THREADS);
-        for (int n = 0;; ++n) {
+        // The index of item n from the producer's mailbox.
+        auto take_item = [&](int n) {
             mbar_wait(smem_addr(&item_full[n & 1]), (n >> 1) & 1);
             const int index = item_slot[n & 1];
             mbar_arrive(smem_addr(&item_empty[n & 1]));
+            return index;
+        };
+        // Starts copying this warpgroup's 64 rows of the item's Q (zeros for padding rows); the
+        // caller makes sure no wgmma of this warpgroup still reads the previous item's.
+        auto load_q = [&](int index) {
+            if (index < num_items) {
+                const int4 item = items[index];
+                const int rows = (item.w & 255) * group, q_head = (item.w >> 8) * group;
+#pragma unroll
+                for (int i = ctid; i < 64 * D / 8; i += WG_THREADS) {
+                    const int r = i / (D / 8), chunk = i % (D / 8);
+                    const int packed = consumer * 64 + r;
+                    const bool valid = packed < rows;
+                    const bf16* src = qkv;
+                    if (valid) {
+                        const int t = packed / group, head = q_head + (packed - t * group);
+                        src = qkv + static_cast<size_t>(item.x + t) * qkv_row + head * D + chunk * 8;
+                    }
+                    cp_async_16(q_wg + (chunk / 8) * C::Q_PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(r, chunk % 8),
+                                src, valid ? 16 : 0);
+                }
+            }
+            cp_async_commit();
+        };
+        int index = take_item(0);
+        load_q(index);
+        for (int n = 0;; ++n) {
             if (index >= num_items) {
                 if (PIPELINED && consumer == 0) named_barrier(TURN_BARRIER, 2 * WG_THREADS);
                 break;
@@ -701,26 +742,18 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
             const int num_tiles = (kv_end + BN - 1) / BN;
             const int first_masked = (pos0 + 1) / BN;  // tiles from here on cross the diagonal
 
-            // This warpgroup's 64 rows of Q (zeros for padding rows), once every warp of it is
-            // done with the previous item's.
-            named_barrier(wg_barrier, WG_THREADS);
-#pragma unroll
-            for (int i = ctid; i < 64 * D / 8; i += WG_THREADS) {
-                const int r = i / (D / 8), chunk = i % (D / 8);
-                const int packed = consumer * 64 + r;
-                const bool valid = packed < rows;
-                const bf16* src = qkv;
-                if (valid) {
-                    const int t = packed / group, head = kv_head * group + (packed - t * group);
-                    src = qkv + static_cast<size_t>(row0 + t) * qkv_row + head * D + chunk * 8;
-                }
-                cp_async_16(q_wg + (chunk / 8) * C::Q_PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(r, chunk % 8), src,
-                            valid ? 16 : 0);
-            }
-            cp_async_commit();
+            // This item's Q, copied while the previous item ended, has landed for every warp.
             cp_async_wait<0>();
             fence_proxy_async();
             named_barrier(wg_barrier, WG_THREADS);
+            // Once the scores of the item's last tile have landed in every warp of this warpgroup,
+            // Q is free: the next item's copy then runs under the last P V and the output's stores.
+            int next = num_items;
+            auto prefetch_next_q = [&]() {
+                named_barrier(wg_barrier, WG_THREADS);
+                next = take_item(n + 1);
+                load_q(next);
+            };
 
             // Positions of this lane's two rows (padding rows act as the item's last token).
             const int pos_a = pos0 + min(row_a / group, tokens - 1);
@@ -793,6 +826,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
                     issue_scores(k_tile, s);
                     wgmma_wait<0>();
                     touch(reinterpret_cast<float (&)[BN / 2]>(s));
+                    if (j == num_tiles - 1) prefetch_next_q();
                     scores_to_p(j, s, p, alpha);
                     rescale<D>(o, alpha);
                     mbar_wait(smem_addr(&v_full[stage]), phase);
@@ -857,6 +891,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
                 };
                 // The last tile: P V alone.
                 auto last = [&](uint32_t (&p_cur)[BN / 16][4]) {
+                    prefetch_next_q();
                     const uint32_t v_tile = v_smem + cur * C::TILE_BYTES;
                     mbar_wait(smem_addr(&v_full[cur]), cur_phase);
                     zero_tail(num_tiles - 1, v_tile);
@@ -898,6 +933,7 @@ __device__ __forceinline__ void prefill_attention_wgmma_body(
                         *reinterpret_cast<uint32_t*>(dst + db * 8) = pack_bf16(o[db][2 * h] * inv, o[db][2 * h + 1] * inv);
                 }
             }
+            index = next;
         }
     }
     __syncthreads();

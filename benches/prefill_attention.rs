@@ -6,9 +6,10 @@
 //! tokens over a prefix of P (torch SDPA's figures for the same shapes come from
 //! `scripts/bench-torch-sdpa.py`).
 //!
-//! The default kernel (on Hopper the wgmma one) is swept over the budgets, with its TFLOP/s per
-//! CTA (one per SM) to show how it scales; every other compiled kernel for head dim 128 is
-//! measured with all SMs (summary table only), to compare variants in the same run.
+//! The default kernel for the block size (on Hopper a wgmma one: the plain kernel for blocks of 16
+//! and 32, the pipelined one from 64) is swept over the budgets, with its TFLOP/s per CTA (one per
+//! SM) to show how it scales; every other compiled kernel for head dim 128 is measured with all
+//! SMs (summary table only), to compare variants in the same run.
 //!
 //! `cargo bench --bench prefill_attention`; with `NEXUS_BENCH_OUT=dir` the summary table is also
 //! written to `dir/prefill_attention.md`; `NEXUS_BENCH_ONLY=text` runs only the cases named
@@ -91,9 +92,11 @@ fn main() {
 
         let setup = phase(&gpu, &stream, nexus::kernels::CtaBudget::all(&gpu));
         let mut plan = PrefillPlan::new(&setup, batch, LAYOUT, cache).expect("plan");
-        let kernels = plan.kernels();
+        // The default kernel first (the one the engine launches for this block size), then the others.
+        let default = plan.kernel();
+        let others: Vec<&str> = plan.kernels().into_iter().filter(|&k| k != default).collect();
         let all = nexus::kernels::CtaBudget::all(&gpu);
-        let runs = budgets(&gpu).into_iter().map(|b| (kernels[0], b)).chain(kernels[1..].iter().map(|&k| (k, all)));
+        let runs = budgets(&gpu).into_iter().map(|b| (default, b)).chain(others.into_iter().map(|k| (k, all)));
         for (kernel, budget) in runs {
             let short = kernel.trim_start_matches("prefill_attention_");
             if !selected(&format!("{}/{short}/budget {}", shape.name, budget.get())) {
@@ -117,7 +120,7 @@ fn main() {
                 )
                 .expect("prefill_attention");
             };
-            if kernel == kernels[0] {
+            if kernel == default {
                 c.bench_function(&format!("prefill_attention/{}/budget {}", shape.name, budget.get()), |b| {
                     b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch))
                 });

@@ -8,8 +8,9 @@
 // writes `out` (bf16) directly; a split one writes each chunk's normalized output (f32) and
 // log2-sum-exp to a scratch, and `decode_attention_merge` combines the chunks into `out`.
 //
-// CTA (8 consumer warps and 4 producer warps, or 8 for head dim 64 on Hopper at small budgets; one
-// per SM: __launch_bounds__(max_threads<D>(), 1) and > half the SM's shared memory):
+// CTA (8 consumer warps, or 12 for head dim 64 on Hopper; 4 producer warps, or 8 for head dim 64
+// on Hopper at small budgets; one per SM: __launch_bounds__(max_threads<D>(), 1) and > half the
+// SM's shared memory):
 //   - producers walk the CTA's items and stream K and V into a ring of `ring_slots` shared-memory
 //     slots of SUB = 16 tokens each, running up to a whole ring (about 190 KB) ahead, across item
 //     boundaries; they wait for the consumers only for a free slot. Block-table entries are read 32
@@ -25,15 +26,15 @@
 //     sequence then hold whatever the pool holds there; the consumers zero those rows of V (a
 //     score of 0 times a NaN is still NaN).
 //     Elsewhere (sm_80) the 4 cp.async producer warps remain (see `produce_cp_async`).
-//   - 8 consumer warps: sub-tile k of an item (tokens kv_start + 16k ..) goes to warp k % 8. A warp
-//     computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from
-//     shared memory by ldmatrix, Q in registers), an online softmax per head in f32, and
-//     O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans), then
-//     frees the slot. At the end of an item the 8 warps' (max, sum, O) are combined through shared
-//     memory in a fixed order (deterministic) and written out.
+//   - W consumer warps (`consumer_warps`): sub-tile k of an item (tokens kv_start + 16k ..) goes
+//     to warp k % W. A warp computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the
+//     head dim, K from shared memory by ldmatrix, Q in registers), an online softmax per head in
+//     f32, and O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans),
+//     then frees the slot. At the end of an item the W warps' (max, sum, O) are combined through
+//     shared memory in a fixed order (deterministic) and written out.
 // The ring slot of the g-th sub-tile of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
-// time; ring_slots is a multiple of 8 so that a slot is always reused by the same consumer warp
-// within an item, which keeps each barrier's phase parity unambiguous.
+// time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
+// warp within an item, which keeps each barrier's phase parity unambiguous.
 //
 // A slot holds K then V, each as D / 64 panels of 16 token rows x 64 dims (128 bytes), the panel's
 // 16-byte chunks XOR-swizzled by (token & 7): the layout TMA's 128-byte swizzle writes (the ring is
@@ -59,20 +60,36 @@ using nexus::smem_addr;
 using nexus::swizzled;
 using nexus::TensorMap;
 
-constexpr int CONSUMER_WARPS = 8;
 constexpr int PARTS = 2;  // sm_80: producer warps per role (K, V); each fills the ring slots of one parity
 #if __CUDA_ARCH__ >= 900
 constexpr int FULL_ARRIVALS = 1;  // a slot's `full` barrier: the TMA thread's arrive (and the bytes)
 #else
 constexpr int FULL_ARRIVALS = 2 * 32;  // a slot's `full` barrier: every lane of its K and its V warp
 #endif
-constexpr int CONSUMERS = CONSUMER_WARPS * 32;
+
+// Consumer warps for head dim D: 8, or 12 for head dim 64 on Hopper. Profiled on the H200 (9/3
+// heads, d = 64, 16 SMs, 64 x 4096 tokens), that kernel was bound by its consumers: they never
+// waited for data, its producers waited for a free slot before 97% of their copies, and a warp
+// spends ~170 instructions of one dependent chain (mma, shuffles, exp2, mma) on a 16-token slot of
+// 4 KB; more warps keep more slots in work per SM. The ring's slot count is a multiple of it.
+template <int D>
+__host__ __device__ constexpr int consumer_warps() {
+#if __CUDA_ARCH__ >= 900
+    return D == 64 ? 12 : 8;
+#else
+    return 8;
+#endif
+}
+template <int D>
+__host__ __device__ constexpr int consumers() {
+    return consumer_warps<D>() * 32;
+}
 
 // The most producer warps a launch for head dim D may have; the launch's block size says how many
 // it has. On Hopper a slot costs its producer warp about the same issue time whatever its bytes
 // (see produce_tma), so head dim 64, whose slots hold half the bytes, may take 8 where each SM
 // must stream fast (a small budget); 4 otherwise, where more waiting warps only slow the
-// consumers. The count divides the ring's slot count (a multiple of CONSUMER_WARPS). The cp.async
+// consumers. The count divides the ring's slot count (a multiple of 8). The cp.async
 // producers (sm_80) are always two per role.
 template <int D>
 __host__ __device__ constexpr int max_producer_warps() {
@@ -84,7 +101,7 @@ __host__ __device__ constexpr int max_producer_warps() {
 }
 template <int D>
 __host__ __device__ constexpr int max_threads() {
-    return CONSUMERS + max_producer_warps<D>() * 32;
+    return consumers<D>() + max_producer_warps<D>() * 32;
 }
 constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
 constexpr int HEADS = 8;         // query heads per work item: the N of one mma tile
@@ -104,8 +121,8 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
 }
 
 // Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
-//   ring [R][K | V][D / 64 panels][SUB][64] bf16 | obuf [CONSUMER_WARPS][HEADS][D + 4] f32 |
-//   mbuf, lbuf [CONSUMER_WARPS][HEADS] f32 | full [R], empty [R] mbarriers
+//   ring [R][K | V][D / 64 panels][SUB][64] bf16 | obuf [consumer warps][HEADS][D + 4] f32 |
+//   mbuf, lbuf [consumer warps][HEADS] f32 | full [R], empty [R] mbarriers
 // The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
 constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
 constexpr int PANEL_BYTES = SUB * PANEL_ROW_BYTES;  // 64 dims of the slot's 16 tokens
@@ -117,8 +134,9 @@ struct Layout {
     static constexpr int HALF_BYTES = PANELS * PANEL_BYTES;  // K (or V) of one slot
     static constexpr int SLOT_BYTES = 2 * HALF_BYTES;
     static constexpr int O_STRIDE = D + 4;  // floats per head row of obuf: pads away bank conflicts
-    static constexpr int OBUF_BYTES = CONSUMER_WARPS * HEADS * O_STRIDE * 4;
-    static constexpr int ML_BYTES = CONSUMER_WARPS * HEADS * 4;
+    static constexpr int WARPS = consumer_warps<D>();
+    static constexpr int OBUF_BYTES = WARPS * HEADS * O_STRIDE * 4;
+    static constexpr int ML_BYTES = WARPS * HEADS * 4;
 };
 
 // Byte offset of 16-byte chunk `chunk` (of D / 8) of token row `tok` in the K (or V) half of a slot.
@@ -134,8 +152,9 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
     return y;
 }
 
+template <int D>
 __device__ __forceinline__ void consumer_barrier() {
-    asm volatile("bar.sync %0, %1;" ::"n"(CONSUMER_BARRIER), "n"(CONSUMERS) : "memory");
+    asm volatile("bar.sync %0, %1;" ::"n"(CONSUMER_BARRIER), "n"(consumers<D>()) : "memory");
 }
 
 // Kernel arguments shared by the roles.
@@ -185,10 +204,10 @@ template <int D>
 __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
                                             int i1) {
     using L = Layout<D>;
-    const int P = (blockDim.x >> 5) - CONSUMER_WARPS;  // 4 or 8: a power of two
+    const int P = (blockDim.x >> 5) - L::WARPS;  // 4 or 8: a power of two
     const int lane = threadIdx.x & 31;
-    const int pw = (threadIdx.x >> 5) - CONSUMER_WARPS;
-    const uint32_t R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of P
+    const int pw = (threadIdx.x >> 5) - L::WARPS;
+    const uint32_t R = a.ring_slots;  // a multiple of 8, so of P
     const int block_size = 1 << a.block_log2;
 
     Item it = load_item(a.items, i0);
@@ -277,10 +296,10 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
     constexpr int COPIES = SUB / TOK_STEP;  // copies per lane per slot
     const int lane = threadIdx.x & 31;
-    const int pw = (threadIdx.x >> 5) - CONSUMER_WARPS;
+    const int pw = (threadIdx.x >> 5) - L::WARPS;
     const int role = pw & 1;    // 0: K, 1: V
     const int part = pw >> 1;   // which slots: slot % PARTS == part
-    const int R = a.ring_slots;  // a multiple of CONSUMER_WARPS, so of PARTS, and >= PARTS (LAG + 1)
+    const int R = a.ring_slots;  // a multiple of 8, so of PARTS, and >= PARTS (LAG + 1)
     const __nv_bfloat16* pool = role == 0 ? a.k_cache : a.v_cache;
     const uint32_t half = ring + role * L::HALF_BYTES;
     const int chunk = lane % CPT, tok0 = lane / CPT;
@@ -438,7 +457,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
         uint32_t gg = g + warp;
         int slot = gg % R;
         uint32_t fill = gg / R;
-        for (int k = warp; k < n_sub; k += CONSUMER_WARPS) {
+        for (int k = warp; k < n_sub; k += L::WARPS) {
             mbar_wait(full + 8 * slot, fill & 1);
             const uint32_t ks = ring + slot * L::SLOT_BYTES, vs = ks + L::HALF_BYTES;
 #if __CUDA_ARCH__ >= 900
@@ -513,7 +532,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
 #endif
             mbar_arrive(empty + 8 * slot);
 
-            slot += CONSUMER_WARPS;
+            slot += L::WARPS;
             if (slot >= R) {
                 slot -= R;
                 ++fill;
@@ -543,18 +562,18 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
             ow[h0 * L::O_STRIDE + d + 8] = o[mt][2];
             ow[(h0 + 1) * L::O_STRIDE + d + 8] = o[mt][3];
         }
-        consumer_barrier();
+        consumer_barrier<D>();
         // Thread -> 4 consecutive dims of one head; the warps summed in a fixed order.
         {
             const int h = threadIdx.x / (D / 4), dim = (threadIdx.x % (D / 4)) * 4;
             if (h < it.num_q_heads) {
                 float mx = -INFINITY;
 #pragma unroll
-                for (int w = 0; w < CONSUMER_WARPS; ++w) mx = fmaxf(mx, mbuf[w * HEADS + h]);
+                for (int w = 0; w < L::WARPS; ++w) mx = fmaxf(mx, mbuf[w * HEADS + h]);
                 float sum = 0.f;
                 float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-                for (int w = 0; w < CONSUMER_WARPS; ++w) {
+                for (int w = 0; w < L::WARPS; ++w) {
                     const float c = fast_exp2(mbuf[w * HEADS + h] - mx);  // 0 for a warp with no tokens
                     sum += lbuf[w * HEADS + h] * c;
                     const float4 v = *reinterpret_cast<const float4*>(obuf + (w * HEADS + h) * L::O_STRIDE + dim);
@@ -581,7 +600,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
                 }
             }
         }
-        consumer_barrier();  // obuf / mbuf / lbuf are free again
+        consumer_barrier<D>();  // obuf / mbuf / lbuf are free again
         it = next;
         next = after;
     }
@@ -597,7 +616,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     const int R = a.ring_slots;
     float* obuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES);
     float* mbuf = reinterpret_cast<float*>(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES);
-    float* lbuf = mbuf + CONSUMER_WARPS * HEADS;
+    float* lbuf = mbuf + L::WARPS * HEADS;
     const uint32_t ring = smem_addr(smem);
     const uint32_t full = smem_addr(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
     const uint32_t empty = full + 8 * R;
@@ -616,7 +635,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     }
     __syncthreads();
     if (i0 < i1) {
-        if (threadIdx.x < CONSUMERS) {
+        if (threadIdx.x < consumers<D>()) {
             consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
         } else {
 #if __CUDA_ARCH__ >= 900
@@ -692,8 +711,8 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 
 }  // namespace
 
-// Launched with 8 consumer warps and 4 producer warps, or 8 for head dim 64 on Hopper (at most
-// max_threads<D>() threads), grid = the plan's CTAs (<= budget; CTAs past the last list find it
+// Launched with consumer_warps<D>() consumer warps and 4 producer warps, or 8 for head dim 64 on
+// Hopper (at most max_threads<D>() threads), grid = the plan's CTAs (<= budget; CTAs past the last list find it
 // empty), and the dynamic shared memory the host computes for `ring_slots`. `k_map`, `v_map`: the
 // K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block

@@ -62,22 +62,27 @@ use crate::tensor_map::{self, PANEL_DIMS, TensorMap};
 use crate::{Error, Result};
 
 const MODULE: &str = "decode_attention";
-/// Threads of an attention launch of `ctas` CTAs for `head_dim` on `target`: 8 consumer warps and
-/// 4 producer warps, or 8 for head dim 64 on Hopper below [`WIDE_PRODUCERS_BELOW_CTAS`] CTAs (at
-/// most `max_threads<D>()` in the source). A Hopper producer's cost is per 16-token slot, and a
+/// Threads of an attention launch of `ctas` CTAs for `head_dim` on `target`: the consumer warps
+/// ([`consumer_warps`]) and 4 producer warps, or 8 for head dim 64 on Hopper below
+/// [`WIDE_PRODUCERS_BELOW_CTAS`] CTAs (at most `max_threads<D>()` in the source). A Hopper producer's cost is per 16-token slot, and a
 /// head-dim-64 slot holds half the bytes: measured on the H200 (9/3 d64, blocks of 64, the
 /// build with 4 and with 8 in one call), 8 warps stream 4-16% faster at 8-48 CTAs on 32 x 2048
 /// and 64 x 4096 tokens, and 3-6% slower from 64 CTAs on, where the waiting warps slow the
 /// consumers more than the producers limit them.
 fn attention_threads(head_dim: usize, target: PtxTarget, ctas: u32) -> u32 {
     let wide = head_dim == 64 && target == PtxTarget::Sm90a && ctas < WIDE_PRODUCERS_BELOW_CTAS;
-    32 * (CONSUMER_WARPS as u32 + if wide { 8 } else { 4 })
+    32 * (consumer_warps(head_dim, target) as u32 + if wide { 8 } else { 4 })
+}
+
+/// Consumer warps of the attention kernel (`consumer_warps<D>()` in the source): 8, or 12 for head
+/// dim 64 on Hopper, where the consumers bound the kernel (a 16-token slot holds half the bytes of
+/// one at head dim 128 for about the same instructions).
+fn consumer_warps(head_dim: usize, target: PtxTarget) -> usize {
+    if head_dim == 64 && target == PtxTarget::Sm90a { 12 } else { 8 }
 }
 
 /// See [`attention_threads`].
 const WIDE_PRODUCERS_BELOW_CTAS: u32 = 64;
-/// Consumer warps (`CONSUMER_WARPS`).
-const CONSUMER_WARPS: usize = 8;
 /// Threads of the merge kernel (`MERGE_THREADS`); one warp merges one (sequence, head) row.
 const MERGE_THREADS: u32 = 512;
 /// Tokens per ring slot (`SUB`): chunk starts must be multiples of it.
@@ -88,10 +93,11 @@ const HEADS: usize = 8;
 const RING_ALIGN: usize = 1024;
 /// The shortest KV chunk the planner splits into, in tokens.
 pub const MIN_CHUNK_TOKENS: usize = 256;
-/// Ring slots are used in multiples of the consumer warps, between these bounds. The kernel also
-/// needs them even (its two producer warps per role take alternate slots) and at least 8 (each
-/// such warp keeps up to `ring_slots / 2` slots of loads in flight, 4 at the least).
-const MIN_RING_SLOTS: usize = CONSUMER_WARPS;
+/// Ring slots are used in multiples of the consumer warps and of [`RING_SLOT_MULTIPLE`], between
+/// these bounds. The kernel needs a multiple of 8: its producer warps (4 or 8) take the slots
+/// round-robin, and on sm_80 its two producer warps per role take alternate slots, each keeping
+/// up to `ring_slots / 2` slots of loads in flight, 4 at the least.
+const RING_SLOT_MULTIPLE: usize = 8;
 const MAX_RING_SLOTS: usize = 48;
 
 /// How a plan splits the KV of long sequences into chunks.
@@ -181,22 +187,33 @@ impl std::fmt::Debug for DecodePlan {
     }
 }
 
-/// Shared memory of the attention kernel with `slots` ring slots (`Layout` in the source), with
-/// the slack that aligns the ring to `RING_ALIGN` bytes.
-fn smem_bytes(head_dim: usize, slots: usize) -> usize {
+/// Shared memory of the attention kernel with `warps` consumer warps and `slots` ring slots
+/// (`Layout` in the source), with the slack that aligns the ring to `RING_ALIGN` bytes.
+fn smem_bytes(head_dim: usize, warps: usize, slots: usize) -> usize {
     let slot = 2 * SUB * head_dim * 2;
-    let obuf = CONSUMER_WARPS * HEADS * (head_dim + 4) * 4;
-    let ml = 2 * CONSUMER_WARPS * HEADS * 4;
+    let obuf = warps * HEADS * (head_dim + 4) * 4;
+    let ml = 2 * warps * HEADS * 4;
     slots * (slot + 16) + obuf + ml + RING_ALIGN
 }
 
-/// The most ring slots (a multiple of the consumer warps) that fit in `max_smem` bytes.
-fn ring_slots(head_dim: usize, max_smem: usize) -> Option<usize> {
-    let fixed = smem_bytes(head_dim, 0);
-    let per_slot = smem_bytes(head_dim, 1) - fixed;
+/// The fewest ring slots the kernel with `warps` consumer warps takes, and the multiple its slot
+/// count must be.
+fn ring_slot_multiple(warps: usize) -> usize {
+    let (mut a, mut b) = (warps, RING_SLOT_MULTIPLE);
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    warps / a * RING_SLOT_MULTIPLE
+}
+
+/// The most ring slots (a multiple of [`ring_slot_multiple`]) that fit in `max_smem` bytes.
+fn ring_slots(head_dim: usize, warps: usize, max_smem: usize) -> Option<usize> {
+    let fixed = smem_bytes(head_dim, warps, 0);
+    let per_slot = smem_bytes(head_dim, warps, 1) - fixed;
+    let multiple = ring_slot_multiple(warps);
     let slots = (max_smem.checked_sub(fixed)? / per_slot).min(MAX_RING_SLOTS);
-    let slots = slots - slots % CONSUMER_WARPS;
-    (slots >= MIN_RING_SLOTS).then_some(slots)
+    let slots = slots - slots % multiple;
+    (slots >= multiple).then_some(slots)
 }
 
 /// Checks a batch's lengths and block tables against the pool: the device cannot report a bad
@@ -414,10 +431,11 @@ impl DecodePlan {
         let gpu = ctx.gpu().clone();
         let max_smem =
             gpu.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        let ring_slots = ring_slots(d, max_smem as usize).ok_or_else(|| {
+        let warps = consumer_warps(d, gpu.target());
+        let ring_slots = ring_slots(d, warps, max_smem as usize).ok_or_else(|| {
             Error::Unsupported(format!(
                 "decode attention: a CTA may use {max_smem} bytes of shared memory, the kernel needs {}",
-                smem_bytes(d, MIN_RING_SLOTS)
+                smem_bytes(d, warps, ring_slot_multiple(warps))
             ))
         })?;
         let stream = ctx.stream();
@@ -437,7 +455,7 @@ impl DecodePlan {
             num_split: 0,
             merge_grid: 0,
             ring_slots,
-            smem_bytes: smem_bytes(d, ring_slots) as u32,
+            smem_bytes: smem_bytes(d, warps, ring_slots) as u32,
             kv_tokens: 0,
             work_indptr: one_int()?,
             items: one_int()?,
@@ -1066,13 +1084,18 @@ mod tests {
 
     #[test]
     fn ring_fits_hopper_and_smaller_gpus() {
-        // H100: 227 KiB per CTA.
-        assert_eq!(ring_slots(128, 232_448), Some(24));
-        assert_eq!(ring_slots(64, 232_448), Some(48));
-        assert!(smem_bytes(128, 24) <= 232_448);
-        // A100 (163 KiB) and consumer Ampere/Ada (99 KiB).
-        assert!(ring_slots(128, 166_912).is_some());
-        assert!(ring_slots(128, 101_376).is_some());
-        assert_eq!(ring_slots(128, 40_000), None);
+        // H100 / H200: 227 KiB per CTA; head dim 64 there has 12 consumer warps.
+        assert_eq!(ring_slots(128, 8, 232_448), Some(24));
+        assert_eq!(ring_slots(64, 12, 232_448), Some(48));
+        assert!(smem_bytes(128, 8, 24) <= 232_448);
+        assert!(smem_bytes(64, 12, 48) <= 232_448);
+        // A100 (163 KiB) and consumer Ampere/Ada (99 KiB), 8 consumer warps.
+        assert_eq!(ring_slots(64, 8, 166_912), Some(32));
+        assert!(ring_slots(128, 8, 166_912).is_some());
+        assert!(ring_slots(128, 8, 101_376).is_some());
+        assert_eq!(ring_slots(128, 8, 40_000), None);
+        // Slot counts are multiples of the consumer warps and of the producers' 8.
+        assert_eq!(ring_slot_multiple(8), 8);
+        assert_eq!(ring_slot_multiple(12), 24);
     }
 }

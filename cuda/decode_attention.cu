@@ -712,9 +712,9 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 }  // namespace
 
 // Launched with consumer_warps<D>() consumer warps and 4 producer warps, or 8 for head dim 64 on
-// Hopper (at most max_threads<D>() threads), grid = the plan's CTAs (<= budget; CTAs past the last list find it
-// empty), and the dynamic shared memory the host computes for `ring_slots`. `k_map`, `v_map`: the
-// K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
+// Hopper (at most max_threads<D>() threads), grid = the plan's CTAs (<= budget; CTAs past the last
+// list find it empty), and the dynamic shared memory the host computes for `ring_slots`. `k_map`,
+// `v_map`: the K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
 // size, 16) x (D / 64, or 1 for block size 8) x 1, 128-byte swizzle; read on sm_90 only (zeros
 // elsewhere). The merge kernel reads

@@ -127,10 +127,10 @@ __device__ __forceinline__ void tree_reduce(float (&a)[N], Op op) {
 }
 
 // How far (in the log2 domain of the scaled scores) a row's maximum may rise above the reference
-// m before m moves. Until then exp2(s - m) stays below 2^8, which the f32 sums and the bf16 P hold
-// exactly as well, and the output needs no rescale: after the first tiles of a row its maximum
-// rarely moves that far, so most tiles skip the 64 multiplies of `rescale` (lazy rescaling, as
-// FlashAttention-4 does).
+// m before m moves. Until then exp2(s - m) stays below 2^8, where the f32 sums and the bf16 P keep
+// the same relative precision as below 1, and the output needs no rescale: after the first tiles
+// of a row its maximum rarely moves that far, so most tiles skip the 64 multiplies of `rescale`
+// (lazy rescaling, as FlashAttention-4 does).
 constexpr float RESCALE_THRESHOLD_LOG2 = 8.f;
 
 // Masks s (MASK), updates the reference max m and sum l, leaves exp(s - m) in p as bf16 A

@@ -187,12 +187,11 @@ fn main() {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
-        // The step at batch 1 once more, each kernel timed (launched eagerly, with CUDA events
-        // between kernels, in every mode: the kernels' times and plans, not the mode's overlap).
-        backend.0.time_ops(backend.1, true).expect("time ops");
-        step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
-        let ops = backend.0.take_op_times(backend.1).expect("op times");
-        backend.0.time_ops(backend.1, false).expect("time ops");
+        // The step at batch 1 once more, each kernel timed (in every mode: the kernels' times and
+        // plans, not the mode's overlap).
+        let ops = kernel_times(backend, || {
+            step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
+        });
         let step = format!("batch 1, {mode}");
         kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         blocks.free(0);
@@ -229,10 +228,9 @@ fn main() {
             .zip(&last)
             .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
             .collect();
-        backend.0.time_ops(backend.1, true).expect("time ops");
-        step_on(backend, &mut blocks, &chunks);
-        let ops = backend.0.take_op_times(backend.1).expect("op times");
-        backend.0.time_ops(backend.1, false).expect("time ops");
+        let ops = kernel_times(backend, || {
+            step_on(backend, &mut blocks, &chunks);
+        });
         let step = format!("batch {decode_batch} x {context}, {mode}");
         kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         if graphs {
@@ -249,6 +247,16 @@ fn main() {
     report.finish(&gpu, &format!("model_step-{name}"));
     kernels.finish(&gpu, &format!("model_step-kernels-{name}"));
     eprintln!("device: {}", device_name(&gpu));
+}
+
+/// The kernels of the step `run` launches, each timed between CUDA events (so launched eagerly,
+/// whatever the mode).
+fn kernel_times((backend, phase): (&CudaBackend, &<CudaBackend as Backend>::Phase), run: impl FnOnce()) -> Vec<OpTime> {
+    backend.time_ops(phase, true).expect("time ops");
+    run();
+    let ops = backend.take_op_times(phase).expect("op times");
+    backend.time_ops(phase, false).expect("time ops");
+    ops
 }
 
 /// Rows of `report` for the timed operators `ops` of one step on `sms` SMs, whose streaming read

@@ -24,17 +24,21 @@
 //   rows on its narrow N side) for M <= 16, where a 64-row A tile would be mostly padding and
 //   its useless math would slow a weight-streaming GEMM. Its
 //   consumers spread each K block's 4 wgmma m64n16k16 over 4 independent accumulator sets: one
-//   dependent chain of them ran at wgmma latency, ~47 GB/s of weight per SM. swap_16x128 has
-//   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight).
+//   dependent chain of them ran at wgmma latency, ~47 GB/s of weight per SM. The sets did not
+//   overlap either (one warp's wgmmas ran one after the other), but warpgroups do: swap_16x128 has
+//   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight),
+//   swap_16x256 four (256 rows, 32 KB per stage, 5 stages), which streams 104-113 GB/s per SM
+//   at 8-16 SMs on the H200 (the read curve gives 114-125) where swap_16x128 takes 66-68.
 // * gemm_mma_* (every GPU from sm_80 on): all 8 warps copy tiles with cp.async into a ring of
 //   stages (the same 128-byte XOR swizzle, so ldmatrix reads are free of bank conflicts) and
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
 //   number of stages is a launch argument, sized by the launcher to the device's shared memory.
 //
-// Split-K (wgmma kernels): when a shape has fewer output tiles than the budget has CTAs, the
-// launcher may split K into `splits` ranges: each (tile, range) is a work unit of its own, whose
-// partial sums go to a float workspace; the tile's last unit to finish adds the partials in range
-// order (so the result does not depend on which finished last) and stores C.
+// Split-K (wgmma kernels): when a shape's output tiles do not spread evenly over the budget's CTAs
+// (fewer tiles than CTAs, or a last wave that leaves some idle), the launcher may split K into
+// `splits` ranges: each (tile, range) is a work unit of its own, whose partial sums go to a float
+// workspace; the tile's last unit to finish adds the partials in range order (so the result does
+// not depend on which finished last) and stores C.
 //
 // Epilogues: STORE writes C (+ bias). SILU_AND_MUL is the SwiGLU of a feed-forward layer: B holds
 // the gate rows, then the up rows ([n / 2 gate | n / 2 up], n a multiple of 16), and a tile of B
@@ -418,11 +422,12 @@ struct WgmmaConfig {
     // latency (~85 clocks each: 8 KB of weight per ~340 clocks, ~47 GB/s per SM), not at their
     // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
     static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
-    static_assert(MMA_ROWS % 64 == 0 && CONSUMERS <= 2, "one or two consumer warpgroups of 64 rows");
+    static_assert(MMA_ROWS % 64 == 0 && (CONSUMERS <= 2 || (SWAP && CONSUMERS == 4)),
+                  "one or two consumer warpgroups of 64 rows, or four of the swapped n16 tile");
     // With two consumers (128 x 256 tiles: 128 accumulators each), the producer warpgroup gives
-    // them its registers.
+    // them its registers. Four (swapped, 32 accumulators each) fit the even split.
     static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
-    static_assert(CONSUMERS == 1 ||
+    static_assert(CONSUMERS != 2 ||
                       nexus::register_split_fits(128 * (1 + CONSUMERS), PRODUCER_REGS, CONSUMERS, CONSUMER_REGS),
                   "the consumers' registers come from what the producer gives back");
     static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "swizzled tiles start on 1024-byte boundaries");
@@ -794,3 +799,4 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_64x64, 64, 64, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_64x256, 64, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x64, 16, 64, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x128, 16, 128, true)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x256, 16, 256, true)

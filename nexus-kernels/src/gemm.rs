@@ -12,17 +12,19 @@
 //!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
 //!   stages (4 to 16 of them, 192 KB in all), and one or two consumer warpgroups multiply them
 //!   with `wgmma` and hand the stages back through mbarriers. The producer runs ahead across tile
-//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`] and [`GemmKernel::WgmmaSwap16x128`]
-//!   put the weight rows on wgmma's 64-row side, so that a decode-sized GEMM streams its weight
-//!   without 64-row padding math, spreading each K block over 4 accumulator sets so that wgmma
-//!   latency does not bound the stream.
+//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`], [`GemmKernel::WgmmaSwap16x128`] and
+//!   [`GemmKernel::WgmmaSwap16x256`] put the weight rows on wgmma's 64-row side, so that a
+//!   decode-sized GEMM streams its weight without 64-row padding math; each consumer warpgroup's
+//!   wgmmas run one at a time at their latency, so the widest tile's four consumers are what let
+//!   one SM stream at the read curve.
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!
-//! When a shape has fewer output tiles than the budget has CTAs (decode-sized GEMMs with a narrow
-//! N, e.g. Llama-3.1-8B's down and output projections), the wgmma kernels can split K
-//! ([`GemmConfig::splits`]): each tile's K ranges are work units of their own, whose partial sums
-//! meet in the [`GemmWorkspace`], added by the tile's last unit in a fixed order.
+//! When a shape's output tiles do not spread evenly over the budget's CTAs (decode-sized GEMMs
+//! with a narrow N, e.g. Llama-3.1-8B's down and output projections, or 24 tiles on 16 CTAs), the
+//! wgmma kernels can split K ([`GemmConfig::splits`]): each tile's K ranges are work units of
+//! their own, whose partial sums meet in the [`GemmWorkspace`], added by the tile's last unit in a
+//! fixed order.
 //!
 //! [`gemm_silu_and_mul`] runs the same kernels with a SwiGLU epilogue: given a feed-forward
 //! layer's fused `[gate | up]` weight, it stores `silu(gate) · up` straight from the f32 sums (the
@@ -88,8 +90,12 @@ const MMA_SMEM_EXTRA: usize = 128 + 256;
 /// The most parts split-K cuts K into ([`GemmConfig::splits`]).
 pub const MAX_SPLITS: usize = 4;
 /// The largest tile (elements of C) a split-K launch may have: every work unit's partial sums
-/// take a tile of floats in the [`GemmWorkspace`], which holds one per SM.
+/// take a tile of floats in the [`GemmWorkspace`], which holds [`MAX_UNITS_PER_SM`] per SM.
 const MAX_SPLIT_TILE: usize = 64 * 128;
+/// Split-K work units per SM the [`GemmWorkspace`] has room for: a split may make more units than
+/// the budget has CTAs, so that they spread evenly over it (24 tiles on 16 CTAs make 1.5 waves,
+/// split in two they make 3).
+pub const MAX_UNITS_PER_SM: usize = 4;
 
 /// A kernel of `cuda/gemm.cu`: a tile shape and the instructions that compute it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -114,6 +120,10 @@ pub enum GemmKernel {
     /// two consumer warpgroups: twice the weight per stage and per CTA, for M ≤ 16 on budgets
     /// smaller than the 64-row tile count.
     WgmmaSwap16x128,
+    /// sm_90a: 16 rows of A × 256 rows of B, transposed like [`GemmKernel::WgmmaSwap16x64`], with
+    /// four consumer warpgroups: a swapped consumer's wgmmas run one at a time at their latency,
+    /// so four of them keep four times the weight in flight through the tensor cores.
+    WgmmaSwap16x256,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -143,7 +153,7 @@ enum Family {
 
 impl GemmKernel {
     /// The Hopper kernels, largest tiles first (the planner settles near-ties in this order).
-    pub const HOPPER: [GemmKernel; 7] = [
+    pub const HOPPER: [GemmKernel; 8] = [
         GemmKernel::Wgmma128x256,
         GemmKernel::Wgmma128x128,
         GemmKernel::Wgmma64x256,
@@ -151,6 +161,7 @@ impl GemmKernel {
         GemmKernel::Wgmma64x64,
         GemmKernel::WgmmaSwap16x64,
         GemmKernel::WgmmaSwap16x128,
+        GemmKernel::WgmmaSwap16x256,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
@@ -179,6 +190,7 @@ impl GemmKernel {
             GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
             GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap16x256 => ("gemm_wgmma_swap_16x256", 16, 256, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
@@ -289,9 +301,13 @@ const WGMMA_LATENCY_PER_N: f64 = 0.3;
 /// rows, 2.2x at worst; with 0.85, 1.01x and 1.14x).
 const SWAP_CHAINS: f64 = 0.85;
 const MMA_MACS_PER_CLOCK: f64 = 1024.0;
-/// Split-K's fixed cost per work unit: its partial sums' fence and count, and the last unit's
-/// wait for them (an estimate, of the order of a few global-memory round trips).
-const SPLIT_SYNC_SECONDS: f64 = 1.5e-6;
+/// Split-K's fixed cost per wave of work units: a unit's partial sums' stores, fence and count,
+/// and the last unit's read of them, during which its consumers stall, and so its ring and the
+/// weight stream: added to the launch's time, not hidden under its DRAM time. Fitted on the H200
+/// (bench-results/gemm-h200.md, eleventh round): where two measured plans of a decode GEMM
+/// differ by more than 5% (25 pairs, one-wave and multi-wave splits against unsplit tiles), 4.5
+/// us ranks all 25 as measured, 3 us 21, and the earlier 1.5 us counted under the DRAM time 10.
+const SPLIT_SYNC_SECONDS: f64 = 4.5e-6;
 /// The share of the shorter of a launch's compute and DRAM times that its ring does not hide. A
 /// plain max(compute, DRAM) ranks every memory-bound candidate by the bandwidth curve alone, and
 /// the curve differs by a few percent between CTA counts near saturation (this GPU's streaming
@@ -365,20 +381,39 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthC
     if splits > 1 {
         // Every unit stores its tile of partial sums and the last reads all of them (in L2).
         let partial_bytes = ((splits + 1) * bm * bn * 4) as f64;
-        compute += waves as f64 * (SPLIT_SYNC_SECONDS + partial_bytes / SM_FILL_BYTES_PER_CLOCK / CLOCK_HZ);
+        compute += waves as f64 * partial_bytes / SM_FILL_BYTES_PER_CLOCK / CLOCK_HZ;
     }
+    // Full waves stream at the bandwidth of all the launch's CTAs, a last partial wave at that of
+    // the CTAs it keeps busy (the counter hands its units to the CTAs that finish first, the
+    // others leave): 112 tiles on 64 CTAs read 64 tiles' bytes at 64 CTAs' bandwidth, then 48
+    // tiles' at 48 CTAs'.
     let dram_bytes = (2 * (m * k + n * k + m * n)) as f64;
-    let memory = dram_bytes / dram.at(ctas);
-    let estimated_seconds = compute.max(memory) + UNHIDDEN_OVERLAP * compute.min(memory);
+    let unit_bytes = dram_bytes / units as f64;
+    let (full, rest) = (units / ctas as usize, units % ctas as usize);
+    let mut memory = (full * ctas as usize) as f64 * unit_bytes / dram.at(ctas);
+    if rest > 0 {
+        memory += rest as f64 * unit_bytes / dram.at(rest as u32);
+    }
+    let mut estimated_seconds = compute.max(memory) + UNHIDDEN_OVERLAP * compute.min(memory);
+    if splits > 1 {
+        estimated_seconds += waves as f64 * SPLIT_SYNC_SECONDS;
+    }
     GemmPlan { kernel, splits, tiles, ctas, waves, estimated_seconds }
 }
 
 /// The splits worth modelling for `kernel` on `shape` with `budget` CTAs: 1, and for a kernel
-/// that [splits K](GemmKernel::splits_k) whose tiles leave CTAs idle, every split whose work
-/// units still fit one wave and give each unit at least one K block.
+/// that [splits K](GemmKernel::splits_k) whose tiles do not spread evenly over the budget (fewer
+/// tiles than CTAs, or a last wave that leaves some idle), every split that gives each unit at
+/// least one K block and makes at most [`MAX_UNITS_PER_SM`] units per CTA.
 fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl Iterator<Item = usize> {
     let tiles = kernel.tiles(shape).max(1);
-    let most = if kernel.splits_k() { MAX_SPLITS.min(budget as usize / tiles).min(shape.k.div_ceil(BK)) } else { 1 };
+    let budget = budget.max(1) as usize;
+    let uneven = !tiles.is_multiple_of(budget);
+    let most = if kernel.splits_k() && uneven {
+        MAX_SPLITS.min(MAX_UNITS_PER_SM * budget / tiles).min(shape.k.div_ceil(BK))
+    } else {
+        1
+    };
     1..=most.max(1)
 }
 
@@ -389,7 +424,7 @@ fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl I
 /// curve gives `ctas` CTAs, plus half the smaller of the two (the overlap the ring does not
 /// achieve). Near-ties go to the candidate that issues less math (less padding).
 /// A wgmma candidate whose tiles are fewer than the budget is also modelled with K split in 2 to
-/// [`MAX_SPLITS`] parts (work units = tiles × splits, within one wave), paying for its partial
+/// [`MAX_SPLITS`] parts (work units = tiles × splits, in as many waves), paying for its partial
 /// sums' round trip through L2 and a fixed synchronization cost.
 pub fn plan(shape: GemmShape, budget: CtaBudget, device: &DeviceModel) -> GemmPlan {
     plan_ctas(shape, budget.get(), device)
@@ -458,8 +493,8 @@ fn plan_among(
 #[derive(Debug)]
 pub struct GemmWorkspace {
     counter: CudaSlice<u32>,
-    /// Split-K: a tile of partial sums per work unit (room for one unit of the largest split
-    /// tile per SM), and an arrival count per output tile (zero between launches).
+    /// Split-K: a tile of partial sums per work unit (room for [`MAX_UNITS_PER_SM`] units of the
+    /// largest split tile per SM), and an arrival count per output tile (zero between launches).
     partials: CudaSlice<f32>,
     tile_arrivals: CudaSlice<u32>,
     /// The device's opt-in shared memory per block, which sizes the mma kernels' rings.
@@ -467,14 +502,14 @@ pub struct GemmWorkspace {
 }
 
 impl GemmWorkspace {
-    /// A workspace on `ctx`'s device (about 33 KB of split-K scratch per SM).
+    /// A workspace on `ctx`'s device (about 128 KB of split-K scratch per SM).
     pub fn new(ctx: &PhaseContext) -> Result<Self> {
         let stream = ctx.stream();
         // The tile counter and the count of CTAs done; zero between launches (see cuda/gemm.cu).
         let counter = stream.alloc_zeros::<u32>(2)?;
         let sms = ctx.gpu().sm_count() as usize;
-        let partials = stream.alloc_zeros::<f32>(sms * MAX_SPLIT_TILE)?;
-        let tile_arrivals = stream.alloc_zeros::<u32>(sms)?;
+        let partials = stream.alloc_zeros::<f32>(MAX_UNITS_PER_SM * sms * MAX_SPLIT_TILE)?;
+        let tile_arrivals = stream.alloc_zeros::<u32>(MAX_UNITS_PER_SM * sms)?;
         let smem_per_block =
             ctx.gpu().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
         Ok(GemmWorkspace { counter, partials, tile_arrivals, smem_per_block: smem_per_block.max(0) as usize })
@@ -501,7 +536,8 @@ pub fn gemm(
 /// [`gemm`] with a given kernel, and split of K (a [`GemmKernel`] alone: no split). Fails with
 /// [`Error::Unsupported`] for a Hopper kernel on another GPU, and for a split the kernel or the
 /// workspace cannot take (a split of an mma kernel, more than [`MAX_SPLITS`] parts or than K
-/// has blocks of 64, a tile larger than 64 × 128, more work units than the device has SMs).
+/// has blocks of 64, a tile larger than 64 × 128, more than [`MAX_UNITS_PER_SM`] work units per
+/// SM of the device).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with(
     ctx: &PhaseContext,
@@ -613,9 +649,12 @@ fn launch(
         if splits == 0 || splits > MAX_SPLITS || splits > k.div_ceil(BK) {
             return unsupported(format!("splits must be 1 to {MAX_SPLITS} and at most K's {} blocks", k.div_ceil(BK)));
         }
-        // The workspace holds a tile of the largest size and an arrival count per SM.
+        // The workspace holds a tile of the largest size and an arrival count per unit it has room for.
         if units > workspace.tile_arrivals.len() {
-            return unsupported(format!("{units} work units, more than the {} SMs", workspace.tile_arrivals.len()));
+            return unsupported(format!(
+                "{units} work units, more than the workspace's {} ({MAX_UNITS_PER_SM} per SM)",
+                workspace.tile_arrivals.len()
+            ));
         }
     }
     let to_i32 = |v: usize, what: &str| {
@@ -693,11 +732,12 @@ fn launch(
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k], as the epilogue reads it) exactly, so TMA reads
             // nothing outside them; C and the bias hold m·c_cols and n values (checked above),
-            // 16-byte aligned, and the kernel writes only inside [m, c_cols]. With a split, every unit has at least one K block, and
-            // there are at most as many units (so tiles) as SMs, each tile at most
-            // MAX_SPLIT_TILE: the partials hold a tile for each unit and the arrival counts one
-            // per tile (checked above). The counters and arrival counts are zero (made so, and
-            // reset by each launch's last CTA and each tile's last unit).
+            // 16-byte aligned, and the kernel writes only inside [m, c_cols]. With a split, every
+            // unit has at least one K block, and there are at most as many units (so tiles) as the
+            // workspace has room for, each tile at most MAX_SPLIT_TILE: the partials hold a tile
+            // for each unit and the arrival counts one per tile (checked above). The counters and
+            // arrival counts are zero (made so, and reset by each launch's last CTA and each
+            // tile's last unit).
             unsafe { launch.launch(cfg) }?;
         }
     }
@@ -759,37 +799,64 @@ mod tests {
         }
     }
 
-    /// Decode-sized choices the H200 benchmark (bench-results/gemm-h200.md, every kernel at each
-    /// budget) measured at least 1.1x faster than any other kernel, and which the planner got
-    /// wrong before `SWAP_CHAINS` was fitted: 64-row tiles at small budgets, where each CTA must
-    /// stream as much weight as it can, the two-consumer swapped tile where the 64-row one would
-    /// leave SMs idle or run a second wave, the one-consumer swapped tile when its tiles fill the
-    /// budget. (m, n, k, budget, the kernel measured fastest.)
+    /// Decode-sized choices the H200 benchmark (bench-results/gemm-h200.md, eleventh round: every
+    /// kernel at each budget, WgmmaSwap16x256 included) measured at least 1.1x faster than any
+    /// other kernel: the four-consumer swapped tile wherever its tiles fill the budget's waves at
+    /// M <= 16, the two-consumer one where 256-row tiles would leave CTAs idle, 64-row tiles at
+    /// M = 64. Over all 288 rows of that table the unsplit picks reach 0.999 of the row's best
+    /// kernel on average, 0.95 at worst. (m, n, k, budget, the kernel measured fastest.)
     #[test]
     fn measured_better_decode_choices_on_the_h200() {
         use GemmKernel::*;
         let cases = [
-            (1, 6144, 4096, 8, Wgmma64x256),
-            (1, 6144, 4096, 32, Wgmma64x256),
-            (16, 6144, 4096, 24, Wgmma64x256),
-            (1, 6144, 4096, 132, WgmmaSwap16x64),
-            (1, 6144, 4096, 48, WgmmaSwap16x128),
+            (1, 6144, 4096, 8, WgmmaSwap16x256),
+            (1, 6144, 4096, 32, WgmmaSwap16x256),
             (1, 6144, 4096, 64, WgmmaSwap16x128),
-            (1, 28672, 4096, 16, Wgmma64x256),
-            (16, 28672, 4096, 24, Wgmma64x256),
-            (1, 4096, 14336, 64, WgmmaSwap16x64),
-            (16, 4096, 14336, 96, WgmmaSwap16x64),
+            (16, 6144, 4096, 24, WgmmaSwap16x256),
+            (1, 28672, 4096, 16, WgmmaSwap16x256),
+            (16, 28672, 4096, 32, WgmmaSwap16x256),
+            (1, 4096, 14336, 24, WgmmaSwap16x256),
             (1, 7168, 5120, 64, WgmmaSwap16x128),
-            (1, 22016, 2048, 32, Wgmma64x256),
+            (1, 7168, 5120, 96, WgmmaSwap16x128),
+            (1, 5120, 13824, 48, WgmmaSwap16x128),
+            (1, 22016, 2048, 32, WgmmaSwap16x256),
             (64, 6144, 4096, 48, Wgmma64x128),
             (64, 4096, 14336, 32, Wgmma64x128),
             (64, 28672, 4096, 16, Wgmma64x256),
+            (64, 7168, 5120, 16, Wgmma64x256),
         ];
         // The table times each kernel unsplit: so is the choice checked here.
         let device = h200();
         for (m, n, k, b, want) in cases {
             let p = plan_among(&GemmKernel::HOPPER, shape(m, n, k), b, device.bandwidth(), false);
             assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");
+        }
+    }
+
+    /// Split choices the H200 benchmark (bench-results/gemm-h200.md, eleventh round) measured
+    /// both ways, more than 5% apart: the faster plan's estimate must be the lower one (what
+    /// fitted [`SPLIT_SYNC_SECONDS`]). (m, n, k, budget, faster, slower, as kernel and split.)
+    #[test]
+    fn measured_split_choices_on_the_h200() {
+        use GemmKernel::*;
+        let cases = [
+            // 24 tiles on 32 CTAs: one wave of 24 (1.92 TB/s) over three of 96 split units (1.55).
+            (1, 6144, 4096, 32, (WgmmaSwap16x256, 1), (WgmmaSwap16x256, 4)),
+            // 16 tiles on 24 CTAs: two waves of split units (1.98) over 16 CTAs streaming (1.65).
+            (1, 4096, 14336, 24, (WgmmaSwap16x256, 3), (WgmmaSwap16x256, 1)),
+            // 20 tiles on 16 CTAs: 60 split units (1.40) over 1.25 waves of tiles (1.12).
+            (1, 5120, 13824, 16, (WgmmaSwap16x256, 3), (WgmmaSwap16x256, 1)),
+            // 96 one-wave tiles (2.31) over 48 tiles split in two (2.11).
+            (64, 6144, 4096, 132, (Wgmma64x64, 1), (Wgmma64x128, 2)),
+            // Split on the two-consumer tile (3.53) over the four-consumer one in three (3.24).
+            (1, 28672, 4096, 96, (WgmmaSwap16x128, 1), (WgmmaSwap16x256, 3)),
+        ];
+        let device = h200();
+        for (m, n, k, b, (fast, fast_splits), (slow, slow_splits)) in cases {
+            let s = shape(m, n, k);
+            let faster = estimate(fast, s, b, device.bandwidth(), fast_splits);
+            let slower = estimate(slow, s, b, device.bandwidth(), slow_splits);
+            assert!(faster.estimated_seconds < slower.estimated_seconds, "{faster:?} vs {slower:?}");
         }
     }
 
@@ -909,9 +976,8 @@ mod tests {
     }
 
     /// The decode GEMMs whose N has fewer tiles than the SMs (Llama-3.1-8B's down and output
-    /// projections: N = 4096) split K so that every CTA streams, within one wave and the
-    /// workspace's room; shapes with tiles enough for the budget, and batch-invariant plans,
-    /// never split.
+    /// projections: N = 4096) split K so that every CTA streams, within the workspace's room;
+    /// shapes whose tiles fill the budget, and batch-invariant plans, never split.
     #[test]
     fn split_k_only_where_tiles_leave_ctas_idle() {
         for device in [h100(), h200()] {
@@ -923,7 +989,8 @@ mod tests {
                     let unsplit = estimate(p.kernel, s, 132, device.bandwidth(), 1);
                     assert!(p.estimated_seconds < unsplit.estimated_seconds, "{p:?} vs {unsplit:?}");
                     let (bm, bn) = p.kernel.tile();
-                    assert!(p.tiles * p.splits <= 132 && p.splits <= MAX_SPLITS && bm * bn <= MAX_SPLIT_TILE, "{p:?}");
+                    let room = MAX_UNITS_PER_SM * 132;
+                    assert!(p.tiles * p.splits <= room && p.splits <= MAX_SPLITS && bm * bn <= MAX_SPLIT_TILE, "{p:?}");
                     let invariant = plan_batch_invariant_ctas(s, 132, &device);
                     assert_eq!(invariant.splits, 1, "{invariant:?}");
                 }
@@ -942,7 +1009,8 @@ mod tests {
                 for splits in split_candidates(kernel, s, budget) {
                     let (bm, bn) = kernel.tile();
                     assert!(splits <= k.div_ceil(BK) && splits <= MAX_SPLITS, "{kernel:?} {s:?}: {splits}");
-                    assert!(splits == 1 || (kernel.tiles(s) * splits <= budget as usize && bm * bn <= MAX_SPLIT_TILE));
+                    let room = MAX_UNITS_PER_SM * budget as usize;
+                    assert!(splits == 1 || (kernel.tiles(s) * splits <= room && bm * bn <= MAX_SPLIT_TILE));
                 }
             }
         }

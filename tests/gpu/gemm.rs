@@ -11,7 +11,7 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace, MAX_SPLITS};
+use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace, MAX_SPLITS, MAX_UNITS_PER_SM};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{PhaseContext, reference};
 use rand::rngs::StdRng;
@@ -148,7 +148,7 @@ fn run_silu_cases(test: &str, cases: &[(usize, usize, usize)], split_cases: usiz
         let mut configs: Vec<Option<GemmConfig>> = kernels.iter().map(|&kernel| Some(kernel.into())).collect();
         if case < split_cases {
             for kernel in kernels.iter().copied().filter(|kernel| kernel.splits_k()) {
-                let most = MAX_SPLITS.min(k.div_ceil(64)).min(sms / kernel.tiles(shape).max(1));
+                let most = MAX_SPLITS.min(k.div_ceil(64)).min(MAX_UNITS_PER_SM * sms / kernel.tiles(shape).max(1));
                 configs.extend((2..=most).map(|splits| Some(GemmConfig { kernel, splits })));
             }
         }
@@ -239,7 +239,7 @@ fn split_k_matches_reference() {
         ctx.stream().synchronize().expect("upload");
         for kernel in splittable.clone() {
             for splits in 2..=MAX_SPLITS.min(k.div_ceil(64)) {
-                if kernel.tiles(case.shape) * splits > sms {
+                if kernel.tiles(case.shape) * splits > MAX_UNITS_PER_SM * sms {
                     continue;
                 }
                 for _ in 0..2 {
@@ -273,11 +273,26 @@ fn split_k_refuses_what_it_cannot_run() {
     if ctx.gpu().target() == PtxTarget::Sm90a {
         assert_eq!(run(GemmKernel::WgmmaSwap16x64, 0), unsupported);
         assert_eq!(run(GemmKernel::WgmmaSwap16x64, MAX_SPLITS + 1), unsupported);
-        let fits = GemmKernel::Wgmma64x128.tiles(shape) * 4 <= ctx.gpu().sm_count() as usize;
-        assert_eq!(run(GemmKernel::Wgmma64x128, 4).is_ok(), fits);
-        // A tile too large to split; more work units than the workspace holds (64 tiles x 4 > SMs).
+        let room = MAX_UNITS_PER_SM * ctx.gpu().sm_count() as usize;
+        assert_eq!(run(GemmKernel::Wgmma64x128, 4).is_ok(), GemmKernel::Wgmma64x128.tiles(shape) * 4 <= room);
+        // A tile too large to split.
         assert_eq!(run(GemmKernel::Wgmma128x256, 2), unsupported);
-        assert_eq!(run(GemmKernel::WgmmaSwap16x64, 4), unsupported);
+        // More work units than the workspace holds (N = 16384: 256 tiles of 64 rows, x 4 > 4 x SMs).
+        let wide = GemmShape { n: 16384, ..shape };
+        let b_wide = poisoned(ctx, wide.n * k);
+        let config = GemmConfig { kernel: GemmKernel::WgmmaSwap16x64, splits: 4 };
+        let mut c_wide = poisoned(ctx, m * wide.n);
+        let result = gemm::gemm_with(
+            ctx,
+            config,
+            &a.as_view(),
+            &b_wide.as_view(),
+            None,
+            &mut c_wide.as_view_mut(),
+            wide,
+            workspace,
+        );
+        assert_eq!(result.map_err(|e| e.kind()), unsupported);
     }
     let k_small = GemmShape { k: 64, ..shape };
     let config = GemmConfig { kernel: GemmKernel::WgmmaSwap16x64, splits: 2 };

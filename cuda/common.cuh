@@ -132,6 +132,14 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// How far (in the log2 domain of the scaled scores) a softmax row's maximum may rise above its
+// reference m before m moves. Until then exp2(s - m) stays below 2^8, where the f32 sums and the
+// bf16 P keep the same relative precision as below 1, and the output accumulated so far needs no
+// rescale: after the first tiles of a row its maximum rarely moves that far, so most tiles skip
+// the multiplies of the rescale (lazy rescaling, as FlashAttention-4 does). The attention kernels
+// skip it only when no row of a warp moved, so the branch stays warp-uniform.
+constexpr float RESCALE_THRESHOLD_LOG2 = 8.f;
+
 // 2^x, approximate (ex2.approx.ftz: the softmax's exponential).
 __device__ __forceinline__ float fast_exp2(float x) {
     float y;

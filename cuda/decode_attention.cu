@@ -498,22 +498,32 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
                 mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
             }
-            // Token 16k < kv_end is valid, so the new maxima are finite.
-            const float n0 = fmaxf(m0, mx0), n1 = fmaxf(m1, mx1);
-            const float alpha0 = fast_exp2(m0 - n0), alpha1 = fast_exp2(m1 - n1);
-            const float p0 = fast_exp2(s[0] - n0), p1 = fast_exp2(s[1] - n1);
-            const float p2 = fast_exp2(s[2] - n0), p3 = fast_exp2(s[3] - n1);
-            m0 = n0;
-            m1 = n1;
-            l0 = l0 * alpha0 + p0 + p2;
-            l1 = l1 * alpha1 + p1 + p3;
+            // Lazy rescaling (nexus::RESCALE_THRESHOLD_LOG2; the scores are in the log2 domain
+            // already): the reference maxima move, and O and the sums are rescaled, only when a
+            // head's maximum rises more than the threshold above its reference, which the first
+            // slot of an item always does (m = -inf; token 16k < kv_end is valid, so the maxima
+            // are finite). Most slots skip the 2 KS multiplies per lane and the two exponentials.
+            const bool moves0 = mx0 - m0 > nexus::RESCALE_THRESHOLD_LOG2;
+            const bool moves1 = mx1 - m1 > nexus::RESCALE_THRESHOLD_LOG2;
+            if (__any_sync(0xffffffffu, moves0 || moves1)) {
+                const float n0 = moves0 ? mx0 : m0, n1 = moves1 ? mx1 : m1;
+                const float alpha0 = fast_exp2(m0 - n0), alpha1 = fast_exp2(m1 - n1);
+                m0 = n0;
+                m1 = n1;
+                l0 *= alpha0;
+                l1 *= alpha1;
 #pragma unroll
-            for (int mt = 0; mt < KS; ++mt) {
-                o[mt][0] *= alpha0;
-                o[mt][1] *= alpha1;
-                o[mt][2] *= alpha0;
-                o[mt][3] *= alpha1;
+                for (int mt = 0; mt < KS; ++mt) {
+                    o[mt][0] *= alpha0;
+                    o[mt][1] *= alpha1;
+                    o[mt][2] *= alpha0;
+                    o[mt][3] *= alpha1;
+                }
             }
+            const float p0 = fast_exp2(s[0] - m0), p1 = fast_exp2(s[1] - m1);
+            const float p2 = fast_exp2(s[2] - m0), p3 = fast_exp2(s[3] - m1);
+            l0 += p0 + p2;
+            l1 += p1 + p3;
             // P^T (16 tokens x 8 heads) as the B operand: the transposes of its two 8x8 halves.
             const uint32_t b0 = transpose8x8(pack_bf16(p0, p1));
             const uint32_t b1 = transpose8x8(pack_bf16(p2, p3));

@@ -126,13 +126,6 @@ __device__ __forceinline__ void tree_reduce(float (&a)[N], Op op) {
     }
 }
 
-// How far (in the log2 domain of the scaled scores) a row's maximum may rise above the reference
-// m before m moves. Until then exp2(s - m) stays below 2^8, where the f32 sums and the bf16 P keep
-// the same relative precision as below 1, and the output needs no rescale: after the first tiles
-// of a row its maximum rarely moves that far, so most tiles skip the 64 multiplies of `rescale`
-// (lazy rescaling, as FlashAttention-4 does).
-constexpr float RESCALE_THRESHOLD_LOG2 = 8.f;
-
 // Masks s (MASK), updates the reference max m and sum l, leaves exp(s - m) in p as bf16 A
 // fragments (k-step kb covers n-blocks 2 kb and 2 kb + 1) and in alpha the factor the output
 // accumulated so far must be scaled by (`rescale`) before P V is added: 1 unless m moved. Every
@@ -172,7 +165,7 @@ __device__ __forceinline__ void softmax_scores(float (&s)[BN / 8][4], float (&m)
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
         // (-inf) - (-inf) is NaN, which compares false: a row with no score yet keeps m = -inf.
-        const bool moves = (mx[h] - m[h]) * scale_log2 > RESCALE_THRESHOLD_LOG2;
+        const bool moves = (mx[h] - m[h]) * scale_log2 > nexus::RESCALE_THRESHOLD_LOG2;
         const float ref = moves ? mx[h] : m[h];
         base[h] = ref == -INFINITY ? 0.f : ref * scale_log2;
         alpha[h] = moves ? fast_exp2(m[h] * scale_log2 - base[h]) : 1.f;

@@ -277,8 +277,9 @@ fn split_k_refuses_what_it_cannot_run() {
         assert_eq!(run(GemmKernel::Wgmma64x128, 4).is_ok(), GemmKernel::Wgmma64x128.tiles(shape) * 4 <= room);
         // A tile too large to split.
         assert_eq!(run(GemmKernel::Wgmma128x256, 2), unsupported);
-        // More work units than the workspace holds (N = 16384: 256 tiles of 64 rows, x 4 > 4 x SMs).
-        let wide = GemmShape { n: 16384, ..shape };
+        // More work units than the workspace holds: one tile of 64 rows more than a quarter of its
+        // room, split 4 ways.
+        let wide = GemmShape { n: 64 * (room / 4 + 1), ..shape };
         let b_wide = poisoned(ctx, wide.n * k);
         let config = GemmConfig { kernel: GemmKernel::WgmmaSwap16x64, splits: 4 };
         let mut c_wide = poisoned(ctx, m * wide.n);

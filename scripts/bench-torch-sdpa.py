@@ -30,12 +30,11 @@ the 1980 MHz boost; 35 calls from an idle GPU run at the boost clock. Measured o
 526-551 after 1 s of calls. --sustain-ms 0 gives the figure from idle.
 """
 
-import time
-
 import argparse
 import contextlib
 import math
 import sys
+import time
 
 import torch
 import torch.nn.functional as F

@@ -12,12 +12,12 @@
 // on Hopper at small budgets; one per SM: __launch_bounds__(max_threads<D>(), 1) and > half the
 // SM's shared memory):
 //   - producers walk the CTA's items and stream K and V into a ring of `ring_slots` shared-memory
-//     slots of SUB = 16 tokens each, running up to a whole ring (about 190 KB) ahead, across item
+//     slots of `slot_tokens` (16, or 32 at head dim 64 on Hopper) tokens each, running up to a whole ring (about 190 KB) ahead, across item
 //     boundaries; they wait for the consumers only for a free slot. Block-table entries are read 32
 //     at a time, one per lane, and the next 32 (or the next item's first 32) load while the current
 //     ones are used.
 //     On Hopper (sm_90) the producer warps take the slots round-robin; per slot one thread
-//     issues one bulk tensor copy (TMA) of K and one of V: 16 token rows of one KV head straight
+//     issues one bulk tensor copy (TMA) of K and one of V: the slot's token rows of one KV head straight
 //     out of a block, through a 4-D tensor map of each pool, completing on the slot's `full`
 //     mbarrier by byte count. The cp.async producers before spent ~90 instructions per slot;
 //     profiled on the H200 at a budget of 32 (64 x 4096 tokens, 32/8 heads, d = 128), they issued
@@ -26,17 +26,18 @@
 //     sequence then hold whatever the pool holds there; the consumers zero those rows of V (a
 //     score of 0 times a NaN is still NaN).
 //     Elsewhere (sm_80) the 4 cp.async producer warps remain (see `produce_cp_async`).
-//   - W consumer warps (`consumer_warps`): sub-tile k of an item (tokens kv_start + 16k ..) goes
-//     to warp k % W. A warp computes S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the
-//     head dim, K from shared memory by ldmatrix, Q in registers), an online softmax per head in
-//     f32, and O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans),
-//     then frees the slot. At the end of an item the W warps' (max, sum, O) are combined through
-//     shared memory in a fixed order (deterministic) and written out.
-// The ring slot of the g-th sub-tile of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
+//   - W consumer warps (`consumer_warps`): slot k of an item (tokens kv_start + T k .., T =
+//     `slot_tokens`) goes to warp k % W. Per 16-token mma tile of the slot a warp computes
+//     S^T = K Q^T (16 tokens x 8 heads, mma.sync m16n8k16 over the head dim, K from shared memory
+//     by ldmatrix, Q in registers); per slot, an online softmax per head in f32, and per tile
+//     O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans); then it
+//     frees the slot. At the end of an item the W warps' (max, sum, O) are combined through shared
+//     memory in a fixed order (deterministic) and written out.
+// The ring slot of the g-th slot of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
 // time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
 // warp within an item, which keeps each barrier's phase parity unambiguous.
 //
-// A slot holds K then V, each as D / 64 panels of 16 token rows x 64 dims (128 bytes), the panel's
+// A slot holds K then V, each as D / 64 panels of `slot_tokens` token rows x 64 dims (128 bytes), the panel's
 // 16-byte chunks XOR-swizzled by (token & 7): the layout TMA's 128-byte swizzle writes (the ring is
 // 1024-byte aligned), and the one in which ldmatrix reads of 8 rows hit 8 different bank groups.
 #include "common.cuh"
@@ -80,6 +81,18 @@ __host__ __device__ constexpr int consumer_warps() {
     return 8;
 #endif
 }
+// Tokens per ring slot for head dim D: 32 for head dim 64 on Hopper, else 16 (one mma tile). A
+// Hopper producer's cost is per bulk copy, whatever its bytes, and a 16-token slot of head dim 64
+// is a copy of 2 KB of K and one of V: with 32 tokens the copies are of 4 KB, as at head dim 128.
+// A consumer takes a slot's 16-token tiles in one step (one max reduction and rescale test).
+template <int D>
+__host__ __device__ constexpr int slot_tokens() {
+#if __CUDA_ARCH__ >= 900
+    return D == 64 ? 32 : 16;
+#else
+    return 16;
+#endif
+}
 template <int D>
 __host__ __device__ constexpr int consumers() {
     return consumer_warps<D>() * 32;
@@ -103,7 +116,7 @@ template <int D>
 __host__ __device__ constexpr int max_threads() {
     return consumers<D>() + max_producer_warps<D>() * 32;
 }
-constexpr int SUB = 16;          // tokens per ring slot: the M of one mma tile
+constexpr int MMA_TOKENS = 16;   // tokens of one mma tile (its M)
 constexpr int HEADS = 8;         // query heads per work item: the N of one mma tile
 constexpr int TABLE_BATCH = 32;  // block-table entries a producer warp loads at once
 constexpr int MERGE_THREADS = 512;
@@ -121,17 +134,18 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
 }
 
 // Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
-//   ring [R][K | V][D / 64 panels][SUB][64] bf16 | obuf [consumer warps][HEADS][D + 4] f32 |
+//   ring [R][K | V][D / 64 panels][slot_tokens<D>()][64] bf16 | obuf [consumer warps][HEADS][D + 4] f32 |
 //   mbuf, lbuf [consumer warps][HEADS] f32 | full [R], empty [R] mbarriers
 // The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
 constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
-constexpr int PANEL_BYTES = SUB * PANEL_ROW_BYTES;  // 64 dims of the slot's 16 tokens
 constexpr int RING_ALIGN = 1024;                      // TMA's 128-byte swizzle repeats every 1024 bytes
 
 template <int D>
 struct Layout {
     static constexpr int PANELS = D / 64;
-    static constexpr int HALF_BYTES = PANELS * PANEL_BYTES;  // K (or V) of one slot
+    static constexpr int TOKENS = slot_tokens<D>();
+    static constexpr int PANEL_BYTES = TOKENS * PANEL_ROW_BYTES;  // 64 dims of the slot's tokens
+    static constexpr int HALF_BYTES = PANELS * PANEL_BYTES;      // K (or V) of one slot
     static constexpr int SLOT_BYTES = 2 * HALF_BYTES;
     static constexpr int O_STRIDE = D + 4;  // floats per head row of obuf: pads away bank conflicts
     static constexpr int WARPS = consumer_warps<D>();
@@ -140,8 +154,9 @@ struct Layout {
 };
 
 // Byte offset of 16-byte chunk `chunk` (of D / 8) of token row `tok` in the K (or V) half of a slot.
+template <int D>
 __device__ __forceinline__ uint32_t slot_offset(int tok, int chunk) {
-    return (chunk >> 3) * PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(tok, chunk & 7);
+    return (chunk >> 3) * Layout<D>::PANEL_BYTES + swizzled<PANEL_ROW_BYTES>(tok, chunk & 7);
 }
 
 // Transposes an 8x8 bf16 matrix held in mma fragment layout (lane holds row lane / 4, columns
@@ -191,15 +206,16 @@ __device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, con
 }
 
 #if __CUDA_ARCH__ >= 900
-// Hopper: the launch's P producer warps (4 or 8, see max_producer_warps) take the CTA's sub-tiles
-// round-robin (warp w the g-th with g % P == w); per sub-tile, lane 0 copies K and V with TMA.
+// Hopper: the launch's P producer warps (4 or 8, see max_producer_warps) take the CTA's slots
+// round-robin (warp w the g-th with g % P == w); per slot, lane 0 copies K and V with TMA.
 // One warp alone spent ~120 instructions per slot (the TMA operands go through uniform registers, a loop of ~20
 // instructions per copy, then one copy per 64 dims) at ~5 cycles each: 1 slot per ~600 cycles,
 // 0.75 TB/s on 32 SMs of the H200. The tensor maps (see the entry points) put the 64-dim panels
-// after the rows, so that one copy fills a whole half slot: `min(block size, 16)` token rows of
-// one KV head. The rows of a slot lie in one block (block size >= 16, slots start at multiples of
-// 16) or in two (block size 8). Boxes are always whole: rows past the sequence's end are still
-// rows of its last block (or of block 0 past it, see load_block_ids), inside the pool.
+// after the rows, so that one copy fills a whole half slot: `min(block size, slot_tokens<D>())`
+// token rows of one KV head. The rows of a slot lie in one block (block size >= the slot's tokens;
+// slots start at multiples of them) or in several. Boxes are always whole: rows past the
+// sequence's end are still rows of its last block (or of block 0 past it, see load_block_ids),
+// inside the pool.
 template <int D>
 __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
                                             int i1) {
@@ -213,42 +229,49 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
     Item it = load_item(a.items, i0);
     Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
     int ids = load_block_ids(a, it, it.kv_start >> a.block_log2, lane);
-    uint32_t g_item = 0;  // the CTA's sub-tiles before this item
+    uint32_t g_item = 0;  // the CTA's slots before this item
     for (int i = i0; i < i1; ++i) {
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
         const int last_block = (it.kv_end - 1) >> a.block_log2;
         for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
             const int ids_next = next_block_ids(a, it, next, i + 1 < i1, b, lane);
-            // This warp's sub-tiles among those starting in the batch's tokens [t0, t_end): item
-            // sub-tile k is the CTA's (g_item + k)-th, in ring slot (g_item + k) % R.
+            // This warp's slots among those starting in the batch's tokens [t0, t_end): the item's
+            // k-th slot is the CTA's (g_item + k)-th, in ring slot (g_item + k) % R.
             const int t0 = max(it.kv_start, b << a.block_log2), t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
-            const int k0 = (t0 - it.kv_start) / SUB;
+            const int k0 = (t0 - it.kv_start) / L::TOKENS;
             const int k = k0 + ((pw - (int)(g_item + k0)) & (P - 1));
             uint32_t slot = (g_item + k) % R, fill = (g_item + k) / R;
-            for (int t = it.kv_start + k * SUB; t < t_end; t += P * SUB) {
-                const int block0 = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
-                if (block_size >= SUB) {
-                    // The slot's 16 rows lie in one block: one copy of K and one of V, all panels.
+            for (int t = it.kv_start + k * L::TOKENS; t < t_end; t += P * L::TOKENS) {
+                if (block_size >= L::TOKENS) {
+                    // The slot's rows lie in one block: one copy of K and one of V, all panels.
+                    const int block = __shfl_sync(0xffffffffu, ids, ((t >> a.block_log2) - b) & 31);
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
-                        const int row = block0 * block_size + (t & (block_size - 1));
+                        const int row = block * block_size + (t & (block_size - 1));
                         nexus::tma_load_4d(dst, a.k_map, 0, row, 0, it.kv_head, bar);
                         nexus::tma_load_4d(dst + L::HALF_BYTES, a.v_map, 0, row, 0, it.kv_head, bar);
                     }
                 } else {
-                    // Block size 8: rows 8-15 are in the next block (its id is in this batch too,
-                    // t being a multiple of 16); one copy per half of the rows and panel.
-                    const int block1 = __shfl_sync(0xffffffffu, ids, (((t + 8) >> a.block_log2) - b) & 31);
+                    // Blocks smaller than a slot: its rows lie in consecutive blocks, all in this
+                    // batch (t is a multiple of the slot's tokens); one copy per block and panel
+                    // (boxes of one panel, or of all at head dim 64, which has one).
+                    int blocks[L::TOKENS / 8];
+#pragma unroll
+                    for (int r = 0; r < L::TOKENS / 8; ++r)
+                        blocks[r] = __shfl_sync(0xffffffffu, ids, (((t + 8 * r) >> a.block_log2) - b) & 31);
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
-                        for (int r = 0; r < SUB; r += block_size) {
-                            const int row = (r == 0 ? block0 : block1) * block_size;
+#pragma unroll
+                        for (int j = 0; j < L::TOKENS / 8; ++j) {
+                            const int r = 8 * j;  // the first row of each block: r % block_size == 0
+                            if (r & (block_size - 1)) continue;
+                            const int row = blocks[j] * block_size;
                             for (int p = 0; p < L::PANELS; ++p) {
-                                const uint32_t d = dst + p * PANEL_BYTES + r * PANEL_ROW_BYTES;
+                                const uint32_t d = dst + p * L::PANEL_BYTES + r * PANEL_ROW_BYTES;
                                 nexus::tma_load_4d(d, a.k_map, 0, row, p, it.kv_head, bar);
                                 nexus::tma_load_4d(d + L::HALF_BYTES, a.v_map, 0, row, p, it.kv_head, bar);
                             }
@@ -263,7 +286,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
             }
             ids = ids_next;
         }
-        g_item += (it.kv_end - it.kv_start + SUB - 1) / SUB;
+        g_item += (it.kv_end - it.kv_start + L::TOKENS - 1) / L::TOKENS;
         it = next;
         next = after;
     }
@@ -294,7 +317,7 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
     using L = Layout<D>;
     constexpr int CPT = D / 8;              // 16-byte chunks per token row
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
-    constexpr int COPIES = SUB / TOK_STEP;  // copies per lane per slot
+    constexpr int COPIES = L::TOKENS / TOK_STEP;  // copies per lane per slot
     const int lane = threadIdx.x & 31;
     const int pw = (threadIdx.x >> 5) - L::WARPS;
     const int role = pw & 1;    // 0: K, 1: V
@@ -312,7 +335,7 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
 #pragma unroll
     for (int i = 0; i < COPIES; ++i) {
         const int tok = tok0 + TOK_STEP * i;
-        dst[i] = slot_offset(tok, chunk);
+        dst[i] = slot_offset<D>(tok, chunk);
     }
 
     Item it = load_item(a.items, i0);
@@ -329,11 +352,11 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
         for (int b = it.kv_start >> a.block_log2; b <= last_block; b += TABLE_BATCH) {
             const int ids_next = next_block_ids(a, it, next, i + 1 < i1, b, lane);
             const int t_end = min(it.kv_end, (b + TABLE_BATCH) << a.block_log2);
-            for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += SUB) {
+            for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += L::TOKENS) {
                 if (slot % PARTS == part) {
                     if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
                     const uint32_t s = half + slot * L::SLOT_BYTES;
-                    if (block_size >= SUB) {
+                    if (block_size >= L::TOKENS) {
                         // The sub-tile lies in one block (t is a multiple of 16): one id, then a
                         // stride. Rows past kv_end are zero-filled; their addresses stay inside the
                         // block, so inside the pool.
@@ -417,6 +440,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
                                         float* mbuf, float* lbuf, int i0, int i1) {
     using L = Layout<D>;
     constexpr int KS = D / 16;  // k-steps of K Q^T, and m-tiles of V^T P^T
+    constexpr int TILES = L::TOKENS / MMA_TOKENS;  // mma tiles per slot
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int R = a.ring_slots;
 
@@ -427,17 +451,17 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     for (int j = 0; j < 4; ++j) {
         // K as the A operand (rows: tokens, k: head dim): matrices (tokens 0-7 | 8-15) x (dims lo | hi).
         const int kt = lane & 15, kc = 2 * j + (lane >> 4);
-        k_off[j] = slot_offset(kt, kc);
+        k_off[j] = slot_offset<D>(kt, kc);
         // V^T as the A operand (rows: head dim, k: tokens), read transposed from V's token rows.
         const int vt = (lane & 7) + ((lane >> 4) << 3), vc = 2 * j + ((lane >> 3) & 1);
-        v_off[j] = slot_offset(vt, vc);
+        v_off[j] = slot_offset<D>(vt, vc);
     }
 
     uint32_t q[KS][2], q_next[KS][2];
     Item it = load_item(a.items, i0);
     Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
     load_q<D>(a, it, lane, q_next);
-    uint32_t g = 0;  // the CTA's sub-tiles before this item
+    uint32_t g = 0;  // the CTA's slots before this item
     for (int i = i0; i < i1; ++i) {
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
@@ -447,7 +471,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
         if (i + 1 < i1) load_q<D>(a, next, lane, q_next);
 
-        const int n_sub = (it.kv_end - it.kv_start + SUB - 1) / SUB;
+        const int n_slots = (it.kv_end - it.kv_start + L::TOKENS - 1) / L::TOKENS;
         // This lane's two heads (columns of S^T and O^T): 2 (lane % 4) and + 1.
         float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
         float o[KS][4];
@@ -457,42 +481,56 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
         uint32_t gg = g + warp;
         int slot = gg % R;
         uint32_t fill = gg / R;
-        for (int k = warp; k < n_sub; k += L::WARPS) {
+        for (int k = warp; k < n_slots; k += L::WARPS) {
             mbar_wait(full + 8 * slot, fill & 1);
             const uint32_t ks = ring + slot * L::SLOT_BYTES, vs = ks + L::HALF_BYTES;
+            const int valid = it.kv_end - (it.kv_start + k * L::TOKENS);  // the slot's tokens in the item
 #if __CUDA_ARCH__ >= 900
             // Rows past the end came from the pool as they are (TMA copies whole boxes): zero V's,
             // whose products with the zero probabilities must stay 0 (K's scores are masked below).
-            const int valid = it.kv_end - (it.kv_start + k * SUB);
-            const bool partial = valid < SUB;
+            const bool partial = valid < L::TOKENS;
             if (partial) {
-                const int chunks = (SUB - valid) * L::PANELS * 8;
+                const int chunks = (L::TOKENS - valid) * L::PANELS * 8;
                 for (int c = lane; c < chunks; c += 32) {
                     const int row = valid + c / (L::PANELS * 8), p = (c / 8) % L::PANELS;
-                    nexus::st_shared_zero16(vs + p * PANEL_BYTES + row * PANEL_ROW_BYTES + (c % 8) * 16);
+                    nexus::st_shared_zero16(vs + p * L::PANEL_BYTES + row * PANEL_ROW_BYTES + (c % 8) * 16);
                 }
                 __syncwarp();
             }
 #endif
 
-            // S^T (16 tokens x 8 heads) = K Q^T, over two accumulators to halve the mma chain.
-            float s[4] = {0.f, 0.f, 0.f, 0.f}, s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+            // S^T (16 tokens x 8 heads) = K Q^T per mma tile of the slot, over two accumulators
+            // each to halve the mma chain. Lane holds tokens t and t + 8 (rows lane / 4 and + 8),
+            // heads 2 (lane % 4) + {0, 1}; tokens past the end score -inf (a tile wholly past it
+            // is skipped).
+            float s[TILES][4];
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                uint32_t frag[4];
-                ldmatrix_x4(frag, ks + k_off[kk & 3] + (kk >> 2) * PANEL_BYTES);
-                mma_16816(kk % 2 == 0 ? s : s_odd, frag, q[kk][0], q[kk][1]);
+            for (int e = 0; e < TILES; ++e) {
+                float s_odd[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) s[e][j] = 0.f;
+                if (e * MMA_TOKENS < valid) {
+                    const uint32_t kt = ks + e * MMA_TOKENS * PANEL_ROW_BYTES;
+#pragma unroll
+                    for (int kk = 0; kk < KS; ++kk) {
+                        uint32_t frag[4];
+                        ldmatrix_x4(frag, kt + k_off[kk & 3] + (kk >> 2) * L::PANEL_BYTES);
+                        mma_16816(kk % 2 == 0 ? s[e] : s_odd, frag, q[kk][0], q[kk][1]);
+                    }
+                }
+                const int t = e * MMA_TOKENS + (lane >> 2);
+                const bool lo_ok = t < valid, hi_ok = t + 8 < valid;
+                s[e][0] = lo_ok ? (s[e][0] + s_odd[0]) * a.scale_log2 : -INFINITY;
+                s[e][1] = lo_ok ? (s[e][1] + s_odd[1]) * a.scale_log2 : -INFINITY;
+                s[e][2] = hi_ok ? (s[e][2] + s_odd[2]) * a.scale_log2 : -INFINITY;
+                s[e][3] = hi_ok ? (s[e][3] + s_odd[3]) * a.scale_log2 : -INFINITY;
             }
+            float mx0 = fmaxf(s[0][0], s[0][2]), mx1 = fmaxf(s[0][1], s[0][3]);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) s[j] += s_odd[j];
-            // Lane holds tokens t and t + 8 (rows lane / 4 and + 8), heads 2 (lane % 4) + {0, 1}.
-            const int t = it.kv_start + k * SUB + (lane >> 2);
-            const bool lo_ok = t < it.kv_end, hi_ok = t + 8 < it.kv_end;
-            s[0] = lo_ok ? s[0] * a.scale_log2 : -INFINITY;
-            s[1] = lo_ok ? s[1] * a.scale_log2 : -INFINITY;
-            s[2] = hi_ok ? s[2] * a.scale_log2 : -INFINITY;
-            s[3] = hi_ok ? s[3] * a.scale_log2 : -INFINITY;
-            float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+            for (int e = 1; e < TILES; ++e) {
+                mx0 = fmaxf(mx0, fmaxf(s[e][0], s[e][2]));
+                mx1 = fmaxf(mx1, fmaxf(s[e][1], s[e][3]));
+            }
 #pragma unroll
             for (int off = 4; off < 32; off <<= 1) {
                 mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
@@ -501,8 +539,8 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
             // Lazy rescaling (nexus::RESCALE_THRESHOLD_LOG2; the scores are in the log2 domain
             // already): the reference maxima move, and O and the sums are rescaled, only when a
             // head's maximum rises more than the threshold above its reference, which the first
-            // slot of an item always does (m = -inf; token 16k < kv_end is valid, so the maxima
-            // are finite). Most slots skip the 2 KS multiplies per lane and the two exponentials.
+            // slot of an item always does (m = -inf; its first token is valid, so the maxima are
+            // finite). Most slots skip the 2 KS multiplies per lane and the two exponentials.
             const bool moves0 = mx0 - m0 > nexus::RESCALE_THRESHOLD_LOG2;
             const bool moves1 = mx1 - m1 > nexus::RESCALE_THRESHOLD_LOG2;
             if (__any_sync(0xffffffffu, moves0 || moves1)) {
@@ -520,19 +558,24 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
                     o[mt][3] *= alpha1;
                 }
             }
-            const float p0 = fast_exp2(s[0] - m0), p1 = fast_exp2(s[1] - m1);
-            const float p2 = fast_exp2(s[2] - m0), p3 = fast_exp2(s[3] - m1);
-            l0 += p0 + p2;
-            l1 += p1 + p3;
-            // P^T (16 tokens x 8 heads) as the B operand: the transposes of its two 8x8 halves.
-            const uint32_t b0 = transpose8x8(pack_bf16(p0, p1));
-            const uint32_t b1 = transpose8x8(pack_bf16(p2, p3));
-            // O^T (head dim x 8 heads) += V^T P^T.
+            // Per tile, P^T (16 tokens x 8 heads) as the B operand (the transposes of its two 8x8
+            // halves), and O^T (head dim x 8 heads) += V^T P^T.
 #pragma unroll
-            for (int mt = 0; mt < KS; ++mt) {
-                uint32_t frag[4];
-                ldmatrix_x4_trans(frag, vs + v_off[mt & 3] + (mt >> 2) * PANEL_BYTES);
-                mma_16816(o[mt], frag, b0, b1);
+            for (int e = 0; e < TILES; ++e) {
+                const float p0 = fast_exp2(s[e][0] - m0), p1 = fast_exp2(s[e][1] - m1);
+                const float p2 = fast_exp2(s[e][2] - m0), p3 = fast_exp2(s[e][3] - m1);
+                l0 += p0 + p2;
+                l1 += p1 + p3;
+                if (e * MMA_TOKENS >= valid) continue;
+                const uint32_t b0 = transpose8x8(pack_bf16(p0, p1));
+                const uint32_t b1 = transpose8x8(pack_bf16(p2, p3));
+                const uint32_t vt = vs + e * MMA_TOKENS * PANEL_ROW_BYTES;
+#pragma unroll
+                for (int mt = 0; mt < KS; ++mt) {
+                    uint32_t frag[4];
+                    ldmatrix_x4_trans(frag, vt + v_off[mt & 3] + (mt >> 2) * L::PANEL_BYTES);
+                    mma_16816(o[mt], frag, b0, b1);
+                }
             }
             __syncwarp();
 #if __CUDA_ARCH__ >= 900
@@ -548,7 +591,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
                 ++fill;
             }
         }
-        g += n_sub;
+        g += n_slots;
 
         // Combine the warps: each publishes its per-head max, sum and unnormalized O.
 #pragma unroll

@@ -82,12 +82,20 @@ fn consumer_warps(head_dim: usize, target: PtxTarget) -> usize {
     if head_dim == 64 && target == PtxTarget::Sm90a { 12 } else { 8 }
 }
 
+/// Tokens per ring slot (`slot_tokens<D>()` in the source): 32 for head dim 64 on Hopper, 16
+/// (one mma tile) otherwise. A Hopper producer pays per bulk copy whatever its bytes, and 32
+/// tokens of head dim 64 make copies of 4 KB, as 16 tokens of head dim 128 do.
+fn slot_tokens(head_dim: usize, target: PtxTarget) -> usize {
+    if head_dim == 64 && target == PtxTarget::Sm90a { 32 } else { 16 }
+}
+
 /// See [`attention_threads`].
 const WIDE_PRODUCERS_BELOW_CTAS: u32 = 64;
 /// Threads of the merge kernel (`MERGE_THREADS`); one warp merges one (sequence, head) row.
 const MERGE_THREADS: u32 = 512;
-/// Tokens per ring slot (`SUB`): chunk starts must be multiples of it.
-const SUB: usize = 16;
+/// The most tokens a ring slot holds ([`slot_tokens`]): chunk starts are multiples of it (and of
+/// the block size), whatever the kernel.
+const CHUNK_GRANULE: usize = 32;
 /// Query heads per work item (`HEADS`): larger GQA groups take several items per KV head.
 const HEADS: usize = 8;
 /// Alignment of the ring in shared memory (`RING_ALIGN`): TMA's 128-byte swizzle pattern.
@@ -105,7 +113,7 @@ const MAX_RING_SLOTS: usize = 48;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvSplit {
     /// Choose per batch: no split when the sequences × KV heads already fill the budget, else the
-    /// chunk length (a multiple of the block size and of 16, at least [`MIN_CHUNK_TOKENS`]) whose
+    /// chunk length (a multiple of the block size and of 32, at least [`MIN_CHUNK_TOKENS`]) whose
     /// chunks, balanced longest-first, finish soonest. Results can then differ in the last bf16
     /// bit with the batch composition and the budget.
     #[default]
@@ -190,8 +198,8 @@ impl std::fmt::Debug for DecodePlan {
 
 /// Shared memory of the attention kernel with `warps` consumer warps and `slots` ring slots
 /// (`Layout` in the source), with the slack that aligns the ring to `RING_ALIGN` bytes.
-fn smem_bytes(head_dim: usize, warps: usize, slots: usize) -> usize {
-    let slot = 2 * SUB * head_dim * 2;
+fn smem_bytes(head_dim: usize, slot_tokens: usize, warps: usize, slots: usize) -> usize {
+    let slot = 2 * slot_tokens * head_dim * 2;
     let obuf = warps * HEADS * (head_dim + 4) * 4;
     let ml = 2 * warps * HEADS * 4;
     slots * (slot + 16) + obuf + ml + RING_ALIGN
@@ -207,10 +215,11 @@ fn ring_slot_multiple(warps: usize) -> usize {
     warps / a * RING_SLOT_MULTIPLE
 }
 
-/// The most ring slots (a multiple of [`ring_slot_multiple`]) that fit in `max_smem` bytes.
-fn ring_slots(head_dim: usize, warps: usize, max_smem: usize) -> Option<usize> {
-    let fixed = smem_bytes(head_dim, warps, 0);
-    let per_slot = smem_bytes(head_dim, warps, 1) - fixed;
+/// The most ring slots (a multiple of [`ring_slot_multiple`]) of `slot_tokens` tokens that fit in
+/// `max_smem` bytes.
+fn ring_slots(head_dim: usize, slot_tokens: usize, warps: usize, max_smem: usize) -> Option<usize> {
+    let fixed = smem_bytes(head_dim, slot_tokens, warps, 0);
+    let per_slot = smem_bytes(head_dim, slot_tokens, warps, 1) - fixed;
     let multiple = ring_slot_multiple(warps);
     let slots = (max_smem.checked_sub(fixed)? / per_slot).min(MAX_RING_SLOTS);
     let slots = slots - slots % multiple;
@@ -426,17 +435,17 @@ impl DecodePlan {
         to_i32(num_seqs, "sequence count")?;
         to_i32(max_blocks_per_seq, "max blocks per sequence")?;
         to_i32(layout.num_heads * d, "query width")?;
-        to_i32(max_blocks_per_seq * bs + SUB, "KV length")?;
+        to_i32(max_blocks_per_seq * bs + CHUNK_GRANULE, "KV length")?;
         to_i32(cache.num_blocks * bs, "KV pool rows")?; // TMA coordinates are i32
 
         let gpu = ctx.gpu().clone();
         let max_smem =
             gpu.context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?;
-        let warps = consumer_warps(d, gpu.target());
-        let ring_slots = ring_slots(d, warps, max_smem as usize).ok_or_else(|| {
+        let (warps, tokens) = (consumer_warps(d, gpu.target()), slot_tokens(d, gpu.target()));
+        let ring_slots = ring_slots(d, tokens, warps, max_smem as usize).ok_or_else(|| {
             Error::Unsupported(format!(
                 "decode attention: a CTA may use {max_smem} bytes of shared memory, the kernel needs {}",
-                smem_bytes(d, warps, ring_slot_multiple(warps))
+                smem_bytes(d, tokens, warps, ring_slot_multiple(warps))
             ))
         })?;
         let stream = ctx.stream();
@@ -456,7 +465,7 @@ impl DecodePlan {
             num_split: 0,
             merge_grid: 0,
             ring_slots,
-            smem_bytes: smem_bytes(d, warps, ring_slots) as u32,
+            smem_bytes: smem_bytes(d, tokens, warps, ring_slots) as u32,
             kv_tokens: 0,
             work_indptr: one_int()?,
             items: one_int()?,
@@ -610,10 +619,15 @@ pub fn decode_attention(
     let null = 0u64;
     let (k_map, v_map) = match ctx.gpu().target() {
         PtxTarget::Sm90a => {
-            // Boxes of the rows of one ring slot that lie in one block (16, or 8 for blocks of 8)
-            // of all panels, or of one panel for blocks of 8 (a copy per panel and block anyway).
-            let (rows, panels) =
-                if cache.block_size >= SUB { (SUB, cache.head_dim / PANEL_DIMS) } else { (cache.block_size, 1) };
+            // Boxes of the rows of one ring slot that lie in one block (the slot's tokens, or the
+            // block size if less) of all panels, or of one panel for blocks of 8 (a copy per
+            // panel and block anyway).
+            let tokens = slot_tokens(d, ctx.gpu().target());
+            let (rows, panels) = if cache.block_size >= 16 {
+                (cache.block_size.min(tokens), cache.head_dim / PANEL_DIMS)
+            } else {
+                (cache.block_size, 1)
+            };
             let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
             (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
         }
@@ -800,7 +814,7 @@ fn schedule(
     let group = layout.group_size();
     let head_groups = group.div_ceil(HEADS);
     let units = layout.num_kv_heads * head_groups;
-    let granule = block_size.max(SUB);
+    let granule = block_size.max(CHUNK_GRANULE);
     let max_len = kv_lens.iter().map(|&l| l as usize).max().unwrap_or(0);
     let bytes_per_token = (4 * d) as f64;
 
@@ -809,7 +823,7 @@ fn schedule(
         KvSplit::Fixed(c) => {
             if c == 0 || c % granule != 0 {
                 return Err(Error::Unsupported(format!(
-                    "decode attention: chunk of {c} tokens is not a positive multiple of {granule} (16 and the block size)"
+                    "decode attention: chunk of {c} tokens is not a positive multiple of {granule} (32 and the block size)"
                 )));
             }
             let cand = candidate(kv_lens, (c < max_len).then_some(c), bytes_per_token);
@@ -952,7 +966,7 @@ mod tests {
     /// Checks that a schedule covers every (sequence, query head, token) exactly once, with chunk
     /// starts on the granule, consistent chunk slots and at most `ctas` lists.
     fn check(s: &Schedule, kv_lens: &[u32], l: QkvLayout, block_size: usize, ctas: usize) {
-        let granule = block_size.max(SUB);
+        let granule = block_size.max(CHUNK_GRANULE);
         let used = s.work_indptr.len() - 1;
         assert!(used <= ctas && used >= 1.min(kv_lens.len()));
         assert!(s.work_indptr.windows(2).all(|w| w[0] < w[1]), "empty or decreasing list");
@@ -1085,16 +1099,17 @@ mod tests {
 
     #[test]
     fn ring_fits_hopper_and_smaller_gpus() {
-        // H100 / H200: 227 KiB per CTA; head dim 64 there has 12 consumer warps.
-        assert_eq!(ring_slots(128, 8, 232_448), Some(24));
-        assert_eq!(ring_slots(64, 12, 232_448), Some(48));
-        assert!(smem_bytes(128, 8, 24) <= 232_448);
-        assert!(smem_bytes(64, 12, 48) <= 232_448);
-        // A100 (163 KiB) and consumer Ampere/Ada (99 KiB), 8 consumer warps.
-        assert_eq!(ring_slots(64, 8, 166_912), Some(32));
-        assert!(ring_slots(128, 8, 166_912).is_some());
-        assert!(ring_slots(128, 8, 101_376).is_some());
-        assert_eq!(ring_slots(128, 8, 40_000), None);
+        // H100 / H200: 227 KiB per CTA; head dim 64 there has 12 consumer warps and slots of 32
+        // tokens.
+        assert_eq!(ring_slots(128, 16, 8, 232_448), Some(24));
+        assert_eq!(ring_slots(64, 32, 12, 232_448), Some(24));
+        assert!(smem_bytes(128, 16, 8, 24) <= 232_448);
+        assert!(smem_bytes(64, 32, 12, 24) <= 232_448);
+        // A100 (163 KiB) and consumer Ampere/Ada (99 KiB), 8 consumer warps, slots of 16 tokens.
+        assert_eq!(ring_slots(64, 16, 8, 166_912), Some(32));
+        assert!(ring_slots(128, 16, 8, 166_912).is_some());
+        assert!(ring_slots(128, 16, 8, 101_376).is_some());
+        assert_eq!(ring_slots(128, 16, 8, 40_000), None);
         // Slot counts are multiples of the consumer warps and of the producers' 8.
         assert_eq!(ring_slot_multiple(8), 8);
         assert_eq!(ring_slot_multiple(12), 24);

@@ -1,5 +1,5 @@
 // Row-wise kernels of the forward pass: embedding gather, RMSNorm (plain and with the residual
-// add fused), RoPE, writes of new keys/values into the paged cache, and argmax.
+// add fused), RoPE with the writes of new keys/values into the paged cache, and argmax.
 //
 // All are persistent (grid-stride over their work with at most one CTA per SM, see common.cuh),
 // bf16 in memory and f32 in registers, and move 16 bytes (8 bf16) per load where the layout
@@ -157,52 +157,50 @@ __device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, flo
 }
 
 // Rotates the query and key heads of a fused QKV buffer [rows, (heads + 2 kv_heads) * head_dim]
-// in place. style 0: interleaved pairs (2i, 2i+1); style 1: rotate-half pairs (i, i + d/2).
-// Frequencies theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as the reference computes them.
+// in place, and writes each row's rotated keys and its values into slot `slots[row]` of the paged
+// pools [blocks * block_size, kv_heads, head_dim]: one launch where RoPE and the KV write were two,
+// each waiting for the kernel before it. style 0: interleaved pairs (2i, 2i+1); style 1:
+// rotate-half pairs (i, i + d/2). Frequencies theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as
+// the reference computes them. One thread per pair of a head; a value head's pair is (2i, 2i+1),
+// copied as one 4-byte word. Slots are checked by the host.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
-    rope(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions, int rows, int num_heads,
-         int num_kv_heads, int head_dim, float theta, int style, int scaling, float factor, float low_freq_factor,
-         float high_freq_factor, float original_max_position) {
+    rope_and_write_kv(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
+                      const uint32_t* __restrict__ slots, __nv_bfloat16* __restrict__ k_cache,
+                      __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,
+                      float theta, int style, int scaling, float factor, float low_freq_factor,
+                      float high_freq_factor, float original_max_position) {
     nexus::follow_previous_kernel();
     const int half = head_dim / 2;
-    const int rotated_heads = num_heads + num_kv_heads;
-    const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
-    const size_t total = (size_t)rows * rotated_heads * half;
+    const int row_heads = num_heads + 2 * num_kv_heads;  // query, key, then value heads
+    const size_t row_len = (size_t)row_heads * head_dim;
+    const size_t slot_len = (size_t)num_kv_heads * head_dim;
+    const size_t total = (size_t)rows * row_heads * half;
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
         const int pair = i % half;
-        const size_t head = (i / half) % rotated_heads;
-        const size_t row = i / ((size_t)half * rotated_heads);
+        const int head = (i / half) % row_heads;
+        const size_t row = i / ((size_t)half * row_heads);
+        __nv_bfloat16* h = qkv + row * row_len + (size_t)head * head_dim;
+        if (head >= num_heads + num_kv_heads) {
+            __nv_bfloat16* v = v_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads - num_kv_heads) * head_dim;
+            *reinterpret_cast<uint32_t*>(v + 2 * pair) = *reinterpret_cast<const uint32_t*>(h + 2 * pair);
+            continue;
+        }
         const float inv_freq =
             scale_inv_freq(1.f / powf(theta, (float)(2 * pair) / (float)head_dim), scaling, factor, low_freq_factor,
                            high_freq_factor, original_max_position);
         float s, c;
         sincosf((float)positions[row] * inv_freq, &s, &c);
-        __nv_bfloat16* h = qkv + row * row_len + head * head_dim;
         const int a = style == 0 ? 2 * pair : pair;
         const int b = style == 0 ? 2 * pair + 1 : pair + half;
         const float x = to_float(h[a]), y = to_float(h[b]);
-        h[a] = to_bf16(x * c - y * s);
-        h[b] = to_bf16(y * c + x * s);
-    }
-}
-
-// Copies each row's keys and values out of the fused QKV buffer into slot `slots[row]` of the
-// paged pools [blocks * block_size, kv_heads, head_dim]. Slots are checked by the host.
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-    write_kv_cache(const __nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ slots,
-                   __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads,
-                   int num_kv_heads, int head_dim) {
-    nexus::follow_previous_kernel();
-    const int slot_len = num_kv_heads * head_dim;
-    const int vecs_per_row = slot_len / VEC;
-    const size_t row_len = (size_t)(num_heads + 2 * num_kv_heads) * head_dim;
-    const size_t total = (size_t)rows * vecs_per_row;
-    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
-        const size_t row = i / vecs_per_row, c = (i % vecs_per_row) * VEC;
-        const __nv_bfloat16* src = qkv + row * row_len + (size_t)num_heads * head_dim;
-        const size_t dst = (size_t)slots[row] * slot_len + c;
-        store8(k_cache + dst, load8(src + c));
-        store8(v_cache + dst, load8(src + slot_len + c));
+        const __nv_bfloat16 ra = to_bf16(x * c - y * s), rb = to_bf16(y * c + x * s);
+        h[a] = ra;
+        h[b] = rb;
+        if (head >= num_heads) {
+            __nv_bfloat16* k = k_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads) * head_dim;
+            k[a] = ra;
+            k[b] = rb;
+        }
     }
 }
 

@@ -1,5 +1,5 @@
 //! Launchers of the row-wise kernels of `cuda/elementwise.cu`: embedding gather, RMSNorm (with
-//! the residual add fused), RoPE, KV-cache writes and argmax (SiLU-and-mul is the epilogue of
+//! the residual add fused), RoPE with the KV-cache write, and argmax (SiLU-and-mul is the epilogue of
 //! [`crate::gemm::gemm_silu_and_mul`]).
 //!
 //! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
@@ -118,18 +118,46 @@ pub fn fused_add_rms_norm(
 }
 
 /// Rotates the Q and K heads of a fused QKV buffer `[rows, layout.row_len()]` in place by each
-/// row's position, at the (scaled) frequencies of [`reference::rope_inv_freq`](crate::reference::rope_inv_freq).
-pub fn rope(
+/// row's position, at the (scaled) frequencies of [`reference::rope_inv_freq`](crate::reference::rope_inv_freq),
+/// and writes each row's rotated keys and its values into the paged pools at `slots[row]`: one
+/// launch for what RoPE and the KV write did in two. `host_slots` is the host copy of `slots`,
+/// checked against the pool (the device cannot report a bad slot).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_write_kv(
     ctx: &PhaseContext,
     qkv: &mut CudaViewMut<'_, bf16>,
     positions: &CudaView<'_, u32>,
     layout: QkvLayout,
     rope: RopeConfig,
+    slots: &CudaView<'_, u32>,
+    host_slots: &[u32],
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
+    cache: PagedKvLayout,
 ) -> Result<()> {
     let rows = positions.len();
     layout.check(qkv.len(), rows)?;
     rope.check()?;
-    let pairs = rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim / 2;
+    cache.check(k_cache.len(), v_cache.len())?;
+    ensure_shape!(
+        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
+        "rope_and_write_kv: cache holds {} heads of {}, qkv {} of {}",
+        cache.num_kv_heads,
+        cache.head_dim,
+        layout.num_kv_heads,
+        layout.head_dim
+    );
+    ensure_shape!(
+        slots.len() == rows && host_slots.len() == rows,
+        "rope_and_write_kv: {} slots ({} on the host) for {rows} rows",
+        slots.len(),
+        host_slots.len()
+    );
+    let num_slots = cache.num_blocks * cache.block_size;
+    if let Some(&bad) = host_slots.iter().find(|&&s| s as usize >= num_slots) {
+        return Err(crate::Error::Shape(format!("rope_and_write_kv: slot {bad} is outside the pool of {num_slots}")));
+    }
+    let pairs = rows * layout.row_len() / 2;
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,
         RopeStyle::RotateHalf => 1,
@@ -148,58 +176,14 @@ pub fn rope(
         to_i32(layout.num_kv_heads, "KV heads")?,
         to_i32(layout.head_dim, "head dim")?,
     ];
-    let (f, cfg) = ctx.kernel(MODULE, "rope", ctx.budget().grid(pairs.div_ceil(THREADS as usize)), THREADS, 0)?;
+    let grid = ctx.budget().grid(pairs.div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, THREADS, 0)?;
     let mut launch = ctx.launch(&f);
-    launch.arg(qkv).arg(positions).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
+    launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
+    launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
     launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
-    // SAFETY: the arguments match `rope` in cuda/elementwise.cu; `layout.check` bounded the rows.
-    unsafe { launch.launch(cfg) }?;
-    Ok(())
-}
-
-/// Copies each row's keys and values from a fused QKV buffer into the paged pools at
-/// `slots[row]`. `host_slots` is the host copy of `slots`, checked against the pool (the device
-/// cannot report a bad slot).
-#[allow(clippy::too_many_arguments)]
-pub fn write_kv_cache(
-    ctx: &PhaseContext,
-    qkv: &CudaView<'_, bf16>,
-    layout: QkvLayout,
-    slots: &CudaView<'_, u32>,
-    host_slots: &[u32],
-    k_cache: &mut CudaViewMut<'_, bf16>,
-    v_cache: &mut CudaViewMut<'_, bf16>,
-    cache: PagedKvLayout,
-) -> Result<()> {
-    let rows = slots.len();
-    layout.check(qkv.len(), rows)?;
-    cache.check(k_cache.len(), v_cache.len())?;
-    check_row_len(cache.slot_len(), "KV heads x head dim")?;
-    ensure_shape!(
-        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-        "write_kv_cache: cache holds {} heads of {}, qkv {} of {}",
-        cache.num_kv_heads,
-        cache.head_dim,
-        layout.num_kv_heads,
-        layout.head_dim
-    );
-    ensure_shape!(host_slots.len() == rows, "write_kv_cache: {} host slots for {rows} rows", host_slots.len());
-    let num_slots = cache.num_blocks * cache.block_size;
-    if let Some(&bad) = host_slots.iter().find(|&&s| s as usize >= num_slots) {
-        return Err(crate::Error::Shape(format!("write_kv_cache: slot {bad} is outside the pool of {num_slots}")));
-    }
-    let args = [
-        to_i32(rows, "rows")?,
-        to_i32(layout.num_heads, "heads")?,
-        to_i32(layout.num_kv_heads, "KV heads")?,
-        to_i32(layout.head_dim, "head dim")?,
-    ];
-    let grid = ctx.budget().grid((rows * cache.slot_len() / VEC).div_ceil(THREADS as usize));
-    let (f, cfg) = ctx.kernel(MODULE, "write_kv_cache", grid, THREADS, 0)?;
-    let mut launch = ctx.launch(&f);
-    launch.arg(qkv).arg(slots).arg(k_cache).arg(v_cache).arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]);
-    // SAFETY: the arguments match `write_kv_cache` in cuda/elementwise.cu; every slot was checked
-    // against the pool above.
+    // SAFETY: the arguments match `rope_and_write_kv` in cuda/elementwise.cu; `layout.check`
+    // bounded the rows, and every slot was checked against the pool above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

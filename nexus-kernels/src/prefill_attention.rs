@@ -475,7 +475,7 @@ fn check_aligned<T>(ctx: &PhaseContext, view: &impl DevicePtr<T>, what: &str) ->
 ///
 /// Queries are the first `num_heads × head_dim` values of each row of the fused QKV buffer
 /// `qkv: [tokens, layout.row_len()]`. Keys and values, the chunk's own included (write them with
-/// [`crate::elementwise::write_kv_cache`] first), come from the pools `k_cache`/`v_cache`
+/// [`crate::elementwise::rope_and_write_kv`] first), come from the pools `k_cache`/`v_cache`
 /// (`[num_blocks, block_size, num_kv_heads, head_dim]`) through `block_tables:
 /// [num_seqs, max_blocks_per_seq]`, which must hold the entries the plan checked. `scale` (positive)
 /// multiplies the scores (usually `1/√head_dim`).

@@ -82,25 +82,64 @@ fn embedding_gathers_rows() {
     }
 }
 
+/// Runs `rope_and_write_kv` on `rows` random rows at random positions below `max_position`, into
+/// random pools at distinct random slots, and checks the QKV buffer (rotated Q and K, V as it
+/// was) and both whole pools (only the rows' slots written) against the reference.
+fn check_rope_and_write_kv(
+    rng: &mut StdRng,
+    what: &str,
+    layout: QkvLayout,
+    rows: usize,
+    max_position: u32,
+    rope: RopeConfig,
+    atol: f32,
+) {
+    let cache = PagedKvLayout {
+        num_blocks: rows.div_ceil(16) + 3,
+        block_size: 16,
+        num_kv_heads: layout.num_kv_heads,
+        head_dim: layout.head_dim,
+    };
+    let ctx = phase(Some(5));
+    let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
+    all_slots.shuffle(rng);
+    let slots = &all_slots[..rows];
+    let qkv = random_bf16(rng, rows * layout.row_len(), 2.0);
+    let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..max_position)).collect();
+    let k0 = random_bf16(rng, cache.pool_len(), 1.0);
+    let v0 = random_bf16(rng, cache.pool_len(), 1.0);
+    let (mut dqkv, dpos, dslots) = (upload(&ctx, &qkv), upload_u32(&ctx, &positions), upload_u32(&ctx, slots));
+    let (mut dk, mut dv) = (upload(&ctx, &k0), upload(&ctx, &v0));
+    elementwise::rope_and_write_kv(
+        &ctx,
+        &mut dqkv.as_view_mut(),
+        &dpos.as_view(),
+        layout,
+        rope,
+        &dslots.as_view(),
+        slots,
+        &mut dk.as_view_mut(),
+        &mut dv.as_view_mut(),
+        cache,
+    )
+    .expect("rope_and_write_kv");
+    let (mut want, mut k, mut v) = (qkv.clone(), k0.clone(), v0.clone());
+    reference::rope_and_write_kv(&mut want, &positions, layout, rope, slots, &mut k, &mut v, cache).expect("reference");
+    assert_close(&format!("{what}: qkv"), &download(&ctx, &dqkv), &want, BF16_RTOL, atol);
+    assert_close(&format!("{what}: K pool"), &download(&ctx, &dk), &k, BF16_RTOL, atol);
+    assert_close(&format!("{what}: V pool"), &download(&ctx, &dv), &v, 0.0, 0.0);
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn rope_matches_reference_in_both_styles() {
+fn rope_and_write_kv_matches_reference_in_both_styles() {
     let mut rng = rng("rope");
     for &(heads, kv_heads, head_dim) in &[(9, 3, 64), (32, 8, 128)] {
         for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
-            let ctx = phase(Some(5));
             let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
-            let rows = 37;
-            let qkv = random_bf16(&mut rng, rows * layout.row_len(), 2.0);
-            let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..8192)).collect();
-            let mut dqkv = upload(&ctx, &qkv);
-            let dpos = upload_u32(&ctx, &positions);
             let cfg = RopeConfig { theta: 500_000.0, style, scaling: RopeScaling::None };
-            elementwise::rope(&ctx, &mut dqkv.as_view_mut(), &dpos.as_view(), layout, cfg).unwrap();
-            let mut want = qkv.clone();
-            reference::rope(&mut want, &positions, layout, cfg).unwrap();
             // Large angles amplify f32 differences in sin/cos; values are O(1).
-            assert_close(&format!("rope {style:?} d={head_dim}"), &download(&ctx, &dqkv), &want, BF16_RTOL, 2e-2);
+            check_rope_and_write_kv(&mut rng, &format!("rope {style:?} d={head_dim}"), layout, 37, 8192, cfg, 2e-2);
         }
     }
 }
@@ -109,7 +148,7 @@ fn rope_matches_reference_in_both_styles() {
 /// model has, so that every band is reached) and linear scaling, in both styles.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn rope_matches_reference_with_scaling() {
+fn rope_and_write_kv_matches_reference_with_scaling() {
     let mut rng = rng("rope scaling");
     let llama3 = |original| RopeScaling::Llama3 {
         factor: 8.0,
@@ -120,71 +159,56 @@ fn rope_matches_reference_with_scaling() {
     let cases = [(llama3(8192), 128), (llama3(256), 64), (RopeScaling::Linear { factor: 4.0 }, 128)];
     for (scaling, head_dim) in cases {
         for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
-            let ctx = phase(Some(5));
             let layout = QkvLayout { num_heads: 8, num_kv_heads: 2, head_dim };
-            let rows = 41;
-            let qkv = random_bf16(&mut rng, rows * layout.row_len(), 2.0);
-            let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..32_768)).collect();
-            let mut dqkv = upload(&ctx, &qkv);
-            let dpos = upload_u32(&ctx, &positions);
             let cfg = RopeConfig { theta: 500_000.0, style, scaling };
-            elementwise::rope(&ctx, &mut dqkv.as_view_mut(), &dpos.as_view(), layout, cfg).unwrap();
-            let mut want = qkv.clone();
-            reference::rope(&mut want, &positions, layout, cfg).unwrap();
             // Angles up to 32k radians: f32 rounding of the angle dominates, as in the test above.
             let what = format!("rope {scaling:?} {style:?} d={head_dim}");
-            assert_close(&what, &download(&ctx, &dqkv), &want, BF16_RTOL, 3e-2);
+            check_rope_and_write_kv(&mut rng, &what, layout, 41, 32_768, cfg, 3e-2);
         }
     }
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn write_kv_cache_writes_only_its_slots() {
-    let mut rng = rng("write_kv_cache");
+fn rope_and_write_kv_refuses_bad_slots_and_pools() {
+    let mut rng = rng("rope_and_write_kv refusals");
     let layout = QkvLayout { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
     let cache = PagedKvLayout { num_blocks: 40, block_size: 16, num_kv_heads: 8, head_dim: 128 };
     let ctx = phase(Some(3));
     let rows = 100;
-    let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
-    all_slots.shuffle(&mut rng);
-    let slots = &all_slots[..rows];
     let qkv = random_bf16(&mut rng, rows * layout.row_len(), 1.0);
-    let k0 = random_bf16(&mut rng, cache.pool_len(), 1.0);
-    let v0 = random_bf16(&mut rng, cache.pool_len(), 1.0);
-    let (dqkv, dslots) = (upload(&ctx, &qkv), upload_u32(&ctx, slots));
-    let (mut dk, mut dv) = (upload(&ctx, &k0), upload(&ctx, &v0));
-    elementwise::write_kv_cache(
-        &ctx,
-        &dqkv.as_view(),
-        layout,
-        &dslots.as_view(),
-        slots,
-        &mut dk.as_view_mut(),
-        &mut dv.as_view_mut(),
-        cache,
-    )
-    .unwrap();
-    let (mut k, mut v) = (k0.clone(), v0.clone());
-    reference::write_kv_cache(&qkv, layout, slots, &mut k, &mut v, cache).unwrap();
-    assert_close("K pool", &download(&ctx, &dk), &k, 0.0, 0.0);
-    assert_close("V pool", &download(&ctx, &dv), &v, 0.0, 0.0);
-
-    // A slot outside the pool is refused before anything is launched.
-    let mut bad = slots.to_vec();
-    bad[0] = (cache.num_blocks * cache.block_size) as u32;
-    let dbad = upload_u32(&ctx, &bad);
-    let err = elementwise::write_kv_cache(
-        &ctx,
-        &dqkv.as_view(),
-        layout,
-        &dbad.as_view(),
-        &bad,
-        &mut dk.as_view_mut(),
-        &mut dv.as_view_mut(),
-        cache,
-    );
-    assert!(err.is_err());
+    let positions: Vec<u32> = (0..rows as u32).collect();
+    let slots: Vec<u32> = (0..rows as u32).collect();
+    let (mut dqkv, dpos) = (upload(&ctx, &qkv), upload_u32(&ctx, &positions));
+    let (mut dk, mut dv) = (upload(&ctx, &vec![0.0; cache.pool_len()]), upload(&ctx, &vec![0.0; cache.pool_len()]));
+    let rope = RopeConfig { theta: 10_000.0, style: RopeStyle::RotateHalf, scaling: RopeScaling::None };
+    let mut run = |slots: &[u32], cache: PagedKvLayout| {
+        let dslots = upload_u32(&ctx, slots);
+        elementwise::rope_and_write_kv(
+            &ctx,
+            &mut dqkv.as_view_mut(),
+            &dpos.as_view(),
+            layout,
+            rope,
+            &dslots.as_view(),
+            slots,
+            &mut dk.as_view_mut(),
+            &mut dv.as_view_mut(),
+            cache,
+        )
+    };
+    // A slot outside the pool, a slot list of the wrong length, a pool of other heads: refused
+    // before anything is launched.
+    let mut bad = slots.clone();
+    bad[7] = (cache.num_blocks * cache.block_size) as u32;
+    assert!(run(&bad, cache).is_err());
+    assert!(run(&slots[..rows - 1], cache).is_err());
+    assert!(run(&slots, PagedKvLayout { num_kv_heads: 4, num_blocks: 80, ..cache }).is_err());
+    assert!(run(&slots, cache).is_ok());
+    // The refusals left the buffer as it was: the one launch rotated it once, as the reference.
+    let (mut want, mut k, mut v) = (qkv.clone(), vec![0.0; cache.pool_len()], vec![0.0; cache.pool_len()]);
+    reference::rope_and_write_kv(&mut want, &positions, layout, rope, &slots, &mut k, &mut v, cache).unwrap();
+    assert_close("qkv after the refusals and one launch", &download(&ctx, &dqkv), &want, BF16_RTOL, 2e-2);
 }
 
 #[test]

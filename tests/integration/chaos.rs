@@ -163,15 +163,16 @@ impl Backend for Chaos {
         CpuBackend.linear(&phase.cpu, step, x, weight, bias)
     }
 
-    fn rope(
+    fn rope_and_write_kv(
         &self,
         phase: &ChaosPhase,
         qkv: &mut CpuMatrix,
         layout: QkvLayout,
         rope: RopeConfig,
+        pool: &mut CpuKvPool,
         step: &StepInput,
     ) -> Result<()> {
-        CpuBackend.rope(&phase.cpu, qkv, layout, rope, step)
+        CpuBackend.rope_and_write_kv(&phase.cpu, qkv, layout, rope, pool, step)
     }
 
     fn attention(
@@ -179,7 +180,7 @@ impl Backend for Chaos {
         phase: &ChaosPhase,
         qkv: &CpuMatrix,
         layout: QkvLayout,
-        pool: &mut CpuKvPool,
+        pool: &CpuKvPool,
         step: &StepInput,
         scale: f32,
     ) -> Result<CpuMatrix> {

@@ -90,7 +90,7 @@ fn scale_inv_freq(inv_freq: f32, scaling: RopeScaling) -> f32 {
 
 /// Rotates the query and key heads of a fused QKV buffer `[tokens, layout.row_len()]` in place by
 /// each token's position, at the frequencies of [`rope_inv_freq`].
-pub fn rope(qkv: &mut [f32], positions: &[u32], layout: QkvLayout, rope: RopeConfig) -> Result<()> {
+fn rope(qkv: &mut [f32], positions: &[u32], layout: QkvLayout, rope: RopeConfig) -> Result<()> {
     layout.check(qkv.len(), positions.len())?;
     let d = layout.head_dim;
     let inv_freq = rope_inv_freq(rope, d)?;
@@ -130,9 +130,50 @@ pub(crate) fn silu_and_mul(gate_up: &[f32], width: usize, out: &mut [f32]) -> Re
     Ok(())
 }
 
+/// Rotates the query and key heads of a fused QKV buffer `[tokens, layout.row_len()]` in place by
+/// each token's position, at the frequencies of [`rope_inv_freq`], then copies each token's
+/// (rotated) keys and its values into the paged pools at slot `slots[t]` (= block id × block size
+/// + offset in the block). The pools and slots are checked before anything is written.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_and_write_kv(
+    qkv: &mut [f32],
+    positions: &[u32],
+    layout: QkvLayout,
+    rope_config: RopeConfig,
+    slots: &[u32],
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    cache: PagedKvLayout,
+) -> Result<()> {
+    ensure_shape!(
+        slots.len() == positions.len(),
+        "rope_and_write_kv: {} slots for {} positions",
+        slots.len(),
+        positions.len()
+    );
+    // The pools and slots are checked before anything is written, as the launcher does (rope
+    // checks its own arguments first).
+    cache.check(k_cache.len(), v_cache.len())?;
+    ensure_shape!(
+        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
+        "rope_and_write_kv: cache holds {} heads of {}, qkv {} of {}",
+        cache.num_kv_heads,
+        cache.head_dim,
+        layout.num_kv_heads,
+        layout.head_dim
+    );
+    let num_slots = cache.num_blocks * cache.block_size;
+    ensure_shape!(
+        slots.iter().all(|&s| (s as usize) < num_slots),
+        "rope_and_write_kv: a slot is outside the pool of {num_slots}"
+    );
+    rope(qkv, positions, layout, rope_config)?;
+    write_kv_cache(qkv, layout, slots, k_cache, v_cache, cache)
+}
+
 /// Copies each token's keys and values from a fused QKV buffer into the paged pools, at slot
 /// `slots[t]` (= block id × block size + offset in the block).
-pub fn write_kv_cache(
+fn write_kv_cache(
     qkv: &[f32],
     layout: QkvLayout,
     slots: &[u32],

@@ -12,7 +12,7 @@ mod stream_read;
 
 pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
-    ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope, rope_inv_freq, write_kv_cache,
+    ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope_and_write_kv, rope_inv_freq,
 };
 pub use gemm::{GemmShape, gemm, gemm_silu_and_mul};
 pub use stream_read::stream_read;

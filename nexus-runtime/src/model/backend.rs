@@ -178,6 +178,14 @@ impl OpShape {
     pub fn elementwise(values: usize) -> Self {
         OpShape::Elementwise { bytes: 2.0 * values as f64 }
     }
+
+    /// [`Backend::rope_and_write_kv`] over `rows` tokens: the Q and K heads read and written, the
+    /// V heads read, and K and V written to the pools.
+    pub fn rope_and_write_kv(rows: usize, layout: QkvLayout) -> Self {
+        let (rotated, kv) =
+            ((layout.num_heads + layout.num_kv_heads) * layout.head_dim, layout.num_kv_heads * layout.head_dim);
+        Self::elementwise(rows * (2 * rotated + 3 * kv))
+    }
 }
 
 /// An operator timed on a phase: what it did, its budget, and how long it took.
@@ -275,23 +283,26 @@ pub trait Backend {
         weight: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Activation>;
-    /// Rotates the Q and K heads of a fused QKV activation by the step's positions.
-    fn rope(
+    /// Rotates the Q and K heads of a fused QKV activation by the step's positions, and writes
+    /// the step's (rotated) keys and its values into the pools. The pools are shared by every
+    /// phase: a step writes only its own sequences' slots.
+    fn rope_and_write_kv(
         &self,
         phase: &Self::Phase,
         qkv: &mut Self::Activation,
         layout: QkvLayout,
         rope: RopeConfig,
+        pool: &mut Self::KvPool,
         step: &Self::Step,
     ) -> Result<()>;
-    /// Writes the step's keys and values into the pools, then attends. The pools are shared by
-    /// every phase: a step writes only its own sequences' slots, and reads only their blocks.
+    /// Attends with the step's queries over the pools, which hold its keys and values
+    /// ([`Backend::rope_and_write_kv`]); a step reads only its own sequences' blocks.
     fn attention(
         &self,
         phase: &Self::Phase,
         qkv: &Self::Activation,
         layout: QkvLayout,
-        pool: &mut Self::KvPool,
+        pool: &Self::KvPool,
         step: &Self::Step,
         scale: f32,
     ) -> Result<Self::Activation>;

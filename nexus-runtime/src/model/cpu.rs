@@ -184,17 +184,26 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn rope(
+    fn rope_and_write_kv(
         &self,
         phase: &CpuPhase,
         qkv: &mut CpuMatrix,
         layout: QkvLayout,
         rope: RopeConfig,
+        pool: &mut CpuKvPool,
         step: &StepInput,
     ) -> Result<()> {
-        let rotated = qkv.rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim;
-        phase.run(OpShape::elementwise(2 * rotated), || {
-            Ok(reference::rope(&mut qkv.data, &step.positions, layout, rope)?)
+        phase.run(OpShape::rope_and_write_kv(qkv.rows, layout), || {
+            Ok(reference::rope_and_write_kv(
+                &mut qkv.data,
+                &step.positions,
+                layout,
+                rope,
+                &step.slots,
+                &mut pool.k,
+                &mut pool.v,
+                pool.layout,
+            )?)
         })
     }
 
@@ -203,12 +212,11 @@ impl Backend for CpuBackend {
         phase: &CpuPhase,
         qkv: &CpuMatrix,
         layout: QkvLayout,
-        pool: &mut CpuKvPool,
+        pool: &CpuKvPool,
         step: &StepInput,
         scale: f32,
     ) -> Result<CpuMatrix> {
         phase.run(OpShape::attention(step), || {
-            reference::write_kv_cache(&qkv.data, layout, &step.slots, &mut pool.k, &mut pool.v, pool.layout)?;
             let mut out = CpuMatrix::zeros(qkv.rows, layout.num_heads * layout.head_dim);
             let batch = step.attention_batch();
             reference::prefill_attention(

@@ -515,30 +515,19 @@ impl CudaBackend {
         unsafe { self.gpu.context().alloc_pinned_with_flags(len.max(1), 0) }.map_err(kernel_error)
     }
 
-    /// The launches of [`Backend::attention`]: the KV write, then the attention kernel of the
-    /// step's plan at the phase's budget (made at the first layer).
+    /// The launch of [`Backend::attention`]: the attention kernel of the step's plan at the
+    /// phase's budget (made at the first layer).
     fn attention_launches(
         &self,
         phase: &CudaPhase,
         qkv: &CudaMatrix,
         layout: QkvLayout,
-        pool: &mut CudaKvPool,
+        pool: &CudaKvPool,
         step: &CudaStep,
         scale: f32,
     ) -> Result<CudaMatrix> {
         let ctx = &phase.ctx;
         let host = &step.host;
-        let slots = step.slots.slice(..host.slots.len());
-        elementwise::write_kv_cache(
-            ctx,
-            &qkv.data.as_view(),
-            layout,
-            &slots,
-            &host.slots,
-            &mut pool.k.as_view_mut(),
-            &mut pool.v.as_view_mut(),
-            pool.layout,
-        )?;
         let mut plans = lock(&step.plans);
         let budget = ctx.budget();
         let index = match plans.attention.iter().position(|(b, _)| *b == budget) {
@@ -792,18 +781,31 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn rope(
+    fn rope_and_write_kv(
         &self,
         phase: &CudaPhase,
         qkv: &mut CudaMatrix,
         layout: QkvLayout,
         rope: RopeConfig,
+        pool: &mut CudaKvPool,
         step: &CudaStep,
     ) -> Result<()> {
-        let rotated = qkv.rows * (layout.num_heads + layout.num_kv_heads) * layout.head_dim;
-        self.run_op(phase, OpShape::elementwise(2 * rotated), || {
-            let positions = step.positions.slice(..step.host.positions.len());
-            elementwise::rope(&phase.ctx, &mut qkv.data.as_view_mut(), &positions, layout, rope)?;
+        self.run_op(phase, OpShape::rope_and_write_kv(qkv.rows, layout), || {
+            let host = &step.host;
+            let positions = step.positions.slice(..host.positions.len());
+            let slots = step.slots.slice(..host.slots.len());
+            elementwise::rope_and_write_kv(
+                &phase.ctx,
+                &mut qkv.data.as_view_mut(),
+                &positions,
+                layout,
+                rope,
+                &slots,
+                &host.slots,
+                &mut pool.k.as_view_mut(),
+                &mut pool.v.as_view_mut(),
+                pool.layout,
+            )?;
             Ok(())
         })
     }
@@ -813,7 +815,7 @@ impl Backend for CudaBackend {
         phase: &CudaPhase,
         qkv: &CudaMatrix,
         layout: QkvLayout,
-        pool: &mut CudaKvPool,
+        pool: &CudaKvPool,
         step: &CudaStep,
         scale: f32,
     ) -> Result<CudaMatrix> {

@@ -311,7 +311,7 @@ impl<B: Backend> LlamaModel<B> {
                 Some(out) => backend.fused_add_rms_norm(phase, out, &mut residual, &layer.attn_norm, eps)?,
             };
             let mut qkv = backend.linear(phase, step, &x, &layer.qkv, layer.qkv_bias.as_ref())?;
-            backend.rope(phase, &mut qkv, layout, rope, step)?;
+            backend.rope_and_write_kv(phase, &mut qkv, layout, rope, pool, step)?;
             let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
             let attn_out = backend.linear(phase, step, &attn, &layer.o, None)?;
             let x = backend.fused_add_rms_norm(phase, &attn_out, &mut residual, &layer.ffn_norm, eps)?;

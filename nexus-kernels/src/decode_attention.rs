@@ -418,13 +418,7 @@ impl DecodePlan {
         if d != 64 && d != 128 {
             return Err(Error::Unsupported(format!("decode attention: head dim {d} (64 and 128 are built)")));
         }
-        ensure_shape!(
-            cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == d,
-            "decode attention: cache holds {} heads of {}, qkv {} of {d}",
-            cache.num_kv_heads,
-            cache.head_dim,
-            layout.num_kv_heads
-        );
+        cache.check_holds(layout, "decode attention")?;
         let bs = cache.block_size;
         if !bs.is_power_of_two() || !(8..=128).contains(&bs) {
             return Err(Error::Unsupported(format!("decode attention: block size {bs} (powers of two 8 to 128)")));

@@ -139,14 +139,7 @@ pub fn rope_and_write_kv(
     layout.check(qkv.len(), rows)?;
     rope.check()?;
     cache.check(k_cache.len(), v_cache.len())?;
-    ensure_shape!(
-        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-        "rope_and_write_kv: cache holds {} heads of {}, qkv {} of {}",
-        cache.num_kv_heads,
-        cache.head_dim,
-        layout.num_kv_heads,
-        layout.head_dim
-    );
+    cache.check_holds(layout, "rope_and_write_kv")?;
     ensure_shape!(
         slots.len() == rows && host_slots.len() == rows,
         "rope_and_write_kv: {} slots ({} on the host) for {rows} rows",

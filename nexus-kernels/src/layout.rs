@@ -146,6 +146,20 @@ impl PagedKvLayout {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Checks that the pools hold the KV heads of QKV rows laid out as `layout`; `what` names the
+    /// operation in the error.
+    pub fn check_holds(&self, layout: QkvLayout, what: &str) -> Result<()> {
+        ensure_shape!(
+            self.num_kv_heads == layout.num_kv_heads && self.head_dim == layout.head_dim,
+            "{what}: cache holds {} heads of {}, qkv {} of {}",
+            self.num_kv_heads,
+            self.head_dim,
+            layout.num_kv_heads,
+            layout.head_dim
+        );
+        Ok(())
+    }
+
     /// Checks the layout and the pool lengths.
     pub fn check(&self, k_len: usize, v_len: usize) -> Result<()> {
         ensure_shape!(

@@ -315,14 +315,7 @@ impl PrefillPlan {
             layout.num_heads,
             layout.num_kv_heads
         );
-        ensure_shape!(
-            cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-            "prefill_attention: cache holds {} heads of {}, qkv {} of {}",
-            cache.num_kv_heads,
-            cache.head_dim,
-            layout.num_kv_heads,
-            layout.head_dim
-        );
+        cache.check_holds(layout, "prefill_attention")?;
         let target = ctx.gpu().target();
         let variant = Variant::default_for(layout.head_dim, target, cache.block_size, options).ok_or_else(|| {
             Error::Unsupported(format!("prefill_attention: head dim {} (supported: {HEAD_DIMS:?})", layout.head_dim))

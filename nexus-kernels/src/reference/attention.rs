@@ -27,14 +27,7 @@ pub fn prefill_attention(
     layout.check(qkv.len(), tokens)?;
     cache.check(k_cache.len(), v_cache.len())?;
     batch.check(&cache)?;
-    ensure_shape!(
-        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-        "attention: cache holds {} heads of {}, qkv {} of {}",
-        cache.num_kv_heads,
-        cache.head_dim,
-        layout.num_kv_heads,
-        layout.head_dim
-    );
+    cache.check_holds(layout, "attention")?;
     let d = layout.head_dim;
     let q_width = layout.num_heads * d;
     ensure_shape!(out.len() == tokens * q_width, "attention: out is not [{tokens}, {q_width}]");

@@ -154,14 +154,7 @@ pub fn rope_and_write_kv(
     // The pools and slots are checked before anything is written, as the launcher does (rope
     // checks its own arguments first).
     cache.check(k_cache.len(), v_cache.len())?;
-    ensure_shape!(
-        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-        "rope_and_write_kv: cache holds {} heads of {}, qkv {} of {}",
-        cache.num_kv_heads,
-        cache.head_dim,
-        layout.num_kv_heads,
-        layout.head_dim
-    );
+    cache.check_holds(layout, "rope_and_write_kv")?;
     let num_slots = cache.num_blocks * cache.block_size;
     ensure_shape!(
         slots.iter().all(|&s| (s as usize) < num_slots),
@@ -183,14 +176,7 @@ fn write_kv_cache(
 ) -> Result<()> {
     layout.check(qkv.len(), slots.len())?;
     cache.check(k_cache.len(), v_cache.len())?;
-    ensure_shape!(
-        cache.num_kv_heads == layout.num_kv_heads && cache.head_dim == layout.head_dim,
-        "write_kv_cache: cache holds {} heads of {}, qkv {} of {}",
-        cache.num_kv_heads,
-        cache.head_dim,
-        layout.num_kv_heads,
-        layout.head_dim
-    );
+    cache.check_holds(layout, "write_kv_cache")?;
     let slot_len = cache.slot_len();
     let num_slots = cache.num_blocks * cache.block_size;
     for (row, &slot) in qkv.chunks_exact(layout.row_len()).zip(slots) {

@@ -12,14 +12,14 @@
 // on Hopper at small budgets; one per SM: __launch_bounds__(max_threads<D>(), 1) and > half the
 // SM's shared memory):
 //   - producers walk the CTA's items and stream K and V into a ring of `ring_slots` shared-memory
-//     slots of `slot_tokens` (16, or 32 at head dim 64 on Hopper) tokens each, running up to a whole ring (about 190 KB) ahead, across item
-//     boundaries; they wait for the consumers only for a free slot. Block-table entries are read 32
-//     at a time, one per lane, and the next 32 (or the next item's first 32) load while the current
-//     ones are used.
+//     slots of `slot_tokens` tokens each (16, or 32 at head dim 64 on Hopper), running up to a
+//     whole ring (about 190 KB) ahead, across item boundaries; they wait for the consumers only for
+//     a free slot. Block-table entries are read 32 at a time, one per lane, and the next 32 (or the
+//     next item's first 32) load while the current ones are used.
 //     On Hopper (sm_90) the producer warps take the slots round-robin; per slot one thread
-//     issues one bulk tensor copy (TMA) of K and one of V: the slot's token rows of one KV head straight
-//     out of a block, through a 4-D tensor map of each pool, completing on the slot's `full`
-//     mbarrier by byte count. The cp.async producers before spent ~90 instructions per slot;
+//     issues one bulk tensor copy (TMA) of K and one of V: the slot's token rows of one KV head
+//     straight out of a block, through a 4-D tensor map of each pool, completing on the slot's
+//     `full` mbarrier by byte count. The cp.async producers before spent ~90 instructions per slot;
 //     profiled on the H200 at a budget of 32 (64 x 4096 tokens, 32/8 heads, d = 128), they issued
 //     one slot per ~320 cycles while the consumers spent half their time waiting for data: 1.39
 //     TB/s where the streaming read at that budget gets 2.64. Rows of a slot past the end of the
@@ -37,9 +37,10 @@
 // time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
 // warp within an item, which keeps each barrier's phase parity unambiguous.
 //
-// A slot holds K then V, each as D / 64 panels of `slot_tokens` token rows x 64 dims (128 bytes), the panel's
-// 16-byte chunks XOR-swizzled by (token & 7): the layout TMA's 128-byte swizzle writes (the ring is
-// 1024-byte aligned), and the one in which ldmatrix reads of 8 rows hit 8 different bank groups.
+// A slot holds K then V, each as D / 64 panels of `slot_tokens` token rows x 64 dims (128 bytes),
+// the panel's 16-byte chunks XOR-swizzled by (token & 7): the layout TMA's 128-byte swizzle writes
+// (the ring is 1024-byte aligned), and the one in which ldmatrix reads of 8 rows hit 8 different
+// bank groups.
 #include "common.cuh"
 
 namespace {
@@ -134,8 +135,9 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
 }
 
 // Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
-//   ring [R][K | V][D / 64 panels][slot_tokens<D>()][64] bf16 | obuf [consumer warps][HEADS][D + 4] f32 |
-//   mbuf, lbuf [consumer warps][HEADS] f32 | full [R], empty [R] mbarriers
+//   ring [R][K | V][D / 64 panels][slot_tokens<D>()][64] bf16 |
+//   obuf [consumer warps][HEADS][D + 4] f32 | mbuf, lbuf [consumer warps][HEADS] f32 |
+//   full [R], empty [R] mbarriers
 // The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
 constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
 constexpr int RING_ALIGN = 1024;                      // TMA's 128-byte swizzle repeats every 1024 bytes

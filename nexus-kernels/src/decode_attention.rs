@@ -93,6 +93,16 @@ fn slot_tokens(head_dim: usize, target: PtxTarget) -> usize {
 const WIDE_PRODUCERS_BELOW_CTAS: u32 = 64;
 /// Threads of the merge kernel (`MERGE_THREADS`); one warp merges one (sequence, head) row.
 const MERGE_THREADS: u32 = 512;
+/// The box of the Hopper producers' bulk copies, (token rows, 64-dim panels), for head dim
+/// `head_dim` and blocks of `block_size`: the rows of one ring slot that lie in one block (the
+/// slot's tokens, or the block size if less) of all panels, or of one panel for blocks of 8.
+/// Where a slot spans several blocks the kernel copies one box per block and panel, so such
+/// boxes must hold one panel (or the head dim have only one).
+fn tma_box(head_dim: usize, block_size: usize) -> (usize, usize) {
+    let tokens = slot_tokens(head_dim, PtxTarget::Sm90a);
+    if block_size >= 16 { (block_size.min(tokens), head_dim / PANEL_DIMS) } else { (block_size, 1) }
+}
+
 /// The most tokens a ring slot holds ([`slot_tokens`]): chunk starts are multiples of it (and of
 /// the block size), whatever the kernel.
 const CHUNK_GRANULE: usize = 32;
@@ -613,15 +623,7 @@ pub fn decode_attention(
     let null = 0u64;
     let (k_map, v_map) = match ctx.gpu().target() {
         PtxTarget::Sm90a => {
-            // Boxes of the rows of one ring slot that lie in one block (the slot's tokens, or the
-            // block size if less) of all panels, or of one panel for blocks of 8 (a copy per
-            // panel and block anyway).
-            let tokens = slot_tokens(d, ctx.gpu().target());
-            let (rows, panels) = if cache.block_size >= 16 {
-                (cache.block_size.min(tokens), cache.head_dim / PANEL_DIMS)
-            } else {
-                (cache.block_size, 1)
-            };
+            let (rows, panels) = tma_box(d, cache.block_size);
             let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
             (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
         }
@@ -1089,6 +1091,23 @@ mod tests {
         let (assignment, loads) = lpt([7.0, 5.0, 4.0, 3.0, 1.0].into_iter(), 3);
         assert_eq!(assignment, vec![0, 1, 2, 2, 1]);
         assert_eq!(loads, vec![7.0, 6.0, 7.0]);
+    }
+
+    #[test]
+    fn tma_boxes_fill_a_slot_with_whole_copies() {
+        for head_dim in [64, 128] {
+            let (tokens, panels) = (slot_tokens(head_dim, PtxTarget::Sm90a), head_dim / PANEL_DIMS);
+            for block_size in [8, 16, 32, 64, 128, 256] {
+                let (rows, box_panels) = tma_box(head_dim, block_size);
+                // One box per block the slot spans (and per panel when a box holds one).
+                assert_eq!(rows, block_size.min(tokens), "d {head_dim}, blocks of {block_size}");
+                assert!(box_panels == panels || box_panels == 1);
+                assert!(rows == tokens || box_panels == 1 || panels == 1, "d {head_dim}, blocks of {block_size}");
+            }
+        }
+        assert_eq!(tma_box(64, 64), (32, 1));
+        assert_eq!(tma_box(128, 64), (16, 2));
+        assert_eq!(tma_box(128, 8), (8, 1));
     }
 
     #[test]

@@ -146,10 +146,7 @@ pub fn rope_and_write_kv(
         slots.len(),
         host_slots.len()
     );
-    let num_slots = cache.num_blocks * cache.block_size;
-    if let Some(&bad) = host_slots.iter().find(|&&s| s as usize >= num_slots) {
-        return Err(crate::Error::Shape(format!("rope_and_write_kv: slot {bad} is outside the pool of {num_slots}")));
-    }
+    cache.check_slots(host_slots, "rope_and_write_kv")?;
     let pairs = rows * layout.row_len() / 2;
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,

@@ -160,6 +160,16 @@ impl PagedKvLayout {
         Ok(())
     }
 
+    /// Checks that every slot (= block id × block size + offset in the block) lies in the pools;
+    /// `what` names the operation in the error.
+    pub fn check_slots(&self, slots: &[u32], what: &str) -> Result<()> {
+        let num_slots = self.num_blocks * self.block_size;
+        if let Some(&bad) = slots.iter().find(|&&s| s as usize >= num_slots) {
+            return Err(crate::Error::Shape(format!("{what}: slot {bad} is outside the pool of {num_slots}")));
+        }
+        Ok(())
+    }
+
     /// Checks the layout and the pool lengths.
     pub fn check(&self, k_len: usize, v_len: usize) -> Result<()> {
         ensure_shape!(

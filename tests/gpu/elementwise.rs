@@ -1,6 +1,10 @@
 //! The row-wise kernels against their references.
 
-use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle, elementwise, reference};
+use cudarc::driver::CudaSlice;
+use half::bf16;
+use nexus::kernels::{
+    PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, RopeScaling, RopeStyle, elementwise, reference,
+};
 use rand::Rng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -82,6 +86,45 @@ fn embedding_gathers_rows() {
     }
 }
 
+/// The device buffers of `rope_and_write_kv`'s tests.
+struct RopeKvBuffers {
+    qkv: CudaSlice<bf16>,
+    positions: CudaSlice<u32>,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+}
+
+impl RopeKvBuffers {
+    fn new(ctx: &PhaseContext, qkv: &[f32], positions: &[u32], k: &[f32], v: &[f32]) -> Self {
+        let (qkv, positions) = (upload(ctx, qkv), upload_u32(ctx, positions));
+        RopeKvBuffers { qkv, positions, k: upload(ctx, k), v: upload(ctx, v) }
+    }
+
+    /// One launch over these buffers, writing at `slots` (uploaded here).
+    fn launch(
+        &mut self,
+        ctx: &PhaseContext,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        slots: &[u32],
+        cache: PagedKvLayout,
+    ) -> nexus::kernels::Result<()> {
+        let dslots = upload_u32(ctx, slots);
+        elementwise::rope_and_write_kv(
+            ctx,
+            &mut self.qkv.as_view_mut(),
+            &self.positions.as_view(),
+            layout,
+            rope,
+            &dslots.as_view(),
+            slots,
+            &mut self.k.as_view_mut(),
+            &mut self.v.as_view_mut(),
+            cache,
+        )
+    }
+}
+
 /// Runs `rope_and_write_kv` on `rows` random rows at random positions below `max_position`, into
 /// random pools at distinct random slots, and checks the QKV buffer (rotated Q and K, V as it
 /// was) and both whole pools (only the rows' slots written) against the reference.
@@ -108,26 +151,13 @@ fn check_rope_and_write_kv(
     let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..max_position)).collect();
     let k0 = random_bf16(rng, cache.pool_len(), 1.0);
     let v0 = random_bf16(rng, cache.pool_len(), 1.0);
-    let (mut dqkv, dpos, dslots) = (upload(&ctx, &qkv), upload_u32(&ctx, &positions), upload_u32(&ctx, slots));
-    let (mut dk, mut dv) = (upload(&ctx, &k0), upload(&ctx, &v0));
-    elementwise::rope_and_write_kv(
-        &ctx,
-        &mut dqkv.as_view_mut(),
-        &dpos.as_view(),
-        layout,
-        rope,
-        &dslots.as_view(),
-        slots,
-        &mut dk.as_view_mut(),
-        &mut dv.as_view_mut(),
-        cache,
-    )
-    .expect("rope_and_write_kv");
+    let mut device = RopeKvBuffers::new(&ctx, &qkv, &positions, &k0, &v0);
+    device.launch(&ctx, layout, rope, slots, cache).expect("rope_and_write_kv");
     let (mut want, mut k, mut v) = (qkv.clone(), k0.clone(), v0.clone());
     reference::rope_and_write_kv(&mut want, &positions, layout, rope, slots, &mut k, &mut v, cache).expect("reference");
-    assert_close(&format!("{what}: qkv"), &download(&ctx, &dqkv), &want, BF16_RTOL, atol);
-    assert_close(&format!("{what}: K pool"), &download(&ctx, &dk), &k, BF16_RTOL, atol);
-    assert_close(&format!("{what}: V pool"), &download(&ctx, &dv), &v, 0.0, 0.0);
+    assert_close(&format!("{what}: qkv"), &download(&ctx, &device.qkv), &want, BF16_RTOL, atol);
+    assert_close(&format!("{what}: K pool"), &download(&ctx, &device.k), &k, BF16_RTOL, atol);
+    assert_close(&format!("{what}: V pool"), &download(&ctx, &device.v), &v, 0.0, 0.0);
 }
 
 #[test]
@@ -179,24 +209,10 @@ fn rope_and_write_kv_refuses_bad_slots_and_pools() {
     let qkv = random_bf16(&mut rng, rows * layout.row_len(), 1.0);
     let positions: Vec<u32> = (0..rows as u32).collect();
     let slots: Vec<u32> = (0..rows as u32).collect();
-    let (mut dqkv, dpos) = (upload(&ctx, &qkv), upload_u32(&ctx, &positions));
-    let (mut dk, mut dv) = (upload(&ctx, &vec![0.0; cache.pool_len()]), upload(&ctx, &vec![0.0; cache.pool_len()]));
+    let pool = vec![0.0; cache.pool_len()];
+    let mut device = RopeKvBuffers::new(&ctx, &qkv, &positions, &pool, &pool);
     let rope = RopeConfig { theta: 10_000.0, style: RopeStyle::RotateHalf, scaling: RopeScaling::None };
-    let mut run = |slots: &[u32], cache: PagedKvLayout| {
-        let dslots = upload_u32(&ctx, slots);
-        elementwise::rope_and_write_kv(
-            &ctx,
-            &mut dqkv.as_view_mut(),
-            &dpos.as_view(),
-            layout,
-            rope,
-            &dslots.as_view(),
-            slots,
-            &mut dk.as_view_mut(),
-            &mut dv.as_view_mut(),
-            cache,
-        )
-    };
+    let mut run = |slots: &[u32], cache: PagedKvLayout| device.launch(&ctx, layout, rope, slots, cache);
     // A slot outside the pool, a slot list of the wrong length, a pool of other heads: refused
     // before anything is launched.
     let mut bad = slots.clone();
@@ -206,9 +222,9 @@ fn rope_and_write_kv_refuses_bad_slots_and_pools() {
     assert!(run(&slots, PagedKvLayout { num_kv_heads: 4, num_blocks: 80, ..cache }).is_err());
     assert!(run(&slots, cache).is_ok());
     // The refusals left the buffer as it was: the one launch rotated it once, as the reference.
-    let (mut want, mut k, mut v) = (qkv.clone(), vec![0.0; cache.pool_len()], vec![0.0; cache.pool_len()]);
+    let (mut want, mut k, mut v) = (qkv.clone(), pool.clone(), pool.clone());
     reference::rope_and_write_kv(&mut want, &positions, layout, rope, &slots, &mut k, &mut v, cache).unwrap();
-    assert_close("qkv after the refusals and one launch", &download(&ctx, &dqkv), &want, BF16_RTOL, 2e-2);
+    assert_close("qkv after the refusals and one launch", &download(&ctx, &device.qkv), &want, BF16_RTOL, 2e-2);
 }
 
 #[test]

@@ -151,37 +151,14 @@ pub fn rope_and_write_kv(
         slots.len(),
         positions.len()
     );
-    // The pools and slots are checked before anything is written, as the launcher does (rope
-    // checks its own arguments first).
+    // As the launcher does (rope checks its own arguments first).
     cache.check(k_cache.len(), v_cache.len())?;
     cache.check_holds(layout, "rope_and_write_kv")?;
-    let num_slots = cache.num_blocks * cache.block_size;
-    ensure_shape!(
-        slots.iter().all(|&s| (s as usize) < num_slots),
-        "rope_and_write_kv: a slot is outside the pool of {num_slots}"
-    );
+    cache.check_slots(slots, "rope_and_write_kv")?;
     rope(qkv, positions, layout, rope_config)?;
-    write_kv_cache(qkv, layout, slots, k_cache, v_cache, cache)
-}
-
-/// Copies each token's keys and values from a fused QKV buffer into the paged pools, at slot
-/// `slots[t]` (= block id × block size + offset in the block).
-fn write_kv_cache(
-    qkv: &[f32],
-    layout: QkvLayout,
-    slots: &[u32],
-    k_cache: &mut [f32],
-    v_cache: &mut [f32],
-    cache: PagedKvLayout,
-) -> Result<()> {
-    layout.check(qkv.len(), slots.len())?;
-    cache.check(k_cache.len(), v_cache.len())?;
-    cache.check_holds(layout, "write_kv_cache")?;
     let slot_len = cache.slot_len();
-    let num_slots = cache.num_blocks * cache.block_size;
     for (row, &slot) in qkv.chunks_exact(layout.row_len()).zip(slots) {
         let slot = slot as usize;
-        ensure_shape!(slot < num_slots, "write_kv_cache: slot {slot} is outside the pool of {num_slots}");
         k_cache[slot * slot_len..][..slot_len].copy_from_slice(&row[layout.k_offset()..][..slot_len]);
         v_cache[slot * slot_len..][..slot_len].copy_from_slice(&row[layout.v_offset()..][..slot_len]);
     }

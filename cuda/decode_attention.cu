@@ -73,7 +73,8 @@ constexpr int FULL_ARRIVALS = 2 * 32;  // a slot's `full` barrier: every lane of
 // heads, d = 64, 16 SMs, 64 x 4096 tokens), that kernel was bound by its consumers: they never
 // waited for data, its producers waited for a free slot before 97% of their copies, and a warp
 // spends ~170 instructions of one dependent chain (mma, shuffles, exp2, mma) on a 16-token slot of
-// 4 KB; more warps keep more slots in work per SM. The ring's slot count is a multiple of it.
+// 4 KB; more warps keep more slots in work per SM. With 32-token slots (slot_tokens), 8 warps
+// measured 5-19% slower at 8-32 SMs, so 12 stay. The ring's slot count is a multiple of it.
 template <int D>
 __host__ __device__ constexpr int consumer_warps() {
 #if __CUDA_ARCH__ >= 900
@@ -101,9 +102,9 @@ __host__ __device__ constexpr int consumers() {
 
 // The most producer warps a launch for head dim D may have; the launch's block size says how many
 // it has. On Hopper a slot costs its producer warp about the same issue time whatever its bytes
-// (see produce_tma), so head dim 64, whose slots hold half the bytes, may take 8 where each SM
-// must stream fast (a small budget); 4 otherwise, where more waiting warps only slow the
-// consumers. The count divides the ring's slot count (a multiple of 8). The cp.async
+// (see produce_tma), so head dim 64, whose 16-token slots held half the bytes, took 8 where each
+// SM must stream fast (a small budget); 4 otherwise, where more waiting warps only slow the
+// consumers (measured with 16-token slots, not again since they hold 32). The count divides the ring's slot count (a multiple of 8). The cp.async
 // producers (sm_80) are always two per role.
 template <int D>
 __host__ __device__ constexpr int max_producer_warps() {

@@ -65,19 +65,20 @@ const MODULE: &str = "decode_attention";
 /// Threads of an attention launch of `ctas` CTAs for `head_dim` on `target`: the consumer warps
 /// ([`consumer_warps`]) and 4 producer warps, or 8 for head dim 64 on Hopper below
 /// [`WIDE_PRODUCERS_BELOW_CTAS`] CTAs (at most `max_threads<D>()` in the source). A Hopper
-/// producer's cost is per 16-token slot, and a head-dim-64 slot holds half the bytes: measured on
-/// the H200 (9/3 d64, blocks of 64, 8 consumer warps, the build with 4 and with 8 producer warps
-/// in one call), 8 stream 4-16% faster at 8-48 CTAs on 32 x 2048 and 64 x 4096 tokens, and 3-6%
-/// slower from 64 CTAs on, where the waiting warps slow the consumers more than the producers
-/// limit them.
+/// producer's cost is per slot, and a head-dim-64 slot of 16 tokens held half the bytes: measured
+/// on the H200 then (9/3 d64, blocks of 64, 8 consumer warps, the build with 4 and with 8 producer
+/// warps in one call), 8 streamed 4-16% faster at 8-48 CTAs on 32 x 2048 and 64 x 4096 tokens, and
+/// 3-6% slower from 64 CTAs on, where the waiting warps slow the consumers more than the
+/// producers limit them. Not measured again since the slots hold 32 tokens ([`slot_tokens`]).
 fn attention_threads(head_dim: usize, target: PtxTarget, ctas: u32) -> u32 {
     let wide = head_dim == 64 && target == PtxTarget::Sm90a && ctas < WIDE_PRODUCERS_BELOW_CTAS;
     32 * (consumer_warps(head_dim, target) as u32 + if wide { 8 } else { 4 })
 }
 
 /// Consumer warps of the attention kernel (`consumer_warps<D>()` in the source): 8, or 12 for head
-/// dim 64 on Hopper, where the consumers bound the kernel (a 16-token slot holds half the bytes of
-/// one at head dim 128 for about the same instructions).
+/// dim 64 on Hopper, where each token's softmax costs a warp the same instructions for half the
+/// bytes of head dim 128 (with 32-token slots, 8 warps measured 5-19% slower at 8-32 SMs on the
+/// H200).
 fn consumer_warps(head_dim: usize, target: PtxTarget) -> usize {
     if head_dim == 64 && target == PtxTarget::Sm90a { 12 } else { 8 }
 }

@@ -267,9 +267,16 @@ impl Arm {
                 prefill_sms: Some(split.prefill_sms),
             },
             Schedule::NexusControlled(control) => {
-                let target = match control.controller.decode_target_s {
-                    Some(target) => format!(", {} ms target", (target * 1e6).round() / 1e3),
-                    None => String::new(),
+                let ms = |s: f64| (s * 1e6).round() / 1e3;
+                let target = match (control.controller.decode_target_s, control.controller.backlog_target) {
+                    (Some(target), Some(backlog)) => format!(
+                        ", {} ms target ({} ms with {} prompt tokens waiting)",
+                        ms(target),
+                        ms(backlog.decode_s),
+                        backlog.tokens
+                    ),
+                    (Some(target), None) => format!(", {} ms target", ms(target)),
+                    (None, _) => String::new(),
                 };
                 let name = format!("nexus controlled{target}{}", prefill_limit(control.prefill_tokens));
                 Arm { name: Some(name), prefill_sms: None }
@@ -507,7 +514,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 server.replay(requests, args.vllm.max_concurrency, || bar.inc(1))
             })
         }
-        None => args.engine.run(BenchJob(&plan)),
+        None => args.engine.run(BenchJob(&plan), &args.model, &args.hub),
     }
 }
 

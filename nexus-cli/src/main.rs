@@ -14,9 +14,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
-use nexus_runtime::engine::profile::SavedProfile;
+use nexus_runtime::engine::profile::{KernelsCheck, SavedProfile};
 use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
-use nexus_runtime::engine::scheduler::controller::ControllerConfig;
+use nexus_runtime::engine::scheduler::controller::{BacklogTarget, ControllerConfig};
 use nexus_runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
 use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, NexusControl, RequestOptions, Schedule};
 use nexus_runtime::kernels::Gpu;
@@ -24,6 +24,7 @@ use nexus_runtime::model::LlamaModel;
 use nexus_runtime::model::backend::Backend;
 use nexus_runtime::model::cpu::CpuBackend;
 use nexus_runtime::model::cuda::{CudaBackend, CudaBackendConfig};
+use nexus_runtime::model::simulated::{SimulatedBackend, Simulation};
 use nexus_runtime::text::chat_template::ChatMessage;
 use nexus_runtime::text::tokenizer::Tokenizer;
 use nexus_runtime::weights::config::ModelConfig;
@@ -273,9 +274,31 @@ struct EngineArgs {
     #[arg(long, value_delimiter = ',')]
     prefill_sms: Vec<u32>,
     /// With the controller: the profile to split with (default: the one `nexus profile` saved for
-    /// this device and model).
+    /// this device and model, or with --simulate the profile simulated).
     #[arg(long)]
     profile: Option<PathBuf>,
+    /// No device: simulate the GPU this profile (made by `nexus profile`) was made on. The model
+    /// computes nothing (every token is id 0) and each iteration takes what the profile's cost
+    /// model predicts for it, beside what the other lane runs meanwhile, in real time: a way to
+    /// try schedules and controller settings on a trace without the GPU. The profile must be of
+    /// --model; it may be of other kernels than this build's.
+    #[arg(long, value_name = "PROFILE")]
+    simulate: Option<PathBuf>,
+    /// With --simulate: the simulated GPU's memory in GiB (default: an H200's 143,771 MiB), of
+    /// which --gpu-memory-utilization holds the bf16 weights and the KV cache.
+    #[arg(long, default_value_t = 140.4, requires = "simulate")]
+    simulated_memory_gib: f64,
+    /// With --simulate: milliseconds of the engine thread that launching a prefill step and a
+    /// decode step take, PREFILL,DECODE (default: what the engine spent per iteration on the
+    /// H200 in the controller experiment's eleventh round, 2.4-2.9 ms and 0.5-0.6 ms, less its
+    /// planning).
+    #[arg(long, value_delimiter = ',', default_values_t = [2.5, 0.5], requires = "simulate")]
+    simulated_launch_ms: Vec<f64>,
+    /// With --simulate: factors on a prefill and a decode step's time while the other lane runs
+    /// beside it, PREFILL,DECODE (at least 1): how much slower than its profile the GPU runs
+    /// then, which the controller's calibration learns in a run.
+    #[arg(long, value_delimiter = ',', default_values_t = [1.0, 1.0], requires = "simulate")]
+    simulated_beside: Vec<f64>,
     /// With the controller: prefill is protected while less than this fraction of the KV cache is
     /// in use, decode above it.
     #[arg(long, default_value_t = ControllerConfig::default().kv_threshold)]
@@ -290,10 +313,16 @@ struct EngineArgs {
     prefill_slack: f64,
     /// With the controller, instead of --prefill-slack: while prefill is protected, decode gets
     /// the fewest SMs whose predicted iteration (the time between tokens) takes at most this many
-    /// milliseconds, and prefill the rest. `nexus bench` takes several, comma-separated, and runs
-    /// the controller with each.
-    #[arg(long, value_delimiter = ',')]
-    decode_target_ms: Vec<f64>,
+    /// milliseconds, and prefill the rest. T..B: T, and B while prompts back up (see
+    /// --backlog-tokens), so that prefill drains a queue with more SMs. `nexus bench` takes
+    /// several, comma-separated, and runs the controller with each.
+    #[arg(long, value_delimiter = ',', value_parser = parse_decode_target)]
+    decode_target_ms: Vec<DecodeTargetMs>,
+    /// With --decode-target-ms T..B: the prompt tokens waiting (in no iteration) from which B
+    /// holds (default: the backlog limit of --prefill-tokens N..M, else
+    /// --max-num-batched-tokens).
+    #[arg(long)]
+    backlog_tokens: Option<usize>,
     /// With the controller: decide on the profile's predictions alone, as the paper does, instead
     /// of scaling them by what each lane's recent iterations measured against them.
     #[arg(long)]
@@ -330,6 +359,28 @@ fn parse_prefill_tokens(value: &str) -> Result<PrefillTokens, String> {
     Ok(tokens)
 }
 
+/// A `--decode-target-ms` value: `T` milliseconds, or `T..B`, `B` while prompts back up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct DecodeTargetMs {
+    ms: f64,
+    backlog_ms: Option<f64>,
+}
+
+fn parse_decode_target(value: &str) -> Result<DecodeTargetMs, String> {
+    let number = |n: &str| match n.trim().parse::<f64>() {
+        Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
+        _ => Err(format!("{value}: give T or T..B, positive milliseconds")),
+    };
+    let target = match value.split_once("..") {
+        Some((t, b)) => DecodeTargetMs { ms: number(t)?, backlog_ms: Some(number(b)?) },
+        None => DecodeTargetMs { ms: number(value)?, backlog_ms: None },
+    };
+    if target.backlog_ms.is_some_and(|b| b < target.ms) {
+        return Err(format!("{value}: the target with a backlog must be at least the one without"));
+    }
+    Ok(target)
+}
+
 /// The `--schedule` values.
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum ScheduleKind {
@@ -347,15 +398,18 @@ impl EngineArgs {
     /// gives them, and otherwise (or for a second `nexus`) with the controller, whose profile
     /// must exist.
     fn schedules(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Vec<Schedule>> {
+        if self.backlog_tokens.is_some() && !self.decode_target_ms.iter().any(|t| t.backlog_ms.is_some()) {
+            bail!("--backlog-tokens needs a target with a backlog, --decode-target-ms T..B");
+        }
         let mut out = Vec::new();
         let mut fixed_done = false;
         for kind in &self.schedule {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
                 ScheduleKind::Nexus if self.prefill_sms.is_empty() || fixed_done => {
-                    let targets: Vec<Option<f64>> = match self.decode_target_ms.as_slice() {
+                    let targets: Vec<Option<DecodeTargetMs>> = match self.decode_target_ms.as_slice() {
                         [] => vec![None],
-                        ms => ms.iter().map(|&ms| Some(ms / 1e3)).collect(),
+                        targets => targets.iter().copied().map(Some).collect(),
                     };
                     for target in targets {
                         for prefill_tokens in self.prefill_token_limits() {
@@ -414,35 +468,44 @@ impl EngineArgs {
         }
     }
 
-    /// The controller's settings with the decode target `target_s` (seconds) and prefill
-    /// iterations of at most `prefill_tokens`, with the profile of `model` (as `hub` picks it) on
-    /// `device`.
+    /// The controller's settings with the decode target `target` and prefill iterations of at
+    /// most `prefill_tokens`, with the profile of `model` (as `hub` picks it) on `device`. A
+    /// backlog, for the target's looser half, is --backlog-tokens prompt tokens waiting, else as
+    /// many as make prefill iterations longer (`prefill_tokens`' backlog limit), else as many as
+    /// one iteration takes.
     fn control(
         &self,
         device: &str,
         sm_count: u32,
         model: &str,
         hub: &HubArgs,
-        target_s: Option<f64>,
+        target: Option<DecodeTargetMs>,
         prefill_tokens: Option<PrefillTokens>,
     ) -> anyhow::Result<NexusControl> {
+        let backlog_tokens =
+            self.backlog_tokens.or(prefill_tokens.and_then(|t| t.backlog)).unwrap_or(self.max_num_batched_tokens);
+        let backlog_target =
+            target.and_then(|t| t.backlog_ms).map(|ms| BacklogTarget { tokens: backlog_tokens, decode_s: ms / 1e3 });
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,
             decode_slack: self.decode_slack,
             prefill_slack: self.prefill_slack,
             grid: self.split_grid,
             hysteresis: self.split_hysteresis,
-            decode_target_s: target_s,
+            decode_target_s: target.map(|t| t.ms / 1e3),
+            backlog_target,
             calibrate: !self.no_calibration,
         };
         controller.validate(sm_count)?;
         let name = hub.qualified(model);
-        let path = match &self.profile {
-            Some(path) => path.clone(),
-            None => SavedProfile::default_path(device, &name)
+        let path = match (&self.profile, &self.simulate) {
+            (Some(path), _) | (None, Some(path)) => path.clone(),
+            (None, None) => SavedProfile::default_path(device, &name)
                 .context("no cache folder to find the profile in (set NEXUS_CACHE_DIR, XDG_CACHE_HOME or HOME)")?,
         };
-        let saved = SavedProfile::load(&path, device, &name).with_context(|| {
+        // A simulated device runs the kernels its profile measured, whatever this build's are.
+        let kernels = if self.simulate.is_some() { KernelsCheck::Any } else { KernelsCheck::This };
+        let saved = SavedProfile::load(&path, device, &name, kernels).with_context(|| {
             format!(
                 "--schedule nexus splits the SMs from a profile of {name} on {device}, and there is none usable at \
                  {}: make one with `nexus profile {}` (or give a fixed --prefill-sms)",
@@ -453,12 +516,44 @@ impl EngineArgs {
         Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging, prefill_tokens })
     }
 
-    /// Runs `job` on the backend `--device` picks, with the matching KV-cache sizing.
-    fn run<J: OnBackend>(&self, job: J) -> anyhow::Result<()> {
+    /// Runs `job` for `model` (as `hub` picks it) on the backend `--device` picks, or on the
+    /// device `--simulate` gives, with the matching KV-cache sizing.
+    fn run<J: OnBackend>(&self, job: J, model: &str, hub: &HubArgs) -> anyhow::Result<()> {
         if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
             bail!("--gpu-memory-utilization must be in (0, 1]");
         }
-        self.device.run(job, KvSizing::Blocks(self.cpu_kv_blocks), KvSizing::GpuMemory(self.gpu_memory_utilization))
+        let Some(path) = &self.simulate else {
+            let gpu = KvSizing::GpuMemory(self.gpu_memory_utilization);
+            return self.device.run(job, KvSizing::Blocks(self.cpu_kv_blocks), gpu);
+        };
+        if !(self.simulated_memory_gib.is_finite() && self.simulated_memory_gib > 0.0) {
+            bail!("--simulated-memory-gib must be a positive number");
+        }
+        let name = hub.qualified(model);
+        let saved = SavedProfile::read(path)?;
+        if saved.model != name {
+            bail!("--simulate {} is a profile of {}, not of {name}", path.display(), saved.model);
+        }
+        let launch = match self.simulated_launch_ms[..] {
+            [prefill, decode] => [prefill, decode].map(|ms| Duration::try_from_secs_f64(ms / 1e3).ok()),
+            _ => [None, None],
+        };
+        let [Some(prefill), Some(decode)] = launch else {
+            bail!("--simulated-launch-ms takes two numbers of milliseconds, at least 0: PREFILL,DECODE");
+        };
+        let [prefill_beside, decode_beside] = self.simulated_beside[..] else {
+            bail!("--simulated-beside takes two factors: PREFILL,DECODE");
+        };
+        let simulation = Simulation { prefill_launch: prefill, decode_launch: decode, prefill_beside, decode_beside };
+        let backend = SimulatedBackend::new(saved.cost_model, &saved.device, simulation)?;
+        eprintln!(
+            "simulating {} ({} SMs) from {}: no computation, each iteration takes what the profile predicts",
+            saved.device,
+            backend.sm_count(),
+            path.display()
+        );
+        let bytes = self.gpu_memory_utilization * self.simulated_memory_gib * (1u64 << 30) as f64;
+        job.run(backend, KvSizing::Simulated(bytes))
     }
 }
 
@@ -543,7 +638,7 @@ fn main() -> anyhow::Result<()> {
 
 fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     args.http()?;
-    args.engine.run(ServeJob(&args))
+    args.engine.run(ServeJob(&args), &args.model, &args.hub)
 }
 
 struct ServeJob<'a>(&'a ServeArgs);
@@ -631,6 +726,8 @@ enum KvSizing {
     GpuBlocks(usize),
     /// Whatever the GPU has free after the weights, down to `1 - fraction` of its memory.
     GpuMemory(f64),
+    /// What this many bytes of a simulated GPU hold besides the bf16 weights.
+    Simulated(f64),
 }
 
 impl KvSizing {
@@ -648,6 +745,11 @@ impl KvSizing {
                 let (free, total) = nexus_runtime::kernels::cudarc::driver::result::mem_get_info()?;
                 let keep = (1.0 - fraction) * total as f64;
                 Ok(((free as f64 - keep).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
+            }
+            KvSizing::Simulated(bytes) => {
+                let weights: usize =
+                    c.weight_shapes().iter().map(|(_, shape)| 2 * shape.iter().product::<usize>()).sum();
+                Ok(((bytes - weights as f64).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
             }
         }
     }

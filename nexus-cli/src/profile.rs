@@ -202,7 +202,7 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
     let mut choices = Vec::new();
     for ms in [10.0, 15.0, 20.0, 30.0, 40.0, 60.0] {
         let config = ControllerConfig { decode_target_s: Some(ms / 1e3), ..ControllerConfig::default() };
-        let split = Controller::new(cost.clone(), config)?.split(&prefill, &decode, 0.0);
+        let split = Controller::new(cost.clone(), config)?.split(&prefill, &decode, 0.0, 0);
         choices.push(format!(
             "{ms:.0} ms: decode {} SMs ({:.1} ms), prefill {:.2}x",
             split.decode_sms,

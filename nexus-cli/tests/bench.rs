@@ -232,7 +232,11 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--goodput", "ttft:500", "itl:5"][..], "per request"),
         (&["--goodput", "ttft"][..], "METRIC:MS"),
         (&["--slo-scale", "0.5"][..], "--slo-scale must be"),
-        (&["--schedule", "nexus", "--decode-target-ms", "0"][..], "decode target must be"),
+        (&["--schedule", "nexus", "--decode-target-ms", "0"][..], "positive milliseconds"),
+        (&["--schedule", "nexus", "--decode-target-ms", "10..5"][..], "at least the one without"),
+        (&["--simulated-beside", "1,1.2"][..], "--simulate"),
+        (&["--schedule", "nexus", "--decode-target-ms", "10", "--backlog-tokens", "9000"][..], "T..B"),
+        (&["--simulate", "/nonexistent/profile.json"][..], "/nonexistent/profile.json"),
         (&["--slo-scale", "5", "--slo-ttft-ms", "100", "--slo-tbt-ms", "10"][..], "cannot be used with"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
@@ -243,6 +247,43 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(want), "{flags:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_simulated_h200_runs_both_schedules_from_a_committed_profile() {
+    let profile = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../bench-results/nexus-vs-chunked-h200/llama-3.1-8b-r11-profile.json");
+    let run = |model: &str, flags: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--model", model, "--workload", "mixed", "--num-requests", "12", "--rate", "20"])
+            .arg("--simulate")
+            .arg(&profile)
+            .args(flags)
+            .output()
+            .expect("run nexus bench")
+    };
+    let flags = ["--schedule", "chunked,nexus", "--decode-target-ms", "10..14", "--prefill-tokens", "2048..8192"];
+    let out = run("synthetic:llama-3.1-8b", &[&flags[..], &["--simulated-beside", "1.1,1.2"]].concat());
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "nexus bench failed: {stderr}");
+    assert!(stderr.contains("simulating NVIDIA H200 (132 SMs)"), "{stderr}");
+    let nexus = "nexus controlled, 10 ms target (14 ms with 8192 prompt tokens waiting), prefill 2048 tokens, 8192 \
+                 with a backlog";
+    for row in
+        ["| chunked | 20 | mixed |", &format!("| {nexus} | 20 | prefill |"), &format!("| {nexus} | 20 | decode |")]
+    {
+        assert!(stdout.contains(row), "no row {row} in\n{stdout}");
+    }
+    for arm in ["chunked", nexus] {
+        assert!(stdout.contains(&format!("| {arm} | 20 | 12 |")), "{arm} completed every request: {stdout}");
+    }
+    // The profile is of one model, and the simulated steps at least as slow beside the other lane.
+    let other = run("synthetic:qwen2.5-3b", &[]);
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && stderr.contains("is a profile of synthetic:llama-3.1-8b"), "{stderr}");
+    let faster = run("synthetic:llama-3.1-8b", &["--simulated-beside", "0.5,1"]);
+    let stderr = String::from_utf8_lossy(&faster.stderr);
+    assert!(!faster.status.success() && stderr.contains("at least as slow beside"), "{stderr}");
 }
 
 /// A `nexus serve` on the CPU backend on a free loopback port.

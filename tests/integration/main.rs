@@ -9,6 +9,7 @@ mod oracle;
 mod profile;
 mod sampling;
 mod scheduler;
+mod simulated;
 mod tokenizer;
 mod two_lanes;
 mod workload;

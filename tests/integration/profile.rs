@@ -3,7 +3,7 @@
 //! every budget, the fitted model reads back from its JSON, and its errors are finite.
 
 use nexus::runtime::engine::cost_model::{CostModel, Op};
-use nexus::runtime::engine::profile::{ProfileConfig, SavedMeasurements, SavedProfile, fit, profile};
+use nexus::runtime::engine::profile::{KernelsCheck, ProfileConfig, SavedMeasurements, SavedProfile, fit, profile};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CpuBackend;
 
@@ -59,11 +59,19 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     let again = SavedMeasurements::load(&dir.join("m.json")).expect("load measurements");
     assert_eq!(again, measured);
     assert_eq!(fit(&again.measurements).expect("refit").cost, profile.cost);
-    assert_eq!(SavedProfile::load(&path, "CPU", "tiny").expect("load"), saved);
-    let other_device = SavedProfile::load(&path, "NVIDIA H200", "tiny").expect_err("another device");
+    assert_eq!(SavedProfile::load(&path, "CPU", "tiny", KernelsCheck::This).expect("load"), saved);
+    let other_device =
+        SavedProfile::load(&path, "NVIDIA H200", "tiny", KernelsCheck::This).expect_err("another device");
     assert!(other_device.to_string().contains("made for device CPU"), "{other_device}");
-    assert!(SavedProfile::load(&path, "CPU", "other").is_err());
-    assert!(SavedProfile::load(&dir.join("missing.json"), "CPU", "tiny").is_err());
+    assert!(SavedProfile::load(&path, "CPU", "other", KernelsCheck::This).is_err());
+    assert!(SavedProfile::load(&dir.join("missing.json"), "CPU", "tiny", KernelsCheck::This).is_err());
+    // Another build's kernels: refused, unless any will do (a simulated device's profile).
+    let old = SavedProfile { kernels: "0123456789abcdef".into(), ..saved.clone() };
+    old.save(&path).expect("save");
+    let other_kernels = SavedProfile::load(&path, "CPU", "tiny", KernelsCheck::This).expect_err("other kernels");
+    assert!(other_kernels.to_string().contains("kernels 0123456789abcdef"), "{other_kernels}");
+    assert_eq!(SavedProfile::load(&path, "CPU", "tiny", KernelsCheck::Any).expect("any kernels"), old);
+    assert!(SavedProfile::load(&path, "CPU", "other", KernelsCheck::Any).is_err());
     let name = SavedProfile::default_path("NVIDIA H200", "synthetic:llama-3.1-8b").expect("a cache folder");
     assert!(name.to_string_lossy().contains("profiles/NVIDIA_H200--synthetic_llama-3.1-8b--"), "{}", name.display());
     std::fs::remove_dir_all(&dir).expect("clean up");

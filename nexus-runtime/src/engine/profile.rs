@@ -416,7 +416,7 @@ fn decision_seconds(cost: &CostModel) -> Result<f64> {
     let start = Instant::now();
     for i in 0..DECISIONS {
         let usage = if i % 2 == 0 { 0.2 } else { 0.9 };
-        std::hint::black_box(controller.split(&prefill, &decode, usage));
+        std::hint::black_box(controller.split(&prefill, &decode, usage, 0));
     }
     Ok(start.elapsed().as_secs_f64() / f64::from(DECISIONS))
 }
@@ -561,6 +561,16 @@ impl SavedMeasurements {
     }
 }
 
+/// Whether a profile must have measured this build's kernels ([`SavedProfile::load`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelsCheck {
+    /// Only a profile of this build's kernels predicts what they do.
+    This,
+    /// Any kernels: the profile stands for a device (see
+    /// [`SimulatedBackend`](crate::model::simulated::SimulatedBackend)).
+    Any,
+}
+
 impl SavedProfile {
     /// The profile fitted to `measured`, made for what they were.
     pub fn new(profile: &Profile, measured: &SavedMeasurements) -> Self {
@@ -593,18 +603,25 @@ impl SavedProfile {
         write_json(path, self)
     }
 
-    /// Reads the profile at `path` and checks that it was made for `device`, `model` and these
-    /// kernels.
-    pub fn load(path: &Path, device: &str, model: &str) -> Result<Self> {
+    /// Reads the profile at `path`, whatever it was made for (its cost model checked).
+    pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let profile: SavedProfile =
             serde_json::from_str(&text).map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
-        let cost = profile.cost_model.clone().checked()?;
+        let cost =
+            profile.cost_model.clone().checked().map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+        Ok(SavedProfile { cost_model: cost, ..profile })
+    }
+
+    /// Reads the profile at `path` and checks that it was made for `device`, `model` and, as
+    /// `kernels` says, these kernels.
+    pub fn load(path: &Path, device: &str, model: &str, kernels: KernelsCheck) -> Result<Self> {
+        let profile = Self::read(path)?;
         let mismatch = if profile.device != device {
             Some(format!("device {}, not {device}", profile.device))
         } else if profile.model != model {
             Some(format!("model {}, not {model}", profile.model))
-        } else if profile.kernels != kernels_version() {
+        } else if kernels == KernelsCheck::This && profile.kernels != kernels_version() {
             Some(format!("kernels {}, not these ({})", profile.kernels, kernels_version()))
         } else {
             None
@@ -612,7 +629,7 @@ impl SavedProfile {
         if let Some(mismatch) = mismatch {
             return Err(Error::invalid(format!("{} was made for {mismatch}", path.display())));
         }
-        Ok(SavedProfile { cost_model: cost, ..profile })
+        Ok(profile)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
+pub mod simulated;
 
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 

@@ -14,7 +14,9 @@
 //! Beyond the paper, a decode target can replace the prefill slack: while prefill is protected,
 //! decode gets the fewest SMs whose predicted iteration (one token of each sequence: the time
 //! between tokens) stays within the target, and prefill the rest, so that prompts get every SM
-//! that the objective on the time between tokens leaves them.
+//! that the objective on the time between tokens leaves them. A second, looser target may hold
+//! while prompts back up ([`BacklogTarget`]): the time between tokens stays at the tight one
+//! while prefill keeps up, and prefill gets the SMs of the loose one when it does not.
 //!
 //! The controller also learns from what the lanes measure ([`Controller::observe`]): the cost
 //! model is fitted on operators timed one by one and on whole steps at a few shapes, and misses a
@@ -45,6 +47,8 @@ pub struct ControllerConfig {
     /// Seconds a decode iteration may take while prefill is protected: when set, decode gets the
     /// fewest SMs that meet it instead of what the prefill slack leaves (`None`: the paper's rule).
     pub decode_target_s: Option<f64>,
+    /// With a decode target: the looser one that holds instead while prompts back up.
+    pub backlog_target: Option<BacklogTarget>,
     /// Scale predictions by what the lanes measured ([`Controller::observe`]); `false`: decide
     /// on the cost model alone, as the paper does.
     pub calibrate: bool,
@@ -59,6 +63,7 @@ impl Default for ControllerConfig {
             grid: 8,
             hysteresis: 8,
             decode_target_s: None,
+            backlog_target: None,
             calibrate: true,
         }
     }
@@ -76,6 +81,18 @@ impl ControllerConfig {
         if self.decode_target_s.is_some_and(|t| !(t.is_finite() && t > 0.0)) {
             return Err(Error::invalid("the decode target must be a positive number of seconds"));
         }
+        if let Some(backlog) = self.backlog_target {
+            let Some(target) = self.decode_target_s else {
+                return Err(Error::invalid("a decode target for a backlog needs a decode target for without one"));
+            };
+            if !(backlog.decode_s.is_finite() && backlog.decode_s >= target && backlog.tokens > 0) {
+                return Err(Error::invalid(format!(
+                    "the decode target with a backlog ({} s) must be at least the one without ({target} s), and the \
+                     backlog at least one token",
+                    backlog.decode_s
+                )));
+            }
+        }
         if self.grid == 0 || 2 * self.grid > sm_count {
             return Err(Error::invalid(format!(
                 "the SM grid {} must leave each phase a step of the device's {sm_count} SMs",
@@ -92,6 +109,16 @@ impl ControllerConfig {
         budgets.push(sm_count);
         budgets
     }
+}
+
+/// A looser decode target for while prompts back up: prefill's SMs then drain the queue sooner,
+/// and the time between tokens stays at the tight target whenever prefill keeps up.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BacklogTarget {
+    /// Prompt tokens waiting (in no iteration) from which prompts count as backed up.
+    pub tokens: usize,
+    /// Seconds a decode iteration may take then (at least [`ControllerConfig::decode_target_s`]).
+    pub decode_s: f64,
 }
 
 /// Which phase the last decision protected, and why.
@@ -197,8 +224,15 @@ impl Controller {
     }
 
     /// The split for a prefill iteration doing `prefill` and a decode iteration doing `decode`
-    /// with `kv_usage` of the cache's blocks in use; remembers it for the hysteresis.
-    pub fn split(&mut self, prefill: &IterationWork, decode: &IterationWork, kv_usage: f64) -> Split {
+    /// with `kv_usage` of the cache's blocks in use and `prompts_waiting` prompt tokens in no
+    /// iteration; remembers it for the hysteresis.
+    pub fn split(
+        &mut self,
+        prefill: &IterationWork,
+        decode: &IterationWork,
+        kv_usage: f64,
+        prompts_waiting: usize,
+    ) -> Split {
         let sms = self.cost.sm_count;
         let grid = self.config.decode_budgets(sms);
         let shared = &grid[..grid.len() - 1];
@@ -209,7 +243,11 @@ impl Controller {
             Priority::Prefill => shared.to_vec(),
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
-        let target = self.config.decode_target_s.filter(|_| priority == Priority::Prefill);
+        let target = match self.config.backlog_target {
+            Some(backlog) if prompts_waiting >= backlog.tokens => Some(backlog.decode_s),
+            _ => self.config.decode_target_s,
+        };
+        let target = target.filter(|_| priority == Priority::Prefill);
         let protected =
             |(prefill_s, decode_s): (f64, f64)| if priority == Priority::Decode { decode_s } else { prefill_s };
         let slack = if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
@@ -257,7 +295,7 @@ mod tests {
         let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
         // Low KV usage: prefill is protected, within 1.3x of its best beside decode (all SMs but
         // the grid's least for decode): decode gets a small share on the grid.
-        let low = controller.split(&prefill, &decode, 0.2);
+        let low = controller.split(&prefill, &decode, 0.2, 0);
         assert_eq!(low.priority, Priority::Prefill);
         assert!(low.decode_sms.is_multiple_of(8) && low.decode_sms <= 40, "{low:?}");
         let least = ControllerConfig::default().decode_budgets(132)[0];
@@ -266,7 +304,7 @@ mod tests {
         // High KV usage: decode is protected (memory-bound: it keeps its speed on a minority of
         // the SMs while prefill computes).
         let mut controller = Controller::new(llama8b_h200(), ControllerConfig::default()).unwrap();
-        let high = controller.split(&prefill, &decode, 0.9);
+        let high = controller.split(&prefill, &decode, 0.9, 0);
         assert_eq!(high.priority, Priority::Decode);
         assert!(high.decode_sms > low.decode_sms && high.decode_sms < 132, "{high:?}");
         assert!(high.decode_s <= 1.1 * llama8b_h200().seconds(&decode, 132, None), "{high:?}");
@@ -278,14 +316,14 @@ mod tests {
         let decode = IterationWork::of(StepKind::Decode, (0..16).map(|_| (1, 2048)));
         let config = ControllerConfig { decode_target_s: Some(0.02), hysteresis: 0, ..ControllerConfig::default() };
         let mut controller = Controller::new(llama8b_h200(), config).unwrap();
-        let before = controller.split(&prefill, &decode, 0.2);
+        let before = controller.split(&prefill, &decode, 0.2, 0);
         // Decode beside prefill took 1.8x what the model said, at the budget it got: the target
         // now needs more SMs, and the predictions the split reports are scaled (at every budget,
         // through the average, until one is measured on its own).
         for _ in 0..20 {
             controller.observe(StepKind::Decode, before.decode_sms, true, 0.010, 0.018);
         }
-        let after = controller.split(&prefill, &decode, 0.2);
+        let after = controller.split(&prefill, &decode, 0.2, 0);
         assert!(after.decode_sms > before.decode_sms, "{before:?} then {after:?}");
         assert!(after.decode_s <= 0.02, "{after:?}");
         let model = llama8b_h200().seconds_beside(&decode, after.decode_sms, Some((&prefill, 132 - after.decode_sms)));
@@ -297,11 +335,11 @@ mod tests {
         other.observe(StepKind::Prefill, 124, true, 0.010, 0.001);
         other.observe(StepKind::Decode, after.decode_sms, true, 0.0, 0.01);
         other.observe(StepKind::Decode, after.decode_sms, true, 0.01, f64::NAN);
-        assert_eq!(other.split(&prefill, &decode, 0.2).decode_sms, after.decode_sms);
+        assert_eq!(other.split(&prefill, &decode, 0.2, 0).decode_sms, after.decode_sms);
         for _ in 0..50 {
             other.observe(StepKind::Decode, after.decode_sms, true, 0.001, 1.0);
         }
-        let bounded = other.split(&prefill, &decode, 0.2);
+        let bounded = other.split(&prefill, &decode, 0.2, 0);
         let model =
             llama8b_h200().seconds_beside(&decode, bounded.decode_sms, Some((&prefill, 132 - bounded.decode_sms)));
         assert!(bounded.decode_s <= 2.0 * model * (1.0 + 1e-9), "{bounded:?} {model}");
@@ -310,7 +348,7 @@ mod tests {
         for _ in 0..20 {
             plain.observe(StepKind::Decode, before.decode_sms, true, 0.010, 0.018);
         }
-        assert_eq!(plain.split(&prefill, &decode, 0.2), before);
+        assert_eq!(plain.split(&prefill, &decode, 0.2, 0), before);
     }
 
     #[test]
@@ -320,7 +358,7 @@ mod tests {
         let cost = llama8b_h200();
         let with_target = |target: f64| {
             let config = ControllerConfig { decode_target_s: Some(target), ..ControllerConfig::default() };
-            Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.2)
+            Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.2, 0)
         };
         let decode_at = |sms: u32| cost.seconds_beside(&decode, sms, Some((&prefill, 132 - sms)));
         for target in [0.012, 0.02, 0.04] {
@@ -334,13 +372,52 @@ mod tests {
         assert_eq!(with_target(1e-4).decode_sms, 128);
         // Above the KV threshold decode is protected by its slack, target or not.
         let config = ControllerConfig { decode_target_s: Some(0.04), ..ControllerConfig::default() };
-        let high = Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.9);
+        let high = Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.9, 0);
         assert_eq!(
             high,
-            Controller::new(cost.clone(), ControllerConfig::default()).unwrap().split(&prefill, &decode, 0.9)
+            Controller::new(cost.clone(), ControllerConfig::default()).unwrap().split(&prefill, &decode, 0.9, 0)
         );
         let bad = ControllerConfig { decode_target_s: Some(-1.0), ..ControllerConfig::default() };
         assert!(Controller::new(cost, bad).is_err());
+    }
+
+    #[test]
+    fn a_backlog_loosens_the_decode_target_to_its_own() {
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
+        let target = |decode_target_s: f64| ControllerConfig {
+            decode_target_s: Some(decode_target_s),
+            hysteresis: 0,
+            ..ControllerConfig::default()
+        };
+        let backlog = BacklogTarget { tokens: 8192, decode_s: 0.04 };
+        let config = ControllerConfig { backlog_target: Some(backlog), ..target(0.012) };
+        let mut controller = Controller::new(llama8b_h200(), config).unwrap();
+        let alone = |config| Controller::new(llama8b_h200(), config).unwrap().split(&prefill, &decode, 0.2, 0);
+        // Fewer prompt tokens waiting than the backlog: the tight target; from it on, the loose
+        // one (fewer decode SMs); and back.
+        let tight = controller.split(&prefill, &decode, 0.2, 8191);
+        assert_eq!(tight, alone(target(0.012)));
+        let loose = controller.split(&prefill, &decode, 0.2, 8192);
+        assert_eq!(loose, alone(target(0.04)));
+        assert!(loose.decode_sms < tight.decode_sms, "{tight:?} then {loose:?}");
+        assert_eq!(controller.split(&prefill, &decode, 0.2, 100), tight);
+        // Decode protected (a full cache): the slack, backlog or not.
+        let protected = controller.split(&prefill, &decode, 0.9, 100_000);
+        let slack = ControllerConfig { hysteresis: 0, ..ControllerConfig::default() };
+        assert_eq!(protected, Controller::new(llama8b_h200(), slack).unwrap().split(&prefill, &decode, 0.9, 0));
+        // A backlog target needs a target below it.
+        let looser = |decode_s| ControllerConfig {
+            backlog_target: Some(BacklogTarget { tokens: 1, decode_s }),
+            ..target(0.012)
+        };
+        assert!(Controller::new(llama8b_h200(), looser(0.01)).is_err());
+        assert!(Controller::new(llama8b_h200(), looser(f64::NAN)).is_err());
+        let alone_backlog = ControllerConfig { decode_target_s: None, ..looser(0.02) };
+        assert!(Controller::new(llama8b_h200(), alone_backlog).is_err());
+        let no_tokens =
+            ControllerConfig { backlog_target: Some(BacklogTarget { tokens: 0, decode_s: 0.02 }), ..target(0.012) };
+        assert!(Controller::new(llama8b_h200(), no_tokens).is_err());
     }
 
     #[test]
@@ -348,13 +425,13 @@ mod tests {
         let config = ControllerConfig { hysteresis: 16, ..ControllerConfig::default() };
         let mut controller = Controller::new(llama8b_h200(), config).unwrap();
         let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
-        let first = controller.split(&prefill, &IterationWork::of(StepKind::Decode, [(1, 512)]), 0.2);
+        let first = controller.split(&prefill, &IterationWork::of(StepKind::Decode, [(1, 512)]), 0.2, 0);
         // A slightly larger decode batch would move the split by a step or two: it stays.
         let small = IterationWork::of(StepKind::Decode, (0..4).map(|_| (1, 512)));
-        assert_eq!(controller.split(&prefill, &small, 0.2).decode_sms, first.decode_sms);
+        assert_eq!(controller.split(&prefill, &small, 0.2, 0).decode_sms, first.decode_sms);
         // Past the KV threshold the protected phase changes and the split moves far.
         let big = IterationWork::of(StepKind::Decode, (0..128).map(|_| (1, 4096)));
-        assert!(controller.split(&prefill, &big, 0.95).decode_sms > first.decode_sms + 16);
+        assert!(controller.split(&prefill, &big, 0.95, 0).decode_sms > first.decode_sms + 16);
     }
 
     #[test]
@@ -365,21 +442,21 @@ mod tests {
         let prefill = IterationWork::of(StepKind::Prefill, [(2048, 0)]);
         let decode = |batch: usize| IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, 2048)));
         let mut controller = Controller::new(llama8b_h200(), config).unwrap();
-        let first = controller.split(&prefill, &decode(8), 0.2);
+        let first = controller.split(&prefill, &decode(8), 0.2, 0);
         assert!(first.decode_s <= target, "{first:?}");
         // The smallest batch that no longer fits the target on those SMs: the fewest that meet it
         // are one grid step more, inside the hysteresis, and the split still moves there.
         let fresh = |batch: usize| {
-            Controller::new(llama8b_h200(), config).unwrap().split(&prefill, &decode(batch), 0.2).decode_sms
+            Controller::new(llama8b_h200(), config).unwrap().split(&prefill, &decode(batch), 0.2, 0).decode_sms
         };
         let batch = (9..512).find(|&b| fresh(b) > first.decode_sms).unwrap();
         let needed = fresh(batch);
         assert_eq!(needed, first.decode_sms + config.grid, "batch {batch}");
-        let moved = controller.split(&prefill, &decode(batch), 0.2);
+        let moved = controller.split(&prefill, &decode(batch), 0.2, 0);
         assert_eq!(moved.decode_sms, needed, "{first:?} then {moved:?}");
         assert!(moved.decode_s <= target, "{moved:?}");
         // Back to the small batch: one step fewer would meet the target, and the split stays.
-        assert_eq!(controller.split(&prefill, &decode(8), 0.2).decode_sms, needed);
+        assert_eq!(controller.split(&prefill, &decode(8), 0.2, 0).decode_sms, needed);
     }
 
     #[test]

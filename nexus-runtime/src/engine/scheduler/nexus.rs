@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::controller::Controller;
 use super::{
-    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, preempt_if_stuck, schedule_decodes,
-    schedule_prompts,
+    Lane, LanePlan, Plan, PromptOrder, Scheduler, SchedulerConfig, SchedulerView, SeqState, preempt_if_stuck,
+    schedule_decodes, schedule_prompts,
 };
 use crate::engine::cost_model::IterationWork;
 use crate::engine::kv_cache::{BlockManager, SeqId};
@@ -161,16 +161,18 @@ impl NexusScheduler {
 
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
     /// lanes' latest iterations (planned now or in flight), the decode work joined by the
-    /// sequences `waiting` for the decode iteration in flight, `(1, cached)` each.
+    /// sequences `waiting` for the decode iteration in flight, `(1, cached)` each, with
+    /// `prompts_waiting` prompt tokens in no iteration.
     fn prefill_share(
         &mut self,
         sms: u32,
         blocks: &BlockManager,
         waiting: impl IntoIterator<Item = (usize, usize)>,
+        prompts_waiting: usize,
     ) -> u32 {
         let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
         let decode = self.last_decode.with(waiting);
-        sms - controller.split(&self.last_prefill, &decode, blocks.usage()).decode_sms
+        sms - controller.split(&self.last_prefill, &decode, blocks.usage(), prompts_waiting).decode_sms
     }
 
     /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
@@ -219,6 +221,10 @@ impl Scheduler for NexusScheduler {
         let mut plan = Plan::default();
         let mut free = blocks.num_free_blocks();
         let mut alive = view.idle.to_vec();
+        // The prompt tokens waiting: the rest of the started prompts and the new ones.
+        let prompt_tokens = |alive: &[SeqState]| -> usize {
+            alive.iter().filter(|s| s.uncached > 1).chain(view.waiting).map(|s| s.uncached).sum()
+        };
         // A lane plans only if the other's iteration in flight leaves it SMs.
         let mut decodes = Vec::new();
         if decode_busy.is_none() && prefill_busy.is_none_or(|b| b < sms) {
@@ -230,10 +236,8 @@ impl Scheduler for NexusScheduler {
         if prefill_busy.is_none() && decode_busy.is_none_or(|b| b < sms) {
             let max = self.config.max_num_batched_tokens;
             loop {
-                // The prompt tokens waiting: the rest of the started prompts and the new ones.
-                let prompt_tokens =
-                    || alive.iter().filter(|s| s.uncached > 1).chain(view.waiting).map(|s| s.uncached).sum();
-                let mut budget = self.split.prefill_tokens.map_or(max, |t| t.limit(prompt_tokens).min(max));
+                let waiting = || prompt_tokens(&alive);
+                let mut budget = self.split.prefill_tokens.map_or(max, |t| t.limit(waiting).min(max));
                 let room = self.config.max_num_seqs.saturating_sub(view.num_running - plan.preempted.len());
                 let admit = plan.preempted.is_empty();
                 let order = PromptOrder::ShortestFirst { aging: self.split.prefill_aging };
@@ -265,7 +269,8 @@ impl Scheduler for NexusScheduler {
             // Beside a prefill iteration planned while a decode one is in flight, the next decode
             // iteration also takes the idle sequences waiting for it (prompts just done).
             let waiting = alive.iter().filter(|s| decode_busy.is_some() && s.uncached == 1);
-            self.prefill_share(sms, blocks, waiting.map(|s| (1, cached(s.id))))
+            let prompts_waiting = prompt_tokens(view.idle);
+            self.prefill_share(sms, blocks, waiting.map(|s| (1, cached(s.id))), prompts_waiting)
         } else {
             sms
         };
@@ -433,6 +438,41 @@ mod tests {
         observed.observe(Lane::Prefill, Duration::from_secs(100));
         observed.observe(Lane::Prefill, Duration::from_secs(100));
         assert_eq!(plan(&mut observed, &decoding, &[None, None]), plan(&mut sched, &decoding, &[None, None]));
+    }
+
+    #[test]
+    fn a_backlog_of_prompts_gives_prefill_the_looser_targets_sms() {
+        use crate::engine::cost_model::tests::llama8b_h200;
+        use crate::engine::scheduler::controller::{BacklogTarget, Controller, ControllerConfig};
+        let config = ControllerConfig {
+            decode_target_s: Some(0.012),
+            backlog_target: Some(BacklogTarget { tokens: 8192, decode_s: 0.04 }),
+            hysteresis: 0,
+            ..ControllerConfig::default()
+        };
+        let controller = Controller::new(llama8b_h200(), config).unwrap();
+        let sched = nexus(64).with_controller(controller, 132).unwrap();
+        let mut blocks = BlockManager::new(64 * 130 * 4, 16).unwrap();
+        for id in 0..32 {
+            blocks.append(id, 2048).unwrap();
+        }
+        let idle: Vec<SeqState> = (0..32).map(|id| s(id, 1)).collect();
+        let decode_sms = |waiting: &[SeqState]| {
+            let view = SchedulerView {
+                idle: &idle,
+                waiting,
+                num_running: 32,
+                blocks: &blocks,
+                sm_count: 132,
+                busy: &[None, None],
+            };
+            let plan = sched.clone().plan(&view);
+            assert_eq!(plan.lanes.len(), 2);
+            plan.lanes[0].budget
+        };
+        // 4000 prompt tokens wait: the tight target; 4000 and 6000: a backlog, the loose one.
+        let (short, backlog) = (decode_sms(&[s(100, 4000)]), decode_sms(&[s(100, 4000), s(101, 6000)]));
+        assert!(backlog < short, "decode SMs: {short} without a backlog, {backlog} with one");
     }
 
     #[test]

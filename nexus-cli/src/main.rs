@@ -299,6 +299,11 @@ struct EngineArgs {
     /// then, which the controller's calibration learns in a run.
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 1.0], requires = "simulate")]
     simulated_beside: Vec<f64>,
+    /// With --simulate: a device whose kernels read their CTA budget as they start, so that the
+    /// nexus schedule moves the split of a step in flight too (at once here; the CUDA backend
+    /// cannot: its budgets are launch arguments).
+    #[arg(long, requires = "simulate")]
+    simulated_resize: bool,
     /// With the controller: prefill is protected while less than this fraction of the KV cache is
     /// in use, decode above it.
     #[arg(long, default_value_t = ControllerConfig::default().kv_threshold)]
@@ -544,7 +549,13 @@ impl EngineArgs {
         let [prefill_beside, decode_beside] = self.simulated_beside[..] else {
             bail!("--simulated-beside takes two factors: PREFILL,DECODE");
         };
-        let simulation = Simulation { prefill_launch: prefill, decode_launch: decode, prefill_beside, decode_beside };
+        let simulation = Simulation {
+            prefill_launch: prefill,
+            decode_launch: decode,
+            prefill_beside,
+            decode_beside,
+            resize_in_flight: self.simulated_resize,
+        };
         let backend = SimulatedBackend::new(saved.cost_model, &saved.device, simulation)?;
         eprintln!(
             "simulating {} ({} SMs) from {}: no computation, each iteration takes what the profile predicts",

@@ -1,5 +1,6 @@
 //! A test backend: the CPU backend with iterations that finish in a random order, a ledger that
-//! checks what phases have in flight, and optionally NaN logits for chosen tokens.
+//! checks what phases have in flight, optionally budgets that change in flight, and optionally NaN
+//! logits for chosen tokens.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +20,8 @@ pub struct Chaos {
     state: Mutex<Ledger>,
     /// Logit rows of this token come out NaN, as from a model whose activations overflowed.
     poison: Option<u32>,
+    /// Steps in flight take new budgets ([`Backend::resize_in_flight`]).
+    resizable: bool,
 }
 
 pub struct Ledger {
@@ -40,7 +43,12 @@ impl Chaos {
     pub fn new(seed: u64) -> Self {
         let ledger =
             Ledger { coin: StdRng::seed_from_u64(seed), next_phase: 0, in_flight: HashMap::new(), violations: vec![] };
-        Chaos { state: Mutex::new(ledger), poison: None }
+        Chaos { state: Mutex::new(ledger), poison: None, resizable: false }
+    }
+
+    /// Like [`Chaos::new`], and steps in flight take new budgets.
+    pub fn resizing(seed: u64) -> Self {
+        Chaos { resizable: true, ..Chaos::new(seed) }
     }
 
     /// Like [`Chaos::new`], and the logits of a row whose token is `token` are NaN.
@@ -95,6 +103,28 @@ impl Backend for Chaos {
 
     fn alloc_kv_pool(&self, layout: PagedKvLayout) -> Result<CpuKvPool> {
         CpuBackend.alloc_kv_pool(layout)
+    }
+
+    fn resizes_in_flight(&self) -> bool {
+        self.resizable
+    }
+
+    /// Checks the new budget against the other steps in flight, as a launch's.
+    fn resize_in_flight(&self, phase: &ChaosPhase, sms: u32) -> Result<()> {
+        if !self.resizable {
+            return CpuBackend.resize_in_flight(&phase.cpu, sms);
+        }
+        let mut ledger = self.ledger();
+        let others: u32 = ledger.in_flight.iter().filter(|(id, _)| **id != phase.id).map(|(_, (b, _))| b).sum();
+        if others + sms > CPU_SM_COUNT {
+            let v = format!("resized to {sms} SMs with {others} in flight");
+            ledger.violations.push(v);
+        }
+        match ledger.in_flight.get_mut(&phase.id) {
+            Some(mine) => mine.0 = sms,
+            None => ledger.violations.push("resized a phase with nothing in flight".into()),
+        }
+        Ok(())
     }
 
     /// A step starts: checks it against every other step in flight.

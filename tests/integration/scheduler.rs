@@ -39,6 +39,7 @@ proptest! {
             blocks: &blocks,
             sm_count: 132,
             busy: &[None],
+            resizable: false,
         };
         let plan = ChunkedScheduler::new(config).unwrap().plan(&view);
         prop_assert!(plan.lanes.len() <= 1);
@@ -98,6 +99,7 @@ fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, a
             blocks: &blocks,
             sm_count: 132,
             busy: &[None, None],
+            resizable: false,
         };
         let plan = sched.plan(&view);
         for id in &plan.admitted {

@@ -1,10 +1,11 @@
 //! The two-lane invariants of the engine, on random workloads: requests arriving and aborted at
 //! random moments, a cache small enough to preempt, and lanes whose iterations finish in a random
 //! order (a backend that wraps the CPU one and says an iteration is done only when a seeded coin
-//! says so). Whatever happens, the budgets of the iterations in flight never add up to more than
-//! the SM count, a sequence is never in two iterations at once (no two iterations in flight touch
-//! the same KV block), every request that is not aborted gets exactly its tokens, aborted ones
-//! get no more events, and at the end no block is owned or leaked.
+//! says so), with budgets fixed at launch or changed in flight. Whatever happens, the budgets of
+//! the iterations in flight never add up to more than the SM count, a sequence is never in two
+//! iterations at once (no two iterations in flight touch the same KV block), every request that
+//! is not aborted gets exactly its tokens, aborted ones get no more events, and at the end no
+//! block is owned or leaked.
 
 use nexus::runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, RequestOptions, Schedule};
@@ -48,8 +49,9 @@ proptest! {
         max_num_batched_tokens in 8usize..96,
         prefill_tokens in prop::option::of((1usize..64, prop::option::of(1usize..64))),
         seed in any::<u64>(),
+        resizable in any::<bool>(),
     ) {
-        let backend = Chaos::new(seed);
+        let backend = if resizable { Chaos::resizing(seed) } else { Chaos::new(seed) };
         let model = LlamaModel::random(&backend, &tiny_config(), 3).unwrap();
         // A backlog limit, when drawn, above the plain one.
         let prefill_tokens =

@@ -159,7 +159,7 @@ pub struct EngineConfig {
 pub struct Iteration {
     pub lane: Lane,
     pub kind: StepKind,
-    /// Its CTA budget, in SMs.
+    /// Its CTA budget, in SMs (the last one, on a backend that resized it in flight).
     pub budget: u32,
     /// Sequences it advanced, and their new tokens (query rows).
     pub seqs: usize,
@@ -535,8 +535,10 @@ impl<B: Backend> Engine<B> {
             blocks: &self.blocks,
             sm_count: self.backend.sm_count(),
             busy: &busy,
+            resizable: self.backend.resizes_in_flight(),
         };
         let plan = self.scheduler.plan(&view);
+        self.resize(&plan.resized)?;
 
         // Preempted sequences go back to the front of the queue, oldest first: the plan lists them
         // newest first, and each goes in front of the one before.
@@ -575,6 +577,37 @@ impl<B: Backend> Engine<B> {
             Some(e) => Err(e),
             None => Ok(failures),
         }
+    }
+
+    /// Gives the lanes' iterations in flight the budgets `resized` says, shrinking ones first,
+    /// checking that the budgets in flight never add up to more than the SMs.
+    fn resize(&mut self, resized: &[(Lane, u32)]) -> Result<()> {
+        let sm_count = self.backend.sm_count();
+        let mut order: Vec<(usize, u32)> = Vec::with_capacity(resized.len());
+        for &(lane, sms) in resized {
+            let Some(index) = self.lanes.iter().position(|l| l.lane == lane && l.in_flight.is_some()) else {
+                return Err(Error::invalid(format!("the scheduler resized lane {}, which is idle", lane.name())));
+            };
+            order.push((index, sms));
+        }
+        let budget = |lanes: &[LaneSlot<B>], i: usize| lanes[i].in_flight.as_ref().map_or(0, |f| f.budget);
+        order.sort_by_key(|&(i, sms)| sms > budget(&self.lanes, i));
+        for (index, sms) in order {
+            let others: u32 = (0..self.lanes.len()).filter(|&i| i != index).map(|i| budget(&self.lanes, i)).sum();
+            if sms == 0 || others + sms > sm_count {
+                return Err(Error::invalid(format!(
+                    "the scheduler resized lane {} to {sms} SMs with {others} of {sm_count} in flight beside it",
+                    self.lanes[index].lane.name()
+                )));
+            }
+            let slot = &mut self.lanes[index];
+            self.backend.resize_in_flight(&slot.phase, sms)?;
+            if let Some(flight) = slot.in_flight.as_mut() {
+                flight.budget = sms;
+            }
+            slot.budget = sms;
+        }
+        Ok(())
     }
 
     /// Builds `plan`'s step (its sequences' slots taken, the sequences in flight), checking that

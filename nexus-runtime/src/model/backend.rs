@@ -222,6 +222,18 @@ pub trait Backend {
     fn set_budget(&self, phase: &mut Self::Phase, sms: u32) -> Result<()>;
     /// Waits until everything every phase launched is done.
     fn synchronize(&self) -> Result<()>;
+    /// Whether a step in flight can take a new budget ([`Backend::resize_in_flight`]). None can
+    /// by default: a kernel's budget is its launch argument, fixed when the host enqueues it,
+    /// well before it runs.
+    fn resizes_in_flight(&self) -> bool {
+        false
+    }
+    /// Gives `phase`'s step in flight a budget of `sms` (1 ..= [`Backend::sm_count`]) from its
+    /// next kernel on, where [`Backend::resizes_in_flight`] says it can; fails elsewhere.
+    fn resize_in_flight(&self, phase: &Self::Phase, sms: u32) -> Result<()> {
+        let _ = (phase, sms);
+        Err(Error::invalid("this backend cannot change the budget of a step in flight"))
+    }
 
     /// Stores a weight; like the two calls below, what it makes is ready for every phase when it
     /// returns.

@@ -12,7 +12,10 @@
 //! the GPU taken from the engine thread after each step starts, as a real launch takes it while
 //! the first kernels already run ([`Simulation`]). A step beside the other lane's may also be
 //! made slower than the cost model says, by a factor per kind: what a profile misses in a run
-//! (the controller then has something to learn, as on the GPU).
+//! (the controller then has something to learn, as on the GPU). And the device may let a step in
+//! flight take a new budget at once ([`Backend::resize_in_flight`]), as one whose kernels read
+//! their budget when they start would from its next kernel: what such kernels would be worth
+//! to the schedulers, before they exist.
 //!
 //! ```
 //! use nexus_runtime::engine::cost_model::IterationWork;
@@ -145,6 +148,15 @@ impl Clock {
         id
     }
 
+    /// Gives `phase`'s step in flight `budget` SMs from `now` on (the clock already moved to
+    /// it); false when the phase has none in flight.
+    fn resize(&mut self, phase: usize, budget: u32, cost: &Priced) -> bool {
+        let Some(step) = self.running.iter_mut().find(|r| r.phase == phase) else { return false };
+        step.budget = budget;
+        self.reprice(cost);
+        true
+    }
+
     /// Prices every step in flight beside the others' (at most one other: one step per phase,
     /// two phases at once).
     fn reprice(&mut self, cost: &Priced) {
@@ -168,6 +180,8 @@ pub struct Simulation {
     /// Factors (at least 1) on a step's time while the other lane's runs beside it.
     pub prefill_beside: f64,
     pub decode_beside: f64,
+    /// Whether a step in flight may take a new budget ([`Backend::resize_in_flight`]).
+    pub resize_in_flight: bool,
 }
 
 impl Default for Simulation {
@@ -178,6 +192,7 @@ impl Default for Simulation {
             decode_launch: Duration::ZERO,
             prefill_beside: 1.0,
             decode_beside: 1.0,
+            resize_in_flight: false,
         }
     }
 }
@@ -288,6 +303,26 @@ impl Backend for SimulatedBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.wait_for(|_| true);
+        Ok(())
+    }
+
+    fn resizes_in_flight(&self) -> bool {
+        self.priced.simulation.resize_in_flight
+    }
+
+    fn resize_in_flight(&self, phase: &SimulatedPhase, sms: u32) -> Result<()> {
+        if !self.resizes_in_flight() {
+            return Err(Error::invalid("this simulated device keeps a step's budget until it ends"));
+        }
+        if sms == 0 || sms > self.priced.cost.sm_count {
+            return Err(Error::invalid(format!(
+                "budget {sms} is not between 1 and the {} SMs",
+                self.priced.cost.sm_count
+            )));
+        }
+        if !self.now().resize(phase.id, sms, &self.priced) {
+            return Err(Error::invalid("no step in flight in this phase to resize"));
+        }
         Ok(())
     }
 
@@ -479,6 +514,22 @@ mod tests {
     }
 
     #[test]
+    fn a_step_resized_halfway_runs_its_second_half_at_the_new_budget() {
+        let cost = priced(1.0, 1.0);
+        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
+        let (small, large) = (cost.seconds(&prefill, 64, None), cost.seconds(&prefill, 128, None));
+        assert!(large < small);
+        let t0 = Instant::now();
+        let mut clock = Clock::default();
+        let id = clock.launch(1, prefill, 64, t0, &cost);
+        let half = t0 + Duration::from_secs_f64(small / 2.0);
+        assert!(clock.advance(half, &cost).is_empty());
+        assert!(clock.resize(1, 128, &cost) && !clock.resize(2, 128, &cost));
+        assert!(close(clock.running[0].finish(), half + Duration::from_secs_f64(large / 2.0)));
+        assert_eq!(clock.advance(half + Duration::from_secs_f64(large), &cost), vec![id]);
+    }
+
+    #[test]
     fn steps_that_end_before_now_end_in_their_order() {
         let cost = priced(1.0, 1.0);
         let short = IterationWork::of(StepKind::Decode, [(1, 128)]);
@@ -525,5 +576,16 @@ mod tests {
         assert!(start.elapsed() >= predicted, "{:?} < {predicted:?}", start.elapsed());
         assert_eq!(logits, HostLogits::Full(HostTensor { shape: vec![2, 10], data: vec![0.0; 20] }));
         assert!(backend.time_ops(&phase, true).is_err());
+        // This device keeps budgets; one that resizes refuses a phase with nothing in flight.
+        assert!(!backend.resizes_in_flight() && backend.resize_in_flight(&phase, 32).is_err());
+        let resizing = Simulation { resize_in_flight: true, ..Simulation::default() };
+        let backend = SimulatedBackend::new(llama8b_h200(), "NVIDIA H200", resizing).unwrap();
+        let phase = backend.new_phase().unwrap();
+        assert!(backend.resizes_in_flight() && backend.resize_in_flight(&phase, 32).is_err());
+        backend.prepare(&phase, &input).unwrap();
+        let pending = backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Argmax).unwrap();
+        assert!(backend.resize_in_flight(&phase, 133).is_err());
+        backend.resize_in_flight(&phase, 32).unwrap();
+        assert_eq!(backend.take_logits(&phase, pending).unwrap(), HostLogits::Argmax(vec![0, 0]));
     }
 }

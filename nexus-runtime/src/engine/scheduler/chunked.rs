@@ -84,8 +84,15 @@ mod tests {
     }
 
     fn plan(sched: &mut ChunkedScheduler, running: &[SeqState], waiting: &[SeqState], blocks: &BlockManager) -> Plan {
-        let view =
-            SchedulerView { idle: running, waiting, num_running: running.len(), blocks, sm_count: 132, busy: &[None] };
+        let view = SchedulerView {
+            idle: running,
+            waiting,
+            num_running: running.len(),
+            blocks,
+            sm_count: 132,
+            busy: &[None],
+            resizable: false,
+        };
         sched.plan(&view)
     }
 
@@ -115,6 +122,7 @@ mod tests {
             blocks: &blocks,
             sm_count: 132,
             busy: &[Some(132)],
+            resizable: false,
         };
         assert_eq!(sched.plan(&view), Plan::default());
     }

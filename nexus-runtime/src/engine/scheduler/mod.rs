@@ -105,6 +105,9 @@ pub struct SchedulerView<'a> {
     /// Each of the scheduler's lanes ([`Scheduler::lanes`], same order): the budget of its
     /// iteration in flight, or `None` when it is idle.
     pub busy: &'a [Option<u32>],
+    /// Whether the backend can give an iteration in flight a new budget
+    /// ([`Backend::resize_in_flight`](crate::model::backend::Backend::resize_in_flight)).
+    pub resizable: bool,
 }
 
 impl SchedulerView<'_> {
@@ -146,6 +149,9 @@ pub struct Plan {
     pub admitted: Vec<SeqId>,
     /// Iterations to launch, in the order to launch them.
     pub lanes: Vec<LanePlan>,
+    /// Lanes whose iteration in flight takes a new budget before those launch (only when the
+    /// view says the backend can); with the launches, the budgets add up to at most the SMs.
+    pub resized: Vec<(Lane, u32)>,
 }
 
 /// Plans the iterations of an engine's lanes.

@@ -225,15 +225,17 @@ impl Scheduler for NexusScheduler {
         let prompt_tokens = |alive: &[SeqState]| -> usize {
             alive.iter().filter(|s| s.uncached > 1).chain(view.waiting).map(|s| s.uncached).sum()
         };
-        // A lane plans only if the other's iteration in flight leaves it SMs.
+        // A lane plans only if the other's iteration in flight leaves it SMs, or can give some
+        // back.
+        let room = |other: Option<u32>| view.resizable || other.is_none_or(|b| b < sms);
         let mut decodes = Vec::new();
-        if decode_busy.is_none() && prefill_busy.is_none_or(|b| b < sms) {
+        if decode_busy.is_none() && room(prefill_busy) {
             let mut budget = self.config.max_num_batched_tokens;
             decodes = schedule_decodes(&mut alive, &mut budget, &mut free, blocks, &mut plan.preempted);
         }
         let decode_active = decode_busy.is_some() || !decodes.is_empty();
         let mut prompts = Vec::new();
-        if prefill_busy.is_none() && decode_busy.is_none_or(|b| b < sms) {
+        if prefill_busy.is_none() && room(decode_busy) {
             let max = self.config.max_num_batched_tokens;
             loop {
                 let waiting = || prompt_tokens(&alive);
@@ -284,6 +286,26 @@ impl Scheduler for NexusScheduler {
             let wanted = if decode_active { share } else { sms };
             prefill_budget = Some(wanted.min(sms - decode_budget.unwrap_or(0)));
         }
+        // A backend that resizes iterations in flight gives both lanes the split when one of them
+        // starts an iteration, and every SM to a lane in flight when the other has no work.
+        let launching = !decodes.is_empty() || !prompts.is_empty();
+        if view.resizable && (launching || decode_active != prefill_active) {
+            let (decode_sms, prefill_sms) =
+                if decode_active && prefill_active { (sms - share, share) } else { (sms, sms) };
+            for (lane, busy, budget, target) in [
+                (Lane::Decode, decode_busy, &mut decode_budget, decode_sms),
+                (Lane::Prefill, prefill_busy, &mut prefill_budget, prefill_sms),
+            ] {
+                if budget.is_some() {
+                    *budget = Some(target);
+                }
+                if busy.is_some_and(|b| b != target) {
+                    plan.resized.push((lane, target));
+                    // Its time no longer says what the model predicted for one budget.
+                    self.in_flight[lane_index(lane)] = None;
+                }
+            }
+        }
         let lanes = [
             (Lane::Decode, StepKind::Decode, decodes, decode_budget, prefill_budget),
             (Lane::Prefill, StepKind::Prefill, prompts, prefill_budget, decode_budget),
@@ -326,7 +348,8 @@ mod tests {
         blocks.append(2, 4).unwrap(); // a prompt half done
         let sched = nexus(64);
         let view = |idle: &[SeqState], waiting: &[SeqState], busy: &[Option<u32>]| {
-            let view = SchedulerView { idle, waiting, num_running: 2, blocks: &blocks, sm_count: 132, busy };
+            let view =
+                SchedulerView { idle, waiting, num_running: 2, blocks: &blocks, sm_count: 132, busy, resizable: false };
             sched.clone().plan(&view)
         };
         let both = view(&[s(1, 1), s(2, 16)], &[s(3, 5)], &[None, None]);
@@ -348,6 +371,41 @@ mod tests {
         // A decode lane in flight at its share while prefill has nothing left: prefill waits for
         // nothing and decode's next iteration (planned later) takes every SM.
         assert_eq!(view(&[], &[], &[Some(68), None]), Plan::default());
+    }
+
+    #[test]
+    fn a_resizable_backend_gives_the_lane_in_flight_its_share_of_the_split() {
+        let mut blocks = BlockManager::new(100, 4).unwrap();
+        blocks.append(1, 7).unwrap(); // decoding
+        blocks.append(2, 4).unwrap(); // a prompt half done
+        let sched = nexus(64);
+        let plan = |idle: &[SeqState], busy: &[Option<u32>]| {
+            let view = SchedulerView {
+                idle,
+                waiting: &[],
+                num_running: 2,
+                blocks: &blocks,
+                sm_count: 132,
+                busy,
+                resizable: true,
+            };
+            sched.clone().plan(&view)
+        };
+        // A prefill in flight on every SM and a decode ready: decode starts on its share at once,
+        // and the prefill shrinks to its own.
+        let both = plan(&[s(1, 1)], &[None, Some(132)]);
+        assert_eq!(budgets(&both), vec![(Lane::Decode, 68)]);
+        assert_eq!(both.resized, vec![(Lane::Prefill, 64)]);
+        // A prefill in flight on its share with nothing to decode takes every SM; so does a decode.
+        let alone = plan(&[], &[None, Some(64)]);
+        assert!(alone.lanes.is_empty() && alone.resized == vec![(Lane::Prefill, 132)], "{alone:?}");
+        assert_eq!(plan(&[], &[Some(68), None]).resized, vec![(Lane::Decode, 132)]);
+        // A decode in flight on its share and a prompt to run: prefill starts on the rest.
+        let prompt = plan(&[s(2, 16)], &[Some(68), None]);
+        assert_eq!(budgets(&prompt), vec![(Lane::Prefill, 64)]);
+        assert!(prompt.resized.is_empty());
+        // Both in flight: nothing starts, nothing moves.
+        assert_eq!(plan(&[], &[Some(68), Some(64)]), Plan::default());
     }
 
     #[test]
@@ -374,6 +432,7 @@ mod tests {
                 blocks: &blocks,
                 sm_count: 132,
                 busy: &[None, None],
+                resizable: false,
             };
             budgets(&sched.clone().plan(&view))
         };
@@ -407,6 +466,7 @@ mod tests {
                 blocks: &blocks,
                 sm_count: 132,
                 busy,
+                resizable: false,
             };
             sched.plan(&view)
         };
@@ -465,6 +525,7 @@ mod tests {
                 blocks: &blocks,
                 sm_count: 132,
                 busy: &[None, None],
+                resizable: false,
             };
             let plan = sched.clone().plan(&view);
             assert_eq!(plan.lanes.len(), 2);
@@ -489,6 +550,7 @@ mod tests {
                 blocks: &blocks,
                 sm_count: 132,
                 busy: &[None, None],
+                resizable: false,
             };
             sched.plan(&view)
         };
@@ -530,6 +592,7 @@ mod tests {
             blocks: &blocks,
             sm_count: 132,
             busy: &[None, None],
+            resizable: false,
         };
         let plan = sched.plan(&view);
         assert_eq!(plan.preempted, vec![2], "the newest idle sequence gives its blocks to the decode");
@@ -546,6 +609,7 @@ mod tests {
             blocks: &blocks,
             sm_count: 132,
             busy: &[None, None],
+            resizable: false,
         };
         let plan = sched.plan(&view);
         assert_eq!(plan.preempted, vec![2]);

@@ -278,10 +278,11 @@ struct EngineArgs {
     #[arg(long)]
     profile: Option<PathBuf>,
     /// No device: simulate the GPU this profile (made by `nexus profile`) was made on. The model
-    /// computes nothing (every token is id 0) and each iteration takes what the profile's cost
-    /// model predicts for it, beside what the other lane runs meanwhile, in real time: a way to
-    /// try schedules and controller settings on a trace without the GPU. The profile must be of
-    /// --model; it may be of other kernels than this build's.
+    /// computes nothing (its logits are zeros: greedy sampling picks token 0) and each iteration
+    /// takes what the profile's cost model predicts for it, beside what the other lane runs
+    /// meanwhile, in real time: a way to try schedules and controller settings on a trace
+    /// without the GPU. The profile must be of --model; it may be of other kernels than this
+    /// build's.
     #[arg(long, value_name = "PROFILE")]
     simulate: Option<PathBuf>,
     /// With --simulate: the simulated GPU's memory in GiB (default: an H200's 143,771 MiB), of

@@ -6,8 +6,9 @@
 //! clients on the chunked and on the nexus schedule (the same greedy tokens; each lane's budget
 //! and iterations in `/metrics`), requests the engine fails (a model whose activations overflow
 //! into NaN on one token), graceful shutdown on SIGTERM and SIGINT, read timeouts and the
-//! connection limit, latency clocks from HTTP arrival, bad schedules, the API key, and `nexus
-//! bench --url` replaying a JSONL workload against the server.
+//! connection limit, latency clocks from HTTP arrival, bad schedules, the API key, `nexus
+//! bench --url` replaying a JSONL workload against the server, and a simulated H200
+//! (`--simulate`) serving synthetic Llama-3.1-8B with the controller.
 //!
 //! The same tests run on the GPU machine against the CUDA backend with
 //! `NEXUS_TEST_DEVICE=cuda`; there `NEXUS_BIN` names the staged `nexus` binary and
@@ -1122,4 +1123,55 @@ fn the_controlled_nexus_schedule_serves_every_feature() {
     assert!(decode % 64.0 == 0.0 || decode == 132.0, "decode budget {decode}");
     assert!(prefill > 0.0 && prefill <= 132.0, "prefill budget {prefill}");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_simulated_h200_serves_over_http_with_the_controller() {
+    // Where this test was built, else from the repo's root (on the GPU machine).
+    let committed = "bench-results/nexus-vs-chunked-h200/llama-3.1-8b-r11-profile.json";
+    let profile = [PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..").join(committed), PathBuf::from(committed)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{committed} is missing"));
+    let mut serve = nexus();
+    serve
+        .args(["serve", "--model", "synthetic:llama-3.1-8b", "--port", "0", "--schedule", "nexus"])
+        .args(["--decode-target-ms", "10..14", "--simulated-resize", "--simulate"])
+        .arg(&profile)
+        .stderr(Stdio::inherit());
+    let server = Server::spawn(serve);
+    // Four requests at once, greedy: each gets its tokens (token 0: the simulated logits are
+    // zeros), streamed or not.
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let base = server.base.clone();
+            std::thread::spawn(move || {
+                let prompt: Vec<u32> = (0..300 * (i + 1)).map(|t| 1000 + t).collect();
+                let body = json!({ "model": "synthetic:llama-3.1-8b", "prompt": prompt, "max_tokens": 6,
+                    "temperature": 0, "stream": i % 2 == 1, "return_token_ids": true });
+                let mut response = agent()
+                    .post(&format!("{base}/v1/completions"))
+                    .header("Content-Type", "application/json")
+                    .send(body.to_string())
+                    .expect("POST");
+                (response.status().as_u16(), response.body_mut().read_to_string().expect("body"))
+            })
+        })
+        .collect();
+    for (i, thread) in threads.into_iter().enumerate() {
+        let (status, text) = thread.join().expect("client");
+        assert_eq!(status, 200, "{text}");
+        if i % 2 == 1 {
+            assert!(text.contains("data: [DONE]"), "{text}");
+        } else {
+            let value: Value = serde_json::from_str(&text).expect("json");
+            assert_eq!(value["choices"][0]["token_ids"], json!([0, 0, 0, 0, 0, 0]), "{value}");
+            assert_eq!(value["choices"][0]["finish_reason"], "length");
+        }
+    }
+    let (status, metrics) = get(&server, "/metrics");
+    assert_eq!(status, 200);
+    let text = metrics.as_str().expect("Prometheus text");
+    assert!(text.contains("nexus_generation_tokens_total 24"), "{text}");
+    assert!(text.contains("nexus_lane_budget_sms"), "{text}");
 }

@@ -87,7 +87,9 @@ impl NexusConfig {
 /// work, prefill iterations run on [`NexusConfig::prefill_sms`] SMs and decode iterations on the
 /// rest; a lane with no work leaves every SM to the other. A lane starting an iteration never
 /// gets more than what the other lane's iteration in flight leaves, so the split is real: it
-/// waits instead. The decode lane runs every idle decoding sequence, oldest first (preempting
+/// waits instead, unless the backend can resize the iteration in flight
+/// ([`SchedulerView::resizable`]): then both take the split when one starts, and a lane in
+/// flight takes every SM when the other has no work. The decode lane runs every idle decoding sequence, oldest first (preempting
 /// the newest idle sequences when blocks run out); the prefill lane runs prompts, started or new,
 /// shortest remaining first with aging ([`NexusConfig::prefill_aging`]).
 #[derive(Clone, Debug)]

@@ -9,8 +9,10 @@
 //!   stop strings.
 //! - [`model`]: [`model::LlamaModel`] (Llama, Mistral, Qwen2, SmolLM) written once over
 //!   [`model::backend::Backend`], with a CPU backend on the kernels' references and
-//!   [`model::cuda::CudaBackend`] on the GPU kernels; a forward pass runs in a backend phase (a
-//!   stream and a CTA budget on the GPU), so that two run at once on disjoint SMs.
+//!   [`model::cuda::CudaBackend`] on the GPU kernels, and [`model::simulated::SimulatedBackend`],
+//!   which computes nothing and takes the time a GPU's profile predicts (schedules tried without
+//!   the GPU); a forward pass runs in a backend phase (a stream and a CTA budget on the GPU), so
+//!   that two run at once on disjoint SMs.
 //! - [`engine`]: continuous batching with preemption over a paged KV cache, driven by a
 //!   [`engine::scheduler::Scheduler`] — chunked prefill in one lane, or Nexus's prefill and
 //!   decode lanes at once — with sampling and text generation.

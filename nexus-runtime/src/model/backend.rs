@@ -229,7 +229,8 @@ pub trait Backend {
         false
     }
     /// Gives `phase`'s step in flight a budget of `sms` (1 ..= [`Backend::sm_count`]) from its
-    /// next kernel on, where [`Backend::resizes_in_flight`] says it can; fails elsewhere.
+    /// next kernel on, where [`Backend::resizes_in_flight`] says it can (a step that has ended,
+    /// seen or not, keeps what it had); fails elsewhere.
     fn resize_in_flight(&self, phase: &Self::Phase, sms: u32) -> Result<()> {
         let _ = (phase, sms);
         Err(Error::invalid("this backend cannot change the budget of a step in flight"))

@@ -541,11 +541,8 @@ impl EngineArgs {
         if saved.model != name {
             bail!("--simulate {} is a profile of {}, not of {name}", path.display(), saved.model);
         }
-        let launch = match self.simulated_launch_ms[..] {
-            [prefill, decode] => [prefill, decode].map(|ms| Duration::try_from_secs_f64(ms / 1e3).ok()),
-            _ => [None, None],
-        };
-        let [Some(prefill), Some(decode)] = launch else {
+        let launch = self.simulated_launch_ms.iter().map(|ms| Duration::try_from_secs_f64(ms / 1e3).ok());
+        let [Some(prefill), Some(decode)] = launch.collect::<Vec<_>>()[..] else {
             bail!("--simulated-launch-ms takes two numbers of milliseconds, at least 0: PREFILL,DECODE");
         };
         let [prefill_beside, decode_beside] = self.simulated_beside[..] else {
@@ -760,9 +757,8 @@ impl KvSizing {
                 Ok(((free as f64 - keep).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
             }
             KvSizing::Simulated(bytes) => {
-                let weights: usize =
-                    c.weight_shapes().iter().map(|(_, shape)| 2 * shape.iter().product::<usize>()).sum();
-                Ok(((bytes - weights as f64).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
+                let weights = 2.0 * c.num_parameters() as f64;
+                Ok(((bytes - weights).max(0.0) / gpu_bytes_per_block(c, block_size)) as usize)
             }
         }
     }

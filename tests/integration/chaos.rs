@@ -32,6 +32,13 @@ pub struct Ledger {
     pub violations: Vec<String>,
 }
 
+impl Ledger {
+    /// The SMs of the steps in flight in every phase but `phase`.
+    fn others(&self, phase: usize) -> u32 {
+        self.in_flight.iter().filter(|(id, _)| **id != phase).map(|(_, (budget, _))| budget).sum()
+    }
+}
+
 /// A phase of [`Chaos`]: the CPU phase and an id for the ledger.
 pub struct ChaosPhase {
     id: usize,
@@ -115,7 +122,7 @@ impl Backend for Chaos {
             return CpuBackend.resize_in_flight(&phase.cpu, sms);
         }
         let mut ledger = self.ledger();
-        let others: u32 = ledger.in_flight.iter().filter(|(id, _)| **id != phase.id).map(|(_, (b, _))| b).sum();
+        let others = ledger.others(phase.id);
         if others + sms > CPU_SM_COUNT {
             let v = format!("resized to {sms} SMs with {others} in flight");
             ledger.violations.push(v);
@@ -132,7 +139,7 @@ impl Backend for Chaos {
         let mut guard = self.ledger();
         let ledger = &mut *guard;
         let blocks: Vec<i32> = step.block_tables.iter().copied().filter(|&b| b >= 0).collect();
-        let others: u32 = ledger.in_flight.iter().filter(|(id, _)| **id != phase.id).map(|(_, (b, _))| b).sum();
+        let others = ledger.others(phase.id);
         if others + phase.cpu.budget > CPU_SM_COUNT {
             let v = format!("{} SMs launched with {others} in flight", phase.cpu.budget);
             ledger.violations.push(v);

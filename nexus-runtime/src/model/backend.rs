@@ -196,6 +196,14 @@ pub struct OpTime {
     pub seconds: f64,
 }
 
+/// Fails unless `sms` is a budget of a device of `sm_count` SMs (1 ..= `sm_count`).
+pub(crate) fn check_budget(sms: u32, sm_count: u32) -> Result<()> {
+    if sms == 0 || sms > sm_count {
+        return Err(Error::invalid(format!("budget {sms} is not between 1 and the {sm_count} SMs")));
+    }
+    Ok(())
+}
+
 /// What a model needs from a device.
 pub trait Backend {
     /// A stored weight.

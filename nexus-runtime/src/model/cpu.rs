@@ -11,7 +11,7 @@ use std::time::Instant;
 use nexus_kernels::reference::{self, GemmShape};
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, check_budget};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -93,9 +93,7 @@ impl Backend for CpuBackend {
     }
 
     fn set_budget(&self, phase: &mut CpuPhase, sms: u32) -> Result<()> {
-        if sms == 0 || sms > CPU_SM_COUNT {
-            return Err(Error::invalid(format!("budget {sms} is not between 1 and the {CPU_SM_COUNT} SMs")));
-        }
+        check_budget(sms, CPU_SM_COUNT)?;
         phase.budget = sms;
         Ok(())
     }

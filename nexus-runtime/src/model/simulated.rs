@@ -42,7 +42,7 @@ use std::time::{Duration, Instant};
 use nexus_kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 
 use crate::engine::cost_model::{CostModel, IterationWork};
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpTime, StepInput, StepKind};
+use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpTime, StepInput, StepKind, check_budget};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -291,12 +291,7 @@ impl Backend for SimulatedBackend {
     }
 
     fn set_budget(&self, phase: &mut SimulatedPhase, sms: u32) -> Result<()> {
-        if sms == 0 || sms > self.priced.cost.sm_count {
-            return Err(Error::invalid(format!(
-                "budget {sms} is not between 1 and the {} SMs",
-                self.priced.cost.sm_count
-            )));
-        }
+        check_budget(sms, self.priced.cost.sm_count)?;
         phase.budget = sms;
         Ok(())
     }
@@ -314,12 +309,7 @@ impl Backend for SimulatedBackend {
         if !self.resizes_in_flight() {
             return Err(Error::invalid("this simulated device keeps a step's budget until it ends"));
         }
-        if sms == 0 || sms > self.priced.cost.sm_count {
-            return Err(Error::invalid(format!(
-                "budget {sms} is not between 1 and the {} SMs",
-                self.priced.cost.sm_count
-            )));
-        }
+        check_budget(sms, self.priced.cost.sm_count)?;
         // A step may have ended on the device before the engine has seen it end: as on a GPU,
         // there is then nothing left to resize.
         self.now().resize(phase.id, sms, &self.priced);

@@ -169,6 +169,11 @@ impl ModelConfig {
             .filter_map(|name| self.weight_shape(name).map(|shape| (name, shape)))
             .collect()
     }
+
+    /// The number of weights of a model with this configuration (a tied embedding once).
+    pub fn num_parameters(&self) -> usize {
+        self.weight_shapes().iter().map(|(_, shape)| shape.iter().product::<usize>()).sum()
+    }
 }
 
 /// Which matrix of a layer.

@@ -71,8 +71,7 @@ mod tests {
         }
         // Parameter counts of the published models, as a check on the numbers (embeddings counted
         // once when tied).
-        let params =
-            |c: &ModelConfig| c.weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+        let params = |c: &ModelConfig| c.num_parameters();
         assert_eq!(params(&config("llama-3.1-8b").unwrap()), 8_030_261_248);
         assert_eq!(params(&config("qwen2.5-3b").unwrap()), 3_085_938_688);
         assert_eq!(params(&config("qwen2.5-14b").unwrap()), 14_770_033_664);

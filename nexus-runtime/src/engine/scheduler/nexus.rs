@@ -164,17 +164,17 @@ impl NexusScheduler {
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
     /// lanes' latest iterations (planned now or in flight), the decode work joined by the
     /// sequences `waiting` for the decode iteration in flight, `(1, cached)` each, with
-    /// `prompts_waiting` prompt tokens in no iteration.
+    /// `prompts_waiting()` prompt tokens in no iteration (counted only with a controller).
     fn prefill_share(
         &mut self,
         sms: u32,
         blocks: &BlockManager,
         waiting: impl IntoIterator<Item = (usize, usize)>,
-        prompts_waiting: usize,
+        prompts_waiting: impl FnOnce() -> usize,
     ) -> u32 {
         let Some(controller) = &mut self.controller else { return self.split.prefill_sms };
         let decode = self.last_decode.with(waiting);
-        sms - controller.split(&self.last_prefill, &decode, blocks.usage(), prompts_waiting).decode_sms
+        sms - controller.split(&self.last_prefill, &decode, blocks.usage(), prompts_waiting()).decode_sms
     }
 
     /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
@@ -229,15 +229,15 @@ impl Scheduler for NexusScheduler {
         };
         // A lane plans only if the other's iteration in flight leaves it SMs, or can give some
         // back.
-        let room = |other: Option<u32>| view.resizable || other.is_none_or(|b| b < sms);
+        let leaves_room = |other: Option<u32>| view.resizable || other.is_none_or(|b| b < sms);
         let mut decodes = Vec::new();
-        if decode_busy.is_none() && room(prefill_busy) {
+        if decode_busy.is_none() && leaves_room(prefill_busy) {
             let mut budget = self.config.max_num_batched_tokens;
             decodes = schedule_decodes(&mut alive, &mut budget, &mut free, blocks, &mut plan.preempted);
         }
         let decode_active = decode_busy.is_some() || !decodes.is_empty();
         let mut prompts = Vec::new();
-        if prefill_busy.is_none() && room(decode_busy) {
+        if prefill_busy.is_none() && leaves_room(decode_busy) {
             let max = self.config.max_num_batched_tokens;
             loop {
                 let waiting = || prompt_tokens(&alive);
@@ -273,8 +273,7 @@ impl Scheduler for NexusScheduler {
             // Beside a prefill iteration planned while a decode one is in flight, the next decode
             // iteration also takes the idle sequences waiting for it (prompts just done).
             let waiting = alive.iter().filter(|s| decode_busy.is_some() && s.uncached == 1);
-            let prompts_waiting = prompt_tokens(view.idle);
-            self.prefill_share(sms, blocks, waiting.map(|s| (1, cached(s.id))), prompts_waiting)
+            self.prefill_share(sms, blocks, waiting.map(|s| (1, cached(s.id))), || prompt_tokens(view.idle))
         } else {
             sms
         };

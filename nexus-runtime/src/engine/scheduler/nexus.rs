@@ -177,6 +177,17 @@ impl NexusScheduler {
         sms - controller.split(&self.last_prefill, &decode, blocks.usage(), prompts_waiting()).decode_sms
     }
 
+    /// Whether the latest prefill work ends sooner after the decode iteration in flight on
+    /// `decode_sms` of the `sms` (counted whole, as predicted when it started) and then on `share`
+    /// SMs than started now on the SMs it leaves (`false` without a controller's predictions).
+    fn waits_for_decode(&self, sms: u32, share: u32, decode_sms: u32) -> bool {
+        let Some(decode) = self.in_flight[lane_index(Lane::Decode)] else { return false };
+        let left = sms - decode_sms;
+        let now = self.predict(&self.last_prefill, left, Some(decode_sms));
+        let later = self.predict(&self.last_prefill, share, Some(sms - share));
+        now.zip(later).is_some_and(|(now, later)| now.as_secs_f64() > decode.seconds + later.as_secs_f64())
+    }
+
     /// The controller's prediction of an iteration doing `work` on `budget` SMs, next to the
     /// other lane's latest iteration on `other` SMs if that runs (`None` without a controller).
     fn predict(&self, work: &IterationWork, budget: u32, other: Option<u32>) -> Option<Duration> {
@@ -285,7 +296,17 @@ impl Scheduler for NexusScheduler {
         let mut prefill_budget = prefill_busy;
         if !prompts.is_empty() {
             let wanted = if decode_active { share } else { sms };
-            prefill_budget = Some(wanted.min(sms - decode_budget.unwrap_or(0)));
+            let left = wanted.min(sms - decode_budget.unwrap_or(0));
+            // A prefill iteration keeps its SMs for up to hundreds of milliseconds, so it does
+            // not start on the few that a decode iteration in flight leaves (one that had its
+            // SMs beside a short prompt) when waiting for that iteration and then starting on
+            // its share ends sooner.
+            if !view.resizable && left < share && decode_busy.is_some_and(|d| self.waits_for_decode(sms, share, d)) {
+                prompts.clear();
+                plan.admitted.clear();
+            } else {
+                prefill_budget = Some(left);
+            }
         }
         // A backend that resizes iterations in flight gives both lanes the split when one of them
         // starts an iteration, and every SM to a lane in flight when the other has no work.
@@ -502,12 +523,54 @@ mod tests {
     }
 
     #[test]
+    fn a_long_prompt_waits_for_a_decode_iteration_holding_its_share() {
+        use crate::engine::cost_model::tests::llama8b_h200;
+        use crate::engine::scheduler::controller::{Controller, ControllerConfig};
+        let config = ControllerConfig { decode_target_s: Some(0.012), hysteresis: 0, ..ControllerConfig::default() };
+        let controller = Controller::new(llama8b_h200(), config).unwrap();
+        let mut sched = nexus(64).with_controller(controller, 132).unwrap();
+        let mut blocks = BlockManager::new(64 * 130 * 4, 16).unwrap();
+        for id in 0..16 {
+            blocks.append(id, 2048).unwrap();
+        }
+        let decoding: Vec<SeqState> = (0..16).map(|id| s(id, 1)).collect();
+        let plan = |sched: &mut NexusScheduler, idle: &[SeqState], busy: &[Option<u32>]| {
+            let view = SchedulerView {
+                idle,
+                waiting: &[s(1000, 8192)],
+                num_running: 16,
+                blocks: &blocks,
+                sm_count: 132,
+                busy,
+                resizable: false,
+            };
+            sched.plan(&view)
+        };
+        // Both lanes start on the split; the prefill iteration is seen done first.
+        let both = plan(&mut sched, &decoding, &[None, None]);
+        let (decode_sms, prefill_sms) = (both.lanes[0].budget, both.lanes[1].budget);
+        assert_eq!(decode_sms + prefill_sms, 132);
+        sched.observe(Lane::Prefill, both.lanes[1].predicted.unwrap());
+        // The decode iteration in flight leaves prefill its share: the next prompt starts on it.
+        let next = plan(&mut sched.clone(), &[], &[Some(decode_sms), None]);
+        assert_eq!(budgets(&next), vec![(Lane::Prefill, prefill_sms)]);
+        assert_eq!(next.admitted, vec![1000]);
+        // It leaves 8 SMs: an 8k-token prompt there would take many decode iterations, so it
+        // waits for this one to end and admits nothing yet.
+        assert_eq!(plan(&mut sched.clone(), &[], &[Some(124), None]), Plan::default());
+        // Without a prediction of the decode iteration in flight there is nothing to weigh: it
+        // starts on what is left.
+        sched.in_flight = [None, None];
+        assert_eq!(budgets(&plan(&mut sched, &[], &[Some(124), None])), vec![(Lane::Prefill, 8)]);
+    }
+
+    #[test]
     fn a_backlog_of_prompts_gives_prefill_the_looser_targets_sms() {
         use crate::engine::cost_model::tests::llama8b_h200;
         use crate::engine::scheduler::controller::{BacklogTarget, Controller, ControllerConfig};
         let config = ControllerConfig {
             decode_target_s: Some(0.012),
-            backlog_target: Some(BacklogTarget { tokens: 8192, decode_s: 0.04 }),
+            backlog_target: Some(BacklogTarget { tokens: 8192, full_tokens: 8192, decode_s: 0.04 }),
             hysteresis: 0,
             ..ControllerConfig::default()
         };

@@ -269,18 +269,11 @@ impl Arm {
             Schedule::NexusControlled(control) => {
                 let ms = |s: f64| (s * 1e6).round() / 1e3;
                 let target = match (control.controller.decode_target_s, control.controller.backlog_target) {
-                    (Some(target), Some(backlog)) if backlog.full_tokens == backlog.tokens => format!(
+                    (Some(target), Some(backlog)) => format!(
                         ", {} ms target ({} ms with {} prompt tokens waiting)",
                         ms(target),
                         ms(backlog.decode_s),
                         backlog.tokens
-                    ),
-                    (Some(target), Some(backlog)) => format!(
-                        ", {} ms target (to {} ms from {} to {} prompt tokens waiting)",
-                        ms(target),
-                        ms(backlog.decode_s),
-                        backlog.tokens,
-                        backlog.full_tokens
                     ),
                     (Some(target), None) => format!(", {} ms target", ms(target)),
                     (None, _) => String::new(),

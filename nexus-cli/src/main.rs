@@ -327,10 +327,9 @@ struct EngineArgs {
     decode_target_ms: Vec<DecodeTargetMs>,
     /// With --decode-target-ms T..B: the prompt tokens waiting (in no iteration) from which B
     /// holds (default: the backlog limit of --prefill-tokens N..M, else
-    /// --max-num-batched-tokens). N..M: the target loosens from T at N tokens waiting in
-    /// proportion to the backlog, to B at M.
-    #[arg(long, value_parser = parse_backlog_tokens)]
-    backlog_tokens: Option<(usize, usize)>,
+    /// --max-num-batched-tokens).
+    #[arg(long)]
+    backlog_tokens: Option<usize>,
     /// With the controller: decide on the profile's predictions alone, as the paper does, instead
     /// of scaling them by what each lane's recent iterations measured against them.
     #[arg(long)]
@@ -387,21 +386,6 @@ fn parse_decode_target(value: &str) -> Result<DecodeTargetMs, String> {
         return Err(format!("{value}: the target with a backlog must be at least the one without"));
     }
     Ok(target)
-}
-
-fn parse_backlog_tokens(value: &str) -> Result<(usize, usize), String> {
-    let number = |n: &str| match n.trim().parse::<usize>() {
-        Ok(tokens) if tokens > 0 => Ok(tokens),
-        _ => Err(format!("{value}: give N or N..M, positive numbers of prompt tokens")),
-    };
-    let (tokens, full_tokens) = match value.split_once("..") {
-        Some((n, m)) => (number(n)?, number(m)?),
-        None => (number(value)?, number(value)?),
-    };
-    if full_tokens < tokens {
-        return Err(format!("{value}: the backlog must end (M) no sooner than it starts (N)"));
-    }
-    Ok((tokens, full_tokens))
 }
 
 /// The `--schedule` values.
@@ -505,12 +489,10 @@ impl EngineArgs {
         target: Option<DecodeTargetMs>,
         prefill_tokens: Option<PrefillTokens>,
     ) -> anyhow::Result<NexusControl> {
-        let (tokens, full_tokens) = self.backlog_tokens.unwrap_or_else(|| {
-            let tokens = prefill_tokens.and_then(|t| t.backlog).unwrap_or(self.max_num_batched_tokens);
-            (tokens, tokens)
-        });
+        let backlog_tokens =
+            self.backlog_tokens.or(prefill_tokens.and_then(|t| t.backlog)).unwrap_or(self.max_num_batched_tokens);
         let backlog_target =
-            target.and_then(|t| t.backlog_ms).map(|ms| BacklogTarget { tokens, full_tokens, decode_s: ms / 1e3 });
+            target.and_then(|t| t.backlog_ms).map(|ms| BacklogTarget { tokens: backlog_tokens, decode_s: ms / 1e3 });
         let controller = ControllerConfig {
             kv_threshold: self.kv_threshold,
             decode_slack: self.decode_slack,

@@ -236,8 +236,6 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--schedule", "nexus", "--decode-target-ms", "10..5"][..], "at least the one without"),
         (&["--simulated-beside", "1,1.2"][..], "--simulate"),
         (&["--schedule", "nexus", "--decode-target-ms", "10", "--backlog-tokens", "9000"][..], "T..B"),
-        (&["--schedule", "nexus", "--decode-target-ms", "10..14", "--backlog-tokens", "9000..8000"][..], "no sooner"),
-        (&["--schedule", "nexus", "--decode-target-ms", "10..14", "--backlog-tokens", "0..8000"][..], "give N or N..M"),
         (&["--simulate", "/nonexistent/profile.json"][..], "/nonexistent/profile.json"),
         (&["--slo-scale", "5", "--slo-ttft-ms", "100", "--slo-tbt-ms", "10"][..], "cannot be used with"),
     ] {
@@ -264,22 +262,13 @@ fn a_simulated_h200_runs_both_schedules_from_a_committed_profile() {
             .output()
             .expect("run nexus bench")
     };
-    let flags = [
-        "--schedule",
-        "chunked,nexus",
-        "--decode-target-ms",
-        "10..14",
-        "--backlog-tokens",
-        "4096..16384",
-        "--prefill-tokens",
-        "2048..8192",
-    ];
+    let flags = ["--schedule", "chunked,nexus", "--decode-target-ms", "10..14", "--prefill-tokens", "2048..8192"];
     let out = run("synthetic:llama-3.1-8b", &[&flags[..], &["--simulated-beside", "1.1,1.2"]].concat());
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "nexus bench failed: {stderr}");
     assert!(stderr.contains("simulating NVIDIA H200 (132 SMs)"), "{stderr}");
-    let nexus = "nexus controlled, 10 ms target (to 14 ms from 4096 to 16384 prompt tokens waiting), prefill 2048 \
-                 tokens, 8192 with a backlog";
+    let nexus = "nexus controlled, 10 ms target (14 ms with 8192 prompt tokens waiting), prefill 2048 tokens, 8192 \
+                 with a backlog";
     for row in
         ["| chunked | 20 | mixed |", &format!("| {nexus} | 20 | prefill |"), &format!("| {nexus} | 20 | decode |")]
     {

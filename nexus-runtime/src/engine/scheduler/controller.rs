@@ -16,8 +16,7 @@
 //! between tokens) stays within the target, and prefill the rest, so that prompts get every SM
 //! that the objective on the time between tokens leaves them. A second, looser target may hold
 //! while prompts back up ([`BacklogTarget`]): the time between tokens stays at the tight one
-//! while prefill keeps up, and prefill gets the SMs of the loose one when it does not (at once
-//! past a number of prompt tokens waiting, or loosening by degrees as they add up).
+//! while prefill keeps up, and prefill gets the SMs of the loose one when it does not.
 //!
 //! The controller also learns from what the lanes measure ([`Controller::observe`]): the cost
 //! model is fitted on operators timed one by one and on whole steps at a few shapes, and misses a
@@ -86,17 +85,11 @@ impl ControllerConfig {
             let Some(target) = self.decode_target_s else {
                 return Err(Error::invalid("a decode target for a backlog needs a decode target for without one"));
             };
-            if !(backlog.decode_s.is_finite() && backlog.decode_s >= target) {
+            if !(backlog.decode_s.is_finite() && backlog.decode_s >= target && backlog.tokens > 0) {
                 return Err(Error::invalid(format!(
-                    "the decode target with a backlog ({} s) must be at least the one without ({target} s)",
+                    "the decode target with a backlog ({} s) must be at least the one without ({target} s), and the \
+                     backlog at least one token",
                     backlog.decode_s
-                )));
-            }
-            if backlog.tokens == 0 || backlog.full_tokens < backlog.tokens {
-                return Err(Error::invalid(format!(
-                    "a backlog starts at one prompt token at least and is full no sooner than it starts (from {} to \
-                     {} tokens)",
-                    backlog.tokens, backlog.full_tokens
                 )));
             }
         }
@@ -120,35 +113,12 @@ impl ControllerConfig {
 
 /// A looser decode target for while prompts back up: prefill's SMs then drain the queue sooner,
 /// and the time between tokens stays at the tight target whenever prefill keeps up.
-///
-/// From `tokens` prompt tokens waiting the target loosens in proportion to the backlog, and from
-/// `full_tokens` on it is `decode_s`; with `full_tokens == tokens` it moves in one step. By
-/// degrees, a small backlog costs the time between tokens a little, and a rate that the tight
-/// target only just misses queues only as far as the target that it needs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BacklogTarget {
-    /// Prompt tokens waiting (in no iteration) from which the target loosens; at least 1.
+    /// Prompt tokens waiting (in no iteration) from which prompts count as backed up.
     pub tokens: usize,
-    /// Prompt tokens waiting from which `decode_s` holds; at least `tokens`.
-    pub full_tokens: usize,
-    /// Seconds a decode iteration may take with a full backlog (at least
-    /// [`ControllerConfig::decode_target_s`]).
+    /// Seconds a decode iteration may take then (at least [`ControllerConfig::decode_target_s`]).
     pub decode_s: f64,
-}
-
-impl BacklogTarget {
-    /// The seconds a decode iteration may take with `waiting` prompt tokens waiting, where
-    /// `tight` holds without a backlog.
-    pub fn decode_s_at(&self, tight: f64, waiting: usize) -> f64 {
-        if waiting < self.tokens {
-            tight
-        } else if waiting >= self.full_tokens {
-            self.decode_s
-        } else {
-            let share = (waiting - self.tokens) as f64 / (self.full_tokens - self.tokens) as f64;
-            tight + share * (self.decode_s - tight)
-        }
-    }
 }
 
 /// Which phase the last decision protected, and why.
@@ -273,9 +243,9 @@ impl Controller {
             Priority::Prefill => shared.to_vec(),
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
-        let target = match (self.config.decode_target_s, self.config.backlog_target) {
-            (Some(tight), Some(backlog)) => Some(backlog.decode_s_at(tight, prompts_waiting)),
-            (tight, _) => tight,
+        let target = match self.config.backlog_target {
+            Some(backlog) if prompts_waiting >= backlog.tokens => Some(backlog.decode_s),
+            _ => self.config.decode_target_s,
         };
         let target = target.filter(|_| priority == Priority::Prefill);
         let protected =
@@ -420,7 +390,7 @@ mod tests {
             hysteresis: 0,
             ..ControllerConfig::default()
         };
-        let backlog = BacklogTarget { tokens: 8192, full_tokens: 8192, decode_s: 0.04 };
+        let backlog = BacklogTarget { tokens: 8192, decode_s: 0.04 };
         let config = ControllerConfig { backlog_target: Some(backlog), ..target(0.012) };
         let mut controller = Controller::new(llama8b_h200(), config).unwrap();
         let alone = |config| Controller::new(llama8b_h200(), config).unwrap().split(&prefill, &decode, 0.2, 0);
@@ -438,54 +408,16 @@ mod tests {
         assert_eq!(protected, Controller::new(llama8b_h200(), slack).unwrap().split(&prefill, &decode, 0.9, 0));
         // A backlog target needs a target below it.
         let looser = |decode_s| ControllerConfig {
-            backlog_target: Some(BacklogTarget { tokens: 1, full_tokens: 1, decode_s }),
+            backlog_target: Some(BacklogTarget { tokens: 1, decode_s }),
             ..target(0.012)
         };
         assert!(Controller::new(llama8b_h200(), looser(0.01)).is_err());
         assert!(Controller::new(llama8b_h200(), looser(f64::NAN)).is_err());
         let alone_backlog = ControllerConfig { decode_target_s: None, ..looser(0.02) };
         assert!(Controller::new(llama8b_h200(), alone_backlog).is_err());
-        let tokens = |tokens, full_tokens| ControllerConfig {
-            backlog_target: Some(BacklogTarget { tokens, full_tokens, decode_s: 0.02 }),
-            ..target(0.012)
-        };
-        assert!(Controller::new(llama8b_h200(), tokens(0, 0)).is_err());
-        assert!(Controller::new(llama8b_h200(), tokens(100, 99)).is_err());
-    }
-
-    #[test]
-    fn a_backlog_loosens_the_decode_target_by_degrees() {
-        let backlog = BacklogTarget { tokens: 1000, full_tokens: 3000, decode_s: 0.02 };
-        let at = |waiting| backlog.decode_s_at(0.01, waiting);
-        assert_eq!(at(0), 0.01);
-        assert_eq!(at(999), 0.01);
-        assert_eq!(at(1000), 0.01);
-        assert!((at(2000) - 0.015).abs() < 1e-12, "{}", at(2000));
-        assert!(at(2999) < 0.02 && at(2999) > at(2000));
-        assert_eq!(at(3000), 0.02);
-        assert_eq!(at(1_000_000), 0.02);
-        // In the split: each backlog gets the fewest decode SMs for the target it sets, so they
-        // fall as the backlog grows.
-        let prefill = IterationWork::of(StepKind::Prefill, [(8192, 0)]);
-        let decode = IterationWork::of(StepKind::Decode, (0..64).map(|_| (1, 2048)));
-        let target = |decode_target_s| ControllerConfig {
-            decode_target_s: Some(decode_target_s),
-            hysteresis: 0,
-            ..ControllerConfig::default()
-        };
-        let backlog = BacklogTarget { tokens: 8192, full_tokens: 32768, decode_s: 0.04 };
-        let mut controller =
-            Controller::new(llama8b_h200(), ControllerConfig { backlog_target: Some(backlog), ..target(0.012) })
-                .unwrap();
-        let mut sms = Vec::new();
-        for waiting in [0, 8192, 10240, 12288, 16384, 32768, 65536] {
-            let split = controller.split(&prefill, &decode, 0.2, waiting);
-            let alone = Controller::new(llama8b_h200(), target(backlog.decode_s_at(0.012, waiting))).unwrap();
-            assert_eq!(split, alone.clone().split(&prefill, &decode, 0.2, 0), "{waiting} tokens waiting");
-            sms.push(split.decode_sms);
-        }
-        assert!(sms.windows(2).all(|w| w[1] <= w[0]) && sms[0] > sms[6], "{sms:?}");
-        assert!(sms[1] > sms[3], "{sms:?}");
+        let no_tokens =
+            ControllerConfig { backlog_target: Some(BacklogTarget { tokens: 0, decode_s: 0.02 }), ..target(0.012) };
+        assert!(Controller::new(llama8b_h200(), no_tokens).is_err());
     }
 
     #[test]

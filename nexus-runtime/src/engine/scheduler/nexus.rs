@@ -570,7 +570,7 @@ mod tests {
         use crate::engine::scheduler::controller::{BacklogTarget, Controller, ControllerConfig};
         let config = ControllerConfig {
             decode_target_s: Some(0.012),
-            backlog_target: Some(BacklogTarget { tokens: 8192, full_tokens: 8192, decode_s: 0.04 }),
+            backlog_target: Some(BacklogTarget { tokens: 8192, decode_s: 0.04 }),
             hysteresis: 0,
             ..ControllerConfig::default()
         };

@@ -1,14 +1,16 @@
 //! The two-lane invariants of the engine, on random workloads: requests arriving and aborted at
 //! random moments, a cache small enough to preempt, and lanes whose iterations finish in a random
 //! order (a backend that wraps the CPU one and says an iteration is done only when a seeded coin
-//! says so), with budgets fixed at launch or changed in flight. Whatever happens, the budgets of
+//! says so), with budgets fixed at launch or changed in flight, split fixed or by the controller. Whatever happens, the budgets of
 //! the iterations in flight never add up to more than the SM count, a sequence is never in two
 //! iterations at once (no two iterations in flight touch the same KV block), every request that
 //! is not aborted gets exactly its tokens, aborted ones get no more events, and at the end no
 //! block is owned or leaked.
 
+use nexus::runtime::engine::cost_model::{CostModel, ModelShape, OpCurve};
+use nexus::runtime::engine::scheduler::controller::ControllerConfig;
 use nexus::runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
-use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, RequestOptions, Schedule};
+use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, NexusControl, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CPU_SM_COUNT;
 use proptest::prelude::*;
@@ -36,6 +38,25 @@ fn event() -> impl Strategy<Value = Event> {
     ]
 }
 
+/// A cost model of the tiny model on the chaos backend's nominal SMs (made up: its budgets do not
+/// change how fast it computes), slow enough at computing that a prefill iteration on a few SMs is
+/// predicted to take longer than waiting for a decode iteration (a mutation check saw that path
+/// taken).
+fn made_up_cost() -> CostModel {
+    let curve = OpCurve::new(1e6, 64.0, 0.5);
+    CostModel::new(
+        ModelShape::of(&tiny_config()),
+        CPU_SM_COUNT,
+        vec![(1, 1e9), (64, 4e10)],
+        curve,
+        curve,
+        curve,
+        1e-5,
+        1e-5,
+    )
+    .unwrap()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -46,6 +67,7 @@ proptest! {
         prefill_sms in 1u32..CPU_SM_COUNT,
         prefill_aging in 0u64..40,
         nexus in prop::bool::weighted(0.8),
+        controlled in prop::option::of(prop::option::of(1u64..5_000)),
         max_num_batched_tokens in 8usize..96,
         prefill_tokens in prop::option::of((1usize..64, prop::option::of(1usize..64))),
         seed in any::<u64>(),
@@ -57,7 +79,25 @@ proptest! {
         let prefill_tokens =
             prefill_tokens.map(|(tokens, more)| PrefillTokens { tokens, backlog: more.map(|m| tokens + m) });
         let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens };
-        let schedule = if nexus { Schedule::Nexus(split) } else { Schedule::Chunked };
+        let schedule = match (nexus, controlled) {
+            (false, _) => Schedule::Chunked,
+            (true, None) => Schedule::Nexus(split),
+            // The controller, on a made-up cost model, with the paper's rule or a decode target of
+            // that many microseconds: splits that move with the batches, and prefill iterations
+            // that wait for a decode iteration holding their share.
+            (true, Some(target_us)) => {
+                let controller = ControllerConfig {
+                    decode_target_s: target_us.map(|us| us as f64 * 1e-6),
+                    ..ControllerConfig::default()
+                };
+                Schedule::NexusControlled(Box::new(NexusControl {
+                    cost: made_up_cost(),
+                    controller,
+                    prefill_aging,
+                    prefill_tokens,
+                }))
+            }
+        };
         let config = EngineConfig {
             num_blocks,
             block_size: 4,

@@ -54,7 +54,7 @@ fn made_up_cost() -> CostModel {
         1e-5,
         1e-5,
     )
-    .unwrap()
+    .expect("a made-up cost model")
 }
 
 proptest! {

@@ -14,7 +14,9 @@ length: above it a schedule only queues, however a short trace hides it), the de
 that ran beside a prefill iteration (median and p95 time, median budget), and how much the TTFT
 grew over the trace (mean of its last quarter of requests over its first quarter's) against the
 same schedule at its lowest rate (same prompts): ~1 at a sustained rate, 1.3x and more at a rate
-the schedule only queues at. A third table splits the decode iterations beside a prefill by the
+the schedule only queues at, and the prefill lane's stalls: iterations of 1024 prompt tokens or
+more that ran on a quarter of the SMs or fewer (what starting beside a decode iteration that held
+the rest did before the prefill lane learned to wait for it, 2026-12-05). A third table splits the decode iterations beside a prefill by the
 budget the controller gave them: batch, time and the cost model's prediction.
 """
 import json
@@ -94,8 +96,9 @@ def lanes_table(doc):
         return
     lowest = {s: min((r for r in doc["runs"] if r["schedule"] == s), key=lambda r: r["rate"]) for s in doc["schedules"]}
     print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
-          "| its median budget (SMs) | TTFT growth against the lowest rate |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "| its median budget (SMs) | TTFT growth against the lowest rate | prefill stalls: iterations (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    few = doc["sm_count"] // 4
     runs = sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"]))
     # The decode iterations beside a prefill, once per run: both tables read them.
     besides = [decode_beside_prefill(r["timeline"]) for r in runs]
@@ -120,7 +123,9 @@ def lanes_table(doc):
             decode, budget = "-", "-"
         growth, base = r.get("ttft_growth"), lowest[r["schedule"]].get("ttft_growth")
         growth = "-" if growth is None or not base else f"{growth / base:.2f}x"
-        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} |")
+        stalls = [it for it in timeline if it["lane"] == "prefill" and it["tokens"] >= 1024 and it["budget"] <= few]
+        stalled = f"{len(stalls)} ({sum(it['end_s'] - it['start_s'] for it in stalls):.1f})"
+        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} | {stalled} |")
     budgets_table(runs, besides)
 
 

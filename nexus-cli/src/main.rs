@@ -13,6 +13,7 @@ mod serve;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use nexus_runtime::engine::cost_model::CostModel;
 use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
 use nexus_runtime::engine::profile::{KernelsCheck, SavedProfile};
 use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
@@ -410,6 +411,8 @@ impl EngineArgs {
         }
         let mut out = Vec::new();
         let mut fixed_done = false;
+        // The profile, read once for every controlled schedule.
+        let mut cost: Option<CostModel> = None;
         for kind in &self.schedule {
             match kind {
                 ScheduleKind::Chunked => out.push(Schedule::Chunked),
@@ -420,7 +423,13 @@ impl EngineArgs {
                     };
                     for target in targets {
                         for prefill_tokens in self.prefill_token_limits() {
-                            let control = self.control(device, sm_count, model, hub, target, prefill_tokens)?;
+                            let controller = self.controller(sm_count, target, prefill_tokens)?;
+                            let cost = match cost.as_ref() {
+                                Some(cost) => cost.clone(),
+                                None => cost.insert(self.cost_model(device, model, hub)?).clone(),
+                            };
+                            let prefill_aging = self.prefill_aging;
+                            let control = NexusControl { cost, controller, prefill_aging, prefill_tokens };
                             out.push(Schedule::NexusControlled(Box::new(control)));
                         }
                     }
@@ -475,20 +484,16 @@ impl EngineArgs {
         }
     }
 
-    /// The controller's settings with the decode target `target` and prefill iterations of at
-    /// most `prefill_tokens`, with the profile of `model` (as `hub` picks it) on `device`. A
-    /// backlog, for the target's looser half, is --backlog-tokens prompt tokens waiting, else as
-    /// many as make prefill iterations longer (`prefill_tokens`' backlog limit), else as many as
-    /// one iteration takes.
-    fn control(
+    /// The controller's settings with the decode target `target` for prefill iterations of at
+    /// most `prefill_tokens`, checked for a device of `sm_count` SMs. A backlog, for the target's
+    /// looser half, is --backlog-tokens prompt tokens waiting, else as many as make prefill
+    /// iterations longer (`prefill_tokens`' backlog limit), else as many as one iteration takes.
+    fn controller(
         &self,
-        device: &str,
         sm_count: u32,
-        model: &str,
-        hub: &HubArgs,
         target: Option<DecodeTargetMs>,
         prefill_tokens: Option<PrefillTokens>,
-    ) -> anyhow::Result<NexusControl> {
+    ) -> anyhow::Result<ControllerConfig> {
         let backlog_tokens =
             self.backlog_tokens.or(prefill_tokens.and_then(|t| t.backlog)).unwrap_or(self.max_num_batched_tokens);
         let backlog_target =
@@ -504,6 +509,12 @@ impl EngineArgs {
             calibrate: !self.no_calibration,
         };
         controller.validate(sm_count)?;
+        Ok(controller)
+    }
+
+    /// The cost model of the profile of `model` (as `hub` picks it) on `device`: --profile, else
+    /// the one --simulate simulates, else the one `nexus profile` saved.
+    fn cost_model(&self, device: &str, model: &str, hub: &HubArgs) -> anyhow::Result<CostModel> {
         let name = hub.qualified(model);
         let path = match (&self.profile, &self.simulate) {
             (Some(path), _) | (None, Some(path)) => path.clone(),
@@ -520,7 +531,7 @@ impl EngineArgs {
                 hub.flags(model)
             )
         })?;
-        Ok(NexusControl { cost: saved.cost_model, controller, prefill_aging: self.prefill_aging, prefill_tokens })
+        Ok(saved.cost_model)
     }
 
     /// Runs `job` for `model` (as `hub` picks it) on the backend `--device` picks, or on the

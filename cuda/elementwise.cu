@@ -161,45 +161,61 @@ __device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, flo
 // pools [blocks * block_size, kv_heads, head_dim]: one launch where RoPE and the KV write were two,
 // each waiting for the kernel before it. style 0: interleaved pairs (2i, 2i+1); style 1:
 // rotate-half pairs (i, i + d/2). Frequencies theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as
-// the reference computes them. One thread per pair of a head; a value head's pair is (2i, 2i+1),
-// copied as one 4-byte word. Slots are checked by the host.
+// the reference computes them. One warp per head of a row (rows * (heads + 2 kv_heads) < 2^32, the
+// launcher checks), its lanes over the head's pairs: one 32-bit division per head, where a thread
+// per pair divided 64-bit indices three times per pair. The frequencies are the same for every
+// head and row, so each CTA computes them once into `head_dim / 2` floats of dynamic shared
+// memory. A value head's pair (2i, 2i+1) is copied as one 4-byte word. Slots are checked by the
+// host.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     rope_and_write_kv(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
                       const uint32_t* __restrict__ slots, __nv_bfloat16* __restrict__ k_cache,
                       __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,
                       float theta, int style, int scaling, float factor, float low_freq_factor,
                       float high_freq_factor, float original_max_position) {
-    nexus::follow_previous_kernel();
+    extern __shared__ float inv_freq[];
     const int half = head_dim / 2;
-    const int row_heads = num_heads + 2 * num_kv_heads;  // query, key, then value heads
-    const size_t row_len = (size_t)row_heads * head_dim;
-    const size_t slot_len = (size_t)num_kv_heads * head_dim;
-    const size_t total = (size_t)rows * row_heads * half;
-    for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {
-        const int pair = i % half;
-        const int head = (i / half) % row_heads;
-        const size_t row = i / ((size_t)half * row_heads);
-        __nv_bfloat16* h = qkv + row * row_len + (size_t)head * head_dim;
-        if (head >= num_heads + num_kv_heads) {
-            __nv_bfloat16* v = v_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads - num_kv_heads) * head_dim;
-            *reinterpret_cast<uint32_t*>(v + 2 * pair) = *reinterpret_cast<const uint32_t*>(h + 2 * pair);
-            continue;
-        }
-        const float inv_freq =
+    // Depends on nothing the kernel before wrote: computed before waiting for it.
+    for (int pair = threadIdx.x; pair < half; pair += THREADS) {
+        inv_freq[pair] =
             scale_inv_freq(1.f / powf(theta, (float)(2 * pair) / (float)head_dim), scaling, factor, low_freq_factor,
                            high_freq_factor, original_max_position);
-        float s, c;
-        sincosf((float)positions[row] * inv_freq, &s, &c);
-        const int a = style == 0 ? 2 * pair : pair;
-        const int b = style == 0 ? 2 * pair + 1 : pair + half;
-        const float x = to_float(h[a]), y = to_float(h[b]);
-        const __nv_bfloat16 ra = to_bf16(x * c - y * s), rb = to_bf16(y * c + x * s);
-        h[a] = ra;
-        h[b] = rb;
-        if (head >= num_heads) {
-            __nv_bfloat16* k = k_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads) * head_dim;
-            k[a] = ra;
-            k[b] = rb;
+    }
+    __syncthreads();
+    nexus::follow_previous_kernel();
+    const int lane = threadIdx.x & 31;
+    const int row_heads = num_heads + 2 * num_kv_heads;  // query, key, then value heads
+    const size_t slot_len = (size_t)num_kv_heads * head_dim;
+    const uint32_t heads = (uint32_t)rows * (uint32_t)row_heads;
+    for (uint32_t unit = blockIdx.x * WARPS + (threadIdx.x >> 5); unit < heads; unit += gridDim.x * WARPS) {
+        const uint32_t row = unit / (uint32_t)row_heads;
+        const int head = (int)(unit - row * (uint32_t)row_heads);
+        // Rows are row_heads heads of head_dim values each: head `unit` of the buffer.
+        __nv_bfloat16* h = qkv + (size_t)unit * head_dim;
+        if (head >= num_heads + num_kv_heads) {
+            __nv_bfloat16* v = v_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads - num_kv_heads) * head_dim;
+            for (int pair = lane; pair < half; pair += 32) {
+                *reinterpret_cast<uint32_t*>(v + 2 * pair) = *reinterpret_cast<const uint32_t*>(h + 2 * pair);
+            }
+            continue;
+        }
+        const float position = (float)positions[row];
+        __nv_bfloat16* k = head >= num_heads
+                               ? k_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads) * head_dim
+                               : nullptr;
+        for (int pair = lane; pair < half; pair += 32) {
+            float s, c;
+            sincosf(position * inv_freq[pair], &s, &c);
+            const int a = style == 0 ? 2 * pair : pair;
+            const int b = style == 0 ? 2 * pair + 1 : pair + half;
+            const float x = to_float(h[a]), y = to_float(h[b]);
+            const __nv_bfloat16 ra = to_bf16(x * c - y * s), rb = to_bf16(y * c + x * s);
+            h[a] = ra;
+            h[b] = rb;
+            if (k != nullptr) {
+                k[a] = ra;
+                k[b] = rb;
+            }
         }
     }
 }

@@ -147,7 +147,9 @@ pub fn rope_and_write_kv(
         host_slots.len()
     );
     cache.check_slots(host_slots, "rope_and_write_kv")?;
-    let pairs = rows * layout.row_len() / 2;
+    // One warp per head of a row; the kernel indexes them in 32 bits.
+    let heads = rows * (layout.num_heads + 2 * layout.num_kv_heads);
+    to_i32(heads, "heads of the rows")?;
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,
         RopeStyle::RotateHalf => 1,
@@ -166,8 +168,11 @@ pub fn rope_and_write_kv(
         to_i32(layout.num_kv_heads, "KV heads")?,
         to_i32(layout.head_dim, "head dim")?,
     ];
-    let grid = ctx.budget().grid(pairs.div_ceil(THREADS as usize));
-    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, THREADS, 0)?;
+    let grid = ctx.budget().grid(heads.div_ceil(WARPS));
+    // The inverse frequencies, one f32 per pair of a head.
+    let smem = u32::try_from(layout.head_dim / 2 * size_of::<f32>())
+        .map_err(|_| crate::Error::Unsupported(format!("rope_and_write_kv: head dim {}", layout.head_dim)))?;
+    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, THREADS, smem)?;
     let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
     launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);

@@ -164,7 +164,9 @@ fn check_rope_and_write_kv(
 #[ignore = "needs a CUDA GPU"]
 fn rope_and_write_kv_matches_reference_in_both_styles() {
     let mut rng = rng("rope");
-    for &(heads, kv_heads, head_dim) in &[(9, 3, 64), (32, 8, 128)] {
+    // A warp takes a head, its lanes the pairs: 32 (d64), 64 (d128), and 48 (d96: lanes with one
+    // pair and lanes with two).
+    for &(heads, kv_heads, head_dim) in &[(9, 3, 64), (32, 8, 128), (6, 2, 96)] {
         for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
             let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
             let cfg = RopeConfig { theta: 500_000.0, style, scaling: RopeScaling::None };

@@ -319,6 +319,10 @@ struct EngineArgs {
     /// get.
     #[arg(long, default_value_t = ControllerConfig::default().prefill_slack)]
     prefill_slack: f64,
+    /// With the controller and a decode target, while prefill is protected: the largest share of
+    /// the SMs decode may get to meet the target (prefill keeps the rest).
+    #[arg(long, default_value_t = ControllerConfig::default().max_decode_share)]
+    max_decode_share: f64,
     /// With the controller, instead of --prefill-slack: while prefill is protected, decode gets
     /// the fewest SMs whose predicted iteration (the time between tokens) takes at most this many
     /// milliseconds, and prefill the rest. T..B: T, and B while prompts back up (see
@@ -506,6 +510,7 @@ impl EngineArgs {
             hysteresis: self.split_hysteresis,
             decode_target_s: target.map(|t| t.ms / 1e3),
             backlog_target,
+            max_decode_share: self.max_decode_share,
             calibrate: !self.no_calibration,
         };
         controller.validate(sm_count)?;

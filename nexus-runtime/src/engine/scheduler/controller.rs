@@ -14,7 +14,9 @@
 //! Beyond the paper, a decode target can replace the prefill slack: while prefill is protected,
 //! decode gets the fewest SMs whose predicted iteration (one token of each sequence: the time
 //! between tokens) stays within the target, and prefill the rest, so that prompts get every SM
-//! that the objective on the time between tokens leaves them. A second, looser target may hold
+//! that the objective on the time between tokens leaves them — but never less than half (by
+//! default): a target that only most of the GPU meets is missed rather than paid for with a
+//! prefill iteration crawling on a few SMs. A second, looser target may hold
 //! while prompts back up ([`BacklogTarget`]): the time between tokens stays at the tight one
 //! while prefill keeps up, and prefill gets the SMs of the loose one when it does not.
 //!
@@ -49,6 +51,11 @@ pub struct ControllerConfig {
     pub decode_target_s: Option<f64>,
     /// With a decode target: the looser one that holds instead while prompts back up.
     pub backlog_target: Option<BacklogTarget>,
+    /// With a decode target, while prefill is protected: the largest share of the SMs decode may
+    /// get to meet it. Prefill keeps the rest even when decode then misses the target (beside a
+    /// long prefill, a large decode batch can need nearly every SM for a tight target, which
+    /// would leave prefill a few SMs for the seconds its iteration then takes).
+    pub max_decode_share: f64,
     /// Scale predictions by what the lanes measured ([`Controller::observe`]); `false`: decide
     /// on the cost model alone, as the paper does.
     pub calibrate: bool,
@@ -64,6 +71,7 @@ impl Default for ControllerConfig {
             hysteresis: 8,
             decode_target_s: None,
             backlog_target: None,
+            max_decode_share: 0.5,
             calibrate: true,
         }
     }
@@ -92,6 +100,12 @@ impl ControllerConfig {
                     backlog.decode_s
                 )));
             }
+        }
+        if !(self.max_decode_share > 0.0 && self.max_decode_share <= 1.0) {
+            return Err(Error::invalid(format!(
+                "the largest decode share {} must be in (0, 1]",
+                self.max_decode_share
+            )));
         }
         if self.grid == 0 || 2 * self.grid > sm_count {
             return Err(Error::invalid(format!(
@@ -263,16 +277,23 @@ impl Controller {
                 None => protected(predicted) <= slack * best,
             }
         };
+        // The decode budgets a target may choose from: up to the largest share (at least the
+        // grid's least).
+        let most = (self.config.max_decode_share * f64::from(sms)) as u32;
+        let capped = &shared[..shared.iter().take_while(|&&d| d <= most).count().max(1)];
         let mut chosen = match target {
-            // The fewest decode SMs that meet the target; the most the grid shares if none does.
-            Some(_) => shared.iter().copied().find(|&d| meets(d)).unwrap_or(shared[shared.len() - 1]),
+            // The fewest decode SMs that meet the target; the most it may have if none does.
+            Some(_) => capped.iter().copied().find(|&d| meets(d)).unwrap_or(capped[capped.len() - 1]),
             // The furthest from the prioritized phase's best that stays within its slack.
             None => order[1..].iter().copied().take_while(|&d| meets(d)).last().unwrap_or(order[0]),
         };
         // The split applied last stays while it is near and still keeps the rule: the hysteresis
         // stops flapping, never a move the target or the slack needs (with the default of one
         // grid step, it had kept decode on 16 SMs under a 20 ms target that needed 24).
-        if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis && meets(a)) {
+        let allowed = |a: u32| target.is_none() || a <= capped[capped.len() - 1];
+        if let Some(applied) =
+            self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis && meets(a) && allowed(a))
+        {
             chosen = applied;
         }
         self.applied = Some(chosen);
@@ -368,8 +389,24 @@ mod tests {
         }
         // A looser target leaves prefill more SMs.
         assert!(with_target(0.04).decode_sms < with_target(0.012).decode_sms);
-        // A target no split meets gives decode the most SMs it may have beside prefill.
-        assert_eq!(with_target(1e-4).decode_sms, 128);
+        // A target no split meets gives decode the largest share it may have beside prefill:
+        // half the SMs by default, every SM the grid shares with a share of 1.
+        assert_eq!(with_target(1e-4).decode_sms, 64);
+        let whole =
+            ControllerConfig { decode_target_s: Some(1e-4), max_decode_share: 1.0, ..ControllerConfig::default() };
+        assert_eq!(Controller::new(cost.clone(), whole).unwrap().split(&prefill, &decode, 0.2, 0).decode_sms, 128);
+        // A target met only above half the SMs: decode gets half and misses it, prefill keeps the
+        // rest; with a share of 1, decode gets what meets it.
+        let target = decode_at(96);
+        assert!(decode_at(64) > target, "{} {target}", decode_at(64));
+        let half = with_target(target);
+        assert!(half.decode_sms == 64 && half.decode_s > target, "{half:?}");
+        let whole =
+            ControllerConfig { decode_target_s: Some(target), max_decode_share: 1.0, ..ControllerConfig::default() };
+        let met = Controller::new(cost.clone(), whole).unwrap().split(&prefill, &decode, 0.2, 0);
+        assert!(met.decode_sms > 64 && met.decode_sms <= 96 && met.decode_s <= target, "{met:?}");
+        let bad = ControllerConfig { max_decode_share: 0.0, ..ControllerConfig::default() };
+        assert!(Controller::new(cost.clone(), bad).is_err());
         // Above the KV threshold decode is protected by its slack, target or not.
         let config = ControllerConfig { decode_target_s: Some(0.04), ..ControllerConfig::default() };
         let high = Controller::new(cost.clone(), config).unwrap().split(&prefill, &decode, 0.9, 0);

@@ -67,7 +67,7 @@ proptest! {
         prefill_sms in 1u32..CPU_SM_COUNT,
         prefill_aging in 0u64..40,
         nexus in prop::bool::weighted(0.8),
-        controlled in prop::option::of(prop::option::of(1u64..5_000)),
+        controlled in prop::option::of((prop::option::of(1u64..5_000), prop_oneof![Just(0.01), 0.01f64..=1.0])),
         max_num_batched_tokens in 8usize..96,
         prefill_tokens in prop::option::of((1usize..64, prop::option::of(1usize..64))),
         seed in any::<u64>(),
@@ -83,11 +83,13 @@ proptest! {
             (false, _) => Schedule::Chunked,
             (true, None) => Schedule::Nexus(split),
             // The controller, on a made-up cost model, with the paper's rule or a decode target of
-            // that many microseconds: splits that move with the batches, and prefill iterations
-            // that wait for a decode iteration holding their share.
-            (true, Some(target_us)) => {
+            // that many microseconds (and a largest decode share, at times below the grid's least
+            // step): splits that move with the batches, and prefill iterations that wait for a
+            // decode iteration holding their share.
+            (true, Some((target_us, max_decode_share))) => {
                 let controller = ControllerConfig {
                     decode_target_s: target_us.map(|us| us as f64 * 1e-6),
+                    max_decode_share,
                     ..ControllerConfig::default()
                 };
                 Schedule::NexusControlled(Box::new(NexusControl {

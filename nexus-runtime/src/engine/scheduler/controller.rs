@@ -405,6 +405,10 @@ mod tests {
             ControllerConfig { decode_target_s: Some(target), max_decode_share: 1.0, ..ControllerConfig::default() };
         let met = Controller::new(cost.clone(), whole).unwrap().split(&prefill, &decode, 0.2, 0);
         assert!(met.decode_sms > 64 && met.decode_sms <= 96 && met.decode_s <= target, "{met:?}");
+        // A share below the grid's least step still leaves decode that step.
+        let least =
+            ControllerConfig { decode_target_s: Some(1e-4), max_decode_share: 0.01, ..ControllerConfig::default() };
+        assert_eq!(Controller::new(cost.clone(), least).unwrap().split(&prefill, &decode, 0.2, 0).decode_sms, 8);
         let bad = ControllerConfig { max_decode_share: 0.0, ..ControllerConfig::default() };
         assert!(Controller::new(cost.clone(), bad).is_err());
         // Above the KV threshold decode is protected by its slack, target or not.

@@ -16,8 +16,9 @@ grew over the trace (mean of its last quarter of requests over its first quarter
 same schedule at its lowest rate (same prompts): ~1 at a sustained rate, 1.3x and more at a rate
 the schedule only queues at, and the prefill lane's stalls: iterations of 1024 prompt tokens or
 more that ran on a quarter of the SMs or fewer (what starting beside a decode iteration that held
-the rest did before the prefill lane learned to wait for it, 2026-12-05). A third table splits the decode iterations beside a prefill by the
-budget the controller gave them: batch, time and the cost model's prediction.
+the rest did before the prefill lane learned to wait for it, 2026-12-05). A third table splits
+the decode iterations beside a prefill by the budget the controller gave them: batch, time and
+the cost model's prediction.
 """
 import json
 import sys

@@ -268,32 +268,26 @@ impl Controller {
         // The prioritized phase's best next to the other: with every SM but the other's least
         // (running beside the other lane costs it what no split saves).
         let best = protected(self.predict(&prefill, &decode, order[0]));
-        // Whether a split of `decode_sms` keeps the rule: decode within its target, or the
-        // prioritized phase within its slack.
-        let meets = |decode_sms: u32| {
-            let predicted = self.predict(&prefill, &decode, decode_sms);
-            match target {
-                Some(target) => predicted.1 <= target,
-                None => protected(predicted) <= slack * best,
-            }
+        // With a target, decode may get at most the largest share of the SMs (at least the grid's
+        // least step).
+        let share_sms = (self.config.max_decode_share * f64::from(sms)) as u32;
+        let most_decode = shared.iter().copied().take_while(|&d| d <= share_sms).last().unwrap_or(shared[0]);
+        // Whether a split of `decode_sms` keeps the rule: decode within its share and its target,
+        // or the prioritized phase within its slack.
+        let meets = |decode_sms: u32| match target {
+            Some(target) => decode_sms <= most_decode && self.predict(&prefill, &decode, decode_sms).1 <= target,
+            None => protected(self.predict(&prefill, &decode, decode_sms)) <= slack * best,
         };
-        // The decode budgets a target may choose from: up to the largest share (at least the
-        // grid's least).
-        let most = (self.config.max_decode_share * f64::from(sms)) as u32;
-        let capped = &shared[..shared.iter().take_while(|&&d| d <= most).count().max(1)];
         let mut chosen = match target {
             // The fewest decode SMs that meet the target; the most it may have if none does.
-            Some(_) => capped.iter().copied().find(|&d| meets(d)).unwrap_or(capped[capped.len() - 1]),
+            Some(_) => shared.iter().copied().find(|&d| meets(d)).unwrap_or(most_decode),
             // The furthest from the prioritized phase's best that stays within its slack.
             None => order[1..].iter().copied().take_while(|&d| meets(d)).last().unwrap_or(order[0]),
         };
         // The split applied last stays while it is near and still keeps the rule: the hysteresis
-        // stops flapping, never a move the target or the slack needs (with the default of one
-        // grid step, it had kept decode on 16 SMs under a 20 ms target that needed 24).
-        let allowed = |a: u32| target.is_none() || a <= capped[capped.len() - 1];
-        if let Some(applied) =
-            self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis && meets(a) && allowed(a))
-        {
+        // stops flapping, never a move the target, its share or the slack needs (with the default
+        // of one grid step, it had kept decode on 16 SMs under a 20 ms target that needed 24).
+        if let Some(applied) = self.applied.filter(|&a| a.abs_diff(chosen) <= self.config.hysteresis && meets(a)) {
             chosen = applied;
         }
         self.applied = Some(chosen);

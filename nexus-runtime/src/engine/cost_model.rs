@@ -89,6 +89,15 @@ pub struct IterationWork {
     pub attended: f64,
     /// Tokens of K and V read, over all sequences (each sequence's context once).
     pub kv_tokens: f64,
+    /// Of those sequences, the ones that advance by a single token (decode rows, which a mixed
+    /// batch of the chunked schedule carries in its prefill iteration), and their tokens of K
+    /// and V (each attends to all of its own). A prefill iteration prices their attention as
+    /// decode attention's: they read their cache once at its bandwidth, where the prefill
+    /// attention curve, fitted on prompt chunks, has them compute-bound or at a tenth of it.
+    #[serde(default)]
+    pub single_rows: usize,
+    #[serde(default)]
+    pub single_kv_tokens: f64,
 }
 
 impl IterationWork {
@@ -105,6 +114,10 @@ impl IterationWork {
             self.seqs += 1;
             self.attended += c * p + c * (c + 1.0) / 2.0;
             self.kv_tokens += p + c;
+            if new == 1 {
+                self.single_rows += 1;
+                self.single_kv_tokens += p + c;
+            }
         }
         self
     }
@@ -362,14 +375,29 @@ impl CostModel {
             .map(|&(n, k)| scaled(self.op_work(&OpShape::gemm(work.tokens, n, k)), layers))
             .collect();
         ops.push(self.op_work(&OpShape::gemm(work.seqs, m.vocab, m.hidden)));
-        let attention = OpShape::Attention {
-            kind: work.kind,
-            tokens: work.tokens,
-            seqs: work.seqs,
-            attended: work.attended,
-            kv_tokens: work.kv_tokens,
+        // A prefill iteration's single-token rows (a mixed batch's decode rows) are priced as
+        // decode attention, within the iteration's one launch per layer.
+        let (rows, kv) = match work.kind {
+            StepKind::Prefill => (work.single_rows, work.single_kv_tokens),
+            StepKind::Decode => (0, 0.0),
         };
-        ops.push(scaled(self.op_work(&attention), layers));
+        let chunks = rows == 0 || work.seqs > rows;
+        if chunks {
+            let attention = OpShape::Attention {
+                kind: work.kind,
+                tokens: work.tokens - rows,
+                seqs: work.seqs - rows,
+                attended: work.attended - kv,
+                kv_tokens: work.kv_tokens - kv,
+            };
+            ops.push(scaled(self.op_work(&attention), layers));
+        }
+        if rows > 0 {
+            let decode =
+                OpShape::Attention { kind: StepKind::Decode, tokens: rows, seqs: rows, attended: kv, kv_tokens: kv };
+            let op = self.op_work(&decode);
+            ops.push(scaled(OpWork { launches: if chunks { 0.0 } else { op.launches }, ..op }, layers));
+        }
         // Per layer, three elementwise kernels move per token (as the backends count them): two
         // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write).
         // SiLU-and-mul is the gate/up GEMM's epilogue.
@@ -729,6 +757,57 @@ pub(crate) mod tests {
         assert!(shared > 2.0 * cost.seconds(&decode, 64, None), "{shared}");
         // And the prefill reads far less than it could: compute bound.
         assert!(cost.bytes_per_s(&prefill, 66) < 0.1 * cost.bandwidth(132));
+    }
+
+    /// A mixed batch (chunked's prefill iteration with decode rows in it): the rows read their
+    /// cache as decode attention does, not at the prefill curve's bandwidth fraction (0.1 in an
+    /// H200 profile, fitted on prompt chunks), and add no launch.
+    #[test]
+    fn decode_rows_in_a_prefill_iteration_are_priced_as_decode_attention() {
+        let mut cost = llama8b_h200();
+        cost.prefill_attention.bandwidth_fraction = 0.1;
+        let rows = (0..24).map(|_| (1, 2048));
+        let mixed = IterationWork::of(StepKind::Prefill, [(256, 0)]).with(rows.clone());
+        assert_eq!((mixed.single_rows, mixed.single_kv_tokens), (24, 24.0 * 2049.0));
+        let attention: Vec<OpWork> = cost
+            .ops(&mixed)
+            .into_iter()
+            .filter(|op| matches!(op.op, Op::PrefillAttention | Op::DecodeAttention))
+            .collect();
+        let chunk = cost.op_work(&OpShape::Attention {
+            kind: StepKind::Prefill,
+            tokens: 256,
+            seqs: 1,
+            attended: 256.0 * 257.0 / 2.0,
+            kv_tokens: 256.0,
+        });
+        let kv = 24.0 * 2049.0;
+        let decode = cost.op_work(&OpShape::Attention {
+            kind: StepKind::Decode,
+            tokens: 24,
+            seqs: 24,
+            attended: kv,
+            kv_tokens: kv,
+        });
+        let layers = 32.0;
+        assert_eq!(attention.len(), 2, "{attention:?}");
+        assert_eq!(
+            (attention[0].op, attention[0].bytes, attention[0].launches),
+            (Op::PrefillAttention, layers * chunk.bytes, layers)
+        );
+        assert_eq!(
+            (attention[1].op, attention[1].bytes, attention[1].launches),
+            (Op::DecodeAttention, layers * decode.bytes, 0.0)
+        );
+        // The rows' 6.4 GB of KV take ~1.6 ms at 4.53 TB/s: the mixed iteration costs about its
+        // 280 tokens' GEMMs and the prompt's attention plus that, not 10x that.
+        let kv_seconds = layers * decode.bytes / cost.bandwidth(132);
+        let tokens_alone = IterationWork::of(StepKind::Prefill, [(280, 0)]);
+        let extra = cost.seconds(&mixed, 132, None) - cost.seconds(&tokens_alone, 132, None);
+        assert!(extra > 0.9 * kv_seconds && extra < 1.5 * kv_seconds, "{extra} s for {kv_seconds} s of KV");
+        // A decode iteration of the same rows is priced as before.
+        let alone = IterationWork::of(StepKind::Decode, rows);
+        assert_eq!(cost.ops(&alone).iter().filter(|op| op.op == Op::DecodeAttention).count(), 1);
     }
 
     /// Factors within ±3% of 1, from a xorshift generator seeded with `seed`.

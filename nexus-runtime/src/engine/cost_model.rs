@@ -90,12 +90,13 @@ pub struct IterationWork {
     /// Tokens of K and V read, over all sequences (each sequence's context once).
     pub kv_tokens: f64,
     /// Of those sequences, the ones that advance by a single token (decode rows, which a mixed
-    /// batch of the chunked schedule carries in its prefill iteration), and their tokens of K
-    /// and V (each attends to all of its own). A prefill iteration prices their attention as
-    /// decode attention's: they read their cache once at its bandwidth, where the prefill
-    /// attention curve, fitted on prompt chunks, has them compute-bound or at a tenth of it.
+    /// batch of the chunked schedule carries in its prefill iteration). A prefill iteration
+    /// prices their attention as decode attention's: they read their cache once, at decode
+    /// attention's bandwidth, where the prefill attention curve is fitted on prompt chunks, whose
+    /// memory time hardly counts (its bandwidth fraction came out 0.1 in an H200 profile).
     #[serde(default)]
     pub single_rows: usize,
+    /// Their tokens of K and V (each row attends to all of its own).
     #[serde(default)]
     pub single_kv_tokens: f64,
 }

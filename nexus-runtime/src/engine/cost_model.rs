@@ -89,11 +89,12 @@ pub struct IterationWork {
     pub attended: f64,
     /// Tokens of K and V read, over all sequences (each sequence's context once).
     pub kv_tokens: f64,
-    /// Of those sequences, the ones that advance by a single token (decode rows, which a mixed
-    /// batch of the chunked schedule carries in its prefill iteration). A prefill iteration
-    /// prices their attention as decode attention's: they read their cache once, at decode
-    /// attention's bandwidth, where the prefill attention curve is fitted on prompt chunks, whose
-    /// memory time hardly counts (its bandwidth fraction came out 0.1 in an H200 profile).
+    /// Of those sequences, the ones that advance by a single token (decode rows, also those a
+    /// mixed batch of the chunked schedule carries in its prefill iteration). Their attention is
+    /// priced as decode attention's, in a prefill iteration too: they read their cache once, at
+    /// decode attention's bandwidth, where the prefill attention curve is fitted on prompt
+    /// chunks, whose memory time hardly counts (its bandwidth fraction came out 0.1 in an H200
+    /// profile).
     #[serde(default)]
     pub single_rows: usize,
     /// Their tokens of K and V (each row attends to all of its own).
@@ -376,12 +377,9 @@ impl CostModel {
             .map(|&(n, k)| scaled(self.op_work(&OpShape::gemm(work.tokens, n, k)), layers))
             .collect();
         ops.push(self.op_work(&OpShape::gemm(work.seqs, m.vocab, m.hidden)));
-        // A prefill iteration's single-token rows (a mixed batch's decode rows) are priced as
-        // decode attention, within the iteration's one launch per layer.
-        let (rows, kv) = match work.kind {
-            StepKind::Prefill => (work.single_rows, work.single_kv_tokens),
-            StepKind::Decode => (0, 0.0),
-        };
+        // Single-token rows (a decode iteration's, or a mixed batch's decode rows in a prefill
+        // iteration) are priced as decode attention, within the iteration's one launch per layer.
+        let (rows, kv) = (work.single_rows, work.single_kv_tokens);
         let chunks = rows == 0 || work.seqs > rows;
         if chunks {
             let attention = OpShape::Attention {

@@ -330,9 +330,9 @@ struct EngineArgs {
     /// several, comma-separated, and runs the controller with each.
     #[arg(long, value_delimiter = ',', value_parser = parse_decode_target)]
     decode_target_ms: Vec<DecodeTargetMs>,
-    /// With --decode-target-ms T..B: the prompt tokens waiting (in no iteration) from which B
-    /// holds (default: the backlog limit of --prefill-tokens N..M, else
-    /// --max-num-batched-tokens).
+    /// With --decode-target-ms T..B: the prompt tokens waiting (not in an iteration in flight; a
+    /// prefill iteration being planned counts its own) from which B holds (default: the backlog
+    /// limit of --prefill-tokens N..M, else --max-num-batched-tokens).
     #[arg(long)]
     backlog_tokens: Option<usize>,
     /// With the controller: decide on the profile's predictions alone, as the paper does, instead

@@ -129,7 +129,8 @@ impl ControllerConfig {
 /// and the time between tokens stays at the tight target whenever prefill keeps up.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BacklogTarget {
-    /// Prompt tokens waiting (in no iteration) from which prompts count as backed up.
+    /// Prompt tokens waiting (in no iteration in flight; the scheduler counts those of a prefill
+    /// iteration it is planning) from which prompts count as backed up.
     pub tokens: usize,
     /// Seconds a decode iteration may take then (at least [`ControllerConfig::decode_target_s`]).
     pub decode_s: f64,
@@ -197,6 +198,11 @@ pub struct Controller {
     config: ControllerConfig,
     /// The decode budget applied last, for the hysteresis.
     applied: Option<u32>,
+    /// The decode budgets beside prefill ([`ControllerConfig::decode_budgets`] but every SM).
+    shared: Vec<u32>,
+    /// With a decode target: the most SMs decode may get beside prefill (the largest budget of
+    /// the grid within the largest share, at least the grid's least step).
+    most_decode: u32,
     calibration: Calibration,
 }
 
@@ -204,7 +210,11 @@ impl Controller {
     /// A controller deciding with `cost` (whose SM count is the device's).
     pub fn new(cost: CostModel, config: ControllerConfig) -> Result<Self> {
         config.validate(cost.sm_count)?;
-        Ok(Controller { cost, config, applied: None, calibration: Calibration::default() })
+        let mut shared = config.decode_budgets(cost.sm_count);
+        shared.pop();
+        let share_sms = (config.max_decode_share * f64::from(cost.sm_count)) as u32;
+        let most_decode = shared.iter().copied().take_while(|&d| d <= share_sms).last().unwrap_or(shared[0]);
+        Ok(Controller { cost, config, applied: None, shared, most_decode, calibration: Calibration::default() })
     }
 
     /// Learns from an iteration of `kind` on `budget` SMs (beside the other lane's or alone) that
@@ -238,8 +248,8 @@ impl Controller {
     }
 
     /// The split for a prefill iteration doing `prefill` and a decode iteration doing `decode`
-    /// with `kv_usage` of the cache's blocks in use and `prompts_waiting` prompt tokens in no
-    /// iteration; remembers it for the hysteresis.
+    /// with `kv_usage` of the cache's blocks in use and `prompts_waiting` prompt tokens waiting (as
+    /// [`BacklogTarget::tokens`] counts them); remembers it for the hysteresis.
     pub fn split(
         &mut self,
         prefill: &IterationWork,
@@ -247,9 +257,7 @@ impl Controller {
         kv_usage: f64,
         prompts_waiting: usize,
     ) -> Split {
-        let sms = self.cost.sm_count;
-        let grid = self.config.decode_budgets(sms);
-        let shared = &grid[..grid.len() - 1];
+        let shared = &self.shared;
         let priority = if kv_usage < self.config.kv_threshold { Priority::Prefill } else { Priority::Decode };
         // The decode budgets from most to least SMs for the prioritized phase.
         let order: Vec<u32> = match priority {
@@ -268,10 +276,7 @@ impl Controller {
         // The prioritized phase's best next to the other: with every SM but the other's least
         // (running beside the other lane costs it what no split saves).
         let best = protected(self.predict(&prefill, &decode, order[0]));
-        // With a target, decode may get at most the largest share of the SMs (at least the grid's
-        // least step).
-        let share_sms = (self.config.max_decode_share * f64::from(sms)) as u32;
-        let most_decode = shared.iter().copied().take_while(|&d| d <= share_sms).last().unwrap_or(shared[0]);
+        let most_decode = self.most_decode;
         // Whether a split of `decode_sms` keeps the rule: decode within its share and its target,
         // or the prioritized phase within its slack.
         let meets = |decode_sms: u32| match target {

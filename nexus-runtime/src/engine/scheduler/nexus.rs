@@ -164,7 +164,8 @@ impl NexusScheduler {
     /// Prefill's SMs while both lanes have work: the fixed split, or the controller's for the
     /// lanes' latest iterations (planned now or in flight), the decode work joined by the
     /// sequences `waiting` for the decode iteration in flight, `(1, cached)` each, with
-    /// `prompts_waiting()` prompt tokens in no iteration (counted only with a controller).
+    /// `prompts_waiting()` prompt tokens in no iteration in flight, those of the prefill iteration
+    /// planned now included (counted only with a controller).
     fn prefill_share(
         &mut self,
         sms: u32,

@@ -54,7 +54,10 @@ impl ProfileConfig {
     /// prefix, decode batches of 1-64 over 1k-4k tokens), on budgets of a grid of `grid` SMs up to
     /// `sm_count`, both lanes with an eighth, a quarter, half and three quarters of the SMs for
     /// decode (the eighth and the quarter are where a decode target puts it while prefill is
-    /// protected).
+    /// protected). Also a prompt of 128 tokens, whose operators take microseconds, so that a fixed
+    /// cost per prefill step, if the device has one, has a step it dominates to fit it (with 512
+    /// tokens the least, the H200's fit put it at 0, while `chunked`'s small mixed steps there
+    /// took ~3 ms more than the model said).
     pub fn for_device(sm_count: u32, grid: u32) -> Self {
         let mut budgets: Vec<u32> = (1..).map(|k| k * grid).take_while(|&b| b < sm_count).collect();
         budgets.push(sm_count);
@@ -63,7 +66,7 @@ impl ProfileConfig {
         splits.dedup();
         ProfileConfig {
             budgets,
-            prefill: vec![(512, 0), (2048, 0), (8192, 0), (2048, 2048), (2048, 8192)],
+            prefill: vec![(128, 0), (512, 0), (2048, 0), (8192, 0), (2048, 2048), (2048, 8192)],
             decode: vec![(1, 1024), (16, 2048), (64, 2048), (32, 4096)],
             splits,
             repeats: 2,

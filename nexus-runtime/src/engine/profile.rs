@@ -55,9 +55,10 @@ impl ProfileConfig {
     /// `sm_count`, both lanes with an eighth, a quarter, half and three quarters of the SMs for
     /// decode (the eighth and the quarter are where a decode target puts it while prefill is
     /// protected). Also a prompt of 128 tokens, whose operators take microseconds, so that a fixed
-    /// cost per prefill step, if the device has one, has a step it dominates to fit it (with 512
-    /// tokens the least, the H200's fit put it at 0, while `chunked`'s small mixed steps there
-    /// took ~3 ms more than the model said).
+    /// cost per prefill step, if the device has one, has a step it dominates to fit it. (On the
+    /// H200 the fit gives 0 with it as without: its small prefill steps are their operators'
+    /// launch costs, so what makes `chunked`'s small mixed steps there ~3 ms slower than the
+    /// model says lies elsewhere.)
     pub fn for_device(sm_count: u32, grid: u32) -> Self {
         let mut budgets: Vec<u32> = (1..).map(|k| k * grid).take_while(|&b| b < sm_count).collect();
         budgets.push(sm_count);

@@ -420,10 +420,11 @@ struct WgmmaConfig {
     // Independent accumulator sets of a consumer: the 4 wgmmas of a K block go round-robin into
     // them and are summed in the epilogue. A chain of dependent wgmma m64n16k16 runs at their
     // latency (~85 clocks each: 8 KB of weight per ~340 clocks, ~47 GB/s per SM), not at their
-    // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
-    static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
+    // throughput, so the narrow swapped tiles keep 4 chains in flight (n32: 2, which holds the
+    // same 32 accumulators); wide ones are math-bound.
+    static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : MMA_N <= 32 ? BK / 32 : 1;
     static_assert(MMA_ROWS % 64 == 0 && (CONSUMERS <= 2 || (SWAP && CONSUMERS == 4)),
-                  "one or two consumer warpgroups of 64 rows, or four of the swapped n16 tile");
+                  "one or two consumer warpgroups of 64 rows, or four of a swapped tile");
     // With two consumers (128 x 256 tiles: 128 accumulators each), the producer warpgroup gives
     // them its registers. Four (swapped, 32 accumulators each) fit the even split.
     static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
@@ -800,3 +801,4 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_64x256, 64, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x64, 16, 64, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x128, 16, 128, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x256, 16, 256, true)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_32x256, 32, 256, true)

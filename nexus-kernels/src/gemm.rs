@@ -124,6 +124,11 @@ pub enum GemmKernel {
     /// four consumer warpgroups: a swapped consumer's wgmmas run one at a time at their latency,
     /// so four of them keep four times the weight in flight through the tensor cores.
     WgmmaSwap16x256,
+    /// sm_90a: 32 rows of A × 256 rows of B, transposed with four consumer warpgroups like
+    /// [`GemmKernel::WgmmaSwap16x256`] (wgmma m64n32): 17 ≤ M ≤ 32, where a 64-row tile spends
+    /// half its math on padding and, at small budgets, streams its weight slower than the SM can
+    /// read it.
+    WgmmaSwap32x256,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -153,7 +158,7 @@ enum Family {
 
 impl GemmKernel {
     /// The Hopper kernels, largest tiles first (the planner settles near-ties in this order).
-    pub const HOPPER: [GemmKernel; 8] = [
+    pub const HOPPER: [GemmKernel; 9] = [
         GemmKernel::Wgmma128x256,
         GemmKernel::Wgmma128x128,
         GemmKernel::Wgmma64x256,
@@ -162,6 +167,7 @@ impl GemmKernel {
         GemmKernel::WgmmaSwap16x64,
         GemmKernel::WgmmaSwap16x128,
         GemmKernel::WgmmaSwap16x256,
+        GemmKernel::WgmmaSwap32x256,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
@@ -191,6 +197,7 @@ impl GemmKernel {
             GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x256 => ("gemm_wgmma_swap_16x256", 16, 256, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap32x256 => ("gemm_wgmma_swap_32x256", 32, 256, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
@@ -292,10 +299,10 @@ const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
 /// swapped tile, ~420 of 64 x 64, ~460 of 64 x 128, each one chain of 4 dependent wgmmas).
 const WGMMA_LATENCY: f64 = 80.0;
 const WGMMA_LATENCY_PER_N: f64 = 0.3;
-/// How much faster than one dependent chain of its 4 wgmmas a swapped (n16) kernel's K block
-/// runs. It keeps 4 accumulator sets so that the chains could overlap, but fitted to the H200
-/// table (bench-results/gemm-h200.md, every kernel at M = 1, 16, 64 and every budget) it is
-/// 0.85: they do not overlap, and a K block costs ~15% more (stage barriers, TMA issue). With the
+/// How much faster than one dependent chain of its 4 wgmmas a swapped (n16 or n32) kernel's K
+/// block runs. It keeps 4 accumulator sets (n32: 2) so that the chains could overlap, but fitted
+/// to the n16 tiles of the H200 table (bench-results/gemm-h200.md, every kernel at M = 1, 16, 64
+/// and every budget) it is 0.85: they do not overlap, and a K block costs ~15% more (stage barriers, TMA issue). With the
 /// earlier guess of 2 the planner took the swapped kernels where 64-row tiles streamed 1.2-1.6x
 /// faster (the model's picks then averaged 1.12x slower than the best kernel of the table's
 /// rows, 2.2x at worst; with 0.85, 1.01x and 1.14x).
@@ -338,7 +345,7 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
             let n = n as f64;
             let per_wgmma = (64.0 * n * 16.0 / WGMMA_MACS_PER_CLOCK).max(16.0 + n / 4.0);
             let efficiency = if n >= 256.0 { 0.95 } else { 0.85 };
-            let chains = if swap && n <= 16.0 { SWAP_CHAINS } else { 1.0 };
+            let chains = if swap && n <= 32.0 { SWAP_CHAINS } else { 1.0 };
             let latency = WGMMA_LATENCY + WGMMA_LATENCY_PER_N * n;
             let chain = 4.0 * per_wgmma.max(latency) / chains;
             (consumers * 4.0 * per_wgmma / efficiency).max(chain)

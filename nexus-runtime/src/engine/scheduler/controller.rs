@@ -259,10 +259,11 @@ impl Controller {
     ) -> Split {
         let shared = &self.shared;
         let priority = if kv_usage < self.config.kv_threshold { Priority::Prefill } else { Priority::Decode };
-        // The decode budgets from most to least SMs for the prioritized phase.
-        let order: Vec<u32> = match priority {
-            Priority::Decode => shared.iter().rev().copied().collect(),
-            Priority::Prefill => shared.to_vec(),
+        // The decode budgets from most to least SMs for the prioritized phase: `ranked(0)` is
+        // its best, `ranked(shared.len() - 1)` its worst.
+        let ranked = |i: usize| match priority {
+            Priority::Decode => shared[shared.len() - 1 - i],
+            Priority::Prefill => shared[i],
         };
         let (prefill, decode) = (self.cost.priced(prefill), self.cost.priced(decode));
         let target = match self.config.backlog_target {
@@ -275,7 +276,7 @@ impl Controller {
         let slack = if priority == Priority::Decode { self.config.decode_slack } else { self.config.prefill_slack };
         // The prioritized phase's best next to the other: with every SM but the other's least
         // (running beside the other lane costs it what no split saves).
-        let best = protected(self.predict(&prefill, &decode, order[0]));
+        let best = protected(self.predict(&prefill, &decode, ranked(0)));
         let most_decode = self.most_decode;
         // Whether a split of `decode_sms` keeps the rule: decode within its share and its target,
         // or the prioritized phase within its slack.
@@ -287,7 +288,7 @@ impl Controller {
             // The fewest decode SMs that meet the target; the most it may have if none does.
             Some(_) => shared.iter().copied().find(|&d| meets(d)).unwrap_or(most_decode),
             // The furthest from the prioritized phase's best that stays within its slack.
-            None => order[1..].iter().copied().take_while(|&d| meets(d)).last().unwrap_or(order[0]),
+            None => (1..shared.len()).map(ranked).take_while(|&d| meets(d)).last().unwrap_or(ranked(0)),
         };
         // The split applied last stays while it is near and still keeps the rule: the hysteresis
         // stops flapping, never a move the target, its share or the slack needs (with the default

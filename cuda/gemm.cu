@@ -29,6 +29,8 @@
 //   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight),
 //   swap_16x256 four (256 rows, 32 KB per stage, 5 stages), which streams 104-113 GB/s per SM
 //   at 8-16 SMs on the H200 (the read curve gives 114-125) where swap_16x128 takes 66-68.
+//   swap_32x256 is that tile with 32 activation rows (m64n32, two accumulator sets) for
+//   17 <= M <= 32, where a 64-row A tile does twice the math and, on few SMs, is bound by it.
 // * gemm_mma_* (every GPU from sm_80 on): all 8 warps copy tiles with cp.async into a ring of
 //   stages (the same 128-byte XOR swizzle, so ldmatrix reads are free of bank conflicts) and
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The

@@ -16,7 +16,8 @@
 //!   [`GemmKernel::WgmmaSwap16x256`] put the weight rows on wgmma's 64-row side, so that a
 //!   decode-sized GEMM streams its weight without 64-row padding math; each consumer warpgroup's
 //!   wgmmas run one at a time at their latency, so the widest tile's four consumers are what let
-//!   one SM stream at the read curve.
+//!   one SM stream at the read curve. [`GemmKernel::WgmmaSwap32x256`] does the same for
+//!   17 ≤ M ≤ 32 (the decode batches a decode lane beside prefill runs on a few SMs).
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!

@@ -125,6 +125,10 @@ pub enum GemmKernel {
     /// four consumer warpgroups: a swapped consumer's wgmmas run one at a time at their latency,
     /// so four of them keep four times the weight in flight through the tensor cores.
     WgmmaSwap16x256,
+    /// sm_90a: 16 rows of A × 192 rows of B, transposed with three consumer warpgroups: 32 tiles
+    /// of Llama-3.1-8B's 6144-row QKV weight, one wave on 32 SMs and two even ones on 16, where
+    /// 24 tiles of 256 rows leave 8 CTAs idle or make one and a half waves.
+    WgmmaSwap16x192,
     /// sm_90a: 32 rows of A × 256 rows of B, transposed with four consumer warpgroups like
     /// [`GemmKernel::WgmmaSwap16x256`] (wgmma m64n32): 17 ≤ M ≤ 32, where a 64-row tile spends
     /// half its math on padding and, at small budgets, streams its weight slower than the SM can
@@ -159,7 +163,7 @@ enum Family {
 
 impl GemmKernel {
     /// The Hopper kernels, largest tiles first (the planner settles near-ties in this order).
-    pub const HOPPER: [GemmKernel; 9] = [
+    pub const HOPPER: [GemmKernel; 10] = [
         GemmKernel::Wgmma128x256,
         GemmKernel::Wgmma128x128,
         GemmKernel::Wgmma64x256,
@@ -167,6 +171,7 @@ impl GemmKernel {
         GemmKernel::Wgmma64x64,
         GemmKernel::WgmmaSwap16x64,
         GemmKernel::WgmmaSwap16x128,
+        GemmKernel::WgmmaSwap16x192,
         GemmKernel::WgmmaSwap16x256,
         GemmKernel::WgmmaSwap32x256,
     ];
@@ -197,6 +202,7 @@ impl GemmKernel {
             GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
             GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap16x192 => ("gemm_wgmma_swap_16x192", 16, 192, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x256 => ("gemm_wgmma_swap_16x256", 16, 256, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap32x256 => ("gemm_wgmma_swap_32x256", 32, 256, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),

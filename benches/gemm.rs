@@ -11,7 +11,7 @@
 //! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
 //! whole run fits in a few minutes.
 //!
-//! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 64) of Llama-3.1-8B,
+//! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 32, 64) of Llama-3.1-8B,
 //! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick (with its split of K)
 //! and what it measured, and cuBLAS. A third times one 128 MB weight at M = 1 with rows (K) of
 //! 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
@@ -412,7 +412,7 @@ const DECODE_SHAPES: [(&str, usize, usize); 12] = [
     ("Qwen2.5-14B down", 13824, 5120),
 ];
 /// Decode batch sizes: the rows of A.
-const DECODE_MS: [usize; 3] = [1, 16, 64];
+const DECODE_MS: [usize; 4] = [1, 16, 32, 64];
 
 /// Every kernel that runs on this device, on every decode-sized GEMM of [`DECODE_SHAPES`] at every
 /// budget, next to the planner's pick, cuBLAS at the same budget and the streaming read: which tile

@@ -29,6 +29,10 @@
 //   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 10 stages in flight),
 //   swap_16x256 four (256 rows, 32 KB per stage, 5 stages), which streams 104-113 GB/s per SM
 //   at 8-16 SMs on the H200 (the read curve gives 114-125) where swap_16x128 takes 66-68.
+//   swap_32x256 is that tile with 32 activation rows (m64n32, two accumulator sets) for
+//   17 <= M <= 32, where a 64-row A tile does twice the math and, on few SMs, is bound by it;
+//   swap_16x192 has three consumers, for weights whose 256-row tiles make uneven waves (Llama's
+//   6144-row QKV: 24 tiles on 16 or 32 CTAs, 32 of 192 rows).
 // * gemm_mma_* (every GPU from sm_80 on): all 8 warps copy tiles with cp.async into a ring of
 //   stages (the same 128-byte XOR swizzle, so ldmatrix reads are free of bank conflicts) and
 //   compute with mma.sync m16n8k16; the loads also run ahead across tile boundaries. The
@@ -420,10 +424,11 @@ struct WgmmaConfig {
     // Independent accumulator sets of a consumer: the 4 wgmmas of a K block go round-robin into
     // them and are summed in the epilogue. A chain of dependent wgmma m64n16k16 runs at their
     // latency (~85 clocks each: 8 KB of weight per ~340 clocks, ~47 GB/s per SM), not at their
-    // throughput, so the narrow swapped tiles keep 4 chains in flight; wide ones are math-bound.
-    static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : 1;
-    static_assert(MMA_ROWS % 64 == 0 && (CONSUMERS <= 2 || (SWAP && CONSUMERS == 4)),
-                  "one or two consumer warpgroups of 64 rows, or four of the swapped n16 tile");
+    // throughput, so the narrow swapped tiles keep 4 chains in flight (n32: 2, which holds the
+    // same 32 accumulators); wide ones are math-bound.
+    static constexpr int ACC_SETS = MMA_N <= 16 ? BK / 16 : MMA_N <= 32 ? BK / 32 : 1;
+    static_assert(MMA_ROWS % 64 == 0 && (CONSUMERS <= 2 || (SWAP && CONSUMERS <= 4)),
+                  "one or two consumer warpgroups of 64 rows, or three or four of a swapped tile");
     // With two consumers (128 x 256 tiles: 128 accumulators each), the producer warpgroup gives
     // them its registers. Four (swapped, 32 accumulators each) fit the even split.
     static constexpr int PRODUCER_REGS = 40, CONSUMER_REGS = 232;
@@ -799,4 +804,6 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_64x64, 64, 64, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_64x256, 64, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x64, 16, 64, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x128, 16, 128, true)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x192, 16, 192, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x256, 16, 256, true)
+NEXUS_GEMM_WGMMA(gemm_wgmma_swap_32x256, 32, 256, true)

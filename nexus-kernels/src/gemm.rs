@@ -16,7 +16,8 @@
 //!   [`GemmKernel::WgmmaSwap16x256`] put the weight rows on wgmma's 64-row side, so that a
 //!   decode-sized GEMM streams its weight without 64-row padding math; each consumer warpgroup's
 //!   wgmmas run one at a time at their latency, so the widest tile's four consumers are what let
-//!   one SM stream at the read curve.
+//!   one SM stream at the read curve. [`GemmKernel::WgmmaSwap32x256`] does the same for
+//!   17 ≤ M ≤ 32 (the decode batches a decode lane beside prefill runs on a few SMs).
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!
@@ -124,6 +125,15 @@ pub enum GemmKernel {
     /// four consumer warpgroups: a swapped consumer's wgmmas run one at a time at their latency,
     /// so four of them keep four times the weight in flight through the tensor cores.
     WgmmaSwap16x256,
+    /// sm_90a: 16 rows of A × 192 rows of B, transposed with three consumer warpgroups: 32 tiles
+    /// of Llama-3.1-8B's 6144-row QKV weight, one wave on 32 SMs and two even ones on 16, where
+    /// 24 tiles of 256 rows leave 8 CTAs idle or make one and a half waves.
+    WgmmaSwap16x192,
+    /// sm_90a: 32 rows of A × 256 rows of B, transposed with four consumer warpgroups like
+    /// [`GemmKernel::WgmmaSwap16x256`] (wgmma m64n32): 17 ≤ M ≤ 32, where a 64-row tile spends
+    /// half its math on padding and, at small budgets, streams its weight slower than the SM can
+    /// read it.
+    WgmmaSwap32x256,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -153,7 +163,7 @@ enum Family {
 
 impl GemmKernel {
     /// The Hopper kernels, largest tiles first (the planner settles near-ties in this order).
-    pub const HOPPER: [GemmKernel; 8] = [
+    pub const HOPPER: [GemmKernel; 10] = [
         GemmKernel::Wgmma128x256,
         GemmKernel::Wgmma128x128,
         GemmKernel::Wgmma64x256,
@@ -161,7 +171,9 @@ impl GemmKernel {
         GemmKernel::Wgmma64x64,
         GemmKernel::WgmmaSwap16x64,
         GemmKernel::WgmmaSwap16x128,
+        GemmKernel::WgmmaSwap16x192,
         GemmKernel::WgmmaSwap16x256,
+        GemmKernel::WgmmaSwap32x256,
     ];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
@@ -190,7 +202,9 @@ impl GemmKernel {
             GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
             GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap16x192 => ("gemm_wgmma_swap_16x192", 16, 192, Wgmma { swap: true }),
             GemmKernel::WgmmaSwap16x256 => ("gemm_wgmma_swap_16x256", 16, 256, Wgmma { swap: true }),
+            GemmKernel::WgmmaSwap32x256 => ("gemm_wgmma_swap_32x256", 32, 256, Wgmma { swap: true }),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
@@ -292,10 +306,10 @@ const WGMMA_MACS_PER_CLOCK: f64 = 2048.0;
 /// swapped tile, ~420 of 64 x 64, ~460 of 64 x 128, each one chain of 4 dependent wgmmas).
 const WGMMA_LATENCY: f64 = 80.0;
 const WGMMA_LATENCY_PER_N: f64 = 0.3;
-/// How much faster than one dependent chain of its 4 wgmmas a swapped (n16) kernel's K block
-/// runs. It keeps 4 accumulator sets so that the chains could overlap, but fitted to the H200
-/// table (bench-results/gemm-h200.md, every kernel at M = 1, 16, 64 and every budget) it is
-/// 0.85: they do not overlap, and a K block costs ~15% more (stage barriers, TMA issue). With the
+/// How much faster than one dependent chain of its 4 wgmmas a swapped (n16 or n32) kernel's K
+/// block runs. It keeps 4 accumulator sets (n32: 2) so that the chains could overlap, but fitted
+/// to the n16 tiles of the H200 table (bench-results/gemm-h200.md, every kernel at M = 1, 16, 64
+/// and every budget) it is 0.85: they do not overlap, and a K block costs ~15% more (stage barriers, TMA issue). With the
 /// earlier guess of 2 the planner took the swapped kernels where 64-row tiles streamed 1.2-1.6x
 /// faster (the model's picks then averaged 1.12x slower than the best kernel of the table's
 /// rows, 2.2x at worst; with 0.85, 1.01x and 1.14x).
@@ -338,7 +352,7 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
             let n = n as f64;
             let per_wgmma = (64.0 * n * 16.0 / WGMMA_MACS_PER_CLOCK).max(16.0 + n / 4.0);
             let efficiency = if n >= 256.0 { 0.95 } else { 0.85 };
-            let chains = if swap && n <= 16.0 { SWAP_CHAINS } else { 1.0 };
+            let chains = if swap && n <= 32.0 { SWAP_CHAINS } else { 1.0 };
             let latency = WGMMA_LATENCY + WGMMA_LATENCY_PER_N * n;
             let chain = 4.0 * per_wgmma.max(latency) / chains;
             (consumers * 4.0 * per_wgmma / efficiency).max(chain)
@@ -349,6 +363,17 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
             rows * s.bn as f64 * BK as f64 / (MMA_MACS_PER_CLOCK * 0.7)
         }
     }
+}
+
+/// Whether `kernel` is worth modelling at `m` rows of A: a swapped kernel only where one tile
+/// holds all of them. Its M tiles over the same weight rows run side by side (M fastest in the
+/// tile order), each streaming the whole weight through its own SM: on the H100 the swapped
+/// tiles at twice their rows measured 0.78-0.87x the 64-row tiles (M = 32 on the 16-row tiles,
+/// M = 64 on the 32-row one; bench-results/gemm-decode-h100.md), while the model, which counts
+/// the weight's bytes once, ranked them first.
+fn covers_m(kernel: GemmKernel, m: usize) -> bool {
+    let s = kernel.spec();
+    !matches!(s.family, Family::Wgmma { swap: true }) || m <= s.bm
 }
 
 /// Multiply-adds a tile issues per element of K (padding included): the tie-breaker of [`plan`].
@@ -467,7 +492,7 @@ fn plan_among(
     split_k: bool,
 ) -> GemmPlan {
     let mut best: Option<(GemmPlan, f64)> = None;
-    let options = candidates.iter().flat_map(|&kernel| {
+    let options = candidates.iter().filter(|&&kernel| covers_m(kernel, shape.m)).flat_map(|&kernel| {
         let splits = split_candidates(kernel, shape, budget).filter(move |&s| split_k || s == 1);
         splits.map(move |s| (kernel, s))
     });
@@ -825,8 +850,41 @@ mod tests {
             (64, 28672, 4096, 16, Wgmma64x256),
             (64, 7168, 5120, 16, Wgmma64x256),
         ];
-        // The table times each kernel unsplit: so is the choice checked here.
+        // The table times each kernel unsplit: so is the choice checked here, among the kernels
+        // it measured (the 16 x 192 and 32 x 256 swapped tiles came later).
+        let measured: Vec<GemmKernel> =
+            GemmKernel::HOPPER.into_iter().filter(|&k| k != WgmmaSwap16x192 && k != WgmmaSwap32x256).collect();
         let device = h200();
+        for (m, n, k, b, want) in cases {
+            let p = plan_among(&measured, shape(m, n, k), b, device.bandwidth(), false);
+            assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");
+        }
+    }
+
+    /// Decode-sized choices the H100 benchmark (bench-results/gemm-decode-h100.md: every kernel at
+    /// M = 1, 16, 32, 64 on Llama-3.1-8B's projections) measured at least 1.1x faster than any other
+    /// kernel: the three-consumer swapped tile where its 32 tiles of the QKV weight (or 22 of the
+    /// output and down ones) fill the budget's waves, the 32-row swapped tile for 17 <= M <= 32 on
+    /// few SMs, and 64-row tiles where a swapped tile would need two M tiles. Over the table's 128
+    /// rows the unsplit picks reach 0.994 of the row's best kernel on average, 0.92 at worst.
+    #[test]
+    fn measured_better_decode_choices_on_the_h100() {
+        use GemmKernel::*;
+        let cases = [
+            (1, 6144, 4096, 16, WgmmaSwap16x192),
+            (16, 6144, 4096, 32, WgmmaSwap16x192),
+            (16, 4096, 4096, 24, WgmmaSwap16x192),
+            (1, 4096, 14336, 24, WgmmaSwap16x192),
+            (32, 6144, 4096, 8, WgmmaSwap32x256),
+            (32, 4096, 4096, 16, WgmmaSwap32x256),
+            (32, 28672, 4096, 16, WgmmaSwap32x256),
+            (32, 4096, 14336, 24, WgmmaSwap32x256),
+            (32, 6144, 4096, 48, Wgmma64x128),
+            (32, 4096, 4096, 32, Wgmma64x128),
+            (64, 6144, 4096, 64, Wgmma64x128),
+            (64, 4096, 14336, 48, Wgmma64x128),
+        ];
+        let device = h100();
         for (m, n, k, b, want) in cases {
             let p = plan_among(&GemmKernel::HOPPER, shape(m, n, k), b, device.bandwidth(), false);
             assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");

@@ -447,7 +447,8 @@ fn split_candidates(kernel: GemmKernel, shape: GemmShape, budget: u32) -> impl I
 /// waves (`ceil(tiles / ctas)`, DeepGEMM-style) × K blocks × the larger of a K block's tensor-core
 /// time and its L2 fill time, and (b) the DRAM time of A, B and C at the bandwidth the device's
 /// curve gives `ctas` CTAs, plus half the smaller of the two (the overlap the ring does not
-/// achieve). Near-ties go to the candidate that issues less math (less padding).
+/// achieve). Near-ties go to the candidate that issues less math (less padding). A swapped tile is
+/// a candidate only where its rows hold all of M.
 /// A wgmma candidate whose tiles are fewer than the budget is also modelled with K split in 2 to
 /// [`MAX_SPLITS`] parts (work units = tiles × splits, in as many waves), paying for its partial
 /// sums' round trip through L2 and a fixed synchronization cost.

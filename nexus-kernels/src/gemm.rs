@@ -855,9 +855,18 @@ mod tests {
         // it measured (the 16 x 192 and 32 x 256 swapped tiles came later).
         let measured: Vec<GemmKernel> =
             GemmKernel::HOPPER.into_iter().filter(|&k| k != WgmmaSwap16x192 && k != WgmmaSwap32x256).collect();
-        let device = h200();
-        for (m, n, k, b, want) in cases {
-            let p = plan_among(&measured, shape(m, n, k), b, device.bandwidth(), false);
+        assert_unsplit_picks(&measured, &h200(), &cases);
+    }
+
+    /// Checks that the unsplit plan among `candidates` on `device` picks the kernel each case
+    /// names: (m, n, k, budget, kernel).
+    fn assert_unsplit_picks(
+        candidates: &[GemmKernel],
+        device: &DeviceModel,
+        cases: &[(usize, usize, usize, u32, GemmKernel)],
+    ) {
+        for &(m, n, k, b, want) in cases {
+            let p = plan_among(candidates, shape(m, n, k), b, device.bandwidth(), false);
             assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");
         }
     }
@@ -885,11 +894,7 @@ mod tests {
             (64, 6144, 4096, 64, Wgmma64x128),
             (64, 4096, 14336, 48, Wgmma64x128),
         ];
-        let device = h100();
-        for (m, n, k, b, want) in cases {
-            let p = plan_among(&GemmKernel::HOPPER, shape(m, n, k), b, device.bandwidth(), false);
-            assert_eq!(p.kernel, want, "m = {m}, {k} x {n}, budget {b}: {p:?}");
-        }
+        assert_unsplit_picks(&GemmKernel::HOPPER, &h100(), &cases);
     }
 
     /// Split choices the H200 benchmark (bench-results/gemm-h200.md, eleventh round) measured

@@ -873,10 +873,11 @@ mod tests {
 
     /// Decode-sized choices the H100 benchmark (bench-results/gemm-decode-h100.md: every kernel at
     /// M = 1, 16, 32, 64 on Llama-3.1-8B's projections) measured at least 1.1x faster than any other
-    /// kernel: the three-consumer swapped tile where its 32 tiles of the QKV weight (or 22 of the
-    /// output and down ones) fill the budget's waves, the 32-row swapped tile for 17 <= M <= 32 on
-    /// few SMs, and 64-row tiles where a swapped tile would need two M tiles. Over the table's 128
-    /// rows the unsplit picks reach 0.994 of the row's best kernel on average, 0.92 at worst.
+    /// kernel in two calls on two machines: the three-consumer swapped tile where its 32 tiles of
+    /// the QKV weight (or 22 of the output and down ones) fill the budget's waves, the 32-row
+    /// swapped tile for 17 <= M <= 32 on few SMs, and 64-row tiles where a swapped tile would need
+    /// two M tiles. Over the first call's 128 rows the unsplit picks reach 0.994 of the row's best
+    /// kernel on average, 0.92 at worst.
     #[test]
     fn measured_better_decode_choices_on_the_h100() {
         use GemmKernel::*;

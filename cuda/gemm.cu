@@ -17,7 +17,8 @@
 //   and one or two consumer warpgroups run wgmma on each stage straight from shared memory,
 //   keeping one wgmma group in flight, and hand the stage back on an `empty` mbarrier. The
 //   producer runs ahead across tile boundaries, so the next tile's loads overlap the current
-//   tile's epilogue. Each CTA's first tile is its own (CTA i takes tile i; the counter hands out
+//   tile's epilogue, which each consumer warp stores through a buffer of its own after the ring
+//   (store_rows_staged). Each CTA's first tile is its own (CTA i takes tile i; the counter hands out
 //   the rest), so the producer can request that tile's first ring of B before the previous
 //   kernel has finished (dependent launch: see wait_for_previous_kernel in common.cuh). The
 //   `swap` kernel computes the tile transposed (weight rows on wgmma's 64-row side, activation
@@ -411,6 +412,11 @@ constexpr int wgmma_threads(int bm, int bn, bool swap) { return 128 * (1 + (swap
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// A consumer warp's epilogue buffer in the plain tiles (after the ring; the launcher sizes it, the
+// swapped tiles store their few rows directly): its 16 rows of C, 64 columns (128 bytes) at a time.
+constexpr int STAGING_ROWS = 16;
+constexpr int STAGING_BYTES_PER_WARP = STAGING_ROWS * ROW_BYTES;
+
 // Tiles of BM (rows of A) x BN (rows of B); SWAP puts B's rows on wgmma's M side.
 template <int BM, int BN, bool SWAP>
 struct WgmmaConfig {
@@ -462,6 +468,49 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
         "[%5];\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(z), "r"(bar)
         : "memory");
+}
+
+// Stores a consumer warp's 16 rows x COLS columns of C (rows row0.., columns col0.. of a row-major
+// C with `width` columns, `m` rows) through its staging buffer at `staging`. pair(h, j) gives the
+// thread's two values of row lane / 4 + 8h, columns 8j + 2 (lane % 4) and + 1 (wgmma's accumulator
+// layout), packed as bf16. Stored straight from the accumulators, each 4-byte store of a warp hit
+// 8 rows, so 8 partly written sectors, 64 such stores per thread for a 128 x 256 tile, while the
+// tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even on 8 SMs, the K = 14336 one
+// (3.5x the math per tile) 0.98x. Here the warp writes 64 columns of its rows to shared memory
+// (swizzled: the 8 rows of one store fall in 8 bank groups), then reads them back as 16-byte
+// pieces along the rows, so each store of the warp writes 4 whole 128-byte rows of C: 0.92-0.97x
+// the time at K = 4096 on the H200, and as fast as with no global stores at all
+// (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
+template <int COLS, typename Pair>
+__device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __restrict__ c, int m, int width, int row0,
+                                                  int col0, int lane, Pair pair) {
+    constexpr int BLOCKS = COLS / 8;                          // 8-column blocks of the rows
+    constexpr int CHUNK = BLOCKS < 8 ? BLOCKS : 8;            // blocks staged at a time
+    constexpr int PIECES = STAGING_ROWS * CHUNK / 32;         // 16-byte pieces per thread per chunk
+    static_assert(BLOCKS % CHUNK == 0 && PIECES >= 1, "whole chunks of 32 to 64 columns");
+#pragma unroll
+    for (int j0 = 0; j0 < BLOCKS; j0 += CHUNK) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int j = 0; j < CHUNK; ++j) {
+                const uint32_t at = staging + swizzled<ROW_BYTES>(lane / 4 + 8 * h, j) + (lane % 4) * 4;
+                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pair(h, j0 + j)) : "memory");
+            }
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            const int piece = i * 32 + lane, row = piece / CHUNK, block = piece % CHUNK;
+            uint4 v;
+            asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                         : "r"(staging + swizzled<ROW_BYTES>(row, block))
+                         : "memory");
+            const int r = row0 + row, col = col0 + (j0 + block) * 8;
+            if (r < m && col < width) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
+        }
+        __syncwarp();  // every lane has read the chunk before the next one overwrites it
+    }
 }
 
 // Named barrier 1 of the consumer warpgroups (the producer's have returned or wait elsewhere).
@@ -689,27 +738,23 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             // (+ 1 for odd e) of its N side.
             const int r0 = consumer * 64 + warp * 16 + (lane >> 2);
             const int c0 = (lane & 3) * 2;
+            const int warp_row0 = mt * BM + consumer * 64 + warp * 16;  // the plain tiles' first row of this warp
+            const uint32_t staging =
+                ring + STAGES * C::STAGE_BYTES + (consumer * 4 + warp) * STAGING_BYTES_PER_WARP;
             if (epilogue == SILU_AND_MUL) {
                 const int width = n / 2;
                 if constexpr (!SWAP) {
                     // Column block j (gate) and j + U (up): accumulators 4j + e and 4(j + U) + e,
-                    // e = 2h, 2h + 1 for row + 8h. The row test comes first, outside the column
-                    // loop, so warps whose rows are all past M (most of them at decode's M) branch
-                    // over the SiLU math instead of computing it under a false predicate.
+                    // e = 2h, 2h + 1 for row + 8h. Warps whose rows are all past M (most of them
+                    // at decode's M) skip the SiLU math.
                     constexpr int U = C::MMA_N / 16;
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int row = mt * BM + r0 + 8 * h;
-                        if (row >= m) break;
-#pragma unroll
-                        for (int j = 0; j < U; ++j) {
-                            const int col = nt * (BN / 2) + j * 8 + c0;
-                            const int g = 4 * j + 2 * h, u = 4 * (j + U) + 2 * h;
-                            if (col < width)
-                                store_pair(c + (size_t)row * width + col, silu_mul(acc[g], acc[u]),
-                                           silu_mul(acc[g + 1], acc[u + 1]));
-                        }
-                    }
+                    if (warp_row0 < m)
+                        store_rows_staged<C::MMA_N / 2>(staging, c, m, width, warp_row0, nt * (BN / 2), lane,
+                                                        [&](int h, int j) {
+                                                            const int g = 4 * j + 2 * h, u = 4 * (j + U) + 2 * h;
+                                                            return nexus::pack_bf16(silu_mul(acc[g], acc[u]),
+                                                                                    silu_mul(acc[g + 1], acc[u + 1]));
+                                                        });
                 } else {
                     // M-side rows r0 (gate) and r0 + 8 (up): accumulators 4j + e and 4j + e + 2.
                     const int col = gated_col(nt * BN + r0);
@@ -727,17 +772,12 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 continue;
             }
             if constexpr (!SWAP) {
-                const int row = mt * BM + r0;
-#pragma unroll
-                for (int j = 0; j < C::MMA_N / 8; ++j) {
-                    const int col = nt * BN + j * 8 + c0;
-                    if (col < n) {
-                        const float2 bb = bias_pair(bias, col);
-                        if (row < m) store_pair(c + (size_t)row * n + col, acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y);
-                        if (row + 8 < m)
-                            store_pair(c + (size_t)(row + 8) * n + col, acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y);
-                    }
-                }
+                if (warp_row0 < m)
+                    store_rows_staged<C::MMA_N>(staging, c, m, n, warp_row0, nt * BN, lane, [&](int h, int j) {
+                        const int col = nt * BN + j * 8 + c0;
+                        const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
+                        return nexus::pack_bf16(acc[4 * j + 2 * h] + bb.x, acc[4 * j + 2 * h + 1] + bb.y);
+                    });
             } else {
                 // Transposed: the M side runs along N (columns of C), the N side along M (rows).
                 const int col = nt * BN + r0;

@@ -12,7 +12,8 @@
 //!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
 //!   stages (4 to 16 of them, 192 KB in all), and one or two consumer warpgroups multiply them
 //!   with `wgmma` and hand the stages back through mbarriers. The producer runs ahead across tile
-//!   boundaries. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`], [`GemmKernel::WgmmaSwap16x128`] and
+//!   boundaries. Each consumer warp stores its rows of C through 2 KB of shared memory after the
+//!   ring, as whole 128-byte rows. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`], [`GemmKernel::WgmmaSwap16x128`] and
 //!   [`GemmKernel::WgmmaSwap16x256`] put the weight rows on wgmma's 64-row side, so that a
 //!   decode-sized GEMM streams its weight without 64-row padding math; each consumer warpgroup's
 //!   wgmmas run one at a time at their latency, so the widest tile's four consumers are what let
@@ -82,6 +83,9 @@ const ALIGN_BYTES: u64 = 16;
 /// on stages.
 const WGMMA_RING_BYTES: usize = 192 * 1024;
 const WGMMA_MAX_STAGES: usize = 16;
+/// Shared memory of a plain (not swapped) wgmma kernel's epilogue after the ring, per consumer
+/// warp (`STAGING_BYTES_PER_WARP` in the source): 16 rows of 128 bytes.
+const WGMMA_STAGING_BYTES_PER_WARP: usize = 16 * 128;
 /// Threads of the mma kernels, and the largest `stages` argument they accept.
 const MMA_THREADS: u32 = 256;
 const MMA_MAX_STAGES: usize = 16;
@@ -740,8 +744,10 @@ fn launch(
         Family::Wgmma { swap } => {
             let stage_bytes = (spec.bm + spec.bn) * BK * 2;
             let stages = (WGMMA_RING_BYTES / stage_bytes).min(WGMMA_MAX_STAGES);
-            let smem = (stages * stage_bytes + 1024) as u32;
-            let threads = 128 * (1 + if swap { spec.bn } else { spec.bm } as u32 / 64);
+            let consumers = if swap { spec.bn } else { spec.bm } / 64;
+            let staging = if swap { 0 } else { consumers * 4 * WGMMA_STAGING_BYTES_PER_WARP };
+            let smem = (stages * stage_bytes + staging + 1024) as u32;
+            let threads = 128 * (1 + consumers as u32);
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
             let map_b = match epilogue {
                 Epilogue::Store => matrix_map(b_ptr, n, k, spec.bn)?,

@@ -21,6 +21,10 @@
 //! and the epilogue's math cost the GEMM (the plain launch stores twice the output, and a separate
 //! SiLU-and-mul launch would then read it back).
 //!
+//! A fifth times Llama-3.1-8B's projections at a prefill-lane iteration's M (2048, 8192) on the
+//! budgets a prefill lane gets beside decode (88-116 SMs), every wide tile with its waves: what
+//! wave quantization costs the prefill lane.
+//!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
 //! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
@@ -226,6 +230,7 @@ fn main() {
     decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
     weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
     silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
+    prefill_lane(&gpu, &stream, &blas, &pool, &mut out);
     c.final_summary();
 }
 
@@ -318,6 +323,97 @@ fn silu_and_mul_epilogue(
         }
     }
     report.finish(gpu, "gemm-silu");
+}
+
+/// Prompt tokens of one prefill-lane iteration: the controller's 2048, and 8192 with a backlog.
+const PREFILL_LANE_MS: [usize; 2] = [2048, 8192];
+/// The budgets the prefill lane ran on beside decode in the controller's experiment (88-116 SMs).
+const PREFILL_LANE_BUDGETS: [u32; 8] = [88, 92, 96, 100, 104, 108, 112, 116];
+/// The tiles a prefill-sized GEMM can use.
+const WIDE_KERNELS: [GemmKernel; 3] = [GemmKernel::Wgmma128x256, GemmKernel::Wgmma128x128, GemmKernel::Wgmma64x256];
+
+/// Llama-3.1-8B's four projections at a prefill-lane iteration's M, on the budgets the prefill
+/// lane gets beside decode: the planned launch, each wide tile unsplit with its waves (tiles over
+/// the budget, rounded up) and how full its last wave is, and cuBLAS at the same budget. Where a
+/// last wave leaves SMs idle (256 tiles of the output and down projections at M = 2048 make 3
+/// waves on 88-124 SMs), and whether the plan picks the fastest tile there (`gemm-prefill-lane.md`
+/// with `NEXUS_BENCH_OUT`; cases `gemm-prefill-lane/<shape>/m <M>/budget <SMs>`). Hopper only.
+fn prefill_lane(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    blas: &CudaBlas,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) {
+    if gpu.target() != PtxTarget::Sm90a {
+        return;
+    }
+    let names: Vec<String> = WIDE_KERNELS.iter().map(|k| format!("{k:?} TFLOP/s (waves, last full)")).collect();
+    let mut header = vec![
+        "layer (K x N)",
+        "M",
+        "budget",
+        "cuBLAS@budget TFLOP/s",
+        "planner's pick",
+        "planned TFLOP/s",
+        "planned / cuBLAS",
+    ];
+    header.extend(names.iter().map(String::as_str));
+    let report =
+        Report::new("Prefill-lane GEMMs: the wide tiles on the prefill lane's budgets (TFLOP/s = 2MNK / t)", &header);
+    let budgets: Vec<CtaBudget> = PREFILL_LANE_BUDGETS.iter().filter_map(|&b| CtaBudget::new(b, gpu).ok()).collect();
+    for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.starts_with("Llama")) {
+        for m in PREFILL_LANE_MS {
+            let shape = GemmShape { m, n, k };
+            let case = |budget: CtaBudget| format!("gemm-prefill-lane/{layer}/m {m}/budget {}", budget.get());
+            if !budgets.iter().any(|&b| selected(&case(b))) {
+                continue;
+            }
+            let views = rotated_operands(pool, m * k, n * k);
+            let copies = views.len();
+            let flops = 2.0 * (m * n * k) as f64;
+            for &budget in &budgets {
+                if !selected(&case(budget)) {
+                    continue;
+                }
+                let ctx = phase(gpu, stream, budget);
+                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
+                let planned = median_gpu_time(stream, |i| {
+                    let (a, b) = &views[i as usize % copies];
+                    gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
+                })
+                .as_secs_f64();
+                let mut row = vec![
+                    format!("{layer} ({k} x {n})"),
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{:.1}", flops / cublas / 1e12),
+                    plan_label(&gemm::plan(shape, budget, gpu.model())),
+                    format!("{:.1}", flops / planned / 1e12),
+                    format!("{:.2}", planned / cublas),
+                ];
+                for kernel in WIDE_KERNELS {
+                    let t = median_gpu_time(stream, |i| {
+                        let (a, b) = &views[i as usize % copies];
+                        gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace)
+                            .expect("gemm");
+                    })
+                    .as_secs_f64();
+                    let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
+                    let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
+                    row.push(format!(
+                        "{:.1} ({}, {:.0}%)",
+                        flops / t / 1e12,
+                        tiles.div_ceil(ctas),
+                        100.0 * last as f64 / ctas as f64
+                    ));
+                }
+                report.add(row);
+            }
+        }
+    }
+    report.finish(gpu, "gemm-prefill-lane");
 }
 
 /// Elements of the weight in [`weight_row_length`]: 128 MB of bf16 whatever its shape.

@@ -38,9 +38,9 @@ use common::*;
 use cudarc::cublas::{CudaBlas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
-use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu};
+use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -124,6 +124,28 @@ fn cublas_time(
     let t = median_gpu_time(stream, &mut launch).as_secs_f64();
     set_sm_target(blas, 0);
     t
+}
+
+/// Median time of our plain GEMM on `shape` under `ctx`'s budget, rotating over `views`: with
+/// `config`, or as [`gemm::gemm`] plans it at every launch (`None`).
+fn gemm_time(
+    ctx: &PhaseContext,
+    config: Option<GemmConfig>,
+    views: &[(CudaView<'_, bf16>, CudaView<'_, bf16>)],
+    out: &mut CudaSlice<bf16>,
+    shape: GemmShape,
+    workspace: &mut GemmWorkspace,
+) -> f64 {
+    median_gpu_time(ctx.stream(), |i| {
+        let (a, b) = &views[i as usize % views.len()];
+        let c = &mut out.slice_mut(..shape.m * shape.n);
+        match config {
+            Some(config) => gemm::gemm_with(ctx, config, a, b, None, c, shape, workspace),
+            None => gemm::gemm(ctx, a, b, None, c, shape, workspace),
+        }
+        .expect("gemm");
+    })
+    .as_secs_f64()
 }
 
 fn main() {
@@ -289,12 +311,7 @@ fn silu_and_mul_epilogue(
                 let planned = gemm::plan(shape, budget, gpu.model());
                 for &kernel in &kernels {
                     let config = kernel.map_or_else(|| planned.config(), Into::into);
-                    let plain = median_gpu_time(stream, |i| {
-                        let (a, b) = &views[i as usize % copies];
-                        let c = &mut out.slice_mut(..m * n);
-                        gemm::gemm_with(&ctx, config, a, b, None, c, shape, &mut workspace).expect("gemm");
-                    })
-                    .as_secs_f64();
+                    let plain = gemm_time(&ctx, Some(config), &views, out, shape, &mut workspace);
                     let fused = median_gpu_time(stream, |i| {
                         let (a, b) = &views[i as usize % copies];
                         let c = &mut out.slice_mut(..m * n / 2);
@@ -370,7 +387,6 @@ fn prefill_lane(
                 continue;
             }
             let views = rotated_operands(pool, m * k, n * k);
-            let copies = views.len();
             let flops = 2.0 * (m * n * k) as f64;
             for &budget in &budgets {
                 if !selected(&case(budget)) {
@@ -379,11 +395,7 @@ fn prefill_lane(
                 let ctx = phase(gpu, stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
                 let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
-                let planned = median_gpu_time(stream, |i| {
-                    let (a, b) = &views[i as usize % copies];
-                    gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
-                })
-                .as_secs_f64();
+                let planned = gemm_time(&ctx, None, &views, out, shape, &mut workspace);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
                     m.to_string(),
@@ -394,12 +406,7 @@ fn prefill_lane(
                     format!("{:.2}", planned / cublas),
                 ];
                 for kernel in WIDE_KERNELS {
-                    let t = median_gpu_time(stream, |i| {
-                        let (a, b) = &views[i as usize % copies];
-                        gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace)
-                            .expect("gemm");
-                    })
-                    .as_secs_f64();
+                    let t = gemm_time(&ctx, Some(kernel.into()), &views, out, shape, &mut workspace);
                     let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
                     let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
                     row.push(format!(
@@ -447,7 +454,6 @@ fn weight_row_length(
         let n = ROW_LENGTH_WEIGHT / k;
         let shape = GemmShape { m: 1, n, k };
         let views = rotated_operands(pool, k, n * k);
-        let copies = views.len();
         let bytes = 2.0 * (k + n * k + n) as f64;
         for &budget in budgets {
             if !selected(&format!("gemm-row/k {k}/budget {}", budget.get())) {
@@ -463,12 +469,7 @@ fn weight_row_length(
                 format!("{:.1}", stream_read.at(budget.get()) / budget.get() as f64 / 1e9),
             ];
             for &kernel in &kernels {
-                let t = median_gpu_time(stream, |i| {
-                    let (a, b) = &views[i as usize % copies];
-                    gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..n), shape, &mut workspace)
-                        .expect("gemm");
-                })
-                .as_secs_f64();
+                let t = gemm_time(&ctx, Some(kernel.into()), &views, out, shape, &mut workspace);
                 let ctas = (kernel.tiles(shape) as u32).min(budget.get());
                 row.push(per_sm(t, ctas));
             }
@@ -541,7 +542,6 @@ fn decode_sizes(
                 continue;
             }
             let views = rotated_operands(pool, m * k, n * k);
-            let copies = views.len();
             let bytes = 2.0 * (m * k + n * k + m * n) as f64;
             for &budget in budgets {
                 if !selected(&case(budget)) {
@@ -550,11 +550,7 @@ fn decode_sizes(
                 let ctx = phase(gpu, stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
                 let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
-                let planned = median_gpu_time(stream, |i| {
-                    let (a, b) = &views[i as usize % copies];
-                    gemm::gemm(&ctx, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
-                })
-                .as_secs_f64();
+                let planned = gemm_time(&ctx, None, &views, out, shape, &mut workspace);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
                     m.to_string(),
@@ -565,12 +561,7 @@ fn decode_sizes(
                     format!("{:.2}", bytes / planned / 1e12),
                 ];
                 for &kernel in &kernels {
-                    let t = median_gpu_time(stream, |i| {
-                        let (a, b) = &views[i as usize % copies];
-                        gemm::gemm_with(&ctx, kernel, a, b, None, &mut out.slice_mut(..m * n), shape, &mut workspace)
-                            .expect("gemm");
-                    })
-                    .as_secs_f64();
+                    let t = gemm_time(&ctx, Some(kernel.into()), &views, out, shape, &mut workspace);
                     row.push(format!("{:.2}", bytes / t / 1e12));
                 }
                 report.add(row);

@@ -148,6 +148,34 @@ fn gemm_time(
     .as_secs_f64()
 }
 
+/// Seconds of cuBLAS at `budget`, of the planned launch, and of each of `kernels` unsplit, on
+/// `shape` (in that order, each rotating over `views`).
+struct BudgetTimes {
+    cublas: f64,
+    planned: f64,
+    kernels: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments)] // the bench's shared buffers, then what is timed
+fn time_at_budget(
+    gpu: &Arc<Gpu>,
+    blas: &CudaBlas,
+    views: &[(CudaView<'_, bf16>, CudaView<'_, bf16>)],
+    out: &mut CudaSlice<bf16>,
+    stream: &Arc<CudaStream>,
+    shape: GemmShape,
+    budget: CtaBudget,
+    kernels: &[GemmKernel],
+) -> BudgetTimes {
+    let ctx = phase(gpu, stream, budget);
+    let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+    let cublas = cublas_time(blas, stream, views, out, shape, budget.get());
+    let planned = gemm_time(&ctx, None, views, out, shape, &mut workspace);
+    let kernels =
+        kernels.iter().map(|&kernel| gemm_time(&ctx, Some(kernel.into()), views, out, shape, &mut workspace)).collect();
+    BudgetTimes { cublas, planned, kernels }
+}
+
 fn main() {
     let (gpu, stream) = open();
     let mut c = criterion();
@@ -392,21 +420,17 @@ fn prefill_lane(
                 if !selected(&case(budget)) {
                     continue;
                 }
-                let ctx = phase(gpu, stream, budget);
-                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
-                let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
-                let planned = gemm_time(&ctx, None, &views, out, shape, &mut workspace);
+                let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &WIDE_KERNELS);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
                     m.to_string(),
                     budget.get().to_string(),
-                    format!("{:.1}", flops / cublas / 1e12),
+                    format!("{:.1}", flops / times.cublas / 1e12),
                     plan_label(&gemm::plan(shape, budget, gpu.model())),
-                    format!("{:.1}", flops / planned / 1e12),
-                    format!("{:.2}", planned / cublas),
+                    format!("{:.1}", flops / times.planned / 1e12),
+                    format!("{:.2}", times.planned / times.cublas),
                 ];
-                for kernel in WIDE_KERNELS {
-                    let t = gemm_time(&ctx, Some(kernel.into()), &views, out, shape, &mut workspace);
+                for (kernel, t) in WIDE_KERNELS.into_iter().zip(times.kernels) {
                     let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
                     let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
                     row.push(format!(
@@ -547,23 +571,17 @@ fn decode_sizes(
                 if !selected(&case(budget)) {
                     continue;
                 }
-                let ctx = phase(gpu, stream, budget);
-                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
-                let cublas = cublas_time(blas, stream, &views, out, shape, budget.get());
-                let planned = gemm_time(&ctx, None, &views, out, shape, &mut workspace);
+                let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
                     m.to_string(),
                     budget.get().to_string(),
                     format!("{:.2}", stream_read.at(budget.get()) / 1e12),
-                    format!("{:.2}", bytes / cublas / 1e12),
+                    format!("{:.2}", bytes / times.cublas / 1e12),
                     plan_label(&gemm::plan(shape, budget, gpu.model())),
-                    format!("{:.2}", bytes / planned / 1e12),
+                    format!("{:.2}", bytes / times.planned / 1e12),
                 ];
-                for &kernel in &kernels {
-                    let t = gemm_time(&ctx, Some(kernel.into()), &views, out, shape, &mut workspace);
-                    row.push(format!("{:.2}", bytes / t / 1e12));
-                }
+                row.extend(times.kernels.iter().map(|t| format!("{:.2}", bytes / t / 1e12)));
                 report.add(row);
             }
         }

@@ -148,6 +148,11 @@ fn gemm_time(
     .as_secs_f64()
 }
 
+/// The budgets, in order, whose case (named by `case`) [`selected`] lets run.
+fn selected_budgets(budgets: &[CtaBudget], case: impl Fn(CtaBudget) -> String) -> Vec<CtaBudget> {
+    budgets.iter().copied().filter(|&b| selected(&case(b))).collect()
+}
+
 /// Seconds of cuBLAS at `budget`, of the planned launch, and of each of `kernels` unsplit, on
 /// `shape` (in that order, each rotating over `views`).
 struct BudgetTimes {
@@ -230,16 +235,14 @@ fn main() {
             let shape_name = format!("{k} x {n}");
 
             let case = |budget: CtaBudget| format!("gemm/{k}x{n}/m {m}/budget {}", budget.get());
-            if !budgets.iter().any(|&b| selected(&case(b))) {
+            let chosen = selected_budgets(&budgets, case);
+            if chosen.is_empty() {
                 continue;
             }
             let cublas_all = cublas_time(&blas, &stream, &views, &mut out, shape, 0);
 
-            for &budget in &budgets {
+            for budget in chosen {
                 let case = case(budget);
-                if !selected(&case) {
-                    continue;
-                }
                 let ctx = phase(&gpu, &stream, budget);
                 let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
                 let plan = gemm::plan(shape, budget, gpu.model());
@@ -322,16 +325,16 @@ fn silu_and_mul_epilogue(
     for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.ends_with("gate/up")) {
         for m in SILU_MS {
             let shape = GemmShape { m, n, k };
-            let case = |budget: CtaBudget| format!("gemm-silu/{layer}/m {m}/budget {}", budget.get());
-            if !budgets.iter().any(|&b| selected(&case(b))) {
+            let chosen = selected_budgets(budgets, |budget| format!("gemm-silu/{layer}/m {m}/budget {}", budget.get()));
+            if chosen.is_empty() {
                 continue;
             }
             let views = rotated_operands(pool, m * k, n * k);
             let copies = views.len();
-            for &budget in budgets {
+            for budget in chosen {
                 // A prefill chunk on 8-48 SMs takes tens of milliseconds a launch, and prefill
                 // runs on the larger share of the split.
-                if !selected(&case(budget)) || (m >= 1024 && budget.get() < 64) {
+                if m >= 1024 && budget.get() < 64 {
                     continue;
                 }
                 let ctx = phase(gpu, stream, budget);
@@ -410,16 +413,14 @@ fn prefill_lane(
     for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.starts_with("Llama")) {
         for m in PREFILL_LANE_MS {
             let shape = GemmShape { m, n, k };
-            let case = |budget: CtaBudget| format!("gemm-prefill-lane/{layer}/m {m}/budget {}", budget.get());
-            if !budgets.iter().any(|&b| selected(&case(b))) {
+            let chosen =
+                selected_budgets(&budgets, |budget| format!("gemm-prefill-lane/{layer}/m {m}/budget {}", budget.get()));
+            if chosen.is_empty() {
                 continue;
             }
             let views = rotated_operands(pool, m * k, n * k);
             let flops = 2.0 * (m * n * k) as f64;
-            for &budget in &budgets {
-                if !selected(&case(budget)) {
-                    continue;
-                }
+            for budget in chosen {
                 let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &WIDE_KERNELS);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),
@@ -561,16 +562,14 @@ fn decode_sizes(
     for (layer, k, n) in DECODE_SHAPES {
         for m in DECODE_MS {
             let shape = GemmShape { m, n, k };
-            let case = |budget: CtaBudget| format!("gemm-decode/{layer}/m {m}/budget {}", budget.get());
-            if !budgets.iter().any(|&b| selected(&case(b))) {
+            let chosen =
+                selected_budgets(budgets, |budget| format!("gemm-decode/{layer}/m {m}/budget {}", budget.get()));
+            if chosen.is_empty() {
                 continue;
             }
             let views = rotated_operands(pool, m * k, n * k);
             let bytes = 2.0 * (m * k + n * k + m * n) as f64;
-            for &budget in budgets {
-                if !selected(&case(budget)) {
-                    continue;
-                }
+            for budget in chosen {
                 let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
                 let mut row = vec![
                     format!("{layer} ({k} x {n})"),

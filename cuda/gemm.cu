@@ -471,9 +471,10 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 }
 
 // Stores a consumer warp's 16 rows x COLS columns of C (rows row0.., columns col0.. of a row-major
-// C with `width` columns, `m` rows) through its staging buffer at `staging`. pair(h, j) gives the
-// thread's two values of row lane / 4 + 8h, columns 8j + 2 (lane % 4) and + 1 (wgmma's accumulator
-// layout), packed as bf16. Stored straight from the accumulators, each 4-byte store of a warp hit
+// C with `width` columns, `m` rows) through its staging buffer at `staging`. pairs(j) gives the
+// thread's values of columns 8j + 2 (lane % 4) and + 1 (wgmma's accumulator layout) in rows
+// lane / 4 (.x) and lane / 4 + 8 (.y), each pair packed as bf16: one call per column pair, so what
+// the two rows share (a bias pair) is read once. Stored straight from the accumulators, each 4-byte store of a warp hit
 // 8 rows, so 8 partly written sectors, 64 such stores per thread for a 128 x 256 tile, while the
 // tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even on 8 SMs, the K = 14336 one
 // (3.5x the math per tile) 0.98x. Here the warp writes 64 columns of its rows to shared memory
@@ -481,9 +482,9 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 // pieces along the rows, so each store of the warp writes 4 whole 128-byte rows of C: 0.92-0.97x
 // the time at K = 4096 on the H200, and as fast as with no global stores at all
 // (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
-template <int COLS, typename Pair>
+template <int COLS, typename Pairs>
 __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __restrict__ c, int m, int width, int row0,
-                                                  int col0, int lane, Pair pair) {
+                                                  int col0, int lane, Pairs pairs) {
     constexpr int BLOCKS = COLS / 8;                          // 8-column blocks of the rows
     constexpr int CHUNK = BLOCKS < 8 ? BLOCKS : 8;            // blocks staged at a time
     constexpr int PIECES = STAGING_ROWS * CHUNK / 32;         // 16-byte pieces per thread per chunk
@@ -491,12 +492,13 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
 #pragma unroll
     for (int j0 = 0; j0 < BLOCKS; j0 += CHUNK) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int j = 0; j < CHUNK; ++j) {
-                const uint32_t at = staging + swizzled<ROW_BYTES>(lane / 4 + 8 * h, j) + (lane % 4) * 4;
-                asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(pair(h, j0 + j)) : "memory");
-            }
+        for (int j = 0; j < CHUNK; ++j) {
+            const uint2 v = pairs(j0 + j);
+            const uint32_t at = staging + swizzled<ROW_BYTES>(lane / 4, j) + (lane % 4) * 4;
+            const uint32_t at8 = staging + swizzled<ROW_BYTES>(lane / 4 + 8, j) + (lane % 4) * 4;
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(v.x) : "memory");
+            asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at8), "r"(v.y) : "memory");
+        }
         __syncwarp();
 #pragma unroll
         for (int i = 0; i < PIECES; ++i) {
@@ -750,10 +752,13 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                     constexpr int U = C::MMA_N / 16;
                     if (warp_row0 < m)
                         store_rows_staged<C::MMA_N / 2>(staging, c, m, width, warp_row0, nt * (BN / 2), lane,
-                                                        [&](int h, int j) {
-                                                            const int g = 4 * j + 2 * h, u = 4 * (j + U) + 2 * h;
-                                                            return nexus::pack_bf16(silu_mul(acc[g], acc[u]),
-                                                                                    silu_mul(acc[g + 1], acc[u + 1]));
+                                                        [&](int j) {
+                                                            const int g = 4 * j, u = 4 * (j + U);
+                                                            return make_uint2(
+                                                                nexus::pack_bf16(silu_mul(acc[g], acc[u]),
+                                                                                 silu_mul(acc[g + 1], acc[u + 1])),
+                                                                nexus::pack_bf16(silu_mul(acc[g + 2], acc[u + 2]),
+                                                                                 silu_mul(acc[g + 3], acc[u + 3])));
                                                         });
                 } else {
                     // M-side rows r0 (gate) and r0 + 8 (up): accumulators 4j + e and 4j + e + 2.
@@ -773,10 +778,11 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
             if constexpr (!SWAP) {
                 if (warp_row0 < m)
-                    store_rows_staged<C::MMA_N>(staging, c, m, n, warp_row0, nt * BN, lane, [&](int h, int j) {
+                    store_rows_staged<C::MMA_N>(staging, c, m, n, warp_row0, nt * BN, lane, [&](int j) {
                         const int col = nt * BN + j * 8 + c0;
                         const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
-                        return nexus::pack_bf16(acc[4 * j + 2 * h] + bb.x, acc[4 * j + 2 * h + 1] + bb.y);
+                        return make_uint2(nexus::pack_bf16(acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y),
+                                          nexus::pack_bf16(acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y));
                     });
             } else {
                 // Transposed: the M side runs along N (columns of C), the N side along M (rows).

@@ -1007,6 +1007,9 @@ mod tests {
     /// earlier constants (L2 at 9 TB/s, the 128 x 128 tile at 0.85 of its math rate) the picks
     /// reached 0.975 of the row's best on average and 0.845 at worst: 128 x 256 tiles in 3 waves
     /// where 5 of 128 x 128 measured 10-18% faster (output, down and QKV at M = 2048, 104-116 SMs).
+    /// With the current constants (L2 at 11 TB/s, 0.90): 0.998 and 0.971; the 12 picks that
+    /// changed measured 1.05-1.21x faster in a run of both planners (bench-results/gemm-h100.md,
+    /// top section).
     #[test]
     fn picks_replayed_on_the_measured_prefill_lane_table() {
         let (mean, worst) = replay_table("gemm-h100.md", "### Prefill-lane GEMMs", &h100());

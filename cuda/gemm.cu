@@ -474,9 +474,9 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 // C with `width` columns, `m` rows) through its staging buffer at `staging`. pairs(j) gives the
 // thread's values of columns 8j + 2 (lane % 4) and + 1 (wgmma's accumulator layout) in rows
 // lane / 4 (.x) and lane / 4 + 8 (.y), each pair packed as bf16: one call per column pair, so what
-// the two rows share (a bias pair) is read once. Stored straight from the accumulators, each 4-byte store of a warp hit
-// 8 rows, so 8 partly written sectors, 64 such stores per thread for a 128 x 256 tile, while the
-// tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even on 8 SMs, the K = 14336 one
+// the two rows share (a bias pair) is read once. Stored straight from the accumulators, each
+// 4-byte store of a warp hit 8 rows, so 8 partly written sectors, 64 such stores per thread for a
+// 128 x 256 tile, while the tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even on 8 SMs, the K = 14336 one
 // (3.5x the math per tile) 0.98x. Here the warp writes 64 columns of its rows to shared memory
 // (swizzled: the 8 rows of one store fall in 8 bank groups), then reads them back as 16-byte
 // pieces along the rows, so each store of the warp writes 4 whole 128-byte rows of C: 0.92-0.97x

@@ -476,12 +476,12 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 // lane / 4 (.x) and lane / 4 + 8 (.y), each pair packed as bf16: one call per column pair, so what
 // the two rows share (a bias pair) is read once. Stored straight from the accumulators, each
 // 4-byte store of a warp hit 8 rows, so 8 partly written sectors, 64 such stores per thread for a
-// 128 x 256 tile, while the tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even on 8 SMs, the K = 14336 one
-// (3.5x the math per tile) 0.98x. Here the warp writes 64 columns of its rows to shared memory
-// (swizzled: the 8 rows of one store fall in 8 bank groups), then reads them back as 16-byte
-// pieces along the rows, so each store of the warp writes 4 whole 128-byte rows of C: 0.92-0.97x
-// the time at K = 4096 on the H200, and as fast as with no global stores at all
-// (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
+// 128 x 256 tile, while the tensor cores waited: the K = 4096 shapes ran 0.91-0.93x cuBLAS even
+// on 8 SMs, the K = 14336 one (3.5x the math per tile) 0.98x. Here the warp writes 64 columns
+// of its rows to shared memory (swizzled: the 8 rows of one store fall in 8 bank groups), then
+// reads them back as 16-byte pieces along the rows, so each store of the warp writes 4 whole
+// 128-byte rows of C: 0.92-0.97x the time at K = 4096 on the H200, and as fast as with no global
+// stores at all (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
 template <int COLS, typename Pairs>
 __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __restrict__ c, int m, int width, int row0,
                                                   int col0, int lane, Pairs pairs) {
@@ -495,7 +495,7 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
         for (int j = 0; j < CHUNK; ++j) {
             const uint2 v = pairs(j0 + j);
             const uint32_t at = staging + swizzled<ROW_BYTES>(lane / 4, j) + (lane % 4) * 4;
-            const uint32_t at8 = staging + swizzled<ROW_BYTES>(lane / 4 + 8, j) + (lane % 4) * 4;
+            const uint32_t at8 = at + 8 * ROW_BYTES;  // the swizzle depends on the row modulo 8
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at), "r"(v.x) : "memory");
             asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(at8), "r"(v.y) : "memory");
         }

@@ -44,7 +44,7 @@ use nexus_runtime::bench::workload::{
     random_trace, synthetic_requests, trace,
 };
 use nexus_runtime::bench::{ReplayReport, Slo, TimelineIteration, TimelineSummary, replay_requests};
-use nexus_runtime::engine::scheduler::PrefillTokens;
+use nexus_runtime::engine::scheduler::{PrefillPacking, PrefillTokens};
 use nexus_runtime::engine::{Engine, Schedule};
 use nexus_runtime::model::backend::{Backend, StepKind};
 use nexus_runtime::weights::loader;
@@ -259,10 +259,11 @@ impl Arm {
             Schedule::Chunked => Arm { name: Some("chunked".into()), prefill_sms: None },
             Schedule::Nexus(split) => Arm {
                 name: Some(format!(
-                    "nexus {}/{}{}",
+                    "nexus {}/{}{}{}",
                     split.prefill_sms,
                     sm_count.saturating_sub(split.prefill_sms),
-                    prefill_limit(split.prefill_tokens)
+                    prefill_limit(split.prefill_tokens),
+                    packing(split.prefill_packing)
                 )),
                 prefill_sms: Some(split.prefill_sms),
             },
@@ -278,7 +279,8 @@ impl Arm {
                     (Some(target), None) => format!(", {} ms target", ms(target)),
                     (None, _) => String::new(),
                 };
-                let name = format!("nexus controlled{target}{}", prefill_limit(control.prefill_tokens));
+                let (limit, packing) = (prefill_limit(control.prefill_tokens), packing(control.prefill_packing));
+                let name = format!("nexus controlled{target}{limit}{packing}");
                 Arm { name: Some(name), prefill_sms: None }
             }
         }
@@ -300,6 +302,14 @@ impl Arm {
 /// H200 runs of 2026-12-03 (150 requests) the runs that met their objective stayed within
 /// 0.83-1.01x of the lowest rate's growth; those that missed it on TTFT reached 1.21-2.51x.
 const QUEUE_GROWTH: f64 = 1.3;
+
+/// How an arm's name states its prefill packing, when it is not the default.
+fn packing(packing: PrefillPacking) -> &'static str {
+    match packing {
+        PrefillPacking::WholeFirst => "",
+        PrefillPacking::Fill => ", prompts chunked to fill iterations",
+    }
+}
 
 /// How an arm's name states its prefill iteration limit, when one was given.
 fn prefill_limit(prefill_tokens: Option<PrefillTokens>) -> String {

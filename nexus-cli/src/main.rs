@@ -18,7 +18,7 @@ use nexus_runtime::engine::generate::{GenerateOptions, generate_text};
 use nexus_runtime::engine::profile::{KernelsCheck, SavedProfile};
 use nexus_runtime::engine::sampling::{Penalties, SamplingParams};
 use nexus_runtime::engine::scheduler::controller::{BacklogTarget, ControllerConfig};
-use nexus_runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
+use nexus_runtime::engine::scheduler::{NexusConfig, PrefillPacking, PrefillTokens, SchedulerConfig};
 use nexus_runtime::engine::{DEFAULT_BLOCK_SIZE, Engine, EngineConfig, NexusControl, RequestOptions, Schedule};
 use nexus_runtime::kernels::Gpu;
 use nexus_runtime::model::LlamaModel;
@@ -358,6 +358,29 @@ struct EngineArgs {
     /// comma-separated, and runs each nexus schedule with each.
     #[arg(long, value_delimiter = ',', value_parser = parse_prefill_tokens)]
     prefill_tokens: Vec<PrefillTokens>,
+    /// With `--schedule nexus`: how a prefill iteration takes the prompts, shortest first.
+    #[arg(long, value_enum, default_value_t = PackingArg::WholeFirst)]
+    prefill_packing: PackingArg,
+}
+
+/// The `--prefill-packing` values.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum PackingArg {
+    /// Whole prompts while they fit; a prompt that does not fit is chunked only into an
+    /// iteration that has nothing else, so the prompts an iteration finishes get their first
+    /// token sooner.
+    WholeFirst,
+    /// Up to the iteration's token limit, the last prompt chunked to fill it.
+    Fill,
+}
+
+impl From<PackingArg> for PrefillPacking {
+    fn from(arg: PackingArg) -> Self {
+        match arg {
+            PackingArg::WholeFirst => PrefillPacking::WholeFirst,
+            PackingArg::Fill => PrefillPacking::Fill,
+        }
+    }
 }
 
 /// A `--prefill-tokens` value: `N`, or `N..M` (`M` with a backlog of `M` prompt tokens).
@@ -432,8 +455,13 @@ impl EngineArgs {
                                 Some(cost) => cost.clone(),
                                 None => cost.insert(self.cost_model(device, model, hub)?).clone(),
                             };
-                            let prefill_aging = self.prefill_aging;
-                            let control = NexusControl { cost, controller, prefill_aging, prefill_tokens };
+                            let control = NexusControl {
+                                cost,
+                                controller,
+                                prefill_aging: self.prefill_aging,
+                                prefill_tokens,
+                                prefill_packing: self.prefill_packing.into(),
+                            };
                             out.push(Schedule::NexusControlled(Box::new(control)));
                         }
                     }
@@ -446,6 +474,7 @@ impl EngineArgs {
                                 prefill_sms,
                                 prefill_aging: self.prefill_aging,
                                 prefill_tokens,
+                                prefill_packing: self.prefill_packing.into(),
                             })
                         }));
                     }

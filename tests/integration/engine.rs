@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use nexus::runtime::ErrorKind;
-use nexus::runtime::engine::scheduler::{Lane, NexusConfig, SchedulerConfig};
+use nexus::runtime::engine::scheduler::{Lane, NexusConfig, PrefillPacking, SchedulerConfig};
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::backend::StepKind;
@@ -46,8 +46,13 @@ fn schedules() -> [Schedule; 3] {
     let curve = OpCurve::new(1e10, 64.0, 0.5);
     let shape = ModelShape::of(&smollm2().weights.config().clone());
     let cost = CostModel::new(shape, 132, vec![(1, 1e10), (64, 4e11)], curve, curve, curve, 1e-4, 1e-4).expect("cost");
-    let control =
-        NexusControl { cost, controller: ControllerConfig::default(), prefill_aging: 15, prefill_tokens: None };
+    let control = NexusControl {
+        cost,
+        controller: ControllerConfig::default(),
+        prefill_aging: 15,
+        prefill_tokens: None,
+        prefill_packing: PrefillPacking::WholeFirst,
+    };
     [Schedule::Chunked, Schedule::Nexus(NexusConfig::fixed(64)), Schedule::NexusControlled(Box::new(control))]
 }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use nexus::runtime::engine::kv_cache::BlockManager;
 use nexus::runtime::engine::scheduler::{
-    ChunkedScheduler, Scheduled, Scheduler, SchedulerConfig, SchedulerView, SeqState,
+    ChunkedScheduler, PrefillPacking, Scheduled, Scheduler, SchedulerConfig, SchedulerView, SeqState,
 };
 use proptest::prelude::*;
 
@@ -74,10 +74,16 @@ proptest! {
 /// Runs rounds of the Nexus prefill lane over a long prompt that arrives first and `per_round`
 /// short prompts arriving every round, whose tokens alone fill every round's budget; returns the
 /// round the long prompt first runs in, if it does within `rounds`.
-fn first_round_of_the_long_prompt(long: usize, short: usize, per_round: usize, aging: u64, rounds: u64) -> Option<u64> {
+fn first_round_of_the_long_prompt(
+    long: usize,
+    short: usize,
+    per_round: usize,
+    (aging, prefill_packing): (u64, PrefillPacking),
+    rounds: u64,
+) -> Option<u64> {
     use nexus::runtime::engine::scheduler::{Lane, NexusConfig, NexusScheduler};
     let config = SchedulerConfig { max_num_seqs: 100_000, max_num_batched_tokens: short * per_round };
-    let split = NexusConfig { prefill_sms: 66, prefill_aging: aging, prefill_tokens: None };
+    let split = NexusConfig { prefill_aging: aging, prefill_packing, ..NexusConfig::fixed(66) };
     let mut sched = NexusScheduler::new(config, split, 132).expect("scheduler");
     let mut blocks = BlockManager::new(1 << 20, 16).expect("blocks");
     // (id, tokens left, arrival round); the started ones hold blocks.
@@ -137,10 +143,12 @@ proptest! {
         short in 2usize..100,
         per_round in 1usize..4,
         aging in 1u64..40,
+        fill in any::<bool>(),
     ) {
+        let packing = if fill { PrefillPacking::Fill } else { PrefillPacking::WholeFirst };
         let bound = ((long - short) as u64).div_ceil(aging) + 1;
-        let first = first_round_of_the_long_prompt(long, short, per_round, aging, bound + 2);
+        let first = first_round_of_the_long_prompt(long, short, per_round, (aging, packing), bound + 2);
         prop_assert!(first.is_some_and(|r| r <= bound), "ran at round {:?}, bound {}", first, bound);
-        prop_assert_eq!(first_round_of_the_long_prompt(long, short, per_round, 0, bound + 2), None);
+        prop_assert_eq!(first_round_of_the_long_prompt(long, short, per_round, (0, packing), bound + 2), None);
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use nexus::runtime::engine::cost_model::IterationWork;
 use nexus::runtime::engine::profile::SavedProfile;
 use nexus::runtime::engine::scheduler::controller::ControllerConfig;
-use nexus::runtime::engine::scheduler::{Lane, NexusConfig, PrefillTokens, SchedulerConfig};
+use nexus::runtime::engine::scheduler::{Lane, NexusConfig, PrefillPacking, PrefillTokens, SchedulerConfig};
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, NexusControl, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::backend::{Backend, StepKind};
@@ -33,6 +33,7 @@ fn a_simulated_h200_serves_a_burst_under_both_schedules() {
         controller: ControllerConfig { decode_target_s: Some(0.012), ..ControllerConfig::default() },
         prefill_aging: NexusConfig::DEFAULT_PREFILL_AGING,
         prefill_tokens: Some(PrefillTokens { tokens: 2048, backlog: Some(8192) }),
+        prefill_packing: PrefillPacking::WholeFirst,
     };
     // Eight prompts of 700..4200 tokens at once, 12 tokens each.
     let prompts: Vec<usize> = (0..8).map(|i| 700 + 500 * i).collect();

@@ -9,7 +9,7 @@
 
 use nexus::runtime::engine::cost_model::{CostModel, ModelShape, OpCurve};
 use nexus::runtime::engine::scheduler::controller::ControllerConfig;
-use nexus::runtime::engine::scheduler::{NexusConfig, PrefillTokens, SchedulerConfig};
+use nexus::runtime::engine::scheduler::{NexusConfig, PrefillPacking, PrefillTokens, SchedulerConfig};
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, NexusControl, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::cpu::CPU_SM_COUNT;
@@ -66,6 +66,7 @@ proptest! {
         num_blocks in 12usize..48,
         prefill_sms in 1u32..CPU_SM_COUNT,
         prefill_aging in 0u64..40,
+        fill in any::<bool>(),
         nexus in prop::bool::weighted(0.8),
         controlled in prop::option::of((prop::option::of(1u64..5_000), prop_oneof![Just(0.01), 0.01f64..=1.0])),
         max_num_batched_tokens in 8usize..96,
@@ -78,7 +79,8 @@ proptest! {
         // A backlog limit, when drawn, above the plain one.
         let prefill_tokens =
             prefill_tokens.map(|(tokens, more)| PrefillTokens { tokens, backlog: more.map(|m| tokens + m) });
-        let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens };
+        let prefill_packing = if fill { PrefillPacking::Fill } else { PrefillPacking::WholeFirst };
+        let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens, prefill_packing };
         let schedule = match (nexus, controlled) {
             (false, _) => Schedule::Chunked,
             (true, None) => Schedule::Nexus(split),
@@ -97,6 +99,7 @@ proptest! {
                     controller,
                     prefill_aging,
                     prefill_tokens,
+                    prefill_packing,
                 }))
             }
         };

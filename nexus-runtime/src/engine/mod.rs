@@ -38,7 +38,7 @@ use crate::engine::kv_cache::{BlockManager, SeqId};
 use crate::engine::sampling::{Sampler, SamplingParams, TokenLogprobs, token_logprobs};
 use crate::engine::scheduler::controller::{Controller, ControllerConfig};
 use crate::engine::scheduler::{
-    ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, PrefillTokens, Scheduled, Scheduler,
+    ChunkedScheduler, Lane, LanePlan, NexusConfig, NexusScheduler, PrefillPacking, PrefillTokens, Scheduled, Scheduler,
     SchedulerConfig, SchedulerView, SeqState,
 };
 use crate::model::backend::{Backend, HostLogits, LogitsReadback, StepInput, StepKind};
@@ -133,9 +133,11 @@ pub struct NexusControl {
     /// The model's costs on this device (`nexus profile` measures them).
     pub cost: CostModel,
     pub controller: ControllerConfig,
-    /// As [`NexusConfig::prefill_aging`] and [`NexusConfig::prefill_tokens`].
+    /// As [`NexusConfig::prefill_aging`], [`NexusConfig::prefill_tokens`] and
+    /// [`NexusConfig::prefill_packing`].
     pub prefill_aging: u64,
     pub prefill_tokens: Option<PrefillTokens>,
+    pub prefill_packing: PrefillPacking,
 }
 
 /// Sizes of the engine.
@@ -232,9 +234,10 @@ fn scheduler(limits: SchedulerConfig, schedule: Schedule, sm_count: u32) -> Resu
         Schedule::Chunked => Box::new(ChunkedScheduler::new(limits)?),
         Schedule::Nexus(split) => Box::new(NexusScheduler::new(limits, split, sm_count)?),
         Schedule::NexusControlled(control) => {
-            let NexusControl { cost, controller, prefill_aging, prefill_tokens } = *control;
+            let NexusControl { cost, controller, prefill_aging, prefill_tokens, prefill_packing } = *control;
             // The fixed share is never used: the controller gives every split.
-            let split = NexusConfig { prefill_sms: (sm_count / 2).max(1), prefill_aging, prefill_tokens };
+            let prefill_sms = (sm_count / 2).max(1);
+            let split = NexusConfig { prefill_sms, prefill_aging, prefill_tokens, prefill_packing };
             let controller = Controller::new(cost, controller)?;
             Box::new(NexusScheduler::new(limits, split, sm_count)?.with_controller(controller, sm_count)?)
         }

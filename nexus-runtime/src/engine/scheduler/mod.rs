@@ -23,7 +23,7 @@ pub mod controller;
 mod nexus;
 
 pub use chunked::ChunkedScheduler;
-pub use nexus::{NexusConfig, NexusScheduler, PrefillTokens};
+pub use nexus::{NexusConfig, NexusScheduler, PrefillPacking, PrefillTokens};
 
 use std::time::Duration;
 
@@ -224,15 +224,16 @@ enum PromptOrder {
     FirstCome,
     /// Shortest remaining prompt first, with aging: the lowest `uncached − aging × age` first
     /// (ties to the older), so that a long prompt overtakes every prompt that arrived more than
-    /// `(its length − theirs) / aging` rounds after it and none starves.
-    ShortestFirst { aging: u64 },
+    /// `(its length − theirs) / aging` rounds after it and none starves; packed as `packing` says.
+    ShortestFirst { aging: u64, packing: PrefillPacking },
 }
 
 /// Schedules chunks of the prompts being prefilled (`uncached > 1`) in `alive` and admits new
 /// prompts from `waiting` (unless `admit` is false) while `room` sequences may still start, in
 /// `order`, within `budget` tokens and the blocks of `free`. Returns the chunks and the admitted
 /// ids. A prompt that does not fit ends the plan (later ones wait rather than overtake it, which
-/// would starve it).
+/// would starve it), as does one that does not fit whole beside others with
+/// [`PrefillPacking::WholeFirst`].
 #[allow(clippy::too_many_arguments)]
 fn schedule_prompts(
     alive: &[SeqState],
@@ -247,7 +248,7 @@ fn schedule_prompts(
     let started = alive.iter().filter(|s| s.uncached > 1).map(|s| (s, false));
     let new = waiting.iter().take(if admit { room } else { 0 }).map(|s| (s, true));
     let mut candidates: Vec<(&SeqState, bool)> = started.chain(new).collect();
-    if let PromptOrder::ShortestFirst { aging } = order {
+    if let PromptOrder::ShortestFirst { aging, .. } = order {
         let score = |s: &SeqState| s.uncached as i128 - (aging as i128) * (s.age as i128);
         candidates.sort_by(|(a, _), (b, _)| score(a).cmp(&score(b)).then(b.age.cmp(&a.age)).then(a.id.cmp(&b.id)));
     }
@@ -255,6 +256,11 @@ fn schedule_prompts(
     let mut admitted = Vec::new();
     for (seq, is_new) in candidates {
         if *budget == 0 {
+            break;
+        }
+        let whole_first = matches!(order, PromptOrder::ShortestFirst { packing: PrefillPacking::WholeFirst, .. });
+        let fits_whole = || seq.uncached <= *budget && blocks.blocks_needed(seq.id, seq.uncached) <= *free;
+        if whole_first && !scheduled.is_empty() && !fits_whole() {
             break;
         }
         let tokens = fit(seq, *budget, free, blocks);

@@ -39,6 +39,7 @@ def main(paths, strip_to=None):
         print(f"\n{doc['workload']} on {doc['target']} ({path})")
         if slo is None:
             print("no objective in this run")
+            lanes_table(doc)
             write_stripped(doc, path, strip_to)
             continue
         print(f"objective: p95 TTFT <= {slo['ttft_p95_s'] * 1e3:.0f} ms, p95 TBT <= {slo['tbt_p95_s'] * 1e3:.1f} ms")

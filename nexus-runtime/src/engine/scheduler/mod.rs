@@ -252,13 +252,13 @@ fn schedule_prompts(
         let score = |s: &SeqState| s.uncached as i128 - (aging as i128) * (s.age as i128);
         candidates.sort_by(|(a, _), (b, _)| score(a).cmp(&score(b)).then(b.age.cmp(&a.age)).then(a.id.cmp(&b.id)));
     }
+    let whole_first = matches!(order, PromptOrder::ShortestFirst { packing: PrefillPacking::WholeFirst, .. });
     let mut scheduled = Vec::new();
     let mut admitted = Vec::new();
     for (seq, is_new) in candidates {
         if *budget == 0 {
             break;
         }
-        let whole_first = matches!(order, PromptOrder::ShortestFirst { packing: PrefillPacking::WholeFirst, .. });
         let fits_whole = || seq.uncached <= *budget && blocks.blocks_needed(seq.id, seq.uncached) <= *free;
         if whole_first && !scheduled.is_empty() && !fits_whole() {
             break;

@@ -25,7 +25,7 @@ use nexus_runtime::model::LlamaModel;
 use nexus_runtime::model::backend::Backend;
 use nexus_runtime::model::cpu::CpuBackend;
 use nexus_runtime::model::cuda::{CudaBackend, CudaBackendConfig};
-use nexus_runtime::model::simulated::{SimulatedBackend, Simulation};
+use nexus_runtime::model::simulated::{SimulatedBackend, SimulatedTime, Simulation};
 use nexus_runtime::text::chat_template::ChatMessage;
 use nexus_runtime::text::tokenizer::Tokenizer;
 use nexus_runtime::weights::config::ModelConfig;
@@ -281,8 +281,8 @@ struct EngineArgs {
     /// No device: simulate the GPU this profile (made by `nexus profile`) was made on. The model
     /// computes nothing (its logits are zeros: greedy sampling picks token 0) and each iteration
     /// takes what the profile's cost model predicts for it, beside what the other lane runs
-    /// meanwhile, in real time: a way to try schedules and controller settings on a trace
-    /// without the GPU. The profile must be of --model; it may be of other kernels than this
+    /// meanwhile, in real time (see --simulated-virtual-time): a way to try schedules and
+    /// controller settings on a trace without the GPU. The profile must be of --model; it may be of other kernels than this
     /// build's.
     #[arg(long, value_name = "PROFILE")]
     simulate: Option<PathBuf>,
@@ -307,6 +307,12 @@ struct EngineArgs {
     /// cannot: its budgets are launch arguments).
     #[arg(long, requires = "simulate")]
     simulated_resize: bool,
+    /// With --simulate, in `nexus bench`: the simulated device keeps a clock of its own, which
+    /// moves only by the steps and their launches (--simulated-launch-ms), instead of the host's:
+    /// a run takes a fraction of the time it stands for and comes out the same every time, less
+    /// the engine's planning time (microseconds a step).
+    #[arg(long, requires = "simulate")]
+    simulated_virtual_time: bool,
     /// With the controller: prefill is protected while less than this fraction of the KV cache is
     /// in use, decode above it.
     #[arg(long, default_value_t = ControllerConfig::default().kv_threshold)]
@@ -599,6 +605,7 @@ impl EngineArgs {
             prefill_beside,
             decode_beside,
             resize_in_flight: self.simulated_resize,
+            time: if self.simulated_virtual_time { SimulatedTime::Virtual } else { SimulatedTime::Host },
         };
         let backend = SimulatedBackend::new(saved.cost_model, &saved.device, simulation)?;
         eprintln!(
@@ -693,6 +700,9 @@ fn main() -> anyhow::Result<()> {
 
 fn serve_command(args: ServeArgs) -> anyhow::Result<()> {
     args.http()?;
+    if args.engine.simulated_virtual_time {
+        bail!("--simulated-virtual-time is for `nexus bench`: a server answers its clients in real time");
+    }
     args.engine.run(ServeJob(&args), &args.model, &args.hub)
 }
 

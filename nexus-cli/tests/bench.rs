@@ -277,6 +277,12 @@ fn a_simulated_h200_runs_both_schedules_from_a_committed_profile() {
     for arm in ["chunked", nexus] {
         assert!(stdout.contains(&format!("| {arm} | 20 | 12 |")), "{arm} completed every request: {stdout}");
     }
+    // On the device's virtual clock, the same run twice prints the same report.
+    let virtual_time = [&flags[..], &["--simulated-virtual-time"]].concat();
+    let (once, twice) = (run("synthetic:llama-3.1-8b", &virtual_time), run("synthetic:llama-3.1-8b", &virtual_time));
+    assert!(once.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&once.stderr));
+    assert!(String::from_utf8_lossy(&once.stdout).contains(&format!("| {nexus} | 20 | 12 |")));
+    assert_eq!(once.stdout, twice.stdout);
     // The profile is of one model, and the simulated steps at least as slow beside the other lane.
     let other = run("synthetic:qwen2.5-3b", &[]);
     let stderr = String::from_utf8_lossy(&other.stderr);

@@ -445,6 +445,8 @@ fn bad_schedules_and_limits_are_refused_at_startup() {
         (&["--header-timeout-s", "0"][..], "--header-timeout-s 0"),
         (&["--body-timeout-s", "NaN"][..], "--body-timeout-s NaN"),
         (&["--max-connections", "0"][..], "--max-connections"),
+        // A server answers its clients in real time: no simulated clock of the device's own.
+        (&["--simulate", "/nonexistent/profile.json", "--simulated-virtual-time"][..], "is for `nexus bench`"),
     ] {
         let stderr = refused_at_startup(flags);
         assert!(stderr.contains(want), "{flags:?}: {stderr}");

@@ -1,9 +1,10 @@
 //! The engine on a simulated H200 ([`SimulatedBackend`] with the Llama-3.1-8B profile of the
 //! controller experiment's eleventh round, committed in `bench-results/`): a burst of prompts
 //! under chunked prefill and under the controlled Nexus schedule, with budgets fixed at launch and
-//! with budgets that move in flight. Every request gets its tokens; the Nexus lanes run at the
-//! same time, their budgets never adding up to more than the SMs; and a simulated run takes as
-//! long as the profile says the GPU takes.
+//! with budgets that move in flight, on the host's clock and on the device's virtual one. Every
+//! request gets its tokens; the Nexus lanes run at the same time, their budgets never adding up
+//! to more than the SMs; a simulated run takes as long as the profile says the GPU takes; and in
+//! virtual time, the same run twice gives the same timeline.
 
 use std::path::Path;
 use std::time::Duration;
@@ -15,7 +16,7 @@ use nexus::runtime::engine::scheduler::{Lane, NexusConfig, PrefillPacking, Prefi
 use nexus::runtime::engine::{Engine, EngineConfig, EngineEvent, FinishReason, NexusControl, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::backend::{Backend, StepKind};
-use nexus::runtime::model::simulated::{SimulatedBackend, Simulation};
+use nexus::runtime::model::simulated::{SimulatedBackend, SimulatedTime, Simulation};
 use nexus::runtime::weights::synthetic;
 
 fn profile() -> SavedProfile {
@@ -40,14 +41,19 @@ fn a_simulated_h200_serves_a_burst_under_both_schedules() {
     let output = 12;
     let controlled = Schedule::NexusControlled(Box::new(control));
     // Without and with budgets that change in flight (the engine checks every resize and launch
-    // against the SM count; the timeline keeps each iteration's last budget).
-    for (schedule, resize_in_flight) in [(Schedule::Chunked, false), (controlled.clone(), false), (controlled, true)] {
+    // against the SM count; the timeline keeps each iteration's last budget), on either clock.
+    let runs = [(Schedule::Chunked, false), (controlled.clone(), false), (controlled, true)];
+    let mut virtual_timelines = Vec::new();
+    for ((schedule, resize_in_flight), time) in runs.iter().cloned().flat_map(|run| {
+        [SimulatedTime::Host, SimulatedTime::Virtual, SimulatedTime::Virtual].map(|time| (run.clone(), time))
+    }) {
         let simulation = Simulation {
             prefill_launch: Duration::from_micros(2500),
             decode_launch: Duration::from_micros(500),
             prefill_beside: 1.1,
             decode_beside: 1.1,
             resize_in_flight,
+            time,
         };
         let backend = SimulatedBackend::new(profile.cost_model.clone(), &profile.device, simulation).expect("device");
         let sms = backend.sm_count();
@@ -116,5 +122,12 @@ fn a_simulated_h200_serves_a_burst_under_both_schedules() {
         let decodes = IterationWork::of(StepKind::Decode, prompts.iter().map(|&p| (1, p)));
         let ceiling = 3.0 * floor + (output as f64) * profile.cost_model.seconds(&decodes, sms, None) + 1.0;
         assert!(span.as_secs_f64() <= ceiling, "{schedule:?}: {span:?} past {ceiling} s");
+        if time == SimulatedTime::Virtual {
+            virtual_timelines.push(timeline);
+        }
+    }
+    // Each run in virtual time twice: the same iterations at the same times.
+    for pair in virtual_timelines.chunks(2) {
+        assert_eq!(pair[0], pair[1]);
     }
 }

@@ -437,7 +437,8 @@ pub fn replay<B: Backend>(
 }
 
 /// Replays `requests` through `engine` in real time: each request is sent (added to the engine)
-/// once the wall clock passes its arrival and, with `max_concurrency`, fewer than that many
+/// once the device's clock ([`Backend::now`]: the wall clock, or a simulated device's virtual
+/// one) passes its arrival and, with `max_concurrency`, fewer than that many
 /// requests are in flight (the others wait in arrival order, as behind vLLM's semaphore); the
 /// engine steps whenever it has work. `on_finished` is called as each request finishes (for a
 /// progress bar). Text prompts are tokenized by `tokenizer` before the clock starts. Returns
@@ -469,7 +470,9 @@ pub fn replay_requests<B: Backend>(
     let mut tokens: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
     let mut failed: Vec<Option<String>> = vec![None; requests.len()];
     engine.keep_timeline(true);
-    let start = Instant::now();
+    // The device's clock: the host's, or a simulated device's own (virtual time).
+    let now = |engine: &Engine<B>| engine.backend().now();
+    let start = now(engine);
     let arrival = |i: usize| start + Duration::from_secs_f64(requests[i].arrival_s);
     let mut sent = vec![start; requests.len()];
     // Under a cap, the free slots, each with the instant it freed, oldest first: a request takes
@@ -479,8 +482,8 @@ pub fn replay_requests<B: Backend>(
     let mut next = 0;
     let mut finished = 0;
     while finished < requests.len() {
-        let now = Instant::now();
-        while next < requests.len() && arrival(next) <= now {
+        let at = now(engine);
+        while next < requests.len() && arrival(next) <= at {
             sent[next] = match &mut free_slots {
                 None => arrival(next),
                 Some(slots) => match slots.pop_front() {
@@ -498,17 +501,17 @@ pub fn replay_requests<B: Backend>(
         if !engine.has_unfinished() {
             // Idle until the next arrival (nothing in flight, so a cap holds nothing back).
             if next < requests.len() {
-                std::thread::sleep(arrival(next).saturating_duration_since(Instant::now()));
+                engine.backend().sleep_until(arrival(next));
             }
             continue;
         }
         let events = engine.step()?;
-        let now = Instant::now();
+        let at = now(engine);
         for event in events {
             match event {
                 EngineEvent::Token { id, .. } => {
                     let i = id as usize;
-                    tokens[i].push(now.duration_since(sent[i]).as_secs_f64());
+                    tokens[i].push(at.duration_since(sent[i]).as_secs_f64());
                     continue;
                 }
                 EngineEvent::Finished { .. } => {}
@@ -516,12 +519,12 @@ pub fn replay_requests<B: Backend>(
             }
             finished += 1;
             if let Some(slots) = &mut free_slots {
-                slots.push_back(now);
+                slots.push_back(at);
             }
             on_finished();
         }
     }
-    let duration_s = start.elapsed().as_secs_f64() - requests[0].arrival_s;
+    let duration_s = now(engine).duration_since(start).as_secs_f64() - requests[0].arrival_s;
     // The engine's times count from its epoch; the run's from its first arrival.
     let first_arrival = arrival(0);
     let origin_s = first_arrival.duration_since(engine.epoch()).as_secs_f64();

@@ -318,6 +318,7 @@ impl<B: Backend> Engine<B> {
             cache.limit_seq_len(len);
         }
         let lanes = lanes(&backend, &model, &mut cache, scheduler.as_ref())?;
+        let epoch = backend.now();
         Ok(Engine {
             backend,
             model,
@@ -331,7 +332,7 @@ impl<B: Backend> Engine<B> {
             waiting: VecDeque::new(),
             preemptions: 0,
             round: 0,
-            epoch: Instant::now(),
+            epoch,
             timeline: None,
         })
     }
@@ -522,7 +523,7 @@ impl<B: Backend> Engine<B> {
     /// Plans and launches iterations on the idle lanes (see [`Engine::launch_idle`]); returns the
     /// failures of those that could not be launched.
     fn launch(&mut self, planned: impl FnOnce(&Self)) -> Result<Vec<EngineEvent>> {
-        let planning = Instant::now();
+        let planning = self.backend.now();
         self.round += 1;
         let state = |id: &RequestId| {
             let s = &self.seqs[id];
@@ -556,7 +557,7 @@ impl<B: Backend> Engine<B> {
         }
         self.waiting.retain(|id| !plan.admitted.contains(id));
         self.running.extend(&plan.admitted);
-        let planning = planning.elapsed() / plan.lanes.len().max(1) as u32;
+        let planning = self.backend.now().saturating_duration_since(planning) / plan.lanes.len().max(1) as u32;
         let mut prepared: Vec<Prepared> = Vec::with_capacity(plan.lanes.len());
         let mut broken = None;
         for lane_plan in plan.lanes {
@@ -616,7 +617,7 @@ impl<B: Backend> Engine<B> {
     /// Builds `plan`'s step (its sequences' slots taken, the sequences in flight), checking that
     /// its lane is idle and that its budget fits next to those in flight and the `prepared` ones.
     fn prepare_lane(&mut self, plan: LanePlan, planning: Duration, prepared: u32) -> Result<Prepared> {
-        let launching = Instant::now();
+        let launching = self.backend.now();
         let sm_count = self.backend.sm_count();
         let in_flight: u32 =
             prepared + self.lanes.iter().filter_map(|l| l.in_flight.as_ref().map(|f| f.budget)).sum::<u32>();
@@ -675,7 +676,7 @@ impl<B: Backend> Engine<B> {
                     sampled,
                     pending,
                     start: launching,
-                    host: planning + launching.elapsed(),
+                    host: planning + self.backend.now().saturating_duration_since(launching),
                     predicted: plan.predicted,
                 });
             }
@@ -705,14 +706,14 @@ impl<B: Backend> Engine<B> {
                     _ => {}
                 }
             }
-            std::thread::yield_now();
+            self.backend.idle();
         }
     }
 
     /// Reads the logits of lane `index`'s iteration (which is done), samples, and reports into
     /// `events`.
     fn complete(&mut self, index: usize, events: &mut Vec<EngineEvent>) {
-        let seen = Instant::now();
+        let seen = self.backend.now();
         let slot = &mut self.lanes[index];
         let Some(flight) = slot.in_flight.take() else { return };
         let logits = match self.backend.take_logits(&slot.phase, flight.pending) {
@@ -785,7 +786,7 @@ impl<B: Backend> Engine<B> {
                 tokens: flight.scheduled.iter().map(|s| s.tokens).sum(),
                 start: flight.start - self.epoch,
                 end: seen - self.epoch,
-                host: flight.host + seen.elapsed(),
+                host: flight.host + self.backend.now().saturating_duration_since(seen),
                 predicted: flight.predicted,
             });
         }

@@ -9,6 +9,8 @@
 //! blocking the caller ([`Backend::read_logits`], [`Backend::is_ready`],
 //! [`Backend::take_logits`]).
 
+use std::time::Instant;
+
 use nexus_kernels::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig};
 
 use crate::weights::gguf::HostTensor;
@@ -349,6 +351,20 @@ pub trait Backend {
     fn read_logits(&self, phase: &Self::Phase, logits: Self::Activation, how: LogitsReadback) -> Result<Self::Pending>;
     /// Whether `pending`'s logits have arrived (the step that made them is done).
     fn is_ready(&self, pending: &Self::Pending) -> Result<bool>;
+    /// The time on the device's clock: the host's, unless the device keeps its own (a
+    /// simulation in virtual time), which the engine and a replay then read instead.
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    /// Waits until `instant` on [`Backend::now`]'s clock.
+    fn sleep_until(&self, instant: Instant) {
+        std::thread::sleep(instant.saturating_duration_since(Instant::now()));
+    }
+    /// Waits a moment between polls of [`Backend::is_ready`] (a device on a clock of its own
+    /// moves it on to the next step's end).
+    fn idle(&self) {
+        std::thread::yield_now();
+    }
     /// The logits of `pending`, read in `phase`; waits for them if they are not ready.
     fn take_logits(&self, phase: &Self::Phase, pending: Self::Pending) -> Result<HostLogits>;
     /// Starts (or stops) timing every operator `phase` runs, for a profile of the device: each is

@@ -7,10 +7,13 @@
 //! of its work left, which falls at the rate its cost model gives beside whatever the other phase
 //! runs at that moment, and the rates change whenever a step starts or ends. So a decode step
 //! that starts alone and is joined by a prefill halfway finishes later than alone and sooner than
-//! beside it throughout. Time is the host's clock: a simulated run takes as long as the run it
-//! stands for, with the engine's own host time in it, and the host time of launching a step on
-//! the GPU taken from the engine thread after each step starts, as a real launch takes it while
-//! the first kernels already run ([`Simulation`]). A step beside the other lane's may also be
+//! beside it throughout. Time is the host's clock by default: a simulated run takes as long as the
+//! run it stands for, with the engine's own host time in it, and the host time of launching a step
+//! on the GPU taken from the engine thread after each step starts, as a real launch takes it while
+//! the first kernels already run ([`Simulation`]). Or the device keeps a virtual clock
+//! ([`SimulatedTime::Virtual`]): it moves only by the launches' host time and the steps' own, so a
+//! run takes a fraction of the time it stands for and comes out the same every time, without the
+//! engine's planning time (microseconds a step) in it. A step beside the other lane's may also be
 //! made slower than the cost model says, by a factor per kind: what a profile misses in a run
 //! (the controller then has something to learn, as on the GPU). And the device may let a step in
 //! flight take a new budget at once ([`Backend::resize_in_flight`]), as one whose kernels read
@@ -109,14 +112,28 @@ impl Running {
     }
 }
 
-/// The steps in flight, on the host's clock.
+/// The steps in flight, and the time when the device keeps its own.
 #[derive(Debug, Default)]
 struct Clock {
     next_id: u64,
     running: Vec<Running>,
+    /// Now on the virtual clock ([`SimulatedTime::Virtual`]); `None` on the host's.
+    virtual_now: Option<Instant>,
 }
 
 impl Clock {
+    /// Now: on the virtual clock, or the host's.
+    fn time(&self) -> Instant {
+        self.virtual_now.unwrap_or_else(Instant::now)
+    }
+
+    /// Moves the virtual clock on to `instant` (not back); the host's clock moves by itself.
+    fn move_to(&mut self, instant: Instant) {
+        if let Some(now) = &mut self.virtual_now {
+            *now = (*now).max(instant);
+        }
+    }
+
     /// Moves every step in flight to `now`: those whose work runs out by then are done, each at
     /// its own time, and the rest take the rates of what is left beside them. Returns the steps
     /// done, in the order they ended.
@@ -182,6 +199,20 @@ pub struct Simulation {
     pub decode_beside: f64,
     /// Whether a step in flight may take a new budget ([`Backend::resize_in_flight`]).
     pub resize_in_flight: bool,
+    /// The clock the device keeps.
+    pub time: SimulatedTime,
+}
+
+/// The clock of a simulated device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SimulatedTime {
+    /// The host's: a run takes as long as the run it stands for, the engine's host time included.
+    #[default]
+    Host,
+    /// The device's own, which moves only by the steps and their launches' host time: the device
+    /// waits by moving it on ([`Backend::sleep_until`], [`Backend::idle`]). For a replay of a
+    /// trace in the engine's own thread (`nexus bench`), not for a server answering clients.
+    Virtual,
 }
 
 impl Default for Simulation {
@@ -193,6 +224,7 @@ impl Default for Simulation {
             prefill_beside: 1.0,
             decode_beside: 1.0,
             resize_in_flight: false,
+            time: SimulatedTime::Host,
         }
     }
 }
@@ -234,10 +266,11 @@ impl SimulatedBackend {
                 "a simulated step is at least as slow beside the other lane as its cost model says",
             ));
         }
+        let virtual_now = (simulation.time == SimulatedTime::Virtual).then(Instant::now);
         Ok(SimulatedBackend {
             priced: Priced { cost, simulation },
             device: device.to_owned(),
-            clock: Mutex::default(),
+            clock: Mutex::new(Clock { virtual_now, ..Clock::default() }),
             phases: AtomicUsize::new(0),
         })
     }
@@ -252,19 +285,20 @@ impl SimulatedBackend {
         self.clock.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The clock moved to now.
-    fn now(&self) -> MutexGuard<'_, Clock> {
+    /// The steps in flight moved to now.
+    fn advanced(&self) -> MutexGuard<'_, Clock> {
         let mut clock = self.clock();
-        clock.advance(Instant::now(), &self.priced);
+        let now = clock.time();
+        clock.advance(now, &self.priced);
         clock
     }
 
-    /// Sleeps until the steps in flight that `which` picks are done (at once if none is).
+    /// Waits until the steps in flight that `which` picks are done (at once if none is).
     fn wait_for(&self, which: impl Fn(&Running) -> bool) {
         loop {
-            let finish = self.now().running.iter().filter(|r| which(r)).map(Running::finish).max();
+            let finish = self.advanced().running.iter().filter(|r| which(r)).map(Running::finish).max();
             let Some(finish) = finish else { return };
-            std::thread::sleep(finish.saturating_duration_since(Instant::now()));
+            self.sleep_until(finish);
         }
     }
 }
@@ -312,7 +346,7 @@ impl Backend for SimulatedBackend {
         check_budget(sms, self.priced.cost.sm_count)?;
         // A step may have ended on the device before the engine has seen it end: as on a GPU,
         // there is then nothing left to resize.
-        self.now().resize(phase.id, sms, &self.priced);
+        self.advanced().resize(phase.id, sms, &self.priced);
         Ok(())
     }
 
@@ -410,24 +444,48 @@ impl Backend for SimulatedBackend {
     fn read_logits(&self, phase: &SimulatedPhase, logits: Shape, how: LogitsReadback) -> Result<SimulatedPending> {
         let work = phase.prepared.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let work = work.ok_or_else(|| Error::invalid("logits read back in a phase that prepared no step"))?;
-        let now = Instant::now();
-        let mut clock = self.clock();
-        clock.advance(now, &self.priced);
+        let mut clock = self.advanced();
+        let now = clock.time();
         if clock.running.iter().any(|r| r.phase == phase.id) {
             return Err(Error::invalid("a phase launched a step while its last one is in flight"));
         }
         let id = clock.launch(phase.id, work, phase.budget, now, &self.priced);
         drop(clock);
         let simulation = &self.priced.simulation;
-        std::thread::sleep(match work.kind {
+        let launch = match work.kind {
             StepKind::Prefill => simulation.prefill_launch,
             StepKind::Decode => simulation.decode_launch,
-        });
+        };
+        self.sleep_until(now + launch);
         Ok(SimulatedPending { id, rows: logits.rows(), vocab: logits.cols(), how })
     }
 
     fn is_ready(&self, pending: &SimulatedPending) -> Result<bool> {
-        Ok(!self.now().running.iter().any(|r| r.id == pending.id))
+        Ok(!self.advanced().running.iter().any(|r| r.id == pending.id))
+    }
+
+    fn now(&self) -> Instant {
+        self.clock().time()
+    }
+
+    fn sleep_until(&self, instant: Instant) {
+        let mut clock = self.clock();
+        if clock.virtual_now.is_some() {
+            clock.move_to(instant);
+        } else {
+            drop(clock);
+            std::thread::sleep(instant.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    fn idle(&self) {
+        let mut clock = self.advanced();
+        if clock.virtual_now.is_none() {
+            drop(clock);
+            std::thread::yield_now();
+        } else if let Some(first) = clock.running.iter().map(Running::finish).min() {
+            clock.move_to(first);
+        }
     }
 
     fn take_logits(&self, _phase: &SimulatedPhase, pending: SimulatedPending) -> Result<HostLogits> {
@@ -534,6 +592,47 @@ mod tests {
         assert_eq!(clock.advance(t0 + Duration::from_secs(10), &cost), vec![s, l]);
     }
 
+    /// A decode step of two sequences, over 100 and 7 cached tokens.
+    fn decode_input() -> StepInput {
+        StepInput {
+            kind: StepKind::Decode,
+            tokens: vec![5, 6],
+            positions: vec![100, 7],
+            slots: vec![100, 7],
+            q_indptr: vec![0, 1, 2],
+            kv_lens: vec![101, 8],
+            block_tables: vec![0, 1],
+            max_blocks_per_seq: 1,
+            logit_rows: vec![0, 1],
+        }
+    }
+
+    #[test]
+    fn a_virtual_clock_moves_by_the_launches_and_the_steps_alone() {
+        let launch = Duration::from_millis(2);
+        let simulation = Simulation { decode_launch: launch, time: SimulatedTime::Virtual, ..Simulation::default() };
+        let backend = SimulatedBackend::new(llama8b_h200(), "NVIDIA H200", simulation).unwrap();
+        let mut phase = backend.new_phase().unwrap();
+        backend.set_budget(&mut phase, 64).unwrap();
+        let step = backend.prepare(&phase, &decode_input()).unwrap();
+        let predicted = Duration::from_secs_f64(backend.step_seconds(&step.work, 64, None));
+        assert!(predicted > launch, "{predicted:?}");
+        let (t0, host) = (backend.now(), Instant::now());
+        let pending = backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Argmax).unwrap();
+        assert!(close(backend.now(), t0 + launch), "the launch moves the clock by its host time");
+        assert!(!backend.is_ready(&pending).unwrap());
+        // Waiting for a step moves the clock to its end, not past it.
+        backend.idle();
+        assert!(close(backend.now(), t0 + predicted) && backend.is_ready(&pending).unwrap());
+        backend.idle();
+        assert!(close(backend.now(), t0 + predicted), "nothing in flight: the clock stays");
+        backend.sleep_until(t0 + Duration::from_secs(600));
+        backend.sleep_until(t0);
+        assert!(close(backend.now(), t0 + Duration::from_secs(600)), "it moves on, never back");
+        assert!(host.elapsed() < Duration::from_secs(60), "ten minutes of the device's time took {:?}", host.elapsed());
+        assert_eq!(backend.take_logits(&phase, pending).unwrap(), HostLogits::Argmax(vec![0, 0]));
+    }
+
     #[test]
     fn the_backend_runs_a_step_for_its_predicted_time_and_refuses_misuse() {
         let simulation = Simulation { decode_launch: Duration::from_millis(2), ..Simulation::default() };
@@ -545,17 +644,7 @@ mod tests {
         assert!(backend.set_budget(&mut phase, 133).is_err() && backend.set_budget(&mut phase, 0).is_err());
         backend.set_budget(&mut phase, 64).unwrap();
         assert!(backend.read_logits(&phase, Shape::matrix(1, 10), LogitsReadback::Argmax).is_err());
-        let input = StepInput {
-            kind: StepKind::Decode,
-            tokens: vec![5, 6],
-            positions: vec![100, 7],
-            slots: vec![100, 7],
-            q_indptr: vec![0, 1, 2],
-            kv_lens: vec![101, 8],
-            block_tables: vec![0, 1],
-            max_blocks_per_seq: 1,
-            logit_rows: vec![0, 1],
-        };
+        let input = decode_input();
         let step = backend.prepare(&phase, &input).unwrap();
         assert_eq!(step.work, IterationWork::of(StepKind::Decode, [(1, 100), (1, 7)]));
         let start = Instant::now();

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Searches the controller's settings in simulation (no GPU): every combination of decode target,
+prefill iteration limit, aging and largest decode share below, on a profile of the GPU, at the
+rate `chunked` sustains (LOW) and at 1.5x it (HIGH), each run in the simulated device's virtual
+time (`nexus bench --simulate PROFILE --simulated-virtual-time`: a tenth of a second a run).
+
+    scripts/search-controller.py WORKLOAD PROFILE [--nexus target/release/nexus] [--beside 1.1,1.05]
+
+WORKLOAD is one of the experiment's (its objective and rates are the H200 rounds'):
+qwen2.5-14b-mixed, llama-3.1-8b-mixed, qwen2.5-3b-arxiv, qwen2.5-3b-long-data. Prints the
+settings that meet the objective at both rates with p95 TBT at LOW no worse than `chunked`'s at
+LOW (in the same simulation), lowest mean TTFT at LOW first, then the best few that do not. These
+are simulations: check the chosen setting on the GPU (bench-results/nexus-vs-chunked-h200.md,
+fifteenth round, says how close they came).
+"""
+import argparse
+import itertools
+import subprocess
+
+# (model, workload, rates LOW and HIGH, objective p95 TTFT and TBT in ms, backlog tokens, decode targets)
+WORKLOADS = {
+    "qwen2.5-14b-mixed": ("qwen2.5-14b", "mixed", 4, 6, 2742, 54.6, 16384,
+                          ["20..45", "25..45", "30..45", "30..50", "35..50", "40..50"]),
+    "llama-3.1-8b-mixed": ("llama-3.1-8b", "mixed", 7.5, 11.25, 1910, 34.1, 8192,
+                           ["8..28", "10..28", "12..28", "14..28", "16..28", "18..28"]),
+    "qwen2.5-3b-arxiv": ("qwen2.5-3b", "arxiv", 6, 9, 450, 18.4, 16384,
+                         ["3.5..10", "4..10", "4.5..14", "5..10", "5..14", "6..14", "6..18"]),
+    "qwen2.5-3b-long-data": ("qwen2.5-3b", "long-data", 5, 7.5, 846, 17.8, 24576,
+                             ["3.5..14", "4..14", "4.5..18", "5..14", "6..14", "6..18", "8..18"]),
+}
+PREFILL_TOKENS = ["1024..8192", "2048..8192", "4096..8192", "8192"]
+AGING = [15, 60]
+DECODE_SHARE = [0.5, 0.7]
+
+
+def run(args, model, workload, rate, schedule_flags):
+    """TTFT and TBT (mean, p50, p95, p99 in ms) of one simulated run."""
+    cmd = [args.nexus, "bench", "--model", f"synthetic:{model}", "--workload", workload, "--rate", str(rate),
+           "--num-requests", "150", "--seed", "0", "--simulate", args.profile, "--simulated-virtual-time",
+           "--simulated-beside", args.beside] + schedule_flags
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        cells = line.split("|")
+        if len(cells) > 4 and cells[1].strip().startswith(("chunked", "nexus")) and " / " in cells[3]:
+            return [float(x) for x in cells[3].split("/")], [float(x) for x in cells[4].split("/")]
+    raise RuntimeError(f"no result row in the output of {' '.join(cmd)}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("workload", choices=sorted(WORKLOADS))
+    parser.add_argument("profile")
+    parser.add_argument("--nexus", default="target/release/nexus")
+    parser.add_argument("--beside", default="1.1,1.05", help="--simulated-beside PREFILL,DECODE")
+    args = parser.parse_args()
+    model, workload, low, high, slo_ttft, slo_tbt, backlog, targets = WORKLOADS[args.workload]
+    _, chunked_tbt = run(args, model, workload, low, ["--schedule", "chunked"])
+    meets = lambda ttft, tbt: ttft[2] <= slo_ttft and tbt[2] <= slo_tbt
+    rows = []
+    for target, tokens, aging, share in itertools.product(targets, PREFILL_TOKENS, AGING, DECODE_SHARE):
+        flags = ["--schedule", "nexus", "--decode-target-ms", target, "--backlog-tokens", str(backlog),
+                 "--prefill-tokens", tokens, "--prefill-aging", str(aging), "--max-decode-share", str(share)]
+        (ttft_low, tbt_low), (ttft_high, tbt_high) = (run(args, model, workload, r, flags) for r in (low, high))
+        ok = meets(ttft_low, tbt_low) and meets(ttft_high, tbt_high) and tbt_low[2] <= chunked_tbt[2]
+        rows.append((ok, ttft_low[0], tbt_low[2], tbt_low[3], ttft_high[2], target, tokens, aging, share))
+    rows.sort(key=lambda r: (not r[0], r[1]))
+    print(f"{args.workload}: chunked's p95 TBT at {low} req/s {chunked_tbt[2]} ms (simulated); objective "
+          f"p95 TTFT <= {slo_ttft} ms, p95 TBT <= {slo_tbt} ms at {low} and {high} req/s\n")
+    print(f"| meets all | mean TTFT at {low} | p95 TBT at {low} | p99 TBT at {low} | p95 TTFT at {high} "
+          "| decode target (ms) | prefill tokens | aging | largest decode share |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    shown = [r for r in rows if r[0]][:10] + [r for r in rows if not r[0]][:5]
+    for r in shown:
+        print("| " + " | ".join(str(x) for x in ("yes" if r[0] else "no",) + r[1:]) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -444,8 +444,9 @@ impl Backend for SimulatedBackend {
     fn read_logits(&self, phase: &SimulatedPhase, logits: Shape, how: LogitsReadback) -> Result<SimulatedPending> {
         let work = phase.prepared.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
         let work = work.ok_or_else(|| Error::invalid("logits read back in a phase that prepared no step"))?;
-        let mut clock = self.advanced();
+        let mut clock = self.clock();
         let now = clock.time();
+        clock.advance(now, &self.priced);
         if clock.running.iter().any(|r| r.phase == phase.id) {
             return Err(Error::invalid("a phase launched a step while its last one is in flight"));
         }

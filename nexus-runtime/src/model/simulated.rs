@@ -622,6 +622,12 @@ mod tests {
         let pending = backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Argmax).unwrap();
         assert!(close(backend.now(), t0 + launch), "the launch moves the clock by its host time");
         assert!(!backend.is_ready(&pending).unwrap());
+        // One step a phase: a second launch while the first is in flight is refused (checked on
+        // this clock, which no busy host moves past the step's end meanwhile).
+        let second = backend.prepare(&phase, &decode_input()).unwrap();
+        assert_eq!(second.logit_rows, 2);
+        let again = backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Argmax);
+        assert!(again.is_err() && close(backend.now(), t0 + launch), "one step a phase");
         // Waiting for a step moves the clock to its end, not past it.
         backend.idle();
         assert!(close(backend.now(), t0 + predicted) && backend.is_ready(&pending).unwrap());
@@ -651,9 +657,6 @@ mod tests {
         let start = Instant::now();
         let pending = backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Full).unwrap();
         assert!(start.elapsed() >= simulation.decode_launch, "the launch takes the host's time");
-        let step2 = backend.prepare(&phase, &input).unwrap();
-        assert_eq!(step2.logit_rows, 2);
-        assert!(backend.read_logits(&phase, Shape::matrix(2, 10), LogitsReadback::Full).is_err(), "one step a phase");
         let logits = backend.take_logits(&phase, pending).unwrap();
         let predicted = Duration::from_secs_f64(backend.step_seconds(&step.work, 64, None));
         assert!(start.elapsed() >= predicted, "{:?} < {predicted:?}", start.elapsed());

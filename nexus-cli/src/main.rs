@@ -282,8 +282,8 @@ struct EngineArgs {
     /// computes nothing (its logits are zeros: greedy sampling picks token 0) and each iteration
     /// takes what the profile's cost model predicts for it, beside what the other lane runs
     /// meanwhile, in real time (see --simulated-virtual-time): a way to try schedules and
-    /// controller settings on a trace without the GPU. The profile must be of --model; it may be of other kernels than this
-    /// build's.
+    /// controller settings on a trace without the GPU. The profile must be of --model; it may be
+    /// of other kernels than this build's.
     #[arg(long, value_name = "PROFILE")]
     simulate: Option<PathBuf>,
     /// With --simulate: the simulated GPU's memory in GiB, of which --gpu-memory-utilization holds

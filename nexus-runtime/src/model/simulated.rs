@@ -480,11 +480,15 @@ impl Backend for SimulatedBackend {
     }
 
     fn idle(&self) {
-        let mut clock = self.advanced();
-        if clock.virtual_now.is_none() {
+        let mut clock = self.clock();
+        let Some(now) = clock.virtual_now else {
+            // The host's clock moves by itself; the next poll advances the steps.
             drop(clock);
             std::thread::yield_now();
-        } else if let Some(first) = clock.running.iter().map(Running::finish).min() {
+            return;
+        };
+        clock.advance(now, &self.priced);
+        if let Some(first) = clock.running.iter().map(Running::finish).min() {
             clock.move_to(first);
         }
     }

@@ -13,6 +13,11 @@ namespace {
 
 constexpr int THREADS = 1024;
 constexpr int WARPS = THREADS / 32;
+// The norms and RoPE hold several 16-byte vectors per thread in registers (bytes in flight): half
+// the threads, twice the registers each (1024 threads left them 64 and spilled).
+constexpr int ROW_THREADS = 512;
+constexpr int ROW_WARPS = ROW_THREADS / 32;
+constexpr int ROW_SLOTS = 4;  // (row, vector) pairs a norm's thread holds per round
 constexpr int VEC = 8;  // bf16 per 16-byte access
 
 struct __align__(16) Bf16x8 {
@@ -38,89 +43,159 @@ __device__ __forceinline__ Bf16x8 pack(const float (&f)[VEC]) {
 __device__ __forceinline__ Bf16x8 load8(const __nv_bfloat16* p) { return *reinterpret_cast<const Bf16x8*>(p); }
 __device__ __forceinline__ void store8(__nv_bfloat16* p, const Bf16x8& v) { *reinterpret_cast<Bf16x8*>(p) = v; }
 
-// A group of `warps_per_row` warps (1, 2, 4, 8, 16 or 32) normalizes one row; the CTA's groups
-// take rows in turn. With one warp per row, a batch of 64 decode rows used 2 CTAs, each warp
-// streaming its 8 KB row with one 16-byte load in flight per lane: ~20 us per launch on the H200,
-// 23% of a Llama-3.1-8B decode step. The host sizes the group from the row length alone (about one
-// 16-byte vector per thread), which keeps the order of the sums the same for every batch and
-// budget. When `residual` is set, the row is first `residual += x` (stored back) and the sum is
-// normalized.
+// A group of `warps_per_row` warps (1, 2, 4, 8 or 16) normalizes a row, ROWS rows at a time;
+// the CTA's groups take rows in turn. The host sizes the group from the row length alone (about
+// one 16-byte vector per thread), which keeps the order of each row's sums the same for every
+// batch and budget (batch invariant): a thread adds up its vectors of the row in order, the warp
+// by a butterfly, the group's warps in warp order. Each thread keeps its values in registers
+// between the sum and the scaling, and loads its next round's rows while it finishes the current
+// one. With one 16-byte load in flight per thread and the row read back from memory for the
+// scaling, a prefill's norms ran at 12-60% of the streaming read (H100, `cargo bench --bench
+// elementwise`). ROWS > 1 only for many rows (a prefill chunk); a decode batch takes one row per
+// group, spread over as many CTAs as it can. When `residual` is set, the row is first `residual +=
+// x` (rounded to bf16, stored back) and the sum is normalized.
+template <int VECS, int ROWS>  // 16-byte vectors of a row per thread; rows per group and round
 __device__ __forceinline__ void rms_norm_rows(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
                                               const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out,
                                               int rows, int hidden, float eps, int warps_per_row) {
-    __shared__ float partial[WARPS];
+    __shared__ float partial[ROWS][ROW_WARPS];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int groups = WARPS / warps_per_row;
+    const int groups = ROW_WARPS / warps_per_row;
     const int group = warp / warps_per_row;
     const int first = (warp % warps_per_row) * 32 + lane;  // this thread's first vector of the row
     const int step = warps_per_row * 32 * VEC;
-    // Every thread runs the same number of rounds (the block barriers need all of them).
-    for (int base = blockIdx.x * groups; base < rows; base += gridDim.x * groups) {
-        const int row = base + group;
-        const bool live = row < rows;
-        const __nv_bfloat16* xr = x + (size_t)row * hidden;
-        __nv_bfloat16* rr = residual ? residual + (size_t)row * hidden : nullptr;
-        float sum_sq = 0.f;
-        if (live) {
-            for (int c = first * VEC; c < hidden; c += step) {
-                float v[VEC];
-                unpack(load8(xr + c), v);
-                if (rr) {
-                    float r[VEC];
-                    unpack(load8(rr + c), r);
+    bool has[VECS];  // whether this thread's vector v lies inside the row
+    Bf16x8 w[VECS];
+    // The gain is no kernel's output: loaded before waiting for the previous kernel.
 #pragma unroll
-                    for (int i = 0; i < VEC; ++i) v[i] += r[i];
-                    // Round the sum to bf16 before squaring: it is what the next layer reads back.
-                    Bf16x8 packed = pack(v);
-                    store8(rr + c, packed);
-                    unpack(packed, v);
+    for (int v = 0; v < VECS; ++v) {
+        const int c = first * VEC + v * step;
+        has[v] = c < hidden;
+        if (has[v]) w[v] = load8(weight + c);
+    }
+    nexus::follow_previous_kernel();
+    const int per_round = gridDim.x * groups * ROWS;
+    // The rows of the round from `base` this thread has a share of, into val (and add).
+    auto load_round = [&](int base, Bf16x8 (&val)[ROWS][VECS], Bf16x8 (&add)[ROWS][VECS]) {
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+            const int row = base + group * ROWS + j;
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                if (row < rows && has[v]) {
+                    const size_t at = (size_t)row * hidden + first * VEC + v * step;
+                    val[j][v] = load8(x + at);
+                    if (residual) add[j][v] = load8(residual + at);
                 }
-#pragma unroll
-                for (int i = 0; i < VEC; ++i) sum_sq += v[i] * v[i];
             }
         }
-        sum_sq = nexus::warp_sum(sum_sq);
+    };
+    Bf16x8 val[ROWS][VECS], add[ROWS][VECS];
+    int base = blockIdx.x * groups * ROWS;
+    load_round(base, val, add);
+    // Every thread runs the same number of rounds (the block barriers need all of them).
+    for (; base < rows; base += per_round) {
+        Bf16x8 next_val[ROWS][VECS], next_add[ROWS][VECS];
+        if (base + per_round < rows) load_round(base + per_round, next_val, next_add);
+        const int row0 = base + group * ROWS;
+        float sum_sq[ROWS];
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j) {
+            sum_sq[j] = 0.f;
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                if (!(row0 + j < rows && has[v])) continue;
+                float f[VEC];
+                unpack(val[j][v], f);
+                if (residual) {
+                    float r[VEC];
+                    unpack(add[j][v], r);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) f[i] += r[i];
+                    // Round the sum to bf16 before squaring: it is what the next layer reads back.
+                    val[j][v] = pack(f);
+                    store8(residual + (size_t)(row0 + j) * hidden + first * VEC + v * step, val[j][v]);
+                    unpack(val[j][v], f);
+                }
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) sum_sq[j] += f[i] * f[i];
+            }
+            sum_sq[j] = nexus::warp_sum(sum_sq[j]);
+        }
         if (warps_per_row > 1) {
             // The group's warps add their sums in a fixed order (the result does not depend on
             // which warp finishes first).
-            if (lane == 0) partial[warp] = sum_sq;
+            if (lane == 0) {
+#pragma unroll
+                for (int j = 0; j < ROWS; ++j) partial[j][warp] = sum_sq[j];
+            }
             __syncthreads();
-            sum_sq = 0.f;
-            for (int w = group * warps_per_row; w < (group + 1) * warps_per_row; ++w) sum_sq += partial[w];
+#pragma unroll
+            for (int j = 0; j < ROWS; ++j) {
+                sum_sq[j] = 0.f;
+                for (int g = group * warps_per_row; g < (group + 1) * warps_per_row; ++g) sum_sq[j] += partial[j][g];
+            }
             __syncthreads();  // `partial` is free for the next round
         }
-        if (live) {
-            const float scale = rsqrtf(sum_sq / hidden + eps);
-            // Each thread reads back the residual sums it stored itself.
-            const __nv_bfloat16* src = rr ? rr : xr;
-            for (int c = first * VEC; c < hidden; c += step) {
-                float v[VEC], w[VEC];
-                unpack(load8(src + c), v);
-                unpack(load8(weight + c), w);
 #pragma unroll
-                for (int i = 0; i < VEC; ++i) v[i] = v[i] * scale * w[i];
-                store8(out + (size_t)row * hidden + c, pack(v));
+        for (int j = 0; j < ROWS; ++j) {
+            if (row0 + j >= rows) continue;
+            const float scale = rsqrtf(sum_sq[j] / hidden + eps);
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                if (!has[v]) continue;
+                float f[VEC], g[VEC];
+                unpack(val[j][v], f);
+                unpack(w[v], g);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) f[i] = f[i] * scale * g[i];
+                store8(out + (size_t)(row0 + j) * hidden + first * VEC + v * step, pack(f));
             }
         }
+#pragma unroll
+        for (int j = 0; j < ROWS; ++j)
+#pragma unroll
+            for (int v = 0; v < VECS; ++v) {
+                val[j][v] = next_val[j][v];
+                add[j][v] = next_add[j][v];
+            }
     }
+}
+
+// The rows of a launch: `vecs` (1, 2 or 4) vectors of a row per thread, and one row per group
+// and round or ROW_SLOTS / vecs (`rows_per_group`, from the host).
+__device__ __forceinline__ void rms_norm_launch(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
+                                                const __nv_bfloat16* __restrict__ weight,
+                                                __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps,
+                                                int warps_per_row, int rows_per_group, int vecs) {
+    const bool one = rows_per_group == 1;
+    if (vecs == 1 && one)
+        rms_norm_rows<1, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    else if (vecs == 1)
+        rms_norm_rows<1, ROW_SLOTS>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    else if (vecs == 2 && one)
+        rms_norm_rows<2, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    else if (vecs == 2)
+        rms_norm_rows<2, ROW_SLOTS / 2>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    else
+        rms_norm_rows<4, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
     rms_norm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
-             __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps, int warps_per_row) {
-    nexus::follow_previous_kernel();
-    rms_norm_rows(x, nullptr, weight, out, rows, hidden, eps, warps_per_row);
+             __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps, int warps_per_row, int rows_per_group,
+             int vecs) {
+    rms_norm_launch(x, nullptr, weight, out, rows, hidden, eps, warps_per_row, rows_per_group, vecs);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
     fused_add_rms_norm(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
                        const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out, int rows,
-                       int hidden, float eps, int warps_per_row) {
-    nexus::follow_previous_kernel();
-    rms_norm_rows(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+                       int hidden, float eps, int warps_per_row, int rows_per_group, int vecs) {
+    rms_norm_launch(x, residual, weight, out, rows, hidden, eps, warps_per_row, rows_per_group, vecs);
 }
 
 // out[t, :] = table[tokens[t], :]. Token ids are checked by the host before upload; an id out of
@@ -156,65 +231,128 @@ __device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, flo
     return inv_freq;
 }
 
+// sin and cos of the f32 angle x: x less the nearest multiple of 2 pi (2 pi split into two floats,
+// Cody and Waite's reduction: exact to well below bf16 for the angles of any context length), then
+// the special function unit's __sincosf on [-pi, pi] (absolute error under 1e-6): a few
+// instructions, where sincosf inlines its large slow path (|x| > 105615) at each of a thread's 8
+// calls.
+__device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
+    const float k = rintf(x * 0.159154943091895336f);  // x / 2 pi
+    float r = fmaf(-k, 6.28318548202514648f, x);       // 2 pi rounded to a float...
+    r = fmaf(-k, -1.74845553146951702e-7f, r);         // ...and the rest of it
+    __sincosf(r, s, c);
+}
+
 // Rotates the query and key heads of a fused QKV buffer [rows, (heads + 2 kv_heads) * head_dim]
 // in place, and writes each row's rotated keys and its values into slot `slots[row]` of the paged
-// pools [blocks * block_size, kv_heads, head_dim]: one launch where RoPE and the KV write were two,
-// each waiting for the kernel before it. style 0: interleaved pairs (2i, 2i+1); style 1:
-// rotate-half pairs (i, i + d/2). Frequencies theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as
-// the reference computes them. One warp per head of a row (rows * (heads + 2 kv_heads) < 2^32, the
-// launcher checks), its lanes over the head's pairs: one 32-bit division per head, where a thread
-// per pair divided 64-bit indices three times per pair. The frequencies are the same for every
-// head and row, so each CTA computes them once into `head_dim / 2` floats of dynamic shared
-// memory. A value head's pair (2i, 2i+1) is copied as one 4-byte word. Slots are checked by the
-// host.
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+// pools [blocks * block_size, kv_heads, head_dim]: one launch where RoPE and the KV write were two.
+// style 0: interleaved pairs (2i, 2i+1); style 1: rotate-half pairs (i, i + d/2). Frequencies
+// theta^(-2i/d) in f32, scaled by `scale_inv_freq`, as the reference computes them; each CTA
+// computes them once into `head_dim / 2` floats of dynamic shared memory, before it waits for the
+// previous kernel.
+//
+// A thread takes 8 pairs of `heads_per_item` heads (1 to ROPE_HEADS) of one row: two 16-byte
+// vectors of each head (the halves' 8-value pieces at 8c and d/2 + 8c, or the 16 values from 16c
+// when interleaved), all loaded before it rotates any, and the 8 sines and cosines computed once
+// for its heads. The host gives a thread several heads only when there are rows enough to fill the
+// budget's CTAs anyway (a prefill chunk); a decode batch spreads one head per thread, and over
+// as many CTAs as the budget has (of fewer than ROW_THREADS threads when it must). The kernel
+// before (a warp per head, a lane per pair, 2-byte loads and stores) ran at 9-47% of the streaming
+// read on a prefill's rows (H100, `cargo bench --bench elementwise`). The value heads are copied as
+// they are. head_dim is a multiple of 16 (the launcher checks) and the work items, plus a grid of
+// threads, fit in an int. Slots are checked by the host.
+constexpr int ROPE_HEADS = 4;
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
     rope_and_write_kv(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
                       const uint32_t* __restrict__ slots, __nv_bfloat16* __restrict__ k_cache,
                       __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,
                       float theta, int style, int scaling, float factor, float low_freq_factor,
-                      float high_freq_factor, float original_max_position) {
+                      float high_freq_factor, float original_max_position, int heads_per_item) {
     extern __shared__ float inv_freq[];
     const int half = head_dim / 2;
-    // Depends on nothing the kernel before wrote: computed before waiting for it.
-    for (int pair = threadIdx.x; pair < half; pair += THREADS) {
+    for (int pair = threadIdx.x; pair < half; pair += blockDim.x) {
         inv_freq[pair] =
             scale_inv_freq(1.f / powf(theta, (float)(2 * pair) / (float)head_dim), scaling, factor, low_freq_factor,
                            high_freq_factor, original_max_position);
     }
     __syncthreads();
     nexus::follow_previous_kernel();
-    const int lane = threadIdx.x & 31;
     const int row_heads = num_heads + 2 * num_kv_heads;  // query, key, then value heads
+    const int rotated = num_heads + num_kv_heads;
+    const int pieces = half / 8;  // 8 pairs each
+    const int head_groups = (row_heads + heads_per_item - 1) / heads_per_item;
+    const int items = rows * head_groups * pieces;
     const size_t slot_len = (size_t)num_kv_heads * head_dim;
-    const uint32_t heads = (uint32_t)rows * (uint32_t)row_heads;
-    for (uint32_t unit = blockIdx.x * WARPS + (threadIdx.x >> 5); unit < heads; unit += gridDim.x * WARPS) {
-        const uint32_t row = unit / (uint32_t)row_heads;
-        const int head = (int)(unit - row * (uint32_t)row_heads);
-        // Rows are row_heads heads of head_dim values each: head `unit` of the buffer.
-        __nv_bfloat16* h = qkv + (size_t)unit * head_dim;
-        if (head >= num_heads + num_kv_heads) {
-            __nv_bfloat16* v = v_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads - num_kv_heads) * head_dim;
-            for (int pair = lane; pair < half; pair += 32) {
-                *reinterpret_cast<uint32_t*>(v + 2 * pair) = *reinterpret_cast<const uint32_t*>(h + 2 * pair);
+    for (int item = blockIdx.x * blockDim.x + threadIdx.x; item < items; item += gridDim.x * blockDim.x) {
+        const int piece = item % pieces;
+        const int group = (item / pieces) % head_groups;
+        const int row = item / (pieces * head_groups);
+        // Where the piece's two vectors start in a head.
+        const int lo = style == 0 ? 16 * piece : 8 * piece, hi = style == 0 ? lo + 8 : half + 8 * piece;
+        __nv_bfloat16* r = qkv + (size_t)row * row_heads * head_dim;
+        Bf16x8 a[ROPE_HEADS], b[ROPE_HEADS];
+#pragma unroll
+        for (int u = 0; u < ROPE_HEADS; ++u) {
+            const int head = group * heads_per_item + u;
+            if (u < heads_per_item && head < row_heads) {
+                a[u] = load8(r + (size_t)head * head_dim + lo);
+                b[u] = load8(r + (size_t)head * head_dim + hi);
             }
-            continue;
         }
-        const float position = (float)positions[row];
-        __nv_bfloat16* k = head >= num_heads
-                               ? k_cache + (size_t)slots[row] * slot_len + (size_t)(head - num_heads) * head_dim
-                               : nullptr;
-        for (int pair = lane; pair < half; pair += 32) {
-            float s, c;
-            sincosf(position * inv_freq[pair], &s, &c);
-            const int a = style == 0 ? 2 * pair : pair;
-            const int b = style == 0 ? 2 * pair + 1 : pair + half;
-            const float x = to_float(h[a]), y = to_float(h[b]);
-            const __nv_bfloat16 ra = to_bf16(x * c - y * s), rb = to_bf16(y * c + x * s);
-            h[a] = ra;
-            h[b] = rb;
-            if (k != nullptr) {
-                k[a] = ra;
-                k[b] = rb;
+        const size_t slot = slots[row];
+        float sn[VEC], cs[VEC];
+        if (group * heads_per_item < rotated) {
+            const float position = (float)positions[row];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) sin_cos(position * inv_freq[8 * piece + i], &sn[i], &cs[i]);
+        }
+#pragma unroll
+        for (int u = 0; u < ROPE_HEADS; ++u) {
+            const int head = group * heads_per_item + u;
+            if (u >= heads_per_item || head >= row_heads) continue;
+            if (head >= rotated) {
+                __nv_bfloat16* v = v_cache + slot * slot_len + (size_t)(head - rotated) * head_dim;
+                store8(v + lo, a[u]);
+                store8(v + hi, b[u]);
+                continue;
+            }
+            float fa[VEC], fb[VEC];
+            unpack(a[u], fa);
+            unpack(b[u], fb);
+            // Pair i: (fa[i], fb[i]) rotating half; interleaved, the i-th (even, odd) pair of the
+            // 16 values fa then fb.
+            float x[VEC], y[VEC];
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float* src = i < VEC / 2 ? fa : fb;
+                x[i] = style == 0 ? src[2 * (i % 4)] : fa[i];
+                y[i] = style == 0 ? src[2 * (i % 4) + 1] : fb[i];
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                const float rx = x[i] * cs[i] - y[i] * sn[i], ry = y[i] * cs[i] + x[i] * sn[i];
+                x[i] = rx;
+                y[i] = ry;
+            }
+#pragma unroll
+            for (int i = 0; i < VEC; ++i) {
+                if (style == 0) {
+                    float* dst = i < VEC / 2 ? fa : fb;
+                    dst[2 * (i % 4)] = x[i];
+                    dst[2 * (i % 4) + 1] = y[i];
+                } else {
+                    fa[i] = x[i];
+                    fb[i] = y[i];
+                }
+            }
+            const Bf16x8 pa = pack(fa), pb = pack(fb);
+            store8(r + (size_t)head * head_dim + lo, pa);
+            store8(r + (size_t)head * head_dim + hi, pb);
+            if (head >= num_heads) {
+                __nv_bfloat16* k = k_cache + slot * slot_len + (size_t)(head - num_heads) * head_dim;
+                store8(k + lo, pa);
+                store8(k + hi, pb);
             }
         }
     }

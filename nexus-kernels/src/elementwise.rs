@@ -14,12 +14,19 @@ use crate::gpu::PhaseContext;
 use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle};
 
 const MODULE: &str = "elementwise";
-/// Threads per CTA of every kernel in the module (`THREADS` in the source).
+/// Threads per CTA of the embedding gather, argmax and fill (`THREADS` in the source).
 const THREADS: u32 = 1024;
-/// Warps per CTA of every kernel in the module.
-const WARPS: usize = THREADS as usize / 32;
+/// Threads per CTA of the norms and RoPE (`ROW_THREADS` in the source).
+const ROW_THREADS: u32 = 512;
+/// Warps per CTA of the norms.
+const ROW_WARPS: usize = ROW_THREADS as usize / 32;
 /// Elements per 16-byte access; row lengths must be multiples of it.
 const VEC: usize = 8;
+/// (row, vector) pairs a norm's thread holds per round (`ROW_SLOTS`): it holds at most this many
+/// vectors of one row, which bounds the hidden size.
+const ROW_SLOTS: usize = 4;
+/// The most heads of a row one RoPE thread takes (`ROPE_HEADS`).
+const ROPE_HEADS: usize = 4;
 
 fn to_i32(value: usize, what: &str) -> Result<i32> {
     i32::try_from(value).map_err(|_| crate::Error::Unsupported(format!("{what} {value} does not fit in i32")))
@@ -55,15 +62,39 @@ pub fn embedding(
     Ok(())
 }
 
-/// The grid of an RMSNorm launch over `rows` rows of `hidden` values and the warps that share a
-/// row: about one 16-byte vector per thread (a power of two of warps, up to the CTA's 32), so that
-/// a row is read by one wave of loads and a few rows (a decode batch) still spread over SMs. It
-/// depends on `hidden` alone, so each row's sums are added in the same order whatever the batch
-/// and the budget: the norms stay batch invariant.
-fn norm_grid(ctx: &PhaseContext, rows: usize, hidden: usize) -> (u32, i32) {
-    let per_row = (hidden / (32 * VEC)).clamp(1, WARPS);
+/// How an RMSNorm launch spreads `rows` rows of `hidden` values.
+struct NormGrid {
+    grid: u32,
+    /// Warps that share a row: about one 16-byte vector per thread (a power of two, up to the
+    /// CTA's 16). It and `vecs` depend on `hidden` alone, so each row's sums are added in the same
+    /// order whatever the batch and the budget: the norms stay batch invariant.
+    warps_per_row: i32,
+    /// The rows a group of warps takes per round: `ROW_SLOTS / vecs` when every CTA of the
+    /// budget gets a whole round of them (a prefill chunk: more loads in flight per thread), else
+    /// one (a decode batch, spread as widely as it can be).
+    rows_per_group: i32,
+    /// 16-byte vectors of a row per thread: 1, 2 or 4.
+    vecs: i32,
+}
+
+fn norm_grid(ctx: &PhaseContext, rows: usize, hidden: usize) -> Result<NormGrid> {
+    let per_row = (hidden / (32 * VEC)).clamp(1, ROW_WARPS);
     let warps_per_row = 1 << per_row.ilog2();
-    (ctx.budget().grid(rows.div_ceil(WARPS / warps_per_row)), warps_per_row as i32)
+    let vecs = (hidden / VEC).div_ceil(warps_per_row * 32).next_power_of_two();
+    ensure_shape!(
+        vecs <= ROW_SLOTS,
+        "RMSNorm of rows of {hidden} values: at most {} are supported",
+        ROW_SLOTS * ROW_WARPS * 32 * VEC
+    );
+    let groups = ROW_WARPS / warps_per_row;
+    let full = ROW_SLOTS / vecs;
+    let rows_per_group = if rows >= ctx.budget().get() as usize * groups * full { full } else { 1 };
+    Ok(NormGrid {
+        grid: ctx.budget().grid(rows.div_ceil(groups * rows_per_group)),
+        warps_per_row: warps_per_row as i32,
+        rows_per_group: rows_per_group as i32,
+        vecs: vecs as i32,
+    })
 }
 
 fn check_norm(x: usize, weight: usize, out: usize, name: &str) -> Result<(usize, i32, i32)> {
@@ -83,10 +114,11 @@ pub fn rms_norm(
     out: &mut CudaViewMut<'_, bf16>,
 ) -> Result<()> {
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
-    let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
-    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", grid, THREADS, 0)?;
+    let g = norm_grid(ctx, rows, weight.len())?;
+    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
-    launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
+    launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    launch.arg(&g.warps_per_row).arg(&g.rows_per_group).arg(&g.vecs);
     // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
@@ -108,10 +140,11 @@ pub fn fused_add_rms_norm(
         residual.len(),
         x.len()
     );
-    let (grid, warps_per_row) = norm_grid(ctx, rows, weight.len());
-    let (f, cfg) = ctx.kernel(MODULE, "fused_add_rms_norm", grid, THREADS, 0)?;
+    let g = norm_grid(ctx, rows, weight.len())?;
+    let (f, cfg) = ctx.kernel(MODULE, "fused_add_rms_norm", g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
-    launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps).arg(&warps_per_row);
+    launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
+    launch.arg(&g.warps_per_row).arg(&g.rows_per_group).arg(&g.vecs);
     // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
     unsafe { launch.launch(cfg) }?;
     Ok(())
@@ -147,9 +180,19 @@ pub fn rope_and_write_kv(
         host_slots.len()
     );
     cache.check_slots(host_slots, "rope_and_write_kv")?;
-    // One warp per head of a row; the kernel indexes them in 32 bits.
-    let heads = rows * (layout.num_heads + 2 * layout.num_kv_heads);
-    to_i32(heads, "heads of the rows")?;
+    ensure_shape!(
+        layout.head_dim.is_multiple_of(2 * VEC),
+        "rope_and_write_kv: head dim {} is not a multiple of {}",
+        layout.head_dim,
+        2 * VEC
+    );
+    // A thread per 8 pairs of `heads_per_item` heads of a row: as many heads (up to ROPE_HEADS)
+    // as leave a thread for every one of the budget's CTAs' threads.
+    let row_heads = layout.num_heads + 2 * layout.num_kv_heads;
+    let items_of = |heads: usize| rows * row_heads.div_ceil(heads) * (layout.head_dim / (2 * VEC));
+    let threads = ctx.budget().get() as usize * ROW_THREADS as usize;
+    let heads_per_item = [ROPE_HEADS, 2, 1].into_iter().find(|&h| items_of(h) >= threads).unwrap_or(1);
+    let items = items_of(heads_per_item);
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,
         RopeStyle::RotateHalf => 1,
@@ -168,15 +211,21 @@ pub fn rope_and_write_kv(
         to_i32(layout.num_kv_heads, "KV heads")?,
         to_i32(layout.head_dim, "head dim")?,
     ];
-    let grid = ctx.budget().grid(heads.div_ceil(WARPS));
+    // Few items (a decode batch) spread over every CTA of the budget, in CTAs of fewer threads.
+    let budget = ctx.budget().get() as usize;
+    let block = items.div_ceil(budget).next_multiple_of(32).clamp(32, ROW_THREADS as usize);
+    let grid = ctx.budget().grid(items.div_ceil(block));
+    // The kernel's grid-stride loop steps past the last item by at most a grid of threads.
+    to_i32(items + grid as usize * block, "RoPE work items of the rows")?;
     // The inverse frequencies, one f32 per pair of a head.
     let smem = u32::try_from(layout.head_dim / 2 * size_of::<f32>())
         .map_err(|_| crate::Error::Unsupported(format!("rope_and_write_kv: head dim {}", layout.head_dim)))?;
-    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, THREADS, smem)?;
+    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, block as u32, smem)?;
     let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
     launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
-    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
+    let heads_per_item = heads_per_item as i32;
+    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original).arg(&heads_per_item);
     // SAFETY: the arguments match `rope_and_write_kv` in cuda/elementwise.cu; `layout.check`
     // bounded the rows, and every slot was checked against the pool above.
     unsafe { launch.launch(cfg) }?;

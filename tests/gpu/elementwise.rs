@@ -18,7 +18,9 @@ const BUDGETS: [Option<u32>; 3] = [Some(1), Some(7), None];
 #[ignore = "needs a CUDA GPU"]
 fn rms_norm_and_fused_add_match_reference() {
     let mut rng = rng("rms_norm");
-    for &(rows, hidden) in &[(1, 64), (7, 576), (33, 4096), (1000, 8192), (65, 128)] {
+    // Threads of one to four vectors of a row (8192: two; 12288: three, the fourth vector past the
+    // row; 16384: four), and one to four rows per round (small budgets).
+    for &(rows, hidden) in &[(1, 64), (7, 576), (33, 4096), (1000, 8192), (65, 128), (9, 12288), (5, 16384)] {
         for budget in BUDGETS {
             check_rms_norms(&mut rng, rows, hidden, budget);
         }
@@ -33,6 +35,49 @@ fn rms_norm_warp_groups_for_sanitizers() {
     let mut rng = rng("rms_norm_small");
     for hidden in [128, 576, 1024, 2048, 4096, 8192] {
         check_rms_norms(&mut rng, 5, hidden, Some(2));
+    }
+}
+
+/// Each row's norm is the same bit for bit whether it is normalized alone on every SM or among
+/// many rows on a few CTAs (several rows per round): what the batch-invariant mode relies on.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn rms_norm_rows_are_batch_invariant() {
+    let mut rng = rng("rms_norm invariance");
+    for hidden in [576, 4096, 8192] {
+        let rows = 300;
+        let x = random_bf16(&mut rng, rows * hidden, 2.0);
+        let residual = random_bf16(&mut rng, rows * hidden, 2.0);
+        let weight = random_bf16(&mut rng, hidden, 1.0);
+        let norms = |budget: Option<u32>, first: usize, count: usize| {
+            let ctx = phase(budget);
+            let span = first * hidden..(first + count) * hidden;
+            let (dx, dw) = (upload(&ctx, &x[span.clone()]), upload(&ctx, &weight));
+            let mut dres = upload(&ctx, &residual[span]);
+            let mut out = poisoned(&ctx, count * hidden);
+            let (x, w) = (dx.as_view(), dw.as_view());
+            elementwise::rms_norm(&ctx, &x, &w, 1e-5, &mut out.as_view_mut()).expect("rms_norm");
+            let plain = download(&ctx, &out);
+            let mut out = poisoned(&ctx, count * hidden);
+            elementwise::fused_add_rms_norm(&ctx, &x, &mut dres.as_view_mut(), &w, 1e-5, &mut out.as_view_mut())
+                .expect("fused_add_rms_norm");
+            (plain, download(&ctx, &out))
+        };
+        for budget in [Some(1), Some(5)] {
+            let (plain, fused) = norms(budget, 0, rows);
+            for row in [0, 1, 137, rows - 1] {
+                let (one_plain, one_fused) = norms(None, row, 1);
+                let span = row * hidden..(row + 1) * hidden;
+                assert!(
+                    one_plain.iter().zip(&plain[span.clone()]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "rms_norm row {row} of {hidden}"
+                );
+                assert!(
+                    one_fused.iter().zip(&fused[span]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "fused_add_rms_norm row {row} of {hidden}"
+                );
+            }
+        }
     }
 }
 
@@ -143,29 +188,35 @@ fn check_rope_and_write_kv(
         num_kv_heads: layout.num_kv_heads,
         head_dim: layout.head_dim,
     };
-    let ctx = phase(Some(5));
-    let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
-    all_slots.shuffle(rng);
-    let slots = &all_slots[..rows];
-    let qkv = random_bf16(rng, rows * layout.row_len(), 2.0);
-    let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..max_position)).collect();
-    let k0 = random_bf16(rng, cache.pool_len(), 1.0);
-    let v0 = random_bf16(rng, cache.pool_len(), 1.0);
-    let mut device = RopeKvBuffers::new(&ctx, &qkv, &positions, &k0, &v0);
-    device.launch(&ctx, layout, rope, slots, cache).expect("rope_and_write_kv");
-    let (mut want, mut k, mut v) = (qkv.clone(), k0.clone(), v0.clone());
-    reference::rope_and_write_kv(&mut want, &positions, layout, rope, slots, &mut k, &mut v, cache).expect("reference");
-    assert_close(&format!("{what}: qkv"), &download(&ctx, &device.qkv), &want, BF16_RTOL, atol);
-    assert_close(&format!("{what}: K pool"), &download(&ctx, &device.k), &k, BF16_RTOL, atol);
-    assert_close(&format!("{what}: V pool"), &download(&ctx, &device.v), &v, 0.0, 0.0);
+    // Few CTAs give a thread up to four heads of a row (the last group of a row partly past its
+    // heads), eight CTAs two of Llama's, every SM one.
+    for budget in [Some(1), Some(8), None] {
+        let ctx = phase(budget);
+        let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
+        all_slots.shuffle(rng);
+        let slots = &all_slots[..rows];
+        let qkv = random_bf16(rng, rows * layout.row_len(), 2.0);
+        let positions: Vec<u32> = (0..rows).map(|_| rng.random_range(0..max_position)).collect();
+        let k0 = random_bf16(rng, cache.pool_len(), 1.0);
+        let v0 = random_bf16(rng, cache.pool_len(), 1.0);
+        let mut device = RopeKvBuffers::new(&ctx, &qkv, &positions, &k0, &v0);
+        device.launch(&ctx, layout, rope, slots, cache).expect("rope_and_write_kv");
+        let (mut want, mut k, mut v) = (qkv.clone(), k0.clone(), v0.clone());
+        reference::rope_and_write_kv(&mut want, &positions, layout, rope, slots, &mut k, &mut v, cache)
+            .expect("reference");
+        let what = format!("{what}, budget {budget:?}");
+        assert_close(&format!("{what}: qkv"), &download(&ctx, &device.qkv), &want, BF16_RTOL, atol);
+        assert_close(&format!("{what}: K pool"), &download(&ctx, &device.k), &k, BF16_RTOL, atol);
+        assert_close(&format!("{what}: V pool"), &download(&ctx, &device.v), &v, 0.0, 0.0);
+    }
 }
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn rope_and_write_kv_matches_reference_in_both_styles() {
     let mut rng = rng("rope");
-    // A warp takes a head, its lanes the pairs: 32 (d64), 64 (d128), and 48 (d96: lanes with one
-    // pair and lanes with two).
+    // A thread takes 8 pairs of a head: 4 threads a head at d64, 8 at d128, 6 at d96; rows of 15,
+    // 48 and 10 heads.
     for &(heads, kv_heads, head_dim) in &[(9, 3, 64), (32, 8, 128), (6, 2, 96)] {
         for style in [RopeStyle::Interleaved, RopeStyle::RotateHalf] {
             let layout = QkvLayout { num_heads: heads, num_kv_heads: kv_heads, head_dim };
@@ -227,6 +278,13 @@ fn rope_and_write_kv_refuses_bad_slots_and_pools() {
     let (mut want, mut k, mut v) = (qkv.clone(), pool.clone(), pool.clone());
     reference::rope_and_write_kv(&mut want, &positions, layout, rope, &slots, &mut k, &mut v, cache).unwrap();
     assert_close("qkv after the refusals and one launch", &download(&ctx, &device.qkv), &want, BF16_RTOL, 2e-2);
+    // Heads of 120 values: the kernel takes 16 values of a head at a time.
+    let narrow = QkvLayout { num_heads: 4, num_kv_heads: 2, head_dim: 120 };
+    let narrow_cache = PagedKvLayout { num_kv_heads: 2, head_dim: 120, ..cache };
+    let narrow_qkv = random_bf16(&mut rng, rows * narrow.row_len(), 1.0);
+    let narrow_pool = vec![0.0; narrow_cache.pool_len()];
+    let mut narrow_device = RopeKvBuffers::new(&ctx, &narrow_qkv, &positions, &narrow_pool, &narrow_pool);
+    assert!(narrow_device.launch(&ctx, narrow, rope, &slots, narrow_cache).is_err());
 }
 
 #[test]

@@ -50,7 +50,7 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const Bf16x8& v) { *rei
 // by a butterfly, the group's warps in warp order. Each thread keeps its values in registers
 // between the sum and the scaling, and loads its next round's rows while it finishes the current
 // one. With one 16-byte load in flight per thread and the row read back from memory for the
-// scaling, a prefill's norms ran at 12-60% of the streaming read (H100, `cargo bench --bench
+// scaling, a prefill's norms ran at 10-61% of the streaming read (H100, `cargo bench --bench
 // elementwise`). ROWS > 1 only for many rows (a prefill chunk); a decode batch takes one row per
 // group, spread over as many CTAs as it can. When `residual` is set, the row is first `residual +=
 // x` (rounded to bf16, stored back) and the sum is normalized.
@@ -257,7 +257,7 @@ __device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
 // for its heads. The host gives a thread several heads only when there are rows enough to fill the
 // budget's CTAs anyway (a prefill chunk); a decode batch spreads one head per thread, and over
 // as many CTAs as the budget has (of fewer than ROW_THREADS threads when it must). The kernel
-// before (a warp per head, a lane per pair, 2-byte loads and stores) ran at 9-47% of the streaming
+// before (a warp per head, a lane per pair, 2-byte loads and stores) ran at 9-48% of the streaming
 // read on a prefill's rows (H100, `cargo bench --bench elementwise`). The value heads are copied as
 // they are. head_dim is a multiple of 16 (the launcher checks) and the work items, plus a grid of
 // threads, fit in an int. Slots are checked by the host.

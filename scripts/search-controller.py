@@ -18,7 +18,9 @@ fifteenth round, says how close they came).
 """
 import argparse
 import itertools
+import json
 import subprocess
+import tempfile
 
 # (model, workload, rates LOW and HIGH, objective p95 TTFT and TBT in ms, backlog tokens, decode targets)
 WORKLOADS = {
@@ -37,16 +39,15 @@ DECODE_SHARE = [0.5, 0.7]
 
 
 def run(args, model, workload, rate, schedule_flags):
-    """TTFT and TBT (mean, p50, p95, p99 in ms) of one simulated run."""
-    cmd = [args.nexus, "bench", "--model", f"synthetic:{model}", "--workload", workload, "--rate", str(rate),
-           "--num-requests", "150", "--seed", "0", "--simulate", args.profile, "--simulated-virtual-time",
-           "--simulated-beside", args.beside] + schedule_flags
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    for line in out.splitlines():
-        cells = line.split("|")
-        if len(cells) > 4 and cells[1].strip().startswith(("chunked", "nexus")) and " / " in cells[3]:
-            return [float(x) for x in cells[3].split("/")], [float(x) for x in cells[4].split("/")]
-    raise RuntimeError(f"no result row in the output of {' '.join(cmd)}")
+    """TTFT and TBT (mean, p50, p95, p99 in ms) of one simulated run, from its `--json` report."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        cmd = [args.nexus, "bench", "--model", f"synthetic:{model}", "--workload", workload, "--rate", str(rate),
+               "--num-requests", "150", "--seed", "0", "--simulate", args.profile, "--simulated-virtual-time",
+               "--simulated-beside", args.beside, "--json", report.name] + schedule_flags
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+        (result,) = json.load(open(report.name))["runs"]
+    ms = lambda stats: [stats[k] * 1e3 for k in ("mean", "p50", "p95", "p99")]
+    return ms(result["ttft_s"]), ms(result["tbt_s"])
 
 
 def main():
@@ -67,16 +68,17 @@ def main():
                  "--prefill-tokens", tokens, "--prefill-aging", str(aging), "--max-decode-share", str(share)]
         (ttft_low, tbt_low), (ttft_high, tbt_high) = (run(args, model, workload, r, flags) for r in (low, high))
         ok = meets(ttft_low, tbt_low) and meets(ttft_high, tbt_high) and tbt_low[2] <= tbt_limit
-        rows.append((ok, ttft_low[0], tbt_low[2], tbt_low[3], ttft_high[2], target, tokens, aging, share))
+        cells = (f"{ttft_low[0]:.1f}", f"{tbt_low[2]:.1f}", f"{tbt_low[3]:.1f}", f"{ttft_high[2]:.1f}")
+        rows.append((ok, ttft_low[0], cells, target, tokens, aging, share))
     rows.sort(key=lambda r: (not r[0], r[1]))
-    print(f"{args.workload}: chunked's p95 TBT at {low} req/s {chunked_tbt[2]} ms (simulated), limit {tbt_limit} "
+    print(f"{args.workload}: chunked's p95 TBT at {low} req/s {chunked_tbt[2]:.1f} ms (simulated), limit {tbt_limit:.1f} "
           f"ms; objective p95 TTFT <= {slo_ttft} ms, p95 TBT <= {slo_tbt} ms at {low} and {high} req/s\n")
     print(f"| meets all | mean TTFT at {low} | p95 TBT at {low} | p99 TBT at {low} | p95 TTFT at {high} "
           "| decode target (ms) | prefill tokens | aging | largest decode share |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     shown = [r for r in rows if r[0]][:10] + [r for r in rows if not r[0]][:5]
-    for r in shown:
-        print("| " + " | ".join(str(x) for x in ("yes" if r[0] else "no",) + r[1:]) + " |")
+    for ok, _, cells, *setting in shown:
+        print("| " + " | ".join(("yes" if ok else "no",) + cells + tuple(str(x) for x in setting)) + " |")
 
 
 if __name__ == "__main__":

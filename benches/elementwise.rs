@@ -3,11 +3,13 @@
 //! embedding gather, at the hidden sizes and heads of Llama-3.1-8B (4096, 32/8 d128), Qwen2.5-3B
 //! (2048, 16/2 d128) and SmolLM2 (576, 9/3 d64), for a decode batch (1 and 64 rows) and prefill
 //! chunks (2048 and 8192 rows). Inputs are random bf16 rotated over copies adding up to 256 MB, so
-//! that no launch finds them in L2. Bytes are what a kernel must move: the fused norm reads `x` and
-//! the residual and writes both the residual and its output (4 row-sized passes); the plain norm
-//! reads and writes one each; RoPE reads the QKV rows, writes back their Q and K heads and writes
-//! K and V into the pools; the gather reads and writes one each. Next to each figure: the
-//! streaming read at the same budget, measured in the same run (`stream_read_curve`).
+//! that no prefill-sized launch finds them in L2; at most 64 copies, so a decode batch's few KB of
+//! rows stay in L2, as in a decode step, where the kernel before has just written them. Bytes are
+//! what a kernel must move: the fused norm reads `x` and the residual and writes both the residual
+//! and its output (4 row-sized passes); the plain norm reads and writes one each; RoPE reads the
+//! QKV rows, writes back their Q and K heads and writes K and V into the pools; the gather reads
+//! and writes one each. Next to each figure: the streaming read at the same budget, measured in the
+//! same run (`stream_read_curve`).
 //!
 //! `cargo bench --bench elementwise`; `NEXUS_BENCH_ONLY=text` runs only the cases whose name
 //! contains `text`; with `NEXUS_BENCH_OUT=dir` the summary table is also written to

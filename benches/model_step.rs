@@ -193,7 +193,7 @@ fn main() {
             step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
         });
         let step = format!("batch 1, {mode}");
-        kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
+        kernel_rows(&kernels, &step, &config, 1, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
         let flops = linear_flops(1) + attention_flops(150.0);
@@ -232,7 +232,7 @@ fn main() {
             step_on(backend, &mut blocks, &chunks);
         });
         let step = format!("batch {decode_batch} x {context}, {mode}");
-        kernel_rows(&kernels, &step, &config, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
+        kernel_rows(&kernels, &step, &config, decode_batch, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
                 eprintln!("{mode}: graph of batch {batch} on {budget} SMs: {census:?}");
@@ -259,14 +259,17 @@ fn kernel_times((backend, phase): (&CudaBackend, &<CudaBackend as Backend>::Phas
     ops
 }
 
-/// Rows of `report` for the timed operators `ops` of one step on `sms` SMs, whose streaming read
-/// reaches `stream` bytes/s: per kernel (each GEMM by its role, with the kernel `plan` gives its
-/// shape; attention, the elementwise kernels), its launches, time, bytes and rate.
+/// Rows of `report` for the timed operators `ops` of one decode step of `rows` tokens on `sms`
+/// SMs, whose streaming read reaches `stream` bytes/s: per kernel (each GEMM by its role, with the
+/// kernel `plan` gives its shape; attention; the row-wise kernels by the bytes they move: the
+/// layers' fused residual add + norm, RoPE with the KV write, and the rest), its launches, time,
+/// bytes and rate.
 #[allow(clippy::too_many_arguments)]
 fn kernel_rows(
     report: &Report,
     step: &str,
     config: &ModelConfig,
+    rows: usize,
     sms: u32,
     stream: f64,
     plan: &dyn Fn(GemmShape) -> String,
@@ -282,6 +285,11 @@ fn kernel_rows(
         _ if n == config.vocab_size => "GEMM LM head",
         _ => "GEMM other",
     };
+    let row_wise = |bytes: f64| match bytes {
+        _ if bytes == (2 * 4 * rows * h) as f64 => "norm with residual add",
+        _ if bytes == (2 * rows * (2 * (q + kv) + 3 * kv)) as f64 => "RoPE + KV write",
+        _ => "other row-wise",
+    };
     let kv_bytes_per_token = (2 * kv * 2) as f64;
     // (name, GEMM plan, launches, seconds, bytes)
     let mut kernels: Vec<(&str, String, usize, f64, f64)> = Vec::new();
@@ -293,7 +301,7 @@ fn kernel_rows(
             OpShape::Attention { tokens, kv_tokens, .. } => {
                 ("attention", String::new(), kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)
             }
-            OpShape::Elementwise { bytes } => ("elementwise", String::new(), bytes),
+            OpShape::Elementwise { bytes } => (row_wise(bytes), String::new(), bytes),
         };
         match kernels.iter_mut().find(|k| k.0 == name) {
             Some(k) => (k.2, k.3, k.4) = (k.2 + 1, k.3 + op.seconds, k.4 + bytes),

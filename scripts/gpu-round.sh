@@ -13,10 +13,10 @@
 #             are skipped; the synthetic and transformers-random model tests still run)
 #   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
 #             decode attention on ragged batches, its portable build, RMSNorm at each warp
-#             group, a few small GEMMs, split-K GEMMs, the prefill attention batch sized for
-#             sanitizers)
-#   benches   decode_attention, gemm, prefill_attention (criterion's own timing skipped: only
-#             the summary tables) and model_step for each model in $MODELS
+#             group, RoPE with the KV write in both styles, a few small GEMMs, split-K GEMMs, the
+#             prefill attention batch sized for sanitizers)
+#   benches   decode_attention, gemm, prefill_attention, elementwise (criterion's own timing
+#             skipped: only the summary tables) and model_step for each model in $MODELS
 #   sdpa      scripts/bench-torch-sdpa.py (torch on the device)
 # LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
 # its own (so a hang in one module leaves the others' results), default: each binary whole.
@@ -27,7 +27,7 @@ shift 2
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
 limit=${LIMIT_S:-240}
-sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
+sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups elementwise::rope_and_write_kv_matches_reference_in_both gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
 models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
 work=$(mktemp -d)
 log=$work/round.log
@@ -75,7 +75,7 @@ for s in "${steps[@]}"; do
         ;;
     benches)
         # A criterion filter that matches nothing: only the summary tables are timed.
-        for b in decode_attention gemm prefill_attention; do
+        for b in decode_attention gemm prefill_attention elementwise; do
             [ -x "$dir/bin/bench-$b" ] && step "bench-$b" "$dir/bin/bench-$b" --bench no-criterion-case
         done
         if [ -x "$dir/bin/bench-model_step" ]; then

@@ -93,11 +93,16 @@ __device__ __forceinline__ void rms_norm_rows(const __nv_bfloat16* __restrict__ 
     };
     Bf16x8 val[ROWS][VECS], add[ROWS][VECS];
     int base = blockIdx.x * groups * ROWS;
-    load_round(base, val, add);
+    if constexpr (ROWS > 1) load_round(base, val, add);
     // Every thread runs the same number of rounds (the block barriers need all of them).
     for (; base < rows; base += per_round) {
+        // One row per group (a decode batch, mostly one round): no loads ahead, the least code.
         Bf16x8 next_val[ROWS][VECS], next_add[ROWS][VECS];
-        if (base + per_round < rows) load_round(base + per_round, next_val, next_add);
+        if constexpr (ROWS > 1) {
+            if (base + per_round < rows) load_round(base + per_round, next_val, next_add);
+        } else {
+            load_round(base, val, add);
+        }
         const int row0 = base + group * ROWS;
         float sum_sq[ROWS];
 #pragma unroll
@@ -153,50 +158,62 @@ __device__ __forceinline__ void rms_norm_rows(const __nv_bfloat16* __restrict__ 
                 store8(out + (size_t)(row0 + j) * hidden + first * VEC + v * step, pack(f));
             }
         }
+        if constexpr (ROWS > 1) {
 #pragma unroll
-        for (int j = 0; j < ROWS; ++j)
+            for (int j = 0; j < ROWS; ++j)
 #pragma unroll
-            for (int v = 0; v < VECS; ++v) {
-                val[j][v] = next_val[j][v];
-                add[j][v] = next_add[j][v];
-            }
+                for (int v = 0; v < VECS; ++v) {
+                    val[j][v] = next_val[j][v];
+                    add[j][v] = next_add[j][v];
+                }
+        }
     }
 }
 
-// The rows of a launch: `vecs` (1, 2 or 4) vectors of a row per thread, and one row per group
-// and round or ROW_SLOTS / vecs (`rows_per_group`, from the host).
+// One row per group and round (`one`: a decode batch) or ROW_SLOTS / vecs (a prefill chunk), with
+// `vecs` (1, 2 or 4) vectors of a row per thread. The two are separate kernels so that a decode
+// step's launches carry only the code they run.
+template <bool ONE>
 __device__ __forceinline__ void rms_norm_launch(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
                                                 const __nv_bfloat16* __restrict__ weight,
                                                 __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps,
-                                                int warps_per_row, int rows_per_group, int vecs) {
-    const bool one = rows_per_group == 1;
-    if (vecs == 1 && one)
-        rms_norm_rows<1, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
-    else if (vecs == 1)
-        rms_norm_rows<1, ROW_SLOTS>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
-    else if (vecs == 2 && one)
-        rms_norm_rows<2, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
-    else if (vecs == 2)
-        rms_norm_rows<2, ROW_SLOTS / 2>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
-    else
-        rms_norm_rows<4, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+                                                int warps_per_row, int vecs) {
+    if constexpr (ONE) {
+        if (vecs == 1)
+            rms_norm_rows<1, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+        else if (vecs == 2)
+            rms_norm_rows<2, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+        else
+            rms_norm_rows<4, 1>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    } else {
+        if (vecs == 1)
+            rms_norm_rows<1, ROW_SLOTS>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+        else
+            rms_norm_rows<2, ROW_SLOTS / 2>(x, residual, weight, out, rows, hidden, eps, warps_per_row);
+    }
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
-    rms_norm(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,
-             __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps, int warps_per_row, int rows_per_group,
-             int vecs) {
-    rms_norm_launch(x, nullptr, weight, out, rows, hidden, eps, warps_per_row, rows_per_group, vecs);
-}
+#define NEXUS_RMS_NORM(NAME, ONE)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)                                                   \
+        NAME(const __nv_bfloat16* __restrict__ x, const __nv_bfloat16* __restrict__ weight,                        \
+             __nv_bfloat16* __restrict__ out, int rows, int hidden, float eps, int warps_per_row, int vecs) {      \
+        rms_norm_launch<ONE>(x, nullptr, weight, out, rows, hidden, eps, warps_per_row, vecs);                     \
+    }
+#define NEXUS_FUSED_ADD_RMS_NORM(NAME, ONE)                                                                        \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)                                                   \
+        NAME(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,                            \
+             const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out, int rows, int hidden,      \
+             float eps, int warps_per_row, int vecs) {                                                             \
+        rms_norm_launch<ONE>(x, residual, weight, out, rows, hidden, eps, warps_per_row, vecs);                    \
+    }
 
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
-    fused_add_rms_norm(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ residual,
-                       const __nv_bfloat16* __restrict__ weight, __nv_bfloat16* __restrict__ out, int rows,
-                       int hidden, float eps, int warps_per_row, int rows_per_group, int vecs) {
-    rms_norm_launch(x, residual, weight, out, rows, hidden, eps, warps_per_row, rows_per_group, vecs);
-}
+// A decode batch's norms (one row per group) and a prefill chunk's (several rows per group).
+NEXUS_RMS_NORM(rms_norm, true)
+NEXUS_RMS_NORM(rms_norm_many_rows, false)
+NEXUS_FUSED_ADD_RMS_NORM(fused_add_rms_norm, true)
+NEXUS_FUSED_ADD_RMS_NORM(fused_add_rms_norm_many_rows, false)
 
 // out[t, :] = table[tokens[t], :]. Token ids are checked by the host before upload; an id out of
 // range still reads row 0 rather than outside the table.
@@ -251,7 +268,7 @@ __device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
 // computes them once into `head_dim / 2` floats of dynamic shared memory, before it waits for the
 // previous kernel.
 //
-// A thread takes 8 pairs of `heads_per_item` heads (1 to ROPE_HEADS) of one row: two 16-byte
+// A thread takes 8 pairs of HEADS heads (1 or 4) of one row: two 16-byte
 // vectors of each head (the halves' 8-value pieces at 8c and d/2 + 8c, or the 16 values from 16c
 // when interleaved), all loaded before it rotates any, and the 8 sines and cosines computed once
 // for its heads. The host gives a thread several heads only when there are rows enough to fill the
@@ -261,14 +278,13 @@ __device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
 // read on a prefill's rows (H100, `cargo bench --bench elementwise`). The value heads are copied as
 // they are. head_dim is a multiple of 16 (the launcher checks) and the work items, plus a grid of
 // threads, fit in an int. Slots are checked by the host.
-constexpr int ROPE_HEADS = 4;
-
-extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
-    rope_and_write_kv(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
+template <int HEADS>  // heads of a row per thread
+__device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,
                       const uint32_t* __restrict__ slots, __nv_bfloat16* __restrict__ k_cache,
                       __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,
                       float theta, int style, int scaling, float factor, float low_freq_factor,
-                      float high_freq_factor, float original_max_position, int heads_per_item) {
+                      float high_freq_factor, float original_max_position) {
+    constexpr int heads_per_item = HEADS;
     extern __shared__ float inv_freq[];
     const int half = head_dim / 2;
     for (int pair = threadIdx.x; pair < half; pair += blockDim.x) {
@@ -291,11 +307,11 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
         // Where the piece's two vectors start in a head.
         const int lo = style == 0 ? 16 * piece : 8 * piece, hi = style == 0 ? lo + 8 : half + 8 * piece;
         __nv_bfloat16* r = qkv + (size_t)row * row_heads * head_dim;
-        Bf16x8 a[ROPE_HEADS], b[ROPE_HEADS];
+        Bf16x8 a[HEADS], b[HEADS];
 #pragma unroll
-        for (int u = 0; u < ROPE_HEADS; ++u) {
+        for (int u = 0; u < HEADS; ++u) {
             const int head = group * heads_per_item + u;
-            if (u < heads_per_item && head < row_heads) {
+            if (head < row_heads) {
                 a[u] = load8(r + (size_t)head * head_dim + lo);
                 b[u] = load8(r + (size_t)head * head_dim + hi);
             }
@@ -308,9 +324,9 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
             for (int i = 0; i < VEC; ++i) sin_cos(position * inv_freq[8 * piece + i], &sn[i], &cs[i]);
         }
 #pragma unroll
-        for (int u = 0; u < ROPE_HEADS; ++u) {
+        for (int u = 0; u < HEADS; ++u) {
             const int head = group * heads_per_item + u;
-            if (u >= heads_per_item || head >= row_heads) continue;
+            if (head >= row_heads) continue;
             if (head >= rotated) {
                 __nv_bfloat16* v = v_cache + slot * slot_len + (size_t)(head - rotated) * head_dim;
                 store8(v + lo, a[u]);
@@ -358,7 +374,39 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)
     }
 }
 
-// out[r] = the index of the largest logit of row r (the first on ties). One CTA per row.
+// A decode batch's rows (a head per thread) and a prefill chunk's (four heads per thread).
+#define NEXUS_ROPE_AND_WRITE_KV(NAME, HEADS)                                                                       \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS, 1)                                                   \
+        NAME(__nv_bfloat16* __restrict__ qkv, const uint32_t* __restrict__ positions,                               \
+             const uint32_t* __restrict__ slots, __nv_bfloat16* __restrict__ k_cache,                               \
+             __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,          \
+             float theta, int style, int scaling, float factor, float low_freq_factor, float high_freq_factor,      \
+             float original_max_position) {                                                                         \
+        rope_and_write_kv_items<HEADS>(qkv, positions, slots, k_cache, v_cache, rows, num_heads, num_kv_heads,     \
+                                       head_dim, theta, style, scaling, factor, low_freq_factor, high_freq_factor, \
+                                       original_max_position);                                                      \
+    }
+NEXUS_ROPE_AND_WRITE_KV(rope_and_write_kv, 1)
+NEXUS_ROPE_AND_WRITE_KV(rope_and_write_kv_many_rows, 4)
+
+// out[r] = the index of the largest logit of row r (the first on ties). One CTA per row; each
+// thread takes ARGMAX_VECS 16-byte pieces of the row at a time, all loaded before it compares any
+// (with 2-byte loads, 4 in flight, a thread waited ~32 round trips for a 128k-token row, the
+// CTA's SM reading ~10 GB/s). A row's values before its first 16-byte boundary and after its last
+// are taken one at a time (a vocabulary not a multiple of 8, or a view that starts off a boundary,
+// leaves rows unaligned).
+constexpr int ARGMAX_VECS = 4;
+
+// The running maximum of a thread, which meets its indices in increasing order: a value only
+// larger replaces it (the earlier index wins ties; a row of -inf keeps none).
+__device__ __forceinline__ void take_max(float v, int i, float& value, int& index, int& nan) {
+    nan |= isnan(v);
+    if (v > value) {
+        value = v;
+        index = i;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     argmax(const __nv_bfloat16* __restrict__ logits, uint32_t* __restrict__ out, int rows, int vocab) {
     nexus::follow_previous_kernel();
@@ -370,14 +418,30 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         float value = -INFINITY;
         int index = vocab;  // larger than any real index: loses every tie
         int nan = 0;
-        for (int i = threadIdx.x; i < vocab; i += THREADS) {
-            const float v = to_float(r[i]);
-            nan |= isnan(v);
-            if (v > value) {
-                value = v;
-                index = i;
+        // Values [0, head) and [head + 8 * vecs, vocab) one at a time, the 16-byte pieces between
+        // (from the row's address: a view into a buffer may start anywhere a bf16 can).
+        const int head = min(vocab, (int)(((16 - reinterpret_cast<uintptr_t>(r) % 16) % 16) / 2));
+        const int vecs = (vocab - head) / VEC;
+        const int tail = head + vecs * VEC;
+        for (int i = threadIdx.x; i < head; i += THREADS) take_max(to_float(r[i]), i, value, index, nan);
+        for (int v0 = threadIdx.x; v0 < vecs; v0 += THREADS * ARGMAX_VECS) {
+            Bf16x8 piece[ARGMAX_VECS];
+#pragma unroll
+            for (int u = 0; u < ARGMAX_VECS; ++u) {
+                const int v = v0 + u * THREADS;
+                if (v < vecs) piece[u] = load8(r + head + v * VEC);
+            }
+#pragma unroll
+            for (int u = 0; u < ARGMAX_VECS; ++u) {
+                const int v = v0 + u * THREADS;
+                if (v >= vecs) continue;
+                float f[VEC];
+                unpack(piece[u], f);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) take_max(f[e], head + v * VEC + e, value, index, nan);
             }
         }
+        for (int i = tail + threadIdx.x; i < vocab; i += THREADS) take_max(to_float(r[i]), i, value, index, nan);
         // Every thread of the block takes the same rows, so all reach this barrier.
         nan = __syncthreads_or(nan);
 #pragma unroll

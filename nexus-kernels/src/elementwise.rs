@@ -25,7 +25,7 @@ const VEC: usize = 8;
 /// (row, vector) pairs a norm's thread holds per round (`ROW_SLOTS`): it holds at most this many
 /// vectors of one row, which bounds the hidden size.
 const ROW_SLOTS: usize = 4;
-/// The most heads of a row one RoPE thread takes (`ROPE_HEADS`).
+/// Heads of a row one thread of `rope_and_write_kv_many_rows` takes.
 const ROPE_HEADS: usize = 4;
 
 fn to_i32(value: usize, what: &str) -> Result<i32> {
@@ -115,10 +115,11 @@ pub fn rms_norm(
 ) -> Result<()> {
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
     let g = norm_grid(ctx, rows, weight.len())?;
-    let (f, cfg) = ctx.kernel(MODULE, "rms_norm", g.grid, ROW_THREADS, 0)?;
+    let name = if g.rows_per_group == 1 { "rms_norm" } else { "rms_norm_many_rows" };
+    let (f, cfg) = ctx.kernel(MODULE, name, g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
-    launch.arg(&g.warps_per_row).arg(&g.rows_per_group).arg(&g.vecs);
+    launch.arg(&g.warps_per_row).arg(&g.vecs);
     // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
@@ -141,10 +142,11 @@ pub fn fused_add_rms_norm(
         x.len()
     );
     let g = norm_grid(ctx, rows, weight.len())?;
-    let (f, cfg) = ctx.kernel(MODULE, "fused_add_rms_norm", g.grid, ROW_THREADS, 0)?;
+    let name = if g.rows_per_group == 1 { "fused_add_rms_norm" } else { "fused_add_rms_norm_many_rows" };
+    let (f, cfg) = ctx.kernel(MODULE, name, g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
-    launch.arg(&g.warps_per_row).arg(&g.rows_per_group).arg(&g.vecs);
+    launch.arg(&g.warps_per_row).arg(&g.vecs);
     // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
     unsafe { launch.launch(cfg) }?;
     Ok(())
@@ -191,7 +193,7 @@ pub fn rope_and_write_kv(
     let row_heads = layout.num_heads + 2 * layout.num_kv_heads;
     let items_of = |heads: usize| rows * row_heads.div_ceil(heads) * (layout.head_dim / (2 * VEC));
     let threads = ctx.budget().get() as usize * ROW_THREADS as usize;
-    let heads_per_item = [ROPE_HEADS, 2, 1].into_iter().find(|&h| items_of(h) >= threads).unwrap_or(1);
+    let heads_per_item = if items_of(ROPE_HEADS) >= threads { ROPE_HEADS } else { 1 };
     let items = items_of(heads_per_item);
     let style: i32 = match rope.style {
         RopeStyle::Interleaved => 0,
@@ -220,12 +222,12 @@ pub fn rope_and_write_kv(
     // The inverse frequencies, one f32 per pair of a head.
     let smem = u32::try_from(layout.head_dim / 2 * size_of::<f32>())
         .map_err(|_| crate::Error::Unsupported(format!("rope_and_write_kv: head dim {}", layout.head_dim)))?;
-    let (f, cfg) = ctx.kernel(MODULE, "rope_and_write_kv", grid, block as u32, smem)?;
+    let name = if heads_per_item == 1 { "rope_and_write_kv" } else { "rope_and_write_kv_many_rows" };
+    let (f, cfg) = ctx.kernel(MODULE, name, grid, block as u32, smem)?;
     let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
     launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
-    let heads_per_item = heads_per_item as i32;
-    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original).arg(&heads_per_item);
+    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
     // SAFETY: the arguments match `rope_and_write_kv` in cuda/elementwise.cu; `layout.check`
     // bounded the rows, and every slot was checked against the pool above.
     unsafe { launch.launch(cfg) }?;

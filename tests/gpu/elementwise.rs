@@ -188,8 +188,8 @@ fn check_rope_and_write_kv(
         num_kv_heads: layout.num_kv_heads,
         head_dim: layout.head_dim,
     };
-    // Few CTAs give a thread up to four heads of a row (the last group of a row partly past its
-    // heads), eight CTAs two of Llama's, every SM one.
+    // One CTA gives a thread four heads of a row (the last group of a row partly past its heads:
+    // `rope_and_write_kv_many_rows`), eight CTAs or every SM one (`rope_and_write_kv`).
     for budget in [Some(1), Some(8), None] {
         let ctx = phase(budget);
         let mut all_slots: Vec<u32> = (0..(cache.num_blocks * cache.block_size) as u32).collect();
@@ -291,8 +291,9 @@ fn rope_and_write_kv_refuses_bad_slots_and_pools() {
 #[ignore = "needs a CUDA GPU"]
 fn argmax_takes_the_first_maximum() {
     let mut rng = rng("argmax");
-    let vocab = 49152;
-    for rows in [1, 3, 200] {
+    // Vocabularies that are a multiple of 8 and some that are not (rows start off 16-byte
+    // boundaries: the values before the first boundary and after the last are taken one by one).
+    for (rows, vocab) in [(1, 49152), (3, 49152), (200, 49152), (1, 32003), (7, 32003), (5, 13)] {
         let ctx = phase(Some(4));
         let mut logits = random_bf16(&mut rng, rows * vocab, 8.0);
         // Plant ties for the maximum in every row: the earlier index must win. The last row of
@@ -302,6 +303,10 @@ fn argmax_takes_the_first_maximum() {
             let b = rng.random_range(vocab / 2..vocab);
             logits[r * vocab + a] = 100.0;
             logits[r * vocab + b] = 100.0;
+            // And a tie at adjacent indices (often in one 16-byte piece) in every other row.
+            if r % 2 == 1 && a > 0 {
+                logits[r * vocab + a - 1] = 100.0;
+            }
         }
         if rows > 1 {
             logits[(rows - 1) * vocab + rng.random_range(0..vocab)] = f32::NAN;

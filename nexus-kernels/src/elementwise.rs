@@ -120,7 +120,8 @@ pub fn rms_norm(
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
     launch.arg(&g.warps_per_row).arg(&g.vecs);
-    // SAFETY: the arguments match `rms_norm` in cuda/elementwise.cu; lengths checked above.
+    // SAFETY: the arguments match `rms_norm` and `rms_norm_many_rows` in cuda/elementwise.cu;
+    // lengths checked above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -147,7 +148,8 @@ pub fn fused_add_rms_norm(
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
     launch.arg(&g.warps_per_row).arg(&g.vecs);
-    // SAFETY: the arguments match `fused_add_rms_norm` in cuda/elementwise.cu; lengths checked.
+    // SAFETY: the arguments match `fused_add_rms_norm` and `fused_add_rms_norm_many_rows` in
+    // cuda/elementwise.cu; lengths checked.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
@@ -228,8 +230,9 @@ pub fn rope_and_write_kv(
     launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
     launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
     launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
-    // SAFETY: the arguments match `rope_and_write_kv` in cuda/elementwise.cu; `layout.check`
-    // bounded the rows, and every slot was checked against the pool above.
+    // SAFETY: the arguments match `rope_and_write_kv` and `rope_and_write_kv_many_rows` in
+    // cuda/elementwise.cu; `layout.check` bounded the rows, and every slot was checked against the
+    // pool above.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

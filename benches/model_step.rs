@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use common::{Report, device_name, plan_label};
 use nexus::kernels::gemm::{self, GemmShape};
-use nexus::kernels::{CtaBudget, Gpu};
+use nexus::kernels::{CtaBudget, Gpu, QkvLayout};
 use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
 use nexus::runtime::engine::kv_cache::BlockManager;
@@ -285,9 +285,12 @@ fn kernel_rows(
         _ if n == config.vocab_size => "GEMM LM head",
         _ => "GEMM other",
     };
-    let row_wise = |bytes: f64| match bytes {
-        _ if bytes == (2 * 4 * rows * h) as f64 => "norm with residual add",
-        _ if bytes == (2 * rows * (2 * (q + kv) + 3 * kv)) as f64 => "RoPE + KV write",
+    // The row-wise operators by the shapes the backend times them as.
+    let layout =
+        QkvLayout { num_heads: config.num_heads, num_kv_heads: config.num_kv_heads, head_dim: config.head_dim };
+    let row_wise = |shape: OpShape| match shape {
+        _ if shape == OpShape::elementwise(4 * rows * h) => "norm with residual add",
+        _ if shape == OpShape::rope_and_write_kv(rows, layout) => "RoPE + KV write",
         _ => "other row-wise",
     };
     let kv_bytes_per_token = (2 * kv * 2) as f64;
@@ -301,7 +304,7 @@ fn kernel_rows(
             OpShape::Attention { tokens, kv_tokens, .. } => {
                 ("attention", String::new(), kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)
             }
-            OpShape::Elementwise { bytes } => (row_wise(bytes), String::new(), bytes),
+            OpShape::Elementwise { bytes } => (row_wise(op.shape), String::new(), bytes),
         };
         match kernels.iter_mut().find(|k| k.0 == name) {
             Some(k) => (k.2, k.3, k.4) = (k.2 + 1, k.3 + op.seconds, k.4 + bytes),

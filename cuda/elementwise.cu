@@ -268,10 +268,9 @@ __device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
 // computes them once into `head_dim / 2` floats of dynamic shared memory, before it waits for the
 // previous kernel.
 //
-// A thread takes 8 pairs of HEADS heads (1 or 4) of one row: two 16-byte
-// vectors of each head (the halves' 8-value pieces at 8c and d/2 + 8c, or the 16 values from 16c
-// when interleaved), all loaded before it rotates any, and the 8 sines and cosines computed once
-// for its heads. The host gives a thread several heads only when there are rows enough to fill the
+// A thread takes 8 pairs of HEADS heads (1 or 4) of one row: two 16-byte vectors of each head
+// (the halves' 8-value pieces at 8c and d/2 + 8c, or the 16 values from 16c when interleaved), all
+// loaded before it rotates any, and the 8 sines and cosines computed once for its heads. The host gives a thread several heads only when there are rows enough to fill the
 // budget's CTAs anyway (a prefill chunk); a decode batch spreads one head per thread, and over
 // as many CTAs as the budget has (of fewer than ROW_THREADS threads when it must). The kernel
 // before (a warp per head, a lane per pair, 2-byte loads and stores) ran at 9-48% of the streaming
@@ -284,7 +283,6 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
                       __nv_bfloat16* __restrict__ v_cache, int rows, int num_heads, int num_kv_heads, int head_dim,
                       float theta, int style, int scaling, float factor, float low_freq_factor,
                       float high_freq_factor, float original_max_position) {
-    constexpr int heads_per_item = HEADS;
     extern __shared__ float inv_freq[];
     const int half = head_dim / 2;
     for (int pair = threadIdx.x; pair < half; pair += blockDim.x) {
@@ -297,7 +295,7 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
     const int row_heads = num_heads + 2 * num_kv_heads;  // query, key, then value heads
     const int rotated = num_heads + num_kv_heads;
     const int pieces = half / 8;  // 8 pairs each
-    const int head_groups = (row_heads + heads_per_item - 1) / heads_per_item;
+    const int head_groups = (row_heads + HEADS - 1) / HEADS;
     const int items = rows * head_groups * pieces;
     const size_t slot_len = (size_t)num_kv_heads * head_dim;
     for (int item = blockIdx.x * blockDim.x + threadIdx.x; item < items; item += gridDim.x * blockDim.x) {
@@ -310,7 +308,7 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
         Bf16x8 a[HEADS], b[HEADS];
 #pragma unroll
         for (int u = 0; u < HEADS; ++u) {
-            const int head = group * heads_per_item + u;
+            const int head = group * HEADS + u;
             if (head < row_heads) {
                 a[u] = load8(r + (size_t)head * head_dim + lo);
                 b[u] = load8(r + (size_t)head * head_dim + hi);
@@ -318,14 +316,14 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
         }
         const size_t slot = slots[row];
         float sn[VEC], cs[VEC];
-        if (group * heads_per_item < rotated) {
+        if (group * HEADS < rotated) {
             const float position = (float)positions[row];
 #pragma unroll
             for (int i = 0; i < VEC; ++i) sin_cos(position * inv_freq[8 * piece + i], &sn[i], &cs[i]);
         }
 #pragma unroll
         for (int u = 0; u < HEADS; ++u) {
-            const int head = group * heads_per_item + u;
+            const int head = group * HEADS + u;
             if (head >= row_heads) continue;
             if (head >= rotated) {
                 __nv_bfloat16* v = v_cache + slot * slot_len + (size_t)(head - rotated) * head_dim;

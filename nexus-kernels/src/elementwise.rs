@@ -69,10 +69,10 @@ struct NormGrid {
     /// CTA's 16). It and `vecs` depend on `hidden` alone, so each row's sums are added in the same
     /// order whatever the batch and the budget: the norms stay batch invariant.
     warps_per_row: i32,
-    /// The rows a group of warps takes per round: `ROW_SLOTS / vecs` when every CTA of the
-    /// budget gets a whole round of them (a prefill chunk: more loads in flight per thread), else
-    /// one (a decode batch, spread as widely as it can be).
-    rows_per_group: i32,
+    /// Whether a group of warps takes `ROW_SLOTS / vecs` rows per round (the `*_many_rows`
+    /// kernels): when every CTA of the budget gets a whole round of them (a prefill chunk: more
+    /// loads in flight per thread); else one (a decode batch, spread as widely as it can be).
+    many_rows: bool,
     /// 16-byte vectors of a row per thread: 1, 2 or 4.
     vecs: i32,
 }
@@ -92,7 +92,7 @@ fn norm_grid(ctx: &PhaseContext, rows: usize, hidden: usize) -> Result<NormGrid>
     Ok(NormGrid {
         grid: ctx.budget().grid(rows.div_ceil(groups * rows_per_group)),
         warps_per_row: warps_per_row as i32,
-        rows_per_group: rows_per_group as i32,
+        many_rows: rows_per_group > 1,
         vecs: vecs as i32,
     })
 }
@@ -115,7 +115,7 @@ pub fn rms_norm(
 ) -> Result<()> {
     let (rows, rows_i, hidden_i) = check_norm(x.len(), weight.len(), out.len(), "rms_norm")?;
     let g = norm_grid(ctx, rows, weight.len())?;
-    let name = if g.rows_per_group == 1 { "rms_norm" } else { "rms_norm_many_rows" };
+    let name = if g.many_rows { "rms_norm_many_rows" } else { "rms_norm" };
     let (f, cfg) = ctx.kernel(MODULE, name, g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);
@@ -143,7 +143,7 @@ pub fn fused_add_rms_norm(
         x.len()
     );
     let g = norm_grid(ctx, rows, weight.len())?;
-    let name = if g.rows_per_group == 1 { "fused_add_rms_norm" } else { "fused_add_rms_norm_many_rows" };
+    let name = if g.many_rows { "fused_add_rms_norm_many_rows" } else { "fused_add_rms_norm" };
     let (f, cfg) = ctx.kernel(MODULE, name, g.grid, ROW_THREADS, 0)?;
     let mut launch = ctx.launch(&f);
     launch.arg(x).arg(residual).arg(weight).arg(out).arg(&rows_i).arg(&hidden_i).arg(&eps);

@@ -138,7 +138,7 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
 }
 
 // What a kernel stores (the `epilogue` argument; see the top of the file).
-enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1 };
+enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1, ACCUMULATE = 2 };
 
 // SILU_AND_MUL's interleaved order of B's rows: row q of it is row `gated_row(q, n / 2)` of B
 // (blocks of 8 rows alternate gate, up), and when q is a gate row (q & 8 == 0), its output column
@@ -412,6 +412,36 @@ constexpr int wgmma_threads(int bm, int bn, bool swap) { return 128 * (1 + (swap
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// Columns of C per square sum (ACCUMULATE's `sq_out`), and of A per one a row norm reads (`sq_in`).
+constexpr int SQ_COLS = 64;
+
+// old + v for 8 packed bf16 values each, rounded to bf16 (v is already rounded: the residual add
+// this replaces added the layer's stored bf16 output in f32).
+__device__ __forceinline__ uint4 add_bf16x8(uint4 old, uint4 v) {
+    uint32_t o[4] = {old.x, old.y, old.z, old.w};
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o[i]));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+        o[i] = nexus::pack_bf16(a.x + b.x, a.y + b.y);
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// The sum of the squares of 8 packed bf16 values, in order.
+__device__ __forceinline__ float square_sum8(uint4 v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+        sum += a.x * a.x;
+        sum += a.y * a.y;
+    }
+    return sum;
+}
+
 // A consumer warp's epilogue buffer in the plain tiles (after the ring; the launcher sizes it, the
 // swapped tiles store their few rows directly): its 16 rows of C, 64 columns (128 bytes) at a time.
 constexpr int STAGING_ROWS = 16;
@@ -482,15 +512,33 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 // reads them back as 16-byte pieces along the rows, so each store of the warp writes 4 whole
 // 128-byte rows of C: 0.92-0.97x the time at K = 4096 on the H200, and as fast as with no global
 // stores at all (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
+//
+// With `sq` (ACCUMULATE; then COLS and col0 are multiples of SQ_COLS), each piece is added to what
+// C holds there, and the sums of squares of each row's new values, per SQ_COLS columns, go to `sq`
+// ([m, ceil(width / SQ_COLS)]): a chunk is one such group; the 8 lanes of a row (lane / 8) each
+// add up their piece in order, then the 8 sums go through a butterfly, the same in every tile.
 template <int COLS, typename Pairs>
 __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __restrict__ c, int m, int width, int row0,
-                                                  int col0, int lane, Pairs pairs) {
+                                                  int col0, int lane, Pairs pairs, float* __restrict__ sq = nullptr) {
     constexpr int BLOCKS = COLS / 8;                          // 8-column blocks of the rows
     constexpr int CHUNK = BLOCKS < 8 ? BLOCKS : 8;            // blocks staged at a time
     constexpr int PIECES = STAGING_ROWS * CHUNK / 32;         // 16-byte pieces per thread per chunk
     static_assert(BLOCKS % CHUNK == 0 && PIECES >= 1, "whole chunks of 32 to 64 columns");
+    const int groups = (width + SQ_COLS - 1) / SQ_COLS;
 #pragma unroll
     for (int j0 = 0; j0 < BLOCKS; j0 += CHUNK) {
+        // C's pieces of the chunk are loaded first, all at once: one after the other, each load
+        // waited for the store before it (they might alias, for the compiler).
+        uint4 old[PIECES];
+        if (sq != nullptr) {
+#pragma unroll
+            for (int i = 0; i < PIECES; ++i) {
+                const int piece = i * 32 + lane, row = piece / CHUNK, block = piece % CHUNK;
+                const int r = row0 + row, col = col0 + (j0 + block) * 8;
+                old[i] = r < m && col < width ? *reinterpret_cast<const uint4*>(c + (size_t)r * width + col)
+                                              : make_uint4(0, 0, 0, 0);
+            }
+        }
 #pragma unroll
         for (int j = 0; j < CHUNK; ++j) {
             const uint2 v = pairs(j0 + j);
@@ -509,7 +557,17 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
                          : "r"(staging + swizzled<ROW_BYTES>(row, block))
                          : "memory");
             const int r = row0 + row, col = col0 + (j0 + block) * 8;
-            if (r < m && col < width) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
+            const bool inside = r < m && col < width;
+            if (sq != nullptr) {
+                v = add_bf16x8(old[i], v);
+                float sum = inside ? square_sum8(v) : 0.f;
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+                const int first = col0 + j0 * 8;
+                if (block == 0 && r < m && first < width) sq[(size_t)r * groups + first / SQ_COLS] = sum;
+            }
+            if (inside) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
         }
         __syncwarp();  // every lane has read the chunk before the next one overwrites it
     }
@@ -521,13 +579,47 @@ __device__ __forceinline__ void consumers_barrier() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
 }
 
+// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of `rows` rows of A from row0 on
+// into `scale`, from their square sums ([m, ceil(k / SQ_COLS)], ACCUMULATE's output), by one
+// consumer warpgroup (128 threads, `ctid` among them): 8 lanes a row, each adding up every eighth
+// sum in order, then a butterfly, the same order in every tile. Rows past M get 0.
+__device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in, float eps, int m, int k, int row0,
+                                                int rows, int ctid, float* scale) {
+    const int groups = (k + SQ_COLS - 1) / SQ_COLS;
+    for (int base = 0; base < rows; base += 16) {
+        const int row = base + ctid / 8, r = row0 + row;
+        float sum = 0.f;
+        if (row < rows && r < m) {
+#pragma unroll 8
+            for (int g = ctid % 8; g < groups; g += 8) sum += __ldcg(sq_in + (size_t)r * groups + g);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        if (ctid % 8 == 0 && row < rows) scale[row] = r < m ? rsqrtf(sum / k + eps) : 0.f;
+    }
+}
+
+// Named barrier 2 + c of consumer warpgroup c alone.
+__device__ __forceinline__ void consumer_barrier(int consumer) {
+    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
+}
+
 template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
-                                                int k, int epilogue, int splits, float* __restrict__ partials,
-                                                unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
+                                                int k, int epilogue, float* __restrict__ sq_out,
+                                                const float* __restrict__ sq_in, float eps, int splits,
+                                                float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,
+                                                unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
     constexpr int STAGES = C::STAGES;
+    // Rows of A a consumer warpgroup's row norm covers: the whole tile's when swapped (every
+    // consumer has all of them), else its own 64.
+    constexpr int NORM_ROWS = SWAP ? BM : 64;
+    __shared__ float row_scale[C::CONSUMERS][NORM_ROWS];
+    // ACCUMULATE, swapped: each warp's square sums of its 16 columns, per row of the tile.
+    __shared__ float warp_sq[SWAP ? C::CONSUMERS : 1][4][SWAP ? BM : 1];
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
     __shared__ int stage_tile[STAGES];  // the work unit each stage holds; -1: none left
@@ -664,6 +756,14 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             int mt, nt, kb0, kb1;
             order.coords(tile, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
+            if (sq_in != nullptr) {
+                // Before the main loop, while the ring fills; the barriers keep the last unit's
+                // epilogue reads before these writes, and these before this unit's reads.
+                consumer_barrier(consumer);
+                row_norm_scales(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64), NORM_ROWS, tid - 128 * warpgroup,
+                                row_scale[consumer]);
+                consumer_barrier(consumer);
+            }
             int previous = stage;
             for (int kb = 0; kb < kb1 - kb0; ++kb) {
                 if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
@@ -743,6 +843,15 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             const int warp_row0 = mt * BM + consumer * 64 + warp * 16;  // the plain tiles' first row of this warp
             const uint32_t staging =
                 ring + STAGES * C::STAGE_BYTES + (consumer * 4 + warp) * STAGING_BYTES_PER_WARP;
+            if (sq_in != nullptr) {
+                // The row norm: each row of the product scaled (before the bias and the SiLU).
+#pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[4 * j + e] *= SWAP ? row_scale[consumer][j * 8 + c0 + (e & 1)]
+                                               : row_scale[consumer][warp * 16 + (lane >> 2) + (e >> 1) * 8];
+            }
             if (epilogue == SILU_AND_MUL) {
                 const int width = n / 2;
                 if constexpr (!SWAP) {
@@ -776,27 +885,79 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 }
                 continue;
             }
+            float* const sq = epilogue == ACCUMULATE ? sq_out : nullptr;
             if constexpr (!SWAP) {
                 if (warp_row0 < m)
-                    store_rows_staged<C::MMA_N>(staging, c, m, n, warp_row0, nt * BN, lane, [&](int j) {
-                        const int col = nt * BN + j * 8 + c0;
-                        const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
-                        return make_uint2(nexus::pack_bf16(acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y),
-                                          nexus::pack_bf16(acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y));
-                    });
+                    store_rows_staged<C::MMA_N>(
+                        staging, c, m, n, warp_row0, nt * BN, lane,
+                        [&](int j) {
+                            const int col = nt * BN + j * 8 + c0;
+                            const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
+                            return make_uint2(nexus::pack_bf16(acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y),
+                                              nexus::pack_bf16(acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y));
+                        },
+                        sq);
             } else {
                 // Transposed: the M side runs along N (columns of C), the N side along M (rows).
                 const int col = nt * BN + r0;
                 const float b_lo = bias != nullptr && col < n ? __bfloat162float(bias[col]) : 0.f;
                 const float b_hi = bias != nullptr && col + 8 < n ? __bfloat162float(bias[col + 8]) : 0.f;
 #pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[4 * j + e] += e >> 1 ? b_hi : b_lo;
+                if (sq != nullptr) {
+                    // C's values are loaded first, all at once, and each value becomes what is
+                    // stored: old + the product rounded to bf16, rounded again (0 outside C).
+                    float old[C::MMA_N / 2];
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = mt * BM + j * 8 + c0 + (e & 1), cc = col + (e >> 1) * 8;
+                            old[4 * j + e] = r < m && cc < n ? __bfloat162float(c[(size_t)r * n + cc]) : 0.f;
+                        }
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = mt * BM + j * 8 + c0 + (e & 1), cc = col + (e >> 1) * 8;
+                            float& a = acc[4 * j + e];
+                            const float x = __bfloat162float(__float2bfloat16_rn(a));
+                            a = r < m && cc < n ? __bfloat162float(__float2bfloat16_rn(old[4 * j + e] + x)) : 0.f;
+                        }
+                }
+#pragma unroll
                 for (int j = 0; j < C::MMA_N / 8; ++j) {
                     const int row = mt * BM + j * 8 + c0;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int r = row + (e & 1), cc = col + (e >> 1) * 8;
-                        if (r < m && cc < n) c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[4 * j + e] + (e >> 1 ? b_hi : b_lo));
+                        if (r < m && cc < n) c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[4 * j + e]);
                     }
+                }
+                if (sq != nullptr) {
+                    // The square sums of the consumer's 64 columns (one SQ_COLS group) per row:
+                    // a thread's two columns, the warp's 16 (lanes of one lane % 4), then its 4 warps in order.
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            float q = acc[4 * j + h] * acc[4 * j + h] + acc[4 * j + h + 2] * acc[4 * j + h + 2];
+                            q += __shfl_xor_sync(0xffffffffu, q, 4);
+                            q += __shfl_xor_sync(0xffffffffu, q, 8);
+                            q += __shfl_xor_sync(0xffffffffu, q, 16);
+                            if (lane < 4) warp_sq[consumer][warp][j * 8 + c0 + h] = q;
+                        }
+                    consumer_barrier(consumer);
+                    const int row = tid - 128 * warpgroup, first = nt * BN + consumer * 64;
+                    if (row < BM && mt * BM + row < m && first < n) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int w = 0; w < 4; ++w) sum += warp_sq[consumer][w][row];
+                        sq[(size_t)(mt * BM + row) * ((n + SQ_COLS - 1) / SQ_COLS) + first / SQ_COLS] = sum;
+                    }
+                    consumer_barrier(consumer);  // read before the next unit writes
                 }
             }
         }
@@ -828,9 +989,9 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP) \
-    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, splits, partials, tile_arrivals, \
-                                  counter);
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                    \
+    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, partials, \
+                                  tile_arrivals, counter);
 #else
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
 #endif
@@ -838,7 +999,8 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 #define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
     extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
-             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue, int splits,   \
+             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue,               \
+             float* __restrict__ sq_out, const float* __restrict__ sq_in, float eps, int splits,                   \
              float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
         NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
     }

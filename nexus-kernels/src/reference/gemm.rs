@@ -1,5 +1,7 @@
 //! `gemm`: `C[m, n] = A[m, k] · B[n, k]ᵀ (+ bias[n])`, the layout of a linear layer whose weight
 //! is stored `[out_features, in_features]`; `gemm_silu_and_mul`, the same with a SwiGLU epilogue.
+//! `square_sums`, `rms_scales_from_square_sums` and `fold_norm_gain` are what the GPU GEMM's
+//! fusion of the residual add and RMSNorm (`gemm::GemmFusion`) computes on the way.
 
 use rayon::prelude::*;
 
@@ -75,6 +77,44 @@ pub fn gemm_silu_and_mul(a: &[f32], gate_up: &[f32], out: &mut [f32], shape: Gem
     let mut both = vec![0f32; m * n];
     gemm(a, gate_up, None, &mut both, shape)?;
     silu_and_mul(&both, n / 2, out)
+}
+
+/// Columns per square sum (`gemm::SQUARE_SUM_COLS`).
+const SQUARE_SUM_COLS: usize = 64;
+
+/// The sums of squares of each row of the `[rows, cols]` matrix `x` per 64 columns (the last
+/// group may be shorter): `[rows, cols.div_ceil(64)]`.
+pub fn square_sums(x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    ensure_shape!(cols > 0 && x.len().is_multiple_of(cols), "square_sums: x is not rows of {cols}");
+    Ok(x.chunks_exact(cols)
+        .flat_map(|row| row.chunks(SQUARE_SUM_COLS).map(|group| group.iter().map(|v| v * v).sum::<f32>()))
+        .collect())
+}
+
+/// The RMSNorm factor `1 / sqrt(mean(row²) + eps)` of each row of `cols` values, from the row's
+/// square sums (as [`square_sums`] gives them).
+pub fn rms_scales_from_square_sums(sums: &[f32], cols: usize, eps: f32) -> Result<Vec<f32>> {
+    let groups = cols.div_ceil(SQUARE_SUM_COLS);
+    ensure_shape!(groups > 0 && sums.len().is_multiple_of(groups), "rms_scales: sums are not rows of {groups}");
+    Ok(sums.chunks_exact(groups).map(|row| 1.0 / (row.iter().sum::<f32>() / cols as f32 + eps).sqrt()).collect())
+}
+
+/// Multiplies each row of the `[rows, gain.len()]` matrix `weight` by `gain` elementwise: the
+/// weight whose product with unnormalized rows, scaled by their RMSNorm factors, is the product
+/// of their RMSNorm (with weight `gain`) with `weight`.
+pub fn fold_norm_gain(weight: &mut [f32], gain: &[f32]) -> Result<()> {
+    ensure_shape!(
+        !gain.is_empty() && weight.len().is_multiple_of(gain.len()),
+        "fold_norm_gain: weight has {} values, not rows of {}",
+        weight.len(),
+        gain.len()
+    );
+    for row in weight.chunks_exact_mut(gain.len()) {
+        for (w, g) in row.iter_mut().zip(gain) {
+            *w *= g;
+        }
+    }
+    Ok(())
 }
 
 /// A dot product with eight independent partial sums, which the compiler turns into SIMD.

@@ -59,6 +59,14 @@
 // tiles take the same time, the wide wgmma tiles 0-5% longer at M <= 16 (the epilogue's math,
 // during which the ring stops streaming).
 //
+// Residual add and RMSNorm (wgmma kernels): ACCUMULATE adds the product, rounded to bf16, to what
+// C holds (a layer's output projection into the residual stream) and writes each new row's sums
+// of squares per SQ_COLS columns to `sq_out`; a later launch given those sums as `sq_in` scales
+// its rows of the product by 1 / sqrt(mean of squares + eps) before the bias and the SiLU (the
+// RMSNorm of A, whose gain the launcher's caller folded into B). Each consumer warpgroup makes
+// its rows' factors at the start of a work unit, while the ring fills. So a decode layer runs
+// no norm kernel between its GEMMs.
+//
 // Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
 // zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
 // inside C. The launcher requires K % 8 == 0 and N % 8 == 0 (16-byte rows: TMA strides, 16-byte
@@ -971,9 +979,10 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: the operands, then m, n, k, the epilogue (an Epilogue), then the two
 // tile counters (zero between launches, see take_ticket). The mma kernels also take the number of
-// pipeline stages their shared memory holds; the wgmma ones the split of K (1: none), the split-K
-// workspace (a BM x BN tile of floats per work unit) and one arrival count per output tile (zero
-// between launches). For SILU_AND_MUL, n is B's rows (gate and up) and C has n / 2 columns.
+// pipeline stages their shared memory holds; the wgmma ones, after the epilogue, the square sums
+// ACCUMULATE writes and those a row norm reads (null: none) and the norm's epsilon, then the split
+// of K (1: none), the split-K workspace (a BM x BN tile of floats per work unit) and one arrival
+// count per output tile (zero between launches). For SILU_AND_MUL, n is B's rows (gate and up) and C has n / 2 columns.
 
 #define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \

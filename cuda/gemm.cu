@@ -533,20 +533,27 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
     constexpr int PIECES = STAGING_ROWS * CHUNK / 32;         // 16-byte pieces per thread per chunk
     static_assert(BLOCKS % CHUNK == 0 && PIECES >= 1, "whole chunks of 32 to 64 columns");
     const int groups = (width + SQ_COLS - 1) / SQ_COLS;
+    // With `sq`, C's pieces of a chunk are loaded all at once (one after the other, each load
+    // waited for the store before it: they might alias, for the compiler), a chunk ahead where the
+    // tile has two (loaded just before its stores, a chunk waited a round trip to L2); the 256-wide
+    // tiles, which have four, would spill the registers that takes.
+    constexpr bool AHEAD = BLOCKS == 2 * CHUNK;
+    auto load_old = [&](int j0, uint4 (&old)[PIECES]) {
+#pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            const int piece = i * 32 + lane, row = piece / CHUNK, block = piece % CHUNK;
+            const int r = row0 + row, col = col0 + (j0 + block) * 8;
+            old[i] = r < m && col < width ? *reinterpret_cast<const uint4*>(c + (size_t)r * width + col)
+                                          : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 old[PIECES];
+    if (sq != nullptr && AHEAD) load_old(0, old);
 #pragma unroll
     for (int j0 = 0; j0 < BLOCKS; j0 += CHUNK) {
-        // C's pieces of the chunk are loaded first, all at once: one after the other, each load
-        // waited for the store before it (they might alias, for the compiler).
-        uint4 old[PIECES];
-        if (sq != nullptr) {
-#pragma unroll
-            for (int i = 0; i < PIECES; ++i) {
-                const int piece = i * 32 + lane, row = piece / CHUNK, block = piece % CHUNK;
-                const int r = row0 + row, col = col0 + (j0 + block) * 8;
-                old[i] = r < m && col < width ? *reinterpret_cast<const uint4*>(c + (size_t)r * width + col)
-                                              : make_uint4(0, 0, 0, 0);
-            }
-        }
+        uint4 next[PIECES];
+        if (sq != nullptr && AHEAD && j0 == 0) load_old(CHUNK, next);
+        if (sq != nullptr && !AHEAD) load_old(j0, old);
 #pragma unroll
         for (int j = 0; j < CHUNK; ++j) {
             const uint2 v = pairs(j0 + j);
@@ -578,6 +585,10 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
             if (inside) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
         }
         __syncwarp();  // every lane has read the chunk before the next one overwrites it
+        if (sq != nullptr && AHEAD && j0 == 0) {
+#pragma unroll
+            for (int i = 0; i < PIECES; ++i) old[i] = next[i];
+        }
     }
 }
 
@@ -587,24 +598,42 @@ __device__ __forceinline__ void consumers_barrier() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
 }
 
-// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of `rows` rows of A from row0 on
+// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of ROWS rows of A from row0 on
 // into `scale`, from their square sums ([m, ceil(k / SQ_COLS)], ACCUMULATE's output), by one
 // consumer warpgroup (128 threads, `ctid` among them): 8 lanes a row, each adding up every eighth
 // sum in order, then a butterfly, the same order in every tile. Rows past M get 0.
+template <int ROWS>
 __device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in, float eps, int m, int k, int row0,
-                                                int rows, int ctid, float* scale) {
-    const int groups = (k + SQ_COLS - 1) / SQ_COLS;
-    for (int base = 0; base < rows; base += 16) {
-        const int row = base + ctid / 8, r = row0 + row;
-        float sum = 0.f;
-        if (row < rows && r < m) {
-#pragma unroll 8
-            for (int g = ctid % 8; g < groups; g += 8) sum += __ldcg(sq_in + (size_t)r * groups + g);
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        if (ctid % 8 == 0 && row < rows) scale[row] = r < m ? rsqrtf(sum / k + eps) : 0.f;
+                                                int ctid, float* scale) {
+    // Row p * 16 + ctid / 8 for each pass p; the loads of every pass and of 4 sums a lane go out
+    // together (one by one, a 64-row tile's factors took ~1 us per pass under a streaming GEMM).
+    constexpr int PASSES = (ROWS + 15) / 16, AHEAD = 4;
+    const int groups = (k + SQ_COLS - 1) / SQ_COLS, lane8 = ctid % 8;
+    float sum[PASSES];
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) sum[p] = 0.f;
+    for (int g0 = lane8; g0 < groups; g0 += 8 * AHEAD) {
+        float v[AHEAD][PASSES];
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int row = p * 16 + ctid / 8, r = row0 + row, g = g0 + 8 * u;
+                v[u][p] = row < ROWS && r < m && g < groups ? __ldcg(sq_in + (size_t)r * groups + g) : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) sum[p] += v[u][p];
+    }
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        float s = sum[p];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        s += __shfl_xor_sync(0xffffffffu, s, 4);
+        const int row = p * 16 + ctid / 8, r = row0 + row;
+        if (lane8 == 0 && row < ROWS) scale[row] = r < m ? rsqrtf(s / k + eps) : 0.f;
     }
 }
 
@@ -626,6 +655,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     // consumer has all of them), else its own 64.
     constexpr int NORM_ROWS = SWAP ? BM : 64;
     __shared__ float row_scale[C::CONSUMERS][NORM_ROWS];
+    __shared__ int row_scale_mt[C::CONSUMERS];  // the M tile whose factors row_scale holds; -1: none
     // ACCUMULATE, swapped: each warp's square sums of its 16 columns, per row of the tile.
     __shared__ float warp_sq[SWAP ? C::CONSUMERS : 1][4][SWAP ? BM : 1];
     extern __shared__ uint8_t smem_raw[];
@@ -665,6 +695,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             mbar_init(smem_addr(&full[s]), 1);                    // the producer's arrive + the TMA bytes
             mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4);  // one arrive per consumer warp
         }
+        for (int c = 0; c < C::CONSUMERS; ++c) row_scale_mt[c] = -1;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_a)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_b)) : "memory");
@@ -743,6 +774,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         constexpr int SETS = C::ACC_SETS;
         float acc[Wgmma<C::MMA_N>::REGS];
         float part[SETS > 1 ? SETS - 1 : 1][Wgmma<C::MMA_N>::REGS];  // sets 1.. (set 0 is acc)
+        float old_c[SWAP ? C::MMA_N / 2 : 1];                          // ACCUMULATE, swapped: C's values
 #pragma unroll
         for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] = 0.f;
 #pragma unroll
@@ -764,13 +796,30 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             int mt, nt, kb0, kb1;
             order.coords(tile, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
-            if (sq_in != nullptr) {
-                // Before the main loop, while the ring fills; the barriers keep the last unit's
-                // epilogue reads before these writes, and these before this unit's reads.
+            if (sq_in != nullptr && row_scale_mt[consumer] != mt) {
+                // Once per M tile (a decode step has one), before the main loop, while the ring
+                // fills; the barriers keep the last unit's epilogue reads before these writes, and
+                // these before this unit's reads.
                 consumer_barrier(consumer);
-                row_norm_scales(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64), NORM_ROWS, tid - 128 * warpgroup,
-                                row_scale[consumer]);
+                row_norm_scales<NORM_ROWS>(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64),
+                                           tid - 128 * warpgroup, row_scale[consumer]);
+                if (tid - 128 * warpgroup == 0) row_scale_mt[consumer] = mt;
                 consumer_barrier(consumer);
+            }
+            if constexpr (SWAP) {
+                // ACCUMULATE: the thread's values of C (rows j * 8 + 2 (lane % 4) (+1), columns
+                // r0 and r0 + 8 of the epilogue below) are loaded now, to arrive during the main
+                // loop (loaded in the epilogue, they cost a round trip there).
+                if (epilogue == ACCUMULATE) {
+                    const int col = nt * BN + consumer * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = mt * BM + j * 8 + (lane & 3) * 2 + (e & 1), cc = col + (e >> 1) * 8;
+                            old_c[4 * j + e] = r < m && cc < n ? __bfloat162float(c[(size_t)r * n + cc]) : 0.f;
+                        }
+                }
             }
             int previous = stage;
             for (int kb = 0; kb < kb1 - kb0; ++kb) {
@@ -915,16 +964,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 #pragma unroll
                     for (int e = 0; e < 4; ++e) acc[4 * j + e] += e >> 1 ? b_hi : b_lo;
                 if (sq != nullptr) {
-                    // C's values are loaded first, all at once, and each value becomes what is
-                    // stored: old + the product rounded to bf16, rounded again (0 outside C).
-                    float old[C::MMA_N / 2];
-#pragma unroll
-                    for (int j = 0; j < C::MMA_N / 8; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int r = mt * BM + j * 8 + c0 + (e & 1), cc = col + (e >> 1) * 8;
-                            old[4 * j + e] = r < m && cc < n ? __bfloat162float(c[(size_t)r * n + cc]) : 0.f;
-                        }
+                    // Each value becomes what is stored: C's (loaded at the unit's start) + the
+                    // product rounded to bf16, rounded again (0 outside C).
 #pragma unroll
                     for (int j = 0; j < C::MMA_N / 8; ++j)
 #pragma unroll
@@ -932,7 +973,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                             const int r = mt * BM + j * 8 + c0 + (e & 1), cc = col + (e >> 1) * 8;
                             float& a = acc[4 * j + e];
                             const float x = __bfloat162float(__float2bfloat16_rn(a));
-                            a = r < m && cc < n ? __bfloat162float(__float2bfloat16_rn(old[4 * j + e] + x)) : 0.f;
+                            a = r < m && cc < n ? __bfloat162float(__float2bfloat16_rn(old_c[4 * j + e] + x)) : 0.f;
                         }
                 }
 #pragma unroll

@@ -771,6 +771,20 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         nexus::follow_previous_kernel();
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
+        // The row norm's factors for the M tile of the CTA's first unit (its own: blockIdx.x), now,
+        // while the producer's first loads of A are in flight; made at that unit's start instead,
+        // they held its main loop back by a round trip with the ring full.
+        auto make_row_scales = [&](int mt) {
+            row_norm_scales<NORM_ROWS>(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64), tid - 128 * warpgroup,
+                                       row_scale[consumer]);
+            if (tid - 128 * warpgroup == 0) row_scale_mt[consumer] = mt;
+        };
+        if (sq_in != nullptr && static_cast<int>(blockIdx.x) < units) {
+            int mt, nt;
+            order.coords(blockIdx.x / splits, mt, nt);
+            make_row_scales(mt);
+            consumer_barrier(consumer);
+        }
         constexpr int SETS = C::ACC_SETS;
         float acc[Wgmma<C::MMA_N>::REGS];
         float part[SETS > 1 ? SETS - 1 : 1][Wgmma<C::MMA_N>::REGS];  // sets 1.. (set 0 is acc)
@@ -797,13 +811,11 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             order.coords(tile, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
             if (sq_in != nullptr && row_scale_mt[consumer] != mt) {
-                // Once per M tile (a decode step has one), before the main loop, while the ring
-                // fills; the barriers keep the last unit's epilogue reads before these writes, and
+                // A unit of another M tile (a decode step has one): its factors before the main
+                // loop; the barriers keep the last unit's epilogue reads before these writes, and
                 // these before this unit's reads.
                 consumer_barrier(consumer);
-                row_norm_scales<NORM_ROWS>(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64),
-                                           tid - 128 * warpgroup, row_scale[consumer]);
-                if (tid - 128 * warpgroup == 0) row_scale_mt[consumer] = mt;
+                make_row_scales(mt);
                 consumer_barrier(consumer);
             }
             if constexpr (SWAP) {

@@ -532,6 +532,69 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// [`Backend::linear`], or with `norm_eps` [`Backend::linear_normalized`].
+    fn linear_op(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        norm_eps: Option<f32>,
+    ) -> Result<CudaMatrix> {
+        let n = weight.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let config = self.gemm_config(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n)?;
+            let bias = bias.map(|b| b.data.as_view());
+            let sums = norm_eps.map(|_| x.square_sums_view()).transpose()?;
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_with(
+                &phase.ctx,
+                config,
+                row_norm(sums.as_ref(), norm_eps),
+                &x.data.as_view(),
+                &weight.data.as_view(),
+                bias.as_ref(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
+            Ok(out)
+        })
+    }
+
+    /// [`Backend::linear_silu_and_mul`], or with `norm_eps` its normalized form.
+    fn linear_silu_and_mul_op(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+        norm_eps: Option<f32>,
+    ) -> Result<CudaMatrix> {
+        let n = gate_up.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let config = self.gemm_config(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n / 2)?;
+            let sums = norm_eps.map(|_| x.square_sums_view()).transpose()?;
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_silu_and_mul_with(
+                &phase.ctx,
+                config,
+                row_norm(sums.as_ref(), norm_eps),
+                &x.data.as_view(),
+                &gate_up.data.as_view(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
+            Ok(out)
+        })
+    }
+
     /// Page-locked host memory for `len` values that the device writes and the host reads.
     fn pinned<T: DeviceRepr>(&self, len: usize) -> Result<PinnedHostSlice<T>> {
         // SAFETY: the values are written by a copy from the device before the host reads them;
@@ -619,6 +682,15 @@ impl CudaBackend {
 }
 
 /// Copies `values` to a new device buffer on `ctx`'s stream.
+/// The GEMM fusion that normalizes A's rows with `eps` from their square `sums`, or none without
+/// them.
+fn row_norm<'f, 'v>(sums: Option<&'f CudaView<'v, f32>>, eps: Option<f32>) -> GemmFusion<'f, 'v> {
+    match (sums, eps) {
+        (Some(square_sums), Some(eps)) => GemmFusion::RowNorm { square_sums, eps },
+        _ => GemmFusion::None,
+    }
+}
+
 fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> Result<CudaSlice<T>> {
     // An empty upload would be a null buffer; launches never read it, but keep one element.
     if values.is_empty() {
@@ -784,26 +856,40 @@ impl Backend for CudaBackend {
         weight: &CudaWeight,
         bias: Option<&CudaWeight>,
     ) -> Result<CudaMatrix> {
-        let n = weight.shape.first().copied().unwrap_or(0);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let config = self.gemm_config(phase, step, shape);
-        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n)?;
-            let bias = bias.map(|b| b.data.as_view());
-            let mut workspace = lock(&phase.gemm_workspace);
-            gemm::gemm_with(
-                &phase.ctx,
-                config,
-                GemmFusion::None,
-                &x.data.as_view(),
-                &weight.data.as_view(),
-                bias.as_ref(),
-                &mut out.data.as_view_mut(),
-                shape,
-                &mut workspace,
-            )?;
-            Ok(out)
-        })
+        self.linear_op(phase, step, x, weight, bias, None)
+    }
+
+    fn linear_normalized(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        eps: f32,
+    ) -> Result<CudaMatrix> {
+        self.linear_op(phase, step, x, weight, bias, Some(eps))
+    }
+
+    fn linear_silu_and_mul(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+    ) -> Result<CudaMatrix> {
+        self.linear_silu_and_mul_op(phase, step, x, gate_up, None)
+    }
+
+    fn linear_silu_and_mul_normalized(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaMatrix> {
+        self.linear_silu_and_mul_op(phase, step, x, gate_up, Some(eps))
     }
 
     fn folds_norm_gains(&self) -> bool {
@@ -866,67 +952,6 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn linear_normalized(
-        &self,
-        phase: &CudaPhase,
-        step: &CudaStep,
-        x: &CudaMatrix,
-        weight: &CudaWeight,
-        bias: Option<&CudaWeight>,
-        eps: f32,
-    ) -> Result<CudaMatrix> {
-        let n = weight.shape.first().copied().unwrap_or(0);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let config = self.gemm_config(phase, step, shape);
-        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n)?;
-            let bias = bias.map(|b| b.data.as_view());
-            let sums = x.square_sums_view()?;
-            let mut workspace = lock(&phase.gemm_workspace);
-            gemm::gemm_with(
-                &phase.ctx,
-                config,
-                GemmFusion::RowNorm { square_sums: &sums, eps },
-                &x.data.as_view(),
-                &weight.data.as_view(),
-                bias.as_ref(),
-                &mut out.data.as_view_mut(),
-                shape,
-                &mut workspace,
-            )?;
-            Ok(out)
-        })
-    }
-
-    fn linear_silu_and_mul_normalized(
-        &self,
-        phase: &CudaPhase,
-        step: &CudaStep,
-        x: &CudaMatrix,
-        gate_up: &CudaWeight,
-        eps: f32,
-    ) -> Result<CudaMatrix> {
-        let n = gate_up.shape.first().copied().unwrap_or(0);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let config = self.gemm_config(phase, step, shape);
-        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n / 2)?;
-            let sums = x.square_sums_view()?;
-            let mut workspace = lock(&phase.gemm_workspace);
-            gemm::gemm_silu_and_mul_with(
-                &phase.ctx,
-                config,
-                GemmFusion::RowNorm { square_sums: &sums, eps },
-                &x.data.as_view(),
-                &gate_up.data.as_view(),
-                &mut out.data.as_view_mut(),
-                shape,
-                &mut workspace,
-            )?;
-            Ok(out)
-        })
-    }
-
     fn rope_and_write_kv(
         &self,
         phase: &CudaPhase,
@@ -967,33 +992,6 @@ impl Backend for CudaBackend {
     ) -> Result<CudaMatrix> {
         self.run_op(phase, OpShape::attention(&step.host), || {
             self.attention_launches(phase, qkv, layout, pool, step, scale)
-        })
-    }
-
-    fn linear_silu_and_mul(
-        &self,
-        phase: &CudaPhase,
-        step: &CudaStep,
-        x: &CudaMatrix,
-        gate_up: &CudaWeight,
-    ) -> Result<CudaMatrix> {
-        let n = gate_up.shape.first().copied().unwrap_or(0);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let config = self.gemm_config(phase, step, shape);
-        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n / 2)?;
-            let mut workspace = lock(&phase.gemm_workspace);
-            gemm::gemm_silu_and_mul_with(
-                &phase.ctx,
-                config,
-                GemmFusion::None,
-                &x.data.as_view(),
-                &gate_up.data.as_view(),
-                &mut out.data.as_view_mut(),
-                shape,
-                &mut workspace,
-            )?;
-            Ok(out)
         })
     }
 

@@ -637,11 +637,6 @@ __device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in,
     }
 }
 
-// Named barrier 2 + c of consumer warpgroup c alone.
-__device__ __forceinline__ void consumer_barrier(int consumer) {
-    asm volatile("bar.sync %0, 128;\n" ::"r"(2 + consumer) : "memory");
-}
-
 template <int BM, int BN, bool SWAP>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
@@ -783,7 +778,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             int mt, nt;
             order.coords(blockIdx.x / splits, mt, nt);
             make_row_scales(mt);
-            consumer_barrier(consumer);
+            consumers_barrier<C::CONSUMERS>();
         }
         constexpr int SETS = C::ACC_SETS;
         float acc[Wgmma<C::MMA_N>::REGS];
@@ -814,9 +809,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 // A unit of another M tile (a decode step has one): its factors before the main
                 // loop; the barriers keep the last unit's epilogue reads before these writes, and
                 // these before this unit's reads.
-                consumer_barrier(consumer);
+                consumers_barrier<C::CONSUMERS>();
                 make_row_scales(mt);
-                consumer_barrier(consumer);
+                consumers_barrier<C::CONSUMERS>();
             }
             if constexpr (SWAP) {
                 // ACCUMULATE: the thread's values of C (rows j * 8 + 2 (lane % 4) (+1), columns
@@ -1010,7 +1005,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                             q += __shfl_xor_sync(0xffffffffu, q, 16);
                             if (lane < 4) warp_sq[consumer][warp][j * 8 + c0 + h] = q;
                         }
-                    consumer_barrier(consumer);
+                    consumers_barrier<C::CONSUMERS>();
                     const int row = tid - 128 * warpgroup, first = nt * BN + consumer * 64;
                     if (row < BM && mt * BM + row < m && first < n) {
                         float sum = 0.f;
@@ -1018,7 +1013,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                         for (int w = 0; w < 4; ++w) sum += warp_sq[consumer][w][row];
                         sq[(size_t)(mt * BM + row) * ((n + SQ_COLS - 1) / SQ_COLS) + first / SQ_COLS] = sum;
                     }
-                    consumer_barrier(consumer);  // read before the next unit writes
+                    consumers_barrier<C::CONSUMERS>();  // read before the next unit writes
                 }
             }
         }

@@ -64,8 +64,9 @@
 // of squares per SQ_COLS columns to `sq_out`; a later launch given those sums as `sq_in` scales
 // its rows of the product by 1 / sqrt(mean of squares + eps) before the bias and the SiLU (the
 // RMSNorm of A, whose gain the launcher's caller folded into B). Each consumer warpgroup makes
-// its rows' factors at the start of a work unit, while the ring fills. So a decode layer runs
-// no norm kernel between its GEMMs.
+// the factors of its CTA's first M tile right after the dependent-launch wait (of a later M tile,
+// before that unit's main loop). So a decode layer runs no norm kernel between its GEMMs. Only the
+// `*_fused` instantiations of the tiles carry this code.
 //
 // Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
 // zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
@@ -637,7 +638,9 @@ __device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in,
     }
 }
 
-template <int BM, int BN, bool SWAP>
+// FUSED: the instantiation that runs the residual add and row norm (`*_fused` kernels); the
+// others compile none of their code (with it, unfused launches ran 1-3% slower, H100).
+template <int BM, int BN, bool SWAP, bool FUSED>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
                                                 int k, int epilogue, float* __restrict__ sq_out,
@@ -645,6 +648,11 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                                                 float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,
                                                 unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
+    if constexpr (!FUSED) {
+        // Null pointers the compiler sees remove the fused code from this instantiation.
+        sq_out = nullptr;
+        sq_in = nullptr;
+    }
     constexpr int STAGES = C::STAGES;
     // Rows of A a consumer warpgroup's row norm covers: the whole tile's when swapped (every
     // consumer has all of them), else its own 64.
@@ -690,7 +698,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             mbar_init(smem_addr(&full[s]), 1);                    // the producer's arrive + the TMA bytes
             mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4);  // one arrive per consumer warp
         }
-        for (int c = 0; c < C::CONSUMERS; ++c) row_scale_mt[c] = -1;
+        if constexpr (FUSED)
+            for (int c = 0; c < C::CONSUMERS; ++c) row_scale_mt[c] = -1;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_a)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_b)) : "memory");
@@ -817,7 +826,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 // ACCUMULATE: the thread's values of C (rows j * 8 + 2 (lane % 4) (+1), columns
                 // r0 and r0 + 8 of the epilogue below) are loaded now, to arrive during the main
                 // loop (loaded in the epilogue, they cost a round trip there).
-                if (epilogue == ACCUMULATE) {
+                if (FUSED && epilogue == ACCUMULATE) {
                     const int col = nt * BN + consumer * 64 + warp * 16 + (lane >> 2);
 #pragma unroll
                     for (int j = 0; j < C::MMA_N / 8; ++j)
@@ -949,7 +958,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 }
                 continue;
             }
-            float* const sq = epilogue == ACCUMULATE ? sq_out : nullptr;
+            float* const sq = FUSED && epilogue == ACCUMULATE ? sq_out : nullptr;
             if constexpr (!SWAP) {
                 if (warp_row0 < m)
                     store_rows_staged<C::MMA_N>(
@@ -1046,21 +1055,25 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                    \
-    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, partials, \
-                                  tile_arrivals, counter);
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
+    gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
+                                         partials, tile_arrivals, counter);
 #else
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)
 #endif
 
-#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
+// Each tile twice: NAME, and NAME_fused with the residual add and row norm (see FUSED).
+#define NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, FUSED)                                                          \
+    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                                   \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
              const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue,               \
              float* __restrict__ sq_out, const float* __restrict__ sq_in, float eps, int splits,                   \
              float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
-        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
+        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                                 \
     }
+#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)          \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, false) \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME##_fused, BM, BN, SWAP, true)
 
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x256, 128, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x128, 128, 128, false)

@@ -38,7 +38,8 @@
 //! output projection adds its product to the residual stream (`C += A · Bᵀ`) and writes the sums
 //! of squares of the new rows per [`SQUARE_SUM_COLS`] columns; the next GEMM scales its rows of
 //! the product by the RMSNorm's factor made from those sums, with the norm's gain folded into its
-//! weight ([`crate::reference::fold_norm_gain`]). No norm kernel runs between them.
+//! weight ([`crate::reference::fold_norm_gain`]). No norm kernel runs between them. A launch with
+//! a fusion runs the tile's `_fused` instantiation, one without runs code that has none of it.
 //!
 //! [`plan`] picks the kernel (and split) for a shape and budget with a small roofline model
 //! (compute, L2 fill and DRAM time per candidate tile shape, with the wave quantization of the
@@ -242,7 +243,30 @@ impl GemmKernel {
 
     /// Whether the kernel can run a [`GemmFusion`] other than none: the wgmma ones.
     pub fn fuses_norms(self) -> bool {
-        self.needs_sm90a()
+        self.fused_name().is_some()
+    }
+
+    /// The kernel's names in the PTX module: plain, then fused where it has that.
+    #[cfg(test)]
+    pub(crate) fn ptx_names(self) -> Vec<&'static str> {
+        std::iter::once(self.spec().name).chain(self.fused_name()).collect()
+    }
+
+    /// The name of the kernel's instantiation with the fusions (`NAME_fused` in cuda/gemm.cu).
+    fn fused_name(self) -> Option<&'static str> {
+        Some(match self {
+            GemmKernel::Wgmma128x256 => "gemm_wgmma_128x256_fused",
+            GemmKernel::Wgmma128x128 => "gemm_wgmma_128x128_fused",
+            GemmKernel::Wgmma64x256 => "gemm_wgmma_64x256_fused",
+            GemmKernel::Wgmma64x128 => "gemm_wgmma_64x128_fused",
+            GemmKernel::Wgmma64x64 => "gemm_wgmma_64x64_fused",
+            GemmKernel::WgmmaSwap16x64 => "gemm_wgmma_swap_16x64_fused",
+            GemmKernel::WgmmaSwap16x128 => "gemm_wgmma_swap_16x128_fused",
+            GemmKernel::WgmmaSwap16x192 => "gemm_wgmma_swap_16x192_fused",
+            GemmKernel::WgmmaSwap16x256 => "gemm_wgmma_swap_16x256_fused",
+            GemmKernel::WgmmaSwap32x256 => "gemm_wgmma_swap_32x256_fused",
+            GemmKernel::Mma128x128 | GemmKernel::Mma64x64 | GemmKernel::MmaSwap16x256 => return None,
+        })
     }
 
     /// The kernel's name in the PTX module.
@@ -844,7 +868,12 @@ fn launch(
                 Epilogue::SiluAndMul if swap => gated_map(b_ptr, n, k, spec.bn)?,
                 Epilogue::SiluAndMul => halves_map(b_ptr, n, k, spec.bn)?,
             };
-            let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
+            // The fused instantiation only where a fusion runs: it has more code and registers.
+            let name = match (&fusion, kernel.fused_name()) {
+                (GemmFusion::None, _) | (_, None) => spec.name,
+                (_, Some(fused)) => fused,
+            };
+            let (f, cfg) = ctx.kernel(MODULE, name, grid, threads, smem)?;
             let mut launch = ctx.launch(&f);
             let splits_i = splits as i32;
             launch.arg(&map_a).arg(&map_b);

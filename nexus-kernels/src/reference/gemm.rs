@@ -155,6 +155,49 @@ mod tests {
     }
 
     #[test]
+    fn square_sums_give_the_rms_norm_factor() {
+        // Rows of 150 values: groups of 64, 64 and 22.
+        let (rows, cols, eps) = (3, 150, 1e-5);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
+        let sums = square_sums(&x, cols).unwrap();
+        assert_eq!(sums.len(), rows * 3);
+        let tail: f32 = x[128..150].iter().map(|v| v * v).sum();
+        assert!((sums[2] - tail).abs() <= 1e-5 * tail, "the last, shorter group of row 0");
+        // The factors times a row are the RMSNorm of the row with a gain of ones.
+        let scales = rms_scales_from_square_sums(&sums, cols, eps).unwrap();
+        let mut want = vec![0.0; rows * cols];
+        super::super::elementwise::rms_norm(&x, &vec![1.0; cols], eps, &mut want).unwrap();
+        for (i, w) in want.iter().enumerate() {
+            assert!((x[i] * scales[i / cols] - w).abs() <= 1e-5 * w.abs().max(1.0), "value {i}");
+        }
+        assert!(square_sums(&x, 7).is_err() && rms_scales_from_square_sums(&sums[..4], cols, eps).is_err());
+    }
+
+    #[test]
+    fn a_folded_gain_gives_the_product_of_the_normalized_rows() {
+        // rms_norm(x; gain) · Wᵀ = (x · scale) · (W ∘ gain)ᵀ.
+        let (m, n, k, eps) = (2, 5, 70, 1e-6);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+        let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 / 4.0).collect();
+        let shape = GemmShape { m, n, k };
+        let mut normalized = vec![0.0; m * k];
+        super::super::elementwise::rms_norm(&x, &gain, eps, &mut normalized).unwrap();
+        let mut want = vec![0.0; m * n];
+        gemm(&normalized, &w, None, &mut want, shape).unwrap();
+        let mut folded = w.clone();
+        fold_norm_gain(&mut folded, &gain).unwrap();
+        let scales = rms_scales_from_square_sums(&square_sums(&x, k).unwrap(), k, eps).unwrap();
+        let scaled: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * scales[i / k]).collect();
+        let mut got = vec![0.0; m * n];
+        gemm(&scaled, &folded, None, &mut got, shape).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        assert!(fold_norm_gain(&mut folded, &gain[..9]).is_err(), "350 values are not rows of 9");
+    }
+
+    #[test]
     fn gemm_rejects_wrong_lengths() {
         let mut c = vec![0f32; 4];
         assert!(gemm(&[0.0; 6], &[0.0; 6], None, &mut c, GemmShape { m: 2, n: 2, k: 4 }).is_err());

@@ -167,6 +167,11 @@ impl CudaStep {
     }
 }
 
+/// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps,
+/// where the fusion made every step faster (H100); with 64 rows, Llama-3.1-8B's steps ran 2.2%
+/// slower with graphs (`bench-results/model_step-llama-3.1-8b-h100.md`).
+const FUSED_NORM_ROWS: usize = 32;
+
 /// How the CUDA backend runs steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CudaBackendConfig {
@@ -904,10 +909,11 @@ impl Backend for CudaBackend {
         Ok(weight)
     }
 
-    /// Decode steps: a prefill chunk's GEMMs would wait for each tile's row sums before its main
-    /// loop, where its norm kernels cost little against its GEMMs.
+    /// Decode steps of at most `FUSED_NORM_ROWS` rows: a prefill chunk's GEMMs would wait for
+    /// each tile's row sums before its main loop, where its norm kernels cost little against its
+    /// GEMMs.
     fn fuses_norms(&self, step: &CudaStep) -> bool {
-        self.folds_norm_gains() && step.host.kind == StepKind::Decode
+        self.folds_norm_gains() && step.host.kind == StepKind::Decode && step.host.tokens.len() <= FUSED_NORM_ROWS
     }
 
     fn linear_add(

@@ -38,7 +38,7 @@ use common::*;
 use cudarc::cublas::{CudaBlas, sys};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace};
+use nexus::kernels::gemm::{self, GemmConfig, GemmFusion, GemmKernel, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
@@ -140,7 +140,7 @@ fn gemm_time(
         let (a, b) = &views[i as usize % views.len()];
         let c = &mut out.slice_mut(..shape.m * shape.n);
         match config {
-            Some(config) => gemm::gemm_with(ctx, config, a, b, None, c, shape, workspace),
+            Some(config) => gemm::gemm_with(ctx, config, GemmFusion::None, a, b, None, c, shape, workspace),
             None => gemm::gemm(ctx, a, b, None, c, shape, workspace),
         }
         .expect("gemm");
@@ -346,7 +346,8 @@ fn silu_and_mul_epilogue(
                     let fused = median_gpu_time(stream, |i| {
                         let (a, b) = &views[i as usize % copies];
                         let c = &mut out.slice_mut(..m * n / 2);
-                        gemm::gemm_silu_and_mul_with(&ctx, config, a, b, c, shape, &mut workspace).expect("gemm");
+                        gemm::gemm_silu_and_mul_with(&ctx, config, GemmFusion::None, a, b, c, shape, &mut workspace)
+                            .expect("gemm");
                     })
                     .as_secs_f64();
                     let inputs = 2.0 * (m * k + n * k) as f64;

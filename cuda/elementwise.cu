@@ -489,3 +489,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
         out[i] = to_bf16(mean + spread * u);
     }
 }
+
+// weight[r, :] *= gain, each value rounded to bf16 (nexus_kernels::reference::fold_norm_gain): the
+// gain of an RMSNorm folded into the weight of the GEMM after it, which then scales its rows of the
+// product by the norm's factor (gemm.cu's row norm). Run once when a model is loaded.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+    fold_norm_gain(__nv_bfloat16* __restrict__ weight, const __nv_bfloat16* __restrict__ gain, unsigned long long n,
+                   unsigned int k) {
+    nexus::follow_previous_kernel();
+    for (unsigned long long i = (unsigned long long)blockIdx.x * THREADS + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * THREADS)
+        weight[i] = to_bf16(to_float(weight[i]) * to_float(gain[i % k]));
+}

@@ -59,6 +59,15 @@
 // tiles take the same time, the wide wgmma tiles 0-5% longer at M <= 16 (the epilogue's math,
 // during which the ring stops streaming).
 //
+// Residual add and RMSNorm (wgmma kernels): ACCUMULATE adds the product, rounded to bf16, to what
+// C holds (a layer's output projection into the residual stream) and writes each new row's sums
+// of squares per SQ_COLS columns to `sq_out`; a later launch given those sums as `sq_in` scales
+// its rows of the product by 1 / sqrt(mean of squares + eps) before the bias and the SiLU (the
+// RMSNorm of A, whose gain the launcher's caller folded into B). Each consumer warpgroup makes
+// the factors of its CTA's first M tile right after the dependent-launch wait (of a later M tile,
+// before that unit's main loop). So a decode layer runs no norm kernel between its GEMMs. Only the
+// `*_fused` instantiations of the tiles carry this code.
+//
 // Edges: TMA fills rows and columns outside A and B with zeros and the cp.async path
 // zero-fills them, so partial tiles need no special case in the main loop; epilogues store only
 // inside C. The launcher requires K % 8 == 0 and N % 8 == 0 (16-byte rows: TMA strides, 16-byte
@@ -138,7 +147,7 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
 }
 
 // What a kernel stores (the `epilogue` argument; see the top of the file).
-enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1 };
+enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1, ACCUMULATE = 2 };
 
 // SILU_AND_MUL's interleaved order of B's rows: row q of it is row `gated_row(q, n / 2)` of B
 // (blocks of 8 rows alternate gate, up), and when q is a gate row (q & 8 == 0), its output column
@@ -412,6 +421,36 @@ constexpr int wgmma_threads(int bm, int bn, bool swap) { return 128 * (1 + (swap
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// Columns of C per square sum (ACCUMULATE's `sq_out`), and of A per one a row norm reads (`sq_in`).
+constexpr int SQ_COLS = 64;
+
+// old + v for 8 packed bf16 values each, rounded to bf16 (v is already rounded: the residual add
+// this replaces added the layer's stored bf16 output in f32).
+__device__ __forceinline__ uint4 add_bf16x8(uint4 old, uint4 v) {
+    uint32_t o[4] = {old.x, old.y, old.z, old.w};
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&o[i]));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+        o[i] = nexus::pack_bf16(a.x + b.x, a.y + b.y);
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// The sum of the squares of 8 packed bf16 values, in order.
+__device__ __forceinline__ float square_sum8(uint4 v) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+        sum += a.x * a.x;
+        sum += a.y * a.y;
+    }
+    return sum;
+}
+
 // A consumer warp's epilogue buffer in the plain tiles (after the ring; the launcher sizes it, the
 // swapped tiles store their few rows directly): its 16 rows of C, 64 columns (128 bytes) at a time.
 constexpr int STAGING_ROWS = 16;
@@ -482,15 +521,40 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
 // reads them back as 16-byte pieces along the rows, so each store of the warp writes 4 whole
 // 128-byte rows of C: 0.92-0.97x the time at K = 4096 on the H200, and as fast as with no global
 // stores at all (bench-results/gemm-h200.md). `width` is a multiple of 8: a piece is inside C or not.
+//
+// With `sq` (ACCUMULATE; then COLS and col0 are multiples of SQ_COLS), each piece is added to what
+// C holds there, and the sums of squares of each row's new values, per SQ_COLS columns, go to `sq`
+// ([m, ceil(width / SQ_COLS)]): a chunk is one such group; the 8 lanes of a row (lane / 8) each
+// add up their piece in order, then the 8 sums go through a butterfly, the same in every tile.
 template <int COLS, typename Pairs>
 __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __restrict__ c, int m, int width, int row0,
-                                                  int col0, int lane, Pairs pairs) {
+                                                  int col0, int lane, Pairs pairs, float* __restrict__ sq = nullptr) {
     constexpr int BLOCKS = COLS / 8;                          // 8-column blocks of the rows
     constexpr int CHUNK = BLOCKS < 8 ? BLOCKS : 8;            // blocks staged at a time
     constexpr int PIECES = STAGING_ROWS * CHUNK / 32;         // 16-byte pieces per thread per chunk
     static_assert(BLOCKS % CHUNK == 0 && PIECES >= 1, "whole chunks of 32 to 64 columns");
+    const int groups = (width + SQ_COLS - 1) / SQ_COLS;
+    // With `sq`, C's pieces of a chunk are loaded all at once (one after the other, each load
+    // waited for the store before it: they might alias, for the compiler), a chunk ahead where the
+    // tile has two (loaded just before its stores, a chunk waited a round trip to L2); the 256-wide
+    // tiles, which have four, would spill the registers that takes.
+    constexpr bool AHEAD = BLOCKS == 2 * CHUNK;
+    auto load_old = [&](int j0, uint4 (&old)[PIECES]) {
+#pragma unroll
+        for (int i = 0; i < PIECES; ++i) {
+            const int piece = i * 32 + lane, row = piece / CHUNK, block = piece % CHUNK;
+            const int r = row0 + row, col = col0 + (j0 + block) * 8;
+            old[i] = r < m && col < width ? *reinterpret_cast<const uint4*>(c + (size_t)r * width + col)
+                                          : make_uint4(0, 0, 0, 0);
+        }
+    };
+    uint4 old[PIECES];
+    if (sq != nullptr && AHEAD) load_old(0, old);
 #pragma unroll
     for (int j0 = 0; j0 < BLOCKS; j0 += CHUNK) {
+        uint4 next[PIECES];
+        if (sq != nullptr && AHEAD && j0 == 0) load_old(CHUNK, next);
+        if (sq != nullptr && !AHEAD) load_old(j0, old);
 #pragma unroll
         for (int j = 0; j < CHUNK; ++j) {
             const uint2 v = pairs(j0 + j);
@@ -509,9 +573,23 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
                          : "r"(staging + swizzled<ROW_BYTES>(row, block))
                          : "memory");
             const int r = row0 + row, col = col0 + (j0 + block) * 8;
-            if (r < m && col < width) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
+            const bool inside = r < m && col < width;
+            if (sq != nullptr) {
+                v = add_bf16x8(old[i], v);
+                float sum = inside ? square_sum8(v) : 0.f;
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+                const int first = col0 + j0 * 8;
+                if (block == 0 && r < m && first < width) sq[(size_t)r * groups + first / SQ_COLS] = sum;
+            }
+            if (inside) *reinterpret_cast<uint4*>(c + (size_t)r * width + col) = v;
         }
         __syncwarp();  // every lane has read the chunk before the next one overwrites it
+        if (sq != nullptr && AHEAD && j0 == 0) {
+#pragma unroll
+            for (int i = 0; i < PIECES; ++i) old[i] = next[i];
+        }
     }
 }
 
@@ -521,13 +599,68 @@ __device__ __forceinline__ void consumers_barrier() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
 }
 
-template <int BM, int BN, bool SWAP>
+// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of ROWS rows of A from row0 on
+// into `scale`, from their square sums ([m, ceil(k / SQ_COLS)], ACCUMULATE's output), by one
+// consumer warpgroup (128 threads, `ctid` among them): 8 lanes a row, each adding up every eighth
+// sum in order, then a butterfly, the same order in every tile. Rows past M get 0.
+template <int ROWS>
+__device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in, float eps, int m, int k, int row0,
+                                                int ctid, float* scale) {
+    // Row p * 16 + ctid / 8 for each pass p; the loads of every pass and of 4 sums a lane go out
+    // together (one by one, a 64-row tile's factors took ~1 us per pass under a streaming GEMM).
+    constexpr int PASSES = (ROWS + 15) / 16, AHEAD = 4;
+    const int groups = (k + SQ_COLS - 1) / SQ_COLS, lane8 = ctid % 8;
+    float sum[PASSES];
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) sum[p] = 0.f;
+    for (int g0 = lane8; g0 < groups; g0 += 8 * AHEAD) {
+        float v[AHEAD][PASSES];
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int row = p * 16 + ctid / 8, r = row0 + row, g = g0 + 8 * u;
+                v[u][p] = row < ROWS && r < m && g < groups ? __ldcg(sq_in + (size_t)r * groups + g) : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) sum[p] += v[u][p];
+    }
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        float s = sum[p];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        s += __shfl_xor_sync(0xffffffffu, s, 4);
+        const int row = p * 16 + ctid / 8, r = row0 + row;
+        if (lane8 == 0 && row < ROWS) scale[row] = r < m ? rsqrtf(s / k + eps) : 0.f;
+    }
+}
+
+// FUSED: the instantiation that runs the residual add and row norm (`*_fused` kernels); the
+// others compile none of their code (with it, unfused launches ran 1-3% slower, H100).
+template <int BM, int BN, bool SWAP, bool FUSED>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
-                                                int k, int epilogue, int splits, float* __restrict__ partials,
-                                                unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
+                                                int k, int epilogue, float* __restrict__ sq_out,
+                                                const float* __restrict__ sq_in, float eps, int splits,
+                                                float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,
+                                                unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
+    if constexpr (!FUSED) {
+        // Null pointers the compiler sees remove the fused code from this instantiation.
+        sq_out = nullptr;
+        sq_in = nullptr;
+    }
     constexpr int STAGES = C::STAGES;
+    // Rows of A a consumer warpgroup's row norm covers: the whole tile's when swapped (every
+    // consumer has all of them), else its own 64.
+    constexpr int NORM_ROWS = SWAP ? BM : 64;
+    __shared__ float row_scale[C::CONSUMERS][NORM_ROWS];
+    __shared__ int row_scale_mt[C::CONSUMERS];  // the M tile whose factors row_scale holds; -1: none
+    // ACCUMULATE, swapped: each warp's square sums of its 16 columns, per row of the tile.
+    __shared__ float warp_sq[SWAP ? C::CONSUMERS : 1][4][SWAP ? BM : 1];
     extern __shared__ uint8_t smem_raw[];
     __shared__ __align__(8) uint64_t full[STAGES], empty[STAGES];
     __shared__ int stage_tile[STAGES];  // the work unit each stage holds; -1: none left
@@ -565,6 +698,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             mbar_init(smem_addr(&full[s]), 1);                    // the producer's arrive + the TMA bytes
             mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4);  // one arrive per consumer warp
         }
+        if constexpr (FUSED)
+            for (int c = 0; c < C::CONSUMERS; ++c) row_scale_mt[c] = -1;
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_a)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_b)) : "memory");
@@ -640,9 +775,24 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         nexus::follow_previous_kernel();
         const int consumer = warpgroup - 1;  // rows [64 consumer, 64 consumer + 64) of the wgmma M side
         const int warp = (tid / 32) % 4, lane = tid % 32;
+        // The row norm's factors for the M tile of the CTA's first unit (its own: blockIdx.x), now,
+        // while the producer's first loads of A are in flight; made at that unit's start instead,
+        // they held its main loop back by a round trip with the ring full.
+        auto make_row_scales = [&](int mt) {
+            row_norm_scales<NORM_ROWS>(sq_in, eps, m, k, mt * BM + (SWAP ? 0 : consumer * 64), tid - 128 * warpgroup,
+                                       row_scale[consumer]);
+            if (tid - 128 * warpgroup == 0) row_scale_mt[consumer] = mt;
+        };
+        if (sq_in != nullptr && static_cast<int>(blockIdx.x) < units) {
+            int mt, nt;
+            order.coords(blockIdx.x / splits, mt, nt);
+            make_row_scales(mt);
+            consumers_barrier<C::CONSUMERS>();
+        }
         constexpr int SETS = C::ACC_SETS;
         float acc[Wgmma<C::MMA_N>::REGS];
         float part[SETS > 1 ? SETS - 1 : 1][Wgmma<C::MMA_N>::REGS];  // sets 1.. (set 0 is acc)
+        float old_c[SWAP ? C::MMA_N / 2 : 1];                          // ACCUMULATE, swapped: C's values
 #pragma unroll
         for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] = 0.f;
 #pragma unroll
@@ -664,6 +814,29 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             int mt, nt, kb0, kb1;
             order.coords(tile, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
+            if (sq_in != nullptr && row_scale_mt[consumer] != mt) {
+                // A unit of another M tile (a decode step has one): its factors before the main
+                // loop; the barriers keep the last unit's epilogue reads before these writes, and
+                // these before this unit's reads.
+                consumers_barrier<C::CONSUMERS>();
+                make_row_scales(mt);
+                consumers_barrier<C::CONSUMERS>();
+            }
+            if constexpr (SWAP) {
+                // ACCUMULATE: the thread's values of C (rows j * 8 + 2 (lane % 4) (+1), columns
+                // r0 and r0 + 8 of the epilogue below) are loaded now, to arrive during the main
+                // loop (loaded in the epilogue, they cost a round trip there).
+                if (FUSED && epilogue == ACCUMULATE) {
+                    const int col = nt * BN + consumer * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = mt * BM + j * 8 + (lane & 3) * 2 + (e & 1), cc = col + (e >> 1) * 8;
+                            old_c[4 * j + e] = r < m && cc < n ? __bfloat162float(c[(size_t)r * n + cc]) : 0.f;
+                        }
+                }
+            }
             int previous = stage;
             for (int kb = 0; kb < kb1 - kb0; ++kb) {
                 if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
@@ -743,6 +916,15 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             const int warp_row0 = mt * BM + consumer * 64 + warp * 16;  // the plain tiles' first row of this warp
             const uint32_t staging =
                 ring + STAGES * C::STAGE_BYTES + (consumer * 4 + warp) * STAGING_BYTES_PER_WARP;
+            if (sq_in != nullptr) {
+                // The row norm: each row of the product scaled (before the bias and the SiLU).
+#pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc[4 * j + e] *= SWAP ? row_scale[consumer][j * 8 + c0 + (e & 1)]
+                                               : row_scale[consumer][warp * 16 + (lane >> 2) + (e >> 1) * 8];
+            }
             if (epilogue == SILU_AND_MUL) {
                 const int width = n / 2;
                 if constexpr (!SWAP) {
@@ -776,27 +958,71 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 }
                 continue;
             }
+            float* const sq = FUSED && epilogue == ACCUMULATE ? sq_out : nullptr;
             if constexpr (!SWAP) {
                 if (warp_row0 < m)
-                    store_rows_staged<C::MMA_N>(staging, c, m, n, warp_row0, nt * BN, lane, [&](int j) {
-                        const int col = nt * BN + j * 8 + c0;
-                        const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
-                        return make_uint2(nexus::pack_bf16(acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y),
-                                          nexus::pack_bf16(acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y));
-                    });
+                    store_rows_staged<C::MMA_N>(
+                        staging, c, m, n, warp_row0, nt * BN, lane,
+                        [&](int j) {
+                            const int col = nt * BN + j * 8 + c0;
+                            const float2 bb = col < n ? bias_pair(bias, col) : make_float2(0.f, 0.f);
+                            return make_uint2(nexus::pack_bf16(acc[4 * j] + bb.x, acc[4 * j + 1] + bb.y),
+                                              nexus::pack_bf16(acc[4 * j + 2] + bb.x, acc[4 * j + 3] + bb.y));
+                        },
+                        sq);
             } else {
                 // Transposed: the M side runs along N (columns of C), the N side along M (rows).
                 const int col = nt * BN + r0;
                 const float b_lo = bias != nullptr && col < n ? __bfloat162float(bias[col]) : 0.f;
                 const float b_hi = bias != nullptr && col + 8 < n ? __bfloat162float(bias[col + 8]) : 0.f;
 #pragma unroll
+                for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[4 * j + e] += e >> 1 ? b_hi : b_lo;
+                if (sq != nullptr) {
+                    // Each value becomes what is stored: C's (loaded at the unit's start) + the
+                    // product rounded to bf16, rounded again (0 outside C).
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int r = mt * BM + j * 8 + c0 + (e & 1), cc = col + (e >> 1) * 8;
+                            float& a = acc[4 * j + e];
+                            const float x = __bfloat162float(__float2bfloat16_rn(a));
+                            a = r < m && cc < n ? __bfloat162float(__float2bfloat16_rn(old_c[4 * j + e] + x)) : 0.f;
+                        }
+                }
+#pragma unroll
                 for (int j = 0; j < C::MMA_N / 8; ++j) {
                     const int row = mt * BM + j * 8 + c0;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int r = row + (e & 1), cc = col + (e >> 1) * 8;
-                        if (r < m && cc < n) c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[4 * j + e] + (e >> 1 ? b_hi : b_lo));
+                        if (r < m && cc < n) c[(size_t)r * n + cc] = __float2bfloat16_rn(acc[4 * j + e]);
                     }
+                }
+                if (sq != nullptr) {
+                    // The square sums of the consumer's 64 columns (one SQ_COLS group) per row:
+                    // a thread's two columns, the warp's 16 (lanes of one lane % 4), then its 4 warps in order.
+#pragma unroll
+                    for (int j = 0; j < C::MMA_N / 8; ++j)
+#pragma unroll
+                        for (int h = 0; h < 2; ++h) {
+                            float q = acc[4 * j + h] * acc[4 * j + h] + acc[4 * j + h + 2] * acc[4 * j + h + 2];
+                            q += __shfl_xor_sync(0xffffffffu, q, 4);
+                            q += __shfl_xor_sync(0xffffffffu, q, 8);
+                            q += __shfl_xor_sync(0xffffffffu, q, 16);
+                            if (lane < 4) warp_sq[consumer][warp][j * 8 + c0 + h] = q;
+                        }
+                    consumers_barrier<C::CONSUMERS>();
+                    const int row = tid - 128 * warpgroup, first = nt * BN + consumer * 64;
+                    if (row < BM && mt * BM + row < m && first < n) {
+                        float sum = 0.f;
+#pragma unroll
+                        for (int w = 0; w < 4; ++w) sum += warp_sq[consumer][w][row];
+                        sq[(size_t)(mt * BM + row) * ((n + SQ_COLS - 1) / SQ_COLS) + first / SQ_COLS] = sum;
+                    }
+                    consumers_barrier<C::CONSUMERS>();  // read before the next unit writes
                 }
             }
         }
@@ -810,9 +1036,10 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // ---------------------------------------------------------------------------------------------
 // Entry points. Arguments: the operands, then m, n, k, the epilogue (an Epilogue), then the two
 // tile counters (zero between launches, see take_ticket). The mma kernels also take the number of
-// pipeline stages their shared memory holds; the wgmma ones the split of K (1: none), the split-K
-// workspace (a BM x BN tile of floats per work unit) and one arrival count per output tile (zero
-// between launches). For SILU_AND_MUL, n is B's rows (gate and up) and C has n / 2 columns.
+// pipeline stages their shared memory holds; the wgmma ones, after the epilogue, the square sums
+// ACCUMULATE writes and those a row norm reads (null: none) and the norm's epsilon, then the split
+// of K (1: none), the split-K workspace (a BM x BN tile of floats per work unit) and one arrival
+// count per output tile (zero between launches). For SILU_AND_MUL, n is B's rows (gate and up) and C has n / 2 columns.
 
 #define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \
@@ -828,20 +1055,25 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP) \
-    gemm_wgmma_body<BM, BN, SWAP>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, splits, partials, tile_arrivals, \
-                                  counter);
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
+    gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
+                                         partials, tile_arrivals, counter);
 #else
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)
 #endif
 
-#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)                                                                       \
-    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                           \
+// Each tile twice: NAME, and NAME_fused with the residual add and row norm (see FUSED).
+#define NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, FUSED)                                                          \
+    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                                   \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
-             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue, int splits,   \
+             const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue,               \
+             float* __restrict__ sq_out, const float* __restrict__ sq_in, float eps, int splits,                   \
              float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
-        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP)                                                                        \
+        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                                 \
     }
+#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)          \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, false) \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME##_fused, BM, BN, SWAP, true)
 
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x256, 128, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x128, 128, 128, false)

@@ -1,5 +1,6 @@
 //! Launchers of the row-wise kernels of `cuda/elementwise.cu`: embedding gather, RMSNorm (with
-//! the residual add fused), RoPE with the KV-cache write, and argmax (SiLU-and-mul is the epilogue of
+//! the residual add fused), RoPE with the KV-cache write, argmax, and the fold of a norm's gain
+//! into a weight (SiLU-and-mul is the epilogue of
 //! [`crate::gemm::gemm_silu_and_mul`]).
 //!
 //! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
@@ -276,6 +277,31 @@ pub fn fill_uniform(
     let mut launch = ctx.launch(&f);
     launch.arg(out).arg(&n).arg(&seed).arg(&mean).arg(&spread);
     // SAFETY: the arguments match `fill_uniform` in cuda/elementwise.cu; it writes `n` values.
+    unsafe { launch.launch(cfg) }?;
+    Ok(())
+}
+
+/// Multiplies each row of the `[rows, gain.len()]` matrix `weight` by `gain` elementwise, in
+/// place, each value rounded to bf16 (as [`crate::reference::fold_norm_gain`]): an RMSNorm's
+/// gain folded into the weight of the GEMM that follows it ([`crate::gemm::GemmFusion::RowNorm`]).
+pub fn fold_norm_gain(ctx: &PhaseContext, weight: &mut CudaViewMut<'_, bf16>, gain: &CudaView<'_, bf16>) -> Result<()> {
+    let k = gain.len();
+    ensure_shape!(
+        k > 0 && weight.len().is_multiple_of(k),
+        "fold_norm_gain: weight has {} values, not rows of {k}",
+        weight.len()
+    );
+    let k = u32::try_from(k).map_err(|_| crate::Error::Unsupported(format!("fold_norm_gain: rows of {k} values")))?;
+    let n = weight.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let grid = ctx.budget().grid(weight.len().div_ceil(THREADS as usize));
+    let (f, cfg) = ctx.kernel(MODULE, "fold_norm_gain", grid, THREADS, 0)?;
+    let mut launch = ctx.launch(&f);
+    launch.arg(weight).arg(gain).arg(&n).arg(&k);
+    // SAFETY: the arguments match `fold_norm_gain` in cuda/elementwise.cu; it reads and writes the
+    // `n` values of `weight` and reads `k` of `gain` (indices modulo k).
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }

@@ -34,6 +34,13 @@
 //! its outputs), one launch and one `[m, n]` round trip through memory fewer than a GEMM followed
 //! by an elementwise kernel.
 //!
+//! The wgmma kernels also fuse a pre-norm layer's residual add and RMSNorm ([`GemmFusion`]): an
+//! output projection adds its product to the residual stream (`C += A · Bᵀ`) and writes the sums
+//! of squares of the new rows per [`SQUARE_SUM_COLS`] columns; the next GEMM scales its rows of
+//! the product by the RMSNorm's factor made from those sums, with the norm's gain folded into its
+//! weight ([`crate::reference::fold_norm_gain`]). No norm kernel runs between them. A launch with
+//! a fusion runs the tile's `_fused` instantiation, one without runs code that has none of it.
+//!
 //! [`plan`] picks the kernel (and split) for a shape and budget with a small roofline model
 //! (compute, L2 fill and DRAM time per candidate tile shape, with the wave quantization of the
 //! work over the budget's CTAs; DRAM time at the bandwidth the device's [`DeviceModel`] measured
@@ -232,6 +239,34 @@ impl GemmKernel {
     pub fn splits_k(self) -> bool {
         let (bm, bn) = self.tile();
         self.needs_sm90a() && bm * bn <= MAX_SPLIT_TILE
+    }
+
+    /// Whether the kernel can run a [`GemmFusion`] other than none: the wgmma ones.
+    pub fn fuses_norms(self) -> bool {
+        self.fused_name().is_some()
+    }
+
+    /// The kernel's names in the PTX module: plain, then fused where it has that.
+    #[cfg(test)]
+    pub(crate) fn ptx_names(self) -> Vec<&'static str> {
+        std::iter::once(self.spec().name).chain(self.fused_name()).collect()
+    }
+
+    /// The name of the kernel's instantiation with the fusions (`NAME_fused` in cuda/gemm.cu).
+    fn fused_name(self) -> Option<&'static str> {
+        Some(match self {
+            GemmKernel::Wgmma128x256 => "gemm_wgmma_128x256_fused",
+            GemmKernel::Wgmma128x128 => "gemm_wgmma_128x128_fused",
+            GemmKernel::Wgmma64x256 => "gemm_wgmma_64x256_fused",
+            GemmKernel::Wgmma64x128 => "gemm_wgmma_64x128_fused",
+            GemmKernel::Wgmma64x64 => "gemm_wgmma_64x64_fused",
+            GemmKernel::WgmmaSwap16x64 => "gemm_wgmma_swap_16x64_fused",
+            GemmKernel::WgmmaSwap16x128 => "gemm_wgmma_swap_16x128_fused",
+            GemmKernel::WgmmaSwap16x192 => "gemm_wgmma_swap_16x192_fused",
+            GemmKernel::WgmmaSwap16x256 => "gemm_wgmma_swap_16x256_fused",
+            GemmKernel::WgmmaSwap32x256 => "gemm_wgmma_swap_32x256_fused",
+            GemmKernel::Mma128x128 | GemmKernel::Mma64x64 | GemmKernel::MmaSwap16x256 => return None,
+        })
     }
 
     /// The kernel's name in the PTX module.
@@ -576,18 +611,46 @@ pub fn gemm(
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
     let config = plan(shape, ctx.budget(), ctx.gpu().model()).config();
-    gemm_with(ctx, config, a, b, bias, c, shape, workspace)
+    gemm_with(ctx, config, GemmFusion::None, a, b, bias, c, shape, workspace)
 }
 
-/// [`gemm`] with a given kernel, and split of K (a [`GemmKernel`] alone: no split). Fails with
-/// [`Error::Unsupported`] for a Hopper kernel on another GPU, and for a split the kernel or the
+/// Columns per sum of squares of [`GemmFusion`] (`SQ_COLS` in cuda/gemm.cu): a row of `n`
+/// values has `n.div_ceil(SQUARE_SUM_COLS)` of them.
+pub const SQUARE_SUM_COLS: usize = 64;
+
+/// What a wgmma GEMM fuses around `A · Bᵀ (+ bias)`: a pre-norm layer's residual add and the
+/// RMSNorm after it, so that no norm kernel runs between two GEMMs (see the module docs). The
+/// square sums are f32, `[rows, cols.div_ceil(SQUARE_SUM_COLS)]`, each the sum of the squares of
+/// one row's values in [`SQUARE_SUM_COLS`] columns, added in an order that depends on the kernel
+/// family alone (the non-swapped tiles share one), not on M or the budget.
+#[derive(Debug, Default)]
+pub enum GemmFusion<'f, 'v> {
+    /// `C = A · Bᵀ (+ bias)`.
+    #[default]
+    None,
+    /// `C += A · Bᵀ (+ bias)`, the product rounded to bf16 before the add (as an output stored,
+    /// then added to the residual), and the square sums of C's new rows to `square_sums`
+    /// (`[m, n / 64]` rounded up). Not with the SwiGLU epilogue.
+    AddToC { square_sums: &'f mut CudaViewMut<'v, f32> },
+    /// Row `i` of the product scaled by `1 / sqrt(mean(A[i]²) + eps)` (before the bias and the
+    /// SwiGLU), from A's square sums as [`GemmFusion::AddToC`] wrote them (`[m, k / 64]` rounded
+    /// up): `rms_norm(A) · Bᵀ` where B holds the norm's gain
+    /// ([`crate::reference::fold_norm_gain`]).
+    RowNorm { square_sums: &'f CudaView<'v, f32>, eps: f32 },
+}
+
+/// [`gemm`] with a given kernel, and split of K (a [`GemmKernel`] alone: no split), and a
+/// [`GemmFusion`]. Fails with [`Error::Unsupported`] for a Hopper kernel on another GPU, for a
+/// fusion on a kernel without one ([`GemmKernel::fuses_norms`]), and for a split the kernel or the
 /// workspace cannot take (a split of an mma kernel, more than [`MAX_SPLITS`] parts or than K
 /// has blocks of 64, a tile larger than 64 × 128, more than [`MAX_UNITS_PER_SM`] work units per
-/// SM of the device).
+/// SM of the device); with [`Error::Shape`] for square sums of the wrong length or an epsilon
+/// that is not positive.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_with(
     ctx: &PhaseContext,
     config: impl Into<GemmConfig>,
+    fusion: GemmFusion<'_, '_>,
     a: &CudaView<'_, bf16>,
     b: &CudaView<'_, bf16>,
     bias: Option<&CudaView<'_, bf16>>,
@@ -595,7 +658,8 @@ pub fn gemm_with(
     shape: GemmShape,
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
-    launch(ctx, config.into(), a, b, bias, c, shape, Epilogue::Store, workspace)
+    let epilogue = if matches!(fusion, GemmFusion::AddToC { .. }) { Epilogue::Accumulate } else { Epilogue::Store };
+    launch(ctx, config.into(), fusion, a, b, bias, c, shape, epilogue, workspace)
 }
 
 /// The SwiGLU of a feed-forward layer in one launch: `out = silu(a · gateᵀ) * (a · upᵀ)`, where
@@ -613,20 +677,27 @@ pub fn gemm_silu_and_mul(
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
     let config = plan(shape, ctx.budget(), ctx.gpu().model()).config();
-    gemm_silu_and_mul_with(ctx, config, a, gate_up, out, shape, workspace)
+    gemm_silu_and_mul_with(ctx, config, GemmFusion::None, a, gate_up, out, shape, workspace)
 }
 
-/// [`gemm_silu_and_mul`] with a given kernel and split of K, as [`gemm_with`].
+/// [`gemm_silu_and_mul`] with a given kernel and split of K, and a fusion, as [`gemm_with`]
+/// ([`GemmFusion::AddToC`] fails with [`Error::Shape`]: the SwiGLU is not added to anything).
+#[allow(clippy::too_many_arguments)]
 pub fn gemm_silu_and_mul_with(
     ctx: &PhaseContext,
     config: impl Into<GemmConfig>,
+    fusion: GemmFusion<'_, '_>,
     a: &CudaView<'_, bf16>,
     gate_up: &CudaView<'_, bf16>,
     out: &mut CudaViewMut<'_, bf16>,
     shape: GemmShape,
     workspace: &mut GemmWorkspace,
 ) -> Result<()> {
-    launch(ctx, config.into(), a, gate_up, None, out, shape, Epilogue::SiluAndMul, workspace)
+    ensure_shape!(
+        !matches!(fusion, GemmFusion::AddToC { .. }),
+        "gemm_silu_and_mul: the SwiGLU's output cannot be added to C"
+    );
+    launch(ctx, config.into(), fusion, a, gate_up, None, out, shape, Epilogue::SiluAndMul, workspace)
 }
 
 /// What a launch stores (`Epilogue` in cuda/gemm.cu).
@@ -636,6 +707,8 @@ enum Epilogue {
     Store = 0,
     /// B is `[gate | up]`; `C = silu(A · gateᵀ) * (A · upᵀ)`, `[m, n / 2]`.
     SiluAndMul = 1,
+    /// `C += A · Bᵀ (+ bias)`, `[m, n]`, and C's square sums ([`GemmFusion::AddToC`]).
+    Accumulate = 2,
 }
 
 /// Rows of B the SiLU epilogue reads as one block (`gated_row` in cuda/gemm.cu): 8 gate rows, then
@@ -646,6 +719,7 @@ const GATED_BLOCK: usize = 8;
 fn launch(
     ctx: &PhaseContext,
     config: GemmConfig,
+    fusion: GemmFusion<'_, '_>,
     a: &CudaView<'_, bf16>,
     b: &CudaView<'_, bf16>,
     bias: Option<&CudaView<'_, bf16>>,
@@ -663,7 +737,7 @@ fn launch(
     ensure_shape!(a.len() == len(m, k, "A")?, "gemm: A has {} values, expected {m} x {k}", a.len());
     ensure_shape!(b.len() == len(n, k, "B")?, "gemm: B has {} values, expected {n} x {k}", b.len());
     let c_cols = match epilogue {
-        Epilogue::Store => n,
+        Epilogue::Store | Epilogue::Accumulate => n,
         Epilogue::SiluAndMul => {
             ensure_shape!(
                 n % (2 * GATED_BLOCK) == 0,
@@ -677,10 +751,34 @@ fn launch(
     if let Some(bias) = bias {
         ensure_shape!(bias.len() == n, "gemm: bias has {} values, expected {n}", bias.len());
     }
+    let sums = |cols: usize| len(m, cols.div_ceil(SQUARE_SUM_COLS), "the square sums");
+    match &fusion {
+        GemmFusion::None => {}
+        GemmFusion::AddToC { square_sums } => {
+            ensure_shape!(
+                square_sums.len() == sums(n)?,
+                "gemm: the square sums of C have {} values, expected {m} x {}",
+                square_sums.len(),
+                n.div_ceil(SQUARE_SUM_COLS)
+            );
+        }
+        GemmFusion::RowNorm { square_sums, eps } => {
+            ensure_shape!(*eps > 0.0 && eps.is_finite(), "gemm: the row norm's epsilon {eps} must be positive");
+            ensure_shape!(
+                square_sums.len() == sums(k)?,
+                "gemm: the square sums of A have {} values, expected {m} x {}",
+                square_sums.len(),
+                k.div_ceil(SQUARE_SUM_COLS)
+            );
+        }
+    }
     let GemmConfig { kernel, splits } = config;
     let spec = kernel.spec();
     if kernel.needs_sm90a() && ctx.gpu().target() != PtxTarget::Sm90a {
         return Err(Error::Unsupported(format!("gemm: {} needs an sm_90a (Hopper) GPU", spec.name)));
+    }
+    if !matches!(fusion, GemmFusion::None) && !kernel.fuses_norms() {
+        return Err(Error::Unsupported(format!("gemm: {} fuses no residual add or row norm", spec.name)));
     }
     let tiles = kernel.tiles(shape);
     let units = tiles.saturating_mul(splits);
@@ -766,21 +864,38 @@ fn launch(
             let threads = 128 * (1 + consumers as u32);
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
             let map_b = match epilogue {
-                Epilogue::Store => matrix_map(b_ptr, n, k, spec.bn)?,
+                Epilogue::Store | Epilogue::Accumulate => matrix_map(b_ptr, n, k, spec.bn)?,
                 Epilogue::SiluAndMul if swap => gated_map(b_ptr, n, k, spec.bn)?,
                 Epilogue::SiluAndMul => halves_map(b_ptr, n, k, spec.bn)?,
             };
-            let (f, cfg) = ctx.kernel(MODULE, spec.name, grid, threads, smem)?;
+            // The fused instantiation only where a fusion runs: it has more code and registers.
+            let name = match (&fusion, kernel.fused_name()) {
+                (GemmFusion::None, _) | (_, None) => spec.name,
+                (_, Some(fused)) => fused,
+            };
+            let (f, cfg) = ctx.kernel(MODULE, name, grid, threads, smem)?;
             let mut launch = ctx.launch(&f);
             let splits_i = splits as i32;
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
-            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i).arg(&splits_i);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i);
+            let mut eps = 0f32;
+            match fusion {
+                GemmFusion::None => launch.arg(&null).arg(&null),
+                GemmFusion::AddToC { square_sums } => launch.arg(square_sums).arg(&null),
+                GemmFusion::RowNorm { square_sums, eps: e } => {
+                    eps = e;
+                    launch.arg(&null).arg(square_sums)
+                }
+            };
+            launch.arg(&eps).arg(&splits_i);
             launch.arg(&mut workspace.partials).arg(&mut workspace.tile_arrivals).arg(&mut workspace.counter);
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k], as the epilogue reads it) exactly, so TMA reads
             // nothing outside them; C and the bias hold m·c_cols and n values (checked above),
-            // 16-byte aligned, and the kernel writes only inside [m, c_cols]. With a split, every
+            // 16-byte aligned, and the kernel writes only inside [m, c_cols]. The square sums a
+            // fusion reads or writes hold m rows of ceil(n / 64) (C's) or ceil(k / 64) (A's)
+            // floats (checked above; null pointers otherwise). With a split, every
             // unit has at least one K block, and there are at most as many units (so tiles) as the
             // workspace has room for, each tile at most MAX_SPLIT_TILE: the partials hold a tile
             // for each unit and the arrival counts one per tile (checked above). The counters and

@@ -359,3 +359,28 @@ fn fill_uniform_matches_reference() {
         assert!(lo >= mean - spread - slack && hi <= mean + spread + slack, "range [{lo}, {hi}]");
     }
 }
+
+/// The fold of a norm's gain into a weight: every value the reference's product rounded to bf16,
+/// bit for bit (one f32 multiply of two bf16 values), over rows of SmolLM2's and Llama-3.1-8B's
+/// hidden sizes at budgets 1 and all; shapes that are not rows of the gain refused.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fold_norm_gain_matches_reference() {
+    let mut rng = rng("fold_norm_gain");
+    for budget in [Some(1), None] {
+        let ctx = phase(budget);
+        for (rows, k) in [(3, 576), (1537, 4096)] {
+            let weight = random_bf16(&mut rng, rows * k, 1.0);
+            let gain = random_bf16(&mut rng, k, 2.0);
+            let mut dev = upload(&ctx, &weight);
+            elementwise::fold_norm_gain(&ctx, &mut dev.as_view_mut(), &upload(&ctx, &gain).as_view()).unwrap();
+            let mut want = weight.clone();
+            reference::fold_norm_gain(&mut want, &gain).unwrap();
+            let want: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+            assert_eq!(download(&ctx, &dev), want, "{rows} x {k} on {budget:?} SMs");
+        }
+        let mut short = upload(&ctx, &[1.0; 10]);
+        let err = elementwise::fold_norm_gain(&ctx, &mut short.as_view_mut(), &upload(&ctx, &[1.0; 4]).as_view());
+        assert!(err.is_err_and(|e| e.to_string().contains("not rows of 4")), "10 values are not rows of 4");
+    }
+}

@@ -11,7 +11,9 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use nexus::kernels::gemm::{self, GemmConfig, GemmKernel, GemmShape, GemmWorkspace, MAX_SPLITS, MAX_UNITS_PER_SM};
+use nexus::kernels::gemm::{
+    self, GemmConfig, GemmFusion, GemmKernel, GemmShape, GemmWorkspace, MAX_SPLITS, MAX_UNITS_PER_SM,
+};
 use nexus::kernels::gpu::PtxTarget;
 use nexus::kernels::{PhaseContext, reference};
 use rand::rngs::StdRng;
@@ -75,9 +77,17 @@ impl Case {
             let bias = with_bias.then_some(&bias_view);
             let (a, b) = (buffers.a.as_view(), buffers.b.as_view());
             let result = match kernel {
-                Some(kernel) => {
-                    gemm::gemm_with(ctx, kernel, &a, &b, bias, &mut out.as_view_mut(), self.shape, workspace)
-                }
+                Some(kernel) => gemm::gemm_with(
+                    ctx,
+                    kernel,
+                    GemmFusion::None,
+                    &a,
+                    &b,
+                    bias,
+                    &mut out.as_view_mut(),
+                    self.shape,
+                    workspace,
+                ),
                 None => gemm::gemm(ctx, &a, &b, bias, &mut out.as_view_mut(), self.shape, workspace),
             };
             result.unwrap_or_else(|e| panic!("{kernel:?} {m}x{n}x{k}: {e}"));
@@ -158,7 +168,9 @@ fn run_silu_cases(test: &str, cases: &[(usize, usize, usize)], split_cases: usiz
                 let mut out = poisoned(ctx, m * n / 2);
                 let (av, bv, mut ov) = (da.as_view(), db.as_view(), out.as_view_mut());
                 let result = match config {
-                    Some(config) => gemm::gemm_silu_and_mul_with(ctx, config, &av, &bv, &mut ov, shape, workspace),
+                    Some(config) => {
+                        gemm::gemm_silu_and_mul_with(ctx, config, GemmFusion::None, &av, &bv, &mut ov, shape, workspace)
+                    }
                     None => gemm::gemm_silu_and_mul(ctx, &av, &bv, &mut ov, shape, workspace),
                 };
                 let what = format!("silu_and_mul {config:?} m={m} n={n} k={k} budget {}", ctx.budget().get());
@@ -264,8 +276,18 @@ fn split_k_refuses_what_it_cannot_run() {
     let shape = GemmShape { m, n, k };
     let mut run = |kernel: GemmKernel, splits: usize| {
         let config = GemmConfig { kernel, splits };
-        gemm::gemm_with(ctx, config, &a.as_view(), &b.as_view(), None, &mut c.as_view_mut(), shape, workspace)
-            .map_err(|e| e.kind())
+        gemm::gemm_with(
+            ctx,
+            config,
+            GemmFusion::None,
+            &a.as_view(),
+            &b.as_view(),
+            None,
+            &mut c.as_view_mut(),
+            shape,
+            workspace,
+        )
+        .map_err(|e| e.kind())
     };
     let unsupported = Err(nexus::kernels::ErrorKind::Unsupported);
     // An mma kernel; zero or too many splits; more splits than K has blocks (4 of 64).
@@ -286,6 +308,7 @@ fn split_k_refuses_what_it_cannot_run() {
         let result = gemm::gemm_with(
             ctx,
             config,
+            GemmFusion::None,
             &a.as_view(),
             &b_wide.as_view(),
             None,
@@ -298,7 +321,8 @@ fn split_k_refuses_what_it_cannot_run() {
     let k_small = GemmShape { k: 64, ..shape };
     let config = GemmConfig { kernel: GemmKernel::WgmmaSwap16x64, splits: 2 };
     let (av, bv) = (a.slice(..m * 64), b.slice(..n * 64));
-    let result = gemm::gemm_with(ctx, config, &av, &bv, None, &mut c.as_view_mut(), k_small, workspace);
+    let result =
+        gemm::gemm_with(ctx, config, GemmFusion::None, &av, &bv, None, &mut c.as_view_mut(), k_small, workspace);
     assert_eq!(result.map_err(|e| e.kind()), unsupported);
 }
 
@@ -381,6 +405,7 @@ fn batch_invariant_kernels_give_each_row_the_same_bits() {
                     gemm::gemm_with(
                         &ctx,
                         kernel,
+                        GemmFusion::None,
                         &a_dev.as_view(),
                         &b.as_view(),
                         bias.as_ref(),
@@ -410,4 +435,204 @@ fn batch_invariant_kernels_give_each_row_the_same_bits() {
             assert!(family.contains(&plan.kernel), "{plan:?}");
         }
     }
+}
+
+/// Square sums (f32) on the device, and a buffer of NaNs for them.
+fn upload_f32(ctx: &PhaseContext, values: &[f32]) -> CudaSlice<f32> {
+    ctx.stream().clone_htod(values).expect("upload")
+}
+
+/// The fused residual add and row norm (`GemmFusion`) of every Hopper kernel, with and without
+/// a split of K, at budgets 1, 7 and all, against the reference: `AddToC` adds the product,
+/// rounded to bf16, to C (each value rounded again) and writes the square sums of C's new rows,
+/// which must be those of the values it stored (compared with the downloaded C, only the order
+/// of the sums differs: `rtol` 1e-5); its A is scaled by 3/√k so that the product is of order 1
+/// beside a residual of order 4 (`atol` 2e-2: a bf16 step of either after the add; a lost K block
+/// moves the product by ~0.1). `RowNorm` scales each row of the product (and of the
+/// SwiGLU's gate and up sums) by `1 / sqrt(mean of squares + eps)` from given square sums. Outputs
+/// and sums start as NaN. A's rows are scaled from 0.05 to 5 so that a wrong row's factor shows.
+fn run_fusion_cases(test: &str, cases: &[(usize, usize, usize)]) {
+    let mut rng = rng(test);
+    let mut ctxs = contexts();
+    if ctxs[0].0.gpu().target() != PtxTarget::Sm90a {
+        eprintln!("{test}: no fusion off Hopper; skipped");
+        return;
+    }
+    let eps = 1e-5;
+    for &(m, n, k) in cases {
+        let shape = GemmShape { m, n, k };
+        let sq_n = n.div_ceil(gemm::SQUARE_SUM_COLS);
+        let row_scale: Vec<f32> = (0..m).map(|i| 0.05 * 100f32.powf(i as f32 / m.max(2) as f32)).collect();
+        let a: Vec<f32> = random_bf16(&mut rng, m * k, 1.0)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| bf16::from_f32(v * row_scale[i / k]).to_f32())
+            .collect();
+        let gain = random_bf16(&mut rng, k, 1.0).iter().map(|g| 1.0 + 0.5 * g).collect::<Vec<_>>();
+        let mut b = random_bf16(&mut rng, n * k, 1.0);
+        reference::fold_norm_gain(&mut b, &gain).expect("fold");
+        let b: Vec<f32> = b.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let bias = random_bf16(&mut rng, n, 1.0);
+        let residual = random_bf16(&mut rng, m * n, 4.0);
+        let a_sums = reference::square_sums(&a, k).expect("sums");
+        let scales = reference::rms_scales_from_square_sums(&a_sums, k, eps).expect("scales");
+        let a_normalized: Vec<f32> = a.iter().enumerate().map(|(i, v)| v * scales[i / k]).collect();
+        let a_add = random_bf16(&mut rng, m * k, 3.0 / (k as f32).sqrt());
+        let mut product = vec![0.0; m * n];
+        reference::gemm(&a_add, &b, None, &mut product, shape).expect("reference");
+        let want_add: Vec<f32> = residual
+            .iter()
+            .zip(&product)
+            .map(|(r, p)| bf16::from_f32(r + bf16::from_f32(*p).to_f32()).to_f32())
+            .collect();
+        let mut want_norm = vec![0.0; m * n];
+        reference::gemm(&a_normalized, &b, Some(&bias), &mut want_norm, shape).expect("reference");
+        let mut want_silu = vec![0.0; m * n / 2];
+        reference::gemm_silu_and_mul(&a_normalized, &b, &mut want_silu, shape).expect("reference");
+
+        let ctx0 = &ctxs[0].0;
+        let (da, db, dbias, dsums) =
+            (upload(ctx0, &a), upload(ctx0, &b), upload(ctx0, &bias), upload_f32(ctx0, &a_sums));
+        let da_add = upload(ctx0, &a_add);
+        ctx0.stream().synchronize().expect("upload");
+        let sms = ctx0.gpu().sm_count() as usize;
+        let mut configs = Vec::new();
+        for kernel in GemmKernel::HOPPER {
+            configs.push(GemmConfig::from(kernel));
+            let most = MAX_SPLITS.min(k.div_ceil(64)).min(MAX_UNITS_PER_SM * sms / kernel.tiles(shape).max(1));
+            if kernel.splits_k() && most >= 2 {
+                configs.push(GemmConfig { kernel, splits: 2 });
+            }
+        }
+        for config in configs {
+            for (ctx, workspace) in ctxs.iter_mut() {
+                let what = |op: &str| format!("{op} {config:?} m={m} n={n} k={k} budget {}", ctx.budget().get());
+                let (av, bv) = (da.as_view(), db.as_view());
+
+                let mut c = upload(ctx, &residual);
+                let mut sums = upload_f32(ctx, &vec![f32::NAN; m * sq_n]);
+                let fusion = GemmFusion::AddToC { square_sums: &mut sums.as_view_mut() };
+                gemm::gemm_with(
+                    ctx,
+                    config,
+                    fusion,
+                    &da_add.as_view(),
+                    &bv,
+                    None,
+                    &mut c.as_view_mut(),
+                    shape,
+                    workspace,
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", what("add")));
+                let got = download(ctx, &c);
+                assert_close(&what("add"), &got, &want_add, BF16_RTOL, 2e-2);
+                let got_sums = ctx.stream().clone_dtoh(&sums).expect("download");
+                let want_sums = reference::square_sums(&got, n).expect("sums");
+                assert_close(&what("add's square sums"), &got_sums, &want_sums, 1e-5, 1e-6);
+
+                let mut out = poisoned(ctx, m * n);
+                let (bias_view, sums_view) = (dbias.as_view(), dsums.as_view());
+                let fusion = GemmFusion::RowNorm { square_sums: &sums_view, eps };
+                gemm::gemm_with(
+                    ctx,
+                    config,
+                    fusion,
+                    &av,
+                    &bv,
+                    Some(&bias_view),
+                    &mut out.as_view_mut(),
+                    shape,
+                    workspace,
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", what("norm")));
+                assert_close(&what("norm"), &download(ctx, &out), &want_norm, BF16_RTOL, tolerance(k));
+
+                if n % 16 == 0 {
+                    let mut out = poisoned(ctx, m * n / 2);
+                    let fusion = GemmFusion::RowNorm { square_sums: &sums_view, eps };
+                    gemm::gemm_silu_and_mul_with(
+                        ctx,
+                        config,
+                        fusion,
+                        &av,
+                        &bv,
+                        &mut out.as_view_mut(),
+                        shape,
+                        workspace,
+                    )
+                    .unwrap_or_else(|e| panic!("{}: {e}", what("norm + silu")));
+                    assert_close(
+                        &what("norm + silu"),
+                        &download(ctx, &out),
+                        &want_silu,
+                        BF16_RTOL,
+                        2e-2 * (k as f32).sqrt(),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_fusions_match_reference() {
+    // SmolLM2's hidden size (9 square sums a row), tiles cut short in N (200 = 3 sums and 8 left),
+    // M beyond one swapped tile, and Llama-3.1-8B's QKV at decode batches.
+    let cases = [(1, 576, 576), (5, 200, 576), (16, 1536, 576), (33, 576, 200), (65, 192, 576), (300, 576, 576)];
+    run_fusion_cases("gemm_fusions", &cases);
+    run_fusion_cases("gemm_fusions_llama", &[(1, 6144, 4096), (64, 4096, 4096)]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_fusions_for_sanitizers() {
+    run_fusion_cases("gemm_fusions_for_sanitizers", &[(5, 200, 576)]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gemm_fusions_refuse_what_they_cannot_run() {
+    let ctx = phase(None);
+    let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+    let (m, n, k) = (4, 128, 128);
+    let shape = GemmShape { m, n, k };
+    let (a, b) = (poisoned(&ctx, m * k), poisoned(&ctx, n * k));
+    let mut c = poisoned(&ctx, m * n);
+    let sums = upload_f32(&ctx, &vec![1.0; m * 2]);
+    let mut wrong = upload_f32(&ctx, &vec![1.0; m * 2 + 1]);
+    let kernel = if ctx.gpu().target() == PtxTarget::Sm90a { GemmKernel::Wgmma64x64 } else { GemmKernel::Mma64x64 };
+    let run = |fusion: GemmFusion<'_, '_>,
+               kernel: GemmKernel,
+               c: &mut CudaSlice<bf16>,
+               workspace: &mut GemmWorkspace| {
+        gemm::gemm_with(&ctx, kernel, fusion, &a.as_view(), &b.as_view(), None, &mut c.as_view_mut(), shape, workspace)
+    };
+    let err = run(
+        GemmFusion::RowNorm { square_sums: &sums.as_view(), eps: 1e-5 },
+        GemmKernel::Mma64x64,
+        &mut c,
+        &mut workspace,
+    )
+    .expect_err("an mma kernel has no fusion");
+    assert!(matches!(err, nexus::kernels::Error::Unsupported(_)), "{err}");
+    let err = run(GemmFusion::AddToC { square_sums: &mut wrong.as_view_mut() }, kernel, &mut c, &mut workspace)
+        .expect_err("square sums of the wrong length");
+    assert!(err.to_string().contains("square sums"), "{err}");
+    let err = run(GemmFusion::RowNorm { square_sums: &sums.as_view(), eps: 0.0 }, kernel, &mut c, &mut workspace)
+        .expect_err("a zero epsilon");
+    assert!(err.to_string().contains("epsilon"), "{err}");
+    let mut out = poisoned(&ctx, m * n / 2);
+    let err = gemm::gemm_silu_and_mul_with(
+        &ctx,
+        kernel,
+        GemmFusion::AddToC { square_sums: &mut wrong.as_view_mut() },
+        &a.as_view(),
+        &b.as_view(),
+        &mut out.as_view_mut(),
+        shape,
+        &mut workspace,
+    )
+    .expect_err("the SwiGLU cannot be added to C");
+    assert!(err.to_string().contains("SwiGLU"), "{err}");
 }

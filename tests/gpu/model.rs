@@ -554,3 +554,67 @@ fn a_prefill_and_a_decode_step_run_at_once_on_disjoint_sms() {
     );
     assert!(overlapping > 0 && concurrent > 0, "no prefill attention launch overlapped a decode one");
 }
+
+/// Decode steps with the residual adds and RMSNorms inside the GEMMs (on Hopper; the norms'
+/// gains folded into the QKV and gate/up weights, prompts still through norm kernels of unit
+/// gain) against the CPU backend's norm-by-norm steps: random Llama-style and Qwen2-style models
+/// (QKV bias), 5 sequences prefilled on both, then 12 decode steps fed the CPU's greedy tokens,
+/// each step's logits to a cosine of 0.999.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_steps_with_norms_in_the_gemms_match_the_cpu_backend() {
+    use nexus::runtime::weights::config::Architecture;
+    let backend = CudaBackend::new(gpu()).expect("CUDA backend");
+    assert_eq!(backend.folds_norm_gains(), gpu().target() == PtxTarget::Sm90a, "folds exactly on Hopper");
+    let llama = ModelConfig { hidden_size: 1024, intermediate_size: 2816, vocab_size: 2000, ..llama_layers(3) };
+    let qwen2 = ModelConfig {
+        architecture: Architecture::Qwen2,
+        attention_bias: true,
+        tie_word_embeddings: true,
+        ..llama.clone()
+    };
+    for config in [llama, qwen2] {
+        let cpu_model = LlamaModel::random(&CpuBackend, &config, 11).expect("CPU model");
+        let gpu_model = LlamaModel::random(&backend, &config, 11).expect("GPU model");
+        let num_blocks = 64;
+        let mut cpu_cache = cpu_model.alloc_kv_cache(&CpuBackend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
+        let mut gpu_cache = gpu_model.alloc_kv_cache(&backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
+        let mut blocks = [0, 1].map(|_| BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks"));
+        let (cpu_phase, gpu_phase) = (CpuBackend.new_phase().expect("phase"), backend.new_phase().expect("phase"));
+        let vocab = config.vocab_size;
+        let prompts: Vec<Vec<u32>> =
+            (0..5).map(|s| (0..(9 + 31 * s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect()).collect();
+        let chunks: Vec<SeqChunk<'_>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(s, p)| SeqChunk { seq: s as u64, tokens: p, wants_logits: true })
+            .collect();
+        let step = build_step(&mut blocks[0], &chunks, StepKind::Prefill).expect("prefill step");
+        let cpu_logits = cpu_model.forward(&CpuBackend, &cpu_phase, &mut cpu_cache, &step).expect("prefill");
+        let mut want = logits_of(&CpuBackend, &cpu_phase, cpu_logits);
+        let step = build_step(&mut blocks[1], &chunks, StepKind::Prefill).expect("prefill step");
+        let gpu_logits = gpu_model.forward(&backend, &gpu_phase, &mut gpu_cache, &step).expect("prefill");
+        let got = logits_of(&backend, &gpu_phase, gpu_logits);
+        assert!(cosine(&got, &want) >= 0.999, "{:?} prefill: cosine {}", config.architecture, cosine(&got, &want));
+        for step_index in 0..12 {
+            let next: Vec<u32> = want
+                .chunks_exact(vocab)
+                .map(|row| row.iter().enumerate().fold(0, |b, (j, &x)| if x > row[b] { j } else { b }) as u32)
+                .collect();
+            let chunks: Vec<SeqChunk<'_>> = next
+                .iter()
+                .enumerate()
+                .map(|(s, t)| SeqChunk { seq: s as u64, tokens: std::slice::from_ref(t), wants_logits: true })
+                .collect();
+            let step = build_step(&mut blocks[0], &chunks, StepKind::Decode).expect("decode step");
+            let cpu_logits = cpu_model.forward(&CpuBackend, &cpu_phase, &mut cpu_cache, &step).expect("decode");
+            want = logits_of(&CpuBackend, &cpu_phase, cpu_logits);
+            let step = build_step(&mut blocks[1], &chunks, StepKind::Decode).expect("decode step");
+            let gpu_logits = gpu_model.forward(&backend, &gpu_phase, &mut gpu_cache, &step).expect("decode");
+            let got = logits_of(&backend, &gpu_phase, gpu_logits);
+            assert!(got.iter().all(|x| x.is_finite()), "step {step_index}: non-finite logits");
+            let similarity = cosine(&got, &want);
+            assert!(similarity >= 0.999, "{:?} decode step {step_index}: cosine {similarity}", config.architecture);
+        }
+    }
+}

@@ -1,6 +1,7 @@
 mod chaos;
 mod common;
 mod engine;
+mod fused_norms;
 mod gguf;
 mod hf_checkpoint;
 mod kv_cache;

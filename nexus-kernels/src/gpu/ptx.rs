@@ -59,5 +59,11 @@ mod tests {
         let gemm: Vec<&str> =
             entries(SM90A.iter().find(|(m, _)| *m == "gemm").map(|(_, s)| *s).unwrap_or("")).collect();
         assert!(gemm.len() > 1, "{gemm:?}");
+        // Every GEMM kernel the launcher names, and its fused instantiation, is in the Hopper module.
+        for kernel in crate::gemm::GemmKernel::HOPPER.into_iter().chain(crate::gemm::GemmKernel::PORTABLE) {
+            for name in kernel.ptx_names() {
+                assert!(gemm.contains(&name), "{kernel:?}: no kernel {name} in gemm.ptx");
+            }
+        }
     }
 }

@@ -1,5 +1,7 @@
 //! `gemm`: `C[m, n] = A[m, k] · B[n, k]ᵀ (+ bias[n])`, the layout of a linear layer whose weight
 //! is stored `[out_features, in_features]`; `gemm_silu_and_mul`, the same with a SwiGLU epilogue.
+//! `square_sums`, `rms_scales_from_square_sums` and `fold_norm_gain` are what the GPU GEMM's
+//! fusion of the residual add and RMSNorm (`gemm::GemmFusion`) computes on the way.
 
 use rayon::prelude::*;
 
@@ -77,6 +79,44 @@ pub fn gemm_silu_and_mul(a: &[f32], gate_up: &[f32], out: &mut [f32], shape: Gem
     silu_and_mul(&both, n / 2, out)
 }
 
+/// Columns per square sum (`gemm::SQUARE_SUM_COLS`).
+const SQUARE_SUM_COLS: usize = 64;
+
+/// The sums of squares of each row of the `[rows, cols]` matrix `x` per 64 columns (the last
+/// group may be shorter): `[rows, cols.div_ceil(64)]`.
+pub fn square_sums(x: &[f32], cols: usize) -> Result<Vec<f32>> {
+    ensure_shape!(cols > 0 && x.len().is_multiple_of(cols), "square_sums: x is not rows of {cols}");
+    Ok(x.chunks_exact(cols)
+        .flat_map(|row| row.chunks(SQUARE_SUM_COLS).map(|group| group.iter().map(|v| v * v).sum::<f32>()))
+        .collect())
+}
+
+/// The RMSNorm factor `1 / sqrt(mean(row²) + eps)` of each row of `cols` values, from the row's
+/// square sums (as [`square_sums`] gives them).
+pub fn rms_scales_from_square_sums(sums: &[f32], cols: usize, eps: f32) -> Result<Vec<f32>> {
+    let groups = cols.div_ceil(SQUARE_SUM_COLS);
+    ensure_shape!(groups > 0 && sums.len().is_multiple_of(groups), "rms_scales: sums are not rows of {groups}");
+    Ok(sums.chunks_exact(groups).map(|row| 1.0 / (row.iter().sum::<f32>() / cols as f32 + eps).sqrt()).collect())
+}
+
+/// Multiplies each row of the `[rows, gain.len()]` matrix `weight` by `gain` elementwise: the
+/// weight whose product with unnormalized rows, scaled by their RMSNorm factors, is the product
+/// of their RMSNorm (with weight `gain`) with `weight`.
+pub fn fold_norm_gain(weight: &mut [f32], gain: &[f32]) -> Result<()> {
+    ensure_shape!(
+        !gain.is_empty() && weight.len().is_multiple_of(gain.len()),
+        "fold_norm_gain: weight has {} values, not rows of {}",
+        weight.len(),
+        gain.len()
+    );
+    for row in weight.chunks_exact_mut(gain.len()) {
+        for (w, g) in row.iter_mut().zip(gain) {
+            *w *= g;
+        }
+    }
+    Ok(())
+}
+
 /// A dot product with eight independent partial sums, which the compiler turns into SIMD.
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -112,6 +152,49 @@ mod tests {
                 assert!((c[i * n + j] - want).abs() <= 1e-4 * want.abs().max(1.0), "({i},{j})");
             }
         }
+    }
+
+    #[test]
+    fn square_sums_give_the_rms_norm_factor() {
+        // Rows of 150 values: groups of 64, 64 and 22.
+        let (rows, cols, eps) = (3, 150, 1e-5);
+        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 13 % 17) as f32 - 8.0) / 5.0).collect();
+        let sums = square_sums(&x, cols).unwrap();
+        assert_eq!(sums.len(), rows * 3);
+        let tail: f32 = x[128..150].iter().map(|v| v * v).sum();
+        assert!((sums[2] - tail).abs() <= 1e-5 * tail, "the last, shorter group of row 0");
+        // The factors times a row are the RMSNorm of the row with a gain of ones.
+        let scales = rms_scales_from_square_sums(&sums, cols, eps).unwrap();
+        let mut want = vec![0.0; rows * cols];
+        super::super::elementwise::rms_norm(&x, &vec![1.0; cols], eps, &mut want).unwrap();
+        for (i, w) in want.iter().enumerate() {
+            assert!((x[i] * scales[i / cols] - w).abs() <= 1e-5 * w.abs().max(1.0), "value {i}");
+        }
+        assert!(square_sums(&x, 7).is_err() && rms_scales_from_square_sums(&sums[..4], cols, eps).is_err());
+    }
+
+    #[test]
+    fn a_folded_gain_gives_the_product_of_the_normalized_rows() {
+        // rms_norm(x; gain) · Wᵀ = (x · scale) · (W ∘ gain)ᵀ.
+        let (m, n, k, eps) = (2, 5, 70, 1e-6);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
+        let gain: Vec<f32> = (0..k).map(|i| 0.5 + (i % 5) as f32 / 4.0).collect();
+        let shape = GemmShape { m, n, k };
+        let mut normalized = vec![0.0; m * k];
+        super::super::elementwise::rms_norm(&x, &gain, eps, &mut normalized).unwrap();
+        let mut want = vec![0.0; m * n];
+        gemm(&normalized, &w, None, &mut want, shape).unwrap();
+        let mut folded = w.clone();
+        fold_norm_gain(&mut folded, &gain).unwrap();
+        let scales = rms_scales_from_square_sums(&square_sums(&x, k).unwrap(), k, eps).unwrap();
+        let scaled: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * scales[i / k]).collect();
+        let mut got = vec![0.0; m * n];
+        gemm(&scaled, &folded, None, &mut got, shape).unwrap();
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "{g} vs {w}");
+        }
+        assert!(fold_norm_gain(&mut folded, &gain[..9]).is_err(), "350 values are not rows of 9");
     }
 
     #[test]

@@ -14,5 +14,5 @@ pub use attention::{decode_attention, prefill_attention};
 pub use elementwise::{
     ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope_and_write_kv, rope_inv_freq,
 };
-pub use gemm::{GemmShape, gemm, gemm_silu_and_mul};
+pub use gemm::{GemmShape, fold_norm_gain, gemm, gemm_silu_and_mul, rms_scales_from_square_sums, square_sums};
 pub use stream_read::stream_read;

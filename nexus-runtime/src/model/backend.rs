@@ -306,6 +306,65 @@ pub trait Backend {
         weight: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Activation>;
+    /// Whether the model's weights after each RMSNorm (QKV, gate/up) hold that norm's gain
+    /// ([`Backend::fold_norm_gain`]), its norm kernels then running with a gain of ones: a backend
+    /// that [fuses norms](Backend::fuses_norms) into its GEMMs in some steps. None by default.
+    fn folds_norm_gains(&self) -> bool {
+        false
+    }
+    /// `weight` (`[rows, gain.len()]`) with each row multiplied by `gain` elementwise, where
+    /// [`Backend::folds_norm_gains`].
+    fn fold_norm_gain(&self, weight: Self::Weight, gain: &Self::Weight) -> Result<Self::Weight> {
+        let _ = (weight, gain);
+        Err(Error::invalid("this backend keeps its norms' gains apart"))
+    }
+    /// Whether `step` runs each layer's residual adds and RMSNorms inside its GEMMs
+    /// ([`Backend::linear_add`], [`Backend::linear_normalized`],
+    /// [`Backend::linear_silu_and_mul_normalized`]) instead of norm kernels; only where
+    /// [`Backend::folds_norm_gains`].
+    fn fuses_norms(&self, step: &Self::Step) -> bool {
+        let _ = step;
+        false
+    }
+    /// `residual += x · weightᵀ`, keeping what [`Backend::linear_normalized`] needs of the new
+    /// residual's rows (their sums of squares), where [`Backend::fuses_norms`].
+    fn linear_add(
+        &self,
+        phase: &Self::Phase,
+        step: &Self::Step,
+        x: &Self::Activation,
+        weight: &Self::Weight,
+        residual: &mut Self::Activation,
+    ) -> Result<()> {
+        let _ = (phase, step, x, weight, residual);
+        Err(Error::invalid("this backend fuses no residual add into its GEMMs"))
+    }
+    /// `rms_norm(x) · weightᵀ (+ bias)`, where `weight` holds the norm's gain and `x` was last
+    /// written by [`Backend::linear_add`].
+    fn linear_normalized(
+        &self,
+        phase: &Self::Phase,
+        step: &Self::Step,
+        x: &Self::Activation,
+        weight: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        eps: f32,
+    ) -> Result<Self::Activation> {
+        let _ = (phase, step, x, weight, bias, eps);
+        Err(Error::invalid("this backend fuses no RMSNorm into its GEMMs"))
+    }
+    /// [`Backend::linear_silu_and_mul`] of `rms_norm(x)`, as [`Backend::linear_normalized`].
+    fn linear_silu_and_mul_normalized(
+        &self,
+        phase: &Self::Phase,
+        step: &Self::Step,
+        x: &Self::Activation,
+        gate_up: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Activation> {
+        let _ = (phase, step, x, gate_up, eps);
+        Err(Error::invalid("this backend fuses no RMSNorm into its GEMMs"))
+    }
     /// Rotates the Q and K heads of a fused QKV activation by the step's positions, and writes
     /// the step's (rotated) keys and its values into the pools. The pools are shared by every
     /// phase: a step writes only its own sequences' slots.

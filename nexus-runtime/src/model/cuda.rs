@@ -34,9 +34,12 @@ mod arena;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nexus_kernels::cudarc::driver::sys::CUevent_flags;
-use nexus_kernels::cudarc::driver::{CudaEvent, CudaGraph, CudaSlice, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
+use nexus_kernels::cudarc::driver::{
+    CudaEvent, CudaGraph, CudaSlice, CudaView, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
-use nexus_kernels::gemm::{self, GemmConfig, GemmWorkspace};
+use nexus_kernels::gemm::{self, GemmConfig, GemmFusion, GemmWorkspace};
+use nexus_kernels::gpu::PtxTarget;
 use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
 use nexus_kernels::reference::GemmShape;
 use nexus_kernels::{
@@ -62,6 +65,22 @@ pub struct CudaMatrix {
     rows: usize,
     cols: usize,
     data: MatrixData,
+    /// The sums of squares of the rows per 64 columns (f32, `[rows, cols / 64]` rounded up), as
+    /// [`Backend::linear_add`] last wrote them, for [`Backend::linear_normalized`].
+    square_sums: Option<MatrixData>,
+}
+
+impl CudaMatrix {
+    /// The square sums [`Backend::linear_add`] wrote, as f32.
+    fn square_sums_view(&self) -> Result<CudaView<'_, f32>> {
+        let sums = self.square_sums.as_ref().ok_or_else(|| {
+            Error::invalid("a normalized GEMM's input has no row sums: no linear_add wrote it".to_string())
+        })?;
+        let len = self.rows * self.cols.div_ceil(gemm::SQUARE_SUM_COLS);
+        // SAFETY: linear_add made the buffer with room for `len` f32 values (256-byte aligned) and
+        // wrote every one; any bit pattern is a valid f32.
+        unsafe { sums.transmute::<f32>(len) }.ok_or_else(|| Error::invalid("row sums of another shape".to_string()))
+    }
 }
 
 /// One layer's K and V pools on the GPU.
@@ -147,6 +166,11 @@ impl CudaStep {
         !lock(&self.plans).attention.is_empty()
     }
 }
+
+/// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps,
+/// where the fusion made every step faster (H100); with 64 rows, Llama-3.1-8B's steps ran 2.2%
+/// slower with graphs (`bench-results/model_step-llama-3.1-8b-h100.md`).
+const FUSED_NORM_ROWS: usize = 32;
 
 /// How the CUDA backend runs steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -473,14 +497,19 @@ impl CudaBackend {
     /// While a decode step is recorded (and in the eager run before), the activation comes from
     /// the phase's [`Arena`].
     fn output(&self, phase: &CudaPhase, rows: usize, cols: usize) -> Result<CudaMatrix> {
+        Ok(CudaMatrix { rows, cols, data: self.scratch(phase, rows * cols)?, square_sums: None })
+    }
+
+    /// Device memory for `len` bf16 values that a kernel writes before any is read, as
+    /// [`CudaBackend::output`] takes it.
+    fn scratch(&self, phase: &CudaPhase, len: usize) -> Result<MatrixData> {
         let stream = phase.ctx.stream();
-        let data = match phase.arena.matrix_data(stream, rows * cols)? {
+        Ok(match phase.arena.matrix_data(stream, len)? {
             Some(data) => data,
             // SAFETY: any bit pattern is a valid bf16, and no value is read before a kernel or a
             // copy writes it.
-            None => MatrixData::owned(unsafe { stream.alloc::<bf16>(rows * cols) }.map_err(kernel_error)?),
-        };
-        Ok(CudaMatrix { rows, cols, data })
+            None => MatrixData::owned(unsafe { stream.alloc::<bf16>(len) }.map_err(kernel_error)?),
+        })
     }
 
     /// Waits for the setup stream: a weight or pool is ready for every phase once the call that
@@ -506,6 +535,69 @@ impl CudaBackend {
         let out = launches()?;
         times.push(TimedOp { shape, sms: phase.ctx.budget().get(), start, end: event()? });
         Ok(out)
+    }
+
+    /// [`Backend::linear`], or with `norm_eps` [`Backend::linear_normalized`].
+    fn linear_op(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        norm_eps: Option<f32>,
+    ) -> Result<CudaMatrix> {
+        let n = weight.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let config = self.gemm_config(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n)?;
+            let bias = bias.map(|b| b.data.as_view());
+            let sums = norm_eps.map(|_| x.square_sums_view()).transpose()?;
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_with(
+                &phase.ctx,
+                config,
+                row_norm(sums.as_ref(), norm_eps),
+                &x.data.as_view(),
+                &weight.data.as_view(),
+                bias.as_ref(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
+            Ok(out)
+        })
+    }
+
+    /// [`Backend::linear_silu_and_mul`], or with `norm_eps` its normalized form.
+    fn linear_silu_and_mul_op(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+        norm_eps: Option<f32>,
+    ) -> Result<CudaMatrix> {
+        let n = gate_up.shape.first().copied().unwrap_or(0);
+        let shape = GemmShape { m: x.rows, n, k: x.cols };
+        let config = self.gemm_config(phase, step, shape);
+        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
+            let mut out = self.output(phase, x.rows, n / 2)?;
+            let sums = norm_eps.map(|_| x.square_sums_view()).transpose()?;
+            let mut workspace = lock(&phase.gemm_workspace);
+            gemm::gemm_silu_and_mul_with(
+                &phase.ctx,
+                config,
+                row_norm(sums.as_ref(), norm_eps),
+                &x.data.as_view(),
+                &gate_up.data.as_view(),
+                &mut out.data.as_view_mut(),
+                shape,
+                &mut workspace,
+            )?;
+            Ok(out)
+        })
     }
 
     /// Page-locked host memory for `len` values that the device writes and the host reads.
@@ -595,6 +687,15 @@ impl CudaBackend {
 }
 
 /// Copies `values` to a new device buffer on `ctx`'s stream.
+/// The GEMM fusion that normalizes A's rows with `eps` from their square `sums`, or none without
+/// them.
+fn row_norm<'f, 'v>(sums: Option<&'f CudaView<'v, f32>>, eps: Option<f32>) -> GemmFusion<'f, 'v> {
+    match (sums, eps) {
+        (Some(square_sums), Some(eps)) => GemmFusion::RowNorm { square_sums, eps },
+        _ => GemmFusion::None,
+    }
+}
+
 fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> Result<CudaSlice<T>> {
     // An empty upload would be a null buffer; launches never read it, but keep one element.
     if values.is_empty() {
@@ -760,24 +861,100 @@ impl Backend for CudaBackend {
         weight: &CudaWeight,
         bias: Option<&CudaWeight>,
     ) -> Result<CudaMatrix> {
+        self.linear_op(phase, step, x, weight, bias, None)
+    }
+
+    fn linear_normalized(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        bias: Option<&CudaWeight>,
+        eps: f32,
+    ) -> Result<CudaMatrix> {
+        self.linear_op(phase, step, x, weight, bias, Some(eps))
+    }
+
+    fn linear_silu_and_mul(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+    ) -> Result<CudaMatrix> {
+        self.linear_silu_and_mul_op(phase, step, x, gate_up, None)
+    }
+
+    fn linear_silu_and_mul_normalized(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        gate_up: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaMatrix> {
+        self.linear_silu_and_mul_op(phase, step, x, gate_up, Some(eps))
+    }
+
+    fn folds_norm_gains(&self) -> bool {
+        // The wgmma GEMMs fuse the norms; the batch-invariant mode keeps the norm kernels, so that
+        // decode rows run through what prefill rows do.
+        self.gpu.target() == PtxTarget::Sm90a && !self.config.batch_invariant
+    }
+
+    fn fold_norm_gain(&self, mut weight: CudaWeight, gain: &CudaWeight) -> Result<CudaWeight> {
+        elementwise::fold_norm_gain(&self.setup, &mut weight.data.as_view_mut(), &gain.data.as_view())?;
+        self.setup_done()?;
+        Ok(weight)
+    }
+
+    /// Decode steps of at most `FUSED_NORM_ROWS` rows: a prefill chunk's GEMMs would wait for
+    /// each tile's row sums before its main loop, where its norm kernels cost little against its
+    /// GEMMs.
+    fn fuses_norms(&self, step: &CudaStep) -> bool {
+        self.folds_norm_gains() && step.host.kind == StepKind::Decode && step.host.tokens.len() <= FUSED_NORM_ROWS
+    }
+
+    fn linear_add(
+        &self,
+        phase: &CudaPhase,
+        step: &CudaStep,
+        x: &CudaMatrix,
+        weight: &CudaWeight,
+        residual: &mut CudaMatrix,
+    ) -> Result<()> {
         let n = weight.shape.first().copied().unwrap_or(0);
+        if (residual.rows, residual.cols) != (x.rows, n) {
+            return Err(Error::invalid(format!(
+                "linear_add: a [{}, {}] residual for a [{}, {n}] product",
+                residual.rows, residual.cols, x.rows
+            )));
+        }
         let shape = GemmShape { m: x.rows, n, k: x.cols };
         let config = self.gemm_config(phase, step, shape);
+        let sums_len = x.rows * n.div_ceil(gemm::SQUARE_SUM_COLS);
         self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n)?;
-            let bias = bias.map(|b| b.data.as_view());
+            if residual.square_sums.is_none() {
+                residual.square_sums = Some(self.scratch(phase, 2 * sums_len)?);
+            }
+            let sums = residual.square_sums.as_mut().expect("made above");
+            // SAFETY: the buffer holds 2 * sums_len bf16 values, so sums_len f32 ones (256-byte
+            // aligned), and any bit pattern is a valid f32.
+            let mut sums = unsafe { sums.transmute_mut::<f32>(sums_len) }.expect("room for the sums");
             let mut workspace = lock(&phase.gemm_workspace);
             gemm::gemm_with(
                 &phase.ctx,
                 config,
+                GemmFusion::AddToC { square_sums: &mut sums },
                 &x.data.as_view(),
                 &weight.data.as_view(),
-                bias.as_ref(),
-                &mut out.data.as_view_mut(),
+                None,
+                &mut residual.data.as_view_mut(),
                 shape,
                 &mut workspace,
             )?;
-            Ok(out)
+            Ok(())
         })
     }
 
@@ -821,32 +998,6 @@ impl Backend for CudaBackend {
     ) -> Result<CudaMatrix> {
         self.run_op(phase, OpShape::attention(&step.host), || {
             self.attention_launches(phase, qkv, layout, pool, step, scale)
-        })
-    }
-
-    fn linear_silu_and_mul(
-        &self,
-        phase: &CudaPhase,
-        step: &CudaStep,
-        x: &CudaMatrix,
-        gate_up: &CudaWeight,
-    ) -> Result<CudaMatrix> {
-        let n = gate_up.shape.first().copied().unwrap_or(0);
-        let shape = GemmShape { m: x.rows, n, k: x.cols };
-        let config = self.gemm_config(phase, step, shape);
-        self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
-            let mut out = self.output(phase, x.rows, n / 2)?;
-            let mut workspace = lock(&phase.gemm_workspace);
-            gemm::gemm_silu_and_mul_with(
-                &phase.ctx,
-                config,
-                &x.data.as_view(),
-                &gate_up.data.as_view(),
-                &mut out.data.as_view_mut(),
-                shape,
-                &mut workspace,
-            )?;
-            Ok(out)
         })
     }
 

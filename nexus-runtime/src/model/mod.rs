@@ -22,6 +22,8 @@ use crate::weights::config::{LayerWeight, ModelConfig, WeightName, WeightSource}
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
+/// One decoder layer's weights. Where the backend [folds norm gains](Backend::folds_norm_gains),
+/// `qkv` and `gate_up` hold the gains of `attn_norm` and `ffn_norm`.
 struct Layer<B: Backend> {
     attn_norm: B::Weight,
     qkv: B::Weight,
@@ -32,6 +34,18 @@ struct Layer<B: Backend> {
     down: B::Weight,
 }
 
+impl<B: Backend> Layer<B> {
+    /// The layer of these weights, the norms' gains folded into the GEMMs after them where the
+    /// backend does that.
+    fn new(backend: &B, mut layer: Layer<B>) -> Result<Self> {
+        if backend.folds_norm_gains() {
+            layer.qkv = backend.fold_norm_gain(layer.qkv, &layer.attn_norm)?;
+            layer.gate_up = backend.fold_norm_gain(layer.gate_up, &layer.ffn_norm)?;
+        }
+        Ok(layer)
+    }
+}
+
 /// A loaded Llama-family model.
 pub struct LlamaModel<B: Backend> {
     config: ModelConfig,
@@ -40,6 +54,9 @@ pub struct LlamaModel<B: Backend> {
     final_norm: B::Weight,
     /// `None` when the LM head is tied to the embedding.
     lm_head: Option<B::Weight>,
+    /// A gain of ones, which the layers' norm kernels run with where the backend folds their
+    /// gains into the next weights ([`Backend::folds_norm_gains`]).
+    unit_gain: Option<B::Weight>,
 }
 
 impl<B: Backend> std::fmt::Debug for LlamaModel<B> {
@@ -103,6 +120,14 @@ fn concat_rows(parts: Vec<HostTensor>) -> HostTensor {
     HostTensor { shape, data }
 }
 
+/// A gain of `hidden` ones where the backend folds the norms' gains into the weights after them.
+fn unit_gain<B: Backend>(backend: &B, hidden: usize) -> Result<Option<B::Weight>> {
+    if !backend.folds_norm_gains() {
+        return Ok(None);
+    }
+    Ok(Some(backend.upload(HostTensor { shape: vec![hidden], data: vec![1.0; hidden] })?))
+}
+
 impl<B: Backend> LlamaModel<B> {
     /// Loads every weight of `source` into `backend`. `progress(done, total)` is called after each
     /// layer.
@@ -141,7 +166,7 @@ impl<B: Backend> LlamaModel<B> {
             };
             let gate = load(w(LayerWeight::Gate))?;
             let up = load(w(LayerWeight::Up))?;
-            layers.push(Layer {
+            let layer = Layer {
                 attn_norm: backend.upload(load(w(LayerWeight::AttnNorm))?)?,
                 qkv: backend.upload(concat_rows(vec![q, k, v]))?,
                 qkv_bias,
@@ -149,12 +174,14 @@ impl<B: Backend> LlamaModel<B> {
                 ffn_norm: backend.upload(load(w(LayerWeight::FfnNorm))?)?,
                 gate_up: backend.upload(concat_rows(vec![gate, up]))?,
                 down: backend.upload(load(w(LayerWeight::Down))?)?,
-            });
+            };
+            layers.push(Layer::new(backend, layer)?);
             progress(l + 2, total);
         }
         let final_norm = backend.upload(load(WeightName::FinalNorm)?)?;
         progress(total, total);
-        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
+        let unit_gain = unit_gain(backend, c.hidden_size)?;
+        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head, unit_gain })
     }
 
     /// A model of `config` with random weights made by the backend itself (no host copy), for
@@ -177,7 +204,7 @@ impl<B: Backend> LlamaModel<B> {
         let lm_head = if c.tie_word_embeddings { None } else { Some(random(vec![c.vocab_size, h], 0.0, linear(h))?) };
         let mut layers = Vec::with_capacity(c.num_layers);
         for _ in 0..c.num_layers {
-            layers.push(Layer {
+            let layer = Layer {
                 attn_norm: random(vec![h], 1.0, 0.1)?,
                 qkv: random(vec![qkv_rows, h], 0.0, linear(h))?,
                 qkv_bias: if c.attention_bias { Some(random(vec![qkv_rows], 0.0, 0.1)?) } else { None },
@@ -185,10 +212,12 @@ impl<B: Backend> LlamaModel<B> {
                 ffn_norm: random(vec![h], 1.0, 0.1)?,
                 gate_up: random(vec![2 * c.intermediate_size, h], 0.0, linear(h))?,
                 down: random(vec![h, c.intermediate_size], 0.0, linear(c.intermediate_size))?,
-            });
+            };
+            layers.push(Layer::new(backend, layer)?);
         }
         let final_norm = random(vec![h], 1.0, 0.1)?;
-        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head })
+        let unit_gain = unit_gain(backend, h)?;
+        Ok(LlamaModel { config: c, embedding, layers, final_norm, lm_head, unit_gain })
     }
 
     /// The model's configuration.
@@ -290,6 +319,12 @@ impl<B: Backend> LlamaModel<B> {
         Ok(if kind == StepKind::Decode { sizes } else { Vec::new() })
     }
 
+    /// The gain a layer's norm kernel runs with: `gain`, or ones where the backend folded it into
+    /// the weight after the norm.
+    fn norm_gain<'a>(&'a self, gain: &'a B::Weight) -> &'a B::Weight {
+        self.unit_gain.as_ref().unwrap_or(gain)
+    }
+
     /// The forward step over inputs already on the backend.
     fn forward_prepared(
         &self,
@@ -305,17 +340,40 @@ impl<B: Backend> LlamaModel<B> {
         let eps = c.rms_norm_eps;
 
         let mut residual = backend.embedding(phase, &self.embedding, step)?;
+        if backend.fuses_norms(step) && !self.layers.is_empty() {
+            // The residual adds and norms inside the GEMMs: six launches a layer instead of
+            // eight. The first layer's input norm has no GEMM before it to come from.
+            let x = backend.rms_norm(phase, &residual, self.norm_gain(&self.layers[0].attn_norm), eps)?;
+            for (l, (layer, pool)) in self.layers.iter().zip(cache.pools.iter_mut()).enumerate() {
+                let bias = layer.qkv_bias.as_ref();
+                let mut qkv = match l {
+                    0 => backend.linear(phase, step, &x, &layer.qkv, bias)?,
+                    _ => backend.linear_normalized(phase, step, &residual, &layer.qkv, bias, eps)?,
+                };
+                backend.rope_and_write_kv(phase, &mut qkv, layout, rope, pool, step)?;
+                let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
+                backend.linear_add(phase, step, &attn, &layer.o, &mut residual)?;
+                let act = backend.linear_silu_and_mul_normalized(phase, step, &residual, &layer.gate_up, eps)?;
+                backend.linear_add(phase, step, &act, &layer.down, &mut residual)?;
+            }
+            let x = backend.rms_norm(phase, &residual, &self.final_norm, eps)?;
+            let rows = backend.gather_logit_rows(phase, &x, step)?;
+            return backend.linear(phase, step, &rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None);
+        }
         let mut pending: Option<B::Activation> = None;
         for (layer, pool) in self.layers.iter().zip(cache.pools.iter_mut()) {
             let x = match &pending {
-                None => backend.rms_norm(phase, &residual, &layer.attn_norm, eps)?,
-                Some(out) => backend.fused_add_rms_norm(phase, out, &mut residual, &layer.attn_norm, eps)?,
+                None => backend.rms_norm(phase, &residual, self.norm_gain(&layer.attn_norm), eps)?,
+                Some(out) => {
+                    backend.fused_add_rms_norm(phase, out, &mut residual, self.norm_gain(&layer.attn_norm), eps)?
+                }
             };
             let mut qkv = backend.linear(phase, step, &x, &layer.qkv, layer.qkv_bias.as_ref())?;
             backend.rope_and_write_kv(phase, &mut qkv, layout, rope, pool, step)?;
             let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
             let attn_out = backend.linear(phase, step, &attn, &layer.o, None)?;
-            let x = backend.fused_add_rms_norm(phase, &attn_out, &mut residual, &layer.ffn_norm, eps)?;
+            let x =
+                backend.fused_add_rms_norm(phase, &attn_out, &mut residual, self.norm_gain(&layer.ffn_norm), eps)?;
             let act = backend.linear_silu_and_mul(phase, step, &x, &layer.gate_up)?;
             pending = Some(backend.linear(phase, step, &act, &layer.down, None)?);
         }

@@ -168,8 +168,9 @@ impl CudaStep {
 }
 
 /// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps,
-/// where the fusion made every step faster (H100); with 64 rows, Llama-3.1-8B's steps ran 2.2%
-/// slower with graphs (`bench-results/model_step-llama-3.1-8b-h100.md`).
+/// where the fusion made every step faster (H100). Fused at 64 rows, Llama-3.1-8B's steps ran 1.5%
+/// slower with graphs (the 64-row tiles' fused epilogue costs more than the norm kernel it saves)
+/// and Qwen2.5-3B's 3% faster (`bench-results/model_step-llama-3.1-8b-h100.md`).
 const FUSED_NORM_ROWS: usize = 32;
 
 /// How the CUDA backend runs steps.

@@ -166,8 +166,9 @@ struct Spec {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
-    /// TMA + wgmma; `swap` puts B's rows on wgmma's M side.
-    Wgmma { swap: bool },
+    /// TMA + wgmma; `swap` puts B's rows on wgmma's M side; `fused` names the instantiation with
+    /// the residual add and row norm ([`GemmFusion`]).
+    Wgmma { swap: bool, fused: &'static str },
     /// cp.async + mma.sync, with at most this many stages.
     Mma { max_stages: usize },
 }
@@ -205,17 +206,23 @@ impl GemmKernel {
 
     fn spec(self) -> Spec {
         use Family::*;
+        // A wgmma tile's fused instantiation is `NAME_fused` (cuda/gemm.cu).
+        macro_rules! wgmma {
+            ($name:literal, $bm:literal, $bn:literal, $swap:literal) => {
+                ($name, $bm, $bn, Wgmma { swap: $swap, fused: concat!($name, "_fused") })
+            };
+        }
         let (name, bm, bn, family) = match self {
-            GemmKernel::Wgmma128x256 => ("gemm_wgmma_128x256", 128, 256, Wgmma { swap: false }),
-            GemmKernel::Wgmma128x128 => ("gemm_wgmma_128x128", 128, 128, Wgmma { swap: false }),
-            GemmKernel::Wgmma64x256 => ("gemm_wgmma_64x256", 64, 256, Wgmma { swap: false }),
-            GemmKernel::Wgmma64x128 => ("gemm_wgmma_64x128", 64, 128, Wgmma { swap: false }),
-            GemmKernel::Wgmma64x64 => ("gemm_wgmma_64x64", 64, 64, Wgmma { swap: false }),
-            GemmKernel::WgmmaSwap16x64 => ("gemm_wgmma_swap_16x64", 16, 64, Wgmma { swap: true }),
-            GemmKernel::WgmmaSwap16x128 => ("gemm_wgmma_swap_16x128", 16, 128, Wgmma { swap: true }),
-            GemmKernel::WgmmaSwap16x192 => ("gemm_wgmma_swap_16x192", 16, 192, Wgmma { swap: true }),
-            GemmKernel::WgmmaSwap16x256 => ("gemm_wgmma_swap_16x256", 16, 256, Wgmma { swap: true }),
-            GemmKernel::WgmmaSwap32x256 => ("gemm_wgmma_swap_32x256", 32, 256, Wgmma { swap: true }),
+            GemmKernel::Wgmma128x256 => wgmma!("gemm_wgmma_128x256", 128, 256, false),
+            GemmKernel::Wgmma128x128 => wgmma!("gemm_wgmma_128x128", 128, 128, false),
+            GemmKernel::Wgmma64x256 => wgmma!("gemm_wgmma_64x256", 64, 256, false),
+            GemmKernel::Wgmma64x128 => wgmma!("gemm_wgmma_64x128", 64, 128, false),
+            GemmKernel::Wgmma64x64 => wgmma!("gemm_wgmma_64x64", 64, 64, false),
+            GemmKernel::WgmmaSwap16x64 => wgmma!("gemm_wgmma_swap_16x64", 16, 64, true),
+            GemmKernel::WgmmaSwap16x128 => wgmma!("gemm_wgmma_swap_16x128", 16, 128, true),
+            GemmKernel::WgmmaSwap16x192 => wgmma!("gemm_wgmma_swap_16x192", 16, 192, true),
+            GemmKernel::WgmmaSwap16x256 => wgmma!("gemm_wgmma_swap_16x256", 16, 256, true),
+            GemmKernel::WgmmaSwap32x256 => wgmma!("gemm_wgmma_swap_32x256", 32, 256, true),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
@@ -252,21 +259,12 @@ impl GemmKernel {
         std::iter::once(self.spec().name).chain(self.fused_name()).collect()
     }
 
-    /// The name of the kernel's instantiation with the fusions (`NAME_fused` in cuda/gemm.cu).
+    /// The name of the kernel's instantiation with the fusions.
     fn fused_name(self) -> Option<&'static str> {
-        Some(match self {
-            GemmKernel::Wgmma128x256 => "gemm_wgmma_128x256_fused",
-            GemmKernel::Wgmma128x128 => "gemm_wgmma_128x128_fused",
-            GemmKernel::Wgmma64x256 => "gemm_wgmma_64x256_fused",
-            GemmKernel::Wgmma64x128 => "gemm_wgmma_64x128_fused",
-            GemmKernel::Wgmma64x64 => "gemm_wgmma_64x64_fused",
-            GemmKernel::WgmmaSwap16x64 => "gemm_wgmma_swap_16x64_fused",
-            GemmKernel::WgmmaSwap16x128 => "gemm_wgmma_swap_16x128_fused",
-            GemmKernel::WgmmaSwap16x192 => "gemm_wgmma_swap_16x192_fused",
-            GemmKernel::WgmmaSwap16x256 => "gemm_wgmma_swap_16x256_fused",
-            GemmKernel::WgmmaSwap32x256 => "gemm_wgmma_swap_32x256_fused",
-            GemmKernel::Mma128x128 | GemmKernel::Mma64x64 | GemmKernel::MmaSwap16x256 => return None,
-        })
+        match self.spec().family {
+            Family::Wgmma { fused, .. } => Some(fused),
+            Family::Mma { .. } => None,
+        }
     }
 
     /// The kernel's name in the PTX module.
@@ -383,7 +381,7 @@ const TIE: f64 = 1.01;
 fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
     let s = kernel.spec();
     match s.family {
-        Family::Wgmma { swap } => {
+        Family::Wgmma { swap, .. } => {
             // Each consumer warpgroup issues 4 wgmma m64nNk16 per K block. One occupies the
             // tensor cores for the larger of its math (64·N·16 MACs) and its shared-memory reads
             // (A 2 KB, B N·32 bytes, at 128 bytes per clock); the warpgroups share the SM. A
@@ -423,7 +421,7 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
 /// the weight's bytes once, ranked them first.
 fn covers_m(kernel: GemmKernel, m: usize) -> bool {
     let s = kernel.spec();
-    !matches!(s.family, Family::Wgmma { swap: true }) || m <= s.bm
+    !matches!(s.family, Family::Wgmma { swap: true, .. }) || m <= s.bm
 }
 
 /// Multiply-adds a tile issues per element of K (padding included): the tie-breaker of [`plan`].
@@ -855,7 +853,7 @@ fn launch(
             // memory holds `stages` stages.
             unsafe { launch.launch(cfg) }?;
         }
-        Family::Wgmma { swap } => {
+        Family::Wgmma { swap, .. } => {
             let stage_bytes = (spec.bm + spec.bn) * BK * 2;
             let stages = (WGMMA_RING_BYTES / stage_bytes).min(WGMMA_MAX_STAGES);
             let consumers = if swap { spec.bn } else { spec.bm } / 64;

@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::elementwise::silu_and_mul;
 use crate::Result;
 use crate::error::ensure_shape;
+use crate::gemm::SQUARE_SUM_COLS;
 
 /// The sizes of a GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,11 +80,8 @@ pub fn gemm_silu_and_mul(a: &[f32], gate_up: &[f32], out: &mut [f32], shape: Gem
     silu_and_mul(&both, n / 2, out)
 }
 
-/// Columns per square sum (`gemm::SQUARE_SUM_COLS`).
-const SQUARE_SUM_COLS: usize = 64;
-
-/// The sums of squares of each row of the `[rows, cols]` matrix `x` per 64 columns (the last
-/// group may be shorter): `[rows, cols.div_ceil(64)]`.
+/// The sums of squares of each row of the `[rows, cols]` matrix `x` per [`SQUARE_SUM_COLS`]
+/// columns (the last group may be shorter): `[rows, cols.div_ceil(SQUARE_SUM_COLS)]`.
 pub fn square_sums(x: &[f32], cols: usize) -> Result<Vec<f32>> {
     ensure_shape!(cols > 0 && x.len().is_multiple_of(cols), "square_sums: x is not rows of {cols}");
     Ok(x.chunks_exact(cols)

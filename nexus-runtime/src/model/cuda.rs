@@ -71,12 +71,17 @@ pub struct CudaMatrix {
 }
 
 impl CudaMatrix {
+    /// How many square sums the rows have.
+    fn square_sums_len(&self) -> usize {
+        self.rows * self.cols.div_ceil(gemm::SQUARE_SUM_COLS)
+    }
+
     /// The square sums [`Backend::linear_add`] wrote, as f32.
     fn square_sums_view(&self) -> Result<CudaView<'_, f32>> {
         let sums = self.square_sums.as_ref().ok_or_else(|| {
             Error::invalid("a normalized GEMM's input has no row sums: no linear_add wrote it".to_string())
         })?;
-        let len = self.rows * self.cols.div_ceil(gemm::SQUARE_SUM_COLS);
+        let len = self.square_sums_len();
         // SAFETY: linear_add made the buffer with room for `len` f32 values (256-byte aligned) and
         // wrote every one; any bit pattern is a valid f32.
         unsafe { sums.transmute::<f32>(len) }.ok_or_else(|| Error::invalid("row sums of another shape".to_string()))
@@ -687,7 +692,6 @@ impl CudaBackend {
     }
 }
 
-/// Copies `values` to a new device buffer on `ctx`'s stream.
 /// The GEMM fusion that normalizes A's rows with `eps` from their square `sums`, or none without
 /// them.
 fn row_norm<'f, 'v>(sums: Option<&'f CudaView<'v, f32>>, eps: Option<f32>) -> GemmFusion<'f, 'v> {
@@ -697,6 +701,7 @@ fn row_norm<'f, 'v>(sums: Option<&'f CudaView<'v, f32>>, eps: Option<f32>) -> Ge
     }
 }
 
+/// Copies `values` to a new device buffer on `ctx`'s stream.
 fn upload<T: DeviceRepr + ValidAsZeroBits>(ctx: &PhaseContext, values: &[T]) -> Result<CudaSlice<T>> {
     // An empty upload would be a null buffer; launches never read it, but keep one element.
     if values.is_empty() {
@@ -934,7 +939,7 @@ impl Backend for CudaBackend {
         }
         let shape = GemmShape { m: x.rows, n, k: x.cols };
         let config = self.gemm_config(phase, step, shape);
-        let sums_len = x.rows * n.div_ceil(gemm::SQUARE_SUM_COLS);
+        let sums_len = residual.square_sums_len();
         self.run_op(phase, OpShape::gemm(x.rows, n, x.cols), || {
             if residual.square_sums.is_none() {
                 residual.square_sums = Some(self.scratch(phase, 2 * sums_len)?);

@@ -357,8 +357,7 @@ impl<B: Backend> LlamaModel<B> {
                 backend.linear_add(phase, step, &act, &layer.down, &mut residual)?;
             }
             let x = backend.rms_norm(phase, &residual, &self.final_norm, eps)?;
-            let rows = backend.gather_logit_rows(phase, &x, step)?;
-            return backend.linear(phase, step, &rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None);
+            return self.logits(backend, phase, step, &x);
         }
         let mut pending: Option<B::Activation> = None;
         for (layer, pool) in self.layers.iter().zip(cache.pools.iter_mut()) {
@@ -381,7 +380,12 @@ impl<B: Backend> LlamaModel<B> {
             None => backend.rms_norm(phase, &residual, &self.final_norm, eps)?,
             Some(out) => backend.fused_add_rms_norm(phase, out, &mut residual, &self.final_norm, eps)?,
         };
-        let rows = backend.gather_logit_rows(phase, &x, step)?;
+        self.logits(backend, phase, step, &x)
+    }
+
+    /// The logits of the step's rows that want them, from the final norm's output `x`.
+    fn logits(&self, backend: &B, phase: &B::Phase, step: &B::Step, x: &B::Activation) -> Result<B::Activation> {
+        let rows = backend.gather_logit_rows(phase, x, step)?;
         backend.linear(phase, step, &rows, self.lm_head.as_ref().unwrap_or(&self.embedding), None)
     }
 }

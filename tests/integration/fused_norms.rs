@@ -7,19 +7,17 @@
 use nexus::kernels::reference;
 use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig};
 use nexus::runtime::Result;
+use nexus::runtime::engine::Engine;
 use nexus::runtime::engine::batch::{SeqChunk, build_step};
-use nexus::runtime::engine::generate::{GenerateOptions, generate_text};
+use nexus::runtime::engine::generate::generate_text;
 use nexus::runtime::engine::kv_cache::BlockManager;
-use nexus::runtime::engine::scheduler::SchedulerConfig;
-use nexus::runtime::engine::{Engine, EngineConfig, RequestOptions, Schedule};
 use nexus::runtime::model::LlamaModel;
 use nexus::runtime::model::backend::{Backend, HostLogits, LogitsReadback, OpTime, StepInput, StepKind};
 use nexus::runtime::model::cpu::{CpuBackend, CpuKvPool, CpuMatrix, CpuPhase};
 use nexus::runtime::weights::config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 use nexus::runtime::weights::gguf::HostTensor;
-use nexus::runtime::weights::loader;
 
-use crate::common::default_model_path;
+use crate::oracle;
 
 /// The CPU backend with the fusions the CUDA backend runs in decode steps on Hopper; everything
 /// else is [`CpuBackend`]'s.
@@ -28,10 +26,11 @@ struct FusingCpu;
 
 /// `rms_norm(x)` without gain: each row times `1 / sqrt(mean of squares + eps)`, the factor made
 /// from the row's square sums per 64 columns, as the fused GEMMs make it.
-fn normalized(x: &CpuMatrix, eps: f32) -> Result<Vec<f32>> {
+fn normalized(x: &CpuMatrix, eps: f32) -> Result<CpuMatrix> {
     let sums = reference::square_sums(&x.data, x.cols)?;
     let scales = reference::rms_scales_from_square_sums(&sums, x.cols, eps)?;
-    Ok(x.data.iter().enumerate().map(|(i, v)| v * scales[i / x.cols]).collect())
+    let data = x.data.iter().enumerate().map(|(i, v)| v * scales[i / x.cols]).collect();
+    Ok(CpuMatrix { rows: x.rows, cols: x.cols, data })
 }
 
 impl Backend for FusingCpu {
@@ -127,8 +126,7 @@ impl Backend for FusingCpu {
         bias: Option<&HostTensor>,
         eps: f32,
     ) -> Result<CpuMatrix> {
-        let x = CpuMatrix { rows: x.rows, cols: x.cols, data: normalized(x, eps)? };
-        CpuBackend.linear(phase, step, &x, weight, bias)
+        CpuBackend.linear(phase, step, &normalized(x, eps)?, weight, bias)
     }
     fn linear_silu_and_mul_normalized(
         &self,
@@ -138,8 +136,7 @@ impl Backend for FusingCpu {
         gate_up: &HostTensor,
         eps: f32,
     ) -> Result<CpuMatrix> {
-        let x = CpuMatrix { rows: x.rows, cols: x.cols, data: normalized(x, eps)? };
-        CpuBackend.linear_silu_and_mul(phase, step, &x, gate_up)
+        CpuBackend.linear_silu_and_mul(phase, step, &normalized(x, eps)?, gate_up)
     }
     fn rope_and_write_kv(
         &self,
@@ -275,33 +272,12 @@ fn decode_steps_with_norms_in_the_gemms_match_the_norm_kernels() {
 /// oracle fixture prompt.
 #[test]
 fn smollm2_with_norms_in_the_gemms_continues_as_transformers_does() {
-    #[derive(serde::Deserialize)]
-    struct Fixtures {
-        greedy_tokens: usize,
-        cases: Vec<Case>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Case {
-        prompt_ids: Vec<u32>,
-        greedy_ids: Vec<u32>,
-    }
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/oracle/smollm2-135m-instruct.json");
-    let fixtures: Fixtures = serde_json::from_str(&std::fs::read_to_string(path).expect("fixtures")).expect("parse");
-    let loaded = loader::open(&default_model_path()).expect("open the default model");
+    let fixtures = oracle::fixtures();
+    let loaded = oracle::smollm2();
     let model = LlamaModel::load(&FusingCpu, loaded.weights.as_ref(), |_, _| {}).expect("load weights");
-    let config = EngineConfig {
-        num_blocks: 64,
-        block_size: 16,
-        scheduler: SchedulerConfig::default(),
-        max_model_len: None,
-        schedule: Schedule::Chunked,
-    };
     let eos = loaded.tokenizer.eos_token_ids().to_vec();
-    let mut engine = Engine::new(FusingCpu, model, eos, config).expect("engine");
-    let options = GenerateOptions {
-        request: RequestOptions { max_tokens: fixtures.greedy_tokens, ignore_eos: true, ..RequestOptions::default() },
-        stop: vec![],
-    };
+    let mut engine = Engine::new(FusingCpu, model, eos, oracle::engine_config()).expect("engine");
+    let options = oracle::greedy(fixtures.greedy_tokens, true);
     let case = &fixtures.cases[0];
     let out = generate_text(&mut engine, 0, &loaded.tokenizer, &case.prompt_ids, &options, |_| {}).expect("generate");
     assert_eq!(out.token_ids, case.greedy_ids, "greedy continuation with the fused decode path");

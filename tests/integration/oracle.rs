@@ -18,20 +18,20 @@ use serde::Deserialize;
 use crate::common::default_model_path;
 
 #[derive(Deserialize)]
-struct Fixtures {
-    greedy_tokens: usize,
-    cases: Vec<Case>,
+pub(crate) struct Fixtures {
+    pub(crate) greedy_tokens: usize,
+    pub(crate) cases: Vec<Case>,
     tokenizations: Vec<Tokenization>,
 }
 
 #[derive(Deserialize)]
-struct Case {
+pub(crate) struct Case {
     kind: String,
     prompt: Option<String>,
     messages: Option<Vec<Message>>,
     rendered: Option<String>,
-    prompt_ids: Vec<u32>,
-    greedy_ids: Vec<u32>,
+    pub(crate) prompt_ids: Vec<u32>,
+    pub(crate) greedy_ids: Vec<u32>,
     last_prompt_top5: Top5,
 }
 
@@ -53,14 +53,14 @@ struct Tokenization {
     ids: Vec<u32>,
 }
 
-fn fixtures() -> Fixtures {
+pub(crate) fn fixtures() -> Fixtures {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/oracle/smollm2-135m-instruct.json");
     let text = std::fs::read_to_string(path).expect("read the oracle fixtures");
     serde_json::from_str(&text).expect("parse the oracle fixtures")
 }
 
-/// The default model, opened once for all tests of this module.
-fn smollm2() -> &'static LoadedModel {
+/// The default model, opened once for all tests of this module and `fused_norms`.
+pub(crate) fn smollm2() -> &'static LoadedModel {
     static MODEL: OnceLock<LoadedModel> = OnceLock::new();
     MODEL.get_or_init(|| loader::open(&default_model_path()).expect("open the default model"))
 }
@@ -71,19 +71,23 @@ fn cpu_engine() -> &'static Mutex<Engine<CpuBackend>> {
     ENGINE.get_or_init(|| {
         let model = LlamaModel::load(&CpuBackend, smollm2().weights.as_ref(), |_, _| {}).expect("load weights");
         let eos = smollm2().tokenizer.eos_token_ids().to_vec();
-        let config = EngineConfig {
-            num_blocks: 64,
-            block_size: 16,
-            scheduler: SchedulerConfig::default(),
-            max_model_len: None,
-            schedule: Schedule::Chunked,
-        };
-        Mutex::new(Engine::new(CpuBackend, model, eos, config).expect("engine"))
+        Mutex::new(Engine::new(CpuBackend, model, eos, engine_config()).expect("engine"))
     })
 }
 
+/// The engine settings of the oracle tests: 64 blocks of 16 tokens, chunked prefill.
+pub(crate) fn engine_config() -> EngineConfig {
+    EngineConfig {
+        num_blocks: 64,
+        block_size: 16,
+        scheduler: SchedulerConfig::default(),
+        max_model_len: None,
+        schedule: Schedule::Chunked,
+    }
+}
+
 /// Greedy options for `max_tokens` tokens.
-fn greedy(max_tokens: usize, ignore_eos: bool) -> GenerateOptions {
+pub(crate) fn greedy(max_tokens: usize, ignore_eos: bool) -> GenerateOptions {
     GenerateOptions { request: RequestOptions { max_tokens, ignore_eos, ..RequestOptions::default() }, stop: vec![] }
 }
 

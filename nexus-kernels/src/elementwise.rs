@@ -1,7 +1,6 @@
 //! Launchers of the row-wise kernels of `cuda/elementwise.cu`: embedding gather, RMSNorm (with
 //! the residual add fused), RoPE with the KV-cache write, argmax, and the fold of a norm's gain
-//! into a weight (SiLU-and-mul is the epilogue of
-//! [`crate::gemm::gemm_silu_and_mul`]).
+//! into a weight (SiLU-and-mul is the epilogue of [`crate::gemm::gemm_silu_and_mul`]).
 //!
 //! Each checks its shapes and launches at most the phase's CTA budget. Their references, with the
 //! same names, are in [`crate::reference`].

@@ -270,9 +270,10 @@ __device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
 //
 // A thread takes 8 pairs of HEADS heads (1 or 4) of one row: two 16-byte vectors of each head
 // (the halves' 8-value pieces at 8c and d/2 + 8c, or the 16 values from 16c when interleaved), all
-// loaded before it rotates any, and the 8 sines and cosines computed once for its heads. The host gives a thread several heads only when there are rows enough to fill the
-// budget's CTAs anyway (a prefill chunk); a decode batch spreads one head per thread, and over
-// as many CTAs as the budget has (of fewer than ROW_THREADS threads when it must). The kernel
+// loaded before it rotates any, and the 8 sines and cosines computed once for its heads. The host
+// gives a thread several heads only when there are rows enough to fill the budget's CTAs anyway (a
+// prefill chunk); a decode batch spreads one head per thread, and over as many CTAs as the budget
+// has (of fewer than ROW_THREADS threads when it must). The kernel
 // before (a warp per head, a lane per pair, 2-byte loads and stores) ran at 9-48% of the streaming
 // read on a prefill's rows (H100, `cargo bench --bench elementwise`). The value heads are copied as
 // they are. head_dim is a multiple of 16 (the launcher checks) and the work items, plus a grid of

@@ -1039,7 +1039,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 // pipeline stages their shared memory holds; the wgmma ones, after the epilogue, the square sums
 // ACCUMULATE writes and those a row norm reads (null: none) and the norm's epsilon, then the split
 // of K (1: none), the split-K workspace (a BM x BN tile of floats per work unit) and one arrival
-// count per output tile (zero between launches). For SILU_AND_MUL, n is B's rows (gate and up) and C has n / 2 columns.
+// count per output tile (zero between launches). For SILU_AND_MUL, n is B's rows (gate and up)
+// and C has n / 2 columns.
 
 #define NEXUS_GEMM_MMA(NAME, BM, BN, SWAP)                                                                         \
     extern "C" __global__ void __launch_bounds__(MMA_THREADS, 1)                                                   \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Compiles cuda/*.cu into ptx/sm_90a/*.ptx (Hopper: compute_90a) and ptx/sm_80/*.ptx (any GPU from
-# Ampere on: compute_80), which nexus-kernels embeds. Also prints ptxas's register / shared
-# memory / spill report for sm_90a and fails if an attention, GEMM or streaming-read kernel spills.
+# Ampere on: compute_80), and assembles each sm_90a PTX into ptx/sm_90a/*.cubin with ptxas: nexus-kernels
+# embeds all of them and loads the cubins on Hopper, so the driver does not spend seconds
+# compiling the PTX at a machine's first start. Also prints ptxas's register / shared memory / spill
+# report for sm_90a and fails if an attention, GEMM or streaming-read kernel spills.
 #
 #   scripts/build-ptx.sh           regenerate ptx/
 #   scripts/build-ptx.sh --check   regenerate into a temporary folder; fail if ptx/ differs
@@ -32,6 +34,7 @@ find_nvcc() {
 }
 
 nvcc=$(find_nvcc)
+ptxas=$(dirname "$nvcc")/ptxas
 include=$(dirname "$(dirname "$nvcc")")/include
 out="$root/ptx"
 if $check; then
@@ -59,7 +62,9 @@ for src in "$src_root"/cuda/*.cu; do
     "$nvcc" "${flags[@]}" -ptx -gencode=arch=compute_80,code=compute_80 -o "$out/sm_80/$name.ptx" "$src"
     # Drop the line-info file table's absolute paths so the output is the same on every machine.
     sed -i -e "s|$src_root/||g" -e "s|$include/|cuda-include/|g" "$out/sm_90a/$name.ptx" "$out/sm_80/$name.ptx"
-    "$nvcc" "${flags[@]}" -cubin -gencode=arch=compute_90a,code=sm_90a -Xptxas -v -o /dev/null "$src" 2>"$report"
+    # No debug sections (ptxas would otherwise copy the PTX's line table and text into the cubin, 3x
+    # its size; the driver's JIT of the PTX makes none either).
+    "$ptxas" -arch=sm_90a -v -lineinfo --suppress-debug-info -o "$out/sm_90a/$name.cubin" "$out/sm_90a/$name.ptx" 2>"$report"
     echo "== $name (sm_90a)"
     grep -E "Compiling entry|registers|spill" "$report" | sed 's/^ptxas info    : //'
     case "$name" in

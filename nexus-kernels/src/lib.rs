@@ -22,9 +22,9 @@
 //! ([`Gpu::model`]), so plans follow the card they run on (an H200 reads 1.45 times as fast as an
 //! H100 of the same compute).
 //!
-//! Nothing here needs the CUDA toolkit to build: the PTX of `cuda/*.cu` is embedded (a
-//! `compute_90a` build for Hopper, a `compute_80` one for every other GPU from Ampere on) and
-//! loaded through the driver, which cudarc finds at run time. [`Gpu::new`] fails with
+//! Nothing here needs the CUDA toolkit to build: the kernels of `cuda/*.cu` are embedded (for
+//! Hopper the `sm_90a` machine code, for every other GPU from Ampere on a `compute_80` PTX build
+//! the driver compiles) and loaded through the driver, which cudarc finds at run time. [`Gpu::new`] fails with
 //! [`Error::NoGpu`] when there is no driver, no device, or a device older than sm_80. Launchers
 //! check every shape, length and budget and return [`Error`] rather than launch out of bounds;
 //! `unsafe` appears only at the launch itself.

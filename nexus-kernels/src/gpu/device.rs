@@ -101,8 +101,12 @@ impl Gpu {
         }
         keep_freed_memory(&ctx)?;
         let mut modules = HashMap::new();
-        for &(name, source) in ptx::modules(target) {
-            modules.insert(name, ctx.load_module(Ptx::from_src(source))?);
+        for module in ptx::modules(target) {
+            let image = match module.cubin {
+                Some(cubin) => Ptx::from_binary(cubin.to_vec()),
+                None => Ptx::from_src(module.ptx),
+            };
+            modules.insert(module.name, ctx.load_module(image)?);
         }
         // The measurement launches through phase contexts, which hold the `Gpu`: open it with a
         // one-point curve first, then put the measured one in its place.
@@ -120,9 +124,9 @@ impl Gpu {
         });
         // Every kernel is loaded now: the driver loads a kernel lazily on its first launch, and
         // that load can serialize with whatever the other phase runs at the time.
-        for &(module, source) in ptx::modules(target) {
-            for name in ptx::entries(source) {
-                gpu.function(module, name)?;
+        for module in ptx::modules(target) {
+            for name in ptx::entries(module.ptx) {
+                gpu.function(module.name, name)?;
             }
         }
         let bandwidth = model::measure_bandwidth(&gpu)?;

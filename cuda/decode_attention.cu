@@ -33,6 +33,13 @@
 //     O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans); then it
 //     frees the slot. At the end of an item the W warps' (max, sum, O) are combined through shared
 //     memory in a fixed order (deterministic) and written out.
+// decode_attention_rope_d* is the same kernel with RoPE and the KV write of the step's new tokens
+// in it, one launch where rope_and_write_kv (elementwise.cu) and the attention were two: each CTA
+// first writes the rotated key and the value of every item of its list that holds its sequence's
+// new token (positions[seq], the last of its KV) into the pools (write_new_kv), then attends;
+// the consumers rotate the query heads in registers as they take them (rotate_q). Only the item
+// whose KV chunk holds a token reads it, so no CTA waits for another. The query rows of `qkv` are
+// read as the QKV GEMM wrote them, unrotated.
 // The ring slot of the g-th slot of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
 // time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
 // warp within an item, which keeps each barrier's phase parity unambiguous.
@@ -190,6 +197,111 @@ struct Args {
     int num_heads, num_kv_heads, max_blocks_per_seq, block_log2, ring_slots;
     float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
 };
+
+// The RoPE of decode_attention_rope: sequence s's new token (row s of qkv) is at position
+// positions[s] of its KV and goes to slot slots[s] of the pools.
+struct Rope {
+    const uint32_t* positions;
+    const uint32_t* slots;
+    __nv_bfloat16* k_cache;
+    __nv_bfloat16* v_cache;
+    nexus::RopeFreqs freqs;
+    int style;  // 0: interleaved pairs (2i, 2i + 1); 1: rotate-half pairs (i, i + D / 2)
+};
+
+// Writes the rotated key and the value of each item in [i0, i1) that holds its sequence's new
+// token into the pools: a thread per pair of the key head or 16 bytes of the value head. The
+// rotation is rope_and_write_kv's (the same frequencies, angle and rounding), so the pools hold
+// what that kernel writes. Then makes the writes visible to the CTA's loads of the pools: the
+// TMA's (async proxy) by the fence, every thread's by the barrier.
+template <int D>
+__device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const float* inv_freq, int i0, int i1) {
+    constexpr int PAIRS = D / 2, CHUNKS = D / 8, UNITS = PAIRS + CHUNKS;
+    const size_t row_len = (size_t)(a.num_heads + 2 * a.num_kv_heads) * D;
+    const size_t slot_len = (size_t)a.num_kv_heads * D;
+    for (int u = threadIdx.x; u < (i1 - i0) * UNITS; u += blockDim.x) {
+        const Item it = load_item(a.items, i0 + u / UNITS);
+        const int position = (int)__ldg(r.positions + it.seq);
+        if (position < it.kv_start || position >= it.kv_end) continue;
+        const __nv_bfloat16* key = a.qkv + it.seq * row_len + (size_t)(a.num_heads + it.kv_head) * D;
+        const size_t dst = (size_t)__ldg(r.slots + it.seq) * slot_len + (size_t)it.kv_head * D;
+        const int j = u % UNITS;
+        if (j < PAIRS) {
+            const int lo = r.style == 0 ? 2 * j : j, hi = r.style == 0 ? 2 * j + 1 : j + PAIRS;
+            float x = nexus::to_float(key[lo]), y = nexus::to_float(key[hi]), sn, cs;
+            nexus::sin_cos((float)position * inv_freq[j], &sn, &cs);
+            nexus::rotate(x, y, sn, cs);
+            r.k_cache[dst + lo] = nexus::to_bf16(x);
+            r.k_cache[dst + hi] = nexus::to_bf16(y);
+        } else {
+            const int c = 8 * (j - PAIRS);
+            const uint4 v = *reinterpret_cast<const uint4*>(key + (size_t)a.num_kv_heads * D + c);
+            *reinterpret_cast<uint4*>(r.v_cache + dst + c) = v;
+        }
+    }
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
+    __syncthreads();
+}
+
+// The frequencies of the pairs of load_q's fragments a lane rotates (see rotate_q), from the
+// table of a head's D / 2.
+template <int D>
+__device__ __forceinline__ void q_freqs(const float* inv_freq, int style, int lane, float (&freq)[D / 8]) {
+    constexpr int KS = D / 16;
+    const int c = 2 * (lane & 3);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (style == 1) {
+                if (kk < KS / 2) {
+                    freq[4 * kk + 2 * h] = inv_freq[16 * kk + 8 * h + c];
+                    freq[4 * kk + 2 * h + 1] = inv_freq[16 * kk + 8 * h + c + 1];
+                }
+            } else {
+                freq[2 * kk + h] = inv_freq[8 * kk + 4 * h + c / 2];
+            }
+        }
+    }
+}
+
+// Rotates load_q's fragments of a query at `position`. A lane holds both values of each of its
+// pairs: rotate-half pairs dim d < D / 2 (fragment kk < KS / 2) with d + D / 2, in the same place
+// of fragment kk + KS / 2; interleaved pairs are the two values of one register.
+template <int D>
+__device__ __forceinline__ void rotate_q(uint32_t (&q)[D / 16][2], const float (&freq)[D / 8], int style,
+                                         float position) {
+    constexpr int KS = D / 16;
+    const auto unpack = [](uint32_t u, float& lo, float& hi) {
+        lo = __uint_as_float(u << 16);
+        hi = __uint_as_float(u & 0xffff0000u);
+    };
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float x0, x1, y0, y1, sn, cs;
+            if (style == 1) {
+                if (kk >= KS / 2) continue;
+                unpack(q[kk][h], x0, x1);
+                unpack(q[kk + KS / 2][h], y0, y1);
+                nexus::sin_cos(position * freq[4 * kk + 2 * h], &sn, &cs);
+                nexus::rotate(x0, y0, sn, cs);
+                nexus::sin_cos(position * freq[4 * kk + 2 * h + 1], &sn, &cs);
+                nexus::rotate(x1, y1, sn, cs);
+                q[kk][h] = pack_bf16(x0, x1);
+                q[kk + KS / 2][h] = pack_bf16(y0, y1);
+            } else {
+                unpack(q[kk][h], x0, y0);
+                nexus::sin_cos(position * freq[2 * kk + h], &sn, &cs);
+                nexus::rotate(x0, y0, sn, cs);
+                q[kk][h] = pack_bf16(x0, y0);
+            }
+        }
+    }
+}
 
 // ---- producers ----
 
@@ -438,9 +550,10 @@ __device__ __forceinline__ void load_q(const Args& a, const Item& it, int lane, 
     }
 }
 
-template <int D>
-__device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, float* obuf,
-                                        float* mbuf, float* lbuf, int i0, int i1) {
+template <int D, bool ROPE>
+__device__ __forceinline__ void consume(const Args& a, const Rope& rope, const float (&freq)[D / 8], uint32_t ring,
+                                        uint32_t full, uint32_t empty, float* obuf, float* mbuf, float* lbuf, int i0,
+                                        int i1) {
     using L = Layout<D>;
     constexpr int KS = D / 16;  // k-steps of K Q^T, and m-tiles of V^T P^T
     constexpr int TILES = L::TOKENS / MMA_TOKENS;  // mma tiles per slot
@@ -464,6 +577,7 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     Item it = load_item(a.items, i0);
     Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
     load_q<D>(a, it, lane, q_next);
+    uint32_t position_next = ROPE ? __ldg(rope.positions + it.seq) : 0;
     uint32_t g = 0;  // the CTA's slots before this item
     for (int i = i0; i < i1; ++i) {
 #pragma unroll
@@ -471,8 +585,12 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
             q[kk][0] = q_next[kk][0];
             q[kk][1] = q_next[kk][1];
         }
+        if constexpr (ROPE) rotate_q<D>(q, freq, rope.style, (float)position_next);
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
-        if (i + 1 < i1) load_q<D>(a, next, lane, q_next);
+        if (i + 1 < i1) {
+            load_q<D>(a, next, lane, q_next);
+            if constexpr (ROPE) position_next = __ldg(rope.positions + next.seq);
+        }
 
         const int n_slots = (it.kv_end - it.kv_start + L::TOKENS - 1) / L::TOKENS;
         // This lane's two heads (columns of S^T and O^T): 2 (lane % 4) and + 1.
@@ -662,8 +780,12 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     }
 }
 
-template <int D>
-__device__ __forceinline__ void decode_attention_body(const Args& a, const int* __restrict__ work_indptr,
+// With ROPE, the kernel waits for the previous one here, after the setup that reads nothing it
+// writes (the barriers, the tensor maps, the query heads' frequencies); without, its entry point
+// waited before.
+template <int D, bool ROPE>
+__device__ __forceinline__ void decode_attention_body(const Args& a, const Rope& rope,
+                                                      const int* __restrict__ work_indptr,
                                                       uint64_t* __restrict__ cta_trace) {
     using L = Layout<D>;
     nexus::CtaTrace trace(cta_trace);
@@ -689,10 +811,21 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.v_map)) : "memory");
 #endif
     }
+    // With RoPE: the frequencies of a head's pairs, in obuf until the items' ends use it.
+    if constexpr (ROPE) {
+        for (int pair = threadIdx.x; pair < D / 2; pair += blockDim.x)
+            obuf[pair] = nexus::rope_inv_freq(pair, D, rope.freqs);
+    }
     __syncthreads();
+    float freq[D / 8];
+    if constexpr (ROPE) {
+        if (threadIdx.x < consumers<D>()) q_freqs<D>(obuf, rope.style, threadIdx.x & 31, freq);
+        nexus::follow_previous_kernel();
+        write_new_kv<D>(a, rope, obuf, i0, i1);  // ends with a barrier: obuf is free again after it
+    }
     if (i0 < i1) {
         if (threadIdx.x < consumers<D>()) {
-            consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
+            consume<D, ROPE>(a, rope, freq, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
         } else {
 #if __CUDA_ARCH__ >= 900
             produce_tma<D>(a, ring, full, empty, i0, i1);
@@ -773,7 +906,10 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 // `v_map`: the K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
 // size, 16) x (D / 64, or 1 for block size 8) x 1, 128-byte swizzle; read on sm_90 only (zeros
-// elsewhere). The merge kernel reads
+// elsewhere). decode_attention_rope_d* takes the same arguments, the pools writable, then the RoPE
+// of rope_and_write_kv (positions and slots per sequence, the frequencies' scalars; style 0:
+// interleaved, 1: rotate-half); the host checks the slots and that each position is its
+// sequence's last KV token. The merge kernel reads
 // its row count from the device (`num_split`), so a graph replays it for whatever batch the plan
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
@@ -789,7 +925,25 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
                      part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
                      block_log2, ring_slots, scale_log2};                                                   \
-        decode_attention_body<D>(a, work_indptr, cta_trace);                                                         \
+        decode_attention_body<D, false>(a, Rope{}, work_indptr, cta_trace);                                          \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(max_threads<D>(), 1) decode_attention_rope_d##D(                  \
+        const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,                           \
+        const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,                      \
+        const int* __restrict__ block_tables, const int* __restrict__ work_indptr, const int* __restrict__ items,   \
+        float* __restrict__ part_o, float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads,   \
+        int num_kv_heads, int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2,                 \
+        const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots, float theta, int style,         \
+        int scaling, float factor, float low_freq_factor, float high_freq_factor, float original_max_position,     \
+        uint64_t* __restrict__ cta_trace) {                                                                          \
+        const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
+                     part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
+                     block_log2, ring_slots, scale_log2};                                                   \
+        const Rope rope{positions, slots, k_cache, v_cache,                                                          \
+                        nexus::RopeFreqs{theta, scaling, factor, low_freq_factor, high_freq_factor,                  \
+                                         original_max_position},                                                     \
+                        style};                                                                                      \
+        decode_attention_body<D, true>(a, rope, work_indptr, cta_trace);                                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(MERGE_THREADS, 1) decode_attention_merge_d##D(                     \
         const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \

@@ -55,9 +55,10 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
+use crate::elementwise::RopeArgs;
 use crate::error::ensure_shape;
 use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext, PtxTarget};
-use crate::layout::{PagedKvLayout, QkvLayout};
+use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig};
 use crate::tensor_map::{self, PANEL_DIMS, TensorMap};
 use crate::{Error, Result};
 
@@ -183,6 +184,9 @@ pub struct DecodePlan {
     ring_slots: usize,
     smem_bytes: u32,
     kv_tokens: usize,
+    /// The lengths of the batch last planned, which [`decode_attention_rope`] checks its
+    /// positions against.
+    kv_lens: Vec<u32>,
     work_indptr: CudaSlice<i32>,
     items: CudaSlice<i32>,
     merge_items: CudaSlice<i32>,
@@ -472,6 +476,7 @@ impl DecodePlan {
             ring_slots,
             smem_bytes: smem_bytes(d, tokens, warps, ring_slots) as u32,
             kv_tokens: 0,
+            kv_lens: Vec::new(),
             work_indptr: one_int()?,
             items: one_int()?,
             merge_items: one_int()?,
@@ -488,6 +493,8 @@ impl DecodePlan {
         self.num_items = work.items.len() / 8;
         self.num_split = work.merge.len() / 4;
         self.kv_tokens = kv_lens.iter().map(|&l| l as usize).sum();
+        self.kv_lens.clear();
+        self.kv_lens.extend_from_slice(kv_lens);
     }
 
     /// The budget the plan was made for.
@@ -568,6 +575,61 @@ pub fn decode_attention(
     v_cache: &CudaView<'_, bf16>,
     block_tables: &CudaView<'_, i32>,
     out: &mut CudaViewMut<'_, bf16>,
+    trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    run(ctx, plan, qkv, Pools::Read(k_cache, v_cache), block_tables, out, trace)
+}
+
+/// The step's new tokens, for [`decode_attention_rope`]: sequence `i`'s token (row `i` of the QKV
+/// buffer) is the last of its KV, at position `positions[i]` (its length − 1), and its rotated key
+/// and its value go to slot `slots[i]` of the pools: the slot its block table gives that
+/// position, where the attention reads them.
+#[derive(Clone, Copy, Debug)]
+pub struct NewTokens<'a, 'b> {
+    pub positions: &'a CudaView<'b, u32>,
+    pub slots: &'a CudaView<'b, u32>,
+    /// The host copy of `positions`, checked against the lengths the plan holds.
+    pub host_positions: &'a [u32],
+    /// The host copy of `slots`, checked against the pool (the device cannot report a bad slot).
+    pub host_slots: &'a [u32],
+    pub rope: RopeConfig,
+}
+
+/// [`crate::elementwise::rope_and_write_kv`] of the step's new tokens, then [`decode_attention`],
+/// in one launch (two with the merge): each CTA writes the rotated key and the value of the
+/// tokens its work items end with into the pools, then attends, rotating the query heads as it
+/// loads them. `qkv` holds the QKV projection as it came out (nothing rotated, and left so); the
+/// pools end up as `rope_and_write_kv` leaves them. The other arguments and the trace are
+/// [`decode_attention`]'s. The reference is [`crate::reference::decode_attention_rope`].
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_rope(
+    ctx: &PhaseContext,
+    plan: &DecodePlan,
+    qkv: &CudaView<'_, bf16>,
+    new_tokens: NewTokens<'_, '_>,
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
+    block_tables: &CudaView<'_, i32>,
+    out: &mut CudaViewMut<'_, bf16>,
+    trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    run(ctx, plan, qkv, Pools::Write(k_cache, v_cache, new_tokens), block_tables, out, trace)
+}
+
+/// The pools of a launch: read, or also written with the step's new tokens.
+enum Pools<'p, 'k, 'v, 'n, 'b> {
+    Read(&'p CudaView<'k, bf16>, &'p CudaView<'v, bf16>),
+    Write(&'p mut CudaViewMut<'k, bf16>, &'p mut CudaViewMut<'v, bf16>, NewTokens<'n, 'b>),
+}
+
+/// [`decode_attention`], or with `Pools::Write` [`decode_attention_rope`].
+fn run(
+    ctx: &PhaseContext,
+    plan: &DecodePlan,
+    qkv: &CudaView<'_, bf16>,
+    mut pools: Pools<'_, '_, '_, '_, '_>,
+    block_tables: &CudaView<'_, i32>,
+    out: &mut CudaViewMut<'_, bf16>,
     mut trace: Option<&mut CudaViewMut<'_, u64>>,
 ) -> Result<()> {
     if ctx.budget() != plan.budget {
@@ -583,7 +645,12 @@ pub fn decode_attention(
     let (layout, cache, n) = (plan.layout, plan.cache, plan.num_seqs);
     let d = layout.head_dim;
     layout.check(qkv.len(), n)?;
-    cache.check(k_cache.len(), v_cache.len())?;
+    let stream = ctx.stream();
+    let (k_len, v_len, k_ptr, v_ptr) = match &pools {
+        Pools::Read(k, v) => (k.len(), v.len(), k.device_ptr(stream).0, v.device_ptr(stream).0),
+        Pools::Write(k, v, _) => (k.len(), v.len(), k.device_ptr(stream).0, v.device_ptr(stream).0),
+    };
+    cache.check(k_len, v_len)?;
     ensure_shape!(
         block_tables.len() == n * plan.max_blocks_per_seq,
         "decode attention: block_tables has {} entries, the plan {n} x {}",
@@ -600,14 +667,20 @@ pub fn decode_attention(
     if let Some(t) = trace.as_deref() {
         ensure_shape!(t.len() >= 3 * budget, "decode attention: trace has {} values, needs 3 x {budget}", t.len());
     }
+    let new_tokens = match &pools {
+        Pools::Read(..) => None,
+        Pools::Write(_, _, new) => Some(*new),
+    };
+    let rope = new_tokens.as_ref().map(|new| check_new_tokens(plan, new)).transpose()?;
     if n == 0 {
         return Ok(());
     }
-    let stream = ctx.stream();
+    // The RoPE's kernel copies the value heads 16 bytes at a time.
+    let qkv_align = if rope.is_some() { 16 } else { 4 };
     for (ptr, align, what) in [
-        (qkv.device_ptr(stream).0, 4, "qkv"),
-        (k_cache.device_ptr(stream).0, 16, "k_cache"),
-        (v_cache.device_ptr(stream).0, 16, "v_cache"),
+        (qkv.device_ptr(stream).0, qkv_align, "qkv"),
+        (k_ptr, 16, "k_cache"),
+        (v_ptr, 16, "v_cache"),
         (out.device_ptr(stream).0, 8, "out"),
     ] {
         ensure_shape!(ptr % align == 0, "decode attention: {what} is not {align}-byte aligned");
@@ -626,24 +699,26 @@ pub fn decode_attention(
         PtxTarget::Sm90a => {
             let (rows, panels) = tma_box(d, cache.block_size);
             let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
-            (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
+            (map(k_ptr)?, map(v_ptr)?)
         }
         PtxTarget::Sm80 => (TensorMap::unused(), TensorMap::unused()),
     };
-    let (name, merge_name) = match d {
-        64 => ("decode_attention_d64", "decode_attention_merge_d64"),
-        _ => ("decode_attention_d128", "decode_attention_merge_d128"),
+    let (name, merge_name) = match (d, rope.is_some()) {
+        (64, false) => ("decode_attention_d64", "decode_attention_merge_d64"),
+        (64, true) => ("decode_attention_rope_d64", "decode_attention_merge_d64"),
+        (_, false) => ("decode_attention_d128", "decode_attention_merge_d128"),
+        (_, true) => ("decode_attention_rope_d128", "decode_attention_merge_d128"),
     };
     {
         let threads = attention_threads(d, ctx.gpu().target(), plan.grid);
         let (f, cfg) = ctx.kernel(MODULE, name, plan.grid, threads, plan.smem_bytes)?;
         let mut launch = ctx.launch(&f);
+        launch.arg(&k_map).arg(&v_map).arg(qkv);
+        match &mut pools {
+            Pools::Read(k, v) => launch.arg(*k).arg(*v),
+            Pools::Write(k, v, _) => launch.arg(&mut **k).arg(&mut **v),
+        };
         launch
-            .arg(&k_map)
-            .arg(&v_map)
-            .arg(qkv)
-            .arg(k_cache)
-            .arg(v_cache)
             .arg(block_tables)
             .arg(&plan.work_indptr)
             .arg(&plan.items)
@@ -654,14 +729,21 @@ pub fn decode_attention(
             launch.arg(v);
         }
         launch.arg(&scale_log2);
+        if let (Some(new), Some(rope)) = (&new_tokens, &rope) {
+            launch.arg(new.positions).arg(new.slots);
+            rope.push(&mut launch);
+        }
         match trace.as_deref_mut() {
             Some(t) => launch.arg(t),
             None => launch.arg(&null),
         };
-        // SAFETY: the arguments match `decode_attention_d{64,128}` in cuda/decode_attention.cu. The
-        // plan's items stay inside the sequences it checked (lengths and block ids), whose shapes
-        // were checked against the buffers above (the tensor maps describe those same pools, so
-        // TMA boxes of whole blocks stay inside them); the trace holds the grid's 3 values per CTA.
+        // SAFETY: the arguments match `decode_attention_d{64,128}` (or, with the new tokens,
+        // `decode_attention_rope_d{64,128}`) in cuda/decode_attention.cu. The plan's items stay
+        // inside the sequences it checked (lengths and block ids), whose shapes were checked
+        // against the buffers above (the tensor maps describe those same pools, so TMA boxes of
+        // whole blocks stay inside them); the new tokens' slots were checked against the pool,
+        // and their positions and slots hold one entry per sequence; the trace holds the grid's 3
+        // values per CTA.
         unsafe { launch.launch(cfg) }?;
     }
     if plan.merge_grid() > 0 {
@@ -687,6 +769,39 @@ pub fn decode_attention(
         unsafe { launch.launch(cfg) }?;
     }
     Ok(())
+}
+
+/// Checks `new` against the plan (a position and a slot per sequence, each position its
+/// sequence's last token) and the pool; the RoPE's kernel arguments.
+fn check_new_tokens(plan: &DecodePlan, new: &NewTokens<'_, '_>) -> Result<RopeArgs> {
+    let n = plan.num_seqs;
+    new.rope.check()?;
+    ensure_shape!(
+        new.positions.len() == n && new.host_positions.len() == n,
+        "decode attention: {} positions ({} on the host) for {n} sequences",
+        new.positions.len(),
+        new.host_positions.len()
+    );
+    ensure_shape!(
+        new.slots.len() == n && new.host_slots.len() == n,
+        "decode attention: {} slots ({} on the host) for {n} sequences",
+        new.slots.len(),
+        new.host_slots.len()
+    );
+    plan.cache.check_slots(new.host_slots, "decode attention")?;
+    if let Some((i, (&p, &len))) = new
+        .host_positions
+        .iter()
+        .zip(&plan.kv_lens)
+        .enumerate()
+        .find(|(_, (p, len))| u64::from(**p) + 1 != u64::from(**len))
+    {
+        return Err(Error::Shape(format!(
+            "decode attention: sequence {i}'s new token is at position {p}, but the plan's batch holds {len} tokens of it \
+             (the new token must be the last)"
+        )));
+    }
+    Ok(RopeArgs::new(new.rope))
 }
 
 /// The work of one plan, as the kernels read it.

@@ -36,7 +36,7 @@
 // decode_attention_rope_d* is the same kernel with RoPE and the KV write of the step's new tokens
 // in it, one launch where rope_and_write_kv (elementwise.cu) and the attention were two: each CTA
 // first writes the rotated key and the value of every item of its list that holds its sequence's
-// new token (positions[seq], the last of its KV) into the pools (write_new_kv), then attends;
+// new token (the last of its KV, at position `last`) into the pools (write_new_kv), then attends;
 // the consumers rotate the query heads in registers as they take them (rotate_q). Only the item
 // whose KV chunk holds a token reads it, so no CTA waits for another. The query rows of `qkv` are
 // read as the QKV GEMM wrote them, unrotated.
@@ -132,8 +132,9 @@ constexpr int MERGE_THREADS = 512;
 constexpr int CONSUMER_BARRIER = 1;  // named barrier of the consumer warps (0 is __syncthreads)
 
 // A work item, as the host writes it: 8 ints.
+// `last`: the sequence's last position (kv_len - 1), its new token's.
 struct Item {
-    int seq, kv_start, kv_end, kv_head, q_head, num_q_heads, partial, pad;
+    int seq, kv_start, kv_end, kv_head, q_head, num_q_heads, partial, last;
 };
 
 __device__ __forceinline__ Item load_item(const int* items, int i) {
@@ -198,11 +199,8 @@ struct Args {
     float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
 };
 
-// The RoPE of decode_attention_rope: sequence s's new token (row s of qkv) is at position
-// positions[s] of its KV and goes to slot slots[s] of the pools.
+// The RoPE of decode_attention_rope, whose pools it writes.
 struct Rope {
-    const uint32_t* positions;
-    const uint32_t* slots;
     __nv_bfloat16* k_cache;
     __nv_bfloat16* v_cache;
     nexus::RopeFreqs freqs;
@@ -210,7 +208,8 @@ struct Rope {
 };
 
 // Writes the rotated key and the value of each item in [i0, i1) that holds its sequence's new
-// token into the pools: a thread per pair of the key head or 16 bytes of the value head. The
+// token (row seq of qkv, at position `last`) into the pools, at the slot the block table gives
+// that position: a thread per pair of the key head or 16 bytes of the value head. The
 // rotation is rope_and_write_kv's (the same frequencies, angle and rounding), so the pools hold
 // what that kernel writes. Then makes the writes visible to the CTA's loads of the pools: the
 // TMA's (async proxy) by the fence, every thread's by the barrier.
@@ -221,15 +220,16 @@ __device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const
     const size_t slot_len = (size_t)a.num_kv_heads * D;
     for (int u = threadIdx.x; u < (i1 - i0) * UNITS; u += blockDim.x) {
         const Item it = load_item(a.items, i0 + u / UNITS);
-        const int position = (int)__ldg(r.positions + it.seq);
-        if (position < it.kv_start || position >= it.kv_end) continue;
+        if (it.last < it.kv_start || it.last >= it.kv_end) continue;
         const __nv_bfloat16* key = a.qkv + it.seq * row_len + (size_t)(a.num_heads + it.kv_head) * D;
-        const size_t dst = (size_t)__ldg(r.slots + it.seq) * slot_len + (size_t)it.kv_head * D;
+        const int block = __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + (it.last >> a.block_log2));
+        const size_t slot = ((size_t)block << a.block_log2) + (it.last & ((1 << a.block_log2) - 1));
+        const size_t dst = slot * slot_len + (size_t)it.kv_head * D;
         const int j = u % UNITS;
         if (j < PAIRS) {
             const int lo = r.style == 0 ? 2 * j : j, hi = r.style == 0 ? 2 * j + 1 : j + PAIRS;
             float x = nexus::to_float(key[lo]), y = nexus::to_float(key[hi]), sn, cs;
-            nexus::sin_cos((float)position * inv_freq[j], &sn, &cs);
+            nexus::sin_cos((float)it.last * inv_freq[j], &sn, &cs);
             nexus::rotate(x, y, sn, cs);
             r.k_cache[dst + lo] = nexus::to_bf16(x);
             r.k_cache[dst + hi] = nexus::to_bf16(y);
@@ -577,7 +577,6 @@ __device__ __forceinline__ void consume(const Args& a, const Rope& rope, const f
     Item it = load_item(a.items, i0);
     Item next = i0 + 1 < i1 ? load_item(a.items, i0 + 1) : it;
     load_q<D>(a, it, lane, q_next);
-    uint32_t position_next = ROPE ? __ldg(rope.positions + it.seq) : 0;
     uint32_t g = 0;  // the CTA's slots before this item
     for (int i = i0; i < i1; ++i) {
 #pragma unroll
@@ -585,12 +584,11 @@ __device__ __forceinline__ void consume(const Args& a, const Rope& rope, const f
             q[kk][0] = q_next[kk][0];
             q[kk][1] = q_next[kk][1];
         }
-        if constexpr (ROPE) rotate_q<D>(q, freq, rope.style, (float)position_next);
+        // The item's position, read again here (an L1 hit) rather than carried in the items kept
+        // ahead: those three more registers made the head-dim-64 kernel spill.
+        if constexpr (ROPE) rotate_q<D>(q, freq, rope.style, (float)__ldg(a.items + 8 * i + 7));
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
-        if (i + 1 < i1) {
-            load_q<D>(a, next, lane, q_next);
-            if constexpr (ROPE) position_next = __ldg(rope.positions + next.seq);
-        }
+        if (i + 1 < i1) load_q<D>(a, next, lane, q_next);
 
         const int n_slots = (it.kv_end - it.kv_start + L::TOKENS - 1) / L::TOKENS;
         // This lane's two heads (columns of S^T and O^T): 2 (lane % 4) and + 1.
@@ -907,9 +905,8 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
 // size, 16) x (D / 64, or 1 for block size 8) x 1, 128-byte swizzle; read on sm_90 only (zeros
 // elsewhere). decode_attention_rope_d* takes the same arguments, the pools writable, then the RoPE
-// of rope_and_write_kv (positions and slots per sequence, the frequencies' scalars; style 0:
-// interleaved, 1: rotate-half); the host checks the slots and that each position is its
-// sequence's last KV token. The merge kernel reads
+// of rope_and_write_kv (the frequencies' scalars; style 0: interleaved, 1: rotate-half). The merge
+// kernel reads
 // its row count from the device (`num_split`), so a graph replays it for whatever batch the plan
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
@@ -932,14 +929,13 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,                      \
         const int* __restrict__ block_tables, const int* __restrict__ work_indptr, const int* __restrict__ items,   \
         float* __restrict__ part_o, float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads,   \
-        int num_kv_heads, int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2,                 \
-        const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots, float theta, int style,         \
-        int scaling, float factor, float low_freq_factor, float high_freq_factor, float original_max_position,     \
-        uint64_t* __restrict__ cta_trace) {                                                                          \
+        int num_kv_heads, int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2, float theta,    \
+        int style, int scaling, float factor, float low_freq_factor, float high_freq_factor,                        \
+        float original_max_position, uint64_t* __restrict__ cta_trace) {                                             \
         const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
                      part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
                      block_log2, ring_slots, scale_log2};                                                   \
-        const Rope rope{positions, slots, k_cache, v_cache,                                                          \
+        const Rope rope{k_cache, v_cache,                                                                            \
                         nexus::RopeFreqs{theta, scaling, factor, low_freq_factor, high_freq_factor,                  \
                                          original_max_position},                                                     \
                         style};                                                                                      \

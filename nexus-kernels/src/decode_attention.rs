@@ -184,9 +184,6 @@ pub struct DecodePlan {
     ring_slots: usize,
     smem_bytes: u32,
     kv_tokens: usize,
-    /// The lengths of the batch last planned, which [`decode_attention_rope`] checks its
-    /// positions against.
-    kv_lens: Vec<u32>,
     work_indptr: CudaSlice<i32>,
     items: CudaSlice<i32>,
     merge_items: CudaSlice<i32>,
@@ -476,7 +473,6 @@ impl DecodePlan {
             ring_slots,
             smem_bytes: smem_bytes(d, tokens, warps, ring_slots) as u32,
             kv_tokens: 0,
-            kv_lens: Vec::new(),
             work_indptr: one_int()?,
             items: one_int()?,
             merge_items: one_int()?,
@@ -493,8 +489,6 @@ impl DecodePlan {
         self.num_items = work.items.len() / 8;
         self.num_split = work.merge.len() / 4;
         self.kv_tokens = kv_lens.iter().map(|&l| l as usize).sum();
-        self.kv_lens.clear();
-        self.kv_lens.extend_from_slice(kv_lens);
     }
 
     /// The budget the plan was made for.
@@ -580,46 +574,33 @@ pub fn decode_attention(
     run(ctx, plan, qkv, Pools::Read(k_cache, v_cache), block_tables, out, trace)
 }
 
-/// The step's new tokens, for [`decode_attention_rope`]: sequence `i`'s token (row `i` of the QKV
-/// buffer) is the last of its KV, at position `positions[i]` (its length − 1), and its rotated key
-/// and its value go to slot `slots[i]` of the pools: the slot its block table gives that
-/// position, where the attention reads them.
-#[derive(Clone, Copy, Debug)]
-pub struct NewTokens<'a, 'b> {
-    pub positions: &'a CudaView<'b, u32>,
-    pub slots: &'a CudaView<'b, u32>,
-    /// The host copy of `positions`, checked against the lengths the plan holds.
-    pub host_positions: &'a [u32],
-    /// The host copy of `slots`, checked against the pool (the device cannot report a bad slot).
-    pub host_slots: &'a [u32],
-    pub rope: RopeConfig,
-}
-
 /// [`crate::elementwise::rope_and_write_kv`] of the step's new tokens, then [`decode_attention`],
-/// in one launch (two with the merge): each CTA writes the rotated key and the value of the
-/// tokens its work items end with into the pools, then attends, rotating the query heads as it
-/// loads them. `qkv` holds the QKV projection as it came out (nothing rotated, and left so); the
-/// pools end up as `rope_and_write_kv` leaves them. The other arguments and the trace are
-/// [`decode_attention`]'s. The reference is [`crate::reference::decode_attention_rope`].
+/// in one launch (two with the merge). Sequence `i`'s new token is row `i` of `qkv` (as the QKV
+/// projection wrote it: nothing rotated, and left so) and the last of its KV, at position
+/// `kv_len − 1`: each CTA first writes the rotated key and the value of the new tokens its work
+/// items end with into the pools, at the slot the block table gives that position, then attends,
+/// rotating the query heads as it loads them. The pools end up as `rope_and_write_kv` leaves them.
+/// The other arguments and the trace are [`decode_attention`]'s. The reference is
+/// [`crate::reference::decode_attention_rope`].
 #[allow(clippy::too_many_arguments)]
 pub fn decode_attention_rope(
     ctx: &PhaseContext,
     plan: &DecodePlan,
     qkv: &CudaView<'_, bf16>,
-    new_tokens: NewTokens<'_, '_>,
+    rope: RopeConfig,
     k_cache: &mut CudaViewMut<'_, bf16>,
     v_cache: &mut CudaViewMut<'_, bf16>,
     block_tables: &CudaView<'_, i32>,
     out: &mut CudaViewMut<'_, bf16>,
     trace: Option<&mut CudaViewMut<'_, u64>>,
 ) -> Result<()> {
-    run(ctx, plan, qkv, Pools::Write(k_cache, v_cache, new_tokens), block_tables, out, trace)
+    run(ctx, plan, qkv, Pools::Write(k_cache, v_cache, rope), block_tables, out, trace)
 }
 
 /// The pools of a launch: read, or also written with the step's new tokens.
-enum Pools<'p, 'k, 'v, 'n, 'b> {
+enum Pools<'p, 'k, 'v> {
     Read(&'p CudaView<'k, bf16>, &'p CudaView<'v, bf16>),
-    Write(&'p mut CudaViewMut<'k, bf16>, &'p mut CudaViewMut<'v, bf16>, NewTokens<'n, 'b>),
+    Write(&'p mut CudaViewMut<'k, bf16>, &'p mut CudaViewMut<'v, bf16>, RopeConfig),
 }
 
 /// [`decode_attention`], or with `Pools::Write` [`decode_attention_rope`].
@@ -627,7 +608,7 @@ fn run(
     ctx: &PhaseContext,
     plan: &DecodePlan,
     qkv: &CudaView<'_, bf16>,
-    mut pools: Pools<'_, '_, '_, '_, '_>,
+    mut pools: Pools<'_, '_, '_>,
     block_tables: &CudaView<'_, i32>,
     out: &mut CudaViewMut<'_, bf16>,
     mut trace: Option<&mut CudaViewMut<'_, u64>>,
@@ -667,11 +648,13 @@ fn run(
     if let Some(t) = trace.as_deref() {
         ensure_shape!(t.len() >= 3 * budget, "decode attention: trace has {} values, needs 3 x {budget}", t.len());
     }
-    let new_tokens = match &pools {
+    let rope = match &pools {
         Pools::Read(..) => None,
-        Pools::Write(_, _, new) => Some(*new),
+        Pools::Write(_, _, rope) => {
+            rope.check()?;
+            Some(RopeArgs::new(*rope))
+        }
     };
-    let rope = new_tokens.as_ref().map(|new| check_new_tokens(plan, new)).transpose()?;
     if n == 0 {
         return Ok(());
     }
@@ -729,8 +712,7 @@ fn run(
             launch.arg(v);
         }
         launch.arg(&scale_log2);
-        if let (Some(new), Some(rope)) = (&new_tokens, &rope) {
-            launch.arg(new.positions).arg(new.slots);
+        if let Some(rope) = &rope {
             rope.push(&mut launch);
         }
         match trace.as_deref_mut() {
@@ -741,9 +723,8 @@ fn run(
         // `decode_attention_rope_d{64,128}`) in cuda/decode_attention.cu. The plan's items stay
         // inside the sequences it checked (lengths and block ids), whose shapes were checked
         // against the buffers above (the tensor maps describe those same pools, so TMA boxes of
-        // whole blocks stay inside them); the new tokens' slots were checked against the pool,
-        // and their positions and slots hold one entry per sequence; the trace holds the grid's 3
-        // values per CTA.
+        // whole blocks stay inside them), and the new tokens' slots are those of the checked
+        // block ids; the trace holds the grid's 3 values per CTA.
         unsafe { launch.launch(cfg) }?;
     }
     if plan.merge_grid() > 0 {
@@ -771,39 +752,6 @@ fn run(
     Ok(())
 }
 
-/// Checks `new` against the plan (a position and a slot per sequence, each position its
-/// sequence's last token) and the pool; the RoPE's kernel arguments.
-fn check_new_tokens(plan: &DecodePlan, new: &NewTokens<'_, '_>) -> Result<RopeArgs> {
-    let n = plan.num_seqs;
-    new.rope.check()?;
-    ensure_shape!(
-        new.positions.len() == n && new.host_positions.len() == n,
-        "decode attention: {} positions ({} on the host) for {n} sequences",
-        new.positions.len(),
-        new.host_positions.len()
-    );
-    ensure_shape!(
-        new.slots.len() == n && new.host_slots.len() == n,
-        "decode attention: {} slots ({} on the host) for {n} sequences",
-        new.slots.len(),
-        new.host_slots.len()
-    );
-    plan.cache.check_slots(new.host_slots, "decode attention")?;
-    if let Some((i, (&p, &len))) = new
-        .host_positions
-        .iter()
-        .zip(&plan.kv_lens)
-        .enumerate()
-        .find(|(_, (p, len))| u64::from(**p) + 1 != u64::from(**len))
-    {
-        return Err(Error::Shape(format!(
-            "decode attention: sequence {i}'s new token is at position {p}, but the plan's batch holds {len} tokens of it \
-             (the new token must be the last)"
-        )));
-    }
-    Ok(RopeArgs::new(new.rope))
-}
-
 /// The work of one plan, as the kernels read it.
 #[derive(Debug)]
 struct Schedule {
@@ -812,7 +760,8 @@ struct Schedule {
     /// `[ctas + 1]`: CTA `c` runs items `work_indptr[c] .. work_indptr[c + 1]`.
     work_indptr: Vec<i32>,
     /// 8 ints per item: seq, kv_start, kv_end, kv_head, first query head, query heads, chunk slot
-    /// (-1: write `out` directly), 0.
+    /// (-1: write `out` directly), the sequence's last position (its new token's, which
+    /// `decode_attention_rope_d*` rotates by).
     items: Vec<i32>,
     /// 4 ints per split sequence: seq, first chunk slot, chunks, 0.
     merge: Vec<i32>,
@@ -1046,7 +995,7 @@ fn schedule(
                     q_head as i32,
                     heads as i32,
                     partial,
-                    0,
+                    kv_lens[seq] as i32 - 1,
                 ]);
             }
         }
@@ -1076,7 +1025,8 @@ mod tests {
     }
 
     /// Checks that a schedule covers every (sequence, query head, token) exactly once, with chunk
-    /// starts on the granule, consistent chunk slots and at most `ctas` lists.
+    /// starts on the granule, consistent chunk slots, each sequence's last position in its items,
+    /// and at most `ctas` lists.
     fn check(s: &Schedule, kv_lens: &[u32], l: QkvLayout, block_size: usize, ctas: usize) {
         let granule = block_size.max(CHUNK_GRANULE);
         let used = s.work_indptr.len() - 1;
@@ -1089,6 +1039,7 @@ mod tests {
             let (seq, start, end, kvh, qh, nh, partial) =
                 (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize, it[4] as usize, it[5] as usize, it[6]);
             assert!(start < end && end <= kv_lens[seq] as usize);
+            assert_eq!(it[7], kv_lens[seq] as i32 - 1, "an item carries its sequence's last position");
             assert_eq!(start % granule, 0);
             assert!((1..=HEADS).contains(&nh) && qh >= kvh * l.group_size() && qh + nh <= (kvh + 1) * l.group_size());
             let whole = start == 0 && end == kv_lens[seq] as usize;

@@ -10,9 +10,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
 use half::bf16;
-use nexus::kernels::decode_attention::{
-    DecodeOptions, DecodePlan, KvSplit, NewTokens, decode_attention, decode_attention_rope,
-};
+use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention, decode_attention_rope};
 use nexus::kernels::{
     ErrorKind, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, RopeScaling, RopeStyle, copy_rows_htod,
     reference,
@@ -236,22 +234,17 @@ fn random_batches_match_reference() {
 /// neighbouring bf16.
 const ROPE_ATOL: f32 = 2e-2;
 
-/// A case's new tokens: each sequence's last position, and the slot its table gives it, whose K
-/// and V are made NaN in the case's pools (as a pool holds before the write: a missed write
-/// fails the comparison).
-fn new_tokens(case: &mut Case) -> (Vec<u32>, Vec<u32>) {
+/// Makes the K and V of each sequence's last token (its new one) NaN in the case's pools, as a
+/// pool holds before the write: a missed write fails the comparison.
+fn clear_new_tokens(case: &mut Case) {
     let bs = case.cache.block_size;
     let slot_len = case.cache.num_kv_heads * case.cache.head_dim;
-    let (mut positions, mut slots) = (Vec::new(), Vec::new());
     for (i, &len) in case.kv_lens.iter().enumerate() {
         let pos = len as usize - 1;
         let slot = case.block_tables[i * case.max_blocks + pos / bs] as usize * bs + pos % bs;
         case.k[slot * slot_len..][..slot_len].fill(f32::NAN);
         case.v[slot * slot_len..][..slot_len].fill(f32::NAN);
-        positions.push(pos as u32);
-        slots.push(slot as u32);
     }
-    (positions, slots)
 }
 
 /// `got` against `want`, a pool: NaN where `want` is (slots no sequence owns, which no kernel may
@@ -277,13 +270,11 @@ fn check_rope_on(
 ) {
     let mut rng = rng(test);
     let mut case = Case::new(&mut rng, layout, block_size, kv_lens);
-    let (positions, slots) = new_tokens(&mut case);
+    clear_new_tokens(&mut case);
     let (mut want_k, mut want_v, mut want) = (case.k.clone(), case.v.clone(), vec![0.0; case.out_len()]);
     reference::decode_attention_rope(
         &case.qkv,
         layout,
-        &positions,
-        &slots,
         rope,
         &mut want_k,
         &mut want_v,
@@ -301,20 +292,12 @@ fn check_rope_on(
             let plan = case.plan(&ctx, split);
             let what = format!("{test} {rope:?}: {}", describe(&case, split, budget, &plan));
             let mut inputs = case.device(&ctx);
-            let (device_positions, device_slots) = (upload_u32(&ctx, &positions), upload_u32(&ctx, &slots));
-            let new = NewTokens {
-                positions: &device_positions.as_view(),
-                slots: &device_slots.as_view(),
-                host_positions: &positions,
-                host_slots: &slots,
-                rope,
-            };
             let mut out = poisoned(&ctx, case.out_len());
             decode_attention_rope(
                 &ctx,
                 &plan,
                 &inputs.qkv.as_view(),
-                new,
+                rope,
                 &mut inputs.k.as_view_mut(),
                 &mut inputs.v.as_view_mut(),
                 &inputs.tables.as_view(),
@@ -363,29 +346,21 @@ fn decode_attention_rope_matches_reference() {
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn decode_attention_rope_rejects_bad_new_tokens() {
+fn decode_attention_rope_rejects_bad_inputs() {
     let mut rng = rng("rope errors");
     let mut case = Case::new(&mut rng, gqa(), 16, &[40, 17]);
-    let (positions, slots) = new_tokens(&mut case);
+    clear_new_tokens(&mut case);
     let ctx = phase(Some(7));
     let plan = case.plan(&ctx, KvSplit::Auto);
     let mut inputs = case.device(&ctx);
     let mut out = poisoned(&ctx, case.out_len());
-    let mut run = |positions: &[u32], slots: &[u32], rope: RopeConfig| {
-        let (p, s) = (upload_u32(&ctx, positions), upload_u32(&ctx, slots));
-        let new = NewTokens {
-            positions: &p.as_view(),
-            slots: &s.as_view(),
-            host_positions: positions,
-            host_slots: slots,
-            rope,
-        };
+    let mut run = |ctx: &PhaseContext, k_len: usize, rope: RopeConfig| {
         decode_attention_rope(
-            &ctx,
+            ctx,
             &plan,
             &inputs.qkv.as_view(),
-            new,
-            &mut inputs.k.as_view_mut(),
+            rope,
+            &mut inputs.k.slice_mut(..k_len),
             &mut inputs.v.as_view_mut(),
             &inputs.tables.as_view(),
             &mut out.as_view_mut(),
@@ -393,15 +368,18 @@ fn decode_attention_rope_rejects_bad_new_tokens() {
         )
         .map_err(|e| e.kind())
     };
-    let rope = llama3_rope();
-    // A position that is not its sequence's last token; one position or slot short; a slot past
-    // the pool; a bad theta.
-    assert_eq!(run(&[38, 16], &slots, rope), Err(ErrorKind::Shape));
-    assert_eq!(run(&positions[..1], &slots, rope), Err(ErrorKind::Shape));
-    assert_eq!(run(&positions, &slots[..1], rope), Err(ErrorKind::Shape));
-    let past = (case.cache.num_blocks * case.cache.block_size) as u32;
-    assert_eq!(run(&positions, &[slots[0], past], rope), Err(ErrorKind::Shape));
-    assert_eq!(run(&positions, &slots, RopeConfig { theta: -1.0, ..rope }), Err(ErrorKind::Shape));
+    let (rope, pool) = (llama3_rope(), case.cache.pool_len());
+    // A bad RoPE (theta, llama3 factors), a short pool, another budget.
+    assert_eq!(run(&ctx, pool, RopeConfig { theta: -1.0, ..rope }), Err(ErrorKind::Shape));
+    let bad_scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 4.0,
+        high_freq_factor: 1.0,
+        original_max_position_embeddings: 8192,
+    };
+    assert_eq!(run(&ctx, pool, RopeConfig { scaling: bad_scaling, ..rope }), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx, pool - 8, rope), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx.with_budget(phase(Some(8)).budget()), pool, rope), Err(ErrorKind::Unsupported));
     // The refused calls wrote nothing: the new tokens' slots still hold NaN.
     let unwritten = |inputs: &DeviceInputs| download(&ctx, &inputs.k).iter().filter(|x| x.is_nan()).count();
     assert_eq!(unwritten(&inputs), unwritten(&case.device(&ctx)));

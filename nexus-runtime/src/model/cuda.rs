@@ -37,7 +37,7 @@ use nexus_kernels::cudarc::driver::sys::CUevent_flags;
 use nexus_kernels::cudarc::driver::{
     CudaEvent, CudaGraph, CudaSlice, CudaView, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
 };
-use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan, NewTokens};
+use nexus_kernels::decode_attention::{self, DecodeOptions, DecodePlan};
 use nexus_kernels::gemm::{self, GemmConfig, GemmFusion, GemmWorkspace};
 use nexus_kernels::gpu::PtxTarget;
 use nexus_kernels::prefill_attention::{self, PrefillOptions, PrefillPlan};
@@ -680,21 +680,12 @@ impl CudaBackend {
                 decode_attention::decode_attention(ctx, plan, &q, &k, &v, &tables, out_view, records.as_mut())?;
             }
             (AttentionPlan::Decode(plan), PoolAccess::WriteNewTokens(pool, rope)) => {
-                let positions = step.positions.slice(..host.positions.len());
-                let slots = step.slots.slice(..host.slots.len());
-                let new_tokens = NewTokens {
-                    positions: &positions,
-                    slots: &slots,
-                    host_positions: &host.positions,
-                    host_slots: &host.slots,
-                    rope,
-                };
                 let (k, v) = (&mut pool.k.as_view_mut(), &mut pool.v.as_view_mut());
                 decode_attention::decode_attention_rope(
                     ctx,
                     plan,
                     &q,
-                    new_tokens,
+                    rope,
                     k,
                     v,
                     &tables,
@@ -1061,6 +1052,8 @@ impl Backend for CudaBackend {
     }
 
     /// A decode step's RoPE and KV write inside its attention kernel: one launch a layer fewer.
+    /// The kernel writes each sequence's new token at the slot its block table gives the last
+    /// position, which is the step's slot ([`check_decode_slots`] for a recorded step's).
     fn rope_and_attention(
         &self,
         phase: &CudaPhase,

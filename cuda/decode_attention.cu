@@ -34,12 +34,14 @@
 //     frees the slot. At the end of an item the W warps' (max, sum, O) are combined through shared
 //     memory in a fixed order (deterministic) and written out.
 // decode_attention_rope_d* is the same kernel with RoPE and the KV write of the step's new tokens
-// in it, one launch where rope_and_write_kv (elementwise.cu) and the attention were two: each CTA
-// first writes the rotated key and the value of every item of its list that holds its sequence's
-// new token (the last of its KV, at position `last`) into the pools (write_new_kv), then attends;
-// the consumers rotate the query heads in registers as they take them (rotate_q). Only the item
-// whose KV chunk holds a token reads it, so no CTA waits for another. The query rows of `qkv` are
-// read as the QKV GEMM wrote them, unrotated.
+// in it, one launch where rope_and_write_kv (elementwise.cu) and the attention were two: the
+// consumer warps, idle until the first slot lands, first write the rotated key and the value of
+// every item of the CTA's list that holds its sequence's new token (the last of its KV, at
+// position `last`) into the pools (write_new_kv) and arrive on the `written` barrier; a producer
+// waits for it only before the slot that holds such a token, so the stream starts at once. The
+// consumers rotate the query heads in registers as they take them (rotate_q). Only the item whose
+// KV chunk holds a token reads it, so no CTA waits for another. The query rows of `qkv` are read
+// as the QKV GEMM wrote them, unrotated.
 // The ring slot of the g-th slot of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
 // time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
 // warp within an item, which keeps each barrier's phase parity unambiguous.
@@ -146,7 +148,7 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
 // Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
 //   ring [R][K | V][D / 64 panels][slot_tokens<D>()][64] bf16 |
 //   obuf [consumer warps][HEADS][D + 4] f32 | mbuf, lbuf [consumer warps][HEADS] f32 |
-//   full [R], empty [R] mbarriers
+//   full [R], empty [R], written mbarriers
 // The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
 constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
 constexpr int RING_ALIGN = 1024;                      // TMA's 128-byte swizzle repeats every 1024 bytes
@@ -207,18 +209,20 @@ struct Rope {
     int style;  // 0: interleaved pairs (2i, 2i + 1); 1: rotate-half pairs (i, i + D / 2)
 };
 
-// Writes the rotated key and the value of each item in [i0, i1) that holds its sequence's new
-// token (row seq of qkv, at position `last`) into the pools, at the slot the block table gives
-// that position: a thread per pair of the key head or 16 bytes of the value head. The
-// rotation is rope_and_write_kv's (the same frequencies, angle and rounding), so the pools hold
-// what that kernel writes. Then makes the writes visible to the CTA's loads of the pools: the
-// TMA's (async proxy) by the fence, every thread's by the barrier.
+// The consumers' first work with RoPE: writes the rotated key and the value of each item in
+// [i0, i1) that holds its sequence's new token (row seq of qkv, at position `last`) into the
+// pools, at the slot the block table gives that position: a consumer thread per pair of the key
+// head or 16 bytes of the value head. The rotation is rope_and_write_kv's (the same frequencies,
+// angle and rounding), so the pools hold what that kernel writes. Each thread then arrives on
+// `written` (release), after a proxy fence on Hopper, whose TMA loads read through the async
+// proxy; a producer waits for it before loading a slot that holds a new token.
 template <int D>
-__device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const float* inv_freq, int i0, int i1) {
+__device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const float* inv_freq, uint32_t written,
+                                             int i0, int i1) {
     constexpr int PAIRS = D / 2, CHUNKS = D / 8, UNITS = PAIRS + CHUNKS;
     const size_t row_len = (size_t)(a.num_heads + 2 * a.num_kv_heads) * D;
     const size_t slot_len = (size_t)a.num_kv_heads * D;
-    for (int u = threadIdx.x; u < (i1 - i0) * UNITS; u += blockDim.x) {
+    for (int u = threadIdx.x; u < (i1 - i0) * UNITS; u += consumers<D>()) {
         const Item it = load_item(a.items, i0 + u / UNITS);
         if (it.last < it.kv_start || it.last >= it.kv_end) continue;
         const __nv_bfloat16* key = a.qkv + it.seq * row_len + (size_t)(a.num_heads + it.kv_head) * D;
@@ -242,7 +246,14 @@ __device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.global;\n" ::: "memory");
 #endif
-    __syncthreads();
+    mbar_arrive(written);
+}
+
+// Whether the slot of item `it` starting at token t holds the item's new token, which the
+// consumers write first (rope) and a producer must wait for.
+template <int D, bool ROPE>
+__device__ __forceinline__ bool holds_new_token(const Item& it, int t) {
+    return ROPE && it.last >= t && it.last < t + slot_tokens<D>() && it.last < it.kv_end;
 }
 
 // The frequencies of the pairs of load_q's fragments a lane rotates (see rotate_q), from the
@@ -331,9 +342,9 @@ __device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, con
 // slots start at multiples of them) or in several. Boxes are always whole: rows past the
 // sequence's end are still rows of its last block (or of block 0 past it, see load_block_ids),
 // inside the pool.
-template <int D>
-__device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
-                                            int i1) {
+template <int D, bool ROPE>
+__device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty,
+                                            uint32_t written, int i0, int i1) {
     using L = Layout<D>;
     const int P = (blockDim.x >> 5) - L::WARPS;  // 4 or 8: a power of two
     const int lane = threadIdx.x & 31;
@@ -363,6 +374,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
                         const int row = block * block_size + (t & (block_size - 1));
                         nexus::tma_load_4d(dst, a.k_map, 0, row, 0, it.kv_head, bar);
@@ -379,6 +391,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
 #pragma unroll
                         for (int j = 0; j < L::TOKENS / 8; ++j) {
@@ -427,8 +440,9 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
 // G - PARTS (LAG + 1), so PARTS (LAG + 1) <= R makes that wait depend only on earlier sub-tiles
 // (induction over the sub-tile index; the consumers take their sub-tiles in order).
 
-template <int D, int LAG>
-__device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
+template <int D, int LAG, bool ROPE>
+__device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, uint32_t full, uint32_t empty,
+                                                 uint32_t written, int i0, int i1) {
     using L = Layout<D>;
     constexpr int CPT = D / 8;              // 16-byte chunks per token row
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
@@ -470,6 +484,7 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
             for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += L::TOKENS) {
                 if (slot % PARTS == part) {
                     if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                    if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                     const uint32_t s = half + slot * L::SLOT_BYTES;
                     if (block_size >= L::TOKENS) {
                         // The sub-tile lies in one block (t is a multiple of 16): one id, then a
@@ -779,8 +794,8 @@ __device__ __forceinline__ void consume(const Args& a, const Rope& rope, const f
 }
 
 // With ROPE, the kernel waits for the previous one here, after the setup that reads nothing it
-// writes (the barriers, the tensor maps, the query heads' frequencies); without, its entry point
-// waited before.
+// writes (the barriers, the tensor maps, the table of the RoPE's frequencies); without, its entry
+// point waited before.
 template <int D, bool ROPE>
 __device__ __forceinline__ void decode_attention_body(const Args& a, const Rope& rope,
                                                       const int* __restrict__ work_indptr,
@@ -796,6 +811,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const Rope&
     const uint32_t ring = smem_addr(smem);
     const uint32_t full = smem_addr(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
     const uint32_t empty = full + 8 * R;
+    const uint32_t written = empty + 8 * R;  // with RoPE: the consumers' new tokens are in the pools
 
     const int i0 = work_indptr[blockIdx.x], i1 = work_indptr[blockIdx.x + 1];
     if (threadIdx.x == 0) {
@@ -803,6 +819,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const Rope&
             mbar_init(full + 8 * s, FULL_ARRIVALS);
             mbar_init(empty + 8 * s, 32);
         }
+        mbar_init(written, consumers<D>());
 #if __CUDA_ARCH__ >= 900
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.k_map)) : "memory");
@@ -815,27 +832,28 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const Rope&
             obuf[pair] = nexus::rope_inv_freq(pair, D, rope.freqs);
     }
     __syncthreads();
-    float freq[D / 8];
-    if constexpr (ROPE) {
-        if (threadIdx.x < consumers<D>()) q_freqs<D>(obuf, rope.style, threadIdx.x & 31, freq);
-        nexus::follow_previous_kernel();
-        write_new_kv<D>(a, rope, obuf, i0, i1);  // ends with a barrier: obuf is free again after it
-    }
+    if constexpr (ROPE) nexus::follow_previous_kernel();
     if (i0 < i1) {
         if (threadIdx.x < consumers<D>()) {
+            float freq[D / 8];
+            if constexpr (ROPE) {
+                q_freqs<D>(obuf, rope.style, threadIdx.x & 31, freq);
+                write_new_kv<D>(a, rope, obuf, written, i0, i1);
+                consumer_barrier<D>();  // every consumer has read the table: obuf is free again
+            }
             consume<D, ROPE>(a, rope, freq, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
         } else {
 #if __CUDA_ARCH__ >= 900
-            produce_tma<D>(a, ring, full, empty, i0, i1);
+            produce_tma<D, ROPE>(a, ring, full, empty, written, i0, i1);
 #else
             if (R >= PARTS * 16) {
                 // In flight per producer warp: LAG + 1 slots, with PARTS (LAG + 1) <= R (see
                 // produce_cp_async).
-                produce_cp_async<D, 15>(a, ring, full, empty, i0, i1);
+                produce_cp_async<D, 15, ROPE>(a, ring, full, empty, written, i0, i1);
             } else if (R >= PARTS * 8) {
-                produce_cp_async<D, 7>(a, ring, full, empty, i0, i1);
+                produce_cp_async<D, 7, ROPE>(a, ring, full, empty, written, i0, i1);
             } else {
-                produce_cp_async<D, 3>(a, ring, full, empty, i0, i1);  // R >= 8 = PARTS * 4
+                produce_cp_async<D, 3, ROPE>(a, ring, full, empty, written, i0, i1);  // R >= 8 = PARTS * 4
             }
 #endif
         }

@@ -1,5 +1,7 @@
 //! Paged decode attention on the GPU: one new query token per sequence over its paged K/V cache,
-//! planned on the host ([`DecodePlan`]) and run on the device ([`decode_attention`]).
+//! planned on the host ([`DecodePlan`]) and run on the device ([`decode_attention`], or
+//! [`decode_attention_rope`], which first rotates and writes the step's new tokens into the cache:
+//! one launch where RoPE with the KV write and the attention were two).
 //!
 //! The plan splits the batch into work items — one KV head of one sequence over one KV chunk,
 //! for all the query heads that share that KV head (up to 8 per item, so each K/V byte is read once
@@ -214,7 +216,8 @@ fn smem_bytes(head_dim: usize, slot_tokens: usize, warps: usize, slots: usize) -
     let slot = 2 * slot_tokens * head_dim * 2;
     let obuf = warps * HEADS * (head_dim + 4) * 4;
     let ml = 2 * warps * HEADS * 4;
-    slots * (slot + 16) + obuf + ml + RING_ALIGN
+    // Per slot its `full` and `empty` barriers; and the `written` barrier of the RoPE's form.
+    slots * (slot + 16) + 8 + obuf + ml + RING_ALIGN
 }
 
 /// The fewest ring slots the kernel with `warps` consumer warps takes, and the multiple its slot

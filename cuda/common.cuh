@@ -225,4 +225,57 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     } while (!done);
 }
 
+// ---- Rotary position embedding: rope_and_write_kv (elementwise.cu) and decode_attention_rope -----
+
+// The frequencies of a model's RoPE: base theta and Hugging Face's rope scaling (see
+// scale_inv_freq), as the launchers pass them.
+struct RopeFreqs {
+    float theta;
+    int scaling;
+    float factor, low, high, original;
+};
+
+// One rotary frequency under Hugging Face's rope scalings, the arithmetic of the reference's
+// `scale_inv_freq`. scaling 0: none; 1: linear (divided by factor); 2: llama3 (wavelengths shorter
+// than original/high kept, longer than original/low divided by factor, interpolated in between).
+// A few flops per element: cheaper than a table the host would have to upload per model.
+__device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, float factor, float low, float high,
+                                                float original) {
+    if (scaling == 1) return inv_freq / factor;
+    if (scaling == 2) {
+        const float wavelen = 6.283185307179586f / inv_freq;
+        if (wavelen < original / high) return inv_freq;
+        if (wavelen > original / low) return inv_freq / factor;
+        const float smooth = (original / wavelen - low) / (high - low);
+        return (1.f - smooth) * inv_freq / factor + smooth * inv_freq;
+    }
+    return inv_freq;
+}
+
+// sin and cos of the f32 angle x: x less the nearest multiple of 2 pi (2 pi split into two floats,
+// Cody and Waite's reduction: exact to well below bf16 for the angles of any context length), then
+// the special function unit's __sincosf on [-pi, pi] (absolute error under 1e-6): a few
+// instructions, where sincosf inlines its large slow path (|x| > 105615) at each of a thread's 8
+// calls.
+__device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
+    const float k = rintf(x * 0.159154943091895336f);  // x / 2 pi
+    float r = fmaf(-k, 6.28318548202514648f, x);       // 2 pi rounded to a float...
+    r = fmaf(-k, -1.74845553146951702e-7f, r);         // ...and the rest of it
+    __sincosf(r, s, c);
+}
+
+// The frequency of pair `pair` of a head of `head_dim` dims, theta^(-2 pair / head_dim) in f32,
+// scaled: the reference's `rope_inv_freq`.
+__device__ __forceinline__ float rope_inv_freq(int pair, int head_dim, const RopeFreqs& f) {
+    return scale_inv_freq(1.f / powf(f.theta, (float)(2 * pair) / (float)head_dim), f.scaling, f.factor, f.low, f.high,
+                          f.original);
+}
+
+// Rotates the pair (x, y) by the angle whose sine and cosine are s and c.
+__device__ __forceinline__ void rotate(float& x, float& y, float s, float c) {
+    const float rx = x * c - y * s, ry = y * c + x * s;
+    x = rx;
+    y = ry;
+}
+
 }  // namespace nexus

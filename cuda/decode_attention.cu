@@ -33,6 +33,15 @@
 //     O^T += V^T P^T (P^T transposed in registers by movmatrix, V^T by ldmatrix.trans); then it
 //     frees the slot. At the end of an item the W warps' (max, sum, O) are combined through shared
 //     memory in a fixed order (deterministic) and written out.
+// decode_attention_rope_d* is the same kernel with RoPE and the KV write of the step's new tokens
+// in it, one launch where rope_and_write_kv (elementwise.cu) and the attention were two: the
+// consumer warps, idle until the first slot lands, first write the rotated key and the value of
+// every item of the CTA's list that holds its sequence's new token (the last of its KV, at
+// position `last`) into the pools (write_new_kv) and arrive on the `written` barrier; a producer
+// waits for it only before the slot that holds such a token, so the stream starts at once. The
+// consumers rotate the query heads in registers as they take them (rotate_q). Only the item whose
+// KV chunk holds a token reads it, so no CTA waits for another. The query rows of `qkv` are read
+// as the QKV GEMM wrote them, unrotated.
 // The ring slot of the g-th slot of the CTA is g % ring_slots, filled for the (g / ring_slots)-th
 // time; ring_slots is a multiple of W and of 8 so that a slot is always reused by the same consumer
 // warp within an item, which keeps each barrier's phase parity unambiguous.
@@ -125,8 +134,9 @@ constexpr int MERGE_THREADS = 512;
 constexpr int CONSUMER_BARRIER = 1;  // named barrier of the consumer warps (0 is __syncthreads)
 
 // A work item, as the host writes it: 8 ints.
+// `last`: the sequence's last position (kv_len - 1), its new token's.
 struct Item {
-    int seq, kv_start, kv_end, kv_head, q_head, num_q_heads, partial, pad;
+    int seq, kv_start, kv_end, kv_head, q_head, num_q_heads, partial, last;
 };
 
 __device__ __forceinline__ Item load_item(const int* items, int i) {
@@ -138,7 +148,7 @@ __device__ __forceinline__ Item load_item(const int* items, int i) {
 // Shared-memory layout for head dim D and R ring slots, from the first 1024-byte boundary:
 //   ring [R][K | V][D / 64 panels][slot_tokens<D>()][64] bf16 |
 //   obuf [consumer warps][HEADS][D + 4] f32 | mbuf, lbuf [consumer warps][HEADS] f32 |
-//   full [R], empty [R] mbarriers
+//   full [R], empty [R], written mbarriers
 // The host computes the same size, alignment slack included (decode_attention.rs, `smem_bytes`).
 constexpr int PANEL_ROW_BYTES = 128;                  // 64 dims of one token
 constexpr int RING_ALIGN = 1024;                      // TMA's 128-byte swizzle repeats every 1024 bytes
@@ -191,6 +201,119 @@ struct Args {
     float scale_log2;  // softmax scale x log2(e): scores are kept in the log2 domain
 };
 
+// The RoPE of decode_attention_rope, whose pools it writes.
+struct Rope {
+    __nv_bfloat16* k_cache;
+    __nv_bfloat16* v_cache;
+    nexus::RopeFreqs freqs;
+    int style;  // 0: interleaved pairs (2i, 2i + 1); 1: rotate-half pairs (i, i + D / 2)
+};
+
+// The consumers' first work with RoPE: writes the rotated key and the value of each item in
+// [i0, i1) that holds its sequence's new token (row seq of qkv, at position `last`) into the
+// pools, at the slot the block table gives that position: a consumer thread per pair of the key
+// head or 16 bytes of the value head. The rotation is rope_and_write_kv's (the same frequencies,
+// angle and rounding), so the pools hold what that kernel writes. Each thread then arrives on
+// `written` (release), after a proxy fence on Hopper, whose TMA loads read through the async
+// proxy; a producer waits for it before loading a slot that holds a new token.
+template <int D>
+__device__ __forceinline__ void write_new_kv(const Args& a, const Rope& r, const float* inv_freq, uint32_t written,
+                                             int i0, int i1) {
+    constexpr int PAIRS = D / 2, CHUNKS = D / 8, UNITS = PAIRS + CHUNKS;
+    const size_t row_len = (size_t)(a.num_heads + 2 * a.num_kv_heads) * D;
+    const size_t slot_len = (size_t)a.num_kv_heads * D;
+    for (int u = threadIdx.x; u < (i1 - i0) * UNITS; u += consumers<D>()) {
+        const Item it = load_item(a.items, i0 + u / UNITS);
+        if (it.last < it.kv_start || it.last >= it.kv_end) continue;
+        const __nv_bfloat16* key = a.qkv + it.seq * row_len + (size_t)(a.num_heads + it.kv_head) * D;
+        const int block = __ldg(a.block_tables + (size_t)it.seq * a.max_blocks_per_seq + (it.last >> a.block_log2));
+        const size_t slot = ((size_t)block << a.block_log2) + (it.last & ((1 << a.block_log2) - 1));
+        const size_t dst = slot * slot_len + (size_t)it.kv_head * D;
+        const int j = u % UNITS;
+        if (j < PAIRS) {
+            const int lo = r.style == 0 ? 2 * j : j, hi = r.style == 0 ? 2 * j + 1 : j + PAIRS;
+            float x = nexus::to_float(key[lo]), y = nexus::to_float(key[hi]), sn, cs;
+            nexus::sin_cos((float)it.last * inv_freq[j], &sn, &cs);
+            nexus::rotate(x, y, sn, cs);
+            r.k_cache[dst + lo] = nexus::to_bf16(x);
+            r.k_cache[dst + hi] = nexus::to_bf16(y);
+        } else {
+            const int c = 8 * (j - PAIRS);
+            const uint4 v = *reinterpret_cast<const uint4*>(key + (size_t)a.num_kv_heads * D + c);
+            *reinterpret_cast<uint4*>(r.v_cache + dst + c) = v;
+        }
+    }
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
+    mbar_arrive(written);
+}
+
+// Whether the slot of item `it` starting at token t holds the item's new token, which the
+// consumers write first (rope) and a producer must wait for.
+template <int D, bool ROPE>
+__device__ __forceinline__ bool holds_new_token(const Item& it, int t) {
+    return ROPE && it.last >= t && it.last < t + slot_tokens<D>() && it.last < it.kv_end;
+}
+
+// The frequencies of the pairs of load_q's fragments a lane rotates (see rotate_q), from the
+// table of a head's D / 2.
+template <int D>
+__device__ __forceinline__ void q_freqs(const float* inv_freq, int style, int lane, float (&freq)[D / 8]) {
+    constexpr int KS = D / 16;
+    const int c = 2 * (lane & 3);
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            if (style == 1) {
+                if (kk < KS / 2) {
+                    freq[4 * kk + 2 * h] = inv_freq[16 * kk + 8 * h + c];
+                    freq[4 * kk + 2 * h + 1] = inv_freq[16 * kk + 8 * h + c + 1];
+                }
+            } else {
+                freq[2 * kk + h] = inv_freq[8 * kk + 4 * h + c / 2];
+            }
+        }
+    }
+}
+
+// Rotates load_q's fragments of a query at `position`. A lane holds both values of each of its
+// pairs: rotate-half pairs dim d < D / 2 (fragment kk < KS / 2) with d + D / 2, in the same place
+// of fragment kk + KS / 2; interleaved pairs are the two values of one register.
+template <int D>
+__device__ __forceinline__ void rotate_q(uint32_t (&q)[D / 16][2], const float (&freq)[D / 8], int style,
+                                         float position) {
+    constexpr int KS = D / 16;
+    const auto unpack = [](uint32_t u, float& lo, float& hi) {
+        lo = __uint_as_float(u << 16);
+        hi = __uint_as_float(u & 0xffff0000u);
+    };
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float x0, x1, y0, y1, sn, cs;
+            if (style == 1) {
+                if (kk >= KS / 2) continue;
+                unpack(q[kk][h], x0, x1);
+                unpack(q[kk + KS / 2][h], y0, y1);
+                nexus::sin_cos(position * freq[4 * kk + 2 * h], &sn, &cs);
+                nexus::rotate(x0, y0, sn, cs);
+                nexus::sin_cos(position * freq[4 * kk + 2 * h + 1], &sn, &cs);
+                nexus::rotate(x1, y1, sn, cs);
+                q[kk][h] = pack_bf16(x0, x1);
+                q[kk + KS / 2][h] = pack_bf16(y0, y1);
+            } else {
+                unpack(q[kk][h], x0, y0);
+                nexus::sin_cos(position * freq[2 * kk + h], &sn, &cs);
+                nexus::rotate(x0, y0, sn, cs);
+                q[kk][h] = pack_bf16(x0, y0);
+            }
+        }
+    }
+}
+
 // ---- producers ----
 
 // Block ids first_block + lane of item `it` (lanes past its last block get 0, unused).
@@ -219,9 +342,9 @@ __device__ __forceinline__ int next_block_ids(const Args& a, const Item& it, con
 // slots start at multiples of them) or in several. Boxes are always whole: rows past the
 // sequence's end are still rows of its last block (or of block 0 past it, see load_block_ids),
 // inside the pool.
-template <int D>
-__device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0,
-                                            int i1) {
+template <int D, bool ROPE>
+__device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32_t full, uint32_t empty,
+                                            uint32_t written, int i0, int i1) {
     using L = Layout<D>;
     const int P = (blockDim.x >> 5) - L::WARPS;  // 4 or 8: a power of two
     const int lane = threadIdx.x & 31;
@@ -251,6 +374,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
                         const int row = block * block_size + (t & (block_size - 1));
                         nexus::tma_load_4d(dst, a.k_map, 0, row, 0, it.kv_head, bar);
@@ -267,6 +391,7 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
                     if (lane == 0) {
                         const uint32_t bar = full + 8 * slot, dst = ring + slot * L::SLOT_BYTES;
                         if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                        if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                         mbar_arrive_expect_tx(bar, L::SLOT_BYTES);
 #pragma unroll
                         for (int j = 0; j < L::TOKENS / 8; ++j) {
@@ -315,8 +440,9 @@ __device__ __forceinline__ void produce_tma(const Args& a, uint32_t ring, uint32
 // G - PARTS (LAG + 1), so PARTS (LAG + 1) <= R makes that wait depend only on earlier sub-tiles
 // (induction over the sub-tile index; the consumers take their sub-tiles in order).
 
-template <int D, int LAG>
-__device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, int i0, int i1) {
+template <int D, int LAG, bool ROPE>
+__device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, uint32_t full, uint32_t empty,
+                                                 uint32_t written, int i0, int i1) {
     using L = Layout<D>;
     constexpr int CPT = D / 8;              // 16-byte chunks per token row
     constexpr int TOK_STEP = 32 / CPT;      // tokens a warp covers per copy round
@@ -358,6 +484,7 @@ __device__ __forceinline__ void produce_cp_async(const Args& a, uint32_t ring, u
             for (int t = max(it.kv_start, b << a.block_log2); t < t_end; t += L::TOKENS) {
                 if (slot % PARTS == part) {
                     if (fill > 0) mbar_wait(empty + 8 * slot, (fill - 1) & 1);
+                    if (holds_new_token<D, ROPE>(it, t)) mbar_wait(written, 0);
                     const uint32_t s = half + slot * L::SLOT_BYTES;
                     if (block_size >= L::TOKENS) {
                         // The sub-tile lies in one block (t is a multiple of 16): one id, then a
@@ -438,9 +565,10 @@ __device__ __forceinline__ void load_q(const Args& a, const Item& it, int lane, 
     }
 }
 
-template <int D>
-__device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t full, uint32_t empty, float* obuf,
-                                        float* mbuf, float* lbuf, int i0, int i1) {
+template <int D, bool ROPE>
+__device__ __forceinline__ void consume(const Args& a, const Rope& rope, const float (&freq)[D / 8], uint32_t ring,
+                                        uint32_t full, uint32_t empty, float* obuf, float* mbuf, float* lbuf, int i0,
+                                        int i1) {
     using L = Layout<D>;
     constexpr int KS = D / 16;  // k-steps of K Q^T, and m-tiles of V^T P^T
     constexpr int TILES = L::TOKENS / MMA_TOKENS;  // mma tiles per slot
@@ -471,6 +599,9 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
             q[kk][0] = q_next[kk][0];
             q[kk][1] = q_next[kk][1];
         }
+        // The item's position, read again here (an L1 hit) rather than carried in the items kept
+        // ahead: those three more registers made the head-dim-64 kernel spill.
+        if constexpr (ROPE) rotate_q<D>(q, freq, rope.style, (float)__ldg(a.items + 8 * i + 7));
         const Item after = i + 2 < i1 ? load_item(a.items, i + 2) : next;
         if (i + 1 < i1) load_q<D>(a, next, lane, q_next);
 
@@ -662,8 +793,12 @@ __device__ __forceinline__ void consume(const Args& a, uint32_t ring, uint32_t f
     }
 }
 
-template <int D>
-__device__ __forceinline__ void decode_attention_body(const Args& a, const int* __restrict__ work_indptr,
+// With ROPE, the kernel waits for the previous one here, after the setup that reads nothing it
+// writes (the barriers, the tensor maps, the table of the RoPE's frequencies); without, its entry
+// point waited before.
+template <int D, bool ROPE>
+__device__ __forceinline__ void decode_attention_body(const Args& a, const Rope& rope,
+                                                      const int* __restrict__ work_indptr,
                                                       uint64_t* __restrict__ cta_trace) {
     using L = Layout<D>;
     nexus::CtaTrace trace(cta_trace);
@@ -676,6 +811,7 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
     const uint32_t ring = smem_addr(smem);
     const uint32_t full = smem_addr(smem + (size_t)R * L::SLOT_BYTES + L::OBUF_BYTES + 2 * L::ML_BYTES);
     const uint32_t empty = full + 8 * R;
+    const uint32_t written = empty + 8 * R;  // with RoPE: the consumers' new tokens are in the pools
 
     const int i0 = work_indptr[blockIdx.x], i1 = work_indptr[blockIdx.x + 1];
     if (threadIdx.x == 0) {
@@ -683,28 +819,41 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const int* 
             mbar_init(full + 8 * s, FULL_ARRIVALS);
             mbar_init(empty + 8 * s, 32);
         }
+        mbar_init(written, consumers<D>());
 #if __CUDA_ARCH__ >= 900
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the TMA unit
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.k_map)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(a.v_map)) : "memory");
 #endif
     }
+    // With RoPE: the frequencies of a head's pairs, in obuf until the items' ends use it.
+    if constexpr (ROPE) {
+        for (int pair = threadIdx.x; pair < D / 2; pair += blockDim.x)
+            obuf[pair] = nexus::rope_inv_freq(pair, D, rope.freqs);
+    }
     __syncthreads();
+    if constexpr (ROPE) nexus::follow_previous_kernel();
     if (i0 < i1) {
         if (threadIdx.x < consumers<D>()) {
-            consume<D>(a, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
+            float freq[D / 8];
+            if constexpr (ROPE) {
+                q_freqs<D>(obuf, rope.style, threadIdx.x & 31, freq);
+                write_new_kv<D>(a, rope, obuf, written, i0, i1);
+                consumer_barrier<D>();  // every consumer has read the table: obuf is free again
+            }
+            consume<D, ROPE>(a, rope, freq, ring, full, empty, obuf, mbuf, lbuf, i0, i1);
         } else {
 #if __CUDA_ARCH__ >= 900
-            produce_tma<D>(a, ring, full, empty, i0, i1);
+            produce_tma<D, ROPE>(a, ring, full, empty, written, i0, i1);
 #else
             if (R >= PARTS * 16) {
                 // In flight per producer warp: LAG + 1 slots, with PARTS (LAG + 1) <= R (see
                 // produce_cp_async).
-                produce_cp_async<D, 15>(a, ring, full, empty, i0, i1);
+                produce_cp_async<D, 15, ROPE>(a, ring, full, empty, written, i0, i1);
             } else if (R >= PARTS * 8) {
-                produce_cp_async<D, 7>(a, ring, full, empty, i0, i1);
+                produce_cp_async<D, 7, ROPE>(a, ring, full, empty, written, i0, i1);
             } else {
-                produce_cp_async<D, 3>(a, ring, full, empty, i0, i1);  // R >= 8 = PARTS * 4
+                produce_cp_async<D, 3, ROPE>(a, ring, full, empty, written, i0, i1);  // R >= 8 = PARTS * 4
             }
 #endif
         }
@@ -773,7 +922,9 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
 // `v_map`: the K and V pools as 4-D bf16 tensors (64 dims, num_blocks x block_size token rows, D / 64 panels of
 // 64 dims, KV heads: the panel's stride, 128 bytes, is below the rows'), boxes of 64 x min(block
 // size, 16) x (D / 64, or 1 for block size 8) x 1, 128-byte swizzle; read on sm_90 only (zeros
-// elsewhere). The merge kernel reads
+// elsewhere). decode_attention_rope_d* takes the same arguments, the pools writable, then the RoPE
+// of rope_and_write_kv (the frequencies' scalars; style 0: interleaved, 1: rotate-half). The merge
+// kernel reads
 // its row count from the device (`num_split`), so a graph replays it for whatever batch the plan
 // was last updated to. `items`: 8 ints per item (see Item). `part_o`:
 // [chunk slots][num_heads][D] f32, `part_lse`: [chunk slots][num_heads] f32 (log2 domain).
@@ -789,7 +940,24 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
                      part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
                      block_log2, ring_slots, scale_log2};                                                   \
-        decode_attention_body<D>(a, work_indptr, cta_trace);                                                         \
+        decode_attention_body<D, false>(a, Rope{}, work_indptr, cta_trace);                                          \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(max_threads<D>(), 1) decode_attention_rope_d##D(                  \
+        const __grid_constant__ TensorMap k_map, const __grid_constant__ TensorMap v_map,                           \
+        const __nv_bfloat16* __restrict__ qkv, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache,                      \
+        const int* __restrict__ block_tables, const int* __restrict__ work_indptr, const int* __restrict__ items,   \
+        float* __restrict__ part_o, float* __restrict__ part_lse, __nv_bfloat16* __restrict__ out, int num_heads,   \
+        int num_kv_heads, int max_blocks_per_seq, int block_log2, int ring_slots, float scale_log2, float theta,    \
+        int style, int scaling, float factor, float low_freq_factor, float high_freq_factor,                        \
+        float original_max_position, uint64_t* __restrict__ cta_trace) {                                             \
+        const Args a{&k_map,   &v_map,    qkv,      k_cache,   v_cache,            block_tables, items,      part_o,     \
+                     part_lse, out,       num_heads,          num_kv_heads, max_blocks_per_seq,     \
+                     block_log2, ring_slots, scale_log2};                                                   \
+        const Rope rope{k_cache, v_cache,                                                                            \
+                        nexus::RopeFreqs{theta, scaling, factor, low_freq_factor, high_freq_factor,                  \
+                                         original_max_position},                                                     \
+                        style};                                                                                      \
+        decode_attention_body<D, true>(a, rope, work_indptr, cta_trace);                                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(MERGE_THREADS, 1) decode_attention_merge_d##D(                     \
         const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \

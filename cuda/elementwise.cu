@@ -231,35 +231,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
     }
 }
 
-// One rotary frequency under Hugging Face's rope scalings, the arithmetic of the reference's
-// `scale_inv_freq`. scaling 0: none; 1: linear (divided by factor); 2: llama3 (wavelengths shorter
-// than original/high kept, longer than original/low divided by factor, interpolated in between).
-// A few flops per element: cheaper than a table the host would have to upload per model.
-__device__ __forceinline__ float scale_inv_freq(float inv_freq, int scaling, float factor, float low, float high,
-                                                float original) {
-    if (scaling == 1) return inv_freq / factor;
-    if (scaling == 2) {
-        const float wavelen = 6.283185307179586f / inv_freq;
-        if (wavelen < original / high) return inv_freq;
-        if (wavelen > original / low) return inv_freq / factor;
-        const float smooth = (original / wavelen - low) / (high - low);
-        return (1.f - smooth) * inv_freq / factor + smooth * inv_freq;
-    }
-    return inv_freq;
-}
-
-// sin and cos of the f32 angle x: x less the nearest multiple of 2 pi (2 pi split into two floats,
-// Cody and Waite's reduction: exact to well below bf16 for the angles of any context length), then
-// the special function unit's __sincosf on [-pi, pi] (absolute error under 1e-6): a few
-// instructions, where sincosf inlines its large slow path (|x| > 105615) at each of a thread's 8
-// calls.
-__device__ __forceinline__ void sin_cos(float x, float* s, float* c) {
-    const float k = rintf(x * 0.159154943091895336f);  // x / 2 pi
-    float r = fmaf(-k, 6.28318548202514648f, x);       // 2 pi rounded to a float...
-    r = fmaf(-k, -1.74845553146951702e-7f, r);         // ...and the rest of it
-    __sincosf(r, s, c);
-}
-
 // Rotates the query and key heads of a fused QKV buffer [rows, (heads + 2 kv_heads) * head_dim]
 // in place, and writes each row's rotated keys and its values into slot `slots[row]` of the paged
 // pools [blocks * block_size, kv_heads, head_dim]: one launch where RoPE and the KV write were two.
@@ -287,9 +258,9 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
     extern __shared__ float inv_freq[];
     const int half = head_dim / 2;
     for (int pair = threadIdx.x; pair < half; pair += blockDim.x) {
-        inv_freq[pair] =
-            scale_inv_freq(1.f / powf(theta, (float)(2 * pair) / (float)head_dim), scaling, factor, low_freq_factor,
-                           high_freq_factor, original_max_position);
+        inv_freq[pair] = nexus::rope_inv_freq(pair, head_dim,
+                                              nexus::RopeFreqs{theta, scaling, factor, low_freq_factor,
+                                                               high_freq_factor, original_max_position});
     }
     __syncthreads();
     nexus::follow_previous_kernel();
@@ -320,7 +291,7 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
         if (group * HEADS < rotated) {
             const float position = (float)positions[row];
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) sin_cos(position * inv_freq[8 * piece + i], &sn[i], &cs[i]);
+            for (int i = 0; i < VEC; ++i) nexus::sin_cos(position * inv_freq[8 * piece + i], &sn[i], &cs[i]);
         }
 #pragma unroll
         for (int u = 0; u < HEADS; ++u) {
@@ -345,11 +316,7 @@ __device__ __forceinline__ void rope_and_write_kv_items(__nv_bfloat16* __restric
                 y[i] = style == 0 ? src[2 * (i % 4) + 1] : fb[i];
             }
 #pragma unroll
-            for (int i = 0; i < VEC; ++i) {
-                const float rx = x[i] * cs[i] - y[i] * sn[i], ry = y[i] * cs[i] + x[i] * sn[i];
-                x[i] = rx;
-                y[i] = ry;
-            }
+            for (int i = 0; i < VEC; ++i) nexus::rotate(x[i], y[i], sn[i], cs[i]);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
                 if (style == 0) {

@@ -1,5 +1,7 @@
 //! Paged decode attention on the GPU: one new query token per sequence over its paged K/V cache,
-//! planned on the host ([`DecodePlan`]) and run on the device ([`decode_attention`]).
+//! planned on the host ([`DecodePlan`]) and run on the device ([`decode_attention`], or
+//! [`decode_attention_rope`], which first rotates and writes the step's new tokens into the cache:
+//! one launch where RoPE with the KV write and the attention were two).
 //!
 //! The plan splits the batch into work items — one KV head of one sequence over one KV chunk,
 //! for all the query heads that share that KV head (up to 8 per item, so each K/V byte is read once
@@ -55,9 +57,10 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 
+use crate::elementwise::RopeArgs;
 use crate::error::ensure_shape;
 use crate::gpu::{BandwidthCurve, CtaBudget, Gpu, PhaseContext, PtxTarget};
-use crate::layout::{PagedKvLayout, QkvLayout};
+use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig};
 use crate::tensor_map::{self, PANEL_DIMS, TensorMap};
 use crate::{Error, Result};
 
@@ -213,7 +216,8 @@ fn smem_bytes(head_dim: usize, slot_tokens: usize, warps: usize, slots: usize) -
     let slot = 2 * slot_tokens * head_dim * 2;
     let obuf = warps * HEADS * (head_dim + 4) * 4;
     let ml = 2 * warps * HEADS * 4;
-    slots * (slot + 16) + obuf + ml + RING_ALIGN
+    // Per slot its `full` and `empty` barriers; and the `written` barrier of the RoPE's form.
+    slots * (slot + 16) + 8 + obuf + ml + RING_ALIGN
 }
 
 /// The fewest ring slots the kernel with `warps` consumer warps takes, and the multiple its slot
@@ -568,6 +572,48 @@ pub fn decode_attention(
     v_cache: &CudaView<'_, bf16>,
     block_tables: &CudaView<'_, i32>,
     out: &mut CudaViewMut<'_, bf16>,
+    trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    run(ctx, plan, qkv, Pools::Read(k_cache, v_cache), block_tables, out, trace)
+}
+
+/// [`crate::elementwise::rope_and_write_kv`] of the step's new tokens, then [`decode_attention`],
+/// in one launch (two with the merge). Sequence `i`'s new token is row `i` of `qkv` (as the QKV
+/// projection wrote it: nothing rotated, and left so) and the last of its KV, at position
+/// `kv_len − 1`: each CTA first writes the rotated key and the value of the new tokens its work
+/// items end with into the pools, at the slot the block table gives that position, then attends,
+/// rotating the query heads as it loads them. The pools end up as `rope_and_write_kv` leaves them.
+/// The other arguments and the trace are [`decode_attention`]'s. The reference is
+/// [`crate::reference::decode_attention_rope`].
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_rope(
+    ctx: &PhaseContext,
+    plan: &DecodePlan,
+    qkv: &CudaView<'_, bf16>,
+    rope: RopeConfig,
+    k_cache: &mut CudaViewMut<'_, bf16>,
+    v_cache: &mut CudaViewMut<'_, bf16>,
+    block_tables: &CudaView<'_, i32>,
+    out: &mut CudaViewMut<'_, bf16>,
+    trace: Option<&mut CudaViewMut<'_, u64>>,
+) -> Result<()> {
+    run(ctx, plan, qkv, Pools::Write(k_cache, v_cache, rope), block_tables, out, trace)
+}
+
+/// The pools of a launch: read, or also written with the step's new tokens.
+enum Pools<'p, 'k, 'v> {
+    Read(&'p CudaView<'k, bf16>, &'p CudaView<'v, bf16>),
+    Write(&'p mut CudaViewMut<'k, bf16>, &'p mut CudaViewMut<'v, bf16>, RopeConfig),
+}
+
+/// [`decode_attention`], or with `Pools::Write` [`decode_attention_rope`].
+fn run(
+    ctx: &PhaseContext,
+    plan: &DecodePlan,
+    qkv: &CudaView<'_, bf16>,
+    mut pools: Pools<'_, '_, '_>,
+    block_tables: &CudaView<'_, i32>,
+    out: &mut CudaViewMut<'_, bf16>,
     mut trace: Option<&mut CudaViewMut<'_, u64>>,
 ) -> Result<()> {
     if ctx.budget() != plan.budget {
@@ -583,7 +629,12 @@ pub fn decode_attention(
     let (layout, cache, n) = (plan.layout, plan.cache, plan.num_seqs);
     let d = layout.head_dim;
     layout.check(qkv.len(), n)?;
-    cache.check(k_cache.len(), v_cache.len())?;
+    let stream = ctx.stream();
+    let (k_len, v_len, k_ptr, v_ptr) = match &pools {
+        Pools::Read(k, v) => (k.len(), v.len(), k.device_ptr(stream).0, v.device_ptr(stream).0),
+        Pools::Write(k, v, _) => (k.len(), v.len(), k.device_ptr(stream).0, v.device_ptr(stream).0),
+    };
+    cache.check(k_len, v_len)?;
     ensure_shape!(
         block_tables.len() == n * plan.max_blocks_per_seq,
         "decode attention: block_tables has {} entries, the plan {n} x {}",
@@ -600,14 +651,22 @@ pub fn decode_attention(
     if let Some(t) = trace.as_deref() {
         ensure_shape!(t.len() >= 3 * budget, "decode attention: trace has {} values, needs 3 x {budget}", t.len());
     }
+    let rope = match &pools {
+        Pools::Read(..) => None,
+        Pools::Write(_, _, rope) => {
+            rope.check()?;
+            Some(RopeArgs::new(*rope))
+        }
+    };
     if n == 0 {
         return Ok(());
     }
-    let stream = ctx.stream();
+    // The RoPE's kernel copies the value heads 16 bytes at a time.
+    let qkv_align = if rope.is_some() { 16 } else { 4 };
     for (ptr, align, what) in [
-        (qkv.device_ptr(stream).0, 4, "qkv"),
-        (k_cache.device_ptr(stream).0, 16, "k_cache"),
-        (v_cache.device_ptr(stream).0, 16, "v_cache"),
+        (qkv.device_ptr(stream).0, qkv_align, "qkv"),
+        (k_ptr, 16, "k_cache"),
+        (v_ptr, 16, "v_cache"),
         (out.device_ptr(stream).0, 8, "out"),
     ] {
         ensure_shape!(ptr % align == 0, "decode attention: {what} is not {align}-byte aligned");
@@ -626,24 +685,26 @@ pub fn decode_attention(
         PtxTarget::Sm90a => {
             let (rows, panels) = tma_box(d, cache.block_size);
             let map = |ptr| tensor_map::pool_map(ptr, cache, rows, panels);
-            (map(k_cache.device_ptr(stream).0)?, map(v_cache.device_ptr(stream).0)?)
+            (map(k_ptr)?, map(v_ptr)?)
         }
         PtxTarget::Sm80 => (TensorMap::unused(), TensorMap::unused()),
     };
-    let (name, merge_name) = match d {
-        64 => ("decode_attention_d64", "decode_attention_merge_d64"),
-        _ => ("decode_attention_d128", "decode_attention_merge_d128"),
+    let (name, merge_name) = match (d, rope.is_some()) {
+        (64, false) => ("decode_attention_d64", "decode_attention_merge_d64"),
+        (64, true) => ("decode_attention_rope_d64", "decode_attention_merge_d64"),
+        (_, false) => ("decode_attention_d128", "decode_attention_merge_d128"),
+        (_, true) => ("decode_attention_rope_d128", "decode_attention_merge_d128"),
     };
     {
         let threads = attention_threads(d, ctx.gpu().target(), plan.grid);
         let (f, cfg) = ctx.kernel(MODULE, name, plan.grid, threads, plan.smem_bytes)?;
         let mut launch = ctx.launch(&f);
+        launch.arg(&k_map).arg(&v_map).arg(qkv);
+        match &mut pools {
+            Pools::Read(k, v) => launch.arg(*k).arg(*v),
+            Pools::Write(k, v, _) => launch.arg(&mut **k).arg(&mut **v),
+        };
         launch
-            .arg(&k_map)
-            .arg(&v_map)
-            .arg(qkv)
-            .arg(k_cache)
-            .arg(v_cache)
             .arg(block_tables)
             .arg(&plan.work_indptr)
             .arg(&plan.items)
@@ -654,14 +715,19 @@ pub fn decode_attention(
             launch.arg(v);
         }
         launch.arg(&scale_log2);
+        if let Some(rope) = &rope {
+            rope.push(&mut launch);
+        }
         match trace.as_deref_mut() {
             Some(t) => launch.arg(t),
             None => launch.arg(&null),
         };
-        // SAFETY: the arguments match `decode_attention_d{64,128}` in cuda/decode_attention.cu. The
-        // plan's items stay inside the sequences it checked (lengths and block ids), whose shapes
-        // were checked against the buffers above (the tensor maps describe those same pools, so
-        // TMA boxes of whole blocks stay inside them); the trace holds the grid's 3 values per CTA.
+        // SAFETY: the arguments match `decode_attention_d{64,128}` (or, with the new tokens,
+        // `decode_attention_rope_d{64,128}`) in cuda/decode_attention.cu. The plan's items stay
+        // inside the sequences it checked (lengths and block ids), whose shapes were checked
+        // against the buffers above (the tensor maps describe those same pools, so TMA boxes of
+        // whole blocks stay inside them), and the new tokens' slots are those of the checked
+        // block ids; the trace holds the grid's 3 values per CTA.
         unsafe { launch.launch(cfg) }?;
     }
     if plan.merge_grid() > 0 {
@@ -697,7 +763,8 @@ struct Schedule {
     /// `[ctas + 1]`: CTA `c` runs items `work_indptr[c] .. work_indptr[c + 1]`.
     work_indptr: Vec<i32>,
     /// 8 ints per item: seq, kv_start, kv_end, kv_head, first query head, query heads, chunk slot
-    /// (-1: write `out` directly), 0.
+    /// (-1: write `out` directly), the sequence's last position (its new token's, which
+    /// `decode_attention_rope_d*` rotates by).
     items: Vec<i32>,
     /// 4 ints per split sequence: seq, first chunk slot, chunks, 0.
     merge: Vec<i32>,
@@ -931,7 +998,7 @@ fn schedule(
                     q_head as i32,
                     heads as i32,
                     partial,
-                    0,
+                    kv_lens[seq] as i32 - 1,
                 ]);
             }
         }
@@ -961,7 +1028,8 @@ mod tests {
     }
 
     /// Checks that a schedule covers every (sequence, query head, token) exactly once, with chunk
-    /// starts on the granule, consistent chunk slots and at most `ctas` lists.
+    /// starts on the granule, consistent chunk slots, each sequence's last position in its items,
+    /// and at most `ctas` lists.
     fn check(s: &Schedule, kv_lens: &[u32], l: QkvLayout, block_size: usize, ctas: usize) {
         let granule = block_size.max(CHUNK_GRANULE);
         let used = s.work_indptr.len() - 1;
@@ -974,6 +1042,7 @@ mod tests {
             let (seq, start, end, kvh, qh, nh, partial) =
                 (it[0] as usize, it[1] as usize, it[2] as usize, it[3] as usize, it[4] as usize, it[5] as usize, it[6]);
             assert!(start < end && end <= kv_lens[seq] as usize);
+            assert_eq!(it[7], kv_lens[seq] as i32 - 1, "an item carries its sequence's last position");
             assert_eq!(start % granule, 0);
             assert!((1..=HEADS).contains(&nh) && qh >= kvh * l.group_size() && qh + nh <= (kvh + 1) * l.group_size());
             let whole = start == 0 && end == kv_lens[seq] as usize;

@@ -10,7 +10,7 @@ use half::bf16;
 
 use crate::Result;
 use crate::error::ensure_shape;
-use crate::gpu::PhaseContext;
+use crate::gpu::{Launch, PhaseContext};
 use crate::layout::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle};
 
 const MODULE: &str = "elementwise";
@@ -154,6 +154,41 @@ pub fn fused_add_rms_norm(
     Ok(())
 }
 
+/// A RoPE configuration as the kernels take it (`rope_and_write_kv` and
+/// `decode_attention_rope_d*`): theta, the style (0: interleaved, 1: rotate-half), then the
+/// scaling's kind (0: none, 1: linear, 2: llama3) and its four scalars (unused ones 1).
+pub(crate) struct RopeArgs {
+    theta: f32,
+    style: i32,
+    scaling: i32,
+    scalars: [f32; 4],
+}
+
+impl RopeArgs {
+    pub(crate) fn new(rope: RopeConfig) -> Self {
+        let style = match rope.style {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::RotateHalf => 1,
+        };
+        let (scaling, scalars) = match rope.scaling {
+            RopeScaling::None => (0, [1.0; 4]),
+            RopeScaling::Linear { factor } => (1, [factor, 1.0, 1.0, 1.0]),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                (2, [factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32])
+            }
+        };
+        RopeArgs { theta: rope.theta, style, scaling, scalars }
+    }
+
+    /// Pushes them in the kernels' order.
+    pub(crate) fn push<'a>(&'a self, launch: &mut Launch<'a>) {
+        launch.arg(&self.theta).arg(&self.style).arg(&self.scaling);
+        for x in &self.scalars {
+            launch.arg(x);
+        }
+    }
+}
+
 /// Rotates the Q and K heads of a fused QKV buffer `[rows, layout.row_len()]` in place by each
 /// row's position, at the (scaled) frequencies of [`reference::rope_inv_freq`](crate::reference::rope_inv_freq),
 /// and writes each row's rotated keys and its values into the paged pools at `slots[row]`: one
@@ -197,18 +232,7 @@ pub fn rope_and_write_kv(
     let threads = ctx.budget().get() as usize * ROW_THREADS as usize;
     let heads_per_item = if items_of(ROPE_HEADS) >= threads { ROPE_HEADS } else { 1 };
     let items = items_of(heads_per_item);
-    let style: i32 = match rope.style {
-        RopeStyle::Interleaved => 0,
-        RopeStyle::RotateHalf => 1,
-    };
-    // The kernel's `scale_inv_freq` takes the kind and four scalars; unused ones are 1.
-    let (scaling, factor, low, high, original): (i32, f32, f32, f32, f32) = match rope.scaling {
-        RopeScaling::None => (0, 1.0, 1.0, 1.0, 1.0),
-        RopeScaling::Linear { factor } => (1, factor, 1.0, 1.0, 1.0),
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-            (2, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings as f32)
-        }
-    };
+    let r = RopeArgs::new(rope);
     let args = [
         to_i32(rows, "rows")?,
         to_i32(layout.num_heads, "heads")?,
@@ -228,8 +252,8 @@ pub fn rope_and_write_kv(
     let (f, cfg) = ctx.kernel(MODULE, name, grid, block as u32, smem)?;
     let mut launch = ctx.launch(&f);
     launch.arg(qkv).arg(positions).arg(slots).arg(k_cache).arg(v_cache);
-    launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]).arg(&rope.theta).arg(&style);
-    launch.arg(&scaling).arg(&factor).arg(&low).arg(&high).arg(&original);
+    launch.arg(&args[0]).arg(&args[1]).arg(&args[2]).arg(&args[3]);
+    r.push(&mut launch);
     // SAFETY: the arguments match `rope_and_write_kv` and `rope_and_write_kv_many_rows` in
     // cuda/elementwise.cu; `layout.check` bounded the rows, and every slot was checked against the
     // pool above.

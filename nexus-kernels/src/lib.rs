@@ -9,7 +9,7 @@
 //!
 //! | module | kernels |
 //! | --- | --- |
-//! | [`decode_attention`] | paged decode attention: one query per sequence, GQA, split-KV with a merge, planned on the host |
+//! | [`decode_attention`] | paged decode attention: one query per sequence, GQA, split-KV with a merge, planned on the host; with the new tokens' RoPE and KV-cache write in the same launch (`decode_attention_rope`) |
 //! | [`prefill_attention`] | paged chunked-prefill attention: causal chunks over cached prefixes, tensor cores |
 //! | [`gemm`] | bf16 GEMM `C = A·Bᵀ (+ bias)` with f32 accumulation, M from 1 up, tensor cores (wgmma on Hopper); with a SwiGLU epilogue, `silu(A·gateᵀ) * (A·upᵀ)`; on Hopper with a pre-norm layer's residual add and RMSNorm fused in (`GemmFusion`) |
 //! | [`elementwise`] | embedding gather, RMSNorm (with fused residual add), RoPE with the KV-cache write, argmax, a norm's gain folded into a weight |

@@ -3,14 +3,18 @@
 //! shuffled block tables, budgets from one CTA to all SMs, each split mode, and the portable (sm_80)
 //! build on the same GPU; plus batch
 //! invariance of fixed chunks, CUDA-graph capture, the CTA trace, and the plan's and launcher's
-//! errors.
+//! errors. And `decode_attention_rope` (the new tokens' RoPE and KV write in the same launch)
+//! against its reference: the output and both whole pools.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaGraph, CudaSlice, CudaView};
 use half::bf16;
-use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention};
-use nexus::kernels::{ErrorKind, Gpu, PagedKvLayout, PhaseContext, QkvLayout, copy_rows_htod, reference};
+use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, KvSplit, decode_attention, decode_attention_rope};
+use nexus::kernels::{
+    ErrorKind, Gpu, PagedKvLayout, PhaseContext, QkvLayout, RopeConfig, RopeScaling, RopeStyle, copy_rows_htod,
+    reference,
+};
 use rand::Rng;
 use rand::rngs::StdRng;
 
@@ -223,6 +227,172 @@ fn random_batches_match_reference() {
     // One short sequence, one long one: the long one is split across many CTAs.
     check("single", gqa(), 16, &[20000], &[KvSplit::Auto]);
     check("single short", smollm2(), 16, &[3], &[KvSplit::Auto]);
+}
+
+/// The rotated keys' tolerance, as `rope_and_write_kv`'s test: the kernel's sines and cosines
+/// (f32, the special function unit's) and the reference's may round a value of up to ~4 to the
+/// neighbouring bf16.
+const ROPE_ATOL: f32 = 2e-2;
+
+/// Makes the K and V of each sequence's last token (its new one) NaN in the case's pools, as a
+/// pool holds before the write: a missed write fails the comparison.
+fn clear_new_tokens(case: &mut Case) {
+    let bs = case.cache.block_size;
+    let slot_len = case.cache.num_kv_heads * case.cache.head_dim;
+    for (i, &len) in case.kv_lens.iter().enumerate() {
+        let pos = len as usize - 1;
+        let slot = case.block_tables[i * case.max_blocks + pos / bs] as usize * bs + pos % bs;
+        case.k[slot * slot_len..][..slot_len].fill(f32::NAN);
+        case.v[slot * slot_len..][..slot_len].fill(f32::NAN);
+    }
+}
+
+/// `got` against `want`, a pool: NaN where `want` is (slots no sequence owns, which no kernel may
+/// write), else within the tolerances.
+fn assert_pool_close(what: &str, got: &[f32], want: &[f32], atol: f32) {
+    let stray = got.iter().zip(want).filter(|(g, w)| w.is_nan() && !g.is_nan()).count();
+    assert_eq!(stray, 0, "{what}: {stray} values written outside the sequences' slots");
+    let (g, w): (Vec<f32>, Vec<f32>) = got.iter().zip(want).filter(|(_, w)| !w.is_nan()).map(|(g, w)| (*g, *w)).unzip();
+    assert_close(what, &g, &w, BF16_RTOL, atol);
+}
+
+/// `decode_attention_rope` over one batch with each budget and split mode on `gpu`: the output,
+/// both pools (the new tokens' rotated keys and values, nothing else written) and the QKV buffer
+/// (left as it was) against the reference.
+fn check_rope_on(
+    gpu: &Arc<Gpu>,
+    test: &str,
+    layout: QkvLayout,
+    block_size: usize,
+    kv_lens: &[u32],
+    rope: RopeConfig,
+    splits: &[KvSplit],
+) {
+    let mut rng = rng(test);
+    let mut case = Case::new(&mut rng, layout, block_size, kv_lens);
+    clear_new_tokens(&mut case);
+    let (mut want_k, mut want_v, mut want) = (case.k.clone(), case.v.clone(), vec![0.0; case.out_len()]);
+    reference::decode_attention_rope(
+        &case.qkv,
+        layout,
+        rope,
+        &mut want_k,
+        &mut want_v,
+        case.cache,
+        &case.kv_lens,
+        &case.block_tables,
+        case.max_blocks,
+        case.scale,
+        &mut want,
+    )
+    .expect("reference");
+    for &split in splits {
+        for budget in budgets() {
+            let ctx = phase_on(gpu, budget);
+            let plan = case.plan(&ctx, split);
+            let what = format!("{test} {rope:?}: {}", describe(&case, split, budget, &plan));
+            let mut inputs = case.device(&ctx);
+            let mut out = poisoned(&ctx, case.out_len());
+            decode_attention_rope(
+                &ctx,
+                &plan,
+                &inputs.qkv.as_view(),
+                rope,
+                &mut inputs.k.as_view_mut(),
+                &mut inputs.v.as_view_mut(),
+                &inputs.tables.as_view(),
+                &mut out.as_view_mut(),
+                None,
+            )
+            .expect("decode_attention_rope");
+            assert_close(&format!("{what}: out"), &download(&ctx, &out), &want, BF16_RTOL, ATOL);
+            assert_pool_close(&format!("{what}: k"), &download(&ctx, &inputs.k), &want_k, ROPE_ATOL);
+            assert_pool_close(&format!("{what}: v"), &download(&ctx, &inputs.v), &want_v, 0.0);
+            assert_eq!(download(&ctx, &inputs.qkv), case.qkv, "{what}: qkv was written");
+        }
+    }
+}
+
+fn llama3_rope() -> RopeConfig {
+    let scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 1.0,
+        high_freq_factor: 4.0,
+        original_max_position_embeddings: 8192,
+    };
+    RopeConfig { theta: 500_000.0, style: RopeStyle::RotateHalf, scaling }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_attention_rope_matches_reference() {
+    let gpu = gpu();
+    let interleaved = RopeConfig { theta: 10_000.0, style: RopeStyle::Interleaved, scaling: RopeScaling::None };
+    let linear =
+        RopeConfig { theta: 1_000_000.0, style: RopeStyle::RotateHalf, scaling: RopeScaling::Linear { factor: 4.0 } };
+    let splits = [KvSplit::Auto, KvSplit::Never];
+    check_rope_on(&gpu, "rope gqa 32/8", gqa(), 16, &LENGTHS, llama3_rope(), &splits);
+    check_rope_on(&gpu, "rope gqa 32/8 blocks of 8", gqa(), 8, &LENGTHS, interleaved, &[KvSplit::Auto]);
+    check_rope_on(&gpu, "rope smollm2 9/3", smollm2(), 64, &LENGTHS, linear, &splits);
+    check_rope_on(&gpu, "rope smollm2 9/3 interleaved", smollm2(), 32, &LENGTHS, interleaved, &[KvSplit::Auto]);
+    // A group of 16 query heads: two items per KV head hold the new token, and both write it.
+    let wide = QkvLayout { num_heads: 32, num_kv_heads: 2, head_dim: 64 };
+    check_rope_on(&gpu, "rope group 16", wide, 32, &LENGTHS, linear, &[KvSplit::Auto]);
+    check_rope_on(&gpu, "rope single", gqa(), 16, &[20000], llama3_rope(), &[KvSplit::Auto]);
+    let portable = portable_gpu();
+    check_rope_on(&portable, "portable rope gqa 32/8", gqa(), 16, &LENGTHS, llama3_rope(), &[KvSplit::Auto]);
+    check_rope_on(&portable, "portable rope smollm2 9/3", smollm2(), 8, &LENGTHS, interleaved, &[KvSplit::Auto]);
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_attention_rope_rejects_bad_inputs() {
+    let mut rng = rng("rope errors");
+    let mut case = Case::new(&mut rng, gqa(), 16, &[40, 17]);
+    clear_new_tokens(&mut case);
+    let ctx = phase(Some(7));
+    let plan = case.plan(&ctx, KvSplit::Auto);
+    let mut inputs = case.device(&ctx);
+    let mut out = poisoned(&ctx, case.out_len());
+    let mut run = |ctx: &PhaseContext, k_len: usize, rope: RopeConfig| {
+        decode_attention_rope(
+            ctx,
+            &plan,
+            &inputs.qkv.as_view(),
+            rope,
+            &mut inputs.k.slice_mut(..k_len),
+            &mut inputs.v.as_view_mut(),
+            &inputs.tables.as_view(),
+            &mut out.as_view_mut(),
+            None,
+        )
+        .map_err(|e| e.kind())
+    };
+    let (rope, pool) = (llama3_rope(), case.cache.pool_len());
+    // A bad RoPE (theta, llama3 factors), a short pool, another budget.
+    assert_eq!(run(&ctx, pool, RopeConfig { theta: -1.0, ..rope }), Err(ErrorKind::Shape));
+    let bad_scaling = RopeScaling::Llama3 {
+        factor: 8.0,
+        low_freq_factor: 4.0,
+        high_freq_factor: 1.0,
+        original_max_position_embeddings: 8192,
+    };
+    assert_eq!(run(&ctx, pool, RopeConfig { scaling: bad_scaling, ..rope }), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx, pool - 8, rope), Err(ErrorKind::Shape));
+    assert_eq!(run(&ctx.with_budget(phase(Some(8)).budget()), pool, rope), Err(ErrorKind::Unsupported));
+    // The refused calls wrote nothing: the new tokens' slots still hold NaN.
+    let unwritten = |inputs: &DeviceInputs| download(&ctx, &inputs.k).iter().filter(|x| x.is_nan()).count();
+    assert_eq!(unwritten(&inputs), unwritten(&case.device(&ctx)));
+}
+
+/// Small enough for compute-sanitizer's memcheck and racecheck: a few sequences, one of them split.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_attention_rope_for_sanitizers() {
+    let gpu = gpu();
+    check_rope_on(&gpu, "rope sanitizers d128", gqa(), 16, &[1, 17, 300, 3000], llama3_rope(), &[KvSplit::Auto]);
+    let interleaved = RopeConfig { theta: 10_000.0, style: RopeStyle::Interleaved, scaling: RopeScaling::None };
+    check_rope_on(&gpu, "rope sanitizers d64", smollm2(), 8, &[1, 17, 300, 3000], interleaved, &[KvSplit::Auto]);
 }
 
 #[test]

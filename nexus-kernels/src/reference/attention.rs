@@ -1,12 +1,14 @@
 //! Causal attention over a paged KV cache: `prefill_attention` for chunks of prompt tokens,
 //! `decode_attention` for one new token per sequence.
 
+use half::bf16;
 use rayon::prelude::*;
 
+use super::elementwise::rope_and_write_kv;
 use super::gemm::dot;
 use crate::Result;
 use crate::error::ensure_shape;
-use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout};
+use crate::layout::{AttentionBatch, PagedKvLayout, QkvLayout, RopeConfig};
 
 /// Attention of a batch of prompt chunks. Query row `j` of sequence `i` sits at position
 /// `kv_lens[i] - q_len + j` and attends to cached positions `0..=` that one (its prefix and the
@@ -92,4 +94,49 @@ pub fn decode_attention(
     let q_indptr: Vec<u32> = (0..=kv_lens.len() as u32).collect();
     let batch = AttentionBatch { q_indptr: &q_indptr, kv_lens, block_tables, max_blocks_per_seq };
     prefill_attention(qkv, layout, k_cache, v_cache, cache, batch, scale, out)
+}
+
+/// The step's new tokens rotated and written into the pools, then [`decode_attention`]: what the
+/// fused kernel does in one launch. Sequence `i`'s new token is row `i` of `qkv` and the last of
+/// its KV: [`rope_and_write_kv`] at position `kv_lens[i] - 1`, into the slot `block_tables` gives
+/// that position. The rotated heads are rounded to bf16 before the attention, as the pools hold
+/// them (and the unfused kernels write them back). `qkv` is left as it is.
+#[allow(clippy::too_many_arguments)] // The kernel's own argument list.
+pub fn decode_attention_rope(
+    qkv: &[f32],
+    layout: QkvLayout,
+    rope: RopeConfig,
+    k_cache: &mut [f32],
+    v_cache: &mut [f32],
+    cache: PagedKvLayout,
+    kv_lens: &[u32],
+    block_tables: &[i32],
+    max_blocks_per_seq: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    let bs = cache.block_size;
+    let mut positions = Vec::with_capacity(kv_lens.len());
+    let mut slots = Vec::with_capacity(kv_lens.len());
+    for (i, &len) in kv_lens.iter().enumerate() {
+        ensure_shape!(len > 0, "decode_attention_rope: sequence {i} has no tokens");
+        let pos = len as usize - 1;
+        let block = block_tables.get(i * max_blocks_per_seq + pos / bs).copied().unwrap_or(-1);
+        ensure_shape!(
+            pos / bs < max_blocks_per_seq && block >= 0,
+            "decode_attention_rope: sequence {i}'s table has no block for position {pos}"
+        );
+        positions.push(pos as u32);
+        slots.push((block as usize * bs + pos % bs) as u32);
+    }
+    let mut rotated = qkv.to_vec();
+    rope_and_write_kv(&mut rotated, &positions, layout, rope, &slots, k_cache, v_cache, cache)?;
+    let round = |x: &mut f32| *x = bf16::from_f32(*x).to_f32();
+    rotated.iter_mut().for_each(round);
+    let slot_len = cache.slot_len();
+    for &slot in &slots {
+        k_cache[slot as usize * slot_len..][..slot_len].iter_mut().for_each(round);
+        v_cache[slot as usize * slot_len..][..slot_len].iter_mut().for_each(round);
+    }
+    decode_attention(&rotated, layout, k_cache, v_cache, cache, kv_lens, block_tables, max_blocks_per_seq, scale, out)
 }

@@ -10,7 +10,7 @@ mod elementwise;
 mod gemm;
 mod stream_read;
 
-pub use attention::{decode_attention, prefill_attention};
+pub use attention::{decode_attention, decode_attention_rope, prefill_attention};
 pub use elementwise::{
     ARGMAX_NONE, argmax, embedding, fill_uniform, fused_add_rms_norm, rms_norm, rope_and_write_kv, rope_inv_freq,
 };

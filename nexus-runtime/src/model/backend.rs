@@ -388,6 +388,22 @@ pub trait Backend {
         step: &Self::Step,
         scale: f32,
     ) -> Result<Self::Activation>;
+    /// [`Backend::rope_and_write_kv`], then [`Backend::attention`]: one call, so that a backend may
+    /// do both in one launch (the CUDA backend's decode steps). `qkv` is left rotated or not.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_and_attention(
+        &self,
+        phase: &Self::Phase,
+        qkv: &mut Self::Activation,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        pool: &mut Self::KvPool,
+        step: &Self::Step,
+        scale: f32,
+    ) -> Result<Self::Activation> {
+        self.rope_and_write_kv(phase, qkv, layout, rope, pool, step)?;
+        self.attention(phase, qkv, layout, pool, step, scale)
+    }
     /// The SwiGLU of a feed-forward layer, `silu(x · gateᵀ) * (x · upᵀ)`, where `gate_up` is
     /// `[2 × width, in]` (the gate rows, then the up rows) and the result `[rows, width]`.
     fn linear_silu_and_mul(

@@ -103,6 +103,13 @@ enum AttentionPlan {
     Prefill(PrefillPlan),
 }
 
+/// The pools an attention launch reads, or also writes the step's new tokens into, rotated by
+/// the RoPE (`decode_attention_rope`).
+enum PoolAccess<'a> {
+    Read(&'a CudaKvPool),
+    WriteNewTokens(&'a mut CudaKvPool, RopeConfig),
+}
+
 /// What a step decided once for all its layers, per budget it runs at.
 #[derive(Default)]
 struct StepPlans {
@@ -620,7 +627,7 @@ impl CudaBackend {
         phase: &CudaPhase,
         qkv: &CudaMatrix,
         layout: QkvLayout,
-        pool: &CudaKvPool,
+        pool: PoolAccess<'_>,
         step: &CudaStep,
         scale: f32,
     ) -> Result<CudaMatrix> {
@@ -628,23 +635,27 @@ impl CudaBackend {
         let host = &step.host;
         let mut plans = lock(&step.plans);
         let budget = ctx.budget();
+        let pool_layout = match &pool {
+            PoolAccess::Read(p) => p.layout,
+            PoolAccess::WriteNewTokens(p, _) => p.layout,
+        };
         let index = match plans.attention.iter().position(|(b, _)| *b == budget) {
             Some(i) => i,
             None => {
-                let plan = if host.kind == StepKind::Decode && !self.config.batch_invariant {
+                let plan = if self.plans_decode_attention(step) {
                     let options = DecodeOptions { scale, ..DecodeOptions::new(layout.head_dim) };
                     let (lens, tables, width) = (&host.kv_lens, &host.block_tables, host.max_blocks_per_seq);
                     AttentionPlan::Decode(if step.recorded {
-                        let mut plan = DecodePlan::with_capacity(ctx, layout, pool.layout, lens.len(), width, options)?;
+                        let mut plan = DecodePlan::with_capacity(ctx, layout, pool_layout, lens.len(), width, options)?;
                         plan.update(ctx, lens, tables, width)?;
                         plan
                     } else {
-                        DecodePlan::new(ctx, layout, pool.layout, lens, tables, width, options)?
+                        DecodePlan::new(ctx, layout, pool_layout, lens, tables, width, options)?
                     })
                 } else {
                     let options = PrefillOptions { portable_only: self.config.portable_prefill_attention };
                     let batch = host.attention_batch();
-                    AttentionPlan::Prefill(PrefillPlan::with_options(ctx, batch, layout, pool.layout, options)?)
+                    AttentionPlan::Prefill(PrefillPlan::with_options(ctx, batch, layout, pool_layout, options)?)
                 };
                 plans.attention.push((budget, plan));
                 plans.attention.len() - 1
@@ -652,7 +663,7 @@ impl CudaBackend {
         };
         let mut out = self.output(phase, qkv.rows, layout.num_heads * layout.head_dim)?;
         let tables = step.block_tables.slice(..host.block_tables.len());
-        let (k, v, q) = (pool.k.as_view(), pool.v.as_view(), qkv.data.as_view());
+        let q = qkv.data.as_view();
         let mut trace = lock(&phase.trace);
         let mut records = trace.as_mut().and_then(|t| {
             let first = t.launches.last().map_or(0, |&(first, budget)| first + 3 * budget as usize);
@@ -662,17 +673,50 @@ impl CudaBackend {
                 t.records.slice_mut(first..end)
             })
         });
-        match &plans.attention[index].1 {
-            AttentionPlan::Decode(plan) => {
-                let out = &mut out.data.as_view_mut();
-                decode_attention::decode_attention(ctx, plan, &q, &k, &v, &tables, out, records.as_mut())?;
+        let out_view = &mut out.data.as_view_mut();
+        match (&plans.attention[index].1, pool) {
+            (AttentionPlan::Decode(plan), PoolAccess::Read(pool)) => {
+                let (k, v) = (pool.k.as_view(), pool.v.as_view());
+                decode_attention::decode_attention(ctx, plan, &q, &k, &v, &tables, out_view, records.as_mut())?;
             }
-            AttentionPlan::Prefill(plan) => {
-                let out = &mut out.data.as_view_mut();
-                prefill_attention::prefill_attention(ctx, plan, &q, &k, &v, &tables, scale, out, records.as_mut())?;
+            (AttentionPlan::Decode(plan), PoolAccess::WriteNewTokens(pool, rope)) => {
+                let (k, v) = (&mut pool.k.as_view_mut(), &mut pool.v.as_view_mut());
+                decode_attention::decode_attention_rope(
+                    ctx,
+                    plan,
+                    &q,
+                    rope,
+                    k,
+                    v,
+                    &tables,
+                    out_view,
+                    records.as_mut(),
+                )?;
+            }
+            (AttentionPlan::Prefill(plan), PoolAccess::Read(pool)) => {
+                let (k, v) = (pool.k.as_view(), pool.v.as_view());
+                prefill_attention::prefill_attention(
+                    ctx,
+                    plan,
+                    &q,
+                    &k,
+                    &v,
+                    &tables,
+                    scale,
+                    out_view,
+                    records.as_mut(),
+                )?;
+            }
+            (AttentionPlan::Prefill(_), PoolAccess::WriteNewTokens(..)) => {
+                return Err(Error::invalid("a prefill step's attention does not write its new tokens"));
             }
         }
         Ok(out)
+    }
+
+    /// Whether `step`'s attention runs the decode kernel (else the prefill one).
+    fn plans_decode_attention(&self, step: &CudaStep) -> bool {
+        step.host.kind == StepKind::Decode && !self.config.batch_invariant
     }
 
     /// The kernel and split of K for `shape` at `phase`'s budget, chosen once per step.
@@ -1003,7 +1047,29 @@ impl Backend for CudaBackend {
         scale: f32,
     ) -> Result<CudaMatrix> {
         self.run_op(phase, OpShape::attention(&step.host), || {
-            self.attention_launches(phase, qkv, layout, pool, step, scale)
+            self.attention_launches(phase, qkv, layout, PoolAccess::Read(pool), step, scale)
+        })
+    }
+
+    /// A decode step's RoPE and KV write inside its attention kernel: one launch a layer fewer.
+    /// The kernel writes each sequence's new token at the slot its block table gives the last
+    /// position, which is the step's slot ([`check_decode_slots`] for a recorded step's).
+    fn rope_and_attention(
+        &self,
+        phase: &CudaPhase,
+        qkv: &mut CudaMatrix,
+        layout: QkvLayout,
+        rope: RopeConfig,
+        pool: &mut CudaKvPool,
+        step: &CudaStep,
+        scale: f32,
+    ) -> Result<CudaMatrix> {
+        if !self.plans_decode_attention(step) {
+            self.rope_and_write_kv(phase, qkv, layout, rope, pool, step)?;
+            return self.attention(phase, qkv, layout, pool, step, scale);
+        }
+        self.run_op(phase, OpShape::attention(&step.host), || {
+            self.attention_launches(phase, qkv, layout, PoolAccess::WriteNewTokens(pool, rope), step, scale)
         })
     }
 

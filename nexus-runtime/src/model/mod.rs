@@ -350,8 +350,7 @@ impl<B: Backend> LlamaModel<B> {
                     0 => backend.linear(phase, step, &x, &layer.qkv, bias)?,
                     _ => backend.linear_normalized(phase, step, &residual, &layer.qkv, bias, eps)?,
                 };
-                backend.rope_and_write_kv(phase, &mut qkv, layout, rope, pool, step)?;
-                let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
+                let attn = backend.rope_and_attention(phase, &mut qkv, layout, rope, pool, step, scale)?;
                 backend.linear_add(phase, step, &attn, &layer.o, &mut residual)?;
                 let act = backend.linear_silu_and_mul_normalized(phase, step, &residual, &layer.gate_up, eps)?;
                 backend.linear_add(phase, step, &act, &layer.down, &mut residual)?;
@@ -368,8 +367,7 @@ impl<B: Backend> LlamaModel<B> {
                 }
             };
             let mut qkv = backend.linear(phase, step, &x, &layer.qkv, layer.qkv_bias.as_ref())?;
-            backend.rope_and_write_kv(phase, &mut qkv, layout, rope, pool, step)?;
-            let attn = backend.attention(phase, &qkv, layout, pool, step, scale)?;
+            let attn = backend.rope_and_attention(phase, &mut qkv, layout, rope, pool, step, scale)?;
             let attn_out = backend.linear(phase, step, &attn, &layer.o, None)?;
             let x =
                 backend.fused_add_rms_norm(phase, &attn_out, &mut residual, self.norm_gain(&layer.ffn_norm), eps)?;

@@ -1053,7 +1053,7 @@ impl Backend for CudaBackend {
 
     /// A decode step's RoPE and KV write inside its attention kernel: one launch a layer fewer.
     /// The kernel writes each sequence's new token at the slot its block table gives the last
-    /// position, which is the step's slot ([`check_decode_slots`] for a recorded step's).
+    /// position, which is the step's slot (`check_decode_slots` checks a recorded step's).
     fn rope_and_attention(
         &self,
         phase: &CudaPhase,

@@ -6,7 +6,8 @@
 //! block-table copies of the batch, rotated) so no launch finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
 //! once per budget outside the timing, as a serving engine does once per step. Next to each figure:
 //! the streaming read at the same budget, measured in the same run (`stream_read_curve`), and the
-//! kernel's share of it and of the all-SM streaming read.
+//! kernel's share of it and of the all-SM streaming read; and the time of `decode_attention_rope`
+//! (the same attention with the new tokens' RoPE and KV write inside) on the same plan.
 //!
 //! `cargo bench --bench decode_attention`; `NEXUS_BENCH_ONLY=text` runs only the cases whose name
 //! (as criterion prints it) contains `text`; with `NEXUS_BENCH_OUT=dir` the summary table is also
@@ -17,8 +18,8 @@ mod common;
 use common::*;
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, decode_attention};
-use nexus::kernels::{PagedKvLayout, QkvLayout};
+use nexus::kernels::decode_attention::{DecodeOptions, DecodePlan, decode_attention, decode_attention_rope};
+use nexus::kernels::{PagedKvLayout, QkvLayout, RopeConfig, RopeScaling, RopeStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -68,6 +69,7 @@ fn main() {
             "chunk",
             "items",
             "CTAs",
+            "us with RoPE inside",
         ],
     );
     let mut rng = StdRng::seed_from_u64(0xdec0de);
@@ -140,6 +142,25 @@ fn main() {
                 };
                 c.bench_function(&case, |b| b.iter_custom(|iters| time_gpu(&stream, iters, &mut launch)));
                 let t = median_gpu_time(&stream, &mut launch).as_secs_f64();
+                // Llama-3.1-8B's RoPE (rotate-half, theta 500000, no scaling: the arithmetic is
+                // the same for every scaling).
+                let rope = RopeConfig { theta: 500_000.0, style: RopeStyle::RotateHalf, scaling: RopeScaling::None };
+                let mut launch_rope = |i: u64| {
+                    let copy = i as usize % copies;
+                    decode_attention_rope(
+                        &ctx,
+                        &plans[copy],
+                        &qkv.as_view(),
+                        rope,
+                        &mut k.as_view_mut(),
+                        &mut v.as_view_mut(),
+                        &dev_tables[copy].as_view(),
+                        &mut out.as_view_mut(),
+                        None,
+                    )
+                    .expect("decode_attention_rope");
+                };
+                let t_rope = median_gpu_time(&stream, &mut launch_rope).as_secs_f64();
                 let tbs = plans[0].kv_bytes() as f64 / t / 1e12;
                 let ceiling = stream_read.at(budget.get()) / 1e12;
                 report.add(vec![
@@ -154,6 +175,7 @@ fn main() {
                     plans[0].chunk_tokens().map_or("-".into(), |c| c.to_string()),
                     plans[0].num_items().to_string(),
                     plans[0].grid().to_string(),
+                    format!("{:.1}", t_rope * 1e6),
                 ]);
             }
         }

@@ -173,6 +173,12 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
         cost.prefill_overhead_s * 1e3,
         cost.decode_overhead_s * 1e3
     );
+    let fusions = cost.decode_fusions;
+    println!(
+        "decode steps priced with their norms inside the GEMMs up to {} rows, RoPE {} the attention kernel",
+        fusions.norm_rows,
+        if fusions.rope { "inside" } else { "outside" }
+    );
     for (kind, c) in
         [("decode next to prefill", cost.decode_contention), ("prefill next to decode", cost.prefill_contention)]
     {

@@ -28,7 +28,7 @@
 use nexus_kernels::BandwidthCurve;
 use serde::{Deserialize, Serialize};
 
-use crate::model::backend::{OpShape, StepKind};
+use crate::model::backend::{DecodeFusions, OpShape, StepKind};
 use crate::weights::config::ModelConfig;
 use crate::{Error, Result};
 
@@ -231,6 +231,10 @@ pub struct CostModel {
     /// What decode running beside a prefill iteration does to it, and the other way round.
     pub prefill_contention: Contention,
     pub decode_contention: Contention,
+    /// What the profiled backend's decode steps fuse: the elementwise launches an iteration makes
+    /// (profiles made before it was kept: none).
+    #[serde(default)]
+    pub decode_fusions: DecodeFusions,
     #[serde(skip)]
     curve: Option<BandwidthCurve>,
 }
@@ -265,6 +269,7 @@ impl CostModel {
             decode_beside_scale: Vec::new(),
             prefill_contention: Contention::default(),
             decode_contention: Contention::default(),
+            decode_fusions: DecodeFusions::default(),
             curve: None,
         };
         cost.check()?;
@@ -397,13 +402,21 @@ impl CostModel {
             let op = self.op_work(&decode);
             ops.push(scaled(OpWork { launches: if chunks { 0.0 } else { op.launches }, ..op }, layers));
         }
-        // Per layer, three elementwise kernels move per token (as the backends count them): two
-        // fused residual adds and norms (4h each), RoPE over the Q and K heads (read and write).
-        // SiLU-and-mul is the gate/up GEMM's epilogue.
+        // Per layer, up to three elementwise kernels move per token (as the backends count them):
+        // two fused residual adds and norms (4h each), RoPE over the Q and K heads (read and
+        // write); a decode step runs the norms inside its GEMMs when it has at most
+        // `decode_fusions.norm_rows` rows, and the RoPE inside its attention with
+        // `decode_fusions.rope`. SiLU-and-mul is the gate/up GEMM's epilogue.
+        let decode = work.kind == StepKind::Decode;
+        let norms = !(decode && work.tokens <= self.decode_fusions.norm_rows);
+        let rope = !(decode && self.decode_fusions.rope);
         let rotated = (m.heads + m.kv_heads) * m.head_dim;
-        let per_token = 8 * m.hidden + 2 * rotated;
-        let rest = self.op_work(&OpShape::elementwise(work.tokens * per_token));
-        ops.push(scaled(OpWork { launches: 3.0, ..rest }, layers));
+        let per_token = if norms { 8 * m.hidden } else { 0 } + if rope { 2 * rotated } else { 0 };
+        let launches = if norms { 2.0 } else { 0.0 } + if rope { 1.0 } else { 0.0 };
+        if launches > 0.0 {
+            let rest = self.op_work(&OpShape::elementwise(work.tokens * per_token));
+            ops.push(scaled(OpWork { launches, ..rest }, layers));
+        }
         ops
     }
 
@@ -761,6 +774,34 @@ pub(crate) mod tests {
     /// A mixed batch (chunked's prefill iteration with decode rows in it): the rows read their
     /// cache as decode attention does, not at the prefill curve's bandwidth fraction (0.1 in an
     /// H200 profile, fitted on prompt chunks), and add no launch.
+    #[test]
+    fn elementwise_launches_follow_the_backends_decode_fusions() {
+        let mut cost = llama8b_h200();
+        let rest = |cost: &CostModel, work: &IterationWork| -> (f64, f64) {
+            let ops = cost.ops(work);
+            let rest: Vec<&OpWork> = ops.iter().filter(|op| op.op == Op::Rest).collect();
+            (rest.iter().map(|op| op.launches).sum(), rest.iter().map(|op| op.bytes).sum())
+        };
+        let decode = |rows: usize| IterationWork::of(StepKind::Decode, (0..rows).map(|_| (1, 2048)));
+        let prefill = IterationWork::of(StepKind::Prefill, [(512, 0)]);
+        let layers = 32.0;
+        // No fusion: two norms and the RoPE a layer, in every iteration.
+        assert_eq!(rest(&cost, &decode(8)).0, 3.0 * layers);
+        assert_eq!(rest(&cost, &prefill).0, 3.0 * layers);
+        // Norms inside the GEMMs up to 32 rows and the RoPE inside decode attention: a decode step
+        // of 8 rows launches no elementwise kernel, one of 64 the two norms; prefill all three.
+        cost.decode_fusions = DecodeFusions { norm_rows: 32, rope: true };
+        assert_eq!(rest(&cost, &decode(8)), (0.0, 0.0));
+        let (launches, bytes) = rest(&cost, &decode(64));
+        assert_eq!(launches, 2.0 * layers);
+        assert_eq!(bytes, layers * 64.0 * 2.0 * 8.0 * cost.model.hidden as f64);
+        assert_eq!(rest(&cost, &prefill).0, 3.0 * layers);
+        // Fewer launches, a shorter predicted step.
+        let fused = cost.seconds(&decode(8), 64, None);
+        cost.decode_fusions = DecodeFusions::default();
+        assert!(fused < cost.seconds(&decode(8), 64, None));
+    }
+
     #[test]
     fn decode_rows_in_a_prefill_iteration_are_priced_as_decode_attention() {
         let mut cost = llama8b_h200();

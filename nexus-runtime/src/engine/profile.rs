@@ -27,7 +27,7 @@ use crate::engine::cost_model::{
 };
 use crate::engine::kv_cache::BlockManager;
 use crate::engine::scheduler::controller::{Controller, ControllerConfig};
-use crate::model::backend::{Backend, LogitsReadback, StepInput, StepKind};
+use crate::model::backend::{Backend, DecodeFusions, LogitsReadback, StepInput, StepKind};
 use crate::model::{KvCache, LlamaModel};
 use crate::{Error, Result};
 
@@ -127,6 +127,10 @@ pub struct Measurements {
     pub ops: Vec<Sample>,
     /// Whole steps timed alone and with both lanes running.
     pub steps: Vec<StepSample>,
+    /// What the backend's decode steps fused ([`Backend::decode_fusions`]; measurements saved
+    /// before it was kept: none).
+    #[serde(default)]
+    pub decode_fusions: DecodeFusions,
 }
 
 /// The outcome of a profile.
@@ -308,7 +312,14 @@ pub fn measure<B: Backend>(
         }
         prefill.seqs.iter().for_each(|&s| blocks.free(s));
     }
-    Ok(Measurements { model: shape, sm_count, bandwidth: pricing.bandwidth.clone(), ops, steps })
+    Ok(Measurements {
+        model: shape,
+        sm_count,
+        bandwidth: pricing.bandwidth.clone(),
+        ops,
+        steps,
+        decode_fusions: backend.decode_fusions(),
+    })
 }
 
 /// Whether the both-lane runs of the `pair`-th pair of shapes at its `split`-th split measure the
@@ -325,6 +336,7 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
     let sm_count = measured.sm_count;
     let start = OpCurve::new(1e12, f64::from(sm_count), 1.0);
     let mut cost = CostModel::new(measured.model, sm_count, measured.bandwidth.clone(), start, start, start, 0.0, 0.0)?;
+    cost.decode_fusions = measured.decode_fusions;
     // Every layer launches the same operators: one sample per operator and budget, the median of
     // its launches.
     let ops = median_per_launch(&measured.ops);

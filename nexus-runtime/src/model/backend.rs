@@ -190,6 +190,16 @@ impl OpShape {
     }
 }
 
+/// What a backend's decode steps run inside other kernels, which decides the elementwise
+/// launches they make (the cost model counts them): a decode step of at most `norm_rows` rows
+/// runs its residual adds and norms inside the GEMMs, and with `rope` its RoPE and KV write
+/// inside the attention kernel. The default: neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DecodeFusions {
+    pub norm_rows: usize,
+    pub rope: bool,
+}
+
 /// An operator timed on a phase: what it did, its budget, and how long it took.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OpTime {
@@ -364,6 +374,10 @@ pub trait Backend {
     ) -> Result<Self::Activation> {
         let _ = (phase, step, x, gate_up, eps);
         Err(Error::invalid("this backend fuses no RMSNorm into its GEMMs"))
+    }
+    /// What this backend's decode steps fuse (none by default).
+    fn decode_fusions(&self) -> DecodeFusions {
+        DecodeFusions::default()
     }
     /// Rotates the Q and K heads of a fused QKV activation by the step's positions, and writes
     /// the step's (rotated) keys and its values into the pools. The pools are shared by every

@@ -48,7 +48,9 @@ use nexus_kernels::{
 };
 
 use self::arena::{Arena, MatrixData};
-use crate::model::backend::{Backend, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, StepKind, StepScope};
+use crate::model::backend::{
+    Backend, DecodeFusions, HostLogits, LogitsReadback, OpShape, OpTime, StepInput, StepKind, StepScope,
+};
 use crate::weights::gguf::HostTensor;
 use crate::{Error, Result};
 
@@ -964,6 +966,13 @@ impl Backend for CudaBackend {
     /// GEMMs.
     fn fuses_norms(&self, step: &CudaStep) -> bool {
         self.folds_norm_gains() && step.host.kind == StepKind::Decode && step.host.tokens.len() <= FUSED_NORM_ROWS
+    }
+
+    fn decode_fusions(&self) -> DecodeFusions {
+        DecodeFusions {
+            norm_rows: if self.folds_norm_gains() { FUSED_NORM_ROWS } else { 0 },
+            rope: !self.config.batch_invariant,
+        }
     }
 
     fn linear_add(

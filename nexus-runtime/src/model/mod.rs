@@ -341,8 +341,9 @@ impl<B: Backend> LlamaModel<B> {
 
         let mut residual = backend.embedding(phase, &self.embedding, step)?;
         if backend.fuses_norms(step) && !self.layers.is_empty() {
-            // The residual adds and norms inside the GEMMs: six launches a layer instead of
-            // eight. The first layer's input norm has no GEMM before it to come from.
+            // The residual adds and norms inside the GEMMs: two launches a layer fewer (five with
+            // a backend that also runs the RoPE inside its attention, instead of eight). The
+            // first layer's input norm has no GEMM before it to come from.
             let x = backend.rms_norm(phase, &residual, self.norm_gain(&self.layers[0].attn_norm), eps)?;
             for (l, (layer, pool)) in self.layers.iter().zip(cache.pools.iter_mut()).enumerate() {
                 let bias = layer.qkv_bias.as_ref();

@@ -965,9 +965,12 @@ impl Backend for CudaBackend {
     /// each tile's row sums before its main loop, where its norm kernels cost little against its
     /// GEMMs.
     fn fuses_norms(&self, step: &CudaStep) -> bool {
-        self.folds_norm_gains() && step.host.kind == StepKind::Decode && step.host.tokens.len() <= FUSED_NORM_ROWS
+        let rows = self.decode_fusions().norm_rows;
+        rows > 0 && step.host.kind == StepKind::Decode && step.host.tokens.len() <= rows
     }
 
+    /// The norms as `fuses_norms` runs them; the RoPE wherever decode steps run the decode
+    /// attention kernel (`plans_decode_attention`), which takes it (`rope_and_attention`).
     fn decode_fusions(&self) -> DecodeFusions {
         DecodeFusions {
             norm_rows: if self.folds_norm_gains() { FUSED_NORM_ROWS } else { 0 },

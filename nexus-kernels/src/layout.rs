@@ -160,6 +160,14 @@ impl PagedKvLayout {
         Ok(())
     }
 
+    /// The slot (block id × block size + offset in the block) of position `pos` of a sequence whose
+    /// block-table row is `table`, or `None` where the row holds no block for it (too short, or a
+    /// negative id).
+    pub fn slot_of(&self, table: &[i32], pos: usize) -> Option<usize> {
+        let block = usize::try_from(*table.get(pos / self.block_size)?).ok()?;
+        Some(block * self.block_size + pos % self.block_size)
+    }
+
     /// Checks that every slot (= block id × block size + offset in the block) lies in the pools;
     /// `what` names the operation in the error.
     pub fn check_slots(&self, slots: &[u32], what: &str) -> Result<()> {
@@ -247,5 +255,19 @@ impl AttentionBatch<'_> {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_s_slot_comes_from_its_block() {
+        let cache = PagedKvLayout { num_blocks: 8, block_size: 16, num_kv_heads: 2, head_dim: 64 };
+        let row = [3, -1];
+        assert_eq!(cache.slot_of(&row, 5), Some(3 * 16 + 5));
+        assert_eq!(cache.slot_of(&row, 20), None, "a negative block id");
+        assert_eq!(cache.slot_of(&row, 40), None, "past the row");
     }
 }

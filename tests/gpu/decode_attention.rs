@@ -237,11 +237,10 @@ const ROPE_ATOL: f32 = 2e-2;
 /// Makes the K and V of each sequence's last token (its new one) NaN in the case's pools, as a
 /// pool holds before the write: a missed write fails the comparison.
 fn clear_new_tokens(case: &mut Case) {
-    let bs = case.cache.block_size;
-    let slot_len = case.cache.num_kv_heads * case.cache.head_dim;
+    let slot_len = case.cache.slot_len();
     for (i, &len) in case.kv_lens.iter().enumerate() {
-        let pos = len as usize - 1;
-        let slot = case.block_tables[i * case.max_blocks + pos / bs] as usize * bs + pos % bs;
+        let row = &case.block_tables[i * case.max_blocks..][..case.max_blocks];
+        let slot = case.cache.slot_of(row, len as usize - 1).expect("a block for the last position");
         case.k[slot * slot_len..][..slot_len].fill(f32::NAN);
         case.v[slot * slot_len..][..slot_len].fill(f32::NAN);
     }

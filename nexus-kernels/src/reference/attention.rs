@@ -115,19 +115,19 @@ pub fn decode_attention_rope(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    let bs = cache.block_size;
     let mut positions = Vec::with_capacity(kv_lens.len());
     let mut slots = Vec::with_capacity(kv_lens.len());
     for (i, &len) in kv_lens.iter().enumerate() {
         ensure_shape!(len > 0, "decode_attention_rope: sequence {i} has no tokens");
         let pos = len as usize - 1;
-        let block = block_tables.get(i * max_blocks_per_seq + pos / bs).copied().unwrap_or(-1);
-        ensure_shape!(
-            pos / bs < max_blocks_per_seq && block >= 0,
-            "decode_attention_rope: sequence {i}'s table has no block for position {pos}"
-        );
+        let row = block_tables.get(i * max_blocks_per_seq..).map_or(&[][..], |r| &r[..max_blocks_per_seq.min(r.len())]);
+        let Some(slot) = cache.slot_of(row, pos) else {
+            return Err(crate::Error::Shape(format!(
+                "decode_attention_rope: sequence {i}'s table has no block for position {pos}"
+            )));
+        };
         positions.push(pos as u32);
-        slots.push((block as usize * bs + pos % bs) as u32);
+        slots.push(slot as u32);
     }
     let mut rotated = qkv.to_vec();
     rope_and_write_kv(&mut rotated, &positions, layout, rope, &slots, k_cache, v_cache, cache)?;

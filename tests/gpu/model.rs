@@ -558,8 +558,9 @@ fn a_prefill_and_a_decode_step_run_at_once_on_disjoint_sms() {
 /// Decode steps with the residual adds and RMSNorms inside the GEMMs (on Hopper; the norms'
 /// gains folded into the QKV and gate/up weights, prompts still through norm kernels of unit
 /// gain) against the CPU backend's norm-by-norm steps: random Llama-style and Qwen2-style models
-/// (QKV bias), 5 sequences prefilled on both, then 12 decode steps fed the CPU's greedy tokens,
-/// each step's logits to a cosine of 0.999.
+/// (QKV bias), 5 sequences prefilled on both with every SM (the swapped tiles' steps) and 40 on a
+/// budget of 64 (the 64-row tiles', which fuse only without dependent launches), then 12 decode
+/// steps fed the CPU's greedy tokens, each step's logits to a cosine of 0.999.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn decode_steps_with_norms_in_the_gemms_match_the_cpu_backend() {
@@ -573,17 +574,23 @@ fn decode_steps_with_norms_in_the_gemms_match_the_cpu_backend() {
         tie_word_embeddings: true,
         ..llama.clone()
     };
-    for config in [llama, qwen2] {
+    let cases = [(llama.clone(), 5, None), (qwen2.clone(), 5, None), (llama, 40, Some(64)), (qwen2, 40, Some(64))];
+    for (config, sequences, budget) in cases {
         let cpu_model = LlamaModel::random(&CpuBackend, &config, 11).expect("CPU model");
         let gpu_model = LlamaModel::random(&backend, &config, 11).expect("GPU model");
-        let num_blocks = 64;
+        let num_blocks = 256;
         let mut cpu_cache = cpu_model.alloc_kv_cache(&CpuBackend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
         let mut gpu_cache = gpu_model.alloc_kv_cache(&backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
         let mut blocks = [0, 1].map(|_| BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks"));
-        let (cpu_phase, gpu_phase) = (CpuBackend.new_phase().expect("phase"), backend.new_phase().expect("phase"));
+        let (cpu_phase, mut gpu_phase) = (CpuBackend.new_phase().expect("phase"), backend.new_phase().expect("phase"));
+        if let Some(sms) = budget {
+            backend.set_budget(&mut gpu_phase, sms).expect("budget");
+        }
         let vocab = config.vocab_size;
-        let prompts: Vec<Vec<u32>> =
-            (0..5).map(|s| (0..(9 + 31 * s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect()).collect();
+        let length = |s: usize| if s < 5 { 9 + 31 * s } else { 9 + s };
+        let prompts: Vec<Vec<u32>> = (0..sequences)
+            .map(|s| (0..length(s)).map(|i| ((i * 7919 + s * 104_729) % vocab) as u32).collect())
+            .collect();
         let chunks: Vec<SeqChunk<'_>> = prompts
             .iter()
             .enumerate()
@@ -614,7 +621,11 @@ fn decode_steps_with_norms_in_the_gemms_match_the_cpu_backend() {
             let got = logits_of(&backend, &gpu_phase, gpu_logits);
             assert!(got.iter().all(|x| x.is_finite()), "step {step_index}: non-finite logits");
             let similarity = cosine(&got, &want);
-            assert!(similarity >= 0.999, "{:?} decode step {step_index}: cosine {similarity}", config.architecture);
+            assert!(
+                similarity >= 0.999,
+                "{:?}, {sequences} sequences, decode step {step_index}: cosine {similarity}",
+                config.architecture
+            );
         }
     }
 }

@@ -101,7 +101,7 @@ impl Backend for FusingCpu {
         reference::fold_norm_gain(&mut weight.data, &gain.data)?;
         Ok(weight)
     }
-    fn fuses_norms(&self, step: &StepInput) -> bool {
+    fn fuses_norms(&self, _phase: &CpuPhase, step: &StepInput) -> bool {
         step.kind == StepKind::Decode
     }
     fn linear_add(

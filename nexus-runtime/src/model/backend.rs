@@ -193,7 +193,9 @@ impl OpShape {
 /// What a backend's decode steps run inside other kernels, which decides the elementwise
 /// launches they make (the cost model counts them): a decode step of at most `norm_rows` rows
 /// runs its residual adds and norms inside the GEMMs, and with `rope` its RoPE and KV write
-/// inside the attention kernel. The default: neither.
+/// inside the attention kernel. The default: neither. A backend may fuse fewer rows in some
+/// phases ([`Backend::fuses_norms`]; the CUDA backend's with every SM and dependent launches):
+/// `norm_rows` is what its budgeted lanes, which the cost model prices, fuse.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DecodeFusions {
     pub norm_rows: usize,
@@ -328,12 +330,12 @@ pub trait Backend {
         let _ = (weight, gain);
         Err(Error::invalid("this backend keeps its norms' gains apart"))
     }
-    /// Whether `step` runs each layer's residual adds and RMSNorms inside its GEMMs
-    /// ([`Backend::linear_add`], [`Backend::linear_normalized`],
+    /// Whether `step`, run in `phase`, runs each layer's residual adds and RMSNorms inside its
+    /// GEMMs ([`Backend::linear_add`], [`Backend::linear_normalized`],
     /// [`Backend::linear_silu_and_mul_normalized`]) instead of norm kernels; only where
     /// [`Backend::folds_norm_gains`].
-    fn fuses_norms(&self, step: &Self::Step) -> bool {
-        let _ = step;
+    fn fuses_norms(&self, phase: &Self::Phase, step: &Self::Step) -> bool {
+        let _ = (phase, step);
         false
     }
     /// `residual += x · weightᵀ`, keeping what [`Backend::linear_normalized`] needs of the new

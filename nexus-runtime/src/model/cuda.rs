@@ -181,11 +181,18 @@ impl CudaStep {
     }
 }
 
-/// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps,
-/// where the fusion made every step faster (H100). Fused at 64 rows, Llama-3.1-8B's steps ran 1.5%
-/// slower with graphs (the 64-row tiles' fused epilogue costs more than the norm kernel it saves)
-/// and Qwen2.5-3B's 3% faster (`bench-results/model_step-llama-3.1-8b-h100.md`).
-const FUSED_NORM_ROWS: usize = 32;
+/// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps
+/// and the 64-row tiles'. Steps of more rows run 128-row tiles, whose prefill-sized GEMMs leave
+/// the norm kernels a small share. On a budget of 64 (no dependent launches) fusing up to 64 rows
+/// made batch-64 steps 2.6% (Qwen2.5-3B) and 0.5% (Llama-3.1-8B) faster
+/// (`bench-results/model_step-llama-3.1-8b-h100.md`).
+const FUSED_NORM_ROWS: usize = 64;
+
+/// The same on a phase that launches dependently (every SM): the swapped tiles' steps only. There
+/// a norm kernel overlaps the GEMMs around it, and the 64-row tiles' fused launches, each 1-3 us
+/// longer than the plain ones, made Llama-3.1-8B's batch-64 step 2.5% slower (Qwen2.5-3B's 1.5%
+/// faster).
+const FUSED_NORM_ROWS_DEPENDENT: usize = 32;
 
 /// How the CUDA backend runs steps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -961,11 +968,14 @@ impl Backend for CudaBackend {
         Ok(weight)
     }
 
-    /// Decode steps of at most `FUSED_NORM_ROWS` rows: a prefill chunk's GEMMs would wait for
-    /// each tile's row sums before its main loop, where its norm kernels cost little against its
-    /// GEMMs.
-    fn fuses_norms(&self, step: &CudaStep) -> bool {
-        let rows = self.decode_fusions().norm_rows;
+    /// Decode steps of at most `FUSED_NORM_ROWS` rows (`FUSED_NORM_ROWS_DEPENDENT` in a phase
+    /// that launches dependently): a prefill chunk's GEMMs would wait for each tile's row sums
+    /// before its main loop, where its norm kernels cost little against its GEMMs.
+    fn fuses_norms(&self, phase: &CudaPhase, step: &CudaStep) -> bool {
+        let mut rows = self.decode_fusions().norm_rows;
+        if self.launch_options(phase.ctx.budget()).dependent_launch {
+            rows = rows.min(FUSED_NORM_ROWS_DEPENDENT);
+        }
         rows > 0 && step.host.kind == StepKind::Decode && step.host.tokens.len() <= rows
     }
 

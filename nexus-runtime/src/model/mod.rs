@@ -340,7 +340,7 @@ impl<B: Backend> LlamaModel<B> {
         let eps = c.rms_norm_eps;
 
         let mut residual = backend.embedding(phase, &self.embedding, step)?;
-        if backend.fuses_norms(step) && !self.layers.is_empty() {
+        if backend.fuses_norms(phase, step) && !self.layers.is_empty() {
             // The residual adds and norms inside the GEMMs: two launches a layer fewer (five with
             // a backend that also runs the RoPE inside its attention, instead of eight). The
             // first layer's input norm has no GEMM before it to come from.

@@ -21,7 +21,10 @@
 //! and the epilogue's math cost the GEMM (the plain launch stores twice the output, and a separate
 //! SiLU-and-mul launch would then read it back).
 //!
-//! A fifth times Llama-3.1-8B's projections at a prefill-lane iteration's M (2048, 8192) on the
+//! A fifth times the planned decode GEMMs with a decode step's norm fusions inside
+//! ([`gemm::GemmFusion`]: the residual add, or the row norm) against the same launches plain.
+//!
+//! A sixth times Llama-3.1-8B's projections at a prefill-lane iteration's M (2048, 8192) on the
 //! budgets a prefill lane gets beside decode (88-116 SMs), every wide tile with its waves: what
 //! wave quantization costs the prefill lane.
 //!
@@ -283,6 +286,7 @@ fn main() {
     decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
     weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
     silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
+    norm_fusion(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
     prefill_lane(&gpu, &stream, &blas, &pool, &mut out);
     c.final_summary();
 }
@@ -372,6 +376,98 @@ fn silu_and_mul_epilogue(
         }
     }
     report.finish(gpu, "gemm-silu");
+}
+
+/// The planned launch of every shape of [`DECODE_SHAPES`] at the decode Ms, plain and as a decode
+/// step with its norms inside the GEMMs runs it ([`GemmFusion`]): the output and down projections
+/// add to C and write its square sums ([`GemmFusion::AddToC`]), QKV and gate/up scale their rows by
+/// A's norm ([`GemmFusion::RowNorm`]; gate/up with the SwiGLU epilogue, against the plain SwiGLU
+/// launch), at every budget: what the fused epilogue and the row norm's factors cost a launch, which
+/// decides the most rows a decode step fuses (`gemm-norm-fusion.md` with `NEXUS_BENCH_OUT`; cases
+/// `gemm-norm-fusion/<shape>/m <M>/budget <SMs>`). Hopper only, where the fusions run.
+fn norm_fusion(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    budgets: &[CtaBudget],
+    stream_read: &BandwidthCurve,
+) {
+    if gpu.target() != PtxTarget::Sm90a {
+        return;
+    }
+    let report = Report::new(
+        "Decode GEMMs with the residual add or the row norm inside, against the same launch plain",
+        &[
+            "layer (K x N)",
+            "M",
+            "budget",
+            "stream read",
+            "planned",
+            "fusion",
+            "plain us",
+            "fused us",
+            "fused - plain us",
+        ],
+    );
+    for (layer, k, n) in DECODE_SHAPES {
+        let silu = layer.ends_with("gate/up");
+        let adds = layer.ends_with("output") || layer.ends_with("down");
+        for m in DECODE_MS {
+            let shape = GemmShape { m, n, k };
+            let chosen =
+                selected_budgets(budgets, |budget| format!("gemm-norm-fusion/{layer}/m {m}/budget {}", budget.get()));
+            if chosen.is_empty() {
+                continue;
+            }
+            let views = rotated_operands(pool, m * k, n * k);
+            let copies = views.len();
+            // Square sums of rows of 64 values in [-1, 1): about 64 / 3 each.
+            let a_sums = stream.clone_htod(&vec![21.3f32; m * k.div_ceil(gemm::SQUARE_SUM_COLS)]).expect("upload");
+            let mut c_sums = stream.alloc_zeros::<f32>(m * n.div_ceil(gemm::SQUARE_SUM_COLS)).expect("alloc");
+            let c_len = if silu { m * n / 2 } else { m * n };
+            for budget in chosen {
+                let ctx = phase(gpu, stream, budget);
+                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+                let planned = gemm::plan(shape, budget, gpu.model());
+                if !planned.kernel.fuses_norms() {
+                    continue;
+                }
+                let config = planned.config();
+                let mut time = |fused: bool| {
+                    median_gpu_time(stream, |i| {
+                        let (a, b) = &views[i as usize % copies];
+                        let c = &mut out.slice_mut(..c_len);
+                        let fusion = match (fused, adds) {
+                            (false, _) => GemmFusion::None,
+                            (true, true) => GemmFusion::AddToC { square_sums: &mut c_sums.as_view_mut() },
+                            (true, false) => GemmFusion::RowNorm { square_sums: &a_sums.as_view(), eps: 1e-5 },
+                        };
+                        if silu {
+                            gemm::gemm_silu_and_mul_with(&ctx, config, fusion, a, b, c, shape, &mut workspace)
+                        } else {
+                            gemm::gemm_with(&ctx, config, fusion, a, b, None, c, shape, &mut workspace)
+                        }
+                        .expect("gemm");
+                    })
+                    .as_secs_f64()
+                };
+                let (plain, fused) = (time(false), time(true));
+                report.add(vec![
+                    format!("{layer} ({k} x {n})"),
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                    plan_label(&planned),
+                    if adds { "add to C" } else { "row norm" }.to_string(),
+                    format!("{:.1}", plain * 1e6),
+                    format!("{:.1}", fused * 1e6),
+                    format!("{:+.1}", (fused - plain) * 1e6),
+                ]);
+            }
+        }
+    }
+    report.finish(gpu, "gemm-norm-fusion");
 }
 
 /// Prompt tokens of one prefill-lane iteration: the controller's 2048, and 8192 with a backlog.

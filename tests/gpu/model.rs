@@ -617,6 +617,10 @@ fn decode_steps_with_norms_in_the_gemms_match_the_cpu_backend() {
             let cpu_logits = cpu_model.forward(&CpuBackend, &cpu_phase, &mut cpu_cache, &step).expect("decode");
             want = logits_of(&CpuBackend, &cpu_phase, cpu_logits);
             let step = build_step(&mut blocks[1], &chunks, StepKind::Decode).expect("decode step");
+            if step_index == 0 && backend.folds_norm_gains() {
+                let prepared = backend.prepare(&gpu_phase, &step).expect("prepare");
+                assert!(backend.fuses_norms(&gpu_phase, &prepared), "{sequences} sequences: norm kernels run");
+            }
             let gpu_logits = gpu_model.forward(&backend, &gpu_phase, &mut gpu_cache, &step).expect("decode");
             let got = logits_of(&backend, &gpu_phase, gpu_logits);
             assert!(got.iter().all(|x| x.is_finite()), "step {step_index}: non-finite logits");

@@ -184,14 +184,14 @@ impl CudaStep {
 /// The most rows of a decode step that runs its norms inside its GEMMs: the swapped tiles' steps
 /// and the 64-row tiles'. Steps of more rows run 128-row tiles, whose prefill-sized GEMMs leave
 /// the norm kernels a small share. On a budget of 64 (no dependent launches) fusing up to 64 rows
-/// made batch-64 steps 2.6% (Qwen2.5-3B) and 0.5% (Llama-3.1-8B) faster
-/// (`bench-results/model_step-llama-3.1-8b-h100.md`).
+/// made Qwen2.5-3B's batch-64 step 1.7% faster and left Llama-3.1-8B's level
+/// (`bench-results/model_step-llama-3.1-8b-h100.md`, H100).
 const FUSED_NORM_ROWS: usize = 64;
 
 /// The same on a phase that launches dependently (every SM): the swapped tiles' steps only. There
 /// a norm kernel overlaps the GEMMs around it, and the 64-row tiles' fused launches, each 1-3 us
-/// longer than the plain ones, made Llama-3.1-8B's batch-64 step 2.5% slower (Qwen2.5-3B's 1.5%
-/// faster).
+/// longer than the plain ones, made Llama-3.1-8B's batch-64 step 1.5-2.5% slower (Qwen2.5-3B's
+/// 1.5-3% faster).
 const FUSED_NORM_ROWS_DEPENDENT: usize = 32;
 
 /// How the CUDA backend runs steps.

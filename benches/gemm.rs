@@ -156,6 +156,23 @@ fn selected_budgets(budgets: &[CtaBudget], case: impl Fn(CtaBudget) -> String) -
     budgets.iter().copied().filter(|&b| selected(&case(b))).collect()
 }
 
+/// The cases of a section over named layers: each `(layer, K, N)` of `layers` at each M of `ms`,
+/// with the budgets whose case `<section>/<layer>/m <M>/budget <SMs>` [`selected`] lets run (a
+/// layer and M with none are left out).
+fn layer_cases<'a>(
+    section: &'a str,
+    layers: impl IntoIterator<Item = (&'static str, usize, usize)> + 'a,
+    ms: &'a [usize],
+    budgets: &'a [CtaBudget],
+) -> impl Iterator<Item = (&'static str, GemmShape, Vec<CtaBudget>)> + 'a {
+    layers.into_iter().flat_map(move |(layer, k, n)| {
+        ms.iter().filter_map(move |&m| {
+            let chosen = selected_budgets(budgets, |budget| format!("{section}/{layer}/m {m}/budget {}", budget.get()));
+            (!chosen.is_empty()).then_some((layer, GemmShape { m, n, k }, chosen))
+        })
+    })
+}
+
 /// Seconds of cuBLAS at `budget`, of the planned launch, and of each of `kernels` unsplit, on
 /// `shape` (in that order, each rotating over `views`).
 struct BudgetTimes {
@@ -326,52 +343,47 @@ fn silu_and_mul_epilogue(
             "SwiGLU / plain time",
         ],
     );
-    for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.ends_with("gate/up")) {
-        for m in SILU_MS {
-            let shape = GemmShape { m, n, k };
-            let chosen = selected_budgets(budgets, |budget| format!("gemm-silu/{layer}/m {m}/budget {}", budget.get()));
-            if chosen.is_empty() {
+    let gate_up = DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.ends_with("gate/up"));
+    for (layer, shape, chosen) in layer_cases("gemm-silu", gate_up, &SILU_MS, budgets) {
+        let GemmShape { m, n, k } = shape;
+        let views = rotated_operands(pool, m * k, n * k);
+        let copies = views.len();
+        for budget in chosen {
+            // A prefill chunk on 8-48 SMs takes tens of milliseconds a launch, and prefill
+            // runs on the larger share of the split.
+            if m >= 1024 && budget.get() < 64 {
                 continue;
             }
-            let views = rotated_operands(pool, m * k, n * k);
-            let copies = views.len();
-            for budget in chosen {
-                // A prefill chunk on 8-48 SMs takes tens of milliseconds a launch, and prefill
-                // runs on the larger share of the split.
-                if m >= 1024 && budget.get() < 64 {
-                    continue;
-                }
-                let ctx = phase(gpu, stream, budget);
-                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
-                let planned = gemm::plan(shape, budget, gpu.model());
-                for &kernel in &kernels {
-                    let config = kernel.map_or_else(|| planned.config(), Into::into);
-                    let plain = gemm_time(&ctx, Some(config), &views, out, shape, &mut workspace);
-                    let fused = median_gpu_time(stream, |i| {
-                        let (a, b) = &views[i as usize % copies];
-                        let c = &mut out.slice_mut(..m * n / 2);
-                        gemm::gemm_silu_and_mul_with(&ctx, config, GemmFusion::None, a, b, c, shape, &mut workspace)
-                            .expect("gemm");
-                    })
-                    .as_secs_f64();
-                    let inputs = 2.0 * (m * k + n * k) as f64;
-                    let name = match kernel {
-                        Some(kernel) => format!("{kernel:?}"),
-                        None => format!("planned: {}", plan_label(&planned)),
-                    };
-                    report.add(vec![
-                        format!("{layer} ({k} x {n})"),
-                        m.to_string(),
-                        budget.get().to_string(),
-                        format!("{:.2}", stream_read.at(budget.get()) / 1e12),
-                        name,
-                        format!("{:.1}", plain * 1e6),
-                        format!("{:.1}", fused * 1e6),
-                        format!("{:.2}", (inputs + 2.0 * (m * n) as f64) / plain / 1e12),
-                        format!("{:.2}", (inputs + (m * n) as f64) / fused / 1e12),
-                        format!("{:.3}", fused / plain),
-                    ]);
-                }
+            let ctx = phase(gpu, stream, budget);
+            let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+            let planned = gemm::plan(shape, budget, gpu.model());
+            for &kernel in &kernels {
+                let config = kernel.map_or_else(|| planned.config(), Into::into);
+                let plain = gemm_time(&ctx, Some(config), &views, out, shape, &mut workspace);
+                let fused = median_gpu_time(stream, |i| {
+                    let (a, b) = &views[i as usize % copies];
+                    let c = &mut out.slice_mut(..m * n / 2);
+                    gemm::gemm_silu_and_mul_with(&ctx, config, GemmFusion::None, a, b, c, shape, &mut workspace)
+                        .expect("gemm");
+                })
+                .as_secs_f64();
+                let inputs = 2.0 * (m * k + n * k) as f64;
+                let name = match kernel {
+                    Some(kernel) => format!("{kernel:?}"),
+                    None => format!("planned: {}", plan_label(&planned)),
+                };
+                report.add(vec![
+                    format!("{layer} ({k} x {n})"),
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                    name,
+                    format!("{:.1}", plain * 1e6),
+                    format!("{:.1}", fused * 1e6),
+                    format!("{:.2}", (inputs + 2.0 * (m * n) as f64) / plain / 1e12),
+                    format!("{:.2}", (inputs + (m * n) as f64) / fused / 1e12),
+                    format!("{:.3}", fused / plain),
+                ]);
             }
         }
     }
@@ -410,61 +422,54 @@ fn norm_fusion(
             "fused - plain us",
         ],
     );
-    for (layer, k, n) in DECODE_SHAPES {
+    for (layer, shape, chosen) in layer_cases("gemm-norm-fusion", DECODE_SHAPES, &DECODE_MS, budgets) {
+        let GemmShape { m, n, k } = shape;
         let silu = layer.ends_with("gate/up");
         let adds = layer.ends_with("output") || layer.ends_with("down");
-        for m in DECODE_MS {
-            let shape = GemmShape { m, n, k };
-            let chosen =
-                selected_budgets(budgets, |budget| format!("gemm-norm-fusion/{layer}/m {m}/budget {}", budget.get()));
-            if chosen.is_empty() {
+        let views = rotated_operands(pool, m * k, n * k);
+        let copies = views.len();
+        // Square sums of rows of 64 values in [-1, 1): about 64 / 3 each.
+        let a_sums = stream.clone_htod(&vec![21.3f32; m * k.div_ceil(gemm::SQUARE_SUM_COLS)]).expect("upload");
+        let mut c_sums = stream.alloc_zeros::<f32>(m * n.div_ceil(gemm::SQUARE_SUM_COLS)).expect("alloc");
+        let c_len = if silu { m * n / 2 } else { m * n };
+        for budget in chosen {
+            let ctx = phase(gpu, stream, budget);
+            let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+            let planned = gemm::plan(shape, budget, gpu.model());
+            if !planned.kernel.fuses_norms() {
                 continue;
             }
-            let views = rotated_operands(pool, m * k, n * k);
-            let copies = views.len();
-            // Square sums of rows of 64 values in [-1, 1): about 64 / 3 each.
-            let a_sums = stream.clone_htod(&vec![21.3f32; m * k.div_ceil(gemm::SQUARE_SUM_COLS)]).expect("upload");
-            let mut c_sums = stream.alloc_zeros::<f32>(m * n.div_ceil(gemm::SQUARE_SUM_COLS)).expect("alloc");
-            let c_len = if silu { m * n / 2 } else { m * n };
-            for budget in chosen {
-                let ctx = phase(gpu, stream, budget);
-                let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
-                let planned = gemm::plan(shape, budget, gpu.model());
-                if !planned.kernel.fuses_norms() {
-                    continue;
-                }
-                let config = planned.config();
-                let mut time = |fused: bool| {
-                    median_gpu_time(stream, |i| {
-                        let (a, b) = &views[i as usize % copies];
-                        let c = &mut out.slice_mut(..c_len);
-                        let fusion = match (fused, adds) {
-                            (false, _) => GemmFusion::None,
-                            (true, true) => GemmFusion::AddToC { square_sums: &mut c_sums.as_view_mut() },
-                            (true, false) => GemmFusion::RowNorm { square_sums: &a_sums.as_view(), eps: 1e-5 },
-                        };
-                        if silu {
-                            gemm::gemm_silu_and_mul_with(&ctx, config, fusion, a, b, c, shape, &mut workspace)
-                        } else {
-                            gemm::gemm_with(&ctx, config, fusion, a, b, None, c, shape, &mut workspace)
-                        }
-                        .expect("gemm");
-                    })
-                    .as_secs_f64()
-                };
-                let (plain, fused) = (time(false), time(true));
-                report.add(vec![
-                    format!("{layer} ({k} x {n})"),
-                    m.to_string(),
-                    budget.get().to_string(),
-                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
-                    plan_label(&planned),
-                    if adds { "add to C" } else { "row norm" }.to_string(),
-                    format!("{:.1}", plain * 1e6),
-                    format!("{:.1}", fused * 1e6),
-                    format!("{:+.1}", (fused - plain) * 1e6),
-                ]);
-            }
+            let config = planned.config();
+            let mut time = |fused: bool| {
+                median_gpu_time(stream, |i| {
+                    let (a, b) = &views[i as usize % copies];
+                    let c = &mut out.slice_mut(..c_len);
+                    let fusion = match (fused, adds) {
+                        (false, _) => GemmFusion::None,
+                        (true, true) => GemmFusion::AddToC { square_sums: &mut c_sums.as_view_mut() },
+                        (true, false) => GemmFusion::RowNorm { square_sums: &a_sums.as_view(), eps: 1e-5 },
+                    };
+                    if silu {
+                        gemm::gemm_silu_and_mul_with(&ctx, config, fusion, a, b, c, shape, &mut workspace)
+                    } else {
+                        gemm::gemm_with(&ctx, config, fusion, a, b, None, c, shape, &mut workspace)
+                    }
+                    .expect("gemm");
+                })
+                .as_secs_f64()
+            };
+            let (plain, fused) = (time(false), time(true));
+            report.add(vec![
+                format!("{layer} ({k} x {n})"),
+                m.to_string(),
+                budget.get().to_string(),
+                format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                plan_label(&planned),
+                if adds { "add to C" } else { "row norm" }.to_string(),
+                format!("{:.1}", plain * 1e6),
+                format!("{:.1}", fused * 1e6),
+                format!("{:+.1}", (fused - plain) * 1e6),
+            ]);
         }
     }
     report.finish(gpu, "gemm-norm-fusion");
@@ -507,39 +512,33 @@ fn prefill_lane(
     let report =
         Report::new("Prefill-lane GEMMs: the wide tiles on the prefill lane's budgets (TFLOP/s = 2MNK / t)", &header);
     let budgets: Vec<CtaBudget> = PREFILL_LANE_BUDGETS.iter().filter_map(|&b| CtaBudget::new(b, gpu).ok()).collect();
-    for (layer, k, n) in DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.starts_with("Llama")) {
-        for m in PREFILL_LANE_MS {
-            let shape = GemmShape { m, n, k };
-            let chosen =
-                selected_budgets(&budgets, |budget| format!("gemm-prefill-lane/{layer}/m {m}/budget {}", budget.get()));
-            if chosen.is_empty() {
-                continue;
+    let llama = DECODE_SHAPES.into_iter().filter(|(layer, ..)| layer.starts_with("Llama"));
+    for (layer, shape, chosen) in layer_cases("gemm-prefill-lane", llama, &PREFILL_LANE_MS, &budgets) {
+        let GemmShape { m, n, k } = shape;
+        let views = rotated_operands(pool, m * k, n * k);
+        let flops = 2.0 * (m * n * k) as f64;
+        for budget in chosen {
+            let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &WIDE_KERNELS);
+            let mut row = vec![
+                format!("{layer} ({k} x {n})"),
+                m.to_string(),
+                budget.get().to_string(),
+                format!("{:.1}", flops / times.cublas / 1e12),
+                plan_label(&gemm::plan(shape, budget, gpu.model())),
+                format!("{:.1}", flops / times.planned / 1e12),
+                format!("{:.2}", times.planned / times.cublas),
+            ];
+            for (kernel, t) in WIDE_KERNELS.into_iter().zip(times.kernels) {
+                let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
+                let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
+                row.push(format!(
+                    "{:.1} ({}, {:.0}%)",
+                    flops / t / 1e12,
+                    tiles.div_ceil(ctas),
+                    100.0 * last as f64 / ctas as f64
+                ));
             }
-            let views = rotated_operands(pool, m * k, n * k);
-            let flops = 2.0 * (m * n * k) as f64;
-            for budget in chosen {
-                let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &WIDE_KERNELS);
-                let mut row = vec![
-                    format!("{layer} ({k} x {n})"),
-                    m.to_string(),
-                    budget.get().to_string(),
-                    format!("{:.1}", flops / times.cublas / 1e12),
-                    plan_label(&gemm::plan(shape, budget, gpu.model())),
-                    format!("{:.1}", flops / times.planned / 1e12),
-                    format!("{:.2}", times.planned / times.cublas),
-                ];
-                for (kernel, t) in WIDE_KERNELS.into_iter().zip(times.kernels) {
-                    let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
-                    let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
-                    row.push(format!(
-                        "{:.1} ({}, {:.0}%)",
-                        flops / t / 1e12,
-                        tiles.div_ceil(ctas),
-                        100.0 * last as f64 / ctas as f64
-                    ));
-                }
-                report.add(row);
-            }
+            report.add(row);
         }
     }
     report.finish(gpu, "gemm-prefill-lane");
@@ -656,30 +655,23 @@ fn decode_sizes(
         vec!["layer (K x N)", "M", "budget", "stream read", "cuBLAS@budget", "planner's pick", "planned TB/s"];
     header.extend(names.iter().map(String::as_str));
     let report = Report::new("Decode-sized GEMMs, every kernel (TB/s = 2(MK + NK + MN) / t)", &header);
-    for (layer, k, n) in DECODE_SHAPES {
-        for m in DECODE_MS {
-            let shape = GemmShape { m, n, k };
-            let chosen =
-                selected_budgets(budgets, |budget| format!("gemm-decode/{layer}/m {m}/budget {}", budget.get()));
-            if chosen.is_empty() {
-                continue;
-            }
-            let views = rotated_operands(pool, m * k, n * k);
-            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
-            for budget in chosen {
-                let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
-                let mut row = vec![
-                    format!("{layer} ({k} x {n})"),
-                    m.to_string(),
-                    budget.get().to_string(),
-                    format!("{:.2}", stream_read.at(budget.get()) / 1e12),
-                    format!("{:.2}", bytes / times.cublas / 1e12),
-                    plan_label(&gemm::plan(shape, budget, gpu.model())),
-                    format!("{:.2}", bytes / times.planned / 1e12),
-                ];
-                row.extend(times.kernels.iter().map(|t| format!("{:.2}", bytes / t / 1e12)));
-                report.add(row);
-            }
+    for (layer, shape, chosen) in layer_cases("gemm-decode", DECODE_SHAPES, &DECODE_MS, budgets) {
+        let GemmShape { m, n, k } = shape;
+        let views = rotated_operands(pool, m * k, n * k);
+        let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+        for budget in chosen {
+            let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
+            let mut row = vec![
+                format!("{layer} ({k} x {n})"),
+                m.to_string(),
+                budget.get().to_string(),
+                format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                format!("{:.2}", bytes / times.cublas / 1e12),
+                plan_label(&gemm::plan(shape, budget, gpu.model())),
+                format!("{:.2}", bytes / times.planned / 1e12),
+            ];
+            row.extend(times.kernels.iter().map(|t| format!("{:.2}", bytes / t / 1e12)));
+            report.add(row);
         }
     }
     report.finish(gpu, "gemm-decode");

@@ -187,6 +187,9 @@ fn main() {
                 times.push(t.elapsed().as_secs_f64());
             }
         }
+        timeline(&gpu, &format!("batch 1, {mode}"), || {
+            next = step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }])[0];
+        });
         // The step at batch 1 once more, each kernel timed (in every mode: the kernels' times and
         // plans, not the mode's overlap).
         let ops = kernel_times(backend, || {
@@ -222,6 +225,14 @@ fn main() {
             }
             last = out;
         }
+        timeline(&gpu, &format!("batch {decode_batch} x {context}, {mode}"), || {
+            let chunks: Vec<SeqChunk<'_>> = seqs
+                .iter()
+                .zip(&last)
+                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
+                .collect();
+            last = step_on(backend, &mut blocks, &chunks);
+        });
         // The same step once more, each kernel timed.
         let chunks: Vec<SeqChunk<'_>> = seqs
             .iter()
@@ -247,6 +258,34 @@ fn main() {
     report.finish(&gpu, &format!("model_step-{name}"));
     kernels.finish(&gpu, &format!("model_step-kernels-{name}"));
     eprintln!("device: {}", device_name(&gpu));
+}
+
+/// With `NEXUS_TIMELINE=<file>` and kernels built with `-DNEXUS_TIMELINE`: the CTA records of the
+/// step `run` makes (after one run to warm it), appended to the file as CSV.
+fn timeline(gpu: &std::sync::Arc<Gpu>, step: &str, mut run: impl FnMut()) {
+    let Ok(path) = std::env::var("NEXUS_TIMELINE") else { return };
+    let stream = gpu.new_stream().expect("stream");
+    run();
+    gpu.take_timeline(&stream).expect("timeline");
+    run();
+    let records = gpu.take_timeline(&stream).expect("timeline");
+    let mut text = String::new();
+    for r in &records {
+        text += &format!(
+            "{step},{},{},{},{},{},{},{}\n",
+            r.module,
+            if r.exit { "exit" } else { "wait" },
+            r.grid,
+            r.block,
+            r.sm,
+            r.from,
+            r.until
+        );
+    }
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("timeline file");
+    file.write_all(text.as_bytes()).expect("timeline write");
+    eprintln!("timeline of {step}: {} CTA records", records.len());
 }
 
 /// The kernels of the step `run` launches, each timed between CUDA events (so launched eagerly,

@@ -45,6 +45,35 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
+// ---- Step timeline (experiment: builds with -DNEXUS_TIMELINE only) ------------------------------
+// Thread 0 of every CTA of every kernel records, once it has waited for the previous kernel,
+// {ns before the wait, ns after it, sm | block << 16 | grid << 40} into its module's
+// `nexus_timeline`, in the order of an atomic count: the CTAs of a kernel then come after all
+// those of the kernel before it (they wait for its end), so the host splits the records into
+// launches by their grids. Kernels that call timeline_exit() at a CTA's end record {ns, ids} into
+// `nexus_timeline_exits` the same way. (No shared memory: the attention kernels size their ring
+// to all of it.)
+#ifdef NEXUS_TIMELINE
+constexpr unsigned TIMELINE_RECORDS = 1u << 17;
+__device__ unsigned long long nexus_timeline[TIMELINE_RECORDS][3];
+__device__ unsigned nexus_timeline_count;
+__device__ unsigned long long nexus_timeline_exits[TIMELINE_RECORDS][2];
+__device__ unsigned nexus_timeline_exit_count;
+__device__ __forceinline__ unsigned long long timeline_ids() {
+    return sm_id() | (static_cast<unsigned long long>(blockIdx.x) << 16) |
+           (static_cast<unsigned long long>(gridDim.x) << 40);
+}
+#endif
+__device__ __forceinline__ void timeline_exit() {
+#ifdef NEXUS_TIMELINE
+    const unsigned i = atomicAdd(&nexus_timeline_exit_count, 1u);
+    if (i < TIMELINE_RECORDS) {
+        nexus_timeline_exits[i][0] = global_timer_ns();
+        nexus_timeline_exits[i][1] = timeline_ids();
+    }
+#endif
+}
+
 struct CtaTrace {
     uint64_t* out;  // [gridDim.x][3] or null
     uint64_t start;
@@ -52,6 +81,7 @@ struct CtaTrace {
         if (out && threadIdx.x == 0) start = global_timer_ns();
     }
     __device__ __forceinline__ void finish() {
+        if (threadIdx.x == 0) timeline_exit();
         if (out && threadIdx.x == 0) {
             out[blockIdx.x * 3 + 0] = sm_id();
             out[blockIdx.x * 3 + 1] = start;
@@ -70,8 +100,21 @@ struct CtaTrace {
 // early still waits for all earlier ones (each waited for its own predecessor). Launched without
 // the attribute, or below sm_90, both are no-ops.
 __device__ __forceinline__ void wait_for_previous_kernel() {
+#ifdef NEXUS_TIMELINE
+    const uint64_t from = global_timer_ns();
+#endif
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+#ifdef NEXUS_TIMELINE
+    if (threadIdx.x == 0) {
+        const unsigned i = atomicAdd(&nexus_timeline_count, 1u);
+        if (i < TIMELINE_RECORDS) {
+            nexus_timeline[i][0] = from;
+            nexus_timeline[i][1] = global_timer_ns();
+            nexus_timeline[i][2] = timeline_ids();
+        }
+    }
 #endif
 }
 __device__ __forceinline__ void allow_next_kernel() {

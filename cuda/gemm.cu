@@ -1058,7 +1058,8 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
     gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
-                                         partials, tile_arrivals, counter);
+                                         partials, tile_arrivals, counter);                                     \
+    if (threadIdx.x == 128) nexus::timeline_exit();
 #else
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)
 #endif

@@ -53,7 +53,7 @@ flock 9
 rm -rf "$src_root"
 mkdir -p "$src_root"
 cp -r "$root/cuda" "$src_root/cuda"
-flags=(-std=c++17 -O3 -I"$include" -I"$src_root/cuda" -lineinfo)
+flags=(-std=c++17 -O3 -I"$include" -I"$src_root/cuda" -lineinfo ${NEXUS_PTX_DEFINES:-})
 
 status=0
 for src in "$src_root"/cuda/*.cu; do

@@ -196,6 +196,63 @@ impl Gpu {
     }
 }
 
+/// One CTA of a kernel built with `-DNEXUS_TIMELINE` (an experiment: see `nexus_timeline` in
+/// `cuda/common.cuh`): its wait for the previous kernel, or its end.
+#[derive(Clone, Copy, Debug)]
+pub struct TimelineRecord {
+    /// The module of the kernel.
+    pub module: &'static str,
+    /// Whether this records the CTA's end (`until` is then its time) rather than its wait.
+    pub exit: bool,
+    /// `%globaltimer` ns before and after the wait.
+    pub from: u64,
+    pub until: u64,
+    pub sm: u32,
+    pub block: u32,
+    pub grid: u32,
+}
+
+impl Gpu {
+    /// The records of the kernels that ran since the last call, per module and kind in the order
+    /// they were made (empty for a build without the timeline), and the counts reset.
+    pub fn take_timeline(&self, stream: &Arc<CudaStream>) -> Result<Vec<TimelineRecord>> {
+        let mut out = Vec::new();
+        for (&module, m) in &self.modules {
+            for (records, count, words) in [
+                ("nexus_timeline", "nexus_timeline_count", 3),
+                ("nexus_timeline_exits", "nexus_timeline_exit_count", 2),
+            ] {
+                let Ok(mut counter) = m.get_global(count, stream) else { continue };
+                let mut n = [0u8; 4];
+                stream.memcpy_dtoh(&counter, &mut n)?;
+                stream.memcpy_htod(&[0u8; 4], &mut counter)?;
+                let view = m.get_global(records, stream)?;
+                let size = 8 * words;
+                let n = (u32::from_le_bytes(n) as usize).min(view.len() / size);
+                let mut bytes = vec![0u8; n * size];
+                if n > 0 {
+                    stream.memcpy_dtoh(&view.slice(..n * size), &mut bytes)?;
+                }
+                stream.synchronize()?;
+                for r in bytes.chunks_exact(size) {
+                    let word = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+                    let ids = word(words - 1);
+                    out.push(TimelineRecord {
+                        module,
+                        exit: words == 2,
+                        from: word(0),
+                        until: word(words - 2),
+                        sm: (ids & 0xffff) as u32,
+                        block: ((ids >> 16) & 0xff_ffff) as u32,
+                        grid: (ids >> 40) as u32,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// Makes the device's default memory pool, which every stream-ordered allocation (activations)
 /// comes from, keep the memory freed into it: by default it returns it to the system at each
 /// synchronization, and the allocations of the next step then map it again.

@@ -20,7 +20,7 @@ mod ptx;
 
 pub use budget::{CtaBudget, PhaseContext};
 pub use copy::{copy_rows_htod, copy_to_pinned};
-pub use device::{Gpu, PtxTarget};
+pub use device::{Gpu, PtxTarget, TimelineRecord};
 pub use graph::GraphCensus;
 pub(crate) use launch::Launch;
 pub use launch::LaunchOptions;

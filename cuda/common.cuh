@@ -55,10 +55,13 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 // to all of it.)
 #ifdef NEXUS_TIMELINE
 constexpr unsigned TIMELINE_RECORDS = 1u << 17;
-__device__ unsigned long long nexus_timeline[TIMELINE_RECORDS][3];
-__device__ unsigned nexus_timeline_count;
-__device__ unsigned long long nexus_timeline_exits[TIMELINE_RECORDS][2];
-__device__ unsigned nexus_timeline_exit_count;
+}  // namespace nexus
+// Unmangled, so that the host finds them by these names.
+extern "C" __device__ unsigned long long nexus_timeline[nexus::TIMELINE_RECORDS][3];
+extern "C" __device__ unsigned nexus_timeline_count;
+extern "C" __device__ unsigned long long nexus_timeline_exits[nexus::TIMELINE_RECORDS][2];
+extern "C" __device__ unsigned nexus_timeline_exit_count;
+namespace nexus {
 __device__ __forceinline__ unsigned long long timeline_ids() {
     return sm_id() | (static_cast<unsigned long long>(blockIdx.x) << 16) |
            (static_cast<unsigned long long>(gridDim.x) << 40);

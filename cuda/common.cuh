@@ -69,9 +69,11 @@ __device__ __forceinline__ unsigned long long timeline_ids() {
 #endif
 __device__ __forceinline__ void timeline_exit() {
 #ifdef NEXUS_TIMELINE
+    // The time before the atomic, whose round trip can take microseconds while HBM is busy.
+    const uint64_t now = global_timer_ns();
     const unsigned i = atomicAdd(&nexus_timeline_exit_count, 1u);
     if (i < TIMELINE_RECORDS) {
-        nexus_timeline_exits[i][0] = global_timer_ns();
+        nexus_timeline_exits[i][0] = now;
         nexus_timeline_exits[i][1] = timeline_ids();
     }
 #endif
@@ -111,10 +113,11 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 #ifdef NEXUS_TIMELINE
     if (threadIdx.x == 0) {
+        const uint64_t until = global_timer_ns();
         const unsigned i = atomicAdd(&nexus_timeline_count, 1u);
         if (i < TIMELINE_RECORDS) {
             nexus_timeline[i][0] = from;
-            nexus_timeline[i][1] = global_timer_ns();
+            nexus_timeline[i][1] = until;
             nexus_timeline[i][2] = timeline_ids();
         }
     }

@@ -10,7 +10,9 @@
 //! kernel each projection plans, against the streaming read at the budget.
 //!
 //! `NEXUS_MODEL_STEP=<name>` picks the model (default `llama-3.1-8b`; see
-//! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table. Times are wall
+//! `nexus_runtime::weights::synthetic::NAMES`); `NEXUS_BENCH_OUT=<dir>` saves the table;
+//! `NEXUS_TIMELINE=<file>`, in a build of `scripts/timeline-build.sh`, appends each mode's decode
+//! steps' CTA records to the file (read them with `scripts/timeline.py`). Times are wall
 //! clock per step with the result (greedy argmax) back on the host: what a serving loop sees,
 //! launch overheads included. Decode steps are timed four ways: replayed from CUDA graphs (the
 //! backend's default: on Hopper with dependent launches while the phase has every SM), the same
@@ -261,7 +263,8 @@ fn main() {
 }
 
 /// With `NEXUS_TIMELINE=<file>` and kernels built with `-DNEXUS_TIMELINE`: the CTA records of the
-/// step `run` makes (after one run to warm it), appended to the file as CSV.
+/// step `run` makes (after one run to warm it), appended to the file as CSV lines of `step, module,
+/// wait | exit, grid, block, sm, ns, ns` ([`nexus::kernels::gpu::TimelineRecord`]).
 fn timeline(gpu: &std::sync::Arc<Gpu>, step: &str, mut run: impl FnMut()) {
     let Ok(path) = std::env::var("NEXUS_TIMELINE") else { return };
     let stream = gpu.new_stream().expect("stream");

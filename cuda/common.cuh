@@ -45,14 +45,15 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
     return t;
 }
 
-// ---- Step timeline (experiment: builds with -DNEXUS_TIMELINE only) ------------------------------
+// ---- Step timeline (only in builds with -DNEXUS_TIMELINE: scripts/timeline-build.sh) -----------
 // Thread 0 of every CTA of every kernel records, once it has waited for the previous kernel,
 // {ns before the wait, ns after it, sm | block << 16 | grid << 40} into its module's
 // `nexus_timeline`, in the order of an atomic count: the CTAs of a kernel then come after all
 // those of the kernel before it (they wait for its end), so the host splits the records into
-// launches by their grids. Kernels that call timeline_exit() at a CTA's end record {ns, ids} into
-// `nexus_timeline_exits` the same way. (No shared memory: the attention kernels size their ring
-// to all of it.)
+// launches by their grids (scripts/timeline.py). Kernels that call timeline_exit() at a CTA's end
+// (the wgmma GEMMs, the attention kernels) record {ns, ids} into `nexus_timeline_exits` the same
+// way. No shared memory is used: the attention kernels size their ring to all of it. The records
+// make a decode step 1.5-3% longer (Llama-3.1-8B, H200).
 #ifdef NEXUS_TIMELINE
 constexpr unsigned TIMELINE_RECORDS = 1u << 17;
 }  // namespace nexus

@@ -7,6 +7,7 @@
 #
 #   scripts/build-ptx.sh           regenerate ptx/
 #   scripts/build-ptx.sh --check   regenerate into a temporary folder; fail if ptx/ differs
+#   NEXUS_PTX_DEFINES=-DX scripts/build-ptx.sh   with extra nvcc flags (scripts/timeline-build.sh)
 #
 # nvcc must be 13.0 (the driver on the GPU machine JITs PTX ISA up to 9.0): the one on PATH if it
 # is 13.0, else the pinned wheels of ../shared/GPU.md installed into ~/.cache/nexus-cuda.

@@ -196,8 +196,8 @@ impl Gpu {
     }
 }
 
-/// One CTA of a kernel built with `-DNEXUS_TIMELINE` (an experiment: see `nexus_timeline` in
-/// `cuda/common.cuh`): its wait for the previous kernel, or its end.
+/// One CTA of a kernel built with `-DNEXUS_TIMELINE` (`scripts/timeline-build.sh`; "Step
+/// timeline" in `cuda/common.cuh`): its wait for the previous kernel, or its end.
 #[derive(Clone, Copy, Debug)]
 pub struct TimelineRecord {
     /// The module of the kernel.
@@ -213,8 +213,9 @@ pub struct TimelineRecord {
 }
 
 impl Gpu {
-    /// The records of the kernels that ran since the last call, per module and kind in the order
-    /// they were made (empty for a build without the timeline), and the counts reset.
+    /// The [`TimelineRecord`]s of the kernels that ran since the last call, per module and kind in
+    /// the order they were made, and the counts reset; empty for kernels built without the
+    /// timeline (the committed PTX). Synchronizes `stream`, so call it when the step has finished.
     pub fn take_timeline(&self, stream: &Arc<CudaStream>) -> Result<Vec<TimelineRecord>> {
         let mut out = Vec::new();
         for (&module, m) in &self.modules {

@@ -102,9 +102,10 @@ struct CtaTrace {
 // wait_for_previous_kernel() before it touches memory that an earlier kernel writes or reads
 // (reads of weights may come first), and then allow_next_kernel(): the next kernel's CTAs may then
 // take SMs as this kernel's CTAs leave them and set up while this one drains. Placed after the
-// wait, the release keeps at most two kernels of a stream in flight, and every kernel started
-// early still waits for all earlier ones (each waited for its own predecessor). Launched without
-// the attribute, or below sm_90, both are no-ops.
+// wait, the release keeps at most two kernels of a stream in flight (three around the short
+// kernels that release first, let_next_kernel_start_early), and every kernel started early still
+// waits for all earlier ones (each waited for its own predecessor). Launched without the
+// attribute, or below sm_90, both are no-ops.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #ifdef NEXUS_TIMELINE
     const uint64_t from = global_timer_ns();
@@ -133,6 +134,15 @@ __device__ __forceinline__ void allow_next_kernel() {
 __device__ __forceinline__ void follow_previous_kernel() {
     wait_for_previous_kernel();
     allow_next_kernel();
+}
+// The release first, for a short kernel after which a GEMM comes: the GEMM's CTAs then start, and
+// stream their first ring of weight, while this kernel still waits for its predecessor, instead
+// of after this kernel started (the split-KV merge and the embedding gather: 2.3 us to start the
+// next kernel's CTAs, then its ring to land, H100 step timeline). The next kernel still waits for
+// this one, which waits for its own predecessor, so it sees what both wrote.
+__device__ __forceinline__ void let_next_kernel_start_early() {
+    allow_next_kernel();
+    wait_for_previous_kernel();
 }
 
 // ---- PTX wrappers shared by the tensor-core kernels ---------------------------------------------

@@ -963,7 +963,7 @@ __device__ __forceinline__ void merge_body(const float* __restrict__ part_o, con
         const float* __restrict__ part_o, const float* __restrict__ part_lse, const int* __restrict__ merge_items,  \
         const int* __restrict__ num_split, int num_heads, __nv_bfloat16* __restrict__ out,                          \
         uint64_t* __restrict__ cta_trace) {                                                                          \
-        nexus::follow_previous_kernel();                                                                           \
+        nexus::let_next_kernel_start_early();                                                                      \
         merge_body<D>(part_o, part_lse, merge_items, *num_split, num_heads, out, cta_trace);                         \
     }
 

@@ -220,7 +220,7 @@ NEXUS_FUSED_ADD_RMS_NORM(fused_add_rms_norm_many_rows, false)
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
     embedding(const __nv_bfloat16* __restrict__ table, const uint32_t* __restrict__ tokens,
               __nv_bfloat16* __restrict__ out, int rows, int hidden, int vocab) {
-    nexus::follow_previous_kernel();
+    nexus::let_next_kernel_start_early();
     const int vecs_per_row = hidden / VEC;
     const size_t total = (size_t)rows * vecs_per_row;
     for (size_t i = (size_t)blockIdx.x * THREADS + threadIdx.x; i < total; i += (size_t)gridDim.x * THREADS) {

@@ -235,22 +235,29 @@ impl Gpu {
                     stream.memcpy_dtoh(&view.slice(..n * size), &mut bytes)?;
                 }
                 stream.synchronize()?;
-                for r in bytes.chunks_exact(size) {
-                    let word = |i: usize| u64::from_le_bytes(r[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
-                    let ids = word(words - 1);
-                    out.push(TimelineRecord {
-                        module,
-                        exit: words == 2,
-                        from: word(0),
-                        until: word(words - 2),
-                        sm: (ids & 0xffff) as u32,
-                        block: ((ids >> 16) & 0xff_ffff) as u32,
-                        grid: (ids >> 40) as u32,
-                    });
-                }
+                out.extend(bytes.chunks_exact(size).map(|r| TimelineRecord::from_words(module, r)));
             }
         }
         Ok(out)
+    }
+}
+
+impl TimelineRecord {
+    /// A record as the kernels write it: little-endian u64 words, {from, until, ids} for a wait
+    /// and {time, ids} for an end, ids = `sm | block << 16 | grid << 40`.
+    fn from_words(module: &'static str, record: &[u8]) -> Self {
+        let words = record.len() / 8;
+        let word = |i: usize| u64::from_le_bytes(record[8 * i..8 * i + 8].try_into().unwrap_or([0; 8]));
+        let ids = word(words - 1);
+        TimelineRecord {
+            module,
+            exit: words == 2,
+            from: word(0),
+            until: word(words - 2),
+            sm: (ids & 0xffff) as u32,
+            block: ((ids >> 16) & 0xff_ffff) as u32,
+            grid: (ids >> 40) as u32,
+        }
     }
 }
 
@@ -273,4 +280,22 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
         .result()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeline_records_are_read_as_the_kernels_write_them() {
+        let ids = 131u64 | (5 << 16) | (132 << 40);
+        let wait: Vec<u8> = [1_000u64, 2_500, ids].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let r = TimelineRecord::from_words("gemm", &wait);
+        assert!(!r.exit);
+        assert_eq!((r.from, r.until, r.sm, r.block, r.grid), (1_000, 2_500, 131, 5, 132));
+        let end: Vec<u8> = [9_000u64, ids].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let r = TimelineRecord::from_words("gemm", &end);
+        assert!(r.exit);
+        assert_eq!((r.from, r.until, r.sm, r.block, r.grid), (9_000, 9_000, 131, 5, 132));
+    }
 }

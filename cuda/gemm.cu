@@ -1059,6 +1059,7 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
     gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
                                          partials, tile_arrivals, counter);                                     \
+    /* The step timeline's CTA end, from the first consumer (the producer's loader returns early). */        \
     if (threadIdx.x == 128) nexus::timeline_exit();
 #else
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)

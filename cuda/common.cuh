@@ -137,8 +137,8 @@ __device__ __forceinline__ void follow_previous_kernel() {
 }
 // The release first, for a short kernel after which a GEMM comes: the GEMM's CTAs then start, and
 // stream their first ring of weight, while this kernel still waits for its predecessor, instead
-// of after this kernel started (the split-KV merge and the embedding gather: 2.3 us to start the
-// next kernel's CTAs, then its ring to land, H100 step timeline). The next kernel still waits for
+// of after this kernel started (the split-KV merge: the output GEMM's CTAs started 2.3 us after it
+// ended and passed their wait ~8 us after it, H100 step timeline). The next kernel still waits for
 // this one, which waits for its own predecessor, so it sees what both wrote.
 __device__ __forceinline__ void let_next_kernel_start_early() {
     allow_next_kernel();

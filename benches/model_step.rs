@@ -215,11 +215,7 @@ fn main() {
         let mut last: Vec<u32> = vec![token(1); decode_batch];
         let mut times = Vec::new();
         for i in 0..25 {
-            let chunks: Vec<SeqChunk<'_>> = seqs
-                .iter()
-                .zip(&last)
-                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
-                .collect();
+            let chunks = decode_chunks(&seqs, &last);
             let t = Instant::now();
             let out = step_on(backend, &mut blocks, &chunks);
             if i >= 5 {
@@ -227,24 +223,13 @@ fn main() {
             }
             last = out;
         }
-        timeline(&gpu, &format!("batch {decode_batch} x {context}, {mode}"), || {
-            let chunks: Vec<SeqChunk<'_>> = seqs
-                .iter()
-                .zip(&last)
-                .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
-                .collect();
-            last = step_on(backend, &mut blocks, &chunks);
-        });
+        let step = format!("batch {decode_batch} x {context}, {mode}");
+        timeline(&gpu, &step, || last = step_on(backend, &mut blocks, &decode_chunks(&seqs, &last)));
         // The same step once more, each kernel timed.
-        let chunks: Vec<SeqChunk<'_>> = seqs
-            .iter()
-            .zip(&last)
-            .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
-            .collect();
+        let chunks = decode_chunks(&seqs, &last);
         let ops = kernel_times(backend, || {
             step_on(backend, &mut blocks, &chunks);
         });
-        let step = format!("batch {decode_batch} x {context}, {mode}");
         kernel_rows(&kernels, &step, &config, decode_batch, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
@@ -260,6 +245,14 @@ fn main() {
     report.finish(&gpu, &format!("model_step-{name}"));
     kernels.finish(&gpu, &format!("model_step-kernels-{name}"));
     eprintln!("device: {}", device_name(&gpu));
+}
+
+/// One decode token per sequence: `last[i]` for `seqs[i]`.
+fn decode_chunks<'a>(seqs: &[u64], last: &'a [u32]) -> Vec<SeqChunk<'a>> {
+    seqs.iter()
+        .zip(last)
+        .map(|(&seq, t)| SeqChunk { seq, tokens: std::slice::from_ref(t), wants_logits: true })
+        .collect()
 }
 
 /// With `NEXUS_TIMELINE=<file>` and kernels built with `-DNEXUS_TIMELINE`: the CTA records of the

@@ -226,6 +226,7 @@ impl Gpu {
                 let Ok(mut counter) = m.get_global(count, stream) else { continue };
                 let mut n = [0u8; 4];
                 stream.memcpy_dtoh(&counter, &mut n)?;
+                stream.synchronize()?;
                 stream.memcpy_htod(&[0u8; 4], &mut counter)?;
                 let view = m.get_global(records, stream)?;
                 let size = 8 * words;

@@ -14,7 +14,9 @@ Per launch: start (its first CTA reached the wait), release (its first CTA passe
 exit, and its span (release to the next launch's release; the spans add up to the step). With
 --layers, the launches between the first and last few repeat once per layer: the table gives, for
 each position in a layer, the mean span, the release-to-last-exit time, and the gap from the
-previous launch's last exit to this release (how long a kernel boundary takes).
+previous launch's last exit to this release (how long a kernel boundary takes), and how long before
+that last exit the median CTA had started (reached its wait: a GEMM's CTA has then requested its first
+ring of weights, so a long gap after a long lead is HBM streaming those, not idle).
 """
 import argparse
 import collections
@@ -57,6 +59,7 @@ def launches(records):
                 "module": module,
                 "grid": w[0][2],
                 "start": min(r[4] for r in w),
+                "median_start": statistics.median(r[4] for r in w),
                 "release": min(r[5] for r in w),
                 "exit": max(r[5] for r in exits[j]) if exits else None,
             })
@@ -64,8 +67,9 @@ def launches(records):
     for a, b in zip(out, out[1:]):
         a["span"] = b["release"] - a["release"]
         b["gap"] = b["release"] - a["exit"] if a["exit"] is not None else None
+        b["lead"] = a["exit"] - b["median_start"] if a["exit"] is not None else None
     out[-1]["span"] = 0
-    out[0]["gap"] = None
+    out[0]["gap"] = out[0]["lead"] = None
     return out
 
 
@@ -107,8 +111,9 @@ def main():
             print(f"(no period repeats {args.layers} times)")
             continue
         first, period = found
-        print("| position in the layer | module | grid | span (us) | release to last exit (us) | previous last exit to release (us) |")
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| position in the layer | module | grid | span (us) | release to last exit (us) | previous last exit to release (us) "
+              "| median CTA start before the previous last exit (us) |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
         total = 0.0
         for j in range(period):
             at = ls[first + j:first + args.layers * period:period]
@@ -116,11 +121,12 @@ def main():
             total += span
             work = [l["exit"] - l["release"] for l in at if l["exit"] is not None]
             gaps = [l["gap"] for l in at if l["gap"] is not None]
+            leads = [l["lead"] for l in at if l["lead"] is not None]
             print(f"| {j} | {at[0]['module']} | {at[0]['grid']} | {us(span)} | {us(statistics.mean(work)) if work else '-'} | "
-                  f"{us(statistics.mean(gaps)) if gaps else '-'} |")
+                  f"{us(statistics.mean(gaps)) if gaps else '-'} | {us(statistics.median(leads)) if leads else '-'} |")
         rest = sum(l["span"] for l in ls[:first]) + sum(l["span"] for l in ls[first + args.layers * period:])
-        print(f"| all {args.layers} layers | | | {total * args.layers / 1e6:.3f} ms | | |")
-        print(f"| before and after them ({len(ls) - args.layers * period} launches) | | | {rest / 1e6:.3f} ms | | |")
+        print(f"| all {args.layers} layers | | | {total * args.layers / 1e6:.3f} ms | | | |")
+        print(f"| before and after them ({len(ls) - args.layers * period} launches) | | | {rest / 1e6:.3f} ms | | | |")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ Per launch: start (its first CTA reached the wait), release (its first CTA passe
 exit, and its span (release to the next launch's release; the spans add up to the step). With
 --layers, the launches between the first and last few repeat once per layer: the table gives, for
 each position in a layer, the mean span, the release-to-last-exit time, and the gap from the
-previous launch's last exit to this release (how long a kernel boundary takes), and how long before
-that last exit the median CTA had started (reached its wait: a GEMM's CTA has then requested its first
+previous launch's last exit to this release (how long a kernel boundary takes), and (the median over
+the layers) how long before that last exit the median CTA had started (reached its wait: a GEMM's CTA has then requested its first
 ring of weights, so a long gap after a long lead is HBM streaming those, not idle).
 """
 import argparse

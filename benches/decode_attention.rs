@@ -5,8 +5,10 @@
 //! block tables over a pool of random bf16 data; the pool holds at least 256 MB (several
 //! block-table copies of the batch, rotated) so no launch finds its K/V in L2. Bytes are `Σ 2·L·H_kv·d·2`; the plan (split-KV chunk, work lists) is made
 //! once per budget outside the timing, as a serving engine does once per step. Next to each figure:
-//! the streaming read at the same budget, measured in the same run (`stream_read_curve`), and the
-//! kernel's share of it and of the all-SM streaming read; and the time of `decode_attention_rope`
+//! the streaming read at the same budget, measured in the same run (`StreamRead::curve`: reads of
+//! 256 MB), the kernel's share of it and of the all-SM streaming read, and a streaming read of the
+//! kernel's own bytes at that budget (one launch of that size: its fixed costs as the kernel's);
+//! and the time of `decode_attention_rope`
 //! (the same attention with the new tokens' RoPE and KV write inside) on the same plan.
 //!
 //! `cargo bench --bench decode_attention`; `NEXUS_BENCH_ONLY=text` runs only the cases whose name
@@ -50,7 +52,13 @@ fn fill_random(stream: &std::sync::Arc<cudarc::driver::CudaStream>, pool: &mut C
 fn main() {
     let (gpu, stream) = open();
     let mut c = criterion();
-    let stream_read = stream_read_curve(&gpu, &stream, &budgets(&gpu));
+    let max_bytes = LAYOUTS
+        .iter()
+        .flat_map(|(_, l)| SHAPES.iter().map(move |&(seqs, ctx)| seqs * ctx * 4 * l.num_kv_heads * l.head_dim))
+        .max()
+        .unwrap_or(0);
+    let reads = StreamRead::new(&gpu, &stream, max_bytes, &budgets(&gpu));
+    let stream_read = reads.curve();
     let all_sms = stream_read.at(gpu.sm_count()) / 1e12;
     let of_all = format!("% of {all_sms:.2} (all-SM stream)");
     let block_size = block_size(KERNEL_BENCH_BLOCK_SIZE);
@@ -65,6 +73,8 @@ fn main() {
             "TB/s",
             "stream read at this budget",
             "% of stream",
+            "stream read of the same bytes",
+            "% of it",
             &of_all,
             "chunk",
             "items",
@@ -163,6 +173,7 @@ fn main() {
                 let t_rope = median_gpu_time(&stream, &mut launch_rope).as_secs_f64();
                 let tbs = plans[0].kv_bytes() as f64 / t / 1e12;
                 let ceiling = stream_read.at(budget.get()) / 1e12;
+                let same_bytes = reads.bytes_per_second(budget, plans[0].kv_bytes()) / 1e12;
                 report.add(vec![
                     name.to_string(),
                     shape.clone(),
@@ -171,6 +182,8 @@ fn main() {
                     format!("{tbs:.2}"),
                     format!("{ceiling:.2}"),
                     format!("{:.0}%", 100.0 * tbs / ceiling),
+                    format!("{same_bytes:.2}"),
+                    format!("{:.0}%", 100.0 * tbs / same_bytes),
                     format!("{:.0}%", 100.0 * tbs / all_sms),
                     plans[0].chunk_tokens().map_or("-".into(), |c| c.to_string()),
                     plans[0].num_items().to_string(),

@@ -7,7 +7,9 @@
 //!
 //! TFLOP/s = 2·M·N·K / time; TB/s = (M·K + N·K + M·N) · 2 bytes / time (for small M, almost all
 //! of it is the weight B), next to the streaming read at the same budget measured in the same run
-//! (`stream_read_curve`) and its share of it. The summary table is timed outside criterion (median of CUDA-event
+//! (`StreamRead::curve`, reads of 256 MB) and its share of it; for M <= 64 also next to a streaming
+//! read of the GEMM's own bytes at that budget (one launch of that size, whose fixed costs a read of
+//! 256 MB spreads thinner). The summary table is timed outside criterion (median of CUDA-event
 //! samples); criterion itself times a subset (M = 1, 64, 4096 at budget 64 and all SMs), so the
 //! whole run fits in a few minutes.
 //!
@@ -211,7 +213,12 @@ fn main() {
         budgets(&gpu)
     };
     let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");
-    let stream_read = stream_read_curve(&gpu, &stream, &budgets);
+    // The decode-sized GEMMs' bytes (M <= 64), which a streaming read of the same size is put beside.
+    let decode_bytes = |m: usize, k: usize, n: usize| 2 * (m * k + n * k + m * n);
+    let max_m = DECODE_MS.iter().copied().max().unwrap_or(1);
+    let max_bytes = DECODE_SHAPES.iter().map(|&(_, k, n)| decode_bytes(max_m, k, n)).max().unwrap_or(0);
+    let reads = StreamRead::new(&gpu, &stream, max_bytes, &budgets);
+    let stream_read = reads.curve();
     let report = Report::new(
         "GEMM bf16 (C = A·Bᵀ), ours vs cuBLAS (TFLOP/s = 2MNK / t; TB/s = 2(MK + NK + MN) / t)",
         &[
@@ -225,6 +232,8 @@ fn main() {
             "TB/s",
             "stream read at this budget",
             "% of stream",
+            "stream read of the same bytes (M <= 64)",
+            "% of it",
             "cuBLAS@budget TFLOP/s",
             "cuBLAS@budget TB/s",
             "cuBLAS@all TFLOP/s",
@@ -279,6 +288,7 @@ fn main() {
                 } else {
                     cublas_time(&blas, &stream, &views, &mut out, shape, budget.get())
                 };
+                let same_bytes = (m <= max_m).then(|| reads.bytes_per_second(budget, bytes as usize));
                 report.add(vec![
                     shape_name.clone(),
                     m.to_string(),
@@ -290,6 +300,8 @@ fn main() {
                     format!("{:.2}", bytes / t / 1e12),
                     format!("{:.2}", stream_read.at(budget.get()) / 1e12),
                     format!("{:.0}%", 100.0 * bytes / t / stream_read.at(budget.get())),
+                    same_bytes.map_or("-".into(), |r| format!("{:.2}", r / 1e12)),
+                    same_bytes.map_or("-".into(), |r| format!("{:.0}%", 100.0 * bytes / t / r)),
                     format!("{:.1}", flops / cublas_budget / 1e12),
                     format!("{:.2}", bytes / cublas_budget / 1e12),
                     format!("{:.1}", flops / cublas_all / 1e12),
@@ -300,10 +312,10 @@ fn main() {
         }
     }
     report.finish(&gpu, "gemm");
-    decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &stream_read);
-    weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
-    silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
-    norm_fusion(&gpu, &stream, &pool, &mut out, &budgets, &stream_read);
+    decode_sizes(&gpu, &stream, &blas, &pool, &mut out, &budgets, &reads);
+    weight_row_length(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
+    silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
+    norm_fusion(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
     prefill_lane(&gpu, &stream, &blas, &pool, &mut out);
     c.final_summary();
 }
@@ -644,15 +656,24 @@ fn decode_sizes(
     pool: &CudaSlice<bf16>,
     out: &mut CudaSlice<bf16>,
     budgets: &[CtaBudget],
-    stream_read: &BandwidthCurve,
+    reads: &StreamRead,
 ) {
     let kernels: Vec<GemmKernel> = match gpu.target() {
         PtxTarget::Sm90a => GemmKernel::HOPPER.iter().chain(&GemmKernel::PORTABLE).copied().collect(),
         PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
     };
     let names: Vec<String> = kernels.iter().map(|k| format!("{k:?} TB/s")).collect();
-    let mut header =
-        vec!["layer (K x N)", "M", "budget", "stream read", "cuBLAS@budget", "planner's pick", "planned TB/s"];
+    let mut header = vec![
+        "layer (K x N)",
+        "M",
+        "budget",
+        "stream read",
+        "stream read of the same bytes",
+        "cuBLAS@budget",
+        "planner's pick",
+        "planned TB/s",
+        "planned % of the same bytes' read",
+    ];
     header.extend(names.iter().map(String::as_str));
     let report = Report::new("Decode-sized GEMMs, every kernel (TB/s = 2(MK + NK + MN) / t)", &header);
     for (layer, shape, chosen) in layer_cases("gemm-decode", DECODE_SHAPES, &DECODE_MS, budgets) {
@@ -661,14 +682,17 @@ fn decode_sizes(
         let bytes = 2.0 * (m * k + n * k + m * n) as f64;
         for budget in chosen {
             let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
+            let same_bytes = reads.bytes_per_second(budget, bytes as usize);
             let mut row = vec![
                 format!("{layer} ({k} x {n})"),
                 m.to_string(),
                 budget.get().to_string(),
-                format!("{:.2}", stream_read.at(budget.get()) / 1e12),
+                format!("{:.2}", reads.curve().at(budget.get()) / 1e12),
+                format!("{:.2}", same_bytes / 1e12),
                 format!("{:.2}", bytes / times.cublas / 1e12),
                 plan_label(&gemm::plan(shape, budget, gpu.model())),
                 format!("{:.2}", bytes / times.planned / 1e12),
+                format!("{:.0}%", 100.0 * bytes / times.planned / same_bytes),
             ];
             row.extend(times.kernels.iter().map(|t| format!("{:.2}", bytes / t / 1e12)));
             report.add(row);

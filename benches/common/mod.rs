@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use criterion::Criterion;
-use cudarc::driver::CudaStream;
 use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaSlice, CudaStream};
 use nexus::kernels::gemm::GemmPlan;
 use nexus::kernels::stream_read::stream_read;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
@@ -110,33 +110,73 @@ pub fn median_gpu_time(stream: &Arc<CudaStream>, mut launch: impl FnMut(u64)) ->
     samples[samples.len() / 2]
 }
 
-/// The streaming-read curve at 1 CTA and at each of `budgets` (the budgets a bench reports):
-/// `stream_read`, the kernel `Gpu::new` measures the device's curve with, over [`ROTATE_BYTES`] of
-/// random words, timed like the benchmarked kernels ([`median_gpu_time`]) in the same run, so that
-/// a kernel's TB/s can be put next to what its SMs can read at all.
-pub fn stream_read_curve(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, budgets: &[CtaBudget]) -> BandwidthCurve {
-    let mut rng = StdRng::seed_from_u64(0x5eed);
-    let tile: Vec<u32> = (0..1 << 22).map(|_| rng.random()).collect();
-    let mut data = stream.alloc_zeros::<u32>(ROTATE_BYTES / 4).expect("alloc");
-    for at in (0..data.len()).step_by(tile.len()) {
-        stream.memcpy_htod(&tile, &mut data.slice_mut(at..at + tile.len())).expect("upload");
+/// `stream_read` over a buffer of random words (a 16 MB pattern repeated: the values only keep
+/// the power and clocks those of real data), timed like the benchmarked kernels
+/// ([`median_gpu_time`]) in the same run: the curve of reads of [`ROTATE_BYTES`] at each budget a
+/// bench reports, and reads of any size up to the buffer's.
+pub struct StreamRead {
+    gpu: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    data: CudaSlice<u32>,
+    curve: BandwidthCurve,
+}
+
+impl StreamRead {
+    /// A buffer of at least [`ROTATE_BYTES`], and of `max_bytes` when that is more; measures the
+    /// curve at 1 CTA and at each of `budgets`.
+    pub fn new(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, max_bytes: usize, budgets: &[CtaBudget]) -> Self {
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        let tile: Vec<u32> = (0..1 << 22).map(|_| rng.random()).collect();
+        let words = max_bytes.max(ROTATE_BYTES).div_ceil(4 * tile.len()) * tile.len();
+        let mut data = stream.alloc_zeros::<u32>(words).expect("alloc");
+        for at in (0..words).step_by(tile.len()) {
+            stream.memcpy_htod(&tile, &mut data.slice_mut(at..at + tile.len())).expect("upload");
+        }
+        let mut ctas: Vec<CtaBudget> = budgets.to_vec();
+        ctas.push(CtaBudget::new(1, gpu).expect("budget"));
+        ctas.sort();
+        ctas.dedup();
+        let points: Vec<(u32, f64)> =
+            ctas.into_iter().map(|b| (b.get(), read_rate(gpu, stream, &data, b, ROTATE_BYTES))).collect();
+        let curve = BandwidthCurve::from_points(&points).expect("a curve from 1 CTA up");
+        StreamRead { gpu: gpu.clone(), stream: stream.clone(), data, curve }
     }
-    let mut ctas: Vec<CtaBudget> = budgets.to_vec();
-    ctas.push(CtaBudget::new(1, gpu).expect("budget"));
-    ctas.sort();
-    ctas.dedup();
-    let points: Vec<(u32, f64)> = ctas
-        .into_iter()
-        .map(|budget| {
-            let ctx = phase(gpu, stream, budget);
-            let mut checksums = stream.alloc_zeros::<u32>(budget.get() as usize).expect("alloc");
-            let t = median_gpu_time(stream, |_| {
-                stream_read(&ctx, &data.as_view(), &mut checksums.as_view_mut()).expect("stream_read")
-            });
-            (budget.get(), ROTATE_BYTES as f64 / t.as_secs_f64())
-        })
-        .collect();
-    BandwidthCurve::from_points(&points).expect("a curve from 1 CTA up")
+
+    /// The streaming-read curve: reads of [`ROTATE_BYTES`], as `Gpu::new` measures the device's,
+    /// so that a kernel's TB/s can be put next to what its SMs can read at all.
+    pub fn curve(&self) -> &BandwidthCurve {
+        &self.curve
+    }
+
+    /// Bytes per second of one `stream_read` launch that reads `bytes` (rounded up to whole 16-byte
+    /// vectors) on `budget` CTAs; consecutive launches read different parts of the buffer, so that
+    /// none finds its bytes in L2 (as the kernels' inputs are rotated, [`copies_for`]).
+    ///
+    /// Of a kernel's own bytes it is what one launch moving that much can reach at all, its start,
+    /// first requests and drain included, which a read of 256 MB spreads over more bytes than a
+    /// kernel of a few MB has.
+    pub fn bytes_per_second(&self, budget: CtaBudget, bytes: usize) -> f64 {
+        read_rate(&self.gpu, &self.stream, &self.data, budget, bytes)
+    }
+}
+
+/// [`StreamRead::bytes_per_second`] over `data`.
+fn read_rate(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, data: &CudaSlice<u32>, budget: CtaBudget, bytes: usize) -> f64 {
+    let words = bytes.div_ceil(16) * 4;
+    assert!(words <= data.len(), "StreamRead: {bytes} bytes, the buffer holds {}", 4 * data.len());
+    let copies = (data.len() / words).clamp(1, 64);
+    let ctx = phase(gpu, stream, budget);
+    let mut checksums = stream.alloc_zeros::<u32>(budget.get() as usize).expect("alloc");
+    let t = median_gpu_time(stream, |i| {
+        let at = (i as usize % copies) * words;
+        stream_read(&ctx, &data.slice(at..at + words), &mut checksums.as_view_mut()).expect("stream_read")
+    });
+    (4 * words) as f64 / t.as_secs_f64()
+}
+
+/// The streaming-read curve of [`StreamRead::new`] at 1 CTA and at each of `budgets`.
+pub fn stream_read_curve(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, budgets: &[CtaBudget]) -> BandwidthCurve {
+    StreamRead::new(gpu, stream, ROTATE_BYTES, budgets).curve().clone()
 }
 
 /// Rows of the summary table, in the order they were added.

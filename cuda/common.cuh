@@ -67,16 +67,24 @@ __device__ __forceinline__ unsigned long long timeline_ids() {
     return sm_id() | (static_cast<unsigned long long>(blockIdx.x) << 16) |
            (static_cast<unsigned long long>(gridDim.x) << 40);
 }
+// Appends {times..., timeline_ids()} to `records` at the index the atomic `count` hands out (none
+// past TIMELINE_RECORDS). The times are taken before the atomic, whose round trip can take
+// microseconds while HBM is busy.
+template <int N>
+__device__ __forceinline__ void timeline_record(unsigned long long (*records)[N], unsigned* count,
+                                                const uint64_t (&times)[N - 1]) {
+    const unsigned i = atomicAdd(count, 1u);
+    if (i < TIMELINE_RECORDS) {
+#pragma unroll
+        for (int w = 0; w < N - 1; ++w) records[i][w] = times[w];
+        records[i][N - 1] = timeline_ids();
+    }
+}
 #endif
 __device__ __forceinline__ void timeline_exit() {
 #ifdef NEXUS_TIMELINE
-    // The time before the atomic, whose round trip can take microseconds while HBM is busy.
-    const uint64_t now = global_timer_ns();
-    const unsigned i = atomicAdd(&nexus_timeline_exit_count, 1u);
-    if (i < TIMELINE_RECORDS) {
-        nexus_timeline_exits[i][0] = now;
-        nexus_timeline_exits[i][1] = timeline_ids();
-    }
+    const uint64_t now[1] = {global_timer_ns()};
+    timeline_record(nexus_timeline_exits, &nexus_timeline_exit_count, now);
 #endif
 }
 
@@ -115,13 +123,8 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 #ifdef NEXUS_TIMELINE
     if (threadIdx.x == 0) {
-        const uint64_t until = global_timer_ns();
-        const unsigned i = atomicAdd(&nexus_timeline_count, 1u);
-        if (i < TIMELINE_RECORDS) {
-            nexus_timeline[i][0] = from;
-            nexus_timeline[i][1] = until;
-            nexus_timeline[i][2] = timeline_ids();
-        }
+        const uint64_t times[2] = {from, global_timer_ns()};
+        timeline_record(nexus_timeline, &nexus_timeline_count, times);
     }
 #endif
 }

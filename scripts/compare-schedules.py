@@ -18,7 +18,9 @@ the schedule only queues at, and the prefill lane's stalls: iterations of 1024 p
 more that ran on a quarter of the SMs or fewer (what starting beside a decode iteration that held
 the rest did before the prefill lane learned to wait for it, 2026-12-05). A third table splits
 the decode iterations beside a prefill by the budget the controller gave them: batch, time and
-the cost model's prediction.
+the cost model's prediction. Every file also gets a table of each run's normalized latency (end to
+end over output tokens) and, for a schedule that predicts its iterations (the controller), the cost
+model's prediction error during the run per lane, from the summaries (timelines not needed).
 """
 import json
 import sys
@@ -37,6 +39,7 @@ def main(paths, strip_to=None):
         by = {s: sorted((r for r in runs if r["schedule"] == s), key=lambda r: r["rate"]) for s in schedules}
         base = schedules[0]
         print(f"\n{doc['workload']} on {doc['target']} ({path})")
+        latency_table(doc)
         if slo is None:
             print("no objective in this run")
             lanes_table(doc)
@@ -81,6 +84,23 @@ def main(paths, strip_to=None):
             print(f"| {s} | " + " | ".join(cells) + " |")
         lanes_table(doc)
         write_stripped(doc, path, strip_to)
+
+
+def latency_table(doc):
+    """Each run's normalized latency (ms per output token: mean / p50 / p95 / p99) and, where the
+    schedule predicted its iterations, the median and p90 of |predicted / measured - 1| per lane."""
+    print("\n| schedule | rate | normalized latency (ms per token) | prediction error, prefill lane (p50 / p90) "
+          "| prediction error, decode lane (p50 / p90) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in sorted(doc["runs"], key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
+        n = r["normalized_latency_s"]
+        latency = " / ".join(f"{n[k] * 1e3:.1f}" for k in ("mean", "p50", "p95", "p99"))
+        errors = {}
+        for lane in (r.get("timeline_summary") or {}).get("lanes", []):
+            e = lane.get("prediction_error")
+            if e:
+                errors[lane["lane"]] = f"{e['p50'] * 100:.1f}% / {e['p90'] * 100:.1f}%"
+        print(f"| {r['schedule']} | {r['rate']} | {latency} | {errors.get('prefill', '-')} | {errors.get('decode', '-')} |")
 
 
 def write_stripped(doc, path, strip_to):

@@ -27,4 +27,14 @@ pub use launch::LaunchOptions;
 #[cfg(test)]
 pub(crate) use model::measured;
 pub use model::{BandwidthCurve, DeviceModel};
-pub use ptx::fingerprint as kernels_fingerprint;
+
+/// The planners' revision, bumped by every change that moves what a plan launches for some shape
+/// and budget without changing a kernel (1: the GEMM model's unhidden overlap refit to 0.2,
+/// 2026-12-07). A profile measured the plans of its revision, so it belongs in the fingerprint.
+const PLANNERS_REVISION: u32 = 1;
+
+/// A fingerprint of what a saved measurement of the kernels (a cost-model profile) was made
+/// with: every embedded kernel (the PTX of both builds) and the planners' revision.
+pub fn kernels_fingerprint() -> u64 {
+    ptx::fingerprint(&PLANNERS_REVISION.to_le_bytes())
+}

@@ -41,12 +41,11 @@ pub(crate) fn modules(target: PtxTarget) -> &'static [Module] {
     }
 }
 
-/// A fingerprint of every embedded kernel (FNV-1a over the PTX of both builds): what a saved
-/// measurement of the kernels (a cost-model profile) was made with.
-pub fn fingerprint() -> u64 {
+/// FNV-1a over the PTX of both builds and then `more`.
+pub(crate) fn fingerprint(more: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for module in SM90A.iter().chain(SM80) {
-        for byte in module.name.bytes().chain(module.ptx.bytes()) {
+        for &byte in module.name.as_bytes().iter().chain(module.ptx.as_bytes()).chain(more) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }

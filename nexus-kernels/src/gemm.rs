@@ -387,13 +387,9 @@ const SPLIT_SYNC_SECONDS: f64 = 4.5e-6;
 /// curve's time at every budget) and which ranks no plan above another. 0.2 is near the least share
 /// that keeps the decisions the tests pin (below 0.175 the H100 output projection at M = 1 on 132
 /// SMs no longer splits, where split and unsplit measured level, 1.67-1.76 against 1.69-1.75 TB/s).
-/// With it, split-K against the row's best unsplit kernel, where the two measured more than 5%
-/// apart, is ranked as measured on 75 of 83 rows of the H100 tables and 144 of 162 of the H200 ones
-/// (0.5: 45 and 137; `split_decisions_replayed_on_the_measured_decode_tables`); the unsplit picks
-/// of `picks_replayed_on_the_measured_decode_tables` reach 0.9987, 0.9956 and 0.9961 of the best
-/// kernel (0.5: 0.9987, 0.9937, 0.9948), the batch-invariant ones 0.9944 of the H200 table's as
-/// before, and no pick at M >= 256 moves. With ±3% deterministic noise on the H200 curve, up to 4
-/// of an H200 table's 288 unsplit picks move (0.5: 2), the mean by 0.0016 at most.
+/// With it the decode tables' split decisions rank as measured on 219 of 245 rows (0.5: 182;
+/// `split_decisions_replayed_on_the_measured_decode_tables`), the unsplit picks are as good or
+/// better on every table, and no pick at M >= 256 moves.
 const UNHIDDEN_OVERLAP: f64 = 0.2;
 /// Estimates within this factor of each other count as a tie, settled by less math issued.
 const TIE: f64 = 1.01;

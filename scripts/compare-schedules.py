@@ -93,8 +93,8 @@ def latency_table(doc):
           "| prediction error, decode lane (p50 / p90) |")
     print("| --- | --- | --- | --- | --- |")
     for r in sorted(doc["runs"], key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
-        n = r["normalized_latency_s"]
-        latency = " / ".join(f"{n[k] * 1e3:.1f}" for k in ("mean", "p50", "p95", "p99"))
+        n = r.get("normalized_latency_s")
+        latency = "-" if not n else " / ".join(f"{n[k] * 1e3:.1f}" for k in ("mean", "p50", "p95", "p99"))
         errors = {}
         for lane in (r.get("timeline_summary") or {}).get("lanes", []):
             e = lane.get("prediction_error")

@@ -706,6 +706,44 @@ mod tests {
         assert_eq!(nexus(32).budgets(Lane::Prefill, 132), vec![32, 132]);
     }
 
+    /// The decode lane serves the running sequences first come, first served: with fewer tokens an
+    /// iteration than decoding sequences the oldest go, and when the cache has no block for the
+    /// next token the newest give theirs to the older ones.
+    #[test]
+    fn the_decode_lane_serves_the_oldest_sequences_first() {
+        let mut blocks = BlockManager::new(100, 4).unwrap();
+        for id in 1..=5 {
+            blocks.append(id, 2).unwrap();
+        }
+        let config = SchedulerConfig { max_num_batched_tokens: 3, ..SchedulerConfig::default() };
+        let mut sched = NexusScheduler::new(config, NexusConfig::fixed(64), 132).unwrap();
+        let idle = [s(1, 1), s(2, 1), s(3, 1), s(4, 1), s(5, 1)];
+        let view = SchedulerView {
+            idle: &idle,
+            waiting: &[],
+            num_running: 5,
+            blocks: &blocks,
+            sm_count: 132,
+            busy: &[None, None],
+            resizable: false,
+        };
+        let plan = sched.plan(&view);
+        let decode_ids = |plan: &Plan| plan.lanes[0].scheduled.iter().map(|s| s.id).collect::<Vec<_>>();
+        assert_eq!(decode_ids(&plan), vec![1, 2, 3]);
+        assert!(plan.preempted.is_empty());
+        // Three sequences with full blocks and one free block: the oldest takes it; the next needs
+        // one too and gets the newest's.
+        let mut blocks = BlockManager::new(4, 4).unwrap();
+        for id in 1..=3 {
+            blocks.append(id, 4).unwrap();
+        }
+        let idle = [s(1, 1), s(2, 1), s(3, 1)];
+        let view = SchedulerView { idle: &idle, num_running: 3, blocks: &blocks, ..view };
+        let plan = sched.plan(&view);
+        assert_eq!(decode_ids(&plan), vec![1, 2]);
+        assert_eq!(plan.preempted, vec![3]);
+    }
+
     #[test]
     fn decodes_preempt_idle_prompts_and_stuck_prompts_give_way() {
         let mut blocks = BlockManager::new(3, 4).unwrap();

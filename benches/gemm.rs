@@ -214,9 +214,8 @@ fn main() {
     };
     let blas = CudaBlas::new(stream.clone()).expect("cuBLAS");
     // The decode-sized GEMMs' bytes (M <= 64), which a streaming read of the same size is put beside.
-    let decode_bytes = |m: usize, k: usize, n: usize| 2 * (m * k + n * k + m * n);
     let max_m = DECODE_MS.iter().copied().max().unwrap_or(1);
-    let max_bytes = DECODE_SHAPES.iter().map(|&(_, k, n)| decode_bytes(max_m, k, n)).max().unwrap_or(0);
+    let max_bytes = DECODE_SHAPES.iter().map(|&(_, k, n)| GemmShape { m: max_m, n, k }.bf16_bytes()).max().unwrap_or(0);
     let reads = StreamRead::new(&gpu, &stream, max_bytes, &budgets);
     let stream_read = reads.curve();
     let report = Report::new(
@@ -260,7 +259,7 @@ fn main() {
             let views = rotated_operands(&pool, m * k, n * k);
             let copies = views.len();
             let flops = 2.0 * (m * n * k) as f64;
-            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+            let bytes = shape.bf16_bytes() as f64;
             let shape_name = format!("{k} x {n}");
 
             let case = |budget: CtaBudget| format!("gemm/{k}x{n}/m {m}/budget {}", budget.get());
@@ -679,7 +678,7 @@ fn decode_sizes(
     for (layer, shape, chosen) in layer_cases("gemm-decode", DECODE_SHAPES, &DECODE_MS, budgets) {
         let GemmShape { m, n, k } = shape;
         let views = rotated_operands(pool, m * k, n * k);
-        let bytes = 2.0 * (m * k + n * k + m * n) as f64;
+        let bytes = shape.bf16_bytes() as f64;
         for budget in chosen {
             let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
             let same_bytes = reads.bytes_per_second(budget, bytes as usize);

@@ -334,7 +334,8 @@ fn kernel_rows(
     for op in ops {
         let (name, planned, bytes) = match op.shape {
             OpShape::Gemm { m, n, k } => {
-                (role(n, k), plan(GemmShape { m, n, k }), 2.0 * (m * k + n * k + m * n) as f64)
+                let shape = GemmShape { m, n, k };
+                (role(n, k), plan(shape), shape.bf16_bytes() as f64)
             }
             OpShape::Attention { tokens, kv_tokens, .. } => {
                 ("attention", String::new(), kv_tokens * kv_bytes_per_token + (tokens * 4 * q) as f64)

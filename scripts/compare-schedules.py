@@ -92,7 +92,7 @@ def latency_table(doc):
     print("\n| schedule | rate | normalized latency (ms per token) | prediction error, prefill lane (p50 / p90) "
           "| prediction error, decode lane (p50 / p90) |")
     print("| --- | --- | --- | --- | --- |")
-    for r in sorted(doc["runs"], key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"])):
+    for r in in_schedule_order(doc, doc["runs"]):
         n = r.get("normalized_latency_s")
         latency = "-" if not n else " / ".join(f"{n[k] * 1e3:.1f}" for k in ("mean", "p50", "p95", "p99"))
         errors = {}
@@ -101,6 +101,11 @@ def latency_table(doc):
             if e:
                 errors[lane["lane"]] = f"{e['p50'] * 100:.1f}% / {e['p90'] * 100:.1f}%"
         print(f"| {r['schedule']} | {r['rate']} | {latency} | {errors.get('prefill', '-')} | {errors.get('decode', '-')} |")
+
+
+def in_schedule_order(doc, runs):
+    """`runs` (of `doc`) by schedule, in the order the bench ran them, then by rate."""
+    return sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"]))
 
 
 def write_stripped(doc, path, strip_to):
@@ -121,7 +126,7 @@ def lanes_table(doc):
           "| its median budget (SMs) | TTFT growth against the lowest rate | prefill stalls: iterations (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     few = doc["sm_count"] // 4
-    runs = sorted(runs, key=lambda r: (doc["schedules"].index(r["schedule"]), r["rate"]))
+    runs = in_schedule_order(doc, runs)
     # The decode iterations beside a prefill, once per run: both tables read them.
     besides = [decode_beside_prefill(r["timeline"]) for r in runs]
     for r, beside in zip(runs, besides):

@@ -486,8 +486,7 @@ fn estimate(kernel: GemmKernel, shape: GemmShape, budget: u32, dram: &BandwidthC
 /// keeps busy (the counter hands its units to the CTAs that finish first, the others leave): 112
 /// tiles on 64 CTAs read 64 tiles' bytes at 64 CTAs' bandwidth, then 48 tiles' at 48 CTAs'.
 fn dram_seconds(shape: GemmShape, units: usize, ctas: u32, dram: &BandwidthCurve) -> f64 {
-    let GemmShape { m, n, k } = shape;
-    let unit_bytes = (2 * (m * k + n * k + m * n)) as f64 / units as f64;
+    let unit_bytes = shape.bf16_bytes() as f64 / units as f64;
     let (full, rest) = (units / ctas as usize, units % ctas as usize);
     let mut seconds = (full * ctas as usize) as f64 * unit_bytes / dram.at(ctas);
     if rest > 0 {
@@ -1426,8 +1425,7 @@ mod tests {
                         let units = p.tiles * p.splits;
                         assert!(p.ctas as usize <= units && p.ctas <= b && p.ctas > 0, "{p:?}");
                         assert_eq!(p.waves, units.div_ceil(p.ctas as usize), "{p:?}");
-                        let bytes = (2 * (m * k + n * k + m * n)) as f64;
-                        let floor = bytes / device.bandwidth().at(p.ctas);
+                        let floor = s.bf16_bytes() as f64 / device.bandwidth().at(p.ctas);
                         assert!(p.estimated_seconds.is_finite() && p.estimated_seconds >= floor * 0.999, "{p:?}");
                     }
                 }

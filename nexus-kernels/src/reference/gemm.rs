@@ -18,6 +18,13 @@ pub struct GemmShape {
     pub k: usize,
 }
 
+impl GemmShape {
+    /// The bytes of A, B and C in bf16: what a GEMM of this shape reads and writes at least.
+    pub fn bf16_bytes(&self) -> usize {
+        2 * (self.m * self.k + self.n * self.k + self.m * self.n)
+    }
+}
+
 /// Rows of B handled together, so that they stay in cache while every row of A passes by.
 const B_ROWS_PER_TASK: usize = 16;
 

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::Engine;
-use nexus_runtime::engine::cost_model::IterationWork;
+use nexus_runtime::engine::cost_model::{IterationWork, Op};
 use nexus_runtime::engine::profile::{Profile, ProfileConfig, SavedMeasurements, SavedProfile, fit, measure};
 use nexus_runtime::engine::scheduler::controller::{Controller, ControllerConfig};
 use nexus_runtime::model::backend::{Backend, StepKind};
@@ -187,6 +187,17 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
             c.compute, c.bandwidth_weight
         );
     }
+    match cost.decode_attention_contention {
+        Some(c) => println!(
+            "contention, decode attention next to prefill (fitted on its {} launches timed beside one): compute x{:.2}, HBM traffic {:.1}x",
+            m.beside_ops.iter().filter(|b| b.sample.op == Op::DecodeAttention && !b.held_out).count(),
+            c.compute,
+            c.bandwidth_weight
+        ),
+        None => {
+            println!("contention, decode attention next to prefill: no launch timed beside one, as its decode steps")
+        }
+    }
     let table = |scale: &[(u32, f64)]| -> String {
         scale.iter().map(|(sms, factor)| format!("{sms}: {factor:.2}")).collect::<Vec<_>>().join(", ")
     };
@@ -224,6 +235,20 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
         fitted.decode_slowdown.iter().map(|(sms, ratio)| format!("{ratio:.2}x on {sms} SMs")).collect();
     if !slowdown.is_empty() {
         println!("a decode step beside a prefill, against alone on as many SMs (median): {}", slowdown.join(", "));
+    }
+    let kept: Vec<String> = fitted
+        .attention_bandwidth_beside
+        .iter()
+        .map(|(sms, kept)| format!("{:.0}% on {sms} SMs", 100.0 * kept))
+        .collect();
+    if !kept.is_empty() {
+        let (median, p90) = fitted.attention_beside_error;
+        println!(
+            "decode attention beside a prefill keeps of its bandwidth alone (median): {}; prediction error on held-out launches (median / p90) {:.1}% / {:.1}%",
+            kept.join(", "),
+            100.0 * median,
+            100.0 * p90
+        );
     }
     let (median, p90) = fitted.alone_error;
     let (both_median, both_p90) = fitted.both_error;

@@ -2,9 +2,12 @@
 //! plumbing is checked here; the GPU machine runs the real one): every operator class is timed at
 //! every budget, the fitted model reads back from its JSON, and its errors are finite.
 
-use nexus::runtime::engine::cost_model::{CostModel, Op};
-use nexus::runtime::engine::profile::{KernelsCheck, ProfileConfig, SavedMeasurements, SavedProfile, fit, profile};
+use nexus::runtime::engine::cost_model::{CostModel, Op, Sample};
+use nexus::runtime::engine::profile::{
+    BesideSample, KernelsCheck, ProfileConfig, SavedMeasurements, SavedProfile, fit, profile,
+};
 use nexus::runtime::model::LlamaModel;
+use nexus::runtime::model::backend::StepKind;
 use nexus::runtime::model::cpu::CpuBackend;
 
 use crate::chaos::tiny_config;
@@ -48,6 +51,26 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     assert_eq!(profile.decode_slowdown.iter().map(|s| s.0).collect::<Vec<_>>(), config.splits);
     assert!(profile.decode_slowdown.iter().all(|s| s.1.is_finite() && s.1 > 0.0), "{:?}", profile.decode_slowdown);
     assert_eq!(CostModel::from_json(&profile.cost.to_json()).expect("reads back"), profile.cost);
+    // The CPU runs a step before its launch returns: no decode operator ran beside a prefill, so
+    // none is kept, and decode attention is priced as its steps beside one.
+    assert!(measured.beside_ops.is_empty());
+    assert_eq!(profile.cost.decode_attention_contention, None);
+    assert!(profile.attention_bandwidth_beside.is_empty() && profile.attention_beside_error.0.is_nan());
+    // Decode attention launches of 0.1 ms alone on 64 SMs, and 0.125 ms beside a prefill: they
+    // keep 80% of their bandwidth, and get a contention of their own.
+    let mut with_beside = measured.clone();
+    let prefill = measured.steps.iter().find(|s| s.work.kind == StepKind::Prefill).expect("a prefill step");
+    let attention_on_64 = |s: &Sample| s.op == Op::DecodeAttention && s.sms == 64;
+    with_beside.ops.iter_mut().filter(|s| attention_on_64(s)).for_each(|s| s.seconds = 1e-4);
+    for (i, alone) in with_beside.ops.clone().iter().filter(|s| attention_on_64(s)).enumerate() {
+        let sample = Sample { seconds: 1.25e-4, ..*alone };
+        with_beside.beside_ops.push(BesideSample { sample, other: (prefill.work, 68), held_out: i % 2 == 1 });
+    }
+    let beside = fit(&with_beside).expect("fit with launches beside");
+    assert!(beside.cost.decode_attention_contention.is_some());
+    assert_eq!(beside.attention_bandwidth_beside.len(), 1);
+    assert!((beside.attention_bandwidth_beside[0].1 - 0.8).abs() < 1e-9, "{:?}", beside.attention_bandwidth_beside);
+    assert!(beside.attention_beside_error.0.is_finite());
     // Saved and loaded for the device and model it was made for; refused for others.
     let dir = std::env::temp_dir().join(format!("nexus-profile-test-{}", std::process::id()));
     let path = dir.join("p.json");

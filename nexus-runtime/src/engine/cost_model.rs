@@ -18,7 +18,7 @@
 //!   traffic is its counted bytes per second times a fitted weight (its tiles re-read from HBM,
 //!   its writes), and compute slows by a fitted factor (shared power and clocks, L2):
 //!   [`Contention`], one per kind of iteration, fitted by `nexus profile` on both lanes run at
-//!   once;
+//!   once, and one of decode attention's own, fitted on its launches timed beside a prefill;
 //! - whole iterations are then scaled per budget by what the profile measured against that sum,
 //!   alone and beside the other lane ([`CostModel::decode_scale`],
 //!   [`CostModel::decode_beside_scale`]): the operators are timed one launch at a time, and a
@@ -231,6 +231,13 @@ pub struct CostModel {
     /// What decode running beside a prefill iteration does to it, and the other way round.
     pub prefill_contention: Contention,
     pub decode_contention: Contention,
+    /// What a prefill beside it does to decode attention's launches, fitted on them timed beside
+    /// one ([`CostModel::fit_decode_attention_contention`]); `None` (a profile without such
+    /// launches): as the rest of its iteration. Decode attention reads the KV cache at a
+    /// bandwidth share of its own and moves most of a long-context step's bytes, so the HBM
+    /// traffic a prefill leaves it need not be what the GEMMs see.
+    #[serde(default)]
+    pub decode_attention_contention: Option<Contention>,
     /// What the profiled backend's decode steps fuse: the elementwise launches an iteration makes
     /// (profiles made before it was kept: none).
     #[serde(default)]
@@ -269,6 +276,7 @@ impl CostModel {
             decode_beside_scale: Vec::new(),
             prefill_contention: Contention::default(),
             decode_contention: Contention::default(),
+            decode_attention_contention: None,
             decode_fusions: DecodeFusions::default(),
             curve: None,
         };
@@ -308,6 +316,7 @@ impl CostModel {
         });
         let contention_ok = [self.prefill_contention, self.decode_contention]
             .iter()
+            .chain(&self.decode_attention_contention)
             .all(|c| c.compute.is_finite() && c.compute >= 1.0 && overhead(c.bandwidth_weight));
         if self.sm_count == 0 || !curves_ok || !overhead(self.prefill_overhead_s) || !overhead(self.decode_overhead_s) {
             return Err(Error::format(
@@ -433,6 +442,10 @@ impl CostModel {
         let launches = op.launches * curve.launch_s;
         let own = self.bandwidth(sms);
         let Some(other) = other else { return launches + compute.max(op.bytes / (curve.bandwidth_fraction * own)) };
+        let contention = match (op.op, self.decode_attention_contention) {
+            (Op::DecodeAttention, Some(own)) => own,
+            _ => contention,
+        };
         // HBM is shared: what the whole device reads, less the other lane's traffic, but never
         // less than a tenth of what these SMs reach alone.
         let left = (self.bandwidth(self.sm_count) - contention.bandwidth_weight * other).max(0.1 * own);
@@ -565,29 +578,52 @@ impl CostModel {
             if of_kind.is_empty() {
                 continue;
             }
-            let error = |c: Contention| -> f64 {
+            let best = best_contention(|c| {
                 of_kind
                     .iter()
                     .map(|(work, sms, other, seconds)| {
                         (self.priced_seconds_with(work, *sms, Some(*other), c) / seconds).ln().powi(2)
                     })
                     .sum()
-            };
-            let candidates = (0..=50).flat_map(|i| {
-                (0..=80).map(move |j| Contention {
-                    compute: 1.0 + 0.02 * f64::from(i),
-                    bandwidth_weight: 0.1 * f64::from(j),
-                })
             });
-            let best = candidates.map(|c| (error(c), c)).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c);
-            if let Some(best) = best {
-                match kind {
-                    StepKind::Decode => self.decode_contention = best,
-                    StepKind::Prefill => self.prefill_contention = best,
-                }
+            match kind {
+                StepKind::Decode => self.decode_contention = best,
+                StepKind::Prefill => self.prefill_contention = best,
             }
         }
     }
+
+    /// Seconds one launch of `sample`'s operator takes on its SMs, alone (`other` is `None`) or
+    /// beside the other lane moving `other` counted bytes per second (as the launches of an
+    /// iteration are priced, without its scales).
+    pub fn launch_seconds(&self, sample: &Sample, other: Option<f64>) -> f64 {
+        let op = OpWork { op: sample.op, flops: sample.flops, bytes: sample.bytes, launches: 1.0 };
+        self.op_seconds(&op, sample.sms, other, self.decode_contention)
+    }
+
+    /// Sets [`CostModel::decode_attention_contention`] to what best explains `launches` (decode
+    /// attention launches timed beside a prefill, each with that prefill's counted bytes per
+    /// second), on [`CostModel::fit_contention`]'s grid. Without a launch it is left as it is.
+    pub fn fit_decode_attention_contention(&mut self, launches: &[(Sample, f64)]) {
+        let of_attention: Vec<&(Sample, f64)> = launches.iter().filter(|l| l.0.op == Op::DecodeAttention).collect();
+        if of_attention.is_empty() {
+            return;
+        }
+        let best = best_contention(|c| {
+            let with = CostModel { decode_attention_contention: Some(c), ..self.clone() };
+            of_attention.iter().map(|(s, other)| (with.launch_seconds(s, Some(*other)) / s.seconds).ln().powi(2)).sum()
+        });
+        self.decode_attention_contention = Some(best);
+    }
+}
+
+/// The contention of least `error` on a grid of compute factors 1 to 2 (steps of 0.02) and
+/// bandwidth weights 0 to 8 (steps of 0.1).
+fn best_contention(error: impl Fn(Contention) -> f64) -> Contention {
+    let candidates = (0..=50).flat_map(|i| {
+        (0..=80).map(move |j| Contention { compute: 1.0 + 0.02 * f64::from(i), bandwidth_weight: 0.1 * f64::from(j) })
+    });
+    candidates.map(|c| (error(c), c)).min_by(|a, b| a.0.total_cmp(&b.0)).map_or_else(Contention::default, |(_, c)| c)
 }
 
 /// An iteration's operators with their total bytes, as [`CostModel::priced`] lists them.
@@ -938,6 +974,67 @@ pub(crate) mod tests {
         assert_eq!(only_prefill.decode_contention, Contention::default());
         let mut bad = llama8b_h200();
         bad.decode_contention.compute = 0.5;
+        assert!(CostModel::from_json(&bad.to_json()).is_err());
+    }
+
+    /// Decode attention launches timed beside prefills, with a contention of their own (±3%
+    /// noise): the fit recovers it, prices those launches and only those with it, and a model
+    /// saved without one reads back as before.
+    #[test]
+    fn decode_attention_has_a_contention_of_its_own() {
+        let mut truth = llama8b_h200();
+        truth.decode_attention_contention = Some(Contention { compute: 1.0, bandwidth_weight: 4.0 });
+        let mut jitter = jitter(0x6A09_E667_F3BC_C908);
+        let mut launches = Vec::new();
+        for (prompt, cached) in [(2048, 0), (8192, 0), (2048, 8192)] {
+            for (batch, context) in [(16, 2048), (64, 2048), (32, 4096)] {
+                for decode_sms in [16, 32, 64, 96] {
+                    let prefill = IterationWork::of(StepKind::Prefill, [(prompt, cached)]);
+                    let other = truth.bytes_per_s(&prefill, 132 - decode_sms);
+                    let decode = IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, context)));
+                    let attention = truth.ops(&decode).into_iter().find(|op| op.op == Op::DecodeAttention).unwrap();
+                    let layers = truth.model.layers as f64;
+                    let mut sample = Sample {
+                        op: Op::DecodeAttention,
+                        flops: attention.flops / layers,
+                        bytes: attention.bytes / layers,
+                        sms: decode_sms,
+                        seconds: 0.0,
+                    };
+                    sample.seconds = truth.launch_seconds(&sample, Some(other)) * jitter();
+                    launches.push((sample, other));
+                }
+            }
+        }
+        let (train, held): (Vec<_>, Vec<_>) = launches.iter().enumerate().partition(|(i, _)| i % 3 != 0);
+        let train: Vec<_> = train.into_iter().map(|(_, l)| *l).collect();
+        let mut fitted = llama8b_h200();
+        fitted.fit_decode_attention_contention(&train);
+        let c = fitted.decode_attention_contention.unwrap();
+        assert!((c.bandwidth_weight - 4.0).abs() <= 0.3, "{c:?}");
+        let errors = |cost: &CostModel| {
+            relative_errors(held.iter().map(|(_, (s, other))| (cost.launch_seconds(s, Some(*other)), s.seconds)))
+                .unwrap()
+        };
+        let (median, p90) = errors(&fitted);
+        assert!(median < 0.03 && p90 < 0.05, "{median} {p90}");
+        // The iteration's contention (the other lane's counted bytes, weight 1) is far off on them.
+        assert!(errors(&llama8b_h200()).1 > 0.15);
+        // Only decode attention is priced with it: a decode step of GEMMs alone is not.
+        let gemm =
+            Sample { op: Op::Gemm, flops: 2.0 * 4096.0 * 6144.0, bytes: 2.0 * 4096.0 * 6144.0, sms: 32, seconds: 0.0 };
+        assert_eq!(fitted.launch_seconds(&gemm, Some(2e12)), llama8b_h200().launch_seconds(&gemm, Some(2e12)));
+        // Fitting on no launch leaves it; a model saved before it existed reads back without one.
+        let before = fitted.clone();
+        fitted.fit_decode_attention_contention(&[]);
+        assert_eq!(fitted, before);
+        let mut json: serde_json::Value = serde_json::from_str(&llama8b_h200().to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("decode_attention_contention");
+        assert_eq!(CostModel::from_json(&json.to_string()).unwrap(), llama8b_h200());
+        let bad = CostModel {
+            decode_attention_contention: Some(Contention { compute: 0.5, bandwidth_weight: 1.0 }),
+            ..before
+        };
         assert!(CostModel::from_json(&bad.to_json()).is_err());
     }
 

@@ -14,7 +14,9 @@
 //! engine runs them: one prefill step, and decode steps back to back while it runs. Half of these
 //! pairs fit what each lane does to the other ([`CostModel::fit_contention`], then what it leaves
 //! per budget: [`CostModel::fit_beside_scales`]), the other half give the prediction error with
-//! both lanes running.
+//! both lanes running. In each pair, one decode step more has its operators timed while the
+//! prefill runs: its decode attention launches fit what a prefill does to decode attention's
+//! bandwidth ([`CostModel::fit_decode_attention_contention`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -27,7 +29,7 @@ use crate::engine::cost_model::{
 };
 use crate::engine::kv_cache::BlockManager;
 use crate::engine::scheduler::controller::{Controller, ControllerConfig};
-use crate::model::backend::{Backend, DecodeFusions, LogitsReadback, StepInput, StepKind};
+use crate::model::backend::{Backend, DecodeFusions, LogitsReadback, OpTime, StepInput, StepKind};
 use crate::model::{KvCache, LlamaModel};
 use crate::{Error, Result};
 
@@ -115,6 +117,16 @@ pub struct StepSample {
     pub held_out: bool,
 }
 
+/// A decode operator launch timed while the other lane ran a prefill step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BesideSample {
+    pub sample: Sample,
+    /// The prefill iteration and its SMs.
+    pub other: (IterationWork, u32),
+    /// Whether it measures the model's error rather than fitting it.
+    pub held_out: bool,
+}
+
 /// What a profile measured, to fit a cost model to ([`fit`]); `nexus profile --samples` saves
 /// it, `--refit` reads it back.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -127,6 +139,10 @@ pub struct Measurements {
     pub ops: Vec<Sample>,
     /// Whole steps timed alone and with both lanes running.
     pub steps: Vec<StepSample>,
+    /// Decode operator launches timed while a prefill step ran (measurements saved before they
+    /// were taken: none).
+    #[serde(default)]
+    pub beside_ops: Vec<BesideSample>,
     /// What the backend's decode steps fused ([`Backend::decode_fusions`]; measurements saved
     /// before it was kept: none).
     #[serde(default)]
@@ -146,6 +162,13 @@ pub struct Profile {
     /// the median over its decode steps of their time over the same step's mean time alone on as
     /// many SMs.
     pub decode_slowdown: Vec<(u32, f64)>,
+    /// What a prefill running beside it leaves decode attention of its bandwidth alone: per
+    /// decode budget, the median over its launches beside a prefill of the same launch's median
+    /// time alone over its time beside.
+    pub attention_bandwidth_beside: Vec<(u32, f64)>,
+    /// Median and 90th percentile of the relative error of the predicted time of decode
+    /// attention launches beside a prefill that the model was not fitted to (`NaN` without).
+    pub attention_beside_error: (f64, f64),
     /// Seconds the controller takes to choose a split with this model (an 8k-token prompt
     /// against 64 decodes of 2k tokens), the mean of many.
     pub decision_s: f64,
@@ -204,6 +227,7 @@ pub fn measure<B: Backend>(
     let mut done = 0;
     let mut ops = Vec::new();
     let mut steps = Vec::new();
+    let mut beside_ops = Vec::new();
     let mut next_seq = 0u64;
 
     // Each shape at each budget: its operators timed in one run, then whole steps, alternately
@@ -304,6 +328,13 @@ pub fn measure<B: Backend>(
                         held_out,
                     });
                 }
+                let [p, d] = &phases;
+                let timed = time_beside(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
+                for t in timed.unwrap_or_default() {
+                    let op = pricing.op_work(&t.shape);
+                    let sample = Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds };
+                    beside_ops.push(BesideSample { sample, other: (prefill.work, prefill_sms), held_out });
+                }
                 done += 1;
                 progress(done, total);
             }
@@ -318,6 +349,7 @@ pub fn measure<B: Backend>(
         bandwidth: pricing.bandwidth.clone(),
         ops,
         steps,
+        beside_ops,
         decode_fusions: backend.decode_fusions(),
     })
 }
@@ -377,6 +409,15 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         })
         .partition(|(held_out, _)| !held_out);
     let fitted: Vec<_> = fitted.into_iter().map(|(_, s)| s).collect();
+    // Decode attention's own contention first: the iterations' is then fitted around it.
+    let (attention_held, attention_fitted): (Vec<_>, Vec<_>) = measured
+        .beside_ops
+        .iter()
+        .filter(|b| b.sample.op == Op::DecodeAttention)
+        .map(|b| (b.held_out, (b.sample, cost.bytes_per_s(&b.other.0, b.other.1))))
+        .partition(|(held_out, _)| *held_out);
+    let attention_fitted: Vec<(Sample, f64)> = attention_fitted.into_iter().map(|(_, l)| l).collect();
+    cost.fit_decode_attention_contention(&attention_fitted);
     cost.fit_contention(&fitted);
     cost.fit_beside_scales(&fitted);
     cost = cost.checked()?;
@@ -384,9 +425,38 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         held.iter().map(|&(_, (work, sms, other, seconds))| (cost.seconds(&work, sms, Some(other)), seconds)),
     )
     .unwrap_or((f64::NAN, f64::NAN));
+    let attention_beside_error = relative_errors(
+        attention_held.iter().map(|&(_, (s, other))| (cost.launch_seconds(&s, Some(other)), s.seconds)),
+    )
+    .unwrap_or((f64::NAN, f64::NAN));
     let decision_s = decision_seconds(&cost)?;
     let decode_slowdown = decode_slowdown(&measured.steps);
-    Ok(Profile { cost, alone_error, both_error, decode_slowdown, decision_s })
+    let attention_bandwidth_beside = attention_bandwidth_beside(measured);
+    Ok(Profile {
+        cost,
+        alone_error,
+        both_error,
+        decode_slowdown,
+        attention_bandwidth_beside,
+        attention_beside_error,
+        decision_s,
+    })
+}
+
+/// [`Profile::attention_bandwidth_beside`] of `measured`: decode budgets with a decode attention
+/// launch both alone and beside a prefill, in ascending order.
+fn attention_bandwidth_beside(measured: &Measurements) -> Vec<(u32, f64)> {
+    let alone = median_per_launch(&measured.ops);
+    let same = |a: &Sample, b: &Sample| a.op == b.op && a.flops == b.flops && a.bytes == b.bytes && a.sms == b.sms;
+    let mut ratios: Vec<(u32, f64)> = measured
+        .beside_ops
+        .iter()
+        .map(|b| b.sample)
+        .filter(|s| s.op == Op::DecodeAttention)
+        .filter_map(|s| alone.iter().find(|a| same(a, &s)).map(|a| (s.sms, a.seconds / s.seconds)))
+        .collect();
+    ratios.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    ratios.chunk_by(|a, b| a.0 == b.0).map(|same| same[same.len() / 2]).collect()
 }
 
 /// [`Profile::decode_slowdown`] of `steps`: decode budgets with a step both alone and beside a
@@ -528,6 +598,41 @@ fn run_both<B: Backend>(
 }
 
 /// A profile as `nexus profile` saves it: the cost model, what it was made for, and its errors.
+/// Times the operators of one decode step launched while one prefill step runs beside it:
+/// `None` when the prefill was done first (the decode's last operators then ran alone, or the
+/// backend runs a step before it returns).
+fn time_beside<B: Backend>(
+    backend: &B,
+    model: &LlamaModel<B>,
+    (prefill_phase, prefill): (&B::Phase, &StepInput),
+    (decode_phase, decode): (&B::Phase, &StepInput),
+    cache: &mut KvCache<B>,
+) -> Result<Option<Vec<OpTime>>> {
+    let logits = model.forward(backend, prefill_phase, cache, prefill)?;
+    let prefill_pending = backend.read_logits(prefill_phase, logits, LogitsReadback::Argmax)?;
+    backend.time_ops(decode_phase, true)?;
+    let mut timed = || -> Result<Option<Vec<OpTime>>> {
+        let logits = model.forward(backend, decode_phase, cache, decode)?;
+        let decode_pending = backend.read_logits(decode_phase, logits, LogitsReadback::Argmax)?;
+        let decode_first = loop {
+            if backend.is_ready(&prefill_pending)? {
+                break false;
+            }
+            if backend.is_ready(&decode_pending)? {
+                break true;
+            }
+            std::thread::yield_now();
+        };
+        backend.take_logits(decode_phase, decode_pending)?;
+        let times = backend.take_op_times(decode_phase)?;
+        Ok(decode_first.then_some(times))
+    };
+    let times = timed();
+    backend.time_ops(decode_phase, false)?;
+    backend.take_logits(prefill_phase, prefill_pending)?;
+    times
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SavedProfile {
     /// The device ([`Backend::device_name`]).

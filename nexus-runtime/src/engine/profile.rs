@@ -597,7 +597,6 @@ fn run_both<B: Backend>(
     Ok((prefill_s.unwrap_or_default(), decodes.get(decodes.len() / 2).copied().unwrap_or_default()))
 }
 
-/// A profile as `nexus profile` saves it: the cost model, what it was made for, and its errors.
 /// Times the operators of one decode step launched while one prefill step runs beside it:
 /// `None` when the prefill was done first (the decode's last operators then ran alone, or the
 /// backend runs a step before it returns).
@@ -633,6 +632,7 @@ fn time_beside<B: Backend>(
     times
 }
 
+/// A profile as `nexus profile` saves it: the cost model, what it was made for, and its errors.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SavedProfile {
     /// The device ([`Backend::device_name`]).

@@ -332,10 +332,11 @@ struct EngineArgs {
     /// With the controller, instead of --prefill-slack: while prefill is protected, decode gets
     /// the fewest SMs whose predicted iteration (the time between tokens) takes at most this many
     /// milliseconds, and prefill the rest. T..B: T, and B while prompts back up (see
-    /// --backlog-tokens), so that prefill drains a queue with more SMs. `nexus bench` takes
-    /// several, comma-separated, and runs the controller with each.
+    /// --backlog-tokens), so that prefill drains a queue with more SMs; `none`: the paper's rule,
+    /// --prefill-slack. `nexus bench` takes several, comma-separated, and runs the controller
+    /// with each (`none,10..28`: the paper's controller beside a tuned one on the same trace).
     #[arg(long, value_delimiter = ',', value_parser = parse_decode_target)]
-    decode_target_ms: Vec<DecodeTargetMs>,
+    decode_target_ms: Vec<DecodeTarget>,
     /// With --decode-target-ms T..B: the prompt tokens waiting (not in an iteration in flight; a
     /// prefill iteration being planned counts its own) from which B holds (default: the backlog
     /// limit of --prefill-tokens N..M, else --max-num-batched-tokens).
@@ -407,10 +408,17 @@ struct DecodeTargetMs {
     backlog_ms: Option<f64>,
 }
 
-fn parse_decode_target(value: &str) -> Result<DecodeTargetMs, String> {
+/// A `--decode-target-ms` value: a target, or none (`none`: the prefill slack decides).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct DecodeTarget(Option<DecodeTargetMs>);
+
+fn parse_decode_target(value: &str) -> Result<DecodeTarget, String> {
+    if value.trim() == "none" {
+        return Ok(DecodeTarget(None));
+    }
     let number = |n: &str| match n.trim().parse::<f64>() {
         Ok(ms) if ms.is_finite() && ms > 0.0 => Ok(ms),
-        _ => Err(format!("{value}: give T or T..B, positive milliseconds")),
+        _ => Err(format!("{value}: give T or T..B, positive milliseconds, or none")),
     };
     let target = match value.split_once("..") {
         Some((t, b)) => DecodeTargetMs { ms: number(t)?, backlog_ms: Some(number(b)?) },
@@ -419,7 +427,7 @@ fn parse_decode_target(value: &str) -> Result<DecodeTargetMs, String> {
     if target.backlog_ms.is_some_and(|b| b < target.ms) {
         return Err(format!("{value}: the target with a backlog must be at least the one without"));
     }
-    Ok(target)
+    Ok(DecodeTarget(Some(target)))
 }
 
 /// The `--schedule` values.
@@ -439,7 +447,9 @@ impl EngineArgs {
     /// gives them, and otherwise (or for a second `nexus`) with the controller, whose profile
     /// must exist.
     fn schedules(&self, device: &str, sm_count: u32, model: &str, hub: &HubArgs) -> anyhow::Result<Vec<Schedule>> {
-        if self.backlog_tokens.is_some() && !self.decode_target_ms.iter().any(|t| t.backlog_ms.is_some()) {
+        if self.backlog_tokens.is_some()
+            && !self.decode_target_ms.iter().any(|t| t.0.is_some_and(|t| t.backlog_ms.is_some()))
+        {
             bail!("--backlog-tokens needs a target with a backlog, --decode-target-ms T..B");
         }
         let mut out = Vec::new();
@@ -452,7 +462,7 @@ impl EngineArgs {
                 ScheduleKind::Nexus if self.prefill_sms.is_empty() || fixed_done => {
                     let targets: Vec<Option<DecodeTargetMs>> = match self.decode_target_ms.as_slice() {
                         [] => vec![None],
-                        targets => targets.iter().copied().map(Some).collect(),
+                        targets => targets.iter().map(|t| t.0).collect(),
                     };
                     for target in targets {
                         for prefill_tokens in self.prefill_token_limits() {

@@ -233,6 +233,7 @@ fn bad_schedules_are_refused_before_the_model_loads() {
         (&["--goodput", "ttft"][..], "METRIC:MS"),
         (&["--slo-scale", "0.5"][..], "--slo-scale must be"),
         (&["--schedule", "nexus", "--decode-target-ms", "0"][..], "positive milliseconds"),
+        (&["--schedule", "nexus", "--decode-target-ms", "nine"][..], "or none"),
         (&["--schedule", "nexus", "--decode-target-ms", "10..5"][..], "at least the one without"),
         (&["--simulated-beside", "1,1.2"][..], "--simulate"),
         (&["--schedule", "nexus", "--decode-target-ms", "10", "--backlog-tokens", "9000"][..], "T..B"),

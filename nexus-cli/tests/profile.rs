@@ -78,11 +78,15 @@ fn a_profile_drives_the_controller_and_nexus_needs_one() {
         assert!(lane["prediction_error"]["p90"].as_f64().is_some_and(|e| e >= 0.0), "{lane}");
     }
     // The controller with decode targets instead of the prefill slack serves the same trace, one
-    // run for each target.
-    let target = nexus(&[&bench[..], &small, &ids, &["--decode-target-ms", "5,50"]].concat(), &dir);
+    // run for each target, and `none` for the prefill slack beside them.
+    let target = nexus(&[&bench[..], &small, &ids, &["--decode-target-ms", "none,5,50"]].concat(), &dir);
     assert!(target.status.success(), "{}", String::from_utf8_lossy(&target.stderr));
     let stdout = String::from_utf8_lossy(&target.stdout);
-    for arm in ["| nexus controlled, 5 ms target | inf |", "| nexus controlled, 50 ms target | inf |"] {
+    for arm in [
+        "| nexus controlled | inf |",
+        "| nexus controlled, 5 ms target | inf |",
+        "| nexus controlled, 50 ms target | inf |",
+    ] {
         assert!(stdout.contains(arm), "{arm} in {target:?}");
     }
 

@@ -4,6 +4,7 @@ Nexus issue states its bar: throughput at the objective (--slo-ttft-ms/--slo-tbt
 --slo-scale), and at the highest rate the first schedule sustains, mean TTFT, p95 TBT and p99 TBT.
 
     scripts/compare-schedules.py bench.json [more.json ...]
+    scripts/compare-schedules.py --merge r6.json r7.5.json ...   # one rate a file, judged as one run
 
 Prints markdown: a row per schedule with each figure and its ratio to the first schedule's.
 With --strip OUT, also writes each JSON without its per-iteration timelines (the summaries stay).
@@ -21,6 +22,9 @@ the decode iterations beside a prefill by the budget the controller gave them: b
 the cost model's prediction. Every file also gets a table of each run's normalized latency (end to
 end over output tokens) and, for a schedule that predicts its iterations (the controller), the cost
 model's prediction error during the run per lane, from the summaries (timelines not needed).
+--merge joins files of the same schedules, objective and workload (a sweep run one rate a call, so
+that a time-out loses a rate, not the sweep) into one, each schedule's throughput found again over
+all of their rates.
 """
 import json
 import sys
@@ -190,11 +194,56 @@ def budgets_table(runs, besides):
         print("\n".join(rows))
 
 
+def merged(paths, out):
+    """The runs of `paths` as one `nexus bench --json` document, written to `out`: the files must
+    have the same schedules, objective and workload; each schedule's throughput is the highest rate
+    up to which every one of its runs met the objective, over all of them."""
+    docs = [json.load(open(p)) for p in paths]
+    first = docs[0]
+    for p, d in zip(paths, docs):
+        for key in ("schedules", "workload", "target"):
+            if d.get(key) != first.get(key):
+                sys.exit(f"{p}: its {key} differs from {paths[0]}'s: not one sweep")
+        if d.get("slo") and first.get("slo"):
+            if (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"]) != (first["slo"]["ttft_p95_s"], first["slo"]["tbt_p95_s"]):
+                sys.exit(f"{p}: its objective differs from {paths[0]}'s")
+        elif bool(d.get("slo")) != bool(first.get("slo")):
+            sys.exit(f"{p}: one file has an objective, another not")
+    doc = dict(first)
+    doc["runs"] = [r for d in docs for r in d["runs"]]
+    if first.get("slo"):
+        slo = dict(first["slo"])
+        rates = sorted({r["rate"] for r in doc["runs"]})
+        schedules = []
+        for s in first["schedules"]:
+            met = sorted({m for d in docs for x in d["slo"]["schedules"] if x["schedule"] == s for m in x["rates_met"]})
+            ran = [rate for rate in rates if any(r["schedule"] == s and r["rate"] == rate for r in doc["runs"])]
+            throughput = None
+            for rate in ran:
+                if rate not in met:
+                    break
+                throughput = rate
+            schedules.append({"schedule": s, "rates_met": met, "throughput": throughput})
+        slo["schedules"] = schedules
+        doc["slo"] = slo
+    json.dump(doc, open(out, "w"))
+    return out
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     strip = None
     if len(args) >= 2 and args[0] == "--strip":
         strip, args = args[1], args[2:]
+    if args and args[0] == "--merge":
+        import os
+        import tempfile
+        args = args[1:]
+        if not args:
+            sys.exit(__doc__)
+        out = os.path.join(tempfile.mkdtemp(), "merged.json")
+        print(f"merged: {' '.join(args)}")
+        args = [merged(args, out)]
     if not args:
         sys.exit(__doc__)
     main(args, strip)

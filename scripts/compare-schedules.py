@@ -203,7 +203,7 @@ def merged(paths, out):
     for p, d in zip(paths, docs):
         for key in ("schedules", "workload", "target"):
             if d.get(key) != first.get(key):
-                sys.exit(f"{p}: its {key} differs from {paths[0]}'s: not one sweep")
+                sys.exit(f"{p} and {paths[0]} are not one sweep: their {key} differ")
         if d.get("slo") and first.get("slo"):
             if (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"]) != (first["slo"]["ttft_p95_s"], first["slo"]["tbt_p95_s"]):
                 sys.exit(f"{p}: its objective differs from {paths[0]}'s")

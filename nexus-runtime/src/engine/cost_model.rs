@@ -593,9 +593,10 @@ impl CostModel {
         }
     }
 
-    /// Seconds one launch of `sample`'s operator takes on its SMs, alone (`other` is `None`) or
-    /// beside the other lane moving `other` counted bytes per second (as the launches of an
-    /// iteration are priced, without its scales).
+    /// Seconds one launch of `sample`'s operator in a decode iteration takes on its SMs, alone
+    /// (`other` is `None`) or beside a prefill moving `other` counted bytes per second (as the
+    /// launches of an iteration are priced, without its scales; decode attention with its own
+    /// contention where the model has one).
     pub fn launch_seconds(&self, sample: &Sample, other: Option<f64>) -> f64 {
         let op = OpWork { op: sample.op, flops: sample.flops, bytes: sample.bytes, launches: 1.0 };
         self.op_seconds(&op, sample.sms, other, self.decode_contention)

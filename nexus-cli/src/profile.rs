@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use nexus_runtime::engine::Engine;
-use nexus_runtime::engine::cost_model::{IterationWork, Op};
+use nexus_runtime::engine::cost_model::IterationWork;
 use nexus_runtime::engine::profile::{Profile, ProfileConfig, SavedMeasurements, SavedProfile, fit, measure};
 use nexus_runtime::engine::scheduler::controller::{Controller, ControllerConfig};
 use nexus_runtime::model::backend::{Backend, StepKind};
@@ -187,20 +187,21 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
             c.compute, c.bandwidth_weight
         );
     }
-    match cost.decode_attention_contention {
-        Some(c) => println!(
-            "contention, decode attention next to prefill (fitted on its {} launches timed beside one): compute x{:.2}, HBM traffic {:.1}x",
-            m.beside_ops.iter().filter(|b| b.sample.op == Op::DecodeAttention && !b.held_out).count(),
-            c.compute,
-            c.bandwidth_weight
-        ),
-        None => {
-            println!("contention, decode attention next to prefill: no launch timed beside one, as its decode steps")
-        }
-    }
     let table = |scale: &[(u32, f64)]| -> String {
         scale.iter().map(|(sms, factor)| format!("{sms}: {factor:.2}")).collect::<Vec<_>>().join(", ")
     };
+    let beside = &cost.decode_beside;
+    if beside.gemm.is_empty() && beside.attention.is_empty() {
+        println!("decode launches beside a prefill: none timed (priced by the decode contention)");
+    } else {
+        println!(
+            "decode launches beside a prefill against alone, by decode SMs (from {} launches): GEMMs {}; attention {}; the rest {}",
+            m.beside_ops.iter().filter(|b| !b.held_out).count(),
+            table(&beside.gemm),
+            table(&beside.attention),
+            table(&beside.rest)
+        );
+    }
     for (kind, scale, beside) in [
         ("prefill", &cost.prefill_scale, &cost.prefill_beside_scale),
         ("decode", &cost.decode_scale, &cost.decode_beside_scale),

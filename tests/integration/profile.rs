@@ -2,7 +2,7 @@
 //! plumbing is checked here; the GPU machine runs the real one): every operator class is timed at
 //! every budget, the fitted model reads back from its JSON, and its errors are finite.
 
-use nexus::runtime::engine::cost_model::{CostModel, Op, Sample};
+use nexus::runtime::engine::cost_model::{CostModel, DecodeBeside, Op, Sample};
 use nexus::runtime::engine::profile::{
     BesideSample, KernelsCheck, ProfileConfig, SavedMeasurements, SavedProfile, fit, profile,
 };
@@ -52,12 +52,12 @@ fn a_profile_times_every_operator_and_fits_a_model() {
     assert!(profile.decode_slowdown.iter().all(|s| s.1.is_finite() && s.1 > 0.0), "{:?}", profile.decode_slowdown);
     assert_eq!(CostModel::from_json(&profile.cost.to_json()).expect("reads back"), profile.cost);
     // The CPU runs a step before its launch returns: no decode operator ran beside a prefill, so
-    // none is kept, and decode attention is priced as its steps beside one.
+    // none is kept, and decode launches are priced by the decode contention beside one.
     assert!(measured.beside_ops.is_empty());
-    assert_eq!(profile.cost.decode_attention_contention, None);
+    assert_eq!(profile.cost.decode_beside, DecodeBeside::default());
     assert!(profile.attention_bandwidth_beside.is_empty() && profile.attention_beside_error.0.is_nan());
     // Decode attention launches of 0.1 ms alone on 64 SMs, and 0.125 ms beside a prefill: they
-    // keep 80% of their bandwidth, and get a contention of their own.
+    // keep 80% of their bandwidth, and get a factor on 64 SMs (against the fitted curve's time).
     let mut with_beside = measured.clone();
     let prefill = measured.steps.iter().find(|s| s.work.kind == StepKind::Prefill).expect("a prefill step");
     let attention_on_64 = |s: &Sample| s.op == Op::DecodeAttention && s.sms == 64;
@@ -67,7 +67,8 @@ fn a_profile_times_every_operator_and_fits_a_model() {
         with_beside.beside_ops.push(BesideSample { sample, other: (prefill.work, 68), held_out: i % 2 == 1 });
     }
     let beside = fit(&with_beside).expect("fit with launches beside");
-    assert!(beside.cost.decode_attention_contention.is_some());
+    let factors = &beside.cost.decode_beside;
+    assert!(factors.gemm.is_empty() && factors.attention.iter().map(|f| f.0).eq([64]), "{factors:?}");
     assert_eq!(beside.attention_bandwidth_beside.len(), 1);
     assert!((beside.attention_bandwidth_beside[0].1 - 0.8).abs() < 1e-9, "{:?}", beside.attention_bandwidth_beside);
     assert!(beside.attention_beside_error.0.is_finite());

@@ -18,7 +18,10 @@
 //!   traffic is its counted bytes per second times a fitted weight (its tiles re-read from HBM,
 //!   its writes), and compute slows by a fitted factor (shared power and clocks, L2):
 //!   [`Contention`], one per kind of iteration, fitted by `nexus profile` on both lanes run at
-//!   once, and one of decode attention's own, fitted on its launches timed beside a prefill;
+//!   once; where the profile timed a decode iteration's launches beside a prefill, those of each
+//!   operator class take instead their time alone times a factor per budget fitted on them
+//!   ([`DecodeBeside`]: on an H100 decode GEMMs and attention lost the same share whether the
+//!   prefill was memory- or compute-bound, so not an HBM share);
 //! - whole iterations are then scaled per budget by what the profile measured against that sum,
 //!   alone and beside the other lane ([`CostModel::decode_scale`],
 //!   [`CostModel::decode_beside_scale`]): the operators are timed one launch at a time, and a
@@ -231,13 +234,11 @@ pub struct CostModel {
     /// What decode running beside a prefill iteration does to it, and the other way round.
     pub prefill_contention: Contention,
     pub decode_contention: Contention,
-    /// What a prefill beside it does to decode attention's launches, fitted on them timed beside
-    /// one ([`CostModel::fit_decode_attention_contention`]); `None` (a profile without such
-    /// launches): as the rest of its iteration. Decode attention reads the KV cache at a
-    /// bandwidth share of its own and moves most of a long-context step's bytes, so the HBM
-    /// traffic a prefill leaves it need not be what the GEMMs see.
+    /// What a prefill beside it does to a decode iteration's launches, per operator class
+    /// ([`CostModel::fit_decode_beside`]; empty in profiles without such launches: the decode
+    /// contention prices them).
     #[serde(default)]
-    pub decode_attention_contention: Option<Contention>,
+    pub decode_beside: DecodeBeside,
     /// What the profiled backend's decode steps fuse: the elementwise launches an iteration makes
     /// (profiles made before it was kept: none).
     #[serde(default)]
@@ -276,7 +277,7 @@ impl CostModel {
             decode_beside_scale: Vec::new(),
             prefill_contention: Contention::default(),
             decode_contention: Contention::default(),
-            decode_attention_contention: None,
+            decode_beside: DecodeBeside::default(),
             decode_fusions: DecodeFusions::default(),
             curve: None,
         };
@@ -316,7 +317,6 @@ impl CostModel {
         });
         let contention_ok = [self.prefill_contention, self.decode_contention]
             .iter()
-            .chain(&self.decode_attention_contention)
             .all(|c| c.compute.is_finite() && c.compute >= 1.0 && overhead(c.bandwidth_weight));
         if self.sm_count == 0 || !curves_ok || !overhead(self.prefill_overhead_s) || !overhead(self.decode_overhead_s) {
             return Err(Error::format(
@@ -327,7 +327,16 @@ impl CostModel {
         let scale_ok = |scale: &[(u32, f64)]| {
             scale.iter().all(|&(sms, factor)| sms > 0 && positive(factor)) && scale.windows(2).all(|w| w[0].0 < w[1].0)
         };
-        let scales = [&self.prefill_scale, &self.decode_scale, &self.prefill_beside_scale, &self.decode_beside_scale];
+        let beside = &self.decode_beside;
+        let scales = [
+            &self.prefill_scale,
+            &self.decode_scale,
+            &self.prefill_beside_scale,
+            &self.decode_beside_scale,
+            &beside.gemm,
+            &beside.attention,
+            &beside.rest,
+        ];
         if !scales.iter().all(|scale| scale_ok(scale)) {
             return Err(Error::format("cost model: step scales must be positive and finite, at ascending budgets"));
         }
@@ -429,9 +438,11 @@ impl CostModel {
         ops
     }
 
-    /// Seconds `op` takes on `sms` SMs, alone (`other` is `None`) or while the other lane runs,
-    /// moving `other` counted bytes per second, and slows it as `contention` says.
-    fn op_seconds(&self, op: &OpWork, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
+    /// Seconds `op` of an iteration of `kind` takes on `sms` SMs, alone (`other` is `None`) or
+    /// while the other lane runs, moving `other` counted bytes per second, and slows it as
+    /// `contention` says (or, for a decode iteration's operator class with one, as
+    /// [`CostModel::decode_beside`] says).
+    fn op_seconds(&self, op: &OpWork, kind: StepKind, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
         let curve = match op.op {
             Op::Gemm => &self.gemm,
             Op::PrefillAttention => &self.prefill_attention,
@@ -441,11 +452,12 @@ impl CostModel {
         let compute = if op.op == Op::Rest { 0.0 } else { curve.seconds(op.flops, sms) };
         let launches = op.launches * curve.launch_s;
         let own = self.bandwidth(sms);
-        let Some(other) = other else { return launches + compute.max(op.bytes / (curve.bandwidth_fraction * own)) };
-        let contention = match (op.op, self.decode_attention_contention) {
-            (Op::DecodeAttention, Some(own)) => own,
-            _ => contention,
-        };
+        let alone = launches + compute.max(op.bytes / (curve.bandwidth_fraction * own));
+        let Some(other) = other else { return alone };
+        let factors = self.decode_beside.of(op.op);
+        if kind == StepKind::Decode && !factors.is_empty() {
+            return alone * interpolate(factors, sms);
+        }
         // HBM is shared: what the whole device reads, less the other lane's traffic, but never
         // less than a tenth of what these SMs reach alone.
         let left = (self.bandwidth(self.sm_count) - contention.bandwidth_weight * other).max(0.1 * own);
@@ -500,7 +512,7 @@ impl CostModel {
     /// The iteration's fixed cost and its operators' times, before the scales.
     fn unscaled_seconds(&self, work: &PricedWork, sms: u32, other: Option<f64>, contention: Contention) -> f64 {
         let overhead = if work.kind == StepKind::Decode { self.decode_overhead_s } else { self.prefill_overhead_s };
-        overhead + work.ops.iter().map(|op| self.op_seconds(op, sms, other, contention)).sum::<f64>()
+        overhead + work.ops.iter().map(|op| self.op_seconds(op, work.kind, sms, other, contention)).sum::<f64>()
     }
 
     /// The step scale and the beside scale of iterations of `kind`.
@@ -595,26 +607,51 @@ impl CostModel {
 
     /// Seconds one launch of `sample`'s operator in a decode iteration takes on its SMs, alone
     /// (`other` is `None`) or beside a prefill moving `other` counted bytes per second (as the
-    /// launches of an iteration are priced, without its scales; decode attention with its own
-    /// contention where the model has one).
+    /// launches of an iteration are priced, without its scales).
     pub fn launch_seconds(&self, sample: &Sample, other: Option<f64>) -> f64 {
         let op = OpWork { op: sample.op, flops: sample.flops, bytes: sample.bytes, launches: 1.0 };
-        self.op_seconds(&op, sample.sms, other, self.decode_contention)
+        self.op_seconds(&op, StepKind::Decode, sample.sms, other, self.decode_contention)
     }
 
-    /// Sets [`CostModel::decode_attention_contention`] to what best explains `launches` (decode
-    /// attention launches timed beside a prefill, each with that prefill's counted bytes per
-    /// second), on [`CostModel::fit_contention`]'s grid. Without a launch it is left as it is.
-    pub fn fit_decode_attention_contention(&mut self, launches: &[(Sample, f64)]) {
-        let of_attention: Vec<&(Sample, f64)> = launches.iter().filter(|l| l.0.op == Op::DecodeAttention).collect();
-        if of_attention.is_empty() {
-            return;
+    /// Sets [`CostModel::decode_beside`] from `launches` (a decode iteration's launches timed
+    /// beside a prefill): per operator class and budget, the geometric mean of their time over
+    /// what they take alone. A class without a launch keeps its factors.
+    pub fn fit_decode_beside(&mut self, launches: &[Sample]) {
+        let factors = |op: Op| {
+            per_budget(
+                launches.iter().filter(|s| s.op == op).map(|s| (s.sms, s.seconds / self.launch_seconds(s, None))),
+            )
+        };
+        let (gemm, attention, rest) = (factors(Op::Gemm), factors(Op::DecodeAttention), factors(Op::Rest));
+        let beside = &mut self.decode_beside;
+        for (table, fitted) in [(&mut beside.gemm, gemm), (&mut beside.attention, attention), (&mut beside.rest, rest)]
+        {
+            if let Some(fitted) = fitted {
+                *table = fitted;
+            }
         }
-        let best = best_contention(|c| {
-            let with = CostModel { decode_attention_contention: Some(c), ..self.clone() };
-            of_attention.iter().map(|(s, other)| (with.launch_seconds(s, Some(*other)) / s.seconds).ln().powi(2)).sum()
-        });
-        self.decode_attention_contention = Some(best);
+    }
+}
+
+/// What a prefill running beside it does to a decode iteration's launches of each operator class:
+/// `(SMs, time beside / time alone)` by decode budget, ascending, interpolated between budgets and
+/// held beyond the ends; empty for a class the profile did not time beside a prefill.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DecodeBeside {
+    pub gemm: Vec<(u32, f64)>,
+    pub attention: Vec<(u32, f64)>,
+    pub rest: Vec<(u32, f64)>,
+}
+
+impl DecodeBeside {
+    /// The factors of operator class `op` (prefill attention has none: not a decode operator).
+    pub fn of(&self, op: Op) -> &[(u32, f64)] {
+        match op {
+            Op::Gemm => &self.gemm,
+            Op::DecodeAttention => &self.attention,
+            Op::Rest => &self.rest,
+            Op::PrefillAttention => &[],
+        }
     }
 }
 
@@ -978,64 +1015,61 @@ pub(crate) mod tests {
         assert!(CostModel::from_json(&bad.to_json()).is_err());
     }
 
-    /// Decode attention launches timed beside prefills, with a contention of their own (±3%
-    /// noise): the fit recovers it, prices those launches and only those with it, and a model
-    /// saved without one reads back as before.
+    /// A decode iteration's launches timed beside prefills, slower by a known factor per class and
+    /// budget (±3% noise): the fit recovers the factors, which then price those launches beside a
+    /// prefill and no others; a model saved without them reads back as before.
     #[test]
-    fn decode_attention_has_a_contention_of_its_own() {
-        let mut truth = llama8b_h200();
-        truth.decode_attention_contention = Some(Contention { compute: 1.0, bandwidth_weight: 4.0 });
+    fn decode_launches_beside_a_prefill_take_factors_per_class_and_budget() {
+        let model = llama8b_h200();
+        let truth = |op: Op, sms: u32| match op {
+            Op::Gemm => 1.5 - f64::from(sms) / 264.0,
+            _ => 1.3 - f64::from(sms) / 528.0,
+        };
         let mut jitter = jitter(0x6A09_E667_F3BC_C908);
         let mut launches = Vec::new();
-        for (prompt, cached) in [(2048, 0), (8192, 0), (2048, 8192)] {
-            for (batch, context) in [(16, 2048), (64, 2048), (32, 4096)] {
-                for decode_sms in [16, 32, 64, 96] {
-                    let prefill = IterationWork::of(StepKind::Prefill, [(prompt, cached)]);
-                    let other = truth.bytes_per_s(&prefill, 132 - decode_sms);
-                    let decode = IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, context)));
-                    let attention = truth.ops(&decode).into_iter().find(|op| op.op == Op::DecodeAttention).unwrap();
-                    let layers = truth.model.layers as f64;
-                    let mut sample = Sample {
-                        op: Op::DecodeAttention,
-                        flops: attention.flops / layers,
-                        bytes: attention.bytes / layers,
-                        sms: decode_sms,
-                        seconds: 0.0,
-                    };
-                    sample.seconds = truth.launch_seconds(&sample, Some(other)) * jitter();
-                    launches.push((sample, other));
+        for (batch, context) in [(1, 1024), (16, 2048), (64, 2048), (32, 4096)] {
+            let decode = IterationWork::of(StepKind::Decode, (0..batch).map(|_| (1, context)));
+            for op in model.ops(&decode) {
+                let layers = if op.launches >= 1.0 { op.launches } else { 1.0 };
+                for sms in [16, 32, 64, 96] {
+                    let mut s =
+                        Sample { op: op.op, flops: op.flops / layers, bytes: op.bytes / layers, sms, seconds: 0.0 };
+                    s.seconds = truth(op.op, sms) * model.launch_seconds(&s, None) * jitter();
+                    launches.push(s);
                 }
             }
         }
-        let (train, held): (Vec<_>, Vec<_>) = launches.iter().enumerate().partition(|(i, _)| i % 3 != 0);
-        let train: Vec<_> = train.into_iter().map(|(_, l)| *l).collect();
         let mut fitted = llama8b_h200();
-        fitted.fit_decode_attention_contention(&train);
-        let c = fitted.decode_attention_contention.unwrap();
-        assert!((c.bandwidth_weight - 4.0).abs() <= 0.3, "{c:?}");
-        let errors = |cost: &CostModel| {
-            relative_errors(held.iter().map(|(_, (s, other))| (cost.launch_seconds(s, Some(*other)), s.seconds)))
-                .unwrap()
-        };
-        let (median, p90) = errors(&fitted);
-        assert!(median < 0.03 && p90 < 0.05, "{median} {p90}");
-        // The iteration's contention (the other lane's counted bytes, weight 1) is far off on them.
-        assert!(errors(&llama8b_h200()).1 > 0.15);
-        // Only decode attention is priced with it: a decode step of GEMMs alone is not.
+        fitted.fit_decode_beside(&launches);
+        for (op, table) in
+            [(Op::Gemm, &fitted.decode_beside.gemm), (Op::DecodeAttention, &fitted.decode_beside.attention)]
+        {
+            assert_eq!(table.iter().map(|f| f.0).collect::<Vec<_>>(), [16, 32, 64, 96]);
+            for &(sms, factor) in table {
+                assert!((factor / truth(op, sms) - 1.0).abs() < 0.02, "{op:?} {sms}: {factor}");
+            }
+        }
+        // Beside a prefill a decode launch takes its factor (between budgets interpolated); alone,
+        // or in a prefill iteration, it does not.
         let gemm =
-            Sample { op: Op::Gemm, flops: 2.0 * 4096.0 * 6144.0, bytes: 2.0 * 4096.0 * 6144.0, sms: 32, seconds: 0.0 };
-        assert_eq!(fitted.launch_seconds(&gemm, Some(2e12)), llama8b_h200().launch_seconds(&gemm, Some(2e12)));
-        // Fitting on no launch leaves it; a model saved before it existed reads back without one.
+            Sample { op: Op::Gemm, flops: 2.0 * 4096.0 * 6144.0, bytes: 2.0 * 4096.0 * 6144.0, sms: 48, seconds: 0.0 };
+        let ratio = fitted.launch_seconds(&gemm, Some(1e12)) / fitted.launch_seconds(&gemm, None);
+        assert!((ratio / truth(Op::Gemm, 48) - 1.0).abs() < 0.02, "{ratio}");
+        assert_eq!(fitted.launch_seconds(&gemm, None), model.launch_seconds(&gemm, None));
+        let prefill = IterationWork::of(StepKind::Prefill, [(2048, 0)]);
+        assert_eq!(fitted.seconds(&prefill, 96, Some(1e12)), model.seconds(&prefill, 96, Some(1e12)));
+        let decode = IterationWork::of(StepKind::Decode, (0..16).map(|_| (1, 2048)));
+        assert!(fitted.seconds(&decode, 32, Some(1e12)) > 1.2 * fitted.seconds(&decode, 32, None));
+        // Fitting on no launch leaves them; a model saved before they existed reads back without;
+        // a bad factor is refused.
         let before = fitted.clone();
-        fitted.fit_decode_attention_contention(&[]);
+        fitted.fit_decode_beside(&[]);
         assert_eq!(fitted, before);
-        let mut json: serde_json::Value = serde_json::from_str(&llama8b_h200().to_json()).unwrap();
-        json.as_object_mut().unwrap().remove("decode_attention_contention");
-        assert_eq!(CostModel::from_json(&json.to_string()).unwrap(), llama8b_h200());
-        let bad = CostModel {
-            decode_attention_contention: Some(Contention { compute: 0.5, bandwidth_weight: 1.0 }),
-            ..before
-        };
+        let mut json: serde_json::Value = serde_json::from_str(&model.to_json()).unwrap();
+        json.as_object_mut().unwrap().remove("decode_beside");
+        assert_eq!(CostModel::from_json(&json.to_string()).unwrap(), model);
+        let mut bad = before;
+        bad.decode_beside.attention = vec![(32, 1.2), (16, 1.3)];
         assert!(CostModel::from_json(&bad.to_json()).is_err());
     }
 

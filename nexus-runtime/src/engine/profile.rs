@@ -15,8 +15,8 @@
 //! pairs fit what each lane does to the other ([`CostModel::fit_contention`], then what it leaves
 //! per budget: [`CostModel::fit_beside_scales`]), the other half give the prediction error with
 //! both lanes running. In each pair, one decode step more has its operators timed while the
-//! prefill runs: its decode attention launches fit what a prefill does to decode attention's
-//! bandwidth ([`CostModel::fit_decode_attention_contention`]).
+//! prefill runs: its launches fit what a prefill does to each class of decode operator
+//! ([`CostModel::fit_decode_beside`]), among them decode attention's bandwidth.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -409,15 +409,16 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         })
         .partition(|(held_out, _)| !held_out);
     let fitted: Vec<_> = fitted.into_iter().map(|(_, s)| s).collect();
-    // Decode attention's own contention first: the iterations' is then fitted around it.
-    let (attention_held, attention_fitted): (Vec<_>, Vec<_>) = measured
+    // The decode launches' factors beside a prefill first: the iterations' contention and beside
+    // scales are then fitted around them.
+    let launches: Vec<Sample> = measured.beside_ops.iter().filter(|b| !b.held_out).map(|b| b.sample).collect();
+    cost.fit_decode_beside(&launches);
+    let attention_held: Vec<(Sample, f64)> = measured
         .beside_ops
         .iter()
-        .filter(|b| b.sample.op == Op::DecodeAttention)
-        .map(|b| (b.held_out, (b.sample, cost.bytes_per_s(&b.other.0, b.other.1))))
-        .partition(|(held_out, _)| *held_out);
-    let attention_fitted: Vec<(Sample, f64)> = attention_fitted.into_iter().map(|(_, l)| l).collect();
-    cost.fit_decode_attention_contention(&attention_fitted);
+        .filter(|b| b.held_out && b.sample.op == Op::DecodeAttention)
+        .map(|b| (b.sample, cost.bytes_per_s(&b.other.0, b.other.1)))
+        .collect();
     cost.fit_contention(&fitted);
     cost.fit_beside_scales(&fitted);
     cost = cost.checked()?;
@@ -425,10 +426,9 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
         held.iter().map(|&(_, (work, sms, other, seconds))| (cost.seconds(&work, sms, Some(other)), seconds)),
     )
     .unwrap_or((f64::NAN, f64::NAN));
-    let attention_beside_error = relative_errors(
-        attention_held.iter().map(|&(_, (s, other))| (cost.launch_seconds(&s, Some(other)), s.seconds)),
-    )
-    .unwrap_or((f64::NAN, f64::NAN));
+    let attention_beside_error =
+        relative_errors(attention_held.iter().map(|&(s, other)| (cost.launch_seconds(&s, Some(other)), s.seconds)))
+            .unwrap_or((f64::NAN, f64::NAN));
     let decision_s = decision_seconds(&cost)?;
     let decode_slowdown = decode_slowdown(&measured.steps);
     let attention_bandwidth_beside = attention_bandwidth_beside(measured);

@@ -590,17 +590,26 @@ impl CostModel {
             if of_kind.is_empty() {
                 continue;
             }
-            let best = best_contention(|c| {
+            let error = |c: Contention| -> f64 {
                 of_kind
                     .iter()
                     .map(|(work, sms, other, seconds)| {
                         (self.priced_seconds_with(work, *sms, Some(*other), c) / seconds).ln().powi(2)
                     })
                     .sum()
+            };
+            let candidates = (0..=50).flat_map(|i| {
+                (0..=80).map(move |j| Contention {
+                    compute: 1.0 + 0.02 * f64::from(i),
+                    bandwidth_weight: 0.1 * f64::from(j),
+                })
             });
-            match kind {
-                StepKind::Decode => self.decode_contention = best,
-                StepKind::Prefill => self.prefill_contention = best,
+            let best = candidates.map(|c| (error(c), c)).min_by(|a, b| a.0.total_cmp(&b.0)).map(|(_, c)| c);
+            if let Some(best) = best {
+                match kind {
+                    StepKind::Decode => self.decode_contention = best,
+                    StepKind::Prefill => self.prefill_contention = best,
+                }
             }
         }
     }
@@ -653,15 +662,6 @@ impl DecodeBeside {
             Op::PrefillAttention => &[],
         }
     }
-}
-
-/// The contention of least `error` on a grid of compute factors 1 to 2 (steps of 0.02) and
-/// bandwidth weights 0 to 8 (steps of 0.1).
-fn best_contention(error: impl Fn(Contention) -> f64) -> Contention {
-    let candidates = (0..=50).flat_map(|i| {
-        (0..=80).map(move |j| Contention { compute: 1.0 + 0.02 * f64::from(i), bandwidth_weight: 0.1 * f64::from(j) })
-    });
-    candidates.map(|c| (error(c), c)).min_by(|a, b| a.0.total_cmp(&b.0)).map_or_else(Contention::default, |(_, c)| c)
 }
 
 /// An iteration's operators with their total bytes, as [`CostModel::priced`] lists them.

@@ -229,6 +229,10 @@ pub fn measure<B: Backend>(
     let mut steps = Vec::new();
     let mut beside_ops = Vec::new();
     let mut next_seq = 0u64;
+    let sample_of = |t: &OpTime| {
+        let op = pricing.op_work(&t.shape);
+        Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds }
+    };
 
     // Each shape at each budget: its operators timed in one run, then whole steps, alternately
     // fitted and held out.
@@ -245,10 +249,7 @@ pub fn measure<B: Backend>(
             }
             backend.time_ops(&phases[0], true)?;
             run(backend, model, &phases[0], &mut cache, &step.input)?;
-            for t in backend.take_op_times(&phases[0])? {
-                let op = pricing.op_work(&t.shape);
-                ops.push(Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds });
-            }
+            ops.extend(backend.take_op_times(&phases[0])?.iter().map(sample_of));
             backend.time_ops(&phases[0], false)?;
             if kind == StepKind::Decode {
                 // Untimed again: the first replay of the graph after the eager, op-timed run is
@@ -309,8 +310,8 @@ pub fn measure<B: Backend>(
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
                 run(backend, model, &phases[1], &mut cache, &decode.input)?;
                 let held_out = both_lanes_held_out(pair, split);
+                let [p, d] = &phases;
                 for _ in 0..config.repeats {
-                    let [p, d] = &phases;
                     let (prefill_s, decode_s) =
                         run_both(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
                     steps.push(StepSample {
@@ -328,13 +329,12 @@ pub fn measure<B: Backend>(
                         held_out,
                     });
                 }
-                let [p, d] = &phases;
                 let timed = time_beside(backend, model, (p, &prefill.input), (d, &decode.input), &mut cache)?;
-                for t in timed.unwrap_or_default() {
-                    let op = pricing.op_work(&t.shape);
-                    let sample = Sample { op: op.op, flops: op.flops, bytes: op.bytes, sms: t.sms, seconds: t.seconds };
-                    beside_ops.push(BesideSample { sample, other: (prefill.work, prefill_sms), held_out });
-                }
+                beside_ops.extend(timed.unwrap_or_default().iter().map(|t| BesideSample {
+                    sample: sample_of(t),
+                    other: (prefill.work, prefill_sms),
+                    held_out,
+                }));
                 done += 1;
                 progress(done, total);
             }
@@ -431,7 +431,7 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
             .unwrap_or((f64::NAN, f64::NAN));
     let decision_s = decision_seconds(&cost)?;
     let decode_slowdown = decode_slowdown(&measured.steps);
-    let attention_bandwidth_beside = attention_bandwidth_beside(measured);
+    let attention_bandwidth_beside = attention_bandwidth_beside(measured, &ops);
     Ok(Profile {
         cost,
         alone_error,
@@ -443,27 +443,25 @@ pub fn fit(measured: &Measurements) -> Result<Profile> {
     })
 }
 
-/// [`Profile::attention_bandwidth_beside`] of `measured`: decode budgets with a decode attention
-/// launch both alone and beside a prefill, in ascending order.
-fn attention_bandwidth_beside(measured: &Measurements) -> Vec<(u32, f64)> {
-    let alone = median_per_launch(&measured.ops);
-    let same = |a: &Sample, b: &Sample| a.op == b.op && a.flops == b.flops && a.bytes == b.bytes && a.sms == b.sms;
-    let mut ratios: Vec<(u32, f64)> = measured
+/// [`Profile::attention_bandwidth_beside`] of `measured`, against its launches' medians alone
+/// (`alone`, [`median_per_launch`]): decode budgets with a decode attention launch both alone and
+/// beside a prefill, in ascending order.
+fn attention_bandwidth_beside(measured: &Measurements, alone: &[Sample]) -> Vec<(u32, f64)> {
+    let ratios = measured
         .beside_ops
         .iter()
         .map(|b| b.sample)
         .filter(|s| s.op == Op::DecodeAttention)
-        .filter_map(|s| alone.iter().find(|a| same(a, &s)).map(|a| (s.sms, a.seconds / s.seconds)))
+        .filter_map(|s| alone.iter().find(|a| launch_key(a) == launch_key(&s)).map(|a| (s.sms, a.seconds / s.seconds)))
         .collect();
-    ratios.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
-    ratios.chunk_by(|a, b| a.0 == b.0).map(|same| same[same.len() / 2]).collect()
+    median_per_budget(ratios)
 }
 
 /// [`Profile::decode_slowdown`] of `steps`: decode budgets with a step both alone and beside a
 /// prefill, in ascending order.
 fn decode_slowdown(steps: &[StepSample]) -> Vec<(u32, f64)> {
     let decode = |s: &&StepSample| s.work.kind == StepKind::Decode;
-    let mut ratios: Vec<(u32, f64)> = steps
+    let ratios = steps
         .iter()
         .filter(decode)
         .filter(|s| s.other.is_some())
@@ -480,16 +478,25 @@ fn decode_slowdown(steps: &[StepSample]) -> Vec<(u32, f64)> {
             })
         })
         .collect();
+    median_per_budget(ratios)
+}
+
+/// Per budget of `ratios` (`(SMs, ratio)`), the median ratio, by ascending budget.
+fn median_per_budget(mut ratios: Vec<(u32, f64)>) -> Vec<(u32, f64)> {
     ratios.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
     ratios.chunk_by(|a, b| a.0 == b.0).map(|same| same[same.len() / 2]).collect()
 }
 
-/// One sample per distinct operator launch (class, FLOPs, bytes, SMs): the median time.
+/// What tells one operator launch from another: class, FLOPs, bytes, SMs.
+fn launch_key(s: &Sample) -> (u8, u64, u64, u32) {
+    (s.op as u8, s.flops.to_bits(), s.bytes.to_bits(), s.sms)
+}
+
+/// One sample per distinct operator launch ([`launch_key`]): the median time.
 fn median_per_launch(samples: &[Sample]) -> Vec<Sample> {
     let mut sorted = samples.to_vec();
-    let key = |s: &Sample| (s.op as u8, s.flops.to_bits(), s.bytes.to_bits(), s.sms);
-    sorted.sort_by(|a, b| key(a).cmp(&key(b)).then(a.seconds.total_cmp(&b.seconds)));
-    sorted.chunk_by(|a, b| key(a) == key(b)).map(|same| same[same.len() / 2]).collect()
+    sorted.sort_by(|a, b| launch_key(a).cmp(&launch_key(b)).then(a.seconds.total_cmp(&b.seconds)));
+    sorted.chunk_by(|a, b| launch_key(a) == launch_key(b)).map(|same| same[same.len() / 2]).collect()
 }
 
 /// The mean seconds of the controller's split decision with `cost`, over 1000 decisions

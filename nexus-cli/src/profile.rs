@@ -179,9 +179,18 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
         fusions.norm_rows,
         if fusions.rope { "inside" } else { "outside" }
     );
-    for (kind, c) in
-        [("decode next to prefill", cost.decode_contention), ("prefill next to decode", cost.prefill_contention)]
-    {
+    let beside = &cost.decode_beside;
+    // The decode contention prices only the decode classes without factors of their own.
+    let unfactored: Vec<&str> = [("GEMMs", &beside.gemm), ("attention", &beside.attention), ("the rest", &beside.rest)]
+        .into_iter()
+        .filter(|(_, factors)| factors.is_empty())
+        .map(|(class, _)| class)
+        .collect();
+    let mut contentions = vec![("prefill next to decode".to_string(), cost.prefill_contention)];
+    if !unfactored.is_empty() {
+        contentions.insert(0, (format!("decode next to prefill ({})", unfactored.join(", ")), cost.decode_contention));
+    }
+    for (kind, c) in contentions {
         println!(
             "contention, {kind}: compute x{:.2}, HBM traffic {:.1}x the other lane's counted bytes",
             c.compute, c.bandwidth_weight
@@ -190,8 +199,7 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
     let table = |scale: &[(u32, f64)]| -> String {
         scale.iter().map(|(sms, factor)| format!("{sms}: {factor:.2}")).collect::<Vec<_>>().join(", ")
     };
-    let beside = &cost.decode_beside;
-    if beside.gemm.is_empty() && beside.attention.is_empty() {
+    if unfactored.len() == 3 {
         println!("decode launches beside a prefill: none timed (priced by the decode contention)");
     } else {
         println!(

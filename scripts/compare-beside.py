@@ -17,6 +17,8 @@ def load(path):
         steps[key].append(s['seconds'])
     return {k: st.median(v) for k, v in steps.items()}
 
+if len(sys.argv) != 3:
+    sys.exit(__doc__)
 a, b = load(sys.argv[1]), load(sys.argv[2])
 ratio = collections.defaultdict(list)
 for k, t in a.items():

@@ -30,6 +30,11 @@
 //! budgets a prefill lane gets beside decode (88-116 SMs), every wide tile with its waves: what
 //! wave quantization costs the prefill lane.
 //!
+//! A seventh times a prefill-lane GEMM (the gate/up projection at M = 2048 and 8192) on 36, 68
+//! and 100 SMs while a second stream keeps the other SMs busy with decode GEMMs (M = 16, streaming
+//! their weight) or with another prefill GEMM (compute-bound): what the other lane does to a
+//! prefill's GEMM, and whether it is its memory traffic or its mere work.
+//!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
 //! `NEXUS_BENCH_OUT=dir` the summary table is also written to `dir/gemm.md`.
@@ -316,6 +321,7 @@ fn main() {
     silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
     norm_fusion(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
     prefill_lane(&gpu, &stream, &blas, &pool, &mut out);
+    beside_other_lane(&gpu, &stream, &pool, &mut out);
     c.final_summary();
 }
 
@@ -553,6 +559,115 @@ fn prefill_lane(
         }
     }
     report.finish(gpu, "gemm-prefill-lane");
+}
+
+/// The prefill lane's budgets in [`beside_other_lane`]; the other lane gets the rest of the SMs.
+const BESIDE_BUDGETS: [u32; 3] = [36, 68, 100];
+/// Runs of the timed GEMM per sample, and samples, in [`beside_other_lane`].
+const BESIDE_RUNS: u64 = 3;
+const BESIDE_SAMPLES: usize = 5;
+
+/// What keeps the other SMs busy in [`beside_other_lane`].
+#[derive(Clone, Copy, Debug)]
+enum OtherLane {
+    /// Decode GEMMs: M = 16 over the gate/up weight (235 MB, more than L2 holds), one after the
+    /// other; the weight is streamed from HBM at every launch.
+    Decode,
+    /// Prefill GEMMs of the same shape as the timed one, on operands of their own: work that
+    /// keeps its SMs' tensor cores busy and reads little from HBM.
+    Prefill,
+}
+
+/// Llama-3.1-8B's gate/up projection (K = 4096, N = 28672) at a prefill iteration's M, on
+/// [`BESIDE_BUDGETS`] SMs, alone and while a second stream runs [`OtherLane`] work on the other
+/// SMs throughout: the time beside over the time alone. The profile's both-lane pairs (H100 round
+/// 18) found whole prefill steps 1.6-2.1x slower beside decode on 64-96 SMs, compute-bound prompts
+/// alike; this isolates one GEMM, and a compute-bound other lane tells the traffic from the power
+/// the SMs draw (`gemm-beside.md` with `NEXUS_BENCH_OUT`; cases `gemm-beside/m <M>/budget
+/// <SMs>/<other>`). Hopper only.
+fn beside_other_lane(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, pool: &CudaSlice<bf16>, out: &mut CudaSlice<bf16>) {
+    if gpu.target() != PtxTarget::Sm90a {
+        return;
+    }
+    let report = Report::new(
+        "A prefill GEMM beside the other lane (gate/up 4096 x 28672; the other lane on the remaining SMs)",
+        &["M", "budget", "other lane", "other SMs", "us alone", "us beside", "beside / alone", "TFLOP/s beside"],
+    );
+    let (k, n) = (4096, 28672);
+    let other_stream = gpu.new_stream().expect("stream");
+    for m in PREFILL_LANE_MS {
+        let shape = GemmShape { m, n, k };
+        let flops = 2.0 * (m * n * k) as f64;
+        // The timed GEMM's operands at the pool's start, the other lane's after them: neither
+        // finds the other's lines in L2.
+        let (a, b) = (pool.slice(..m * k), pool.slice(m * k..(m + n) * k));
+        let rest = (m + n) * k;
+        for budget in BESIDE_BUDGETS.iter().filter_map(|&sms| CtaBudget::new(sms, gpu).ok()) {
+            let Ok(other_budget) = CtaBudget::new(gpu.sm_count() - budget.get(), gpu) else { continue };
+            let ctx = phase(gpu, stream, budget);
+            let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
+            let mut launch = |_: u64| {
+                gemm::gemm(&ctx, &a, &b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
+            };
+            let mut alone = None;
+            for other in [OtherLane::Decode, OtherLane::Prefill] {
+                let case = format!("gemm-beside/m {m}/budget {}/{other:?}", budget.get()).to_lowercase();
+                if !selected(&case) {
+                    continue;
+                }
+                let alone = *alone.get_or_insert_with(|| median_gpu_time(stream, &mut launch).as_secs_f64());
+                let other_m = match other {
+                    OtherLane::Decode => 16,
+                    OtherLane::Prefill => m,
+                };
+                let other_shape = GemmShape { m: other_m, n, k };
+                let (other_a, other_b) =
+                    (pool.slice(rest..rest + other_m * k), pool.slice(rest + other_m * k..rest + (other_m + n) * k));
+                let mut other_out: CudaSlice<bf16> = other_stream.alloc_zeros(other_m * n).expect("alloc");
+                let other_ctx = phase(gpu, &other_stream, other_budget);
+                let mut other_workspace = GemmWorkspace::new(&other_ctx).expect("workspace");
+                let mut other_launch = || {
+                    gemm::gemm(
+                        &other_ctx,
+                        &other_a,
+                        &other_b,
+                        None,
+                        &mut other_out.as_view_mut(),
+                        other_shape,
+                        &mut other_workspace,
+                    )
+                    .expect("gemm");
+                };
+                // One launch of the other lane alone, to queue enough of them to outlast a sample
+                // of the timed GEMM at three times its time alone.
+                let one = time_gpu(&other_stream, 3, |_| other_launch()).as_secs_f64() / 3.0;
+                let queued = ((3.0 * BESIDE_RUNS as f64 * alone / one).ceil() as usize).clamp(1, 2000);
+                let mut samples: Vec<f64> = (0..BESIDE_SAMPLES)
+                    .map(|_| {
+                        for _ in 0..queued {
+                            other_launch();
+                        }
+                        let t = time_gpu(stream, BESIDE_RUNS, &mut launch).as_secs_f64() / BESIDE_RUNS as f64;
+                        other_stream.synchronize().expect("sync");
+                        t
+                    })
+                    .collect();
+                samples.sort_by(f64::total_cmp);
+                let beside = samples[samples.len() / 2];
+                report.add(vec![
+                    m.to_string(),
+                    budget.get().to_string(),
+                    format!("{other:?}").to_lowercase(),
+                    other_budget.get().to_string(),
+                    format!("{:.0}", alone * 1e6),
+                    format!("{:.0}", beside * 1e6),
+                    format!("{:.2}", beside / alone),
+                    format!("{:.1}", flops / beside / 1e12),
+                ]);
+            }
+        }
+    }
+    report.finish(gpu, "gemm-beside");
 }
 
 /// Elements of the weight in [`weight_row_length`]: 128 MB of bf16 whatever its shape.

@@ -180,12 +180,10 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
         if fusions.rope { "inside" } else { "outside" }
     );
     let beside = &cost.decode_beside;
+    let classes = [("GEMMs", &beside.gemm), ("attention", &beside.attention), ("the rest", &beside.rest)];
     // The decode contention prices only the decode classes without factors of their own.
-    let unfactored: Vec<&str> = [("GEMMs", &beside.gemm), ("attention", &beside.attention), ("the rest", &beside.rest)]
-        .into_iter()
-        .filter(|(_, factors)| factors.is_empty())
-        .map(|(class, _)| class)
-        .collect();
+    let unfactored: Vec<&str> =
+        classes.iter().filter(|(_, factors)| factors.is_empty()).map(|&(class, _)| class).collect();
     let mut contentions = vec![("prefill next to decode".to_string(), cost.prefill_contention)];
     if !unfactored.is_empty() {
         contentions.insert(0, (format!("decode next to prefill ({})", unfactored.join(", ")), cost.decode_contention));
@@ -199,15 +197,15 @@ fn report(measured: &SavedMeasurements, fitted: &Profile, path: &Path, took: Opt
     let table = |scale: &[(u32, f64)]| -> String {
         scale.iter().map(|(sms, factor)| format!("{sms}: {factor:.2}")).collect::<Vec<_>>().join(", ")
     };
-    if unfactored.len() == 3 {
+    if unfactored.len() == classes.len() {
         println!("decode launches beside a prefill: none timed (priced by the decode contention)");
     } else {
+        let factors: Vec<String> =
+            classes.iter().map(|(class, factors)| format!("{class} {}", table(factors))).collect();
         println!(
-            "decode launches beside a prefill against alone, by decode SMs (from {} launches): GEMMs {}; attention {}; the rest {}",
+            "decode launches beside a prefill against alone, by decode SMs (from {} launches): {}",
             m.beside_ops.iter().filter(|b| !b.held_out).count(),
-            table(&beside.gemm),
-            table(&beside.attention),
-            table(&beside.rest)
+            factors.join("; ")
         );
     }
     for (kind, scale, beside) in [

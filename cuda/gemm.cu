@@ -645,8 +645,8 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
                                                 int k, int epilogue, float* __restrict__ sq_out,
                                                 const float* __restrict__ sq_in, float eps, int splits,
-                                                float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,
-                                                unsigned* __restrict__ counter) {
+                                                int early_stages, float* __restrict__ partials,
+                                                unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
     if constexpr (!FUSED) {
         // Null pointers the compiler sees remove the fused code from this instantiation.
@@ -715,17 +715,21 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             return;
         }
         // Each CTA's first unit is its own (the grid has at most one CTA per unit), the later
-        // ones come from the counter. The first unit's first ring of B slices (the weight, which
-        // no kernel writes) is requested before waiting for the previous kernel, so that under a
-        // dependent launch the weight stream starts while that kernel drains; A, which it wrote,
-        // and the counter, which the previous GEMM's last CTA reset, only after the wait.
+        // ones come from the counter. Under a dependent launch the first unit's first ring of B
+        // slices (the weight, which no kernel writes) is requested before waiting for the previous
+        // kernel (`early_stages`, from the host: the ring's), so that the weight stream starts
+        // while that kernel drains; A, which it wrote, and the counter, which the previous GEMM's
+        // last CTA reset, only after the wait. Launched otherwise the wait returns at once and
+        // nothing is requested before it (`early_stages` 0): each stage's A then follows its B,
+        // where a whole ring of B ahead of the first A held the first stage, and so the ring's
+        // refill, back until the ring had landed.
         int unit = blockIdx.x;
         int early = 0;  // the first unit's K blocks whose B slice is already in flight
         if (unit < units) {
             int mt, nt, kb0, kb1;
             order.coords(unit / splits, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
-            early = min(STAGES, kb1 - kb0);
+            early = min(min(STAGES, early_stages), kb1 - kb0);
             for (int s = 0; s < early; ++s) {
                 stage_tile[s] = unit;
                 const uint32_t bar = smem_addr(&full[s]);
@@ -1058,7 +1062,7 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
     gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
-                                         partials, tile_arrivals, counter);                                     \
+                                         early_stages, partials, tile_arrivals, counter);                       \
     /* The step timeline's CTA end, from the first consumer (the producer's loader returns early). */        \
     if (threadIdx.x == 128) nexus::timeline_exit();
 #else
@@ -1071,7 +1075,8 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
              const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue,               \
              float* __restrict__ sq_out, const float* __restrict__ sq_in, float eps, int splits,                   \
-             float* __restrict__ partials, unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) { \
+             int early_stages, float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,                 \
+             unsigned* __restrict__ counter) {                                                                     \
         NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                                 \
     }
 #define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)          \

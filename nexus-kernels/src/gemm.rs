@@ -902,7 +902,11 @@ fn launch(
                     launch.arg(&null).arg(square_sums)
                 }
             };
-            launch.arg(&eps).arg(&splits_i);
+            // The ring of weight requested before the wait for the previous kernel: all of it
+            // under a dependent launch (it streams while that kernel drains), none otherwise (see
+            // the kernel's producer).
+            let early_stages = if ctx.launch_options().dependent_launch { stages as i32 } else { 0 };
+            launch.arg(&eps).arg(&splits_i).arg(&early_stages);
             launch.arg(&mut workspace.partials).arg(&mut workspace.tile_arrivals).arg(&mut workspace.counter);
             // SAFETY: the arguments match `NEXUS_GEMM_WGMMA` in cuda/gemm.cu. The tensor maps
             // describe A ([m, k]) and B ([n, k], as the epilogue reads it) exactly, so TMA reads

@@ -832,9 +832,16 @@ __device__ __forceinline__ void decode_attention_body(const Args& a, const Rope&
             obuf[pair] = nexus::rope_inv_freq(pair, D, rope.freqs);
     }
     __syncthreads();
-    if constexpr (ROPE) nexus::follow_previous_kernel();
     if (i0 < i1) {
         if (threadIdx.x < consumers<D>()) {
+            // With RoPE only the consumers wait for the previous kernel (the QKV GEMM, which
+            // wrote the query and the new token's key and value): the producers read the pools'
+            // rows of earlier steps, which every kernel before that GEMM wrote (a kernel starts
+            // only once its predecessor has passed its own wait), and the slot of a new token
+            // only after the consumers wrote it (`written`); so under a dependent launch the KV
+            // stream starts while the GEMM drains. The consumers' release lets the next kernel
+            // start (a CTA with no items releases it by exiting).
+            if constexpr (ROPE) nexus::follow_previous_kernel();
             float freq[D / 8];
             if constexpr (ROPE) {
                 q_freqs<D>(obuf, rope.style, threadIdx.x & 31, freq);

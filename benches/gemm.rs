@@ -50,6 +50,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 use nexus::kernels::gemm::{self, GemmConfig, GemmFusion, GemmKernel, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
+use nexus::kernels::stream_read::stream_read;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -321,7 +322,7 @@ fn main() {
     silu_and_mul_epilogue(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
     norm_fusion(&gpu, &stream, &pool, &mut out, &budgets, stream_read);
     prefill_lane(&gpu, &stream, &blas, &pool, &mut out);
-    beside_other_lane(&gpu, &stream, &pool, &mut out);
+    beside_other_lane(&gpu, &stream, &pool, &mut out, &reads);
     c.final_summary();
 }
 
@@ -563,6 +564,9 @@ fn prefill_lane(
 
 /// The prefill lane's budgets in [`beside_other_lane`]; the other lane gets the rest of the SMs.
 const BESIDE_BUDGETS: [u32; 3] = [36, 68, 100];
+/// Decode's budget in [`beside_other_lane`] when it takes fewer than the rest of the SMs (the rest
+/// idle): whether a prefill's loss follows the SMs decode holds or the bytes it draws.
+const BESIDE_FEW_DECODE_SMS: u32 = 32;
 /// Runs of the timed GEMM per sample, and samples, in [`beside_other_lane`].
 const BESIDE_RUNS: u64 = 3;
 const BESIDE_SAMPLES: usize = 5;
@@ -573,25 +577,44 @@ enum OtherLane {
     /// Decode GEMMs: M = 16 over the gate/up weight (235 MB, more than L2 holds), one after the
     /// other; the weight is streamed from HBM at every launch.
     Decode,
+    /// The streaming read over the bench's 256 MB buffer: HBM traffic with no tensor-core work.
+    Stream,
     /// Prefill GEMMs of the same shape as the timed one, on operands of their own: work that
     /// keeps its SMs' tensor cores busy and reads little from HBM.
     Prefill,
 }
 
 /// Llama-3.1-8B's gate/up projection (K = 4096, N = 28672) at a prefill iteration's M, on
-/// [`BESIDE_BUDGETS`] SMs, alone and while a second stream runs [`OtherLane`] work on the other
-/// SMs throughout: the time beside over the time alone. The profile's both-lane pairs (H100 round
-/// 18) found whole prefill steps 1.6-2.1x slower beside decode on 64-96 SMs, compute-bound prompts
-/// alike; this isolates one GEMM, and a compute-bound other lane tells the traffic from the power
-/// the SMs draw (`gemm-beside.md` with `NEXUS_BENCH_OUT`; cases `gemm-beside/m <M>/budget
-/// <SMs>/<other>`). Hopper only.
-fn beside_other_lane(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, pool: &CudaSlice<bf16>, out: &mut CudaSlice<bf16>) {
+/// [`BESIDE_BUDGETS`] SMs, alone and while a second stream runs [`OtherLane`] work throughout on
+/// the other SMs (decode also on [`BESIDE_FEW_DECODE_SMS`] of them): the time beside over the time
+/// alone, with what the other lane reads alone. The profile's both-lane pairs (H100 round 18) found
+/// whole prefill steps 1.6-2.1x slower beside decode on 64-96 SMs, compute-bound prompts alike; this
+/// isolates one GEMM: a compute-bound other lane tells the traffic from the power the SMs draw, the
+/// streaming read HBM traffic from decode's own (`gemm-beside.md` with `NEXUS_BENCH_OUT`; cases
+/// `gemm-beside/m <M>/budget <SMs>/<other> <SMs>`). Hopper only.
+fn beside_other_lane(
+    gpu: &Arc<Gpu>,
+    stream: &Arc<CudaStream>,
+    pool: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+    reads: &StreamRead,
+) {
     if gpu.target() != PtxTarget::Sm90a {
         return;
     }
     let report = Report::new(
-        "A prefill GEMM beside the other lane (gate/up 4096 x 28672; the other lane on the remaining SMs)",
-        &["M", "budget", "other lane", "other SMs", "us alone", "us beside", "beside / alone", "TFLOP/s beside"],
+        "A prefill GEMM beside the other lane (gate/up 4096 x 28672; TB/s = the other lane's bytes / its time alone)",
+        &[
+            "M",
+            "budget",
+            "other lane",
+            "other SMs",
+            "other TB/s alone",
+            "us alone",
+            "us beside",
+            "beside / alone",
+            "TFLOP/s beside",
+        ],
     );
     let (k, n) = (4096, 28672);
     let other_stream = gpu.new_stream().expect("stream");
@@ -603,40 +626,62 @@ fn beside_other_lane(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, pool: &CudaSlice<
         let (a, b) = (pool.slice(..m * k), pool.slice(m * k..(m + n) * k));
         let rest = (m + n) * k;
         for budget in BESIDE_BUDGETS.iter().filter_map(|&sms| CtaBudget::new(sms, gpu).ok()) {
-            let Ok(other_budget) = CtaBudget::new(gpu.sm_count() - budget.get(), gpu) else { continue };
+            let rest_sms = gpu.sm_count() - budget.get();
             let ctx = phase(gpu, stream, budget);
             let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
             let mut launch = |_: u64| {
                 gemm::gemm(&ctx, &a, &b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
             };
+            let mut others = vec![(OtherLane::Decode, rest_sms)];
+            if rest_sms > BESIDE_FEW_DECODE_SMS {
+                others.push((OtherLane::Decode, BESIDE_FEW_DECODE_SMS));
+            }
+            others.extend([(OtherLane::Stream, rest_sms), (OtherLane::Prefill, rest_sms)]);
             let mut alone = None;
-            for other in [OtherLane::Decode, OtherLane::Prefill] {
-                let case = format!("gemm-beside/m {m}/budget {}/{other:?}", budget.get()).to_lowercase();
+            for (other, other_sms) in others {
+                let case = format!("gemm-beside/m {m}/budget {}/{other:?} {other_sms}", budget.get()).to_lowercase();
+                let Ok(other_budget) = CtaBudget::new(other_sms, gpu) else { continue };
                 if !selected(&case) {
                     continue;
                 }
                 let alone = *alone.get_or_insert_with(|| median_gpu_time(stream, &mut launch).as_secs_f64());
-                let other_m = match other {
-                    OtherLane::Decode => 16,
-                    OtherLane::Prefill => m,
-                };
-                let other_shape = GemmShape { m: other_m, n, k };
-                let (other_a, other_b) =
-                    (pool.slice(rest..rest + other_m * k), pool.slice(rest + other_m * k..rest + (other_m + n) * k));
-                let mut other_out: CudaSlice<bf16> = other_stream.alloc_zeros(other_m * n).expect("alloc");
                 let other_ctx = phase(gpu, &other_stream, other_budget);
-                let mut other_workspace = GemmWorkspace::new(&other_ctx).expect("workspace");
-                let mut other_launch = || {
-                    gemm::gemm(
-                        &other_ctx,
-                        &other_a,
-                        &other_b,
-                        None,
-                        &mut other_out.as_view_mut(),
-                        other_shape,
-                        &mut other_workspace,
-                    )
-                    .expect("gemm");
+                let mut other_launch: Box<dyn FnMut() + '_> = match other {
+                    OtherLane::Decode | OtherLane::Prefill => {
+                        let other_m = if matches!(other, OtherLane::Decode) { 16 } else { m };
+                        let other_shape = GemmShape { m: other_m, n, k };
+                        let (other_a, other_b) = (
+                            pool.slice(rest..rest + other_m * k),
+                            pool.slice(rest + other_m * k..rest + (other_m + n) * k),
+                        );
+                        let mut other_out: CudaSlice<bf16> = other_stream.alloc_zeros(other_m * n).expect("alloc");
+                        let mut other_workspace = GemmWorkspace::new(&other_ctx).expect("workspace");
+                        let other_ctx = &other_ctx;
+                        Box::new(move || {
+                            gemm::gemm(
+                                other_ctx,
+                                &other_a,
+                                &other_b,
+                                None,
+                                &mut other_out.as_view_mut(),
+                                other_shape,
+                                &mut other_workspace,
+                            )
+                            .expect("gemm");
+                        })
+                    }
+                    OtherLane::Stream => {
+                        let mut checksums = other_stream.alloc_zeros::<u32>(other_sms as usize).expect("alloc");
+                        let other_ctx = &other_ctx;
+                        Box::new(move || {
+                            stream_read(other_ctx, &reads.data(), &mut checksums.as_view_mut()).expect("stream_read")
+                        })
+                    }
+                };
+                let other_bytes = match other {
+                    OtherLane::Decode => GemmShape { m: 16, n, k }.bf16_bytes(),
+                    OtherLane::Prefill => shape.bf16_bytes(),
+                    OtherLane::Stream => 4 * reads.data().len(),
                 };
                 // One launch of the other lane alone, to queue enough of them to outlast a sample
                 // of the timed GEMM at three times its time alone.
@@ -658,7 +703,8 @@ fn beside_other_lane(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, pool: &CudaSlice<
                     m.to_string(),
                     budget.get().to_string(),
                     format!("{other:?}").to_lowercase(),
-                    other_budget.get().to_string(),
+                    other_sms.to_string(),
+                    format!("{:.2}", other_bytes as f64 / one / 1e12),
                     format!("{:.0}", alone * 1e6),
                     format!("{:.0}", beside * 1e6),
                     format!("{:.2}", beside / alone),

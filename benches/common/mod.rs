@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::Criterion;
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaSlice, CudaStream};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use nexus::kernels::gemm::GemmPlan;
 use nexus::kernels::stream_read::stream_read;
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
@@ -146,6 +146,11 @@ impl StreamRead {
     /// so that a kernel's TB/s can be put next to what its SMs can read at all.
     pub fn curve(&self) -> &BandwidthCurve {
         &self.curve
+    }
+
+    /// The whole buffer (random words, at least [`ROTATE_BYTES`]), for a kernel that streams it.
+    pub fn data(&self) -> CudaView<'_, u32> {
+        self.data.as_view()
     }
 
     /// Bytes per second of one `stream_read` launch that reads `bytes` (rounded up to whole 16-byte

@@ -173,7 +173,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     }
 }
 
-/// The most two CPU logits may differ where the GPU's greedy token is the CPU's second best: the
+/// How far apart the CPU's two best logits may be where the GPU's greedy token is the second: the
 /// bf16 rounding of a logit of magnitude 16-32 alone is up to 0.0625 (8 significant bits), before
 /// the roundings of the 30 layers' activations that feed it.
 const NEAR_TIE_LOGITS: f32 = 0.25;

@@ -127,8 +127,9 @@ def lanes_table(doc):
         return
     lowest = {s: min((r for r in doc["runs"] if r["schedule"] == s), key=lambda r: r["rate"]) for s in doc["schedules"]}
     print("\n| schedule | rate | prompt tokens/s | requests/s that rate prefills | decode beside prefill: p50 / p95 (ms) "
-          "| its median budget (SMs) | TTFT growth against the lowest rate | prefill stalls: iterations (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| its median budget (SMs) | TTFT growth against the lowest rate | prefill stalls: iterations (s) "
+          "| mean TTFT at that rate with no waiting (ms) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     few = doc["sm_count"] // 4
     runs = in_schedule_order(doc, runs)
     # The decode iterations beside a prefill, once per run: both tables read them.
@@ -143,9 +144,13 @@ def lanes_table(doc):
         rate = "-" if tokens_per_s is None else f"{tokens_per_s / 1e3:.1f}k"
         # The arrival rate whose prompts this lane keeps up with, at this trace's mean prompt: a
         # bound on the rate the schedule can sustain (a short trace above it only queues).
-        capacity = "-"
+        # And the mean TTFT were every prompt prefilled at that rate as it arrives (the mean prompt
+        # over the rate): what no wait and no other work would leave. Chunked's, at its own rate
+        # on every SM, bounds how much lower any schedule's mean TTFT can be with these kernels.
+        capacity, unqueued = "-", "-"
         if tokens_per_s and r["completed"]:
             capacity = f"{tokens_per_s / (r['total_input_tokens'] / r['completed']):.1f}"
+            unqueued = f"{1e3 * r['total_input_tokens'] / r['completed'] / tokens_per_s:.0f}"
         if beside:
             times = sorted(it["end_s"] - it["start_s"] for it in beside)
             decode = f"{median(times) * 1e3:.1f} / {times[min(len(times) - 1, int(0.95 * len(times)))] * 1e3:.1f}"
@@ -156,7 +161,10 @@ def lanes_table(doc):
         growth = "-" if growth is None or not base else f"{growth / base:.2f}x"
         stalls = [it for it in timeline if it["lane"] == "prefill" and it["tokens"] >= 1024 and it["budget"] <= few]
         stalled = f"{len(stalls)} ({sum(it['end_s'] - it['start_s'] for it in stalls):.1f})"
-        print(f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} | {stalled} |")
+        print(
+            f"| {r['schedule']} | {r['rate']} | {rate} | {capacity} | {decode} | {budget} | {growth} | {stalled} "
+            f"| {unqueued} |"
+        )
     budgets_table(runs, besides)
 
 

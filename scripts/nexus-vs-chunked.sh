@@ -12,8 +12,11 @@
 # more profile flags; PREFILL_SMS: the fixed split's prefill SMs (96). LIGHT=RATE:N takes the
 # objective from a run of chunked alone at RATE with N requests (NAME-light.json) instead of the
 # lowest rate of the comparison, so that a long trace need not be run at a light rate too.
+# CHUNKED_TOKENS="768 1024" then runs chunked again at each of these iteration budgets
+# (--max-num-batched-tokens), on the same traces and against the same objective: chunked as a user
+# would tune it for TBT (NAME-chunkedT.json; CHUNKED_FLAGS: more flags for those runs).
 set -euo pipefail
-if [ $# -lt 5 ]; then sed -n 2,14p "$0" >&2; exit 2; fi
+if [ $# -lt 5 ]; then sed -n 2,17p "$0" >&2; exit 2; fi
 name=$1 model=$2 workload=$3 rates=$4 requests=$5 profile=${6:-}
 shift $(( $# >= 6 ? 6 : 5 ))
 [ "${1:-}" = "--" ] && shift
@@ -39,4 +42,13 @@ fi
 "$nexus" bench --model "$model" --workload "$workload" --rate "$rates" --num-requests "$requests" --seed 0 \
     --schedule chunked,nexus,nexus --prefill-sms "$fixed" --profile "$profile" "${objective[@]}" \
     --json "$out/$name.json" --plot "$out/$name.svg" "$@" | tee "$out/$name.md"
+for tokens in ${CHUNKED_TOKENS:-}; do
+    read -r -a slo < <(python3 -c 'import json, sys
+s = json.load(open(sys.argv[1]))["slo"]
+print("--slo-ttft-ms %.0f --slo-tbt-ms %.1f" % (1e3 * s["ttft_p95_s"], 1e3 * s["tbt_p95_s"]))' "$out/$name.json")
+    # shellcheck disable=SC2086 # CHUNKED_FLAGS is a list of flags
+    "$nexus" bench --model "$model" --workload "$workload" --rate "$rates" --num-requests "$requests" --seed 0 \
+        --schedule chunked --max-num-batched-tokens "$tokens" "${slo[@]}" ${CHUNKED_FLAGS:-} \
+        --json "$out/$name-chunked$tokens.json" | tee "$out/$name-chunked$tokens.md"
+done
 tar czf "$out/$name.tgz" -C "$out" $(cd "$out" && ls "$name".* "$name"-* 2>/dev/null | grep -v '\.tgz$')

@@ -646,7 +646,8 @@ fn beside_other_lane(
                 }
                 let alone = *alone.get_or_insert_with(|| median_gpu_time(stream, &mut launch).as_secs_f64());
                 let other_ctx = phase(gpu, &other_stream, other_budget);
-                let mut other_launch: Box<dyn FnMut() + '_> = match other {
+                // The other lane's launch, and the bytes one launch reads.
+                let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other {
                     OtherLane::Decode | OtherLane::Prefill => {
                         let other_m = if matches!(other, OtherLane::Decode) { 16 } else { m };
                         let other_shape = GemmShape { m: other_m, n, k };
@@ -657,7 +658,7 @@ fn beside_other_lane(
                         let mut other_out: CudaSlice<bf16> = other_stream.alloc_zeros(other_m * n).expect("alloc");
                         let mut other_workspace = GemmWorkspace::new(&other_ctx).expect("workspace");
                         let other_ctx = &other_ctx;
-                        Box::new(move || {
+                        let launch = move || {
                             gemm::gemm(
                                 other_ctx,
                                 &other_a,
@@ -668,20 +669,17 @@ fn beside_other_lane(
                                 &mut other_workspace,
                             )
                             .expect("gemm");
-                        })
+                        };
+                        (Box::new(launch), other_shape.bf16_bytes())
                     }
                     OtherLane::Stream => {
                         let mut checksums = other_stream.alloc_zeros::<u32>(other_sms as usize).expect("alloc");
                         let other_ctx = &other_ctx;
-                        Box::new(move || {
+                        let launch = move || {
                             stream_read(other_ctx, &reads.data(), &mut checksums.as_view_mut()).expect("stream_read")
-                        })
+                        };
+                        (Box::new(launch), 4 * reads.data().len())
                     }
-                };
-                let other_bytes = match other {
-                    OtherLane::Decode => GemmShape { m: 16, n, k }.bf16_bytes(),
-                    OtherLane::Prefill => shape.bf16_bytes(),
-                    OtherLane::Stream => 4 * reads.data().len(),
                 };
                 // One launch of the other lane alone, to queue enough of them to outlast a sample
                 // of the timed GEMM at three times its time alone.

@@ -1,8 +1,9 @@
 //! The model and the engine on the GPU: SmolLM2 on the CUDA backend against the CPU backend (the
-//! greedy continuation of every oracle-fixture prompt agrees for its first 16 tokens, and the
-//! last prompt position's logits to a cosine similarity of at least 0.999); the engine with both
-//! schedules, batching, chunking and preempting; decode graphs at every budget against eager
-//! steps; and a prefill and a decode step of a model in flight at once on disjoint SMs.
+//! greedy continuation of every oracle-fixture prompt agrees for its first 16 tokens up to a
+//! near-tie that bf16 rounding explains, and the last prompt position's logits to a cosine
+//! similarity of at least 0.999); the engine with both schedules, batching, chunking and
+//! preempting; decode graphs at every budget against eager steps; and a prefill and a decode step
+//! of a model in flight at once on disjoint SMs.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -132,54 +133,65 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         let got = last_prompt_logits(&backend, &gpu_model, &case.prompt_ids);
         let similarity = cosine(&got, &want);
         eprintln!("case {i}: last-prompt-position logits cosine {similarity:.6}");
-        assert!(similarity >= 0.999, "case {i}: last-prompt-position logits cosine {similarity}");
+        assert!(similarity >= LOGITS_COSINE, "case {i}: last-prompt-position logits cosine {similarity}");
     }
     // One request at a time, as `nexus generate` runs them.
     let prompts: Vec<Vec<u32>> = fixtures.cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let mut cpu = engine(CpuBackend, cpu_model, Cache::of(256), 4096, Schedule::Chunked);
     let mut gpu = engine(backend, gpu_model, Cache::of(256), 4096, Schedule::Chunked);
-    let mut diverged = Vec::new();
+    let mut want = Vec::new();
+    let mut got = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
-        let want = greedy_outputs(&mut cpu, std::slice::from_ref(prompt), 16).remove(0);
-        let got = greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16).remove(0);
-        eprintln!("case {i}: tokens {got:?} / {want:?}");
-        assert_eq!(got.len(), want.len(), "case {i}: tokens generated");
-        if let Some(at) = want.iter().zip(&got).position(|(w, g)| w != g) {
-            diverged.push((i, [&prompt[..], &want[..at]].concat(), want[at], got[at]));
-        }
+        want.push(greedy_outputs(&mut cpu, std::slice::from_ref(prompt), 16).remove(0));
+        got.push(greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16).remove(0));
+        eprintln!("case {i}: tokens {:?} (GPU) / {:?} (CPU)", got[i], want[i]);
     }
-    // bf16 on the GPU against f32 on the CPU may flip a near-tie, after which the continuations
-    // differ. Where one first differs, both tokens must be the CPU's two best at that position and
-    // their CPU logits at most `NEAR_TIE_LOGITS` apart; any other difference is an error.
-    if diverged.is_empty() {
-        return;
-    }
-    let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
-    for (i, context, want, got) in diverged {
-        let logits = last_prompt_logits(&CpuBackend, &cpu_model, &context);
+    assert_greedy_agrees(&prompts, &want, &got, "the GPU");
+}
+
+/// Checks greedy continuations `got` (bf16, on the GPU) against `want` (f32: the CPU backend's, or
+/// transformers', which CI holds equal to it): where one first differs, both tokens must be the
+/// CPU's two best at that position, their CPU logits closer than the error `LOGITS_COSINE` allows
+/// the GPU's logits (a flip that bf16 rounding explains); the tokens after it are not compared.
+/// Any other difference is an error.
+fn assert_greedy_agrees(prompts: &[Vec<u32>], want: &[Vec<u32>], got: &[Vec<u32>], what: &str) {
+    let mut cpu_model = None;
+    for (i, (want, got)) in want.iter().zip(got).enumerate() {
+        assert_eq!(got.len(), want.len(), "{what}, case {i}: tokens generated");
+        let Some(at) = want.iter().zip(got).position(|(w, g)| w != g) else { continue };
+        let model = cpu_model.get_or_insert_with(|| {
+            let loaded = loader::open(&model_path()).expect("open the model");
+            LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU")
+        });
+        let context = [&prompts[i][..], &want[..at]].concat();
+        let logits = last_prompt_logits(&CpuBackend, model, &context);
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let margin = logits[want as usize] - logits[got as usize];
+        let (want, got) = (want[at] as usize, got[at] as usize);
+        let margin = f64::from(logits[want] - logits[got]);
+        // Logits at a cosine of at least LOGITS_COSINE to the CPU's are off by at most
+        // sqrt(2 (1 - LOGITS_COSINE)) of the CPU's root mean square (4.5%), per logit on average.
+        let rms = (logits.iter().map(|&l| f64::from(l).powi(2)).sum::<f64>() / logits.len() as f64).sqrt();
+        let allowed = (2.0 * (1.0 - LOGITS_COSINE)).sqrt() * rms;
         eprintln!(
-            "case {i}: first difference after {} tokens: CPU {want} (logit {}), GPU {got} (logit {}), the CPU's best \
-             {:?}",
-            context.len() - prompts[i].len(),
-            logits[want as usize],
-            logits[got as usize],
+            "{what}, case {i}: first difference after {at} tokens: CPU {want} (logit {}), {what} {got} (logit {}), \
+             the CPU's best {:?}; {margin:.4} apart, {allowed:.4} allowed",
+            logits[want],
+            logits[got],
             &order[..3]
         );
         let top_two = [order[0], order[1]];
         assert!(
-            top_two.contains(&(want as usize)) && top_two.contains(&(got as usize)) && margin <= NEAR_TIE_LOGITS,
-            "case {i}: the GPU's token {got} is not a near-tie of the CPU's {want} (CPU logits {margin} apart)"
+            top_two.contains(&want) && top_two.contains(&got) && margin <= allowed,
+            "{what}, case {i}: token {got} is not a near-tie of the CPU's {want} (CPU logits {margin} apart, at \
+             most {allowed} allowed)"
         );
     }
 }
 
-/// How far apart the CPU's two best logits may be where the GPU's greedy token is the second: the
-/// bf16 rounding of a logit of magnitude 16-32 alone is up to 0.0625 (8 significant bits), before
-/// the roundings of the 30 layers' activations that feed it.
-const NEAR_TIE_LOGITS: f32 = 0.25;
+/// The least cosine similarity of the GPU's logits to the CPU's at a position: bf16 activations
+/// through SmolLM2's 30 layers measured 0.99981-0.99999 on an H100.
+const LOGITS_COSINE: f64 = 0.999;
 
 /// A small random Qwen2-style model (QKV bias, tied embeddings, rotate-half RoPE, group of 4):
 /// the paths SmolLM2 does not take, on the GPU against the CPU, for a prompt and a few greedy
@@ -247,9 +259,9 @@ fn engine_outputs(
 /// The engine on the GPU, with both schedules: every request of a batched run, of a run whose
 /// prompts go in chunks of 24 tokens, and of a run whose cache is too small for all of them
 /// (preemption by recompute) completes; in the batch-invariant mode each request's tokens are the
-/// same in every run and schedule, and are transformers' (the oracle fixtures). With Nexus and
-/// chunked prompts, prefill and decode iterations overlap in time, within the SMs the split gives
-/// them.
+/// same in every run and schedule, and agree with transformers' (the oracle fixtures) up to a
+/// near-tie. With Nexus and chunked prompts, prefill and decode iterations overlap in time, within
+/// the SMs the split gives them.
 ///
 /// By default tokens may differ: in bf16 the GEMM kernel (and so the rounding) depends on the
 /// batch's row count and decode rows go through another attention kernel than prompt rows, so
@@ -259,6 +271,7 @@ fn engine_outputs(
 #[ignore = "needs a CUDA GPU"]
 fn gpu_engine_completes_every_request_with_both_schedules() {
     let oracle: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.greedy_ids[..16].to_vec()).collect();
+    let prompts: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let sms = gpu().sm_count();
     for batch_invariant in [true, false] {
         let mut reference = None;
@@ -298,7 +311,7 @@ fn gpu_engine_completes_every_request_with_both_schedules() {
                 assert_eq!(&unpressured, reference, "batch invariant: {schedule:?} changed the tokens");
                 assert_eq!(&chunked, reference, "batch invariant: chunked prefill changed the tokens");
                 assert_eq!(&pressured, reference, "batch invariant: preemption changed the tokens");
-                assert_eq!(&unpressured, &oracle, "batch invariant: transformers' greedy tokens");
+                assert_greedy_agrees(&prompts, &oracle, &unpressured, "batch-invariant GPU");
             }
             if let Schedule::Nexus(split) = schedule {
                 check_lane_timeline(&timeline, sms, split.prefill_sms);

@@ -1,8 +1,8 @@
 //! The model and the engine on the GPU: SmolLM2 on the CUDA backend against the CPU backend (the
 //! greedy continuation of every oracle-fixture prompt agrees for its first 16 tokens up to a
-//! near-tie that bf16 rounding explains, and the last prompt position's logits to a cosine
-//! similarity of at least 0.999); the engine with both schedules, batching, chunking and
-//! preempting; decode graphs at every budget against eager steps; and a prefill and a decode step
+//! near-tie that bf16 rounding explains, and its logits, at the last prompt position and at each
+//! decode step of transformers' greedy continuation, to a cosine similarity of at least 0.999);
+//! the engine with both schedules, batching, chunking and preempting; decode graphs at every budget against eager steps; and a prefill and a decode step
 //! of a model in flight at once on disjoint SMs.
 
 use std::collections::HashSet;
@@ -65,14 +65,25 @@ fn logits_of<B: Backend>(backend: &B, phase: &B::Phase, logits: B::Activation) -
 
 /// The logits of `prompt`'s last position, the prompt run as one step over a fresh cache.
 fn last_prompt_logits<B: Backend>(backend: &B, model: &LlamaModel<B>, prompt: &[u32]) -> Vec<f32> {
-    let num_blocks = prompt.len().div_ceil(DEFAULT_BLOCK_SIZE);
+    forced_logits(backend, model, prompt, &[]).remove(0)
+}
+
+/// The logits of `prompt`'s last position (the prompt as one step over a fresh cache), then of
+/// each decode step that feeds the next of `tokens`: a greedy run forced to take them.
+fn forced_logits<B: Backend>(backend: &B, model: &LlamaModel<B>, prompt: &[u32], tokens: &[u32]) -> Vec<Vec<f32>> {
+    let num_blocks = (prompt.len() + tokens.len()).div_ceil(DEFAULT_BLOCK_SIZE);
     let mut cache = model.alloc_kv_cache(backend, num_blocks, DEFAULT_BLOCK_SIZE).expect("cache");
     let mut blocks = BlockManager::new(num_blocks, DEFAULT_BLOCK_SIZE).expect("blocks");
     let phase = backend.new_phase().expect("phase");
-    let chunk = [SeqChunk { seq: 0, tokens: prompt, wants_logits: true }];
-    let step = build_step(&mut blocks, &chunk, StepKind::Prefill).expect("step");
-    let logits = model.forward(backend, &phase, &mut cache, &step).expect("forward");
-    logits_of(backend, &phase, logits)
+    let mut run = |tokens: &[u32], kind| {
+        let chunk = [SeqChunk { seq: 0, tokens, wants_logits: true }];
+        let step = build_step(&mut blocks, &chunk, kind).expect("step");
+        let logits = model.forward(backend, &phase, &mut cache, &step).expect("forward");
+        logits_of(backend, &phase, logits)
+    };
+    let mut out = vec![run(prompt, StepKind::Prefill)];
+    out.extend(tokens.iter().map(|t| run(std::slice::from_ref(t), StepKind::Decode)));
+    out
 }
 
 /// The KV cache of an engine in these tests: `blocks` blocks of `block_size` tokens.
@@ -128,12 +139,17 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
     let backend = CudaBackend::new(gpu()).expect("CUDA backend");
     let gpu_model = LlamaModel::load(&backend, loaded.weights.as_ref(), |_, _| {}).expect("load on the GPU");
+    // The last prompt position and the decode steps of transformers' greedy continuation (the
+    // CPU's, as CI checks), fed to both.
     for (i, case) in fixtures.cases.iter().enumerate() {
-        let want = last_prompt_logits(&CpuBackend, &cpu_model, &case.prompt_ids);
-        let got = last_prompt_logits(&backend, &gpu_model, &case.prompt_ids);
-        let similarity = cosine(&got, &want);
-        eprintln!("case {i}: last-prompt-position logits cosine {similarity:.6}");
-        assert!(similarity >= LOGITS_COSINE, "case {i}: last-prompt-position logits cosine {similarity}");
+        let tokens = &case.greedy_ids[..16];
+        let want = forced_logits(&CpuBackend, &cpu_model, &case.prompt_ids, tokens);
+        let got = forced_logits(&backend, &gpu_model, &case.prompt_ids, tokens);
+        let similarities: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
+        eprintln!("case {i}: logits cosine at the last prompt position and each decode step {similarities:.6?}");
+        for (step, &similarity) in similarities.iter().enumerate() {
+            assert!(similarity >= LOGITS_COSINE, "case {i}, step {step} (0: the prompt): logits cosine {similarity}");
+        }
     }
     // One request at a time, as `nexus generate` runs them.
     let prompts: Vec<Vec<u32>> = fixtures.cases.iter().map(|c| c.prompt_ids.clone()).collect();
@@ -152,8 +168,8 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
 /// Checks greedy continuations `got` (bf16, on the GPU) against `want` (f32: the CPU backend's, or
 /// transformers', which CI holds equal to it): where one first differs, both tokens must be the
 /// CPU's two best at that position, their CPU logits closer than the error `LOGITS_COSINE` allows
-/// the GPU's logits (a flip that bf16 rounding explains); the tokens after it are not compared.
-/// Any other difference is an error.
+/// the GPU's logits (which the SmolLM2 test holds at every step: a flip that bf16 rounding
+/// explains); the tokens after it are not compared. Any other difference is an error.
 fn assert_greedy_agrees(prompts: &[Vec<u32>], want: &[Vec<u32>], got: &[Vec<u32>], what: &str) {
     let mut cpu_model = None;
     for (i, (want, got)) in want.iter().zip(got).enumerate() {
@@ -190,7 +206,7 @@ fn assert_greedy_agrees(prompts: &[Vec<u32>], want: &[Vec<u32>], got: &[Vec<u32>
 }
 
 /// The least cosine similarity of the GPU's logits to the CPU's at a position: bf16 activations
-/// through SmolLM2's 30 layers measured 0.99981-0.99999 on an H100.
+/// through SmolLM2's 30 layers measured 0.99981-0.99999 at the prompts' last positions on an H100.
 const LOGITS_COSINE: f64 = 0.999;
 
 /// A small random Qwen2-style model (QKV bias, tied embeddings, rotate-half RoPE, group of 4):

@@ -2,8 +2,9 @@
 //! greedy continuation of every oracle-fixture prompt agrees for its first 16 tokens up to a
 //! near-tie that bf16 rounding explains, and its logits, at the last prompt position and at each
 //! decode step of transformers' greedy continuation, to a cosine similarity of at least 0.999);
-//! the engine with both schedules, batching, chunking and preempting; decode graphs at every budget against eager steps; and a prefill and a decode step
-//! of a model in flight at once on disjoint SMs.
+//! the engine with both schedules, batching, chunking and preempting; decode graphs at every
+//! budget against eager steps; and a prefill and a decode step of a model in flight at once on
+//! disjoint SMs.
 
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -32,8 +32,9 @@
 //!
 //! A seventh times a prefill-lane GEMM (the gate/up projection at M = 2048 and 8192) on 36, 68
 //! and 100 SMs while a second stream keeps the other SMs busy with decode GEMMs (M = 16, streaming
-//! their weight) or with another prefill GEMM (compute-bound): what the other lane does to a
-//! prefill's GEMM, and whether it is its memory traffic or its mere work.
+//! their weight), a streaming read or another prefill GEMM (compute-bound), and a decode GEMM of
+//! the same weight on 16 and 32 SMs beside a prefill GEMM or a streaming read: what each lane does
+//! to the other's GEMMs, and whether it is memory traffic or the mere work (power, shared L2).
 //!
 //! `cargo bench --bench gemm`; `NEXUS_BENCH_QUICK=1` measures only budget 64 and all SMs;
 //! `NEXUS_BENCH_ONLY=text` only the cases whose name (as criterion prints it) contains `text`; with
@@ -567,6 +568,11 @@ const BESIDE_BUDGETS: [u32; 3] = [36, 68, 100];
 /// Decode's budget in [`beside_other_lane`] when it takes fewer than the rest of the SMs (the rest
 /// idle): whether a prefill's loss follows the SMs decode holds or the bytes it draws.
 const BESIDE_FEW_DECODE_SMS: u32 = 32;
+/// The decode lane's budgets where [`beside_other_lane`] times it: what the controller gives decode
+/// beside a prompt (16-32 SMs in the twentieth H100 round).
+const BESIDE_DECODE_BUDGETS: [u32; 2] = [16, 32];
+/// Rows of a decode GEMM in [`beside_other_lane`], timed or beside.
+const BESIDE_DECODE_M: usize = 16;
 /// Runs of the timed GEMM per sample, and samples, in [`beside_other_lane`].
 const BESIDE_RUNS: u64 = 3;
 const BESIDE_SAMPLES: usize = 5;
@@ -579,19 +585,35 @@ enum OtherLane {
     Decode,
     /// The streaming read over the bench's 256 MB buffer: HBM traffic with no tensor-core work.
     Stream,
-    /// Prefill GEMMs of the same shape as the timed one, on operands of their own: work that
-    /// keeps its SMs' tensor cores busy and reads little from HBM.
-    Prefill,
+    /// Prefill GEMMs of M rows on operands of their own: work that keeps its SMs' tensor cores
+    /// busy (and the board near its power limit) and reads little from HBM.
+    Prefill(usize),
 }
 
-/// Llama-3.1-8B's gate/up projection (K = 4096, N = 28672) at a prefill iteration's M, on
-/// [`BESIDE_BUDGETS`] SMs, alone and while a second stream runs [`OtherLane`] work throughout on
-/// the other SMs (decode also on [`BESIDE_FEW_DECODE_SMS`] of them): the time beside over the time
-/// alone, with what the other lane reads alone. The profile's both-lane pairs (H100 round 18) found
-/// whole prefill steps 1.6-2.1x slower beside decode on 64-96 SMs, compute-bound prompts alike; this
-/// isolates one GEMM: a compute-bound other lane tells the traffic from the power the SMs draw, the
-/// streaming read HBM traffic from decode's own (`gemm-beside.md` with `NEXUS_BENCH_OUT`; cases
-/// `gemm-beside/m <M>/budget <SMs>/<other> <SMs>`). Hopper only.
+impl OtherLane {
+    /// Its name in a case and the report, and the rows of its GEMMs.
+    fn name(self) -> String {
+        match self {
+            OtherLane::Decode => format!("decode (M {BESIDE_DECODE_M})"),
+            OtherLane::Stream => "stream".into(),
+            OtherLane::Prefill(m) => format!("prefill (M {m})"),
+        }
+    }
+}
+
+/// Llama-3.1-8B's gate/up projection (K = 4096, N = 28672) timed alone and while a second stream
+/// runs [`OtherLane`] work throughout on the other SMs: the time beside over the time alone, with
+/// what the other lane reads alone (`gemm-beside.md` with `NEXUS_BENCH_OUT`; cases
+/// `gemm-beside/m <M>/budget <SMs>/<other> <SMs>`). Hopper only. Two timed lanes:
+/// - a prefill iteration's M on [`BESIDE_BUDGETS`] SMs, beside decode on the rest and on
+///   [`BESIDE_FEW_DECODE_SMS`] of them, a streaming read, and prefill of its own M. The profile's
+///   both-lane pairs (H100 round 18) found whole prefill steps 1.6-2.1x slower beside decode on
+///   64-96 SMs, compute-bound prompts alike; a compute-bound other lane tells the traffic from the
+///   power the SMs draw, the streaming read HBM traffic from decode's own;
+/// - a decode GEMM (M = 16) on [`BESIDE_DECODE_BUDGETS`] SMs, beside a prefill of 2048 rows and a
+///   streaming read on the rest. The profiles price decode GEMMs beside a prompt at 1.56-1.68x
+///   their time alone on 16 SMs (H100 round 20): beside the compute-bound prefill that is power
+///   and shared L2, beside the read HBM traffic.
 fn beside_other_lane(
     gpu: &Arc<Gpu>,
     stream: &Arc<CudaStream>,
@@ -603,7 +625,7 @@ fn beside_other_lane(
         return;
     }
     let report = Report::new(
-        "A prefill GEMM beside the other lane (gate/up 4096 x 28672; TB/s = the other lane's bytes / its time alone)",
+        "A GEMM beside the other lane (gate/up 4096 x 28672; TB/s = the other lane's bytes / its time alone)",
         &[
             "M",
             "budget",
@@ -614,32 +636,40 @@ fn beside_other_lane(
             "us beside",
             "beside / alone",
             "TFLOP/s beside",
+            "TB/s beside",
         ],
     );
     let (k, n) = (4096, 28672);
     let other_stream = gpu.new_stream().expect("stream");
-    for m in PREFILL_LANE_MS {
+    let prefill_lanes = PREFILL_LANE_MS.map(|m| (m, &BESIDE_BUDGETS[..]));
+    let lanes = prefill_lanes.into_iter().chain([(BESIDE_DECODE_M, &BESIDE_DECODE_BUDGETS[..])]);
+    for (m, budgets) in lanes {
         let shape = GemmShape { m, n, k };
         let flops = 2.0 * (m * n * k) as f64;
         // The timed GEMM's operands at the pool's start, the other lane's after them: neither
         // finds the other's lines in L2.
         let (a, b) = (pool.slice(..m * k), pool.slice(m * k..(m + n) * k));
         let rest = (m + n) * k;
-        for budget in BESIDE_BUDGETS.iter().filter_map(|&sms| CtaBudget::new(sms, gpu).ok()) {
+        for budget in budgets.iter().filter_map(|&sms| CtaBudget::new(sms, gpu).ok()) {
             let rest_sms = gpu.sm_count() - budget.get();
             let ctx = phase(gpu, stream, budget);
             let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
             let mut launch = |_: u64| {
                 gemm::gemm(&ctx, &a, &b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
             };
-            let mut others = vec![(OtherLane::Decode, rest_sms)];
-            if rest_sms > BESIDE_FEW_DECODE_SMS {
-                others.push((OtherLane::Decode, BESIDE_FEW_DECODE_SMS));
-            }
-            others.extend([(OtherLane::Stream, rest_sms), (OtherLane::Prefill, rest_sms)]);
+            let others = if m == BESIDE_DECODE_M {
+                vec![(OtherLane::Prefill(PREFILL_LANE_MS[0]), rest_sms), (OtherLane::Stream, rest_sms)]
+            } else {
+                let mut others = vec![(OtherLane::Decode, rest_sms)];
+                if rest_sms > BESIDE_FEW_DECODE_SMS {
+                    others.push((OtherLane::Decode, BESIDE_FEW_DECODE_SMS));
+                }
+                others.extend([(OtherLane::Stream, rest_sms), (OtherLane::Prefill(m), rest_sms)]);
+                others
+            };
             let mut alone = None;
             for (other, other_sms) in others {
-                let case = format!("gemm-beside/m {m}/budget {}/{other:?} {other_sms}", budget.get()).to_lowercase();
+                let case = format!("gemm-beside/m {m}/budget {}/{} {other_sms}", budget.get(), other.name());
                 let Ok(other_budget) = CtaBudget::new(other_sms, gpu) else { continue };
                 if !selected(&case) {
                     continue;
@@ -648,8 +678,8 @@ fn beside_other_lane(
                 let other_ctx = phase(gpu, &other_stream, other_budget);
                 // The other lane's launch, and the bytes one launch reads.
                 let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other {
-                    OtherLane::Decode | OtherLane::Prefill => {
-                        let other_m = if matches!(other, OtherLane::Decode) { 16 } else { m };
+                    OtherLane::Decode | OtherLane::Prefill(_) => {
+                        let other_m = if let OtherLane::Prefill(other_m) = other { other_m } else { BESIDE_DECODE_M };
                         let other_shape = GemmShape { m: other_m, n, k };
                         let (other_a, other_b) = (
                             pool.slice(rest..rest + other_m * k),
@@ -700,13 +730,14 @@ fn beside_other_lane(
                 report.add(vec![
                     m.to_string(),
                     budget.get().to_string(),
-                    format!("{other:?}").to_lowercase(),
+                    other.name(),
                     other_sms.to_string(),
                     format!("{:.2}", other_bytes as f64 / one / 1e12),
                     format!("{:.0}", alone * 1e6),
                     format!("{:.0}", beside * 1e6),
                     format!("{:.2}", beside / alone),
                     format!("{:.1}", flops / beside / 1e12),
+                    format!("{:.2}", shape.bf16_bytes() as f64 / beside / 1e12),
                 ]);
             }
         }

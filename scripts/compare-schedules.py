@@ -5,6 +5,7 @@ Nexus issue states its bar: throughput at the objective (--slo-ttft-ms/--slo-tbt
 
     scripts/compare-schedules.py bench.json [more.json ...]
     scripts/compare-schedules.py --merge r6.json r7.5.json ...   # one rate a file, judged as one run
+    scripts/compare-schedules.py --join --base "chunked, 768 tokens" main.json chunked768.json
 
 Prints markdown: a row per schedule with each figure and its ratio to the first schedule's.
 With --strip OUT, also writes each JSON without its per-iteration timelines (the summaries stay).
@@ -24,15 +25,22 @@ end over output tokens) and, for a schedule that predicts its iterations (the co
 model's prediction error during the run per lane, from the summaries (timelines not needed).
 --merge joins files of the same schedules, objective and workload (a sweep run one rate a call, so
 that a time-out loses a rate, not the sweep) into one, each schedule's throughput found again over
-all of their rates.
+all of their rates. --join puts files of other schedules on the same traces and objective side by
+side (a schedule run in a bench of its own, such as chunked at a smaller --max-num-batched-tokens);
+a schedule name two files share gets its file's name appended. --base NAME judges against that
+schedule instead of the first.
 """
 import json
 import sys
 
 
-def main(paths, strip_to=None):
+def main(paths, strip_to=None, base=None):
     for path in paths:
         doc = json.load(open(path))
+        if base is not None:
+            if base not in doc.get("schedules", [base]):
+                sys.exit(f"--base {base!r}: {path} has the schedules {doc['schedules']}")
+            doc["schedules"] = [base] + [s for s in doc["schedules"] if s != base]
         if "runs" not in doc:
             # A profile or the like beside the runs (a glob such as *-r7*.json takes both).
             print(f"\n{path}: not a `nexus bench --json` file, skipped")
@@ -238,20 +246,52 @@ def merged(paths, out):
     return out
 
 
+def joined(paths, out):
+    """The schedules of `paths` (the same workload, model, traces and objective) side by side as
+    one `nexus bench --json` document, written to `out`; a schedule name already taken by an
+    earlier file gets its file's name appended."""
+    docs = [json.load(open(p)) for p in paths]
+    first = docs[0]
+    for p, d in zip(paths, docs):
+        for key in ("workload", "target", "num_requests"):
+            if d.get(key) != first.get(key):
+                sys.exit(f"{p} and {paths[0]} did not run the same traces: their {key} differ")
+        objective = lambda d: d.get("slo") and (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"])
+        if objective(d) != objective(first):
+            sys.exit(f"{p}: its objective differs from {paths[0]}'s")
+    doc = dict(first)
+    doc["schedules"], doc["runs"], judged = [], [], []
+    for p, d in zip(paths, docs):
+        stem = p.rsplit("/", 1)[-1].split(".json")[0]
+        names = {s: s if s not in doc["schedules"] else f"{s} ({stem})" for s in d["schedules"]}
+        doc["schedules"] += names.values()
+        doc["runs"] += [dict(r, schedule=names[r["schedule"]]) for r in d["runs"]]
+        if d.get("slo"):
+            judged += [dict(x, schedule=names[x["schedule"]]) for x in d["slo"]["schedules"]]
+    if first.get("slo"):
+        doc["slo"] = dict(first["slo"], schedules=judged)
+    json.dump(doc, open(out, "w"))
+    return out
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    strip = None
+    strip, base = None, None
     if len(args) >= 2 and args[0] == "--strip":
         strip, args = args[1], args[2:]
-    if args and args[0] == "--merge":
+    if len(args) >= 2 and args[0] == "--base":
+        base, args = args[1], args[2:]
+    if args and args[0] in ("--merge", "--join"):
         import os
         import tempfile
-        args = args[1:]
+        how, args = args[0], args[1:]
+        if len(args) >= 2 and args[0] == "--base":
+            base, args = args[1], args[2:]
         if not args:
             sys.exit(__doc__)
-        out = os.path.join(tempfile.mkdtemp(), "merged.json")
-        print(f"merged: {' '.join(args)}")
-        args = [merged(args, out)]
+        out = os.path.join(tempfile.mkdtemp(), how[2:] + "ed.json")
+        print(f"{how[2:]}ed: {' '.join(args)}")
+        args = [(merged if how == "--merge" else joined)(args, out)]
     if not args:
         sys.exit(__doc__)
-    main(args, strip)
+    main(args, strip, base)

@@ -44,7 +44,7 @@ use nexus_runtime::bench::workload::{
     random_trace, synthetic_requests, trace,
 };
 use nexus_runtime::bench::{ReplayReport, Slo, TimelineIteration, TimelineSummary, replay_requests};
-use nexus_runtime::engine::scheduler::{PrefillPacking, PrefillTokens};
+use nexus_runtime::engine::scheduler::{PrefillPacking, PrefillTokens, SchedulerConfig};
 use nexus_runtime::engine::{Engine, Schedule};
 use nexus_runtime::model::backend::{Backend, StepKind};
 use nexus_runtime::weights::loader;
@@ -254,9 +254,20 @@ impl Arm {
     /// What `--url` benchmarks: the server's own scheduling.
     const SERVER: Arm = Arm { name: None, prefill_sms: None };
 
-    fn new(schedule: &Schedule, sm_count: u32) -> Arm {
+    /// The arm of `schedule` on `sm_count` SMs, with iterations of at most `scheduler`'s tokens
+    /// (named for chunked where it is not the default, so that runs of chunked tuned for TBT and
+    /// at the default can be told apart once their results are put together).
+    fn new(schedule: &Schedule, sm_count: u32, scheduler: SchedulerConfig) -> Arm {
         match schedule {
-            Schedule::Chunked => Arm { name: Some("chunked".into()), prefill_sms: None },
+            Schedule::Chunked => {
+                let tokens = scheduler.max_num_batched_tokens;
+                let name = if tokens == SchedulerConfig::default().max_num_batched_tokens {
+                    "chunked".into()
+                } else {
+                    format!("chunked, {tokens} tokens")
+                };
+                Arm { name: Some(name), prefill_sms: None }
+            }
             Schedule::Nexus(split) => Arm {
                 name: Some(format!(
                     "nexus {}/{}{}{}",
@@ -552,7 +563,7 @@ fn run_in_process<B: Backend>(backend: B, plan: &Plan<'_>, sizing: KvSizing) -> 
     }
     // Outputs are forced to the trace's lengths, so end-of-sequence tokens do not matter.
     let mut engine = make_engine(backend, model, Vec::new(), sizing, &args.engine, first)?;
-    let arms: Vec<Arm> = schedules.iter().map(|s| Arm::new(s, sm_count)).collect();
+    let arms: Vec<Arm> = schedules.iter().map(|s| Arm::new(s, sm_count, args.engine.scheduler())).collect();
     let mut current = 0;
     plan.run(&args.model, &arms, Some(sm_count), |arm, requests, bar| {
         if arm != current {

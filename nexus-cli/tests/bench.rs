@@ -1,7 +1,7 @@
 //! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot,
 //! and judges the rates against an objective; a JSONL workload of text and token-id prompts runs
 //! in-process; `chunked` and a `nexus` split run the same trace in one invocation, each with its
-//! timeline in the JSON and the plot; vLLM's load shapes (`--request-rate inf`,
+//! timeline in the JSON and the plot; chunked at a smaller iteration budget is named by it; vLLM's load shapes (`--request-rate inf`,
 //! `--max-concurrency`, `--burstiness`, the random dataset), metrics (`--percentile-metrics`,
 //! `--metric-percentiles`, `--goodput`) and `--save-result` against `nexus serve` over HTTP and
 //! in-process; bad workloads and flags fail with a message.
@@ -19,6 +19,30 @@ fn model() -> PathBuf {
     let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(model.is_file(), "{} is missing: run scripts/fetch-model.sh first", model.display());
     model
+}
+
+/// Chunked with another iteration budget than the default is named by it, so that its results can
+/// be told from the default's once put side by side (`scripts/compare-schedules.py --join`).
+#[test]
+fn chunked_with_a_smaller_budget_is_named_by_it() {
+    let dir = std::env::temp_dir().join(format!("nexus-bench-budget-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let json = dir.join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
+        .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--rate", "50", "--num-requests", "2"])
+        .args(["--seed", "3", "--cpu-kv-blocks", "64", "--max-num-batched-tokens", "64", "--model"])
+        .arg(model())
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("run nexus bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| chunked, 64 tokens | 50 |"), "{stdout}");
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    assert_eq!(doc["schedules"], serde_json::json!(["chunked, 64 tokens"]));
+    assert_eq!(doc["runs"][0]["schedule"], "chunked, 64 tokens");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

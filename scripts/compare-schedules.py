@@ -210,21 +210,25 @@ def budgets_table(runs, besides):
         print("\n".join(rows))
 
 
+def check_alike(paths, docs, keys, what):
+    """Exits with a message unless every one of `docs` (read from `paths`) has the first's `keys`
+    and objective (none, or the same p95 TTFT and TBT); `what` says what they are not otherwise."""
+    objective = lambda d: d.get("slo") and (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"])
+    for p, d in zip(paths, docs):
+        for key in keys:
+            if d.get(key) != docs[0].get(key):
+                sys.exit(f"{p} and {paths[0]} {what}: their {key} differ")
+        if objective(d) != objective(docs[0]):
+            sys.exit(f"{p}: its objective differs from {paths[0]}'s")
+
+
 def merged(paths, out):
     """The runs of `paths` as one `nexus bench --json` document, written to `out`: the files must
     have the same schedules, objective and workload; each schedule's throughput is the highest rate
     up to which every one of its runs met the objective, over all of them."""
     docs = [json.load(open(p)) for p in paths]
+    check_alike(paths, docs, ("schedules", "workload", "target"), "are not one sweep")
     first = docs[0]
-    for p, d in zip(paths, docs):
-        for key in ("schedules", "workload", "target"):
-            if d.get(key) != first.get(key):
-                sys.exit(f"{p} and {paths[0]} are not one sweep: their {key} differ")
-        if d.get("slo") and first.get("slo"):
-            if (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"]) != (first["slo"]["ttft_p95_s"], first["slo"]["tbt_p95_s"]):
-                sys.exit(f"{p}: its objective differs from {paths[0]}'s")
-        elif bool(d.get("slo")) != bool(first.get("slo")):
-            sys.exit(f"{p}: one file has an objective, another not")
     doc = dict(first)
     doc["runs"] = [r for d in docs for r in d["runs"]]
     if first.get("slo"):
@@ -251,14 +255,8 @@ def joined(paths, out):
     one `nexus bench --json` document, written to `out`; a schedule name already taken by an
     earlier file gets its file's name appended."""
     docs = [json.load(open(p)) for p in paths]
+    check_alike(paths, docs, ("workload", "target", "num_requests"), "did not run the same traces")
     first = docs[0]
-    for p, d in zip(paths, docs):
-        for key in ("workload", "target", "num_requests"):
-            if d.get(key) != first.get(key):
-                sys.exit(f"{p} and {paths[0]} did not run the same traces: their {key} differ")
-        objective = lambda d: d.get("slo") and (d["slo"]["ttft_p95_s"], d["slo"]["tbt_p95_s"])
-        if objective(d) != objective(first):
-            sys.exit(f"{p}: its objective differs from {paths[0]}'s")
     doc = dict(first)
     doc["schedules"], doc["runs"], judged = [], [], []
     for p, d in zip(paths, docs):
@@ -289,9 +287,9 @@ if __name__ == "__main__":
             base, args = args[1], args[2:]
         if not args:
             sys.exit(__doc__)
-        out = os.path.join(tempfile.mkdtemp(), how[2:] + "ed.json")
-        print(f"{how[2:]}ed: {' '.join(args)}")
-        args = [(merged if how == "--merge" else joined)(args, out)]
+        done, combine = ("merged", merged) if how == "--merge" else ("joined", joined)
+        print(f"{done}: {' '.join(args)}")
+        args = [combine(args, os.path.join(tempfile.mkdtemp(), f"{done}.json"))]
     if not args:
         sys.exit(__doc__)
     main(args, strip, base)

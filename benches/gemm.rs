@@ -591,7 +591,16 @@ enum OtherLane {
 }
 
 impl OtherLane {
-    /// Its name in a case and the report, and the rows of its GEMMs.
+    /// The rows of its GEMMs (none for the streaming read).
+    fn gemm_rows(self) -> Option<usize> {
+        match self {
+            OtherLane::Decode => Some(BESIDE_DECODE_M),
+            OtherLane::Stream => None,
+            OtherLane::Prefill(m) => Some(m),
+        }
+    }
+
+    /// Its name in a case and in the report.
     fn name(self) -> String {
         match self {
             OtherLane::Decode => format!("decode (M {BESIDE_DECODE_M})"),
@@ -677,9 +686,8 @@ fn beside_other_lane(
                 let alone = *alone.get_or_insert_with(|| median_gpu_time(stream, &mut launch).as_secs_f64());
                 let other_ctx = phase(gpu, &other_stream, other_budget);
                 // The other lane's launch, and the bytes one launch reads.
-                let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other {
-                    OtherLane::Decode | OtherLane::Prefill(_) => {
-                        let other_m = if let OtherLane::Prefill(other_m) = other { other_m } else { BESIDE_DECODE_M };
+                let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other.gemm_rows() {
+                    Some(other_m) => {
                         let other_shape = GemmShape { m: other_m, n, k };
                         let (other_a, other_b) = (
                             pool.slice(rest..rest + other_m * k),
@@ -702,7 +710,7 @@ fn beside_other_lane(
                         };
                         (Box::new(launch), other_shape.bf16_bytes())
                     }
-                    OtherLane::Stream => {
+                    None => {
                         let mut checksums = other_stream.alloc_zeros::<u32>(other_sms as usize).expect("alloc");
                         let other_ctx = &other_ctx;
                         let launch = move || {

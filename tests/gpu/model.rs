@@ -163,25 +163,27 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         got.push(greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16).remove(0));
         eprintln!("case {i}: tokens {:?} (GPU) / {:?} (CPU)", got[i], want[i]);
     }
-    assert_greedy_agrees(&prompts, &want, &got, "the GPU");
+    assert_greedy_agrees(cpu.model(), &prompts, &want, &got, "the GPU");
 }
 
 /// Checks greedy continuations `got` (bf16, on the GPU) against `want` (f32: the CPU backend's, or
 /// transformers', which CI holds equal to it): where one first differs, both tokens must be the
 /// CPU's two best at that position, their CPU logits closer than the error `LOGITS_COSINE` allows
 /// the GPU's logits (which the SmolLM2 test holds at every step: a flip that bf16 rounding
-/// explains); the tokens after it are not compared. Any other difference is an error.
-fn assert_greedy_agrees(prompts: &[Vec<u32>], want: &[Vec<u32>], got: &[Vec<u32>], what: &str) {
-    let mut cpu_model = None;
+/// explains); the tokens after it are not compared. Any other difference is an error. The CPU's
+/// logits come from `cpu_model`.
+fn assert_greedy_agrees(
+    cpu_model: &LlamaModel<CpuBackend>,
+    prompts: &[Vec<u32>],
+    want: &[Vec<u32>],
+    got: &[Vec<u32>],
+    what: &str,
+) {
     for (i, (want, got)) in want.iter().zip(got).enumerate() {
         assert_eq!(got.len(), want.len(), "{what}, case {i}: tokens generated");
         let Some(at) = want.iter().zip(got).position(|(w, g)| w != g) else { continue };
-        let model = cpu_model.get_or_insert_with(|| {
-            let loaded = loader::open(&model_path()).expect("open the model");
-            LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU")
-        });
         let context = [&prompts[i][..], &want[..at]].concat();
-        let logits = last_prompt_logits(&CpuBackend, model, &context);
+        let logits = last_prompt_logits(&CpuBackend, cpu_model, &context);
         let mut order: Vec<usize> = (0..logits.len()).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let (want, got) = (want[at] as usize, got[at] as usize);
@@ -289,6 +291,9 @@ fn engine_outputs(
 fn gpu_engine_completes_every_request_with_both_schedules() {
     let oracle: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.greedy_ids[..16].to_vec()).collect();
     let prompts: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    // The CPU's logits where a batch-invariant run's tokens differ from transformers'.
+    let loaded = loader::open(&model_path()).expect("open the model");
+    let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
     let sms = gpu().sm_count();
     for batch_invariant in [true, false] {
         let mut reference = None;
@@ -328,7 +333,7 @@ fn gpu_engine_completes_every_request_with_both_schedules() {
                 assert_eq!(&unpressured, reference, "batch invariant: {schedule:?} changed the tokens");
                 assert_eq!(&chunked, reference, "batch invariant: chunked prefill changed the tokens");
                 assert_eq!(&pressured, reference, "batch invariant: preemption changed the tokens");
-                assert_greedy_agrees(&prompts, &oracle, &unpressured, "batch-invariant GPU");
+                assert_greedy_agrees(&cpu_model, &prompts, &oracle, &unpressured, "batch-invariant GPU");
             }
             if let Schedule::Nexus(split) = schedule {
                 check_lane_timeline(&timeline, sms, split.prefill_sms);

@@ -274,22 +274,23 @@ def joined(paths, out):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    strip, base = None, None
-    if len(args) >= 2 and args[0] == "--strip":
-        strip, args = args[1], args[2:]
-    if len(args) >= 2 and args[0] == "--base":
-        base, args = args[1], args[2:]
-    if args and args[0] in ("--merge", "--join"):
+    strip, base, how = None, None, None
+    while args and args[0] in ("--strip", "--base", "--merge", "--join"):
+        flag = args.pop(0)
+        if flag in ("--merge", "--join"):
+            how = flag
+        elif not args:
+            sys.exit(__doc__)
+        elif flag == "--strip":
+            strip = args.pop(0)
+        else:
+            base = args.pop(0)
+    if not args:
+        sys.exit(__doc__)
+    if how:
         import os
         import tempfile
-        how, args = args[0], args[1:]
-        if len(args) >= 2 and args[0] == "--base":
-            base, args = args[1], args[2:]
-        if not args:
-            sys.exit(__doc__)
         done, combine = ("merged", merged) if how == "--merge" else ("joined", joined)
         print(f"{done}: {' '.join(args)}")
         args = [combine(args, os.path.join(tempfile.mkdtemp(), f"{done}.json"))]
-    if not args:
-        sys.exit(__doc__)
     main(args, strip, base)

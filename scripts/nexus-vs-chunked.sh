@@ -42,10 +42,13 @@ fi
 "$nexus" bench --model "$model" --workload "$workload" --rate "$rates" --num-requests "$requests" --seed 0 \
     --schedule chunked,nexus,nexus --prefill-sms "$fixed" --profile "$profile" "${objective[@]}" \
     --json "$out/$name.json" --plot "$out/$name.svg" "$@" | tee "$out/$name.md"
-for tokens in ${CHUNKED_TOKENS:-}; do
+if [ -n "${CHUNKED_TOKENS:-}" ]; then
+    # The comparison's objective, for the tuned runs too.
     read -r -a slo < <(python3 -c 'import json, sys
 s = json.load(open(sys.argv[1]))["slo"]
 print("--slo-ttft-ms %.0f --slo-tbt-ms %.1f" % (1e3 * s["ttft_p95_s"], 1e3 * s["tbt_p95_s"]))' "$out/$name.json")
+fi
+for tokens in ${CHUNKED_TOKENS:-}; do
     # shellcheck disable=SC2086 # CHUNKED_FLAGS is a list of flags
     "$nexus" bench --model "$model" --workload "$workload" --rate "$rates" --num-requests "$requests" --seed 0 \
         --schedule chunked --max-num-batched-tokens "$tokens" "${slo[@]}" ${CHUNKED_FLAGS:-} \

@@ -175,11 +175,14 @@ impl Calibration {
             return;
         }
         let clamped = ratio.ln().clamp(-Self::MAX_FACTOR.ln(), Self::MAX_FACTOR.ln());
+        // A budget measured for the first time starts from what `factor` used for it until now
+        // (the average over every budget, or none), and moves by the weight like any other: one
+        // slow iteration (a stalled host) must not price a budget out of every later decision,
+        // which would leave it never measured again.
+        let prior = self.log_ratios.get(&(kind, beside, 0)).copied().unwrap_or(0.0);
         for key in [(kind, beside, budget), (kind, beside, 0)] {
-            self.log_ratios
-                .entry(key)
-                .and_modify(|average| *average += Self::WEIGHT * (clamped - *average))
-                .or_insert(clamped);
+            let average = self.log_ratios.entry(key).or_insert(prior);
+            *average += Self::WEIGHT * (clamped - *average);
         }
     }
 
@@ -338,10 +341,16 @@ mod tests {
         let config = ControllerConfig { decode_target_s: Some(0.02), hysteresis: 0, ..ControllerConfig::default() };
         let mut controller = Controller::new(llama8b_h200(), config).unwrap();
         let before = controller.split(&prefill, &decode, 0.2, 0);
+        // One slow iteration moves the prediction by the average's weight, not all the way: a
+        // budget is not priced out of later decisions by a single stall.
+        let mut once = controller.clone();
+        once.observe(StepKind::Decode, before.decode_sms, true, 0.010, 0.020);
+        let factor = |c: &Controller, sms: u32| c.calibration.factor(StepKind::Decode, true, sms);
+        assert!((factor(&once, before.decode_sms) - 2f64.powf(0.2)).abs() < 1e-9);
         // Decode beside prefill took 1.8x what the model said, at the budget it got: the target
         // now needs more SMs, and the predictions the split reports are scaled (at every budget,
         // through the average, until one is measured on its own).
-        for _ in 0..20 {
+        for _ in 0..50 {
             controller.observe(StepKind::Decode, before.decode_sms, true, 0.010, 0.018);
         }
         let after = controller.split(&prefill, &decode, 0.2, 0);

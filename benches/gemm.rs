@@ -571,6 +571,9 @@ const BESIDE_FEW_DECODE_SMS: u32 = 32;
 /// The decode lane's budgets where [`beside_other_lane`] times it: what the controller gives decode
 /// beside a prompt (16-32 SMs in the twentieth H100 round).
 const BESIDE_DECODE_BUDGETS: [u32; 2] = [16, 32];
+/// The streaming read's budgets beside the decode lane in [`beside_other_lane`] (the rest idle):
+/// HBM traffic from a prefill's 0.5 TB/s up, without a prefill's L2 traffic.
+const BESIDE_FEW_STREAM_SMS: [u32; 3] = [4, 8, 16];
 /// Rows of a decode GEMM in [`beside_other_lane`], timed or beside.
 const BESIDE_DECODE_M: usize = 16;
 /// Runs of the timed GEMM per sample, and samples, in [`beside_other_lane`].
@@ -586,17 +589,19 @@ enum OtherLane {
     /// The streaming read over the bench's 256 MB buffer: HBM traffic with no tensor-core work.
     Stream,
     /// Prefill GEMMs of M rows on operands of their own: work that keeps its SMs' tensor cores
-    /// busy (and the board near its power limit) and reads little from HBM.
-    Prefill(usize),
+    /// busy and reads little from HBM, but much from L2 (each tile's operands), with the tile
+    /// the planner picks or a given one (a narrower tile loads more bytes per FLOP).
+    Prefill(usize, Option<GemmKernel>),
 }
 
 impl OtherLane {
-    /// The rows of its GEMMs (none for the streaming read).
-    fn gemm_rows(self) -> Option<usize> {
+    /// The rows of its GEMMs and the kernel they are launched with, the planner's if none (no
+    /// GEMM for the streaming read).
+    fn gemm(self) -> Option<(usize, Option<GemmKernel>)> {
         match self {
-            OtherLane::Decode => Some(BESIDE_DECODE_M),
+            OtherLane::Decode => Some((BESIDE_DECODE_M, None)),
             OtherLane::Stream => None,
-            OtherLane::Prefill(m) => Some(m),
+            OtherLane::Prefill(m, kernel) => Some((m, kernel)),
         }
     }
 
@@ -605,7 +610,8 @@ impl OtherLane {
         match self {
             OtherLane::Decode => format!("decode (M {BESIDE_DECODE_M})"),
             OtherLane::Stream => "stream".into(),
-            OtherLane::Prefill(m) => format!("prefill (M {m})"),
+            OtherLane::Prefill(m, None) => format!("prefill (M {m})"),
+            OtherLane::Prefill(m, Some(kernel)) => format!("prefill (M {m}, {kernel:?})"),
         }
     }
 }
@@ -619,10 +625,12 @@ impl OtherLane {
 ///   both-lane pairs (H100 round 18) found whole prefill steps 1.6-2.1x slower beside decode on
 ///   64-96 SMs, compute-bound prompts alike; a compute-bound other lane tells the traffic from the
 ///   power the SMs draw, the streaming read HBM traffic from decode's own;
-/// - a decode GEMM (M = 16) on [`BESIDE_DECODE_BUDGETS`] SMs, beside a prefill of 2048 rows and a
-///   streaming read on the rest. The profiles price decode GEMMs beside a prompt at 1.56-1.68x
-///   their time alone on 16 SMs (H100 round 20): beside the compute-bound prefill that is power
-///   and shared L2, beside the read HBM traffic.
+/// - a decode GEMM (M = 16) on [`BESIDE_DECODE_BUDGETS`] SMs, beside a prefill of 2048 rows on
+///   the rest (planned, and with each wide tile), a streaming read on the rest, and a streaming
+///   read on [`BESIDE_FEW_STREAM_SMS`]. The profiles price decode GEMMs beside a prompt at
+///   1.56-1.68x their time alone on 16 SMs (H100 round 20); on an H100 the GEMM took 1.43x beside
+///   the prefill with the SM clock at its maximum throughout (twenty-sixth session), so not power.
+///   The tiles and the small reads tell the prefill's L2 traffic from its HBM traffic.
 fn beside_other_lane(
     gpu: &Arc<Gpu>,
     stream: &Arc<CudaStream>,
@@ -667,13 +675,20 @@ fn beside_other_lane(
                 gemm::gemm(&ctx, &a, &b, None, &mut out.slice_mut(..m * n), shape, &mut workspace).expect("gemm");
             };
             let others = if m == BESIDE_DECODE_M {
-                vec![(OtherLane::Prefill(PREFILL_LANE_MS[0]), rest_sms), (OtherLane::Stream, rest_sms)]
+                // The prefill with each wide tile tells L2 traffic (the tiles' loads) from HBM
+                // traffic; the read on few SMs, HBM traffic of the prefill's size without it.
+                let prefill = |kernel| (OtherLane::Prefill(PREFILL_LANE_MS[0], kernel), rest_sms);
+                let mut others = vec![prefill(None)];
+                others.extend(WIDE_KERNELS.map(|kernel| prefill(Some(kernel))));
+                others.push((OtherLane::Stream, rest_sms));
+                others.extend(BESIDE_FEW_STREAM_SMS.map(|sms| (OtherLane::Stream, sms)));
+                others
             } else {
                 let mut others = vec![(OtherLane::Decode, rest_sms)];
                 if rest_sms > BESIDE_FEW_DECODE_SMS {
                     others.push((OtherLane::Decode, BESIDE_FEW_DECODE_SMS));
                 }
-                others.extend([(OtherLane::Stream, rest_sms), (OtherLane::Prefill(m), rest_sms)]);
+                others.extend([(OtherLane::Stream, rest_sms), (OtherLane::Prefill(m, None), rest_sms)]);
                 others
             };
             let mut alone = None;
@@ -686,9 +701,13 @@ fn beside_other_lane(
                 let alone = *alone.get_or_insert_with(|| median_gpu_time(stream, &mut launch).as_secs_f64());
                 let other_ctx = phase(gpu, &other_stream, other_budget);
                 // The other lane's launch, and the bytes one launch reads.
-                let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other.gemm_rows() {
-                    Some(other_m) => {
+                let (mut other_launch, other_bytes): (Box<dyn FnMut() + '_>, usize) = match other.gemm() {
+                    Some((other_m, kernel)) => {
                         let other_shape = GemmShape { m: other_m, n, k };
+                        let config = kernel.map_or_else(
+                            || gemm::plan(other_shape, other_budget, gpu.model()).config(),
+                            GemmConfig::from,
+                        );
                         let (other_a, other_b) = (
                             pool.slice(rest..rest + other_m * k),
                             pool.slice(rest + other_m * k..rest + (other_m + n) * k),
@@ -697,8 +716,10 @@ fn beside_other_lane(
                         let mut other_workspace = GemmWorkspace::new(&other_ctx).expect("workspace");
                         let other_ctx = &other_ctx;
                         let launch = move || {
-                            gemm::gemm(
+                            gemm::gemm_with(
                                 other_ctx,
+                                config,
+                                GemmFusion::None,
                                 &other_a,
                                 &other_b,
                                 None,

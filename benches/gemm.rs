@@ -628,9 +628,10 @@ impl OtherLane {
 /// - a decode GEMM (M = 16) on [`BESIDE_DECODE_BUDGETS`] SMs, beside a prefill of 2048 rows on
 ///   the rest (planned, and with each wide tile), a streaming read on the rest, and a streaming
 ///   read on [`BESIDE_FEW_STREAM_SMS`]. The profiles price decode GEMMs beside a prompt at
-///   1.56-1.68x their time alone on 16 SMs (H100 round 20); on an H100 the GEMM took 1.43x beside
-///   the prefill with the SM clock at its maximum throughout (twenty-sixth session), so not power.
-///   The tiles and the small reads tell the prefill's L2 traffic from its HBM traffic.
+///   1.56-1.68x their time alone on 16 SMs (H100 round 20); here, on an H100, it took 1.43x beside
+///   the prefill at full SM clock (the samples last milliseconds, too short for the power limiter:
+///   what the case measures is the memory system's share). The tiles and the small reads tell the
+///   prefill's L2 traffic from its HBM traffic.
 fn beside_other_lane(
     gpu: &Arc<Gpu>,
     stream: &Arc<CudaStream>,

@@ -42,6 +42,34 @@ fn fixtures() -> Fixtures {
     serde_json::from_str(include_str!("../fixtures/oracle/smollm2-135m-instruct.json")).expect("fixtures")
 }
 
+/// What bf16 alone costs SmolLM2's logits: transformers' own bf16 run against its float32 run, at
+/// the last prompt position and the forced decode steps of every oracle case
+/// (scripts/oracle-bf16-drift.py).
+#[derive(Deserialize)]
+struct Bf16Drift {
+    forced_tokens: usize,
+    cases: Vec<DriftCase>,
+}
+
+#[derive(Deserialize)]
+struct DriftCase {
+    cosines: Vec<f64>,
+}
+
+/// The least cosine similarity our bf16 logits may have to the CPU's (float32) at any position the
+/// SmolLM2 test compares: the least transformers' bf16 run has to its float32 run over the same
+/// positions (0.99597 on an H100, case 4, step 6; its positions range 0.99597-1.0). Our GPU
+/// measured 0.99771-0.999995 there by the decode path and 0.99824-0.999996 by the prefill path
+/// (each position prefilled at once; the mean of 1 - cosine per case within 1.45x either way, so
+/// decode adds no error of its own): bf16 moves these logits that much where the model is
+/// nearly undecided, in transformers' run as in ours.
+fn least_bf16_cosine(cases: usize, steps: usize) -> f64 {
+    let drift: Bf16Drift =
+        serde_json::from_str(include_str!("../fixtures/oracle/smollm2-bf16-drift.json")).expect("bf16 drift fixtures");
+    assert!(drift.cases.len() == cases && drift.forced_tokens == steps, "the drift fixtures cover other positions");
+    drift.cases.iter().flat_map(|c| c.cosines.iter().copied()).fold(1.0, f64::min)
+}
+
 /// The model file: `$NEXUS_MODEL`, else the default under the current directory (the GPU
 /// machine runs the test binary from a copy of the repository, not from where it was built).
 fn model_path() -> PathBuf {
@@ -136,6 +164,7 @@ fn greedy_outputs<B: Backend>(engine: &mut Engine<B>, prompts: &[Vec<u32>], max_
 #[ignore = "needs a CUDA GPU"]
 fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     let fixtures = fixtures();
+    let bound = least_bf16_cosine(fixtures.cases.len(), FORCED_TOKENS);
     let loaded = loader::open(&model_path()).expect("open the model");
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
     let backend = CudaBackend::new(gpu()).expect("CUDA backend");
@@ -146,7 +175,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     // adds error of its own. Every case is measured before any is judged.
     let mut least = Vec::new();
     for (i, case) in fixtures.cases.iter().enumerate() {
-        let tokens = &case.greedy_ids[..16];
+        let tokens = &case.greedy_ids[..FORCED_TOKENS];
         let want = forced_logits(&CpuBackend, &cpu_model, &case.prompt_ids, tokens);
         let got = forced_logits(&backend, &gpu_model, &case.prompt_ids, tokens);
         let similarities: Vec<f64> = got.iter().zip(&want).map(|(g, w)| cosine(g, w)).collect();
@@ -162,7 +191,10 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         least.push((i, step, similarity));
     }
     for (i, step, similarity) in least {
-        assert!(similarity >= LOGITS_COSINE, "case {i}, step {step} (0: the prompt): logits cosine {similarity}");
+        assert!(
+            similarity >= bound,
+            "case {i}, step {step} (0: the prompt): logits cosine {similarity}, under transformers' bf16 {bound}"
+        );
     }
     // One request at a time, as `nexus generate` runs them.
     let prompts: Vec<Vec<u32>> = fixtures.cases.iter().map(|c| c.prompt_ids.clone()).collect();
@@ -175,13 +207,13 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         got.push(greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16).remove(0));
         eprintln!("case {i}: tokens {:?} (GPU) / {:?} (CPU)", got[i], want[i]);
     }
-    assert_greedy_agrees(cpu.model(), &prompts, &want, &got, "the GPU");
+    assert_greedy_agrees(cpu.model(), &prompts, &want, &got, bound, "the GPU");
 }
 
 /// Checks greedy continuations `got` (bf16, on the GPU) against `want` (f32: the CPU backend's, or
 /// transformers', which CI holds equal to it): where one first differs, both tokens must be the
-/// CPU's two best at that position, their CPU logits closer than the error `LOGITS_COSINE` allows
-/// the GPU's logits (which the SmolLM2 test holds at every step: a flip that bf16 rounding
+/// CPU's two best at that position, their CPU logits closer than the error a cosine of `bound`
+/// allows (the least that bf16 logits may have, [`least_bf16_cosine`]: a flip that bf16 rounding
 /// explains); the tokens after it are not compared. Any other difference is an error. The CPU's
 /// logits come from `cpu_model`.
 fn assert_greedy_agrees(
@@ -189,6 +221,7 @@ fn assert_greedy_agrees(
     prompts: &[Vec<u32>],
     want: &[Vec<u32>],
     got: &[Vec<u32>],
+    bound: f64,
     what: &str,
 ) {
     for (i, (want, got)) in want.iter().zip(got).enumerate() {
@@ -200,10 +233,10 @@ fn assert_greedy_agrees(
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         let (want, got) = (want[at] as usize, got[at] as usize);
         let margin = f64::from(logits[want] - logits[got]);
-        // Logits at a cosine of at least LOGITS_COSINE to the CPU's are off by at most
-        // sqrt(2 (1 - LOGITS_COSINE)) of the CPU's root mean square (4.5%), per logit on average.
+        // Logits at a cosine of at least `bound` to the CPU's are off by at most sqrt(2 (1 - bound))
+        // of the CPU's root mean square (9% at 0.996), per logit on average.
         let rms = (logits.iter().map(|&l| f64::from(l).powi(2)).sum::<f64>() / logits.len() as f64).sqrt();
-        let allowed = (2.0 * (1.0 - LOGITS_COSINE)).sqrt() * rms;
+        let allowed = (2.0 * (1.0 - bound)).sqrt() * rms;
         eprintln!(
             "{what}, case {i}: first difference after {at} tokens: CPU {want} (logit {}), {what} {got} (logit {}), \
              the CPU's best {:?}; {margin:.4} apart, {allowed:.4} allowed",
@@ -220,9 +253,8 @@ fn assert_greedy_agrees(
     }
 }
 
-/// The least cosine similarity of the GPU's logits to the CPU's at a position: bf16 activations
-/// through SmolLM2's 30 layers measured 0.99981-0.99999 at the prompts' last positions on an H100.
-const LOGITS_COSINE: f64 = 0.999;
+/// Decode steps of each oracle case the SmolLM2 test forces and compares.
+const FORCED_TOKENS: usize = 16;
 
 /// A small random Qwen2-style model (QKV bias, tied embeddings, rotate-half RoPE, group of 4):
 /// the paths SmolLM2 does not take, on the GPU against the CPU, for a prompt and a few greedy
@@ -303,6 +335,7 @@ fn engine_outputs(
 fn gpu_engine_completes_every_request_with_both_schedules() {
     let oracle: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.greedy_ids[..16].to_vec()).collect();
     let prompts: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.prompt_ids.clone()).collect();
+    let bound = least_bf16_cosine(prompts.len(), FORCED_TOKENS);
     // The CPU's logits where a batch-invariant run's tokens differ from transformers'.
     let loaded = loader::open(&model_path()).expect("open the model");
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
@@ -345,7 +378,7 @@ fn gpu_engine_completes_every_request_with_both_schedules() {
                 assert_eq!(&unpressured, reference, "batch invariant: {schedule:?} changed the tokens");
                 assert_eq!(&chunked, reference, "batch invariant: chunked prefill changed the tokens");
                 assert_eq!(&pressured, reference, "batch invariant: preemption changed the tokens");
-                assert_greedy_agrees(&cpu_model, &prompts, &oracle, &unpressured, "batch-invariant GPU");
+                assert_greedy_agrees(&cpu_model, &prompts, &oracle, &unpressured, bound, "batch-invariant GPU");
             }
             if let Schedule::Nexus(split) = schedule {
                 check_lane_timeline(&timeline, sms, split.prefill_sms);

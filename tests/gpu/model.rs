@@ -56,18 +56,41 @@ struct DriftCase {
     cosines: Vec<f64>,
 }
 
-/// The least cosine similarity our bf16 logits may have to the CPU's (float32) at any position the
-/// SmolLM2 test compares: the least transformers' bf16 run has to its float32 run over the same
-/// positions (0.99597 on an H100, case 4, step 6; its positions range 0.99597-1.0). Our GPU
-/// measured 0.99771-0.999995 there by the decode path and 0.99824-0.999996 by the prefill path
-/// (each position prefilled at once; the mean of 1 - cosine per case within 1.45x either way, so
-/// decode adds no error of its own): bf16 moves these logits that much where the model is
-/// nearly undecided, in transformers' run as in ours.
-fn least_bf16_cosine(cases: usize, steps: usize) -> f64 {
+/// How far our bf16 logits may be from the CPU's (float32) at the positions the SmolLM2 test
+/// compares, from transformers' own bf16 run against its float32 run over the same positions.
+#[derive(Clone, Copy, Debug)]
+struct Bf16Bound {
+    /// No position's cosine similarity under transformers' least (0.99597 on an H100, case 4,
+    /// step 6; its positions range 0.99597-1.0): bf16 moves the logits that much where the model
+    /// is nearly undecided.
+    least: f64,
+    /// The most the mean over every position of 1 - cosine may be: [`MEAN_ERROR_FACTOR`] times
+    /// transformers' (3.1e-4 on that H100), so that an error grown everywhere but still above
+    /// `least` fails.
+    mean_error: f64,
+}
+
+/// How much more than transformers' bf16 mean error ours may have. On the H100 our GPU measured
+/// 0.90x of it over all positions (per case 0.55-1.58x; least cosine 0.99771 by the decode path,
+/// 0.99824 by the prefill path with each position prefilled at once, so decode adds no error of its
+/// own); the factor leaves another card and another accumulation order room, not a doubling.
+const MEAN_ERROR_FACTOR: f64 = 2.0;
+
+/// The bound for `cases` oracle cases of `steps` forced decode steps each.
+fn bf16_bound(cases: usize, steps: usize) -> Bf16Bound {
     let drift: Bf16Drift =
         serde_json::from_str(include_str!("../fixtures/oracle/smollm2-bf16-drift.json")).expect("bf16 drift fixtures");
     assert!(drift.cases.len() == cases && drift.forced_tokens == steps, "the drift fixtures cover other positions");
-    drift.cases.iter().flat_map(|c| c.cosines.iter().copied()).fold(1.0, f64::min)
+    let cosines: Vec<f64> = drift.cases.iter().flat_map(|c| c.cosines.iter().copied()).collect();
+    Bf16Bound {
+        least: cosines.iter().copied().fold(1.0, f64::min),
+        mean_error: MEAN_ERROR_FACTOR * mean_error(&cosines),
+    }
+}
+
+/// The mean of 1 - cosine.
+fn mean_error(cosines: &[f64]) -> f64 {
+    cosines.iter().map(|c| 1.0 - c).sum::<f64>() / cosines.len() as f64
 }
 
 /// The model file: `$NEXUS_MODEL`, else the default under the current directory (the GPU
@@ -164,7 +187,7 @@ fn greedy_outputs<B: Backend>(engine: &mut Engine<B>, prompts: &[Vec<u32>], max_
 #[ignore = "needs a CUDA GPU"]
 fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     let fixtures = fixtures();
-    let bound = least_bf16_cosine(fixtures.cases.len(), FORCED_TOKENS);
+    let bound = bf16_bound(fixtures.cases.len(), FORCED_TOKENS);
     let loaded = loader::open(&model_path()).expect("open the model");
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");
     let backend = CudaBackend::new(gpu()).expect("CUDA backend");
@@ -174,6 +197,7 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
     // Each position also as the last of one prefill over a fresh cache: whether the decode path
     // adds error of its own. Every case is measured before any is judged.
     let mut least = Vec::new();
+    let mut every = Vec::new();
     for (i, case) in fixtures.cases.iter().enumerate() {
         let tokens = &case.greedy_ids[..FORCED_TOKENS];
         let want = forced_logits(&CpuBackend, &cpu_model, &case.prompt_ids, tokens);
@@ -189,13 +213,18 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         eprintln!("case {i}: the same positions, each prefilled at once {prefilled:.6?}");
         let (step, &similarity) = similarities.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).expect("steps");
         least.push((i, step, similarity));
+        every.extend(similarities);
     }
     for (i, step, similarity) in least {
         assert!(
-            similarity >= bound,
-            "case {i}, step {step} (0: the prompt): logits cosine {similarity}, under transformers' bf16 {bound}"
+            similarity >= bound.least,
+            "case {i}, step {step} (0: the prompt): logits cosine {similarity}, under transformers' bf16 {}",
+            bound.least
         );
     }
+    let error = mean_error(&every);
+    eprintln!("mean 1 - cosine over every position {error:.3e}, at most {:.3e}", bound.mean_error);
+    assert!(error <= bound.mean_error, "mean 1 - cosine {error}, over {MEAN_ERROR_FACTOR}x transformers' bf16 drift");
     // One request at a time, as `nexus generate` runs them.
     let prompts: Vec<Vec<u32>> = fixtures.cases.iter().map(|c| c.prompt_ids.clone()).collect();
     let mut cpu = engine(CpuBackend, cpu_model, Cache::of(256), 4096, Schedule::Chunked);
@@ -207,13 +236,13 @@ fn smollm2_on_the_gpu_matches_the_cpu_backend() {
         got.push(greedy_outputs(&mut gpu, std::slice::from_ref(prompt), 16).remove(0));
         eprintln!("case {i}: tokens {:?} (GPU) / {:?} (CPU)", got[i], want[i]);
     }
-    assert_greedy_agrees(cpu.model(), &prompts, &want, &got, bound, "the GPU");
+    assert_greedy_agrees(cpu.model(), &prompts, &want, &got, bound.least, "the GPU");
 }
 
 /// Checks greedy continuations `got` (bf16, on the GPU) against `want` (f32: the CPU backend's, or
 /// transformers', which CI holds equal to it): where one first differs, both tokens must be the
 /// CPU's two best at that position, their CPU logits closer than the error a cosine of `bound`
-/// allows (the least that bf16 logits may have, [`least_bf16_cosine`]: a flip that bf16 rounding
+/// allows (the least that bf16 logits may have, [`Bf16Bound::least`]: a flip that bf16 rounding
 /// explains); the tokens after it are not compared. Any other difference is an error. The CPU's
 /// logits come from `cpu_model`.
 fn assert_greedy_agrees(
@@ -335,7 +364,7 @@ fn engine_outputs(
 fn gpu_engine_completes_every_request_with_both_schedules() {
     let oracle: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.greedy_ids[..16].to_vec()).collect();
     let prompts: Vec<Vec<u32>> = fixtures().cases.iter().map(|c| c.prompt_ids.clone()).collect();
-    let bound = least_bf16_cosine(prompts.len(), FORCED_TOKENS);
+    let bound = bf16_bound(prompts.len(), FORCED_TOKENS).least;
     // The CPU's logits where a batch-invariant run's tokens differ from transformers'.
     let loaded = loader::open(&model_path()).expect("open the model");
     let cpu_model = LlamaModel::load(&CpuBackend, loaded.weights.as_ref(), |_, _| {}).expect("load on the CPU");

@@ -1,10 +1,10 @@
 //! `nexus bench` end to end on the CPU backend: a two-rate sweep writes its table, JSON and plot,
 //! and judges the rates against an objective; a JSONL workload of text and token-id prompts runs
 //! in-process; `chunked` and a `nexus` split run the same trace in one invocation, each with its
-//! timeline in the JSON and the plot; chunked at a smaller iteration budget is named by it; vLLM's load shapes (`--request-rate inf`,
-//! `--max-concurrency`, `--burstiness`, the random dataset), metrics (`--percentile-metrics`,
-//! `--metric-percentiles`, `--goodput`) and `--save-result` against `nexus serve` over HTTP and
-//! in-process; bad workloads and flags fail with a message.
+//! timeline in the JSON and the plot; chunked at a smaller iteration budget is named by it; vLLM's
+//! load shapes (`--request-rate inf`, `--max-concurrency`, `--burstiness`, the random dataset),
+//! metrics (`--percentile-metrics`, `--metric-percentiles`, `--goodput`) and `--save-result`
+//! against `nexus serve` over HTTP and in-process; bad workloads and flags fail with a message.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -28,18 +28,14 @@ fn chunked_with_a_smaller_budget_is_named_by_it() {
     let dir = std::env::temp_dir().join(format!("nexus-bench-budget-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let json = dir.join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--rate", "50", "--num-requests", "2"])
-        .args(["--seed", "3", "--cpu-kv-blocks", "64", "--max-num-batched-tokens", "64", "--model"])
-        .arg(model())
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("run nexus bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, doc) = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--rate", "50", "--num-requests", "2"])
+            .args(["--seed", "3", "--cpu-kv-blocks", "64", "--max-num-batched-tokens", "64", "--model"])
+            .arg(model()),
+        &json,
+    );
     assert!(stdout.contains("| chunked, 64 tokens | 50 |"), "{stdout}");
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
     assert_eq!(doc["schedules"], serde_json::json!(["chunked, 64 tokens"]));
     assert_eq!(doc["runs"][0]["schedule"], "chunked, 64 tokens");
     std::fs::remove_dir_all(&dir).ok();
@@ -51,20 +47,16 @@ fn a_small_sweep_reports_every_rate() {
     let dir = std::env::temp_dir().join(format!("nexus-bench-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let (json, plot) = (dir.join("bench.json"), dir.join("bench.svg"));
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--sweep", "20,40", "--num-requests", "3"])
-        .args(["--seed", "3", "--cpu-kv-blocks", "128", "--slo-ttft-ms", "1e9", "--slo-tbt-ms", "1e9", "--model"])
-        .arg(&model)
-        .arg("--json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&plot)
-        .output()
-        .expect("run nexus bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, doc) = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--device", "cpu", "--workload", "sharegpt", "--sweep", "20,40", "--num-requests", "3"])
+            .args(["--seed", "3", "--cpu-kv-blocks", "128", "--slo-ttft-ms", "1e9", "--slo-tbt-ms", "1e9", "--model"])
+            .arg(&model)
+            .arg("--plot")
+            .arg(&plot),
+        &json,
+    );
     assert!(stdout.contains("| 20 |") && stdout.contains("| 40 |"), "table:\n{stdout}");
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
     let runs = doc["runs"].as_array().expect("runs");
     assert_eq!(runs.len(), 2);
     for run in runs {
@@ -107,16 +99,13 @@ fn a_jsonl_workload_runs_in_process_and_bad_ones_name_their_line() {
     ];
     std::fs::write(&good, lines.join("\n")).expect("write");
     let json = dir.join("report.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["bench", "--device", "cpu", "--rate", "100", "--num-requests", "3", "--model"])
-        .arg(&model)
-        .arg(format!("--workload=jsonl:{}", good.display()))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("run nexus bench");
-    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    let (_, doc) = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--device", "cpu", "--rate", "100", "--num-requests", "3", "--model"])
+            .arg(&model)
+            .arg(format!("--workload=jsonl:{}", good.display())),
+        &json,
+    );
     let run = &doc["runs"][0];
     // Three requests from a two-line file: the file is cycled.
     assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(3), Some(0)), "{run}");
@@ -157,20 +146,17 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
     let workload = dir.join("requests.jsonl");
     std::fs::write(&workload, lines.join("\n")).expect("write");
     let (json, plot) = (dir.join("bench.json"), dir.join("bench.svg"));
-    let out = Command::new(env!("CARGO_BIN_EXE_nexus"))
-        .args(["bench", "--device", "cpu", "--rate", "1000", "--schedule", "chunked,nexus", "--prefill-sms", "64"])
-        .args(["--slo-scale", "5"])
-        .arg(format!("--workload=jsonl:{}", workload.display()))
-        .arg("--model")
-        .arg(model())
-        .arg("--json")
-        .arg(&json)
-        .arg("--plot")
-        .arg(&plot)
-        .output()
-        .expect("run nexus bench");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let (stdout, doc) = bench_json(
+        Command::new(env!("CARGO_BIN_EXE_nexus"))
+            .args(["bench", "--device", "cpu", "--rate", "1000", "--schedule", "chunked,nexus", "--prefill-sms", "64"])
+            .args(["--slo-scale", "5"])
+            .arg(format!("--workload=jsonl:{}", workload.display()))
+            .arg("--model")
+            .arg(model())
+            .arg("--plot")
+            .arg(&plot),
+        &json,
+    );
     assert!(stdout.contains("| chunked | 1000 |") && stdout.contains("| nexus 64/68 | 1000 |"), "{stdout}");
     assert!(stdout.contains("TTFT by prompt length"), "{stdout}");
     // The lanes under the table.
@@ -178,7 +164,6 @@ fn chunked_and_nexus_run_the_same_trace_with_their_timelines() {
         assert!(stdout.contains(lane), "no row {lane} in\n{stdout}");
     }
 
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
     assert_eq!(doc["schedules"], serde_json::json!(["chunked", "nexus 64/68"]));
     assert_eq!(doc["sm_count"], 132);
     let runs = doc["runs"].as_array().expect("runs");
@@ -341,6 +326,15 @@ fn bench_saving(args: &[&str], result: &Path) -> (String, Vec<Value>) {
     let text = std::fs::read_to_string(result).expect("the result file");
     let runs = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
     (String::from_utf8_lossy(&out.stdout).into_owned(), runs)
+}
+
+/// Runs `command` (a `nexus bench` invocation) with `--json json`, asserts it succeeded, and
+/// returns its stdout and the JSON report.
+fn bench_json(command: &mut Command, json: &Path) -> (String, Value) {
+    let out = command.arg("--json").arg(json).output().expect("run nexus bench");
+    assert!(out.status.success(), "nexus bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let doc = serde_json::from_str(&std::fs::read_to_string(json).expect("json")).expect("parse");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), doc)
 }
 
 fn f64_of(v: &Value) -> f64 {

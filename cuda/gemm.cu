@@ -115,16 +115,16 @@ struct TileOrder {
 // returned into the next tile for this CTA (counting from `first`: the tiles before are taken
 // without the counter), or `tiles` when none is left. A CTA that can take its ticket early and
 // claim it later hides the atomic's round trip (about a microsecond with HBM busy) behind other
-// work. counters[1] counts the CTAs that found none left (each takes one ticket past its last
-// tile, then stops); the last of them resets both for the next launch: every CTA has then taken
-// its final ticket.
+// work. counters[1] counts the takers that found none left (each takes one ticket past its last
+// tile, then stops); the last of the `takers` (the grid's CTAs, or its clusters where one CTA of
+// each takes for both) resets both for the next launch: every taker has then taken its final ticket.
 __device__ __forceinline__ unsigned take_ticket(unsigned* counters) { return atomicAdd(&counters[0], 1u); }
 
-__device__ __forceinline__ int claim(unsigned* counters, unsigned ticket, int tiles, int first = 0) {
+__device__ __forceinline__ int claim(unsigned* counters, unsigned ticket, int tiles, int first, unsigned takers) {
     const unsigned t = static_cast<unsigned>(first) + ticket;
     if (t >= static_cast<unsigned>(tiles)) {
-        __threadfence();  // this CTA's last take happens before it is counted out
-        if (atomicAdd(&counters[1], 1u) == gridDim.x - 1) {
+        __threadfence();  // this taker's last take happens before it is counted out
+        if (atomicAdd(&counters[1], 1u) == takers - 1) {
             counters[0] = 0;
             counters[1] = 0;
         }
@@ -134,7 +134,7 @@ __device__ __forceinline__ int claim(unsigned* counters, unsigned ticket, int ti
 }
 
 __device__ __forceinline__ int next_tile(unsigned* counters, int tiles) {
-    return claim(counters, take_ticket(counters), tiles);
+    return claim(counters, take_ticket(counters), tiles, 0, gridDim.x);
 }
 
 __device__ __forceinline__ float2 bias_pair(const bf16* __restrict__ bias, int col) {
@@ -509,6 +509,79 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
         : "memory");
 }
 
+// ---- Pairs: clusters of two CTAs that share their tiles of B (the `*_pair` kernels) -----------
+// The cluster's CTA 0 computes M tile 2p of a pair tile p, CTA 1 M tile 2p + 1, over the same N
+// tile. One thread of CTA 0 loads for both: each K block's slice of B once, multicast into both
+// CTAs' rings (L2 serves it once for two SMs), and each CTA's slice of A. It also publishes each
+// stage's work unit in both CTAs and arms both CTAs' `full` barriers, and it waits for CTA 0's
+// `empty` barriers, on which the consumer warps of both CTAs arrive. So a prefill GEMM reads a
+// third fewer bytes from L2 per FLOP with 128 x 256 tiles (48 KB a stage per SM become 32), the
+// traffic that slows a decode lane beside it (bench-results/nexus-vs-chunked-h100.md).
+
+__device__ __forceinline__ uint32_t cluster_rank() {
+    uint32_t rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+    return rank;
+}
+
+// The address in CTA `rank` of the cluster of what `addr` is in this CTA.
+__device__ __forceinline__ uint32_t cluster_addr(uint32_t addr, uint32_t rank) {
+    uint32_t out;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(out) : "r"(addr), "r"(rank));
+    return out;
+}
+
+// Every thread of both CTAs: what each wrote before is visible to all after (release, acquire).
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void st_cluster(uint32_t addr, int value) {
+    asm volatile("st.shared::cluster.s32 [%0], %1;\n" ::"r"(addr), "r"(value) : "memory");
+}
+
+// mbar_arrive and mbar_arrive_expect_tx on a barrier of any CTA of the cluster (an address from
+// cluster_addr), releasing this thread's writes at cluster scope.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar) {
+    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx_cluster(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+// mbar_wait acquiring at cluster scope: what the other CTA's threads wrote before they arrived.
+__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            "selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(bar), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+// tma_load and tma_load_3d into the CTAs of the cluster whose bits `ctas` holds, each at dst's
+// offset and completing on the barrier at bar's offset in that CTA.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const TensorMap* map, int k0, int row0, uint32_t bar,
+                                                   uint16_t ctas) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+        "{%2, %3}], [%4], %5;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(bar), "h"(ctas)
+        : "memory");
+}
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const TensorMap* map, int k0, int row0, int z,
+                                                      uint32_t bar, uint16_t ctas) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster [%0], [%1, "
+        "{%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(k0), "r"(row0), "r"(z), "r"(bar), "h"(ctas)
+        : "memory");
+}
+
 // Stores a consumer warp's 16 rows x COLS columns of C (rows row0.., columns col0.. of a row-major
 // C with `width` columns, `m` rows) through its staging buffer at `staging`. pairs(j) gives the
 // thread's values of columns 8j + 2 (lane % 4) and + 1 (wgmma's accumulator layout) in rows
@@ -639,8 +712,9 @@ __device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in,
 }
 
 // FUSED: the instantiation that runs the residual add and row norm (`*_fused` kernels); the
-// others compile none of their code (with it, unfused launches ran 1-3% slower, H100).
-template <int BM, int BN, bool SWAP, bool FUSED>
+// others compile none of their code (with it, unfused launches ran 1-3% slower, H100). PAIR: a
+// cluster of two CTAs sharing B (see cluster_rank; no split-K, no swapped tiles).
+template <int BM, int BN, bool SWAP, bool FUSED, bool PAIR>
 __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const TensorMap* tmap_b,
                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
                                                 int k, int epilogue, float* __restrict__ sq_out,
@@ -648,6 +722,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                                                 int early_stages, float* __restrict__ partials,
                                                 unsigned* __restrict__ tile_arrivals, unsigned* __restrict__ counter) {
     using C = WgmmaConfig<BM, BN, SWAP>;
+    static_assert(!(PAIR && SWAP), "pairs of plain tiles only");
     if constexpr (!FUSED) {
         // Null pointers the compiler sees remove the fused code from this instantiation.
         sq_out = nullptr;
@@ -671,7 +746,16 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     // Read from lane 0, so that the compiler knows it is the same across the warp and keeps what
     // derives from it (the consumers' wgmma descriptors) in uniform registers.
     const int warpgroup = __shfl_sync(0xffffffffu, tid / 128, 0);
-    const TileOrder order(m, n, BM, BN);
+    // Pairs number their tiles of 2 BM rows; each CTA computes its half.
+    const uint32_t rank = PAIR ? cluster_rank() : 0;
+    const TileOrder order(m, n, PAIR ? 2 * BM : BM, BN);
+    const int first_unit = PAIR ? blockIdx.x / 2 : blockIdx.x;
+    const unsigned takers = PAIR ? gridDim.x / 2 : gridDim.x;
+    // The M tile this CTA computes of tile t, and its N tile.
+    auto own_coords = [&](int t, int& mt, int& nt) {
+        order.coords(t, mt, nt);
+        if (PAIR) mt = 2 * mt + static_cast<int>(rank);
+    };
     const int k_blocks = (k + BK - 1) / BK;
     // Work units: split `s` of tile `t` is unit t * splits + s, and covers K blocks
     // [s * k_blocks / splits, (s + 1) * k_blocks / splits).
@@ -684,19 +768,54 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     // K block kb of B's tile nt. For SILU_AND_MUL, through B's 3-D map (64 of K, row, gate or
     // up): a box of BN / 2 rows of both halves; swapped, through its 4-D map (64 of K, 8 rows, gate
     // or up, block of 8 rows): a box of BN / 16 blocks, which lands as the interleaved rows.
+    // Pairs: into both CTAs.
     auto load_b = [&](uint32_t dst, int kb, int nt, uint32_t bar) {
-        if (epilogue != SILU_AND_MUL)
+        if constexpr (PAIR) {
+            if (epilogue != SILU_AND_MUL)
+                tma_load_multicast(dst, tmap_b, kb * BK, nt * BN, bar, 3);
+            else
+                tma_load_3d_multicast(dst, tmap_b, kb * BK, nt * (BN / 2), 0, bar, 3);
+        } else if (epilogue != SILU_AND_MUL) {
             tma_load(dst, tmap_b, kb * BK, nt * BN, bar);
-        else if constexpr (SWAP)
+        } else if constexpr (SWAP) {
             nexus::tma_load_4d(dst, tmap_b, kb * BK, 0, 0, nt * (BN / 16), bar);
-        else
+        } else {
             tma_load_3d(dst, tmap_b, kb * BK, nt * (BN / 2), 0, bar);
+        }
+    };
+    // K block kb of A's tile mt (the order's numbering); pairs: M tile 2 mt here, 2 mt + 1 in CTA 1.
+    auto load_a = [&](uint32_t dst, int kb, int mt, uint32_t bar) {
+        if constexpr (PAIR) {
+            tma_load(dst, tmap_a, kb * BK, 2 * mt * BM, bar);
+            tma_load_multicast(dst, tmap_a, kb * BK, (2 * mt + 1) * BM, bar, 2);
+        } else {
+            tma_load(dst, tmap_a, kb * BK, mt * BM, bar);
+        }
+    };
+    // The producer's side of a stage: publishes the unit it holds (-1: none left) and arrives on
+    // its `full` barrier, which then waits for `bytes` from TMA; pairs: in both CTAs.
+    auto publish = [&](int stage, int unit, uint32_t bytes) {
+        stage_tile[stage] = unit;
+        const uint32_t bar = smem_addr(&full[stage]);
+        mbar_arrive_expect_tx(bar, bytes);
+        if constexpr (PAIR) {
+            st_cluster(cluster_addr(smem_addr(&stage_tile[stage]), 1), unit);
+            mbar_arrive_expect_tx_cluster(cluster_addr(bar, 1), bytes);
+        }
+    };
+    // Waits for a phase of a stage's `full` (consumers) or `empty` (producer) barrier; pairs:
+    // acquiring what the other CTA wrote before it arrived.
+    auto wait = [&](uint64_t* bar, uint32_t parity) {
+        if constexpr (PAIR)
+            mbar_wait_cluster(smem_addr(bar), parity);
+        else
+            mbar_wait(smem_addr(bar), parity);
     };
 
     if (tid == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(smem_addr(&full[s]), 1);                    // the producer's arrive + the TMA bytes
-            mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4);  // one arrive per consumer warp
+            mbar_init(smem_addr(&empty[s]), C::CONSUMERS * 4 * (PAIR ? 2 : 1));  // an arrive per consumer warp
         }
         if constexpr (FUSED)
             for (int c = 0; c < C::CONSUMERS; ++c) row_scale_mt[c] = -1;
@@ -704,13 +823,17 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_a)) : "memory");
         asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(tmap_b)) : "memory");
     }
-    __syncthreads();
+    // Pairs: both CTAs' barriers are initialized before either loads into or arrives on the other's.
+    if constexpr (PAIR)
+        cluster_sync();
+    else
+        __syncthreads();
 
     if (warpgroup == 0) {
         // Producer: one thread loads; with two consumer warpgroups, the producer warpgroup gives
         // its registers to them (128 accumulators each for 128 x 256 tiles).
         if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_dec<C::PRODUCER_REGS>();
-        if (tid != 0) {
+        if (tid != 0 || rank != 0) {
             nexus::follow_previous_kernel();
             return;
         }
@@ -723,7 +846,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         // nothing is requested before it (`early_stages` 0): each stage's A then follows its B,
         // where a whole ring of B ahead of the first A held the first stage, and so the ring's
         // refill, back until the ring had landed.
-        int unit = blockIdx.x;
+        int unit = first_unit;
         int early = 0;  // the first unit's K blocks whose B slice is already in flight
         if (unit < units) {
             int mt, nt, kb0, kb1;
@@ -731,21 +854,18 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             unit_k_blocks(unit, kb0, kb1);
             early = min(min(STAGES, early_stages), kb1 - kb0);
             for (int s = 0; s < early; ++s) {
-                stage_tile[s] = unit;
-                const uint32_t bar = smem_addr(&full[s]);
-                mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
-                load_b(ring + s * C::STAGE_BYTES + C::A_BYTES, kb0 + s, nt, bar);
+                publish(s, unit, C::STAGE_BYTES);
+                load_b(ring + s * C::STAGE_BYTES + C::A_BYTES, kb0 + s, nt, smem_addr(&full[s]));
             }
         }
         nexus::follow_previous_kernel();
         int stage = 0;
         uint32_t phase = 0;
         for (bool first = true;; first = false) {
-            if (!first) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+            if (!first) wait(&empty[stage], phase ^ 1);
             if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
-                stage_tile[stage] = -1;
-                mbar_arrive(smem_addr(&full[stage]));
+                publish(stage, -1, 0);
                 return;
             }
             // The unit after this one: its ticket is taken now and claimed once this unit's loads
@@ -760,19 +880,18 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 const uint32_t bar = smem_addr(&full[stage]);
                 const uint32_t dst = ring + stage * C::STAGE_BYTES;
                 if (!b_in_flight) {
-                    if (kb > kb0) mbar_wait(smem_addr(&empty[stage]), phase ^ 1);
+                    if (kb > kb0) wait(&empty[stage], phase ^ 1);
                     // Published to the consumers by the arrive (release) and their wait (acquire).
-                    stage_tile[stage] = unit;
-                    mbar_arrive_expect_tx(bar, C::STAGE_BYTES);
+                    publish(stage, unit, C::STAGE_BYTES);
                     load_b(dst + C::A_BYTES, kb, nt, bar);
                 }
-                tma_load(dst, tmap_a, kb * BK, mt * BM, bar);
+                load_a(dst, kb, mt, bar);
                 if (++stage == STAGES) {
                     stage = 0;
                     phase ^= 1;
                 }
             }
-            unit = claim(counter, ticket, units, gridDim.x);
+            unit = claim(counter, ticket, units, takers, takers);
         }
     } else {
         if constexpr (C::CONSUMERS == 2) nexus::setmaxnreg_inc<C::CONSUMER_REGS>();
@@ -787,9 +906,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                                        row_scale[consumer]);
             if (tid - 128 * warpgroup == 0) row_scale_mt[consumer] = mt;
         };
-        if (sq_in != nullptr && static_cast<int>(blockIdx.x) < units) {
+        if (sq_in != nullptr && first_unit < units) {
             int mt, nt;
-            order.coords(blockIdx.x / splits, mt, nt);
+            own_coords(first_unit / splits, mt, nt);
             make_row_scales(mt);
             consumers_barrier<C::CONSUMERS>();
         }
@@ -805,8 +924,15 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) part[s][i] = 0.f;
         int stage = 0;
         uint32_t phase = 0;
+        // Pairs: a stage goes back to CTA 0's producer, which loads both CTAs' rings.
+        auto release = [&](int stage) {
+            if constexpr (PAIR)
+                mbar_arrive_cluster(cluster_addr(smem_addr(&empty[stage]), 0));
+            else
+                mbar_arrive(smem_addr(&empty[stage]));
+        };
         for (;;) {
-            mbar_wait(smem_addr(&full[stage]), phase);
+            wait(&full[stage], phase);
             // Lane 0 reads the unit for its warp: it alone gives the stage back, so its read is
             // ordered before the producer's next write by that arrive (racecheck on the H200
             // flagged the other lanes' reads, which no arrive ordered).
@@ -816,7 +942,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             if (unit < 0) return;
             const int tile = unit / splits;
             int mt, nt, kb0, kb1;
-            order.coords(tile, mt, nt);
+            own_coords(tile, mt, nt);
             unit_k_blocks(unit, kb0, kb1);
             if (sq_in != nullptr && row_scale_mt[consumer] != mt) {
                 // A unit of another M tile (a decode step has one): its factors before the main
@@ -843,7 +969,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
             int previous = stage;
             for (int kb = 0; kb < kb1 - kb0; ++kb) {
-                if (kb > 0) mbar_wait(smem_addr(&full[stage]), phase);
+                if (kb > 0) wait(&full[stage], phase);
                 const uint32_t a_tile = ring + stage * C::STAGE_BYTES;
                 const uint32_t b_tile = a_tile + C::A_BYTES;
                 // The wgmma M side reads 64 rows of its tile, the N side all rows of the other.
@@ -866,7 +992,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 if (kb > 0) {
                     // The previous stage's wgmma group has finished reading: give the stage back.
                     wgmma_wait<1>();
-                    if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+                    if (lane == 0) release(previous);
                 }
                 previous = stage;
                 if (++stage == STAGES) {
@@ -884,7 +1010,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                     for (int i = 0; i < Wgmma<C::MMA_N>::REGS; ++i) acc[i] += part[s][i];
                 }
             }
-            if (lane == 0) mbar_arrive(smem_addr(&empty[previous]));
+            if (lane == 0) release(previous);
 
             if (splits > 1) {
                 // Split-K: every split stores its partial sums (thread-fastest, so the stores
@@ -1060,28 +1186,39 @@ NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                        \
-    gemm_wgmma_body<BM, BN, SWAP, FUSED>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps, splits, \
-                                         early_stages, partials, tile_arrivals, counter);                       \
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED, PAIR)                                                    \
+    gemm_wgmma_body<BM, BN, SWAP, FUSED, PAIR>(&tmap_a, &tmap_b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps,    \
+                                               splits, early_stages, partials, tile_arrivals, counter);         \
     /* The step timeline's CTA end, from the first consumer (the producer's loader returns early). */        \
-    if (threadIdx.x == 128) nexus::timeline_exit();
+    if (threadIdx.x == 128) nexus::timeline_exit();                                                           \
+    /* Pairs: neither CTA leaves while the other may still arrive on its barriers. */                          \
+    if (PAIR) cluster_sync();
+// The kernels' cluster shape: CTAs one by one, or pairs (Hopper only; clusters are sm_90+).
+#define NEXUS_CLUSTER_1
+#define NEXUS_CLUSTER_2 __cluster_dims__(2, 1, 1)
 #else
-#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)
+#define NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED, PAIR)
+#define NEXUS_CLUSTER_1
+#define NEXUS_CLUSTER_2
 #endif
 
-// Each tile twice: NAME, and NAME_fused with the residual add and row norm (see FUSED).
-#define NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, FUSED)                                                          \
-    extern "C" __global__ void __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)                                   \
+// Each tile twice: NAME, and NAME_fused with the residual add and row norm (see FUSED). CLUSTER:
+// the CTAs of a cluster (1, or 2 for the pairs).
+#define NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, FUSED, CLUSTER)                                                 \
+    extern "C" __global__ void NEXUS_CLUSTER_##CLUSTER __launch_bounds__(wgmma_threads(BM, BN, SWAP), 1)           \
         NAME(const __grid_constant__ TensorMap tmap_a, const __grid_constant__ TensorMap tmap_b,                   \
              const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n, int k, int epilogue,               \
              float* __restrict__ sq_out, const float* __restrict__ sq_in, float eps, int splits,                   \
              int early_stages, float* __restrict__ partials, unsigned* __restrict__ tile_arrivals,                 \
              unsigned* __restrict__ counter) {                                                                     \
-        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED)                                                                 \
+        NEXUS_GEMM_WGMMA_BODY(BM, BN, SWAP, FUSED, CLUSTER == 2)                                                   \
     }
-#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)          \
-    NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, false) \
-    NEXUS_GEMM_WGMMA_ENTRY(NAME##_fused, BM, BN, SWAP, true)
+#define NEXUS_GEMM_WGMMA(NAME, BM, BN, SWAP)             \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, SWAP, false, 1) \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME##_fused, BM, BN, SWAP, true, 1)
+#define NEXUS_GEMM_WGMMA_PAIR(NAME, BM, BN)                 \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME, BM, BN, false, false, 2) \
+    NEXUS_GEMM_WGMMA_ENTRY(NAME##_fused, BM, BN, false, true, 2)
 
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x256, 128, 256, false)
 NEXUS_GEMM_WGMMA(gemm_wgmma_128x128, 128, 128, false)
@@ -1093,3 +1230,5 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x128, 16, 128, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x192, 16, 192, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x256, 16, 256, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_32x256, 32, 256, true)
+NEXUS_GEMM_WGMMA_PAIR(gemm_wgmma_pair_128x256, 128, 256)
+NEXUS_GEMM_WGMMA_PAIR(gemm_wgmma_pair_128x128, 128, 128)

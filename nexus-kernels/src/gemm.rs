@@ -145,6 +145,16 @@ pub enum GemmKernel {
     /// half its math on padding and, at small budgets, streams its weight slower than the SM can
     /// read it.
     WgmmaSwap32x256,
+    /// sm_90a: [`GemmKernel::Wgmma128x256`] in clusters of two CTAs (the M tiles 2p and 2p + 1
+    /// of one N tile) that share each slice of B: one thread loads it once and TMA multicasts it
+    /// into both CTAs' rings, so L2 serves a third fewer bytes per FLOP (32 KB a stage per SM
+    /// instead of 48). What a compute-bound prefill GEMM loads from L2 is what slows a decode lane
+    /// beside it (`bench-results/nexus-vs-chunked-h100.md`). Launched on an even number of CTAs;
+    /// no split-K. Not among [`GemmKernel::HOPPER`]: [`plan`] does not pick it (yet).
+    WgmmaPair128x256,
+    /// sm_90a: [`GemmKernel::Wgmma128x128`] in clusters of two sharing B, as
+    /// [`GemmKernel::WgmmaPair128x256`] (24 KB a stage per SM instead of 32).
+    WgmmaPair128x128,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -167,8 +177,8 @@ struct Spec {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Family {
     /// TMA + wgmma; `swap` puts B's rows on wgmma's M side; `fused` names the instantiation with
-    /// the residual add and row norm ([`GemmFusion`]).
-    Wgmma { swap: bool, fused: &'static str },
+    /// the residual add and row norm ([`GemmFusion`]); `pair`: clusters of two CTAs sharing B.
+    Wgmma { swap: bool, fused: &'static str, pair: bool },
     /// cp.async + mma.sync, with at most this many stages.
     Mma { max_stages: usize },
 }
@@ -187,6 +197,8 @@ impl GemmKernel {
         GemmKernel::WgmmaSwap16x256,
         GemmKernel::WgmmaSwap32x256,
     ];
+    /// The Hopper kernels in clusters of two CTAs that share B.
+    pub const PAIRS: [GemmKernel; 2] = [GemmKernel::WgmmaPair128x256, GemmKernel::WgmmaPair128x128];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
     /// The portable kernels that accumulate every output in one order whatever the tile and M
@@ -209,7 +221,10 @@ impl GemmKernel {
         // A wgmma tile's fused instantiation is `NAME_fused` (cuda/gemm.cu).
         macro_rules! wgmma {
             ($name:literal, $bm:literal, $bn:literal, $swap:literal) => {
-                ($name, $bm, $bn, Wgmma { swap: $swap, fused: concat!($name, "_fused") })
+                wgmma!($name, $bm, $bn, $swap, false)
+            };
+            ($name:literal, $bm:literal, $bn:literal, $swap:literal, $pair:literal) => {
+                ($name, $bm, $bn, Wgmma { swap: $swap, fused: concat!($name, "_fused"), pair: $pair })
             };
         }
         let (name, bm, bn, family) = match self {
@@ -223,6 +238,8 @@ impl GemmKernel {
             GemmKernel::WgmmaSwap16x192 => wgmma!("gemm_wgmma_swap_16x192", 16, 192, true),
             GemmKernel::WgmmaSwap16x256 => wgmma!("gemm_wgmma_swap_16x256", 16, 256, true),
             GemmKernel::WgmmaSwap32x256 => wgmma!("gemm_wgmma_swap_32x256", 32, 256, true),
+            GemmKernel::WgmmaPair128x256 => wgmma!("gemm_wgmma_pair_128x256", 128, 256, false, true),
+            GemmKernel::WgmmaPair128x128 => wgmma!("gemm_wgmma_pair_128x128", 128, 128, false, true),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
@@ -245,7 +262,20 @@ impl GemmKernel {
     /// whose tile's partial sums fit the [`GemmWorkspace`]'s room per work unit (64 × 128 floats).
     pub fn splits_k(self) -> bool {
         let (bm, bn) = self.tile();
-        self.needs_sm90a() && bm * bn <= MAX_SPLIT_TILE
+        self.needs_sm90a() && !self.is_pair() && bm * bn <= MAX_SPLIT_TILE
+    }
+
+    /// Whether the kernel runs in clusters of two CTAs sharing B ([`GemmKernel::PAIRS`]).
+    pub fn is_pair(self) -> bool {
+        matches!(self.spec().family, Family::Wgmma { pair: true, .. })
+    }
+
+    /// The work units of `shape` unsplit: its output tiles, or pairs of them (two M tiles of one
+    /// N tile, the last maybe half past M) for a pair kernel.
+    fn units(self, shape: GemmShape) -> usize {
+        let (bm, bn) = self.tile();
+        let rows = if self.is_pair() { 2 * bm } else { bm };
+        shape.m.div_ceil(rows) * shape.n.div_ceil(bn)
     }
 
     /// Whether the kernel can run a [`GemmFusion`] other than none: the wgmma ones.
@@ -794,8 +824,7 @@ fn launch(
     if !matches!(fusion, GemmFusion::None) && !kernel.fuses_norms() {
         return Err(Error::Unsupported(format!("gemm: {} fuses no residual add or row norm", spec.name)));
     }
-    let tiles = kernel.tiles(shape);
-    let units = tiles.saturating_mul(splits);
+    let units = kernel.units(shape).saturating_mul(splits);
     if splits != 1 {
         let unsupported =
             |why: String| Err(Error::Unsupported(format!("gemm: {} split {splits} ways: {why}", spec.name)));
@@ -837,7 +866,16 @@ fn launch(
         }
     }
 
-    let grid = ctx.budget().grid(units);
+    // A pair kernel's CTAs come in clusters of two: an even grid, two CTAs a unit.
+    let grid = if kernel.is_pair() {
+        let budget = ctx.budget().get();
+        if budget < 2 {
+            return Err(Error::Unsupported(format!("gemm: {} needs a budget of at least 2 CTAs", spec.name)));
+        }
+        ctx.budget().grid(units.saturating_mul(2)) & !1
+    } else {
+        ctx.budget().grid(units)
+    };
     let null: u64 = 0;
     let epilogue_i = epilogue as i32;
     match spec.family {
@@ -1482,5 +1520,19 @@ mod tests {
     fn tiles_round_up() {
         assert_eq!(GemmKernel::Wgmma128x256.tiles(shape(129, 257, 64)), 4);
         assert_eq!(GemmKernel::WgmmaSwap16x64.tiles(shape(1, 8, 8)), 1);
+    }
+
+    #[test]
+    fn pairs_make_units_of_two_m_tiles_and_are_not_planned() {
+        // 3 M tiles of 128 rows make 2 pairs (the second half past M), times 2 N tiles.
+        let s = shape(257, 512, 64);
+        assert_eq!(GemmKernel::WgmmaPair128x256.tiles(s), 6);
+        assert_eq!(GemmKernel::WgmmaPair128x256.units(s), 4);
+        assert_eq!(GemmKernel::Wgmma128x256.units(s), 6);
+        for kernel in GemmKernel::PAIRS {
+            assert!(kernel.is_pair() && kernel.needs_sm90a() && kernel.fuses_norms() && !kernel.splits_k());
+            assert!(!GemmKernel::HOPPER.contains(&kernel));
+        }
+        assert!(GemmKernel::HOPPER.iter().chain(&GemmKernel::PORTABLE).all(|k| !k.is_pair()));
     }
 }

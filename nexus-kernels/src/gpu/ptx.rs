@@ -77,7 +77,8 @@ mod tests {
         let gemm: Vec<&str> = entries(SM90A.iter().find(|m| m.name == "gemm").map_or("", |m| m.ptx)).collect();
         assert!(gemm.len() > 1, "{gemm:?}");
         // Every GEMM kernel the launcher names, and its fused instantiation, is in the Hopper module.
-        for kernel in crate::gemm::GemmKernel::HOPPER.into_iter().chain(crate::gemm::GemmKernel::PORTABLE) {
+        use crate::gemm::GemmKernel;
+        for kernel in GemmKernel::HOPPER.into_iter().chain(GemmKernel::PAIRS).chain(GemmKernel::PORTABLE) {
             for name in kernel.ptx_names() {
                 assert!(gemm.contains(&name), "{kernel:?}: no kernel {name} in gemm.ptx");
             }

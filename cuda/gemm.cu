@@ -541,16 +541,31 @@ __device__ __forceinline__ void st_cluster(uint32_t addr, int value) {
 }
 
 // mbar_arrive and mbar_arrive_expect_tx on a barrier of any CTA of the cluster (an address from
-// cluster_addr), releasing this thread's writes at cluster scope.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar) {
-    asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+// cluster_addr). CLUSTER: releasing this thread's writes at cluster scope, for a thread of the
+// other CTA to read after its wait; that costs a fence of cluster scope, so only the arrives that
+// publish a stage's work unit to the other CTA take it (once a unit). The others order no data:
+// TMA's bytes are counted by the barrier itself, and a consumer's release of a stage follows its
+// wgmma's reads of it (wgmma_wait).
+template <bool CLUSTER>
+__device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
+    if constexpr (CLUSTER)
+        asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
+    else
+        asm volatile("mbarrier.arrive.release.cta.shared::cluster.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
-__device__ __forceinline__ void mbar_arrive_expect_tx_cluster(uint32_t bar, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-                 : "memory");
+template <bool CLUSTER>
+__device__ __forceinline__ void mbar_arrive_expect_tx_remote(uint32_t bar, uint32_t bytes) {
+    if constexpr (CLUSTER)
+        asm volatile("mbarrier.arrive.expect_tx.release.cluster.shared::cluster.b64 _, [%0], %1;\n" ::"r"(bar),
+                     "r"(bytes)
+                     : "memory");
+    else
+        asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cluster.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                     : "memory");
 }
 
-// mbar_wait acquiring at cluster scope: what the other CTA's threads wrote before they arrived.
+// mbar_wait acquiring at cluster scope: what the other CTA's threads wrote before they arrived
+// (the work unit of a stage; waits for a unit's later stages are plain).
 __device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
     uint32_t done;
     do {
@@ -793,20 +808,26 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         }
     };
     // The producer's side of a stage: publishes the unit it holds (-1: none left) and arrives on
-    // its `full` barrier, which then waits for `bytes` from TMA; pairs: in both CTAs.
-    auto publish = [&](int stage, int unit, uint32_t bytes) {
+    // its `full` barrier, which then waits for `bytes` from TMA; pairs: in both CTAs, the unit to
+    // the other only where its consumers read it (`first`: a unit's first stage, or the end).
+    auto publish = [&](int stage, int unit, uint32_t bytes, bool first) {
         stage_tile[stage] = unit;
         const uint32_t bar = smem_addr(&full[stage]);
         mbar_arrive_expect_tx(bar, bytes);
         if constexpr (PAIR) {
-            st_cluster(cluster_addr(smem_addr(&stage_tile[stage]), 1), unit);
-            mbar_arrive_expect_tx_cluster(cluster_addr(bar, 1), bytes);
+            if (first) {
+                st_cluster(cluster_addr(smem_addr(&stage_tile[stage]), 1), unit);
+                mbar_arrive_expect_tx_remote<true>(cluster_addr(bar, 1), bytes);
+            } else {
+                mbar_arrive_expect_tx_remote<false>(cluster_addr(bar, 1), bytes);
+            }
         }
     };
-    // Waits for a phase of a stage's `full` (consumers) or `empty` (producer) barrier; pairs:
-    // acquiring what the other CTA wrote before it arrived.
-    auto wait = [&](uint64_t* bar, uint32_t parity) {
-        if constexpr (PAIR)
+    // Waits for a phase of a stage's `full` (consumers) or `empty` (producer) barrier; pairs, at
+    // a unit's `first` stage: acquiring what the other CTA wrote before it arrived (the unit it
+    // published, or read before it gave the stage back).
+    auto wait = [&](uint64_t* bar, uint32_t parity, bool first) {
+        if (PAIR && first)
             mbar_wait_cluster(smem_addr(bar), parity);
         else
             mbar_wait(smem_addr(bar), parity);
@@ -854,7 +875,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             unit_k_blocks(unit, kb0, kb1);
             early = min(min(STAGES, early_stages), kb1 - kb0);
             for (int s = 0; s < early; ++s) {
-                publish(s, unit, C::STAGE_BYTES);
+                publish(s, unit, C::STAGE_BYTES, s == 0);
                 load_b(ring + s * C::STAGE_BYTES + C::A_BYTES, kb0 + s, nt, smem_addr(&full[s]));
             }
         }
@@ -862,10 +883,10 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         int stage = 0;
         uint32_t phase = 0;
         for (bool first = true;; first = false) {
-            if (!first) wait(&empty[stage], phase ^ 1);
+            if (!first) wait(&empty[stage], phase ^ 1, true);
             if (unit >= units) {
                 // Tell the consumers there is nothing more: a stage holding no data.
-                publish(stage, -1, 0);
+                publish(stage, -1, 0, true);
                 return;
             }
             // The unit after this one: its ticket is taken now and claimed once this unit's loads
@@ -880,9 +901,9 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
                 const uint32_t bar = smem_addr(&full[stage]);
                 const uint32_t dst = ring + stage * C::STAGE_BYTES;
                 if (!b_in_flight) {
-                    if (kb > kb0) wait(&empty[stage], phase ^ 1);
+                    if (kb > kb0) wait(&empty[stage], phase ^ 1, false);
                     // Published to the consumers by the arrive (release) and their wait (acquire).
-                    publish(stage, unit, C::STAGE_BYTES);
+                    publish(stage, unit, C::STAGE_BYTES, kb == kb0);
                     load_b(dst + C::A_BYTES, kb, nt, bar);
                 }
                 load_a(dst, kb, mt, bar);
@@ -926,13 +947,13 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
         uint32_t phase = 0;
         // Pairs: a stage goes back to CTA 0's producer, which loads both CTAs' rings.
         auto release = [&](int stage) {
-            if constexpr (PAIR)
-                mbar_arrive_cluster(cluster_addr(smem_addr(&empty[stage]), 0));
+            if (PAIR && rank != 0)
+                mbar_arrive_remote<false>(cluster_addr(smem_addr(&empty[stage]), 0));
             else
                 mbar_arrive(smem_addr(&empty[stage]));
         };
         for (;;) {
-            wait(&full[stage], phase);
+            wait(&full[stage], phase, true);
             // Lane 0 reads the unit for its warp: it alone gives the stage back, so its read is
             // ordered before the producer's next write by that arrive (racecheck on the H200
             // flagged the other lanes' reads, which no arrive ordered).
@@ -969,7 +990,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
             }
             int previous = stage;
             for (int kb = 0; kb < kb1 - kb0; ++kb) {
-                if (kb > 0) wait(&full[stage], phase);
+                if (kb > 0) wait(&full[stage], phase, false);
                 const uint32_t a_tile = ring + stage * C::STAGE_BYTES;
                 const uint32_t b_tile = a_tile + C::A_BYTES;
                 // The wgmma M side reads 64 rows of its tile, the N side all rows of the other.

@@ -498,15 +498,10 @@ fn norm_fusion(
 const PREFILL_LANE_MS: [usize; 2] = [2048, 8192];
 /// The budgets the prefill lane ran on beside decode in the controller's experiment (88-116 SMs).
 const PREFILL_LANE_BUDGETS: [u32; 8] = [88, 92, 96, 100, 104, 108, 112, 116];
-/// The tiles a prefill-sized GEMM can use, and the two of them in pairs that share B (a third and
-/// a quarter fewer bytes loaded from L2 per FLOP).
-const WIDE_KERNELS: [GemmKernel; 5] = [
-    GemmKernel::Wgmma128x256,
-    GemmKernel::Wgmma128x128,
-    GemmKernel::Wgmma64x256,
-    GemmKernel::WgmmaPair128x256,
-    GemmKernel::WgmmaPair128x128,
-];
+/// The tiles a prefill-sized GEMM can use, and the widest in pairs that share B (a third fewer
+/// bytes loaded from L2 per FLOP; not planned).
+const WIDE_KERNELS: [GemmKernel; 4] =
+    [GemmKernel::Wgmma128x256, GemmKernel::Wgmma128x128, GemmKernel::Wgmma64x256, GemmKernel::WgmmaPair128x256];
 
 /// Llama-3.1-8B's four projections at a prefill-lane iteration's M, on the budgets the prefill
 /// lane gets beside decode: the planned launch, each wide tile unsplit with its waves (tiles over

@@ -509,14 +509,17 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const TensorMap* map, 
         : "memory");
 }
 
-// ---- Pairs: clusters of two CTAs that share their tiles of B (the `*_pair` kernels) -----------
+// ---- Pairs: clusters of two CTAs that share their tiles of B (gemm_wgmma_pair_*) ---------------
 // The cluster's CTA 0 computes M tile 2p of a pair tile p, CTA 1 M tile 2p + 1, over the same N
 // tile. One thread of CTA 0 loads for both: each K block's slice of B once, multicast into both
 // CTAs' rings (L2 serves it once for two SMs), and each CTA's slice of A. It also publishes each
 // stage's work unit in both CTAs and arms both CTAs' `full` barriers, and it waits for CTA 0's
 // `empty` barriers, on which the consumer warps of both CTAs arrive. So a prefill GEMM reads a
-// third fewer bytes from L2 per FLOP with 128 x 256 tiles (48 KB a stage per SM become 32), the
-// traffic that slows a decode lane beside it (bench-results/nexus-vs-chunked-h100.md).
+// third fewer bytes from L2 per FLOP with 128 x 256 tiles (48 KB a stage per SM become 32). Built
+// to spare a decode lane beside a prefill the prefill's L2 traffic; measured on the H100
+// (bench-results/nexus-vs-chunked-h100.md), it runs 0.88-1.08x the plain tile's speed (median
+// 0.98) and leaves the decode GEMM beside it 1.35-1.36x its time alone, against 1.37-1.43x beside
+// the plain tile: not what slows decode, so the planner does not pick it.
 
 __device__ __forceinline__ uint32_t cluster_rank() {
     uint32_t rank;
@@ -1252,4 +1255,3 @@ NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x192, 16, 192, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_16x256, 16, 256, true)
 NEXUS_GEMM_WGMMA(gemm_wgmma_swap_32x256, 32, 256, true)
 NEXUS_GEMM_WGMMA_PAIR(gemm_wgmma_pair_128x256, 128, 256)
-NEXUS_GEMM_WGMMA_PAIR(gemm_wgmma_pair_128x128, 128, 128)

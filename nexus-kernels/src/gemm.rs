@@ -19,6 +19,8 @@
 //!   wgmmas run one at a time at their latency, so the widest tile's four consumers are what let
 //!   one SM stream at the read curve. [`GemmKernel::WgmmaSwap32x256`] does the same for
 //!   17 ≤ M ≤ 32 (the decode batches a decode lane beside prefill runs on a few SMs).
+//!   [`GemmKernel::WgmmaPair128x256`] runs the 128 × 256 tile in clusters of two CTAs that share
+//!   B by TMA multicast; measured, not planned (see its docs).
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
 //!
@@ -148,13 +150,12 @@ pub enum GemmKernel {
     /// sm_90a: [`GemmKernel::Wgmma128x256`] in clusters of two CTAs (the M tiles 2p and 2p + 1
     /// of one N tile) that share each slice of B: one thread loads it once and TMA multicasts it
     /// into both CTAs' rings, so L2 serves a third fewer bytes per FLOP (32 KB a stage per SM
-    /// instead of 48). What a compute-bound prefill GEMM loads from L2 is what slows a decode lane
-    /// beside it (`bench-results/nexus-vs-chunked-h100.md`). Launched on an even number of CTAs;
-    /// no split-K. Not among [`GemmKernel::HOPPER`]: [`plan`] does not pick it (yet).
+    /// instead of 48). Launched on an even number of CTAs; no split-K. Built to spare a decode lane
+    /// beside a prefill the prefill's L2 traffic, it did not (H100: the decode GEMM beside it took
+    /// 1.35-1.36x its time alone, beside the plain tile 1.37-1.43x; alone it runs 0.88-1.08x the
+    /// plain tile's speed; `bench-results/nexus-vs-chunked-h100.md`), so it is not among
+    /// [`GemmKernel::HOPPER`] and [`plan`] never picks it; the benches keep measuring it.
     WgmmaPair128x256,
-    /// sm_90a: [`GemmKernel::Wgmma128x128`] in clusters of two sharing B, as
-    /// [`GemmKernel::WgmmaPair128x256`] (24 KB a stage per SM instead of 32).
-    WgmmaPair128x128,
     /// Any GPU from sm_80 on: 128 × 128 tiles; cp.async + ldmatrix + mma.sync, 8 warps.
     Mma128x128,
     /// Any GPU from sm_80 on: 64 × 64 tiles with a deep cp.async ring, for small M.
@@ -198,7 +199,7 @@ impl GemmKernel {
         GemmKernel::WgmmaSwap32x256,
     ];
     /// The Hopper kernels in clusters of two CTAs that share B.
-    pub const PAIRS: [GemmKernel; 2] = [GemmKernel::WgmmaPair128x256, GemmKernel::WgmmaPair128x128];
+    pub const PAIRS: [GemmKernel; 1] = [GemmKernel::WgmmaPair128x256];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
     /// The portable kernels that accumulate every output in one order whatever the tile and M
@@ -239,7 +240,6 @@ impl GemmKernel {
             GemmKernel::WgmmaSwap16x256 => wgmma!("gemm_wgmma_swap_16x256", 16, 256, true),
             GemmKernel::WgmmaSwap32x256 => wgmma!("gemm_wgmma_swap_32x256", 32, 256, true),
             GemmKernel::WgmmaPair128x256 => wgmma!("gemm_wgmma_pair_128x256", 128, 256, false, true),
-            GemmKernel::WgmmaPair128x128 => wgmma!("gemm_wgmma_pair_128x128", 128, 128, false, true),
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),

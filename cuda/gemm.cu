@@ -548,7 +548,8 @@ __device__ __forceinline__ void st_cluster(uint32_t addr, int value) {
 // other CTA to read after its wait; that costs a fence of cluster scope, so only the arrives that
 // publish a stage's work unit to the other CTA take it (once a unit). The others order no data:
 // TMA's bytes are counted by the barrier itself, and a consumer's release of a stage follows its
-// wgmma's reads of it (wgmma_wait).
+// wgmma's reads of it (wgmma_wait) and its lane 0's read of the stage's unit (which the wgmma's
+// tile coordinates depend on), so CTA 0's next write of either cannot overtake them.
 template <bool CLUSTER>
 __device__ __forceinline__ void mbar_arrive_remote(uint32_t bar) {
     if constexpr (CLUSTER)

@@ -568,20 +568,6 @@ __device__ __forceinline__ void mbar_arrive_expect_tx_remote(uint32_t bar, uint3
                      : "memory");
 }
 
-// mbar_wait acquiring at cluster scope: what the other CTA's threads wrote before they arrived
-// (the work unit of a stage; waits for a unit's later stages are plain).
-__device__ __forceinline__ void mbar_wait_cluster(uint32_t bar, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile(
-            "{\n.reg .pred p;\nmbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-            "selp.u32 %0, 1, 0, p;\n}\n"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-
 // tma_load and tma_load_3d into the CTAs of the cluster whose bits `ctas` holds, each at dst's
 // offset and completing on the barrier at bar's offset in that CTA.
 __device__ __forceinline__ void tma_load_multicast(uint32_t dst, const TensorMap* map, int k0, int row0, uint32_t bar,
@@ -832,7 +818,7 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
     // published, or read before it gave the stage back).
     auto wait = [&](uint64_t* bar, uint32_t parity, bool first) {
         if (PAIR && first)
-            mbar_wait_cluster(smem_addr(bar), parity);
+            mbar_wait<true>(smem_addr(bar), parity);
         else
             mbar_wait(smem_addr(bar), parity);
     };

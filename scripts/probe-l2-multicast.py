@@ -28,6 +28,8 @@ CuPy (NVRTC), sm_90:
 import cupy as cp
 import numpy as np
 
+from probe_common import STREAM_SRC, launch_stream as stream_on, timed
+
 src = r'''
 using u32 = unsigned;
 using u64 = unsigned long long;
@@ -100,21 +102,6 @@ hammer_plain(const char* region, u32 chunks, u32 steps, u32* out) { hammer<false
 extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(32, 1)
 hammer_multicast(const char* region, u32 chunks, u32 steps, u32* out) { hammer<true>(region, chunks, steps, out); }
 
-// The streaming read: CTA c reads 64 KB chunks c, c + grid, ... (1024 threads x 4 x 16 B).
-extern "C" __global__ void __launch_bounds__(1024, 1) stream(const char* __restrict__ d, u64 chunks, u32* out) {
-  constexpr u32 T = 1024, DEPTH = 4, BYTES = T * 16 * DEPTH;
-  u32 acc = 0;
-  for (u64 j = blockIdx.x; j < chunks; j += gridDim.x) {
-    const uint4* c = reinterpret_cast<const uint4*>(d + j * BYTES);
-    uint4 v[DEPTH];
-#pragma unroll
-    for (u32 k = 0; k < DEPTH; ++k) v[k] = c[threadIdx.x + k * T];
-#pragma unroll
-    for (u32 k = 0; k < DEPTH; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-  }
-  if (acc == 0x12345678u) out[0] = acc;
-}
-
 extern "C" __global__ void spin(u64 ns) {
   u64 t0, t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
@@ -124,16 +111,14 @@ extern "C" __global__ void spin(u64 ns) {
 
 SLOT_BYTES, SLOTS = 16384, 8
 RING = SLOT_BYTES * SLOTS
-STREAM_SMEM = 120 * 1024  # with the ring, more than half an SM's shared memory: one CTA per SM
 REGION = 8 << 20  # the hammer's chunks: resident in L2
 NB = 1 << 30  # the stream's region, three of them rotated
 
-module = cp.RawModule(code=src, options=("-arch=sm_90a", "-std=c++17"))
+module = cp.RawModule(code=src + STREAM_SRC, options=("-arch=sm_90a", "-std=c++17"))
 hammers = {name: module.get_function(f"hammer_{name}") for name in ("plain", "multicast")}
 stream_kernel, spin = module.get_function("stream"), module.get_function("spin")
 for kernel in hammers.values():
     kernel.max_dynamic_shared_size_bytes = RING
-stream_kernel.max_dynamic_shared_size_bytes = STREAM_SMEM
 sms = cp.cuda.Device().attributes["MultiProcessorCount"]
 region = cp.random.randint(0, 2**31, size=REGION // 4, dtype=cp.int32)
 big = cp.random.randint(0, 2**31, size=3 * NB // 4, dtype=cp.int32)
@@ -147,17 +132,7 @@ def launch_hammer(name, ctas, steps):
 
 
 def launch_stream(ctas, rep):
-    base = big.data.ptr + (rep % 3) * NB
-    stream_kernel((ctas,), (1024,), (base, cp.uint64(NB // (1024 * 64)), out), shared_mem=STREAM_SMEM, stream=st)
-
-
-def timed(stream, launch):
-    start, end = cp.cuda.Event(), cp.cuda.Event()
-    start.record(stream)
-    launch()
-    end.record(stream)
-    end.synchronize()
-    return cp.cuda.get_elapsed_time(start, end) * 1e-3
+    stream_on(stream_kernel, ctas, big.data.ptr + (rep % 3) * NB, NB, out, st)
 
 
 def median(xs):

@@ -8,7 +8,7 @@
 #
 #   scripts/gpu-round.sh DIR OUT [STEP ...]
 #   e.g. on the device: scripts/gpu-round.sh .gpu $OUT tests sanitize benches sdpa
-# Steps (default: all, in this order):
+# Steps (default: tests sanitize benches sdpa, in this order):
 #   tests     every test-* with --ignored (without models/, the tests that read the SmolLM2 file
 #             are skipped; the synthetic and transformers-random model tests still run)
 #   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
@@ -18,6 +18,9 @@
 #   benches   decode_attention, gemm, prefill_attention, elementwise (criterion's own timing
 #             skipped: only the summary tables) and model_step for each model in $MODELS
 #   sdpa      scripts/bench-torch-sdpa.py (torch on the device)
+#   beside    what slows decode beside a prefill: scripts/probe-decode-beside.py (CuPy), then the
+#             GEMM bench's decode rows of its beside section, with nvidia-smi's SM clock, power
+#             and clock event reasons every 200 ms (beside-clocks.txt)
 # LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
 # its own (so a hang in one module leaves the others' results), default: each binary whole.
 set -uo pipefail
@@ -86,6 +89,15 @@ for s in "${steps[@]}"; do
         ;;
     sdpa)
         step torch-sdpa python3 scripts/bench-torch-sdpa.py "$work/torch-sdpa.md"
+        ;;
+    beside)
+        nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv \
+            -lms 200 >"$work/beside-clocks.txt" 2>&1 &
+        smi=$!
+        step probe-decode-beside env PYTHONUNBUFFERED=1 python3 scripts/probe-decode-beside.py
+        [ -x "$dir/bin/bench-gemm" ] &&
+            step gemm-beside-decode env NEXUS_BENCH_ONLY="gemm-beside/m 16/" "$dir/bin/bench-gemm" --bench no-criterion-case
+        kill "$smi"
         ;;
     *)
         echo "gpu-round: unknown step $s" | tee -a "$log"

@@ -36,16 +36,13 @@ cuda/wgmma.cuh):
 """
 import argparse
 import ctypes
-import glob
-import os
-import site
 import threading
 import time
 
 import cupy as cp
 import numpy as np
 
-from probe_common import STREAM_SRC, launch_stream, timed
+from probe_common import STREAM_SRC, launch_stream, nexus_header_options, timed
 
 SRC = r'''
 #include "wgmma.cuh"
@@ -62,9 +59,10 @@ enum : u32 { LOAD = 1, MMA = 2, STORE = 4, IDLE = 8 };
 // the first STAGES steps are loaded once and the consumers go round them for `steps` steps.
 extern "C" __global__ void __launch_bounds__(384, 1)
 lane(const char* __restrict__ src, u64 chunks, u32 steps, u32 mode, u32* __restrict__ out, u32 out_tiles) {
-  extern __shared__ __align__(1024) unsigned char ring[];
+  extern __shared__ unsigned char ring[];
   __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
-  const u32 wg = threadIdx.x / 128, base = smem_addr(ring);
+  // Stages on 1024-byte boundaries, as the 128-byte swizzle of the wgmma descriptors expects.
+  const u32 wg = threadIdx.x / 128, base = (smem_addr(ring) + 1023u) & ~1023u;
   if (mode & IDLE) {
     if (threadIdx.x == 0) {
       const u64 until = global_timer_ns() + (u64)steps * 1000;
@@ -131,7 +129,7 @@ MODES = {
     "gemm-l2+store": LOAD | MMA | STORE,
 }
 STAGE = 48 * 1024
-RING = 4 * STAGE
+RING = 4 * STAGE + 1024  # and the alignment
 REGION = 8 << 20  # resident in L2
 NB = 1 << 30  # each of the three rotated HBM regions
 OUT_TILES = 512  # 64 KB each: 32 MB of outputs
@@ -176,11 +174,8 @@ def main():
     ap.add_argument("--decode-sms", default="16,32")
     args = ap.parse_args()
 
-    # cuda_bf16.h (through common.cuh): the toolkit's headers, wherever this machine has them.
-    includes = [p for p in (os.environ.get("CUDA_PATH", "/usr/local/cuda") + "/include",
-                            *glob.glob(os.path.join(site.getsitepackages()[0], "nvidia/cu13/include")))
-                if os.path.exists(os.path.join(p, "cuda_bf16.h"))]
-    module = cp.RawModule(code=SRC + STREAM_SRC, options=("-arch=sm_90a", "-std=c++17", "-Icuda", *(f"-I{p}" for p in includes)))
+    options = ("-arch=sm_90a", "-std=c++17", *nexus_header_options())
+    module = cp.RawModule(code=SRC + STREAM_SRC, options=options)
     lane, stream_kernel = module.get_function("lane"), module.get_function("stream")
     lane.max_dynamic_shared_size_bytes = RING
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -227,9 +222,9 @@ def main():
                 if mode == IDLE:
                     rate, steps = "-", int(args.hold_ms * 1000)  # us of sleep
                 else:
-                    one = timed(hs, lambda: launch_hammer(mode, ctas, 256))
-                    steps = int(256 * args.hold_ms * 1e-3 / one)
-                    step_s = one / 256
+                    one = timed(hs, lambda: launch_hammer(mode, ctas, 1024))
+                    steps = int(1024 * args.hold_ms * 1e-3 / one)
+                    step_s = one / 1024
                     flops = 128 * 256 * 64 * 2 * ctas / step_s if mode & MMA else 0
                     moved = STAGE * ctas / step_s if mode & LOAD else 0
                     rate = " ".join(x for x in (f"{flops / 1e12:.0f} TFLOP/s" if flops else "",

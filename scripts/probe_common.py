@@ -1,5 +1,10 @@
 """What the probes (scripts/probe-*.py) share: the decode lane's streaming read and CUDA-event
 timing, for CuPy on the GPU machine."""
+import glob
+import os
+import site
+import tempfile
+
 import cupy as cp
 
 # The streaming read, the decode lane's stand-in: CTA c reads 64 KB chunks c, c + grid, ... of a
@@ -39,3 +44,31 @@ def timed(on, launch):
     end.record(on)
     end.synchronize()
     return cp.cuda.get_elapsed_time(start, end) * 1e-3
+
+
+# NVRTC has no <stdint.h>, which cuda/common.cuh includes: a stand-in with the types it uses.
+STDINT_SHIM = """#pragma once
+typedef signed char int8_t;
+typedef short int16_t;
+typedef int int32_t;
+typedef long long int64_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef unsigned int uint32_t;
+typedef unsigned long long uint64_t;
+"""
+
+
+def nexus_header_options():
+    """NVRTC options under which a probe can include cuda/*.cuh (run from the repository root):
+    cuda/ and the CUDA headers (cuda_bf16.h) on the include path, the stdint shim, and functions
+    without an execution space (the headers' constexpr helpers) compiled for the device."""
+    shim = tempfile.mkdtemp(prefix="nexus-nvrtc-")
+    with open(os.path.join(shim, "stdint.h"), "w") as f:
+        f.write(STDINT_SHIM)
+    roots = [os.environ.get("CUDA_PATH", "/usr/local/cuda") + "/include"]
+    for packages in site.getsitepackages():
+        roots += glob.glob(os.path.join(packages, "nvidia/cu13/include"))
+        roots += glob.glob(os.path.join(packages, "nvidia/cuda_runtime/include"))
+    found = [r for r in roots if os.path.exists(os.path.join(r, "cuda_bf16.h"))]
+    return ("-Icuda", *(f"-I{r}" for r in found[:1]), f"-I{shim}", "-default-device")

@@ -26,11 +26,13 @@ rotated, beyond L2) with 64 KB of loads in flight per SM, and `bulk`, the `lane`
 mode reading the same regions (bulk copies into a 192 KB ring, as the decode GEMM streams its
 weights). Each is timed alone and beside each mode run on the other SMs for `--hold-ms` (default
 300 ms: long enough for the board's power management to act, which a few-millisecond bench
-does not give it), seven runs spread over that time. A thread samples the SM clock and the board
-power through NVML every millisecond; the table gives their medians over each case's timed runs.
+does not give it), seven runs spread over that time. A thread samples the SM clock, the board
+power and the clock event reasons through NVML every millisecond; the table gives the clock's and
+the power's medians over each case's timed runs and the share of samples with the software power
+cap among the reasons.
 
 Runs on the GPU machine with CuPy (NVRTC, sm_90a), from the repository root (it includes
-cuda/wgmma.cuh):
+cuda/wgmma.cuh; `scripts/gpu-round.sh DIR OUT beside` runs it with the GEMM bench's beside rows):
 
     python3 scripts/probe-decode-beside.py > $OUT/decode-beside.md
 """

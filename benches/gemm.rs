@@ -504,11 +504,12 @@ const WIDE_KERNELS: [GemmKernel; 4] =
     [GemmKernel::Wgmma128x256, GemmKernel::Wgmma128x128, GemmKernel::Wgmma64x256, GemmKernel::WgmmaPair128x256];
 
 /// Llama-3.1-8B's four projections at a prefill-lane iteration's M, on the budgets the prefill
-/// lane gets beside decode: the planned launch, each wide tile unsplit with its waves (tiles over
-/// the budget, rounded up) and how full its last wave is, and cuBLAS at the same budget. Where a
-/// last wave leaves SMs idle (256 tiles of the output and down projections at M = 2048 make 3
-/// waves on 88-124 SMs), and whether the plan picks the fastest tile there (`gemm-prefill-lane.md`
-/// with `NEXUS_BENCH_OUT`; cases `gemm-prefill-lane/<shape>/m <M>/budget <SMs>`). Hopper only.
+/// lane gets beside decode: the planned launch, each wide tile unsplit with its waves (work units
+/// over the CTAs, or over the clusters for pairs, rounded up) and how full its last wave is, and
+/// cuBLAS at the same budget. Where a last wave leaves SMs idle (256 tiles of the output and down
+/// projections at M = 2048 make 3 waves on 88-124 SMs), and whether the plan picks the fastest
+/// tile there (`gemm-prefill-lane.md` with `NEXUS_BENCH_OUT`; cases
+/// `gemm-prefill-lane/<shape>/m <M>/budget <SMs>`). Hopper only.
 fn prefill_lane(
     gpu: &Arc<Gpu>,
     stream: &Arc<CudaStream>,
@@ -550,13 +551,15 @@ fn prefill_lane(
                 format!("{:.2}", times.planned / times.cublas),
             ];
             for (kernel, t) in WIDE_KERNELS.into_iter().zip(times.kernels) {
-                let (tiles, ctas) = (kernel.tiles(shape), budget.get() as usize);
-                let last = tiles - (tiles.div_ceil(ctas) - 1) * ctas;
+                // A pair kernel's units (two M tiles) are taken by clusters of two CTAs.
+                let takers = (budget.get() as usize / if kernel.is_pair() { 2 } else { 1 }).max(1);
+                let units = kernel.units(shape);
+                let last = units - (units.div_ceil(takers) - 1) * takers;
                 row.push(format!(
                     "{:.1} ({}, {:.0}%)",
                     flops / t / 1e12,
-                    tiles.div_ceil(ctas),
-                    100.0 * last as f64 / ctas as f64
+                    units.div_ceil(takers),
+                    100.0 * last as f64 / takers as f64
                 ));
             }
             report.add(row);

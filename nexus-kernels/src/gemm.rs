@@ -271,8 +271,8 @@ impl GemmKernel {
     }
 
     /// The work units of `shape` unsplit: its output tiles, or pairs of them (two M tiles of one
-    /// N tile, the last maybe half past M) for a pair kernel.
-    fn units(self, shape: GemmShape) -> usize {
+    /// N tile, the last maybe half past M) for a pair kernel, which a cluster of two CTAs takes.
+    pub fn units(self, shape: GemmShape) -> usize {
         let (bm, bn) = self.tile();
         let rows = if self.is_pair() { 2 * bm } else { bm };
         shape.m.div_ceil(rows) * shape.n.div_ceil(bn)

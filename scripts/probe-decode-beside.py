@@ -146,6 +146,9 @@ class Nvml:
         assert self.lib.nvmlInit_v2() == 0
         self.handle = ctypes.c_void_p()
         assert self.lib.nvmlDeviceGetHandleByIndex_v2(0, ctypes.byref(self.handle)) == 0
+        # The reasons' newer name (drivers from r535 on), else the older one.
+        names = ("nvmlDeviceGetCurrentClocksEventReasons", "nvmlDeviceGetCurrentClocksThrottleReasons")
+        self.reasons = next(getattr(self.lib, n) for n in names if hasattr(self.lib, n))
         self.samples = []  # (perf_counter, MHz, W, reasons)
         self.running = True
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -156,7 +159,7 @@ class Nvml:
         while self.running:
             self.lib.nvmlDeviceGetClockInfo(self.handle, 1, ctypes.byref(clock))  # NVML_CLOCK_SM
             self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(power))  # mW
-            self.lib.nvmlDeviceGetCurrentClocksEventReasons(self.handle, ctypes.byref(reasons))
+            self.reasons(self.handle, ctypes.byref(reasons))
             self.samples.append((time.perf_counter(), clock.value, power.value / 1e3, reasons.value))
             time.sleep(0.001)
 
@@ -164,7 +167,7 @@ class Nvml:
         """Median MHz and W over [t0, t1], and the share of samples at the power cap."""
         got = [(mhz, w, why) for t, mhz, w, why in self.samples if t0 <= t <= t1]
         if not got:
-            return "no samples"
+            return "- | - | no samples"
         capped = sum(1 for g in got if g[2] & 0x4) / len(got)  # SW power cap
         return (f"{np.median([g[0] for g in got]):.0f} | {np.median([g[1] for g in got]):.0f} | "
                 f"{100 * capped:.0f}% ({len(got)})")

@@ -24,9 +24,9 @@ a stage. Its modes each keep some of the GEMM:
 The decode lane's stand-ins on D SMs (16, 32): `stream`, a streaming read of 1 GB regions (three
 rotated, beyond L2) with 64 KB of loads in flight per SM, and `bulk`, the `lane` kernel's `l2`
 mode reading the same regions (bulk copies into a 192 KB ring, as the decode GEMM streams its
-weights). Each is timed alone and beside each mode run on the other SMs for `--hold-ms` (default
-300 ms: long enough for the board's power management to act, which a few-millisecond bench
-does not give it), seven runs spread over that time. A thread samples the SM clock, the board
+weights). Each is timed alone and beside each mode run on the other SMs for each of `--hold-ms`
+(default 5 and 300 ms: a few milliseconds as in the beside bench, and long enough for the board's
+power management to act), seven runs spread over that time. A thread samples the SM clock, the board
 power and the clock event reasons through NVML every millisecond; the table gives the clock's and
 the power's medians over each case's timed runs and the share of samples with the software power
 cap among the reasons.
@@ -175,7 +175,8 @@ class Nvml:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hold-ms", type=float, default=300.0)
+    ap.add_argument("--hold-ms", default="5,300",
+                    help="how long the other SMs run per case, in ms (a list: each case at each)")
     ap.add_argument("--decode-sms", default="16,32")
     args = ap.parse_args()
 
@@ -210,43 +211,51 @@ def main():
         else:
             launch_lane(ctas, src, NB // STAGE, NB // STAGE // ctas, LOAD, st)
 
-    # Each mode's step time alone on the hammer's SMs, to size its hold.
     print(f"### A decode stand-in on D SMs beside parts of a prefill GEMM on the others — {name}, {sms} SMs\n")
-    print(f"Hold {args.hold_ms:.0f} ms per case; clock and power: NVML medians over the timed runs.\n")
-    print("| D | decode stand-in | other SMs run | their rate alone | stand-in TB/s | beside / alone "
+    holds = [float(x) for x in args.hold_ms.split(",")]
+    print("Hold: how long the other SMs run (`--hold-ms`, or longer where seven runs up to 3x their time")
+    print("alone need it; after 0.2 s idle when under 0.1 s, so that the board is as cool as in the beside")
+    print("bench); the timed runs start after 30% of `--hold-ms`. Clock and power: NVML medians over the")
+    print("timed runs.\n")
+    print("| D | decode stand-in | other SMs run | their rate alone | hold ms | stand-in TB/s | beside / alone "
           "| SM MHz | board W | samples at the power cap |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in (int(x) for x in args.decode_sms.split(",")):
         ctas = sms - d
         for kind in ("stream", "bulk"):
+            time.sleep(0.2)
             t0 = time.perf_counter()
             alone = float(np.median([timed(st, lambda r=r: launch_standin(kind, d, r)) for r in range(7)]))
             clocks = nvml.between(t0, time.perf_counter())
-            print(f"| {d} | {kind} | nothing | - | {NB / alone / 1e12:.2f} | 1.00 | {clocks} |", flush=True)
+            print(f"| {d} | {kind} | nothing | - | - | {NB / alone / 1e12:.2f} | 1.00 | {clocks} |", flush=True)
             for mode_name, mode in MODES.items():
                 if mode == IDLE:
-                    rate, steps = "-", int(args.hold_ms * 1000)  # us of sleep
+                    rate, step_s = "-", 1e-6  # a step of `lane` in IDLE mode is a microsecond of sleep
                 else:
-                    one = timed(hs, lambda: launch_hammer(mode, ctas, 1024))
-                    steps = int(1024 * args.hold_ms * 1e-3 / one)
-                    step_s = one / 1024
+                    step_s = timed(hs, lambda: launch_hammer(mode, ctas, 1024)) / 1024
                     flops = 128 * 256 * 64 * 2 * ctas / step_s if mode & MMA else 0
                     moved = STAGE * ctas / step_s if mode & LOAD else 0
                     rate = " ".join(x for x in (f"{flops / 1e12:.0f} TFLOP/s" if flops else "",
                                                  f"{moved / 1e12:.1f} TB/s from L2" if moved else "") if x)
-                launch_hammer(mode, ctas, steps)
-                time.sleep(args.hold_ms * 0.3e-3)  # the hammer at full power before the first run
-                t0 = time.perf_counter()
-                beside = []
-                for r in range(7):
-                    beside.append(timed(st, lambda r=r: launch_standin(kind, d, r)))
-                    time.sleep(args.hold_ms * 0.05e-3)
-                t1 = time.perf_counter()
-                hs.synchronize()
-                b = float(np.median(beside))
-                clocks = nvml.between(t0, t1)
-                print(f"| {d} | {kind} | {mode_name} | {rate} | {NB / b / 1e12:.2f} | {b / alone:.2f} | {clocks} |",
-                      flush=True)
+                for hold_ms in holds:
+                    # Long enough for the wait before the first run, the gaps between runs and
+                    # seven runs up to 3x their time alone.
+                    hold_s = max(hold_ms * 1e-3, 0.65 * hold_ms * 1e-3 + 21 * alone)
+                    if hold_s < 0.1:
+                        time.sleep(0.2)
+                    launch_hammer(mode, ctas, int(hold_s / step_s))
+                    time.sleep(0.3e-3 * hold_ms)  # the other SMs busy before the first run
+                    t0 = time.perf_counter()
+                    beside = []
+                    for r in range(7):
+                        beside.append(timed(st, lambda r=r: launch_standin(kind, d, r)))
+                        time.sleep(0.05e-3 * hold_ms)
+                    t1 = time.perf_counter()
+                    hs.synchronize()
+                    b = float(np.median(beside))
+                    clocks = nvml.between(t0, t1)
+                    print(f"| {d} | {kind} | {mode_name} | {rate} | {1e3 * hold_s:.0f} | {NB / b / 1e12:.2f} | "
+                          f"{b / alone:.2f} | {clocks} |", flush=True)
     nvml.running = False
 
 

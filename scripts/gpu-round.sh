@@ -21,12 +21,18 @@
 #   beside    what slows decode beside a prefill: scripts/probe-decode-beside.py (CuPy), then the
 #             GEMM bench's decode rows of its beside section, with nvidia-smi's SM clock, power
 #             and clock event reasons every 200 ms (beside-clocks.txt)
+# Tarballs DIR/*.txz (scripts/gpu-pack.sh's, carried in DIR) are unpacked into DIR/bin first.
 # LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
 # its own (so a hang in one module leaves the others' results), default: each binary whole.
 set -uo pipefail
-if [ $# -lt 2 ]; then sed -n 2,22p "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n 2,26p "$0" >&2; exit 2; fi
 dir=$1 out=$2
 shift 2
+for packed in "$dir"/*.txz; do
+    [ -e "$packed" ] || continue
+    mkdir -p "$dir/bin"
+    tar xJf "$packed" -C "$dir/bin" || exit 1
+done
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
 limit=${LIMIT_S:-240}

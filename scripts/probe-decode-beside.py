@@ -26,7 +26,9 @@ rotated, beyond L2) with 64 KB of loads in flight per SM, and `bulk`, the `lane`
 mode reading the same regions (bulk copies into a 192 KB ring, as the decode GEMM streams its
 weights). Each is timed alone and beside each mode run on the other SMs for each of `--hold-ms`
 (default 5 and 300 ms: a few milliseconds as in the beside bench, and long enough for the board's
-power management to act), seven runs spread over that time. A thread samples the SM clock, the board
+power management to act), seven runs spread over that time, against the same runs with the other
+SMs idle (the gaps between runs alone cost a 300 ms pattern 1.15-1.28x on an H100, so a
+back-to-back baseline would not do). A thread samples the SM clock, the board
 power and the clock event reasons through NVML every millisecond; the table gives the clock's and
 the power's medians over each case's timed runs and the share of samples with the software power
 cap among the reasons.
@@ -214,20 +216,33 @@ def main():
     print(f"### A decode stand-in on D SMs beside parts of a prefill GEMM on the others — {name}, {sms} SMs\n")
     holds = [float(x) for x in args.hold_ms.split(",")]
     print("Hold: how long the other SMs run (`--hold-ms`, or longer where seven runs up to 3x their time")
-    print("alone need it; after 0.2 s idle when under 0.1 s, so that the board is as cool as in the beside")
-    print("bench); the timed runs start after 30% of `--hold-ms`. Clock and power: NVML medians over the")
-    print("timed runs.\n")
+    print("alone need it); the timed runs start after 30% of `--hold-ms` and are 5% of it apart. \"Alone\"")
+    print("runs the same pattern with the other SMs idle, so that each ratio compares like with like. Each")
+    print("case starts after 0.5 s idle. Clock and power: NVML medians over the timed runs.\n")
     print("| D | decode stand-in | other SMs run | their rate alone | hold ms | stand-in TB/s | beside / alone "
           "| SM MHz | board W | samples at the power cap |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def runs(kind, d, hold_ms):
+        """Seven timed runs of the stand-in, 30% of the hold after now and 5% of it apart: the
+        median seconds, and the clocks over them."""
+        time.sleep(0.3e-3 * hold_ms)
+        t0 = time.perf_counter()
+        times = []
+        for r in range(7):
+            times.append(timed(st, lambda r=r: launch_standin(kind, d, r)))
+            time.sleep(0.05e-3 * hold_ms)
+        return float(np.median(times)), nvml.between(t0, time.perf_counter())
+
     for d in (int(x) for x in args.decode_sms.split(",")):
         ctas = sms - d
         for kind in ("stream", "bulk"):
-            time.sleep(0.2)
-            t0 = time.perf_counter()
-            alone = float(np.median([timed(st, lambda r=r: launch_standin(kind, d, r)) for r in range(7)]))
-            clocks = nvml.between(t0, time.perf_counter())
-            print(f"| {d} | {kind} | nothing | - | - | {NB / alone / 1e12:.2f} | 1.00 | {clocks} |", flush=True)
+            alone = {}
+            for hold_ms in holds:
+                time.sleep(0.5)
+                alone[hold_ms], clocks = runs(kind, d, hold_ms)
+                print(f"| {d} | {kind} | nothing | - | {hold_ms:.0f} | {NB / alone[hold_ms] / 1e12:.2f} | 1.00 | "
+                      f"{clocks} |", flush=True)
             for mode_name, mode in MODES.items():
                 if mode == IDLE:
                     rate, step_s = "-", 1e-6  # a step of `lane` in IDLE mode is a microsecond of sleep
@@ -240,22 +255,13 @@ def main():
                 for hold_ms in holds:
                     # Long enough for the wait before the first run, the gaps between runs and
                     # seven runs up to 3x their time alone.
-                    hold_s = max(hold_ms * 1e-3, 0.65 * hold_ms * 1e-3 + 21 * alone)
-                    if hold_s < 0.1:
-                        time.sleep(0.2)
+                    hold_s = max(hold_ms * 1e-3, 0.65 * hold_ms * 1e-3 + 21 * alone[hold_ms])
+                    time.sleep(0.5)
                     launch_hammer(mode, ctas, int(hold_s / step_s))
-                    time.sleep(0.3e-3 * hold_ms)  # the other SMs busy before the first run
-                    t0 = time.perf_counter()
-                    beside = []
-                    for r in range(7):
-                        beside.append(timed(st, lambda r=r: launch_standin(kind, d, r)))
-                        time.sleep(0.05e-3 * hold_ms)
-                    t1 = time.perf_counter()
+                    b, clocks = runs(kind, d, hold_ms)
                     hs.synchronize()
-                    b = float(np.median(beside))
-                    clocks = nvml.between(t0, t1)
                     print(f"| {d} | {kind} | {mode_name} | {rate} | {1e3 * hold_s:.0f} | {NB / b / 1e12:.2f} | "
-                          f"{b / alone:.2f} | {clocks} |", flush=True)
+                          f"{b / alone[hold_ms]:.2f} | {clocks} |", flush=True)
     nvml.running = False
 
 

@@ -46,7 +46,7 @@ import time
 import cupy as cp
 import numpy as np
 
-from probe_common import STREAM_SRC, launch_stream, nexus_header_options, timed
+from probe_common import STREAM_SRC, launch_stream, nexus_header_options, stream_kernel, timed
 
 SRC = r'''
 #include "wgmma.cuh"
@@ -184,7 +184,7 @@ def main():
 
     options = ("-arch=sm_90a", "-std=c++17", *nexus_header_options())
     module = cp.RawModule(code=SRC + STREAM_SRC, options=options)
-    lane, stream_kernel = module.get_function("lane"), module.get_function("stream")
+    lane, stream = module.get_function("lane"), stream_kernel(module)
     lane.max_dynamic_shared_size_bytes = RING
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
@@ -209,7 +209,7 @@ def main():
     def launch_standin(kind, ctas, rep):
         src = big.data.ptr + (rep % 3) * NB
         if kind == "stream":
-            launch_stream(stream_kernel, ctas, src, NB, out, st)
+            launch_stream(stream, ctas, src, NB, out, st)
         else:
             launch_lane(ctas, src, NB // STAGE, NB // STAGE // ctas, LOAD, st)
 

@@ -28,7 +28,7 @@ CuPy (NVRTC), sm_90:
 import cupy as cp
 import numpy as np
 
-from probe_common import STREAM_SRC, launch_stream as stream_on, timed
+from probe_common import STREAM_SRC, launch_stream as stream_on, stream_kernel, timed
 
 src = r'''
 using u32 = unsigned;
@@ -116,7 +116,7 @@ NB = 1 << 30  # the stream's region, three of them rotated
 
 module = cp.RawModule(code=src + STREAM_SRC, options=("-arch=sm_90a", "-std=c++17"))
 hammers = {name: module.get_function(f"hammer_{name}") for name in ("plain", "multicast")}
-stream_kernel, spin = module.get_function("stream"), module.get_function("spin")
+stream, spin = stream_kernel(module), module.get_function("spin")
 for kernel in hammers.values():
     kernel.max_dynamic_shared_size_bytes = RING
 sms = cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -132,7 +132,7 @@ def launch_hammer(name, ctas, steps):
 
 
 def launch_stream(ctas, rep):
-    stream_on(stream_kernel, ctas, big.data.ptr + (rep % 3) * NB, NB, out, st)
+    stream_on(stream, ctas, big.data.ptr + (rep % 3) * NB, NB, out, st)
 
 
 def median(xs):

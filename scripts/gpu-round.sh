@@ -21,16 +21,17 @@
 #   beside    what slows decode beside a prefill: scripts/probe-decode-beside.py (CuPy), then the
 #             GEMM bench's decode rows of its beside section, with nvidia-smi's SM clock, power
 #             and clock event reasons every 200 ms (beside-clocks.txt)
-#   gemm-ab   a GEMM change against a base build: the GEMM GPU tests and memcheck, then the
-#             decode table's rows matching $GEMM_ONLY (default gemm-decode/Llama), of this
-#             build alone or, where $BASE is a folder with another build's bench-gemm (or
-#             bench-gemm.xz), of both in turns (base, this, base, this), each run's tables in
-#             gemm-ab-<n>-<base|new>/
+#   gemm-ab   a GEMM change against a base build: the decode table's rows matching $GEMM_ONLY
+#             (default gemm-decode/Llama), of this build alone or, where $BASE is a folder with
+#             another build's bench-gemm (or bench-gemm.xz), of both in turns (base, this, base,
+#             this), each run's tables in gemm-ab-<n>-<base|new>/; with the GEMM's tests and
+#             sanitizers first: TESTS=gemm:: SANITIZE=gemm::few_shapes_for_sanitizers ... tests
+#             sanitize gemm-ab
 # Tarballs DIR/*.txz (scripts/gpu-pack.sh's, carried in DIR) are unpacked into DIR/bin first.
 # LIMIT_S: seconds each step may take (default 240). TESTS: test filters each run as a step of
 # its own (so a hang in one module leaves the others' results), default: each binary whole.
 set -uo pipefail
-if [ $# -lt 2 ]; then sed -n 2,31p "$0" >&2; exit 2; fi
+if [ $# -lt 2 ]; then sed -n 2,32p "$0" >&2; exit 2; fi
 dir=$1 out=$2
 shift 2
 for packed in "$dir"/*.txz; do
@@ -111,11 +112,6 @@ for s in "${steps[@]}"; do
         kill "$smi"
         ;;
     gemm-ab)
-        for t in "$dir"/bin/test-*; do
-            step "$(basename "$t")-gemm" "$t" --ignored --test-threads=1 gemm::
-            step "memcheck-$(basename "$t")-gemm" compute-sanitizer --tool memcheck --error-exitcode 1 "$t" \
-                --ignored --test-threads=1 gemm::few_shapes_for_sanitizers
-        done
         runs=(new)
         if [ -n "${BASE:-}" ]; then
             [ -e "$BASE/bench-gemm.xz" ] && xz -dkf "$BASE/bench-gemm.xz"

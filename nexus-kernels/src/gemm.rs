@@ -10,7 +10,7 @@
 //!
 //! - On Hopper (sm_90a), [`GemmKernel::Wgmma128x256`] and its smaller siblings: one producer
 //!   thread streams 64-wide K slices of the A and B tiles with TMA into a ring of shared-memory
-//!   stages (4 to 16 of them, 192 KB in all), and one or two consumer warpgroups multiply them
+//!   stages (4 to 16 of them, what shared memory holds), and one or two consumer warpgroups multiply them
 //!   with `wgmma` and hand the stages back through mbarriers. The producer runs ahead across tile
 //!   boundaries. Each consumer warp stores its rows of C through 2 KB of shared memory after the
 //!   ring, as whole 128-byte rows. For M ≤ 16, [`GemmKernel::WgmmaSwap16x64`], [`GemmKernel::WgmmaSwap16x128`] and
@@ -88,9 +88,10 @@ const BK: usize = 64;
 const ALIGN_ELEMS: usize = 8;
 /// Required alignment of every buffer, in bytes.
 const ALIGN_BYTES: u64 = 16;
-/// Shared memory of the wgmma kernels' stage ring (`RING_BYTES` in the source), and their cap
-/// on stages.
-const WGMMA_RING_BYTES: usize = 192 * 1024;
+/// Shared memory a CTA may have on Hopper; the wgmma kernels' stage ring (`RING_BYTES` in the
+/// source) takes what their epilogue buffers, alignment slack and static arrays leave of it. And
+/// their cap on stages.
+const WGMMA_SMEM_BYTES: usize = 227 * 1024;
 const WGMMA_MAX_STAGES: usize = 16;
 /// Shared memory of a plain (not swapped) wgmma kernel's epilogue after the ring, per consumer
 /// warp (`STAGING_BYTES_PER_WARP` in the source): 16 rows of 128 bytes.
@@ -909,9 +910,10 @@ fn launch(
         }
         Family::Wgmma { swap, .. } => {
             let stage_bytes = (spec.bm + spec.bn) * BK * 2;
-            let stages = (WGMMA_RING_BYTES / stage_bytes).min(WGMMA_MAX_STAGES);
             let consumers = if swap { spec.bn } else { spec.bm } / 64;
             let staging = if swap { 0 } else { consumers * 4 * WGMMA_STAGING_BYTES_PER_WARP };
+            let ring = WGMMA_SMEM_BYTES - staging - 1024 - if swap { 4096 } else { 2048 };
+            let stages = (ring / stage_bytes).min(WGMMA_MAX_STAGES);
             let smem = (stages * stage_bytes + staging + 1024) as u32;
             let threads = 128 * (1 + consumers as u32);
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;

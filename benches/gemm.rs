@@ -51,7 +51,7 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr};
 use half::bf16;
 use nexus::kernels::gemm::{self, GemmConfig, GemmFusion, GemmKernel, GemmShape, GemmWorkspace};
 use nexus::kernels::gpu::PtxTarget;
-use nexus::kernels::stream_read::stream_read;
+use nexus::kernels::stream_read::{ReadDepth, stream_read};
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -741,7 +741,9 @@ fn beside_other_lane(
                         let mut checksums = other_stream.alloc_zeros::<u32>(other_sms as usize).expect("alloc");
                         let other_ctx = &other_ctx;
                         let launch = move || {
-                            stream_read(other_ctx, &reads.data(), &mut checksums.as_view_mut()).expect("stream_read")
+                            // As deep as our kernels: HBM traffic like a decode lane's.
+                            stream_read(other_ctx, &reads.data(), &mut checksums.as_view_mut(), ReadDepth::Kernel)
+                                .expect("stream_read")
                         };
                         (Box::new(launch), 4 * reads.data().len())
                     }

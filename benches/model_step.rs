@@ -3,7 +3,8 @@
 //! with the portable prefill attention kernel in place of the wgmma one), and decode
 //! step time at batch 1 and at batch 64 with 2k tokens of context each, with all SMs and on a
 //! budget of 64, each against its floor: the larger of the bytes it must read at the streaming
-//! read this GPU measured at that budget ([`nexus::kernels::Gpu::model`]) and its FLOPs at 798
+//! read's limit measured in the same run at that budget (`common::stream_read_curve`: 192 KB in
+//! flight per SM, not the planners' curve of [`nexus::kernels::Gpu::model`]) and its FLOPs at 798
 //! TFLOP/s (an 8192³ bf16 matrix product on an H100; the H200 has the same tensor cores) times
 //! the budget's share of the SMs. Then each mode's decode steps at batch 1 and 64 kernel by kernel
 //! (each launch timed between CUDA events, so run eagerly): where the time goes and which GEMM
@@ -22,7 +23,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Report, device_name, plan_label};
+use common::{Report, budgets, device_name, plan_label, stream_read_curve};
 use nexus::kernels::gemm::{self, GemmShape};
 use nexus::kernels::{CtaBudget, Gpu, QkvLayout};
 use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
@@ -41,8 +42,8 @@ fn main() {
     let name = std::env::var("NEXUS_MODEL_STEP").unwrap_or_else(|_| "llama-3.1-8b".into());
     let config = synthetic::config(&name).expect("synthetic model");
     let gpu = Gpu::new(0).expect("a CUDA GPU");
-    let bandwidth = gpu.model().bandwidth().at(gpu.sm_count());
-    eprintln!("streaming read with every SM: {:.2} TB/s", bandwidth / 1e12);
+    let limit = stream_read_curve(&gpu, &gpu.new_stream().expect("stream"), &budgets(&gpu));
+    eprintln!("streaming read with every SM: {:.2} TB/s", limit.at(gpu.sm_count()) / 1e12);
     let backend = CudaBackend::new(gpu.clone()).expect("backend");
     let eager = CudaBackend::with_config(
         gpu.clone(),
@@ -104,8 +105,7 @@ fn main() {
     // 4·H·d per (query, key) pair in every layer.
     let attention_flops = |pairs: f64| 4.0 * (config.num_heads * config.head_dim * config.num_layers) as f64 * pairs;
     let row = |what: &str, sms: u32, tokens: usize, seconds: f64, bytes: f64, flops: f64| {
-        let floor = (bytes / gpu.model().bandwidth().at(sms))
-            .max(flops / ANCHOR_FLOPS * f64::from(sms) / f64::from(gpu.sm_count()));
+        let floor = (bytes / limit.at(sms)).max(flops / ANCHOR_FLOPS * f64::from(sms) / f64::from(gpu.sm_count()));
         report.add(vec![
             what.into(),
             tokens.to_string(),
@@ -198,7 +198,7 @@ fn main() {
             step_on(backend, &mut blocks, &[SeqChunk { seq: 0, tokens: &[next], wants_logits: true }]);
         });
         let step = format!("batch 1, {mode}");
-        kernel_rows(&kernels, &step, &config, 1, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
+        kernel_rows(&kernels, &step, &config, 1, sms, limit.at(sms), &plan, &ops);
         blocks.free(0);
         let bytes = weight_bytes + 150.0 * kv_bytes_per_token;
         let flops = linear_flops(1) + attention_flops(150.0);
@@ -230,7 +230,7 @@ fn main() {
         let ops = kernel_times(backend, || {
             step_on(backend, &mut blocks, &chunks);
         });
-        kernel_rows(&kernels, &step, &config, decode_batch, sms, gpu.model().bandwidth().at(sms), &plan, &ops);
+        kernel_rows(&kernels, &step, &config, decode_batch, sms, limit.at(sms), &plan, &ops);
         if graphs {
             for (batch, budget, census) in backend.0.recorded_graph_census(backend.1).expect("graph census") {
                 eprintln!("{mode}: graph of batch {batch} on {budget} SMs: {census:?}");

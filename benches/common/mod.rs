@@ -10,7 +10,7 @@ use criterion::Criterion;
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 use nexus::kernels::gemm::GemmPlan;
-use nexus::kernels::stream_read::stream_read;
+use nexus::kernels::stream_read::{ReadDepth, stream_read};
 use nexus::kernels::{BandwidthCurve, CtaBudget, Gpu, PhaseContext};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -110,8 +110,10 @@ pub fn median_gpu_time(stream: &Arc<CudaStream>, mut launch: impl FnMut(u64)) ->
     samples[samples.len() / 2]
 }
 
-/// `stream_read` over a buffer of random words (a 16 MB pattern repeated: the values only keep
-/// the power and clocks those of real data), timed like the benchmarked kernels
+/// `stream_read` at [`ReadDepth::Limit`] (192 KB in flight per SM: what the SMs can read at all,
+/// not the planners' 64 KB curve, which a deep enough kernel beats on few SMs) over a buffer of
+/// random words (a 16 MB pattern repeated: the values only keep the power and clocks those of real
+/// data), timed like the benchmarked kernels
 /// ([`median_gpu_time`]) in the same run: the curve of reads of [`ROTATE_BYTES`] at each budget a
 /// bench reports, and reads of any size up to the buffer's.
 pub struct StreamRead {
@@ -142,8 +144,9 @@ impl StreamRead {
         StreamRead { gpu: gpu.clone(), stream: stream.clone(), data, curve }
     }
 
-    /// The streaming-read curve: reads of [`ROTATE_BYTES`], as `Gpu::new` measures the device's,
-    /// so that a kernel's TB/s can be put next to what its SMs can read at all.
+    /// The streaming-read curve: reads of [`ROTATE_BYTES`] (the size `Gpu::new` measures the
+    /// planners' curve with, at the deeper read), so that a kernel's TB/s can be put next to what
+    /// its SMs can read at all.
     pub fn curve(&self) -> &BandwidthCurve {
         &self.curve
     }
@@ -174,7 +177,8 @@ fn read_rate(gpu: &Arc<Gpu>, stream: &Arc<CudaStream>, data: &CudaSlice<u32>, bu
     let mut checksums = stream.alloc_zeros::<u32>(budget.get() as usize).expect("alloc");
     let t = median_gpu_time(stream, |i| {
         let at = (i as usize % copies) * words;
-        stream_read(&ctx, &data.slice(at..at + words), &mut checksums.as_view_mut()).expect("stream_read")
+        stream_read(&ctx, &data.slice(at..at + words), &mut checksums.as_view_mut(), ReadDepth::Limit)
+            .expect("stream_read")
     });
     (4 * words) as f64 / t.as_secs_f64()
 }

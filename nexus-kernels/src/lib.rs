@@ -13,7 +13,7 @@
 //! | [`prefill_attention`] | paged chunked-prefill attention: causal chunks over cached prefixes, tensor cores |
 //! | [`gemm`] | bf16 GEMM `C = A·Bᵀ (+ bias)` with f32 accumulation, M from 1 up, tensor cores (wgmma on Hopper); with a SwiGLU epilogue, `silu(A·gateᵀ) * (A·upᵀ)`; on Hopper with a pre-norm layer's residual add and RMSNorm fused in (`GemmFusion`) |
 //! | [`elementwise`] | embedding gather, RMSNorm (with fused residual add), RoPE with the KV-cache write, argmax, a norm's gain folded into a weight |
-//! | [`mod@stream_read`] | a streaming read of a buffer, 64 KB in flight per SM: the HBM bandwidth of a budget |
+//! | [`mod@stream_read`] | a streaming read of a buffer, 64 or 192 KB in flight per SM: the HBM bandwidth of a budget |
 //! | [`mod@reference`] | the plain-Rust f32 version of each, with the same names and shapes |
 //!
 //! The planners ([`gemm::plan`], [`decode_attention::DecodePlan`]) rank their choices with a

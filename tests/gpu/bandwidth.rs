@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use nexus::kernels::stream_read::ReadDepth;
 use nexus::kernels::{ErrorKind, Gpu, reference, stream_read};
 use rand::Rng;
 
@@ -15,19 +16,23 @@ const POISON: u32 = 0xA5A5_A5A5;
 #[ignore = "needs a CUDA GPU"]
 fn stream_read_checksums_match_reference() {
     let mut rng = rng("stream_read");
-    // One 16-byte vector; less than one 4096-word chunk; three chunks and a partial one; 64 MiB
-    // (4096 chunks, dealt unevenly over 7 CTAs and over most SM counts).
-    for words in [4, 4092, 3 * 4096 + 4, 16 << 20] {
+    // One 16-byte vector; less than one 4096-word chunk; three chunks and a partial one; two groups
+    // of the deep read's 12 chunks and a partial one; 64 MiB (4096 chunks, dealt unevenly over 7
+    // CTAs and over most SM counts).
+    for words in [4, 4092, 3 * 4096 + 4, 25 * 4096 + 4, 16 << 20] {
         let data: Vec<u32> = (0..words).map(|_| rng.random()).collect();
         for budget in [Some(1), Some(7), None] {
             let ctx = phase(budget);
             let ctas = ctx.budget().get() as usize;
             let device = ctx.stream().clone_htod(&data).unwrap();
-            let mut checksums = ctx.stream().clone_htod(&vec![POISON; ctas]).unwrap();
-            stream_read::stream_read(&ctx, &device.as_view(), &mut checksums.as_view_mut()).unwrap();
             let mut want = vec![0; ctas];
             reference::stream_read(&data, &mut want).unwrap();
-            assert_eq!(ctx.stream().clone_dtoh(&checksums).unwrap(), want, "{words} words on {ctas} CTAs");
+            for depth in [ReadDepth::Kernel, ReadDepth::Limit] {
+                let mut checksums = ctx.stream().clone_htod(&vec![POISON; ctas]).unwrap();
+                stream_read::stream_read(&ctx, &device.as_view(), &mut checksums.as_view_mut(), depth).unwrap();
+                let got = ctx.stream().clone_dtoh(&checksums).unwrap();
+                assert_eq!(got, want, "{words} words on {ctas} CTAs, {depth:?}");
+            }
         }
     }
 }
@@ -39,7 +44,8 @@ fn stream_read_rejects_bad_arguments() {
     let data = ctx.stream().alloc_zeros::<u32>(4096).unwrap();
     let mut checksums = ctx.stream().alloc_zeros::<u32>(5).unwrap();
     let mut run = |words: std::ops::Range<usize>, ctas: usize| {
-        stream_read::stream_read(&ctx, &data.slice(words), &mut checksums.slice_mut(..ctas)).map_err(|e| e.kind())
+        stream_read::stream_read(&ctx, &data.slice(words), &mut checksums.slice_mut(..ctas), ReadDepth::Limit)
+            .map_err(|e| e.kind())
     };
     assert_eq!(run(0..4096, 4), Ok(()));
     // Not whole 16-byte vectors.

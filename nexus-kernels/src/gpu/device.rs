@@ -158,7 +158,8 @@ impl Gpu {
     }
 
     /// What the planners know of the device: its PTX build, SM count and the read bandwidth of
-    /// each CTA budget, measured by [`Gpu::new`] with [`crate::stream_read`].
+    /// each CTA budget, measured by [`Gpu::new`] with [`crate::stream_read`] at the depth of our
+    /// kernels ([`crate::stream_read::ReadDepth::Kernel`]).
     pub fn model(&self) -> &DeviceModel {
         &self.model
     }

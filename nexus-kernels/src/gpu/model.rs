@@ -7,7 +7,7 @@ use cudarc::driver::sys::CUevent_flags;
 
 use super::{CtaBudget, Gpu, PhaseContext, PtxTarget};
 use crate::error::ensure_shape;
-use crate::stream_read::stream_read;
+use crate::stream_read::{ReadDepth, stream_read};
 use crate::{Result, reference};
 
 /// Read bandwidth (bytes/s) against the number of CTAs streaming, one per SM: measured points,
@@ -134,7 +134,8 @@ fn round_significant(x: f64) -> f64 {
     }
 }
 
-/// Measures `gpu`'s read bandwidth with [`stream_read`] over [`MEASURE_BYTES`] of random data at
+/// Measures `gpu`'s read bandwidth with [`stream_read`] at [`ReadDepth::Kernel`] (what our kernels
+/// reach, not what the SMs can read at all) over [`MEASURE_BYTES`] of random data at
 /// each of [`measured_budgets`]: one warm-up launch, then the median of [`MEASURE_RUNS`] launches,
 /// each timed by a pair of CUDA events. Every launch is enqueued before the one wait at the end.
 /// About 25 ms on an H100 or H200, 60% of it at 1 CTA.
@@ -154,12 +155,12 @@ pub(super) fn measure_bandwidth(gpu: &Arc<Gpu>) -> Result<BandwidthCurve> {
     for ctas in measured_budgets(gpu.sm_count()) {
         let ctx = PhaseContext::new(gpu.clone(), stream.clone(), CtaBudget::new(ctas, gpu)?);
         let mut out = checksums.slice_mut(..ctas as usize);
-        stream_read(&ctx, &data.as_view(), &mut out)?;
+        stream_read(&ctx, &data.as_view(), &mut out, ReadDepth::Kernel)?;
         // Run i lies between events i and i + 1.
         let mut events = vec![event()?];
         events[0].record(&stream)?;
         for _ in 0..MEASURE_RUNS {
-            stream_read(&ctx, &data.as_view(), &mut out)?;
+            stream_read(&ctx, &data.as_view(), &mut out, ReadDepth::Kernel)?;
             let end = event()?;
             end.record(&stream)?;
             events.push(end);

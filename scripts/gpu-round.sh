@@ -12,7 +12,7 @@
 #   tests     every test-* with --ignored (without models/, the tests that read the SmolLM2 file
 #             are skipped; the synthetic and transformers-random model tests still run)
 #   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
-#             decode attention on ragged batches, its portable build, RMSNorm at each warp
+#             the streaming read at both depths, decode attention on ragged batches, its portable build, RMSNorm at each warp
 #             group, RoPE with the KV write in both styles, a few small GEMMs, split-K GEMMs, the
 #             prefill attention batch sized for sanitizers)
 #   benches   decode_attention, gemm, prefill_attention, elementwise (criterion's own timing
@@ -42,7 +42,7 @@ done
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
 limit=${LIMIT_S:-240}
-sanitize=${SANITIZE:-"decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups elementwise::rope_and_write_kv_matches_reference_in_both gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
+sanitize=${SANITIZE:-"bandwidth::stream_read_checksums_match_reference decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups elementwise::rope_and_write_kv_matches_reference_in_both gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
 models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
 work=$(mktemp -d)
 log=$work/round.log

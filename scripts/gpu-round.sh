@@ -12,9 +12,9 @@
 #   tests     every test-* with --ignored (without models/, the tests that read the SmolLM2 file
 #             are skipped; the synthetic and transformers-random model tests still run)
 #   sanitize  memcheck and racecheck on the tests matching each filter in $SANITIZE (default:
-#             the streaming read at both depths, decode attention on ragged batches, its portable build, RMSNorm at each warp
-#             group, RoPE with the KV write in both styles, a few small GEMMs, split-K GEMMs, the
-#             prefill attention batch sized for sanitizers)
+#             the streaming read at both depths, decode attention on ragged batches, its
+#             portable build, RMSNorm at each warp group, RoPE with the KV write in both styles,
+#             a few small GEMMs, split-K GEMMs, the prefill attention batch sized for sanitizers)
 #   benches   decode_attention, gemm, prefill_attention, elementwise (criterion's own timing
 #             skipped: only the summary tables) and model_step for each model in $MODELS
 #   sdpa      scripts/bench-torch-sdpa.py (torch on the device)

@@ -29,7 +29,7 @@
 //   overlap either (one warp's wgmmas ran one after the other), but warpgroups do: swap_16x128 has
 //   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 12 stages in flight),
 //   swap_16x256 four (256 rows, 32 KB per stage), which streamed 104-113 GB/s per SM
-//   at 8-16 SMs on the H200 with 5 stages (the read curve gives 114-125) where swap_16x128 takes 66-68.
+//   at 8-16 SMs on the H200 with 5 stages (the 64 KB read curve gave 114-125) where swap_16x128 takes 66-68.
 //   swap_32x256 is that tile with 32 activation rows (m64n32, two accumulator sets) for
 //   17 <= M <= 32, where a 64-row A tile does twice the math and, on few SMs, is bound by it;
 //   swap_16x192 has three consumers, for weights whose 256-row tiles make uneven waves (Llama's
@@ -464,11 +464,12 @@ struct WgmmaConfig {
     static constexpr int CONSUMERS = MMA_ROWS / 64;
     static constexpr int A_BYTES = BM * ROW_BYTES, B_BYTES = BN * ROW_BYTES;
     static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-    // The ring takes what a CTA may have (227 KB) less the epilogue buffers, the 1 KB alignment
-    // slack of the dynamic ring and the static arrays (barriers, row scales: under 4 KB swapped,
-    // 2 KB plain); the launcher sizes it the same way.
+    // The ring takes what a CTA may have (227 KB) less the epilogue buffers, the slack of the
+    // dynamic ring's 1024-byte alignment and what the static arrays may take (barriers, row scales,
+    // square sums); the launcher sizes it the same way.
     static constexpr int STAGING_BYTES = SWAP ? 0 : CONSUMERS * 4 * STAGING_BYTES_PER_WARP;
-    static constexpr int RING_BYTES = 227 * 1024 - STAGING_BYTES - 1024 - (SWAP ? 4096 : 2048);
+    static constexpr int RING_ALIGN_BYTES = 1024, STATIC_BYTES = SWAP ? 4096 : 2048;
+    static constexpr int RING_BYTES = 227 * 1024 - STAGING_BYTES - RING_ALIGN_BYTES - STATIC_BYTES;
     static constexpr int STAGES = RING_BYTES / STAGE_BYTES < 16 ? RING_BYTES / STAGE_BYTES : 16;
     // Independent accumulator sets of a consumer: the 4 wgmmas of a K block go round-robin into
     // them and are summed in the epilogue. A chain of dependent wgmma m64n16k16 runs at their

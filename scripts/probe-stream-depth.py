@@ -91,8 +91,7 @@ def main():
     regions = [cp.random.randint(0, 2**31, size=REGION // 4, dtype=cp.uint32) for _ in range(3)]
     out = cp.zeros(1, dtype=cp.uint32)
     on = cp.cuda.Stream(non_blocking=True)
-    budgets = [1] + list(range(8, sms, 8)) + [sms]
-    budgets = [b for b in budgets if b in (1, 8, 16, 24, 32, 40, 48, 64, 96) or b == sms]
+    budgets = [b for b in (1, 8, 16, 24, 32, 40, 48, 64, 96) if b < sms] + [sms]
 
     variants = []
     for d in REGS:

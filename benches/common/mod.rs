@@ -144,8 +144,8 @@ impl StreamRead {
         StreamRead { gpu: gpu.clone(), stream: stream.clone(), data, curve }
     }
 
-    /// The streaming-read curve: reads of [`ROTATE_BYTES`] (the size `Gpu::new` measures the
-    /// planners' curve with, at the deeper read), so that a kernel's TB/s can be put next to what
+    /// The streaming-read curve: reads of [`ROTATE_BYTES`] (as many bytes as `Gpu::new` reads for
+    /// the planners' curve, at the deeper depth), so that a kernel's TB/s can be put next to what
     /// its SMs can read at all.
     pub fn curve(&self) -> &BandwidthCurve {
         &self.curve

@@ -93,6 +93,13 @@ const ALIGN_BYTES: u64 = 16;
 /// their cap on stages.
 const WGMMA_SMEM_BYTES: usize = 227 * 1024;
 const WGMMA_MAX_STAGES: usize = 16;
+/// Slack for the kernels' rounding of the dynamic ring up to a 1024-byte boundary (the 128-byte
+/// swizzle's period).
+const WGMMA_RING_ALIGN_BYTES: usize = 1024;
+/// Shared memory left to a wgmma kernel's static arrays (barriers, row scales, the swapped tiles'
+/// square sums; `STATIC_BYTES` in the source): ptxas reports 96-2704 bytes.
+const WGMMA_STATIC_BYTES_SWAPPED: usize = 4096;
+const WGMMA_STATIC_BYTES_PLAIN: usize = 2048;
 /// Shared memory of a plain (not swapped) wgmma kernel's epilogue after the ring, per consumer
 /// warp (`STAGING_BYTES_PER_WARP` in the source): 16 rows of 128 bytes.
 const WGMMA_STAGING_BYTES_PER_WARP: usize = 16 * 128;
@@ -912,9 +919,10 @@ fn launch(
             let stage_bytes = (spec.bm + spec.bn) * BK * 2;
             let consumers = if swap { spec.bn } else { spec.bm } / 64;
             let staging = if swap { 0 } else { consumers * 4 * WGMMA_STAGING_BYTES_PER_WARP };
-            let ring = WGMMA_SMEM_BYTES - staging - 1024 - if swap { 4096 } else { 2048 };
+            let static_bytes = if swap { WGMMA_STATIC_BYTES_SWAPPED } else { WGMMA_STATIC_BYTES_PLAIN };
+            let ring = WGMMA_SMEM_BYTES - staging - WGMMA_RING_ALIGN_BYTES - static_bytes;
             let stages = (ring / stage_bytes).min(WGMMA_MAX_STAGES);
-            let smem = (stages * stage_bytes + staging + 1024) as u32;
+            let smem = (stages * stage_bytes + staging + WGMMA_RING_ALIGN_BYTES) as u32;
             let threads = 128 * (1 + consumers as u32);
             let map_a = matrix_map(a_ptr, m, k, spec.bm)?;
             let map_b = match epilogue {

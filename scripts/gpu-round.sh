@@ -21,6 +21,9 @@
 #   beside    what slows decode beside a prefill: scripts/probe-decode-beside.py (CuPy), then the
 #             GEMM bench's decode rows of its beside section, with nvidia-smi's SM clock, power
 #             and clock event reasons every 200 ms (beside-clocks.txt)
+#   probes    what bounds the decode GEMMs on few SMs: scripts/probe-register-stream.py (CuPy;
+#             shared memory against registers as the weight's path) and
+#             scripts/probe-stream-depth.py (the streaming read by bytes in flight)
 #   gemm-ab   a GEMM change against a base build: the decode table's rows matching $GEMM_ONLY
 #             (default gemm-decode/Llama), of this build alone or, where $BASE is a folder with
 #             another build's bench-gemm (or bench-gemm.xz), of both in turns (base, this, base,
@@ -110,6 +113,10 @@ for s in "${steps[@]}"; do
         [ -x "$dir/bin/bench-gemm" ] &&
             step gemm-beside-decode env NEXUS_BENCH_ONLY="gemm-beside/m 16/" "$dir/bin/bench-gemm" --bench no-criterion-case
         kill "$smi"
+        ;;
+    probes)
+        step probe-register-stream env PYTHONUNBUFFERED=1 python3 scripts/probe-register-stream.py
+        step probe-stream-depth env PYTHONUNBUFFERED=1 python3 scripts/probe-stream-depth.py
         ;;
     gemm-ab)
         runs=(new)

@@ -15,7 +15,8 @@
 //!
 //! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 32, 64) of Llama-3.1-8B,
 //! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick (with its split of K)
-//! and what it measured, and cuBLAS. A third times one 128 MB weight at M = 1 with rows (K) of
+//! and what it measured, and cuBLAS; the register-streamed kernels ([`GemmKernel::STREAMS`]),
+//! which the planner does not pick yet, among them. A third times one 128 MB weight at M = 1 with rows (K) of
 //! 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
 //!
 //! A fourth times the SwiGLU epilogue ([`gemm::gemm_silu_and_mul`]) against the plain GEMM of the
@@ -346,7 +347,7 @@ fn silu_and_mul_epilogue(
     if gpu.target() == PtxTarget::Sm90a {
         kernels.extend(GemmKernel::HOPPER.map(Some));
     }
-    kernels.extend(GemmKernel::PORTABLE.map(Some));
+    kernels.extend(GemmKernel::PORTABLE.into_iter().chain(GemmKernel::STREAMS).map(Some));
     let report = Report::new(
         "GEMM with the SwiGLU epilogue against the plain GEMM (TB/s = 2(MK + NK + M·out) / t)",
         &[
@@ -377,6 +378,10 @@ fn silu_and_mul_epilogue(
             let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
             let planned = gemm::plan(shape, budget, gpu.model());
             for &kernel in &kernels {
+                // The register-streamed kernels where one M tile holds M (as in the decode table).
+                if kernel.is_some_and(|k| GemmKernel::STREAMS.contains(&k) && m > k.tile().0) {
+                    continue;
+                }
                 let config = kernel.map_or_else(|| planned.config(), Into::into);
                 let plain = gemm_time(&ctx, Some(config), &views, out, shape, &mut workspace);
                 let fused = median_gpu_time(stream, |i| {
@@ -884,10 +889,11 @@ fn decode_sizes(
     budgets: &[CtaBudget],
     reads: &StreamRead,
 ) {
-    let kernels: Vec<GemmKernel> = match gpu.target() {
+    let mut kernels: Vec<GemmKernel> = match gpu.target() {
         PtxTarget::Sm90a => GemmKernel::HOPPER.iter().chain(&GemmKernel::PORTABLE).copied().collect(),
         PtxTarget::Sm80 => GemmKernel::PORTABLE.to_vec(),
     };
+    kernels.extend(GemmKernel::STREAMS);
     let names: Vec<String> = kernels.iter().map(|k| format!("{k:?} TB/s")).collect();
     let mut header = vec![
         "layer (K x N)",
@@ -906,8 +912,15 @@ fn decode_sizes(
         let GemmShape { m, n, k } = shape;
         let views = rotated_operands(pool, m * k, n * k);
         let bytes = shape.bf16_bytes() as f64;
+        // The register-streamed kernels only where one M tile holds M (more would re-read the
+        // weight per tile, for nothing the table needs).
+        let timed: Vec<GemmKernel> = kernels
+            .iter()
+            .copied()
+            .filter(|kernel| !GemmKernel::STREAMS.contains(kernel) || m <= kernel.tile().0)
+            .collect();
         for budget in chosen {
-            let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &kernels);
+            let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &timed);
             let same_bytes = reads.bytes_per_second(budget, bytes as usize);
             let mut row = vec![
                 format!("{layer} ({k} x {n})"),
@@ -920,7 +933,11 @@ fn decode_sizes(
                 format!("{:.2}", bytes / times.planned / 1e12),
                 format!("{:.0}%", 100.0 * bytes / times.planned / same_bytes),
             ];
-            row.extend(times.kernels.iter().map(|t| format!("{:.2}", bytes / t / 1e12)));
+            let mut measured = timed.iter().zip(&times.kernels).peekable();
+            row.extend(kernels.iter().map(|kernel| match measured.next_if(|(k, _)| *k == kernel) {
+                Some((_, t)) => format!("{:.2}", bytes / t / 1e12),
+                None => "-".to_string(),
+            }));
             report.add(row);
         }
     }

@@ -146,6 +146,9 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
     *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
+// Columns of C per square sum (ACCUMULATE's `sq_out`), and of A per one a row norm reads (`sq_in`).
+constexpr int SQ_COLS = 64;
+
 // What a kernel stores (the `epilogue` argument; see the top of the file).
 enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1, ACCUMULATE = 2 };
 
@@ -413,6 +416,258 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 }
 
 // ---------------------------------------------------------------------------------------------
+// Register-streamed path for decode-sized M: mma.sync fed straight from global loads (sm_80+).
+//
+// Every kernel above stages the weight in shared memory: a copy writes each byte once and the
+// tensor cores (or ldmatrix) read it once more, and shared memory moves 128 bytes a clock per SM.
+// At decode's M that traffic, not DRAM, bounds a kernel on few SMs: two bytes of it per byte of
+// weight cap an SM at 64 bytes of weight a clock (~125 GB/s), where a plain read with 128-192 KB in
+// flight pulls 160-230 GB/s per SM on 1-16 SMs of an H100 (scripts/probe-register-stream.py,
+// bench-results/stream-depth-h100.md). Here no byte of the weight touches shared memory.
+//
+// The weight's rows are mma.sync's m16 side, the activations its n8 side. A warp multiplies
+// slabs of 32 of K: lane (g, t) loads 16 bytes of weight rows g and g + 8 of a 16-row block at K
+// 8t..8t+7 of the slab, and the same 16 bytes of activation row g. Read with K permuted alike on
+// both sides (values 4h..4h+3 of those 8 are fragment columns 2t, 2t + 1, 2t + 8, 2t + 9 of the
+// slab's h-th mma), they are the A and B fragments of two m16n8k16 mmas: no shuffle, no ldmatrix.
+// Each warp keeps DEPTH slabs of loads in flight (DEPTH x 2 KB of weight; 16 warps: 96-128 KB a
+// SM). Work units are 64 weight rows (columns of C) of one M tile, taken by CTAs in a static
+// stride (unit = blockIdx.x + i gridDim.x: no counter); a CTA's 16 warps split a unit two ways
+// along its rows and SLICES ways along K (warp slice s takes slabs s, s + SLICES, ...), keep
+// loading the CTA's next unit while they finish one, and add their partial sums through shared
+// memory in slice order (double-buffered by unit), so the result does not depend on timing. The
+// epilogues are those of the wgmma kernels, applied to the sums: STORE (+ bias), SILU_AND_MUL
+// (the weight's rows read in gated order), and with FUSED the row norm (sq_in) and ACCUMULATE
+// with its square sums (a unit's 64 columns are one SQ_COLS group).
+template <int MT>  // n8 fragments of activation rows: M tiles of 8 MT rows
+struct StreamConfig {
+    static constexpr int THREADS = 512, WARPS = THREADS / 32;
+    static constexpr int BM = 8 * MT;                // rows of A (of C) per M tile
+    static constexpr int ROWS = 64;                  // rows of B (columns of C) per unit
+    static constexpr int SLAB = 32;                  // K per slab
+    static constexpr int RG = 2;                     // 16-row blocks a warp multiplies per slab
+    static constexpr int PARTS = ROWS / (16 * RG);   // warps along a unit's rows
+    static constexpr int SLICES = WARPS / PARTS;     // warps along K
+    static constexpr int DEPTH = MT == 1 ? 4 : 3;    // slabs in flight per warp (registers: 128 a thread)
+    static constexpr int PARTIAL_STRIDE = ROWS + 4;  // floats per row of A in a slice's partial sums
+    // The partial sums of one unit: [SLICES][BM][PARTIAL_STRIDE] floats, two units' worth.
+    static constexpr int PARTIAL_BYTES = 2 * SLICES * BM * PARTIAL_STRIDE * 4;
+    static_assert(PARTS * SLICES == WARPS && BM <= WARPS, "a warp per row of the M tile in the epilogue");
+};
+
+// 16 bytes of a row of the weight: not kept in L1 (no CTA reads them twice). In program order with
+// the other loads (volatile), so that the loop keeps its DEPTH slabs in flight.
+__device__ __forceinline__ uint4 load_weight(const bf16* p, bool valid) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (valid)
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+    return v;
+}
+// 16 bytes of a row of the activations, cached in L1 (the CTA's other row half reads them too).
+// The previous kernel wrote them: only after wait_for_previous_kernel (volatile keeps it there).
+__device__ __forceinline__ uint4 load_activation(const bf16* p, bool valid) {
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (valid)
+        asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+template <int MT, bool FUSED>
+__device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, const bf16* __restrict__ b,
+                                                 const bf16* __restrict__ bias, bf16* __restrict__ c, int m, int n,
+                                                 int k, int epilogue, float* __restrict__ sq_out,
+                                                 const float* __restrict__ sq_in, float eps) {
+    using C = StreamConfig<MT>;
+    constexpr int BM = C::BM, RG = C::RG, DEPTH = C::DEPTH, SLICES = C::SLICES;
+    if constexpr (!FUSED) {
+        sq_out = nullptr;
+        sq_in = nullptr;
+    }
+    extern __shared__ float partials[];  // [2][SLICES][BM][PARTIAL_STRIDE]
+    __shared__ float row_scale[2][BM];   // sq_in: the norm's factor of each row of the unit's M tile
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int part = warp / SLICES, slice = warp % SLICES;
+    const int m_tiles = (m + BM - 1) / BM, n_units = (n + C::ROWS - 1) / C::ROWS;
+    const int units = m_tiles * n_units;
+    const int slabs = (k + C::SLAB - 1) / C::SLAB;
+    // Slabs each warp walks per unit: the same for all, a multiple of DEPTH (so that the slab a
+    // buffer holds is the same modulo DEPTH in every unit); those past K are skipped.
+    const int steps = ((slabs + SLICES - 1) / SLICES + DEPTH - 1) / DEPTH * DEPTH;
+    const bool gated = epilogue == SILU_AND_MUL;
+
+    struct Slab {
+        uint4 w[RG][2];  // weight rows g and g + 8 of each 16-row block
+        uint4 x[MT];     // activation rows g of each n8 fragment
+    };
+    // Unit `unit`'s M tile and its first row of B.
+    auto unit_coords = [&](int unit, int& mt, int& row0) {
+        mt = unit % m_tiles;  // M fastest: CTAs side by side share the weight's rows in L2
+        row0 = (unit / m_tiles) * C::ROWS;
+    };
+    // The K offset of this warp's step `j` of a unit (k when past K).
+    auto step_k = [&](int j) { return min((slice + j * SLICES) * C::SLAB, k); };
+    // Step `j` of the unit whose first row of B is `row0` (of M tile `mt`): its weight, its activations.
+    auto load_w = [&](Slab& s, int row0, int j) {
+        const int col = step_k(j) + 8 * t;
+#pragma unroll
+        for (int r = 0; r < RG; ++r)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int q = row0 + part * 16 * RG + r * 16 + g + 8 * h;  // in gated order for SILU
+                const int row = gated ? gated_row(q, n / 2) : q;
+                s.w[r][h] = load_weight(b + (size_t)row * k + col, q < n && col < k);
+            }
+    };
+    auto load_x = [&](Slab& s, int mt, int j) {
+        const int col = step_k(j) + 8 * t;
+#pragma unroll
+        for (int f = 0; f < MT; ++f) {
+            const int row = mt * BM + f * 8 + g;
+            s.x[f] = load_activation(a + (size_t)row * k + col, row < m && col < k);
+        }
+    };
+    // The row norm's factors of M tile `mt` into row_scale[buffer]: warp r adds up row r's square
+    // sums (lane i every 32nd, then a butterfly: the same order in every CTA).
+    auto load_row_scale = [&](int mt, int buffer) {
+        const int groups = (k + SQ_COLS - 1) / SQ_COLS, row = mt * BM + warp;
+        if (warp >= BM) return;
+        float sum = 0.f;
+        if (row < m)
+            for (int i = lane; i < groups; i += 32) sum += __ldcg(sq_in + (size_t)row * groups + i);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) row_scale[buffer][warp] = row < m ? rsqrtf(sum / k + eps) : 0.f;
+    };
+
+    int unit = blockIdx.x;
+    if (unit >= units) {
+        nexus::follow_previous_kernel();
+        return;
+    }
+    // The first slabs of weight go out before the wait for the previous kernel (no kernel writes
+    // the weight): under a dependent launch they stream while it drains.
+    int mt, row0;
+    unit_coords(unit, mt, row0);
+    Slab buf[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_w(buf[d], row0, d);
+    nexus::follow_previous_kernel();
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_x(buf[d], mt, d);
+
+    for (int parity = 0; unit < units; unit += gridDim.x, parity ^= 1) {
+        unit_coords(unit, mt, row0);
+        const int next = unit + gridDim.x;
+        int next_mt = 0, next_row0 = 0;
+        if (next < units) unit_coords(next, next_mt, next_row0);
+        if (sq_in != nullptr) load_row_scale(mt, parity);
+        // ACCUMULATE: the values of C this warp's epilogue adds to (row `warp` of the M tile,
+        // columns row0 + lane and row0 + lane + 32), loaded now to arrive during the main loop.
+        float old_c[2] = {0.f, 0.f};
+        const int c_row = mt * BM + warp;
+        if (FUSED && epilogue == ACCUMULATE && warp < BM && c_row < m) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                const int col = row0 + lane + 32 * i;
+                if (col < n) old_c[i] = __bfloat162float(c[(size_t)c_row * n + col]);
+            }
+        }
+
+        float acc[RG][MT][4];
+#pragma unroll
+        for (int r = 0; r < RG; ++r)
+#pragma unroll
+            for (int f = 0; f < MT; ++f)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[r][f][e] = 0.f;
+        for (int j0 = 0; j0 < steps; j0 += DEPTH) {
+#pragma unroll
+            for (int d = 0; d < DEPTH; ++d) {
+                const int j = j0 + d;
+                Slab& s = buf[d];
+                if (step_k(j) < k) {
+#pragma unroll
+                    for (int r = 0; r < RG; ++r) {
+                        const uint32_t lo[4] = {s.w[r][0].x, s.w[r][1].x, s.w[r][0].y, s.w[r][1].y};
+                        const uint32_t hi[4] = {s.w[r][0].z, s.w[r][1].z, s.w[r][0].w, s.w[r][1].w};
+#pragma unroll
+                        for (int f = 0; f < MT; ++f) {
+                            nexus::mma_16816(acc[r][f], lo, s.x[f].x, s.x[f].y);
+                            nexus::mma_16816(acc[r][f], hi, s.x[f].z, s.x[f].w);
+                        }
+                    }
+                }
+                // Refill with the slab DEPTH steps on: this unit's, or the next unit's first ones.
+                if (j + DEPTH < steps) {
+                    load_w(s, row0, j + DEPTH);
+                    load_x(s, mt, j + DEPTH);
+                } else if (next < units) {
+                    load_w(s, next_row0, j + DEPTH - steps);
+                    load_x(s, next_mt, j + DEPTH - steps);
+                }
+            }
+        }
+
+        // This warp's partial sums: accumulator (r, f, e) is unit row part*32 + r*16 + g (+8 for
+        // e >= 2) and M-tile row f*8 + 2t (+1 for odd e).
+        float* const mine = partials + (size_t)(parity * SLICES + slice) * BM * C::PARTIAL_STRIDE;
+#pragma unroll
+        for (int r = 0; r < RG; ++r)
+#pragma unroll
+            for (int f = 0; f < MT; ++f)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = part * 16 * RG + r * 16 + g + (e >> 1) * 8, arow = f * 8 + 2 * t + (e & 1);
+                    mine[arow * C::PARTIAL_STRIDE + row] = acc[r][f][e];
+                }
+        // Every slice's sums are in (and the unit two back, which used this buffer, is done:
+        // every warp passed its epilogue before arriving here).
+        __syncthreads();
+        if (warp >= BM || c_row >= m) continue;
+
+        // Epilogue: warp w stores row w of the M tile, adding the slices in order.
+        const float* const sums = partials + (size_t)parity * SLICES * BM * C::PARTIAL_STRIDE + warp * C::PARTIAL_STRIDE;
+        auto unit_sum = [&](int row) {
+            float v = 0.f;
+#pragma unroll
+            for (int sl = 0; sl < SLICES; ++sl) v += sums[(size_t)sl * BM * C::PARTIAL_STRIDE + row];
+            return sq_in != nullptr ? v * row_scale[parity][warp] : v;
+        };
+        if (gated) {
+            // Lane i: the gate row (i / 8) * 16 + i % 8 of the unit and its up row 8 further, output
+            // column row0 / 2 + i.
+            const int row = (lane >> 3) * 16 + (lane & 7), col = row0 / 2 + lane;
+            if (row0 + row < n) c[(size_t)c_row * (n / 2) + col] = __float2bfloat16_rn(silu_mul(unit_sum(row), unit_sum(row + 8)));
+            continue;
+        }
+        float square = 0.f;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const int row = lane + 32 * i, col = row0 + row;
+            if (col >= n) continue;
+            float v = unit_sum(row);
+            if (bias != nullptr) v += __bfloat162float(bias[col]);
+            if (FUSED && epilogue == ACCUMULATE) {
+                // What is stored: C's value + the product rounded to bf16, rounded again.
+                v = __bfloat162float(__float2bfloat16_rn(old_c[i] + __bfloat162float(__float2bfloat16_rn(v))));
+                square += v * v;
+            }
+            c[(size_t)c_row * n + col] = __float2bfloat16_rn(v);
+        }
+        if (sq_out != nullptr && epilogue == ACCUMULATE) {
+            // The unit's 64 columns are one SQ_COLS group: a lane's two, then a butterfly.
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) square += __shfl_xor_sync(0xffffffffu, square, o);
+            if (lane == 0) sq_out[(size_t)c_row * ((n + SQ_COLS - 1) / SQ_COLS) + row0 / SQ_COLS] = square;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Hopper path: TMA + mbarriers + wgmma, warp-specialized (sm_90a).
 
 // Threads of a wgmma kernel with tiles of BM (rows of A) x BN (rows of B): a producer warpgroup
@@ -420,9 +675,6 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 constexpr int wgmma_threads(int bm, int bn, bool swap) { return 128 * (1 + (swap ? bn : bm) / 64); }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-
-// Columns of C per square sum (ACCUMULATE's `sq_out`), and of A per one a row norm reads (`sq_in`).
-constexpr int SQ_COLS = 64;
 
 // old + v for 8 packed bf16 values each, rounded to bf16 (v is already rounded: the residual add
 // this replaces added the layer's stored bf16 output in f32).
@@ -1199,6 +1451,23 @@ __device__ __forceinline__ void gemm_wgmma_body(const TensorMap* tmap_a, const T
 NEXUS_GEMM_MMA(gemm_mma_128x128, 128, 128, false)
 NEXUS_GEMM_MMA(gemm_mma_64x64, 64, 64, false)
 NEXUS_GEMM_MMA(gemm_mma_swap_16x256, 16, 256, true)
+
+// The register-streamed kernels take, after the epilogue, the square sums ACCUMULATE writes and
+// those a row norm reads (null: none) and the norm's epsilon, as the wgmma ones; no counter, no
+// split. Their shared memory: StreamConfig<MT>::PARTIAL_BYTES (the launcher asks for more, to run
+// one CTA per SM).
+#define NEXUS_GEMM_STREAM(NAME, MT, FUSED)                                                                      \
+    extern "C" __global__ void __launch_bounds__(StreamConfig<MT>::THREADS, 1)                                   \
+        NAME(const bf16* __restrict__ a, const bf16* __restrict__ b, const bf16* __restrict__ bias,            \
+             bf16* __restrict__ c, int m, int n, int k, int epilogue, float* __restrict__ sq_out,               \
+             const float* __restrict__ sq_in, float eps) {                                                       \
+        gemm_stream_body<MT, FUSED>(a, b, bias, c, m, n, k, epilogue, sq_out, sq_in, eps);                      \
+    }
+
+NEXUS_GEMM_STREAM(gemm_mma_stream_8x64, 1, false)
+NEXUS_GEMM_STREAM(gemm_mma_stream_8x64_fused, 1, true)
+NEXUS_GEMM_STREAM(gemm_mma_stream_16x64, 2, false)
+NEXUS_GEMM_STREAM(gemm_mma_stream_16x64_fused, 2, true)
 
 // Empty outside sm_90a: the launcher selects these only on Hopper.
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

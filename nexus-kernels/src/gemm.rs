@@ -23,6 +23,11 @@
 //!   B by TMA multicast; measured, not planned (see its docs).
 //! - Everywhere from sm_80 on, [`GemmKernel::Mma128x128`] and [`GemmKernel::Mma64x64`]: `cp.async`
 //!   into a multi-stage swizzled ring, `ldmatrix` and `mma.sync`.
+//! - Everywhere from sm_80 on, for M ≤ 8 and M ≤ 16: [`GemmKernel::MmaStream8x64`] and
+//!   [`GemmKernel::MmaStream16x64`] load the weight from memory straight into `mma.sync`'s
+//!   fragments. Every other kernel stages it in shared memory, whose traffic (a write and a read per
+//!   byte) bounds a decode-sized GEMM on few SMs below what those SMs can read. Not planned until
+//!   measured ([`GemmKernel::STREAMS`]); they run the fusions below on every GPU.
 //!
 //! When a shape's output tiles do not spread evenly over the budget's CTAs (decode-sized GEMMs
 //! with a narrow N, e.g. Llama-3.1-8B's down and output projections, or 24 tiles on 16 CTAs), the
@@ -103,6 +108,11 @@ const WGMMA_STATIC_BYTES_PLAIN: usize = 2048;
 /// Shared memory of a plain (not swapped) wgmma kernel's epilogue after the ring, per consumer
 /// warp (`STAGING_BYTES_PER_WARP` in the source): 16 rows of 128 bytes.
 const WGMMA_STAGING_BYTES_PER_WARP: usize = 16 * 128;
+/// Threads of the register-streamed kernels (`StreamConfig::THREADS` in the source), and the bytes
+/// of their partial sums per M-tile row: two units (double-buffered) of 8 K slices × 68 floats
+/// (`PARTIAL_BYTES`; the launcher asks for more, to keep one CTA per SM).
+const STREAM_THREADS: u32 = 512;
+const STREAM_PARTIAL_BYTES_PER_ROW: usize = 2 * 8 * 68 * 4;
 /// Threads of the mma kernels, and the largest `stages` argument they accept.
 const MMA_THREADS: u32 = 256;
 const MMA_MAX_STAGES: usize = 16;
@@ -172,6 +182,14 @@ pub enum GemmKernel {
     /// mma.sync's m16 side, the activations on its n8 side, 8 warps of 32 weight rows): M ≤ 16,
     /// streaming 32 KB of weight per 64-deep K block through ldmatrix.
     MmaSwap16x256,
+    /// Any GPU from sm_80 on: 8 rows of A × 64 rows of B with the weight loaded from memory
+    /// straight into mma.sync's fragments (no shared memory on its way: staging it there costs two
+    /// bytes of shared-memory traffic per byte, which bounds the other kernels at decode's M on few
+    /// SMs), 16 warps a CTA splitting each unit's K and adding their sums in a fixed order: M ≤ 8.
+    /// Measured, not planned ([`GemmKernel::STREAMS`]).
+    MmaStream8x64,
+    /// [`GemmKernel::MmaStream8x64`] with two n8 fragments of activation rows: M ≤ 16.
+    MmaStream16x64,
 }
 
 /// What the launcher and the planner need to know of a kernel.
@@ -190,6 +208,8 @@ enum Family {
     Wgmma { swap: bool, fused: &'static str, pair: bool },
     /// cp.async + mma.sync, with at most this many stages.
     Mma { max_stages: usize },
+    /// mma.sync fed by global loads; `fused` as for `Wgmma`.
+    Stream { fused: &'static str },
 }
 
 impl GemmKernel {
@@ -208,6 +228,10 @@ impl GemmKernel {
     ];
     /// The Hopper kernels in clusters of two CTAs that share B.
     pub const PAIRS: [GemmKernel; 1] = [GemmKernel::WgmmaPair128x256];
+    /// The register-streamed kernels (every GPU from sm_80 on, with the fusions). Built for the
+    /// decode lane's small budgets and not yet measured on a GPU: [`plan`] never picks them; the
+    /// tests and benches run them.
+    pub const STREAMS: [GemmKernel; 2] = [GemmKernel::MmaStream8x64, GemmKernel::MmaStream16x64];
     /// The kernels that run on every GPU from sm_80 on, largest tiles first.
     pub const PORTABLE: [GemmKernel; 3] = [GemmKernel::Mma128x128, GemmKernel::Mma64x64, GemmKernel::MmaSwap16x256];
     /// The portable kernels that accumulate every output in one order whatever the tile and M
@@ -251,6 +275,12 @@ impl GemmKernel {
             GemmKernel::Mma128x128 => ("gemm_mma_128x128", 128, 128, Mma { max_stages: 4 }),
             GemmKernel::Mma64x64 => ("gemm_mma_64x64", 64, 64, Mma { max_stages: 12 }),
             GemmKernel::MmaSwap16x256 => ("gemm_mma_swap_16x256", 16, 256, Mma { max_stages: 8 }),
+            GemmKernel::MmaStream8x64 => {
+                ("gemm_mma_stream_8x64", 8, 64, Stream { fused: "gemm_mma_stream_8x64_fused" })
+            }
+            GemmKernel::MmaStream16x64 => {
+                ("gemm_mma_stream_16x64", 16, 64, Stream { fused: "gemm_mma_stream_16x64_fused" })
+            }
         };
         Spec { name, bm, bn, family }
     }
@@ -286,7 +316,8 @@ impl GemmKernel {
         shape.m.div_ceil(rows) * shape.n.div_ceil(bn)
     }
 
-    /// Whether the kernel can run a [`GemmFusion`] other than none: the wgmma ones.
+    /// Whether the kernel can run a [`GemmFusion`] other than none: the wgmma and register-streamed
+    /// ones.
     pub fn fuses_norms(self) -> bool {
         self.fused_name().is_some()
     }
@@ -300,7 +331,7 @@ impl GemmKernel {
     /// The name of the kernel's instantiation with the fusions.
     fn fused_name(self) -> Option<&'static str> {
         match self.spec().family {
-            Family::Wgmma { fused, .. } => Some(fused),
+            Family::Wgmma { fused, .. } | Family::Stream { fused } => Some(fused),
             Family::Mma { .. } => None,
         }
     }
@@ -465,6 +496,8 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
             let rows = s.bm.min(m.div_ceil(16) * 16) as f64;
             rows * s.bn as f64 * BK as f64 / (MMA_MACS_PER_CLOCK * 0.7)
         }
+        // Every n8 fragment of the tile, whatever M: a unit's mma.sync over the tile.
+        Family::Stream { .. } => (s.bm * s.bn * BK) as f64 / (MMA_MACS_PER_CLOCK * 0.7),
     }
 }
 
@@ -476,14 +509,14 @@ fn math_clocks_per_k_block(kernel: GemmKernel, m: usize) -> f64 {
 /// the weight's bytes once, ranked them first.
 fn covers_m(kernel: GemmKernel, m: usize) -> bool {
     let s = kernel.spec();
-    !matches!(s.family, Family::Wgmma { swap: true, .. }) || m <= s.bm
+    !matches!(s.family, Family::Wgmma { swap: true, .. } | Family::Stream { .. }) || m <= s.bm
 }
 
 /// Multiply-adds a tile issues per element of K (padding included): the tie-breaker of [`plan`].
 fn tile_macs_per_k(kernel: GemmKernel, m: usize) -> f64 {
     let s = kernel.spec();
     let rows = match s.family {
-        Family::Wgmma { .. } => s.bm,
+        Family::Wgmma { .. } | Family::Stream { .. } => s.bm,
         // Warps skip m16 fragments wholly below M.
         Family::Mma { .. } => s.bm.min(m.div_ceil(16) * 16),
     };
@@ -913,6 +946,42 @@ fn launch(
             // n multiples of 8, and the kernel reads and writes only inside those shapes. The
             // counters are zero (made so, and reset by each launch's last CTA), and the shared
             // memory holds `stages` stages.
+            unsafe { launch.launch(cfg) }?;
+        }
+        Family::Stream { fused } => {
+            // More than half of what an SM may give a block, so that two never share an SM.
+            let partials = spec.bm * STREAM_PARTIAL_BYTES_PER_ROW;
+            let one_per_sm = workspace.smem_per_block / 2 + 1024;
+            let smem = partials.max(one_per_sm);
+            if smem > workspace.smem_per_block {
+                return Err(Error::Unsupported(format!(
+                    "gemm: {} needs {smem} bytes of shared memory per block; the device has {}",
+                    spec.name, workspace.smem_per_block
+                )));
+            }
+            let name = if matches!(fusion, GemmFusion::None) { spec.name } else { fused };
+            let (f, cfg) = ctx.kernel(MODULE, name, grid, STREAM_THREADS, smem as u32)?;
+            let mut launch = ctx.launch(&f);
+            launch.arg(a).arg(b);
+            push_bias(&mut launch, bias, &null);
+            launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i);
+            let mut eps = 0f32;
+            match fusion {
+                GemmFusion::None => launch.arg(&null).arg(&null),
+                GemmFusion::AddToC { square_sums } => launch.arg(square_sums).arg(&null),
+                GemmFusion::RowNorm { square_sums, eps: e } => {
+                    eps = e;
+                    launch.arg(&null).arg(square_sums)
+                }
+            };
+            launch.arg(&eps);
+            // SAFETY: the arguments match `NEXUS_GEMM_STREAM` in cuda/gemm.cu. A, B, C and the
+            // bias hold exactly m·k, n·k, m·c_cols and n values (checked above; c_cols is n, or
+            // n / 2 with n a multiple of 16 for the SiLU epilogue), 16-byte aligned with k and n
+            // multiples of 8, and the kernel loads 16-byte pieces only inside A's and B's rows and
+            // stores only inside [m, c_cols]. The square sums a fusion reads or writes hold m rows
+            // of ceil(n / 64) (C's) or ceil(k / 64) (A's) floats (checked above; null pointers
+            // otherwise). The shared memory holds the kernel's partial sums (`PARTIAL_BYTES`).
             unsafe { launch.launch(cfg) }?;
         }
         Family::Wgmma { swap, .. } => {

@@ -78,9 +78,22 @@ mod tests {
         assert!(gemm.len() > 1, "{gemm:?}");
         // Every GEMM kernel the launcher names, and its fused instantiation, is in the Hopper module.
         use crate::gemm::GemmKernel;
-        for kernel in GemmKernel::HOPPER.into_iter().chain(GemmKernel::PAIRS).chain(GemmKernel::PORTABLE) {
+        for kernel in GemmKernel::HOPPER
+            .into_iter()
+            .chain(GemmKernel::PAIRS)
+            .chain(GemmKernel::PORTABLE)
+            .chain(GemmKernel::STREAMS)
+        {
             for name in kernel.ptx_names() {
                 assert!(gemm.contains(&name), "{kernel:?}: no kernel {name} in gemm.ptx");
+            }
+        }
+        // And those that run on any GPU in the portable module.
+        let portable: Vec<&str> = entries(SM80.iter().find(|m| m.name == "gemm").map_or("", |m| m.ptx)).collect();
+        for kernel in GemmKernel::PORTABLE.into_iter().chain(GemmKernel::STREAMS) {
+            assert!(!kernel.needs_sm90a(), "{kernel:?}");
+            for name in kernel.ptx_names() {
+                assert!(portable.contains(&name), "{kernel:?}: no kernel {name} in the sm_80 gemm.ptx");
             }
         }
     }

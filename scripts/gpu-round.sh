@@ -45,7 +45,7 @@ done
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(tests sanitize benches sdpa)
 limit=${LIMIT_S:-240}
-sanitize=${SANITIZE:-"bandwidth::stream_read_checksums_match_reference decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups elementwise::rope_and_write_kv_matches_reference_in_both gemm::few_shapes_for_sanitizers gemm::split_k prefill_attention::small_batches"}
+sanitize=${SANITIZE:-"bandwidth::stream_read_checksums_match_reference decode_attention::gqa_ragged decode_attention::portable elementwise::rms_norm_warp_groups elementwise::rope_and_write_kv_matches_reference_in_both gemm::few_shapes_for_sanitizers gemm::gemm_fusions_for_sanitizers gemm::split_k prefill_attention::small_batches"}
 models=${MODELS:-"llama-3.1-8b qwen2.5-3b qwen2.5-14b"}
 work=$(mktemp -d)
 log=$work/round.log

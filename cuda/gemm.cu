@@ -455,23 +455,23 @@ struct StreamConfig {
     static_assert(PARTS * SLICES == WARPS && BM <= WARPS, "a warp per row of the M tile in the epilogue");
 };
 
-// 16 bytes of a row of the weight: not kept in L1 (no CTA reads them twice). In program order with
-// the other loads (volatile), so that the loop keeps its DEPTH slabs in flight.
-__device__ __forceinline__ uint4 load_weight(const bf16* p, bool valid) {
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (valid)
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                     : "l"(p));
-    return v;
+// 16 bytes of a row of the weight into `v`, if `valid` (else `v` keeps what it held): not kept in
+// L1 (no CTA reads them twice). In program order with the other loads (volatile), so that the loop
+// keeps its DEPTH slabs in flight.
+__device__ __forceinline__ void load_weight(uint4& v, const bf16* p, bool valid = true) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n"
+        "@p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(p), "r"(static_cast<int>(valid)));
 }
 // 16 bytes of a row of the activations, cached in L1 (the CTA's other row half reads them too).
 // The previous kernel wrote them: only after wait_for_previous_kernel (volatile keeps it there).
-__device__ __forceinline__ uint4 load_activation(const bf16* p, bool valid) {
-    uint4 v = make_uint4(0u, 0u, 0u, 0u);
-    if (valid)
-        asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
+__device__ __forceinline__ void load_activation(uint4& v, const bf16* p, bool valid = true) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n@p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+        : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+        : "l"(p), "r"(static_cast<int>(valid)));
 }
 
 template <int MT, bool FUSED>
@@ -480,7 +480,7 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
                                                  int k, int epilogue, float* __restrict__ sq_out,
                                                  const float* __restrict__ sq_in, float eps) {
     using C = StreamConfig<MT>;
-    constexpr int BM = C::BM, RG = C::RG, DEPTH = C::DEPTH, SLICES = C::SLICES;
+    constexpr int BM = C::BM, RG = C::RG, DEPTH = C::DEPTH, SLICES = C::SLICES, SLAB = C::SLAB;
     if constexpr (!FUSED) {
         sq_out = nullptr;
         sq_in = nullptr;
@@ -493,41 +493,71 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
     const int part = warp / SLICES, slice = warp % SLICES;
     const int m_tiles = (m + BM - 1) / BM, n_units = (n + C::ROWS - 1) / C::ROWS;
     const int units = m_tiles * n_units;
-    const int slabs = (k + C::SLAB - 1) / C::SLAB;
+    const int slabs = (k + SLAB - 1) / SLAB;
     // Slabs each warp walks per unit: the same for all, a multiple of DEPTH (so that the slab a
     // buffer holds is the same modulo DEPTH in every unit); those past K are skipped.
     const int steps = ((slabs + SLICES - 1) / SLICES + DEPTH - 1) / DEPTH * DEPTH;
     const bool gated = epilogue == SILU_AND_MUL;
+    // The rows of B a lane loads, (r, h) for 16-row block r and fragment row g + 8h, are
+    // first + r * ROW_R + h * ROW_H of the unit's `first` (SILU_AND_MUL reads gate rows, then
+    // the matching up rows n / 2 further: see gated_row).
+    const size_t row_r = static_cast<size_t>(gated ? 8 : 16) * k, row_h = static_cast<size_t>(gated ? n / 2 : 8) * k;
 
+    // Where a unit's loads start: this lane's first weight row at K 8t; its M tile and first row.
+    struct Unit {
+        const bf16* w;
+        int mt, row0;
+    };
+    auto unit_at = [&](int unit) {
+        Unit u;
+        u.mt = unit % m_tiles;  // M fastest: CTAs side by side share the weight's rows in L2
+        u.row0 = (unit / m_tiles) * C::ROWS;
+        const int first = gated ? u.row0 / 2 + part * 8 * RG + g : u.row0 + part * 16 * RG + g;
+        u.w = b + static_cast<size_t>(first) * k + 8 * t;
+        return u;
+    };
     struct Slab {
         uint4 w[RG][2];  // weight rows g and g + 8 of each 16-row block
         uint4 x[MT];     // activation rows g of each n8 fragment
     };
-    // Unit `unit`'s M tile and its first row of B.
-    auto unit_coords = [&](int unit, int& mt, int& row0) {
-        mt = unit % m_tiles;  // M fastest: CTAs side by side share the weight's rows in L2
-        row0 = (unit / m_tiles) * C::ROWS;
-    };
-    // The K offset of this warp's step `j` of a unit (k when past K).
-    auto step_k = [&](int j) { return min((slice + j * SLICES) * C::SLAB, k); };
-    // Step `j` of the unit whose first row of B is `row0` (of M tile `mt`): its weight, its activations.
-    auto load_w = [&](Slab& s, int row0, int j) {
-        const int col = step_k(j) + 8 * t;
+    // Step `j` of unit `u`: slab slice + j SLICES (none past K). A missing row keeps its buffer's
+    // old values (weights of an earlier slab, or the zeros the buffers start with: finite, and only
+    // in fragment rows that are never stored); in the last slab, cut short by K, the activations
+    // past K are zero, so whatever weights face them add nothing.
+    auto step_k = [&](int j) { return (slice + j * SLICES) * SLAB; };
+    auto load_w = [&](Slab& s, const Unit& u, int j) {
+        const int k0 = step_k(j);
+        if (k0 >= k) return;
+        const bf16* w = u.w + k0;
+        if (u.row0 + C::ROWS <= n && k0 + SLAB <= k) {
+            // Every row and all of the slab: no predicates to make (a branch the warp takes as one).
+#pragma unroll
+            for (int r = 0; r < RG; ++r)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) load_weight(s.w[r][h], w + r * row_r + h * row_h);
+            return;
+        }
+        // A unit cut short by N, or the slab by K: row q (in the unit's order) exists if q < n.
+        const bool lane_in = k0 + 8 * t < k;
+        const int q = u.row0 + part * 16 * RG + g;
 #pragma unroll
         for (int r = 0; r < RG; ++r)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int q = row0 + part * 16 * RG + r * 16 + g + 8 * h;  // in gated order for SILU
-                const int row = gated ? gated_row(q, n / 2) : q;
-                s.w[r][h] = load_weight(b + (size_t)row * k + col, q < n && col < k);
-            }
+            for (int h = 0; h < 2; ++h)
+                load_weight(s.w[r][h], w + r * row_r + h * row_h, q + r * 16 + 8 * h < n && lane_in);
     };
-    auto load_x = [&](Slab& s, int mt, int j) {
-        const int col = step_k(j) + 8 * t;
+    auto load_x = [&](Slab& s, const Unit& u, int j) {
+        const int k0 = step_k(j);
+        if (k0 >= k) return;
+        const bool lane_in = k0 + 8 * t < k;
+        // Rows of A past M load nothing (their buffer keeps what it held: they only reach
+        // columns of the fragment that are never stored).
+        const int row = u.mt * BM + g;
+        const bf16* x = a + static_cast<size_t>(row) * k + k0 + 8 * t;
 #pragma unroll
         for (int f = 0; f < MT; ++f) {
-            const int row = mt * BM + f * 8 + g;
-            s.x[f] = load_activation(a + (size_t)row * k + col, row < m && col < k);
+            load_activation(s.x[f], x + static_cast<size_t>(f * 8) * k, row + f * 8 < m && lane_in);
+            if (k0 + SLAB > k && !lane_in) s.x[f] = make_uint4(0u, 0u, 0u, 0u);
         }
     };
     // The row norm's factors of M tile `mt` into row_scale[buffer]: warp r adds up row r's square
@@ -548,22 +578,26 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
         nexus::follow_previous_kernel();
         return;
     }
-    // The first slabs of weight go out before the wait for the previous kernel (no kernel writes
-    // the weight): under a dependent launch they stream while it drains.
-    int mt, row0;
-    unit_coords(unit, mt, row0);
     Slab buf[DEPTH];
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) load_w(buf[d], row0, d);
+    for (int d = 0; d < DEPTH; ++d) {
+#pragma unroll
+        for (int r = 0; r < RG; ++r) buf[d].w[r][0] = buf[d].w[r][1] = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+        for (int f = 0; f < MT; ++f) buf[d].x[f] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    // The first slabs of weight go out before the wait for the previous kernel (no kernel writes
+    // the weight): under a dependent launch they stream while it drains.
+    Unit cur = unit_at(unit);
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_w(buf[d], cur, d);
     nexus::follow_previous_kernel();
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) load_x(buf[d], mt, d);
+    for (int d = 0; d < DEPTH; ++d) load_x(buf[d], cur, d);
 
     for (int parity = 0; unit < units; unit += gridDim.x, parity ^= 1) {
-        unit_coords(unit, mt, row0);
-        const int next = unit + gridDim.x;
-        int next_mt = 0, next_row0 = 0;
-        if (next < units) unit_coords(next, next_mt, next_row0);
+        const int next_unit = unit + gridDim.x;
+        const int mt = cur.mt, row0 = cur.row0;
         if (sq_in != nullptr) load_row_scale(mt, parity);
         // ACCUMULATE: the values of C this warp's epilogue adds to (row `warp` of the M tile,
         // columns row0 + lane and row0 + lane + 32), loaded now to arrive during the main loop.
@@ -601,16 +635,19 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
                         }
                     }
                 }
-                // Refill with the slab DEPTH steps on: this unit's, or the next unit's first ones.
+                // Refill with the slab DEPTH steps on: this unit's, or the next unit's first ones
+                // (where its loads start is made again for each: fewer registers held).
                 if (j + DEPTH < steps) {
-                    load_w(s, row0, j + DEPTH);
-                    load_x(s, mt, j + DEPTH);
-                } else if (next < units) {
-                    load_w(s, next_row0, j + DEPTH - steps);
-                    load_x(s, next_mt, j + DEPTH - steps);
+                    load_w(s, cur, j + DEPTH);
+                    load_x(s, cur, j + DEPTH);
+                } else if (next_unit < units) {
+                    const Unit next = unit_at(next_unit);
+                    load_w(s, next, j + DEPTH - steps);
+                    load_x(s, next, j + DEPTH - steps);
                 }
             }
         }
+        if (next_unit < units) cur = unit_at(next_unit);
 
         // This warp's partial sums: accumulator (r, f, e) is unit row part*32 + r*16 + g (+8 for
         // e >= 2) and M-tile row f*8 + 2t (+1 for odd e).

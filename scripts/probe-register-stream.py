@@ -12,6 +12,14 @@ SM at 1.98 GHz: cuBLAS's 124-126 GB/s per SM at 8-16 SMs sits on that cap, and o
 bytes per byte (the activations' reads) put theirs near 110. A kernel that loads the weight from
 global memory straight into mma.sync's A fragments touches no shared memory at all.
 
+Tried before (`gemm-h200.md`, eighth round, H200): such a kernel ran 62 GB/s per SM on 16 SMs, and
+a probe of its load pattern (8 rows x 64 bytes per warp instruction) read 81-84 GB/s per SM where
+contiguous loads read 98.5, with 64 KB in flight. At that depth every pattern is bound by bytes in
+flight (`stream-depth-h100.md`); whether the half-line pattern costs anything at 96-144 KB is what
+`MATH` false with and without `SHUFFLED` says. (The L1 tag stage resolves 4 cache lines x 4 sectors
+a clock, per NVIDIA's forum answers: an instruction over 8 lines takes 2 tag cycles against 4 data
+cycles for its 512 bytes, so the pattern need not cost throughput.)
+
 Kernels (one CTA per SM, every one asks for more than half the shared memory):
 
 - `regs<D>`: the streaming read with D coalesced 16-byte loads a thread in flight (1024 threads),

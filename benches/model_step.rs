@@ -23,7 +23,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{Report, budgets, device_name, plan_label, stream_read_curve};
+use common::{Report, device_name, plan_label, stream_read_curve};
 use nexus::kernels::gemm::{self, GemmShape};
 use nexus::kernels::{CtaBudget, Gpu, QkvLayout};
 use nexus::runtime::engine::DEFAULT_BLOCK_SIZE;
@@ -42,7 +42,11 @@ fn main() {
     let name = std::env::var("NEXUS_MODEL_STEP").unwrap_or_else(|_| "llama-3.1-8b".into());
     let config = synthetic::config(&name).expect("synthetic model");
     let gpu = Gpu::new(0).expect("a CUDA GPU");
-    let limit = stream_read_curve(&gpu, &gpu.new_stream().expect("stream"), &budgets(&gpu));
+    // The decode steps run on every SM and on this budget; the read's limit is measured at both.
+    let budget = 64.min(gpu.sm_count());
+    let mut read_budgets = vec![CtaBudget::new(budget, &gpu).expect("budget"), CtaBudget::all(&gpu)];
+    read_budgets.dedup();
+    let limit = stream_read_curve(&gpu, &gpu.new_stream().expect("stream"), &read_budgets);
     eprintln!("streaming read with every SM: {:.2} TB/s", limit.at(gpu.sm_count()) / 1e12);
     let backend = CudaBackend::new(gpu.clone()).expect("backend");
     let eager = CudaBackend::with_config(
@@ -84,7 +88,6 @@ fn main() {
     // Each backend runs its steps in a phase of its own, with every SM; the CUDA graphs also on a
     // phase of a smaller budget.
     let phases = [&backend, &eager, &invariant, &portable, &serial].map(|b| b.new_phase().expect("phase"));
-    let budget = 64.min(gpu.sm_count());
     let mut budgeted = backend.new_phase().expect("phase");
     backend.set_budget(&mut budgeted, budget).expect("budget");
     let mut step_on = |(backend, phase): (&CudaBackend, &_), blocks: &mut BlockManager, chunks: &[SeqChunk<'_>]| {

@@ -53,26 +53,11 @@ Runs on the GPU machine with CuPy (NVRTC, sm_90a), from the repository root:
 import cupy as cp
 import numpy as np
 
-from probe_common import nexus_header_options, timed
+from probe_common import REGS_SRC, nexus_header_options, timed
 
 SRC = r'''
 #include "common.cuh"
 using namespace nexus;
-
-template <int D>
-__global__ void __launch_bounds__(1024, 1)
-regs(const uint4* __restrict__ data, unsigned long long chunks, unsigned* out) {
-    unsigned acc = 0;
-    for (unsigned long long j = blockIdx.x; j < chunks; j += gridDim.x) {
-        const uint4* c = data + j * 1024 * D;
-        uint4 v[D];
-#pragma unroll
-        for (int i = 0; i < D; ++i) v[i] = c[threadIdx.x + i * 1024];
-#pragma unroll
-        for (int i = 0; i < D; ++i) acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
-    }
-    if (acc == 0x12345678u) out[0] = acc;
-}
 
 // Warp 0's lane 0 keeps S bulk copies of 16 KB in flight into a ring of S stages; with READ, warps
 // 1..8 read every stage (ld.shared.v4) and free it on `empty`, else a stage is reused once its copy
@@ -280,7 +265,7 @@ def main():
         for shuffled in (False, True):
             names.append(stream_name(rg, d, mt, threads, shuffled, True))
         names.append(stream_name(rg, d, mt, threads, False, False))
-    module = cp.RawModule(code=SRC, options=options, name_expressions=names)
+    module = cp.RawModule(code=SRC + REGS_SRC, options=options, name_expressions=names)
     dev = cp.cuda.Device()
     sms = dev.attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()

@@ -23,27 +23,11 @@ Runs on the GPU machine with CuPy (NVRTC, sm_90a), from the repository root:
 """
 import cupy as cp
 
-from probe_common import nexus_header_options, timed
+from probe_common import REGS_SRC, nexus_header_options, timed
 
 SRC = r'''
 #include "common.cuh"
 using namespace nexus;
-
-// CTA c reads chunks c, c + grid, ... of 1024 x D 16-byte vectors (the curve's kernel, D deep).
-template <int D>
-__global__ void __launch_bounds__(1024, 1)
-regs(const uint4* __restrict__ data, unsigned long long chunks, unsigned* out) {
-    unsigned acc = 0;
-    for (unsigned long long j = blockIdx.x; j < chunks; j += gridDim.x) {
-        const uint4* c = data + j * 1024 * D;
-        uint4 v[D];
-#pragma unroll
-        for (int k = 0; k < D; ++k) v[k] = c[threadIdx.x + k * 1024];
-#pragma unroll
-        for (int k = 0; k < D; ++k) acc ^= v[k].x ^ v[k].y ^ v[k].z ^ v[k].w;
-    }
-    if (acc == 0x12345678u) out[0] = acc;
-}
 
 // One thread keeps S bulk copies of C KB in flight into a ring of S stages: chunk j of CTA c is
 // c + j * grid; stage s waits for its previous copy before it is reused.
@@ -84,7 +68,7 @@ ONE_PER_SM = 120 * 1024
 def main():
     options = ("-arch=sm_90a", "-std=c++17", *nexus_header_options())
     names = [f"regs<{d}>" for d in REGS] + [f"bulk<{s}, {c}>" for s, c in BULK]
-    module = cp.RawModule(code=SRC, options=options, name_expressions=names)
+    module = cp.RawModule(code=SRC + REGS_SRC, options=options, name_expressions=names)
     dev = cp.cuda.Device()
     sms = dev.attributes["MultiProcessorCount"]
     name = cp.cuda.runtime.getDeviceProperties(dev.id)["name"].decode()

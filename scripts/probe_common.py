@@ -26,6 +26,25 @@ stream(const char* __restrict__ d, unsigned long long chunks, unsigned* out) {
   if (acc == 0x12345678u) out[0] = acc;
 }
 '''
+# The streaming read D deep: CTA c reads chunks c, c + grid, ... of 1024 x D 16-byte vectors
+# (1024 threads, D loads each in flight; `cuda/stream_read.cu`'s kernel at D = 4 and 12). A
+# template for NVRTC's name expressions, `regs<D>`.
+REGS_SRC = r'''
+template <int D>
+__global__ void __launch_bounds__(1024, 1)
+regs(const uint4* __restrict__ data, unsigned long long chunks, unsigned* out) {
+    unsigned acc = 0;
+    for (unsigned long long j = blockIdx.x; j < chunks; j += gridDim.x) {
+        const uint4* c = data + j * 1024 * D;
+        uint4 v[D];
+#pragma unroll
+        for (int i = 0; i < D; ++i) v[i] = c[threadIdx.x + i * 1024];
+#pragma unroll
+        for (int i = 0; i < D; ++i) acc ^= v[i].x ^ v[i].y ^ v[i].z ^ v[i].w;
+    }
+    if (acc == 0x12345678u) out[0] = acc;
+}
+'''
 STREAM_SMEM = 120 * 1024
 STREAM_CHUNK = 1024 * 64
 

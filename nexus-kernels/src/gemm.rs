@@ -703,7 +703,7 @@ pub fn gemm(
 /// values has `n.div_ceil(SQUARE_SUM_COLS)` of them.
 pub const SQUARE_SUM_COLS: usize = 64;
 
-/// What a wgmma GEMM fuses around `A · Bᵀ (+ bias)`: a pre-norm layer's residual add and the
+/// What a wgmma or register-streamed GEMM fuses around `A · Bᵀ (+ bias)`: a pre-norm layer's residual add and the
 /// RMSNorm after it, so that no norm kernel runs between two GEMMs (see the module docs). The
 /// square sums are f32, `[rows, cols.div_ceil(SQUARE_SUM_COLS)]`, each the sum of the squares of
 /// one row's values in [`SQUARE_SUM_COLS`] columns, added in an order that depends on the kernel
@@ -965,15 +965,7 @@ fn launch(
             launch.arg(a).arg(b);
             push_bias(&mut launch, bias, &null);
             launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i);
-            let mut eps = 0f32;
-            match fusion {
-                GemmFusion::None => launch.arg(&null).arg(&null),
-                GemmFusion::AddToC { square_sums } => launch.arg(square_sums).arg(&null),
-                GemmFusion::RowNorm { square_sums, eps: e } => {
-                    eps = e;
-                    launch.arg(&null).arg(square_sums)
-                }
-            };
+            let eps = push_fusion(&mut launch, fusion, &null);
             launch.arg(&eps);
             // SAFETY: the arguments match `NEXUS_GEMM_STREAM` in cuda/gemm.cu. A, B, C and the
             // bias hold exactly m·k, n·k, m·c_cols and n values (checked above; c_cols is n, or
@@ -1010,15 +1002,7 @@ fn launch(
             launch.arg(&map_a).arg(&map_b);
             push_bias(&mut launch, bias, &null);
             launch.arg(c).arg(&m_i).arg(&n_i).arg(&k_i).arg(&epilogue_i);
-            let mut eps = 0f32;
-            match fusion {
-                GemmFusion::None => launch.arg(&null).arg(&null),
-                GemmFusion::AddToC { square_sums } => launch.arg(square_sums).arg(&null),
-                GemmFusion::RowNorm { square_sums, eps: e } => {
-                    eps = e;
-                    launch.arg(&null).arg(square_sums)
-                }
-            };
+            let eps = push_fusion(&mut launch, fusion, &null);
             // The ring of weight requested before the wait for the previous kernel: all of it
             // under a dependent launch (it streams while that kernel drains), none otherwise (see
             // the kernel's producer).
@@ -1040,6 +1024,25 @@ fn launch(
         }
     }
     Ok(())
+}
+
+/// Pushes the square sums a fusion writes, then those it reads (null where it has none), and
+/// returns the row norm's epsilon (0 without one), which the kernels take after them.
+fn push_fusion<'a>(launch: &mut Launch<'a>, fusion: GemmFusion<'a, '_>, null: &'a u64) -> f32 {
+    match fusion {
+        GemmFusion::None => {
+            launch.arg(null).arg(null);
+            0.0
+        }
+        GemmFusion::AddToC { square_sums } => {
+            launch.arg(square_sums).arg(null);
+            0.0
+        }
+        GemmFusion::RowNorm { square_sums, eps } => {
+            launch.arg(null).arg(square_sums);
+            eps
+        }
+    }
 }
 
 fn push_bias<'a>(launch: &mut Launch<'a>, bias: Option<&'a CudaView<'_, bf16>>, null: &'a u64) {

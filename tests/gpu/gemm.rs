@@ -44,6 +44,13 @@ fn kernels(ctx: &PhaseContext) -> Vec<GemmKernel> {
     v
 }
 
+/// Whether a test runs `kernel` on `shape`: the register-streamed kernels read the whole weight
+/// once per M tile of 8 or 16 rows, so on a large weight (a Llama projection) only where two
+/// tiles hold M; the small shapes give them many tiles.
+fn runs_on(kernel: GemmKernel, shape: GemmShape) -> bool {
+    !GemmKernel::STREAMS.contains(&kernel) || shape.n * shape.k < 1 << 22 || shape.m <= 2 * kernel.tile().0
+}
+
 /// Whether `config` is a pair kernel on a budget of one CTA, which its clusters of two cannot
 /// run on: the launcher must refuse it (`result`), and did, if this returns true.
 fn refused_pair<T>(config: Option<GemmConfig>, ctx: &PhaseContext, result: &nexus::kernels::Result<T>) -> bool {
@@ -138,7 +145,7 @@ fn run_cases(test: &str, cases: impl IntoIterator<Item = (usize, usize, usize)>)
         let ctx = &ctxs[0].0;
         let buffers = Buffers { a: upload(ctx, &case.a), b: upload(ctx, &case.b), bias: upload(ctx, &case.bias) };
         ctx.stream().synchronize().expect("upload");
-        for &kernel in &kernels {
+        for &kernel in kernels.iter().filter(|&&kernel| runs_on(kernel, case.shape)) {
             case.check(Some(kernel.into()), &buffers, &mut ctxs);
         }
         case.check(None, &buffers, &mut ctxs);
@@ -169,7 +176,8 @@ fn run_silu_cases(test: &str, cases: &[(usize, usize, usize)], split_cases: usiz
         reference::gemm_silu_and_mul(&a, &b, &mut want, shape).expect("reference");
         let (da, db) = (upload(&ctxs[0].0, &a), upload(&ctxs[0].0, &b));
         ctxs[0].0.stream().synchronize().expect("upload");
-        let mut configs: Vec<Option<GemmConfig>> = kernels.iter().map(|&kernel| Some(kernel.into())).collect();
+        let mut configs: Vec<Option<GemmConfig>> =
+            kernels.iter().filter(|&&kernel| runs_on(kernel, shape)).map(|&kernel| Some(kernel.into())).collect();
         if case < split_cases {
             for kernel in kernels.iter().copied().filter(|kernel| kernel.splits_k()) {
                 let most = MAX_SPLITS.min(k.div_ceil(64)).min(MAX_UNITS_PER_SM * sms / kernel.tiles(shape).max(1));
@@ -511,7 +519,8 @@ fn run_fusion_cases(test: &str, cases: &[(usize, usize, usize)]) {
         let da_add = upload(ctx0, &a_add);
         ctx0.stream().synchronize().expect("upload");
         let sms = ctx0.gpu().sm_count() as usize;
-        let mut configs: Vec<GemmConfig> = GemmKernel::STREAMS.map(GemmConfig::from).to_vec();
+        let mut configs: Vec<GemmConfig> =
+            GemmKernel::STREAMS.into_iter().filter(|&kernel| runs_on(kernel, shape)).map(GemmConfig::from).collect();
         for kernel in GemmKernel::HOPPER.into_iter().chain(GemmKernel::PAIRS).filter(|_| hopper) {
             configs.push(GemmConfig::from(kernel));
             let most = MAX_SPLITS.min(k.div_ceil(64)).min(MAX_UNITS_PER_SM * sms / kernel.tiles(shape).max(1));

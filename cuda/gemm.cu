@@ -439,6 +439,10 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 // epilogues are those of the wgmma kernels, applied to the sums: STORE (+ bias), SILU_AND_MUL
 // (the weight's rows read in gated order), and with FUSED the row norm (sq_in) and ACCUMULATE
 // with its square sums (a unit's 64 columns are one SQ_COLS group).
+// A first kernel of this kind (bench-results/gemm-h200.md, eighth round) streamed 62 GB/s per SM
+// on 16 SMs of the H200 and was dropped; this one was written when the wgmma tiles had reached the
+// shared-memory limit, with more in flight, two 16-row blocks per activation load and ~45
+// instructions a slab on its common path. Not yet measured: the launcher's planner leaves it out.
 template <int MT>  // n8 fragments of activation rows: M tiles of 8 MT rows
 struct StreamConfig {
     static constexpr int THREADS = 512, WARPS = THREADS / 32;

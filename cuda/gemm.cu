@@ -418,7 +418,7 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 // ---------------------------------------------------------------------------------------------
 // Register-streamed path for decode-sized M: mma.sync fed straight from global loads (sm_80+).
 //
-// Every kernel above stages the weight in shared memory: a copy writes each byte once and the
+// Every other kernel here stages the weight in shared memory: a copy writes each byte once and the
 // tensor cores (or ldmatrix) read it once more, and shared memory moves 128 bytes a clock per SM.
 // At decode's M that traffic, not DRAM, bounds a kernel on few SMs: two bytes of it per byte of
 // weight cap an SM at 64 bytes of weight a clock (~125 GB/s), where a plain read with 128-192 KB in
@@ -442,7 +442,7 @@ __device__ __forceinline__ void gemm_mma_body(const bf16* __restrict__ a, const 
 // A first kernel of this kind (bench-results/gemm-h200.md, eighth round) streamed 62 GB/s per SM
 // on 16 SMs of the H200 and was dropped; this one was written when the wgmma tiles had reached the
 // shared-memory limit, with more in flight, two 16-row blocks per activation load and ~45
-// instructions a slab on its common path. Not yet measured: the launcher's planner leaves it out.
+// instructions a slab on its common path. Not yet measured: the planner leaves these kernels out.
 template <int MT>  // n8 fragments of activation rows: M tiles of 8 MT rows
 struct StreamConfig {
     static constexpr int THREADS = 512, WARPS = THREADS / 32;

@@ -703,11 +703,11 @@ pub fn gemm(
 /// values has `n.div_ceil(SQUARE_SUM_COLS)` of them.
 pub const SQUARE_SUM_COLS: usize = 64;
 
-/// What a wgmma or register-streamed GEMM fuses around `A · Bᵀ (+ bias)`: a pre-norm layer's residual add and the
-/// RMSNorm after it, so that no norm kernel runs between two GEMMs (see the module docs). The
-/// square sums are f32, `[rows, cols.div_ceil(SQUARE_SUM_COLS)]`, each the sum of the squares of
-/// one row's values in [`SQUARE_SUM_COLS`] columns, added in an order that depends on the kernel
-/// family alone (the non-swapped tiles share one), not on M or the budget.
+/// What a wgmma or register-streamed GEMM fuses around `A · Bᵀ (+ bias)`: a pre-norm layer's
+/// residual add and the RMSNorm after it, so that no norm kernel runs between two GEMMs (see the
+/// module docs). The square sums are f32, `[rows, cols.div_ceil(SQUARE_SUM_COLS)]`, each the sum
+/// of the squares of one row's values in [`SQUARE_SUM_COLS`] columns, added in an order that
+/// depends on the kernel family alone (the non-swapped tiles share one), not on M or the budget.
 #[derive(Debug, Default)]
 pub enum GemmFusion<'f, 'v> {
     /// `C = A · Bᵀ (+ bias)`.

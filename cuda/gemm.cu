@@ -502,9 +502,9 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
     // buffer holds is the same modulo DEPTH in every unit); those past K are skipped.
     const int steps = ((slabs + SLICES - 1) / SLICES + DEPTH - 1) / DEPTH * DEPTH;
     const bool gated = epilogue == SILU_AND_MUL;
-    // The rows of B a lane loads, (r, h) for 16-row block r and fragment row g + 8h, are
-    // first + r * ROW_R + h * ROW_H of the unit's `first` (SILU_AND_MUL reads gate rows, then
-    // the matching up rows n / 2 further: see gated_row).
+    // The rows of B a lane loads, (r, h) for 16-row block r and fragment row g + 8h, lie r row_r +
+    // h row_h elements after its first one (unit_at): 16 and 8 rows on, or for SILU_AND_MUL 8 rows
+    // on (the next block of gate rows) and n / 2 rows on (the matching up rows; see gated_row).
     const size_t row_r = static_cast<size_t>(gated ? 8 : 16) * k, row_h = static_cast<size_t>(gated ? n / 2 : 8) * k;
 
     // Where a unit's loads start: this lane's first weight row at K 8t; its M tile and first row.

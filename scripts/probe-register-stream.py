@@ -43,8 +43,8 @@ Kernels (one CTA per SM, every one asks for more than half the shared memory):
 Shapes: Llama-3.1-8B's QKV (K 4096, N 6144), output (4096 x 4096) and down (14336 x 4096) at M = 1
 and 16, budgets 8 to all SMs; each GEMM checked against an f32 product of the same bf16 values
 (relative error, to 1e-3 of the result's largest magnitude) before it is timed. Weights rotate
-over three copies (beyond L2), the median of 5 launches after a warm-up; TB/s counts the weight's
-bytes. Prints markdown tables of TB/s (GB/s per SM).
+over three copies (beyond L2), the median of 3 launches after a warm-up (about 2 minutes in all,
+by count); TB/s counts the weight's bytes. Prints markdown tables of TB/s (GB/s per SM).
 
 Runs on the GPU machine with CuPy (NVRTC, sm_90a), from the repository root:
 
@@ -228,7 +228,7 @@ mma_stream(const uint4* __restrict__ w, const uint4* __restrict__ x, float* __re
 '''
 
 REGION = 512 << 20
-RUNS = 5
+RUNS = 3
 ONE_PER_SM = 120 * 1024
 REGS = [8, 12]
 BULK = [12]

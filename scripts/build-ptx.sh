@@ -3,7 +3,8 @@
 # Ampere on: compute_80), and assembles each sm_90a PTX into ptx/sm_90a/*.cubin with ptxas: nexus-kernels
 # embeds all of them and loads the cubins on Hopper, so the driver does not spend seconds
 # compiling the PTX at a machine's first start. Also prints ptxas's register / shared memory / spill
-# report for sm_90a and fails if an attention, GEMM or streaming-read kernel spills.
+# report for sm_90a and fails if an attention, GEMM or streaming-read kernel spills, or if a wgmma
+# GEMM's static shared memory outgrows the allowance its ring leaves it.
 #
 #   scripts/build-ptx.sh           regenerate ptx/
 #   scripts/build-ptx.sh --check   regenerate into a temporary folder; fail if ptx/ differs
@@ -56,6 +57,26 @@ mkdir -p "$src_root"
 cp -r "$root/cuda" "$src_root/cuda"
 flags=(-std=c++17 -O3 -I"$include" -I"$src_root/cuda" -lineinfo ${NEXUS_PTX_DEFINES:-})
 
+# The wgmma GEMMs size their ring to what a CTA may have less an allowance for their static
+# arrays (`STATIC_BYTES = SWAP ? swapped : plain` in cuda/gemm.cu, mirrored by the launcher):
+# fails if ptxas gives a kernel more static shared memory than its allowance.
+static_smem_fits() {
+    local report=$1 source=$2 allowance
+    allowance=$(grep -oE "STATIC_BYTES = SWAP \? [0-9]+ : [0-9]+" "$source" | grep -oE "[0-9]+" | tr '\n' ' ')
+    if [ -z "$allowance" ]; then
+        echo "build-ptx: no STATIC_BYTES = SWAP ? N : M in $source" >&2
+        return 1
+    fi
+    awk -v swapped="${allowance%% *}" -v plain="$(echo "$allowance" | cut -d' ' -f2)" '
+        /Compiling entry function/ { name = $0; sub(/.*function .\047?/, "", name); sub(/\047.*/, "", name) }
+        /bytes smem/ && name ~ /^gemm_wgmma_/ {
+            for (i = 1; i < NF; i++) if ($(i + 1) == "bytes" && $(i + 2) == "smem") used = $i
+            limit = name ~ /^gemm_wgmma_swap_/ ? swapped : plain
+            if (used + 0 > limit + 0) { printf "build-ptx: %s has %d bytes of static shared memory, over its %d\n", name, used, limit > "/dev/stderr"; bad = 1 }
+        }
+        END { exit bad }' "$report"
+}
+
 status=0
 for src in "$src_root"/cuda/*.cu; do
     name=$(basename "$src" .cu)
@@ -76,6 +97,9 @@ for src in "$src_root"/cuda/*.cu; do
             fi
             ;;
     esac
+    if [ "$name" = gemm ] && ! static_smem_fits "$report" "$src_root/cuda/gemm.cu"; then
+        status=1
+    fi
 done
 rm -f "$report"
 rm -rf "$src_root"

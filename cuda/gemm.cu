@@ -457,6 +457,7 @@ struct StreamConfig {
     // The partial sums of one unit: [SLICES][BM][PARTIAL_STRIDE] floats, two units' worth.
     static constexpr int PARTIAL_BYTES = 2 * SLICES * BM * PARTIAL_STRIDE * 4;
     static_assert(PARTS * SLICES == WARPS && BM <= WARPS, "a warp per row of the M tile in the epilogue");
+    static_assert(PARTIAL_BYTES <= 99 * 1024, "the partial sums fit the shared memory of every GPU from sm_80 on");
 };
 
 // 16 bytes of a row of the weight into `v`, if `valid` (else `v` keeps what it held): not kept in

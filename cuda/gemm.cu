@@ -28,8 +28,8 @@
 //   dependent chain of them ran at wgmma latency, ~47 GB/s of weight per SM. The sets did not
 //   overlap either (one warp's wgmmas ran one after the other), but warpgroups do: swap_16x128 has
 //   two consumer warpgroups (128 weight rows, 16 KB of weight per stage, 12 stages in flight),
-//   swap_16x256 four (256 rows, 32 KB per stage), which streamed 104-113 GB/s per SM
-//   at 8-16 SMs on the H200 with 5 stages (the 64 KB read curve gave 114-125) where swap_16x128 takes 66-68.
+//   swap_16x256 four (256 rows, 32 KB per stage), which streamed 104-113 GB/s per SM at 8-16 SMs
+//   on the H200 with 5 stages (the 64 KB read curve gave 114-125) where swap_16x128 takes 66-68.
 //   swap_32x256 is that tile with 32 activation rows (m64n32, two accumulator sets) for
 //   17 <= M <= 32, where a 64-row A tile does twice the math and, on few SMs, is bound by it;
 //   swap_16x192 has three consumers, for weights whose 256-row tiles make uneven waves (Llama's
@@ -148,6 +148,46 @@ __device__ __forceinline__ void store_pair(bf16* p, float x, float y) {
 
 // Columns of C per square sum (ACCUMULATE's `sq_out`), and of A per one a row norm reads (`sq_in`).
 constexpr int SQ_COLS = 64;
+
+// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of ROWS rows of A from row0 on
+// into `scale`, from their square sums ([m, ceil(k / SQ_COLS)], ACCUMULATE's output), by 128
+// threads (`ctid` among them: a wgmma consumer warpgroup, or a stream kernel's first four warps):
+// 8 lanes a row, each adding up every eighth sum in order, then a butterfly, the same order in
+// every tile. Rows past M get 0.
+template <int ROWS>
+__device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in, float eps, int m, int k, int row0,
+                                                int ctid, float* scale) {
+    // Row p * 16 + ctid / 8 for each pass p; the loads of every pass and of 4 sums a lane go out
+    // together (one by one, a 64-row tile's factors took ~1 us per pass under a streaming GEMM).
+    constexpr int PASSES = (ROWS + 15) / 16, AHEAD = 4;
+    const int groups = (k + SQ_COLS - 1) / SQ_COLS, lane8 = ctid % 8;
+    float sum[PASSES];
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) sum[p] = 0.f;
+    for (int g0 = lane8; g0 < groups; g0 += 8 * AHEAD) {
+        float v[AHEAD][PASSES];
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) {
+                const int row = p * 16 + ctid / 8, r = row0 + row, g = g0 + 8 * u;
+                v[u][p] = row < ROWS && r < m && g < groups ? __ldcg(sq_in + (size_t)r * groups + g) : 0.f;
+            }
+#pragma unroll
+        for (int u = 0; u < AHEAD; ++u)
+#pragma unroll
+            for (int p = 0; p < PASSES; ++p) sum[p] += v[u][p];
+    }
+#pragma unroll
+    for (int p = 0; p < PASSES; ++p) {
+        float s = sum[p];
+        s += __shfl_xor_sync(0xffffffffu, s, 1);
+        s += __shfl_xor_sync(0xffffffffu, s, 2);
+        s += __shfl_xor_sync(0xffffffffu, s, 4);
+        const int row = p * 16 + ctid / 8, r = row0 + row;
+        if (lane8 == 0 && row < ROWS) scale[row] = r < m ? rsqrtf(s / k + eps) : 0.f;
+    }
+}
 
 // What a kernel stores (the `epilogue` argument; see the top of the file).
 enum Epilogue : int { STORE = 0, SILU_AND_MUL = 1, ACCUMULATE = 2 };
@@ -565,18 +605,6 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
             if (k0 + SLAB > k && !lane_in) s.x[f] = make_uint4(0u, 0u, 0u, 0u);
         }
     };
-    // The row norm's factors of M tile `mt` into row_scale[buffer]: warp r adds up row r's square
-    // sums (lane i every 32nd, then a butterfly: the same order in every CTA).
-    auto load_row_scale = [&](int mt, int buffer) {
-        const int groups = (k + SQ_COLS - 1) / SQ_COLS, row = mt * BM + warp;
-        if (warp >= BM) return;
-        float sum = 0.f;
-        if (row < m)
-            for (int i = lane; i < groups; i += 32) sum += __ldcg(sq_in + (size_t)row * groups + i);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) row_scale[buffer][warp] = row < m ? rsqrtf(sum / k + eps) : 0.f;
-    };
 
     int unit = blockIdx.x;
     if (unit >= units) {
@@ -603,7 +631,9 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
     for (int parity = 0; unit < units; unit += gridDim.x, parity ^= 1) {
         const int next_unit = unit + gridDim.x;
         const int mt = cur.mt, row0 = cur.row0;
-        if (sq_in != nullptr) load_row_scale(mt, parity);
+        // The row norm's factors of the unit's M tile, by the first four warps (the wgmma kernels'
+        // order of the sums).
+        if (sq_in != nullptr && warp < 4) row_norm_scales<BM>(sq_in, eps, m, k, mt * BM, threadIdx.x, row_scale[parity]);
         // ACCUMULATE: the values of C this warp's epilogue adds to (row `warp` of the M tile,
         // columns row0 + lane and row0 + lane + 32), loaded now to arrive during the main loop.
         float old_c[2] = {0.f, 0.f};
@@ -672,7 +702,8 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
         if (warp >= BM || c_row >= m) continue;
 
         // Epilogue: warp w stores row w of the M tile, adding the slices in order.
-        const float* const sums = partials + (size_t)parity * SLICES * BM * C::PARTIAL_STRIDE + warp * C::PARTIAL_STRIDE;
+        const float* const sums =
+            partials + (size_t)parity * SLICES * BM * C::PARTIAL_STRIDE + warp * C::PARTIAL_STRIDE;
         auto unit_sum = [&](int row) {
             float v = 0.f;
 #pragma unroll
@@ -683,7 +714,8 @@ __device__ __forceinline__ void gemm_stream_body(const bf16* __restrict__ a, con
             // Lane i: the gate row (i / 8) * 16 + i % 8 of the unit and its up row 8 further, output
             // column row0 / 2 + i.
             const int row = (lane >> 3) * 16 + (lane & 7), col = row0 / 2 + lane;
-            if (row0 + row < n) c[(size_t)c_row * (n / 2) + col] = __float2bfloat16_rn(silu_mul(unit_sum(row), unit_sum(row + 8)));
+            if (row0 + row < n)
+                c[(size_t)c_row * (n / 2) + col] = __float2bfloat16_rn(silu_mul(unit_sum(row), unit_sum(row + 8)));
             continue;
         }
         float square = 0.f;
@@ -974,45 +1006,6 @@ __device__ __forceinline__ void store_rows_staged(uint32_t staging, bf16* __rest
 template <int CONSUMERS>
 __device__ __forceinline__ void consumers_barrier() {
     asm volatile("bar.sync 1, %0;\n" ::"n"(CONSUMERS * 128) : "memory");
-}
-
-// Row norm (`sq_in`): the scales 1 / sqrt(mean of squares + eps) of ROWS rows of A from row0 on
-// into `scale`, from their square sums ([m, ceil(k / SQ_COLS)], ACCUMULATE's output), by one
-// consumer warpgroup (128 threads, `ctid` among them): 8 lanes a row, each adding up every eighth
-// sum in order, then a butterfly, the same order in every tile. Rows past M get 0.
-template <int ROWS>
-__device__ __forceinline__ void row_norm_scales(const float* __restrict__ sq_in, float eps, int m, int k, int row0,
-                                                int ctid, float* scale) {
-    // Row p * 16 + ctid / 8 for each pass p; the loads of every pass and of 4 sums a lane go out
-    // together (one by one, a 64-row tile's factors took ~1 us per pass under a streaming GEMM).
-    constexpr int PASSES = (ROWS + 15) / 16, AHEAD = 4;
-    const int groups = (k + SQ_COLS - 1) / SQ_COLS, lane8 = ctid % 8;
-    float sum[PASSES];
-#pragma unroll
-    for (int p = 0; p < PASSES; ++p) sum[p] = 0.f;
-    for (int g0 = lane8; g0 < groups; g0 += 8 * AHEAD) {
-        float v[AHEAD][PASSES];
-#pragma unroll
-        for (int u = 0; u < AHEAD; ++u)
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) {
-                const int row = p * 16 + ctid / 8, r = row0 + row, g = g0 + 8 * u;
-                v[u][p] = row < ROWS && r < m && g < groups ? __ldcg(sq_in + (size_t)r * groups + g) : 0.f;
-            }
-#pragma unroll
-        for (int u = 0; u < AHEAD; ++u)
-#pragma unroll
-            for (int p = 0; p < PASSES; ++p) sum[p] += v[u][p];
-    }
-#pragma unroll
-    for (int p = 0; p < PASSES; ++p) {
-        float s = sum[p];
-        s += __shfl_xor_sync(0xffffffffu, s, 1);
-        s += __shfl_xor_sync(0xffffffffu, s, 2);
-        s += __shfl_xor_sync(0xffffffffu, s, 4);
-        const int row = p * 16 + ctid / 8, r = row0 + row;
-        if (lane8 == 0 && row < ROWS) scale[row] = r < m ? rsqrtf(s / k + eps) : 0.f;
-    }
 }
 
 // FUSED: the instantiation that runs the residual add and row norm (`*_fused` kernels); the

@@ -16,8 +16,8 @@
 //! A second table times every kernel on the decode-sized GEMMs (M = 1, 16, 32, 64) of Llama-3.1-8B,
 //! Qwen2.5-3B and Qwen2.5-14B at every budget, next to the planner's pick (with its split of K)
 //! and what it measured, and cuBLAS; the register-streamed kernels ([`GemmKernel::STREAMS`]),
-//! which the planner does not pick yet, among them. A third times one 128 MB weight at M = 1 with rows (K) of
-//! 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
+//! which the planner does not pick yet, among them. A third times one 128 MB weight at M = 1 with
+//! rows (K) of 256 bytes to 32 KB: what the weight's layout in memory costs the streaming.
 //!
 //! A fourth times the SwiGLU epilogue ([`gemm::gemm_silu_and_mul`]) against the plain GEMM of the
 //! same gate/up shapes, kernel by kernel: what reading the weight's gate and up rows interleaved
@@ -328,6 +328,12 @@ fn main() {
     c.final_summary();
 }
 
+/// Whether a table times `kernel` at `m` rows of A: the register-streamed kernels only where one M
+/// tile holds them (more would re-read the weight per tile, for nothing the tables need).
+fn timed_at(kernel: GemmKernel, m: usize) -> bool {
+    !GemmKernel::STREAMS.contains(&kernel) || m <= kernel.tile().0
+}
+
 /// Rows of A for [`silu_and_mul_epilogue`]: decode batches and a prefill chunk.
 const SILU_MS: [usize; 4] = [1, 16, 64, 4096];
 
@@ -378,8 +384,7 @@ fn silu_and_mul_epilogue(
             let mut workspace = GemmWorkspace::new(&ctx).expect("workspace");
             let planned = gemm::plan(shape, budget, gpu.model());
             for &kernel in &kernels {
-                // The register-streamed kernels where one M tile holds M (as in the decode table).
-                if kernel.is_some_and(|k| GemmKernel::STREAMS.contains(&k) && m > k.tile().0) {
+                if kernel.is_some_and(|k| !timed_at(k, m)) {
                     continue;
                 }
                 let config = kernel.map_or_else(|| planned.config(), Into::into);
@@ -912,13 +917,7 @@ fn decode_sizes(
         let GemmShape { m, n, k } = shape;
         let views = rotated_operands(pool, m * k, n * k);
         let bytes = shape.bf16_bytes() as f64;
-        // The register-streamed kernels only where one M tile holds M (more would re-read the
-        // weight per tile, for nothing the table needs).
-        let timed: Vec<GemmKernel> = kernels
-            .iter()
-            .copied()
-            .filter(|kernel| !GemmKernel::STREAMS.contains(kernel) || m <= kernel.tile().0)
-            .collect();
+        let timed: Vec<GemmKernel> = kernels.iter().copied().filter(|&kernel| timed_at(kernel, m)).collect();
         for budget in chosen {
             let times = time_at_budget(gpu, blas, &views, out, stream, shape, budget, &timed);
             let same_bytes = reads.bytes_per_second(budget, bytes as usize);

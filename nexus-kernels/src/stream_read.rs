@@ -66,9 +66,9 @@ pub fn stream_read(
     let (f, cfg) = ctx.kernel(MODULE, name, ctas, THREADS, 0)?;
     let mut launch = ctx.launch(&f);
     launch.arg(data).arg(&vectors).arg(checksums);
-    // SAFETY: the arguments match `stream_read` and `stream_read_deep` in cuda/stream_read.cu. The kernel reads the
-    // `vectors` 16-byte vectors of `data` (whole and aligned, checked above) and writes
-    // `checksums[blockIdx.x]` for each of the grid's `ctas` CTAs, which `checksums` holds.
+    // SAFETY: the arguments match `stream_read` and `stream_read_deep` in cuda/stream_read.cu. The
+    // kernel reads the `vectors` 16-byte vectors of `data` (whole and aligned, checked above) and
+    // writes `checksums[blockIdx.x]` for each of the grid's `ctas` CTAs, which `checksums` holds.
     unsafe { launch.launch(cfg) }?;
     Ok(())
 }
